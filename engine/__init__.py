@@ -1,0 +1,78 @@
+"""Sixfold: an Aurora-style quorum storage engine.
+
+    import engine
+    with engine.open("./data") as db:        # six storage nodes in three AZs, in this process
+        db.put(b"user:1", b"alice")
+        db.get(b"user:1")
+
+`engine.open(path, **options)` opens (or creates) an embedded volume; `engine.connect(target)`
+talks to a running cluster's writer endpoint with the same API. Errors are in `engine.errors`
+and re-exported here.
+"""
+
+from __future__ import annotations
+
+import os
+
+from engine import errors
+from engine.database import Batch, Database, Snapshot
+from engine.errors import (
+    Closed,
+    CorruptRecord,
+    GeometryMismatch,
+    InvalidArgument,
+    NodeNotFound,
+    ResourceExhausted,
+    SegmentIncomplete,
+    SixfoldError,
+    StaleEpoch,
+    Unavailable,
+    WriteIndeterminate,
+)
+
+__version__ = "0.1.0"
+
+
+def open(path: str | os.PathLike, **options) -> Database:  # noqa: A001 - the natural name
+    """Open or create an embedded volume at `path`.
+
+    Options: protection_groups (new volumes; default 8; reopening with another number is a
+    GeometryMismatch), durable (default True: each segment fsyncs before it acks),
+    write_timeout_s (default 5), gossip_interval_s, scrub_interval_s, map_bytes, local_az, seed.
+    """
+    from engine.embedded import ClusterControl, EmbeddedOptions, EmbeddedVolume
+
+    known = set(EmbeddedOptions.__dataclass_fields__)
+    unknown = set(options) - known
+    if unknown:
+        raise InvalidArgument(f"unknown option(s) {sorted(unknown)}; known: {sorted(known)}")
+    volume = EmbeddedVolume(path, EmbeddedOptions(**options))
+    return Database(volume, ClusterControl(volume))
+
+
+def connect(target: str | os.PathLike, **options) -> Database:
+    """Connect to a cluster's writer endpoint: a cluster folder (with cluster.json) or host:port."""
+    from engine.client import connect as _connect
+
+    return _connect(target, **options)
+
+
+__all__ = [
+    "Batch",
+    "Closed",
+    "CorruptRecord",
+    "Database",
+    "GeometryMismatch",
+    "InvalidArgument",
+    "NodeNotFound",
+    "ResourceExhausted",
+    "SegmentIncomplete",
+    "SixfoldError",
+    "Snapshot",
+    "StaleEpoch",
+    "Unavailable",
+    "WriteIndeterminate",
+    "connect",
+    "errors",
+    "open",
+]

@@ -1,0 +1,161 @@
+"""Core values: small frozen dataclasses that cross every boundary (transport, API, CLI).
+
+Rules: plain data only. No I/O, no clocks, no protobuf here; conversion to and from protobuf lives
+in `engine.transport.convert`, with a round-trip test.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from engine.core.constants import AZS, NODES_PER_AZ, PROTECTION_GROUPS_DEFAULT, PROTECTION_GROUPS_MAX, REPLICAS
+from engine.errors import InvalidArgument
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    """A storage node: its id and the availability zone it lives in."""
+
+    id: str
+    az: str
+
+
+def default_nodes() -> tuple[NodeInfo, ...]:
+    """n1..n6, two per AZ: n1,n2 in a; n3,n4 in b; n5,n6 in c."""
+    return tuple(NodeInfo(f"n{i * NODES_PER_AZ + j + 1}", az) for i, az in enumerate(AZS) for j in range(NODES_PER_AZ))
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """What a volume is made of; fixed when it is created."""
+
+    protection_groups: int = PROTECTION_GROUPS_DEFAULT
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.protection_groups, int) or not 1 <= self.protection_groups <= PROTECTION_GROUPS_MAX:
+            raise InvalidArgument(f"protection_groups must be an int in 1..{PROTECTION_GROUPS_MAX}, got {self.protection_groups!r}")
+
+
+@dataclass(frozen=True)
+class Membership:
+    """Which nodes hold the segments of every PG, at an epoch.
+
+    During a membership change (Aurora's ABCDEF -> ABCDEG) `next_members` holds the new set and a
+    write is durable only when it has a write quorum in *both* sets; a read quorum of either set
+    suffices for reads. Every step of a change is a new epoch."""
+
+    epoch: int
+    members: tuple[str, ...]
+    next_members: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        assert len(self.members) == REPLICAS and len(set(self.members)) == REPLICAS, self.members
+        if self.next_members is not None:
+            assert len(self.next_members) == REPLICAS and len(set(self.next_members)) == REPLICAS, self.next_members
+
+    @property
+    def quorum_sets(self) -> tuple[tuple[str, ...], ...]:
+        return (self.members,) if self.next_members is None else (self.members, self.next_members)
+
+    @property
+    def all_nodes(self) -> tuple[str, ...]:
+        """Every node that holds a segment now: members, then the new ones of a change."""
+        extra = tuple(n for n in (self.next_members or ()) if n not in self.members)
+        return self.members + extra
+
+
+@dataclass(frozen=True)
+class TruncationRange:
+    """LSNs `first..last` (inclusive) are void for ever: a recovery at `epoch` cut them off."""
+
+    epoch: int
+    first: int
+    last: int
+
+    def __post_init__(self) -> None:
+        assert 1 <= self.first <= self.last, (self.first, self.last)
+
+    def covers(self, lsn: int) -> bool:
+        return self.first <= lsn <= self.last
+
+
+@dataclass(frozen=True)
+class RecordHeader:
+    """What recovery needs to know of a record without its key or value."""
+
+    lsn: int
+    prev_lsn: int
+    flags: int
+
+
+@dataclass(frozen=True)
+class SegmentSummary:
+    """A segment's state as its node reports it when sealed at a new epoch.
+
+    `records` lists the headers of every record the segment holds above `hint_lsn` (the highest
+    VDL a writer told this node); `last_lsn_at_hint` is the segment's highest record LSN at or below
+    `hint_lsn` (0 if none)."""
+
+    node: str
+    pg: int
+    scl: int
+    hint_lsn: int
+    last_lsn_at_hint: int
+    records: tuple[RecordHeader, ...] = ()
+
+
+@dataclass(frozen=True)
+class SealReply:
+    """A node's answer to Seal: its segments' summaries taken atomically with the epoch raise."""
+
+    node: str
+    epoch: int
+    segments: tuple[SegmentSummary, ...]
+    truncations: tuple[TruncationRange, ...] = ()
+
+
+@dataclass(frozen=True)
+class AppendReply:
+    """SCL of every PG of the node after an append (index = pg)."""
+
+    node: str
+    scls: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class ReadReply:
+    """A segment's answer for one key at a read point: the newest version at or below it.
+
+    `lsn` is 0 when the segment holds no version; `deleted` marks a tombstone."""
+
+    node: str
+    lsn: int
+    value: bytes | None
+    deleted: bool = False
+
+
+@dataclass(frozen=True)
+class VersionEntry:
+    """One key's newest version at a read point, as a scan returns it (tombstones included)."""
+
+    key: bytes
+    lsn: int
+    value: bytes | None  # None: deleted
+
+
+@dataclass(frozen=True)
+class NodeState:
+    """A node's public state, for status and for the writer's bookkeeping."""
+
+    node: str
+    az: str
+    epoch: int
+    scls: tuple[int, ...]
+    hint_lsn: int
+    records: int = 0
+    bytes: int = 0
+    corrupt_found: int = 0
+    repaired: int = 0
+    truncations: tuple[TruncationRange, ...] = ()
+    membership: Membership | None = None
+    extra: dict = field(default_factory=dict, compare=False)

@@ -1,0 +1,287 @@
+"""Embedded deployment: six storage nodes and the writer in this process, over the in-process
+transport. Same node and head code as the cluster.
+
+Layout on disk::
+
+    PATH/volume.json        volume id, geometry and node placement (written once)
+    PATH/az-a/n1, az-a/n2   one LMDB environment per node
+    PATH/az-b/n3, az-b/n4
+    PATH/az-c/n5, az-c/n6
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import threading
+import uuid
+from dataclasses import dataclass
+
+from engine import codec
+from engine.core.types import Geometry, NodeInfo, default_nodes
+from engine.errors import GeometryMismatch, InvalidArgument, NodeNotFound, SixfoldError
+from engine.head.writer import Writer, WriterOptions
+from engine.node.service import GOSSIP_INTERVAL_S, SCRUB_INTERVAL_S, StorageNode
+from engine.transport.inprocess import InProcessTransport, Registry
+
+VOLUME_FILE = "volume.json"
+
+
+@dataclass(frozen=True)
+class EmbeddedOptions:
+    protection_groups: int | None = None  # None: what the volume has, or the default for a new one
+    durable: bool = True
+    write_timeout_s: float = 5.0
+    gossip_interval_s: float = GOSSIP_INTERVAL_S
+    scrub_interval_s: float = SCRUB_INTERVAL_S
+    map_bytes: int | None = None
+    local_az: str = "a"
+    seed: int = 0
+
+
+def load_or_create_volume(path: str, protection_groups: int | None, seed: int | None = None) -> dict:
+    """Read PATH/volume.json, or write it for a new volume. GeometryMismatch if it disagrees."""
+    os.makedirs(path, exist_ok=True)
+    f = os.path.join(path, VOLUME_FILE)
+    if os.path.exists(f):
+        with open(f) as fh:
+            vol = json.load(fh)
+        if protection_groups is not None and protection_groups != vol["protection_groups"]:
+            raise GeometryMismatch(
+                f"{path} holds a volume with {vol['protection_groups']} protection groups; "
+                f"asked for {protection_groups}. Open it without protection_groups, or use another path."
+            )
+        return vol
+    geometry = Geometry(protection_groups) if protection_groups is not None else Geometry()
+    vid = uuid.UUID(int=random.Random(seed).getrandbits(128), version=4) if seed is not None else uuid.uuid4()
+    vol = {
+        "format": 1,
+        "volume_id": str(vid),
+        "protection_groups": geometry.protection_groups,
+        "nodes": [{"id": n.id, "az": n.az} for n in default_nodes()],
+    }
+    tmp = f + ".tmp"
+    with open(tmp, "w") as fh:
+        json.dump(vol, fh, indent=2, sort_keys=True)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, f)
+    return vol
+
+
+class EmbeddedVolume:
+    """The backend of `engine.open`: nodes, registry, writer; also the `db.cluster` controls."""
+
+    def __init__(self, path: str, options: EmbeddedOptions = EmbeddedOptions(), *, transport_wrapper=None) -> None:
+        if not isinstance(path, (str, os.PathLike)):
+            raise InvalidArgument(f"path must be a str or os.PathLike, got {type(path).__name__}")
+        self.path = os.fspath(path)
+        self.options = options
+        vol = load_or_create_volume(self.path, options.protection_groups)
+        self.volume_id = vol["volume_id"]
+        self.geometry = Geometry(vol["protection_groups"])
+        self.node_infos = [NodeInfo(n["id"], n["az"]) for n in vol["nodes"]]
+        self.registry = Registry()
+        self.nodes: dict[str, StorageNode | None] = {}
+        self._wrap = transport_wrapper or (lambda t: t)
+        self._lock = threading.RLock()
+        self.writer: Writer | None = None
+        try:
+            for info in self.node_infos:
+                self.registry.set(info.id, None)
+                self._start(info)
+            self._open_writer()
+        except BaseException:
+            self._shutdown_nodes()
+            raise
+
+    # --- nodes ------------------------------------------------------------------------------
+    def _info(self, node_id: str) -> NodeInfo:
+        for info in self.node_infos:
+            if info.id == node_id:
+                return info
+        raise NodeNotFound(f"no node {node_id!r}; this volume has {', '.join(i.id for i in self.node_infos)}")
+
+    def node_path(self, info: NodeInfo) -> str:
+        return os.path.join(self.path, f"az-{info.az}", info.id)
+
+    def _start(self, info: NodeInfo) -> None:
+        o = self.options
+        node = StorageNode(
+            self.node_path(info), info, self.geometry, self.volume_id, durable=o.durable, map_bytes=o.map_bytes,
+            seed=o.seed + int.from_bytes(info.id.encode(), "little") % 1000,
+        )
+        node.attach(self._wrap(InProcessTransport(self.registry, info.id)), self._peer_ids)
+        self.nodes[info.id] = node
+        self.registry.set(info.id, node)
+        if o.gossip_interval_s > 0:
+            node.start_background(o.gossip_interval_s, o.scrub_interval_s)
+
+    def _peer_ids(self) -> list[str]:
+        w = self.writer
+        if w is not None and w.ledger is not None:
+            return list(w.ledger.membership.all_nodes)
+        return [i.id for i in self.node_infos]
+
+    def _open_writer(self) -> None:
+        o = self.options
+        w = Writer(
+            self._wrap(InProcessTransport(self.registry, "writer")),
+            self.node_infos,
+            self.geometry,
+            WriterOptions(write_timeout_s=o.write_timeout_s, local_az=o.local_az),
+        )
+        w.open()
+        self.writer = w
+
+    def stop_node(self, node_id: str) -> None:
+        """Stop a node as a crash would (its LMDB folder stays)."""
+        with self._lock:
+            self._info(node_id)
+            node = self.nodes.get(node_id)
+            self.registry.set(node_id, None)
+            self.nodes[node_id] = None
+            if node is not None:
+                node.close()
+
+    def start_node(self, node_id: str) -> None:
+        with self._lock:
+            info = self._info(node_id)
+            if self.nodes.get(node_id) is None:
+                self._start(info)
+
+    def stop_az(self, az: str) -> None:
+        for info in self._az(az):
+            self.stop_node(info.id)
+
+    def start_az(self, az: str) -> None:
+        for info in self._az(az):
+            self.start_node(info.id)
+
+    def _az(self, az: str) -> list[NodeInfo]:
+        found = [i for i in self.node_infos if i.az == az]
+        if not found:
+            raise InvalidArgument(f"no AZ {az!r}; AZs are {', '.join(sorted({i.az for i in self.node_infos}))}")
+        return found
+
+    def wipe_node(self, node_id: str) -> None:
+        """Stop a node, delete its data folder, start it empty: it rebuilds from its peers."""
+        with self._lock:
+            info = self._info(node_id)
+            self.stop_node(node_id)
+            shutil.rmtree(self.node_path(info), ignore_errors=True)
+            self._start(info)
+
+    def corrupt(self, node_id: str, pg: int, lsn: int | None = None, bit: int = 0) -> int | None:
+        """Flip a bit of a stored record on a node (fault injection). Returns the LSN hit."""
+        node = self.nodes.get(node_id)
+        if node is None:
+            raise SixfoldError(f"node {node_id} is down")
+        return node.corrupt(pg, lsn, bit)
+
+    def crash_writer(self) -> None:
+        """Kill the writer as a crash would, then open a new one (recovery at a new epoch)."""
+        with self._lock:
+            old = self.writer
+            if old is not None:
+                old.abandon()
+            self.writer = None
+            self._open_writer()
+
+    def node_list(self) -> list[dict]:
+        return [{"id": i.id, "az": i.az, "up": self.nodes.get(i.id) is not None} for i in self.node_infos]
+
+    # --- backend protocol (for Database) ----------------------------------------------------
+    def write(self, ops):
+        return self.writer.write(ops)
+
+    def get(self, key, *, quorum=False, view=None):
+        return self.writer.get(key, quorum=quorum, view=view)
+
+    def scan(self, start, end, *, quorum=False, view=None):
+        return self.writer.scan(start, end, quorum=quorum, view=view)
+
+    def view(self):
+        return self.writer.view()
+
+    def status(self) -> dict:
+        w = self.writer.status()
+        vdl = w["vdl"]
+        nodes = []
+        for info in self.node_infos:
+            node = self.nodes.get(info.id)
+            entry = {"id": info.id, "az": info.az, "up": node is not None}
+            if node is not None:
+                try:
+                    st = node.state()
+                except SixfoldError:
+                    st = None
+                if st is not None:
+                    entry.update(
+                        scl={pg: s for pg, s in enumerate(st.scls)},
+                        lag={pg: max(0, w["pgcl"][pg] - s) for pg, s in enumerate(st.scls)},
+                        epoch=st.epoch,
+                        records=st.records,
+                        bytes=st.bytes,
+                        corrupt_found=st.corrupt_found,
+                        repaired=st.repaired,
+                        rebuild=st.extra.get("rebuild"),
+                    )
+            nodes.append(entry)
+        return {
+            "volume_id": self.volume_id,
+            "protection_groups": self.geometry.protection_groups,
+            "codec": codec.IMPLEMENTATION,
+            "durable": self.options.durable,
+            "vdl": vdl,
+            "epoch": w["epoch"],
+            "nodes": nodes,
+            "writer": w,
+        }
+
+    def _shutdown_nodes(self) -> None:
+        for node_id, node in list(self.nodes.items()):
+            if node is not None:
+                node.close()
+            self.nodes[node_id] = None
+            self.registry.set(node_id, None)
+
+    def close(self) -> None:
+        with self._lock:
+            if self.writer is not None:
+                self.writer.close()
+            self._shutdown_nodes()
+
+
+class ClusterControl:
+    """`db.cluster` of an embedded database: node and AZ controls for demos, tests and chaos."""
+
+    def __init__(self, volume: EmbeddedVolume) -> None:
+        self._v = volume
+
+    @property
+    def nodes(self) -> list[dict]:
+        return self._v.node_list()
+
+    def stop_node(self, node_id: str) -> None:
+        self._v.stop_node(node_id)
+
+    def start_node(self, node_id: str) -> None:
+        self._v.start_node(node_id)
+
+    def stop_az(self, az: str) -> None:
+        self._v.stop_az(az)
+
+    def start_az(self, az: str) -> None:
+        self._v.start_az(az)
+
+    def wipe_node(self, node_id: str) -> None:
+        self._v.wipe_node(node_id)
+
+    def corrupt(self, node_id: str, pg: int, lsn: int | None = None, bit: int = 0) -> int | None:
+        return self._v.corrupt(node_id, pg, lsn, bit)
+
+    def crash_writer(self) -> None:
+        self._v.crash_writer()

@@ -1,0 +1,121 @@
+"""Every expected operating error of Sixfold, in one place.
+
+Rules: an error a caller can handle is a subclass of `SixfoldError` defined here, with a
+message a person understands (what happened, what was expected, what to do). Each class
+maps to exactly one gRPC status code (`GRPC_STATUS`) so the cluster boundary can carry it
+and the client can raise the same class again. Programmer errors are not here: they are
+`AssertionError`s raised by explicit checks that `python -O` cannot remove.
+"""
+
+from __future__ import annotations
+
+
+class SixfoldError(Exception):
+    """Base class of every expected Sixfold error."""
+
+    #: name of the grpc.StatusCode this error travels as (a string keeps this module import-free)
+    GRPC_STATUS = "UNKNOWN"
+
+
+class InvalidArgument(SixfoldError, ValueError):
+    """A caller passed a value the engine cannot accept (wrong type, empty or oversized key...).
+
+    Raised before anything is logged: the request changed nothing."""
+
+    GRPC_STATUS = "INVALID_ARGUMENT"
+
+
+class CorruptRecord(SixfoldError):
+    """A frame or stored record failed its length or CRC32C check; it is rejected whole."""
+
+    GRPC_STATUS = "DATA_LOSS"
+
+
+class Unavailable(SixfoldError):
+    """Too few segments (or the endpoint) are reachable to do this now; retry later.
+
+    When raised by a write, the write was *not* logged (it failed before an LSN was assigned)
+    unless the exception is the subclass `WriteIndeterminate`."""
+
+    GRPC_STATUS = "UNAVAILABLE"
+
+
+class WriteIndeterminate(Unavailable):
+    """A write was logged but did not become durable within the timeout.
+
+    It may still become durable later (when enough segments return), or be truncated by a
+    recovery: treat it as neither done nor undone, and read the key to find out."""
+
+    GRPC_STATUS = "DEADLINE_EXCEEDED"
+
+
+class StaleEpoch(SixfoldError):
+    """A request carried an older volume epoch than the segment has seen: its writer was fenced
+    by a newer writer and must stop."""
+
+    GRPC_STATUS = "FAILED_PRECONDITION"
+
+
+class SegmentIncomplete(SixfoldError):
+    """A segment cannot answer at this read point because it lacks part of its chain (SCL below
+    what is needed); the caller picks another segment."""
+
+    GRPC_STATUS = "OUT_OF_RANGE"
+
+
+class UnknownProtectionGroup(SixfoldError):
+    """A request named a protection group this volume does not have."""
+
+    GRPC_STATUS = "NOT_FOUND"
+
+
+class GeometryMismatch(SixfoldError):
+    """The data folder holds a volume of a different geometry than was asked for."""
+
+    GRPC_STATUS = "FAILED_PRECONDITION"
+
+
+class Closed(SixfoldError):
+    """The database or node was closed; open it again."""
+
+    GRPC_STATUS = "CANCELLED"
+
+
+class NodeNotFound(SixfoldError, KeyError):
+    """A node id that is not part of this volume."""
+
+    GRPC_STATUS = "NOT_FOUND"
+
+    def __str__(self) -> str:  # KeyError quotes its argument; a person wants the sentence
+        return str(self.args[0]) if self.args else "node not found"
+
+
+class ResourceExhausted(SixfoldError):
+    """A bound was hit (too much in flight, message too large); retry with less."""
+
+    GRPC_STATUS = "RESOURCE_EXHAUSTED"
+
+
+ALL_ERRORS: tuple[type[SixfoldError], ...] = (
+    InvalidArgument,
+    CorruptRecord,
+    Unavailable,
+    WriteIndeterminate,
+    StaleEpoch,
+    SegmentIncomplete,
+    UnknownProtectionGroup,
+    GeometryMismatch,
+    Closed,
+    NodeNotFound,
+    ResourceExhausted,
+)
+
+
+class EpochBehind(SixfoldError):
+    """A segment was asked to act at an epoch newer than it knows: it must first learn that
+    epoch's truncation ranges and membership (the writer or a peer sends them), then retry."""
+
+    GRPC_STATUS = "ABORTED"
+
+
+ALL_ERRORS = ALL_ERRORS + (EpochBehind,)

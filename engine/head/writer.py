@@ -1,0 +1,575 @@
+"""The writer head: LSN allocation, group commit to six segments, VDL, reads, recovery.
+
+Theory of operation
+-------------------
+Callers never talk to nodes. A write validates its input, waits (bounded) until a write quorum
+of segments is reachable and LAL allows, then under the writer lock takes consecutive LSNs from
+the `VolumeDurability` ledger, encodes its records (CRC and all) once, appends them to the shared
+in-memory *tail*, and parks on a private lock.
+
+One sender thread per node ships the tail to its node: whenever it is idle it takes every record
+it has not yet sent (up to a frame's bounds), so a busy volume gets large frames (group commit)
+and a slow node gets larger frames instead of holding anybody up. The node answers with its SCLs;
+the ledger turns them into PGCL/VCL/VDL; when VDL passes a caller's CPL, the sender releases that
+caller's lock. Four answers suffice: the fifth and sixth node are never waited for. Records stay in
+the tail until they are durable; a node that missed trimmed records fills the hole by gossip.
+
+Waking a caller costs one `lock.release()` (no Condition, no Event per batch): the hand-off
+between Python threads, not the disk, is what limits a group commit here.
+
+Reads take read point = VDL. A segment whose SCL reaches the PG's last record at or below VDL can
+answer alone (same AZ first); otherwise, or when asked, a quorum read of three segments merges
+the newest version. Recovery (on open) seals a new epoch; see `engine.core.recovery`.
+"""
+
+from __future__ import annotations
+
+import _thread
+import heapq
+import threading
+import time
+from collections import deque
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+from engine import codec
+from engine.core.constants import (
+    FLAG_CPL,
+    FLAG_DELETE,
+    FLAG_PUT,
+    FRAME_BYTES_MAX,
+    KEY_BYTES_MAX,
+    LAL_DEFAULT,
+    READ_QUORUM,
+    VALUE_BYTES_MAX,
+    WRITE_QUORUM,
+)
+from engine.core.placement import protection_group_of, read_order
+from engine.core.quorum import VolumeDurability, has_write_quorum, merge_read, merge_scan
+from engine.core.recovery import plan_recovery
+from engine.core.types import Geometry, Membership, NodeInfo, SealReply
+from engine.errors import (
+    Closed,
+    CorruptRecord,
+    EpochBehind,
+    InvalidArgument,
+    ResourceExhausted,
+    SegmentIncomplete,
+    SixfoldError,
+    StaleEpoch,
+    Unavailable,
+    WriteIndeterminate,
+)
+
+FRAME_RECORDS_MAX_SEND = 8192
+HEARTBEAT_S = 0.1
+BACKOFF_S_MIN = 0.02
+BACKOFF_S_MAX = 0.5
+SCAN_CHUNK = 512
+BATCH_OPS_MAX = 10_000
+
+
+@dataclass(frozen=True)
+class WriterOptions:
+    write_timeout_s: float = 5.0
+    lal: int = LAL_DEFAULT
+    local_az: str = "a"
+    #: recovery re-replication and epoch sync wait this long for a write quorum
+    recovery_timeout_s: float = 10.0
+
+
+def check_key(key) -> None:
+    if not isinstance(key, bytes):
+        raise InvalidArgument(f"keys are bytes, got {type(key).__name__}")
+    if not 1 <= len(key) <= KEY_BYTES_MAX:
+        raise InvalidArgument(f"key of {len(key)} bytes: keys must be 1..{KEY_BYTES_MAX} bytes")
+
+
+def check_value(value) -> None:
+    if not isinstance(value, bytes):
+        raise InvalidArgument(f"values are bytes, got {type(value).__name__}")
+    if len(value) > VALUE_BYTES_MAX:
+        raise InvalidArgument(f"value of {len(value)} bytes: values are at most {VALUE_BYTES_MAX} bytes")
+
+
+@dataclass(frozen=True)
+class ReadView:
+    """A read point and, per PG, the LSN a segment must be complete to for answering alone."""
+
+    read_point: int
+    tails: tuple[int, ...]
+
+
+class _NodeLink:
+    """The writer's view of one node: what was sent, whether it answers, its sender thread."""
+
+    def __init__(self, node_id: str) -> None:
+        self.id = node_id
+        self.sent_lsn = 0  # highest LSN this node acknowledged holding (or skipped past)
+        self.up = True
+        self.backoff_s = BACKOFF_S_MIN
+        self.hint_sent = -1
+        self.last_send = 0.0
+        self.error = ""
+        self.thread: threading.Thread | None = None
+
+
+class Writer:
+    """The single writer of a volume."""
+
+    def __init__(
+        self,
+        transport,
+        nodes: Sequence[NodeInfo],
+        geometry: Geometry,
+        options: WriterOptions = WriterOptions(),
+        *,
+        background: bool = True,
+    ) -> None:
+        self.transport = transport
+        self.nodes = tuple(nodes)
+        self.geometry = geometry
+        self.options = options
+        self.P = geometry.protection_groups
+        self._lock = threading.Lock()
+        self._work = threading.Condition(self._lock)  # senders wait here for records
+        self._room = threading.Condition(self._lock)  # writers wait here for LAL / quorum
+        self._tail: list[bytes] = []
+        self._tail_base = 1  # LSN of _tail[0]
+        self._waiters: deque[tuple[int, object]] = deque()
+        self._closed = False
+        self._fenced: str | None = None
+        self.epoch = 0
+        self.ledger: VolumeDurability | None = None
+        self.links: dict[str, _NodeLink] = {}
+        self.recovery: dict = {}
+        self.truncations: tuple = ()
+        self._background = background
+        self.stats = {"flushes": 0, "records_sent": 0}
+        self._quorum_cache: bool | None = None
+
+    # --- lifecycle --------------------------------------------------------------------------
+    def open(self) -> None:
+        """Recover the volume at a new epoch, then start the senders."""
+        t0 = time.monotonic()
+        membership, epoch = self._discover()
+        self.epoch = epoch + 1
+        replies: list[SealReply] = []
+        for n in membership.all_nodes:
+            try:
+                replies.append(self.transport.seal(n, self.epoch))
+            except StaleEpoch as e:
+                raise StaleEpoch(f"another writer raised the epoch while this one was opening: {e}") from None
+            except SixfoldError:
+                continue
+        if not has_write_quorum((r.node for r in replies), membership):
+            raise Unavailable(
+                f"cannot open the volume: {len(replies)} of {len(membership.all_nodes)} nodes answered "
+                f"({', '.join(r.node for r in replies) or 'none'}); a writer needs {WRITE_QUORUM} of each quorum set"
+            )
+        sealed = {r.node for r in replies}
+        plan = plan_recovery(
+            self.epoch, self.P, replies, lal=self.options.lal, all_sealed=all(n in sealed for n in membership.all_nodes)
+        )
+        membership = Membership(self.epoch, membership.members, membership.next_members)
+        synced = []
+        for r in replies:
+            try:
+                self.transport.sync_epoch(r.node, self.epoch, plan.truncations, membership)
+                synced.append(r.node)
+            except SixfoldError:
+                continue
+        if not has_write_quorum(synced, membership):
+            raise Unavailable(f"cannot open the volume: truncation reached only {synced}")
+        self.truncations = plan.truncations
+        replicated = self._replicate(plan, synced)
+        self.ledger = VolumeDurability(
+            self.P, membership, vdl=plan.vdl, next_lsn=plan.next_lsn, tails=plan.tails, lal=self.options.lal
+        )
+        self._tail_base = plan.next_lsn
+        for n in membership.all_nodes:
+            self.links[n] = _NodeLink(n)
+        for n in synced:
+            try:
+                st = self.transport.state(n)
+            except SixfoldError:
+                continue
+            if st.epoch == self.epoch:
+                for pg, scl in enumerate(st.scls):
+                    self.ledger.scls[pg][n] = scl
+        self.recovery = {
+            "epoch": self.epoch,
+            "vdl": plan.vdl,
+            "vcl": plan.vcl,
+            "base": plan.base,
+            "truncated": [plan.truncation.first, plan.truncation.last] if plan.truncation else None,
+            "sealed": sorted(sealed),
+            "replicated_records": replicated,
+            "seconds": round(time.monotonic() - t0, 4),
+        }
+        if self._background:
+            for link in self.links.values():
+                link.thread = threading.Thread(target=self._sender, args=(link,), name=f"writer->{link.id}", daemon=True)
+                link.thread.start()
+
+    def _discover(self) -> tuple[Membership, int]:
+        """The newest membership and epoch any reachable node knows (defaults for a new volume)."""
+        epoch, membership = 0, None
+        for n in self.nodes:
+            try:
+                st = self.transport.state(n.id)
+            except SixfoldError:
+                continue
+            epoch = max(epoch, st.epoch)
+            if st.membership is not None and (membership is None or st.membership.epoch > membership.epoch):
+                membership = st.membership
+        if membership is None:
+            membership = Membership(0, tuple(n.id for n in self.nodes[:6]))
+        return membership, max(epoch, membership.epoch)
+
+    def _replicate(self, plan, nodes: Sequence[str]) -> int:
+        """Make the records of (base, VDL] durable again: copy each from a holder to every node."""
+        by_pg: dict[int, list[tuple[int, tuple[str, ...]]]] = {}
+        for pg, lsn, holders in plan.replicate:
+            by_pg.setdefault(pg, []).append((lsn, holders))
+        count = 0
+        for pg, items in sorted(by_pg.items()):
+            lo, hi = items[0][0] - 1, items[-1][0]
+            frames = []
+            for holder in sorted({h for _, hs in items for h in hs}):
+                try:
+                    frame, _more = self.transport.fetch(holder, pg, lo, FRAME_BYTES_MAX, hi)
+                    frames.append(frame)
+                except SixfoldError:
+                    continue
+            wanted = {lsn for lsn, _ in items}
+            records = {}
+            for frame in frames:
+                for rec in codec.index_frame(frame):
+                    if rec.lsn in wanted:
+                        records.setdefault(rec.lsn, rec.record)
+            if set(records) != wanted:
+                raise Unavailable(f"recovery could not read records {sorted(wanted - set(records))[:5]} of PG {pg}")
+            frame = codec.encode_frame([records[lsn] for lsn in sorted(records)])
+            acked = []
+            for n in nodes:
+                try:
+                    self.transport.append(n, self.epoch, frame, plan.base)
+                    acked.append(n)
+                except SixfoldError:
+                    continue
+            if len(acked) < WRITE_QUORUM:
+                raise Unavailable(f"recovery could re-replicate PG {pg} to only {acked}")
+            count += len(records)
+        return count
+
+    def close(self) -> None:
+        """Stop the senders after in-flight records had a chance to become durable."""
+        deadline = time.monotonic() + 2.0
+        while self.ledger is not None and time.monotonic() < deadline:
+            with self._lock:
+                if not self._waiters or self._fenced or self._closed:
+                    break
+            time.sleep(0.005)
+        self.abandon()
+
+    def abandon(self) -> None:
+        """Stop at once, as a crash would: in-flight writes become indeterminate."""
+        with self._lock:
+            self._closed = True
+            self._work.notify_all()
+            self._room.notify_all()
+            waiters, self._waiters = self._waiters, deque()
+        for _lsn, lock in waiters:
+            lock.release()
+        for link in self.links.values():
+            if link.thread is not None and link.thread is not threading.current_thread():
+                link.thread.join(timeout=5)
+
+    # --- writes -----------------------------------------------------------------------------
+    def _check_usable(self) -> None:
+        if self._closed:
+            raise Closed("the writer is closed")
+        if self._fenced:
+            raise StaleEpoch(self._fenced)
+
+    def _quorum_up(self) -> bool:
+        # Recomputed only when a link changes state (caller holds the lock).
+        if self._quorum_cache is None:
+            self._quorum_cache = has_write_quorum((n for n, link in self.links.items() if link.up), self.ledger.membership)
+        return self._quorum_cache
+
+    def submit(self, ops: Sequence[tuple[int, bytes, bytes]]) -> tuple[int, object]:
+        """Log `ops` (flags, key, value) as one atomic unit; return (CPL lsn, waiter lock).
+
+        Waits up to the write timeout for a reachable write quorum and for LAL room; raises
+        Unavailable (nothing logged) when they do not come."""
+        assert 1 <= len(ops) <= BATCH_OPS_MAX
+        pgs = [protection_group_of(key, self.P) for _f, key, _v in ops]
+        deadline = time.monotonic() + self.options.write_timeout_s
+        with self._lock:
+            while True:
+                self._check_usable()
+                quorum = self._quorum_up()
+                room = self.ledger.can_allocate(len(ops))
+                if quorum and room:
+                    break
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    if not quorum:
+                        up = sorted(n for n, link in self.links.items() if link.up)
+                        raise Unavailable(
+                            f"write refused: only {len(up)} segments reachable ({', '.join(up) or 'none'}); "
+                            f"a write needs {WRITE_QUORUM} of 6. Nothing was logged."
+                        )
+                    raise ResourceExhausted(f"write refused: {self.ledger.in_flight()} LSNs in flight (LAL {self.ledger.lal})")
+                self._room.wait(min(left, 0.05))
+            allocs = self.ledger.allocate(pgs)
+            last = len(ops) - 1
+            tail = self._tail
+            for i, ((lsn, prev), (flags, key, value), pg) in enumerate(zip(allocs, ops, pgs)):
+                tail.append(codec.encode_record(lsn, prev, pg, flags | (FLAG_CPL if i == last else 0), key, value))
+            lsn = allocs[-1][0]
+            waiter = _thread.allocate_lock()
+            waiter.acquire()
+            self._waiters.append((lsn, waiter))
+            self._work.notify_all()
+        return lsn, waiter
+
+    def wait(self, lsn: int, waiter, timeout_s: float | None = None) -> None:
+        """Block until VDL covers `lsn`; WriteIndeterminate when it does not in time."""
+        timeout_s = self.options.write_timeout_s if timeout_s is None else timeout_s
+        waiter.acquire(timeout=timeout_s)
+        ledger = self.ledger
+        if ledger.vdl >= lsn:
+            return
+        if self._fenced:
+            raise WriteIndeterminate(f"write at LSN {lsn} is indeterminate: {self._fenced}")
+        if self._closed:
+            raise WriteIndeterminate(f"write at LSN {lsn} is indeterminate: the writer stopped before it was durable")
+        up = sorted(n for n, link in self.links.items() if link.up)
+        raise WriteIndeterminate(
+            f"write at LSN {lsn} not durable after {timeout_s:g} s (VDL {ledger.vdl}; reachable: {', '.join(up) or 'none'}). "
+            "It may still become durable; read the key to find out."
+        )
+
+    def write(self, ops: Sequence[tuple[int, bytes, bytes]]) -> int:
+        lsn, waiter = self.submit(ops)
+        self.wait(lsn, waiter)
+        return lsn
+
+    def put(self, key: bytes, value: bytes) -> int:
+        check_key(key)
+        check_value(value)
+        return self.write(((FLAG_PUT, key, value),))
+
+    def delete(self, key: bytes) -> int:
+        check_key(key)
+        return self.write(((FLAG_DELETE, key, b""),))
+
+    # --- senders ----------------------------------------------------------------------------
+    def _sender(self, link: _NodeLink) -> None:
+        while True:
+            try:
+                if not self.send_once(link, block=True):
+                    return
+            except Exception as e:  # a bug must not silently stop a sender: record and keep going
+                link.error = f"{type(e).__name__}: {e}"
+                time.sleep(BACKOFF_S_MAX)
+
+    def send_once(self, link: _NodeLink, block: bool = False) -> bool:
+        """Ship the node its unsent records (or a heartbeat). Returns False once closed."""
+        with self._lock:
+            while True:
+                if self._closed or self._fenced:
+                    return False
+                end = self._tail_base + len(self._tail)  # one above the highest LSN in the tail
+                start = max(link.sent_lsn + 1, self._tail_base)
+                idle_for = time.monotonic() - link.last_send
+                heartbeat = idle_for >= HEARTBEAT_S  # also how a dead or returning node is noticed
+                if start < end or heartbeat or not block:
+                    break
+                self._work.wait(HEARTBEAT_S)
+            records = self._tail[start - self._tail_base : start - self._tail_base + FRAME_RECORDS_MAX_SEND]
+            hint = self.ledger.vdl
+            epoch = self.epoch
+        if not link.up:
+            time.sleep(link.backoff_s) if block else None
+        size = 0
+        for i, r in enumerate(records):
+            size += len(r)
+            if size > FRAME_BYTES_MAX // 2 and i > 0:
+                records = records[:i]
+                break
+        frame = codec.encode_frame(records)
+        link.last_send = time.monotonic()
+        try:
+            reply = self.transport.append(link.id, epoch, frame, hint)
+        except EpochBehind:
+            self._sync_node(link)
+            return True
+        except StaleEpoch as e:
+            self._fence(f"this writer was fenced by a newer writer: {e}")
+            return False
+        except (Unavailable, CorruptRecord, SixfoldError) as e:
+            with self._lock:
+                link.up = False
+                self._quorum_cache = None
+                link.error = str(e)
+                link.backoff_s = min(BACKOFF_S_MAX, link.backoff_s * 2)
+                self._room.notify_all()
+            return True
+        released = None
+        with self._lock:
+            if not link.up:
+                link.up = True
+                self._quorum_cache = None
+                self._room.notify_all()
+            link.backoff_s = BACKOFF_S_MIN
+            link.error = ""
+            link.hint_sent = hint
+            if records:
+                link.sent_lsn = max(link.sent_lsn, start + len(records) - 1)
+                self.stats["flushes"] += 1
+                self.stats["records_sent"] += len(records)
+            if self.ledger.record_scls(link.id, reply.scls):
+                released = self._release_locked()
+        if released:
+            for lock in released:
+                lock.release()
+        return True
+
+    def _release_locked(self) -> list:
+        """Pop waiters covered by VDL; trim the tail of durable records. Caller holds the lock."""
+        vdl = self.ledger.vdl
+        out = []
+        waiters = self._waiters
+        while waiters and waiters[0][0] <= vdl:
+            out.append(waiters.popleft()[1])
+        durable = self.ledger.vcl - self._tail_base + 1
+        if durable > 4096 or (durable > 0 and durable == len(self._tail)):
+            del self._tail[:durable]
+            self._tail_base += durable
+        self._room.notify_all()
+        return out
+
+    def _sync_node(self, link: _NodeLink) -> None:
+        """A node (restarted or wiped) is behind our epoch: give it our truncations and membership."""
+        try:
+            self.transport.sync_epoch(link.id, self.epoch, self.truncations, self.ledger.membership)
+        except SixfoldError as e:
+            link.error = str(e)
+            time.sleep(link.backoff_s)
+
+    def _fence(self, why: str) -> None:
+        with self._lock:
+            self._fenced = why
+            waiters, self._waiters = self._waiters, deque()
+            self._room.notify_all()
+            self._work.notify_all()
+        for _lsn, lock in waiters:
+            lock.release()
+
+    # --- reads ------------------------------------------------------------------------------
+    def view(self) -> ReadView:
+        """The current read point (VDL) and per-PG tails, for linearizable reads and snapshots."""
+        with self._lock:
+            self._check_usable()
+            return ReadView(self.ledger.vdl, tuple(self.ledger.read_tails))
+
+    def _candidates(self, pg: int, view: ReadView) -> list[str]:
+        ledger = self.ledger
+        tail = view.tails[pg]
+        with self._lock:
+            complete = [n for n in ledger.membership.all_nodes if ledger.scls[pg].get(n, -1) >= tail and self.links[n].up]
+        return read_order(complete, self.nodes, self.options.local_az)
+
+    def _quorum_nodes(self) -> list[str]:
+        with self._lock:
+            nodes = list(self.ledger.membership.all_nodes)
+            up = [n for n in nodes if self.links[n].up]
+        rest = [n for n in nodes if n not in up]
+        return read_order(up, self.nodes, self.options.local_az) + rest
+
+    def get(self, key: bytes, *, quorum: bool = False, view: ReadView | None = None) -> bytes | None:
+        check_key(key)
+        view = view or self.view()
+        pg = protection_group_of(key, self.P)
+        if not quorum:
+            for n in self._candidates(pg, view):
+                try:
+                    r = self.transport.read(n, pg, key, view.read_point, view.tails[pg], self.epoch)
+                    return r.value
+                except SixfoldError:
+                    continue
+        replies, errors = [], []
+        for n in self._quorum_nodes():
+            try:
+                replies.append(self.transport.read(n, pg, key, view.read_point, 0, self.epoch))
+            except SixfoldError as e:
+                errors.append(f"{n}: {e}")
+                continue
+            if len(replies) == READ_QUORUM:
+                best = merge_read(replies)
+                return None if best is None else best.value
+        raise Unavailable(f"read needs {READ_QUORUM} segments of PG {pg}; got {len(replies)} ({'; '.join(errors)})")
+
+    def _scan_pg(self, pg: int, start: bytes, end: bytes | None, view: ReadView, quorum: bool) -> Iterator[tuple[bytes, bytes]]:
+        """Live keys of one PG in [start, end) at the view, in key order, fetched in chunks."""
+        resume = start
+        while resume is not None:
+            entries, nxt = self._scan_chunk(pg, resume, end, view, quorum)
+            for e in entries:
+                if e.value is not None:
+                    yield e.key, e.value
+            resume = nxt
+
+    def _scan_chunk(self, pg, start, end, view, quorum):
+        if not quorum:
+            for n in self._candidates(pg, view):
+                try:
+                    return self.transport.scan(n, pg, start, end, view.read_point, view.tails[pg], SCAN_CHUNK, self.epoch)
+                except SixfoldError:
+                    continue
+        got, errors = [], []
+        for n in self._quorum_nodes():
+            try:
+                got.append(self.transport.scan(n, pg, start, end, view.read_point, 0, SCAN_CHUNK, self.epoch))
+            except SixfoldError as e:
+                errors.append(f"{n}: {e}")
+                continue
+            if len(got) == READ_QUORUM:
+                # Each segment stopped at its own resume key; keep only keys below the smallest,
+                # so no segment's unseen keys are skipped.
+                stops = [r for _e, r in got if r is not None]
+                limit = min(stops) if stops else None
+                merged = merge_scan([[e for e in entries if limit is None or e.key < limit] for entries, _r in got])
+                return merged, limit
+        raise Unavailable(f"scan needs {READ_QUORUM} segments of PG {pg}; got {len(got)} ({'; '.join(errors)})")
+
+    def scan(
+        self, start: bytes, end: bytes | None, *, quorum: bool = False, view: ReadView | None = None
+    ) -> Iterator[tuple[bytes, bytes]]:
+        if not isinstance(start, bytes) or (end is not None and not isinstance(end, bytes)):
+            raise InvalidArgument("scan bounds are bytes (end may be None)")
+        view = view or self.view()
+        return heapq.merge(*(self._scan_pg(pg, start, end, view, quorum) for pg in range(self.P)))
+
+    # --- status -----------------------------------------------------------------------------
+    def status(self) -> dict:
+        with self._lock:
+            ledger = self.ledger
+            return {
+                "epoch": self.epoch,
+                "vdl": ledger.vdl,
+                "vcl": ledger.vcl,
+                "next_lsn": ledger.next_lsn,
+                "pgcl": list(ledger.pgcl),
+                "in_flight": ledger.in_flight(),
+                "fenced": self._fenced,
+                "membership": {"epoch": ledger.membership.epoch, "members": list(ledger.membership.members),
+                               "next_members": list(ledger.membership.next_members) if ledger.membership.next_members else None},
+                "links": {n: {"up": l.up, "error": l.error, "sent_lsn": l.sent_lsn} for n, l in self.links.items()},
+                "recovery": dict(self.recovery),
+                "stats": dict(self.stats),
+            }

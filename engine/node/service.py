@@ -1,0 +1,225 @@
+"""A storage node: its segment store plus the background work that keeps segments whole.
+
+Theory of operation
+-------------------
+`StorageNode` is what a transport calls (in-process directly; over gRPC through a thin servicer).
+Its request methods delegate to the `SegmentStore`. Two background duties run as *steps* that a
+thread (real deployments) or a simulator (deterministic runs) drives:
+
+* `gossip_once()`: ask each peer of the membership for its state; adopt a newer epoch with its
+  truncation ranges; for every PG where a peer's SCL is above ours, fetch the records in between
+  (a bounded frame at a time) and append them in repair mode. A wiped node rebuilds this way.
+  Repair never copies a corrupt record: the sender's fetch checks every CRC and the receiver's
+  decode checks them again.
+* `scrub_step()`: re-verify a bounded number of stored records against their CRC; a corrupt one
+  is quarantined (dropped, SCL pulled back) and gossip refetches it from a healthy peer.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections.abc import Callable, Sequence
+
+from engine import codec
+from engine.core.types import Geometry, Membership, NodeInfo, NodeState, TruncationRange
+from engine.errors import CorruptRecord, SixfoldError, StaleEpoch
+from engine.node.store import FETCH_BYTES_MAX, SegmentStore
+
+GOSSIP_INTERVAL_S = 0.2
+SCRUB_INTERVAL_S = 1.0
+SCRUB_RECORDS_PER_STEP = 1000
+GOSSIP_FRAMES_PER_STEP = 64  # bound on the repair work of one gossip step per peer
+
+
+class StorageNode:
+    """One storage node: a segment of every protection group."""
+
+    def __init__(
+        self,
+        path: str,
+        info: NodeInfo,
+        geometry: Geometry,
+        volume_id: str,
+        *,
+        durable: bool = True,
+        map_bytes: int | None = None,
+        seed: int = 0,
+    ) -> None:
+        kwargs = {"durable": durable}
+        if map_bytes:
+            kwargs["map_bytes"] = map_bytes
+        self.info = info
+        self.store = SegmentStore(path, info.id, info.az, geometry, volume_id, **kwargs)
+        self.transport = None  # set by attach(); used by gossip
+        self._peers: Callable[[], Sequence[str]] = lambda: ()
+        self._rng = random.Random(seed)
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._scrub_cursor = (0, 0)  # (pg, lsn) where the next scrub step resumes
+        self.gossip_fetched_records = 0
+        self.rebuild = {"active": False, "target_records": 0, "fetched_records": 0}
+
+    @property
+    def id(self) -> str:
+        return self.info.id
+
+    # --- requests (called through a transport) ----------------------------------------------
+    def append(self, epoch: int, frame: bytes, hint_lsn: int):
+        return self.store.append(epoch, frame, hint_lsn)
+
+    def repair_append(self, frame: bytes):
+        return self.store.append(0, frame, 0, repair=True)
+
+    def read(self, pg, key, read_point, required_lsn, epoch):
+        return self.store.read(pg, key, read_point, required_lsn, epoch)
+
+    def scan(self, pg, start, end, read_point, required_lsn, limit, epoch):
+        return self.store.scan(pg, start, end, read_point, required_lsn, limit, epoch)
+
+    def seal(self, epoch: int):
+        return self.store.seal(epoch)
+
+    def sync_epoch(self, epoch: int, truncations: Sequence[TruncationRange], membership: Membership | None):
+        return self.store.sync_epoch(epoch, truncations, membership)
+
+    def fetch(self, pg: int, after_lsn: int, max_bytes: int, upto_lsn: int | None):
+        return self.store.fetch(pg, after_lsn, max_bytes, upto_lsn)
+
+    def state(self) -> NodeState:
+        st = self.store.state()
+        st.extra.update(rebuild=dict(self.rebuild), gossip_fetched_records=self.gossip_fetched_records)
+        return st
+
+    def corrupt(self, pg: int, lsn: int | None, bit: int):
+        return self.store.corrupt(pg, lsn, bit)
+
+    # --- background duties ------------------------------------------------------------------
+    def attach(self, transport, peers: Callable[[], Sequence[str]]) -> None:
+        """Give the node a transport (source = this node) and a view of its peers for gossip."""
+        self.transport = transport
+        self._peers = peers
+
+    def gossip_once(self) -> int:
+        """One round of gossip with every peer; returns the number of records fetched."""
+        if self.transport is None:
+            return 0
+        fetched = 0
+        peers = [p for p in self._peers() if p != self.id]
+        self._rng.shuffle(peers)
+        for peer in peers:
+            if self._stop.is_set():
+                break
+            try:
+                fetched += self._gossip_with(peer)
+            except SixfoldError:
+                continue  # unreachable or busy peer: try the next; gossip is best effort
+        self.gossip_fetched_records += fetched
+        return fetched
+
+    def _gossip_with(self, peer: str) -> int:
+        st = self.transport.state(peer)
+        store = self.store
+        if st.epoch > store.epoch or any(t not in store.truncations for t in st.truncations):
+            try:
+                store.sync_epoch(max(st.epoch, store.epoch), st.truncations, st.membership)
+            except StaleEpoch:
+                pass
+        # Only records at or below the VDL the writer told us are surely missing: anything above
+        # may still be on its way from the writer, and fetching it would race the writer's sends.
+        hint = max(store.hint_lsn, st.hint_lsn)
+        behind = [
+            (pg, min(st.scls[pg], hint))
+            for pg in range(len(store.scls))
+            if store.scls[pg] < min(st.scls[pg], hint)
+        ]
+        if not behind:
+            return 0
+        target = sum(s for _, s in behind)
+        self.rebuild.update(active=True, target_records=max(self.rebuild["target_records"], target))
+        fetched = 0
+        frames = 0
+        for pg, peer_scl in behind:
+            after = store.scls[pg]
+            while after < peer_scl and frames < GOSSIP_FRAMES_PER_STEP and not self._stop.is_set():
+                frame, more = self.transport.fetch(peer, pg, after, FETCH_BYTES_MAX, peer_scl)
+                frames += 1
+                try:
+                    n = codec.verify_frame(frame)
+                except CorruptRecord:
+                    break
+                if n == 0:
+                    break
+                before = store.scls[pg]
+                store.append(0, frame, 0, repair=True)
+                fetched += n
+                self.rebuild["fetched_records"] += n
+                if store.scls[pg] == before:
+                    break  # the peer's records do not extend our chain (a hole remains): stop
+                after = store.scls[pg]
+                if not more:
+                    break
+        store.count_repaired(fetched)
+        if all(store.scls[pg] >= s for pg, s in behind):
+            self.rebuild["active"] = False
+        return fetched
+
+    def scrub_step(self, records_max: int = SCRUB_RECORDS_PER_STEP) -> int:
+        """Verify up to `records_max` stored records; quarantine corrupt ones. Returns how many
+        corrupt records it found."""
+        store = self.store
+        P = store.geometry.protection_groups
+        pg, after = self._scrub_cursor
+        seen = bad = 0
+        for _ in range(P):
+            for lsn, rec in store.iter_log(pg, after):
+                seen += 1
+                try:
+                    codec.decode_record(rec)
+                except CorruptRecord:
+                    store.quarantine(pg, lsn)
+                    bad += 1
+                after = lsn
+                if seen >= records_max:
+                    self._scrub_cursor = (pg, after)
+                    return bad
+            pg, after = (pg + 1) % P, 0
+        self._scrub_cursor = (pg, 0)
+        return bad
+
+    def start_background(self, gossip_interval_s: float = GOSSIP_INTERVAL_S, scrub_interval_s: float = SCRUB_INTERVAL_S) -> None:
+        """Run gossip and scrub in daemon threads until close()."""
+
+        def loop(step, interval):
+            while not self._stop.wait(interval):
+                try:
+                    step()
+                except SixfoldError:
+                    continue
+                except Exception:  # the store closed under us: the loop ends with the node
+                    if self._stop.is_set() or self.store._closed:
+                        return
+                    raise
+
+        for name, step, interval in (("gossip", self.gossip_once, gossip_interval_s), ("scrub", self.scrub_step, scrub_interval_s)):
+            t = threading.Thread(target=loop, args=(step, interval), name=f"{self.id}-{name}", daemon=True)
+            t.start()
+            self._threads.append(t)
+
+    def close(self) -> None:
+        self._stop.set()
+        for t in self._threads:
+            if t is not threading.current_thread():
+                t.join(timeout=5)
+        self.store.close()
+
+
+def wait_until(predicate: Callable[[], bool], timeout_s: float, interval_s: float = 0.01) -> bool:
+    """Poll `predicate` until it holds or `timeout_s` passes (for tests and tools)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval_s)
+    return predicate()

@@ -1,0 +1,568 @@
+"""A storage node's segments on LMDB: the log, the key versions, SCL, epoch and truncations.
+
+Theory of operation
+-------------------
+One LMDB environment per node holds one segment of every protection group:
+
+* `log`       `pg (u32 BE) | lsn (u64 BE)` -> the record's bytes exactly as the head encoded them
+              (CRC included), so every read, scrub and repair re-checks the head's CRC.
+* `versions`  `pg (u32 BE) | key` -> duplicates `lsn (u64 BE)` (LMDB dupsort keeps them in LSN order):
+              the key's versions, materialised as records arrive, even above SCL. A read at read
+              point R takes the highest duplicate <= R and fetches the record from `log`.
+* `meta`      volume identity, epoch, writer's VDL hint, SCL per PG, truncation ranges, membership.
+
+An append is one write transaction (one fsync when durable) for a whole frame: records are kept
+whether or not they extend the chain; SCL advances along backlinks (`prev_lsn == SCL`) and stops at
+a hole, which gossip fills later. Records inside a truncation range are refused for ever: that is
+how records of a dead epoch stay dead, whoever sends them.
+
+A record whose CRC fails when read (read, scan, fetch, scrub) is quarantined: removed from the log
+and the version index, counted, and SCL pulled back below it, so the segment stops claiming it and
+gossip refetches a good copy. It is never returned to a reader nor sent to a peer.
+
+Concurrency: one writer at a time (`_write_lock`, which also guards the in-memory mirror of meta);
+readers use LMDB read transactions and never block the writer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import threading
+from collections.abc import Iterable, Sequence
+
+import lmdb
+
+from engine import codec
+from engine.core.constants import FLAG_DELETE
+from engine.core.types import (
+    AppendReply,
+    Geometry,
+    Membership,
+    NodeState,
+    ReadReply,
+    RecordHeader,
+    SealReply,
+    SegmentSummary,
+    TruncationRange,
+    VersionEntry,
+)
+from engine.errors import (
+    Closed,
+    CorruptRecord,
+    EpochBehind,
+    GeometryMismatch,
+    InvalidArgument,
+    SegmentIncomplete,
+    StaleEpoch,
+    UnknownProtectionGroup,
+)
+
+_U64BE = struct.Struct(">Q")
+_U32BE = struct.Struct(">I")
+_PREV_AT = struct.Struct("<Q")  # prev_lsn lives at byte 16 of a record
+_HDR = struct.Struct("<IIQQIB")  # crc, total_len, lsn, prev_lsn, pg, flags
+
+MAP_BYTES_DEFAULT = 32 << 30
+SCAN_ENTRIES_MAX = 10_000
+FETCH_BYTES_MAX = 8 << 20
+
+
+def _scl_key(pg: int) -> bytes:
+    return b"scl/" + _U32BE.pack(pg)
+
+
+class SegmentStore:
+    """The LMDB side of one storage node. Thread-safe."""
+
+    def __init__(
+        self,
+        path: str,
+        node_id: str,
+        az: str,
+        geometry: Geometry,
+        volume_id: str,
+        *,
+        durable: bool = True,
+        map_bytes: int = MAP_BYTES_DEFAULT,
+    ) -> None:
+        os.makedirs(path, exist_ok=True)
+        self.path = path
+        self.node_id = node_id
+        self.az = az
+        self.geometry = geometry
+        self.durable = durable
+        self.env = lmdb.open(
+            path,
+            map_size=map_bytes,
+            max_dbs=4,
+            sync=durable,
+            metasync=durable,
+            max_readers=1024,
+            readahead=False,
+        )
+        self._log = self.env.open_db(b"log")
+        self._versions = self.env.open_db(b"versions", dupsort=True, dupfixed=True)
+        self._meta = self.env.open_db(b"meta")
+        self._write_lock = threading.Lock()
+        self._closed = False
+        P = geometry.protection_groups
+        with self.env.begin(write=True) as txn:
+            raw = txn.get(b"volume", db=self._meta)
+            identity = {"volume_id": volume_id, "node": node_id, "protection_groups": P}
+            if raw is None:
+                txn.put(b"volume", json.dumps(identity, sort_keys=True).encode(), db=self._meta)
+            else:
+                stored = json.loads(raw)
+                if stored.get("protection_groups") != P or stored.get("volume_id") != volume_id:
+                    self.env.close()
+                    raise GeometryMismatch(
+                        f"node folder {path} holds volume {stored.get('volume_id')} with "
+                        f"{stored.get('protection_groups')} protection groups; asked for volume {volume_id} "
+                        f"with {P}"
+                    )
+            self.epoch = self._get_u64(txn, b"epoch")
+            self.hint_lsn = self._get_u64(txn, b"hint")
+            self.scls = [self._get_u64(txn, _scl_key(pg)) for pg in range(P)]
+            raw = txn.get(b"truncations", db=self._meta)
+            self.truncations: list[TruncationRange] = [TruncationRange(*t) for t in json.loads(raw)] if raw else []
+            raw = txn.get(b"membership", db=self._meta)
+            self.membership: Membership | None = None
+            if raw:
+                m = json.loads(raw)
+                self.membership = Membership(m["epoch"], tuple(m["members"]), tuple(m["next"]) if m["next"] else None)
+            raw = txn.get(b"counters", db=self._meta)
+            self.counters = json.loads(raw) if raw else {"corrupt_found": 0, "repaired": 0}
+        self._truncated_max = max((t.last for t in self.truncations), default=0)
+        #: per PG, the highest LSN held (to know when SCL needs a walk after a hole is filled)
+        self.max_lsn = [self._highest_lsn(pg) for pg in range(P)]
+
+    # --- helpers ----------------------------------------------------------------------------
+    def _get_u64(self, txn, key: bytes) -> int:
+        raw = txn.get(key, db=self._meta)
+        return _U64BE.unpack(raw)[0] if raw else 0
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise Closed(f"node {self.node_id} is stopped")
+
+    def _check_pg(self, pg: int) -> None:
+        if not isinstance(pg, int) or not 0 <= pg < self.geometry.protection_groups:
+            raise UnknownProtectionGroup(
+                f"protection group {pg!r} does not exist (this volume has {self.geometry.protection_groups})"
+            )
+
+    def _highest_lsn(self, pg: int) -> int:
+        with self.env.begin() as txn:
+            cur = txn.cursor(db=self._log)
+            nxt = _U32BE.pack(pg + 1)
+            if cur.set_range(nxt):
+                if not cur.prev():
+                    return 0
+            elif not cur.last():
+                return 0
+            k = cur.key()
+            return _U64BE.unpack(k[4:])[0] if k[:4] == _U32BE.pack(pg) else 0
+
+    def _is_truncated(self, lsn: int) -> bool:
+        return lsn <= self._truncated_max and any(t.covers(lsn) for t in self.truncations)
+
+    def _walk_scl(self, txn, pg: int) -> None:
+        """Advance SCL of `pg` along backlinks through records already in the log."""
+        scl = self.scls[pg]
+        if self.max_lsn[pg] <= scl:
+            return
+        prefix = _U32BE.pack(pg)
+        cur = txn.cursor(db=self._log)
+        if not cur.set_range(prefix + _U64BE.pack(scl + 1)):
+            return
+        for k, rec in cur:
+            if k[:4] != prefix or _PREV_AT.unpack_from(rec, 16)[0] != scl:
+                break
+            scl = _U64BE.unpack(k[4:])[0]
+        self.scls[pg] = scl
+
+    def _fence(self, epoch: int) -> None:
+        if epoch < self.epoch:
+            raise StaleEpoch(f"node {self.node_id} is at epoch {self.epoch}; request carried epoch {epoch}: that writer was fenced")
+        if epoch > self.epoch:
+            raise EpochBehind(f"node {self.node_id} is at epoch {self.epoch}, request at {epoch}: sync the epoch first")
+
+    # --- writes -----------------------------------------------------------------------------
+    def append(self, epoch: int, frame: bytes, hint_lsn: int = 0, *, repair: bool = False) -> AppendReply:
+        """Persist a frame in one transaction; return every PG's SCL afterwards.
+
+        `repair=True` (gossip, rebuild) skips the epoch fence: the records were already accepted
+        at some epoch, and truncation ranges still keep dead ones out."""
+        self._check_open()
+        if not repair:
+            self._fence(epoch)
+        items = codec.index_frame(frame)  # CorruptRecord: rejected whole, nothing written
+        P = self.geometry.protection_groups
+        for it in items:
+            if it.pg >= P:
+                raise UnknownProtectionGroup(f"record lsn {it.lsn} names protection group {it.pg}; this volume has {P}")
+        with self._write_lock:
+            self._check_open()
+            if not repair:
+                self._fence(epoch)
+            if not items and hint_lsn <= self.hint_lsn:
+                return AppendReply(self.node_id, tuple(self.scls))  # a heartbeat: nothing to persist
+            touched = set()
+            if items and items[0].lsn <= self._truncated_max:
+                items = [it for it in items if not self._is_truncated(it.lsn)]
+            with self.env.begin(write=True) as txn:
+                if items:
+                    # One C loop per table. Re-sent records are harmless: the log keeps the copy
+                    # it has (overwrite=False) and a dupsort table stores an identical pair once.
+                    cur = txn.cursor(db=self._log)
+                    cur.putmulti([(it.log_key, it.record) for it in items], overwrite=False)
+                    cur = txn.cursor(db=self._versions)
+                    cur.putmulti([(it.version_key, it.log_key[4:]) for it in items], dupdata=True)
+                scls, max_lsn = self.scls, self.max_lsn
+                for it in items:
+                    pg = it.pg
+                    if it.prev_lsn == scls[pg] and it.lsn > scls[pg]:
+                        scls[pg] = it.lsn  # the common case: the frame extends the chain
+                    if it.lsn > max_lsn[pg]:
+                        max_lsn[pg] = it.lsn
+                    touched.add(pg)
+                for pg in sorted(touched):
+                    self._walk_scl(txn, pg)
+                    txn.put(_scl_key(pg), _U64BE.pack(self.scls[pg]), db=self._meta)
+                if hint_lsn > self.hint_lsn:
+                    self.hint_lsn = hint_lsn
+                    txn.put(b"hint", _U64BE.pack(hint_lsn), db=self._meta)
+            return AppendReply(self.node_id, tuple(self.scls))
+
+    def seal(self, epoch: int) -> SealReply:
+        """Raise the epoch and summarise every segment, atomically (one write transaction)."""
+        self._check_open()
+        with self._write_lock:
+            if epoch <= self.epoch:
+                raise StaleEpoch(f"node {self.node_id} is already at epoch {self.epoch}; cannot seal at {epoch}")
+            with self.env.begin(write=True) as txn:
+                self.epoch = epoch
+                txn.put(b"epoch", _U64BE.pack(epoch), db=self._meta)
+                segments = tuple(self._summary(txn, pg) for pg in range(self.geometry.protection_groups))
+            return SealReply(self.node_id, epoch, segments, tuple(self.truncations))
+
+    def _summary(self, txn, pg: int) -> SegmentSummary:
+        prefix = _U32BE.pack(pg)
+        cur = txn.cursor(db=self._log)
+        last_at_hint = 0
+        headers = []
+        if cur.set_range(prefix + _U64BE.pack(self.hint_lsn + 1)):
+            for k, rec in cur:
+                if k[:4] != prefix:
+                    break
+                try:
+                    r = codec.decode_record(rec)
+                except CorruptRecord:
+                    continue  # a corrupt copy counts as missing
+                headers.append(RecordHeader(r.lsn, r.prev_lsn, r.flags))
+            found = cur.set_range(prefix + _U64BE.pack(self.hint_lsn + 1))
+            moved = cur.prev() if found else cur.last()
+        else:
+            moved = cur.last()
+        if moved and cur.key()[:4] == prefix:
+            last_at_hint = _U64BE.unpack(cur.key()[4:])[0]
+        return SegmentSummary(self.node_id, pg, self.scls[pg], self.hint_lsn, last_at_hint, tuple(headers))
+
+    def sync_epoch(self, epoch: int, truncations: Sequence[TruncationRange], membership: Membership | None = None) -> NodeState:
+        """Adopt `epoch` (>= ours), its truncation ranges and membership; cut truncated records."""
+        self._check_open()
+        with self._write_lock:
+            if epoch < self.epoch:
+                raise StaleEpoch(f"node {self.node_id} is at epoch {self.epoch}; cannot go back to {epoch}")
+            new = [t for t in truncations if t not in self.truncations]
+            with self.env.begin(write=True) as txn:
+                if epoch > self.epoch:
+                    self.epoch = epoch
+                    txn.put(b"epoch", _U64BE.pack(epoch), db=self._meta)
+                if new:
+                    self.truncations = sorted(set(self.truncations) | set(new), key=lambda t: (t.first, t.epoch))
+                    self._truncated_max = max(t.last for t in self.truncations)
+                    txn.put(b"truncations", json.dumps([[t.epoch, t.first, t.last] for t in self.truncations]).encode(), db=self._meta)
+                    for pg in range(self.geometry.protection_groups):
+                        self._cut(txn, pg, new)
+                if membership is not None and (self.membership is None or membership.epoch >= self.membership.epoch):
+                    self.membership = membership
+                    txn.put(
+                        b"membership",
+                        json.dumps({"epoch": membership.epoch, "members": membership.members, "next": membership.next_members}).encode(),
+                        db=self._meta,
+                    )
+        return self.state()
+
+    def _cut(self, txn, pg: int, ranges: Iterable[TruncationRange]) -> None:
+        """Remove the records of `pg` inside `ranges`; pull SCL below the first cut, then re-walk."""
+        prefix = _U32BE.pack(pg)
+        lowest_cut = None
+        for r in ranges:
+            cur = txn.cursor(db=self._log)
+            doomed = []
+            if cur.set_range(prefix + _U64BE.pack(r.first)):
+                for k, rec in cur:
+                    lsn = _U64BE.unpack(k[4:])[0] if k[:4] == prefix else None
+                    if lsn is None or lsn > r.last:
+                        break
+                    doomed.append((k, rec))
+            for k, rec in doomed:
+                self._remove(txn, k, rec)
+            if doomed:
+                lsn0 = _U64BE.unpack(doomed[0][0][4:])[0]
+                lowest_cut = lsn0 if lowest_cut is None else min(lowest_cut, lsn0)
+        if lowest_cut is not None and self.scls[pg] >= lowest_cut:
+            self._pull_scl_below(txn, pg, lowest_cut)
+        self.max_lsn[pg] = self._highest_in_txn(txn, pg)
+        self._walk_scl(txn, pg)
+        txn.put(_scl_key(pg), _U64BE.pack(self.scls[pg]), db=self._meta)
+
+    def _remove(self, txn, log_k: bytes, rec: bytes) -> None:
+        """Delete one record and its version entry. The key comes from the record itself; if the
+        record is corrupt we find the version entry by scanning the PG's index for the LSN."""
+        txn.delete(log_k, db=self._log)
+        lsn_be = log_k[4:]
+        try:
+            r = codec.decode_record(rec)
+            txn.delete(log_k[:4] + r.key, lsn_be, db=self._versions)
+            return
+        except CorruptRecord:
+            pass
+        cur = txn.cursor(db=self._versions)
+        prefix = log_k[:4]
+        if cur.set_range(prefix):
+            for k, v in cur:
+                if k[:4] != prefix:
+                    break
+                if v == lsn_be:
+                    cur.delete()
+                    return
+
+    def _pull_scl_below(self, txn, pg: int, lsn: int) -> None:
+        """SCL becomes the highest LSN of `pg` held below `lsn` (those were all on the chain)."""
+        prefix = _U32BE.pack(pg)
+        cur = txn.cursor(db=self._log)
+        scl = 0
+        if cur.set_range(prefix + _U64BE.pack(lsn)):
+            if cur.prev() and cur.key()[:4] == prefix:
+                scl = _U64BE.unpack(cur.key()[4:])[0]
+        elif cur.last() and cur.key()[:4] == prefix:
+            scl = min(_U64BE.unpack(cur.key()[4:])[0], lsn - 1)
+        self.scls[pg] = min(self.scls[pg], scl)
+
+    def _highest_in_txn(self, txn, pg: int) -> int:
+        cur = txn.cursor(db=self._log)
+        if cur.set_range(_U32BE.pack(pg + 1)):
+            moved = cur.prev()
+        else:
+            moved = cur.last()
+        if moved and cur.key()[:4] == _U32BE.pack(pg):
+            return _U64BE.unpack(cur.key()[4:])[0]
+        return 0
+
+    def quarantine(self, pg: int, lsn: int) -> None:
+        """Drop a record whose CRC failed, count it, and pull SCL below it for gossip to refill."""
+        with self._write_lock:
+            if self._closed:
+                return
+            with self.env.begin(write=True) as txn:
+                k = codec.log_key(pg, lsn)
+                rec = txn.get(k, db=self._log)
+                if rec is None:
+                    return
+                try:
+                    codec.decode_record(rec)
+                    return  # it is fine now (refetched meanwhile)
+                except CorruptRecord:
+                    pass
+                self._remove(txn, k, rec)
+                if self.scls[pg] >= lsn:
+                    self._pull_scl_below(txn, pg, lsn)
+                    txn.put(_scl_key(pg), _U64BE.pack(self.scls[pg]), db=self._meta)
+                self.max_lsn[pg] = self._highest_in_txn(txn, pg)
+                self.counters["corrupt_found"] += 1
+                txn.put(b"counters", json.dumps(self.counters).encode(), db=self._meta)
+
+    # --- reads ------------------------------------------------------------------------------
+    def _check_read(self, pg: int, required_lsn: int, epoch: int) -> None:
+        self._check_open()
+        self._check_pg(pg)
+        if epoch > self.epoch:
+            raise SegmentIncomplete(f"node {self.node_id} is at epoch {self.epoch}, behind the reader's {epoch}")
+        if self.scls[pg] < required_lsn:
+            raise SegmentIncomplete(
+                f"segment {self.node_id}/pg{pg} is complete to LSN {self.scls[pg]}, read needs {required_lsn}"
+            )
+
+    def _version_at(self, cur, vkey: bytes, rp_be: bytes) -> bytes | None:
+        """LSN (big-endian bytes) of the newest version of `vkey` at or below the read point."""
+        if cur.set_range_dup(vkey, rp_be):
+            if cur.value() == rp_be:
+                return rp_be
+            return cur.value() if cur.prev_dup() else None
+        if cur.set_key(vkey) and cur.last_dup():
+            return cur.value()
+        return None
+
+    def _load(self, txn, pg: int, lsn_be: bytes):
+        rec = txn.get(_U32BE.pack(pg) + lsn_be, db=self._log)
+        if rec is None:
+            raise SegmentIncomplete(f"segment {self.node_id}/pg{pg} lost record {_U64BE.unpack(lsn_be)[0]}")
+        try:
+            return codec.decode_record(rec)
+        except CorruptRecord:
+            self.quarantine(pg, _U64BE.unpack(lsn_be)[0])
+            raise SegmentIncomplete(
+                f"segment {self.node_id}/pg{pg}: record {_U64BE.unpack(lsn_be)[0]} failed its CRC; quarantined for repair"
+            ) from None
+
+    def read(self, pg: int, key: bytes, read_point: int, required_lsn: int, epoch: int = 0) -> ReadReply:
+        """The newest version of `key` at or below `read_point`, if this segment is complete
+        enough (SCL >= required_lsn); else SegmentIncomplete."""
+        self._check_read(pg, required_lsn, epoch)
+        with self.env.begin() as txn:
+            lsn_be = self._version_at(txn.cursor(db=self._versions), _U32BE.pack(pg) + key, _U64BE.pack(read_point))
+            if lsn_be is None:
+                return ReadReply(self.node_id, 0, None)
+            r = self._load(txn, pg, lsn_be)
+        if r.flags & FLAG_DELETE:
+            return ReadReply(self.node_id, r.lsn, None, True)
+        return ReadReply(self.node_id, r.lsn, r.value)
+
+    def scan(
+        self, pg: int, start: bytes, end: bytes | None, read_point: int, required_lsn: int, limit: int, epoch: int = 0
+    ) -> tuple[list[VersionEntry], bytes | None]:
+        """Newest versions at the read point of keys in [start, end), tombstones included, at most
+        `limit` keys. Returns (entries, resume_key) where resume_key is None at the end."""
+        self._check_read(pg, required_lsn, epoch)
+        limit = max(1, min(limit, SCAN_ENTRIES_MAX))
+        prefix = _U32BE.pack(pg)
+        rp_be = _U64BE.pack(read_point)
+        out: list[VersionEntry] = []
+        with self.env.begin() as txn:
+            keys = txn.cursor(db=self._versions)
+            probe = txn.cursor(db=self._versions)
+            if not keys.set_range(prefix + start):
+                return out, None
+            while True:
+                k = keys.key()
+                if k[:4] != prefix or (end is not None and k[4:] >= end):
+                    return out, None
+                if len(out) == limit:
+                    return out, k[4:]
+                lsn_be = self._version_at(probe, k, rp_be)
+                if lsn_be is not None:
+                    r = self._load(txn, pg, lsn_be)
+                    out.append(VersionEntry(r.key, r.lsn, None if r.flags & FLAG_DELETE else r.value))
+                if not keys.next_nodup():
+                    return out, None
+
+    def fetch(self, pg: int, after_lsn: int, max_bytes: int = FETCH_BYTES_MAX, upto_lsn: int | None = None) -> tuple[bytes, bool]:
+        """A frame of this segment's records of `pg` above `after_lsn` (CRC-checked; corrupt ones
+        are quarantined and skipped), at most about `max_bytes`. Returns (frame, more)."""
+        self._check_open()
+        self._check_pg(pg)
+        max_bytes = max(1, min(max_bytes, FETCH_BYTES_MAX))
+        prefix = _U32BE.pack(pg)
+        records, size, more, bad = [], 0, False, []
+        with self.env.begin() as txn:
+            cur = txn.cursor(db=self._log)
+            if cur.set_range(prefix + _U64BE.pack(after_lsn + 1)):
+                for k, rec in cur:
+                    if k[:4] != prefix:
+                        break
+                    lsn = _U64BE.unpack(k[4:])[0]
+                    if upto_lsn is not None and lsn > upto_lsn:
+                        break
+                    if records and size + len(rec) > max_bytes:
+                        more = True
+                        break
+                    try:
+                        codec.decode_record(rec)
+                    except CorruptRecord:
+                        bad.append(lsn)
+                        continue
+                    records.append(bytes(rec))
+                    size += len(rec)
+        for lsn in bad:
+            self.quarantine(pg, lsn)
+        return codec.encode_frame(records), more
+
+    def state(self) -> NodeState:
+        self._check_open()
+        stat = self.env.stat()
+        info = self.env.info()
+        with self.env.begin() as txn:
+            records = txn.stat(self._log)["entries"]
+        return NodeState(
+            node=self.node_id,
+            az=self.az,
+            epoch=self.epoch,
+            scls=tuple(self.scls),
+            hint_lsn=self.hint_lsn,
+            records=records,
+            bytes=(info["last_pgno"] + 1) * stat["psize"],
+            corrupt_found=self.counters["corrupt_found"],
+            repaired=self.counters["repaired"],
+            truncations=tuple(self.truncations),
+            membership=self.membership,
+        )
+
+    def count_repaired(self, n: int) -> None:
+        if n <= 0:
+            return
+        with self._write_lock, self.env.begin(write=True) as txn:
+            self.counters["repaired"] += n
+            txn.put(b"counters", json.dumps(self.counters).encode(), db=self._meta)
+
+    def iter_log(self, pg: int, after_lsn: int = 0, batch: int = 1024):
+        """Yield (lsn, record bytes) of a PG, in LSN order, in short read transactions (scrub)."""
+        prefix = _U32BE.pack(pg)
+        nxt = after_lsn + 1
+        while not self._closed:
+            chunk = []
+            with self.env.begin() as txn:
+                cur = txn.cursor(db=self._log)
+                if cur.set_range(prefix + _U64BE.pack(nxt)):
+                    for k, rec in cur:
+                        if k[:4] != prefix or len(chunk) == batch:
+                            break
+                        chunk.append((_U64BE.unpack(k[4:])[0], bytes(rec)))
+            if not chunk:
+                return
+            yield from chunk
+            nxt = chunk[-1][0] + 1
+
+    def corrupt(self, pg: int, lsn: int | None = None, bit: int = 0) -> int | None:
+        """Fault injection: flip one bit of a stored record (the newest of `pg` if `lsn` is None)
+        directly in LMDB, as a disk would. Returns the LSN hit, or None if the PG is empty."""
+        with self._write_lock, self.env.begin(write=True) as txn:
+            if lsn is None:
+                lsn = self._highest_in_txn(txn, pg)
+                if lsn == 0:
+                    return None
+            k = codec.log_key(pg, lsn)
+            rec = txn.get(k, db=self._log)
+            if rec is None:
+                return None
+            buf = bytearray(rec)
+            i = 4 + (bit // 8) % (len(buf) - 4)  # never the CRC field itself: the payload rots
+            buf[i] ^= 1 << (bit % 8)
+            txn.put(k, bytes(buf), db=self._log)
+            return lsn
+
+    def close(self) -> None:
+        with self._write_lock:
+            if self._closed:
+                return
+            self._closed = True
+            self.env.close()
+
+
+def validate_key(key) -> None:
+    """Shared check for user keys arriving at a node (the head checks earlier, with more context)."""
+    if not isinstance(key, bytes) or not key:
+        raise InvalidArgument("key must be non-empty bytes")

@@ -1,0 +1,65 @@
+"""The transport: how a head (or a node's gossip) talks to storage nodes.
+
+Theory of operation
+-------------------
+One small interface with several implementations: in-process calls (embedded), gRPC (cluster),
+and a fault-injecting wrapper around either. A `Transport` belongs to one *source* (the writer,
+a reader, or a node gossiping), so faults can be described as who cannot reach whom.
+
+Every operation is a call `_call(node_id, method, *args)`; the typed methods below only name the
+arguments. The node side exposes methods of the same names (`engine.node.service.StorageNode`).
+Errors: a node that cannot be reached raises `Unavailable`; errors the node raises on purpose
+(`StaleEpoch`, `EpochBehind`, `SegmentIncomplete`, `CorruptRecord`, ...) arrive as the same classes.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Sequence
+
+from engine.core.types import AppendReply, Membership, NodeState, ReadReply, SealReply, TruncationRange, VersionEntry
+
+
+class Transport(abc.ABC):
+    """Calls to storage nodes on behalf of one source."""
+
+    source: str = "writer"
+
+    @abc.abstractmethod
+    def _call(self, node: str, method: str, *args):
+        """Invoke `method(*args)` on node `node`; raise Unavailable if it cannot be reached."""
+
+    def close(self) -> None:
+        """Release connections (no-op by default)."""
+
+    def append(self, node: str, epoch: int, frame: bytes, hint_lsn: int) -> AppendReply:
+        return self._call(node, "append", epoch, frame, hint_lsn)
+
+    def repair_append(self, node: str, frame: bytes) -> AppendReply:
+        return self._call(node, "repair_append", frame)
+
+    def read(self, node: str, pg: int, key: bytes, read_point: int, required_lsn: int, epoch: int) -> ReadReply:
+        return self._call(node, "read", pg, key, read_point, required_lsn, epoch)
+
+    def scan(
+        self, node: str, pg: int, start: bytes, end: bytes | None, read_point: int, required_lsn: int, limit: int, epoch: int
+    ) -> tuple[list[VersionEntry], bytes | None]:
+        return self._call(node, "scan", pg, start, end, read_point, required_lsn, limit, epoch)
+
+    def seal(self, node: str, epoch: int) -> SealReply:
+        return self._call(node, "seal", epoch)
+
+    def sync_epoch(
+        self, node: str, epoch: int, truncations: Sequence[TruncationRange], membership: Membership | None
+    ) -> NodeState:
+        return self._call(node, "sync_epoch", epoch, tuple(truncations), membership)
+
+    def fetch(self, node: str, pg: int, after_lsn: int, max_bytes: int, upto_lsn: int | None) -> tuple[bytes, bool]:
+        return self._call(node, "fetch", pg, after_lsn, max_bytes, upto_lsn)
+
+    def state(self, node: str) -> NodeState:
+        return self._call(node, "state")
+
+    def corrupt(self, node: str, pg: int, lsn: int | None, bit: int) -> int | None:
+        """Fault injection: flip a bit of a stored record on `node`."""
+        return self._call(node, "corrupt", pg, lsn, bit)

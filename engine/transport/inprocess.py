@@ -1,0 +1,50 @@
+"""In-process transport: direct method calls on StorageNode objects of this process.
+
+A `Registry` maps node ids to live nodes (None while a node is stopped); each source gets its
+own `InProcessTransport` view of it. Calls to a stopped node raise Unavailable, as a dead process
+would behind gRPC.
+"""
+
+from __future__ import annotations
+
+import threading
+
+from engine.errors import Closed, NodeNotFound, Unavailable
+from engine.transport.base import Transport
+
+
+class Registry:
+    """The nodes of one embedded volume, by id. Thread-safe."""
+
+    def __init__(self) -> None:
+        self._nodes: dict[str, object] = {}
+        self._lock = threading.Lock()
+
+    def set(self, node_id: str, node) -> None:
+        with self._lock:
+            self._nodes[node_id] = node
+
+    def get(self, node_id: str):
+        with self._lock:
+            if node_id not in self._nodes:
+                raise NodeNotFound(f"no node {node_id!r} in this volume")
+            return self._nodes[node_id]
+
+    def ids(self) -> list[str]:
+        with self._lock:
+            return list(self._nodes)
+
+
+class InProcessTransport(Transport):
+    def __init__(self, registry: Registry, source: str = "writer") -> None:
+        self.registry = registry
+        self.source = source
+
+    def _call(self, node: str, method: str, *args):
+        target = self.registry.get(node)
+        if target is None:
+            raise Unavailable(f"node {node} is down")
+        try:
+            return getattr(target, method)(*args)
+        except Closed as e:
+            raise Unavailable(f"node {node} is down ({e})") from None

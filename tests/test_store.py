@@ -1,0 +1,166 @@
+"""The segment store on real LMDB: append, SCL along backlinks, fencing, reads at a read point,
+truncation, corruption, and state that survives closing and reopening."""
+
+from __future__ import annotations
+
+import pytest
+
+from engine import codec
+from engine.core.constants import FLAG_CPL, FLAG_DELETE, FLAG_PUT
+from engine.core.types import Geometry, TruncationRange
+from engine.errors import CorruptRecord, EpochBehind, GeometryMismatch, SegmentIncomplete, StaleEpoch, UnknownProtectionGroup
+from engine.node.store import SegmentStore
+
+P = 4
+
+
+def rec(lsn, prev, pg, key, value=b"v", flags=FLAG_PUT | FLAG_CPL):
+    return codec.encode_record(lsn, prev, pg, flags, key, value)
+
+
+def open_store(path, **kw):
+    return SegmentStore(str(path), "n1", "a", Geometry(P), "vol-1", durable=False, **kw)
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = open_store(tmp_path / "n1")
+    s.sync_epoch(1, ())
+    yield s
+    s.close()
+
+
+def test_scl_follows_backlinks_and_waits_at_a_hole(store):
+    # PG 0 chain: 1 -> 3 -> 5; PG 1: 2 -> 4
+    store.append(1, codec.encode_frame([rec(1, 0, 0, b"a"), rec(2, 0, 1, b"b")]), 0)
+    assert store.scls[0] == 1 and store.scls[1] == 2
+    # 5 arrives before 3: kept, but SCL waits at the hole
+    store.append(1, codec.encode_frame([rec(5, 3, 0, b"a", b"v5")]), 0)
+    assert store.scls[0] == 1
+    assert store.max_lsn[0] == 5
+    # the hole is filled: SCL walks through 3 and on to 5
+    store.append(1, codec.encode_frame([rec(3, 1, 0, b"c")]), 0)
+    assert store.scls[0] == 5
+
+
+def test_read_refused_above_scl_and_versions_at_read_point(store):
+    store.append(1, codec.encode_frame([rec(1, 0, 0, b"k", b"one"), rec(2, 1, 0, b"k", b"two")]), 0)
+    assert store.read(0, b"k", 1, 1).value == b"one"
+    assert store.read(0, b"k", 2, 2).value == b"two"
+    assert store.read(0, b"k", 99, 2).value == b"two"
+    assert store.read(0, b"missing", 2, 2).lsn == 0
+    with pytest.raises(SegmentIncomplete):
+        store.read(0, b"k", 3, 3)  # needs the chain to LSN 3; the segment has 2
+
+
+def test_delete_is_a_tombstone_version(store):
+    store.append(1, codec.encode_frame([rec(1, 0, 0, b"k", b"x"), rec(2, 1, 0, b"k", b"", FLAG_DELETE | FLAG_CPL)]), 0)
+    r = store.read(0, b"k", 2, 2)
+    assert r.deleted and r.value is None and r.lsn == 2
+    assert store.read(0, b"k", 1, 1).value == b"x"
+
+
+def test_epoch_fencing(store):
+    frame = codec.encode_frame([rec(1, 0, 0, b"a")])
+    with pytest.raises(EpochBehind):
+        store.append(2, frame, 0)
+    store.seal(3)
+    with pytest.raises(StaleEpoch):
+        store.append(1, frame, 0)
+    with pytest.raises(StaleEpoch):
+        store.seal(3)
+    assert store.scls[0] == 0  # nothing was written by the refused appends
+
+
+def test_corrupt_frame_is_rejected_whole(store):
+    good = rec(1, 0, 0, b"a")
+    frame = bytearray(codec.encode_frame([good, rec(2, 0, 1, b"b")]))
+    frame[-1] ^= 0x01
+    with pytest.raises(CorruptRecord):
+        store.append(1, bytes(frame), 0)
+    assert store.scls == [0, 0, 0, 0]
+    assert store.state().records == 0
+
+
+def test_unknown_pg_is_refused(store):
+    with pytest.raises(UnknownProtectionGroup):
+        store.append(1, codec.encode_frame([rec(1, 0, P, b"a")]), 0)
+    with pytest.raises(UnknownProtectionGroup):
+        store.read(P, b"a", 1, 0)
+
+
+def test_state_survives_close_and_reopen(tmp_path):
+    s = open_store(tmp_path / "n1")
+    s.sync_epoch(1, ())
+    s.append(1, codec.encode_frame([rec(1, 0, 0, b"a", b"A"), rec(2, 0, 1, b"b", b"B")]), 2)
+    s.close()
+    s = open_store(tmp_path / "n1")
+    try:
+        assert s.epoch == 1 and s.scls[:2] == [1, 2] and s.hint_lsn == 2
+        assert s.read(1, b"b", 2, 2).value == b"B"
+    finally:
+        s.close()
+
+
+def test_reopen_with_other_geometry_is_refused(tmp_path):
+    open_store(tmp_path / "n1").close()
+    with pytest.raises(GeometryMismatch):
+        SegmentStore(str(tmp_path / "n1"), "n1", "a", Geometry(P + 1), "vol-1", durable=False)
+
+
+def test_truncation_cuts_records_and_refuses_late_arrivals(store):
+    store.append(1, codec.encode_frame([rec(1, 0, 0, b"a"), rec(2, 1, 0, b"a", b"dead")]), 0)
+    assert store.scls[0] == 2
+    store.sync_epoch(2, (TruncationRange(2, 2, 100),))
+    assert store.scls[0] == 1
+    assert store.read(0, b"a", 200, 1).value == b"v"
+    # a late copy of the dead record (say from gossip) is ignored for ever
+    store.append(0, codec.encode_frame([rec(2, 1, 0, b"a", b"dead")]), 0, repair=True)
+    assert store.state().records == 1
+    # the new writer continues the chain above the range
+    store.append(2, codec.encode_frame([rec(101, 1, 0, b"a", b"new")]), 0)
+    assert store.scls[0] == 101 and store.read(0, b"a", 101, 101).value == b"new"
+
+
+def test_flipped_bit_at_rest_is_never_served(store):
+    store.append(1, codec.encode_frame([rec(1, 0, 0, b"k", b"good")]), 0)
+    assert store.corrupt(0, 1, bit=300) == 1
+    with pytest.raises(SegmentIncomplete):
+        store.read(0, b"k", 1, 1)
+    # quarantined: gone from the log, SCL pulled back, counted
+    assert store.scls[0] == 0 and store.state().corrupt_found == 1
+    frame, _more = store.fetch(0, 0)
+    assert codec.verify_frame(frame) == 0
+
+
+def test_fetch_skips_corrupt_records(store):
+    store.append(1, codec.encode_frame([rec(1, 0, 0, b"a"), rec(2, 1, 0, b"b"), rec(3, 2, 0, b"c")]), 0)
+    store.corrupt(0, 2, bit=999)
+    frame, _more = store.fetch(0, 0)
+    assert [r.lsn for r in codec.decode_frame(frame)] == [1, 3]
+
+
+def test_scan_returns_newest_versions_in_key_order_with_tombstones(store):
+    records = [
+        rec(1, 0, 0, b"b", b"b1"),
+        rec(2, 1, 0, b"a", b"a1"),
+        rec(3, 2, 0, b"b", b"b2"),
+        rec(4, 3, 0, b"c", b"", FLAG_DELETE | FLAG_CPL),
+    ]
+    store.append(1, codec.encode_frame(records), 0)
+    entries, resume = store.scan(0, b"", None, 4, 4, 100)
+    assert resume is None
+    assert [(e.key, e.value) for e in entries] == [(b"a", b"a1"), (b"b", b"b2"), (b"c", None)]
+    entries, _ = store.scan(0, b"", None, 2, 2, 100)
+    assert [(e.key, e.value) for e in entries] == [(b"a", b"a1"), (b"b", b"b1")]
+    entries, resume = store.scan(0, b"a", b"c", 4, 4, 1)
+    assert [e.key for e in entries] == [b"a"] and resume == b"b"
+
+
+def test_seal_summarises_records_above_the_hint(store):
+    store.append(1, codec.encode_frame([rec(1, 0, 0, b"a"), rec(2, 1, 0, b"b"), rec(3, 0, 1, b"c")]), 1)
+    reply = store.seal(2)
+    seg0 = reply.segments[0]
+    assert seg0.hint_lsn == 1 and seg0.last_lsn_at_hint == 1
+    assert [h.lsn for h in seg0.records] == [2]
+    assert [h.lsn for h in reply.segments[1].records] == [3]
