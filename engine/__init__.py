@@ -50,6 +50,13 @@ def open(path: str | os.PathLike, **options) -> Database:  # noqa: A001 - the na
     return Database(volume, ClusterControl(volume))
 
 
+def codec_implementation() -> str:
+    """Which segment codec twin is loaded: "cython" or "python"."""
+    from engine import codec
+
+    return codec.IMPLEMENTATION
+
+
 def connect(target: str | os.PathLike, **options) -> Database:
     """Connect to a cluster's writer endpoint: a cluster folder (with cluster.json) or host:port."""
     from engine.client import connect as _connect
@@ -72,6 +79,7 @@ __all__ = [
     "StaleEpoch",
     "Unavailable",
     "WriteIndeterminate",
+    "codec_implementation",
     "connect",
     "errors",
     "open",

@@ -82,11 +82,12 @@ class EmbeddedVolume:
         vol = load_or_create_volume(self.path, options.protection_groups)
         self.volume_id = vol["volume_id"]
         self.geometry = Geometry(vol["protection_groups"])
-        self.node_infos = [NodeInfo(n["id"], n["az"]) for n in vol["nodes"]]
+        self.node_infos = [NodeInfo(n["id"], n["az"]) for n in vol["nodes"] if not n.get("retired")]
         self.registry = Registry()
         self.nodes: dict[str, StorageNode | None] = {}
         self._wrap = transport_wrapper or (lambda t: t)
         self._lock = threading.RLock()
+        self._retired: set[str] = {n["id"] for n in vol["nodes"] if n.get("retired")}
         self.writer: Writer | None = None
         try:
             for info in self.node_infos:
@@ -190,6 +191,75 @@ class EmbeddedVolume:
             self.writer = None
             self._open_writer()
 
+    def replace_node(self, old: str, new: str, timeout_s: float = 120.0, progress=None) -> dict:
+        """Replace node `old` (say, failed for good) by a new node `new` in the same AZ, without
+        stopping writes: epoch step 1 adds `new` as a second quorum set; once `new` holds every
+        PG's durable chain, epoch step 2 drops `old`. If `old` comes back up before that, the change
+        is reverted. Returns a summary; `progress(fraction)` is called while `new` rebuilds."""
+        import time as _time
+
+        with self._lock:
+            info_old = self._info(old)
+            if any(i.id == new for i in self.node_infos):
+                raise InvalidArgument(f"node {new} already exists")
+            if not new or not new.replace("-", "").replace("_", "").isalnum():
+                raise InvalidArgument(f"node id {new!r}: use letters, digits, - or _")
+            info_new = NodeInfo(new, info_old.az)
+            self.node_infos.append(info_new)
+            self.writer.nodes = tuple(self.node_infos)
+            self._save_nodes()
+            self.registry.set(new, None)
+            self._start(info_new)
+        was_down = self.nodes.get(old) is None
+        self.writer.begin_replace(old, new)
+        t0 = _time.monotonic()
+        while not self.writer.replacement_caught_up(new):
+            if was_down and self.nodes.get(old) is not None:
+                self.writer.revert_replace()
+                self._retire(new)
+                return {"replaced": False, "reverted": True, "seconds": round(_time.monotonic() - t0, 3)}
+            if _time.monotonic() - t0 > timeout_s:
+                raise SixfoldError(f"{new} did not catch up within {timeout_s:g} s; the change stays open (revert or wait)")
+            if progress is not None:
+                progress(self._rebuild_fraction(new))
+            _time.sleep(0.05)
+        self.writer.finish_replace()
+        self._retire(old)
+        return {"replaced": True, "reverted": False, "seconds": round(_time.monotonic() - t0, 3),
+                "epoch": self.writer.epoch}
+
+    def _rebuild_fraction(self, node_id: str) -> float:
+        w = self.writer
+        with w._lock:
+            tails = list(w.ledger.read_tails)
+            scls = [w.ledger.scls[pg].get(node_id, 0) for pg in range(len(tails))]
+        want = sum(tails)
+        return 1.0 if want == 0 else min(1.0, sum(min(s, t) for s, t in zip(scls, tails)) / want)
+
+    def _retire(self, node_id: str) -> None:
+        self.stop_node(node_id)
+        self.node_infos = [i for i in self.node_infos if i.id != node_id]
+        self._retired.add(node_id)
+        self._save_nodes()
+
+    def _save_nodes(self) -> None:
+        f = os.path.join(self.path, VOLUME_FILE)
+        with open(f) as fh:
+            vol = json.load(fh)
+        known = {n["id"]: n for n in vol["nodes"]}
+        for i in self.node_infos:
+            known.setdefault(i.id, {"id": i.id, "az": i.az})
+        for n in known.values():
+            if n["id"] in self._retired:
+                n["retired"] = True
+        vol["nodes"] = list(known.values())
+        tmp = f + ".tmp"
+        with open(tmp, "w") as fh:
+            json.dump(vol, fh, indent=2, sort_keys=True)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, f)
+
     def node_list(self) -> list[dict]:
         return [{"id": i.id, "az": i.az, "up": self.nodes.get(i.id) is not None} for i in self.node_infos]
 
@@ -285,3 +355,6 @@ class ClusterControl:
 
     def crash_writer(self) -> None:
         self._v.crash_writer()
+
+    def replace_node(self, old: str, new: str, timeout_s: float = 120.0, progress=None) -> dict:
+        return self._v.replace_node(old, new, timeout_s, progress)

@@ -125,8 +125,10 @@ class Writer:
         options: WriterOptions = WriterOptions(),
         *,
         background: bool = True,
+        clock=time.monotonic,
     ) -> None:
         self.transport = transport
+        self._clock = clock
         self.nodes = tuple(nodes)
         self.geometry = geometry
         self.options = options
@@ -151,7 +153,7 @@ class Writer:
     # --- lifecycle --------------------------------------------------------------------------
     def open(self) -> None:
         """Recover the volume at a new epoch, then start the senders."""
-        t0 = time.monotonic()
+        t0 = self._clock()
         membership, epoch = self._discover()
         self.epoch = epoch + 1
         replies: list[SealReply] = []
@@ -205,7 +207,7 @@ class Writer:
             "truncated": [plan.truncation.first, plan.truncation.last] if plan.truncation else None,
             "sealed": sorted(sealed),
             "replicated_records": replicated,
-            "seconds": round(time.monotonic() - t0, 4),
+            "seconds": round(self._clock() - t0, 4),
         }
         if self._background:
             for link in self.links.values():
@@ -266,7 +268,7 @@ class Writer:
     def close(self) -> None:
         """Stop the senders after in-flight records had a chance to become durable."""
         deadline = time.monotonic() + 2.0
-        while self.ledger is not None and time.monotonic() < deadline:
+        while self._background and self.ledger is not None and time.monotonic() < deadline:
             with self._lock:
                 if not self._waiters or self._fenced or self._closed:
                     break
@@ -299,14 +301,15 @@ class Writer:
             self._quorum_cache = has_write_quorum((n for n, link in self.links.items() if link.up), self.ledger.membership)
         return self._quorum_cache
 
-    def submit(self, ops: Sequence[tuple[int, bytes, bytes]]) -> tuple[int, object]:
+    def submit(self, ops: Sequence[tuple[int, bytes, bytes]], *, block: bool = True) -> tuple[int, object]:
         """Log `ops` (flags, key, value) as one atomic unit; return (CPL lsn, waiter lock).
 
-        Waits up to the write timeout for a reachable write quorum and for LAL room; raises
-        Unavailable (nothing logged) when they do not come."""
+        Waits up to the write timeout (not at all if `block` is false, as a simulator needs) for a
+        reachable write quorum and for LAL room; raises Unavailable (nothing logged) when they do
+        not come."""
         assert 1 <= len(ops) <= BATCH_OPS_MAX
         pgs = [protection_group_of(key, self.P) for _f, key, _v in ops]
-        deadline = time.monotonic() + self.options.write_timeout_s
+        deadline = self._clock() + self.options.write_timeout_s
         with self._lock:
             while True:
                 self._check_usable()
@@ -314,7 +317,7 @@ class Writer:
                 room = self.ledger.can_allocate(len(ops))
                 if quorum and room:
                     break
-                left = deadline - time.monotonic()
+                left = deadline - self._clock() if block else 0
                 if left <= 0:
                     if not quorum:
                         up = sorted(n for n, link in self.links.items() if link.up)
@@ -381,11 +384,11 @@ class Writer:
         """Ship the node its unsent records (or a heartbeat). Returns False once closed."""
         with self._lock:
             while True:
-                if self._closed or self._fenced:
-                    return False
+                if self._closed or self._fenced or link.id not in self.ledger.membership.all_nodes:
+                    return False  # closed, fenced, or this node was replaced
                 end = self._tail_base + len(self._tail)  # one above the highest LSN in the tail
                 start = max(link.sent_lsn + 1, self._tail_base)
-                idle_for = time.monotonic() - link.last_send
+                idle_for = self._clock() - link.last_send
                 heartbeat = idle_for >= HEARTBEAT_S  # also how a dead or returning node is noticed
                 if start < end or heartbeat or not block:
                     break
@@ -402,15 +405,17 @@ class Writer:
                 records = records[:i]
                 break
         frame = codec.encode_frame(records)
-        link.last_send = time.monotonic()
+        link.last_send = self._clock()
         try:
             reply = self.transport.append(link.id, epoch, frame, hint)
         except EpochBehind:
             self._sync_node(link)
             return True
         except StaleEpoch as e:
-            self._fence(f"this writer was fenced by a newer writer: {e}")
-            return False
+            if epoch == self.epoch:
+                self._fence(f"this writer was fenced by a newer writer: {e}")
+                return False
+            return True  # sent before our own epoch step (membership change): resend at the new one
         except (Unavailable, CorruptRecord, SixfoldError) as e:
             with self._lock:
                 link.up = False
@@ -459,7 +464,8 @@ class Writer:
             self.transport.sync_epoch(link.id, self.epoch, self.truncations, self.ledger.membership)
         except SixfoldError as e:
             link.error = str(e)
-            time.sleep(link.backoff_s)
+            if self._background:
+                time.sleep(link.backoff_s)
 
     def _fence(self, why: str) -> None:
         with self._lock:
@@ -469,6 +475,74 @@ class Writer:
             self._work.notify_all()
         for _lsn, lock in waiters:
             lock.release()
+
+    # --- membership change (Aurora: ABCDEF -> ABCDEF+ABCDEG -> ABCDEG, each step an epoch) ----
+    def _step_membership(self, membership_of) -> Membership:
+        """Move to a new epoch with the membership `membership_of(current)`; tell every reachable
+        node. Writes go on: appends in flight at the old epoch are simply re-sent."""
+        with self._lock:
+            self._check_usable()
+            new = membership_of(self.ledger.membership)
+            self.epoch += 1
+            new = Membership(self.epoch, new.members, new.next_members)
+            self.ledger.set_membership(new)
+            for n in new.all_nodes:
+                if n not in self.links:
+                    link = self.links[n] = _NodeLink(n)
+                    if self._background:
+                        link.thread = threading.Thread(target=self._sender, args=(link,), name=f"writer->{n}", daemon=True)
+                        link.thread.start()
+            self._quorum_cache = None
+            epoch = self.epoch
+        told = []
+        for n in new.all_nodes:
+            try:
+                self.transport.sync_epoch(n, epoch, self.truncations, new)
+                told.append(n)
+            except SixfoldError:
+                continue
+        if not has_write_quorum(told, new):
+            raise Unavailable(f"membership step to epoch {epoch} reached only {told}; it completes as nodes return")
+        return new
+
+    def begin_replace(self, old: str, new: str) -> Membership:
+        """Step 1: the new node joins as a member of a second quorum set that replaces `old`."""
+
+        def step(m: Membership) -> Membership:
+            if m.next_members is not None:
+                raise InvalidArgument(f"a membership change is already under way ({m.members} -> {m.next_members})")
+            if old not in m.members:
+                raise InvalidArgument(f"{old} is not a member ({', '.join(m.members)})")
+            if new in m.members:
+                raise InvalidArgument(f"{new} is already a member")
+            return Membership(m.epoch, m.members, tuple(new if n == old else n for n in m.members))
+
+        return self._step_membership(step)
+
+    def replacement_caught_up(self, new: str) -> bool:
+        """True once `new` holds every PG's chain up to the PG's last durable record."""
+        with self._lock:
+            return all(self.ledger.scls[pg].get(new, -1) >= self.ledger.read_tails[pg] for pg in range(self.P))
+
+    def finish_replace(self) -> Membership:
+        """Step 2: commit the change; the new set alone is the membership."""
+
+        def step(m: Membership) -> Membership:
+            if m.next_members is None:
+                raise InvalidArgument("no membership change is under way")
+            return Membership(m.epoch, m.next_members)
+
+        return self._step_membership(step)
+
+    def revert_replace(self) -> Membership:
+        """Undo step 1 (the old node came back before the change completed)."""
+
+        def step(m: Membership) -> Membership:
+            if m.next_members is None:
+                raise InvalidArgument("no membership change is under way")
+            return Membership(m.epoch, m.members)
+
+        return self._step_membership(step)
 
     # --- reads ------------------------------------------------------------------------------
     def view(self) -> ReadView:

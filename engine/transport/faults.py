@@ -1,0 +1,152 @@
+"""Fault-injecting transport: a wrapper around any transport that drops, duplicates, delays,
+reorders and partitions calls, as described by a shared `NetworkFaults` value.
+
+Theory of operation
+-------------------
+Faults are data: `NetworkFaults` says who cannot reach whom (pairs of endpoint names, where the
+head is "writer" and nodes are their ids), which links are slow, and the probabilities of message
+faults. Every transport of a deployment (the writer's and each node's gossip transport) is
+wrapped with the same `NetworkFaults`, so one change to it applies everywhere at once.
+
+* partition: a call from `source` to a node it cannot reach raises Unavailable without running.
+* drop: the call is lost before it runs (Unavailable), or runs and its reply is lost (Unavailable
+  too: the caller cannot tell which, as on a real network).
+* duplicate: the call runs twice (the nodes must be idempotent).
+* delay / slow: the call waits before running (real deployments sleep; a simulator passes a
+  clock whose `sleep` advances simulated time).
+* reorder: the call is held back and delivered later, after calls that were made after it; the
+  caller is told Unavailable now. This is how a stale append from a dead epoch reaches a node late.
+
+All randomness comes from the `random.Random` inside `NetworkFaults`, seeded by the run.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from engine.errors import SixfoldError, Unavailable
+from engine.transport.base import Transport
+
+#: Requests that change a node's state and may be reordered; reads are answered or dropped.
+_REORDERABLE = {"append", "repair_append"}
+HELD_MAX = 64
+
+
+@dataclass
+class NetworkFaults:
+    """The network's current faults; mutate through its methods (thread-safe)."""
+
+    seed: int = 0
+    blocked: set[tuple[str, str]] = field(default_factory=set)
+    slow_ms: dict[str, float] = field(default_factory=dict)  # node -> added delay per call
+    drop: float = 0.0
+    duplicate: float = 0.0
+    reorder: float = 0.0
+    delay_ms: float = 0.0
+    delay_p: float = 0.0
+    sleep: Callable[[float], None] = time.sleep
+
+    def __post_init__(self) -> None:
+        self.rng = random.Random(self.seed)
+        self.lock = threading.Lock()
+        self.held: list[tuple[Transport, str, str, tuple]] = []
+        self.counts = {"dropped": 0, "duplicated": 0, "reordered": 0, "delayed": 0, "partitioned": 0}
+
+    def partition(self, groups) -> None:
+        """Nodes in different groups cannot reach each other (both directions)."""
+        with self.lock:
+            self.blocked = {
+                (a, b) for i, ga in enumerate(groups) for j, gb in enumerate(groups) if i != j for a in ga for b in gb
+            }
+
+    def isolate(self, name: str, others) -> None:
+        with self.lock:
+            for o in others:
+                self.blocked.add((name, o))
+                self.blocked.add((o, name))
+
+    def heal(self) -> None:
+        with self.lock:
+            self.blocked = set()
+
+    def set_message_faults(self, drop=0.0, duplicate=0.0, reorder=0.0, delay_ms=0.0, delay_p=0.0) -> None:
+        with self.lock:
+            self.drop, self.duplicate, self.reorder, self.delay_ms, self.delay_p = drop, duplicate, reorder, delay_ms, delay_p
+
+    def clear(self) -> None:
+        with self.lock:
+            self.blocked, self.slow_ms = set(), {}
+            self.drop = self.duplicate = self.reorder = self.delay_ms = self.delay_p = 0.0
+
+    def _roll(self, p: float) -> bool:
+        return p > 0 and self.rng.random() < p
+
+    def release_held(self, count: int | None = None) -> int:
+        """Deliver held-back (reordered) calls now; returns how many ran."""
+        with self.lock:
+            batch = self.held if count is None else self.held[:count]
+            self.held = [] if count is None else self.held[count:]
+        for inner, _source, node, (method, args) in batch:
+            try:
+                inner._call(node, method, *args)
+            except SixfoldError:
+                pass
+        return len(batch)
+
+
+class FaultyTransport(Transport):
+    """Wraps `inner`, applying `faults` to every call made by `inner.source`."""
+
+    def __init__(self, inner: Transport, faults: NetworkFaults) -> None:
+        self.inner = inner
+        self.faults = faults
+        self.source = inner.source
+
+    def _call(self, node: str, method: str, *args):
+        f = self.faults
+        with f.lock:
+            if (self.source, node) in f.blocked:
+                f.counts["partitioned"] += 1
+                raise Unavailable(f"{self.source} cannot reach {node} (partition)")
+            delay_ms = f.slow_ms.get(node, 0.0) + f.slow_ms.get(self.source, 0.0)
+            if f._roll(f.delay_p):
+                delay_ms += f.delay_ms
+                f.counts["delayed"] += 1
+            drop_before = f._roll(f.drop / 2)
+            drop_after = f._roll(f.drop / 2)
+            dup = f._roll(f.duplicate)
+            hold = method in _REORDERABLE and len(f.held) < HELD_MAX and f._roll(f.reorder)
+            release = bool(f.held) and f._roll(0.5)
+        if release:
+            f.release_held(1)
+        if delay_ms:
+            f.sleep(delay_ms / 1000.0)
+        if drop_before:
+            with f.lock:
+                f.counts["dropped"] += 1
+            raise Unavailable(f"message {self.source}->{node} {method} lost")
+        if hold:
+            with f.lock:
+                f.held.append((self.inner, self.source, node, (method, args)))
+                f.counts["reordered"] += 1
+            raise Unavailable(f"message {self.source}->{node} {method} delayed (will arrive late)")
+        result = self.inner._call(node, method, *args)
+        if dup:
+            with f.lock:
+                f.counts["duplicated"] += 1
+            try:
+                self.inner._call(node, method, *args)
+            except SixfoldError:
+                pass
+        if drop_after:
+            with f.lock:
+                f.counts["dropped"] += 1
+            raise Unavailable(f"reply {node}->{self.source} to {method} lost")
+        return result
+
+    def close(self) -> None:
+        self.inner.close()
