@@ -101,6 +101,14 @@ def plan_recovery(
                 entry = holders.setdefault(h.lsn, (pg, h.flags, set()))
                 assert entry[0] == pg, f"lsn {h.lsn} claimed by PGs {entry[0]} and {pg}"
                 entry[2].add(seg.node)
+    # A copy lost to corruption still proves its record exists. Within the failure budget a good
+    # copy is in some other summary (which also gives its flags); if none is, re-replication finds
+    # no holder and recovery stops with Unavailable rather than cut a record that may be acknowledged.
+    for pg, segs in enumerate(per_pg):
+        for seg in segs:
+            for lsn in seg.damaged:
+                if lsn > base and not _covered(lsn, known) and lsn not in holders:
+                    holders[lsn] = (pg, 0, set())
 
     vcl = base
     while True:

@@ -102,6 +102,8 @@ class SegmentSummary:
     hint_lsn: int
     last_lsn_at_hint: int
     records: tuple[RecordHeader, ...] = ()
+    #: LSNs whose copy on this segment was lost to corruption (they exist; a good copy is elsewhere)
+    damaged: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)

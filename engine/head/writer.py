@@ -233,6 +233,8 @@ class Writer:
         """Make the records of (base, VDL] durable again: copy each from a holder to every node."""
         by_pg: dict[int, list[tuple[int, tuple[str, ...]]]] = {}
         for pg, lsn, holders in plan.replicate:
+            if not holders:
+                raise Unavailable(f"recovery found no intact copy of record {lsn} (PG {pg}); waiting for more nodes")
             by_pg.setdefault(pg, []).append((lsn, holders))
         count = 0
         for pg, items in sorted(by_pg.items()):

@@ -121,11 +121,12 @@ class StorageNode:
     def _gossip_with(self, peer: str) -> int:
         st = self.transport.state(peer)
         store = self.store
-        if st.epoch > store.epoch or any(t not in store.truncations for t in st.truncations):
-            try:
-                store.sync_epoch(max(st.epoch, store.epoch), st.truncations, st.membership)
-            except StaleEpoch:
-                pass
+        # Learn the peer's truncation ranges and membership, but not its epoch: only a writer
+        # moves a segment to a new epoch (sealing it), so a writer's seal is never pre-empted.
+        if any(t not in store.truncations for t in st.truncations) or (
+            st.membership is not None and (store.membership is None or st.membership.epoch > store.membership.epoch)
+        ):
+            store.sync_epoch(store.epoch, st.truncations, st.membership)
         # Only records at or below the VDL the writer told us are surely missing: anything above
         # may still be on its way from the writer, and fetching it would race the writer's sends.
         hint = max(store.hint_lsn, st.hint_lsn)

@@ -134,6 +134,13 @@ class SegmentStore:
                 self.membership = Membership(m["epoch"], tuple(m["members"]), tuple(m["next"]) if m["next"] else None)
             raw = txn.get(b"counters", db=self._meta)
             self.counters = json.loads(raw) if raw else {"corrupt_found": 0, "repaired": 0}
+            raw = txn.get(b"damaged", db=self._meta)
+            #: per PG, LSNs whose copy here was lost to corruption and not yet refetched. While a PG
+            #: has any, this segment does not answer quorum reads for it: a lost copy breaks the
+            #: "every durable record is on one of any three segments" argument, as a down node would.
+            self.damaged: list[set[int]] = [set() for _ in range(P)]
+            for pg, lsns in (json.loads(raw) if raw else {}).items():
+                self.damaged[int(pg)] = set(lsns)
         self._truncated_max = max((t.last for t in self.truncations), default=0)
         #: per PG, the highest LSN held (to know when SCL needs a walk after a hole is filled)
         self.max_lsn = [self._highest_lsn(pg) for pg in range(P)]
@@ -221,6 +228,12 @@ class SegmentStore:
                     cur = txn.cursor(db=self._versions)
                     cur.putmulti([(it.version_key, it.log_key[4:]) for it in items], dupdata=True)
                 scls, max_lsn = self.scls, self.max_lsn
+                if any(self.damaged):
+                    healed = [(it.pg, it.lsn) for it in items if it.lsn in self.damaged[it.pg]]
+                    for pg, lsn in healed:
+                        self.damaged[pg].discard(lsn)
+                    if healed:
+                        self._put_damaged(txn)
                 for it in items:
                     pg = it.pg
                     if it.prev_lsn == scls[pg] and it.lsn > scls[pg]:
@@ -268,7 +281,9 @@ class SegmentStore:
             moved = cur.last()
         if moved and cur.key()[:4] == prefix:
             last_at_hint = _U64BE.unpack(cur.key()[4:])[0]
-        return SegmentSummary(self.node_id, pg, self.scls[pg], self.hint_lsn, last_at_hint, tuple(headers))
+        return SegmentSummary(
+            self.node_id, pg, self.scls[pg], self.hint_lsn, last_at_hint, tuple(headers), tuple(sorted(self.damaged[pg]))
+        )
 
     def sync_epoch(self, epoch: int, truncations: Sequence[TruncationRange], membership: Membership | None = None) -> NodeState:
         """Adopt `epoch` (>= ours), its truncation ranges and membership; cut truncated records."""
@@ -383,13 +398,22 @@ class SegmentStore:
                     self._pull_scl_below(txn, pg, lsn)
                     txn.put(_scl_key(pg), _U64BE.pack(self.scls[pg]), db=self._meta)
                 self.max_lsn[pg] = self._highest_in_txn(txn, pg)
+                self.damaged[pg].add(lsn)
+                self._put_damaged(txn)
                 self.counters["corrupt_found"] += 1
                 txn.put(b"counters", json.dumps(self.counters).encode(), db=self._meta)
+
+    def _put_damaged(self, txn) -> None:
+        txn.put(b"damaged", json.dumps({pg: sorted(d) for pg, d in enumerate(self.damaged) if d}).encode(), db=self._meta)
 
     # --- reads ------------------------------------------------------------------------------
     def _check_read(self, pg: int, required_lsn: int, epoch: int) -> None:
         self._check_open()
         self._check_pg(pg)
+        if required_lsn == 0 and self.damaged[pg]:
+            raise SegmentIncomplete(
+                f"segment {self.node_id}/pg{pg} lost {len(self.damaged[pg])} record(s) to corruption and awaits repair"
+            )
         if epoch > self.epoch:
             raise SegmentIncomplete(f"node {self.node_id} is at epoch {self.epoch}, behind the reader's {epoch}")
         if self.scls[pg] < required_lsn:
@@ -407,12 +431,15 @@ class SegmentStore:
             return cur.value()
         return None
 
-    def _load(self, txn, pg: int, lsn_be: bytes):
+    def _load(self, txn, pg: int, lsn_be: bytes, key: bytes):
         rec = txn.get(_U32BE.pack(pg) + lsn_be, db=self._log)
         if rec is None:
             raise SegmentIncomplete(f"segment {self.node_id}/pg{pg} lost record {_U64BE.unpack(lsn_be)[0]}")
         try:
-            return codec.decode_record(rec)
+            r = codec.decode_record(rec)
+            if r.key != key or r.pg != pg or r.lsn != _U64BE.unpack(lsn_be)[0]:
+                raise CorruptRecord(f"version index of {self.node_id}/pg{pg} points at a record of another key")
+            return r
         except CorruptRecord:
             self.quarantine(pg, _U64BE.unpack(lsn_be)[0])
             raise SegmentIncomplete(
@@ -427,7 +454,7 @@ class SegmentStore:
             lsn_be = self._version_at(txn.cursor(db=self._versions), _U32BE.pack(pg) + key, _U64BE.pack(read_point))
             if lsn_be is None:
                 return ReadReply(self.node_id, 0, None)
-            r = self._load(txn, pg, lsn_be)
+            r = self._load(txn, pg, lsn_be, key)
         if r.flags & FLAG_DELETE:
             return ReadReply(self.node_id, r.lsn, None, True)
         return ReadReply(self.node_id, r.lsn, r.value)
@@ -455,7 +482,7 @@ class SegmentStore:
                     return out, k[4:]
                 lsn_be = self._version_at(probe, k, rp_be)
                 if lsn_be is not None:
-                    r = self._load(txn, pg, lsn_be)
+                    r = self._load(txn, pg, lsn_be, k[4:])
                     out.append(VersionEntry(r.key, r.lsn, None if r.flags & FLAG_DELETE else r.value))
                 if not keys.next_nodup():
                     return out, None

@@ -1,0 +1,610 @@
+"""The one adapter between Sixfold's core values and protobuf, and between its errors and gRPC.
+
+Theory of operation
+-------------------
+Core values (`engine.core.types`, `engine.head.writer.ReadView`, write units of
+`(flags, key, value)`) are small frozen dataclasses and tuples; protobuf messages exist only at
+the gRPC boundary. Every conversion lives here, as a `*_to_pb` / `*_from_pb` pair, and
+`tests/test_convert.py` checks that each pair round-trips through the wire bytes.
+
+Messages arriving at a server are untrusted: random bytes often parse as a valid protobuf, so
+the `*_args_from_pb` functions check the *meaning* of every field (PG in range, key length, LSN
+order, a truncation range that is a range, a membership of six distinct nodes...) and raise the
+typed error from `engine.errors` before the node sees anything. Frames stay `bytes`: the codec
+checks their lengths and CRCs (and raises `CorruptRecord`), so no record is ever a protobuf.
+
+Errors cross the boundary as the gRPC status of their class (`GRPC_STATUS`) plus the class name
+in the trailing metadata key `sixfold-error` (two classes may share a status code). A client
+raises the same class again with the same message. A failure that did not come from Sixfold
+(no such metadata: the peer is down, the deadline passed, the connection broke) becomes
+`Unavailable`; for a write that may already have reached the server it becomes
+`WriteIndeterminate`, because the write may or may not have been logged.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import grpc
+
+from engine.core.constants import (
+    FLAG_DELETE,
+    FLAG_PUT,
+    FRAME_BYTES_MAX,
+    KEY_BYTES_MAX,
+    REPLICAS,
+    VALUE_BYTES_MAX,
+)
+from engine.core.types import (
+    AppendReply,
+    Membership,
+    NodeState,
+    ReadReply,
+    RecordHeader,
+    SealReply,
+    SegmentSummary,
+    TruncationRange,
+    VersionEntry,
+)
+from engine.errors import (
+    ALL_ERRORS,
+    InvalidArgument,
+    ResourceExhausted,
+    SixfoldError,
+    UnknownProtectionGroup,
+    Unavailable,
+    WriteIndeterminate,
+)
+from engine.head.writer import BATCH_OPS_MAX, ReadView
+from engine.proto import common_pb2, kv_pb2, storage_pb2
+
+#: Trailing metadata key naming the `engine.errors` class of a failed RPC.
+ERROR_METADATA_KEY = "sixfold-error"
+#: Request metadata key naming the caller ("writer", a node id, "chaos"...), for fault rules.
+SOURCE_METADATA_KEY = "sixfold-source"
+#: Largest gRPC message: the largest frame plus room for the other fields.
+MESSAGE_BYTES_MAX = FRAME_BYTES_MAX + (4 << 20)
+#: Items in one ReadMany / GetMany / Write request.
+BATCH_ITEMS_MAX = 10_000
+#: A scan bound longer than any key is still a valid bound, but not an unbounded one.
+SCAN_BOUND_BYTES_MAX = KEY_BYTES_MAX + 1
+
+ERRORS_BY_NAME: dict[str, type[SixfoldError]] = {cls.__name__: cls for cls in (SixfoldError, *ALL_ERRORS)}
+assert all(hasattr(grpc.StatusCode, cls.GRPC_STATUS) for cls in ERRORS_BY_NAME.values())
+
+# A status code without the class name (the error came from gRPC itself, or an old server)
+# maps to the class below; codes not listed (UNKNOWN, INTERNAL, UNIMPLEMENTED, ...) mean the
+# peer could not do the work: Unavailable.
+_DEFAULT_BY_CODE: dict[grpc.StatusCode, type[SixfoldError]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhausted,
+    grpc.StatusCode.NOT_FOUND: UnknownProtectionGroup,
+}
+for _cls in ALL_ERRORS:  # the unambiguous codes
+    if sum(1 for c in ALL_ERRORS if c.GRPC_STATUS == _cls.GRPC_STATUS) == 1:
+        _DEFAULT_BY_CODE.setdefault(getattr(grpc.StatusCode, _cls.GRPC_STATUS), _cls)
+#: Codes that say "could not reach it or did not hear back": never a Sixfold decision.
+_UNREACHABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED)
+#: Details of an UNAVAILABLE that prove the request never left this process.
+_NOT_SENT_HINTS = ("failed to connect", "connection refused", "dns resolution failed", "name resolution", "no address")
+
+
+# --- errors ---------------------------------------------------------------------------------
+def status_code_of(exc: SixfoldError) -> grpc.StatusCode:
+    """The gRPC status an error travels as."""
+    return getattr(grpc.StatusCode, type(exc).GRPC_STATUS)
+
+
+def abort(context: grpc.ServicerContext, exc: SixfoldError) -> None:
+    """End the RPC with the error's status and class name (raises, as context.abort does)."""
+    name = type(exc).__name__ if type(exc) in ERRORS_BY_NAME.values() else _known_base(exc).__name__
+    context.set_trailing_metadata(((ERROR_METADATA_KEY, name),))
+    context.abort(status_code_of(exc), f"{name}: {exc}")
+
+
+def _known_base(exc: SixfoldError) -> type[SixfoldError]:
+    for cls in type(exc).__mro__:
+        if cls in ERRORS_BY_NAME.values():
+            return cls
+    return SixfoldError
+
+
+def _make(cls: type[SixfoldError], message: str) -> SixfoldError:
+    return cls(message)
+
+
+def error_to_pb(exc: SixfoldError) -> common_pb2.ErrorStatus:
+    cls = _known_base(exc)
+    return common_pb2.ErrorStatus(code=cls.GRPC_STATUS, error=cls.__name__, message=str(exc))
+
+
+def error_from_pb(status: common_pb2.ErrorStatus) -> SixfoldError:
+    """The exception an ErrorStatus describes (unknown names fall back on the code)."""
+    cls = ERRORS_BY_NAME.get(status.error)
+    if cls is None:
+        code = getattr(grpc.StatusCode, status.code, grpc.StatusCode.UNKNOWN)
+        cls = _DEFAULT_BY_CODE.get(code, Unavailable)
+    return _make(cls, status.message)
+
+
+def error_from_rpc(exc: grpc.RpcError, *, where: str, write: bool = False) -> SixfoldError:
+    """Translate a failed call into the Sixfold error to raise.
+
+    `where` names the peer for the message. `write=True` marks a call that may have logged
+    something on the server (a KV Write): if its fate is unknown it is WriteIndeterminate."""
+    code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
+    details = (exc.details() if hasattr(exc, "details") else None) or ""
+    name = None
+    trailing = exc.trailing_metadata() if hasattr(exc, "trailing_metadata") else None
+    for key, value in trailing or ():
+        if key == ERROR_METADATA_KEY:
+            name = value
+    cls = ERRORS_BY_NAME.get(name) if name else None
+    if cls is not None:
+        prefix = f"{name}: "
+        return _make(cls, details[len(prefix):] if details.startswith(prefix) else details)
+    code_name = code.name if code is not None else "UNKNOWN"
+    message = f"{where}: {code_name}: {details}".rstrip(": ")
+    if code in _UNREACHABLE or code not in _DEFAULT_BY_CODE:
+        if write and not (code == grpc.StatusCode.UNAVAILABLE and any(h in details.lower() for h in _NOT_SENT_HINTS)):
+            return WriteIndeterminate(f"{message}. The write may or may not have been logged; read the key to find out.")
+        return Unavailable(message)
+    return _make(_DEFAULT_BY_CODE[code], message)
+
+
+def fresh(exc: SixfoldError) -> SixfoldError:
+    """A new instance of the same class and message (one error object per raising thread)."""
+    return _make(type(exc), str(exc))
+
+
+# --- small field checks ---------------------------------------------------------------------
+def _check_pg(pg: int, protection_groups: int) -> int:
+    if not 0 <= pg < protection_groups:
+        raise UnknownProtectionGroup(f"protection group {pg} does not exist (this volume has {protection_groups})")
+    return pg
+
+
+def _check_key(key: bytes, what: str = "key") -> bytes:
+    if not 1 <= len(key) <= KEY_BYTES_MAX:
+        raise InvalidArgument(f"{what} of {len(key)} bytes: keys are 1..{KEY_BYTES_MAX} bytes")
+    return key
+
+
+def _check_count(n: int, what: str) -> None:
+    if n > BATCH_ITEMS_MAX:
+        raise ResourceExhausted(f"{n} {what} in one request; at most {BATCH_ITEMS_MAX}")
+
+
+def _check_bound(b: bytes, what: str) -> bytes:
+    if len(b) > SCAN_BOUND_BYTES_MAX:
+        raise InvalidArgument(f"scan {what} of {len(b)} bytes: at most {SCAN_BOUND_BYTES_MAX}")
+    return b
+
+
+# --- storage: append ------------------------------------------------------------------------
+def append_request_to_pb(epoch: int, frame: bytes, hint_lsn: int) -> storage_pb2.AppendRequest:
+    return storage_pb2.AppendRequest(epoch=epoch, frame=frame, hint_lsn=hint_lsn)
+
+
+def append_args_from_pb(req: storage_pb2.AppendRequest) -> tuple[int, bytes, int]:
+    """(epoch, frame, hint_lsn). The frame's bytes are checked by the node's decoder."""
+    if len(req.frame) > FRAME_BYTES_MAX:
+        raise ResourceExhausted(f"frame of {len(req.frame)} bytes; frames are at most {FRAME_BYTES_MAX}")
+    return req.epoch, req.frame, req.hint_lsn
+
+
+def append_reply_to_pb(r: AppendReply) -> storage_pb2.AppendReply:
+    return storage_pb2.AppendReply(node=r.node, scls=r.scls)
+
+
+def append_reply_from_pb(m: storage_pb2.AppendReply) -> AppendReply:
+    return AppendReply(m.node, tuple(m.scls))
+
+
+# --- storage: reads -------------------------------------------------------------------------
+def read_request_to_pb(pg: int, key: bytes, read_point: int, required_lsn: int, epoch: int) -> storage_pb2.ReadRequest:
+    return storage_pb2.ReadRequest(pg=pg, key=key, read_point=read_point, required_lsn=required_lsn, epoch=epoch)
+
+
+def read_args_from_pb(req: storage_pb2.ReadRequest, protection_groups: int) -> tuple[int, bytes, int, int, int]:
+    """(pg, key, read_point, required_lsn, epoch), validated."""
+    _check_pg(req.pg, protection_groups)
+    _check_key(req.key)
+    if req.required_lsn > req.read_point:
+        raise InvalidArgument(f"required_lsn {req.required_lsn} is above read_point {req.read_point}")
+    return req.pg, req.key, req.read_point, req.required_lsn, req.epoch
+
+
+def read_reply_to_pb(r: ReadReply) -> storage_pb2.ReadReply:
+    found = r.value is not None
+    return storage_pb2.ReadReply(node=r.node, lsn=r.lsn, found=found, value=r.value if found else b"", deleted=r.deleted)
+
+
+def read_reply_from_pb(m: storage_pb2.ReadReply) -> ReadReply:
+    return ReadReply(m.node, m.lsn, m.value if m.found else None, m.deleted)
+
+
+def read_many_request_to_pb(items: Sequence[tuple[int, bytes, int, int, int]]) -> storage_pb2.ReadManyRequest:
+    return storage_pb2.ReadManyRequest(reads=[read_request_to_pb(*it) for it in items])
+
+
+def read_results_to_pb(results: Sequence[ReadReply | SixfoldError]) -> storage_pb2.ReadManyReply:
+    out = storage_pb2.ReadManyReply()
+    for r in results:
+        item = out.results.add()
+        if isinstance(r, SixfoldError):
+            item.error.CopyFrom(error_to_pb(r))
+        else:
+            item.reply.CopyFrom(read_reply_to_pb(r))
+    return out
+
+
+def read_results_from_pb(m: storage_pb2.ReadManyReply) -> list[ReadReply | SixfoldError]:
+    return [error_from_pb(r.error) if r.HasField("error") else read_reply_from_pb(r.reply) for r in m.results]
+
+
+def scan_request_to_pb(
+    pg: int, start: bytes, end: bytes | None, read_point: int, required_lsn: int, limit: int, epoch: int
+) -> storage_pb2.SegmentScanRequest:
+    m = storage_pb2.SegmentScanRequest(pg=pg, start=start, read_point=read_point, required_lsn=required_lsn, limit=limit, epoch=epoch)
+    if end is not None:
+        m.end = end
+    return m
+
+
+def scan_args_from_pb(req: storage_pb2.SegmentScanRequest, protection_groups: int):
+    """(pg, start, end, read_point, required_lsn, limit, epoch), validated."""
+    _check_pg(req.pg, protection_groups)
+    _check_bound(req.start, "start")
+    end = _check_bound(req.end, "end") if req.HasField("end") else None
+    if req.required_lsn > req.read_point:
+        raise InvalidArgument(f"required_lsn {req.required_lsn} is above read_point {req.read_point}")
+    return req.pg, req.start, end, req.read_point, req.required_lsn, req.limit, req.epoch
+
+
+def version_entry_to_pb(e: VersionEntry) -> storage_pb2.VersionEntry:
+    return storage_pb2.VersionEntry(key=e.key, lsn=e.lsn, deleted=e.value is None, value=e.value or b"")
+
+
+def version_entry_from_pb(m: storage_pb2.VersionEntry) -> VersionEntry:
+    return VersionEntry(m.key, m.lsn, None if m.deleted else m.value)
+
+
+def scan_reply_to_pb(entries: Sequence[VersionEntry], resume: bytes | None) -> storage_pb2.SegmentScanReply:
+    m = storage_pb2.SegmentScanReply(entries=[version_entry_to_pb(e) for e in entries])
+    if resume is not None:
+        m.resume = resume
+    return m
+
+
+def scan_reply_from_pb(m: storage_pb2.SegmentScanReply) -> tuple[list[VersionEntry], bytes | None]:
+    return [version_entry_from_pb(e) for e in m.entries], (m.resume if m.HasField("resume") else None)
+
+
+# --- storage: epochs, recovery --------------------------------------------------------------
+def truncation_to_pb(t: TruncationRange) -> storage_pb2.TruncationRange:
+    return storage_pb2.TruncationRange(epoch=t.epoch, first=t.first, last=t.last)
+
+
+def truncation_from_pb(m: storage_pb2.TruncationRange) -> TruncationRange:
+    if not 1 <= m.first <= m.last:
+        raise InvalidArgument(f"truncation range {m.first}..{m.last} is not a range of LSNs (need 1 <= first <= last)")
+    return TruncationRange(m.epoch, m.first, m.last)
+
+
+def membership_to_pb(m: Membership) -> storage_pb2.Membership:
+    return storage_pb2.Membership(epoch=m.epoch, members=m.members, next_members=m.next_members or ())
+
+
+def membership_from_pb(m: storage_pb2.Membership) -> Membership:
+    for what, ids in (("members", m.members), ("next_members", m.next_members)):
+        if what == "next_members" and not ids:
+            continue
+        if len(ids) != REPLICAS or len(set(ids)) != REPLICAS or not all(ids):
+            raise InvalidArgument(f"membership {what} must be {REPLICAS} distinct node ids, got {list(ids)}")
+    return Membership(m.epoch, tuple(m.members), tuple(m.next_members) if m.next_members else None)
+
+
+_HEADER = struct.Struct("<QQB")
+
+
+def _pack_headers(headers: Sequence[RecordHeader]) -> bytes:
+    return b"".join(_HEADER.pack(h.lsn, h.prev_lsn, h.flags) for h in headers)
+
+
+def _unpack_headers(raw: bytes) -> tuple[RecordHeader, ...]:
+    if len(raw) % _HEADER.size:
+        raise InvalidArgument(f"record_headers of {len(raw)} bytes is not a multiple of {_HEADER.size}")
+    return tuple(RecordHeader(*t) for t in _HEADER.iter_unpack(raw))
+
+
+def seal_reply_to_pb(r: SealReply) -> storage_pb2.SealReply:
+    return storage_pb2.SealReply(
+        node=r.node,
+        epoch=r.epoch,
+        segments=[
+            storage_pb2.SegmentSummary(
+                node=s.node, pg=s.pg, scl=s.scl, hint_lsn=s.hint_lsn, last_lsn_at_hint=s.last_lsn_at_hint,
+                record_headers=_pack_headers(s.records),
+            )
+            for s in r.segments
+        ],
+        truncations=[truncation_to_pb(t) for t in r.truncations],
+    )
+
+
+def seal_reply_from_pb(m: storage_pb2.SealReply) -> SealReply:
+    return SealReply(
+        m.node,
+        m.epoch,
+        tuple(
+            SegmentSummary(s.node, s.pg, s.scl, s.hint_lsn, s.last_lsn_at_hint, _unpack_headers(s.record_headers))
+            for s in m.segments
+        ),
+        tuple(truncation_from_pb(t) for t in m.truncations),
+    )
+
+
+def sync_epoch_request_to_pb(epoch: int, truncations: Sequence[TruncationRange], membership: Membership | None):
+    m = storage_pb2.SyncEpochRequest(epoch=epoch, truncations=[truncation_to_pb(t) for t in truncations])
+    if membership is not None:
+        m.membership.CopyFrom(membership_to_pb(membership))
+    return m
+
+
+def sync_epoch_args_from_pb(req: storage_pb2.SyncEpochRequest):
+    """(epoch, truncations, membership), validated."""
+    truncations = tuple(truncation_from_pb(t) for t in req.truncations)
+    for t in truncations:
+        if t.epoch > req.epoch:
+            raise InvalidArgument(f"truncation range of epoch {t.epoch} is newer than the epoch {req.epoch} being adopted")
+    membership = membership_from_pb(req.membership) if req.HasField("membership") else None
+    if membership is not None and membership.epoch > req.epoch:
+        raise InvalidArgument(f"membership of epoch {membership.epoch} is newer than the epoch {req.epoch} being adopted")
+    return req.epoch, truncations, membership
+
+
+def node_state_to_pb(s: NodeState) -> storage_pb2.NodeState:
+    m = storage_pb2.NodeState(
+        node=s.node, az=s.az, epoch=s.epoch, scls=s.scls, hint_lsn=s.hint_lsn, records=s.records, bytes=s.bytes,
+        corrupt_found=s.corrupt_found, repaired=s.repaired, truncations=[truncation_to_pb(t) for t in s.truncations],
+        extra_json=json.dumps(s.extra, sort_keys=True, default=str) if s.extra else "",
+    )
+    if s.membership is not None:
+        m.membership.CopyFrom(membership_to_pb(s.membership))
+    return m
+
+
+def node_state_from_pb(m: storage_pb2.NodeState) -> NodeState:
+    return NodeState(
+        node=m.node, az=m.az, epoch=m.epoch, scls=tuple(m.scls), hint_lsn=m.hint_lsn, records=m.records, bytes=m.bytes,
+        corrupt_found=m.corrupt_found, repaired=m.repaired,
+        truncations=tuple(truncation_from_pb(t) for t in m.truncations),
+        membership=membership_from_pb(m.membership) if m.HasField("membership") else None,
+        extra=json.loads(m.extra_json) if m.extra_json else {},
+    )
+
+
+def fetch_request_to_pb(pg: int, after_lsn: int, max_bytes: int, upto_lsn: int | None) -> storage_pb2.FetchRequest:
+    m = storage_pb2.FetchRequest(pg=pg, after_lsn=after_lsn, max_bytes=max_bytes)
+    if upto_lsn is not None:
+        m.upto_lsn = upto_lsn
+    return m
+
+
+def fetch_args_from_pb(req: storage_pb2.FetchRequest, protection_groups: int):
+    """(pg, after_lsn, max_bytes, upto_lsn), validated (max_bytes is clamped by the node)."""
+    _check_pg(req.pg, protection_groups)
+    upto = req.upto_lsn if req.HasField("upto_lsn") else None
+    if upto is not None and upto < req.after_lsn:
+        raise InvalidArgument(f"fetch range ({req.after_lsn}, {upto}] is empty: upto_lsn is below after_lsn")
+    return req.pg, req.after_lsn, req.max_bytes, upto
+
+
+def corrupt_request_to_pb(pg: int, lsn: int | None, bit: int) -> storage_pb2.CorruptRequest:
+    m = storage_pb2.CorruptRequest(pg=pg, bit=bit)
+    if lsn is not None:
+        m.lsn = lsn
+    return m
+
+
+def corrupt_args_from_pb(req: storage_pb2.CorruptRequest, protection_groups: int):
+    _check_pg(req.pg, protection_groups)
+    if req.HasField("lsn") and req.lsn == 0:
+        raise InvalidArgument("lsn 0 names no record (LSNs start at 1)")
+    return req.pg, (req.lsn if req.HasField("lsn") else None), req.bit
+
+
+# --- fault rules ----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class FaultRules:
+    """Transport faults a node applies to the requests it receives (see FaultSpec in
+    storage.proto). The default value is "no faults"."""
+
+    groups: tuple[tuple[str, ...], ...] = ()
+    blocked_sources: tuple[str, ...] = ()
+    drop_probability: float = 0.0
+    duplicate_probability: float = 0.0
+    delay_ms: int = 0
+    delay_jitter_ms: int = 0
+    seed: int = 0
+
+    @property
+    def active(self) -> bool:
+        return self != FaultRules(seed=self.seed)
+
+
+DELAY_MS_MAX = 60_000
+
+
+def fault_rules_to_pb(r: FaultRules) -> storage_pb2.FaultSpec:
+    return storage_pb2.FaultSpec(
+        groups=[storage_pb2.EndpointGroup(endpoints=g) for g in r.groups],
+        blocked_sources=r.blocked_sources,
+        drop_probability=r.drop_probability,
+        duplicate_probability=r.duplicate_probability,
+        delay_ms=r.delay_ms,
+        delay_jitter_ms=r.delay_jitter_ms,
+        seed=r.seed,
+    )
+
+
+def fault_rules_from_pb(m: storage_pb2.FaultSpec) -> FaultRules:
+    for name in ("drop_probability", "duplicate_probability"):
+        p = getattr(m, name)
+        if not 0.0 <= p <= 1.0:  # also refuses NaN
+            raise InvalidArgument(f"{name} {p} is not a probability in 0..1")
+    for name in ("delay_ms", "delay_jitter_ms"):
+        if getattr(m, name) > DELAY_MS_MAX:
+            raise InvalidArgument(f"{name} {getattr(m, name)} exceeds {DELAY_MS_MAX}")
+    groups = tuple(tuple(g.endpoints) for g in m.groups)
+    seen = [e for g in groups for e in g]
+    if len(seen) != len(set(seen)):
+        raise InvalidArgument(f"partition groups must be disjoint, got {[list(g) for g in groups]}")
+    return FaultRules(
+        groups=groups,
+        blocked_sources=tuple(m.blocked_sources),
+        drop_probability=m.drop_probability,
+        duplicate_probability=m.duplicate_probability,
+        delay_ms=m.delay_ms,
+        delay_jitter_ms=m.delay_jitter_ms,
+        seed=m.seed,
+    )
+
+
+# --- KV: writes -----------------------------------------------------------------------------
+Op = tuple[int, bytes, bytes]
+
+
+def unit_to_pb(ops: Sequence[Op]) -> kv_pb2.Unit:
+    return kv_pb2.Unit(ops=[kv_pb2.Op(flags=f, key=k, value=v) for f, k, v in ops])
+
+
+def write_request_to_pb(units: Sequence[Sequence[Op]]) -> kv_pb2.WriteRequest:
+    return kv_pb2.WriteRequest(units=[unit_to_pb(u) for u in units])
+
+
+def unit_from_pb(m: kv_pb2.Unit) -> tuple[Op, ...]:
+    """The ops of a unit, validated (InvalidArgument: the unit is refused, nothing logged)."""
+    if not 1 <= len(m.ops) <= BATCH_OPS_MAX:
+        raise InvalidArgument(f"a unit holds 1..{BATCH_OPS_MAX} operations, got {len(m.ops)}")
+    out = []
+    for op in m.ops:
+        if op.flags not in (FLAG_PUT, FLAG_DELETE):
+            raise InvalidArgument(f"op flags {op.flags:#x}: use 1 (PUT) or 2 (DELETE)")
+        _check_key(op.key)
+        if len(op.value) > VALUE_BYTES_MAX:
+            raise InvalidArgument(f"value of {len(op.value)} bytes: values are at most {VALUE_BYTES_MAX} bytes")
+        if op.flags == FLAG_DELETE and op.value:
+            raise InvalidArgument("a DELETE carries no value")
+        out.append((op.flags, op.key, op.value))
+    return tuple(out)
+
+
+def write_results_to_pb(results: Sequence[int | SixfoldError]) -> kv_pb2.WriteReply:
+    out = kv_pb2.WriteReply()
+    for r in results:
+        item = out.results.add()
+        if isinstance(r, SixfoldError):
+            item.error.CopyFrom(error_to_pb(r))
+        else:
+            item.lsn = r
+    return out
+
+
+def write_results_from_pb(m: kv_pb2.WriteReply) -> list[int | SixfoldError]:
+    return [error_from_pb(r.error) if r.HasField("error") else r.lsn for r in m.results]
+
+
+# --- KV: reads ------------------------------------------------------------------------------
+def read_view_to_pb(v: ReadView) -> common_pb2.ReadView:
+    return common_pb2.ReadView(read_point=v.read_point, tails=v.tails)
+
+
+def read_view_from_pb(m: common_pb2.ReadView, protection_groups: int | None = None) -> ReadView:
+    """A ReadView; with `protection_groups`, also checks it has one tail per PG, none above the
+    read point."""
+    tails = tuple(m.tails)
+    if protection_groups is not None and len(tails) != protection_groups:
+        raise InvalidArgument(f"read view has {len(tails)} tails; this volume has {protection_groups} protection groups")
+    if any(t > m.read_point for t in tails):
+        raise InvalidArgument(f"read view tails {max(tails)} above its read point {m.read_point}")
+    return ReadView(m.read_point, tails)
+
+
+def get_request_to_pb(key: bytes, quorum: bool, view: ReadView | None) -> kv_pb2.GetRequest:
+    m = kv_pb2.GetRequest(key=key, quorum=quorum)
+    if view is not None:
+        m.view.CopyFrom(read_view_to_pb(view))
+    return m
+
+
+def get_args_from_pb(m: kv_pb2.GetRequest, protection_groups: int) -> tuple[bytes, bool, ReadView | None]:
+    _check_key(m.key)
+    return m.key, m.quorum, read_view_from_pb(m.view, protection_groups) if m.HasField("view") else None
+
+
+def get_reply_to_pb(value: bytes | None) -> kv_pb2.GetReply:
+    return kv_pb2.GetReply(found=value is not None, value=value or b"")
+
+
+def get_reply_from_pb(m: kv_pb2.GetReply) -> bytes | None:
+    return m.value if m.found else None
+
+
+def get_results_to_pb(results: Sequence[bytes | None | SixfoldError]) -> kv_pb2.GetManyReply:
+    out = kv_pb2.GetManyReply()
+    for r in results:
+        item = out.results.add()
+        if isinstance(r, SixfoldError):
+            item.error.CopyFrom(error_to_pb(r))
+        elif r is not None:
+            item.found = True
+            item.value = r
+    return out
+
+
+def get_results_from_pb(m: kv_pb2.GetManyReply) -> list[bytes | None | SixfoldError]:
+    return [error_from_pb(r.error) if r.HasField("error") else (r.value if r.found else None) for r in m.results]
+
+
+def kv_scan_request_to_pb(start: bytes, end: bytes | None, quorum: bool, view: ReadView | None) -> kv_pb2.ScanRequest:
+    m = kv_pb2.ScanRequest(start=start, quorum=quorum)
+    if end is not None:
+        m.end = end
+    if view is not None:
+        m.view.CopyFrom(read_view_to_pb(view))
+    return m
+
+
+def kv_scan_args_from_pb(m: kv_pb2.ScanRequest, protection_groups: int):
+    """(start, end, quorum, view), validated."""
+    start = _check_bound(m.start, "start")
+    end = _check_bound(m.end, "end") if m.HasField("end") else None
+    view = read_view_from_pb(m.view, protection_groups) if m.HasField("view") else None
+    return start, end, m.quorum, view
+
+
+def scan_chunk_to_pb(pairs: Sequence[tuple[bytes, bytes]]) -> kv_pb2.ScanChunk:
+    return kv_pb2.ScanChunk(pairs=[kv_pb2.KeyValue(key=k, value=v) for k, v in pairs])
+
+
+def scan_chunk_from_pb(m: kv_pb2.ScanChunk) -> list[tuple[bytes, bytes]]:
+    return [(p.key, p.value) for p in m.pairs]
+
+
+def status_to_pb(status: dict) -> kv_pb2.StatusReply:
+    return kv_pb2.StatusReply(json=json.dumps(status, sort_keys=True, default=str))
+
+
+def status_from_pb(m: kv_pb2.StatusReply) -> dict:
+    """The status dict; per-PG maps (`scl`, `lag`) get their integer keys back from JSON."""
+    status = json.loads(m.json)
+    for node in status.get("nodes", ()):
+        for field_name in ("scl", "lag"):
+            if isinstance(node.get(field_name), dict):
+                node[field_name] = {int(k): v for k, v in node[field_name].items()}
+    return status
