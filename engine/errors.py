@@ -118,4 +118,10 @@ class EpochBehind(SixfoldError):
     GRPC_STATUS = "ABORTED"
 
 
-ALL_ERRORS = ALL_ERRORS + (EpochBehind,)
+class StorageError(SixfoldError):
+    """A storage node's disk layer failed in a way that is not corruption (an I/O error, say)."""
+
+    GRPC_STATUS = "INTERNAL"
+
+
+ALL_ERRORS = ALL_ERRORS + (EpochBehind, StorageError)

@@ -22,9 +22,11 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 
+import lmdb
+
 from engine import codec
 from engine.core.types import Geometry, Membership, NodeInfo, NodeState, TruncationRange
-from engine.errors import CorruptRecord, SixfoldError, StaleEpoch
+from engine.errors import Closed, CorruptRecord, InvalidArgument, ResourceExhausted, SixfoldError, StaleEpoch, StorageError
 from engine.node.store import FETCH_BYTES_MAX, SegmentStore
 
 GOSSIP_INTERVAL_S = 0.2
@@ -66,6 +68,22 @@ class StorageNode:
         return self.info.id
 
     # --- requests (called through a transport) ----------------------------------------------
+    REQUESTS = frozenset({"append", "repair_append", "read", "scan", "seal", "sync_epoch", "fetch", "state", "corrupt"})
+
+    def handle(self, method: str, *args):
+        """Run request `method`; what a transport calls. A request racing the node's shutdown
+        gets Closed (the caller sees an unreachable node), never a raw LMDB error."""
+        if method not in self.REQUESTS:
+            raise InvalidArgument(f"unknown request {method!r}")
+        try:
+            return getattr(self, method)(*args)
+        except lmdb.MapFullError as e:
+            raise ResourceExhausted(f"node {self.id}: its LMDB map is full ({e}); give it a larger map_bytes") from e
+        except lmdb.Error as e:
+            if self.store._closed:
+                raise Closed(f"node {self.id} stopped during {method}") from None
+            raise StorageError(f"node {self.id}: storage error during {method}: {e}") from e
+
     def append(self, epoch: int, frame: bytes, hint_lsn: int):
         return self.store.append(epoch, frame, hint_lsn)
 

@@ -175,9 +175,11 @@ class SegmentStore:
     def _is_truncated(self, lsn: int) -> bool:
         return lsn <= self._truncated_max and any(t.covers(lsn) for t in self.truncations)
 
-    def _walk_scl(self, txn, pg: int) -> None:
-        """Advance SCL of `pg` along backlinks through records already in the log."""
-        scl = self.scls[pg]
+    def _walk_scl(self, txn, pg: int, scls: list[int] | None = None) -> None:
+        """Advance SCL of `pg` (in `scls`, default the live list) along backlinks through records
+        already in the log, as this transaction sees it."""
+        scls = self.scls if scls is None else scls
+        scl = scls[pg]
         if self.max_lsn[pg] <= scl:
             return
         prefix = _U32BE.pack(pg)
@@ -188,7 +190,7 @@ class SegmentStore:
             if k[:4] != prefix or _PREV_AT.unpack_from(rec, 16)[0] != scl:
                 break
             scl = _U64BE.unpack(k[4:])[0]
-        self.scls[pg] = scl
+        scls[pg] = scl
 
     def _fence(self, epoch: int) -> None:
         if epoch < self.epoch:
@@ -227,7 +229,9 @@ class SegmentStore:
                     cur.putmulti([(it.log_key, it.record) for it in items], overwrite=False)
                     cur = txn.cursor(db=self._versions)
                     cur.putmulti([(it.version_key, it.log_key[4:]) for it in items], dupdata=True)
-                scls, max_lsn = self.scls, self.max_lsn
+                # SCLs are computed on a copy and published only after the commit, so nobody is
+                # ever told a segment holds what it has not yet durably written.
+                scls, max_lsn = list(self.scls), self.max_lsn
                 if any(self.damaged):
                     healed = [(it.pg, it.lsn) for it in items if it.lsn in self.damaged[it.pg]]
                     for pg, lsn in healed:
@@ -242,11 +246,13 @@ class SegmentStore:
                         max_lsn[pg] = it.lsn
                     touched.add(pg)
                 for pg in sorted(touched):
-                    self._walk_scl(txn, pg)
-                    txn.put(_scl_key(pg), _U64BE.pack(self.scls[pg]), db=self._meta)
+                    self._walk_scl(txn, pg, scls)
+                    txn.put(_scl_key(pg), _U64BE.pack(scls[pg]), db=self._meta)
                 if hint_lsn > self.hint_lsn:
-                    self.hint_lsn = hint_lsn
                     txn.put(b"hint", _U64BE.pack(hint_lsn), db=self._meta)
+            self.scls = scls
+            if hint_lsn > self.hint_lsn:
+                self.hint_lsn = hint_lsn
             return AppendReply(self.node_id, tuple(self.scls))
 
     def seal(self, epoch: int) -> SealReply:

@@ -45,6 +45,6 @@ class InProcessTransport(Transport):
         if target is None:
             raise Unavailable(f"node {node} is down")
         try:
-            return getattr(target, method)(*args)
+            return target.handle(method, *args)
         except Closed as e:
             raise Unavailable(f"node {node} is down ({e})") from None
