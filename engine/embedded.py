@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from engine import codec
 from engine.core.types import Geometry, NodeInfo, default_nodes
-from engine.errors import GeometryMismatch, InvalidArgument, NodeNotFound, SixfoldError
+from engine.errors import GeometryMismatch, InvalidArgument, NodeNotFound, SixfoldError, Unavailable
 from engine.head.writer import Writer, WriterOptions
 from engine.node.service import GOSSIP_INTERVAL_S, SCRUB_INTERVAL_S, StorageNode
 from engine.transport.inprocess import InProcessTransport, Registry
@@ -39,6 +39,12 @@ class EmbeddedOptions:
     map_bytes: int | None = None
     local_az: str = "a"
     seed: int = 0
+    #: False: no background threads at all (no senders, gossip or scrub); a simulator drives the
+    #: steps (`Writer.send_once`, `StorageNode.gossip_once`, `scrub_step`) itself
+    background: bool = True
+    #: TEST ONLY weakened protocols (see WriterOptions): chaos must report them invalid
+    unsafe_write_quorum: int | None = None
+    unsafe_read_any: bool = False
 
 
 def load_or_create_volume(path: str, protection_groups: int | None, seed: int | None = None) -> dict:
@@ -74,18 +80,19 @@ def load_or_create_volume(path: str, protection_groups: int | None, seed: int | 
 class EmbeddedVolume:
     """The backend of `engine.open`: nodes, registry, writer; also the `db.cluster` controls."""
 
-    def __init__(self, path: str, options: EmbeddedOptions = EmbeddedOptions(), *, transport_wrapper=None) -> None:
+    def __init__(self, path: str, options: EmbeddedOptions = EmbeddedOptions(), *, transport_wrapper=None, clock=None) -> None:
         if not isinstance(path, (str, os.PathLike)):
             raise InvalidArgument(f"path must be a str or os.PathLike, got {type(path).__name__}")
         self.path = os.fspath(path)
         self.options = options
-        vol = load_or_create_volume(self.path, options.protection_groups)
+        vol = load_or_create_volume(self.path, options.protection_groups, None if options.background else options.seed)
         self.volume_id = vol["volume_id"]
         self.geometry = Geometry(vol["protection_groups"])
         self.node_infos = [NodeInfo(n["id"], n["az"]) for n in vol["nodes"] if not n.get("retired")]
         self.registry = Registry()
         self.nodes: dict[str, StorageNode | None] = {}
         self._wrap = transport_wrapper or (lambda t: t)
+        self._clock = clock
         self._lock = threading.RLock()
         self._retired: set[str] = {n["id"] for n in vol["nodes"] if n.get("retired")}
         self.writer: Writer | None = None
@@ -117,7 +124,7 @@ class EmbeddedVolume:
         node.attach(self._wrap(InProcessTransport(self.registry, info.id)), self._peer_ids)
         self.nodes[info.id] = node
         self.registry.set(info.id, node)
-        if o.gossip_interval_s > 0:
+        if o.background and o.gossip_interval_s > 0:
             node.start_background(o.gossip_interval_s, o.scrub_interval_s)
 
     def _peer_ids(self) -> list[str]:
@@ -132,7 +139,12 @@ class EmbeddedVolume:
             self._wrap(InProcessTransport(self.registry, "writer")),
             self.node_infos,
             self.geometry,
-            WriterOptions(write_timeout_s=o.write_timeout_s, local_az=o.local_az),
+            WriterOptions(
+                write_timeout_s=o.write_timeout_s, local_az=o.local_az,
+                unsafe_write_quorum=o.unsafe_write_quorum, unsafe_read_any=o.unsafe_read_any,
+            ),
+            background=o.background,
+            **({"clock": self._clock} if self._clock is not None else {}),
         )
         w.open()
         self.writer = w
@@ -264,20 +276,27 @@ class EmbeddedVolume:
         return [{"id": i.id, "az": i.az, "up": self.nodes.get(i.id) is not None} for i in self.node_infos]
 
     # --- backend protocol (for Database) ----------------------------------------------------
+    @property
+    def _w(self) -> Writer:
+        w = self.writer
+        if w is None:
+            raise Unavailable("the writer is recovering; retry")
+        return w
+
     def write(self, ops):
-        return self.writer.write(ops)
+        return self._w.write(ops)
 
     def get(self, key, *, quorum=False, view=None):
-        return self.writer.get(key, quorum=quorum, view=view)
+        return self._w.get(key, quorum=quorum, view=view)
 
     def scan(self, start, end, *, quorum=False, view=None):
-        return self.writer.scan(start, end, quorum=quorum, view=view)
+        return self._w.scan(start, end, quorum=quorum, view=view)
 
     def view(self):
-        return self.writer.view()
+        return self._w.view()
 
     def status(self) -> dict:
-        w = self.writer.status()
+        w = self._w.status()
         vdl = w["vdl"]
         nodes = []
         for info in self.node_infos:

@@ -39,9 +39,9 @@ def quorum_point(scls: Mapping[str, int], members: Sequence[str], quorum: int = 
     return ordered[quorum - 1]
 
 
-def pgcl_of(scls: Mapping[str, int], membership: Membership) -> int:
+def pgcl_of(scls: Mapping[str, int], membership: Membership, quorum: int = WRITE_QUORUM) -> int:
     """PG complete LSN: durable on a write quorum of every quorum set of the membership."""
-    return min(quorum_point(scls, members) for members in membership.quorum_sets)
+    return min(quorum_point(scls, members, quorum) for members in membership.quorum_sets)
 
 
 def has_write_quorum(nodes: Iterable[str], membership: Membership) -> bool:
@@ -92,8 +92,12 @@ class VolumeDurability:
         next_lsn: int = 1,
         tails: Sequence[int] | None = None,
         lal: int = LAL_DEFAULT,
+        write_quorum: int = WRITE_QUORUM,
     ) -> None:
         assert protection_groups >= 1 and lal >= 1 and next_lsn > vdl >= 0
+        assert 1 <= write_quorum <= len(membership.members)
+        #: WRITE_QUORUM, except in test-only weakened configurations that chaos must catch
+        self.write_quorum = write_quorum
         self.protection_groups = protection_groups
         self.membership = membership
         self.lal = lal
@@ -153,7 +157,7 @@ class VolumeDurability:
         if scl <= seen.get(node, -1):
             return False
         seen[node] = scl
-        pgcl = pgcl_of(seen, self.membership)
+        pgcl = pgcl_of(seen, self.membership, self.write_quorum)
         if pgcl <= self.pgcl[pg]:
             return False
         self.pgcl[pg] = pgcl

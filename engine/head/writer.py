@@ -76,6 +76,11 @@ class WriterOptions:
     local_az: str = "a"
     #: recovery re-replication and epoch sync wait this long for a write quorum
     recovery_timeout_s: float = 10.0
+    #: TEST ONLY, to prove the chaos checkers catch a broken protocol: acknowledge writes at this
+    #: many segments instead of WRITE_QUORUM ...
+    unsafe_write_quorum: int | None = None
+    #: ... or read from any reachable segment, complete or not.
+    unsafe_read_any: bool = False
 
 
 def check_key(key) -> None:
@@ -186,7 +191,8 @@ class Writer:
         self.truncations = plan.truncations
         replicated = self._replicate(plan, synced)
         self.ledger = VolumeDurability(
-            self.P, membership, vdl=plan.vdl, next_lsn=plan.next_lsn, tails=plan.tails, lal=self.options.lal
+            self.P, membership, vdl=plan.vdl, next_lsn=plan.next_lsn, tails=plan.tails, lal=self.options.lal,
+            write_quorum=self.options.unsafe_write_quorum or WRITE_QUORUM,
         )
         self._tail_base = plan.next_lsn
         for n in membership.all_nodes:
@@ -556,6 +562,9 @@ class Writer:
     def _candidates(self, pg: int, view: ReadView) -> list[str]:
         ledger = self.ledger
         tail = view.tails[pg]
+        if self.options.unsafe_read_any:
+            view_nodes = [n for n in ledger.membership.all_nodes if self.links[n].up]
+            return read_order(view_nodes, self.nodes, self.options.local_az)
         with self._lock:
             complete = [n for n in ledger.membership.all_nodes if ledger.scls[pg].get(n, -1) >= tail and self.links[n].up]
         return read_order(complete, self.nodes, self.options.local_az)
@@ -574,7 +583,8 @@ class Writer:
         if not quorum:
             for n in self._candidates(pg, view):
                 try:
-                    r = self.transport.read(n, pg, key, view.read_point, view.tails[pg], self.epoch)
+                    required = 0 if self.options.unsafe_read_any else view.tails[pg]
+                    r = self.transport.read(n, pg, key, view.read_point, required, self.epoch)
                     return r.value
                 except SixfoldError:
                     continue
@@ -604,7 +614,8 @@ class Writer:
         if not quorum:
             for n in self._candidates(pg, view):
                 try:
-                    return self.transport.scan(n, pg, start, end, view.read_point, view.tails[pg], SCAN_CHUNK, self.epoch)
+                    required = 0 if self.options.unsafe_read_any else view.tails[pg]
+                    return self.transport.scan(n, pg, start, end, view.read_point, required, SCAN_CHUNK, self.epoch)
                 except SixfoldError:
                     continue
         got, errors = [], []

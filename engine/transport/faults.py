@@ -49,11 +49,16 @@ class NetworkFaults:
     delay_ms: float = 0.0
     delay_p: float = 0.0
     sleep: Callable[[float], None] = time.sleep
+    #: per node: message faults on all of its links, {"drop": p, "duplicate": p, "reorder": p, "delay": p, "delay_ms": ms}
+    link_faults: dict[str, dict[str, float]] = field(default_factory=dict)
+    #: paused nodes (SIGSTOP): calls to them are held and delivered on resume; they send nothing
+    paused: set[str] = field(default_factory=set)
 
     def __post_init__(self) -> None:
         self.rng = random.Random(self.seed)
         self.lock = threading.Lock()
         self.held: list[tuple[Transport, str, str, tuple]] = []
+        self.held_paused: dict[str, list[tuple[Transport, str, tuple]]] = {}
         self.counts = {"dropped": 0, "duplicated": 0, "reordered": 0, "delayed": 0, "partitioned": 0}
 
     def partition(self, groups) -> None:
@@ -77,10 +82,46 @@ class NetworkFaults:
         with self.lock:
             self.drop, self.duplicate, self.reorder, self.delay_ms, self.delay_p = drop, duplicate, reorder, delay_ms, delay_p
 
-    def clear(self) -> None:
+    def clear(self, nodes=None) -> None:
+        """Clear message faults (of `nodes`, or all of them, slow links and partitions too)."""
         with self.lock:
-            self.blocked, self.slow_ms = set(), {}
+            if nodes:
+                for n in nodes:
+                    self.link_faults.pop(n, None)
+                return
+            self.blocked, self.slow_ms, self.link_faults = set(), {}, {}
             self.drop = self.duplicate = self.reorder = self.delay_ms = self.delay_p = 0.0
+
+    def set_link_fault(self, node: str, kind: str, value: float, delay_ms: float = 0.0) -> None:
+        with self.lock:
+            f = self.link_faults.setdefault(node, {})
+            f[kind] = value
+            if kind == "delay":
+                f["delay_ms"] = delay_ms
+
+    def pause(self, node: str) -> None:
+        with self.lock:
+            self.paused.add(node)
+
+    def resume(self, node: str) -> int:
+        """Un-pause a node and deliver what was sent to it meanwhile, in order."""
+        with self.lock:
+            self.paused.discard(node)
+            held = self.held_paused.pop(node, [])
+        for inner, method, args in held:
+            try:
+                inner._call(node, method, *args)
+            except SixfoldError:
+                pass
+        return len(held)
+
+    def _p(self, kind: str, source: str, node: str) -> float:
+        """Probability of a message fault on the link source->node (caller holds the lock)."""
+        base = {"drop": self.drop, "duplicate": self.duplicate, "reorder": self.reorder, "delay": self.delay_p}[kind]
+        return max(base, self.link_faults.get(node, {}).get(kind, 0.0), self.link_faults.get(source, {}).get(kind, 0.0))
+
+    def _delay_ms(self, source: str, node: str) -> float:
+        return max(self.delay_ms, self.link_faults.get(node, {}).get("delay_ms", 0.0), self.link_faults.get(source, {}).get("delay_ms", 0.0))
 
     def _roll(self, p: float) -> bool:
         return p > 0 and self.rng.random() < p
@@ -108,18 +149,26 @@ class FaultyTransport(Transport):
 
     def _call(self, node: str, method: str, *args):
         f = self.faults
+        src = self.source
         with f.lock:
-            if (self.source, node) in f.blocked:
+            if src in f.paused:
+                raise Unavailable(f"{src} is paused")
+            if (src, node) in f.blocked:
                 f.counts["partitioned"] += 1
-                raise Unavailable(f"{self.source} cannot reach {node} (partition)")
-            delay_ms = f.slow_ms.get(node, 0.0) + f.slow_ms.get(self.source, 0.0)
-            if f._roll(f.delay_p):
-                delay_ms += f.delay_ms
+                raise Unavailable(f"{src} cannot reach {node} (partition)")
+            if node in f.paused:
+                if method in _REORDERABLE and len(f.held_paused.get(node, ())) < HELD_MAX:
+                    f.held_paused.setdefault(node, []).append((self.inner, method, args))
+                raise Unavailable(f"{node} is paused (no answer)")
+            delay_ms = f.slow_ms.get(node, 0.0) + f.slow_ms.get(src, 0.0)
+            if f._roll(f._p("delay", src, node)):
+                delay_ms += f._delay_ms(src, node)
                 f.counts["delayed"] += 1
-            drop_before = f._roll(f.drop / 2)
-            drop_after = f._roll(f.drop / 2)
-            dup = f._roll(f.duplicate)
-            hold = method in _REORDERABLE and len(f.held) < HELD_MAX and f._roll(f.reorder)
+            p_drop = f._p("drop", src, node)
+            drop_before = f._roll(p_drop / 2)
+            drop_after = f._roll(p_drop / 2)
+            dup = f._roll(f._p("duplicate", src, node))
+            hold = method in _REORDERABLE and len(f.held) < HELD_MAX and f._roll(f._p("reorder", src, node))
             release = bool(f.held) and f._roll(0.5)
         if release:
             f.release_held(1)
