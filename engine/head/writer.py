@@ -299,7 +299,7 @@ class Writer:
     # --- writes -----------------------------------------------------------------------------
     def _check_usable(self) -> None:
         if self._closed:
-            raise Closed("the writer is closed")
+            raise Unavailable("the writer stopped (crashed or closed); nothing was logged")
         if self._fenced:
             raise StaleEpoch(self._fenced)
 

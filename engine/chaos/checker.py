@@ -1,0 +1,794 @@
+"""Checkers for a fault-injection history: valid, invalid or unknown, with the evidence.
+
+Theory of operation
+-------------------
+Each checker reads the paired operations of a `History` (`history.pair_ops`) and returns a frozen
+`Verdict(name, result, detail, window)`: `valid`, `invalid` (with a sentence and the history
+entries that show it), or `unknown` (it could not decide: time budget spent, nothing to judge).
+A checker never says `invalid` unless no execution the API allows explains the history; an
+`indeterminate` write may have taken effect at any time after its invocation, or never, and a
+`fail` write never did. Checkers do no I/O; the only clock is the injected one that bounds
+the search.
+
+Real time is the history's order: op A precedes op B when A's completion entry comes before B's
+invocation entry. Every written value is unique (the workload makes it so), which is what lets a
+read name the write it saw; the search itself does not need it, and (c) takes as evidence only
+values that were written once.
+
+(a) `linearizable`: per key, the database must behave as one register. Linearizability is
+local (Herlihy & Wing), so for single-key ops checking key by key is exact and keeps each search
+small; batches and scans span keys, and their projections below check each key's part (what
+atomicity across keys adds is (c)'s job). Projection: put sets the value, delete sets None,
+get reads; a batch is a write to each of its keys (the last op of the key in the batch) with the
+batch's invoke and completion; a scan is a read of every key of the history in [start, end):
+the value it returned or None. Fail writes and failed reads are removed; an indeterminate write
+has completion +infinity and may be left out of the linearization. Indeterminate writes whose
+value no read returned are dropped first: including one never changes what a read may see, so
+it cannot change the answer, and it would only widen the search. The search is Wing & Gong's
+with Lowe's memoisation of (linearized set as a bitmask, register value), as in Porcupine: walk
+the calls that may go next in real-time order, linearize one if the register allows it, and
+backtrack at the first completion whose op is not yet linearized. A deadline (checked every
+`_CLOCK_EVERY` steps) and a bound on the memo make it end with `unknown`, never hang. On
+`invalid` the window is the smallest failing window: start from the op the deepest search path
+could not place, the ops concurrent with it and the write that set the register there (a
+prefix of the key, or the whole key, if that is not yet a contradiction), then remove ops while
+what is left stays non-linearizable *on its own*. Only reads, and writes whose value no
+remaining read returned, are removed: such removals never create a contradiction, so the window
+is a self-contained witness (nothing left out could explain it) and usually three or four ops.
+
+(b) `no-lost-writes`: the final reads (`final: true`, taken at full health after the workload)
+must see the effect of every acknowledged write. For a final read R of key k, a write W of k
+(ok or indeterminate, invoked before R returned) may explain R's value unless W is *superseded*:
+some ok write W2 of k began after W completed and completed before R began, so W2 lies between W
+and R in every linearization. The initial None is a write that precedes everything. R's value
+must come from a write that is not superseded; otherwise the detail names the acknowledged
+write that is missing.
+
+(c) `batches-atomic`: a scan is one read point, so it sees all of a batch or none. If a scan S
+returned a batch B's (unique) value for key k1, B had taken effect at S's read point, so for
+every other key k2 of B in S's range, S must not return a value that B certainly overwrote:
+a value whose only write completed before B was invoked (it precedes B in every linearization),
+or None when every delete of k2 completed before B was invoked (the initial None precedes
+everything too). Only unique values count as evidence, so the rule never accuses a correct
+database; it adds to (a), which projects a scan key by key and cannot see a torn batch by itself.
+
+(d) `check_replicas_converge`: after repair, every node's digest of a protection group is equal.
+
+`check_all` runs them all; `render_table` and `verdicts_to_json` present the verdicts.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+from engine.chaos.history import Entry, History, Op, entry_to_dict, pair_ops
+
+VALID = "valid"
+INVALID = "invalid"
+UNKNOWN = "unknown"
+RESULTS = (VALID, INVALID, UNKNOWN)
+
+#: How often the search looks at the clock (steps), and how many memo entries it may hold.
+_CLOCK_EVERY = 512
+CACHE_ENTRIES_MAX = 2_000_000
+#: A window shows at most this many operations.
+WINDOW_OPS_MAX = 24
+#: The shrinker starts only from windows up to this many ops, passes over them at most this
+#: often, and spends at most this much of what is left of the time budget.
+SHRINK_OPS_MAX = 400
+SHRINK_PASSES_MAX = 4
+SHRINK_S_MAX = 10.0
+DETAIL_KEYS_MAX = 8
+TIME_BUDGET_S_DEFAULT = 60.0
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """One checker's answer. `window` holds the history entries that show an `invalid`."""
+
+    name: str
+    result: str
+    detail: str
+    window: tuple[Entry, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.result not in RESULTS:
+            raise AssertionError(f"a verdict is one of {RESULTS}, not {self.result!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "result": self.result,
+            "detail": self.detail,
+            "window": [entry_to_dict(e) for e in self.window],
+        }
+
+
+def _check(condition: bool, message: str) -> None:
+    # Contracts that `python -O` cannot remove (TIGER_STYLE).
+    if not condition:
+        raise AssertionError(message)
+
+
+def overall(verdicts: Iterable[Verdict]) -> str:
+    """invalid if any is invalid, else unknown if any is unknown, else valid."""
+    results = [v.result for v in verdicts]
+    if INVALID in results:
+        return INVALID
+    if UNKNOWN in results:
+        return UNKNOWN
+    return VALID
+
+
+# --------------------------------------------------------------------------------------------
+# Describing ops for people.
+
+
+def _b(x: bytes | None) -> str:
+    if x is None:
+        return "None"
+    try:
+        s = x.decode("utf-8")
+        if s.isprintable():
+            return s
+    except UnicodeDecodeError:
+        pass
+    return "0x" + x.hex()
+
+
+def describe_op(op: Op) -> str:
+    """One line: '#12 p3 put k000=p3-7 ok'."""
+    if op.f == "put":
+        what = f"put {_b(op.key)}={_b(op.value)}"
+    elif op.f == "delete":
+        what = f"delete {_b(op.key)}"
+    elif op.f == "get":
+        what = f"get {_b(op.key)}" + (f" -> {_b(op.result)}" if op.type == "ok" else "")
+    elif op.f == "batch":
+        parts = [f"{f} {_b(k)}" + (f"={_b(v)}" if v is not None else "") for f, k, v in op.ops or ()]
+        what = "batch[" + ", ".join(parts) + "]"
+    else:
+        what = f"scan [{_b(op.start)}, {_b(op.end)})"
+        if op.type == "ok":
+            what += " -> {" + ", ".join(f"{_b(k)}={_b(v)}" for k, v in op.result) + "}"
+    final = " (final)" if op.final else ""
+    return f"#{op.call} p={op.process} {what} {op.type}{final}"
+
+
+def _window(ops: Iterable[Op], by_index: Mapping[int, Entry]) -> tuple[Entry, ...]:
+    idx: set[int] = set()
+    for op in ops:
+        idx.add(op.call)
+        if op.completion is not None:
+            idx.add(op.completion)
+    return tuple(by_index[i] for i in sorted(idx) if i in by_index)
+
+
+# --------------------------------------------------------------------------------------------
+# Projection onto per-key registers.
+
+
+@dataclass(frozen=True)
+class RegisterOp:
+    """One op of one key's register: a write of `value` (None = absent) or a read of it."""
+
+    source: Op
+    is_write: bool
+    value: bytes | None
+    call: int
+    ret: int | None  # None: +infinity (indeterminate write)
+
+
+def _batch_values(op: Op) -> dict[bytes, bytes | None]:
+    """The value a batch leaves in each of its keys (the key's last op in the batch)."""
+    out: dict[bytes, bytes | None] = {}
+    for f, k, v in op.ops or ():
+        out[k] = v if f == "put" else None
+    return out
+
+
+def _in_range(key: bytes, start: bytes, end: bytes) -> bool:
+    return start <= key < end
+
+
+def history_keys(ops: Sequence[Op]) -> list[bytes]:
+    """Every key the history names (writes, gets, scan results), sorted."""
+    keys: set[bytes] = set()
+    for op in ops:
+        if op.key is not None:
+            keys.add(op.key)
+        for _, k, _ in op.ops or ():
+            keys.add(k)
+        if op.f == "scan" and op.type == "ok":
+            keys.update(k for k, _ in op.result)
+    return sorted(keys)
+
+
+def project(ops: Sequence[Op]) -> dict[bytes, list[RegisterOp]]:
+    """Per key, its register ops in invocation order; fail writes and non-ok reads removed."""
+    keys = history_keys(ops)
+    per: dict[bytes, list[RegisterOp]] = {k: [] for k in keys}
+    for op in ops:
+        if op.f in ("put", "delete", "batch"):
+            if op.type == "fail":
+                continue
+            ret = op.ret if op.type == "ok" else None
+            if op.f == "batch":
+                for k, v in sorted(_batch_values(op).items()):
+                    per[k].append(RegisterOp(op, True, v, op.call, ret))
+            else:
+                _check(op.key is not None, "pair_ops validated this op")
+                per[op.key].append(RegisterOp(op, True, op.value if op.f == "put" else None, op.call, ret))
+        elif op.type == "ok" and op.f == "get":
+            _check(op.key is not None, "pair_ops validated this op")
+            per[op.key].append(RegisterOp(op, False, op.result, op.call, op.ret))
+        elif op.type == "ok" and op.f == "scan":
+            _check(op.start is not None and op.end is not None, "pair_ops validated this op")
+            seen = dict(op.result)
+            for k in keys:
+                if _in_range(k, op.start, op.end):
+                    per[k].append(RegisterOp(op, False, seen.get(k), op.call, op.ret))
+    return per
+
+
+# --------------------------------------------------------------------------------------------
+# (a) The Wing & Gong / Lowe / Porcupine search on one register.
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    result: str
+    steps: int
+    #: On invalid: the op that could not be placed, the write that set the register at the
+    #: deepest point (-1: the initial None), and the register's value there.
+    blocked: int = -1
+    last_writer: int = -1
+    state: bytes | None = None
+    why: str = ""
+
+
+_NIL = -1
+
+
+def search_register(
+    reg: Sequence[RegisterOp],
+    *,
+    deadline_s: float,
+    clock: Callable[[], float] = time.monotonic,
+    cache_max: int = CACHE_ENTRIES_MAX,
+) -> SearchResult:
+    """Is this register history linearizable (initial value None)?"""
+    events: list[tuple[int, int, int]] = []  # (time, 0 call | 1 return, op)
+    for i, r in enumerate(reg):
+        events.append((r.call, 0, i))
+        if r.ret is not None:
+            events.append((r.ret, 1, i))
+    events.sort()
+    m = len(events)
+    # A doubly linked list of events: node 0 is the head, event j is node j + 1.
+    nxt = [j + 1 for j in range(m + 1)]
+    nxt[m] = _NIL
+    prv = [j - 1 for j in range(m + 1)]
+    is_call = [False] + [kind == 0 for _, kind, _ in events]
+    op_of = [-1] + [i for _, _, i in events]
+    ret_node = {i: j + 1 for j, (_, kind, i) in enumerate(events) if kind == 1}
+    match = [_NIL] + [ret_node.get(i, _NIL) if kind == 0 else _NIL for _, kind, i in events]
+
+    def unlink(k: int) -> None:
+        p, q = prv[k], nxt[k]
+        nxt[p] = q
+        if q != _NIL:
+            prv[q] = p
+
+    def relink(k: int) -> None:
+        p, q = prv[k], nxt[k]
+        nxt[p] = k
+        if q != _NIL:
+            prv[q] = k
+
+    remaining = sum(1 for r in reg if r.ret is not None)
+    if remaining == 0:
+        return SearchResult(VALID, 0)
+    state: bytes | None = None
+    linearized = 0
+    cache: set[tuple[int, bytes | None]] = set()
+    calls: list[tuple[int, bytes | None]] = []  # (call node, register value before it)
+    writers: list[int] = []  # the last write linearized, after each push
+    best_depth = -1
+    best = (-1, -1, None)
+    entry = nxt[0]
+    steps = 0
+    while True:
+        steps += 1
+        if steps % _CLOCK_EVERY == 0 and clock() > deadline_s:
+            return SearchResult(UNKNOWN, steps, why="time budget spent")
+        if entry == _NIL:
+            # Every completion left in the list belongs to an unlinearized op, so the walk meets
+            # one before the end unless all determinate ops are placed, which returned already.
+            raise AssertionError("search walked off the list with ops left to place")
+        if is_call[entry]:
+            i = op_of[entry]
+            r = reg[i]
+            if r.is_write or state == r.value:
+                new_state = r.value if r.is_write else state
+                lin = linearized | (1 << i)
+                memo = (lin, new_state)
+                if memo not in cache:
+                    if len(cache) >= cache_max:
+                        return SearchResult(UNKNOWN, steps, why=f"search memo exceeded {cache_max} entries")
+                    cache.add(memo)
+                    calls.append((entry, state))
+                    writers.append(i if r.is_write else (writers[-1] if writers else -1))
+                    state, linearized = new_state, lin
+                    unlink(entry)
+                    if match[entry] != _NIL:
+                        unlink(match[entry])
+                        remaining -= 1
+                        if remaining == 0:
+                            return SearchResult(VALID, steps)
+                    entry = nxt[0]
+                    continue
+            entry = nxt[entry]
+        else:
+            # The op completing here is not linearized yet, so the last choice was wrong.
+            if len(calls) > best_depth:
+                best_depth = len(calls)
+                best = (op_of[entry], writers[-1] if writers else -1, state)
+            if not calls:
+                return SearchResult(INVALID, steps, blocked=best[0], last_writer=best[1], state=best[2])
+            entry, state = calls.pop()
+            writers.pop()
+            i = op_of[entry]
+            linearized &= ~(1 << i)
+            if match[entry] != _NIL:
+                relink(match[entry])
+                remaining += 1
+            relink(entry)
+            entry = nxt[entry]
+
+
+def _heuristic_window(reg: Sequence[RegisterOp], res: SearchResult) -> set[int]:
+    """Where the deepest search path got stuck: the op it could not place, the write that set
+    the register there, and the ops between that write's invocation and the stuck op's end."""
+    b = reg[res.blocked]
+    b_ret = b.ret if b.ret is not None else b.call
+    t0 = min(b.call, reg[res.last_writer].call) if res.last_writer >= 0 else b.call
+    out = {res.blocked}
+    if res.last_writer >= 0:
+        out.add(res.last_writer)
+    for i, r in enumerate(reg):
+        if r.call <= b_ret and (r.call >= t0 if r.ret is None else r.ret >= t0):
+            out.add(i)
+    return out
+
+
+def _close_over_sources(reg: Sequence[RegisterOp], chosen: set[int]) -> set[int]:
+    """Add every write whose value a chosen read returned."""
+    read_values = {reg[i].value for i in chosen if not reg[i].is_write}
+    return chosen | {i for i, r in enumerate(reg) if r.is_write and r.value in read_values}
+
+
+def _smallest_window(
+    reg: Sequence[RegisterOp], res: SearchResult, deadline_s: float, clock: Callable[[], float], cache_max: int
+) -> list[RegisterOp]:
+    """A small sub-history of the key that is not linearizable *by itself*.
+
+    Removing a read, or a write whose value no remaining read returned, never turns a
+    linearizable history into a non-linearizable one (drop the op from the linearization). So a
+    sub-history reached by such removals that is still not linearizable is a genuine witness:
+    nothing it leaves out could explain it. Start from the heuristic window (or, if that alone is
+    linearizable, the key's history up to the stuck op, then the whole key), then remove ops one
+    at a time, farthest from the stuck op first, while the rest stays non-linearizable. The
+    result is 1-minimal: no single allowed removal keeps it a witness."""
+    b = res.blocked
+    b_ret = reg[b].ret if reg[b].ret is not None else reg[b].call
+
+    def not_linearizable(chosen: set[int]) -> bool:
+        sub = [reg[i] for i in sorted(chosen)]
+        return search_register(sub, deadline_s=deadline_s, clock=clock, cache_max=cache_max).result == INVALID
+
+    heuristic = _close_over_sources(reg, _heuristic_window(reg, res))
+    starts = (heuristic, {i for i, r in enumerate(reg) if r.call <= b_ret}, set(range(len(reg))))
+    chosen: set[int] | None = None
+    for start in starts:
+        start = _close_over_sources(reg, start)
+        if len(start) <= SHRINK_OPS_MAX and not_linearizable(start):
+            chosen = start
+            break
+    if chosen is None:
+        # No witness small enough to shrink in the time left: show the heuristic window.
+        return [reg[i] for i in sorted(heuristic)][:WINDOW_OPS_MAX]
+    for _ in range(SHRINK_PASSES_MAX):
+        changed = False
+        for i in sorted(chosen, key=lambda i: (-abs(reg[i].call - reg[b].call), i)):
+            if i == b or i not in chosen or clock() > deadline_s:
+                continue
+            r = reg[i]
+            if r.is_write and any(not reg[j].is_write and reg[j].value == r.value for j in chosen):
+                continue
+            smaller = chosen - {i}
+            if not_linearizable(smaller):
+                chosen = smaller
+                changed = True
+        if not changed:
+            break
+    return [reg[i] for i in sorted(chosen)]
+
+
+def _value_sources(ops: Sequence[Op]) -> dict[bytes, dict[bytes, list[Op]]]:
+    """key -> value -> the ops that wrote it (failed ones included, intermediate batch values
+    included), so a read can be traced to its write."""
+    out: dict[bytes, dict[bytes, list[Op]]] = {}
+    for op in ops:
+        if op.f == "put":
+            _check(op.key is not None and op.value is not None, "pair_ops validated this op")
+            out.setdefault(op.key, {}).setdefault(op.value, []).append(op)
+        elif op.f == "batch":
+            for f, k, v in op.ops or ():
+                if f == "put" and v is not None:
+                    lst = out.setdefault(k, {}).setdefault(v, [])
+                    if op not in lst:
+                        lst.append(op)
+    return out
+
+
+def _linearizable(
+    ops: Sequence[Op],
+    by_index: Mapping[int, Entry],
+    deadline_s: float,
+    clock: Callable[[], float],
+    cache_max: int,
+) -> Verdict:
+    name = "linearizable"
+    per = project(ops)
+    sources = _value_sources(ops)
+    invalid: list[tuple[bytes, str, list[Op]]] = []
+    stuck: list[tuple[Sequence[RegisterOp], SearchResult]] = []  # parallel to invalid; [] when the pre-check decided
+    unknown: list[tuple[bytes, str]] = []
+    total_ops = 0
+    for key, reg in per.items():
+        key_sources = sources.get(key, {})
+        reads = [r for r in reg if not r.is_write]
+        if not reads:
+            continue
+        # A read of a value no possibly-effective write produced can never be linearized; say
+        # so directly (it is the commonest failure and the clearest sentence).
+        effective = {r.value for r in reg if r.is_write}
+        bad = next((r for r in reads if r.value is not None and r.value not in effective), None)
+        if bad is not None:
+            writers = key_sources.get(bad.value, [])  # type: ignore[arg-type]
+            if any(w.type == "fail" for w in writers):
+                why = f"{describe_op(bad.source)} read a value written only by a failed write"
+            elif writers:
+                why = f"{describe_op(bad.source)} read an intermediate value of a batch"
+            else:
+                why = f"{describe_op(bad.source)} read a value that was never written"
+            invalid.append((key, why, [bad.source] + list(writers)))
+            stuck.append(([], SearchResult(INVALID, 0)))
+            continue
+        read_values = {r.value for r in reads}
+        reg = [r for r in reg if r.ret is not None or not r.is_write or r.value in read_values]
+        total_ops += len(reg)
+        if clock() > deadline_s:
+            unknown.append((key, "time budget spent before this key"))
+            continue
+        res = search_register(reg, deadline_s=deadline_s, clock=clock, cache_max=cache_max)
+        if res.result == INVALID:
+            b = reg[res.blocked]
+            at = f"the register held {_b(res.state)}"
+            why = f"{describe_op(b.source)} cannot be linearized ({at} where the search got furthest)"
+            invalid.append((key, why, []))
+            stuck.append((reg, res))
+        elif res.result == UNKNOWN:
+            unknown.append((key, res.why))
+    if invalid:
+        key, why, wops = invalid[0]
+        reg0, res0 = stuck[0]
+        if reg0:
+            # Shrink only the first key's witness, with what is left of the budget (bounded).
+            shrink_deadline_s = min(deadline_s, clock() + SHRINK_S_MAX)
+            window = _smallest_window(reg0, res0, shrink_deadline_s, clock, cache_max)
+            wops = []
+            for r in window:
+                if r.source not in wops:
+                    wops.append(r.source)
+        more = ""
+        if len(invalid) > 1:
+            names = ", ".join(_b(k) for k, _, _ in invalid[:DETAIL_KEYS_MAX])
+            more = f"; {len(invalid)} keys not linearizable: {names}"
+        return Verdict(name, INVALID, f"key {_b(key)}: {why}{more}", _window(wops, by_index))
+    if unknown:
+        names = ", ".join(_b(k) for k, _ in unknown[:DETAIL_KEYS_MAX])
+        return Verdict(name, UNKNOWN, f"{len(unknown)} of {len(per)} keys undecided ({unknown[0][1]}): {names}")
+    return Verdict(name, VALID, f"{len(per)} keys, {total_ops} register ops searched")
+
+
+# --------------------------------------------------------------------------------------------
+# (b) No acknowledged write lost.
+
+
+def _key_writes(ops: Sequence[Op]) -> dict[bytes, list[RegisterOp]]:
+    """Per key, every write that may have taken effect (ok or indeterminate)."""
+    per: dict[bytes, list[RegisterOp]] = {}
+    for op in ops:
+        if op.f not in ("put", "delete", "batch") or op.type == "fail":
+            continue
+        ret = op.ret if op.type == "ok" else None
+        if op.f == "batch":
+            for k, v in _batch_values(op).items():
+                per.setdefault(k, []).append(RegisterOp(op, True, v, op.call, ret))
+        else:
+            _check(op.key is not None, "pair_ops validated this op")
+            per.setdefault(op.key, []).append(RegisterOp(op, True, op.value if op.f == "put" else None, op.call, ret))
+    return per
+
+
+def _no_lost_writes(ops: Sequence[Op], by_index: Mapping[int, Entry]) -> Verdict:
+    name = "no-lost-writes"
+    finals = [op for op in ops if op.final and op.f == "get"]
+    if not finals:
+        return Verdict(name, UNKNOWN, "no final reads recorded")
+    writes = _key_writes(ops)
+    final_keys = sorted({op.key for op in finals if op.key is not None})
+    read_keys: set[bytes] = set()
+    problems: list[tuple[bytes, str, list[Op]]] = []
+    for op in finals:
+        if op.type != "ok" or op.ret is None:
+            continue
+        key = op.key
+        _check(key is not None, "pair_ops validated this op")
+        read_keys.add(key)
+        candidates = [w for w in writes.get(key, []) if w.call < op.ret]
+        acked_before = [w for w in candidates if w.ret is not None and w.ret < op.call]
+        # W is superseded when an acknowledged write began after W completed and completed
+        # before the final read began: the latest such beginning decides.
+        latest_call = max((w.call for w in acked_before), default=-1)
+        live = [w for w in candidates if w.ret is None or w.ret > latest_call]
+        allowed = {w.value for w in live}
+        if op.result in allowed or (op.result is None and not acked_before):
+            continue
+        last_acked = [w for w in acked_before if w.ret is not None and w.ret > latest_call]
+        missing = ", ".join(describe_op(w.source) for w in last_acked[:3])
+        source = [w for w in candidates if w.value == op.result and op.result is not None]
+        if op.result is None:
+            why = f"final read found nothing; acknowledged write lost: {missing}"
+        elif source:
+            why = (
+                f"final read returned {_b(op.result)} from {describe_op(source[0].source)}, which "
+                f"acknowledged writes superseded; lost: {missing}"
+            )
+        else:
+            why = f"final read returned {_b(op.result)}, which no write produced; lost: {missing}"
+        wops = [op] + [w.source for w in last_acked[:3]] + [w.source for w in source[:1]]
+        problems.append((key, why, wops))
+    if problems:
+        key, why, wops = problems[0]
+        more = f" ({len(problems)} keys lost writes)" if len(problems) > 1 else ""
+        return Verdict(name, INVALID, f"key {_b(key)}: {why}{more}", _window(wops, by_index))
+    unread = [k for k in final_keys if k not in read_keys]
+    if unread:
+        names = ", ".join(_b(k) for k in unread[:DETAIL_KEYS_MAX])
+        return Verdict(name, UNKNOWN, f"every final read of {len(unread)} keys failed: {names}")
+    return Verdict(name, VALID, f"{len(read_keys)} keys read at the end hold an allowed value")
+
+
+# --------------------------------------------------------------------------------------------
+# (c) Batches atomic under scans.
+
+
+def _batches_atomic(ops: Sequence[Op], by_index: Mapping[int, Entry]) -> Verdict:
+    name = "batches-atomic"
+    sources = _value_sources(ops)
+    deletes: dict[bytes, list[Op]] = {}
+    for op in ops:
+        if op.type == "fail":
+            continue
+        if op.f == "delete":
+            _check(op.key is not None, "pair_ops validated this op")
+            deletes.setdefault(op.key, []).append(op)
+        elif op.f == "batch":
+            for k, v in _batch_values(op).items():
+                if v is None:
+                    deletes.setdefault(k, []).append(op)
+
+    def certainly_before(value: bytes | None, key: bytes, batch: Op) -> Op | None | bool:
+        """The write of `value` to `key` if it certainly precedes `batch`, True for a None that
+        certainly precedes it, else None."""
+        if value is not None:
+            writers = sources.get(key, {}).get(value, [])
+            if len(writers) == 1:
+                w = writers[0]
+                if w.type == "ok" and w.ret is not None and w.ret < batch.call:
+                    return w
+            return None
+        dels = [d for d in deletes.get(key, []) if d is not batch]
+        if all(d.type == "ok" and d.ret is not None and d.ret < batch.call for d in dels):
+            return True
+        return None
+
+    torn: list[tuple[str, list[Op]]] = []
+    scans = 0
+    for s in ops:
+        if s.f != "scan" or s.type != "ok":
+            continue
+        scans += 1
+        _check(s.start is not None and s.end is not None, "pair_ops validated this op")
+        seen = dict(s.result)
+        checked: set[int] = set()
+        for k1, v1 in sorted(seen.items()):
+            writers = sources.get(k1, {}).get(v1, [])
+            if len(writers) != 1 or writers[0].f != "batch" or writers[0].type == "fail":
+                continue
+            batch = writers[0]
+            values = _batch_values(batch)
+            if batch.call in checked or values.get(k1) != v1:
+                continue
+            checked.add(batch.call)
+            for k2, b2 in sorted(values.items()):
+                if k2 == k1 or not _in_range(k2, s.start, s.end):
+                    continue
+                o2 = seen.get(k2)
+                if o2 == b2:
+                    continue
+                before = certainly_before(o2, k2, batch)
+                if before is None:
+                    continue
+                what = "nothing" if o2 is None else _b(o2)
+                by = "" if before is True else f" (written by #{before.call}, complete before the batch began)"
+                why = (
+                    f"{describe_op(s)} saw {describe_op(batch)} on {_b(k1)} but {what} on {_b(k2)}"
+                    f"{by}: the batch was torn"
+                )
+                wops = [s, batch] + ([before] if isinstance(before, Op) else [])
+                torn.append((why, wops))
+    if torn:
+        why, wops = torn[0]
+        more = f" ({len(torn)} torn observations)" if len(torn) > 1 else ""
+        return Verdict(name, INVALID, why + more, _window(wops, by_index))
+    if scans == 0:
+        return Verdict(name, VALID, "no scans to judge")
+    return Verdict(name, VALID, f"{scans} scans saw whole batches or none")
+
+
+def _scans_well_formed(ops: Sequence[Op], by_index: Mapping[int, Entry]) -> Verdict:
+    """A scan returns keys in strictly increasing order, each within [start, end)."""
+    name = "scans-well-formed"
+    count = 0
+    for s in ops:
+        if s.f != "scan" or s.type != "ok":
+            continue
+        count += 1
+        _check(s.start is not None and s.end is not None, "pair_ops validated this op")
+        keys = [k for k, _ in s.result]
+        if any(a >= b for a, b in zip(keys, keys[1:])):
+            return Verdict(name, INVALID, f"{describe_op(s)}: keys not in strictly increasing order", _window([s], by_index))
+        outside = [k for k in keys if not _in_range(k, s.start, s.end)]
+        if outside:
+            return Verdict(name, INVALID, f"{describe_op(s)}: returned {_b(outside[0])} outside its range", _window([s], by_index))
+    return Verdict(name, VALID, f"{count} scans ordered and in range")
+
+
+# --------------------------------------------------------------------------------------------
+# (d) Replicas converge.
+
+
+def check_replicas_converge(digests: Mapping[Any, Mapping[str, str | None]]) -> Verdict:
+    """Every node's digest of each protection group is the same (None: node did not answer)."""
+    name = "replicas-converge"
+    if not digests:
+        return Verdict(name, UNKNOWN, "no digests")
+    differ: list[str] = []
+    silent: list[str] = []
+    for pg in sorted(digests, key=str):
+        per_node = digests[pg]
+        answered = {n: d for n, d in per_node.items() if d is not None}
+        if len(answered) < len(per_node) or not answered:
+            silent.append(f"pg {pg}: no digest from {sorted(n for n, d in per_node.items() if d is None)}")
+        if len(set(answered.values())) > 1:
+            groups: dict[str, list[str]] = {}
+            for n, d in sorted(answered.items()):
+                groups.setdefault(d, []).append(n)
+            parts = "; ".join(f"{d[:12]} on {','.join(ns)}" for d, ns in sorted(groups.items()))
+            differ.append(f"pg {pg}: {parts}")
+    if differ:
+        return Verdict(name, INVALID, f"{len(differ)} PGs differ: " + " | ".join(differ[:DETAIL_KEYS_MAX]))
+    if silent:
+        return Verdict(name, UNKNOWN, " | ".join(silent[:DETAIL_KEYS_MAX]))
+    return Verdict(name, VALID, f"{len(digests)} PGs identical on every node")
+
+
+# --------------------------------------------------------------------------------------------
+# Running and presenting.
+
+
+def _entries_of(history: History | Sequence[Entry]) -> tuple[Entry, ...]:
+    return history.entries() if isinstance(history, History) else tuple(history)
+
+
+def _paired(history: History | Sequence[Entry]) -> tuple[tuple[Op, ...], dict[int, Entry]]:
+    entries = _entries_of(history)
+    return pair_ops(entries), {e.index: e for e in entries}
+
+
+def check_linearizable(
+    history: History | Sequence[Entry],
+    *,
+    time_budget_s: float = TIME_BUDGET_S_DEFAULT,
+    clock: Callable[[], float] = time.monotonic,
+    cache_max: int = CACHE_ENTRIES_MAX,
+) -> Verdict:
+    ops, by_index = _paired(history)
+    return _linearizable(ops, by_index, clock() + time_budget_s, clock, cache_max)
+
+
+def check_no_lost_writes(history: History | Sequence[Entry]) -> Verdict:
+    return _no_lost_writes(*_paired(history))
+
+
+def check_batches_atomic(history: History | Sequence[Entry]) -> Verdict:
+    return _batches_atomic(*_paired(history))
+
+
+def check_scans_well_formed(history: History | Sequence[Entry]) -> Verdict:
+    return _scans_well_formed(*_paired(history))
+
+
+def check_all(
+    history: History | Sequence[Entry],
+    *,
+    time_budget_s: float = TIME_BUDGET_S_DEFAULT,
+    clock: Callable[[], float] = time.monotonic,
+    digests: Mapping[Any, Mapping[str, str | None]] | None = None,
+    cache_max: int = CACHE_ENTRIES_MAX,
+) -> list[Verdict]:
+    """Every check of a history (and of replica digests when given)."""
+    deadline_s = clock() + time_budget_s
+    entries = _entries_of(history)
+    try:
+        ops = pair_ops(entries)
+    except AssertionError as e:
+        out = [Verdict("history-well-formed", INVALID, str(e))]
+        out += [Verdict(n, UNKNOWN, "history is malformed") for n in
+                ("scans-well-formed", "linearizable", "no-lost-writes", "batches-atomic")]
+        return out
+    by_index = {e.index: e for e in entries}
+    verdicts = [
+        Verdict("history-well-formed", VALID, f"{len(entries)} entries, {len(ops)} ops"),
+        _scans_well_formed(ops, by_index),
+        _linearizable(ops, by_index, deadline_s, clock, cache_max),
+        _no_lost_writes(ops, by_index),
+        _batches_atomic(ops, by_index),
+    ]
+    if digests is not None:
+        verdicts.append(check_replicas_converge(digests))
+    return verdicts
+
+
+def render_table(verdicts: Sequence[Verdict], *, detail_chars_max: int = 160, window: bool = True) -> str:
+    """A table for people: check | verdict | detail, then the window of each invalid check."""
+    rows = [("check", "verdict", "detail")] + [
+        (v.name, v.result, v.detail if len(v.detail) <= detail_chars_max else v.detail[: detail_chars_max - 3] + "...")
+        for v in verdicts
+    ]
+    w0 = max(len(r[0]) for r in rows)
+    w1 = max(len(r[1]) for r in rows)
+    lines = [f"{a:<{w0}} | {b:<{w1}} | {c}" for a, b, c in rows]
+    lines.insert(1, f"{'-' * w0}-+-{'-' * w1}-+-{'-' * 6}")
+    lines.append(f"overall: {overall(verdicts)}")
+    if window:
+        for v in verdicts:
+            if v.window:
+                lines.append(f"window of {v.name} ({len(v.window)} entries):")
+                lines += ["  " + json.dumps(entry_to_dict(e), sort_keys=True) for e in v.window]
+    return "\n".join(lines)
+
+
+def verdicts_to_json(verdicts: Sequence[Verdict]) -> str:
+    return json.dumps(
+        {"overall": overall(verdicts), "verdicts": [v.to_dict() for v in verdicts]},
+        sort_keys=True,
+        indent=1,
+    )

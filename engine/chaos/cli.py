@@ -1,0 +1,145 @@
+"""`sixfold chaos`: fault-injection runs from the command line.
+
+    sixfold chaos --target embedded --duration 60 --seed 7 --clients 8 --faults kill,pause,partition,az,az+1,corrupt,writer-crash,slow
+    sixfold chaos --target cluster --duration 60 --seed 7      # real processes in a temp folder
+    sixfold chaos --target sim --seed 7                        # deterministic: same seed, same history
+    sixfold chaos --target sim --seeds 1-200                   # many seeds; lists the failing ones
+
+Exit code 0 when every check is valid (or unknown), 1 when any check is invalid, 2 bad usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+from engine.chaos.plan import FAULT_NAMES
+from engine.chaos.runner import TARGETS, RunConfig, render, run
+
+EXIT_OK, EXIT_INVALID, EXIT_USAGE = 0, 1, 2
+
+
+def _seeds(text: str) -> list[int]:
+    out: list[int] = []
+    for part in text.split(","):
+        if "-" in part:
+            a, b = part.split("-", 1)
+            out.extend(range(int(a), int(b) + 1))
+        elif part:
+            out.append(int(part))
+    if not out or len(out) > 100_000:
+        raise argparse.ArgumentTypeError("give seeds like 7, 1-200 or 1,5,9")
+    return out
+
+
+def _faults(text: str) -> tuple[str, ...]:
+    names = tuple(x.strip() for x in text.split(",") if x.strip())
+    bad = [n for n in names if n not in FAULT_NAMES]
+    if bad:
+        raise argparse.ArgumentTypeError(f"unknown fault(s) {bad}; choose from {', '.join(FAULT_NAMES)}")
+    return names
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "chaos",
+        help="fault-injection run: workload + faults, then check the history",
+        description=(
+            "Drive a workload of puts, gets, deletes, batches and scans on a few hot keys while a nemesis "
+            "kills, pauses, partitions and corrupts; record every operation; then check the history: "
+            "linearizable per key, no acknowledged write lost, replicas converge, batches atomic. "
+            "Faults stay inside what the protocol promises to survive (at most an AZ plus one node "
+            "impaired) unless --unbounded. The run folder gets plan.json, history.jsonl and report.json."
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__,
+    )
+    p.add_argument("--target", choices=TARGETS, default="sim",
+                   help="sim: deterministic single-thread simulation; embedded: real threads in this process; "
+                   "cluster: real processes and signals (default: sim)")
+    p.add_argument("--seed", type=int, default=1, help="seed of the plan and workload (default 1); printed, so a run replays")
+    p.add_argument("--seeds", type=_seeds, help="many seeds, e.g. 1-200 (sim is fastest); prints a table and the failing seeds")
+    p.add_argument("--duration", type=float, default=None,
+                   help="seconds of workload (simulated seconds for sim; default 10, 5 for sim)")
+    p.add_argument("--clients", type=int, default=4, help="concurrent clients (default 4)")
+    p.add_argument("--keys", type=int, default=8, help="hot keys (default 8)")
+    p.add_argument("--faults", type=_faults, default=FAULT_NAMES,
+                   help=f"comma-separated fault families (default: all): {','.join(FAULT_NAMES)}")
+    p.add_argument("--unbounded", action="store_true", help="let faults exceed the failure budget (then only safety is checked)")
+    p.add_argument("--ops-max", type=int, default=20_000, help="bound on operations (default 20000)")
+    p.add_argument("--out", metavar="DIR", help="run folder (default: a new folder under the system temp dir)")
+    p.add_argument("--check-budget", type=float, default=30.0, help="seconds the linearizability search may take (then: unknown)")
+    p.add_argument("--weaken", choices=("read-any", "write-quorum-2"),
+                   help="TEST ONLY: run a deliberately broken protocol; the checks must say invalid")
+    p.add_argument("--base-port", type=int, default=7600, help="first port of the cluster target (default 7600)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=cmd_chaos)
+
+
+def _config(args, seed: int) -> RunConfig:
+    duration = args.duration if args.duration is not None else (5.0 if args.target == "sim" else 10.0)
+    return RunConfig(
+        target=args.target, seed=seed, duration_s=duration, clients=args.clients, keys=args.keys,
+        faults=tuple(args.faults), unbounded=args.unbounded, ops_max=args.ops_max,
+        check_budget_s=args.check_budget, weaken=args.weaken, base_port=args.base_port,
+    )
+
+
+def cmd_chaos(args) -> int:
+    if args.clients < 1 or args.keys < 1 or (args.duration is not None and args.duration <= 0):
+        print("sixfold chaos: --clients, --keys and --duration must be positive", file=sys.stderr)
+        return EXIT_USAGE
+    root = args.out or tempfile.mkdtemp(prefix=f"sixfold-chaos-{args.target}-")
+    if args.seeds:
+        return _many(args, root)
+    config = _config(args, args.seed)
+    live = sys.stderr.isatty() and not args.json
+
+    def progress(line: str) -> None:
+        if live:
+            print("\r" + line, end="", file=sys.stderr, flush=True)
+        elif not args.json:
+            print(line, file=sys.stderr, flush=True)
+
+    print(f"sixfold chaos: target {config.target}, seed {config.seed}, {config.duration_s:g} s, "
+          f"{config.clients} clients, faults {','.join(config.faults)}; run folder {root}", file=sys.stderr)
+    result = run(config, root, progress=progress)
+    if live:
+        print(file=sys.stderr)
+    if args.json:
+        print(json.dumps(result.report(), indent=2, sort_keys=True, default=str))
+    else:
+        c = result.counts
+        print(f"seed {config.seed} | {result.seconds:.1f} s | ops {c['ok']:,} ok / {c['fail']:,} failed / "
+              f"{c['indeterminate']:,} indeterminate | faults {result.stats.get('faults_applied', 0)}")
+        print(render(result))
+        print(f"history: {os.path.join(root, 'history.jsonl')}   report: {os.path.join(root, 'report.json')}")
+    return EXIT_INVALID if result.overall == "invalid" else EXIT_OK
+
+
+def _many(args, root: str) -> int:
+    rows, failing = [], []
+    t0 = time.monotonic()
+    for i, seed in enumerate(args.seeds):
+        config = _config(args, seed)
+        result = run(config, os.path.join(root, f"seed-{seed}"))
+        rows.append({"seed": seed, "overall": result.overall, "ops": sum(result.counts.values()),
+                     "seconds": round(result.seconds, 2)})
+        if result.overall == "invalid":
+            failing.append(seed)
+        if not args.json:
+            print(f"\r[{i + 1}/{len(args.seeds)}] seed {seed}: {result.overall} ({time.monotonic() - t0:.0f} s, "
+                  f"{len(failing)} failing)", end="", file=sys.stderr, flush=True)
+    if args.json:
+        print(json.dumps({"runs": rows, "failing": failing, "out_dir": root}, indent=2))
+    else:
+        print(file=sys.stderr)
+        print(f"{'seed':>6}  {'verdict':8} {'ops':>7} {'seconds':>8}")
+        for r in rows:
+            print(f"{r['seed']:>6}  {r['overall']:8} {r['ops']:>7} {r['seconds']:>8}")
+        print(f"{len(rows)} seeds, {len(failing)} failing: {failing if failing else 'none'}   (runs under {root})")
+    return EXIT_INVALID if failing else EXIT_OK

@@ -1,0 +1,662 @@
+"""Fault plans: the nemesis schedule of a fault-injection run, written down as data.
+
+Theory of operation
+-------------------
+The faults of a run are decided before it starts, from a seed, and written down as a `FaultPlan`:
+a time-sorted tuple of `FaultEvent`s, each one "`at_s` seconds into the run, do `kind` to
+`targets` with `params`". A runner (the nemesis) replays the plan against a simulated or real
+cluster. This module does no I/O, reads no clock and draws randomness only from the seed it is
+given, so a plan can be printed, saved as JSON, diffed and replayed exactly: a failure found by a
+run is reproduced from its seed (FoundationDB, Jepsen).
+
+Event kinds and what heals them (`HEALED_BY`):
+
+| fault          | targets                      | params                          | healed by |
+|----------------|------------------------------|---------------------------------|-----------|
+| kill           | nodes (SIGKILL)              |                                 | restart   |
+| pause          | nodes (SIGSTOP)              |                                 | resume    |
+| partition      | nodes cut off from "writer"  | groups: endpoints per side      | heal      |
+| az_down        | both nodes of the AZ         | az                              | az_up     |
+| corrupt        | one node                     | seed, bits (which record/bits)  | scrub     |
+| writer_crash   | ("writer",)                  | down_s (crash, then recover)    | itself    |
+| slow           | nodes (all their links)      | delay_ms                        | unslow    |
+| drop/duplicate/reorder/delay | nodes (all their links) | probability (delay: delay_ms) | clear |
+
+A partition says who cannot reach whom: `groups` is a tuple of disjoint groups of endpoints that
+together name every node and the endpoint "writer"; messages cross no group boundary. A new
+partition replaces the current one and `heal` reconnects everything. `clear` with no targets
+clears every message fault. `scrub` is the healing half of `corrupt`: the runner makes the node
+scrub now (drop the corrupt record and refetch it from peers), so the plan knows when the
+corruption stops counting against the budget instead of guessing a scrub interval.
+
+Failure budget. By default a plan stays inside what the protocol promises to survive, so every
+failure a run finds is a real bug (TIGER_STYLE): after every event at most `IMPAIRED_MAX` = 3 of
+the 6 segments are impaired, where a node is impaired while it is down, paused, cut off from the
+writer, holding an unrepaired corrupt record, or losing messages (`drop`). An AZ plus one more
+node ("az+1") is exactly 3. Message duplication, reordering, delay and slow links impair nothing:
+they change timing, never what arrives. `unbounded=True` lifts the budget (then only safety can
+be checked). Either way every fault is healed by `healed_at_s`, and the last quarter of the run
+(`TAIL_FRACTION`) is a healing period with no events, so final checks run at full health.
+
+The generator works in *episodes*: a fault, its healing event and the resources it holds
+(a node's process, its links, the partition, the writer). An episode is accepted only if no
+accepted episode holds one of its resources at an overlapping time (so a restart never revives a
+node that another episode still wants down) and the budget holds at every instant. Times are
+rounded to milliseconds so the JSON round trip is exact. At equal times healing events sort
+before faults, which is also the order the budget is computed in.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping
+
+from engine.core.constants import READ_QUORUM, REPLICAS, WRITE_QUORUM
+from engine.errors import InvalidArgument
+
+WRITER = "writer"
+
+#: Node ids and their AZs when the caller names none: two nodes in each of three AZs.
+DEFAULT_NODES: tuple[tuple[str, str], ...] = (
+    ("n1", "a"),
+    ("n2", "a"),
+    ("n3", "b"),
+    ("n4", "b"),
+    ("n5", "c"),
+    ("n6", "c"),
+)
+
+#: Segments that may be impaired at once: an AZ and one more node. Writes may stop there
+#: (fewer than WRITE_QUORUM left) but reads and recovery still have a read quorum.
+IMPAIRED_MAX = 3
+if not (REPLICAS - IMPAIRED_MAX >= READ_QUORUM):
+    raise AssertionError("the failure budget must leave a read quorum")
+if not (REPLICAS - IMPAIRED_MAX < WRITE_QUORUM <= REPLICAS - (IMPAIRED_MAX - 1)):
+    raise AssertionError("the budget is 'AZ+1': one node fewer would keep writes going")
+
+#: fault kind -> the kind that heals it (None: the event heals itself).
+HEALED_BY: dict[str, str | None] = {
+    "kill": "restart",
+    "pause": "resume",
+    "partition": "heal",
+    "az_down": "az_up",
+    "corrupt": "scrub",
+    "writer_crash": None,
+    "slow": "unslow",
+    "drop": "clear",
+    "duplicate": "clear",
+    "reorder": "clear",
+    "delay": "clear",
+}
+HEAL_KINDS: frozenset[str] = frozenset(k for k in HEALED_BY.values() if k is not None)
+FAULT_KINDS: frozenset[str] = frozenset(HEALED_BY)
+KINDS: frozenset[str] = FAULT_KINDS | HEAL_KINDS
+MESSAGE_KINDS: tuple[str, ...] = ("drop", "duplicate", "reorder", "delay")
+
+#: Fault names as the CLI spells them (`sixfold chaos --faults kill,az+1,net`).
+FAULT_NAMES: tuple[str, ...] = (
+    "kill",
+    "pause",
+    "partition",
+    "az",
+    "az+1",
+    "corrupt",
+    "writer-crash",
+    "slow",
+    "net",
+)
+
+#: The run starts with this fraction of quiet time (the workload warms up) and ends with
+#: TAIL_FRACTION of healing time (repair catches up before the final reads).
+LEAD_FRACTION = 0.05
+TAIL_FRACTION = 0.25
+#: An episode lasts this fraction of the active window, at least and at most.
+EPISODE_FRACTION_MIN = 0.05
+EPISODE_FRACTION_MAX = 0.30
+#: Mean gap between episode starts, as a fraction of the active window.
+GAP_FRACTION_MEAN = 0.08
+#: Bounds on the generator's loops: episodes tried, and targets tried per episode.
+EPISODES_MAX = 256
+ATTEMPTS_MAX = 4
+DURATION_S_MAX = 7 * 24 * 3600.0
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise InvalidArgument(message)
+
+
+def _freeze(value: Any) -> Any:
+    """Turn JSON-like parameter values into hashable ones (lists become tuples)."""
+    if isinstance(value, (list, tuple)):
+        return tuple(_freeze(v) for v in value)
+    _require(
+        value is None or isinstance(value, (bool, int, float, str)),
+        f"a fault parameter must be a number, string, bool or a list of them, not {value!r}",
+    )
+    return value
+
+
+def _thaw(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return [_thaw(v) for v in value]
+    return value
+
+
+def _ms(t: float) -> float:
+    return round(t, 3)
+
+
+@dataclass(frozen=True)
+class FaultEvent:
+    """At `at_s` seconds into the run, do `kind` to `targets`.
+
+    `params` is a sorted tuple of (name, value) pairs; a mapping is accepted and normalised, so
+    `FaultEvent(1.0, "slow", ("n1",), {"delay_ms": 50})` works. Values are JSON scalars or
+    (nested) tuples of them."""
+
+    at_s: float
+    kind: str
+    targets: tuple[str, ...] = ()
+    params: tuple[tuple[str, Any], ...] = ()
+
+    def __post_init__(self) -> None:
+        _require(self.kind in KINDS, f"unknown fault kind {self.kind!r}; known: {sorted(KINDS)}")
+        at_s = float(self.at_s)
+        _require(math.isfinite(at_s) and at_s >= 0.0, f"at_s must be a time >= 0, not {self.at_s!r}")
+        targets = (self.targets,) if isinstance(self.targets, str) else tuple(self.targets)
+        _require(all(isinstance(t, str) for t in targets), f"targets must be names: {targets!r}")
+        items = self.params.items() if isinstance(self.params, Mapping) else self.params
+        params = tuple(sorted((str(k), _freeze(v)) for k, v in items))
+        names = [k for k, _ in params]
+        _require(len(names) == len(set(names)), f"a parameter is given twice: {names}")
+        object.__setattr__(self, "at_s", at_s)
+        object.__setattr__(self, "targets", targets)
+        object.__setattr__(self, "params", params)
+
+    def param(self, name: str, default: Any = None) -> Any:
+        for k, v in self.params:
+            if k == name:
+                return v
+        return default
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "at_s": self.at_s,
+            "kind": self.kind,
+            "targets": list(self.targets),
+            "params": {k: _thaw(v) for k, v in self.params},
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "FaultEvent":
+        _require(isinstance(d, Mapping), f"a fault event is a JSON object, not {d!r}")
+        return cls(
+            at_s=d["at_s"],
+            kind=d["kind"],
+            targets=tuple(d.get("targets", ())),
+            params=d.get("params", {}),
+        )
+
+
+def _event_order(event: FaultEvent) -> tuple[float, int]:
+    # Healing first at equal times: the budget is computed in this order, and a runner that
+    # restarts n1 and kills n2 at the same instant never has both down.
+    return (event.at_s, 0 if event.kind in HEAL_KINDS else 1)
+
+
+@dataclass(frozen=True)
+class FaultPlan:
+    """A whole run's faults: `events` sorted by time, all within `duration_s`.
+
+    `nodes` maps node id to AZ (a mapping is accepted and normalised to sorted pairs); `faults`
+    records the CLI fault names it was generated from; `unbounded` says whether the failure
+    budget was lifted (a checker then asserts safety only)."""
+
+    seed: int
+    duration_s: float
+    events: tuple[FaultEvent, ...] = ()
+    nodes: tuple[tuple[str, str], ...] = DEFAULT_NODES
+    faults: tuple[str, ...] = ()
+    unbounded: bool = False
+
+    def __post_init__(self) -> None:
+        duration_s = float(self.duration_s)
+        _require(0.0 < duration_s <= DURATION_S_MAX, f"duration_s must be in (0, {DURATION_S_MAX}]")
+        nodes_items = self.nodes.items() if isinstance(self.nodes, Mapping) else self.nodes
+        nodes = tuple(sorted((str(n), str(az)) for n, az in nodes_items))
+        _require(len({n for n, _ in nodes}) == len(nodes), "a node is named twice")
+        _require(all(n != WRITER for n, _ in nodes), f"{WRITER!r} is the writer, not a node")
+        events = tuple(self.events)
+        _require(all(isinstance(e, FaultEvent) for e in events), "events must be FaultEvents")
+        _require(
+            all(_event_order(a) <= _event_order(b) for a, b in zip(events, events[1:])),
+            "events must be sorted by time (healing first at equal times)",
+        )
+        _require(all(e.at_s <= duration_s for e in events), "an event lies after the end of the run")
+        object.__setattr__(self, "duration_s", duration_s)
+        object.__setattr__(self, "nodes", nodes)
+        object.__setattr__(self, "events", events)
+        object.__setattr__(self, "faults", tuple(sorted(self.faults)))
+        object.__setattr__(self, "seed", int(self.seed))
+        object.__setattr__(self, "unbounded", bool(self.unbounded))
+
+    def node_azs(self) -> dict[str, str]:
+        return dict(self.nodes)
+
+    @property
+    def healed_at_s(self) -> float:
+        """When the last event happens (every fault of a valid plan is healed by then)."""
+        last = 0.0
+        for e in self.events:
+            end = e.at_s + float(e.param("down_s", 0.0)) if e.kind == "writer_crash" else e.at_s
+            last = max(last, end)
+        return last
+
+    def describe(self) -> str:
+        """The plan for people: a header with the seed (to replay it) and one line per event."""
+        head = (
+            f"fault plan seed={self.seed} duration_s={self.duration_s} faults={','.join(self.faults) or '-'} "
+            f"unbounded={self.unbounded} events={len(self.events)} max_impaired={max_impaired(self)} "
+            f"healed_at_s={self.healed_at_s}"
+        )
+        lines = [head]
+        for e in self.events:
+            params = " ".join(f"{k}={v}" for k, v in e.params)
+            lines.append(f"  {e.at_s:>10.3f}s {e.kind:<12} {','.join(e.targets) or '-':<20} {params}".rstrip())
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "seed": self.seed,
+            "duration_s": self.duration_s,
+            "nodes": dict(self.nodes),
+            "faults": list(self.faults),
+            "unbounded": self.unbounded,
+            "events": [e.to_dict() for e in self.events],
+        }
+
+    def to_json(self) -> str:
+        """Deterministic JSON: sorted keys, so equal plans give equal text."""
+        return json.dumps(self.to_dict(), sort_keys=True, indent=1)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "FaultPlan":
+        _require(isinstance(d, Mapping), "a fault plan is a JSON object")
+        return cls(
+            seed=d["seed"],
+            duration_s=d["duration_s"],
+            events=tuple(FaultEvent.from_dict(e) for e in d.get("events", ())),
+            nodes=d.get("nodes", dict(DEFAULT_NODES)),
+            faults=tuple(d.get("faults", ())),
+            unbounded=d.get("unbounded", False),
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> "FaultPlan":
+        try:
+            d = json.loads(text)
+        except ValueError as e:
+            raise InvalidArgument(f"a fault plan must be JSON: {e}") from None
+        return cls.from_dict(d)
+
+
+# --------------------------------------------------------------------------------------------
+# Replay: what is impaired after each event. The same rules serve validation and the generator.
+
+
+@dataclass(frozen=True)
+class Health:
+    """The cluster as the plan leaves it after one event."""
+
+    at_s: float
+    kind: str
+    down: frozenset[str]
+    paused: frozenset[str]
+    isolated: frozenset[str]  # cut off from the writer by a partition
+    corrupted: frozenset[str]
+    dropping: frozenset[str]
+    other_faults: frozenset[str]  # slow, duplicate, reorder, delay: timing only
+    writer_down_until_s: float
+
+    @property
+    def impaired(self) -> frozenset[str]:
+        return self.down | self.paused | self.isolated | self.corrupted | self.dropping
+
+    @property
+    def healthy(self) -> bool:
+        return not (self.impaired or self.other_faults)
+
+
+def replay(plan: FaultPlan) -> tuple[Health, ...]:
+    """Apply the events in order and return the cluster's health after each one."""
+    azs = plan.node_azs()
+    down: set[str] = set()
+    az_down: set[str] = set()
+    paused: set[str] = set()
+    isolated: set[str] = set()
+    corrupted: set[str] = set()
+    message: dict[str, set[str]] = {k: set() for k in MESSAGE_KINDS}
+    slowed: set[str] = set()
+    writer_down_until_s = 0.0
+    out: list[Health] = []
+    for e in plan.events:
+        targets = set(e.targets)
+        if e.kind == "kill":
+            down |= targets
+        elif e.kind == "restart":
+            down -= targets
+        elif e.kind == "pause":
+            paused |= targets
+        elif e.kind == "resume":
+            paused -= targets
+        elif e.kind == "az_down":
+            az_down |= {n for n, az in azs.items() if az == e.param("az")} | targets
+        elif e.kind == "az_up":
+            az_down -= {n for n, az in azs.items() if az == e.param("az")} | targets
+        elif e.kind == "partition":
+            groups = e.param("groups", ())
+            writer_side = next((set(g) for g in groups if WRITER in g), set())
+            isolated = set(azs) - writer_side
+        elif e.kind == "heal":
+            isolated = set()
+        elif e.kind == "corrupt":
+            corrupted |= targets
+        elif e.kind == "scrub":
+            corrupted -= targets
+        elif e.kind in MESSAGE_KINDS:
+            message[e.kind] |= targets
+        elif e.kind == "clear":
+            for s in message.values():
+                if targets:
+                    s -= targets
+                else:
+                    s.clear()
+        elif e.kind == "slow":
+            slowed |= targets
+        elif e.kind == "unslow":
+            slowed -= targets
+        elif e.kind == "writer_crash":
+            writer_down_until_s = max(writer_down_until_s, e.at_s + float(e.param("down_s", 0.0)))
+        else:  # pragma: no cover - FaultEvent validates kinds
+            raise AssertionError(f"unhandled kind {e.kind}")
+        others = slowed | message["duplicate"] | message["reorder"] | message["delay"]
+        out.append(
+            Health(
+                at_s=e.at_s,
+                kind=e.kind,
+                down=frozenset(down | az_down),
+                paused=frozenset(paused),
+                isolated=frozenset(isolated),
+                corrupted=frozenset(corrupted),
+                dropping=frozenset(message["drop"]),
+                other_faults=frozenset(others),
+                writer_down_until_s=writer_down_until_s,
+            )
+        )
+    return tuple(out)
+
+
+def max_impaired(plan: FaultPlan) -> int:
+    """The most segments impaired at any instant of the plan."""
+    return max((len(h.impaired) for h in replay(plan)), default=0)
+
+
+def validate_plan(plan: FaultPlan) -> list[str]:
+    """Problems with a plan, as sentences; an empty list means the plan is fit to run."""
+    problems: list[str] = []
+    azs = plan.node_azs()
+    endpoints = set(azs) | {WRITER}
+    for e in plan.events:
+        unknown = [t for t in e.targets if t not in endpoints]
+        if unknown:
+            problems.append(f"{e.kind} at {e.at_s}s names unknown endpoints {unknown}")
+        if e.kind == "partition":
+            groups = e.param("groups", ())
+            named = [m for g in groups for m in g]
+            if sorted(named) != sorted(endpoints):
+                problems.append(f"partition at {e.at_s}s must name every endpoint exactly once")
+        if e.kind in ("az_down", "az_up") and e.param("az") not in set(azs.values()):
+            problems.append(f"{e.kind} at {e.at_s}s names unknown AZ {e.param('az')!r}")
+    health = replay(plan)
+    if health and not health[-1].healthy:
+        h = health[-1]
+        problems.append(
+            f"faults are not healed by the end: impaired {sorted(h.impaired)}, "
+            f"slow or message faults on {sorted(h.other_faults)}"
+        )
+    if plan.healed_at_s >= plan.duration_s and plan.events:
+        problems.append("the plan must end with a healing period (events stop before the end)")
+    if not plan.unbounded:
+        for h in health:
+            if len(h.impaired) > IMPAIRED_MAX:
+                problems.append(
+                    f"after {h.kind} at {h.at_s}s {len(h.impaired)} segments are impaired "
+                    f"({sorted(h.impaired)}), more than the budget of {IMPAIRED_MAX}"
+                )
+                break
+    return problems
+
+
+def pick_corruption(event: FaultEvent, record_count: int, record_bytes: int) -> tuple[int, tuple[int, ...]]:
+    """Which record (index into the node's records in key order) and which bits to flip.
+
+    The plan cannot know what a node stores, so a `corrupt` event carries a seed and the runner
+    calls this with what it found: the same plan and the same store corrupt the same bits."""
+    if event.kind != "corrupt":
+        raise AssertionError(f"pick_corruption wants a corrupt event, not {event.kind}")
+    if not (record_count > 0 and record_bytes > 0):
+        raise AssertionError("there must be a record with bytes to corrupt")
+    rng = random.Random(int(event.param("seed", 0)))
+    index = rng.randrange(record_count)
+    bits = max(1, int(event.param("bits", 1)))
+    offsets = sorted(rng.sample(range(record_bytes * 8), min(bits, record_bytes * 8)))
+    return index, tuple(offsets)
+
+
+# --------------------------------------------------------------------------------------------
+# The generator.
+
+
+@dataclass(frozen=True)
+class _Episode:
+    events: tuple[FaultEvent, ...]
+    locks: tuple[tuple[str, float, float], ...]  # (resource, from_s, to_s), closed interval
+    impaired: tuple[tuple[str, float, float], ...] = field(default=())  # (node, from_s, to_s), half-open
+
+
+def _fits(candidate: _Episode, accepted: list[_Episode], budget: int) -> bool:
+    for resource, s, e in candidate.locks:
+        for other in accepted:
+            for r2, s2, e2 in other.locks:
+                if r2 == resource and s <= e2 and s2 <= e:
+                    return False
+    intervals = [iv for ep in accepted for iv in ep.impaired] + list(candidate.impaired)
+    # The count of impaired nodes only grows at an interval's start, so checking every start
+    # checks every instant.
+    for _, p, _ in candidate.impaired + tuple(iv for ep in accepted for iv in ep.impaired):
+        nodes = {n for n, s, e in intervals if s <= p < e}
+        if len(nodes) > budget:
+            return False
+    return True
+
+
+class _Builder:
+    """Draws one episode of a named fault from the rng; all choices go through `self.rng`."""
+
+    def __init__(self, rng: random.Random, nodes: Mapping[str, str], unbounded: bool) -> None:
+        self.rng = rng
+        self.nodes = sorted(nodes)
+        self.azs = sorted(set(nodes.values()))
+        self.az_nodes = {az: sorted(n for n, a in nodes.items() if a == az) for az in self.azs}
+        self.unbounded = unbounded
+
+    def count(self, bounded_choices: tuple[int, ...], unbounded_max: int) -> int:
+        if self.unbounded:
+            return self.rng.randint(1, min(unbounded_max, len(self.nodes)))
+        return min(self.rng.choice(bounded_choices), len(self.nodes))
+
+    def pair(self, fault: str, heal: str, targets: list[str], s: float, e: float, impairs: bool,
+             params: Mapping[str, Any] | None = None, lock: str = "proc",
+             heal_params: Mapping[str, Any] | None = None) -> _Episode:
+        ts = tuple(sorted(targets))
+        return _Episode(
+            events=(FaultEvent(s, fault, ts, params or {}), FaultEvent(e, heal, ts, heal_params or {})),
+            locks=tuple((f"{lock}:{t}", s, e) for t in ts),
+            impaired=tuple((t, s, e) for t in ts) if impairs else (),
+        )
+
+    def build(self, name: str, s: float, e: float) -> _Episode | None:
+        rng = self.rng
+        if name in ("kill", "pause"):
+            targets = rng.sample(self.nodes, self.count((1, 1, 1, 2, 3), 5))
+            heal = "restart" if name == "kill" else "resume"
+            return self.pair(name, heal, targets, s, e, impairs=True)
+        if name == "partition":
+            return self.partition(s, e)
+        if name == "az":
+            az = rng.choice(self.azs)
+            params = {"az": az}
+            return self.pair("az_down", "az_up", self.az_nodes[az], s, e, True, params, heal_params=params)
+        if name == "az+1":
+            return self.az_plus_one(s, e)
+        if name == "corrupt":
+            node = rng.choice(self.nodes)
+            params = {"seed": rng.getrandbits(32), "bits": rng.randint(1, 3)}
+            return self.pair("corrupt", "scrub", [node], s, e, True, params)
+        if name == "writer-crash":
+            down_s = _ms(rng.uniform(0.1, 0.5) * (e - s))
+            if down_s <= 0.0:
+                return None
+            event = FaultEvent(s, "writer_crash", (WRITER,), {"down_s": down_s})
+            return _Episode(events=(event,), locks=((WRITER, s, e),))
+        if name == "slow":
+            node = rng.choice(self.nodes)
+            params = {"delay_ms": rng.choice((5, 20, 50, 200))}
+            return self.pair("slow", "unslow", [node], s, e, False, params, lock="slow")
+        if name == "net":
+            kind = rng.choice(MESSAGE_KINDS)
+            targets = rng.sample(self.nodes, self.count((1, 1, 2), 4))
+            params: dict[str, Any] = {"probability": _ms(rng.uniform(0.05, 0.5))}
+            if kind == "delay":
+                params["delay_ms"] = rng.choice((5, 20, 50, 200))
+            # Only a lost message can leave a segment behind; the others change timing only.
+            return self.pair(kind, "clear", targets, s, e, kind == "drop", params, lock="net")
+        raise AssertionError(f"no builder for fault {name!r}")
+
+    def partition(self, s: float, e: float) -> _Episode:
+        rng = self.rng
+        shape = rng.choice(("minority", "az", "split"))
+        if shape == "az":
+            isolated = self.az_nodes[rng.choice(self.azs)]
+        elif shape == "split":
+            # The writer keeps only half the nodes (3 of 6 when bounded, fewer when not).
+            keep = rng.randint(0, 2) if self.unbounded else len(self.nodes) - IMPAIRED_MAX
+            isolated = sorted(set(self.nodes) - set(rng.sample(self.nodes, keep)))
+        else:
+            isolated = sorted(rng.sample(self.nodes, self.count((1, 1, 2, 3), 6)))
+        writer_side = tuple(sorted([WRITER] + [n for n in self.nodes if n not in isolated]))
+        if rng.random() < 0.5:
+            other_sides = (tuple(isolated),)  # the cut-off nodes still reach each other
+        else:
+            other_sides = tuple((n,) for n in isolated)  # every cut-off node alone
+        groups = (writer_side,) + other_sides
+        episode = _Episode(
+            events=(
+                FaultEvent(s, "partition", tuple(isolated), {"groups": groups}),
+                FaultEvent(e, "heal", ()),
+            ),
+            locks=(("partition", s, e),),
+            impaired=tuple((n, s, e) for n in isolated),
+        )
+        return episode
+
+    def az_plus_one(self, s: float, e: float) -> _Episode | None:
+        rng = self.rng
+        az = rng.choice(self.azs)
+        others = [n for n in self.nodes if n not in self.az_nodes[az]]
+        if not others:
+            return None
+        extra = rng.choice(others)
+        # The extra node fails after the AZ and comes back before it, so for a while exactly
+        # three segments are gone: writes stop, reads and recovery go on.
+        span = e - s
+        s2 = _ms(s + rng.uniform(0.1, 0.3) * span)
+        e2 = _ms(e - rng.uniform(0.1, 0.3) * span)
+        if not (s < s2 < e2 < e):
+            return None
+        heal, fault = ("restart", "kill") if rng.random() < 0.5 else ("resume", "pause")
+        nodes = self.az_nodes[az]
+        return _Episode(
+            events=(
+                FaultEvent(s, "az_down", tuple(nodes), {"az": az}),
+                FaultEvent(s2, fault, (extra,)),
+                FaultEvent(e2, heal, (extra,)),
+                FaultEvent(e, "az_up", tuple(nodes), {"az": az}),
+            ),
+            locks=tuple((f"proc:{n}", s, e) for n in nodes + [extra]),
+            impaired=tuple((n, s, e) for n in nodes) + ((extra, s2, e2),),
+        )
+
+
+def generate_plan(
+    seed: int,
+    duration_s: float,
+    faults: Iterable[str],
+    nodes: Mapping[str, str] | None = None,
+    unbounded: bool = False,
+) -> FaultPlan:
+    """A timed sequence of faults, the same for the same arguments.
+
+    `faults` names fault families as the CLI does (`FAULT_NAMES`). Unless `unbounded`, at most
+    `IMPAIRED_MAX` segments are impaired at any instant; either way every fault is healed before
+    the last `TAIL_FRACTION` of the run."""
+    wanted = sorted(set(faults))
+    unknown = [f for f in wanted if f not in FAULT_NAMES]
+    _require(not unknown, f"unknown fault names {unknown}; known: {list(FAULT_NAMES)}")
+    node_map = dict(DEFAULT_NODES) if nodes is None else {str(n): str(a) for n, a in nodes.items()}
+    _require(len(node_map) >= 1, "a plan needs nodes")
+    duration_s = float(duration_s)
+    _require(0.0 < duration_s <= DURATION_S_MAX, f"duration_s must be in (0, {DURATION_S_MAX}]")
+
+    rng = random.Random(seed)
+    lead_s = duration_s * LEAD_FRACTION
+    # Rounded down, so the healing period is never shorter than promised.
+    faults_end_s = math.floor(duration_s * (1.0 - TAIL_FRACTION) * 1000.0) / 1000.0
+    active_s = faults_end_s - lead_s
+    budget = len(node_map) if unbounded else IMPAIRED_MAX
+    builder = _Builder(rng, node_map, unbounded)
+    accepted: list[_Episode] = []
+    t = lead_s
+    for _ in range(EPISODES_MAX if wanted else 0):
+        t += rng.expovariate(1.0 / (GAP_FRACTION_MEAN * active_s))
+        if t >= faults_end_s:
+            break
+        name = rng.choice(wanted)
+        for _ in range(ATTEMPTS_MAX):
+            length = rng.uniform(EPISODE_FRACTION_MIN, EPISODE_FRACTION_MAX) * active_s
+            s, e = _ms(t), _ms(min(t + length, faults_end_s))
+            if e - s < 0.002:
+                break
+            episode = builder.build(name, s, e)
+            if episode is not None and _fits(episode, accepted, budget):
+                accepted.append(episode)
+                break
+
+    keyed = [
+        (_event_order(ev), n, i, ev)
+        for n, ep in enumerate(accepted)
+        for i, ev in enumerate(ep.events)
+    ]
+    keyed.sort(key=lambda x: x[:3])
+    return FaultPlan(
+        seed=seed,
+        duration_s=duration_s,
+        events=tuple(ev for *_, ev in keyed),
+        nodes=tuple(sorted(node_map.items())),
+        faults=tuple(wanted),
+        unbounded=unbounded,
+    )

@@ -1,0 +1,257 @@
+"""Fault-injection runs: a workload against a deployment while a nemesis applies a fault plan.
+
+Theory of operation
+-------------------
+A run is fully described by its `RunConfig` (target, seed, duration, clients, fault families).
+The plan is generated from the seed before anything starts (`engine.chaos.plan`), so the faults
+of a run can be printed and replayed. Then, per target:
+
+* `sim`: `engine.chaos.sim.Simulation`, one thread, simulated time: the same seed gives the
+  same history, byte for byte.
+* `embedded`: the embedded engine with real threads; node faults through `db.cluster`, network
+  faults through the fault-injecting transport wrapped around every in-process transport.
+* `cluster`: real processes started by the launcher in the run folder; SIGKILL / SIGSTOP /
+  SIGCONT through the launcher, corruption through the node's admin RPC, network faults through
+  the fault layer in the nodes' and writer's gRPC clients (admin RPC), when available.
+
+Every run ends the same way: heal everything, wait until the segments converge, read every key
+once at full health, digest every segment of every PG up to VDL, and run the checkers. The run
+folder gets `plan.json`, `history.jsonl` and `report.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+
+from engine.chaos.checker import check_all, overall, render_table
+from engine.chaos.history import History
+from engine.chaos.plan import FaultEvent, FaultPlan, generate_plan
+from engine.chaos.workload import Workload
+from engine.errors import SixfoldError
+
+TARGETS = ("sim", "embedded", "cluster")
+CONVERGE_TIMEOUT_S = 60.0
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    target: str = "sim"
+    seed: int = 1
+    duration_s: float = 10.0
+    clients: int = 4
+    keys: int = 8
+    faults: tuple[str, ...] = ("kill", "pause", "partition", "az", "az+1", "corrupt", "writer-crash", "slow", "net")
+    unbounded: bool = False
+    ops_max: int = 20_000
+    protection_groups: int = 4
+    check_budget_s: float = 30.0
+    #: TEST ONLY: a weakened protocol the checkers must catch ("read-any", "write-quorum-2")
+    weaken: str | None = None
+    base_port: int = 7600
+
+    def __post_init__(self) -> None:
+        assert self.target in TARGETS, self.target
+        assert self.weaken in (None, "read-any", "write-quorum-2"), self.weaken
+
+
+@dataclass
+class RunResult:
+    config: RunConfig
+    out_dir: str
+    verdicts: list
+    counts: dict = field(default_factory=dict)
+    stats: dict = field(default_factory=dict)
+    seconds: float = 0.0
+
+    @property
+    def overall(self) -> str:
+        return overall(self.verdicts)
+
+    def report(self) -> dict:
+        return {
+            "config": asdict(self.config),
+            "overall": self.overall,
+            "verdicts": [v.to_dict() for v in self.verdicts],
+            "counts": self.counts,
+            "stats": self.stats,
+            "seconds": round(self.seconds, 3),
+            "out_dir": self.out_dir,
+        }
+
+
+def _weaken_options(weaken: str | None) -> dict:
+    if weaken == "read-any":
+        return {"unsafe_read_any": True}
+    if weaken == "write-quorum-2":
+        return {"unsafe_write_quorum": 2}
+    return {}
+
+
+def _counts(history: History) -> dict:
+    c = {"ok": 0, "fail": 0, "indeterminate": 0}
+    for e in history.entries():
+        if e.type in c:
+            c[e.type] += 1
+    return c
+
+
+def run(config: RunConfig, out_dir: str, *, progress=None) -> RunResult:
+    """Run one fault-injection run; write plan.json, history.jsonl and report.json to out_dir."""
+    os.makedirs(out_dir, exist_ok=True)
+    # A run starts from an empty volume: data left by an earlier run in this folder would be
+    # values this history never wrote.
+    for leftover in ("data", "cluster"):
+        shutil.rmtree(os.path.join(out_dir, leftover), ignore_errors=True)
+    plan = generate_plan(config.seed, config.duration_s, config.faults, unbounded=config.unbounded)
+    with open(os.path.join(out_dir, "plan.json"), "w") as fh:
+        fh.write(plan.to_json())
+    t0 = time.monotonic()
+    if config.target == "sim":
+        history, digests, stats = _run_sim(config, plan, out_dir, progress)
+    elif config.target == "embedded":
+        history, digests, stats = _run_embedded(config, plan, out_dir, progress)
+    else:
+        history, digests, stats = _run_cluster(config, plan, out_dir, progress)
+    # Simulated time is deterministic; wall-clock times are not, so they are kept only for real runs.
+    history.write_jsonl(os.path.join(out_dir, "history.jsonl"), include_time=True)
+    verdicts = check_all(history, digests=digests, time_budget_s=config.check_budget_s)
+    result = RunResult(config, out_dir, verdicts, _counts(history), stats, time.monotonic() - t0)
+    with open(os.path.join(out_dir, "report.json"), "w") as fh:
+        json.dump(result.report(), fh, indent=2, sort_keys=True, default=str)
+    return result
+
+
+# --- sim ------------------------------------------------------------------------------------
+def _run_sim(config: RunConfig, plan: FaultPlan, out_dir: str, progress):
+    from engine.chaos.sim import Simulation
+
+    sim = Simulation(
+        os.path.join(out_dir, "data"), plan, seed=config.seed, clients=config.clients, keys=config.keys,
+        ops_max=config.ops_max, protection_groups=config.protection_groups, **_weaken_options(config.weaken),
+    )
+    return sim.run()
+
+
+# --- embedded -------------------------------------------------------------------------------
+class _Nemesis(threading.Thread):
+    """Applies the plan's events at their times (relative to `t0`), on its own thread."""
+
+    def __init__(self, plan: FaultPlan, apply, t0: float) -> None:
+        super().__init__(name="nemesis", daemon=True)
+        self.plan, self.apply, self.t0 = plan, apply, t0
+        self.stop = threading.Event()
+        self.applied = 0
+        self.errors: list[str] = []
+
+    def run(self) -> None:
+        for ev in self.plan.events:
+            delay = self.t0 + ev.at_s - time.monotonic()
+            if delay > 0 and self.stop.wait(delay):
+                return
+            try:
+                self.apply(ev)
+            except SixfoldError as e:
+                self.errors.append(f"{ev.kind} {ev.targets}: {e}")
+            self.applied += 1
+
+
+def _progress_line(config: RunConfig, t0: float, workload: Workload, faults_applied: int) -> str:
+    p = workload.progress()
+    return (
+        f"seed {config.seed} | {time.monotonic() - t0:5.1f} s | ops {p.ok:,} ok / {p.fail:,} failed / "
+        f"{p.indeterminate:,} indeterminate | faults {faults_applied}"
+    )
+
+
+def _drive(config: RunConfig, plan: FaultPlan, db, apply, progress):
+    """Run the workload and the nemesis together; return (workload, history, nemesis)."""
+    history = History(clock_ns=time.monotonic_ns)
+    workload = Workload(
+        db, history, config.seed, clients=config.clients, keys=config.keys, duration_s=config.duration_s,
+        ops_max=config.ops_max,
+    )
+    t0 = time.monotonic()
+    nemesis = _Nemesis(plan, apply, t0)
+    nemesis.start()
+    workload.start()
+    while not workload.join(timeout_s=1.0):
+        if progress:
+            progress(_progress_line(config, t0, workload, nemesis.applied))
+    nemesis.stop.set()
+    nemesis.join(timeout=5)
+    if progress:
+        progress(_progress_line(config, t0, workload, nemesis.applied))
+    return workload, history, nemesis
+
+
+def _run_embedded(config: RunConfig, plan: FaultPlan, out_dir: str, progress):
+    from engine.chaos.sim import apply_event, converged, heal_everything, segment_digests
+    from engine.database import Database
+    from engine.embedded import ClusterControl, EmbeddedOptions, EmbeddedVolume
+    from engine.node.service import wait_until
+    from engine.transport.faults import FaultyTransport, NetworkFaults
+    from engine.transport.inprocess import InProcessTransport
+
+    faults = NetworkFaults(seed=config.seed)
+    vol = EmbeddedVolume(
+        os.path.join(out_dir, "data"),
+        EmbeddedOptions(
+            protection_groups=config.protection_groups, write_timeout_s=1.0, gossip_interval_s=0.05,
+            scrub_interval_s=0.2, seed=config.seed, **_weaken_options(config.weaken),
+        ),
+        transport_wrapper=lambda t: FaultyTransport(t, faults),
+    )
+    db = Database(vol, ClusterControl(vol))
+    writer_lock = threading.Lock()
+
+    def reopen_writer() -> None:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                vol.crash_writer()
+                return
+            except SixfoldError:
+                time.sleep(0.2)
+
+    def on_writer_crash(ev: FaultEvent) -> None:
+        with writer_lock:
+            w = vol.writer
+            if w is not None:
+                w.abandon()
+            vol.writer = None
+            time.sleep(float(ev.param("down_s", 0.1)))
+            reopen_writer()
+
+    try:
+        workload, history, nemesis = _drive(config, plan, db, lambda ev: apply_event(ev, vol, faults, on_writer_crash=on_writer_crash), progress)
+        heal_everything(vol, faults)
+        if vol.writer is None:
+            reopen_writer()
+        if vol.writer is not None:
+            try:
+                vol.writer.put(b"\xff-settle", b"x")  # carries the newest VDL hint everywhere
+            except SixfoldError:
+                pass
+        wait_until(lambda: converged(vol), CONVERGE_TIMEOUT_S, 0.1)
+        workload.final_reads()
+        digests = segment_digests(InProcessTransport(vol.registry, "checker"), vol.writer)
+        stats = {"faults_applied": nemesis.applied, "nemesis_errors": nemesis.errors[:20], "faults": dict(faults.counts)}
+    finally:
+        vol.close()
+    return history, digests, stats
+
+
+# --- cluster --------------------------------------------------------------------------------
+def _run_cluster(config: RunConfig, plan: FaultPlan, out_dir: str, progress):
+    from engine.chaos.cluster_target import run_cluster
+
+    return run_cluster(config, plan, out_dir, progress, _drive)
+
+
+def render(result: RunResult) -> str:
+    return render_table(result.verdicts)
