@@ -44,10 +44,10 @@ def pgcl_of(scls: Mapping[str, int], membership: Membership, quorum: int = WRITE
     return min(quorum_point(scls, members, quorum) for members in membership.quorum_sets)
 
 
-def has_write_quorum(nodes: Iterable[str], membership: Membership) -> bool:
+def has_write_quorum(nodes: Iterable[str], membership: Membership, quorum: int = WRITE_QUORUM) -> bool:
     """True if `nodes` include a write quorum of every quorum set."""
     s = set(nodes)
-    return all(len(s.intersection(members)) >= WRITE_QUORUM for members in membership.quorum_sets)
+    return all(len(s.intersection(members)) >= quorum for members in membership.quorum_sets)
 
 
 def has_read_quorum(nodes: Iterable[str], membership: Membership) -> bool:

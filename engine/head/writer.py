@@ -306,7 +306,9 @@ class Writer:
     def _quorum_up(self) -> bool:
         # Recomputed only when a link changes state (caller holds the lock).
         if self._quorum_cache is None:
-            self._quorum_cache = has_write_quorum((n for n, link in self.links.items() if link.up), self.ledger.membership)
+            self._quorum_cache = has_write_quorum(
+                (n for n, link in self.links.items() if link.up), self.ledger.membership, self.ledger.write_quorum
+            )
         return self._quorum_cache
 
     def submit(self, ops: Sequence[tuple[int, bytes, bytes]], *, block: bool = True) -> tuple[int, object]:
