@@ -152,6 +152,7 @@ def main(argv=None):
 
             print("\ncodec twins:")
             codec_rows = codec_bench.run(seconds=min(1.0, args.seconds), seed=args.seed)
+            print(codec_bench.format_table(codec_rows))
         except ImportError as e:
             print(f"\n(codec benchmark unavailable: {e})")
     if args.json:
