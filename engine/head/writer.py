@@ -116,6 +116,7 @@ class _NodeLink:
         self.hint_sent = -1
         self.last_send = 0.0
         self.error = ""
+        self.last_scls: tuple[int, ...] = ()
         self.thread: threading.Thread | None = None
 
 
@@ -447,8 +448,10 @@ class Writer:
                 link.sent_lsn = max(link.sent_lsn, start + len(records) - 1)
                 self.stats["flushes"] += 1
                 self.stats["records_sent"] += len(records)
-            if self.ledger.record_scls(link.id, reply.scls):
-                released = self._release_locked()
+            if reply.scls != link.last_scls:
+                link.last_scls = reply.scls
+                if self.ledger.record_scls(link.id, reply.scls):
+                    released = self._release_locked()
         if released:
             for lock in released:
                 lock.release()

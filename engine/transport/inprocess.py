@@ -25,10 +25,11 @@ class Registry:
             self._nodes[node_id] = node
 
     def get(self, node_id: str):
-        with self._lock:
-            if node_id not in self._nodes:
-                raise NodeNotFound(f"no node {node_id!r} in this volume")
+        # A single dict lookup is atomic under the GIL; the lock only orders writers (set).
+        try:
             return self._nodes[node_id]
+        except KeyError:
+            raise NodeNotFound(f"no node {node_id!r} in this volume") from None
 
     def ids(self) -> list[str]:
         with self._lock:
