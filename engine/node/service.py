@@ -61,6 +61,7 @@ class StorageNode:
         self._threads: list[threading.Thread] = []
         self._scrub_cursor = (0, 0)  # (pg, lsn) where the next scrub step resumes
         self.gossip_fetched_records = 0
+        self._settled_hint: dict[str, int] = {}  # per peer: the VDL hint seen in the previous round
         self.rebuild = {"active": False, "target_records": 0, "fetched_records": 0}
 
     @property
@@ -145,9 +146,11 @@ class StorageNode:
             st.membership is not None and (store.membership is None or st.membership.epoch > store.membership.epoch)
         ):
             store.sync_epoch(store.epoch, st.truncations, st.membership)
-        # Only records at or below the VDL the writer told us are surely missing: anything above
-        # may still be on its way from the writer, and fetching it would race the writer's sends.
-        hint = max(store.hint_lsn, st.hint_lsn)
+        # Only records at or below a VDL the writer told us a round ago are surely missing:
+        # anything newer may still be on its way from the writer, and fetching it would race the
+        # writer's own sends (doubling the writes of every slow node).
+        hint = self._settled_hint.get(peer, 0)
+        self._settled_hint[peer] = max(store.hint_lsn, st.hint_lsn)
         behind = [
             (pg, min(st.scls[pg], hint))
             for pg in range(len(store.scls))
