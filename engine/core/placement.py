@@ -1,20 +1,22 @@
 """Placement: which protection group a key lives in, and which AZ each node is in.
 
 Pure. The key space is striped by a stable hash (CRC32C, not Python's salted `hash`), so every
-process of a cluster and every run agree on it.
+process of a cluster and every run agree on it. It calls google_crc32c directly rather than the
+codec, whose Cython twin locates a shared library at import: placement stays pure.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-from engine.codec import crc32c
+import google_crc32c
+
 from engine.core.types import NodeInfo
 
 
 def protection_group_of(key: bytes, protection_groups: int) -> int:
     """The PG that holds `key`."""
-    return crc32c(key) % protection_groups
+    return google_crc32c.value(key) % protection_groups
 
 
 def azs_of(nodes: Sequence[NodeInfo]) -> dict[str, list[str]]:
