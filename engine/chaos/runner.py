@@ -53,6 +53,8 @@ class RunConfig:
     #: TEST ONLY: a weakened protocol the checkers must catch ("read-any", "write-quorum-2")
     weaken: str | None = None
     base_port: int = 7600
+    #: a hand-written plan (faults as data) instead of one generated from the seed
+    plan: FaultPlan | None = None
 
     def __post_init__(self) -> None:
         assert self.target in TARGETS, self.target
@@ -107,7 +109,7 @@ def run(config: RunConfig, out_dir: str, *, progress=None) -> RunResult:
     # values this history never wrote.
     for leftover in ("data", "cluster"):
         shutil.rmtree(os.path.join(out_dir, leftover), ignore_errors=True)
-    plan = generate_plan(config.seed, config.duration_s, config.faults, unbounded=config.unbounded)
+    plan = config.plan or generate_plan(config.seed, config.duration_s, config.faults, unbounded=config.unbounded)
     with open(os.path.join(out_dir, "plan.json"), "w") as fh:
         fh.write(plan.to_json())
     t0 = time.monotonic()
