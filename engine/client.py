@@ -1,0 +1,346 @@
+"""`engine.connect`: the key-value API of a running cluster, over gRPC to its writer endpoint.
+
+Theory of operation
+-------------------
+`connect(target)` returns the same `Database` as `engine.open`, over a `RemoteBackend` instead
+of an embedded volume: same methods, same inputs checked before anything is sent, same error
+classes (the endpoint sends each error's class name; `engine.transport.convert` raises it again).
+
+A Python gRPC server answers a few thousand small calls a second, far below what the writer's
+group commit can absorb, so the backend never sends one call per operation under load. It uses
+a *boxcar* (`Boxcar`): concurrent `write`s from many threads are coalesced into shared `Write`
+RPCs, concurrent `get`s into shared `GetMany` RPCs. At most `cars_in_flight` RPCs of each kind
+are in flight at a time; whoever arrives while they are busy waits for the next car, which leaves
+as soon as a car returns, carrying everyone who queued meanwhile (up to `car_items_max` items and
+`car_bytes_max` bytes). So a lone caller pays one RPC, and 64 concurrent callers pay a couple of
+RPCs per round trip instead of 64. Every item carries its own status: one bad unit never fails
+its neighbours, and each caller gets its own result or its own exception object.
+
+Writes whose fate is unknown (the connection broke or the deadline passed after the request may
+have reached the endpoint) raise `WriteIndeterminate`; a write refused before it was sent (the
+endpoint cannot be reached at all) raises `Unavailable`.
+"""
+
+from __future__ import annotations
+
+import _thread
+import os
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+
+import grpc
+
+from engine.database import Database
+from engine.errors import Closed, InvalidArgument, SixfoldError, Unavailable
+from engine.head.writer import ReadView
+from engine.proto import kv_pb2, kv_pb2_grpc
+from engine.transport import convert
+from engine.transport.grpc_client import CHANNEL_OPTIONS
+
+#: Defaults of `connect(**options)`.
+CONNECT_TIMEOUT_S = 5.0
+#: RPC deadline of writes and reads; above the endpoint's write timeout (5 s by default), so an
+#: undecided write comes back as the endpoint's own WriteIndeterminate rather than a deadline.
+TIMEOUT_S = 30.0
+SCAN_TIMEOUT_S = 600.0
+CARS_IN_FLIGHT = 1
+#: A car waits at most this long for the callers of the previous car to come back (see Boxcar).
+CAR_LINGER_S = 0.002
+CAR_ITEMS_MAX = 2048
+CAR_BYTES_MAX = 16 << 20
+OP_OVERHEAD_BYTES = 16  # what an op costs in a message besides its key and value
+
+
+class _Slot:
+    """One caller's place in a boxcar: its item, and the lock it sleeps on."""
+
+    __slots__ = ("item", "size", "result", "lock", "drive")
+
+    def __init__(self, item, size: int) -> None:
+        self.item = item
+        self.size = size
+        self.result = None
+        self.drive = False  # this caller sends cars (it holds an in-flight permit)
+        self.lock = _thread.allocate_lock()
+        self.lock.acquire()
+
+
+class Boxcar:
+    """Coalesce concurrent calls into shared RPCs (see the module docstring).
+
+    `send(items) -> results` makes one RPC for a car and returns one result per item, in order:
+    a value, or a SixfoldError for that item. If `send` raises a SixfoldError, every item of the
+    car gets (a fresh copy of) it. The thread that holds an in-flight permit sends cars until its
+    own item is answered, then hands the permit to the oldest waiter, if any.
+    """
+
+    def __init__(
+        self,
+        send: Callable[[list], Sequence],
+        *,
+        cars_in_flight: int = CARS_IN_FLIGHT,
+        items_max: int = CAR_ITEMS_MAX,
+        bytes_max: int = CAR_BYTES_MAX,
+        linger_s: float = CAR_LINGER_S,
+    ) -> None:
+        assert cars_in_flight >= 1 and items_max >= 1 and bytes_max >= 1 and linger_s >= 0
+        self._send = send
+        self._cars_max = cars_in_flight
+        self._items_max = items_max
+        self._bytes_max = bytes_max
+        self._linger_s = linger_s
+        self._last_car = 0  # items in the last car sent
+        self._lingering = 0
+        self._mu = threading.Lock()
+        self._arrived = threading.Condition(self._mu)
+        self._queue: deque[_Slot] = deque()
+        self._in_flight = 0
+        self._closed = False
+        self.cars = 0  # RPCs sent (for tests and benchmarks)
+        self.items = 0
+
+    def call(self, item, size: int = 0):
+        """Send `item` in the next car; return its result or raise its error."""
+        slot = _Slot(item, size)
+        with self._mu:
+            if self._closed:
+                raise Closed("the connection is closed")
+            self._queue.append(slot)
+            if self._in_flight < self._cars_max:
+                self._in_flight += 1
+                slot.drive = True
+            elif self._lingering:
+                self._arrived.notify()
+        if not slot.drive:
+            slot.lock.acquire()  # woken with a result, or with the permit to drive
+        if slot.drive:
+            self._drive(slot)
+        result = slot.result
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
+    def _take(self, me: _Slot) -> list[_Slot]:
+        """The next car: queued slots in order, skipping other drivers' own slots."""
+        car: list[_Slot] = []
+        size = 0
+        with self._mu:
+            # The callers of the previous car were just woken and are coming back with their
+            # next call: a car that leaves before they queue travels half full, and the next
+            # one carries the rest. Waiting a moment (bounded) keeps cars full.
+            if self._linger_s and len(self._queue) < self._last_car:
+                deadline = time.monotonic() + self._linger_s
+                self._lingering += 1
+                try:
+                    while len(self._queue) < self._last_car:
+                        left = deadline - time.monotonic()
+                        if left <= 0:
+                            break
+                        self._arrived.wait(left)
+                finally:
+                    self._lingering -= 1
+            keep: list[_Slot] = []
+            while self._queue and len(car) < self._items_max:
+                s = self._queue.popleft()
+                if s.drive and s is not me:
+                    keep.append(s)
+                    continue
+                if car and size + s.size > self._bytes_max:
+                    self._queue.appendleft(s)
+                    break
+                car.append(s)
+                size += s.size
+            self._queue.extendleft(reversed(keep))
+        return car
+
+    def _drive(self, me: _Slot) -> None:
+        try:
+            while True:
+                car = self._take(me)
+                if not car:  # cannot happen (our slot is queued until taken); never spin
+                    break
+                self._ship(car, me)
+                if any(s is me for s in car):
+                    break
+        finally:
+            with self._mu:
+                nxt = next((s for s in self._queue if not s.drive), None)
+                if nxt is not None:
+                    nxt.drive = True  # hand the permit over; nxt sends the next car
+                else:
+                    self._in_flight -= 1
+            if nxt is not None:
+                nxt.lock.release()
+
+    def _ship(self, car: list[_Slot], me: _Slot) -> None:
+        items = [s.item for s in car]
+        try:
+            results = list(self._send(items))
+            assert len(results) == len(items), (len(results), len(items))
+        except SixfoldError as e:
+            results = [e] * len(items)
+        except BaseException as e:  # a bug or an interrupt: every waiter must still wake
+            results = [Unavailable(f"request failed: {type(e).__name__}: {e}")] * len(items)
+        self.cars += 1
+        self.items += len(items)
+        self._last_car = len(items)
+        for s, r in zip(car, results):
+            s.result = convert.fresh(r) if isinstance(r, SixfoldError) and len(items) > 1 else r
+            if s is not me:
+                s.lock.release()
+
+    def close(self) -> None:
+        with self._mu:
+            self._closed = True
+
+
+class RemoteBackend:
+    """The `Database` backend protocol over the writer endpoint's `KV` service."""
+
+    def __init__(
+        self,
+        address: str,
+        *,
+        timeout_s: float = TIMEOUT_S,
+        connect_timeout_s: float = CONNECT_TIMEOUT_S,
+        boxcar: bool = True,
+        cars_in_flight: int = CARS_IN_FLIGHT,
+        car_items_max: int = CAR_ITEMS_MAX,
+    ) -> None:
+        self.address = address
+        self.timeout_s = timeout_s
+        self._channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+        try:
+            grpc.channel_ready_future(self._channel).result(timeout=connect_timeout_s)
+        except grpc.FutureTimeoutError:
+            self._channel.close()
+            raise Unavailable(
+                f"cannot reach the writer endpoint at {address} within {connect_timeout_s:g} s; "
+                "is the cluster up (`sixfold cluster status`)?"
+            ) from None
+        self._stub = kv_pb2_grpc.KVStub(self._channel)
+        self._where = f"writer endpoint {address}"
+        self._boxcar = boxcar
+        self._writes = Boxcar(self._send_writes, cars_in_flight=cars_in_flight, items_max=car_items_max)
+        self._gets = Boxcar(self._send_gets, cars_in_flight=cars_in_flight, items_max=car_items_max)
+        self._closed = False
+
+    # --- the backend protocol ---------------------------------------------------------------
+    def write(self, ops) -> int:
+        ops = tuple(ops)
+        if not self._boxcar:
+            return self._result(self._send_writes([ops])[0])
+        size = sum(len(k) + len(v) + OP_OVERHEAD_BYTES for _f, k, v in ops)
+        return self._writes.call(ops, size)
+
+    def get(self, key: bytes, *, quorum: bool = False, view: ReadView | None = None) -> bytes | None:
+        if view is not None or not self._boxcar:
+            return convert.get_reply_from_pb(self._rpc(self._stub.Get, convert.get_request_to_pb(key, quorum, view)))
+        return self._gets.call((key, quorum), len(key) + OP_OVERHEAD_BYTES)
+
+    def scan(self, start: bytes, end: bytes | None, *, quorum: bool = False, view: ReadView | None = None) -> Iterator[tuple[bytes, bytes]]:
+        if not isinstance(start, bytes) or (end is not None and not isinstance(end, bytes)):
+            raise InvalidArgument("scan bounds are bytes (end may be None)")
+        call = self._rpc(self._stub.Scan, convert.kv_scan_request_to_pb(start, end, quorum, view), timeout_s=SCAN_TIMEOUT_S)
+        return self._stream(call)
+
+    def _stream(self, call) -> Iterator[tuple[bytes, bytes]]:
+        try:
+            for chunk in call:
+                yield from convert.scan_chunk_from_pb(chunk)
+        except grpc.RpcError as e:
+            raise convert.error_from_rpc(e, where=self._where) from None
+        finally:
+            call.cancel()
+
+    def view(self) -> ReadView:
+        return convert.read_view_from_pb(self._rpc(self._stub.View, kv_pb2.ViewRequest()))
+
+    def status(self) -> dict:
+        status = convert.status_from_pb(self._rpc(self._stub.Status, kv_pb2.StatusRequest()))
+        status["client"] = {"address": self.address, "write_rpcs": self._writes.cars, "writes": self._writes.items,
+                            "get_rpcs": self._gets.cars, "gets": self._gets.items}
+        return status
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._writes.close()
+            self._gets.close()
+            self._channel.close()
+
+    # --- calls ------------------------------------------------------------------------------
+    def _rpc(self, method, request, *, write: bool = False, timeout_s: float | None = None):
+        """One call, with its errors turned into Sixfold's."""
+        if self._closed:
+            raise Closed("the connection is closed")
+        try:
+            return method(request, timeout=self.timeout_s if timeout_s is None else timeout_s)
+        except grpc.RpcError as e:
+            raise convert.error_from_rpc(e, where=self._where, write=write) from None
+        except ValueError as e:  # the channel was closed under us
+            raise Closed(f"the connection is closed ({e})") from None
+
+    @staticmethod
+    def _result(r):
+        if isinstance(r, BaseException):
+            raise r
+        return r
+
+    def _send_writes(self, units: list) -> list:
+        return convert.write_results_from_pb(self._rpc(self._stub.Write, convert.write_request_to_pb(units), write=True))
+
+    def _send_gets(self, gets: list) -> list:
+        request = kv_pb2.GetManyRequest()
+        add = request.gets.add
+        for key, quorum in gets:
+            add(key=key, quorum=quorum)
+        return convert.get_results_from_pb(self._rpc(self._stub.GetMany, request))
+
+
+_OPTIONS = ("timeout_s", "connect_timeout_s", "boxcar", "cars_in_flight", "car_items_max")
+
+
+def resolve_target(target: str | os.PathLike) -> tuple[str, str | None]:
+    """(writer endpoint address, cluster folder or None) of a cluster folder or host:port."""
+    if isinstance(target, (str, os.PathLike)) and os.path.isdir(os.fspath(target)):
+        from engine.cluster.manifest import load_manifest
+
+        folder = os.fspath(target)
+        return load_manifest(folder)["writer"]["address"], folder
+    if isinstance(target, str) and os.path.basename(target) == "cluster.json" and os.path.exists(target):
+        from engine.cluster.manifest import load_manifest
+
+        folder = os.path.dirname(os.path.abspath(target))
+        return load_manifest(folder)["writer"]["address"], folder
+    if isinstance(target, str) and ":" in target and os.path.sep not in target:
+        host, _, port = target.rpartition(":")
+        if host and port.isdigit():
+            return target, None
+    raise InvalidArgument(
+        f"connect target {target!r} is neither a cluster folder (with cluster.json) nor host:port"
+    )
+
+
+def connect(target: str | os.PathLike, **options) -> Database:
+    """Connect to a cluster's writer endpoint: a cluster folder (with cluster.json) or host:port.
+
+    Options: timeout_s (RPC deadline, default 30), connect_timeout_s (default 5), boxcar
+    (default True: coalesce concurrent calls), cars_in_flight (default 2), car_items_max.
+    With a cluster folder, `db.cluster` is an `engine.cluster.Cluster` for node control."""
+    unknown = set(options) - set(_OPTIONS)
+    if unknown:
+        raise InvalidArgument(f"unknown option(s) {sorted(unknown)}; known: {sorted(_OPTIONS)}")
+    address, folder = resolve_target(target)
+    backend = RemoteBackend(address, **options)
+    cluster = None
+    if folder is not None:
+        from engine.cluster import Cluster
+
+        cluster = Cluster(folder)
+    return Database(backend, cluster)
+
+
+__all__ = ["Boxcar", "RemoteBackend", "connect", "resolve_target"]

@@ -1,0 +1,84 @@
+"""Helpers for tests and benchmarks that run real processes: free ports, health waits.
+
+Kept in the package (not in tests/) so that the chaos runner and benchmarks use the same ones.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+import time
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+import engine
+from engine.cluster.launcher import port_free
+
+PORT_LOW = 20000
+PORT_HIGH = 60000
+
+
+def free_base_port(count: int = 7, host: str = "127.0.0.1", attempts: int = 200, rng: random.Random | None = None) -> int:
+    """A port p such that p .. p+count-1 are all free now (a race with other processes remains,
+    which the launcher reports as a busy port)."""
+    rng = rng or random.Random()
+    for _ in range(attempts):
+        base = rng.randrange(PORT_LOW, PORT_HIGH - count)
+        if all(port_free(host, base + i) for i in range(count)):
+            return base
+    raise RuntimeError(f"no {count} consecutive free ports found in {attempts} attempts")
+
+
+def wait_serving(address: str, timeout_s: float = 30.0, proc: subprocess.Popen | None = None) -> None:
+    """Poll the health service at `address` until SERVING; raise if `proc` dies or time runs out."""
+    deadline = time.monotonic() + timeout_s
+    with grpc.insecure_channel(address) as ch:
+        stub = health_pb2_grpc.HealthStub(ch)
+        while True:
+            if proc is not None and proc.poll() is not None:
+                raise RuntimeError(f"process {proc.pid} exited with {proc.returncode} before {address} was SERVING")
+            try:
+                if stub.Check(health_pb2.HealthCheckRequest(), timeout=0.5).status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{address} not SERVING after {timeout_s} s")
+            time.sleep(0.05)
+
+
+def engine_env() -> dict:
+    """Environment for a child `python -m engine` that imports this very package."""
+    env = dict(os.environ)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(engine.__file__)))
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def spawn_node(
+    data: str, port: int, *, node_id: str = "n1", az: str = "a", volume_id: str = "test-volume", protection_groups: int = 4,
+    log_path: str | None = None, durable: bool = False, gossip_interval_s: float = 0.0,
+) -> subprocess.Popen:
+    """Start one `sixfold node serve` process (no peers to gossip with) and wait until SERVING."""
+    argv = [
+        sys.executable, "-m", "engine", "node", "serve", "--id", node_id, "--az", az, "--data", data,
+        "--listen", f"127.0.0.1:{port}", "--volume-id", volume_id, "--protection-groups", str(protection_groups),
+        "--peers", f"{node_id}=127.0.0.1:{port}", "--gossip-interval-s", str(gossip_interval_s),
+    ]
+    if not durable:
+        argv.append("--no-durable")
+    log = open(log_path or os.path.join(os.path.dirname(data), f"{node_id}.log"), "ab")
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=engine_env(),
+                            start_new_session=True)
+    log.close()
+    try:
+        wait_serving(f"127.0.0.1:{port}", proc=proc)
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    return proc

@@ -1,0 +1,448 @@
+"""The writer endpoint: the volume's single `Writer` served over gRPC as the `KV` service.
+
+Theory of operation
+-------------------
+The endpoint process builds a `Writer` over a `GrpcTransport` to the six node processes, runs
+its recovery (`open()`), then serves the key-value API. Until recovery succeeds (it needs a write
+quorum of nodes) the endpoint keeps retrying, reports NOT_SERVING on the health service and
+answers every KV call `Unavailable`, so a launcher or a client can wait for it.
+
+Batching is the point of this module. A Python gRPC server handles a few thousand small calls a
+second, so clients coalesce concurrent operations into one call (`engine.client`'s boxcar) and
+this side keeps them together:
+
+* `Write` carries many atomic units. Every unit is `submit`ted to the writer first (each takes
+  its LSNs and joins the shared tail), and only then are they waited for: the whole RPC rides one
+  group commit. Each unit gets its own result: a bad unit is refused alone (`InvalidArgument`,
+  nothing logged) and a unit that timed out is `WriteIndeterminate` alone.
+* `GetMany` takes one read point for all its gets, groups them by the segment that can answer
+  each alone (same AZ first, the writer's own choice), and sends one `ReadMany` per node, nodes
+  in parallel. A get a segment cannot answer moves on to the PG's next complete segment; what no
+  complete segment answers, and quorum or snapshot gets, go through `Writer.get`, which falls
+  back to a 3/6 quorum read.
+
+The servicer (`KVServicer`) is thin: convert, call `WriterEndpoint`, convert back.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from concurrent import futures
+from dataclasses import dataclass, field
+
+import grpc
+
+from engine import codec
+from engine.core.placement import protection_group_of
+from engine.core.types import Geometry, NodeInfo, ReadReply
+from engine.errors import InvalidArgument, SixfoldError, Unavailable
+from engine.head.writer import ReadView, Writer, WriterOptions, check_key
+from engine.proto import kv_pb2_grpc
+from engine.transport import convert
+from engine.transport.grpc_client import GrpcTransport
+from engine.transport.grpc_server import SHUTDOWN_GRACE_S, add_health, make_server, set_health
+
+log = logging.getLogger("sixfold.writer")
+
+ENDPOINT_WORKERS = 128
+SERVICE_NAME = "sixfold.v1.KV"
+#: Pairs and bytes per streamed scan message.
+SCAN_CHUNK_PAIRS = 256
+SCAN_CHUNK_BYTES = 1 << 20
+OPEN_RETRY_S = 0.5
+
+
+@dataclass(frozen=True)
+class EndpointConfig:
+    """What the writer endpoint needs to know of its volume (from the cluster manifest)."""
+
+    volume_id: str
+    protection_groups: int
+    nodes: tuple[NodeInfo, ...]
+    addresses: Mapping[str, str] = field(default_factory=dict)
+    durable: bool = True
+    write_timeout_s: float = 5.0
+    local_az: str = "a"
+
+
+class WriterEndpoint:
+    """The writer plus the batched operations the KV servicer calls. Thread-safe."""
+
+    def __init__(self, config: EndpointConfig, transport=None) -> None:
+        self.config = config
+        self.geometry = Geometry(config.protection_groups)
+        self.P = config.protection_groups
+        self.transport = transport or GrpcTransport(config.addresses, source="writer")
+        self._writer: Writer | None = None
+        self._pool = futures.ThreadPoolExecutor(max_workers=len(config.nodes), thread_name_prefix="endpoint")
+        self.last_open_error = ""
+        self.opened_at: float | None = None
+
+    # --- lifecycle --------------------------------------------------------------------------
+    def open(self) -> None:
+        """Recover the volume once (raises if no write quorum answers)."""
+        w = Writer(
+            self.transport,
+            self.config.nodes,
+            self.geometry,
+            WriterOptions(write_timeout_s=self.config.write_timeout_s, local_az=self.config.local_az),
+        )
+        w.open()
+        self._writer = w
+        self.opened_at = time.time()
+
+    def open_with_retry(self, stop: threading.Event, timeout_s: float | None = None) -> bool:
+        """Retry recovery until it succeeds, `stop` is set or `timeout_s` passes."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        attempt = 0
+        while not stop.is_set():
+            attempt += 1
+            try:
+                self.open()
+                return True
+            except SixfoldError as e:
+                self.last_open_error = f"{type(e).__name__}: {e}"
+                if attempt == 1:
+                    log.info("waiting for a write quorum of nodes (%s)", self.last_open_error)
+                elif attempt % 20 == 0:
+                    log.warning("recovery attempt %d failed (%s); retrying", attempt, self.last_open_error)
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
+            stop.wait(OPEN_RETRY_S)
+        return False
+
+    @property
+    def writer(self) -> Writer:
+        w = self._writer
+        if w is None:
+            detail = f" (last attempt: {self.last_open_error})" if self.last_open_error else ""
+            raise Unavailable(f"the writer endpoint is still recovering the volume{detail}; retry shortly")
+        return w
+
+    @property
+    def serving(self) -> bool:
+        w = self._writer
+        return w is not None and not w._fenced and not w._closed
+
+    def close(self) -> None:
+        w, self._writer = self._writer, None
+        if w is not None:
+            w.close()
+        self._pool.shutdown(wait=False)
+        self.transport.close()
+
+    # --- writes -----------------------------------------------------------------------------
+    def write_units(self, units: Sequence[tuple | SixfoldError]) -> list[int | SixfoldError]:
+        """Log every unit (already validated ops, or the error that refused it): submit all, then
+        wait for all, so they share group commits. A result per unit: its CPL LSN or its error."""
+        w = self.writer
+        timeout_s = w.options.write_timeout_s
+        results: list[int | SixfoldError | None] = [None] * len(units)
+        pending = []
+        refused: SixfoldError | None = None  # once the writer refuses for lack of quorum/room, the rest are refused too
+        for i, ops in enumerate(units):
+            if isinstance(ops, SixfoldError):
+                results[i] = ops
+                continue
+            if refused is not None:
+                results[i] = convert.fresh(refused)
+                continue
+            try:
+                lsn, waiter = w.submit(ops)
+                pending.append((i, lsn, waiter, time.monotonic() + timeout_s))
+            except SixfoldError as e:
+                results[i] = e
+                refused = e
+        # Each unit gets the full write timeout from its own submit, as a lone write would.
+        for i, lsn, waiter, deadline in pending:
+            try:
+                w.wait(lsn, waiter, timeout_s=max(0.0, deadline - time.monotonic()))
+                results[i] = lsn
+            except SixfoldError as e:
+                results[i] = e
+        return results  # type: ignore[return-value]
+
+    # --- reads ------------------------------------------------------------------------------
+    def check_view(self, view: ReadView | None) -> ReadView | None:
+        """A client's snapshot view must not read above what is durable now."""
+        if view is not None and view.read_point > self.writer.ledger.vdl:
+            raise InvalidArgument(
+                f"read view at LSN {view.read_point} is above the volume's VDL {self.writer.ledger.vdl}: "
+                "it was not taken from this volume"
+            )
+        return view
+
+    def get(self, key: bytes, quorum: bool, view: ReadView | None) -> bytes | None:
+        return self.writer.get(key, quorum=quorum, view=self.check_view(view))
+
+    def get_many(self, gets: Sequence[tuple[bytes, bool, ReadView | None] | SixfoldError]) -> list[bytes | None | SixfoldError]:
+        """Many gets; those without a view share one read point. A result per get.
+
+        Fast path: each get goes to the first segment of its PG known complete at the read
+        point (the writer's order: same AZ first), one ReadMany per node, nodes in parallel. A
+        get that segment cannot answer moves on to the PG's next complete segment, a node that
+        fails is skipped for the rest of the call; what no complete segment answers, and quorum
+        or snapshot gets, go through `Writer.get` (which falls back on a quorum read)."""
+        w = self.writer
+        results: list = [None] * len(gets)
+        slow: list[tuple[int, bytes, bool, ReadView | None]] = []
+        pending: list[tuple[int, int, bytes]] = []
+        shared: ReadView | None = None
+        read_many = getattr(self.transport, "read_many", None)
+        for i, g in enumerate(gets):
+            if isinstance(g, SixfoldError):
+                results[i] = g
+                continue
+            key, quorum, view = g
+            try:
+                check_key(key)
+                self.check_view(view)
+            except SixfoldError as e:
+                results[i] = e
+                continue
+            if quorum or view is not None or read_many is None:
+                slow.append((i, key, quorum, view))
+                continue
+            if shared is None:
+                try:
+                    shared = w.view()
+                except SixfoldError as e:
+                    results[i] = e
+                    continue
+            pending.append((i, protection_group_of(key, self.P), key))
+
+        by_pg: dict[int, list[str]] = {}  # the complete segments of each PG at the shared view
+        dead: set[str] = set()  # nodes that failed during this call
+        tried: dict[int, set[str]] = {}  # per get, the segments that could not answer it
+
+        def ask(job):
+            node, items = job
+            reqs = [(pg, key, shared.read_point, shared.tails[pg], w.epoch) for _i, pg, key in items]
+            try:
+                return node, items, read_many(node, reqs)
+            except SixfoldError:
+                return node, items, None
+
+        while pending:
+            by_node: dict[str, list[tuple[int, int, bytes]]] = {}
+            for item in pending:
+                i, pg, key = item
+                if pg not in by_pg:
+                    by_pg[pg] = w._candidates(pg, shared)
+                skip = tried.get(i, ())
+                node = next((n for n in by_pg[pg] if n not in dead and n not in skip), None)
+                if node is None:
+                    slow.append((i, key, False, shared))
+                else:
+                    by_node.setdefault(node, []).append(item)
+            pending = []
+            jobs = list(by_node.items())
+            answers = [ask(jobs[0])] if len(jobs) == 1 else list(self._pool.map(ask, jobs))
+            for node, items, replies in answers:
+                if replies is None:
+                    dead.add(node)
+                    pending.extend(items)
+                    continue
+                for item, r in zip(items, replies):
+                    if isinstance(r, ReadReply):
+                        results[item[0]] = r.value
+                    else:  # e.g. SegmentIncomplete: try the PG's next complete segment
+                        tried.setdefault(item[0], set()).add(node)
+                        pending.append(item)
+        for i, key, quorum, view in slow:
+            try:
+                results[i] = w.get(key, quorum=quorum, view=view)
+            except SixfoldError as e:
+                results[i] = e
+        return results
+
+    def scan(self, start: bytes, end: bytes | None, quorum: bool, view: ReadView | None) -> Iterator[tuple[bytes, bytes]]:
+        return self.writer.scan(start, end, quorum=quorum, view=self.check_view(view))
+
+    def view(self) -> ReadView:
+        return self.writer.view()
+
+    # --- status -----------------------------------------------------------------------------
+    def status(self) -> dict:
+        w = self.writer
+        ws = w.status()
+
+        def node_entry(info: NodeInfo) -> dict:
+            entry = {"id": info.id, "az": info.az, "address": self.config.addresses.get(info.id), "up": False}
+            try:
+                st = self.transport.state(info.id)
+            except SixfoldError as e:
+                entry["error"] = str(e)
+                return entry
+            entry.update(
+                up=True,
+                scl={pg: s for pg, s in enumerate(st.scls)},
+                lag={pg: max(0, ws["pgcl"][pg] - s) for pg, s in enumerate(st.scls)},
+                epoch=st.epoch,
+                records=st.records,
+                bytes=st.bytes,
+                corrupt_found=st.corrupt_found,
+                repaired=st.repaired,
+                rebuild=st.extra.get("rebuild"),
+            )
+            return entry
+
+        nodes = list(self._pool.map(node_entry, self.config.nodes))
+        return {
+            "volume_id": self.config.volume_id,
+            "protection_groups": self.P,
+            "codec": codec.IMPLEMENTATION,
+            "durable": self.config.durable,
+            "vdl": ws["vdl"],
+            "epoch": ws["epoch"],
+            "nodes": nodes,
+            "writer": ws,
+            "endpoint": {"pid": os.getpid(), "opened_at": self.opened_at},
+        }
+
+
+class KVServicer(kv_pb2_grpc.KVServicer):
+    """Thin adapter from the `KV` service to a `WriterEndpoint`."""
+
+    def __init__(self, endpoint: WriterEndpoint) -> None:
+        self.ep = endpoint
+        self.P = endpoint.P
+
+    def _serve(self, context, rpc: str, work):
+        try:
+            return work()
+        except SixfoldError as e:
+            err = e
+        except Exception as e:  # a bug: log it, answer INTERNAL, keep serving
+            log.exception("%s failed unexpectedly", rpc)
+            context.abort(grpc.StatusCode.INTERNAL, f"{rpc}: internal error {type(e).__name__}: {e}")
+        convert.abort(context, err)
+
+    def Write(self, request, context):
+        def work():
+            convert.check_count(len(request.units), "units")
+            units = []
+            for u in request.units:
+                try:
+                    units.append(convert.unit_from_pb(u))
+                except SixfoldError as e:
+                    units.append(e)
+            return convert.write_results_to_pb(self.ep.write_units(units))
+
+        return self._serve(context, "Write", work)
+
+    def Get(self, request, context):
+        return self._serve(
+            context, "Get", lambda: convert.get_reply_to_pb(self.ep.get(*convert.get_args_from_pb(request, self.P)))
+        )
+
+    def GetMany(self, request, context):
+        def work():
+            convert.check_count(len(request.gets), "gets")
+            gets = []
+            for g in request.gets:
+                try:
+                    gets.append(convert.get_args_from_pb(g, self.P))
+                except SixfoldError as e:
+                    gets.append(e)
+            return convert.get_results_to_pb(self.ep.get_many(gets))
+
+        return self._serve(context, "GetMany", work)
+
+    def Scan(self, request, context):
+        try:
+            pairs = self.ep.scan(*convert.kv_scan_args_from_pb(request, self.P))
+            chunk: list[tuple[bytes, bytes]] = []
+            size = 0
+            for k, v in pairs:
+                chunk.append((k, v))
+                size += len(k) + len(v)
+                if len(chunk) >= SCAN_CHUNK_PAIRS or size >= SCAN_CHUNK_BYTES:
+                    yield convert.scan_chunk_to_pb(chunk)
+                    chunk, size = [], 0
+            if chunk:
+                yield convert.scan_chunk_to_pb(chunk)
+            return
+        except SixfoldError as e:
+            err = e
+        except Exception as e:
+            log.exception("Scan failed unexpectedly")
+            context.abort(grpc.StatusCode.INTERNAL, f"Scan: internal error {type(e).__name__}: {e}")
+        convert.abort(context, err)
+
+    def View(self, request, context):
+        return self._serve(context, "View", lambda: convert.read_view_to_pb(self.ep.view()))
+
+    def Status(self, request, context):
+        return self._serve(context, "Status", lambda: convert.status_to_pb(self.ep.status()))
+
+
+class EndpointServer:
+    """A `WriterEndpoint` served over gRPC with the health service."""
+
+    def __init__(self, endpoint: WriterEndpoint, listen: str, workers: int = ENDPOINT_WORKERS) -> None:
+        self.endpoint = endpoint
+        self.server, self.port = make_server(listen, workers)
+        kv_pb2_grpc.add_KVServicer_to_server(KVServicer(endpoint), self.server)
+        self.health = add_health(self.server, (SERVICE_NAME,))
+        self._stop = threading.Event()
+        self._watch: threading.Thread | None = None
+
+    def start(self, *, recover: bool = True, timeout_s: float | None = None) -> None:
+        """Start serving; recover the volume (in the background unless `timeout_s` is given,
+        which waits for recovery and raises Unavailable if it does not succeed in time)."""
+        self.server.start()
+        if not recover:
+            return
+        if timeout_s is not None:
+            if not self.endpoint.open_with_retry(self._stop, timeout_s):
+                raise Unavailable(f"writer endpoint could not recover the volume: {self.endpoint.last_open_error}")
+            self._on_open()
+            return
+        self._watch = threading.Thread(target=self._recover, name="endpoint-recovery", daemon=True)
+        self._watch.start()
+
+    def _recover(self) -> None:
+        if self.endpoint.open_with_retry(self._stop):
+            self._on_open()
+            while not self._stop.wait(0.5):  # a fenced writer stops serving
+                if not self.endpoint.serving:
+                    set_health(self.health, (SERVICE_NAME,), False)
+                    log.error("the writer was fenced or closed: %s", self.endpoint._writer and self.endpoint._writer._fenced)
+                    return
+
+    def _on_open(self) -> None:
+        w = self.endpoint.writer
+        log.info("volume %s recovered: %s", self.endpoint.config.volume_id, w.recovery)
+        set_health(self.health, (SERVICE_NAME,), True)
+
+    def stop(self, grace_s: float = SHUTDOWN_GRACE_S) -> None:
+        self._stop.set()
+        set_health(self.health, (SERVICE_NAME,), False)
+        self.server.stop(grace_s).wait(grace_s + 1)
+        self.endpoint.close()
+
+
+def run_writer_process(config: EndpointConfig, listen: str, workers: int = ENDPOINT_WORKERS) -> int:
+    """The body of `sixfold writer serve`: serve until SIGTERM/SIGINT; returns an exit code."""
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    server = EndpointServer(WriterEndpoint(config), listen, workers)
+    log.info(
+        "writer endpoint for volume %s on %s, pid %d: recovering over nodes %s",
+        config.volume_id, listen, os.getpid(), ", ".join(f"{n.id}={config.addresses.get(n.id)}" for n in config.nodes),
+    )
+    server.start()
+    while not stop.wait(1.0):
+        pass
+    log.info("writer endpoint: stopping (finishing in-flight calls)")
+    server.stop()
+    log.info("writer endpoint: stopped cleanly")
+    return 0
+

@@ -1,0 +1,205 @@
+"""gRPC transport: the `Transport` interface over the `Storage` service of node processes.
+
+Theory of operation
+-------------------
+`GrpcTransport(addresses, source)` keeps one channel (one HTTP/2 connection) per node, created
+on first use and reused by every call, whatever thread makes it. `_call(node, method, *args)`
+looks the method up in `_METHODS` (request builder, stub method, reply parser, deadline), sends
+the caller's identity in the `sixfold-source` metadata (fault rules on the node side use it),
+and converts the reply with `engine.transport.convert`.
+
+Every call has a deadline (`Deadlines`): short for appends and reads so that a paused node
+(SIGSTOP: its socket accepts, nobody answers) costs a sender or a reader a bounded wait, longer
+for recovery work. Deadlines are health-aware, as a circuit breaker: a node that failed to answer
+is *suspect* until a call to it succeeds. While suspect, one call per `probe_interval_s` goes
+through as a probe with the short `suspect_deadline_s`; every other call fails at once with
+`Unavailable`, so a reader falls over to another segment immediately instead of each of many
+reads waiting on the same dead node. Admin calls are never refused. Channels reconnect with a
+short, capped backoff so a restarted node is used again within a second.
+
+Errors: a Sixfold error raised on the node arrives as the same class (`convert.error_from_rpc`);
+anything that says the node could not be reached or did not answer in time, and a node that is
+shutting down (`Closed`), is `Unavailable`, as the interface promises.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import grpc
+
+from engine.core.types import Membership, ReadReply, TruncationRange
+from engine.errors import Closed, NodeNotFound, SixfoldError, Unavailable
+from engine.proto import storage_pb2, storage_pb2_grpc
+from engine.transport import convert
+from engine.transport.base import Transport
+
+#: Options of every client channel: big messages (frames), quick reconnects, no hidden retries.
+CHANNEL_OPTIONS: tuple[tuple[str, int], ...] = (
+    ("grpc.max_send_message_length", convert.MESSAGE_BYTES_MAX),
+    ("grpc.max_receive_message_length", convert.MESSAGE_BYTES_MAX),
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+    ("grpc.enable_retries", 0),
+    # Each channel gets its own connection even to the same address (no sharing across
+    # transports), so one transport's broken connection is not another's.
+    ("grpc.use_local_subchannel_pool", 1),
+)
+
+
+@dataclass(frozen=True)
+class Deadlines:
+    """Per-call deadlines, in seconds, by kind of call."""
+
+    append_s: float = 2.0
+    read_s: float = 2.0
+    recovery_s: float = 10.0  # seal, sync_epoch
+    fetch_s: float = 10.0
+    state_s: float = 2.0
+    admin_s: float = 30.0  # corrupt, scrub, set_faults
+    #: extra time per MiB of frame carried (a 64 MiB frame on a busy box needs more than 2 s)
+    per_mib_s: float = 0.05
+    #: after a node failed to answer it is *suspect* until a call succeeds: one call per
+    #: `probe_interval_s` goes through, with this short deadline; the others fail at once
+    suspect_deadline_s: float = 0.5
+    probe_interval_s: float = 0.25
+
+
+@dataclass(frozen=True)
+class _Method:
+    rpc: str
+    build: object  # (*args) -> request message
+    parse: object  # reply message -> value
+    kind: str  # which Deadlines field
+    frame_arg: int | None = None  # position of a frame argument whose size scales the deadline
+
+
+_METHODS: dict[str, _Method] = {
+    "append": _Method("Append", convert.append_request_to_pb, convert.append_reply_from_pb, "append_s", frame_arg=1),
+    "repair_append": _Method(
+        "RepairAppend", lambda frame: storage_pb2.RepairAppendRequest(frame=frame), convert.append_reply_from_pb, "append_s", frame_arg=0
+    ),
+    "read": _Method("Read", convert.read_request_to_pb, convert.read_reply_from_pb, "read_s"),
+    "read_many": _Method("ReadMany", lambda items: convert.read_many_request_to_pb(items), convert.read_results_from_pb, "read_s"),
+    "scan": _Method("Scan", convert.scan_request_to_pb, convert.scan_reply_from_pb, "read_s"),
+    "seal": _Method("Seal", lambda epoch: storage_pb2.SealRequest(epoch=epoch), convert.seal_reply_from_pb, "recovery_s"),
+    "sync_epoch": _Method("SyncEpoch", convert.sync_epoch_request_to_pb, convert.node_state_from_pb, "recovery_s"),
+    "fetch": _Method("Fetch", convert.fetch_request_to_pb, lambda m: (m.frame, m.more), "fetch_s"),
+    "state": _Method("State", lambda: storage_pb2.StateRequest(), convert.node_state_from_pb, "state_s"),
+    "corrupt": _Method(
+        "Corrupt", convert.corrupt_request_to_pb, lambda m: m.lsn if m.hit else None, "admin_s"
+    ),
+    "scrub": _Method("Scrub", lambda records_max: storage_pb2.ScrubRequest(records_max=records_max), lambda m: m.corrupt_found, "admin_s"),
+    "set_faults": _Method("SetFaults", convert.fault_rules_to_pb, convert.fault_rules_from_pb, "admin_s"),
+}
+
+
+class GrpcTransport(Transport):
+    """Calls to node processes over gRPC on behalf of `source` ("writer", a node id, "cli"...)."""
+
+    def __init__(
+        self,
+        addresses: Mapping[str, str],
+        source: str = "writer",
+        *,
+        deadlines: Deadlines = Deadlines(),
+        channel_options: Sequence[tuple[str, object]] = (),
+    ) -> None:
+        self.addresses = dict(addresses)
+        self.source = source
+        self.deadlines = deadlines
+        self._options = CHANNEL_OPTIONS + tuple(channel_options)
+        self._metadata = ((convert.SOURCE_METADATA_KEY, source),)
+        self._lock = threading.Lock()
+        self._channels: dict[str, grpc.Channel] = {}
+        self._stubs: dict[str, storage_pb2_grpc.StorageStub] = {}
+        #: node -> when the last call to it started while it was suspect (absent: healthy)
+        self._suspect: dict[str, float] = {}
+        self._closed = False
+
+    def _stub(self, node: str) -> storage_pb2_grpc.StorageStub:
+        stub = self._stubs.get(node)
+        if stub is not None:
+            return stub
+        with self._lock:
+            if self._closed:
+                raise Closed("this transport is closed")
+            if node not in self.addresses:
+                raise NodeNotFound(f"no address for node {node!r}; known: {', '.join(sorted(self.addresses))}")
+            if node not in self._stubs:
+                channel = grpc.insecure_channel(self.addresses[node], options=self._options)
+                self._channels[node] = channel
+                self._stubs[node] = storage_pb2_grpc.StorageStub(channel)
+            return self._stubs[node]
+
+    def _admit(self, node: str, spec: _Method) -> float | None:
+        """The deadline for a call to `node` now, or None to fail it at once (see the module
+        docstring: a suspect node gets one short probe per `probe_interval_s`)."""
+        d = self.deadlines
+        deadline = getattr(d, spec.kind)
+        if node in self._suspect and spec.kind != "admin_s":
+            with self._lock:
+                last_probe = self._suspect.get(node)
+                if last_probe is not None:
+                    now = time.monotonic()
+                    if now - last_probe < d.probe_interval_s:
+                        return None
+                    self._suspect[node] = now
+                    deadline = min(deadline, d.suspect_deadline_s)
+        return deadline
+
+    def _call(self, node: str, method: str, *args):
+        spec = _METHODS.get(method)
+        assert spec is not None, f"unknown transport method {method!r}"
+        stub = self._stub(node)
+        timeout = self._admit(node, spec)
+        if timeout is None:
+            raise Unavailable(f"node {node} ({self.addresses.get(node)}) did not answer lately; not waiting on it again yet")
+        if spec.frame_arg is not None:
+            timeout += len(args[spec.frame_arg]) / (1 << 20) * self.deadlines.per_mib_s
+        request = spec.build(*args)
+        try:
+            reply = getattr(stub, spec.rpc)(request, timeout=timeout, metadata=self._metadata)
+        except grpc.RpcError as e:
+            err = convert.error_from_rpc(e, where=f"node {node} ({self.addresses.get(node)})")
+            with self._lock:
+                if isinstance(err, Closed) or convert.unreachable(e):
+                    self._suspect.setdefault(node, time.monotonic())
+                else:  # the node answered (with an error): it is alive, e.g. EpochBehind asks for a sync
+                    self._suspect.pop(node, None)
+            if isinstance(err, Closed):
+                err = Unavailable(f"node {node} is shutting down ({err})")
+            raise err from None
+        except ValueError as e:  # "Cannot invoke RPC on closed channel!"
+            raise Unavailable(f"node {node}: {e}") from None
+        if node in self._suspect:
+            with self._lock:
+                self._suspect.pop(node, None)
+        return spec.parse(reply)
+
+    # --- operations beyond the Transport interface -----------------------------------------
+    def read_many(self, node: str, items: Sequence[tuple[int, bytes, int, int, int]]) -> list[ReadReply | SixfoldError]:
+        """Many reads (pg, key, read_point, required_lsn, epoch) in one RPC; a result per item."""
+        return self._call(node, "read_many", items)
+
+    def scrub(self, node: str, records_max: int = 0) -> int:
+        """Admin: scrub now; returns the corrupt records found."""
+        return self._call(node, "scrub", records_max)
+
+    def set_faults(self, node: str, rules: convert.FaultRules) -> convert.FaultRules:
+        """Admin: replace the node's transport fault rules (FaultRules() clears them)."""
+        return self._call(node, "set_faults", rules)
+
+    def sync_epoch(self, node: str, epoch: int, truncations: Sequence[TruncationRange], membership: Membership | None):
+        return self._call(node, "sync_epoch", epoch, tuple(truncations), membership)
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            channels, self._channels, self._stubs = self._channels, {}, {}
+        for ch in channels.values():
+            ch.close()

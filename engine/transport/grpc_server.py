@@ -1,0 +1,337 @@
+"""gRPC server side of a storage node: the `Storage` servicer, its fault gate and the node process.
+
+Theory of operation
+-------------------
+`StorageServicer` is a thin adapter (grpc route_guide style): each RPC converts and validates
+the request (`engine.transport.convert`), calls the `StorageNode`, converts the reply. A
+`SixfoldError` ends the RPC with its class's status code and name (`convert.abort`); any other
+exception is a bug, logged with its traceback and answered INTERNAL. Either way the node keeps
+serving: garbage in one request never takes the process down.
+
+`FaultGate` applies the transport fault rules set by the admin RPC `SetFaults` to the data RPCs
+this node receives (the receiving end of every link): partitions and blocked sources refuse a
+request UNAVAILABLE, `drop_probability` refuses at random, `delay_ms` (+ jitter) sleeps first,
+`duplicate_probability` applies an append twice. Admin sources (`ADMIN_SOURCES`) and admin RPCs
+are never faulted, so a partition can always be healed. With no rules set the gate costs one
+attribute read per request.
+
+`run_node_process` is the `sixfold node serve` process: bind the port first (a busy port is a
+clear error before any data is touched), open the node's LMDB folder, serve `Storage` and the
+standard gRPC health service (SERVING once ready), run gossip and scrub over a `GrpcTransport`
+to the peers, and on SIGTERM/SIGINT stop accepting, let in-flight calls finish (bounded), then
+close LMDB cleanly.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import signal
+import threading
+import time
+from collections.abc import Callable, Mapping
+from concurrent import futures
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from engine.core.constants import FRAME_BYTES_MAX
+from engine.core.types import Geometry, NodeInfo
+from engine.errors import ResourceExhausted, SixfoldError, Unavailable
+from engine.node.service import GOSSIP_INTERVAL_S, SCRUB_INTERVAL_S, StorageNode
+from engine.proto import storage_pb2, storage_pb2_grpc
+from engine.transport import convert
+from engine.transport.convert import FaultRules
+
+log = logging.getLogger("sixfold.node")
+
+#: Options of every Sixfold gRPC server. `so_reuseport` off: a second server on a busy port
+#: must fail to bind, not silently share the port.
+SERVER_OPTIONS: tuple[tuple[str, int], ...] = (
+    ("grpc.so_reuseport", 0),
+    ("grpc.max_send_message_length", convert.MESSAGE_BYTES_MAX),
+    ("grpc.max_receive_message_length", convert.MESSAGE_BYTES_MAX),
+)
+NODE_WORKERS = 32
+SHUTDOWN_GRACE_S = 5.0
+#: Sources never subject to fault rules: operators and tools must always get through.
+ADMIN_SOURCES = frozenset({"cli", "chaos", "launcher", "admin"})
+SERVICE_NAME = "sixfold.v1.Storage"
+
+
+class AddressInUse(SixfoldError):
+    """The listen address is taken by another process (never raised across gRPC)."""
+
+    GRPC_STATUS = "UNAVAILABLE"
+
+
+def make_server(listen: str, workers: int) -> tuple[grpc.Server, int]:
+    """A gRPC server bound to `listen` (not started). AddressInUse if the port is busy."""
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="grpc"), options=SERVER_OPTIONS
+    )
+    try:
+        port = server.add_insecure_port(listen)
+    except RuntimeError as e:
+        raise AddressInUse(f"cannot listen on {listen}: the address is in use or invalid ({e})") from None
+    if port == 0:
+        raise AddressInUse(f"cannot listen on {listen}: the address is in use or invalid")
+    return server, port
+
+
+def add_health(server: grpc.Server, services: tuple[str, ...]) -> health.HealthServicer:
+    """Register the standard health service; every name starts NOT_SERVING."""
+    servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    for name in ("", *services):
+        servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    return servicer
+
+
+def set_health(servicer: health.HealthServicer, services: tuple[str, ...], serving: bool) -> None:
+    status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+    for name in ("", *services):
+        servicer.set(name, status)
+
+
+class FaultGate:
+    """The node-side transport fault rules (see the module docstring)."""
+
+    def __init__(self, me: str) -> None:
+        self.me = me
+        self.rules = FaultRules()
+        self.active = False
+        self._rng = random.Random(0)
+        self._lock = threading.Lock()
+
+    def set(self, rules: FaultRules) -> FaultRules:
+        with self._lock:
+            self.rules = rules
+            self._rng = random.Random(rules.seed)
+            self.active = rules.active
+        log.warning("fault rules now %s", rules if rules.active else "cleared")
+        return rules
+
+    def admit(self, context: grpc.ServicerContext, duplicable: bool) -> int:
+        """How many times to apply the request (1, or 2 for a duplicate); raises Unavailable
+        when the request is cut off or dropped."""
+        rules = self.rules
+        source = ""
+        for key, value in context.invocation_metadata():
+            if key == convert.SOURCE_METADATA_KEY:
+                source = value
+        if source in ADMIN_SOURCES:
+            return 1
+        if source in rules.blocked_sources:
+            raise Unavailable(f"node {self.me}: requests from {source!r} are blocked by a fault rule")
+        if rules.groups:
+            mine = next((g for g in rules.groups if self.me in g), ())
+            named = any(source in g for g in rules.groups)
+            if named and source not in mine:
+                raise Unavailable(f"node {self.me}: partitioned from {source!r} by a fault rule")
+        with self._lock:
+            drop = rules.drop_probability and self._rng.random() < rules.drop_probability
+            dup = duplicable and rules.duplicate_probability and self._rng.random() < rules.duplicate_probability
+            delay_ms = rules.delay_ms + (self._rng.uniform(0, rules.delay_jitter_ms) if rules.delay_jitter_ms else 0)
+        if delay_ms:
+            time.sleep(delay_ms / 1000)
+        if drop:
+            raise Unavailable(f"node {self.me}: request from {source!r} dropped by a fault rule")
+        return 2 if dup else 1
+
+
+class StorageServicer(storage_pb2_grpc.StorageServicer):
+    """Thin adapter from the `Storage` service to a `StorageNode`."""
+
+    def __init__(self, node: StorageNode, gate: FaultGate | None = None) -> None:
+        self.node = node
+        self.P = node.store.geometry.protection_groups
+        self.gate = gate or FaultGate(node.id)
+
+    def _serve(self, context, rpc: str, work: Callable[[], object], *, gated: bool = True, duplicable: bool = False):
+        try:
+            times = self.gate.admit(context, duplicable) if gated and self.gate.active else 1
+            result = work()
+            if times == 2:
+                work()
+            return result
+        except SixfoldError as e:
+            err = e
+        except Exception as e:  # a bug: say so loudly, answer INTERNAL, keep serving
+            log.exception("%s failed unexpectedly", rpc)
+            context.abort(grpc.StatusCode.INTERNAL, f"{rpc}: internal error {type(e).__name__}: {e}")
+        convert.abort(context, err)
+
+    # --- data RPCs --------------------------------------------------------------------------
+    def Append(self, request, context):
+        def work():
+            epoch, frame, hint = convert.append_args_from_pb(request)
+            return convert.append_reply_to_pb(self.node.append(epoch, frame, hint))
+
+        return self._serve(context, "Append", work, duplicable=True)
+
+    def RepairAppend(self, request, context):
+        def work():
+            if len(request.frame) > FRAME_BYTES_MAX:
+                raise ResourceExhausted(f"frame of {len(request.frame)} bytes; frames are at most {FRAME_BYTES_MAX}")
+            return convert.append_reply_to_pb(self.node.repair_append(request.frame))
+
+        return self._serve(context, "RepairAppend", work, duplicable=True)
+
+    def Read(self, request, context):
+        return self._serve(
+            context, "Read", lambda: convert.read_reply_to_pb(self.node.read(*convert.read_args_from_pb(request, self.P)))
+        )
+
+    def ReadMany(self, request, context):
+        def work():
+            convert.check_count(len(request.reads), "reads")
+            results = []
+            for item in request.reads:
+                try:
+                    results.append(self.node.read(*convert.read_args_from_pb(item, self.P)))
+                except SixfoldError as e:
+                    results.append(e)
+            return convert.read_results_to_pb(results)
+
+        return self._serve(context, "ReadMany", work)
+
+    def Scan(self, request, context):
+        def work():
+            entries, resume = self.node.scan(*convert.scan_args_from_pb(request, self.P))
+            return convert.scan_reply_to_pb(entries, resume)
+
+        return self._serve(context, "Scan", work)
+
+    def Seal(self, request, context):
+        return self._serve(context, "Seal", lambda: convert.seal_reply_to_pb(self.node.seal(request.epoch)))
+
+    def SyncEpoch(self, request, context):
+        return self._serve(
+            context, "SyncEpoch", lambda: convert.node_state_to_pb(self.node.sync_epoch(*convert.sync_epoch_args_from_pb(request)))
+        )
+
+    def Fetch(self, request, context):
+        def work():
+            frame, more = self.node.fetch(*convert.fetch_args_from_pb(request, self.P))
+            return storage_pb2.FetchReply(frame=frame, more=more)
+
+        return self._serve(context, "Fetch", work)
+
+    def State(self, request, context):
+        return self._serve(context, "State", lambda: convert.node_state_to_pb(self.node.state()))
+
+    # --- admin RPCs (never faulted) ----------------------------------------------------------
+    def Corrupt(self, request, context):
+        def work():
+            lsn = self.node.corrupt(*convert.corrupt_args_from_pb(request, self.P))
+            return storage_pb2.CorruptReply(hit=lsn is not None, lsn=lsn or 0)
+
+        return self._serve(context, "Corrupt", work, gated=False)
+
+    def Scrub(self, request, context):
+        def work():
+            if request.records_max:
+                found = self.node.scrub_step(request.records_max)
+            else:  # a full pass: the first call may start mid-PG where the background scrub was
+                found = self.node.scrub_step(1 << 62) + self.node.scrub_step(1 << 62)
+            return storage_pb2.ScrubReply(corrupt_found=found)
+
+        return self._serve(context, "Scrub", work, gated=False)
+
+    def SetFaults(self, request, context):
+        return self._serve(
+            context, "SetFaults", lambda: convert.fault_rules_to_pb(self.gate.set(convert.fault_rules_from_pb(request))), gated=False
+        )
+
+
+class NodeServer:
+    """A `StorageNode` served over gRPC with the health service. `start()`, then `stop()`."""
+
+    def __init__(self, node: StorageNode, server: grpc.Server, port: int) -> None:
+        self.node = node
+        self.server = server
+        self.port = port
+        self.servicer = StorageServicer(node)
+        storage_pb2_grpc.add_StorageServicer_to_server(self.servicer, server)
+        self.health = add_health(server, (SERVICE_NAME,))
+
+    @classmethod
+    def bind(cls, node_factory: Callable[[], StorageNode], listen: str, workers: int = NODE_WORKERS) -> NodeServer:
+        """Bind first (AddressInUse before any data is opened), then build the node."""
+        server, port = make_server(listen, workers)
+        try:
+            node = node_factory()
+        except BaseException:
+            server.stop(None)
+            raise
+        return cls(node, server, port)
+
+    def start(self) -> None:
+        self.server.start()
+        set_health(self.health, (SERVICE_NAME,), True)
+
+    def stop(self, grace_s: float = SHUTDOWN_GRACE_S) -> None:
+        """Stop accepting calls, let in-flight ones finish (up to `grace_s`), close the node."""
+        set_health(self.health, (SERVICE_NAME,), False)
+        self.server.stop(grace_s).wait(grace_s + 1)
+        self.node.close()
+
+
+def peers_of(node: StorageNode, addresses: Mapping[str, str]) -> Callable[[], tuple[str, ...]]:
+    """Gossip peers: the membership the node knows, else every node with an address."""
+
+    def peers() -> tuple[str, ...]:
+        m = node.store.membership
+        return tuple(m.all_nodes) if m is not None else tuple(addresses)
+
+    return peers
+
+
+def run_node_process(
+    *,
+    node_id: str,
+    az: str,
+    data: str,
+    listen: str,
+    volume_id: str,
+    protection_groups: int,
+    peers: Mapping[str, str],
+    durable: bool = True,
+    map_bytes: int | None = None,
+    gossip_interval_s: float = GOSSIP_INTERVAL_S,
+    scrub_interval_s: float = SCRUB_INTERVAL_S,
+    workers: int = NODE_WORKERS,
+) -> int:
+    """The body of `sixfold node serve`: serve until SIGTERM/SIGINT; returns an exit code."""
+    from engine.transport.grpc_client import GrpcTransport
+
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    info = NodeInfo(node_id, az)
+    geometry = Geometry(protection_groups)
+    t0 = time.monotonic()
+    ns = NodeServer.bind(
+        lambda: StorageNode(data, info, geometry, volume_id, durable=durable, map_bytes=map_bytes), listen, workers
+    )
+    addresses = {k: v for k, v in peers.items() if k != node_id}
+    addresses[node_id] = listen
+    transport = GrpcTransport(addresses, source=node_id)
+    ns.node.attach(transport, peers_of(ns.node, addresses))
+    ns.start()
+    if gossip_interval_s > 0:
+        ns.node.start_background(gossip_interval_s, scrub_interval_s)
+    st = ns.node.state()
+    log.info(
+        "node %s (az %s) serving on %s, pid %d, volume %s, %d PGs, epoch %d, %d records, durable=%s, ready in %.2f s",
+        node_id, az, listen, os.getpid(), volume_id, protection_groups, st.epoch, st.records, durable, time.monotonic() - t0,
+    )
+    while not stop.wait(1.0):
+        pass
+    log.info("node %s: stopping (finishing in-flight calls)", node_id)
+    ns.stop()
+    transport.close()
+    log.info("node %s: stopped cleanly", node_id)
+    return 0

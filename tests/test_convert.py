@@ -1,0 +1,309 @@
+"""The protobuf adapter: every core value survives the wire, and every error comes back as itself.
+
+Each `*_to_pb` / `*_from_pb` pair is checked through the serialized bytes (what really travels),
+with hypothesis drawing the values. Then the error mapping: an error a server aborts with
+reaches the client as the same class with the same message; errors that did not come from
+Sixfold map to `Unavailable` (or `WriteIndeterminate` for a write that may have been sent).
+Last, the server-side checks: fields that parse but mean nothing are refused with typed errors.
+"""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from engine import errors
+from engine.core.constants import FLAG_CPL, FLAG_DELETE, FLAG_PUT, KEY_BYTES_MAX, REPLICAS
+from engine.core.types import (
+    AppendReply,
+    Membership,
+    NodeState,
+    ReadReply,
+    RecordHeader,
+    SealReply,
+    SegmentSummary,
+    TruncationRange,
+    VersionEntry,
+)
+from engine.head.writer import ReadView
+from engine.proto import common_pb2, kv_pb2, storage_pb2
+from engine.transport import convert
+
+U64 = st.integers(0, (1 << 64) - 1)
+U32 = st.integers(0, (1 << 32) - 1)
+NODE = st.text("abcdefghijklmnopqrstuvwxyz0123456789-", min_size=1, max_size=8)
+KEY = st.binary(min_size=1, max_size=KEY_BYTES_MAX)
+VALUE = st.binary(max_size=256)
+
+
+def wire(msg):
+    """A message as the peer parses it from the bytes on the wire."""
+    return type(msg).FromString(msg.SerializeToString())
+
+
+@st.composite
+def truncations(draw):
+    first = draw(st.integers(1, (1 << 64) - 2))
+    return TruncationRange(draw(U64), first, draw(st.integers(first, (1 << 64) - 1)))
+
+
+@st.composite
+def memberships(draw):
+    ids = draw(st.lists(NODE, min_size=2 * REPLICAS, max_size=2 * REPLICAS, unique=True))
+    nxt = tuple(ids[REPLICAS:]) if draw(st.booleans()) else None
+    return Membership(draw(U64), tuple(ids[:REPLICAS]), nxt)
+
+
+@st.composite
+def read_replies(draw):
+    kind = draw(st.sampled_from(["none", "value", "tombstone"]))
+    if kind == "none":
+        return ReadReply(draw(NODE), 0, None)
+    if kind == "tombstone":
+        return ReadReply(draw(NODE), draw(U64), None, True)
+    return ReadReply(draw(NODE), draw(U64), draw(VALUE))
+
+
+VERSION = st.builds(VersionEntry, KEY, U64, st.one_of(st.none(), VALUE))
+HEADER = st.builds(RecordHeader, U64, U64, st.integers(0, 255))
+SUMMARY = st.builds(SegmentSummary, NODE, U32, U64, U64, U64, st.lists(HEADER, max_size=20).map(tuple))
+NODE_STATE = st.builds(
+    NodeState,
+    node=NODE, az=NODE, epoch=U64, scls=st.lists(U64, max_size=16).map(tuple), hint_lsn=U64, records=U64, bytes=U64,
+    corrupt_found=U64, repaired=U64, truncations=st.lists(truncations(), max_size=4).map(tuple),
+    membership=st.one_of(st.none(), memberships()),
+    extra=st.dictionaries(st.text(max_size=8), st.one_of(st.integers(-(1 << 50), 1 << 50), st.booleans(), st.text(max_size=8)), max_size=4),
+)
+OPS = st.lists(
+    st.one_of(st.tuples(st.just(FLAG_PUT), KEY, VALUE), st.tuples(st.just(FLAG_DELETE), KEY, st.just(b""))),
+    min_size=1, max_size=8,
+).map(tuple)
+
+
+# --- round trips ------------------------------------------------------------------------------
+@given(st.builds(AppendReply, NODE, st.lists(U64, max_size=64).map(tuple)))
+def test_append_reply_round_trips(r):
+    assert convert.append_reply_from_pb(wire(convert.append_reply_to_pb(r))) == r
+
+
+@given(read_replies())
+def test_read_reply_round_trips(r):
+    assert convert.read_reply_from_pb(wire(convert.read_reply_to_pb(r))) == r
+
+
+@given(st.lists(st.one_of(read_replies(), st.sampled_from([errors.SegmentIncomplete("behind"), errors.InvalidArgument("bad")]))))
+def test_read_many_results_round_trip(results):
+    back = convert.read_results_from_pb(wire(convert.read_results_to_pb(results)))
+    assert [(type(r), str(r)) if isinstance(r, Exception) else r for r in back] == [
+        (type(r), str(r)) if isinstance(r, Exception) else r for r in results
+    ]
+
+
+@given(st.lists(VERSION, max_size=10), st.one_of(st.none(), st.binary(max_size=16)))
+def test_scan_reply_round_trips(entries, resume):
+    assert convert.scan_reply_from_pb(wire(convert.scan_reply_to_pb(entries, resume))) == (entries, resume)
+
+
+@given(st.builds(SealReply, NODE, U64, st.lists(SUMMARY, max_size=8).map(tuple), st.lists(truncations(), max_size=4).map(tuple)))
+def test_seal_reply_round_trips(r):
+    assert convert.seal_reply_from_pb(wire(convert.seal_reply_to_pb(r))) == r
+
+
+@given(NODE_STATE)
+def test_node_state_round_trips(s):
+    back = convert.node_state_from_pb(wire(convert.node_state_to_pb(s)))
+    assert back == s and back.extra == s.extra
+
+
+@given(U64, st.lists(truncations(), max_size=4), st.one_of(st.none(), memberships()))
+def test_sync_epoch_request_round_trips(epoch, truncs, membership):
+    truncs = [TruncationRange(min(t.epoch, epoch), t.first, t.last) for t in truncs]
+    if membership is not None:
+        membership = Membership(min(membership.epoch, epoch), membership.members, membership.next_members)
+    m = wire(convert.sync_epoch_request_to_pb(epoch, truncs, membership))
+    assert convert.sync_epoch_args_from_pb(m) == (epoch, tuple(truncs), membership)
+
+
+@given(st.integers(1, 64), st.data())
+def test_read_request_round_trips(P, data):
+    pg = data.draw(st.integers(0, P - 1))
+    read_point = data.draw(U64)
+    args = (pg, data.draw(KEY), read_point, data.draw(st.integers(0, read_point)), data.draw(U64))
+    assert convert.read_args_from_pb(wire(convert.read_request_to_pb(*args)), P) == args
+
+
+@given(st.integers(1, 64), st.data())
+def test_scan_and_fetch_requests_round_trip(P, data):
+    pg = data.draw(st.integers(0, P - 1))
+    rp = data.draw(U64)
+    scan = (pg, data.draw(st.binary(max_size=KEY_BYTES_MAX)), data.draw(st.one_of(st.none(), st.binary(max_size=KEY_BYTES_MAX))),
+            rp, data.draw(st.integers(0, rp)), data.draw(U32), data.draw(U64))
+    assert convert.scan_args_from_pb(wire(convert.scan_request_to_pb(*scan)), P) == scan
+    after = data.draw(U64)
+    fetch = (pg, after, data.draw(U64), data.draw(st.one_of(st.none(), st.integers(after, (1 << 64) - 1))))
+    assert convert.fetch_args_from_pb(wire(convert.fetch_request_to_pb(*fetch)), P) == fetch
+
+
+@given(st.lists(OPS, min_size=1, max_size=5))
+def test_write_units_round_trip(units):
+    m = wire(convert.write_request_to_pb(units))
+    assert [convert.unit_from_pb(u) for u in m.units] == list(units)
+
+
+@given(st.lists(st.one_of(U64, st.sampled_from([errors.WriteIndeterminate("late"), errors.Unavailable("down"), errors.StaleEpoch("fenced")]))))
+def test_write_results_round_trip(results):
+    back = convert.write_results_from_pb(wire(convert.write_results_to_pb(results)))
+    norm = lambda rs: [(type(r), str(r)) if isinstance(r, Exception) else r for r in rs]  # noqa: E731
+    assert norm(back) == norm(results)
+
+
+@given(st.lists(st.one_of(st.none(), VALUE, st.just(errors.InvalidArgument("key too long")))))
+def test_get_results_round_trip(results):
+    back = convert.get_results_from_pb(wire(convert.get_results_to_pb(results)))
+    norm = lambda rs: [(type(r), str(r)) if isinstance(r, Exception) else r for r in rs]  # noqa: E731
+    assert norm(back) == norm(results)
+
+
+@given(st.integers(1, 32), st.data())
+def test_read_view_round_trips(P, data):
+    rp = data.draw(U64)
+    view = ReadView(rp, tuple(data.draw(st.lists(st.integers(0, rp), min_size=P, max_size=P))))
+    assert convert.read_view_from_pb(wire(convert.read_view_to_pb(view)), P) == view
+    key, quorum = data.draw(KEY), data.draw(st.booleans())
+    assert convert.get_args_from_pb(wire(convert.get_request_to_pb(key, quorum, view)), P) == (key, quorum, view)
+    assert convert.get_args_from_pb(wire(convert.get_request_to_pb(key, quorum, None)), P) == (key, quorum, None)
+    start, end = data.draw(st.binary(max_size=8)), data.draw(st.one_of(st.none(), st.binary(max_size=8)))
+    assert convert.kv_scan_args_from_pb(wire(convert.kv_scan_request_to_pb(start, end, quorum, view)), P) == (start, end, quorum, view)
+
+
+@given(st.builds(
+    convert.FaultRules,
+    groups=st.lists(NODE, max_size=6, unique=True).map(lambda ids: (tuple(ids[: len(ids) // 2]), tuple(ids[len(ids) // 2:]))),
+    blocked_sources=st.lists(NODE, max_size=3).map(tuple),
+    drop_probability=st.floats(0, 1), duplicate_probability=st.floats(0, 1),
+    delay_ms=st.integers(0, convert.DELAY_MS_MAX), delay_jitter_ms=st.integers(0, convert.DELAY_MS_MAX), seed=U64,
+))
+def test_fault_rules_round_trip(rules):
+    assert convert.fault_rules_from_pb(wire(convert.fault_rules_to_pb(rules))) == rules
+
+
+@given(st.lists(st.tuples(st.binary(max_size=8), st.binary(max_size=8)), max_size=10))
+def test_scan_chunk_round_trips(pairs):
+    assert convert.scan_chunk_from_pb(wire(convert.scan_chunk_to_pb(pairs))) == pairs
+
+
+def test_status_keeps_integer_pg_keys():
+    status = {"vdl": 3, "nodes": [{"id": "n1", "scl": {0: 3, 1: 2}, "lag": {0: 0, 1: 1}}]}
+    assert convert.status_from_pb(wire(convert.status_to_pb(status))) == status
+
+
+# --- errors -----------------------------------------------------------------------------------
+class FakeRpcError(grpc.RpcError):
+    """What a stub raises: a status code, details and trailing metadata."""
+
+    def __init__(self, code, details="", trailing=()):
+        self._code, self._details, self._trailing = code, details, trailing
+
+    def code(self):
+        return self._code
+
+    def details(self):
+        return self._details
+
+    def trailing_metadata(self):
+        return self._trailing
+
+
+class FakeContext:
+    """The part of grpc.ServicerContext that convert.abort uses."""
+
+    class Aborted(Exception):
+        pass
+
+    def set_trailing_metadata(self, md):
+        self.trailing = md
+
+    def abort(self, code, details):
+        self.code, self.details = code, details
+        raise FakeContext.Aborted()
+
+
+@pytest.mark.parametrize("cls", errors.ALL_ERRORS)
+def test_every_error_travels_as_its_status_and_comes_back_as_itself(cls):
+    ctx = FakeContext()
+    with pytest.raises(FakeContext.Aborted):
+        convert.abort(ctx, cls("what happened, and what to do"))
+    assert ctx.code == getattr(grpc.StatusCode, cls.GRPC_STATUS)
+    back = convert.error_from_rpc(FakeRpcError(ctx.code, ctx.details, ctx.trailing), where="node n1")
+    assert type(back) is cls and str(back) == "what happened, and what to do"
+    status = convert.error_to_pb(cls("per item"))
+    assert type(convert.error_from_pb(wire(status))) is cls
+
+
+def test_a_subclass_travels_as_its_nearest_known_class():
+    class Special(errors.StaleEpoch):
+        pass
+
+    ctx = FakeContext()
+    with pytest.raises(FakeContext.Aborted):
+        convert.abort(ctx, Special("fenced"))
+    assert dict(ctx.trailing)[convert.ERROR_METADATA_KEY] == "StaleEpoch"
+
+
+@pytest.mark.parametrize("code", [grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED,
+                                  grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN, grpc.StatusCode.UNIMPLEMENTED])
+def test_unreachable_is_unavailable_for_node_calls(code):
+    err = convert.error_from_rpc(FakeRpcError(code, "Socket closed"), where="node n3")
+    assert type(err) is errors.Unavailable and "node n3" in str(err)
+
+
+def test_a_write_whose_fate_is_unknown_is_indeterminate_unless_it_was_never_sent():
+    broken = FakeRpcError(grpc.StatusCode.UNAVAILABLE, "Socket closed")
+    assert type(convert.error_from_rpc(broken, where="w", write=True)) is errors.WriteIndeterminate
+    late = FakeRpcError(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")
+    assert type(convert.error_from_rpc(late, where="w", write=True)) is errors.WriteIndeterminate
+    refused = FakeRpcError(grpc.StatusCode.UNAVAILABLE, "failed to connect to all addresses; last error: Connection refused")
+    assert type(convert.error_from_rpc(refused, where="w", write=True)) is errors.Unavailable
+
+
+def test_an_unknown_class_name_falls_back_on_the_status_code():
+    err = convert.error_from_rpc(
+        FakeRpcError(grpc.StatusCode.DATA_LOSS, "x", ((convert.ERROR_METADATA_KEY, "NoSuchError"),)), where="n1"
+    )
+    assert type(err) is errors.CorruptRecord
+    assert type(convert.error_from_pb(common_pb2.ErrorStatus(code="OUT_OF_RANGE", error="Nope"))) is errors.SegmentIncomplete
+
+
+# --- server-side meaning checks ---------------------------------------------------------------
+def test_fields_that_parse_but_mean_nothing_are_refused():
+    P = 8
+    with pytest.raises(errors.UnknownProtectionGroup):
+        convert.read_args_from_pb(storage_pb2.ReadRequest(pg=8, key=b"k"), P)
+    with pytest.raises(errors.InvalidArgument):
+        convert.read_args_from_pb(storage_pb2.ReadRequest(pg=0, key=b""), P)
+    with pytest.raises(errors.InvalidArgument):
+        convert.read_args_from_pb(storage_pb2.ReadRequest(pg=0, key=b"k" * (KEY_BYTES_MAX + 1)), P)
+    with pytest.raises(errors.InvalidArgument):
+        convert.read_args_from_pb(storage_pb2.ReadRequest(pg=0, key=b"k", read_point=1, required_lsn=2), P)
+    with pytest.raises(errors.InvalidArgument):
+        convert.fetch_args_from_pb(storage_pb2.FetchRequest(pg=0, after_lsn=5, upto_lsn=4), P)
+    with pytest.raises(errors.InvalidArgument):
+        convert.sync_epoch_args_from_pb(storage_pb2.SyncEpochRequest(epoch=3, truncations=[storage_pb2.TruncationRange(epoch=1, first=5, last=4)]))
+    with pytest.raises(errors.InvalidArgument):
+        convert.sync_epoch_args_from_pb(storage_pb2.SyncEpochRequest(epoch=3, truncations=[storage_pb2.TruncationRange(epoch=1, first=0, last=4)]))
+    with pytest.raises(errors.InvalidArgument):
+        convert.sync_epoch_args_from_pb(storage_pb2.SyncEpochRequest(epoch=3, membership=storage_pb2.Membership(epoch=1, members=["a"] * 6)))
+    with pytest.raises(errors.InvalidArgument):
+        convert.read_view_from_pb(common_pb2.ReadView(read_point=1, tails=[0, 2]), 2)
+    with pytest.raises(errors.InvalidArgument):
+        convert.read_view_from_pb(common_pb2.ReadView(read_point=1, tails=[0]), 2)
+    with pytest.raises(errors.InvalidArgument):
+        convert.fault_rules_from_pb(storage_pb2.FaultSpec(drop_probability=float("nan")))
+    with pytest.raises(errors.InvalidArgument):
+        convert.unit_from_pb(kv_pb2.Unit(ops=[kv_pb2.Op(flags=FLAG_PUT | FLAG_CPL, key=b"k")]))
+    with pytest.raises(errors.InvalidArgument):
+        convert.unit_from_pb(kv_pb2.Unit(ops=[kv_pb2.Op(flags=FLAG_DELETE, key=b"k", value=b"v")]))
+    with pytest.raises(errors.InvalidArgument):
+        convert.unit_from_pb(kv_pb2.Unit())
