@@ -93,3 +93,14 @@ def test_cli_chaos_sim_exit_codes_and_files(tmp_path, capsys):
     assert {"plan.json", "history.jsonl", "report.json"} <= set(os.listdir(out))
     assert sixfold(["chaos", "--target", "sim", "--seed", "3", "--duration", "2", "--weaken", "read-any",
                     "--out", str(tmp_path / "weak")]) in (0, 1)
+
+
+@pytest.mark.cluster
+def test_cluster_default_faults_valid(tmp_path):
+    """Real processes, real SIGKILL/SIGSTOP, faults in the nodes' gRPC layer."""
+    from engine.cluster.testing import free_base_port
+
+    result = run(RunConfig(target="cluster", seed=7, duration_s=15.0, base_port=free_base_port()), str(tmp_path))
+    assert result.overall == "valid", result.report()
+    assert result.counts["ok"] > 200
+    assert result.stats["faults_applied"] > 5 and result.stats["nemesis_errors"] == []

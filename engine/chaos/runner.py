@@ -157,8 +157,8 @@ class _Nemesis(threading.Thread):
                 return
             try:
                 self.apply(ev)
-            except SixfoldError as e:
-                self.errors.append(f"{ev.kind} {ev.targets}: {e}")
+            except Exception as e:  # noqa: BLE001 - a failed fault is reported, the run goes on
+                self.errors.append(f"{ev.kind} {ev.targets}: {type(e).__name__}: {e}")
             self.applied += 1
 
 

@@ -389,11 +389,15 @@ def converged(vol: EmbeddedVolume) -> bool:
 
 def segment_digests(transport, writer) -> dict:
     """{pg: {node: digest}} of each segment's records at or below VDL (compared by CRC chain)."""
-    vdl = writer.ledger.vdl
+    return digests_at(transport, writer.ledger.vdl, writer.P, writer.ledger.membership.all_nodes)
+
+
+def digests_at(transport, vdl: int, protection_groups: int, nodes) -> dict:
+    """{pg: {node: digest}} of every segment's records at or below `vdl`, fetched through `transport`."""
     out: dict = {}
-    for pg in range(writer.P):
+    for pg in range(protection_groups):
         per = {}
-        for n in writer.ledger.membership.all_nodes:
+        for n in nodes:
             try:
                 per[n] = _digest(transport, n, pg, vdl)
             except SixfoldError:

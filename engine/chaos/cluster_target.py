@@ -1,0 +1,183 @@
+"""The `cluster` chaos target: real processes, real signals, faults inside the nodes' gRPC layer.
+
+Theory of operation
+-------------------
+The run starts its own cluster in the run folder (`RUN/cluster`) with the launcher, drives the
+workload through `engine.connect`, and applies the plan:
+
+| plan event            | what happens                                                      |
+|-----------------------|-------------------------------------------------------------------|
+| kill / restart        | SIGKILL the node process / start it again (same data folder)      |
+| pause / resume        | SIGSTOP / SIGCONT                                                 |
+| az_down / az_up       | SIGKILL / start both nodes of the AZ                              |
+| writer_crash          | SIGKILL the writer endpoint, wait `down_s`, start it (recovery)   |
+| corrupt / scrub       | flip bits of a stored record (admin RPC) / make the node scrub    |
+| partition / heal      | every node refuses requests from endpoints outside its group      |
+| slow, drop, duplicate, delay, reorder / clear | per-node fault rules in its gRPC server (reorder is approximated by delay jitter) |
+
+Fault rules are composed here (partition groups plus each node's message faults) and pushed
+whole to each node with the `SetFaults` admin RPC, which the nodes never apply to admin callers.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+from engine.chaos.plan import FaultEvent, pick_corruption
+from engine.errors import SixfoldError
+
+CONVERGE_TIMEOUT_S = 90.0
+
+
+class ClusterNemesis:
+    """Applies plan events to a launcher-managed cluster."""
+
+    def __init__(self, cluster, seed: int, protection_groups: int) -> None:
+        from engine.transport.convert import FaultRules
+
+        self.cluster = cluster
+        self.FaultRules = FaultRules
+        self.seed = seed
+        self.P = protection_groups
+        self.groups: tuple[tuple[str, ...], ...] = ()
+        self.message: dict[str, dict] = {}
+        self.lock = threading.Lock()
+
+    def _push(self, nodes) -> None:
+        for n in nodes:
+            m = self.message.get(n, {})
+            rules = self.FaultRules(
+                groups=self.groups,
+                drop_probability=m.get("drop", 0.0),
+                duplicate_probability=m.get("duplicate", 0.0),
+                delay_ms=int(m.get("delay_ms", 0)),
+                delay_jitter_ms=int(m.get("jitter_ms", 0)),
+                seed=self.seed,
+            )
+            try:
+                self.cluster.set_faults(n, rules if rules.active else None)
+            except SixfoldError:
+                pass  # a node that is down gets its rules when it is healed at the end
+
+    def apply(self, ev: FaultEvent) -> None:
+        c, k, targets = self.cluster, ev.kind, ev.targets
+        with self.lock:
+            if k == "kill":
+                for n in targets:
+                    c.kill(n)
+            elif k in ("restart",):
+                for n in targets:
+                    c.start(n)
+                self._push(targets)
+            elif k == "pause":
+                for n in targets:
+                    c.stop(n)
+            elif k == "resume":
+                for n in targets:
+                    c.cont(n)
+            elif k == "az_down":
+                for n in c.azs()[ev.param("az")]:
+                    c.kill(n)
+            elif k == "az_up":
+                nodes = c.azs()[ev.param("az")]
+                for n in nodes:
+                    c.start(n)
+                self._push(nodes)
+            elif k == "writer_crash":
+                c.kill("writer")
+                time.sleep(float(ev.param("down_s", 0.1)))
+                c.start("writer")
+            elif k == "corrupt":
+                for n in targets:
+                    index, bits = pick_corruption(ev, self.P, 64)
+                    for bit in bits:
+                        c.corrupt(n, index, None, bit)
+            elif k == "scrub":
+                for n in targets:
+                    c.scrub(n)
+            elif k == "partition":
+                self.groups = tuple(tuple(g) for g in ev.param("groups", ()))
+                self._push(list(c.node_ids))
+            elif k == "heal":
+                self.groups = ()
+                self._push(list(c.node_ids))
+            elif k in ("slow", "unslow"):
+                for n in targets:
+                    m = self.message.setdefault(n, {})
+                    m["delay_ms"] = float(ev.param("delay_ms", 20)) if k == "slow" else 0
+                self._push(targets)
+            elif k in ("drop", "duplicate", "delay", "reorder"):
+                for n in targets:
+                    m = self.message.setdefault(n, {})
+                    p = float(ev.param("probability", 0.1))
+                    if k in ("drop", "duplicate"):
+                        m[k] = p
+                    else:
+                        m["jitter_ms"] = float(ev.param("delay_ms", 10))
+                self._push(targets)
+            elif k == "clear":
+                for n in targets or tuple(self.message):
+                    self.message.pop(n, None)
+                self._push(targets or list(c.node_ids))
+            else:
+                raise AssertionError(f"unknown fault kind {k}")
+
+    def heal_everything(self) -> None:
+        c = self.cluster
+        with self.lock:
+            for name in list(list(c.node_ids)) + ["writer"]:
+                state = c.state(name)
+                if state == "paused":
+                    c.cont(name)
+                elif state == "down":
+                    c.start(name)
+            self.groups, self.message = (), {}
+            self._push(list(c.node_ids))
+
+
+def _converged(db) -> bool:
+    try:
+        st = db.status()
+    except SixfoldError:
+        return False
+    scls = {str(n.get("scl")) for n in st["nodes"]}
+    return all(n.get("up") for n in st["nodes"]) and len(scls) == 1
+
+
+def run_cluster(config, plan, out_dir: str, progress, drive):
+    from engine.chaos.sim import digests_at
+    from engine.cluster.launcher import Cluster
+    from engine.node.service import wait_until
+
+    folder = os.path.join(out_dir, "cluster")
+    cluster = Cluster(folder)
+    cluster.up(base_port=config.base_port, protection_groups=config.protection_groups, write_timeout_s=1.0, gossip_interval_s=0.5)
+    nemesis = ClusterNemesis(cluster, config.seed, config.protection_groups)
+    db = cluster.connect()
+    try:
+        workload, history, nem = drive(config, plan, db, nemesis.apply, progress)
+        nemesis.heal_everything()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                db.put(b"\xff-settle", b"x")  # carries the newest VDL hint to every node
+                break
+            except SixfoldError:
+                time.sleep(0.2)
+        wait_until(lambda: _converged(db), CONVERGE_TIMEOUT_S, 0.2)
+        workload.final_reads()
+        st = db.status()
+        transport = cluster.transport("checker")
+        try:
+            digests = digests_at(transport, st["vdl"], st["protection_groups"], [n["id"] for n in st["nodes"]])
+        finally:
+            transport.close()
+        stats = {"faults_applied": nem.applied, "nemesis_errors": nem.errors[:20]}
+    finally:
+        try:
+            db.close()
+        finally:
+            cluster.down()
+    return history, digests, stats
