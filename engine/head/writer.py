@@ -105,6 +105,20 @@ class ReadView:
     tails: tuple[int, ...]
 
 
+class _Ticket:
+    """One atomic unit on its way: its ops, their PGs, and the lock its caller parks on."""
+
+    __slots__ = ("ops", "pgs", "lock", "lsn", "error")
+
+    def __init__(self, ops, pgs) -> None:
+        self.ops = ops
+        self.pgs = pgs
+        self.lock = _thread.allocate_lock()
+        self.lock.acquire()
+        self.lsn: int | None = None
+        self.error: SixfoldError | None = None
+
+
 class _NodeLink:
     """The writer's view of one node: what was sent, whether it answers, its sender thread."""
 
@@ -145,6 +159,8 @@ class Writer:
         self._tail: list[bytes] = []
         self._tail_base = 1  # LSN of _tail[0]
         self._waiters: deque[tuple[int, object]] = deque()
+        self._inbox: deque[_Ticket] = deque()  # submitted, not yet given LSNs
+        self._senders_waiting = 0
         self._closed = False
         self._fenced: str | None = None
         self.epoch = 0
@@ -279,7 +295,7 @@ class Writer:
         deadline = time.monotonic() + 2.0
         while self._background and self.ledger is not None and time.monotonic() < deadline:
             with self._lock:
-                if not self._waiters or self._fenced or self._closed:
+                if (not self._waiters and not self._inbox) or self._fenced or self._closed:
                     break
             time.sleep(0.005)
         self.abandon()
@@ -288,6 +304,7 @@ class Writer:
         """Stop at once, as a crash would: in-flight writes become indeterminate."""
         with self._lock:
             self._closed = True
+            self._sequence_locked()  # refuses what was never logged
             self._work.notify_all()
             self._room.notify_all()
             waiters, self._waiters = self._waiters, deque()
@@ -312,51 +329,100 @@ class Writer:
             )
         return self._quorum_cache
 
-    def submit(self, ops: Sequence[tuple[int, bytes, bytes]], *, block: bool = True) -> tuple[int, object]:
-        """Log `ops` (flags, key, value) as one atomic unit; return (CPL lsn, waiter lock).
+    def submit(self, ops: Sequence[tuple[int, bytes, bytes]], *, block: bool = True) -> tuple[int | None, _Ticket]:
+        """Hand `ops` (flags, key, value) to the writer as one atomic unit; return (lsn, ticket).
 
-        Waits up to the write timeout (not at all if `block` is false, as a simulator needs) for a
-        reachable write quorum and for LAL room; raises Unavailable (nothing logged) when they do
-        not come."""
+        The fast path takes no lock: the ticket goes into the inbox, and whichever sender runs
+        next gives the whole inbox its LSNs in one go (so 64 callers cost one lock hand-off per
+        flush, not 64). `lsn` is known at once only without background senders (a simulator);
+        `wait(ticket)` works either way. With no reachable write quorum, waits up to the write
+        timeout (not at all if `block` is false) and raises Unavailable: nothing was logged."""
         assert 1 <= len(ops) <= BATCH_OPS_MAX
-        pgs = [protection_group_of(key, self.P) for _f, key, _v in ops]
+        ticket = _Ticket(ops, [protection_group_of(key, self.P) for _f, key, _v in ops])
+        if self._closed or self._fenced or not self._quorum_up_unlocked():
+            self._wait_for_quorum(block)
+        self._inbox.append(ticket)
+        if not self._background:
+            with self._lock:
+                self._sequence_locked()
+            if ticket.error is not None:
+                raise ticket.error
+            return ticket.lsn, ticket
+        if self._senders_waiting:
+            with self._lock:
+                self._work.notify_all()
+        return None, ticket
+
+    def _quorum_up_unlocked(self) -> bool:
+        cached = self._quorum_cache
+        if cached is not None:
+            return cached
+        with self._lock:
+            return self._quorum_up()
+
+    def _wait_for_quorum(self, block: bool) -> None:
+        """The slow path of submit: wait (bounded) for a write quorum, or refuse."""
         deadline = self._clock() + self.options.write_timeout_s
         with self._lock:
             while True:
                 self._check_usable()
-                quorum = self._quorum_up()
-                room = self.ledger.can_allocate(len(ops))
-                if quorum and room:
-                    break
+                if self._quorum_up():
+                    return
                 left = deadline - self._clock() if block else 0
                 if left <= 0:
-                    if not quorum:
-                        up = sorted(n for n, link in self.links.items() if link.up)
-                        raise Unavailable(
-                            f"write refused: only {len(up)} segments reachable ({', '.join(up) or 'none'}); "
-                            f"a write needs {WRITE_QUORUM} of 6. Nothing was logged."
-                        )
-                    raise ResourceExhausted(f"write refused: {self.ledger.in_flight()} LSNs in flight (LAL {self.ledger.lal})")
+                    up = sorted(n for n, link in self.links.items() if link.up)
+                    raise Unavailable(
+                        f"write refused: only {len(up)} segments reachable ({', '.join(up) or 'none'}); "
+                        f"a write needs {WRITE_QUORUM} of 6. Nothing was logged."
+                    )
                 self._room.wait(min(left, 0.05))
-            allocs = self.ledger.allocate(pgs)
-            last = len(ops) - 1
-            tail = self._tail
-            for i, ((lsn, prev), (flags, key, value), pg) in enumerate(zip(allocs, ops, pgs)):
-                tail.append(codec.encode_record(lsn, prev, pg, flags | (FLAG_CPL if i == last else 0), key, value))
-            lsn = allocs[-1][0]
-            waiter = _thread.allocate_lock()
-            waiter.acquire()
-            self._waiters.append((lsn, waiter))
-            self._work.notify_all()
-        return lsn, waiter
 
-    def wait(self, lsn: int, waiter, timeout_s: float | None = None) -> None:
-        """Block until VDL covers `lsn`; WriteIndeterminate when it does not in time."""
+    def _sequence_locked(self) -> None:
+        """Give every ticket in the inbox its LSNs (consecutive; the unit's last one a CPL), encode
+        its records once into the tail, and park it until VDL covers it. Caller holds the lock."""
+        inbox, ledger, tail, waiters = self._inbox, self.ledger, self._tail, self._waiters
+        refuse = self._closed or self._fenced
+        while inbox:
+            ticket = inbox[0]
+            if refuse:
+                inbox.popleft()
+                ticket.error = Unavailable("the writer stopped (crashed, closed or fenced) before logging this write")
+                ticket.lock.release()
+                continue
+            if not ledger.can_allocate(len(ticket.ops)):
+                return  # LAL: the rest waits until VDL moves on
+            inbox.popleft()
+            allocs = ledger.allocate(ticket.pgs)
+            last = len(ticket.ops) - 1
+            for i, ((lsn, prev), (flags, key, value), pg) in enumerate(zip(allocs, ticket.ops, ticket.pgs)):
+                tail.append(codec.encode_record(lsn, prev, pg, flags | (FLAG_CPL if i == last else 0), key, value))
+            ticket.lsn = allocs[-1][0]
+            waiters.append((ticket.lsn, ticket.lock))
+
+    def wait(self, lsn: int | None, ticket: _Ticket, timeout_s: float | None = None) -> None:
+        """Block until VDL covers the ticket's CPL; WriteIndeterminate when it does not in time
+        (Unavailable if it was never logged)."""
         timeout_s = self.options.write_timeout_s if timeout_s is None else timeout_s
-        waiter.acquire(timeout=timeout_s)
+        ticket.lock.acquire(timeout=timeout_s)
+        lsn = ticket.lsn
+        if ticket.error is not None:
+            raise ticket.error
         ledger = self.ledger
-        if ledger.vdl >= lsn:
+        if lsn is not None and ledger.vdl >= lsn:
             return
+        if lsn is None:
+            # Still in the inbox: take it out if we can, then it was never logged.
+            with self._lock:
+                if ticket.lsn is None:
+                    try:
+                        self._inbox.remove(ticket)
+                    except ValueError:
+                        pass
+                    else:
+                        raise Unavailable(f"write not logged within {timeout_s:g} s; nothing was logged")
+                lsn = ticket.lsn
+            if lsn is not None and ledger.vdl >= lsn:
+                return
         if self._fenced:
             raise WriteIndeterminate(f"write at LSN {lsn} is indeterminate: {self._fenced}")
         if self._closed:
@@ -368,9 +434,9 @@ class Writer:
         )
 
     def write(self, ops: Sequence[tuple[int, bytes, bytes]]) -> int:
-        lsn, waiter = self.submit(ops)
-        self.wait(lsn, waiter)
-        return lsn
+        _lsn, ticket = self.submit(ops)
+        self.wait(None, ticket)
+        return ticket.lsn
 
     def put(self, key: bytes, value: bytes) -> int:
         check_key(key)
@@ -397,13 +463,19 @@ class Writer:
             while True:
                 if self._closed or self._fenced or link.id not in self.ledger.membership.all_nodes:
                     return False  # closed, fenced, or this node was replaced
+                if self._inbox:
+                    self._sequence_locked()
                 end = self._tail_base + len(self._tail)  # one above the highest LSN in the tail
                 start = max(link.sent_lsn + 1, self._tail_base)
                 idle_for = self._clock() - link.last_send
                 heartbeat = idle_for >= HEARTBEAT_S  # also how a dead or returning node is noticed
                 if start < end or heartbeat or not block:
                     break
-                self._work.wait(HEARTBEAT_S)
+                self._senders_waiting += 1
+                try:
+                    self._work.wait(HEARTBEAT_S)
+                finally:
+                    self._senders_waiting -= 1
             records = self._tail[start - self._tail_base : start - self._tail_base + FRAME_RECORDS_MAX_SEND]
             hint = self.ledger.vdl
             epoch = self.epoch
@@ -483,6 +555,7 @@ class Writer:
     def _fence(self, why: str) -> None:
         with self._lock:
             self._fenced = why
+            self._sequence_locked()  # refuses what was never logged
             waiters, self._waiters = self._waiters, deque()
             self._room.notify_all()
             self._work.notify_all()

@@ -30,6 +30,7 @@ import json
 import os
 import struct
 import threading
+import time
 from collections.abc import Iterable, Sequence
 
 import lmdb
@@ -67,6 +68,7 @@ _HDR = struct.Struct("<IIQQIB")  # crc, total_len, lsn, prev_lsn, pg, flags
 MAP_BYTES_DEFAULT = 32 << 30
 SCAN_ENTRIES_MAX = 10_000
 FETCH_BYTES_MAX = 8 << 20
+SCL_PERSIST_S = 0.25
 
 
 def _scl_key(pg: int) -> bytes:
@@ -144,6 +146,11 @@ class SegmentStore:
         self._truncated_max = max((t.last for t in self.truncations), default=0)
         #: per PG, the highest LSN held (to know when SCL needs a walk after a hole is filled)
         self.max_lsn = [self._highest_lsn(pg) for pg in range(P)]
+        # Appends persist SCLs lazily (see append), so the stored ones may lag: walk forward.
+        with self.env.begin() as txn:
+            for pg in range(P):
+                self._walk_scl(txn, pg)
+        self._persisted_at = 0.0
 
     # --- helpers ----------------------------------------------------------------------------
     def _get_u64(self, txn, key: bytes) -> int:
@@ -247,9 +254,15 @@ class SegmentStore:
                     touched.add(pg)
                 for pg in sorted(touched):
                     self._walk_scl(txn, pg, scls)
-                    txn.put(_scl_key(pg), _U64BE.pack(scls[pg]), db=self._meta)
-                if hint_lsn > self.hint_lsn:
-                    txn.put(b"hint", _U64BE.pack(hint_lsn), db=self._meta)
+                # SCLs and the hint are persisted at most every SCL_PERSIST_S: a stored SCL is only
+                # a lower bound that opening walks forward from, and the hint only bounds how much
+                # a seal summarises. Skipping the meta table keeps most commits to two tables.
+                now = time.monotonic()
+                if now - self._persisted_at >= SCL_PERSIST_S or not items:
+                    self._persisted_at = now
+                    for pg, scl in enumerate(scls):
+                        txn.put(_scl_key(pg), _U64BE.pack(scl), db=self._meta)
+                    txn.put(b"hint", _U64BE.pack(max(hint_lsn, self.hint_lsn)), db=self._meta)
             self.scls = scls
             if hint_lsn > self.hint_lsn:
                 self.hint_lsn = hint_lsn
