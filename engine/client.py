@@ -34,7 +34,7 @@ import grpc
 
 from engine.database import Database
 from engine.errors import Closed, InvalidArgument, SixfoldError, Unavailable
-from engine.head.writer import ReadView
+from engine.core.types import ReadView
 from engine.proto import kv_pb2, kv_pb2_grpc
 from engine.transport import convert
 from engine.transport.grpc_client import CHANNEL_OPTIONS

@@ -57,6 +57,9 @@ PG_MAX = (1 << 32) - 1
 #: LSN allocation limit: the writer never runs more than this many LSNs ahead of VDL.
 LAL_DEFAULT = 1 << 20
 
+#: Operations in one atomic batch.
+BATCH_OPS_MAX = 10_000
+
 #: Default geometry of a new volume.
 PROTECTION_GROUPS_DEFAULT = 8
 PROTECTION_GROUPS_MAX = 4096

@@ -161,3 +161,12 @@ class NodeState:
     truncations: tuple[TruncationRange, ...] = ()
     membership: Membership | None = None
     extra: dict = field(default_factory=dict, compare=False)
+
+
+@dataclass(frozen=True)
+class ReadView:
+    """A read point and, per PG, the LSN a segment must be complete to for answering alone (the
+    PG's last record at or below the read point). Snapshots keep one; clients may send one back."""
+
+    read_point: int
+    tails: tuple[int, ...]

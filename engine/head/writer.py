@@ -34,6 +34,7 @@ from dataclasses import dataclass
 
 from engine import codec
 from engine.core.constants import (
+    BATCH_OPS_MAX,
     FLAG_CPL,
     FLAG_DELETE,
     FLAG_PUT,
@@ -47,7 +48,7 @@ from engine.core.constants import (
 from engine.core.placement import protection_group_of, read_order
 from engine.core.quorum import VolumeDurability, has_write_quorum, merge_read, merge_scan
 from engine.core.recovery import plan_recovery
-from engine.core.types import Geometry, Membership, NodeInfo, SealReply
+from engine.core.types import Geometry, Membership, NodeInfo, ReadView, SealReply
 from engine.errors import (
     Closed,
     CorruptRecord,
@@ -66,7 +67,6 @@ HEARTBEAT_S = 0.1
 BACKOFF_S_MIN = 0.02
 BACKOFF_S_MAX = 0.5
 SCAN_CHUNK = 512
-BATCH_OPS_MAX = 10_000
 
 
 @dataclass(frozen=True)
@@ -95,14 +95,6 @@ def check_value(value) -> None:
         raise InvalidArgument(f"values are bytes, got {type(value).__name__}")
     if len(value) > VALUE_BYTES_MAX:
         raise InvalidArgument(f"value of {len(value)} bytes: values are at most {VALUE_BYTES_MAX} bytes")
-
-
-@dataclass(frozen=True)
-class ReadView:
-    """A read point and, per PG, the LSN a segment must be complete to for answering alone."""
-
-    read_point: int
-    tails: tuple[int, ...]
 
 
 class _Ticket:
