@@ -20,6 +20,7 @@ import uuid
 from dataclasses import dataclass
 
 from engine import codec
+from engine.core.constants import LAL_DEFAULT
 from engine.core.types import Geometry, NodeInfo, default_nodes
 from engine.errors import GeometryMismatch, InvalidArgument, NodeNotFound, SixfoldError, Unavailable
 from engine.head.writer import Writer, WriterOptions
@@ -39,6 +40,8 @@ class EmbeddedOptions:
     map_bytes: int | None = None
     local_az: str = "a"
     seed: int = 0
+    #: LSN allocation limit: at most this many LSNs in flight beyond VDL (back-pressure)
+    lal: int = LAL_DEFAULT
     #: False: no background threads at all (no senders, gossip or scrub); a simulator drives the
     #: steps (`Writer.send_once`, `StorageNode.gossip_once`, `scrub_step`) itself
     background: bool = True
@@ -140,7 +143,7 @@ class EmbeddedVolume:
             self.node_infos,
             self.geometry,
             WriterOptions(
-                write_timeout_s=o.write_timeout_s, local_az=o.local_az,
+                write_timeout_s=o.write_timeout_s, local_az=o.local_az, lal=o.lal,
                 unsafe_write_quorum=o.unsafe_write_quorum, unsafe_read_any=o.unsafe_read_any,
             ),
             background=o.background,

@@ -290,3 +290,45 @@ def test_writer_crash_loses_no_acknowledged_write(tmp_path):
         assert db.get(b"after-crash") == b"ok"
     finally:
         db.close()
+
+
+def test_lal_bounds_what_is_in_flight(tmp_path):
+    """LAL = 4: while three nodes are too slow to acknowledge, at most 4 LSNs are logged beyond
+    VDL; later writes wait for room and are refused with nothing logged."""
+    from engine.embedded import EmbeddedOptions, EmbeddedVolume
+    from engine.transport.faults import FaultyTransport, NetworkFaults
+
+    faults = NetworkFaults(seed=1)
+    vol = EmbeddedVolume(
+        str(tmp_path / "d"), EmbeddedOptions(write_timeout_s=0.3, lal=4, gossip_interval_s=0.05),
+        transport_wrapper=lambda t: FaultyTransport(t, faults),
+    )
+    db = engine.Database(vol)
+    try:
+        db.put(b"base", b"1")
+        vdl = db.status()["vdl"]
+        for n in ("n3", "n4", "n5"):
+            faults.slow_ms[n] = 4000.0  # their links stay "up": acks just do not come in time
+        outcomes = []
+        for i in range(7):
+            try:
+                db.put(b"k%d" % i, b"v")
+                outcomes.append("ok")
+            except engine.WriteIndeterminate:
+                outcomes.append("indeterminate")
+            except engine.Unavailable as e:
+                assert "nothing was logged" in str(e).lower()
+                outcomes.append("refused")
+        assert vol.writer.ledger.next_lsn - 1 - vdl <= 4  # measured before the slow acks land
+        assert outcomes.count("refused") >= 3, outcomes
+        faults.slow_ms.clear()
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                db.put(b"after", b"ok")
+                break
+            except engine.Unavailable:
+                assert time.monotonic() < deadline
+        assert db.get(b"after") == b"ok"
+    finally:
+        db.close()
