@@ -332,3 +332,26 @@ def test_lal_bounds_what_is_in_flight(tmp_path):
         assert db.get(b"after") == b"ok"
     finally:
         db.close()
+
+
+def test_slow_nodes_never_hold_a_write_that_has_four_acks(tmp_path):
+    """Two nodes answer only after 3 s; with a 1 s write timeout every put must still succeed,
+    because the four fast segments make it durable."""
+    from engine.embedded import EmbeddedOptions, EmbeddedVolume
+    from engine.transport.faults import FaultyTransport, NetworkFaults
+
+    faults = NetworkFaults(seed=2)
+    vol = EmbeddedVolume(
+        str(tmp_path / "d"), EmbeddedOptions(write_timeout_s=1.0, gossip_interval_s=0.05),
+        transport_wrapper=lambda t: FaultyTransport(t, faults),
+    )
+    db = engine.Database(vol)
+    try:
+        db.put(b"warm", b"up")
+        faults.slow_ms["n5"] = faults.slow_ms["n6"] = 3000.0
+        for i in range(20):
+            db.put(b"s%d" % i, b"v%d" % i)  # WriteIndeterminate here would mean we waited for n5/n6
+        assert all(db.get(b"s%d" % i) == b"v%d" % i for i in range(20))
+        faults.slow_ms.clear()
+    finally:
+        db.close()
