@@ -182,7 +182,8 @@ def test_replace_is_reverted_if_the_old_node_returns(tmp_path):
         def start_then_stop(info):
             orig_start(info)
             if info.id == "n7":
-                threading.Timer(0.05, lambda: (vol.stop_node("n7"), vol.start_node("n3"))).start()
+                vol.stop_node("n7")  # it can never catch up, so the change cannot complete...
+                threading.Timer(0.2, lambda: vol.start_node("n3")).start()  # ...before n3 is back
 
         vol._start = start_then_stop
         result = db.cluster.replace_node("n3", "n7", timeout_s=10)

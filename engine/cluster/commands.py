@@ -14,7 +14,7 @@ import sys
 import threading
 
 from engine.cluster.launcher import DOWN_TIMEOUT_S, READY_TIMEOUT_S, Cluster
-from engine.cluster.manifest import BASE_PORT_DEFAULT, GOSSIP_INTERVAL_S_DEFAULT, WRITER, ClusterError, endpoint_config, load_manifest, node_entry
+from engine.cluster.manifest import BASE_PORT_DEFAULT, GOSSIP_INTERVAL_S_DEFAULT, WRITER, ClusterError, endpoint_config, load_manifest
 
 
 def _cluster(args) -> Cluster:
@@ -37,8 +37,8 @@ def status_table(st: dict) -> str:
     rows = []
     for n in st["nodes"]:
         scl = f"{n['scl_min']}..{n['scl_max']}" if "scl_min" in n else None
-        rows.append([n["id"], n["az"], n["address"], n["pid"], n["health"], n.get("epoch"), scl, n.get("records")])
-    out = table(rows, ["node", "az", "address", "pid", "health", "epoch", "scl(min..max)", "records"])
+        rows.append([n["id"], n["az"], n["address"], n["pid"], n["health"], n.get("epoch"), scl, n.get("records"), n.get("lag")])
+    out = table(rows, ["node", "az", "address", "pid", "health", "epoch", "scl(min..max)", "records", "lag"])
     w = st["writer"]
     vid = st["volume_id"]
     out += (
@@ -89,7 +89,170 @@ def cmd_cluster_up(args) -> int:
 
 
 def cmd_cluster_status(args) -> int:
+    if getattr(args, "watch", False):
+        return _watch_rebuild(args, _cluster(args), status_table)
     _show(args, _cluster(args).status())
+    return 0
+
+
+# --- healing: replace, wipe, rebuild progress -----------------------------------------------
+class LiveLine:
+    """One status line on stderr: rewritten in place on a terminal, else printed when it
+    changes (at most once a second), so a log stays readable."""
+
+    def __init__(self, stream=None) -> None:
+        self.stream = stream or sys.stderr
+        self.tty = self.stream.isatty()
+        self.last = ""
+        self.printed_at = 0.0
+        self.width = 0
+
+    def show(self, text: str) -> None:
+        import time
+
+        if self.tty:
+            self.stream.write("\r" + text.ljust(self.width))
+            self.width = len(text)
+            self.stream.flush()
+        elif text != self.last and time.monotonic() - self.printed_at >= 1.0:
+            print(text, file=self.stream, flush=True)
+            self.printed_at = time.monotonic()
+        self.last = text
+
+    def done(self) -> None:
+        if self.tty and self.width:
+            self.stream.write("\n")
+            self.stream.flush()
+        self.width = 0
+
+
+def _bar(fraction: float, width: int = 20) -> str:
+    filled = int(round(max(0.0, min(1.0, fraction)) * width))
+    return "[" + "#" * filled + "." * (width - filled) + "]"
+
+
+def membership_table(st: dict) -> str:
+    from engine.cli import table
+
+    members = set((st["writer"].get("membership") or {}).get("members") or ())
+    rows = []
+    for n in st["nodes"]:
+        role = "member" if not members or n["id"] in members else "joining"
+        scl = f"{n['scl_min']}..{n['scl_max']}" if "scl_min" in n else None
+        rows.append([n["id"], n["az"], n["address"], role, n["health"], n.get("epoch"), scl, n.get("lag")])
+    for r in st.get("retired", ()):
+        rows.append([r["id"], r["az"], None, f"retired (-> {r['replaced_by']})" if r.get("replaced_by") else "retired",
+                     None, None, None, None])
+    return table(rows, ["node", "az", "address", "role", "health", "epoch", "scl(min..max)", "lag"])
+
+
+def rebuild_table(st: dict) -> str:
+    from engine.cli import table
+
+    rows = []
+    for n in st["nodes"]:
+        rb = n.get("rebuild") or {}
+        scl = f"{n['scl_min']}..{n['scl_max']}" if "scl_min" in n else None
+        frac = rb.get("fraction")
+        rows.append([n["id"], n["az"], n["health"], scl, n.get("lag"), n.get("lag_max"),
+                     None if frac is None else f"{frac:.0%}", rb.get("fetched_records"), n.get("repaired"),
+                     n.get("corrupt_found"), ("done" if rb.get("complete") else "rebuilding") if frac is not None else None])
+    out = table(rows, ["node", "az", "health", "scl(min..max)", "lag", "lag_max", "rebuilt", "fetched", "repaired",
+                       "corrupt", "state"])
+    w = st["writer"]
+    out += f"\nwriter {w['health']}  epoch {w.get('epoch', '-')}  vdl {w.get('vdl', '-')}"
+    out += "  (lag: LSNs behind the writer's PGCL, summed over PGs; rebuilt: share of those LSNs held)"
+    return out
+
+
+def _watch_rebuild(args, c: Cluster, render) -> int:
+    """Redraw `render(status)` until every node caught up (exit 0) or the timeout (exit 3)."""
+    from engine.cli import print_json
+
+    tty = sys.stdout.isatty()
+    shown = [""]
+
+    def show(st: dict) -> None:
+        if getattr(args, "json", False):
+            return
+        text = render(st)
+        if text == shown[0]:
+            return
+        shown[0] = text
+        if tty:
+            sys.stdout.write("\x1b[H\x1b[J")
+        print(text + ("\n" if not tty else ""), flush=True)
+
+    try:
+        st = c.wait_rebuilt(timeout_s=args.timeout_s, interval_s=args.interval_s, progress=show)
+    except ClusterError as e:
+        print(f"sixfold: {e}", file=sys.stderr)
+        return 3
+    if getattr(args, "json", False):
+        print_json(st)
+    else:
+        print("every node has caught up")
+    return 0
+
+
+def cmd_node_rebuild_status(args) -> int:
+    c = _cluster(args)
+    if args.watch:
+        return _watch_rebuild(args, c, rebuild_table)
+    st = c.rebuild_status()
+    if args.json:
+        from engine.cli import print_json
+
+        print_json(st)
+    else:
+        print(rebuild_table(st))
+    return 0
+
+
+def cmd_node_wipe(args) -> int:
+    c = _cluster(args)
+    c.wipe_node(args.id)
+    if not args.json:
+        print(f"{args.id}: wiped and started empty (pid {c.pid(args.id)}); it rebuilds from its peers")
+    if args.watch:
+        return _watch_rebuild(args, c, rebuild_table)
+    if args.json:
+        from engine.cli import print_json
+
+        print_json({"node": args.id, "wiped": True, "pid": c.pid(args.id)})
+    return 0
+
+
+def cmd_node_replace(args) -> int:
+    from engine.cli import print_json
+
+    c = _cluster(args)
+    line = LiveLine()
+
+    def on_change(ch) -> None:
+        if args.json:
+            return
+        if ch.phase == "rebuilding":
+            line.show(f"{ch.old} -> {ch.new}: {ch.new} rebuilding {_bar(ch.fraction)} {ch.fraction:6.1%}  "
+                      f"{ch.fetched_records} records fetched, lag {ch.lag}  epoch {ch.epoch}  {ch.seconds:.1f} s")
+        else:
+            line.show(f"{ch.old} -> {ch.new}: {ch.phase} at epoch {ch.epoch} after {ch.seconds:.1f} s")
+
+    if not args.json:
+        print(f"replacing {args.id} by {args.new} ...", file=sys.stderr, flush=True)
+    try:
+        result = c.replace_node(args.id, args.new, timeout_s=args.timeout_s, on_change=on_change)
+    finally:
+        line.done()
+    st = c.status()
+    if args.json:
+        print_json({**result, "status": st})
+        return 0
+    if result["replaced"]:
+        print(f"{args.id} replaced by {args.new} in {result['seconds']:.1f} s; epoch {result['epoch']}")
+    else:
+        print(f"reverted: {args.id} answered again before {args.new} caught up; {args.new} retired")
+    print(membership_table(st))
     return 0
 
 
@@ -124,17 +287,18 @@ def cmd_node_serve(args) -> int:
     from engine.transport.grpc_server import AddressInUse, run_node_process
 
     _logging(args.log_level)
-    if args.cluster:
-        m = load_manifest(args.cluster)
-        n = node_entry(m, args.id)
-        params = dict(
-            node_id=n["id"], az=n["az"], data=os.path.join(os.path.abspath(args.cluster), n["data"]),
-            listen=args.listen or n["address"], volume_id=m["volume_id"], protection_groups=m["protection_groups"],
-            peers={p["id"]: p["address"] for p in m["nodes"]}, durable=m["durable"] and not args.no_durable,
-        )
-        if args.gossip_interval_s is None:
-            args.gossip_interval_s = m.get("gossip_interval_s", GOSSIP_INTERVAL_S_DEFAULT)
-    else:
+    try:
+        if args.cluster:
+            # Everything else comes from the manifest, and gossip re-reads it to reach nodes
+            # added later (engine.cluster.addresses).
+            from engine.cluster.addresses import run_cluster_node
+
+            if not args.id:
+                raise SystemExit("sixfold node serve --cluster DIR: say which node with --id")
+            return run_cluster_node(
+                args.cluster, args.id, listen=args.listen, durable=False if args.no_durable else None,
+                gossip_interval_s=args.gossip_interval_s, scrub_interval_s=args.scrub_interval_s,
+            )
         missing = [f"--{k.replace('_', '-')}" for k in ("id", "az", "data", "listen", "volume_id", "protection_groups", "peers")
                    if getattr(args, k) in (None, "")]
         if missing:
@@ -145,14 +309,13 @@ def cmd_node_serve(args) -> int:
             if not sep or not node_id or not address:
                 raise SystemExit(f"sixfold node serve: --peers wants id=host:port,..., got {item!r}")
             peers[node_id.strip()] = address.strip()
-        params = dict(
+        if args.gossip_interval_s is None:
+            args.gossip_interval_s = GOSSIP_INTERVAL_S_DEFAULT
+        return run_node_process(
             node_id=args.id, az=args.az, data=args.data, listen=args.listen, volume_id=args.volume_id,
             protection_groups=args.protection_groups, peers=peers, durable=not args.no_durable,
+            gossip_interval_s=args.gossip_interval_s, scrub_interval_s=args.scrub_interval_s,
         )
-    if args.gossip_interval_s is None:
-        args.gossip_interval_s = GOSSIP_INTERVAL_S_DEFAULT
-    try:
-        return run_node_process(**params, gossip_interval_s=args.gossip_interval_s, scrub_interval_s=args.scrub_interval_s)
     except AddressInUse as e:
         logging.getLogger("sixfold.node").error("%s", e)
         return 2
@@ -202,8 +365,10 @@ def register(sub) -> None:
     up.add_argument("--json", action="store_true", help="print the status as JSON")
     up.set_defaults(func=cmd_cluster_up)
     st = csub.add_parser("status", parents=[target], help="show every process, its health and SCLs", description=(
-        "Show each node (AZ, address, pid, health, epoch, SCL range, records) and the writer endpoint (VDL, epoch)."))
+        "Show each node (AZ, address, pid, health, epoch, SCL range, records) and the writer endpoint (VDL, epoch). "
+        "The JSON has each node's lag behind the writer's PGCLs and its rebuild progress."))
     st.add_argument("--json", action="store_true", help="print JSON for scripts")
+    _watch_arguments(st)
     st.set_defaults(func=cmd_cluster_status)
     down = csub.add_parser("down", parents=[target], help="stop every process (the data stays)", description=(
         "Send SIGTERM to the writer endpoint, then to the nodes (they finish in-flight calls and close their data "
@@ -231,9 +396,13 @@ def register(sub) -> None:
             if action == "start":
                 a.add_argument("--timeout-s", type=float, default=READY_TIMEOUT_S, help="how long to wait for SERVING")
             a.set_defaults(func=_control(action))
+        if family == "node":
+            _register_healing(fsub, target)
         serve = fsub.add_parser("serve", help=f"run {what} in this process (until SIGTERM)", description=(
             f"Run {what} in the foreground, logging to stderr, until SIGTERM or Ctrl-C."))
-        serve.add_argument("--cluster", metavar="DIR", help="read the parameters from DIR/cluster.json")
+        serve.add_argument("--cluster", metavar="DIR", help=(
+            "read the parameters from DIR/cluster.json (with --id for a node; its gossip re-reads the manifest to "
+            "reach nodes added later)"))
         serve.add_argument("--listen", metavar="HOST:PORT", help="listen address (default: from the manifest)")
         serve.add_argument("--log-level", default="info", help="debug, info, warning or error")
         if family == "node":
@@ -253,4 +422,43 @@ def register(sub) -> None:
             serve.set_defaults(func=cmd_writer_serve)
 
 
-__all__ = ["ClusterError", "register", "status_table"]
+def _watch_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--watch", action="store_true",
+                   help="redraw every --interval-s until every node has caught up with the writer (lag 0), then exit")
+    p.add_argument("--interval-s", type=float, default=1.0, help="seconds between refreshes with --watch")
+    p.add_argument("--timeout-s", type=float, default=600.0, help="with --watch: give up (exit 3) after this long")
+
+
+def _register_healing(fsub, target: argparse.ArgumentParser) -> None:
+    """`node replace`, `node wipe`, `node rebuild-status`."""
+    from engine.cluster.launcher import REPLACE_TIMEOUT_S
+
+    p = fsub.add_parser("replace", parents=[target], help="replace a node by a new one, without stopping writes", description=(
+        "Add node NEW in the AZ of ID (next free port, a new data folder), start it, and have the writer endpoint "
+        "replace ID by it in two epoch steps: NEW joins as a second quorum set, rebuilds from its peers, then ID is "
+        "dropped. If ID was down and answers again before NEW caught up, the change is reverted instead. Shows NEW's "
+        "rebuild progress, then the new membership; ID (or NEW, if reverted) is stopped and marked retired. Run it "
+        "again after an interruption to resume."))
+    p.add_argument("id", help="the node to replace, e.g. n3")
+    p.add_argument("--with", dest="new", required=True, metavar="NEW", help="id of the new node, e.g. n7")
+    p.add_argument("--timeout-s", type=float, default=REPLACE_TIMEOUT_S, help="how long NEW may take to catch up")
+    p.add_argument("--json", action="store_true", help="print the result and the status as JSON")
+    p.set_defaults(func=cmd_node_replace)
+
+    p = fsub.add_parser("wipe", parents=[target], help="SIGKILL a node, delete its data, start it empty", description=(
+        "Kill the node, delete its data folder and start it again empty: it rebuilds every segment from its peers "
+        "(gossip), and serves a read alone only once its SCL covers it. --watch follows the rebuild."))
+    p.add_argument("id", help="node id, e.g. n2")
+    p.add_argument("--json", action="store_true", help="print JSON for scripts")
+    _watch_arguments(p)
+    p.set_defaults(func=cmd_node_wipe)
+
+    p = fsub.add_parser("rebuild-status", parents=[target], help="each node's rebuild progress and lag", description=(
+        "Show, per node: SCL range, lag (LSNs behind the writer's PGCL, summed over PGs, and the worst PG), the "
+        "share rebuilt, records fetched from peers by gossip, records repaired, corrupt records found."))
+    p.add_argument("--json", action="store_true", help="print JSON for scripts")
+    _watch_arguments(p)
+    p.set_defaults(func=cmd_node_rebuild_status)
+
+
+__all__ = ["ClusterError", "LiveLine", "membership_table", "rebuild_table", "register", "status_table"]

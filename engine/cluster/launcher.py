@@ -19,6 +19,13 @@ the process freezes with its sockets open), cont (SIGCONT), start (the same argu
 down (SIGTERM, which lets in-flight calls finish and LMDB close, then SIGKILL after a timeout).
 A pid is trusted only while `/proc/<pid>/cmdline` still shows our command line, so a recycled
 pid is never signalled.
+
+Healing (`replace_node`, `wipe_node`, `rebuild_status`): a replacement node is added to the
+manifest (next free port, a folder in the old node's AZ), started, and handed to the writer
+endpoint with the `ReplaceNode` admin RPC, which runs the two epoch steps; the launcher polls
+`MembershipStatus` for progress and, when the change ends, retires the node that left (stops it,
+marks it in the manifest). Nodes reach the new one through `engine.cluster.addresses`. Rebuild
+progress is each node's SCLs against the writer's PGCLs, plus its gossip counters.
 """
 
 from __future__ import annotations
@@ -39,9 +46,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 import engine
 from engine.cluster.manifest import (
     BASE_PORT_DEFAULT,
-    GOSSIP_INTERVAL_S_DEFAULT,
     WRITER,
     ClusterError,
+    active_nodes,
+    add_node_entry,
     check_compatible,
     load_manifest,
     locked,
@@ -49,14 +57,25 @@ from engine.cluster.manifest import (
     node_addresses,
     node_entry,
     save_manifest,
+    used_ports,
 )
-from engine.errors import SixfoldError
+from engine.errors import InvalidArgument, SixfoldError, Unavailable
 
 READY_TIMEOUT_S = 60.0
 DOWN_TIMEOUT_S = 10.0
 LOG_TAIL_LINES = 20
 HEALTH_POLL_S = 0.1
 STATUS_RPC_TIMEOUT_S = 2.0
+#: How long `replace_node` lets the new node catch up by default (the endpoint's bound), and how
+#: much longer the launcher waits for the endpoint's verdict before giving up on it.
+REPLACE_TIMEOUT_S = 120.0
+REPLACE_GRACE_S = 30.0
+REPLACE_POLL_S = 0.25
+#: Deadline of the ReplaceNode RPC: epoch step 1 tells every node, each bounded by the writer's
+#: recovery deadline.
+REPLACE_RPC_TIMEOUT_S = 60.0
+#: Ports tried above the highest port of the manifest when a node is added.
+PORT_SEARCH_MAX = 1000
 
 
 def _proc_state(pid: int | None) -> str | None:
@@ -107,6 +126,17 @@ def log_tail(path: str, lines: int = LOG_TAIL_LINES) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
+def rebuild_progress(scls, pgcls) -> dict:
+    """A node's progress against the writer's PGCLs: `lag` (LSNs missing, summed over PGs),
+    `lag_max` (the worst PG) and `rebuild.fraction` (0..1; LSN-weighted, like the embedded
+    `EmbeddedVolume._rebuild_fraction`). A node with lag 0 can serve reads at the current VDL."""
+    assert len(scls) == len(pgcls), (scls, pgcls)
+    lags = [max(0, int(p) - int(s)) for s, p in zip(scls, pgcls)]
+    want = sum(int(p) for p in pgcls)
+    have = want - sum(lags)
+    return {"lag": sum(lags), "lag_max": max(lags, default=0), "fraction": 1.0 if want == 0 else round(have / want, 4)}
+
+
 class Cluster:
     """Control of the processes of one cluster folder (see the module docstring).
 
@@ -129,11 +159,16 @@ class Cluster:
 
     @property
     def node_ids(self) -> list[str]:
-        return [n["id"] for n in self.manifest["nodes"]]
+        """The nodes that hold segments (retired ones left out)."""
+        return [n["id"] for n in active_nodes(self.manifest)]
+
+    @property
+    def retired_ids(self) -> list[str]:
+        return [n["id"] for n in self.manifest["nodes"] if n.get("retired")]
 
     def azs(self) -> dict[str, list[str]]:
         out: dict[str, list[str]] = {}
-        for n in self.manifest["nodes"]:
+        for n in active_nodes(self.manifest):
             out.setdefault(n["az"], []).append(n["id"])
         return out
 
@@ -191,18 +226,10 @@ class Cluster:
         base = [self.python, "-m", "engine"]
         if name == WRITER:
             return base + ["writer", "serve", "--cluster", self.folder, "--listen", manifest[WRITER]["address"]]
+        # The node reads the rest (AZ, data folder, volume, peers, durability, gossip interval)
+        # from the manifest, and re-reads it to reach nodes added later (engine.cluster.addresses).
         n = node_entry(manifest, name)
-        peers = ",".join(f"{p['id']}={p['address']}" for p in manifest["nodes"] if p["id"] != name)
-        argv = base + [
-            "node", "serve",
-            "--id", n["id"], "--az", n["az"], "--data", self._path(n["data"]), "--listen", n["address"],
-            "--volume-id", manifest["volume_id"], "--protection-groups", str(manifest["protection_groups"]),
-            "--peers", peers,
-        ]
-        argv += ["--gossip-interval-s", str(manifest.get("gossip_interval_s", GOSSIP_INTERVAL_S_DEFAULT))]
-        if not manifest["durable"]:
-            argv.append("--no-durable")
-        return argv
+        return base + ["node", "serve", "--cluster", self.folder, "--id", n["id"], "--listen", n["address"]]
 
     def _spawn(self, manifest: dict, name: str) -> int:
         entry = self._entry(manifest, name)
@@ -304,7 +331,7 @@ class Cluster:
                 manifest["write_timeout_s"] = float(write_timeout_s)
             if gossip_interval_s is not None:
                 manifest["gossip_interval_s"] = float(gossip_interval_s)
-            names = [n["id"] for n in manifest["nodes"]] + [WRITER]
+            names = [n["id"] for n in active_nodes(manifest)] + [WRITER]
             for name in names:
                 entry = self._entry(manifest, name)
                 if self._live_pid(name, entry.get("pid")) is None:
@@ -334,6 +361,8 @@ class Cluster:
         with locked(self.folder):
             manifest = load_manifest(self.folder)
             entry = self._entry(manifest, name)
+            if entry.get("retired"):
+                raise ClusterError(f"node {name} was retired (replaced by {entry.get('replaced_by') or 'another node'}); it is not started again")
             pid = self._live_pid(name, entry.get("pid"))
             if pid is not None:
                 if _proc_state(pid) in ("T", "t"):
@@ -359,7 +388,20 @@ class Cluster:
         pid = self._signal(name, signal.SIGKILL)
         self._wait_gone(pid, name, 5.0)
         self._set_pid(name, None)
+        self._wait_port_free(name, 5.0)
         return pid
+
+    def _wait_port_free(self, name: str, timeout_s: float) -> bool:
+        """Wait until the process's port can be bound again. The thread-group leader of a killed
+        multi-threaded process shows as a zombie while its other threads still tear down (and
+        hold its sockets), so "gone" can come a moment before the port is free."""
+        host, port = _split(self.address(name))
+        deadline = time.monotonic() + timeout_s
+        while not port_free(host, port):
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.02)
+        return True
 
     def stop(self, name: str) -> int:
         """SIGSTOP: the process freezes (its sockets stay open, nobody answers)."""
@@ -413,7 +455,7 @@ class Cluster:
         if not self.exists:
             return
         self._terminate([WRITER], timeout_s)
-        self._terminate(self.node_ids, timeout_s)
+        self._terminate([n["id"] for n in self.manifest["nodes"]], timeout_s)  # retired ones too, should one still run
 
     # --- status -----------------------------------------------------------------------------
     def health(self, name: str, timeout_s: float = 0.5) -> str:
@@ -429,7 +471,8 @@ class Cluster:
         return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
 
     def status(self) -> dict:
-        """Every process: state, health and (when reachable) epoch, SCLs, VDL. JSON-ready."""
+        """Every process: state, health and (when reachable) epoch, SCLs, VDL; per node its lag
+        behind the writer's PGCLs and its rebuild progress (see `rebuild_progress`). JSON-ready."""
         from engine.transport.grpc_client import Deadlines, GrpcTransport
 
         manifest = self.manifest
@@ -443,7 +486,8 @@ class Cluster:
                 try:
                     st = transport.state(n["id"])
                     out.update(epoch=st.epoch, scl_min=min(st.scls), scl_max=max(st.scls), scls=list(st.scls),
-                               records=st.records, bytes=st.bytes, corrupt_found=st.corrupt_found, repaired=st.repaired)
+                               records=st.records, bytes=st.bytes, corrupt_found=st.corrupt_found, repaired=st.repaired,
+                               rebuild=dict(st.extra.get("rebuild") or {}))
                 except SixfoldError as e:
                     out["error"] = str(e)
             return out
@@ -462,7 +506,9 @@ class Cluster:
                     finally:
                         backend.close()
                     out.update(vdl=st["vdl"], epoch=st["epoch"], in_flight=st["writer"].get("in_flight"),
-                               links={k: v["up"] for k, v in st["writer"]["links"].items()})
+                               links={k: v["up"] for k, v in st["writer"]["links"].items()},
+                               pgcl=st["writer"].get("pgcl"), membership=st["writer"].get("membership"),
+                               membership_change=st.get("membership_change"))
                 except SixfoldError as e:
                     out["error"] = str(e)
             return out
@@ -470,10 +516,15 @@ class Cluster:
         try:
             with futures.ThreadPoolExecutor(max_workers=len(manifest["nodes"]) + 1) as pool:
                 w = pool.submit(writer)
-                nodes = list(pool.map(node, manifest["nodes"]))
+                nodes = list(pool.map(node, active_nodes(manifest)))
                 w = w.result()
         finally:
             transport.close()
+        for n in nodes:
+            if "scls" in n and w.get("pgcl"):
+                p = rebuild_progress(n["scls"], w["pgcl"])
+                n.update(lag=p["lag"], lag_max=p["lag_max"])
+                n["rebuild"].update(fraction=p["fraction"], complete=p["lag"] == 0)
         return {
             "cluster": self.folder,
             "volume_id": manifest["volume_id"],
@@ -481,8 +532,33 @@ class Cluster:
             "durable": manifest["durable"],
             "base_port": manifest["base_port"],
             "nodes": nodes,
+            "retired": [{"id": n["id"], "az": n["az"], "replaced_by": n.get("replaced_by")} for n in manifest["nodes"] if n.get("retired")],
             "writer": w,
         }
+
+    def rebuild_status(self) -> dict:
+        """`status()` plus `complete`: every active node is SERVING with no lag behind the
+        writer's PGCLs. (The node's own `rebuild.active` flag is shown but not trusted: it can stay
+        set after the writer's appends, rather than gossip, closed the last gap.)"""
+        st = self.status()
+        st["complete"] = bool(st["writer"].get("pgcl")) and all(n["health"] == "SERVING" and n.get("lag") == 0 for n in st["nodes"])
+        return st
+
+    def wait_rebuilt(self, timeout_s: float = READY_TIMEOUT_S, interval_s: float = 1.0, progress=None) -> dict:
+        """Poll `rebuild_status()` until it is complete; ClusterError after `timeout_s`.
+        `progress(status)` is called after each poll."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            st = self.rebuild_status()
+            if progress is not None:
+                progress(st)
+            if st["complete"]:
+                return st
+            if time.monotonic() >= deadline:
+                behind = [f"{n['id']} (lag {n.get('lag', '?')}, {n['health']})" for n in st["nodes"]
+                          if n["health"] != "SERVING" or n.get("lag") != 0]
+                raise ClusterError(f"rebuild not complete after {timeout_s:g} s: {', '.join(behind) or 'a rebuild is still active'}")
+            time.sleep(interval_s)
 
     # --- convenience for tests and chaos ----------------------------------------------------
     def connect(self, **options):
@@ -548,6 +624,139 @@ class Cluster:
         self.stop_node(node_id)
         shutil.rmtree(self._path(node_entry(self.manifest, node_id)["data"]), ignore_errors=True)
         self.start(node_id)
+
+    # --- membership change ------------------------------------------------------------------
+    def _next_port(self, manifest: dict) -> int:
+        """The first free port above every port the manifest names."""
+        host = manifest.get("host", "127.0.0.1")
+        used = used_ports(manifest)
+        port = max(used) + 1
+        for _ in range(PORT_SEARCH_MAX):
+            if port > 65535:
+                break
+            if port not in used and port_free(host, port):
+                return port
+            port += 1
+        raise ClusterError(f"no free port found within {PORT_SEARCH_MAX} ports above {max(used)} for a new node")
+
+    def _kv(self, rpc: str, request, timeout_s: float):
+        """One admin call to the writer endpoint's KV service; Sixfold errors as raised there."""
+        from engine.proto import kv_pb2_grpc
+        from engine.transport import convert
+
+        address = self.writer_address
+        with grpc.insecure_channel(address) as ch:
+            try:
+                return getattr(kv_pb2_grpc.KVStub(ch), rpc)(request, timeout=timeout_s)
+            except grpc.RpcError as e:
+                raise convert.error_from_rpc(e, where=f"writer endpoint {address}") from None
+
+    def membership_status(self):
+        """The writer endpoint's membership change state (`convert.MembershipChange`)."""
+        from engine.proto import kv_pb2
+        from engine.transport import convert
+
+        return convert.membership_change_from_pb(self._kv("MembershipStatus", kv_pb2.MembershipStatusRequest(), STATUS_RPC_TIMEOUT_S * 2))
+
+    def replace_node(self, old: str, new: str, timeout_s: float = REPLACE_TIMEOUT_S, progress=None, *, on_change=None) -> dict:
+        """Replace node `old` (say, failed for good) by a new node `new` in the same AZ, without
+        stopping writes: add `new` to the manifest (next free port), start it, and have the
+        writer endpoint run the change (epoch step 1 adds `new` as a second quorum set; once `new`
+        holds every PG's durable chain, epoch step 2 drops `old`; if `old` was down and answers
+        first, the change is reverted). Then the node that left is stopped and marked retired.
+
+        `progress(fraction)` is called while `new` rebuilds (as in the embedded
+        `replace_node`); `on_change(MembershipChange)` with the endpoint's full state. Returns a
+        summary: replaced, reverted, seconds, epoch, members. Asking again after an interruption
+        resumes the same change. ClusterError when it fails or times out."""
+        from engine.transport import convert
+
+        convert.check_node_id(new)
+        if new == WRITER:
+            raise ClusterError(f"{WRITER!r} names the writer endpoint; pick another node id")
+        health = self.health(WRITER)
+        if health != "SERVING":
+            raise ClusterError(f"the writer endpoint is {health}; it runs the membership change, so start it first "
+                               f"(`sixfold writer start --cluster {self.folder}`)")
+        added = False
+        with locked(self.folder):
+            m = load_manifest(self.folder)
+            o = node_entry(m, old)
+            if o.get("retired"):
+                raise ClusterError(f"node {old} is retired already (replaced by {o.get('replaced_by') or 'another node'})")
+            existing = next((n for n in m["nodes"] if n["id"] == new), None)
+            if existing is None:
+                entry = add_node_entry(m, new, o["az"], self._next_port(m), replaces=old)
+                data = self._path(entry["data"])
+                if os.path.exists(data) and os.listdir(data):
+                    raise ClusterError(f"{data} exists and is not empty; move it away or pick another node id")
+                save_manifest(self.folder, m)
+                added = True
+            elif existing.get("replaces") != old or existing.get("retired"):
+                raise ClusterError(f"node {new} already exists in this cluster; pick a new node id")
+            entry = next(n for n in m["nodes"] if n["id"] == new)
+        try:
+            self.start(new)
+        except BaseException:
+            if added:  # never became part of anything: retire it so `up` does not start it
+                self._terminate([new], DOWN_TIMEOUT_S)
+                self._retire(new, None)
+            raise
+        t0 = time.monotonic()
+        deadline = t0 + timeout_s + REPLACE_GRACE_S
+        try:
+            change = self._begin_replace(old, new, entry, timeout_s, t0 + REPLACE_GRACE_S)
+        except InvalidArgument:
+            if added:  # refused outright (nothing changed): the new node goes again
+                self._terminate([new], DOWN_TIMEOUT_S)
+                self._retire(new, None)
+            raise
+        while True:
+            if on_change is not None:
+                on_change(change)
+            if change.phase != "rebuilding":
+                break
+            if progress is not None:
+                progress(change.fraction)
+            if time.monotonic() > deadline:
+                raise ClusterError(f"the writer endpoint did not finish replacing {old} by {new} within {timeout_s:g} s")
+            time.sleep(REPLACE_POLL_S)
+            try:
+                change = self.membership_status()
+                if change.phase == "idle" or (change.old, change.new) != (old, new):
+                    change = self._begin_replace(old, new, entry, timeout_s, deadline)  # the endpoint restarted: resume
+            except Unavailable:
+                continue  # the endpoint is down or recovering: keep asking until the deadline
+        if change.phase == "failed":
+            raise ClusterError(f"replacing {old} by {new} failed: {change.error}")
+        leaving = old if change.phase == "replaced" else new
+        self._terminate([leaving], DOWN_TIMEOUT_S)
+        self._retire(leaving, new if change.phase == "replaced" else None)
+        return {"replaced": change.phase == "replaced", "reverted": change.phase == "reverted", "old": old, "new": new,
+                "seconds": round(time.monotonic() - t0, 3), "epoch": change.epoch, "members": list(change.members)}
+
+    def _begin_replace(self, old: str, new: str, entry: dict, timeout_s: float, deadline: float):
+        """Ask the endpoint to run (or resume) the change; retries while it is unreachable."""
+        from engine.transport import convert
+
+        request = convert.replace_node_request_to_pb(old, new, entry["address"], entry["az"], timeout_s)
+        while True:
+            try:
+                return convert.membership_change_from_pb(self._kv("ReplaceNode", request, REPLACE_RPC_TIMEOUT_S))
+            except Unavailable:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(REPLACE_POLL_S)
+
+    def _retire(self, node_id: str, replaced_by: str | None) -> None:
+        with locked(self.folder):
+            m = load_manifest(self.folder)
+            e = node_entry(m, node_id)
+            e["retired"] = True
+            e["pid"] = None
+            if replaced_by:
+                e["replaced_by"] = replaced_by
+            save_manifest(self.folder, m)
 
     def crash_writer(self) -> None:
         """SIGKILL the writer endpoint and start a new one (recovery at a new epoch)."""

@@ -11,6 +11,13 @@ The manifest names the volume (id, geometry), every node (id, AZ, address, pid, 
 log) and the writer endpoint (address, pid, log). Paths are relative to DIR, so a stopped
 cluster folder can be moved. Ports: the writer endpoint listens on `base_port`, node n<i> on
 `base_port + i` (7400 and 7401..7406 by default).
+
+Membership changes (`sixfold node replace`) add entries: a new node gets the next free port
+above every port the manifest names, a folder in its AZ and `"replaces": "<old>"`; when the
+change completes the old node's entry stays, marked `"retired": true, "replaced_by": "<new>"`
+(if it is reverted, the new node is the one retired). Retired nodes are never started again and
+are left out of `active_nodes`, which is what the launcher, the writer endpoint and the nodes'
+peer lists use. Entries are never removed, so a port or an id is never reused.
 """
 
 from __future__ import annotations
@@ -152,12 +159,41 @@ def node_entry(manifest: dict, node_id: str) -> dict:
     raise ClusterError(f"no node {node_id!r} in this cluster; nodes are {', '.join(n['id'] for n in manifest['nodes'])}")
 
 
+def active_nodes(manifest: dict) -> list[dict]:
+    """The entries of nodes that hold (or are joining to hold) segments: all but the retired."""
+    return [n for n in manifest["nodes"] if not n.get("retired")]
+
+
 def node_infos(manifest: dict) -> tuple[NodeInfo, ...]:
-    return tuple(NodeInfo(n["id"], n["az"]) for n in manifest["nodes"])
+    return tuple(NodeInfo(n["id"], n["az"]) for n in active_nodes(manifest))
 
 
 def node_addresses(manifest: dict) -> dict[str, str]:
+    """Every node's address, retired ones included (a caller may still name one)."""
     return {n["id"]: n["address"] for n in manifest["nodes"]}
+
+
+def used_ports(manifest: dict) -> set[int]:
+    ports = {int(manifest[WRITER]["address"].rpartition(":")[2])}
+    ports.update(int(n["address"].rpartition(":")[2]) for n in manifest["nodes"])
+    return ports
+
+
+def add_node_entry(manifest: dict, node_id: str, az: str, port: int, replaces: str) -> dict:
+    """Add a node (not started) to the manifest; returns its entry."""
+    assert all(n["id"] != node_id for n in manifest["nodes"]), node_id
+    assert port not in used_ports(manifest), port
+    entry = {
+        "id": node_id,
+        "az": az,
+        "address": f"{manifest.get('host', HOST_DEFAULT)}:{port}",
+        "pid": None,
+        "data": os.path.join("nodes", f"az-{az}", node_id),
+        "log": os.path.join("logs", f"{node_id}.log"),
+        "replaces": replaces,
+    }
+    manifest["nodes"].append(entry)
+    return entry
 
 
 def endpoint_config(manifest: dict):

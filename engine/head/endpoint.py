@@ -21,6 +21,16 @@ this side keeps them together:
   complete segment answers, and quorum or snapshot gets, go through `Writer.get`, which falls
   back to a 3/6 quorum read.
 
+Membership change (`ReplaceNode`, `MembershipStatus`, admin RPCs): the RPC validates the request,
+learns the new node's address (pushed by the caller, which started the node: the endpoint's
+transport can then reach a node that did not exist when it started), and runs the writer's epoch
+step 1 (`begin_replace`) before it answers, so a refusal comes back as the RPC's error. A
+background thread then waits for `replacement_caught_up` and runs step 2 (`finish_replace`), or
+`revert_replace` if the old node was down at step 1 and answers again before the new one caught
+up. Callers poll `MembershipStatus` for progress. The change lives in the writer's membership (on
+the nodes), not in this process: an endpoint restarted mid-change recovers the two quorum sets,
+and asking again for the same change resumes the wait.
+
 The servicer (`KVServicer`) is thin: convert, call `WriterEndpoint`, convert back.
 """
 
@@ -33,7 +43,7 @@ import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent import futures
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import grpc
 
@@ -55,6 +65,12 @@ SERVICE_NAME = "sixfold.v1.KV"
 SCAN_CHUNK_PAIRS = 256
 SCAN_CHUNK_BYTES = 1 << 20
 OPEN_RETRY_S = 0.5
+#: A membership change whose new node has not caught up after this long is reported failed
+#: (it stays open; asking again resumes the wait).
+REPLACE_TIMEOUT_S_DEFAULT = 120.0
+REPLACE_POLL_S = 0.1
+#: How often a change whose old node was down asks that node whether it is back (revert).
+REPLACE_PROBE_S = 0.5
 
 
 @dataclass(frozen=True)
@@ -70,6 +86,27 @@ class EndpointConfig:
     local_az: str = "a"
 
 
+@dataclass
+class _Change:
+    """A membership change this endpoint drives (mutable; its thread and RPCs share it)."""
+
+    old: str
+    new: str
+    timeout_s: float
+    phase: str = "rebuilding"
+    was_down: bool = False  # the old node did not answer at step 1: its return reverts the change
+    fraction: float = 0.0
+    lag: int = 0
+    fetched_records: int = 0
+    error: str = ""
+    started: float = field(default_factory=time.monotonic)
+    ended: float | None = None
+
+    def end(self, phase: str) -> None:
+        self.ended = time.monotonic()
+        self.phase = phase
+
+
 class WriterEndpoint:
     """The writer plus the batched operations the KV servicer calls. Thread-safe."""
 
@@ -79,16 +116,22 @@ class WriterEndpoint:
         self.P = config.protection_groups
         self.transport = transport or GrpcTransport(config.addresses, source="writer")
         self._writer: Writer | None = None
-        self._pool = futures.ThreadPoolExecutor(max_workers=len(config.nodes), thread_name_prefix="endpoint")
+        self._pool = futures.ThreadPoolExecutor(max_workers=len(config.nodes) + 1, thread_name_prefix="endpoint")
         self.last_open_error = ""
         self.opened_at: float | None = None
+        #: the nodes this endpoint knows: the configured ones, plus a node added by ReplaceNode,
+        #: minus the node a completed change removed
+        self.nodes: list[NodeInfo] = list(config.nodes)
+        self._change: _Change | None = None
+        self._change_lock = threading.Lock()
+        self._stopping = threading.Event()
 
     # --- lifecycle --------------------------------------------------------------------------
     def open(self) -> None:
         """Recover the volume once (raises if no write quorum answers)."""
         w = Writer(
             self.transport,
-            self.config.nodes,
+            self.nodes,
             self.geometry,
             WriterOptions(write_timeout_s=self.config.write_timeout_s, local_az=self.config.local_az),
         )
@@ -130,6 +173,7 @@ class WriterEndpoint:
         return w is not None and not w._fenced and not w._closed
 
     def close(self) -> None:
+        self._stopping.set()
         w, self._writer = self._writer, None
         if w is not None:
             w.close()
@@ -162,7 +206,7 @@ class WriterEndpoint:
         for i, lsn, waiter, deadline in pending:
             try:
                 w.wait(lsn, waiter, timeout_s=max(0.0, deadline - time.monotonic()))
-                results[i] = lsn
+                results[i] = waiter.lsn  # the ticket knows its CPL LSN once sequenced
             except SixfoldError as e:
                 results[i] = e
         return results  # type: ignore[return-value]
@@ -267,13 +311,167 @@ class WriterEndpoint:
     def view(self) -> ReadView:
         return self.writer.view()
 
+    # --- membership change ------------------------------------------------------------------
+    def replace_node(self, old: str, new: str, new_address: str, new_az: str, timeout_s: float = 0.0) -> convert.MembershipChange:
+        """Begin replacing `old` by `new` (see the module docstring); returns the change's state
+        once epoch step 1 is done. The rest happens in the background."""
+        w = self.writer
+        timeout_s = timeout_s or REPLACE_TIMEOUT_S_DEFAULT
+        with self._change_lock:
+            c = self._change
+            if c is not None and c.phase == "rebuilding":
+                if (c.old, c.new) != (old, new):
+                    raise InvalidArgument(f"a membership change is under way ({c.old} -> {c.new}); wait for it to end")
+                return self._change_state(c)
+            with w._lock:
+                m = w.ledger.membership
+            expected = tuple(new if n == old else n for n in m.members)
+            if m.next_members is None and new in m.members and old not in m.members:
+                # Done already (asked again, e.g. by a launcher that was interrupted).
+                self._change = c = _Change(old, new, timeout_s, phase="replaced", fraction=1.0, ended=time.monotonic())
+                return self._change_state(c)
+            resume = m.next_members is not None
+            if resume and m.next_members != expected:
+                raise InvalidArgument(
+                    f"another membership change is under way ({', '.join(m.members)} -> {', '.join(m.next_members)})"
+                )
+            if not resume:
+                if old not in m.members:
+                    raise InvalidArgument(f"{old} is not a member ({', '.join(m.members)})")
+                if new in m.members:
+                    raise InvalidArgument(f"{new} is already a member")
+            self._learn_node(NodeInfo(new, new_az), new_address)
+            c = _Change(old, new, timeout_s, was_down=not self._answers(old))
+            if not resume:
+                try:
+                    w.begin_replace(old, new)
+                except Unavailable:
+                    # Step 1 is in the writer's ledger but reached fewer than a write quorum of
+                    # nodes: they learn it as they answer (EpochBehind), so the change goes on.
+                    with w._lock:
+                        if w.ledger.membership.next_members != expected:
+                            raise
+            log.info("membership change %s -> %s begun at epoch %d (%s was %s)", old, new, w.epoch, old,
+                     "down" if c.was_down else "up")
+            self._change = c
+            threading.Thread(target=self._drive_change, args=(w, c), name="membership-change", daemon=True).start()
+            return self._change_state(c)
+
+    def membership_status(self) -> convert.MembershipChange:
+        with self._change_lock:
+            c = self._change
+        return self._change_state(c)
+
+    def _learn_node(self, info: NodeInfo, address: str) -> None:
+        """From now on reach `info` at `address` (the transport and the writer's node list)."""
+        addresses = getattr(self.transport, "addresses", None)
+        if isinstance(addresses, dict):
+            addresses[info.id] = address
+        if all(n.id != info.id for n in self.nodes):
+            self.nodes.append(info)
+        self._writer.nodes = tuple(self.nodes)
+
+    def _forget_node(self, node_id: str) -> None:
+        self.nodes = [n for n in self.nodes if n.id != node_id]
+        if self._writer is not None:
+            self._writer.nodes = tuple(self.nodes)
+
+    def _answers(self, node_id: str) -> bool:
+        try:
+            self.transport.state(node_id)
+            return True
+        except SixfoldError:
+            return False
+
+    def _progress(self, w: Writer, node_id: str) -> tuple[float, int]:
+        """(fraction, lag) of `node_id` against the PGs' read tails: what `replacement_caught_up`
+        waits for, as a number."""
+        with w._lock:
+            tails = list(w.ledger.read_tails)
+            scls = [w.ledger.scls[pg].get(node_id, 0) for pg in range(len(tails))]
+        want = sum(tails)
+        have = sum(min(s, t) for s, t in zip(scls, tails))
+        return (1.0 if want == 0 else have / want), want - have
+
+    def _drive_change(self, w: Writer, c: _Change) -> None:
+        """Wait for the new node, then epoch step 2 (or the revert); never raises."""
+        probe_at = 0.0
+        try:
+            while True:
+                if self._stopping.is_set():
+                    raise Unavailable("the writer endpoint stopped; the change stays open (ask again after it restarts)")
+                w._check_usable()
+                c.fraction, c.lag = self._progress(w, c.new)
+                if w.replacement_caught_up(c.new):
+                    break
+                now = time.monotonic()
+                if c.was_down and now >= probe_at:
+                    probe_at = now + REPLACE_PROBE_S
+                    if self._answers(c.old):
+                        self._end_step(w, w.revert_replace, c.old)
+                        self._forget_node(c.new)
+                        c.end("reverted")
+                        log.info("membership change %s -> %s reverted: %s answered first", c.old, c.new, c.old)
+                        return
+                if now - c.started > c.timeout_s:
+                    raise Unavailable(
+                        f"{c.new} did not catch up within {c.timeout_s:g} s ({c.fraction:.0%} done); the change stays "
+                        f"open: ask again to keep waiting, or bring {c.old} back to revert it"
+                    )
+                time.sleep(REPLACE_POLL_S)
+            self._end_step(w, w.finish_replace, c.new)
+            self._forget_node(c.old)
+            c.fraction, c.lag = 1.0, 0
+            c.end("replaced")
+            log.info("membership change %s -> %s done at epoch %d in %.2f s", c.old, c.new, w.epoch, c.ended - c.started)
+        except SixfoldError as e:
+            c.error = convert.error_text(e)
+            c.end("failed")
+            log.warning("membership change %s -> %s failed: %s", c.old, c.new, c.error)
+        except Exception as e:  # a bug: report it as a failed change rather than losing the thread silently
+            log.exception("membership change %s -> %s failed unexpectedly", c.old, c.new)
+            c.error = f"SixfoldError: internal error {type(e).__name__}: {e}"
+            c.end("failed")
+
+    @staticmethod
+    def _end_step(w: Writer, step, member: str) -> None:
+        """Run epoch step 2 (or its revert). A step that reached fewer than a write quorum is
+        still the writer's membership; the nodes learn it as they answer."""
+        try:
+            step()
+        except Unavailable:
+            with w._lock:
+                m = w.ledger.membership
+            if m.next_members is not None or member not in m.members:
+                raise
+
+    def _change_state(self, c: _Change | None) -> convert.MembershipChange:
+        w = self.writer
+        with w._lock:
+            m = w.ledger.membership
+            epoch = w.epoch
+        common = dict(epoch=epoch, members=tuple(m.members), next_members=tuple(m.next_members or ()))
+        if c is None:
+            return convert.MembershipChange(**common)
+        if c.phase == "rebuilding":
+            c.fraction, c.lag = self._progress(w, c.new)
+            try:
+                c.fetched_records = int(self.transport.state(c.new).extra.get("rebuild", {}).get("fetched_records", 0))
+            except SixfoldError:
+                pass
+        return convert.MembershipChange(
+            phase=c.phase, old=c.old, new=c.new, fraction=min(1.0, max(0.0, c.fraction)), fetched_records=c.fetched_records,
+            lag=c.lag, seconds=round((c.ended or time.monotonic()) - c.started, 3), error=c.error, **common,
+        )
+
     # --- status -----------------------------------------------------------------------------
     def status(self) -> dict:
         w = self.writer
         ws = w.status()
 
         def node_entry(info: NodeInfo) -> dict:
-            entry = {"id": info.id, "az": info.az, "address": self.config.addresses.get(info.id), "up": False}
+            addresses = getattr(self.transport, "addresses", None) or self.config.addresses
+            entry = {"id": info.id, "az": info.az, "address": addresses.get(info.id), "up": False}
             try:
                 st = self.transport.state(info.id)
             except SixfoldError as e:
@@ -292,7 +490,9 @@ class WriterEndpoint:
             )
             return entry
 
-        nodes = list(self._pool.map(node_entry, self.config.nodes))
+        nodes = list(self._pool.map(node_entry, list(self.nodes)))
+        with self._change_lock:
+            change = self._change
         return {
             "volume_id": self.config.volume_id,
             "protection_groups": self.P,
@@ -303,6 +503,7 @@ class WriterEndpoint:
             "nodes": nodes,
             "writer": ws,
             "endpoint": {"pid": os.getpid(), "opened_at": self.opened_at},
+            "membership_change": asdict(self._change_state(change)),
         }
 
 
@@ -380,6 +581,15 @@ class KVServicer(kv_pb2_grpc.KVServicer):
 
     def Status(self, request, context):
         return self._serve(context, "Status", lambda: convert.status_to_pb(self.ep.status()))
+
+    def ReplaceNode(self, request, context):
+        return self._serve(
+            context, "ReplaceNode",
+            lambda: convert.membership_change_to_pb(self.ep.replace_node(*convert.replace_node_args_from_pb(request))),
+        )
+
+    def MembershipStatus(self, request, context):
+        return self._serve(context, "MembershipStatus", lambda: convert.membership_change_to_pb(self.ep.membership_status()))
 
 
 class EndpointServer:

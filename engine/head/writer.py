@@ -63,6 +63,8 @@ from engine.errors import (
 )
 
 FRAME_RECORDS_MAX_SEND = 8192
+#: records kept in the writer's tail for slow live nodes before they are left to gossip
+TAIL_RECORDS_MAX = 200_000
 HEARTBEAT_S = 0.1
 BACKOFF_S_MIN = 0.02
 BACKOFF_S_MAX = 0.5
@@ -528,12 +530,28 @@ class Writer:
         waiters = self._waiters
         while waiters and waiters[0][0] <= vdl:
             out.append(waiters.popleft()[1])
-        durable = self.ledger.vcl - self._tail_base + 1
-        if durable > 4096 or (durable > 0 and durable == len(self._tail)):
-            del self._tail[:durable]
-            self._tail_base += durable
+        self._trim_locked()
         self._room.notify_all()
         return out
+
+    def _trim_locked(self) -> None:
+        """Drop tail records that are durable AND that every reachable node has been sent.
+
+        Trimming at VCL alone would leave a slow but live node (the fifth or sixth) with holes
+        that only gossip fills; when an AZ is then lost, that node is needed for the write quorum
+        and every write waits for gossip. So a live node keeps the tail alive, up to a bound
+        (TAIL_RECORDS_MAX) past which it too is left to gossip. Down nodes never hold it."""
+        ledger = self.ledger
+        members = ledger.membership.all_nodes
+        lagging = min((self.links[n].sent_lsn for n in members if n in self.links and self.links[n].up), default=ledger.vcl)
+        keep_from = min(ledger.vcl, lagging) + 1
+        if self._tail_base + len(self._tail) - keep_from > TAIL_RECORDS_MAX:
+            keep_from = max(keep_from, ledger.vcl + 1 - TAIL_RECORDS_MAX // 2)
+            keep_from = min(keep_from, ledger.vcl + 1)
+        drop = keep_from - self._tail_base
+        if drop > 4096 or (drop > 0 and drop == len(self._tail)):
+            del self._tail[:drop]
+            self._tail_base += drop
 
     def _sync_node(self, link: _NodeLink) -> None:
         """A node (restarted or wiped) is behind our epoch: give it our truncations and membership."""

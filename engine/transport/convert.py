@@ -641,3 +641,87 @@ def status_from_pb(m: kv_pb2.StatusReply) -> dict:
             if isinstance(node.get(field_name), dict):
                 node[field_name] = {int(k): v for k, v in node[field_name].items()}
     return status
+
+
+# --- KV: membership change (admin) ----------------------------------------------------------
+#: Phases of a membership change, in the order a successful one goes through them.
+MEMBERSHIP_PHASES = ("idle", "rebuilding", "replaced", "reverted", "failed")
+NODE_ID_BYTES_MAX = 64
+
+
+@dataclass(frozen=True)
+class MembershipChange:
+    """A membership change (replace `old` by `new`) as the writer endpoint sees it; see
+    `MembershipChange` in kv.proto for the meaning of each field."""
+
+    phase: str = "idle"
+    old: str = ""
+    new: str = ""
+    fraction: float = 0.0
+    fetched_records: int = 0
+    lag: int = 0
+    epoch: int = 0
+    members: tuple[str, ...] = ()
+    next_members: tuple[str, ...] = ()
+    seconds: float = 0.0
+    error: str = ""  # "ClassName: message" when phase is "failed"
+
+    def __post_init__(self) -> None:
+        assert self.phase in MEMBERSHIP_PHASES, self.phase
+        assert 0.0 <= self.fraction <= 1.0, self.fraction
+
+
+def check_node_id(node_id: str, what: str = "node id") -> str:
+    """A node id a manifest and a membership can hold: 1..64 letters, digits, - or _."""
+    if not isinstance(node_id, str) or not 1 <= len(node_id) <= NODE_ID_BYTES_MAX or not node_id.replace("-", "").replace("_", "").isalnum() \
+            or not node_id.isascii():
+        raise InvalidArgument(f"{what} {node_id!r}: use 1..{NODE_ID_BYTES_MAX} ASCII letters, digits, - or _")
+    return node_id
+
+
+def replace_node_request_to_pb(old: str, new: str, new_address: str, new_az: str, timeout_s: float = 0.0) -> kv_pb2.ReplaceNodeRequest:
+    return kv_pb2.ReplaceNodeRequest(old=old, new=new, new_address=new_address, new_az=new_az, timeout_s=timeout_s)
+
+
+def replace_node_args_from_pb(m: kv_pb2.ReplaceNodeRequest) -> tuple[str, str, str, str, float]:
+    """(old, new, new_address, new_az, timeout_s), validated; timeout 0 stays 0 (the default)."""
+    check_node_id(m.old, "old node id")
+    check_node_id(m.new, "new node id")
+    if m.old == m.new:
+        raise InvalidArgument(f"cannot replace {m.old} by itself")
+    host, sep, port = m.new_address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise InvalidArgument(f"new_address {m.new_address!r} is not host:port")
+    check_node_id(m.new_az, "AZ")
+    if not 0.0 <= m.timeout_s <= 86_400.0:  # also refuses NaN
+        raise InvalidArgument(f"timeout_s {m.timeout_s} is not in 0..86400")
+    return m.old, m.new, m.new_address, m.new_az, m.timeout_s
+
+
+def membership_change_to_pb(c: MembershipChange) -> kv_pb2.MembershipChange:
+    m = kv_pb2.MembershipChange(
+        phase=c.phase, old=c.old, new=c.new, fraction=c.fraction, fetched_records=c.fetched_records, lag=c.lag,
+        epoch=c.epoch, members=c.members, next_members=c.next_members, seconds=c.seconds,
+    )
+    if c.error:
+        name, _, message = c.error.partition(": ")
+        cls = ERRORS_BY_NAME.get(name, SixfoldError)
+        m.error.CopyFrom(common_pb2.ErrorStatus(code=cls.GRPC_STATUS, error=cls.__name__, message=message if name in ERRORS_BY_NAME else c.error))
+    return m
+
+
+def membership_change_from_pb(m: kv_pb2.MembershipChange) -> MembershipChange:
+    if m.phase not in MEMBERSHIP_PHASES:
+        raise InvalidArgument(f"membership change phase {m.phase!r} is not one of {', '.join(MEMBERSHIP_PHASES)}")
+    error = ""
+    if m.HasField("error"):
+        error = f"{m.error.error}: {m.error.message}" if m.error.error else m.error.message
+    return MembershipChange(
+        phase=m.phase, old=m.old, new=m.new, fraction=min(1.0, max(0.0, m.fraction)), fetched_records=m.fetched_records,
+        lag=m.lag, epoch=m.epoch, members=tuple(m.members), next_members=tuple(m.next_members), seconds=m.seconds, error=error,
+    )
+
+
+def error_text(exc: SixfoldError) -> str:
+    """"ClassName: message" with the nearest class a client knows (MembershipChange.error)."""
+    return f"{_known_base(exc).__name__}: {exc}"

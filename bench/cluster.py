@@ -1,0 +1,259 @@
+"""Multi-process cluster benchmark: six storage node processes and a writer endpoint on loopback,
+driven over gRPC by `engine.connect` with the shared client harness (bench/harness.py).
+
+    python bench/cluster.py [--seconds 3] [--no-durable] [--base-port P] [--json out.json] [--seed 1]
+
+Measures, with 100-byte values and unique keys (one `Database` shared by every client thread:
+its boxcar coalesces concurrent calls into shared RPCs, which is how the client is meant to be used):
+* puts/s with p50/p99/max at 1, 16 and 64 client threads (each put returns once 4 of 6 segments
+  hold it, fsynced unless --no-durable);
+* gets/s at 16 and 64 client threads over a pre-loaded key set (linearizable: read point = VDL);
+* batch ingest: records/s with `db.batch()` of 100 and of 1,000 records, from 4 threads;
+* AZ loss under load: 64 clients putting; steady-state p99 over a few seconds, then SIGKILL of
+  both nodes of AZ b (n3, n4) mid-run; reports the max put latency in the seconds after the kill,
+  its ratio to the steady-state p99 (target <= 2x), and every put that failed.
+The cluster lives in a temporary folder and is always torn down. Speed is reported, never
+asserted. Every loop is bounded by time and count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import harness  # noqa: E402  (bench/harness.py)
+
+from engine.cluster.launcher import Cluster, port_free  # noqa: E402
+
+#: Default first port to try; the first free block of PORTS_PER_CLUSTER ports at or above it is
+#: used, so a benchmark never collides with a test cluster on the launcher's default 7400.
+BASE_PORT_SEARCH_FROM = 27400
+PORTS_PER_CLUSTER = 7  # writer endpoint + six nodes
+PORT_SEARCH_BLOCKS_MAX = 200
+PUT_CLIENTS = (1, 16, 64)
+GET_CLIENTS = (16, 64)
+GET_KEYS_DEFAULT = 5_000
+BATCH_SIZES = (100, 1_000)
+BATCH_THREADS = 4
+AZ_LOSS_CLIENTS = 64
+AZ_LOSS_NODES = ("n3", "n4")  # AZ b
+AZ_LOSS_RATIO_TARGET = 2.0
+
+
+def free_base_port(start: int = BASE_PORT_SEARCH_FROM, count: int = PORTS_PER_CLUSTER) -> int:
+    """The first port p >= start with p .. p+count-1 all free on 127.0.0.1."""
+    for block in range(PORT_SEARCH_BLOCKS_MAX):
+        p = start + block * (count + 3)
+        if p + count > 65535:
+            break
+        if all(port_free("127.0.0.1", p + i) for i in range(count)):
+            return p
+    raise RuntimeError(f"no block of {count} free ports at or above {start}")
+
+
+@contextlib.contextmanager
+def sixfold_cluster(*, durable: bool = True, base_port: int | None = None, protection_groups: int | None = None,
+                    tmp_root: str | None = None) -> Iterator[tuple[Cluster, object]]:
+    """A fresh cluster in a temporary folder and a connected `Database`; always torn down and
+    deleted, whatever happens inside."""
+    folder = tempfile.mkdtemp(prefix="sixfold-cluster-bench-", dir=tmp_root)
+    cluster = Cluster(folder)
+    db = None
+    try:
+        cluster.up(base_port=free_base_port() if base_port is None else base_port,
+                   protection_groups=protection_groups, durable=durable)
+        db = cluster.connect()
+        yield cluster, db
+    finally:
+        try:
+            if db is not None:
+                db.close()
+        finally:
+            try:
+                cluster.down()
+            finally:
+                shutil.rmtree(folder, ignore_errors=True)
+
+
+def sixfold_factory(db) -> harness.ClientFactory:
+    """Every client thread shares the one Database (thread-safe; its boxcar batches RPCs)."""
+    client = harness.Client(put=db.put, get=db.get)
+    return lambda _c: client
+
+
+def standard_rows(system: str, factory: harness.ClientFactory, *, seconds: float, seed: int, get_keys: int,
+                  put_clients=PUT_CLIENTS, get_clients=GET_CLIENTS, ops_max: int = harness.OPS_MAX_DEFAULT,
+                  log=print) -> list[dict]:
+    """The workload both benchmarks run on every system: puts at 1/16/64 clients, then gets at
+    16/64 clients over `get_keys` pre-loaded keys. Rows are `Result.row()`s with `kind`."""
+    rows = []
+    for n in put_clients:
+        r = harness.run_puts(factory, name=f"{system} put, {n} clients", clients=n, seconds=seconds, seed=seed,
+                             prefix=f"put{n}", ops_max=ops_max)
+        rows.append({**r.row(), "kind": "put", "system": system})
+        log(f"  {r.name:40} {r.ops_s:>9,.0f} ops/s  p99 {r.p99_ms:7.2f} ms  errors {r.errors}")
+    keys = harness.preload_keys("get", get_keys, seed)
+    took = harness.preload(factory, keys, seed=seed)
+    log(f"  preloaded {len(keys):,} keys in {took:.1f} s")
+    for n in get_clients:
+        r = harness.run_gets(factory, keys, name=f"{system} get, {n} clients", clients=n, seconds=seconds,
+                             seed=seed, ops_max=ops_max)
+        rows.append({**r.row(), "kind": "get", "system": system})
+        log(f"  {r.name:40} {r.ops_s:>9,.0f} ops/s  p99 {r.p99_ms:7.2f} ms  errors {r.errors}")
+    return rows
+
+
+def batch_rows(db, *, seconds: float, seed: int, log=print) -> list[dict]:
+    """Records/s of `db.batch()` commits of 100 and 1,000 puts, from BATCH_THREADS threads."""
+    rows = []
+    value = harness.value_for(seed)
+    for size in BATCH_SIZES:
+        def op_for(c: int, size=size):
+            def op(i: int) -> None:
+                with db.batch() as b:
+                    for j in range(size):
+                        b.put(b"batch%d/%02d/%08d/%05d" % (size, c, i, j), value)
+            return op
+
+        r = harness.run(f"sixfold batch of {size:,}, {BATCH_THREADS} threads", op_for, clients=BATCH_THREADS,
+                        seconds=seconds, seed=seed, records_per_op=size)
+        rows.append({**r.row(), "kind": "batch", "system": "sixfold"})
+        log(f"  {r.name:40} {r.ops_s:>9,.0f} records/s  p99 {r.p99_ms:7.2f} ms per batch  errors {r.errors}")
+    return rows
+
+
+def az_loss(cluster: Cluster, db, *, steady_s: float, after_s: float, seed: int, warmup_s: float = 1.0,
+            log=print) -> dict:
+    """64 clients putting; SIGKILL n3 and n4 (AZ b) at `steady_s`; compare the worst put latency
+    of the following `after_s` seconds with the steady-state p99 before the kill."""
+    kill_t: dict[str, float] = {}
+
+    def kill_az_b() -> list[int]:
+        pids = []
+        for name in AZ_LOSS_NODES:
+            kill_t.setdefault("first", time.perf_counter())
+            pids.append(cluster.kill(name))
+        return pids
+
+    r = harness.run_puts(
+        sixfold_factory(db), name=f"sixfold AZ-b loss, {AZ_LOSS_CLIENTS} clients", clients=AZ_LOSS_CLIENTS,
+        seconds=steady_s + after_s, seed=seed, prefix="azloss", warmup_s=warmup_s,
+        events=[(steady_s, "SIGKILL " + "+".join(AZ_LOSS_NODES), kill_az_b)], keep_samples=True,
+    )
+    ev = r.events[0] if r.events else {"at_s": steady_s}
+    kill_at = ev["at_s"]
+    # Steady state: operations that started after the warm-up and completed before the kill.
+    steady = [s for s in r.samples if s.start_s >= warmup_s and s.start_s + s.latency_s < kill_at and s.ok]
+    # Affected: every operation that completed after the kill signal (including those in flight
+    # when it landed) and started within the `after_s` that follow it.
+    after = [s for s in r.samples if s.start_s + s.latency_s >= kill_at and s.start_s < kill_at + after_s]
+    after_ok = [s for s in after if s.ok]
+    st_p50, st_p99, st_max = harness.stats_ms([s.latency_s for s in steady])
+    af_p50, af_p99, af_max = harness.stats_ms([s.latency_s for s in after_ok])
+    af_max_any = max((s.latency_s for s in after), default=0.0) * 1e3  # failed ones too
+    steady_window = max(1e-9, kill_at - warmup_s)
+    after_window = max(1e-9, min(r.window_s + warmup_s, kill_at + after_s) - kill_at)
+    out = {
+        "clients": AZ_LOSS_CLIENTS, "killed": list(AZ_LOSS_NODES), "kill_at_s": kill_at, "kill_done_s": ev.get("done_s"),
+        "kill_error": ev.get("error"),
+        "steady_ops_s": len(steady) / steady_window, "steady_p50_ms": st_p50, "steady_p99_ms": st_p99,
+        "steady_max_ms": st_max,
+        "after_ops_s": len([s for s in after_ok if s.start_s >= kill_at]) / after_window, "after_p50_ms": af_p50,
+        "after_p99_ms": af_p99, "after_max_ms": max(af_max, af_max_any),
+        "ratio_after_max_to_steady_p99": (max(af_max, af_max_any) / st_p99) if st_p99 else None,
+        "target_ratio_max": AZ_LOSS_RATIO_TARGET,
+        "puts_failed": r.errors, "failure_kinds": r.error_kinds, "clients_stuck": r.clients_stuck,
+        "puts_total": len(r.samples),
+    }
+    out["target_met"] = out["ratio_after_max_to_steady_p99"] is not None and (
+        out["ratio_after_max_to_steady_p99"] <= AZ_LOSS_RATIO_TARGET and out["puts_failed"] == 0
+    )
+    # The worst latencies after the kill, with when they started (for the report).
+    worst = sorted(after, key=lambda s: -s.latency_s)[:5]
+    out["worst_after"] = [{"start_s": round(s.start_s, 3), "latency_ms": round(s.latency_s * 1e3, 1), "ok": s.ok}
+                          for s in worst]
+    log(f"  AZ-b loss: kill at {kill_at:.2f} s; steady p99 {st_p99:.1f} ms, after-kill max {out['after_max_ms']:.1f} ms, "
+        f"failed {r.errors}")
+    return out
+
+
+def format_az_loss(a: dict) -> str:
+    ratio = a["ratio_after_max_to_steady_p99"]
+    lines = [
+        f"AZ-loss under load ({a['clients']} clients; SIGKILL {' and '.join(a['killed'])} at t={a['kill_at_s']:.2f} s)",
+        f"  {'':28} {'ops/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8}",
+        f"  {'steady state (before kill)':28} {a['steady_ops_s']:>9,.0f} {a['steady_p50_ms']:>8.2f} "
+        f"{a['steady_p99_ms']:>8.2f} {a['steady_max_ms']:>8.1f}",
+        f"  {'after the kill':28} {a['after_ops_s']:>9,.0f} {a['after_p50_ms']:>8.2f} {a['after_p99_ms']:>8.2f} "
+        f"{a['after_max_ms']:>8.1f}",
+        f"  max after kill / steady p99: {ratio:.2f}x (target <= {a['target_ratio_max']:g}x): "
+        f"{'met' if a['target_met'] else 'NOT met'}" if ratio is not None else "  (no steady-state samples)",
+        f"  puts failed: {a['puts_failed']}" + (f" {a['failure_kinds']}" if a["failure_kinds"] else "")
+        + f" of {a['puts_total']:,}",
+    ]
+    if a.get("kill_error"):
+        lines.append(f"  kill error: {a['kill_error']}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seconds", type=float, default=3.0, help="time per measurement (default 3)")
+    ap.add_argument("--no-durable", action="store_true", help="segments do not fsync before acking (default: durable)")
+    ap.add_argument("--base-port", type=int, default=None,
+                    help=f"writer endpoint port; nodes use the next six (default: first free block from {BASE_PORT_SEARCH_FROM})")
+    ap.add_argument("--protection-groups", type=int, default=None, help="protection groups (default: the engine's)")
+    ap.add_argument("--get-keys", type=int, default=GET_KEYS_DEFAULT, help=f"pre-loaded keys for gets (default {GET_KEYS_DEFAULT:,})")
+    ap.add_argument("--az-steady-s", type=float, default=4.0, help="AZ-loss: seconds of load before the kill (default 4)")
+    ap.add_argument("--az-after-s", type=float, default=5.0, help="AZ-loss: seconds of load after the kill (default 5)")
+    ap.add_argument("--no-az-loss", action="store_true", help="skip the AZ-loss scenario")
+    ap.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    ap.add_argument("--seed", type=int, default=1)
+    args = ap.parse_args(argv)
+    assert 0 < args.seconds <= 60 and 1.5 <= args.az_steady_s <= 60 and 0 < args.az_after_s <= 60
+    durable = not args.no_durable
+    print(f"seed {args.seed} | durable {durable} | {args.seconds:g} s per measurement | 100-byte values | "
+          f"one shared engine.connect() Database for all client threads | load average "
+          f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+    rows: list[dict] = []
+    az = None
+    t0 = time.perf_counter()
+    with sixfold_cluster(durable=durable, base_port=args.base_port, protection_groups=args.protection_groups) as (cluster, db):
+        st = db.status()
+        print(f"cluster up in {time.perf_counter() - t0:.1f} s at {cluster.writer_address} "
+              f"({st.get('protection_groups', '?')} protection groups, codec {st.get('codec', '?')})")
+        rows += standard_rows("sixfold", sixfold_factory(db), seconds=args.seconds, seed=args.seed, get_keys=args.get_keys)
+        rows += batch_rows(db, seconds=args.seconds, seed=args.seed)
+        client_stats = db.status().get("client", {})
+        if not args.no_az_loss:
+            az = az_loss(cluster, db, steady_s=args.az_steady_s, after_s=args.az_after_s, seed=args.seed)
+    print()
+    print(harness.format_table([r for r in rows if r["kind"] != "batch"]))
+    print()
+    print(harness.format_table([r for r in rows if r["kind"] == "batch"], unit="records/s").replace(
+        "p50 ms", "p50/bat").replace("p99 ms", "p99/bat").replace("max ms", "max/bat"))
+    if client_stats.get("write_rpcs"):
+        print(f"\nclient boxcar: {client_stats['writes']:,} writes in {client_stats['write_rpcs']:,} Write RPCs, "
+              f"{client_stats.get('gets', 0):,} gets in {client_stats.get('get_rpcs', 0):,} GetMany RPCs")
+    if az is not None:
+        print()
+        print(format_az_loss(az))
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"seed": args.seed, "durable": durable, "seconds": args.seconds, "rows": rows, "az_loss": az,
+                       "client": client_stats}, fh, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

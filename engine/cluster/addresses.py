@@ -1,0 +1,136 @@
+"""How the processes of a cluster reach a node that joined after they started.
+
+Theory of operation
+-------------------
+A node added by a membership change (`sixfold node replace n3 --with n7`) gets its address in
+`DIR/cluster.json` before it starts, and before any process is told that it exists. Two kinds of
+process must then reach it:
+
+* The **writer endpoint** is told by the launcher: the `ReplaceNode` RPC carries the new node's
+  address and AZ, and the endpoint adds them to its transport before epoch step 1 (see
+  `engine.head.endpoint`). This needs no file system access, so it also works for an endpoint
+  named by `--target`.
+* **Storage nodes** learn that n7 exists from the membership the writer sends them (`sync_epoch`)
+  and then gossip with it. Their transport is a `ManifestTransport`: a call naming a node it has
+  no address for re-reads the manifest (at most once per `RELOAD_INTERVAL_S`, so a bad id costs
+  one small file read a second, not one per call) before it gives up with `NodeNotFound`.
+
+Pull (re-read on an unknown id) rather than push for the nodes, because the manifest is already
+the single place where addresses are decided and written under the folder lock, and because a
+node that was down while the change happened learns the address the same way when it returns,
+with no message to miss. Addresses of an id never change (ports are never reused), so a cached
+address is never stale.
+
+`run_cluster_node` is `sixfold node serve --cluster DIR --id ID`: `run_node_process` of
+`engine.transport.grpc_server` with a `ManifestTransport` for gossip.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+
+from engine.cluster.manifest import GOSSIP_INTERVAL_S_DEFAULT, ClusterError, active_nodes, load_manifest, node_addresses, node_entry
+from engine.transport.grpc_client import GrpcTransport
+
+log = logging.getLogger("sixfold.node")
+
+#: At most one manifest re-read per this many seconds per transport.
+RELOAD_INTERVAL_S = 1.0
+
+
+class ManifestTransport(GrpcTransport):
+    """A `GrpcTransport` that looks up nodes it does not know in the cluster manifest."""
+
+    def __init__(self, folder: str, source: str, **kwargs) -> None:
+        self.folder = os.path.abspath(folder)
+        super().__init__(node_addresses(load_manifest(self.folder)), source, **kwargs)
+        self._reload_lock = threading.Lock()
+        self._reloaded_at = float("-inf")
+
+    def _call(self, node: str, method: str, *args):
+        if node not in self.addresses:
+            self.reload()
+        return super()._call(node, method, *args)
+
+    def reload(self) -> bool:
+        """Add the addresses of nodes the manifest names now; False when rate-limited or the
+        manifest cannot be read (the call then fails with NodeNotFound, as before)."""
+        now = time.monotonic()
+        with self._reload_lock:
+            if now - self._reloaded_at < RELOAD_INTERVAL_S:
+                return False
+            self._reloaded_at = now
+        try:
+            manifest = load_manifest(self.folder)
+        except ClusterError as e:
+            log.warning("cannot re-read the cluster manifest for new node addresses: %s", e)
+            return False
+        for node_id, address in node_addresses(manifest).items():
+            if node_id not in self.addresses:
+                log.info("learned the address of node %s: %s", node_id, address)
+                self.addresses[node_id] = address
+        return True
+
+
+def run_cluster_node(
+    folder: str,
+    node_id: str,
+    *,
+    listen: str | None = None,
+    durable: bool | None = None,
+    gossip_interval_s: float | None = None,
+    scrub_interval_s: float = 1.0,
+) -> int:
+    """Serve node `node_id` of the cluster in `folder` until SIGTERM/SIGINT; returns an exit code.
+
+    Mirrors `engine.transport.grpc_server.run_node_process`, whose gossip transport is a plain
+    `GrpcTransport` fixed at start-up; this one can reach nodes added later."""
+    from engine.core.types import Geometry, NodeInfo
+    from engine.node.service import StorageNode
+    from engine.transport.grpc_server import NodeServer, peers_of
+
+    folder = os.path.abspath(folder)
+    m = load_manifest(folder)
+    n = node_entry(m, node_id)
+    if n.get("retired"):
+        raise ClusterError(f"node {node_id} was retired (replaced by {n.get('replaced_by', 'another node')}); it does not serve")
+    listen = listen or n["address"]
+    durable = m["durable"] if durable is None else durable and m["durable"]
+    if gossip_interval_s is None:
+        gossip_interval_s = m.get("gossip_interval_s", GOSSIP_INTERVAL_S_DEFAULT)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    info = NodeInfo(node_id, n["az"])
+    geometry = Geometry(m["protection_groups"])
+    t0 = time.monotonic()
+    ns = NodeServer.bind(
+        lambda: StorageNode(os.path.join(folder, n["data"]), info, geometry, m["volume_id"], durable=durable), listen
+    )
+    transport = ManifestTransport(folder, node_id)
+    transport.addresses[node_id] = listen
+    # Before the node knows a membership (new or wiped), it gossips with every active node.
+    initial = {p["id"]: p["address"] for p in active_nodes(m)}
+    initial[node_id] = listen
+    ns.node.attach(transport, peers_of(ns.node, initial))
+    ns.start()
+    if gossip_interval_s > 0:
+        ns.node.start_background(gossip_interval_s, scrub_interval_s)
+    st = ns.node.state()
+    log.info(
+        "node %s (az %s) of cluster %s serving on %s, pid %d, volume %s, %d PGs, epoch %d, %d records, durable=%s, "
+        "ready in %.2f s",
+        node_id, n["az"], folder, listen, os.getpid(), m["volume_id"], m["protection_groups"], st.epoch, st.records, durable,
+        time.monotonic() - t0,
+    )
+    while not stop.wait(1.0):
+        pass
+    log.info("node %s: stopping (finishing in-flight calls)", node_id)
+    ns.stop()
+    transport.close()
+    log.info("node %s: stopped cleanly", node_id)
+    return 0

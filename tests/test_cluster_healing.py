@@ -1,0 +1,479 @@
+"""Self-healing and recovery with real processes: the cluster half of `tests/test_healing.py`.
+
+"A segment that missed writes catches up from its peers; a wiped one rebuilds; a corrupt copy is
+never served and is refetched; a crashed writer recovers every acknowledged write at a new epoch;
+an old writer is fenced; a node is replaced without stopping writes." Each sentence is a test
+here, on six node processes and a writer endpoint, with SIGKILL, SIGSTOP and `rm -rf`.
+
+Most tests share one cluster (starting seven Python processes costs seconds) and leave it whole
+again (`healthy`: every node and the writer SERVING, no fault rules). The membership change that
+completes gets a cluster of its own, since it changes the nodes for good. Every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+import engine
+from engine.cluster import WRITER, Cluster, ClusterError
+from engine.cluster.testing import engine_env, free_base_port, wait_serving
+from engine.core.placement import protection_group_of
+from engine.node.service import wait_until
+from engine.transport.convert import FaultRules
+
+PROTECTION_GROUPS = 4
+WRITE_TIMEOUT_S = 2.0
+GOSSIP_INTERVAL_S = 0.5  # quicker repair than the default 1 s; fewer rounds than embedded tests
+READ_ALONE_BUDGET_S = 30.0
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory):
+    c = Cluster(tmp_path_factory.mktemp("healing") / "c")
+    try:
+        c.up(base_port=free_base_port(), protection_groups=PROTECTION_GROUPS, write_timeout_s=WRITE_TIMEOUT_S,
+             gossip_interval_s=GOSSIP_INTERVAL_S, timeout_s=60)
+        yield c
+    finally:
+        c.down(timeout_s=10)
+
+
+def restore(c: Cluster) -> None:
+    """Every active node and the writer endpoint running and SERVING; no fault rules."""
+    for n in c.node_ids:
+        state = c.state(n)
+        if state == "paused":
+            c.cont(n)
+        elif state == "down":
+            c.start(n, wait=False)
+    c._wait_serving(c.node_ids, 60)
+    for n in c.node_ids:
+        c.set_faults(n)
+    if c.state(WRITER) == "paused":
+        c.cont(WRITER)
+    if c.health(WRITER) != "SERVING":  # down, or fenced by a newer writer
+        if c.state(WRITER) != "down":
+            c.kill(WRITER)
+        c.start(WRITER)
+
+
+@pytest.fixture
+def healthy(shared):
+    restore(shared)
+    try:
+        yield shared
+    finally:
+        restore(shared)
+
+
+@pytest.fixture
+def db(healthy):
+    d = healthy.connect(timeout_s=10)
+    try:
+        yield d
+    finally:
+        d.close()
+
+
+class Load:
+    """A few threads writing unique keys; records what was acknowledged, unknown and refused."""
+
+    def __init__(self, db, prefix: str, threads: int = 3, pause_s: float = 0.0) -> None:
+        self.db = db
+        self.prefix = prefix
+        self.pause_s = pause_s
+        self.acked: dict[bytes, bytes] = {}
+        self.unknown: dict[bytes, bytes] = {}
+        self.failed = 0
+        self.errors: list[Exception] = []
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(threads)]
+
+    def _run(self, i: int) -> None:
+        n = 0
+        while not self._stop.is_set():
+            key, value = f"{self.prefix}:{i}:{n}".encode(), f"v{i}.{n}".encode()
+            n += 1
+            try:
+                self.db.put(key, value)
+                with self._lock:
+                    self.acked[key] = value
+            except engine.WriteIndeterminate:
+                with self._lock:
+                    self.unknown[key] = value
+            except engine.Unavailable:
+                with self._lock:
+                    self.failed += 1
+                time.sleep(0.05)
+            except Exception as e:  # noqa: BLE001 - reported by check()
+                self.errors.append(e)
+                return
+            if self.pause_s:
+                self._stop.wait(self.pause_s)
+
+    def count(self) -> int:
+        with self._lock:
+            return len(self.acked)
+
+    def __enter__(self) -> Load:
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(30)
+            assert not t.is_alive(), "a load thread is stuck"
+
+
+def check_all_readable(db, load: Load, *, quorum: bool = False) -> None:
+    assert not load.errors, load.errors
+    for key, value in load.acked.items():
+        assert db.get(key, quorum=quorum) == value, f"acknowledged write {key!r} lost"
+    for key, value in load.unknown.items():
+        assert db.get(key, quorum=quorum) in (None, value), f"indeterminate write {key!r} has a value nobody wrote"
+
+
+def readable(db) -> bool:
+    try:
+        db.get(b"probe")
+        return True
+    except engine.Unavailable:
+        return False
+
+
+def node_status(c: Cluster, node_id: str) -> dict:
+    return next(n for n in c.status()["nodes"] if n["id"] == node_id)
+
+
+def scls_equal(c: Cluster) -> bool:
+    st = c.status()
+    scls = {tuple(n.get("scls") or ()) for n in st["nodes"]}
+    return len(scls) == 1 and all(n["health"] == "SERVING" for n in st["nodes"])
+
+
+def kill_all_but(c: Cluster, keep: list[str]) -> list[str]:
+    killed = [n for n in c.node_ids if n not in keep]
+    for n in killed:
+        c.kill(n)
+    return killed
+
+
+def read_all_within(db, expected: dict[bytes, bytes], budget_s: float, *, quorum: bool = False) -> float:
+    """Read every key (each must have its value); returns the seconds it took (< budget)."""
+    t0 = time.monotonic()
+    for key, value in expected.items():
+        assert db.get(key, quorum=quorum) == value, f"{key!r} lost"
+        assert time.monotonic() - t0 < budget_s, f"reading {len(expected)} keys took over {budget_s} s"
+    return time.monotonic() - t0
+
+
+# --- catch-up, rebuild, scrub ---------------------------------------------------------------
+@pytest.mark.cluster
+def test_a_node_killed_during_writes_catches_up_and_then_serves_every_acknowledged_write_alone(healthy, db):
+    c = healthy
+    with Load(db, "catchup") as load:
+        assert wait_until(lambda: load.count() >= 50, 20), "the load did not start"
+        c.kill("n5")  # SIGKILL mid-write
+        at_kill = load.count()
+        assert wait_until(lambda: load.count() >= at_kill + 100, 30), "writes stopped after losing one node"
+        c.start("n5")
+        restarted = load.count()
+        assert wait_until(lambda: load.count() >= restarted + 50, 30)
+    assert load.failed == 0 and not load.errors, (load.failed, load.errors)
+    # Gossip (below the writer's VDL hint) and the writer's own sends bring n5 level with its peers.
+    assert wait_until(lambda: scls_equal(c), 30), c.status()["nodes"]
+    assert node_status(c, "n5")["lag"] == 0
+    # n5 alone now holds every acknowledged write: the others go, the reads come from it.
+    kill_all_but(c, ["n5"])
+    seconds = read_all_within(db, load.acked, READ_ALONE_BUDGET_S)
+    for key, value in load.unknown.items():
+        assert db.get(key) in (None, value)
+    with pytest.raises(engine.Unavailable):
+        db.get(b"catchup:never", quorum=True)  # a quorum read needs three: only n5 answered above
+    print(f"read {len(load.acked)} keys from n5 alone in {seconds:.2f} s")
+
+
+@pytest.mark.cluster
+def test_a_wiped_node_rebuilds_from_peers_with_progress_then_serves_reads_alone(healthy, db, capsys):
+    from engine.cli import main
+
+    c = healthy
+    expected = {}
+    for i in range(6):
+        with db.batch() as b:
+            for j in range(50):
+                key, value = b"wipe:%d:%02d" % (i, j), b"v%d.%d" % (i, j)
+                b.put(key, value)
+                expected[key] = value
+    before = node_status(c, "n2")
+    # `sixfold node wipe --watch` kills n2, deletes its folder, starts it empty and follows the
+    # rebuild until every node is level with the writer; --json ends with the final status.
+    capsys.readouterr()
+    assert main(["node", "wipe", "--cluster", c.folder, "n2", "--watch", "--interval-s", "0.5", "--timeout-s", "60",
+                 "--json"]) == 0
+    st = json.loads(capsys.readouterr().out)
+    assert st["complete"] is True
+    n2 = next(n for n in st["nodes"] if n["id"] == "n2")
+    assert n2["lag"] == 0 and n2["rebuild"]["fraction"] == 1.0 and n2["rebuild"]["complete"]
+    assert n2["rebuild"]["fetched_records"] >= len(expected), n2["rebuild"]
+    assert n2["repaired"] >= len(expected) and n2["pid"] != before["pid"]
+    n1 = next(n for n in st["nodes"] if n["id"] == "n1")
+    assert wait_until(lambda: node_status(c, "n2")["records"] == node_status(c, "n1")["records"], 10), (n1, n2)
+    assert main(["node", "rebuild-status", "--cluster", c.folder]) == 0
+    assert "n2" in capsys.readouterr().out
+    # Rebuilt: n2 alone serves every key.
+    kill_all_but(c, ["n2"])
+    read_all_within(db, expected, READ_ALONE_BUDGET_S)
+
+
+@pytest.mark.cluster
+def test_corrupt_copies_are_never_served_are_counted_and_are_refetched(healthy, db):
+    c = healthy
+    with db.batch() as b:
+        b.put(b"victim", b"precious")
+    lsn = b.lsn
+    pg = protection_group_of(b"victim", PROTECTION_GROUPS)
+    hit = ("n1", "n2", "n3")
+    assert wait_until(lambda: all(node_status(c, n)["scls"][pg] >= lsn for n in hit), 10)
+    found_before = {n: node_status(c, n)["corrupt_found"] for n in hit}
+    for n in hit:
+        assert c.corrupt(n, pg, lsn, bit=8 * 40 + 3) == lsn
+    # Every read path avoids the corrupt copies: single segment (n1 first: same AZ), quorum, scan.
+    for _ in range(10):
+        assert db.get(b"victim") == b"precious"
+        assert db.get(b"victim", quorum=True) == b"precious"
+        assert dict(db.scan(b"victim", b"victin")) == {b"victim": b"precious"}
+    # Scrub (or the reads above) found them and counted them; gossip refetched good copies.
+    for n in hit:
+        c.scrub(n)
+    assert all(node_status(c, n)["corrupt_found"] >= found_before[n] + 1 for n in hit)
+    assert wait_until(lambda: scls_equal(c), 20), c.status()["nodes"]
+    # Only the refetched copies remain on n1..n3: without the other three, a quorum read finds it.
+    kill_all_but(c, list(hit))
+    assert db.get(b"victim", quorum=True) == b"precious"
+    assert db.get(b"victim") == b"precious"
+
+
+# --- writer recovery and fencing ------------------------------------------------------------
+@pytest.mark.cluster
+def test_a_sigkilled_writer_endpoint_recovers_every_acknowledged_write_at_a_new_epoch(healthy, db):
+    c = healthy
+    epoch = db.status()["epoch"]
+    with Load(db, "writer-crash") as load:
+        assert wait_until(lambda: load.count() >= 100, 20)
+        c.kill(WRITER)
+        time.sleep(0.3)
+    with pytest.raises(engine.Unavailable):
+        db.get(b"anything")  # while it is down: the typed error, not a hang
+    c.start(WRITER)
+    assert wait_until(lambda: readable(db), 30)
+    check_all_readable(db, load)
+    st = db.status()
+    assert st["epoch"] > epoch and st["writer"]["recovery"]["epoch"] == st["epoch"], "a recovered writer runs at a new epoch"
+    db.put(b"after-writer-crash", b"ok")
+    assert db.get(b"after-writer-crash") == b"ok"
+
+
+@pytest.mark.cluster
+def test_a_paused_old_writer_is_fenced_by_a_new_one_and_completes_no_write(healthy, db, tmp_path):
+    c = healthy
+    db.put(b"fence", b"old-writer")
+    old_epoch = db.status()["epoch"]
+    c.stop(WRITER)  # SIGSTOP: the old endpoint freezes with its sockets open
+    port = free_base_port(1)
+    address = f"127.0.0.1:{port}"
+    log = open(tmp_path / "writer2.log", "ab")
+    second = subprocess.Popen(
+        [sys.executable, "-m", "engine", "writer", "serve", "--cluster", c.folder, "--listen", address],
+        stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=engine_env(), start_new_session=True,
+    )
+    log.close()
+    new = None
+    try:
+        wait_serving(address, 60, proc=second)
+        new = engine.connect(address, timeout_s=10)
+        assert new.status()["epoch"] > old_epoch, "the second writer recovers at a higher epoch"
+        assert new.get(b"fence") == b"old-writer"
+        new.put(b"fence", b"new-writer")
+        c.cont(WRITER)
+        # The old endpoint's clients get an error for every write: StaleEpoch, or the write's
+        # fate is unknown / the endpoint is unavailable. None of them may ever take effect.
+        for i in range(5):
+            with pytest.raises((engine.StaleEpoch, engine.Unavailable)):
+                db.put(b"fence", b"from-the-fenced-writer-%d" % i)
+        assert wait_until(lambda: c.health(WRITER) == "NOT_SERVING", 10), "a fenced endpoint stops reporting SERVING"
+        # The new one serves, and never sees a value of the fenced one.
+        new.put(b"fence:after", b"ok")
+        assert new.get(b"fence:after") == b"ok"
+        assert new.get(b"fence") == b"new-writer"
+        assert new.get(b"fence", quorum=True) == b"new-writer"
+    finally:
+        if new is not None:
+            new.close()
+        second.terminate()
+        try:
+            second.wait(10)
+        except subprocess.TimeoutExpired:
+            second.kill()
+            second.wait(5)
+
+
+# --- membership change ----------------------------------------------------------------------
+@pytest.mark.cluster
+def test_replace_is_reverted_when_the_old_node_answers_first(healthy, db):
+    """n3 is down, n7 is held back (its gossip is refused by every peer, so it cannot fetch the
+    records the writer trimmed); n3 returns before n7 caught up: step 2 reverts."""
+    c = healthy
+    for i in range(100):
+        db.put(b"revert:%03d" % i, b"v")
+    c.kill("n3")
+    for n in ("n1", "n2", "n4", "n5", "n6"):
+        c.set_faults(n, FaultRules(blocked_sources=("n7",)))
+    fractions: list[float] = []
+
+    def progress(fraction: float) -> None:
+        fractions.append(fraction)
+        if len(fractions) == 1:
+            c.start("n3")  # the old node comes back while n7 is still behind ...
+            c.set_faults("n3", FaultRules(blocked_sources=("n7",)))  # ... and n7 cannot copy it either
+
+    result = c.replace_node("n3", "n7", timeout_s=60, progress=progress)
+    assert result["reverted"] and not result["replaced"], result
+    assert fractions and max(fractions) < 1.0
+    m = c.manifest
+    n7 = next(n for n in m["nodes"] if n["id"] == "n7")
+    assert n7["retired"] and "n7" not in c.node_ids and "n3" in c.node_ids
+    assert c.state("n7") == "down"
+    st = db.status()
+    assert st["writer"]["membership"]["members"] == ["n1", "n2", "n3", "n4", "n5", "n6"]
+    assert st["writer"]["membership"]["next_members"] is None
+    assert st["membership_change"]["phase"] == "reverted"
+    db.put(b"after-revert", b"ok")
+    assert db.get(b"after-revert") == b"ok"
+    with pytest.raises(ClusterError):
+        c.start("n7")
+
+
+@pytest.mark.cluster
+def test_replace_a_node_under_write_load_then_n7_is_a_full_member(tmp_path, capsys):
+    from engine.cli import main
+
+    c = Cluster(tmp_path / "c")
+    c.up(base_port=free_base_port(), protection_groups=PROTECTION_GROUPS, write_timeout_s=WRITE_TIMEOUT_S,
+         gossip_interval_s=GOSSIP_INTERVAL_S, timeout_s=60)
+    db = None
+    try:
+        db = c.connect(timeout_s=10)
+        expected = {}
+        with db.batch() as b:
+            for i in range(200):
+                expected[b"before:%03d" % i] = b"v%d" % i
+                b.put(b"before:%03d" % i, b"v%d" % i)
+        c.kill("n3")  # failed for good
+        base = c.manifest["base_port"]
+        capsys.readouterr()
+        with Load(db, "during", threads=2, pause_s=0.01) as load:
+            assert wait_until(lambda: load.count() >= 20, 20)
+            code = main(["node", "replace", "--cluster", c.folder, "n3", "--with", "n7", "--timeout-s", "60", "--json"])
+            during = load.count()
+            assert wait_until(lambda: load.count() >= during + 20, 20), "writes stopped after the change"
+        out = capsys.readouterr().out
+        assert code == 0, out
+        result = json.loads(out)
+        assert result["replaced"] and not result["reverted"]
+        assert result["members"] == ["n1", "n2", "n7", "n4", "n5", "n6"]
+        assert load.failed == 0 and not load.unknown and not load.errors, (load.failed, len(load.unknown), load.errors)
+        # The manifest: n7 in n3's AZ on the next port, n3 retired; down/up use n7.
+        m = c.manifest
+        n7 = next(n for n in m["nodes"] if n["id"] == "n7")
+        assert n7["az"] == "b" and n7["address"].endswith(f":{base + 7}") and os.path.isdir(os.path.join(c.folder, n7["data"]))
+        n3 = next(n for n in m["nodes"] if n["id"] == "n3")
+        assert n3["retired"] and n3["replaced_by"] == "n7"
+        assert c.node_ids == ["n1", "n2", "n4", "n5", "n6", "n7"] and c.azs()["b"] == ["n4", "n7"]
+        assert [n["id"] for n in result["status"]["nodes"]] == c.node_ids
+        expected.update(load.acked)
+        # n7 is a full member. Without n3's AZ-mate n4 and n1, a write needs n7's answer ...
+        c.kill("n4")
+        c.kill("n1")
+        db.put(b"needs-n7", b"yes")
+        expected[b"needs-n7"] = b"yes"
+        # ... and without n2 as well (AZ a and n4 gone), a quorum read needs n7's answer.
+        c.kill("n2")
+        read_all_within(db, expected, 60, quorum=True)
+        # `cluster down` and `cluster up` run the new membership.
+        c.down(timeout_s=10)
+        st = c.up(timeout_s=60)
+        assert [n["id"] for n in st["nodes"]] == ["n1", "n2", "n4", "n5", "n6", "n7"]
+        assert all(n["health"] == "SERVING" for n in st["nodes"]) and c.state("n3") == "down"
+        db.close()
+        db = c.connect(timeout_s=10)
+        assert wait_until(lambda: readable(db), 30)
+        assert db.status()["writer"]["membership"]["members"] == ["n1", "n2", "n7", "n4", "n5", "n6"]
+        read_all_within(db, expected, 60)
+    finally:
+        if db is not None:
+            db.close()
+        c.down(timeout_s=10)
+
+
+# --- pieces without processes ---------------------------------------------------------------
+def test_membership_change_round_trips_through_protobuf():
+    from engine.proto import kv_pb2
+    from engine.transport import convert
+
+    for change in (
+        convert.MembershipChange(),
+        convert.MembershipChange("rebuilding", "n3", "n7", 0.25, 40, 120, 5, ("n1", "n2", "n3", "n4", "n5", "n6"),
+                                 ("n1", "n2", "n7", "n4", "n5", "n6"), 1.5),
+        convert.MembershipChange("failed", "n3", "n7", 0.5, error="Unavailable: n7 did not catch up"),
+    ):
+        wire = convert.membership_change_to_pb(change).SerializeToString()
+        assert convert.membership_change_from_pb(kv_pb2.MembershipChange.FromString(wire)) == change
+    args = ("n3", "n7", "127.0.0.1:7407", "b", 30.0)
+    wire = convert.replace_node_request_to_pb(*args).SerializeToString()
+    assert convert.replace_node_args_from_pb(kv_pb2.ReplaceNodeRequest.FromString(wire)) == args
+    for bad in (("n3", "n3", "h:1", "b"), ("n3", "", "h:1", "b"), ("n3", "n 7", "h:1", "b"), ("n3", "n7", "nowhere", "b")):
+        with pytest.raises(engine.InvalidArgument):
+            convert.replace_node_args_from_pb(convert.replace_node_request_to_pb(*bad))
+
+
+def test_rebuild_progress_counts_lsns_behind_the_pgcl():
+    from engine.cluster.launcher import rebuild_progress
+
+    assert rebuild_progress([0, 0], [0, 0]) == {"lag": 0, "lag_max": 0, "fraction": 1.0}
+    assert rebuild_progress([0, 0], [30, 10]) == {"lag": 40, "lag_max": 30, "fraction": 0.0}
+    assert rebuild_progress([30, 5], [30, 10]) == {"lag": 5, "lag_max": 5, "fraction": 0.875}
+    assert rebuild_progress([40, 10], [30, 10])["lag"] == 0  # ahead of the PGCL is not negative lag
+
+
+def test_added_nodes_get_the_next_port_and_nodes_learn_their_address_from_the_manifest(tmp_path):
+    from engine.cluster.addresses import ManifestTransport
+    from engine.cluster.manifest import active_nodes, add_node_entry, new_manifest, node_infos, save_manifest, used_ports
+
+    m = new_manifest(base_port=7400)
+    save_manifest(str(tmp_path), m)
+    t = ManifestTransport(str(tmp_path), "n1")
+    try:
+        assert "n7" not in t.addresses
+        with pytest.raises(engine.errors.NodeNotFound):
+            t.state("n7")  # unknown everywhere: a re-read of the manifest, then NodeNotFound
+        add_node_entry(m, "n7", "b", max(used_ports(m)) + 1, replaces="n3")
+        next(n for n in m["nodes"] if n["id"] == "n3")["retired"] = True
+        save_manifest(str(tmp_path), m)
+        assert not t.reload(), "re-reads are rate-limited"
+        t._reloaded_at = float("-inf")
+        assert t.reload() and t.addresses["n7"] == "127.0.0.1:7407"
+    finally:
+        t.close()
+    assert [n["id"] for n in active_nodes(m)] == ["n1", "n2", "n4", "n5", "n6", "n7"]
+    assert [(i.id, i.az) for i in node_infos(m)][-1] == ("n7", "b")
