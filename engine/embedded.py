@@ -244,12 +244,7 @@ class EmbeddedVolume:
                 "epoch": self.writer.epoch}
 
     def _rebuild_fraction(self, node_id: str) -> float:
-        w = self.writer
-        with w._lock:
-            tails = list(w.ledger.read_tails)
-            scls = [w.ledger.scls[pg].get(node_id, 0) for pg in range(len(tails))]
-        want = sum(tails)
-        return 1.0 if want == 0 else min(1.0, sum(min(s, t) for s, t in zip(scls, tails)) / want)
+        return self.writer.catch_up_progress(node_id)[0]
 
     def _retire(self, node_id: str) -> None:
         self.stop_node(node_id)

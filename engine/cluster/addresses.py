@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import threading
 import time
 
@@ -89,9 +88,7 @@ def run_cluster_node(
 
     Mirrors `engine.transport.grpc_server.run_node_process`, whose gossip transport is a plain
     `GrpcTransport` fixed at start-up; this one can reach nodes added later."""
-    from engine.core.types import Geometry, NodeInfo
-    from engine.node.service import StorageNode
-    from engine.transport.grpc_server import NodeServer, peers_of
+    from engine.transport.grpc_server import run_node_process
 
     folder = os.path.abspath(folder)
     m = load_manifest(folder)
@@ -102,35 +99,16 @@ def run_cluster_node(
     durable = m["durable"] if durable is None else durable and m["durable"]
     if gossip_interval_s is None:
         gossip_interval_s = m.get("gossip_interval_s", GOSSIP_INTERVAL_S_DEFAULT)
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    info = NodeInfo(node_id, n["az"])
-    geometry = Geometry(m["protection_groups"])
-    t0 = time.monotonic()
-    ns = NodeServer.bind(
-        lambda: StorageNode(os.path.join(folder, n["data"]), info, geometry, m["volume_id"], durable=durable), listen
-    )
-    transport = ManifestTransport(folder, node_id)
-    transport.addresses[node_id] = listen
     # Before the node knows a membership (new or wiped), it gossips with every active node.
     initial = {p["id"]: p["address"] for p in active_nodes(m)}
-    initial[node_id] = listen
-    ns.node.attach(transport, peers_of(ns.node, initial))
-    ns.start()
-    if gossip_interval_s > 0:
-        ns.node.start_background(gossip_interval_s, scrub_interval_s)
-    st = ns.node.state()
-    log.info(
-        "node %s (az %s) of cluster %s serving on %s, pid %d, volume %s, %d PGs, epoch %d, %d records, durable=%s, "
-        "ready in %.2f s",
-        node_id, n["az"], folder, listen, os.getpid(), m["volume_id"], m["protection_groups"], st.epoch, st.records, durable,
-        time.monotonic() - t0,
+
+    def transport_factory(addresses):
+        transport = ManifestTransport(folder, node_id)
+        transport.addresses.update(addresses)
+        return transport
+
+    return run_node_process(
+        node_id=node_id, az=n["az"], data=os.path.join(folder, n["data"]), listen=listen, volume_id=m["volume_id"],
+        protection_groups=m["protection_groups"], peers=initial, durable=durable, gossip_interval_s=gossip_interval_s,
+        scrub_interval_s=scrub_interval_s, transport_factory=transport_factory, banner=f" of cluster {folder}",
     )
-    while not stop.wait(1.0):
-        pass
-    log.info("node %s: stopping (finishing in-flight calls)", node_id)
-    ns.stop()
-    transport.close()
-    log.info("node %s: stopped cleanly", node_id)
-    return 0

@@ -384,14 +384,7 @@ class WriterEndpoint:
             return False
 
     def _progress(self, w: Writer, node_id: str) -> tuple[float, int]:
-        """(fraction, lag) of `node_id` against the PGs' read tails: what `replacement_caught_up`
-        waits for, as a number."""
-        with w._lock:
-            tails = list(w.ledger.read_tails)
-            scls = [w.ledger.scls[pg].get(node_id, 0) for pg in range(len(tails))]
-        want = sum(tails)
-        have = sum(min(s, t) for s, t in zip(scls, tails))
-        return (1.0 if want == 0 else have / want), want - have
+        return w.catch_up_progress(node_id)
 
     def _drive_change(self, w: Writer, c: _Change) -> None:
         """Wait for the new node, then epoch step 2 (or the revert); never raises."""

@@ -50,12 +50,9 @@ from engine.core.quorum import VolumeDurability, has_write_quorum, merge_read, m
 from engine.core.recovery import plan_recovery
 from engine.core.types import Geometry, Membership, NodeInfo, ReadView, SealReply
 from engine.errors import (
-    Closed,
     CorruptRecord,
     EpochBehind,
     InvalidArgument,
-    ResourceExhausted,
-    SegmentIncomplete,
     SixfoldError,
     StaleEpoch,
     Unavailable,
@@ -619,6 +616,16 @@ class Writer:
         """True once `new` holds every PG's chain up to the PG's last durable record."""
         with self._lock:
             return all(self.ledger.scls[pg].get(new, -1) >= self.ledger.read_tails[pg] for pg in range(self.P))
+
+    def catch_up_progress(self, node: str) -> tuple[float, int]:
+        """(fraction, lag) of `node` against every PG's read tail: what `replacement_caught_up`
+        waits for, as a number (fraction 1.0 and lag 0 once caught up)."""
+        with self._lock:
+            tails = list(self.ledger.read_tails)
+            scls = [self.ledger.scls[pg].get(node, 0) for pg in range(len(tails))]
+        want = sum(tails)
+        have = sum(min(s, t) for s, t in zip(scls, tails))
+        return (1.0 if want == 0 else have / want), want - have
 
     def finish_replace(self) -> Membership:
         """Step 2: commit the change; the new set alone is the membership."""

@@ -26,7 +26,7 @@ import lmdb
 
 from engine import codec
 from engine.core.types import Geometry, Membership, NodeInfo, NodeState, TruncationRange
-from engine.errors import Closed, CorruptRecord, InvalidArgument, ResourceExhausted, SixfoldError, StaleEpoch, StorageError
+from engine.errors import Closed, CorruptRecord, InvalidArgument, ResourceExhausted, SixfoldError, StorageError
 from engine.node.store import FETCH_BYTES_MAX, SegmentStore
 
 GOSSIP_INTERVAL_S = 0.2
@@ -61,8 +61,11 @@ class StorageNode:
         self._threads: list[threading.Thread] = []
         self._scrub_cursor = (0, 0)  # (pg, lsn) where the next scrub step resumes
         self.gossip_fetched_records = 0
-        self._settled_hint: dict[str, int] = {}  # per peer: the VDL hint seen in the previous round
-        self.rebuild = {"active": False, "target_records": 0, "fetched_records": 0}
+        self._settled_hint: dict[str, int] = {}
+        self._behind_any = False  # per peer: the VDL hint seen in the previous round
+        #: repair by gossip: whether the last round found this node behind a peer, and how many
+        #: records it has fetched since it started (a wiped node's rebuild shows up here)
+        self.rebuild = {"active": False, "fetched_records": 0}
 
     @property
     def id(self) -> str:
@@ -125,6 +128,7 @@ class StorageNode:
         if self.transport is None:
             return 0
         fetched = 0
+        self._behind_any = False
         peers = [p for p in self._peers() if p != self.id]
         self._rng.shuffle(peers)
         for peer in peers:
@@ -135,6 +139,7 @@ class StorageNode:
             except SixfoldError:
                 continue  # unreachable or busy peer: try the next; gossip is best effort
         self.gossip_fetched_records += fetched
+        self.rebuild["active"] = self._behind_any
         return fetched
 
     def _gossip_with(self, peer: str) -> int:
@@ -158,8 +163,7 @@ class StorageNode:
         ]
         if not behind:
             return 0
-        target = sum(s for _, s in behind)
-        self.rebuild.update(active=True, target_records=max(self.rebuild["target_records"], target))
+        self._behind_any = True
         fetched = 0
         frames = 0
         for pg, peer_scl in behind:
@@ -183,8 +187,6 @@ class StorageNode:
                 if not more:
                     break
         store.count_repaired(fetched)
-        if all(store.scls[pg] >= s for pg, s in behind):
-            self.rebuild["active"] = False
         return fetched
 
     def scrub_step(self, records_max: int = SCRUB_RECORDS_PER_STEP) -> int:

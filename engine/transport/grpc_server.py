@@ -303,8 +303,13 @@ def run_node_process(
     gossip_interval_s: float = GOSSIP_INTERVAL_S,
     scrub_interval_s: float = SCRUB_INTERVAL_S,
     workers: int = NODE_WORKERS,
+    transport_factory=None,
+    banner: str = "",
 ) -> int:
-    """The body of `sixfold node serve`: serve until SIGTERM/SIGINT; returns an exit code."""
+    """The body of `sixfold node serve`: serve until SIGTERM/SIGINT; returns an exit code.
+
+    `transport_factory(addresses)` makes the node's gossip transport (default: a GrpcTransport
+    over the fixed `peers`; a cluster node passes one that re-reads the manifest)."""
     from engine.transport.grpc_client import GrpcTransport
 
     stop = threading.Event()
@@ -318,15 +323,16 @@ def run_node_process(
     )
     addresses = {k: v for k, v in peers.items() if k != node_id}
     addresses[node_id] = listen
-    transport = GrpcTransport(addresses, source=node_id)
+    transport = (transport_factory or (lambda a: GrpcTransport(a, source=node_id)))(addresses)
     ns.node.attach(transport, peers_of(ns.node, addresses))
     ns.start()
     if gossip_interval_s > 0:
         ns.node.start_background(gossip_interval_s, scrub_interval_s)
     st = ns.node.state()
     log.info(
-        "node %s (az %s) serving on %s, pid %d, volume %s, %d PGs, epoch %d, %d records, durable=%s, ready in %.2f s",
-        node_id, az, listen, os.getpid(), volume_id, protection_groups, st.epoch, st.records, durable, time.monotonic() - t0,
+        "node %s (az %s)%s serving on %s, pid %d, volume %s, %d PGs, epoch %d, %d records, durable=%s, ready in %.2f s",
+        node_id, az, banner, listen, os.getpid(), volume_id, protection_groups, st.epoch, st.records, durable,
+        time.monotonic() - t0,
     )
     while not stop.wait(1.0):
         pass
