@@ -23,7 +23,7 @@ from engine import codec
 from engine.core.constants import LAL_DEFAULT
 from engine.core.types import Geometry, NodeInfo, default_nodes
 from engine.errors import GeometryMismatch, InvalidArgument, NodeNotFound, SixfoldError, Unavailable
-from engine.head.writer import Writer, WriterOptions
+from engine.head.writer import Writer, WriterOptions, node_status
 from engine.node.service import GOSSIP_INTERVAL_S, SCRUB_INTERVAL_S, StorageNode
 from engine.transport.inprocess import InProcessTransport, Registry
 
@@ -306,16 +306,7 @@ class EmbeddedVolume:
                 except SixfoldError:
                     st = None
                 if st is not None:
-                    entry.update(
-                        scl={pg: s for pg, s in enumerate(st.scls)},
-                        lag={pg: max(0, w["pgcl"][pg] - s) for pg, s in enumerate(st.scls)},
-                        epoch=st.epoch,
-                        records=st.records,
-                        bytes=st.bytes,
-                        corrupt_found=st.corrupt_found,
-                        repaired=st.repaired,
-                        rebuild=st.extra.get("rebuild"),
-                    )
+                    entry.update(node_status(st, w["pgcl"]))
             nodes.append(entry)
         return {
             "volume_id": self.volume_id,

@@ -11,14 +11,13 @@ Writes use a short write timeout (2 s) so that failures are quick; every wait is
 
 from __future__ import annotations
 
-import threading
 import time
 
 import pytest
 
 import engine
 from engine.cluster import Cluster
-from engine.cluster.testing import free_base_port
+from engine.cluster.testing import Load, check_all_readable, free_base_port
 from engine.node.service import wait_until
 
 pytestmark = pytest.mark.cluster
@@ -37,63 +36,6 @@ def cluster(tmp_path):
         c.down(timeout_s=10)
 
 
-class Load:
-    """A few threads writing unique keys; records what was acknowledged and what is unknown."""
-
-    def __init__(self, db, threads: int = LOAD_THREADS) -> None:
-        self.db = db
-        self.acked: dict[bytes, bytes] = {}
-        self.unknown: dict[bytes, bytes] = {}
-        self.failed = 0
-        self.errors: list[Exception] = []
-        self._stop = threading.Event()
-        self._lock = threading.Lock()
-        self._threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(threads)]
-
-    def _run(self, i: int) -> None:
-        n = 0
-        while not self._stop.is_set():
-            key, value = f"load:{i}:{n}".encode(), f"v{i}.{n}".encode()
-            n += 1
-            try:
-                self.db.put(key, value)
-                with self._lock:
-                    self.acked[key] = value
-            except engine.WriteIndeterminate:
-                with self._lock:
-                    self.unknown[key] = value
-            except engine.Unavailable:
-                with self._lock:
-                    self.failed += 1
-                time.sleep(0.05)
-            except Exception as e:  # noqa: BLE001 - anything else fails the test below
-                self.errors.append(e)
-                return
-
-    def count(self) -> int:
-        with self._lock:
-            return len(self.acked)
-
-    def __enter__(self) -> Load:
-        for t in self._threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        for t in self._threads:
-            t.join(30)
-            assert not t.is_alive(), "a load thread is stuck"
-
-
-def check_all_readable(db, load: Load) -> None:
-    assert not load.errors, load.errors
-    for key, value in load.acked.items():
-        assert db.get(key) == value, f"acknowledged write {key!r} lost"
-    for key, value in load.unknown.items():
-        assert db.get(key) in (None, value), f"indeterminate write {key!r} has a value nobody wrote"
-
-
 def put_eventually(db, key: bytes, value: bytes, timeout_s: float) -> bool:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -108,7 +50,7 @@ def put_eventually(db, key: bytes, value: bytes, timeout_s: float) -> bool:
 def test_losing_an_az_keeps_writes_going_and_az_plus_one_stops_them_without_loss(cluster):
     db = cluster.connect()
     try:
-        with Load(db) as load:
+        with Load(db, threads=LOAD_THREADS) as load:
             assert wait_until(lambda: load.count() >= 50, 20), "the load did not start"
             # An AZ goes down under load: both of its nodes, at once.
             cluster.kill("n1")

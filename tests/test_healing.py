@@ -9,7 +9,6 @@ import pytest
 
 import engine
 from engine.core.placement import protection_group_of
-from engine.core.types import NodeInfo
 from engine.embedded import EmbeddedOptions, EmbeddedVolume
 from engine.head.writer import Writer, WriterOptions
 from engine.node.service import wait_until

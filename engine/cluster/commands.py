@@ -349,7 +349,7 @@ def register(sub) -> None:
     up = csub.add_parser("up", parents=[target], help="start the cluster (create it if new)", description=(
         "Start every process of the cluster that is not running and return once all report SERVING on the gRPC "
         "health service. A new folder gets a new volume; an existing one is reopened with its data and volume id. "
-        f"Ports: the writer endpoint on BASE_PORT, node n<i> on BASE_PORT+i."))
+        "Ports: the writer endpoint on BASE_PORT, node n<i> on BASE_PORT+i."))
     up.add_argument("--base-port", type=int, default=None,
                     help=f"first of 7 consecutive ports (default {BASE_PORT_DEFAULT}: writer 7400, nodes 7401-7406); "
                          "fixed when the cluster is created")

@@ -9,6 +9,7 @@ import os
 import random
 import subprocess
 import sys
+import threading
 import time
 
 import grpc
@@ -82,3 +83,65 @@ def spawn_node(
         proc.wait()
         raise
     return proc
+
+
+class Load:
+    """A few threads writing unique keys (`PREFIX:thread:n`) under faults; records what was
+    acknowledged, what is indeterminate and how many were refused. Use as a context manager."""
+
+    def __init__(self, db, prefix: str = "load", threads: int = 3, pause_s: float = 0.0) -> None:
+        self.db = db
+        self.prefix = prefix
+        self.pause_s = pause_s
+        self.acked: dict[bytes, bytes] = {}
+        self.unknown: dict[bytes, bytes] = {}
+        self.failed = 0
+        self.errors: list[Exception] = []
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(threads)]
+
+    def _run(self, i: int) -> None:
+        n = 0
+        while not self._stop.is_set():
+            key, value = f"{self.prefix}:{i}:{n}".encode(), f"v{i}.{n}".encode()
+            n += 1
+            try:
+                self.db.put(key, value)
+                with self._lock:
+                    self.acked[key] = value
+            except engine.WriteIndeterminate:
+                with self._lock:
+                    self.unknown[key] = value
+            except engine.Unavailable:
+                with self._lock:
+                    self.failed += 1
+                time.sleep(0.05)
+            except Exception as e:  # noqa: BLE001 - reported by check()
+                self.errors.append(e)
+                return
+            if self.pause_s:
+                self._stop.wait(self.pause_s)
+
+    def count(self) -> int:
+        with self._lock:
+            return len(self.acked)
+
+    def __enter__(self) -> Load:
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(30)
+            assert not t.is_alive(), "a load thread is stuck"
+
+
+def check_all_readable(db, load: Load, *, quorum: bool = False) -> None:
+    assert not load.errors, load.errors
+    for key, value in load.acked.items():
+        assert db.get(key, quorum=quorum) == value, f"acknowledged write {key!r} lost"
+    for key, value in load.unknown.items():
+        assert db.get(key, quorum=quorum) in (None, value), f"indeterminate write {key!r} has a value nobody wrote"

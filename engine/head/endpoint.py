@@ -51,7 +51,7 @@ from engine import codec
 from engine.core.placement import protection_group_of
 from engine.core.types import Geometry, NodeInfo, ReadReply
 from engine.errors import InvalidArgument, SixfoldError, Unavailable
-from engine.head.writer import ReadView, Writer, WriterOptions, check_key
+from engine.head.writer import ReadView, Writer, WriterOptions, check_key, node_status
 from engine.proto import kv_pb2_grpc
 from engine.transport import convert
 from engine.transport.grpc_client import GrpcTransport
@@ -470,17 +470,7 @@ class WriterEndpoint:
             except SixfoldError as e:
                 entry["error"] = str(e)
                 return entry
-            entry.update(
-                up=True,
-                scl={pg: s for pg, s in enumerate(st.scls)},
-                lag={pg: max(0, ws["pgcl"][pg] - s) for pg, s in enumerate(st.scls)},
-                epoch=st.epoch,
-                records=st.records,
-                bytes=st.bytes,
-                corrupt_found=st.corrupt_found,
-                repaired=st.repaired,
-                rebuild=st.extra.get("rebuild"),
-            )
+            entry.update(up=True, **node_status(st, ws["pgcl"]))
             return entry
 
         nodes = list(self._pool.map(node_entry, list(self.nodes)))

@@ -96,6 +96,20 @@ def check_value(value) -> None:
         raise InvalidArgument(f"value of {len(value)} bytes: values are at most {VALUE_BYTES_MAX} bytes")
 
 
+def node_status(st, pgcl: Sequence[int]) -> dict:
+    """The public status fields of one node, from its NodeState and the writer's PGCLs."""
+    return dict(
+        scl={pg: s for pg, s in enumerate(st.scls)},
+        lag={pg: max(0, pgcl[pg] - s) for pg, s in enumerate(st.scls)},
+        epoch=st.epoch,
+        records=st.records,
+        bytes=st.bytes,
+        corrupt_found=st.corrupt_found,
+        repaired=st.repaired,
+        rebuild=st.extra.get("rebuild"),
+    )
+
+
 class _Ticket:
     """One atomic unit on its way: its ops, their PGs, and the lock its caller parks on."""
 
