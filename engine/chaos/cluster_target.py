@@ -135,6 +135,11 @@ class ClusterNemesis:
                     c.start(name)
             self.groups, self.message = (), {}
             self._push(list(c.node_ids))
+            for name in list(c.node_ids):  # latent corruption no scrub has reached yet
+                try:
+                    c.scrub(name)
+                except SixfoldError:
+                    pass
 
 
 def _converged(db) -> bool:
