@@ -36,7 +36,7 @@ def status_table(db) -> str:
     return "\n".join(lines)
 
 
-def run(path: str) -> None:
+def run(path: str, keep: bool = True) -> None:
     print(f"Sixfold embedded demo: six storage nodes (n1..n6), two in each AZ a, b, c, under {path}")
     print(f"codec: {engine.codec_implementation()}")
     with engine.open(path, write_timeout_s=1.0, gossip_interval_s=0.05) as db:
@@ -85,7 +85,10 @@ def run(path: str) -> None:
 
         say("5", "status of the volume")
         print(status_table(db))
-    print("\nDone. Data is in", path, "- reopen it with engine.open(path).")
+    if keep:
+        print(f"\nDone. The data stays in {path}: reopen it with engine.open({path!r}).")
+    else:
+        print("\nDone. (The demo used a temporary folder, now removed; pass a path to keep the data.)")
 
 
 def main(argv=None) -> None:
@@ -97,7 +100,7 @@ def main(argv=None) -> None:
         return
     tmp = tempfile.mkdtemp(prefix="sixfold-demo-")
     try:
-        run(tmp)
+        run(tmp, keep=False)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
