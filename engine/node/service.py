@@ -17,6 +17,7 @@ thread (real deployments) or a simulator (deterministic runs) drives:
 
 from __future__ import annotations
 
+import concurrent.futures
 import random
 import threading
 import time
@@ -62,7 +63,8 @@ class StorageNode:
         self._scrub_cursor = (0, 0)  # (pg, lsn) where the next scrub step resumes
         self.gossip_fetched_records = 0
         self._settled_hint: dict[str, int] = {}
-        self._behind_any = False  # per peer: the VDL hint seen in the previous round
+        self._behind_any = False
+        self._fetcher: concurrent.futures.ThreadPoolExecutor | None = None  # set by start_background  # per peer: the VDL hint seen in the previous round
         #: repair by gossip: whether the last round found this node behind a peer, and how many
         #: records it has fetched since it started (a wiped node's rebuild shows up here)
         self.rebuild = {"active": False, "fetched_records": 0}
@@ -167,27 +169,47 @@ class StorageNode:
         fetched = 0
         frames = 0
         for pg, peer_scl in behind:
+            # Pipelined: while one frame is appended here, the next is already being fetched from
+            # the peer (its start is the last LSN of the frame in hand).
             after = store.scls[pg]
-            while after < peer_scl and frames < GOSSIP_FRAMES_PER_STEP and not self._stop.is_set():
-                frame, more = self.transport.fetch(peer, pg, after, FETCH_BYTES_MAX, peer_scl)
+            pending = self._prefetch(peer, pg, after, peer_scl)
+            while pending is not None and frames < GOSSIP_FRAMES_PER_STEP and not self._stop.is_set():
+                frame, more = pending.result()
+                pending = None
                 frames += 1
                 try:
-                    n = codec.verify_frame(frame)
+                    items = codec.index_frame(frame)
                 except CorruptRecord:
                     break
-                if n == 0:
+                if not items:
                     break
+                if more and items[-1].lsn < peer_scl:
+                    pending = self._prefetch(peer, pg, items[-1].lsn, peer_scl)
                 before = store.scls[pg]
-                store.append(0, frame, 0, repair=True)
-                fetched += n
-                self.rebuild["fetched_records"] += n
+                store.append(0, frame, 0, repair=True, items=items)
+                fetched += len(items)
+                self.rebuild["fetched_records"] += len(items)
                 if store.scls[pg] == before:
                     break  # the peer's records do not extend our chain (a hole remains): stop
-                after = store.scls[pg]
-                if not more:
-                    break
+            if pending is not None:
+                try:
+                    pending.result()
+                except SixfoldError:
+                    pass
         store.count_repaired(fetched)
         return fetched
+
+    def _prefetch(self, peer: str, pg: int, after: int, upto: int):
+        """Start fetching the records of `pg` above `after` from `peer` (a Future); synchronous
+        (an already-done Future) when the node runs without background threads (simulation)."""
+        if self._fetcher is None:
+            f = concurrent.futures.Future()
+            try:
+                f.set_result(self.transport.fetch(peer, pg, after, FETCH_BYTES_MAX, upto))
+            except SixfoldError as e:
+                f.set_exception(e)
+            return f
+        return self._fetcher.submit(self.transport.fetch, peer, pg, after, FETCH_BYTES_MAX, upto)
 
     def scrub_step(self, records_max: int = SCRUB_RECORDS_PER_STEP) -> int:
         """Verify up to `records_max` stored records; quarantine corrupt ones. Returns how many
@@ -226,6 +248,7 @@ class StorageNode:
                         return
                     raise
 
+        self._fetcher = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{self.id}-fetch")
         for name, step, interval in (("gossip", self.gossip_once, gossip_interval_s), ("scrub", self.scrub_step, scrub_interval_s)):
             t = threading.Thread(target=loop, args=(step, interval), name=f"{self.id}-{name}", daemon=True)
             t.start()
@@ -236,6 +259,8 @@ class StorageNode:
         for t in self._threads:
             if t is not threading.current_thread():
                 t.join(timeout=5)
+        if self._fetcher is not None:
+            self._fetcher.shutdown(wait=True, cancel_futures=True)
         self.store.close()
 
 

@@ -206,15 +206,18 @@ class SegmentStore:
             raise EpochBehind(f"node {self.node_id} is at epoch {self.epoch}, request at {epoch}: sync the epoch first")
 
     # --- writes -----------------------------------------------------------------------------
-    def append(self, epoch: int, frame: bytes, hint_lsn: int = 0, *, repair: bool = False) -> AppendReply:
+    def append(self, epoch: int, frame: bytes, hint_lsn: int = 0, *, repair: bool = False, items=None) -> AppendReply:
         """Persist a frame in one transaction; return every PG's SCL afterwards.
 
         `repair=True` (gossip, rebuild) skips the epoch fence: the records were already accepted
-        at some epoch, and truncation ranges still keep dead ones out."""
+        at some epoch, and truncation ranges still keep dead ones out. `items` are the frame's
+        records as `codec.index_frame` returned them, when the caller already indexed (and so
+        verified) the frame."""
         self._check_open()
         if not repair:
             self._fence(epoch)
-        items = codec.index_frame(frame)  # CorruptRecord: rejected whole, nothing written
+        if items is None:
+            items = codec.index_frame(frame)  # CorruptRecord: rejected whole, nothing written
         P = self.geometry.protection_groups
         for it in items:
             if it.pg >= P:
