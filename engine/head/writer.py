@@ -132,7 +132,6 @@ class _NodeLink:
         self.sent_lsn = 0  # highest LSN this node acknowledged holding (or skipped past)
         self.up = True
         self.backoff_s = BACKOFF_S_MIN
-        self.hint_sent = -1
         self.last_send = 0.0
         self.error = ""
         self.last_scls: tuple[int, ...] = ()
@@ -520,7 +519,6 @@ class Writer:
                 self._room.notify_all()
             link.backoff_s = BACKOFF_S_MIN
             link.error = ""
-            link.hint_sent = hint
             if records:
                 link.sent_lsn = max(link.sent_lsn, start + len(records) - 1)
                 self.stats["flushes"] += 1

@@ -54,7 +54,6 @@ from engine.errors import (
     CorruptRecord,
     EpochBehind,
     GeometryMismatch,
-    InvalidArgument,
     SegmentIncomplete,
     StaleEpoch,
     UnknownProtectionGroup,
@@ -144,10 +143,10 @@ class SegmentStore:
             for pg, lsns in (json.loads(raw) if raw else {}).items():
                 self.damaged[int(pg)] = set(lsns)
         self._truncated_max = max((t.last for t in self.truncations), default=0)
-        #: per PG, the highest LSN held (to know when SCL needs a walk after a hole is filled)
-        self.max_lsn = [self._highest_lsn(pg) for pg in range(P)]
         # Appends persist SCLs lazily (see append), so the stored ones may lag: walk forward.
         with self.env.begin() as txn:
+            #: per PG, the highest LSN held (to know when SCL needs a walk after a hole is filled)
+            self.max_lsn = [self._highest_in_txn(txn, pg) for pg in range(P)]
             for pg in range(P):
                 self._walk_scl(txn, pg)
         self._persisted_at = 0.0
@@ -166,18 +165,6 @@ class SegmentStore:
             raise UnknownProtectionGroup(
                 f"protection group {pg!r} does not exist (this volume has {self.geometry.protection_groups})"
             )
-
-    def _highest_lsn(self, pg: int) -> int:
-        with self.env.begin() as txn:
-            cur = txn.cursor(db=self._log)
-            nxt = _U32BE.pack(pg + 1)
-            if cur.set_range(nxt):
-                if not cur.prev():
-                    return 0
-            elif not cur.last():
-                return 0
-            k = cur.key()
-            return _U64BE.unpack(k[4:])[0] if k[:4] == _U32BE.pack(pg) else 0
 
     def _is_truncated(self, lsn: int) -> bool:
         return lsn <= self._truncated_max and any(t.covers(lsn) for t in self.truncations)
@@ -610,8 +597,3 @@ class SegmentStore:
             self._closed = True
             self.env.close()
 
-
-def validate_key(key) -> None:
-    """Shared check for user keys arriving at a node (the head checks earlier, with more context)."""
-    if not isinstance(key, bytes) or not key:
-        raise InvalidArgument("key must be non-empty bytes")

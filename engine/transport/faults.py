@@ -68,19 +68,9 @@ class NetworkFaults:
                 (a, b) for i, ga in enumerate(groups) for j, gb in enumerate(groups) if i != j for a in ga for b in gb
             }
 
-    def isolate(self, name: str, others) -> None:
-        with self.lock:
-            for o in others:
-                self.blocked.add((name, o))
-                self.blocked.add((o, name))
-
     def heal(self) -> None:
         with self.lock:
             self.blocked = set()
-
-    def set_message_faults(self, drop=0.0, duplicate=0.0, reorder=0.0, delay_ms=0.0, delay_p=0.0) -> None:
-        with self.lock:
-            self.drop, self.duplicate, self.reorder, self.delay_ms, self.delay_p = drop, duplicate, reorder, delay_ms, delay_p
 
     def clear(self, nodes=None) -> None:
         """Clear message faults (of `nodes`, or all of them, slow links and partitions too)."""

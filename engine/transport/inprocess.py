@@ -31,10 +31,6 @@ class Registry:
         except KeyError:
             raise NodeNotFound(f"no node {node_id!r} in this volume") from None
 
-    def ids(self) -> list[str]:
-        with self._lock:
-            return list(self._nodes)
-
 
 class InProcessTransport(Transport):
     def __init__(self, registry: Registry, source: str = "writer") -> None:
