@@ -124,4 +124,34 @@ class StorageError(SixfoldError):
     GRPC_STATUS = "INTERNAL"
 
 
-ALL_ERRORS = ALL_ERRORS + (EpochBehind, StorageError)
+class StorageFull(SixfoldError):
+    """A storage node has no room for this write (its LMDB map or its disk is full).
+
+    The message names the nodes that are full. Deletes still work: every node keeps a reserve
+    for them, so a full volume can be emptied. Nothing acknowledged is lost."""
+
+    GRPC_STATUS = "RESOURCE_EXHAUSTED"
+
+
+class FolderInUse(SixfoldError):
+    """A volume or node folder is held by another open (this process or another one).
+
+    One folder has one owner: a second open changes nothing and names the holder's pid."""
+
+    GRPC_STATUS = "FAILED_PRECONDITION"
+
+    def __init__(self, message: str, *, folder: str = "", holder_pid: int | None = None) -> None:
+        super().__init__(message)
+        self.folder = folder
+        self.holder_pid = holder_pid
+
+
+class WrongFolder(SixfoldError):
+    """A folder holds another kind of data than was asked for (a cluster folder opened as an
+    embedded volume, a node folder of another volume, unknown files) or a format this release
+    cannot read. The message says what was found and what to do."""
+
+    GRPC_STATUS = "FAILED_PRECONDITION"
+
+
+ALL_ERRORS = ALL_ERRORS + (EpochBehind, StorageError, StorageFull, FolderInUse, WrongFolder)
