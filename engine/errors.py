@@ -133,6 +133,13 @@ class StorageFull(SixfoldError):
     GRPC_STATUS = "RESOURCE_EXHAUSTED"
 
 
+class ConflictingRecord(SixfoldError):
+    """A frame carried a record at an LSN the segment already holds with other bytes. One LSN
+    names one record for ever: the frame is refused whole and nothing of it is written."""
+
+    GRPC_STATUS = "ALREADY_EXISTS"
+
+
 class FolderInUse(SixfoldError):
     """A volume or node folder is held by another open (this process or another one).
 
@@ -154,4 +161,4 @@ class WrongFolder(SixfoldError):
     GRPC_STATUS = "FAILED_PRECONDITION"
 
 
-ALL_ERRORS = ALL_ERRORS + (EpochBehind, StorageError, StorageFull, FolderInUse, WrongFolder)
+ALL_ERRORS = ALL_ERRORS + (EpochBehind, StorageError, StorageFull, ConflictingRecord, FolderInUse, WrongFolder)

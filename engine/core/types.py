@@ -122,6 +122,8 @@ class AppendReply:
 
     node: str
     scls: tuple[int, ...]
+    #: the node is within its space reserve (see `engine.node.store`): no room for new puts
+    space_low: bool = False
 
 
 @dataclass(frozen=True)

@@ -214,11 +214,11 @@ def append_args_from_pb(req: storage_pb2.AppendRequest) -> tuple[int, bytes, int
 
 
 def append_reply_to_pb(r: AppendReply) -> storage_pb2.AppendReply:
-    return storage_pb2.AppendReply(node=r.node, scls=r.scls)
+    return storage_pb2.AppendReply(node=r.node, scls=r.scls, space_low=r.space_low)
 
 
 def append_reply_from_pb(m: storage_pb2.AppendReply) -> AppendReply:
-    return AppendReply(m.node, tuple(m.scls))
+    return AppendReply(m.node, tuple(m.scls), m.space_low)
 
 
 # --- storage: reads -------------------------------------------------------------------------
