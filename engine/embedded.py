@@ -465,9 +465,11 @@ class EmbeddedVolume:
             try:
                 if self.writer is not None:
                     self.writer.close()
-                self._shutdown_nodes()
             finally:
-                self._owner.release()  # last: the folder is free only once its files are closed
+                self._shutdown_nodes()
+            # Last, and only once every node closed its files: if closing failed, the folder
+            # stays held until this process ends rather than be shared with a second owner.
+            self._owner.release()
 
 
 class ClusterControl:
