@@ -8,6 +8,10 @@
 `engine.open(path, **options)` opens (or creates) an embedded volume; `engine.connect(target)`
 talks to a running cluster's writer endpoint with the same API. Errors are in `engine.errors`
 and re-exported here.
+
+An embedded volume has one owner: `engine.open` holds the folder's lock until `close()` (or until
+the `Database` is garbage collected, or the process ends), and a second open, from this process
+or another, raises `FolderInUse` naming the holder.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from engine.database import Batch, Database, Snapshot
 from engine.errors import (
     Closed,
     CorruptRecord,
+    FolderInUse,
     GeometryMismatch,
     InvalidArgument,
     NodeNotFound,
@@ -28,17 +33,23 @@ from engine.errors import (
     StaleEpoch,
     Unavailable,
     WriteIndeterminate,
+    WrongFolder,
 )
 
 __version__ = "0.1.0"
 
 
 def open(path: str | os.PathLike, **options) -> Database:  # noqa: A001 - the natural name
-    """Open or create an embedded volume at `path`.
+    """Open or create an embedded volume at `path` (a missing or empty folder gets a new one).
 
     Options: protection_groups (new volumes; default 8; reopening with another number is a
     GeometryMismatch), durable (default True: each segment fsyncs before it acks),
     write_timeout_s (default 5), gossip_interval_s, scrub_interval_s, map_bytes, local_az, seed.
+
+    Raises FolderInUse if another open holds `path` (this process or another one: the error
+    names its pid), and WrongFolder, touching nothing, if `path` holds another kind of data (a
+    cluster folder: use `engine.connect(path)`; a storage node's folder; unknown files) or a
+    volume of a newer format than this release reads.
     """
     from engine.embedded import ClusterControl, EmbeddedOptions, EmbeddedVolume
 
@@ -69,6 +80,7 @@ __all__ = [
     "Closed",
     "CorruptRecord",
     "Database",
+    "FolderInUse",
     "GeometryMismatch",
     "InvalidArgument",
     "NodeNotFound",
@@ -79,6 +91,7 @@ __all__ = [
     "StaleEpoch",
     "Unavailable",
     "WriteIndeterminate",
+    "WrongFolder",
     "codec_implementation",
     "connect",
     "errors",

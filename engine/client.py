@@ -16,14 +16,24 @@ as soon as a car returns, carrying everyone who queued meanwhile (up to `car_ite
 RPCs per round trip instead of 64. Every item carries its own status: one bad unit never fails
 its neighbours, and each caller gets its own result or its own exception object.
 
-Writes whose fate is unknown (the connection broke or the deadline passed after the request may
-have reached the endpoint) raise `WriteIndeterminate`; a write refused before it was sent (the
-endpoint cannot be reached at all) raises `Unavailable`.
+Failures are reported no better than they are known:
+
+* A write whose fate is unknown raises `WriteIndeterminate`: the connection broke or the deadline
+  passed after the request may have reached the endpoint, or the RPC failed for an unexpected
+  (non-Sixfold) reason once it may have been sent: a bug, a reply this client cannot read. Every
+  unit of a car that may have been sent gets it. A write refused before it was sent (the endpoint
+  cannot be reached at all, or the request could not even be built) raises `Unavailable`, which
+  promises that nothing was logged; a Sixfold error the endpoint answered keeps its meaning.
+* `KeyboardInterrupt` and `SystemExit` are never swallowed: they propagate in the thread they
+  reach. The boxcar still wakes every other caller: those whose writes were in the interrupted car
+  get `WriteIndeterminate`, those queued for a later car are still sent, and a caller interrupted
+  while it waits in the queue is taken out of it (its write is not sent later behind its back).
 """
 
 from __future__ import annotations
 
 import _thread
+import logging
 import os
 import threading
 import time
@@ -33,11 +43,13 @@ from collections.abc import Callable, Iterator, Sequence
 import grpc
 
 from engine.database import Database
-from engine.errors import Closed, InvalidArgument, SixfoldError, Unavailable
+from engine.errors import Closed, InvalidArgument, SixfoldError, Unavailable, WriteIndeterminate
 from engine.core.types import ReadView
 from engine.proto import kv_pb2, kv_pb2_grpc
 from engine.transport import convert
 from engine.transport.grpc_client import CHANNEL_OPTIONS
+
+log = logging.getLogger("sixfold.client")
 
 #: Defaults of `connect(**options)`.
 CONNECT_TIMEOUT_S = 5.0
@@ -72,8 +84,12 @@ class Boxcar:
 
     `send(items) -> results` makes one RPC for a car and returns one result per item, in order:
     a value, or a SixfoldError for that item. If `send` raises a SixfoldError, every item of the
-    car gets (a fresh copy of) it. The thread that holds an in-flight permit sends cars until its
-    own item is answered, then hands the permit to the oldest waiter, if any.
+    car gets (a fresh copy of) it. If it raises anything else, every item of the car gets its own
+    `failure(exc)`: `Unavailable` by default (right for reads, which change nothing); a boxcar of
+    writes passes `write_failure`, since a car that may have been sent may have been logged. A
+    `KeyboardInterrupt` or `SystemExit` then propagates in the thread that drove the car. The
+    thread that holds an in-flight permit sends cars until its own item is answered, then hands
+    the permit to the oldest waiter, if any.
     """
 
     def __init__(
@@ -84,9 +100,11 @@ class Boxcar:
         items_max: int = CAR_ITEMS_MAX,
         bytes_max: int = CAR_BYTES_MAX,
         linger_s: float = CAR_LINGER_S,
+        failure: Callable[[BaseException], SixfoldError] | None = None,
     ) -> None:
         assert cars_in_flight >= 1 and items_max >= 1 and bytes_max >= 1 and linger_s >= 0
         self._send = send
+        self._failure = failure or read_failure
         self._cars_max = cars_in_flight
         self._items_max = items_max
         self._bytes_max = bytes_max
@@ -114,13 +132,46 @@ class Boxcar:
             elif self._lingering:
                 self._arrived.notify()
         if not slot.drive:
-            slot.lock.acquire()  # woken with a result, or with the permit to drive
+            try:
+                slot.lock.acquire()  # woken with a result, or with the permit to drive
+            except BaseException:  # an interrupt while waiting: leave the queue, pass the permit on
+                self._leave(slot)
+                raise
         if slot.drive:
             self._drive(slot)
         result = slot.result
         if isinstance(result, BaseException):
             raise result
         return result
+
+    def waiting(self) -> int:
+        """How many callers are queued for a car (for tests and status)."""
+        with self._mu:
+            return len(self._queue)
+
+    def _leave(self, slot: _Slot) -> None:
+        """Take an interrupted caller out: if it is still queued its item is never sent; if it was
+        just handed the in-flight permit, the permit goes to the next waiter (or back), so the
+        callers behind it are not stranded. An item already in a car stays there (it may be sent;
+        its caller sees the interrupt, not the result)."""
+        with self._mu:
+            try:
+                self._queue.remove(slot)
+            except ValueError:
+                pass
+            nxt = self._pass_permit_locked() if slot.drive else None
+        if nxt is not None:
+            nxt.lock.release()
+
+    def _pass_permit_locked(self) -> _Slot | None:
+        """Give the permit of a driver that stops to the oldest waiter (returned: the caller
+        wakes it once `_mu` is released), or return it to the pool."""
+        nxt = next((s for s in self._queue if not s.drive), None)
+        if nxt is not None:
+            nxt.drive = True
+        else:
+            self._in_flight -= 1
+        return nxt
 
     def _take(self, me: _Slot) -> list[_Slot]:
         """The next car: queued slots in order, skipping other drivers' own slots."""
@@ -164,36 +215,68 @@ class Boxcar:
                 self._ship(car, me)
                 if any(s is me for s in car):
                     break
+        except BaseException:
+            # An interrupt (or a bug) in this thread: if our own item is still queued, it is not
+            # sent later on behalf of a caller that is gone.
+            with self._mu:
+                try:
+                    self._queue.remove(me)
+                except ValueError:
+                    pass
+            raise
         finally:
             with self._mu:
-                nxt = next((s for s in self._queue if not s.drive), None)
-                if nxt is not None:
-                    nxt.drive = True  # hand the permit over; nxt sends the next car
-                else:
-                    self._in_flight -= 1
+                nxt = self._pass_permit_locked()  # nxt, if any, sends the next car
             if nxt is not None:
                 nxt.lock.release()
 
     def _ship(self, car: list[_Slot], me: _Slot) -> None:
         items = [s.item for s in car]
+        interrupt: BaseException | None = None
+        shared = True  # the results came from `send`: one error object may stand for many items
         try:
             results = list(self._send(items))
-            assert len(results) == len(items), (len(results), len(items))
+            if len(results) != len(items):
+                raise AssertionError(f"the reply has {len(results)} results for {len(items)} items")
         except SixfoldError as e:
             results = [e] * len(items)
-        except BaseException as e:  # a bug or an interrupt: every waiter must still wake
-            results = [Unavailable(f"request failed: {type(e).__name__}: {e}")] * len(items)
+        except Exception as e:  # a bug or a reply we cannot read: say so, never "nothing happened"
+            log.exception("a car of %d items failed unexpectedly", len(items))
+            results, shared = [self._failure(e) for _ in items], False
+        except BaseException as e:  # KeyboardInterrupt, SystemExit: wake everyone, then re-raise
+            results, shared = [self._failure(e) for _ in items], False
+            interrupt = e
         self.cars += 1
         self.items += len(items)
         self._last_car = len(items)
         for s, r in zip(car, results):
-            s.result = convert.fresh(r) if isinstance(r, SixfoldError) and len(items) > 1 else r
+            s.result = convert.fresh(r) if shared and isinstance(r, SixfoldError) and len(items) > 1 else r
             if s is not me:
                 s.lock.release()
+        if interrupt is not None:
+            raise interrupt
 
     def close(self) -> None:
         with self._mu:
             self._closed = True
+
+
+def read_failure(exc: BaseException) -> SixfoldError:
+    """What a read (or any call that changes nothing) reports when its RPC fails unexpectedly."""
+    err = Unavailable(f"the request failed unexpectedly ({type(exc).__name__}: {exc}); nothing was changed")
+    err.__cause__ = exc
+    return err
+
+
+def write_failure(exc: BaseException) -> SixfoldError:
+    """What a write reports when its RPC fails unexpectedly after it may have been sent: the
+    endpoint may have logged it, so it is indeterminate, never "nothing was logged"."""
+    err = WriteIndeterminate(
+        f"the write request failed unexpectedly after it may have been sent ({type(exc).__name__}: {exc}). "
+        "It may or may not have been logged; read the keys to find out."
+    )
+    err.__cause__ = exc
+    return err
 
 
 class RemoteBackend:
@@ -223,7 +306,7 @@ class RemoteBackend:
         self._stub = kv_pb2_grpc.KVStub(self._channel)
         self._where = f"writer endpoint {address}"
         self._boxcar = boxcar
-        self._writes = Boxcar(self._send_writes, cars_in_flight=cars_in_flight, items_max=car_items_max)
+        self._writes = Boxcar(self._send_writes, cars_in_flight=cars_in_flight, items_max=car_items_max, failure=write_failure)
         self._gets = Boxcar(self._send_gets, cars_in_flight=cars_in_flight, items_max=car_items_max)
         self._closed = False
 
@@ -231,7 +314,16 @@ class RemoteBackend:
     def write(self, ops) -> int:
         ops = tuple(ops)
         if not self._boxcar:
-            return self._result(self._send_writes([ops])[0])
+            try:
+                results = self._send_writes([ops])
+                if len(results) != 1:
+                    raise AssertionError(f"the reply has {len(results)} results for 1 unit")
+            except SixfoldError:
+                raise
+            except Exception as e:  # as the boxcar does: a write that may have been sent is indeterminate
+                log.exception("a write failed unexpectedly")
+                raise write_failure(e) from e
+            return self._result(results[0])
         size = sum(len(k) + len(v) + OP_OVERHEAD_BYTES for _f, k, v in ops)
         return self._writes.call(ops, size)
 
@@ -290,7 +382,14 @@ class RemoteBackend:
         return r
 
     def _send_writes(self, units: list) -> list:
-        return convert.write_results_from_pb(self._rpc(self._stub.Write, convert.write_request_to_pb(units), write=True))
+        try:
+            request = convert.write_request_to_pb(units)
+        except SixfoldError:
+            raise
+        except Exception as e:  # nothing was sent: that much is known
+            log.exception("a write request could not be built")
+            raise Unavailable(f"the write request could not be built ({type(e).__name__}: {e}); nothing was sent") from e
+        return convert.write_results_from_pb(self._rpc(self._stub.Write, request, write=True))
 
     def _send_gets(self, gets: list) -> list:
         request = kv_pb2.GetManyRequest()
@@ -343,4 +442,4 @@ def connect(target: str | os.PathLike, **options) -> Database:
     return Database(backend, cluster)
 
 
-__all__ = ["Boxcar", "RemoteBackend", "connect", "resolve_target"]
+__all__ = ["Boxcar", "RemoteBackend", "connect", "read_failure", "resolve_target", "write_failure"]

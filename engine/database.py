@@ -4,10 +4,15 @@ One `Database` class serves every deployment: it wraps a *backend* (the embedded
 gRPC client of a writer endpoint) that offers `write(ops)`, `get(key, quorum, view)`,
 `scan(start, end, quorum, view)`, `view()`, `status()` and `close()`. Inputs are checked here,
 before anything is logged, so a bad call changes nothing.
+
+A `Database` that is dropped without `close()` closes its backend when it is garbage collected
+(and at interpreter exit at the latest): an embedded volume then stops its threads, closes its
+LMDB files and frees its folder for the next open.
 """
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterator
 
 from engine.core.constants import FLAG_DELETE, FLAG_PUT
@@ -98,6 +103,8 @@ class Database:
         self._backend = backend
         self.cluster = cluster
         self._closed = False
+        # Runs backend.close once: on close(), when this object is collected, or at exit.
+        self._finalizer = weakref.finalize(self, backend.close)
 
     def _check(self) -> None:
         if self._closed:
@@ -144,7 +151,7 @@ class Database:
     def close(self) -> None:
         if not self._closed:
             self._closed = True
-            self._backend.close()
+            self._finalizer()
 
     def __enter__(self) -> Database:
         return self

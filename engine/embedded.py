@@ -3,15 +3,32 @@ transport. Same node and head code as the cluster.
 
 Layout on disk::
 
-    PATH/volume.json        volume id, geometry and node placement (written once)
+    PATH/LOCK               the owner's flock (engine.ownership); holds the owner's pid
+    PATH/volume.json        format, volume id, geometry and node placement
     PATH/az-a/n1, az-a/n2   one LMDB environment per node
     PATH/az-b/n3, az-b/n4
     PATH/az-c/n5, az-c/n6
+
+Theory of operation of an open
+------------------------------
+1. *Look before touching*: `check_volume_folder` lists PATH and refuses (WrongFolder, nothing
+   written) a folder holding another kind of data: a cluster folder (cluster.json), a storage
+   node's folder (an LMDB data.mdb at the top) or a folder of unknown files. A missing or empty
+   folder becomes a new volume.
+2. *One owner*: the open takes `engine.ownership.hold(PATH, "embedded volume")` before it reads or
+   creates volume.json, and keeps it until `close()` (a failed open releases it; the kernel drops
+   it when the process ends). LMDB would let a second process write the same files, and nothing
+   in the protocol could fence it, so a second open raises FolderInUse naming the holder.
+3. *Formats*: volume.json records `"format": VOLUME_FORMAT`. A newer format is refused with a
+   message naming it; a volume.json without the field (format 0: format 1 before the field) is
+   upgraded in place when nothing else is missing.
+4. The nodes and the writer start; the writer's recovery makes the volume readable.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import shutil
@@ -22,12 +39,29 @@ from dataclasses import dataclass
 from engine import codec
 from engine.core.constants import LAL_DEFAULT
 from engine.core.types import Geometry, NodeInfo, default_nodes
-from engine.errors import GeometryMismatch, InvalidArgument, NodeNotFound, SixfoldError, Unavailable
+from engine.errors import GeometryMismatch, InvalidArgument, NodeNotFound, SixfoldError, Unavailable, WrongFolder
 from engine.head.writer import Writer, WriterOptions, node_status
 from engine.node.service import GOSSIP_INTERVAL_S, SCRUB_INTERVAL_S, StorageNode
+from engine.ownership import LOCK_FILE, hold
 from engine.transport.inprocess import InProcessTransport, Registry
 
+log = logging.getLogger("sixfold.embedded")
+
 VOLUME_FILE = "volume.json"
+#: The volume.json format this release writes and reads. Format 0 is the same file without a
+#: "format" field; it is upgraded in place on open. Every change of the file's meaning gets the
+#: next number and an upgrade path here (tests/test_formats.py opens the kept fixture volumes).
+VOLUME_FORMAT = 1
+#: What marks a cluster folder: `engine.cluster.manifest.MANIFEST_FILE` (not imported: the
+#: cluster package loads the launcher and gRPC, which an embedded open does not need).
+MANIFEST_FILE = "cluster.json"
+#: What a storage node's folder holds at its top (its LMDB environment).
+NODE_DATA_FILE = "data.mdb"
+#: What a folder may hold and still be a new volume: the lock of an open that failed before it
+#: wrote volume.json, and the temporary file of a volume.json write that did not finish.
+NEW_VOLUME_LEFTOVERS = frozenset({LOCK_FILE, VOLUME_FILE + ".tmp"})
+#: How many unknown names a WrongFolder message lists.
+NAMES_SHOWN_MAX = 5
 
 
 @dataclass(frozen=True)
@@ -50,13 +84,122 @@ class EmbeddedOptions:
     unsafe_read_any: bool = False
 
 
-def load_or_create_volume(path: str, protection_groups: int | None, seed: int | None = None) -> dict:
-    """Read PATH/volume.json, or write it for a new volume. GeometryMismatch if it disagrees."""
-    os.makedirs(path, exist_ok=True)
+def check_volume_folder(path: str) -> None:
+    """Refuse a folder that holds another kind of data than an embedded volume (WrongFolder).
+
+    Reads only the folder's listing: a refused open writes nothing. A missing or empty folder, or
+    one holding a volume.json, passes (volume.json itself is checked under the lock)."""
+    try:
+        names = sorted(os.listdir(path))
+    except FileNotFoundError:
+        return
+    except NotADirectoryError:
+        raise WrongFolder(f"{path} is a file, not a folder; engine.open takes a volume folder (or a new path)") from None
+    if MANIFEST_FILE in names:
+        raise WrongFolder(
+            f"{path} is a Sixfold cluster folder ({MANIFEST_FILE} found): its volume is served by the "
+            f"cluster's processes, not opened in this one. Use engine.connect({path!r}) "
+            f"(start the cluster with `sixfold cluster up --cluster {path}`)."
+        )
+    if NODE_DATA_FILE in names:
+        volume = os.path.dirname(os.path.dirname(os.path.abspath(path)))
+        where = (
+            f"the volume is {volume}: open that with engine.open({volume!r})"
+            if os.path.exists(os.path.join(volume, VOLUME_FILE))
+            else "open the volume folder that holds it, or serve it with `sixfold node serve`"
+        )
+        raise WrongFolder(
+            f"{path} is a storage node's folder (an LMDB {NODE_DATA_FILE} at its top): one segment of "
+            f"each protection group, not a volume; {where}."
+        )
+    if VOLUME_FILE in names:
+        return
+    other = [n for n in names if n not in NEW_VOLUME_LEFTOVERS]
+    if other:
+        shown = ", ".join(other[:NAMES_SHOWN_MAX])
+        if len(other) > NAMES_SHOWN_MAX:
+            shown += f" and {len(other) - NAMES_SHOWN_MAX} more"
+        raise WrongFolder(
+            f"{path} holds files that are not a Sixfold volume ({shown}) and no {VOLUME_FILE}. "
+            "engine.open creates a new volume only in a missing or empty folder: pick another path, "
+            "or empty this one."
+        )
+
+
+def _volume_problems(vol: dict) -> list[str]:
+    """What keeps `vol` (format 0 or 1, the "format" field aside) from being a volume file."""
+    problems = []
+    if not isinstance(vol.get("volume_id"), str) or not vol.get("volume_id"):
+        problems.append("no volume_id")
+    pgs = vol.get("protection_groups")
+    if type(pgs) is not int:
+        problems.append("no protection_groups")
+    else:
+        try:
+            Geometry(pgs)
+        except InvalidArgument as e:
+            problems.append(str(e))
+    nodes = vol.get("nodes")
+    if not isinstance(nodes, list) or not nodes:
+        problems.append("no nodes")
+    elif not all(isinstance(n, dict) and isinstance(n.get("id"), str) and isinstance(n.get("az"), str) for n in nodes):
+        problems.append("a node entry without id or az")
+    return problems
+
+
+def read_volume_file(path: str) -> dict:
+    """PATH/volume.json, checked, and upgraded in place from an older format. The caller holds
+    the folder's lock. WrongFolder when unreadable, invalid or of a newer format."""
     f = os.path.join(path, VOLUME_FILE)
-    if os.path.exists(f):
+    try:
         with open(f) as fh:
             vol = json.load(fh)
+    except ValueError as e:
+        raise WrongFolder(f"{f} is not a readable volume file ({e}); restore it from a backup, or open another path") from None
+    if not isinstance(vol, dict):
+        raise WrongFolder(f"{f} is not a volume file (it holds a JSON {type(vol).__name__}, not an object)")
+    fmt = vol.get("format", 0)
+    if type(fmt) is not int or fmt < 0:
+        raise WrongFolder(f"{f} names format {fmt!r}, which no Sixfold release writes")
+    if fmt > VOLUME_FORMAT:
+        raise WrongFolder(
+            f"{f} has format {fmt}; this release reads format {VOLUME_FORMAT} (and upgrades older ones). "
+            "The volume was written by a newer Sixfold release: open it with that release or a later one."
+        )
+    problems = _volume_problems(vol)
+    if problems:
+        raise WrongFolder(f"{f} is not a valid format-{fmt} volume file: {'; '.join(problems)}")
+    if fmt < VOLUME_FORMAT:
+        # Format 0 is format 1 without the field: writing the field is the whole upgrade.
+        vol["format"] = VOLUME_FORMAT
+        write_volume_file(path, vol)
+        log.info("upgraded %s from format %d to format %d", f, fmt, VOLUME_FORMAT)
+    return vol
+
+
+def write_volume_file(path: str, vol: dict) -> None:
+    """Replace PATH/volume.json atomically and durably (temporary file, fsync, rename, fsync of
+    the folder: the rename is not durable before the folder is)."""
+    f = os.path.join(path, VOLUME_FILE)
+    tmp = f + ".tmp"
+    with open(tmp, "w") as fh:
+        json.dump(vol, fh, indent=2, sort_keys=True)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, f)
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def load_or_create_volume(path: str, protection_groups: int | None, seed: int | None = None) -> dict:
+    """Read PATH/volume.json, or write it for a new volume (the caller holds the folder's lock).
+    GeometryMismatch if it disagrees with `protection_groups`; WrongFolder if it is unreadable."""
+    os.makedirs(path, exist_ok=True)
+    if os.path.exists(os.path.join(path, VOLUME_FILE)):
+        vol = read_volume_file(path)
         if protection_groups is not None and protection_groups != vol["protection_groups"]:
             raise GeometryMismatch(
                 f"{path} holds a volume with {vol['protection_groups']} protection groups; "
@@ -66,17 +209,12 @@ def load_or_create_volume(path: str, protection_groups: int | None, seed: int | 
     geometry = Geometry(protection_groups) if protection_groups is not None else Geometry()
     vid = uuid.UUID(int=random.Random(seed).getrandbits(128), version=4) if seed is not None else uuid.uuid4()
     vol = {
-        "format": 1,
+        "format": VOLUME_FORMAT,
         "volume_id": str(vid),
         "protection_groups": geometry.protection_groups,
         "nodes": [{"id": n.id, "az": n.az} for n in default_nodes()],
     }
-    tmp = f + ".tmp"
-    with open(tmp, "w") as fh:
-        json.dump(vol, fh, indent=2, sort_keys=True)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, f)
+    write_volume_file(path, vol)
     return vol
 
 
@@ -88,24 +226,27 @@ class EmbeddedVolume:
             raise InvalidArgument(f"path must be a str or os.PathLike, got {type(path).__name__}")
         self.path = os.fspath(path)
         self.options = options
-        vol = load_or_create_volume(self.path, options.protection_groups, None if options.background else options.seed)
-        self.volume_id = vol["volume_id"]
-        self.geometry = Geometry(vol["protection_groups"])
-        self.node_infos = [NodeInfo(n["id"], n["az"]) for n in vol["nodes"] if not n.get("retired")]
         self.registry = Registry()
         self.nodes: dict[str, StorageNode | None] = {}
         self._wrap = transport_wrapper or (lambda t: t)
         self._clock = clock
         self._lock = threading.RLock()
-        self._retired: set[str] = {n["id"] for n in vol["nodes"] if n.get("retired")}
         self.writer: Writer | None = None
+        check_volume_folder(self.path)  # refuses before anything is written
+        self._owner = hold(self.path, "embedded volume")
         try:
+            vol = load_or_create_volume(self.path, options.protection_groups, None if options.background else options.seed)
+            self.volume_id = vol["volume_id"]
+            self.geometry = Geometry(vol["protection_groups"])
+            self.node_infos = [NodeInfo(n["id"], n["az"]) for n in vol["nodes"] if not n.get("retired")]
+            self._retired: set[str] = {n["id"] for n in vol["nodes"] if n.get("retired")}
             for info in self.node_infos:
                 self.registry.set(info.id, None)
                 self._start(info)
             self._open_writer()
         except BaseException:
             self._shutdown_nodes()
+            self._owner.release()
             raise
 
     # --- nodes ------------------------------------------------------------------------------
@@ -253,9 +394,7 @@ class EmbeddedVolume:
         self._save_nodes()
 
     def _save_nodes(self) -> None:
-        f = os.path.join(self.path, VOLUME_FILE)
-        with open(f) as fh:
-            vol = json.load(fh)
+        vol = read_volume_file(self.path)
         known = {n["id"]: n for n in vol["nodes"]}
         for i in self.node_infos:
             known.setdefault(i.id, {"id": i.id, "az": i.az})
@@ -263,12 +402,7 @@ class EmbeddedVolume:
             if n["id"] in self._retired:
                 n["retired"] = True
         vol["nodes"] = list(known.values())
-        tmp = f + ".tmp"
-        with open(tmp, "w") as fh:
-            json.dump(vol, fh, indent=2, sort_keys=True)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, f)
+        write_volume_file(self.path, vol)
 
     def node_list(self) -> list[dict]:
         return [{"id": i.id, "az": i.az, "up": self.nodes.get(i.id) is not None} for i in self.node_infos]
@@ -328,9 +462,14 @@ class EmbeddedVolume:
 
     def close(self) -> None:
         with self._lock:
-            if self.writer is not None:
-                self.writer.close()
-            self._shutdown_nodes()
+            try:
+                if self.writer is not None:
+                    self.writer.close()
+            finally:
+                self._shutdown_nodes()
+            # Last, and only once every node closed its files: if closing failed, the folder
+            # stays held until this process ends rather than be shared with a second owner.
+            self._owner.release()
 
 
 class ClusterControl:

@@ -18,6 +18,11 @@ change completes the old node's entry stays, marked `"retired": true, "replaced_
 (if it is reverted, the new node is the one retired). Retired nodes are never started again and
 are left out of `active_nodes`, which is what the launcher, the writer endpoint and the nodes'
 peer lists use. Entries are never removed, so a port or an id is never reused.
+
+Format: the manifest records `"format": MANIFEST_FORMAT`. `load_manifest` refuses a newer
+format with a message naming it, and accepts a manifest written before the field existed (format
+0, otherwise the same): the field is added in memory and so written by the next save.
+Validating the rest of the schema is not done here.
 """
 
 from __future__ import annotations
@@ -34,7 +39,8 @@ from engine.errors import GeometryMismatch, InvalidArgument, SixfoldError
 
 MANIFEST_FILE = "cluster.json"
 LOCK_FILE = ".lock"
-FORMAT = 1
+#: The cluster.json format this release writes and reads (0: the same without a "format" field).
+MANIFEST_FORMAT = 1
 BASE_PORT_DEFAULT = 7400
 HOST_DEFAULT = "127.0.0.1"
 WRITE_TIMEOUT_S_DEFAULT = 5.0
@@ -75,7 +81,7 @@ def new_manifest(
     if not 1 <= base_port <= 65535 - len(nodes):
         raise InvalidArgument(f"base port {base_port} leaves no room for {len(nodes)} node ports above it")
     return {
-        "format": FORMAT,
+        "format": MANIFEST_FORMAT,
         "volume_id": volume_id or str(uuid.uuid4()),
         "protection_groups": geometry.protection_groups,
         "durable": bool(durable),
@@ -108,13 +114,27 @@ def load_manifest(folder: str) -> dict:
         raise ClusterError(f"{folder} is not a cluster folder (no {MANIFEST_FILE}); create one with `sixfold cluster up --cluster {folder}`") from None
     except (OSError, ValueError) as e:
         raise ClusterError(f"cannot read {path}: {e}") from None
-    if manifest.get("format") != FORMAT:
-        raise ClusterError(f"{path} has format {manifest.get('format')!r}; this version reads format {FORMAT}")
+    if not isinstance(manifest, dict):
+        raise ClusterError(f"{path} is not a cluster manifest (it holds a JSON {type(manifest).__name__}, not an object)")
+    fmt = manifest.get("format", 0)
+    if type(fmt) is not int or fmt < 0:
+        raise ClusterError(f"{path} names format {fmt!r}, which no Sixfold release writes")
+    if fmt > MANIFEST_FORMAT:
+        raise ClusterError(
+            f"{path} has format {fmt}; this release reads format {MANIFEST_FORMAT} (and upgrades older ones). "
+            "The cluster was set up by a newer Sixfold release: run it with that release or a later one."
+        )
+    if fmt < MANIFEST_FORMAT:
+        # Format 0 is format 1 without the field: the next save writes it (a reader never writes).
+        manifest["format"] = MANIFEST_FORMAT
     return manifest
 
 
 def save_manifest(folder: str, manifest: dict) -> None:
-    """Write the manifest atomically (temporary file, fsync, rename)."""
+    """Write the manifest atomically (temporary file, fsync, rename), in this release's format."""
+    if manifest.get("format", MANIFEST_FORMAT) != MANIFEST_FORMAT:  # load refuses other formats
+        raise AssertionError(f"saving a manifest of format {manifest.get('format')!r}")
+    manifest["format"] = MANIFEST_FORMAT
     os.makedirs(folder, exist_ok=True)
     path = manifest_path(folder)
     tmp = path + ".tmp"

@@ -1,0 +1,205 @@
+"""Formats carry a version, and what an earlier release wrote still opens.
+
+The fixtures in tests/fixtures/ were written by the release whose format they record
+(tests/fixtures/make_fixtures.py); each test copies one to a temporary folder first, so the
+kept files are never changed. A later release must keep these tests passing, or make them
+expect a refusal whose message says how to upgrade.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+
+import engine
+from engine.cluster.manifest import MANIFEST_FORMAT, ClusterError, load_manifest, new_manifest, save_manifest
+from engine.embedded import VOLUME_FILE, VOLUME_FORMAT
+from engine.errors import WrongFolder
+
+FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
+VOLUME_1 = os.path.join(FIXTURES, "volume-format-1")
+CLUSTER_1 = os.path.join(FIXTURES, "cluster-format-1")
+
+
+def b(s: str) -> bytes:
+    return s.encode("latin-1")  # the fixture's JSON writes bytes as latin-1 strings
+
+
+@pytest.fixture
+def expected() -> dict:
+    with open(os.path.join(FIXTURES, "volume-format-1.json")) as fh:
+        return json.load(fh)
+
+
+@pytest.fixture
+def volume_1(tmp_path) -> str:
+    d = str(tmp_path / "volume")
+    shutil.copytree(VOLUME_1, d)
+    return d
+
+
+def read_json(path: str) -> dict:
+    with open(path) as fh:
+        return json.load(fh)
+
+
+def write_json(path: str, doc: dict) -> None:
+    with open(path, "w") as fh:
+        json.dump(doc, fh)
+
+
+def check_contents(db, expected: dict) -> None:
+    values = {b(k): b(v) for k, v in expected["values"].items()}
+    for k, v in values.items():
+        assert db.get(k) == v, k
+        assert db.get(k, quorum=True) == v, k
+    for k in expected["deleted"]:
+        assert db.get(b(k)) is None, k
+    assert list(db.scan()) == sorted(values.items()), "nothing more, nothing less, in key order"
+    batch = expected["batch"]
+    with db.snapshot() as snap:  # the batch is whole at one read point
+        assert {b(k): snap.get(b(k)) for k in batch["puts"]} == {b(k): b(v) for k, v in batch["puts"].items()}
+        assert all(snap.get(b(k)) is None for k in batch["deletes"])
+        assert snap.read_point >= batch["lsn"]
+
+
+def check_contents_except(db, expected: dict, extra: bytes) -> None:
+    values = {b(k): b(v) for k, v in expected["values"].items()}
+    assert [kv for kv in db.scan() if kv[0] != extra] == sorted(values.items())
+
+
+# --- the kept volume ------------------------------------------------------------------------
+def test_the_fixture_is_small_and_holds_no_lock_files():
+    total = 0
+    for root, _dirs, files in os.walk(VOLUME_1):
+        for name in files:
+            assert name not in ("LOCK", "lock.mdb"), os.path.join(root, name)
+            total += os.path.getsize(os.path.join(root, name))
+    assert 0 < total <= 512 << 10
+
+
+def test_a_format_1_volume_opens_with_every_key_and_the_batch(volume_1, expected):
+    assert read_json(os.path.join(volume_1, VOLUME_FILE))["format"] == 1 == expected["format"]
+    with engine.open(volume_1) as db:
+        st = db.status()
+        assert (st["volume_id"], st["protection_groups"]) == (expected["volume_id"], expected["protection_groups"])
+        check_contents(db, expected)
+        db.put(b"written:later", b"by this release")
+    with engine.open(volume_1) as db:  # and it stays writable and readable
+        assert db.get(b"written:later") == b"by this release"
+        check_contents_except(db, expected, b"written:later")
+
+
+def test_a_volume_written_before_the_format_field_is_upgraded_in_place(volume_1, expected):
+    f = os.path.join(volume_1, VOLUME_FILE)
+    doc = read_json(f)
+    del doc["format"]  # format 0: format 1 without the field
+    write_json(f, doc)
+    with engine.open(volume_1) as db:
+        check_contents(db, expected)
+    upgraded = read_json(f)
+    assert upgraded.pop("format") == VOLUME_FORMAT == 1
+    assert upgraded == doc, "the upgrade only adds the field"
+
+
+def test_a_newer_volume_format_is_refused_and_changes_nothing(volume_1):
+    f = os.path.join(volume_1, VOLUME_FILE)
+    doc = read_json(f)
+    doc["format"] = VOLUME_FORMAT + 1
+    write_json(f, doc)
+    with open(f, "rb") as fh:
+        before = fh.read()
+    with pytest.raises(WrongFolder) as e:
+        engine.open(volume_1)
+    msg = str(e.value)
+    assert f"format {VOLUME_FORMAT + 1}" in msg and f"reads format {VOLUME_FORMAT}" in msg and "newer" in msg
+    with open(f, "rb") as fh:
+        assert fh.read() == before
+    doc["format"] = VOLUME_FORMAT
+    write_json(f, doc)
+    engine.open(volume_1).close()  # the refused open released the folder
+
+
+@pytest.mark.parametrize("bad", ["1", True, -1, None], ids=["str", "bool", "negative", "null"])
+def test_a_format_no_release_writes_is_refused(volume_1, bad):
+    f = os.path.join(volume_1, VOLUME_FILE)
+    doc = read_json(f)
+    doc["format"] = bad
+    write_json(f, doc)
+    with pytest.raises(WrongFolder) as e:
+        engine.open(volume_1)
+    assert "format" in str(e.value)
+
+
+def test_a_volume_file_missing_more_than_the_format_is_refused_not_upgraded(volume_1):
+    f = os.path.join(volume_1, VOLUME_FILE)
+    doc = read_json(f)
+    del doc["format"], doc["nodes"]
+    write_json(f, doc)
+    with pytest.raises(WrongFolder) as e:
+        engine.open(volume_1)
+    assert "no nodes" in str(e.value)
+    assert "format" not in read_json(f), "not upgraded"
+
+
+def test_an_unreadable_volume_file_is_refused(volume_1):
+    with open(os.path.join(volume_1, VOLUME_FILE), "w") as fh:
+        fh.write('{"format": 1, "volume_')
+    with pytest.raises(WrongFolder) as e:
+        engine.open(volume_1)
+    assert VOLUME_FILE in str(e.value)
+
+
+def test_a_new_volume_records_this_releases_format(tmp_path):
+    engine.open(tmp_path / "v").close()
+    assert read_json(str(tmp_path / "v" / VOLUME_FILE))["format"] == VOLUME_FORMAT
+
+
+# --- the cluster manifest -------------------------------------------------------------------
+def test_a_format_1_manifest_loads(tmp_path):
+    d = str(tmp_path / "c")
+    shutil.copytree(CLUSTER_1, d)
+    m = load_manifest(d)
+    assert m["format"] == MANIFEST_FORMAT == 1
+    assert m["volume_id"] == "00000000-0000-4000-8000-000000000001"
+    assert [n["id"] for n in m["nodes"]] == ["n1", "n2", "n3", "n4", "n5", "n6"]
+    assert m["writer"]["address"] == "127.0.0.1:7400"
+
+
+def test_a_new_manifest_records_its_format(tmp_path):
+    save_manifest(str(tmp_path), new_manifest(base_port=17400))
+    assert read_json(str(tmp_path / "cluster.json"))["format"] == MANIFEST_FORMAT
+
+
+def test_a_manifest_written_before_the_format_field_loads_and_gains_it_on_the_next_write(tmp_path):
+    d = str(tmp_path / "c")
+    shutil.copytree(CLUSTER_1, d)
+    f = os.path.join(d, "cluster.json")
+    doc = read_json(f)
+    del doc["format"]
+    write_json(f, doc)
+    m = load_manifest(d)
+    assert m["volume_id"] == doc["volume_id"]
+    assert "format" not in read_json(f), "loading never writes"
+    save_manifest(d, m)
+    saved = read_json(f)
+    assert saved.pop("format") == MANIFEST_FORMAT
+    assert saved == doc
+
+
+@pytest.mark.parametrize("bad", [MANIFEST_FORMAT + 1, "1", True], ids=["newer", "str", "bool"])
+def test_a_manifest_of_another_format_is_refused(tmp_path, bad):
+    d = str(tmp_path / "c")
+    shutil.copytree(CLUSTER_1, d)
+    f = os.path.join(d, "cluster.json")
+    doc = read_json(f)
+    doc["format"] = bad
+    write_json(f, doc)
+    with pytest.raises(ClusterError) as e:
+        load_manifest(d)
+    assert "format" in str(e.value)
+    if bad == MANIFEST_FORMAT + 1:
+        assert f"format {bad}" in str(e.value) and f"reads format {MANIFEST_FORMAT}" in str(e.value)
