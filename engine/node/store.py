@@ -36,7 +36,7 @@ from collections.abc import Iterable, Sequence
 import lmdb
 
 from engine import codec
-from engine.core.constants import FLAG_DELETE
+from engine.core.constants import EPOCH_MAX, EPOCH_STEP_MAX, FLAG_DELETE, LSN_VALID_MAX, TRUNCATION_LSN_MAX
 from engine.core.types import (
     AppendReply,
     Geometry,
@@ -54,6 +54,7 @@ from engine.errors import (
     CorruptRecord,
     EpochBehind,
     GeometryMismatch,
+    InvalidArgument,
     SegmentIncomplete,
     StaleEpoch,
     UnknownProtectionGroup,
@@ -72,6 +73,25 @@ SCL_PERSIST_S = 0.25
 
 def _scl_key(pg: int) -> bytes:
     return b"scl/" + _U32BE.pack(pg)
+
+
+def _bounded(value, bound: int, what: str) -> int:
+    """`value` if it is an int in 0..bound, else InvalidArgument (nothing is changed).
+
+    The gRPC adapter checks the same bounds; this check is for in-process callers, and it is
+    what makes `epoch + 1`, `hint + 1` and `after_lsn + 1` safe below (engine.core.constants)."""
+    if not isinstance(value, int) or not 0 <= value <= bound:
+        raise InvalidArgument(f"{what} {value!r} is out of range 0..{bound}")
+    return value
+
+
+def _check_epoch_step(node: str, current: int, epoch: int) -> None:
+    """Refuse a jump of more than EPOCH_STEP_MAX: one request must not use up the epochs."""
+    if epoch - current > EPOCH_STEP_MAX:
+        raise InvalidArgument(
+            f"node {node} is at epoch {current}; epoch {epoch} is more than {EPOCH_STEP_MAX} ahead "
+            "(writers step epochs by one)"
+        )
 
 
 class SegmentStore:
@@ -201,14 +221,22 @@ class SegmentStore:
         records as `codec.index_frame` returned them, when the caller already indexed (and so
         verified) the frame."""
         self._check_open()
-        if not repair:
-            self._fence(epoch)
+        _bounded(epoch, EPOCH_MAX, "epoch")
+        _bounded(hint_lsn, LSN_VALID_MAX, "hint_lsn")
         if items is None:
             items = codec.index_frame(frame)  # CorruptRecord: rejected whole, nothing written
+        # A frame's LSNs strictly increase (the decoder checks it) and prev_lsn < lsn, so the
+        # last record bounds them all.
+        if items and items[-1].lsn > LSN_VALID_MAX:
+            raise InvalidArgument(
+                f"record lsn {items[-1].lsn} is above the highest valid LSN {LSN_VALID_MAX}; the frame is refused whole"
+            )
         P = self.geometry.protection_groups
         for it in items:
             if it.pg >= P:
                 raise UnknownProtectionGroup(f"record lsn {it.lsn} names protection group {it.pg}; this volume has {P}")
+        if not repair:
+            self._fence(epoch)
         with self._write_lock:
             self._check_open()
             if not repair:
@@ -261,9 +289,12 @@ class SegmentStore:
     def seal(self, epoch: int) -> SealReply:
         """Raise the epoch and summarise every segment, atomically (one write transaction)."""
         self._check_open()
+        _bounded(epoch, EPOCH_MAX, "epoch")
         with self._write_lock:
+            self._check_open()
             if epoch <= self.epoch:
                 raise StaleEpoch(f"node {self.node_id} is already at epoch {self.epoch}; cannot seal at {epoch}")
+            _check_epoch_step(self.node_id, self.epoch, epoch)
             with self.env.begin(write=True) as txn:
                 self.epoch = epoch
                 txn.put(b"epoch", _U64BE.pack(epoch), db=self._meta)
@@ -297,9 +328,17 @@ class SegmentStore:
     def sync_epoch(self, epoch: int, truncations: Sequence[TruncationRange], membership: Membership | None = None) -> NodeState:
         """Adopt `epoch` (>= ours), its truncation ranges and membership; cut truncated records."""
         self._check_open()
+        _bounded(epoch, EPOCH_MAX, "epoch")
+        for t in truncations:
+            _bounded(t.epoch, EPOCH_MAX, "truncation range epoch")
+            _bounded(t.last, TRUNCATION_LSN_MAX, "truncation range last LSN")
+        if membership is not None:
+            _bounded(membership.epoch, EPOCH_MAX, "membership epoch")
         with self._write_lock:
+            self._check_open()
             if epoch < self.epoch:
                 raise StaleEpoch(f"node {self.node_id} is at epoch {self.epoch}; cannot go back to {epoch}")
+            _check_epoch_step(self.node_id, self.epoch, epoch)
             new = [t for t in truncations if t not in self.truncations]
             with self.env.begin(write=True) as txn:
                 if epoch > self.epoch:
@@ -416,9 +455,12 @@ class SegmentStore:
         txn.put(b"damaged", json.dumps({pg: sorted(d) for pg, d in enumerate(self.damaged) if d}).encode(), db=self._meta)
 
     # --- reads ------------------------------------------------------------------------------
-    def _check_read(self, pg: int, required_lsn: int, epoch: int) -> None:
+    def _check_read(self, pg: int, read_point: int, required_lsn: int, epoch: int) -> None:
         self._check_open()
         self._check_pg(pg)
+        _bounded(read_point, LSN_VALID_MAX, "read_point")
+        _bounded(required_lsn, LSN_VALID_MAX, "required_lsn")
+        _bounded(epoch, EPOCH_MAX, "epoch")
         if required_lsn == 0 and self.damaged[pg]:
             raise SegmentIncomplete(
                 f"segment {self.node_id}/pg{pg} lost {len(self.damaged[pg])} record(s) to corruption and awaits repair"
@@ -458,7 +500,7 @@ class SegmentStore:
     def read(self, pg: int, key: bytes, read_point: int, required_lsn: int, epoch: int = 0) -> ReadReply:
         """The newest version of `key` at or below `read_point`, if this segment is complete
         enough (SCL >= required_lsn); else SegmentIncomplete."""
-        self._check_read(pg, required_lsn, epoch)
+        self._check_read(pg, read_point, required_lsn, epoch)
         with self.env.begin() as txn:
             lsn_be = self._version_at(txn.cursor(db=self._versions), _U32BE.pack(pg) + key, _U64BE.pack(read_point))
             if lsn_be is None:
@@ -473,7 +515,9 @@ class SegmentStore:
     ) -> tuple[list[VersionEntry], bytes | None]:
         """Newest versions at the read point of keys in [start, end), tombstones included, at most
         `limit` keys. Returns (entries, resume_key) where resume_key is None at the end."""
-        self._check_read(pg, required_lsn, epoch)
+        self._check_read(pg, read_point, required_lsn, epoch)
+        if not isinstance(limit, int):
+            raise InvalidArgument(f"scan limit {limit!r} is not an integer")
         limit = max(1, min(limit, SCAN_ENTRIES_MAX))
         prefix = _U32BE.pack(pg)
         rp_be = _U64BE.pack(read_point)
@@ -501,6 +545,11 @@ class SegmentStore:
         are quarantined and skipped), at most about `max_bytes`. Returns (frame, more)."""
         self._check_open()
         self._check_pg(pg)
+        _bounded(after_lsn, LSN_VALID_MAX, "after_lsn")
+        if upto_lsn is not None:
+            _bounded(upto_lsn, LSN_VALID_MAX, "upto_lsn")
+        if not isinstance(max_bytes, int):
+            raise InvalidArgument(f"fetch max_bytes {max_bytes!r} is not an integer")
         max_bytes = max(1, min(max_bytes, FETCH_BYTES_MAX))
         prefix = _U32BE.pack(pg)
         records, size, more, bad = [], 0, False, []
@@ -575,6 +624,11 @@ class SegmentStore:
     def corrupt(self, pg: int, lsn: int | None = None, bit: int = 0) -> int | None:
         """Fault injection: flip one bit of a stored record (the newest of `pg` if `lsn` is None)
         directly in LMDB, as a disk would. Returns the LSN hit, or None if the PG is empty."""
+        self._check_open()
+        self._check_pg(pg)
+        if lsn is not None:
+            _bounded(lsn, LSN_VALID_MAX, "lsn")
+        _bounded(bit, (1 << 64) - 1, "bit")
         with self._write_lock, self.env.begin(write=True) as txn:
             if lsn is None:
                 lsn = self._highest_in_txn(txn, pg)

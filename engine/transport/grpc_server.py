@@ -205,7 +205,7 @@ class StorageServicer(storage_pb2_grpc.StorageServicer):
         return self._serve(context, "Scan", work)
 
     def Seal(self, request, context):
-        return self._serve(context, "Seal", lambda: convert.seal_reply_to_pb(self.node.seal(request.epoch)))
+        return self._serve(context, "Seal", lambda: convert.seal_reply_to_pb(self.node.seal(convert.seal_args_from_pb(request))))
 
     def SyncEpoch(self, request, context):
         return self._serve(
