@@ -86,7 +86,7 @@ NODE_STATE = st.builds(
     NodeState,
     node=NODE, az=NODE, epoch=U64, scls=st.lists(U64, max_size=16).map(tuple), hint_lsn=U64, records=U64, bytes=U64,
     corrupt_found=U64, repaired=U64, truncations=st.lists(truncations(), max_size=4).map(tuple),
-    membership=st.one_of(st.none(), memberships()),
+    membership=st.one_of(st.none(), memberships()), conflicts_refused=U64,
     extra=st.dictionaries(st.text(max_size=8), st.one_of(st.integers(-(1 << 50), 1 << 50), st.booleans(), st.text(max_size=8)), max_size=4),
 )
 OPS = st.lists(

@@ -163,6 +163,8 @@ class NodeState:
     truncations: tuple[TruncationRange, ...] = ()
     membership: Membership | None = None
     extra: dict = field(default_factory=dict, compare=False)
+    #: frames refused because they carried another record at an LSN the segment holds
+    conflicts_refused: int = 0
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,12 @@ whether or not they extend the chain; SCL advances along backlinks (`prev_lsn ==
 a hole, which gossip fills later. Records inside a truncation range are refused for ever: that is
 how records of a dead epoch stay dead, whoever sends them.
 
+One LSN names one record for ever. A record at an LSN the segment already holds must be the same
+bytes (a duplicate or re-send, which is normal and harmless); a different record refuses the whole
+frame with ConflictingRecord inside the write transaction, so nothing of it is written or indexed
+(`conflicts_refused` counts them). A held copy that fails its CRC is not a record any more: the
+sender's good copy replaces it.
+
 A record whose CRC fails when read (read, scan, fetch, scrub) is quarantined: removed from the log
 and the version index, counted, and SCL pulled back below it, so the segment stops claiming it and
 gossip refetches a good copy. It is never returned to a reader nor sent to a peer.
@@ -27,6 +33,7 @@ readers use LMDB read transactions and never block the writer.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import struct
 import threading
@@ -51,6 +58,7 @@ from engine.core.types import (
 )
 from engine.errors import (
     Closed,
+    ConflictingRecord,
     CorruptRecord,
     EpochBehind,
     GeometryMismatch,
@@ -59,6 +67,8 @@ from engine.errors import (
     StaleEpoch,
     UnknownProtectionGroup,
 )
+
+log = logging.getLogger("sixfold.store")
 
 _U64BE = struct.Struct(">Q")
 _U32BE = struct.Struct(">I")
@@ -154,7 +164,8 @@ class SegmentStore:
                 m = json.loads(raw)
                 self.membership = Membership(m["epoch"], tuple(m["members"]), tuple(m["next"]) if m["next"] else None)
             raw = txn.get(b"counters", db=self._meta)
-            self.counters = json.loads(raw) if raw else {"corrupt_found": 0, "repaired": 0}
+            self.counters = {"corrupt_found": 0, "repaired": 0, "conflicts_refused": 0}
+            self.counters.update(json.loads(raw) if raw else {})
             raw = txn.get(b"damaged", db=self._meta)
             #: per PG, LSNs whose copy here was lost to corruption and not yet refetched. While a PG
             #: has any, this segment does not answer quorum reads for it: a lost copy breaks the
@@ -189,12 +200,13 @@ class SegmentStore:
     def _is_truncated(self, lsn: int) -> bool:
         return lsn <= self._truncated_max and any(t.covers(lsn) for t in self.truncations)
 
-    def _walk_scl(self, txn, pg: int, scls: list[int] | None = None) -> None:
+    def _walk_scl(self, txn, pg: int, scls: list[int] | None = None, max_lsn: list[int] | None = None) -> None:
         """Advance SCL of `pg` (in `scls`, default the live list) along backlinks through records
-        already in the log, as this transaction sees it."""
+        already in the log, as this transaction sees it (`max_lsn`: the highest LSNs it holds)."""
         scls = self.scls if scls is None else scls
+        max_lsn = self.max_lsn if max_lsn is None else max_lsn
         scl = scls[pg]
-        if self.max_lsn[pg] <= scl:
+        if max_lsn[pg] <= scl:
             return
         prefix = _U32BE.pack(pg)
         cur = txn.cursor(db=self._log)
@@ -243,48 +255,92 @@ class SegmentStore:
                 self._fence(epoch)
             if not items and hint_lsn <= self.hint_lsn:
                 return AppendReply(self.node_id, tuple(self.scls))  # a heartbeat: nothing to persist
-            touched = set()
             if items and items[0].lsn <= self._truncated_max:
                 items = [it for it in items if not self._is_truncated(it.lsn)]
-            with self.env.begin(write=True) as txn:
-                if items:
-                    # One C loop per table. Re-sent records are harmless: the log keeps the copy
-                    # it has (overwrite=False) and a dupsort table stores an identical pair once.
-                    cur = txn.cursor(db=self._log)
-                    cur.putmulti([(it.log_key, it.record) for it in items], overwrite=False)
-                    cur = txn.cursor(db=self._versions)
-                    cur.putmulti([(it.version_key, it.log_key[4:]) for it in items], dupdata=True)
-                # SCLs are computed on a copy and published only after the commit, so nobody is
-                # ever told a segment holds what it has not yet durably written.
-                scls, max_lsn = list(self.scls), self.max_lsn
-                if any(self.damaged):
-                    healed = [(it.pg, it.lsn) for it in items if it.lsn in self.damaged[it.pg]]
-                    for pg, lsn in healed:
-                        self.damaged[pg].discard(lsn)
-                    if healed:
-                        self._put_damaged(txn)
-                for it in items:
-                    pg = it.pg
-                    if it.prev_lsn == scls[pg] and it.lsn > scls[pg]:
-                        scls[pg] = it.lsn  # the common case: the frame extends the chain
-                    if it.lsn > max_lsn[pg]:
-                        max_lsn[pg] = it.lsn
-                    touched.add(pg)
-                for pg in sorted(touched):
-                    self._walk_scl(txn, pg, scls)
-                # SCLs and the hint are persisted at most every SCL_PERSIST_S: a stored SCL is only
-                # a lower bound that opening walks forward from, and the hint only bounds how much
-                # a seal summarises. Skipping the meta table keeps most commits to two tables.
-                now = time.monotonic()
-                if now - self._persisted_at >= SCL_PERSIST_S or not items:
-                    self._persisted_at = now
-                    for pg, scl in enumerate(scls):
-                        txn.put(_scl_key(pg), _U64BE.pack(scl), db=self._meta)
-                    txn.put(b"hint", _U64BE.pack(max(hint_lsn, self.hint_lsn)), db=self._meta)
-            self.scls = scls
+            # Everything is computed on copies and published only after the commit, so nobody is
+            # ever told a segment holds what it has not durably written, and a refused or failed
+            # transaction leaves the in-memory mirror as it was.
+            scls, max_lsn = list(self.scls), list(self.max_lsn)
+            healed: list[tuple[int, int]] = []
+            try:
+                with self.env.begin(write=True) as txn:
+                    if items:
+                        # One C loop per table. The log keeps the copy it has (overwrite=False);
+                        # `added` says whether every record was new, so the common case costs
+                        # nothing more. A dupsort table stores an identical pair once.
+                        cur = txn.cursor(db=self._log)
+                        _consumed, added = cur.putmulti([(it.log_key, it.record) for it in items], overwrite=False)
+                        if added < len(items):
+                            self._check_held_copies(txn, items)  # ConflictingRecord aborts the transaction
+                        cur = txn.cursor(db=self._versions)
+                        cur.putmulti([(it.version_key, it.log_key[4:]) for it in items], dupdata=True)
+                    if any(self.damaged):
+                        healed = [(it.pg, it.lsn) for it in items if it.lsn in self.damaged[it.pg]]
+                        if healed:
+                            self._put_damaged(txn, without=healed)
+                    touched = set()
+                    for it in items:
+                        pg = it.pg
+                        if it.prev_lsn == scls[pg] and it.lsn > scls[pg]:
+                            scls[pg] = it.lsn  # the common case: the frame extends the chain
+                        if it.lsn > max_lsn[pg]:
+                            max_lsn[pg] = it.lsn
+                        touched.add(pg)
+                    for pg in sorted(touched):
+                        self._walk_scl(txn, pg, scls, max_lsn)
+                    # SCLs and the hint are persisted at most every SCL_PERSIST_S: a stored SCL is
+                    # only a lower bound that opening walks forward from, and the hint only bounds
+                    # how much a seal summarises. Skipping the meta table keeps most commits to two
+                    # tables.
+                    now = time.monotonic()
+                    persist = now - self._persisted_at >= SCL_PERSIST_S or not items
+                    if persist:
+                        for pg, scl in enumerate(scls):
+                            txn.put(_scl_key(pg), _U64BE.pack(scl), db=self._meta)
+                        txn.put(b"hint", _U64BE.pack(max(hint_lsn, self.hint_lsn)), db=self._meta)
+            except ConflictingRecord as e:
+                self._count_conflict(e, "repair (gossip or re-replication)" if repair else f"a writer at epoch {epoch}")
+                raise
+            if persist:
+                self._persisted_at = now
+            for pg, lsn in healed:
+                self.damaged[pg].discard(lsn)
+            self.scls, self.max_lsn = scls, max_lsn
             if hint_lsn > self.hint_lsn:
                 self.hint_lsn = hint_lsn
             return AppendReply(self.node_id, tuple(self.scls))
+
+    def _check_held_copies(self, txn, items) -> None:
+        """Some records of the frame were already held: each must be the very same bytes (a
+        re-send). A different record at a held LSN raises ConflictingRecord, which aborts the
+        transaction: nothing of the frame is written or indexed. A held copy that fails its CRC
+        is not a record any more: the sender's good copy replaces it, as gossip would refill it
+        after a quarantine."""
+        for it in items:
+            held = txn.get(it.log_key, db=self._log)
+            if held == it.record:
+                continue  # new (just put) or an identical re-send
+            try:
+                old = codec.decode_record(held)
+            except CorruptRecord:
+                self._remove(txn, it.log_key, held)
+                txn.put(it.log_key, it.record, db=self._log)
+                continue
+            raise ConflictingRecord(
+                f"node {self.node_id}: pg {it.pg} already holds a different record at LSN {it.lsn} "
+                f"(key {old.key[:32]!r}, prev_lsn {old.prev_lsn}; the frame's has key {it.version_key[4:][:32]!r}, "
+                f"prev_lsn {it.prev_lsn}); one LSN names one record for ever, so the frame is refused whole"
+            )
+
+    def _count_conflict(self, e: ConflictingRecord, sender: str) -> None:
+        """Count a refused frame in the persisted counters and log it once (under _write_lock)."""
+        self.counters["conflicts_refused"] = self.counters.get("conflicts_refused", 0) + 1
+        log.warning("node %s: refused a frame from %s: %s", self.node_id, sender, e)
+        try:
+            with self.env.begin(write=True) as txn:
+                txn.put(b"counters", json.dumps(self.counters).encode(), db=self._meta)
+        except lmdb.Error as err:  # the refusal stands; only its count may be lost at a restart
+            log.warning("node %s: could not persist the conflict count: %s", self.node_id, err)
 
     def seal(self, epoch: int) -> SealReply:
         """Raise the epoch and summarise every segment, atomically (one write transaction)."""
@@ -451,8 +507,11 @@ class SegmentStore:
                 self.counters["corrupt_found"] += 1
                 txn.put(b"counters", json.dumps(self.counters).encode(), db=self._meta)
 
-    def _put_damaged(self, txn) -> None:
-        txn.put(b"damaged", json.dumps({pg: sorted(d) for pg, d in enumerate(self.damaged) if d}).encode(), db=self._meta)
+    def _put_damaged(self, txn, without: Sequence[tuple[int, int]] = ()) -> None:
+        """Persist the damaged LSNs, less `without` ((pg, lsn) pairs healed by this transaction)."""
+        gone = set(without)
+        damaged = {pg: sorted(lsn for lsn in d if (pg, lsn) not in gone) for pg, d in enumerate(self.damaged)}
+        txn.put(b"damaged", json.dumps({pg: d for pg, d in damaged.items() if d}).encode(), db=self._meta)
 
     # --- reads ------------------------------------------------------------------------------
     def _check_read(self, pg: int, read_point: int, required_lsn: int, epoch: int) -> None:
@@ -594,6 +653,7 @@ class SegmentStore:
             repaired=self.counters["repaired"],
             truncations=tuple(self.truncations),
             membership=self.membership,
+            conflicts_refused=self.counters["conflicts_refused"],
         )
 
     def count_repaired(self, n: int) -> None:
