@@ -18,6 +18,7 @@ thread (real deployments) or a simulator (deterministic runs) drives:
 from __future__ import annotations
 
 import concurrent.futures
+import logging
 import random
 import threading
 import time
@@ -27,8 +28,10 @@ import lmdb
 
 from engine import codec
 from engine.core.types import Geometry, Membership, NodeInfo, NodeState, TruncationRange
-from engine.errors import Closed, CorruptRecord, InvalidArgument, ResourceExhausted, SixfoldError, StorageError
+from engine.errors import Closed, CorruptRecord, InvalidArgument, SixfoldError, StorageError, StorageFull
 from engine.node.store import FETCH_BYTES_MAX, SegmentStore
+
+log = logging.getLogger("sixfold.node")
 
 GOSSIP_INTERVAL_S = 0.2
 SCRUB_INTERVAL_S = 1.0
@@ -48,9 +51,10 @@ class StorageNode:
         *,
         durable: bool = True,
         map_bytes: int | None = None,
+        reserve_bytes: int | None = None,
         seed: int = 0,
     ) -> None:
-        kwargs = {"durable": durable}
+        kwargs = {"durable": durable, "reserve_bytes": reserve_bytes}
         if map_bytes:
             kwargs["map_bytes"] = map_bytes
         self.info = info
@@ -68,27 +72,48 @@ class StorageNode:
         #: repair by gossip: whether the last round found this node behind a peer, and how many
         #: records it has fetched since it started (a wiped node's rebuild shows up here)
         self.rebuild = {"active": False, "fetched_records": 0}
+        self._full_cause: str | None = None  # why the node was last full (logged once per cause)
 
     @property
     def id(self) -> str:
         return self.info.id
 
     # --- requests (called through a transport) ----------------------------------------------
-    REQUESTS = frozenset({"append", "repair_append", "read", "scan", "seal", "sync_epoch", "fetch", "state", "corrupt"})
+    REQUESTS = frozenset({"append", "repair_append", "read", "scan", "seal", "sync_epoch", "fetch", "state", "corrupt", "scrub"})
 
     def handle(self, method: str, *args):
-        """Run request `method`; what a transport calls. A request racing the node's shutdown
-        gets Closed (the caller sees an unreachable node), never a raw LMDB error."""
+        """Run request `method`; what every transport calls (in-process directly, the gRPC
+        servicer for every RPC), so storage errors are typed the same on every path: a request
+        racing the node's shutdown gets Closed (the caller sees an unreachable node), no room
+        gets StorageFull, any other LMDB or OS error StorageError. Never a raw LMDB error."""
         if method not in self.REQUESTS:
             raise InvalidArgument(f"unknown request {method!r}")
         try:
-            return getattr(self, method)(*args)
-        except lmdb.MapFullError as e:
-            raise ResourceExhausted(f"node {self.id}: its LMDB map is full ({e}); give it a larger map_bytes") from e
-        except lmdb.Error as e:
-            if self.store._closed:
-                raise Closed(f"node {self.id} stopped during {method}") from None
-            raise StorageError(f"node {self.id}: storage error during {method}: {e}") from e
+            result = getattr(self, method)(*args)
+        except SixfoldError:
+            raise
+        except (lmdb.Error, OSError) as e:
+            raise self.storage_error(method, e) from e
+        if self._full_cause is not None and method in ("append", "repair_append"):
+            log.info("node %s: has room again (it was full: %s)", self.id, self._full_cause)
+            self._full_cause = None
+        return result
+
+    def storage_error(self, what: str, exc: BaseException) -> SixfoldError:
+        """The typed error for an LMDB or OS error met during `what` (logged once per cause)."""
+        if self.store._closed:
+            return Closed(f"node {self.id} stopped during {what}")
+        cause = self.store.storage_full_cause(exc)
+        if cause is not None:
+            if cause != self._full_cause:
+                log.warning("node %s is full: %s (during %s; it keeps serving reads)", self.id, cause, what)
+                self._full_cause = cause
+            return StorageFull(
+                f"node {self.id} is full: {cause}. It refused this {what} and changed nothing; reads still work, "
+                "and deletes fit in its reserve while writers hold new puts back"
+            )
+        log.error("node %s: storage error during %s: %s: %s", self.id, what, type(exc).__name__, exc)
+        return StorageError(f"node {self.id}: storage error during {what}: {type(exc).__name__}: {exc}")
 
     def append(self, epoch: int, frame: bytes, hint_lsn: int):
         return self.store.append(epoch, frame, hint_lsn)
@@ -118,6 +143,13 @@ class StorageNode:
 
     def corrupt(self, pg: int, lsn: int | None, bit: int):
         return self.store.corrupt(pg, lsn, bit)
+
+    def scrub(self, records_max: int) -> int:
+        """Admin: scrub now; `records_max` 0 means one full pass over every PG."""
+        if records_max:
+            return self.scrub_step(records_max)
+        # A full pass: the first step may start mid-PG where the background scrub was.
+        return self.scrub_step(1 << 62) + self.scrub_step(1 << 62)
 
     # --- background duties ------------------------------------------------------------------
     def attach(self, transport, peers: Callable[[], Sequence[str]]) -> None:

@@ -32,9 +32,11 @@ readers use LMDB read transactions and never block the writer.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
+import resource
 import struct
 import threading
 import time
@@ -43,7 +45,7 @@ from collections.abc import Iterable, Sequence
 import lmdb
 
 from engine import codec
-from engine.core.constants import EPOCH_MAX, EPOCH_STEP_MAX, FLAG_DELETE, LSN_VALID_MAX, TRUNCATION_LSN_MAX
+from engine.core.constants import EPOCH_MAX, EPOCH_STEP_MAX, FLAG_DELETE, FRAME_BYTES_MAX, LSN_VALID_MAX, TRUNCATION_LSN_MAX
 from engine.core.types import (
     AppendReply,
     Geometry,
@@ -76,6 +78,14 @@ _PREV_AT = struct.Struct("<Q")  # prev_lsn lives at byte 16 of a record
 _HDR = struct.Struct("<IIQQIB")  # crc, total_len, lsn, prev_lsn, pg, flags
 
 MAP_BYTES_DEFAULT = 32 << 30
+#: The default space reserve is at least capacity / RESERVE_FRACTION (see reserve_bytes).
+RESERVE_FRACTION = 16
+#: How often the node re-measures its capacity (the disk's free bytes change under it).
+SPACE_REFRESH_S = 1.0
+#: A filesystem with less free room than this is full for the purpose of classifying a short write.
+FREE_BYTES_FLOOR = 1 << 20
+#: errno values that mean "no room" (disk full, file size limit, quota).
+FULL_ERRNOS = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
 SCAN_ENTRIES_MAX = 10_000
 FETCH_BYTES_MAX = 8 << 20
 SCL_PERSIST_S = 0.25
@@ -117,7 +127,10 @@ class SegmentStore:
         *,
         durable: bool = True,
         map_bytes: int = MAP_BYTES_DEFAULT,
+        reserve_bytes: int | None = None,
     ) -> None:
+        if reserve_bytes is not None and (not isinstance(reserve_bytes, int) or reserve_bytes < 0):
+            raise InvalidArgument(f"reserve_bytes {reserve_bytes!r} must be a non-negative integer")
         os.makedirs(path, exist_ok=True)
         self.path = path
         self.node_id = node_id
@@ -181,6 +194,85 @@ class SegmentStore:
             for pg in range(P):
                 self._walk_scl(txn, pg)
         self._persisted_at = 0.0
+        self._page_bytes = self.env.stat()["psize"]
+        self._reserve_bytes_option = reserve_bytes
+        self._capacity_bytes, self._capacity_at = self._capacity_now(), time.monotonic()
+
+    # --- space --------------------------------------------------------------------------------
+    def _data_file(self) -> str:
+        return os.path.join(self.path, "data.mdb")
+
+    def _capacity_now(self) -> int:
+        """The most this node's data file can hold: the smallest of its LMDB map, the process's
+        file size limit, and what its filesystem has room for (the file as it is plus the free
+        bytes an unprivileged writer may still use)."""
+        limits = [self.env.info()["map_size"]]
+        soft, _hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+        if soft != resource.RLIM_INFINITY:
+            limits.append(soft)
+        try:
+            fs = os.statvfs(self.path)
+            limits.append(os.path.getsize(self._data_file()) + fs.f_bavail * fs.f_frsize)
+        except OSError:
+            pass  # the map and the limit still bound it
+        return min(limits)
+
+    def reserve_bytes(self, capacity_bytes: int) -> int:
+        """Room kept for what must still land when the node reports `space_low`.
+
+        Default: max(capacity / 16, min(2 frames, capacity / 4)). Once a writer hears space_low it
+        admits no new puts, but records it already logged must still land here (refusing part of
+        its log would stall it): at most a frame in flight and one being built, each up to
+        FRAME_BYTES_MAX, and LMDB's copy-on-write needs the pages a transaction touches twice until
+        it commits. Deletes are records too (small ones) and must keep working, so a full volume
+        can be emptied: a sixteenth of a large node is kept for them."""
+        if self._reserve_bytes_option is not None:
+            return self._reserve_bytes_option
+        return max(capacity_bytes // RESERVE_FRACTION, min(2 * FRAME_BYTES_MAX, capacity_bytes // 4))
+
+    def space(self) -> tuple[int, int, bool]:
+        """(used_bytes, capacity_bytes, space_low). Used is LMDB's high-water mark (last page + 1
+        times the page size): conservative, as pages freed inside the file are not counted back.
+        The capacity is re-measured at most every SPACE_REFRESH_S (a statvfs and a getrlimit)."""
+        now = time.monotonic()
+        if now - self._capacity_at >= SPACE_REFRESH_S:
+            self._capacity_bytes, self._capacity_at = self._capacity_now(), now
+        used = (self.env.info()["last_pgno"] + 1) * self._page_bytes
+        capacity = self._capacity_bytes
+        return used, capacity, capacity - used < self.reserve_bytes(capacity)
+
+    def storage_full_cause(self, exc: BaseException) -> str | None:
+        """Why `exc`, an LMDB or OS error of a write, means "no room here"; None if it does not.
+
+        py-lmdb raises MapFullError for a full map, and a plain lmdb.Error carrying the errno's
+        text otherwise. LMDB reports a *short* write (the data file reached RLIMIT_FSIZE, or the
+        disk filled in the middle of a write) as EIO, so an EIO counts as full when the file is
+        at its size limit or the filesystem is out of free bytes."""
+        if isinstance(exc, lmdb.MapFullError):
+            return f"its LMDB map of {self.env.info()['map_size']} bytes is full"
+        if isinstance(exc, OSError) and exc.errno in FULL_ERRNOS:
+            return os.strerror(exc.errno)
+        if not isinstance(exc, lmdb.Error):
+            return None
+        text = str(exc)
+        for code in FULL_ERRNOS:
+            if os.strerror(code) in text:
+                return os.strerror(code)
+        if isinstance(exc, lmdb.DiskError):
+            return os.strerror(errno.ENOSPC)
+        if os.strerror(errno.EIO) not in text:
+            return None
+        soft, _hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+        try:
+            size = os.path.getsize(self._data_file())
+            fs = os.statvfs(self.path)
+        except OSError:
+            return None
+        if soft != resource.RLIM_INFINITY and size + self._page_bytes > soft:
+            return f"its data file reached the file size limit of {soft} bytes (RLIMIT_FSIZE)"
+        if fs.f_bavail * fs.f_frsize < FREE_BYTES_FLOOR:
+            return f"its filesystem has {fs.f_bavail * fs.f_frsize} bytes free"
+        return None
 
     # --- helpers ----------------------------------------------------------------------------
     def _get_u64(self, txn, key: bytes) -> int:
@@ -253,8 +345,8 @@ class SegmentStore:
             self._check_open()
             if not repair:
                 self._fence(epoch)
-            if not items and hint_lsn <= self.hint_lsn:
-                return AppendReply(self.node_id, tuple(self.scls))  # a heartbeat: nothing to persist
+            if not items and hint_lsn <= self.hint_lsn:  # a heartbeat: nothing to persist
+                return AppendReply(self.node_id, tuple(self.scls), self.space()[2])
             if items and items[0].lsn <= self._truncated_max:
                 items = [it for it in items if not self._is_truncated(it.lsn)]
             # Everything is computed on copies and published only after the commit, so nobody is
@@ -308,7 +400,7 @@ class SegmentStore:
             self.scls, self.max_lsn = scls, max_lsn
             if hint_lsn > self.hint_lsn:
                 self.hint_lsn = hint_lsn
-            return AppendReply(self.node_id, tuple(self.scls))
+            return AppendReply(self.node_id, tuple(self.scls), self.space()[2])
 
     def _check_held_copies(self, txn, items) -> None:
         """Some records of the frame were already held: each must be the very same bytes (a
@@ -637,8 +729,7 @@ class SegmentStore:
 
     def state(self) -> NodeState:
         self._check_open()
-        stat = self.env.stat()
-        info = self.env.info()
+        used, capacity, low = self.space()
         with self.env.begin() as txn:
             records = txn.stat(self._log)["entries"]
         return NodeState(
@@ -648,12 +739,15 @@ class SegmentStore:
             scls=tuple(self.scls),
             hint_lsn=self.hint_lsn,
             records=records,
-            bytes=(info["last_pgno"] + 1) * stat["psize"],
+            bytes=used,
             corrupt_found=self.counters["corrupt_found"],
             repaired=self.counters["repaired"],
             truncations=tuple(self.truncations),
             membership=self.membership,
             conflicts_refused=self.counters["conflicts_refused"],
+            used_bytes=used,
+            capacity_bytes=capacity,
+            space_low=low,
         )
 
     def count_repaired(self, n: int) -> None:

@@ -451,7 +451,8 @@ def node_state_to_pb(s: NodeState) -> storage_pb2.NodeState:
         node=s.node, az=s.az, epoch=s.epoch, scls=s.scls, hint_lsn=s.hint_lsn, records=s.records, bytes=s.bytes,
         corrupt_found=s.corrupt_found, repaired=s.repaired, truncations=[truncation_to_pb(t) for t in s.truncations],
         extra_json=json.dumps(s.extra, sort_keys=True, default=str) if s.extra else "",
-        conflicts_refused=s.conflicts_refused,
+        conflicts_refused=s.conflicts_refused, used_bytes=s.used_bytes, capacity_bytes=s.capacity_bytes,
+        space_low=s.space_low,
     )
     if s.membership is not None:
         m.membership.CopyFrom(membership_to_pb(s.membership))
@@ -465,7 +466,8 @@ def node_state_from_pb(m: storage_pb2.NodeState) -> NodeState:
         truncations=tuple(truncation_from_pb(t) for t in m.truncations),
         membership=membership_from_pb(m.membership) if m.HasField("membership") else None,
         extra=json.loads(m.extra_json) if m.extra_json else {},
-        conflicts_refused=m.conflicts_refused,
+        conflicts_refused=m.conflicts_refused, used_bytes=m.used_bytes, capacity_bytes=m.capacity_bytes,
+        space_low=m.space_low,
     )
 
 
