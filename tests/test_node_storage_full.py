@@ -208,3 +208,34 @@ def test_a_node_process_at_its_file_size_limit_answers_storage_full_and_lives(tm
         proc.terminate()
         proc.wait(30)
     assert alive, open(log_path).read()[-3000:]
+
+
+def test_a_write_that_fails_to_commit_changes_nothing_in_memory(tmp_path):
+    """A refused transaction (here: the data file at this process's file size limit, a real
+    EFBIG/EIO from the kernel) leaves the node's in-memory picture as the disk has it: a seal or an
+    epoch sync that did not persist must fence nobody, a cut that did not persist cuts nothing."""
+    from engine.core.types import TruncationRange
+
+    n = StorageNode(str(tmp_path / "n1"), NodeInfo("n1", "a"), Geometry(P), "vol", durable=False)
+    try:
+        records = [codec.encode_record(i, max(0, i - P), i % P, FLAG_PUT | FLAG_CPL, b"k%06d" % i, b"x" * 100)
+                   for i in range(1, 5001)]
+        n.handle("append", 0, codec.encode_frame(records), 5000)
+        before = n.handle("state")
+        soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (os.path.getsize(str(tmp_path / "n1" / "data.mdb")), hard))
+        try:
+            # Cutting 4,991 records rewrites every leaf page: more room than the file has.
+            with pytest.raises(StorageFull, match="file size limit|File too large"):
+                n.handle("sync_epoch", 1, (TruncationRange(1, 10, 5000),), None)
+        finally:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        after = n.handle("state")
+        assert (after.epoch, after.scls, after.truncations, after.records) == (before.epoch, before.scls, (), 5000)
+        assert n.store.max_lsn == [5000, 4999]
+        # Appends at the old epoch still work (nothing was fenced), and the cut works once there is room.
+        n.handle("append", 0, codec.encode_frame([codec.encode_record(5001, 4999, 1, FLAG_PUT | FLAG_CPL, b"z", b"z")]), 5001)
+        st = n.handle("sync_epoch", 1, (TruncationRange(1, 10, 5000),), None)
+        assert st.epoch == 1 and st.records == 10 and n.handle("read", 1, b"z", 5001, 0, 1).value == b"z"
+    finally:
+        n.close()

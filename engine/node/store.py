@@ -444,9 +444,10 @@ class SegmentStore:
                 raise StaleEpoch(f"node {self.node_id} is already at epoch {self.epoch}; cannot seal at {epoch}")
             _check_epoch_step(self.node_id, self.epoch, epoch)
             with self.env.begin(write=True) as txn:
-                self.epoch = epoch
                 txn.put(b"epoch", _U64BE.pack(epoch), db=self._meta)
                 segments = tuple(self._summary(txn, pg) for pg in range(self.geometry.protection_groups))
+            # Published only once committed: a seal that failed to persist fences nobody.
+            self.epoch = epoch
             return SealReply(self.node_id, epoch, segments, tuple(self.truncations))
 
     def _summary(self, txn, pg: int) -> SegmentSummary:
@@ -488,27 +489,35 @@ class SegmentStore:
                 raise StaleEpoch(f"node {self.node_id} is at epoch {self.epoch}; cannot go back to {epoch}")
             _check_epoch_step(self.node_id, self.epoch, epoch)
             new = [t for t in truncations if t not in self.truncations]
+            adopt = membership is not None and (self.membership is None or membership.epoch >= self.membership.epoch)
+            # Computed on copies, published once committed: a failed transaction changes nothing.
+            all_truncations = sorted(set(self.truncations) | set(new), key=lambda t: (t.first, t.epoch)) if new else self.truncations
+            scls, max_lsn = list(self.scls), list(self.max_lsn)
             with self.env.begin(write=True) as txn:
                 if epoch > self.epoch:
-                    self.epoch = epoch
                     txn.put(b"epoch", _U64BE.pack(epoch), db=self._meta)
                 if new:
-                    self.truncations = sorted(set(self.truncations) | set(new), key=lambda t: (t.first, t.epoch))
-                    self._truncated_max = max(t.last for t in self.truncations)
-                    txn.put(b"truncations", json.dumps([[t.epoch, t.first, t.last] for t in self.truncations]).encode(), db=self._meta)
+                    txn.put(b"truncations", json.dumps([[t.epoch, t.first, t.last] for t in all_truncations]).encode(), db=self._meta)
                     for pg in range(self.geometry.protection_groups):
-                        self._cut(txn, pg, new)
-                if membership is not None and (self.membership is None or membership.epoch >= self.membership.epoch):
-                    self.membership = membership
+                        self._cut(txn, pg, new, scls, max_lsn)
+                if adopt:
                     txn.put(
                         b"membership",
                         json.dumps({"epoch": membership.epoch, "members": membership.members, "next": membership.next_members}).encode(),
                         db=self._meta,
                     )
+            self.epoch = max(self.epoch, epoch)
+            if new:
+                self.truncations = all_truncations
+                self._truncated_max = max(t.last for t in all_truncations)
+                self.scls, self.max_lsn = scls, max_lsn
+            if adopt:
+                self.membership = membership
         return self.state()
 
-    def _cut(self, txn, pg: int, ranges: Iterable[TruncationRange]) -> None:
-        """Remove the records of `pg` inside `ranges`; pull SCL below the first cut, then re-walk."""
+    def _cut(self, txn, pg: int, ranges: Iterable[TruncationRange], scls: list[int], max_lsn: list[int]) -> None:
+        """Remove the records of `pg` inside `ranges`; pull SCL below the first cut, then re-walk
+        (in `scls` and `max_lsn`, the caller's copies)."""
         prefix = _U32BE.pack(pg)
         lowest_cut = None
         for r in ranges:
@@ -525,11 +534,11 @@ class SegmentStore:
             if doomed:
                 lsn0 = _U64BE.unpack(doomed[0][0][4:])[0]
                 lowest_cut = lsn0 if lowest_cut is None else min(lowest_cut, lsn0)
-        if lowest_cut is not None and self.scls[pg] >= lowest_cut:
-            self._pull_scl_below(txn, pg, lowest_cut)
-        self.max_lsn[pg] = self._highest_in_txn(txn, pg)
-        self._walk_scl(txn, pg)
-        txn.put(_scl_key(pg), _U64BE.pack(self.scls[pg]), db=self._meta)
+        if lowest_cut is not None and scls[pg] >= lowest_cut:
+            self._pull_scl_below(txn, pg, lowest_cut, scls)
+        max_lsn[pg] = self._highest_in_txn(txn, pg)
+        self._walk_scl(txn, pg, scls, max_lsn)
+        txn.put(_scl_key(pg), _U64BE.pack(scls[pg]), db=self._meta)
 
     def _remove(self, txn, log_k: bytes, rec: bytes) -> None:
         """Delete one record and its version entry. The key comes from the record itself; if the
@@ -552,8 +561,8 @@ class SegmentStore:
                     cur.delete()
                     return
 
-    def _pull_scl_below(self, txn, pg: int, lsn: int) -> None:
-        """SCL becomes the highest LSN of `pg` held below `lsn` (those were all on the chain)."""
+    def _pull_scl_below(self, txn, pg: int, lsn: int, scls: list[int]) -> None:
+        """SCL of `pg` in `scls` becomes the highest LSN held below `lsn` (those were all on the chain)."""
         prefix = _U32BE.pack(pg)
         cur = txn.cursor(db=self._log)
         scl = 0
@@ -562,7 +571,7 @@ class SegmentStore:
                 scl = _U64BE.unpack(cur.key()[4:])[0]
         elif cur.last() and cur.key()[:4] == prefix:
             scl = min(_U64BE.unpack(cur.key()[4:])[0], lsn - 1)
-        self.scls[pg] = min(self.scls[pg], scl)
+        scls[pg] = min(scls[pg], scl)
 
     def _highest_in_txn(self, txn, pg: int) -> int:
         cur = txn.cursor(db=self._log)
@@ -590,14 +599,19 @@ class SegmentStore:
                 except CorruptRecord:
                     pass
                 self._remove(txn, k, rec)
-                if self.scls[pg] >= lsn:
-                    self._pull_scl_below(txn, pg, lsn)
-                    txn.put(_scl_key(pg), _U64BE.pack(self.scls[pg]), db=self._meta)
-                self.max_lsn[pg] = self._highest_in_txn(txn, pg)
-                self.damaged[pg].add(lsn)
-                self._put_damaged(txn)
-                self.counters["corrupt_found"] += 1
-                txn.put(b"counters", json.dumps(self.counters).encode(), db=self._meta)
+                scls, max_lsn = list(self.scls), list(self.max_lsn)
+                if scls[pg] >= lsn:
+                    self._pull_scl_below(txn, pg, lsn, scls)
+                    txn.put(_scl_key(pg), _U64BE.pack(scls[pg]), db=self._meta)
+                max_lsn[pg] = self._highest_in_txn(txn, pg)
+                damaged = [set(d) for d in self.damaged]
+                damaged[pg].add(lsn)
+                txn.put(b"damaged", json.dumps({p: sorted(d) for p, d in enumerate(damaged) if d}).encode(), db=self._meta)
+                counters = dict(self.counters, corrupt_found=self.counters["corrupt_found"] + 1)
+                txn.put(b"counters", json.dumps(counters).encode(), db=self._meta)
+            # Published once committed (a failed quarantine leaves the copy for the next reader).
+            self.scls, self.max_lsn, self.damaged, self.counters = scls, max_lsn, damaged, counters
+            log.warning("node %s: record %d of pg %d failed its CRC; quarantined for gossip to refetch", self.node_id, lsn, pg)
 
     def _put_damaged(self, txn, without: Sequence[tuple[int, int]] = ()) -> None:
         """Persist the damaged LSNs, less `without` ((pg, lsn) pairs healed by this transaction)."""
