@@ -26,6 +26,10 @@ A record whose CRC fails when read (read, scan, fetch, scrub) is quarantined: re
 and the version index, counted, and SCL pulled back below it, so the segment stops claiming it and
 gossip refetches a good copy. It is never returned to a reader nor sent to a peer.
 
+One owner: the store holds an OS lock on its folder (`engine.ownership`, the file `LOCK`) from
+before LMDB is opened until it is closed, so a second open, from this process or another, raises
+FolderInUse naming the holder and changes nothing.
+
 Concurrency: one writer at a time (`_write_lock`, which also guards the in-memory mirror of meta);
 readers use LMDB read transactions and never block the writer.
 """
@@ -44,7 +48,7 @@ from collections.abc import Iterable, Sequence
 
 import lmdb
 
-from engine import codec
+from engine import codec, ownership
 from engine.core.constants import EPOCH_MAX, EPOCH_STEP_MAX, FLAG_DELETE, FRAME_BYTES_MAX, LSN_VALID_MAX, TRUNCATION_LSN_MAX
 from engine.core.types import (
     AppendReply,
@@ -137,6 +141,22 @@ class SegmentStore:
         self.az = az
         self.geometry = geometry
         self.durable = durable
+        self.env = None
+        # One owner per node folder (engine.ownership): LMDB lets a second process (or a second
+        # open in this one) use the same files, and nothing in the protocol could fence two nodes
+        # writing one segment. Taken before LMDB is touched, so a refused open changes nothing.
+        self._owner = ownership.hold(path, "node folder")
+        try:
+            self._open(volume_id, map_bytes, reserve_bytes)
+        except BaseException:
+            if self.env is not None:
+                self.env.close()
+            self._owner.release()
+            raise
+
+    def _open(self, volume_id: str, map_bytes: int, reserve_bytes: int | None) -> None:
+        """Open LMDB, check (or write) the folder's identity, load the meta mirror."""
+        path, node_id, geometry, durable = self.path, self.node_id, self.geometry, self.durable
         self.env = lmdb.open(
             path,
             map_size=map_bytes,
@@ -160,7 +180,6 @@ class SegmentStore:
             else:
                 stored = json.loads(raw)
                 if stored.get("protection_groups") != P or stored.get("volume_id") != volume_id:
-                    self.env.close()
                     raise GeometryMismatch(
                         f"node folder {path} holds volume {stored.get('volume_id')} with "
                         f"{stored.get('protection_groups')} protection groups; asked for volume {volume_id} "
@@ -818,4 +837,5 @@ class SegmentStore:
                 return
             self._closed = True
             self.env.close()
+            self._owner.release()
 
