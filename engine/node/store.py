@@ -9,7 +9,8 @@ One LMDB environment per node holds one segment of every protection group:
 * `versions`  `pg (u32 BE) | key` -> duplicates `lsn (u64 BE)` (LMDB dupsort keeps them in LSN order):
               the key's versions, materialised as records arrive, even above SCL. A read at read
               point R takes the highest duplicate <= R and fetches the record from `log`.
-* `meta`      volume identity, epoch, writer's VDL hint, SCL per PG, truncation ranges, membership.
+* `meta`      volume identity (volume id, node, protection groups, and the folder's `format`:
+              NODE_FORMAT), epoch, writer's VDL hint, SCL per PG, truncation ranges, membership.
 
 An append is one write transaction (one fsync when durable) for a whole frame: records are kept
 whether or not they extend the chain; SCL advances along backlinks (`prev_lsn == SCL`) and stops at
@@ -72,6 +73,7 @@ from engine.errors import (
     SegmentIncomplete,
     StaleEpoch,
     UnknownProtectionGroup,
+    WrongFolder,
 )
 
 log = logging.getLogger("sixfold.store")
@@ -93,6 +95,11 @@ FULL_ERRNOS = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
 SCAN_ENTRIES_MAX = 10_000
 FETCH_BYTES_MAX = 8 << 20
 SCL_PERSIST_S = 0.25
+#: Version of the node folder's layout (tables, keys, meta entries, record bytes), recorded in the
+#: folder's identity (`meta/volume`, key "format"). Each change of layout raises it and comes with
+#: an upgrade path in `_check_identity`. History: 0 = the first release, which wrote no "format"
+#: key; 1 = the same layout, with the key (the upgrade only writes it).
+NODE_FORMAT = 1
 
 
 def _scl_key(pg: int) -> bytes:
@@ -173,18 +180,7 @@ class SegmentStore:
         self._closed = False
         P = geometry.protection_groups
         with self.env.begin(write=True) as txn:
-            raw = txn.get(b"volume", db=self._meta)
-            identity = {"volume_id": volume_id, "node": node_id, "protection_groups": P}
-            if raw is None:
-                txn.put(b"volume", json.dumps(identity, sort_keys=True).encode(), db=self._meta)
-            else:
-                stored = json.loads(raw)
-                if stored.get("protection_groups") != P or stored.get("volume_id") != volume_id:
-                    raise GeometryMismatch(
-                        f"node folder {path} holds volume {stored.get('volume_id')} with "
-                        f"{stored.get('protection_groups')} protection groups; asked for volume {volume_id} "
-                        f"with {P}"
-                    )
+            upgraded_from = self._check_identity(txn, volume_id)
             self.epoch = self._get_u64(txn, b"epoch")
             self.hint_lsn = self._get_u64(txn, b"hint")
             self.scls = [self._get_u64(txn, _scl_key(pg)) for pg in range(P)]
@@ -205,6 +201,8 @@ class SegmentStore:
             self.damaged: list[set[int]] = [set() for _ in range(P)]
             for pg, lsns in (json.loads(raw) if raw else {}).items():
                 self.damaged[int(pg)] = set(lsns)
+        if upgraded_from is not None:
+            log.info("node %s: upgraded node folder %s from format %d to format %d", self.node_id, self.path, upgraded_from, NODE_FORMAT)
         self._truncated_max = max((t.last for t in self.truncations), default=0)
         # Appends persist SCLs lazily (see append), so the stored ones may lag: walk forward.
         with self.env.begin() as txn:
@@ -216,6 +214,45 @@ class SegmentStore:
         self._page_bytes = self.env.stat()["psize"]
         self._reserve_bytes_option = reserve_bytes
         self._capacity_bytes, self._capacity_at = self._capacity_now(), time.monotonic()
+
+    def _check_identity(self, txn, volume_id: str) -> int | None:
+        """Write a new folder's identity, or check an existing one: its format (upgrading an older
+        one in place), its volume and geometry. Raises inside the open's write transaction, so a
+        refused folder is left exactly as it was. Returns the format upgraded from, if any."""
+        P = self.geometry.protection_groups
+        identity = {"volume_id": volume_id, "node": self.node_id, "protection_groups": P, "format": NODE_FORMAT}
+        raw = txn.get(b"volume", db=self._meta)
+        if raw is None:
+            txn.put(b"volume", json.dumps(identity, sort_keys=True).encode(), db=self._meta)
+            return None
+        try:
+            stored = json.loads(raw)
+        except ValueError:
+            stored = None
+        if not isinstance(stored, dict):
+            raise WrongFolder(f"folder {self.path} holds LMDB data but no node identity Sixfold can read: {bytes(raw)[:80]!r}")
+        fmt = stored.get("format", 0)  # format 0: the first release wrote no "format" key
+        if type(fmt) is not int or fmt < 0:
+            raise WrongFolder(f"node folder {self.path} records format {fmt!r}, which is not a format version")
+        if fmt > NODE_FORMAT:
+            from engine import __version__
+
+            raise WrongFolder(
+                f"node folder {self.path} has node format {fmt}, written by a newer Sixfold release; this release "
+                f"({__version__}) reads node formats up to {NODE_FORMAT}. Serve it with the release that wrote it "
+                "(or a newer one); nothing was changed."
+            )
+        if stored.get("protection_groups") != P or stored.get("volume_id") != volume_id:
+            raise GeometryMismatch(
+                f"node folder {self.path} holds volume {stored.get('volume_id')} with "
+                f"{stored.get('protection_groups')} protection groups; asked for volume {volume_id} with {P}"
+            )
+        if fmt < NODE_FORMAT:
+            # Format 0 -> 1 changed no table, key or record: only the version is recorded. A later
+            # format adds its conversion here, inside this same transaction (all or nothing).
+            txn.put(b"volume", json.dumps(dict(stored, format=NODE_FORMAT), sort_keys=True).encode(), db=self._meta)
+            return fmt
+        return None
 
     # --- space --------------------------------------------------------------------------------
     def _data_file(self) -> str:
