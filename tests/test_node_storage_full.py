@@ -239,3 +239,28 @@ def test_a_write_that_fails_to_commit_changes_nothing_in_memory(tmp_path):
         assert st.epoch == 1 and st.records == 10 and n.handle("read", 1, b"z", 5001, 0, 1).value == b"z"
     finally:
         n.close()
+
+
+def test_a_full_filesystem_is_storage_full(tmp_path):
+    """A real ENOSPC: the node's folder on a 3 MiB tmpfs (needs the right to mount; skipped without)."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount)], capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {done.stderr.strip()}")
+    try:
+        n = StorageNode(str(mount / "n1"), NodeInfo("n1", "a"), Geometry(P), "vol", durable=True, reserve_bytes=RESERVE_BYTES // 2)
+        try:
+            st = n.handle("state")
+            assert st.capacity_bytes <= 3 << 20, "the filesystem's room bounds the capacity"
+            filler = Filler()
+            error, after_low = fill(lambda f: n.handle("append", 0, f, filler.lsn), filler)
+            assert type(error) is StorageFull and "free" in str(error), repr(error)
+            assert after_low is not None and after_low >= RESERVE_BYTES // 4, after_low
+            pg, lsn, key = filler.keys[-1]
+            assert n.handle("read", pg, key, LSN_VALID_MAX, lsn, 0).value == VALUE
+            assert n.handle("state").space_low
+        finally:
+            n.close()
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
