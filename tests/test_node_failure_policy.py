@@ -31,16 +31,18 @@ def records(n: int) -> bytes:
 
 
 class Once:
-    """Replace `obj.name` by a function that raises `exc` on its first call, then is the original."""
+    """Replace `obj.name` by a function that raises `exc` on its first `times` calls, then is the
+    original."""
 
-    def __init__(self, obj, name: str, exc: BaseException) -> None:
+    def __init__(self, obj, name: str, exc: BaseException, times: int = 1) -> None:
         self.original = getattr(obj, name)
         self.exc = exc
+        self.times = times
         self.raised = 0
         setattr(obj, name, self)
 
     def __call__(self, *args, **kwargs):
-        if not self.raised:
+        if self.raised < self.times:
             self.raised += 1
             raise self.exc
         return self.original(*args, **kwargs)
@@ -131,3 +133,22 @@ def test_the_threads_end_when_the_node_closes(tmp_path):
     node.close()
     assert not any(t.is_alive() for t in threads)
     assert node.background_errors == {"gossip": 0, "scrub": 0}, "closing is not a fault"
+
+
+def test_an_expected_scrub_error_is_counted_and_logged_once(tmp_path, caplog):
+    from engine.errors import StorageFull
+
+    node = StorageNode(str(tmp_path / "n1"), NodeInfo("n1", "a"), Geometry(P), "vol", durable=False)
+    try:
+        caplog.set_level(logging.INFO, logger="sixfold.node")
+        node.handle("append", 0, records(10), 10)
+        injected = Once(node.store, "iter_log", StorageFull("node n1 is full: injected"), times=5)
+        node.start_background(gossip_interval_s=60, scrub_interval_s=0.02)
+        # The same cause five times in a row: counted five times, logged once; then once more when it clears.
+        assert wait_until(lambda: any("scrub works again" in r.getMessage() for r in caplog.records), DEADLINE_S)
+        assert injected.raised == 5 and node.handle("state").extra["background_expected_errors"]["scrub"] == 5
+        lines = [r.getMessage() for r in caplog.records if r.name == "sixfold.node" and "scrub failed" in r.getMessage()]
+        assert len(lines) == 1 and "StorageFull" in lines[0], lines
+        assert node.handle("state").extra["background_errors"] == {"gossip": 0, "scrub": 0}
+    finally:
+        node.close()

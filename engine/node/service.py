@@ -16,8 +16,8 @@ thread (real deployments) or a simulator (deterministic runs) drives:
 
 Failure policy of the background threads (`start_background`): a thread ends only when the node
 closes. An expected error (a `SixfoldError`, or an LMDB/OS error typed by `storage_error`) is
-counted, per peer for gossip (`gossip_peer_errors`), and logged once per change of cause, not
-once per round. An unexpected exception is a bug somewhere: it is logged with its traceback,
+counted (per peer for gossip: `gossip_peer_errors`; per thread: `background_expected_errors`)
+and logged once per change of cause, not once per round. An unexpected exception is a bug somewhere: it is logged with its traceback,
 counted per thread (`background_errors`, with `background_last_error`), and the thread carries
 on after a back-off that doubles per consecutive failure up to BACKOFF_S_MAX. All of it shows in
 the node's state (`NodeState.extra`).
@@ -86,6 +86,8 @@ class StorageNode:
         #: unexpected exceptions per background thread, and the last one as "thread: Class: message"
         self.background_errors = {"gossip": 0, "scrub": 0}
         self.background_last_error = ""
+        #: expected errors (SixfoldError, typed storage errors) that ended a background step
+        self.background_expected_errors = {"gossip": 0, "scrub": 0}
         #: expected errors of gossip, per peer; the cause last logged per peer (or thread)
         self.gossip_peer_errors: dict[str, int] = {}
         self._causes: dict[str, str] = {}
@@ -117,7 +119,7 @@ class StorageNode:
 
     def storage_error(self, what: str, exc: BaseException) -> SixfoldError:
         """The typed error for an LMDB or OS error met during `what` (logged once per cause)."""
-        if self.store._closed:
+        if self.store.closed:
             return Closed(f"node {self.id} stopped during {what}")
         cause = self.store.storage_full_cause(exc)
         if cause is not None:
@@ -157,6 +159,7 @@ class StorageNode:
         st.extra.update(
             rebuild=dict(self.rebuild), gossip_fetched_records=self.gossip_fetched_records,
             background_errors=dict(self.background_errors), background_last_error=self.background_last_error,
+            background_expected_errors=dict(self.background_expected_errors),
             gossip_peer_errors=dict(self.gossip_peer_errors),
         )
         return st
@@ -314,10 +317,11 @@ class StorageNode:
             try:
                 step()
             except Exception as e:  # noqa: BLE001 - sorted below; BaseException (exit) still ends the thread
-                if self._stop.is_set() or self.store._closed:
+                if self._stop.is_set() or self.store.closed:
                     return  # the node closed under the step: the thread ends with it
                 if isinstance(e, (SixfoldError, lmdb.Error, OSError)):
                     failures, delay = 0, interval_s
+                    self.background_expected_errors[name] += 1
                     self._note_cause(name, e if isinstance(e, SixfoldError) else self.storage_error(name, e))
                     continue
                 failures += 1

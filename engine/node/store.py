@@ -331,6 +331,11 @@ class SegmentStore:
         return None
 
     # --- helpers ----------------------------------------------------------------------------
+    @property
+    def closed(self) -> bool:
+        """True once close() ran (requests then raise Closed)."""
+        return self._closed
+
     def _get_u64(self, txn, key: bytes) -> int:
         raw = txn.get(key, db=self._meta)
         return _U64BE.unpack(raw)[0] if raw else 0
