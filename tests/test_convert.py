@@ -15,7 +15,17 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from engine import errors
-from engine.core.constants import FLAG_CPL, FLAG_DELETE, FLAG_PUT, KEY_BYTES_MAX, REPLICAS
+from engine.core.constants import (
+    EPOCH_MAX,
+    FLAG_CPL,
+    FLAG_DELETE,
+    FLAG_PUT,
+    KEY_BYTES_MAX,
+    LSN_VALID_MAX,
+    REPLICAS,
+    TRUNCATION_LSN_MAX,
+    U64_MAX,
+)
 from engine.core.types import (
     AppendReply,
     Membership,
@@ -33,6 +43,9 @@ from engine.transport import convert
 
 U64 = st.integers(0, (1 << 64) - 1)
 U32 = st.integers(0, (1 << 32) - 1)
+#: what a request may carry (replies carry any u64: they come from a node that checked)
+EPOCH = st.integers(0, EPOCH_MAX)
+LSN = st.integers(0, LSN_VALID_MAX)
 NODE = st.text("abcdefghijklmnopqrstuvwxyz0123456789-", min_size=1, max_size=8)
 KEY = st.binary(min_size=1, max_size=KEY_BYTES_MAX)
 VALUE = st.binary(max_size=256)
@@ -73,7 +86,8 @@ NODE_STATE = st.builds(
     NodeState,
     node=NODE, az=NODE, epoch=U64, scls=st.lists(U64, max_size=16).map(tuple), hint_lsn=U64, records=U64, bytes=U64,
     corrupt_found=U64, repaired=U64, truncations=st.lists(truncations(), max_size=4).map(tuple),
-    membership=st.one_of(st.none(), memberships()),
+    membership=st.one_of(st.none(), memberships()), conflicts_refused=U64, used_bytes=U64, capacity_bytes=U64,
+    space_low=st.booleans(),
     extra=st.dictionaries(st.text(max_size=8), st.one_of(st.integers(-(1 << 50), 1 << 50), st.booleans(), st.text(max_size=8)), max_size=4),
 )
 OPS = st.lists(
@@ -83,7 +97,7 @@ OPS = st.lists(
 
 
 # --- round trips ------------------------------------------------------------------------------
-@given(st.builds(AppendReply, NODE, st.lists(U64, max_size=64).map(tuple)))
+@given(st.builds(AppendReply, NODE, st.lists(U64, max_size=64).map(tuple), st.booleans()))
 def test_append_reply_round_trips(r):
     assert convert.append_reply_from_pb(wire(convert.append_reply_to_pb(r))) == r
 
@@ -117,9 +131,9 @@ def test_node_state_round_trips(s):
     assert back == s and back.extra == s.extra
 
 
-@given(U64, st.lists(truncations(), max_size=4), st.one_of(st.none(), memberships()))
+@given(EPOCH, st.lists(truncations(), max_size=4), st.one_of(st.none(), memberships()))
 def test_sync_epoch_request_round_trips(epoch, truncs, membership):
-    truncs = [TruncationRange(min(t.epoch, epoch), t.first, t.last) for t in truncs]
+    truncs = [TruncationRange(min(t.epoch, epoch), min(t.first, TRUNCATION_LSN_MAX), min(t.last, TRUNCATION_LSN_MAX)) for t in truncs]
     if membership is not None:
         membership = Membership(min(membership.epoch, epoch), membership.members, membership.next_members)
     m = wire(convert.sync_epoch_request_to_pb(epoch, truncs, membership))
@@ -129,20 +143,20 @@ def test_sync_epoch_request_round_trips(epoch, truncs, membership):
 @given(st.integers(1, 64), st.data())
 def test_read_request_round_trips(P, data):
     pg = data.draw(st.integers(0, P - 1))
-    read_point = data.draw(U64)
-    args = (pg, data.draw(KEY), read_point, data.draw(st.integers(0, read_point)), data.draw(U64))
+    read_point = data.draw(LSN)
+    args = (pg, data.draw(KEY), read_point, data.draw(st.integers(0, read_point)), data.draw(EPOCH))
     assert convert.read_args_from_pb(wire(convert.read_request_to_pb(*args)), P) == args
 
 
 @given(st.integers(1, 64), st.data())
 def test_scan_and_fetch_requests_round_trip(P, data):
     pg = data.draw(st.integers(0, P - 1))
-    rp = data.draw(U64)
+    rp = data.draw(LSN)
     scan = (pg, data.draw(st.binary(max_size=KEY_BYTES_MAX)), data.draw(st.one_of(st.none(), st.binary(max_size=KEY_BYTES_MAX))),
-            rp, data.draw(st.integers(0, rp)), data.draw(U32), data.draw(U64))
+            rp, data.draw(st.integers(0, rp)), data.draw(U32), data.draw(EPOCH))
     assert convert.scan_args_from_pb(wire(convert.scan_request_to_pb(*scan)), P) == scan
-    after = data.draw(U64)
-    fetch = (pg, after, data.draw(U64), data.draw(st.one_of(st.none(), st.integers(after, (1 << 64) - 1))))
+    after = data.draw(LSN)
+    fetch = (pg, after, data.draw(U64), data.draw(st.one_of(st.none(), st.integers(after, LSN_VALID_MAX))))
     assert convert.fetch_args_from_pb(wire(convert.fetch_request_to_pb(*fetch)), P) == fetch
 
 
@@ -307,3 +321,35 @@ def test_fields_that_parse_but_mean_nothing_are_refused():
         convert.unit_from_pb(kv_pb2.Unit(ops=[kv_pb2.Op(flags=FLAG_DELETE, key=b"k", value=b"v")]))
     with pytest.raises(errors.InvalidArgument):
         convert.unit_from_pb(kv_pb2.Unit())
+
+
+@pytest.mark.parametrize("value", [EPOCH_MAX + 1, 1 << 63, U64_MAX])
+def test_epochs_above_the_bound_are_refused(value):
+    membership = storage_pb2.Membership(epoch=value, members=[f"n{i}" for i in range(1, 7)])
+    for call in (
+        lambda: convert.append_args_from_pb(storage_pb2.AppendRequest(epoch=value)),
+        lambda: convert.seal_args_from_pb(storage_pb2.SealRequest(epoch=value)),
+        lambda: convert.sync_epoch_args_from_pb(storage_pb2.SyncEpochRequest(epoch=value)),
+        lambda: convert.sync_epoch_args_from_pb(storage_pb2.SyncEpochRequest(epoch=1, membership=membership)),
+        lambda: convert.read_args_from_pb(storage_pb2.ReadRequest(pg=0, key=b"k", epoch=value), 1),
+        lambda: convert.scan_args_from_pb(storage_pb2.SegmentScanRequest(pg=0, epoch=value), 1),
+    ):
+        with pytest.raises(errors.InvalidArgument, match="out of range"):
+            call()
+
+
+@pytest.mark.parametrize("value", [LSN_VALID_MAX + 1, 1 << 63, U64_MAX])
+def test_lsns_above_the_bound_are_refused(value):
+    for call in (
+        lambda: convert.append_args_from_pb(storage_pb2.AppendRequest(hint_lsn=value)),
+        lambda: convert.read_args_from_pb(storage_pb2.ReadRequest(pg=0, key=b"k", read_point=value), 1),
+        lambda: convert.scan_args_from_pb(storage_pb2.SegmentScanRequest(pg=0, read_point=value, required_lsn=value), 1),
+        lambda: convert.fetch_args_from_pb(storage_pb2.FetchRequest(pg=0, after_lsn=value), 1),
+        lambda: convert.fetch_args_from_pb(storage_pb2.FetchRequest(pg=0, upto_lsn=value), 1),
+        lambda: convert.corrupt_args_from_pb(storage_pb2.CorruptRequest(pg=0, lsn=value), 1),
+    ):
+        with pytest.raises(errors.InvalidArgument, match="out of range"):
+            call()
+    bad = storage_pb2.TruncationRange(epoch=1, first=1, last=TRUNCATION_LSN_MAX + 1)
+    with pytest.raises(errors.InvalidArgument, match="out of range"):
+        convert.sync_epoch_args_from_pb(storage_pb2.SyncEpochRequest(epoch=1, truncations=[bad]))

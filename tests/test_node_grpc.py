@@ -19,7 +19,7 @@ import pytest
 
 from engine import codec, errors
 from engine.cluster.testing import engine_env, free_base_port, spawn_node
-from engine.core.constants import FLAG_CPL, FLAG_PUT, KEY_BYTES_MAX
+from engine.core.constants import FLAG_CPL, FLAG_PUT, KEY_BYTES_MAX, LSN_VALID_MAX
 from engine.node.service import wait_until
 from engine.proto import storage_pb2, storage_pb2_grpc
 from engine.transport import convert
@@ -141,16 +141,18 @@ def test_epochs_fence_stale_writers_and_flag_newer_ones(node):
     heartbeat = frame_of()
     expect(grpc.StatusCode.FAILED_PRECONDITION, errors.StaleEpoch, s.Append, storage_pb2.AppendRequest(epoch=e - 1, frame=heartbeat))
     expect(grpc.StatusCode.ABORTED, errors.EpochBehind, s.Append, storage_pb2.AppendRequest(epoch=e + 1, frame=heartbeat))
-    expect(grpc.StatusCode.ABORTED, errors.EpochBehind, s.Append, storage_pb2.AppendRequest(epoch=U64_MAX, frame=heartbeat))
+    expect(grpc.StatusCode.ABORTED, errors.EpochBehind, s.Append, storage_pb2.AppendRequest(epoch=e + 1000, frame=heartbeat))
+    # Above the epoch bound: refused as an invalid argument (tests/test_node_boundary.py tries every field).
+    expect(grpc.StatusCode.INVALID_ARGUMENT, errors.InvalidArgument, s.Append, storage_pb2.AppendRequest(epoch=U64_MAX, frame=heartbeat))
     expect(grpc.StatusCode.FAILED_PRECONDITION, errors.StaleEpoch, s.SyncEpoch, storage_pb2.SyncEpochRequest(epoch=e - 1))
     # A reader at a newer epoch than the node's cannot be served by it.
     expect(grpc.StatusCode.OUT_OF_RANGE, errors.SegmentIncomplete, s.Read,
-           storage_pb2.ReadRequest(pg=0, key=b"k", read_point=U64_MAX, epoch=U64_MAX))
+           storage_pb2.ReadRequest(pg=0, key=b"k", read_point=LSN_VALID_MAX, epoch=e + 1))
     # The node's own epoch works: a real record is accepted and read back.
     rec = codec.encode_record(1, 0, 1, FLAG_PUT | FLAG_CPL, b"key", b"value")
     reply = s.Append(storage_pb2.AppendRequest(epoch=e, frame=frame_of(rec), hint_lsn=1), timeout=10, metadata=SOURCE)
     assert list(reply.scls) == [0, 1, 0, 0]
-    got = s.Read(storage_pb2.ReadRequest(pg=1, key=b"key", read_point=U64_MAX, required_lsn=1, epoch=e), timeout=10, metadata=SOURCE)
+    got = s.Read(storage_pb2.ReadRequest(pg=1, key=b"key", read_point=LSN_VALID_MAX, required_lsn=1, epoch=e), timeout=10, metadata=SOURCE)
     assert got.found and got.value == b"value" and got.lsn == 1
     expect(grpc.StatusCode.OUT_OF_RANGE, errors.SegmentIncomplete, s.Read,
            storage_pb2.ReadRequest(pg=2, key=b"key", read_point=5, required_lsn=5, epoch=e))

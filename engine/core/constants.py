@@ -52,10 +52,47 @@ FRAME_RECORDS_MAX = 1 << 20
 if not (FRAME_BYTES_MAX >= FRAME_HEADER_BYTES + RECORD_HEADER_BYTES + KEY_BYTES_MAX + VALUE_BYTES_MAX):
     raise AssertionError("the largest record must fit in a frame")
 
-LSN_MAX = (1 << 64) - 1
-PG_MAX = (1 << 32) - 1
+#: Widths of the wire and record fields: protobuf uint64/uint32, the record header's u64/u32.
+U64_MAX = (1 << 64) - 1
+U32_MAX = (1 << 32) - 1
+#: The record format's LSN field is a u64 (the codec accepts any value it can hold); what a
+#: volume *uses* is bounded far lower by LSN_VALID_MAX below.
+LSN_MAX = U64_MAX
+PG_MAX = U32_MAX
 #: LSN allocation limit: the writer never runs more than this many LSNs ahead of VDL.
 LAL_DEFAULT = 1 << 20
+#: The largest LAL a writer may be configured with.
+LAL_MAX = 1 << 32
+
+# Bounded integers. Every u64 a request carries is checked against one of the bounds below at
+# the boundary (engine.transport.convert for gRPC, SegmentStore for in-process callers), so no
+# arithmetic the engine does on a stored value can overflow a u64: `epoch + 1` (a writer's
+# seal), `hint + 1` and `after_lsn + 1` (seek keys), `lsn + LAL` (a truncation range's end),
+# `last + 1` (the next LSN after a recovery). The bounds are 2^62, far below 2^64, so that even
+# a sum of a bounded value and another bound stays below 2^63: it also fits a signed 64-bit
+# integer (JSON readers, a C `long long`). 2^62 LSNs last 14,000 years at ten million records a
+# second; epochs advance by one per writer recovery or membership step.
+#: The highest LSN of a record a segment accepts (and of a hint, read point or fetch bound).
+LSN_VALID_MAX = 1 << 62
+#: The highest end of a truncation range: recovery may cut one LAL beyond the highest record.
+TRUNCATION_LSN_MAX = LSN_VALID_MAX + LAL_MAX
+#: The highest epoch a segment adopts (Seal, SyncEpoch, a membership's epoch).
+EPOCH_MAX = 1 << 62
+#: The largest step a single Seal or SyncEpoch may raise a segment's epoch by. Legitimate
+#: writers step by one (a node that was down for a while may skip a few thousand); without this
+#: bound one request at EPOCH_MAX would leave no epoch for the next writer, and the volume would
+#: be bricked. With it, exhausting the epochs takes 2^30 accepted requests.
+EPOCH_STEP_MAX = 1 << 32
+if not (LAL_DEFAULT <= LAL_MAX):
+    raise AssertionError("the default LAL must be a valid LAL")
+if not (TRUNCATION_LSN_MAX + 1 < (1 << 63)):
+    raise AssertionError("a truncation range's end + 1 (the next LSN) must fit a signed 64-bit integer")
+if not (LSN_VALID_MAX + LAL_MAX + 1 < (1 << 63) and LSN_VALID_MAX + 1 <= U64_MAX):
+    raise AssertionError("lsn + LAL and after_lsn + 1 must never overflow a u64")
+if not (EPOCH_MAX + EPOCH_STEP_MAX < (1 << 63)):
+    raise AssertionError("epoch + 1 (and one step) must never overflow a u64")
+if not (EPOCH_STEP_MAX < EPOCH_MAX):
+    raise AssertionError("a single step must not reach EPOCH_MAX from 0")
 
 #: Operations in one atomic batch.
 BATCH_OPS_MAX = 10_000

@@ -163,6 +163,13 @@ class NodeState:
     truncations: tuple[TruncationRange, ...] = ()
     membership: Membership | None = None
     extra: dict = field(default_factory=dict, compare=False)
+    #: frames refused because they carried another record at an LSN the segment holds
+    conflicts_refused: int = 0
+    #: space (see `engine.node.store`): LMDB's high-water mark, what the data file can hold (map,
+    #: file size limit, disk), and whether the node is within its reserve (no room for new puts)
+    used_bytes: int = 0
+    capacity_bytes: int = 0
+    space_low: bool = False
 
 
 @dataclass(frozen=True)

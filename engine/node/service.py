@@ -13,11 +13,20 @@ thread (real deployments) or a simulator (deterministic runs) drives:
   decode checks them again.
 * `scrub_step()`: re-verify a bounded number of stored records against their CRC; a corrupt one
   is quarantined (dropped, SCL pulled back) and gossip refetches it from a healthy peer.
+
+Failure policy of the background threads (`start_background`): a thread ends only when the node
+closes. An expected error (a `SixfoldError`, or an LMDB/OS error typed by `storage_error`) is
+counted (per peer for gossip: `gossip_peer_errors`; per thread: `background_expected_errors`)
+and logged once per change of cause, not once per round. An unexpected exception is a bug somewhere: it is logged with its traceback,
+counted per thread (`background_errors`, with `background_last_error`), and the thread carries
+on after a back-off that doubles per consecutive failure up to BACKOFF_S_MAX. All of it shows in
+the node's state (`NodeState.extra`).
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import logging
 import random
 import threading
 import time
@@ -27,13 +36,17 @@ import lmdb
 
 from engine import codec
 from engine.core.types import Geometry, Membership, NodeInfo, NodeState, TruncationRange
-from engine.errors import Closed, CorruptRecord, InvalidArgument, ResourceExhausted, SixfoldError, StorageError
+from engine.errors import Closed, CorruptRecord, InvalidArgument, SixfoldError, StorageError, StorageFull
 from engine.node.store import FETCH_BYTES_MAX, SegmentStore
+
+log = logging.getLogger("sixfold.node")
 
 GOSSIP_INTERVAL_S = 0.2
 SCRUB_INTERVAL_S = 1.0
 SCRUB_RECORDS_PER_STEP = 1000
 GOSSIP_FRAMES_PER_STEP = 64  # bound on the repair work of one gossip step per peer
+#: Longest pause of a background thread after consecutive unexpected failures.
+BACKOFF_S_MAX = 5.0
 
 
 class StorageNode:
@@ -48,9 +61,10 @@ class StorageNode:
         *,
         durable: bool = True,
         map_bytes: int | None = None,
+        reserve_bytes: int | None = None,
         seed: int = 0,
     ) -> None:
-        kwargs = {"durable": durable}
+        kwargs = {"durable": durable, "reserve_bytes": reserve_bytes}
         if map_bytes:
             kwargs["map_bytes"] = map_bytes
         self.info = info
@@ -68,27 +82,56 @@ class StorageNode:
         #: repair by gossip: whether the last round found this node behind a peer, and how many
         #: records it has fetched since it started (a wiped node's rebuild shows up here)
         self.rebuild = {"active": False, "fetched_records": 0}
+        self._full_cause: str | None = None  # why the node was last full (logged once per cause)
+        #: unexpected exceptions per background thread, and the last one as "thread: Class: message"
+        self.background_errors = {"gossip": 0, "scrub": 0}
+        self.background_last_error = ""
+        #: expected errors (SixfoldError, typed storage errors) that ended a background step
+        self.background_expected_errors = {"gossip": 0, "scrub": 0}
+        #: expected errors of gossip, per peer; the cause last logged per peer (or thread)
+        self.gossip_peer_errors: dict[str, int] = {}
+        self._causes: dict[str, str] = {}
 
     @property
     def id(self) -> str:
         return self.info.id
 
     # --- requests (called through a transport) ----------------------------------------------
-    REQUESTS = frozenset({"append", "repair_append", "read", "scan", "seal", "sync_epoch", "fetch", "state", "corrupt"})
+    REQUESTS = frozenset({"append", "repair_append", "read", "scan", "seal", "sync_epoch", "fetch", "state", "corrupt", "scrub"})
 
     def handle(self, method: str, *args):
-        """Run request `method`; what a transport calls. A request racing the node's shutdown
-        gets Closed (the caller sees an unreachable node), never a raw LMDB error."""
+        """Run request `method`; what every transport calls (in-process directly, the gRPC
+        servicer for every RPC), so storage errors are typed the same on every path: a request
+        racing the node's shutdown gets Closed (the caller sees an unreachable node), no room
+        gets StorageFull, any other LMDB or OS error StorageError. Never a raw LMDB error."""
         if method not in self.REQUESTS:
             raise InvalidArgument(f"unknown request {method!r}")
         try:
-            return getattr(self, method)(*args)
-        except lmdb.MapFullError as e:
-            raise ResourceExhausted(f"node {self.id}: its LMDB map is full ({e}); give it a larger map_bytes") from e
-        except lmdb.Error as e:
-            if self.store._closed:
-                raise Closed(f"node {self.id} stopped during {method}") from None
-            raise StorageError(f"node {self.id}: storage error during {method}: {e}") from e
+            result = getattr(self, method)(*args)
+        except SixfoldError:
+            raise
+        except (lmdb.Error, OSError) as e:
+            raise self.storage_error(method, e) from e
+        if self._full_cause is not None and method in ("append", "repair_append"):
+            log.info("node %s: has room again (it was full: %s)", self.id, self._full_cause)
+            self._full_cause = None
+        return result
+
+    def storage_error(self, what: str, exc: BaseException) -> SixfoldError:
+        """The typed error for an LMDB or OS error met during `what` (logged once per cause)."""
+        if self.store.closed:
+            return Closed(f"node {self.id} stopped during {what}")
+        cause = self.store.storage_full_cause(exc)
+        if cause is not None:
+            if cause != self._full_cause:
+                log.warning("node %s is full: %s (during %s; it keeps serving reads)", self.id, cause, what)
+                self._full_cause = cause
+            return StorageFull(
+                f"node {self.id} is full: {cause}. It refused this {what} and changed nothing; reads still work, "
+                "and deletes fit in its reserve while writers hold new puts back"
+            )
+        log.error("node %s: storage error during %s: %s: %s", self.id, what, type(exc).__name__, exc)
+        return StorageError(f"node {self.id}: storage error during {what}: {type(exc).__name__}: {exc}")
 
     def append(self, epoch: int, frame: bytes, hint_lsn: int):
         return self.store.append(epoch, frame, hint_lsn)
@@ -113,11 +156,23 @@ class StorageNode:
 
     def state(self) -> NodeState:
         st = self.store.state()
-        st.extra.update(rebuild=dict(self.rebuild), gossip_fetched_records=self.gossip_fetched_records)
+        st.extra.update(
+            rebuild=dict(self.rebuild), gossip_fetched_records=self.gossip_fetched_records,
+            background_errors=dict(self.background_errors), background_last_error=self.background_last_error,
+            background_expected_errors=dict(self.background_expected_errors),
+            gossip_peer_errors=dict(self.gossip_peer_errors),
+        )
         return st
 
     def corrupt(self, pg: int, lsn: int | None, bit: int):
         return self.store.corrupt(pg, lsn, bit)
+
+    def scrub(self, records_max: int) -> int:
+        """Admin: scrub now; `records_max` 0 means one full pass over every PG."""
+        if records_max:
+            return self.scrub_step(records_max)
+        # A full pass: the first step may start mid-PG where the background scrub was.
+        return self.scrub_step(1 << 62) + self.scrub_step(1 << 62)
 
     # --- background duties ------------------------------------------------------------------
     def attach(self, transport, peers: Callable[[], Sequence[str]]) -> None:
@@ -138,8 +193,14 @@ class StorageNode:
                 break
             try:
                 fetched += self._gossip_with(peer)
-            except SixfoldError:
-                continue  # unreachable or busy peer: try the next; gossip is best effort
+            except SixfoldError as e:  # unreachable or busy peer: try the next; gossip is best effort
+                self.gossip_peer_errors[peer] = self.gossip_peer_errors.get(peer, 0) + 1
+                self._note_cause(f"gossip with {peer}", e)
+            except (lmdb.Error, OSError) as e:  # our own store failed while repairing from this peer
+                self.gossip_peer_errors[peer] = self.gossip_peer_errors.get(peer, 0) + 1
+                self._note_cause(f"gossip with {peer}", self.storage_error(f"gossip with {peer}", e))
+            else:
+                self._note_cause(f"gossip with {peer}", None)
         self.gossip_fetched_records += fetched
         self.rebuild["active"] = self._behind_any
         return fetched
@@ -234,23 +295,53 @@ class StorageNode:
         self._scrub_cursor = (pg, 0)
         return bad
 
+    def _note_cause(self, what: str, error: BaseException | None) -> None:
+        """Log an expected fault of `what` once per change of cause (its class); None: it works."""
+        cause = None if error is None else type(error).__name__
+        last = self._causes.get(what)
+        if cause == last:
+            return
+        if cause is None:
+            self._causes.pop(what, None)
+            log.info("node %s: %s works again (it failed with %s)", self.id, what, last)
+        else:
+            self._causes[what] = cause
+            log.warning("node %s: %s failed: %s: %s (counted; logged again only if the cause changes)", self.id, what, cause, error)
+
+    def _background(self, name: str, step: Callable[[], object], interval_s: float) -> None:
+        """The body of a background thread: run `step` every `interval_s` until the node closes,
+        under the failure policy of the module docstring."""
+        failures = 0
+        delay = interval_s
+        while not self._stop.wait(delay):
+            try:
+                step()
+            except Exception as e:  # noqa: BLE001 - sorted below; BaseException (exit) still ends the thread
+                if self._stop.is_set() or self.store.closed:
+                    return  # the node closed under the step: the thread ends with it
+                if isinstance(e, (SixfoldError, lmdb.Error, OSError)):
+                    failures, delay = 0, interval_s
+                    self.background_expected_errors[name] += 1
+                    self._note_cause(name, e if isinstance(e, SixfoldError) else self.storage_error(name, e))
+                    continue
+                failures += 1
+                self.background_errors[name] += 1
+                self.background_last_error = f"{name}: {type(e).__name__}: {e}"
+                delay = min(BACKOFF_S_MAX, max(interval_s, 0.05) * (1 << min(failures, 16)))
+                log.exception(
+                    "node %s: %s step failed unexpectedly (%d so far); it carries on in %.2f s", self.id, name,
+                    self.background_errors[name], delay,
+                )
+            else:
+                failures, delay = 0, interval_s
+                if name in self._causes:
+                    self._note_cause(name, None)
+
     def start_background(self, gossip_interval_s: float = GOSSIP_INTERVAL_S, scrub_interval_s: float = SCRUB_INTERVAL_S) -> None:
         """Run gossip and scrub in daemon threads until close()."""
-
-        def loop(step, interval):
-            while not self._stop.wait(interval):
-                try:
-                    step()
-                except SixfoldError:
-                    continue
-                except Exception:  # the store closed under us: the loop ends with the node
-                    if self._stop.is_set() or self.store._closed:
-                        return
-                    raise
-
         self._fetcher = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{self.id}-fetch")
         for name, step, interval in (("gossip", self.gossip_once, gossip_interval_s), ("scrub", self.scrub_step, scrub_interval_s)):
-            t = threading.Thread(target=loop, args=(step, interval), name=f"{self.id}-{name}", daemon=True)
+            t = threading.Thread(target=self._background, args=(name, step, interval), name=f"{self.id}-{name}", daemon=True)
             t.start()
             self._threads.append(t)
 

@@ -9,16 +9,27 @@ One LMDB environment per node holds one segment of every protection group:
 * `versions`  `pg (u32 BE) | key` -> duplicates `lsn (u64 BE)` (LMDB dupsort keeps them in LSN order):
               the key's versions, materialised as records arrive, even above SCL. A read at read
               point R takes the highest duplicate <= R and fetches the record from `log`.
-* `meta`      volume identity, epoch, writer's VDL hint, SCL per PG, truncation ranges, membership.
+* `meta`      volume identity (volume id, node, protection groups, and the folder's `format`:
+              NODE_FORMAT), epoch, writer's VDL hint, SCL per PG, truncation ranges, membership.
 
 An append is one write transaction (one fsync when durable) for a whole frame: records are kept
 whether or not they extend the chain; SCL advances along backlinks (`prev_lsn == SCL`) and stops at
 a hole, which gossip fills later. Records inside a truncation range are refused for ever: that is
 how records of a dead epoch stay dead, whoever sends them.
 
+One LSN names one record for ever. A record at an LSN the segment already holds must be the same
+bytes (a duplicate or re-send, which is normal and harmless); a different record refuses the whole
+frame with ConflictingRecord inside the write transaction, so nothing of it is written or indexed
+(`conflicts_refused` counts them). A held copy that fails its CRC is not a record any more: the
+sender's good copy replaces it.
+
 A record whose CRC fails when read (read, scan, fetch, scrub) is quarantined: removed from the log
 and the version index, counted, and SCL pulled back below it, so the segment stops claiming it and
 gossip refetches a good copy. It is never returned to a reader nor sent to a peer.
+
+One owner: the store holds an OS lock on its folder (`engine.ownership`, the file `LOCK`) from
+before LMDB is opened until it is closed, so a second open, from this process or another, raises
+FolderInUse naming the holder and changes nothing.
 
 Concurrency: one writer at a time (`_write_lock`, which also guards the in-memory mirror of meta);
 readers use LMDB read transactions and never block the writer.
@@ -26,8 +37,11 @@ readers use LMDB read transactions and never block the writer.
 
 from __future__ import annotations
 
+import errno
 import json
+import logging
 import os
+import resource
 import struct
 import threading
 import time
@@ -35,8 +49,8 @@ from collections.abc import Iterable, Sequence
 
 import lmdb
 
-from engine import codec
-from engine.core.constants import FLAG_DELETE
+from engine import codec, ownership
+from engine.core.constants import EPOCH_MAX, EPOCH_STEP_MAX, FLAG_DELETE, FRAME_BYTES_MAX, LSN_VALID_MAX, TRUNCATION_LSN_MAX
 from engine.core.types import (
     AppendReply,
     Geometry,
@@ -51,13 +65,18 @@ from engine.core.types import (
 )
 from engine.errors import (
     Closed,
+    ConflictingRecord,
     CorruptRecord,
     EpochBehind,
     GeometryMismatch,
+    InvalidArgument,
     SegmentIncomplete,
     StaleEpoch,
     UnknownProtectionGroup,
+    WrongFolder,
 )
+
+log = logging.getLogger("sixfold.store")
 
 _U64BE = struct.Struct(">Q")
 _U32BE = struct.Struct(">I")
@@ -65,13 +84,45 @@ _PREV_AT = struct.Struct("<Q")  # prev_lsn lives at byte 16 of a record
 _HDR = struct.Struct("<IIQQIB")  # crc, total_len, lsn, prev_lsn, pg, flags
 
 MAP_BYTES_DEFAULT = 32 << 30
+#: The default space reserve is at least capacity / RESERVE_FRACTION (see reserve_bytes).
+RESERVE_FRACTION = 16
+#: How often the node re-measures its capacity (the disk's free bytes change under it).
+SPACE_REFRESH_S = 1.0
+#: A filesystem with less free room than this is full for the purpose of classifying a short write.
+FREE_BYTES_FLOOR = 1 << 20
+#: errno values that mean "no room" (disk full, file size limit, quota).
+FULL_ERRNOS = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
 SCAN_ENTRIES_MAX = 10_000
 FETCH_BYTES_MAX = 8 << 20
 SCL_PERSIST_S = 0.25
+#: Version of the node folder's layout (tables, keys, meta entries, record bytes), recorded in the
+#: folder's identity (`meta/volume`, key "format"). Each change of layout raises it and comes with
+#: an upgrade path in `_check_identity`. History: 0 = the first release, which wrote no "format"
+#: key; 1 = the same layout, with the key (the upgrade only writes it).
+NODE_FORMAT = 1
 
 
 def _scl_key(pg: int) -> bytes:
     return b"scl/" + _U32BE.pack(pg)
+
+
+def _bounded(value, bound: int, what: str) -> int:
+    """`value` if it is an int in 0..bound, else InvalidArgument (nothing is changed).
+
+    The gRPC adapter checks the same bounds; this check is for in-process callers, and it is
+    what makes `epoch + 1`, `hint + 1` and `after_lsn + 1` safe below (engine.core.constants)."""
+    if not isinstance(value, int) or not 0 <= value <= bound:
+        raise InvalidArgument(f"{what} {value!r} is out of range 0..{bound}")
+    return value
+
+
+def _check_epoch_step(node: str, current: int, epoch: int) -> None:
+    """Refuse a jump of more than EPOCH_STEP_MAX: one request must not use up the epochs."""
+    if epoch - current > EPOCH_STEP_MAX:
+        raise InvalidArgument(
+            f"node {node} is at epoch {current}; epoch {epoch} is more than {EPOCH_STEP_MAX} ahead "
+            "(writers step epochs by one)"
+        )
 
 
 class SegmentStore:
@@ -87,13 +138,32 @@ class SegmentStore:
         *,
         durable: bool = True,
         map_bytes: int = MAP_BYTES_DEFAULT,
+        reserve_bytes: int | None = None,
     ) -> None:
+        if reserve_bytes is not None and (not isinstance(reserve_bytes, int) or reserve_bytes < 0):
+            raise InvalidArgument(f"reserve_bytes {reserve_bytes!r} must be a non-negative integer")
         os.makedirs(path, exist_ok=True)
         self.path = path
         self.node_id = node_id
         self.az = az
         self.geometry = geometry
         self.durable = durable
+        self.env = None
+        # One owner per node folder (engine.ownership): LMDB lets a second process (or a second
+        # open in this one) use the same files, and nothing in the protocol could fence two nodes
+        # writing one segment. Taken before LMDB is touched, so a refused open changes nothing.
+        self._owner = ownership.hold(path, "node folder")
+        try:
+            self._open(volume_id, map_bytes, reserve_bytes)
+        except BaseException:
+            if self.env is not None:
+                self.env.close()
+            self._owner.release()
+            raise
+
+    def _open(self, volume_id: str, map_bytes: int, reserve_bytes: int | None) -> None:
+        """Open LMDB, check (or write) the folder's identity, load the meta mirror."""
+        path, node_id, geometry, durable = self.path, self.node_id, self.geometry, self.durable
         self.env = lmdb.open(
             path,
             map_size=map_bytes,
@@ -110,19 +180,7 @@ class SegmentStore:
         self._closed = False
         P = geometry.protection_groups
         with self.env.begin(write=True) as txn:
-            raw = txn.get(b"volume", db=self._meta)
-            identity = {"volume_id": volume_id, "node": node_id, "protection_groups": P}
-            if raw is None:
-                txn.put(b"volume", json.dumps(identity, sort_keys=True).encode(), db=self._meta)
-            else:
-                stored = json.loads(raw)
-                if stored.get("protection_groups") != P or stored.get("volume_id") != volume_id:
-                    self.env.close()
-                    raise GeometryMismatch(
-                        f"node folder {path} holds volume {stored.get('volume_id')} with "
-                        f"{stored.get('protection_groups')} protection groups; asked for volume {volume_id} "
-                        f"with {P}"
-                    )
+            upgraded_from = self._check_identity(txn, volume_id)
             self.epoch = self._get_u64(txn, b"epoch")
             self.hint_lsn = self._get_u64(txn, b"hint")
             self.scls = [self._get_u64(txn, _scl_key(pg)) for pg in range(P)]
@@ -134,7 +192,8 @@ class SegmentStore:
                 m = json.loads(raw)
                 self.membership = Membership(m["epoch"], tuple(m["members"]), tuple(m["next"]) if m["next"] else None)
             raw = txn.get(b"counters", db=self._meta)
-            self.counters = json.loads(raw) if raw else {"corrupt_found": 0, "repaired": 0}
+            self.counters = {"corrupt_found": 0, "repaired": 0, "conflicts_refused": 0}
+            self.counters.update(json.loads(raw) if raw else {})
             raw = txn.get(b"damaged", db=self._meta)
             #: per PG, LSNs whose copy here was lost to corruption and not yet refetched. While a PG
             #: has any, this segment does not answer quorum reads for it: a lost copy breaks the
@@ -142,6 +201,8 @@ class SegmentStore:
             self.damaged: list[set[int]] = [set() for _ in range(P)]
             for pg, lsns in (json.loads(raw) if raw else {}).items():
                 self.damaged[int(pg)] = set(lsns)
+        if upgraded_from is not None:
+            log.info("node %s: upgraded node folder %s from format %d to format %d", self.node_id, self.path, upgraded_from, NODE_FORMAT)
         self._truncated_max = max((t.last for t in self.truncations), default=0)
         # Appends persist SCLs lazily (see append), so the stored ones may lag: walk forward.
         with self.env.begin() as txn:
@@ -150,8 +211,131 @@ class SegmentStore:
             for pg in range(P):
                 self._walk_scl(txn, pg)
         self._persisted_at = 0.0
+        self._page_bytes = self.env.stat()["psize"]
+        self._reserve_bytes_option = reserve_bytes
+        self._capacity_bytes, self._capacity_at = self._capacity_now(), time.monotonic()
+
+    def _check_identity(self, txn, volume_id: str) -> int | None:
+        """Write a new folder's identity, or check an existing one: its format (upgrading an older
+        one in place), its volume and geometry. Raises inside the open's write transaction, so a
+        refused folder is left exactly as it was. Returns the format upgraded from, if any."""
+        P = self.geometry.protection_groups
+        identity = {"volume_id": volume_id, "node": self.node_id, "protection_groups": P, "format": NODE_FORMAT}
+        raw = txn.get(b"volume", db=self._meta)
+        if raw is None:
+            txn.put(b"volume", json.dumps(identity, sort_keys=True).encode(), db=self._meta)
+            return None
+        try:
+            stored = json.loads(raw)
+        except ValueError:
+            stored = None
+        if not isinstance(stored, dict):
+            raise WrongFolder(f"folder {self.path} holds LMDB data but no node identity Sixfold can read: {bytes(raw)[:80]!r}")
+        fmt = stored.get("format", 0)  # format 0: the first release wrote no "format" key
+        if type(fmt) is not int or fmt < 0:
+            raise WrongFolder(f"node folder {self.path} records format {fmt!r}, which is not a format version")
+        if fmt > NODE_FORMAT:
+            from engine import __version__
+
+            raise WrongFolder(
+                f"node folder {self.path} has node format {fmt}, written by a newer Sixfold release; this release "
+                f"({__version__}) reads node formats up to {NODE_FORMAT}. Serve it with the release that wrote it "
+                "(or a newer one); nothing was changed."
+            )
+        if stored.get("protection_groups") != P or stored.get("volume_id") != volume_id:
+            raise GeometryMismatch(
+                f"node folder {self.path} holds volume {stored.get('volume_id')} with "
+                f"{stored.get('protection_groups')} protection groups; asked for volume {volume_id} with {P}"
+            )
+        if fmt < NODE_FORMAT:
+            # Format 0 -> 1 changed no table, key or record: only the version is recorded. A later
+            # format adds its conversion here, inside this same transaction (all or nothing).
+            txn.put(b"volume", json.dumps(dict(stored, format=NODE_FORMAT), sort_keys=True).encode(), db=self._meta)
+            return fmt
+        return None
+
+    # --- space --------------------------------------------------------------------------------
+    def _data_file(self) -> str:
+        return os.path.join(self.path, "data.mdb")
+
+    def _capacity_now(self) -> int:
+        """The most this node's data file can hold: the smallest of its LMDB map, the process's
+        file size limit, and what its filesystem has room for (the file as it is plus the free
+        bytes an unprivileged writer may still use)."""
+        limits = [self.env.info()["map_size"]]
+        soft, _hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+        if soft != resource.RLIM_INFINITY:
+            limits.append(soft)
+        try:
+            fs = os.statvfs(self.path)
+            limits.append(os.path.getsize(self._data_file()) + fs.f_bavail * fs.f_frsize)
+        except OSError:
+            pass  # the map and the limit still bound it
+        return min(limits)
+
+    def reserve_bytes(self, capacity_bytes: int) -> int:
+        """Room kept for what must still land when the node reports `space_low`.
+
+        Default: max(capacity / 16, min(2 frames, capacity / 4)). Once a writer hears space_low it
+        admits no new puts, but records it already logged must still land here (refusing part of
+        its log would stall it): at most a frame in flight and one being built, each up to
+        FRAME_BYTES_MAX, and LMDB's copy-on-write needs the pages a transaction touches twice until
+        it commits. Deletes are records too (small ones) and must keep working, so a full volume
+        can be emptied: a sixteenth of a large node is kept for them."""
+        if self._reserve_bytes_option is not None:
+            return self._reserve_bytes_option
+        return max(capacity_bytes // RESERVE_FRACTION, min(2 * FRAME_BYTES_MAX, capacity_bytes // 4))
+
+    def space(self) -> tuple[int, int, bool]:
+        """(used_bytes, capacity_bytes, space_low). Used is LMDB's high-water mark (last page + 1
+        times the page size): conservative, as pages freed inside the file are not counted back.
+        The capacity is re-measured at most every SPACE_REFRESH_S (a statvfs and a getrlimit)."""
+        now = time.monotonic()
+        if now - self._capacity_at >= SPACE_REFRESH_S:
+            self._capacity_bytes, self._capacity_at = self._capacity_now(), now
+        used = (self.env.info()["last_pgno"] + 1) * self._page_bytes
+        capacity = self._capacity_bytes
+        return used, capacity, capacity - used < self.reserve_bytes(capacity)
+
+    def storage_full_cause(self, exc: BaseException) -> str | None:
+        """Why `exc`, an LMDB or OS error of a write, means "no room here"; None if it does not.
+
+        py-lmdb raises MapFullError for a full map, and a plain lmdb.Error carrying the errno's
+        text otherwise. LMDB reports a *short* write (the data file reached RLIMIT_FSIZE, or the
+        disk filled in the middle of a write) as EIO, so an EIO counts as full when the file is
+        at its size limit or the filesystem is out of free bytes."""
+        if isinstance(exc, lmdb.MapFullError):
+            return f"its LMDB map of {self.env.info()['map_size']} bytes is full"
+        if isinstance(exc, OSError) and exc.errno in FULL_ERRNOS:
+            return os.strerror(exc.errno)
+        if not isinstance(exc, lmdb.Error):
+            return None
+        text = str(exc)
+        for code in FULL_ERRNOS:
+            if os.strerror(code) in text:
+                return os.strerror(code)
+        if isinstance(exc, lmdb.DiskError):
+            return os.strerror(errno.ENOSPC)
+        if os.strerror(errno.EIO) not in text:
+            return None
+        soft, _hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+        try:
+            size = os.path.getsize(self._data_file())
+            fs = os.statvfs(self.path)
+        except OSError:
+            return None
+        if soft != resource.RLIM_INFINITY and size + self._page_bytes > soft:
+            return f"its data file reached the file size limit of {soft} bytes (RLIMIT_FSIZE)"
+        if fs.f_bavail * fs.f_frsize < FREE_BYTES_FLOOR:
+            return f"its filesystem has {fs.f_bavail * fs.f_frsize} bytes free"
+        return None
 
     # --- helpers ----------------------------------------------------------------------------
+    @property
+    def closed(self) -> bool:
+        """True once close() ran (requests then raise Closed)."""
+        return self._closed
+
     def _get_u64(self, txn, key: bytes) -> int:
         raw = txn.get(key, db=self._meta)
         return _U64BE.unpack(raw)[0] if raw else 0
@@ -169,12 +353,13 @@ class SegmentStore:
     def _is_truncated(self, lsn: int) -> bool:
         return lsn <= self._truncated_max and any(t.covers(lsn) for t in self.truncations)
 
-    def _walk_scl(self, txn, pg: int, scls: list[int] | None = None) -> None:
+    def _walk_scl(self, txn, pg: int, scls: list[int] | None = None, max_lsn: list[int] | None = None) -> None:
         """Advance SCL of `pg` (in `scls`, default the live list) along backlinks through records
-        already in the log, as this transaction sees it."""
+        already in the log, as this transaction sees it (`max_lsn`: the highest LSNs it holds)."""
         scls = self.scls if scls is None else scls
+        max_lsn = self.max_lsn if max_lsn is None else max_lsn
         scl = scls[pg]
-        if self.max_lsn[pg] <= scl:
+        if max_lsn[pg] <= scl:
             return
         prefix = _U32BE.pack(pg)
         cur = txn.cursor(db=self._log)
@@ -201,73 +386,129 @@ class SegmentStore:
         records as `codec.index_frame` returned them, when the caller already indexed (and so
         verified) the frame."""
         self._check_open()
-        if not repair:
-            self._fence(epoch)
+        _bounded(epoch, EPOCH_MAX, "epoch")
+        _bounded(hint_lsn, LSN_VALID_MAX, "hint_lsn")
         if items is None:
             items = codec.index_frame(frame)  # CorruptRecord: rejected whole, nothing written
+        # A frame's LSNs strictly increase (the decoder checks it) and prev_lsn < lsn, so the
+        # last record bounds them all.
+        if items and items[-1].lsn > LSN_VALID_MAX:
+            raise InvalidArgument(
+                f"record lsn {items[-1].lsn} is above the highest valid LSN {LSN_VALID_MAX}; the frame is refused whole"
+            )
         P = self.geometry.protection_groups
         for it in items:
             if it.pg >= P:
                 raise UnknownProtectionGroup(f"record lsn {it.lsn} names protection group {it.pg}; this volume has {P}")
+        if not repair:
+            self._fence(epoch)
         with self._write_lock:
             self._check_open()
             if not repair:
                 self._fence(epoch)
-            if not items and hint_lsn <= self.hint_lsn:
-                return AppendReply(self.node_id, tuple(self.scls))  # a heartbeat: nothing to persist
-            touched = set()
+            if not items and hint_lsn <= self.hint_lsn:  # a heartbeat: nothing to persist
+                return AppendReply(self.node_id, tuple(self.scls), self.space()[2])
             if items and items[0].lsn <= self._truncated_max:
                 items = [it for it in items if not self._is_truncated(it.lsn)]
-            with self.env.begin(write=True) as txn:
-                if items:
-                    # One C loop per table. Re-sent records are harmless: the log keeps the copy
-                    # it has (overwrite=False) and a dupsort table stores an identical pair once.
-                    cur = txn.cursor(db=self._log)
-                    cur.putmulti([(it.log_key, it.record) for it in items], overwrite=False)
-                    cur = txn.cursor(db=self._versions)
-                    cur.putmulti([(it.version_key, it.log_key[4:]) for it in items], dupdata=True)
-                # SCLs are computed on a copy and published only after the commit, so nobody is
-                # ever told a segment holds what it has not yet durably written.
-                scls, max_lsn = list(self.scls), self.max_lsn
-                if any(self.damaged):
-                    healed = [(it.pg, it.lsn) for it in items if it.lsn in self.damaged[it.pg]]
-                    for pg, lsn in healed:
-                        self.damaged[pg].discard(lsn)
-                    if healed:
-                        self._put_damaged(txn)
-                for it in items:
-                    pg = it.pg
-                    if it.prev_lsn == scls[pg] and it.lsn > scls[pg]:
-                        scls[pg] = it.lsn  # the common case: the frame extends the chain
-                    if it.lsn > max_lsn[pg]:
-                        max_lsn[pg] = it.lsn
-                    touched.add(pg)
-                for pg in sorted(touched):
-                    self._walk_scl(txn, pg, scls)
-                # SCLs and the hint are persisted at most every SCL_PERSIST_S: a stored SCL is only
-                # a lower bound that opening walks forward from, and the hint only bounds how much
-                # a seal summarises. Skipping the meta table keeps most commits to two tables.
-                now = time.monotonic()
-                if now - self._persisted_at >= SCL_PERSIST_S or not items:
-                    self._persisted_at = now
-                    for pg, scl in enumerate(scls):
-                        txn.put(_scl_key(pg), _U64BE.pack(scl), db=self._meta)
-                    txn.put(b"hint", _U64BE.pack(max(hint_lsn, self.hint_lsn)), db=self._meta)
-            self.scls = scls
+            # Everything is computed on copies and published only after the commit, so nobody is
+            # ever told a segment holds what it has not durably written, and a refused or failed
+            # transaction leaves the in-memory mirror as it was.
+            scls, max_lsn = list(self.scls), list(self.max_lsn)
+            healed: list[tuple[int, int]] = []
+            try:
+                with self.env.begin(write=True) as txn:
+                    if items:
+                        # One C loop per table. The log keeps the copy it has (overwrite=False);
+                        # `added` says whether every record was new, so the common case costs
+                        # nothing more. A dupsort table stores an identical pair once.
+                        cur = txn.cursor(db=self._log)
+                        _consumed, added = cur.putmulti([(it.log_key, it.record) for it in items], overwrite=False)
+                        if added < len(items):
+                            self._check_held_copies(txn, items)  # ConflictingRecord aborts the transaction
+                        cur = txn.cursor(db=self._versions)
+                        cur.putmulti([(it.version_key, it.log_key[4:]) for it in items], dupdata=True)
+                    if any(self.damaged):
+                        healed = [(it.pg, it.lsn) for it in items if it.lsn in self.damaged[it.pg]]
+                        if healed:
+                            self._put_damaged(txn, without=healed)
+                    touched = set()
+                    for it in items:
+                        pg = it.pg
+                        if it.prev_lsn == scls[pg] and it.lsn > scls[pg]:
+                            scls[pg] = it.lsn  # the common case: the frame extends the chain
+                        if it.lsn > max_lsn[pg]:
+                            max_lsn[pg] = it.lsn
+                        touched.add(pg)
+                    for pg in sorted(touched):
+                        self._walk_scl(txn, pg, scls, max_lsn)
+                    # SCLs and the hint are persisted at most every SCL_PERSIST_S: a stored SCL is
+                    # only a lower bound that opening walks forward from, and the hint only bounds
+                    # how much a seal summarises. Skipping the meta table keeps most commits to two
+                    # tables.
+                    now = time.monotonic()
+                    persist = now - self._persisted_at >= SCL_PERSIST_S or not items
+                    if persist:
+                        for pg, scl in enumerate(scls):
+                            txn.put(_scl_key(pg), _U64BE.pack(scl), db=self._meta)
+                        txn.put(b"hint", _U64BE.pack(max(hint_lsn, self.hint_lsn)), db=self._meta)
+            except ConflictingRecord as e:
+                self._count_conflict(e, "repair (gossip or re-replication)" if repair else f"a writer at epoch {epoch}")
+                raise
+            if persist:
+                self._persisted_at = now
+            for pg, lsn in healed:
+                self.damaged[pg].discard(lsn)
+            self.scls, self.max_lsn = scls, max_lsn
             if hint_lsn > self.hint_lsn:
                 self.hint_lsn = hint_lsn
-            return AppendReply(self.node_id, tuple(self.scls))
+            return AppendReply(self.node_id, tuple(self.scls), self.space()[2])
+
+    def _check_held_copies(self, txn, items) -> None:
+        """Some records of the frame were already held: each must be the very same bytes (a
+        re-send). A different record at a held LSN raises ConflictingRecord, which aborts the
+        transaction: nothing of the frame is written or indexed. A held copy that fails its CRC
+        is not a record any more: the sender's good copy replaces it, as gossip would refill it
+        after a quarantine."""
+        for it in items:
+            held = txn.get(it.log_key, db=self._log)
+            if held == it.record:
+                continue  # new (just put) or an identical re-send
+            try:
+                old = codec.decode_record(held)
+            except CorruptRecord:
+                self._remove(txn, it.log_key, held)
+                txn.put(it.log_key, it.record, db=self._log)
+                continue
+            raise ConflictingRecord(
+                f"node {self.node_id}: pg {it.pg} already holds a different record at LSN {it.lsn} "
+                f"(key {old.key[:32]!r}, prev_lsn {old.prev_lsn}; the frame's has key {it.version_key[4:][:32]!r}, "
+                f"prev_lsn {it.prev_lsn}); one LSN names one record for ever, so the frame is refused whole"
+            )
+
+    def _count_conflict(self, e: ConflictingRecord, sender: str) -> None:
+        """Count a refused frame in the persisted counters and log it once (under _write_lock)."""
+        self.counters["conflicts_refused"] = self.counters.get("conflicts_refused", 0) + 1
+        log.warning("node %s: refused a frame from %s: %s", self.node_id, sender, e)
+        try:
+            with self.env.begin(write=True) as txn:
+                txn.put(b"counters", json.dumps(self.counters).encode(), db=self._meta)
+        except lmdb.Error as err:  # the refusal stands; only its count may be lost at a restart
+            log.warning("node %s: could not persist the conflict count: %s", self.node_id, err)
 
     def seal(self, epoch: int) -> SealReply:
         """Raise the epoch and summarise every segment, atomically (one write transaction)."""
         self._check_open()
+        _bounded(epoch, EPOCH_MAX, "epoch")
         with self._write_lock:
+            self._check_open()
             if epoch <= self.epoch:
                 raise StaleEpoch(f"node {self.node_id} is already at epoch {self.epoch}; cannot seal at {epoch}")
+            _check_epoch_step(self.node_id, self.epoch, epoch)
             with self.env.begin(write=True) as txn:
-                self.epoch = epoch
                 txn.put(b"epoch", _U64BE.pack(epoch), db=self._meta)
                 segments = tuple(self._summary(txn, pg) for pg in range(self.geometry.protection_groups))
+            # Published only once committed: a seal that failed to persist fences nobody.
+            self.epoch = epoch
             return SealReply(self.node_id, epoch, segments, tuple(self.truncations))
 
     def _summary(self, txn, pg: int) -> SegmentSummary:
@@ -297,31 +538,47 @@ class SegmentStore:
     def sync_epoch(self, epoch: int, truncations: Sequence[TruncationRange], membership: Membership | None = None) -> NodeState:
         """Adopt `epoch` (>= ours), its truncation ranges and membership; cut truncated records."""
         self._check_open()
+        _bounded(epoch, EPOCH_MAX, "epoch")
+        for t in truncations:
+            _bounded(t.epoch, EPOCH_MAX, "truncation range epoch")
+            _bounded(t.last, TRUNCATION_LSN_MAX, "truncation range last LSN")
+        if membership is not None:
+            _bounded(membership.epoch, EPOCH_MAX, "membership epoch")
         with self._write_lock:
+            self._check_open()
             if epoch < self.epoch:
                 raise StaleEpoch(f"node {self.node_id} is at epoch {self.epoch}; cannot go back to {epoch}")
+            _check_epoch_step(self.node_id, self.epoch, epoch)
             new = [t for t in truncations if t not in self.truncations]
+            adopt = membership is not None and (self.membership is None or membership.epoch >= self.membership.epoch)
+            # Computed on copies, published once committed: a failed transaction changes nothing.
+            all_truncations = sorted(set(self.truncations) | set(new), key=lambda t: (t.first, t.epoch)) if new else self.truncations
+            scls, max_lsn = list(self.scls), list(self.max_lsn)
             with self.env.begin(write=True) as txn:
                 if epoch > self.epoch:
-                    self.epoch = epoch
                     txn.put(b"epoch", _U64BE.pack(epoch), db=self._meta)
                 if new:
-                    self.truncations = sorted(set(self.truncations) | set(new), key=lambda t: (t.first, t.epoch))
-                    self._truncated_max = max(t.last for t in self.truncations)
-                    txn.put(b"truncations", json.dumps([[t.epoch, t.first, t.last] for t in self.truncations]).encode(), db=self._meta)
+                    txn.put(b"truncations", json.dumps([[t.epoch, t.first, t.last] for t in all_truncations]).encode(), db=self._meta)
                     for pg in range(self.geometry.protection_groups):
-                        self._cut(txn, pg, new)
-                if membership is not None and (self.membership is None or membership.epoch >= self.membership.epoch):
-                    self.membership = membership
+                        self._cut(txn, pg, new, scls, max_lsn)
+                if adopt:
                     txn.put(
                         b"membership",
                         json.dumps({"epoch": membership.epoch, "members": membership.members, "next": membership.next_members}).encode(),
                         db=self._meta,
                     )
+            self.epoch = max(self.epoch, epoch)
+            if new:
+                self.truncations = all_truncations
+                self._truncated_max = max(t.last for t in all_truncations)
+                self.scls, self.max_lsn = scls, max_lsn
+            if adopt:
+                self.membership = membership
         return self.state()
 
-    def _cut(self, txn, pg: int, ranges: Iterable[TruncationRange]) -> None:
-        """Remove the records of `pg` inside `ranges`; pull SCL below the first cut, then re-walk."""
+    def _cut(self, txn, pg: int, ranges: Iterable[TruncationRange], scls: list[int], max_lsn: list[int]) -> None:
+        """Remove the records of `pg` inside `ranges`; pull SCL below the first cut, then re-walk
+        (in `scls` and `max_lsn`, the caller's copies)."""
         prefix = _U32BE.pack(pg)
         lowest_cut = None
         for r in ranges:
@@ -338,11 +595,11 @@ class SegmentStore:
             if doomed:
                 lsn0 = _U64BE.unpack(doomed[0][0][4:])[0]
                 lowest_cut = lsn0 if lowest_cut is None else min(lowest_cut, lsn0)
-        if lowest_cut is not None and self.scls[pg] >= lowest_cut:
-            self._pull_scl_below(txn, pg, lowest_cut)
-        self.max_lsn[pg] = self._highest_in_txn(txn, pg)
-        self._walk_scl(txn, pg)
-        txn.put(_scl_key(pg), _U64BE.pack(self.scls[pg]), db=self._meta)
+        if lowest_cut is not None and scls[pg] >= lowest_cut:
+            self._pull_scl_below(txn, pg, lowest_cut, scls)
+        max_lsn[pg] = self._highest_in_txn(txn, pg)
+        self._walk_scl(txn, pg, scls, max_lsn)
+        txn.put(_scl_key(pg), _U64BE.pack(scls[pg]), db=self._meta)
 
     def _remove(self, txn, log_k: bytes, rec: bytes) -> None:
         """Delete one record and its version entry. The key comes from the record itself; if the
@@ -365,8 +622,8 @@ class SegmentStore:
                     cur.delete()
                     return
 
-    def _pull_scl_below(self, txn, pg: int, lsn: int) -> None:
-        """SCL becomes the highest LSN of `pg` held below `lsn` (those were all on the chain)."""
+    def _pull_scl_below(self, txn, pg: int, lsn: int, scls: list[int]) -> None:
+        """SCL of `pg` in `scls` becomes the highest LSN held below `lsn` (those were all on the chain)."""
         prefix = _U32BE.pack(pg)
         cur = txn.cursor(db=self._log)
         scl = 0
@@ -375,7 +632,7 @@ class SegmentStore:
                 scl = _U64BE.unpack(cur.key()[4:])[0]
         elif cur.last() and cur.key()[:4] == prefix:
             scl = min(_U64BE.unpack(cur.key()[4:])[0], lsn - 1)
-        self.scls[pg] = min(self.scls[pg], scl)
+        scls[pg] = min(scls[pg], scl)
 
     def _highest_in_txn(self, txn, pg: int) -> int:
         cur = txn.cursor(db=self._log)
@@ -403,22 +660,33 @@ class SegmentStore:
                 except CorruptRecord:
                     pass
                 self._remove(txn, k, rec)
-                if self.scls[pg] >= lsn:
-                    self._pull_scl_below(txn, pg, lsn)
-                    txn.put(_scl_key(pg), _U64BE.pack(self.scls[pg]), db=self._meta)
-                self.max_lsn[pg] = self._highest_in_txn(txn, pg)
-                self.damaged[pg].add(lsn)
-                self._put_damaged(txn)
-                self.counters["corrupt_found"] += 1
-                txn.put(b"counters", json.dumps(self.counters).encode(), db=self._meta)
+                scls, max_lsn = list(self.scls), list(self.max_lsn)
+                if scls[pg] >= lsn:
+                    self._pull_scl_below(txn, pg, lsn, scls)
+                    txn.put(_scl_key(pg), _U64BE.pack(scls[pg]), db=self._meta)
+                max_lsn[pg] = self._highest_in_txn(txn, pg)
+                damaged = [set(d) for d in self.damaged]
+                damaged[pg].add(lsn)
+                txn.put(b"damaged", json.dumps({p: sorted(d) for p, d in enumerate(damaged) if d}).encode(), db=self._meta)
+                counters = dict(self.counters, corrupt_found=self.counters["corrupt_found"] + 1)
+                txn.put(b"counters", json.dumps(counters).encode(), db=self._meta)
+            # Published once committed (a failed quarantine leaves the copy for the next reader).
+            self.scls, self.max_lsn, self.damaged, self.counters = scls, max_lsn, damaged, counters
+            log.warning("node %s: record %d of pg %d failed its CRC; quarantined for gossip to refetch", self.node_id, lsn, pg)
 
-    def _put_damaged(self, txn) -> None:
-        txn.put(b"damaged", json.dumps({pg: sorted(d) for pg, d in enumerate(self.damaged) if d}).encode(), db=self._meta)
+    def _put_damaged(self, txn, without: Sequence[tuple[int, int]] = ()) -> None:
+        """Persist the damaged LSNs, less `without` ((pg, lsn) pairs healed by this transaction)."""
+        gone = set(without)
+        damaged = {pg: sorted(lsn for lsn in d if (pg, lsn) not in gone) for pg, d in enumerate(self.damaged)}
+        txn.put(b"damaged", json.dumps({pg: d for pg, d in damaged.items() if d}).encode(), db=self._meta)
 
     # --- reads ------------------------------------------------------------------------------
-    def _check_read(self, pg: int, required_lsn: int, epoch: int) -> None:
+    def _check_read(self, pg: int, read_point: int, required_lsn: int, epoch: int) -> None:
         self._check_open()
         self._check_pg(pg)
+        _bounded(read_point, LSN_VALID_MAX, "read_point")
+        _bounded(required_lsn, LSN_VALID_MAX, "required_lsn")
+        _bounded(epoch, EPOCH_MAX, "epoch")
         if required_lsn == 0 and self.damaged[pg]:
             raise SegmentIncomplete(
                 f"segment {self.node_id}/pg{pg} lost {len(self.damaged[pg])} record(s) to corruption and awaits repair"
@@ -458,7 +726,7 @@ class SegmentStore:
     def read(self, pg: int, key: bytes, read_point: int, required_lsn: int, epoch: int = 0) -> ReadReply:
         """The newest version of `key` at or below `read_point`, if this segment is complete
         enough (SCL >= required_lsn); else SegmentIncomplete."""
-        self._check_read(pg, required_lsn, epoch)
+        self._check_read(pg, read_point, required_lsn, epoch)
         with self.env.begin() as txn:
             lsn_be = self._version_at(txn.cursor(db=self._versions), _U32BE.pack(pg) + key, _U64BE.pack(read_point))
             if lsn_be is None:
@@ -473,7 +741,9 @@ class SegmentStore:
     ) -> tuple[list[VersionEntry], bytes | None]:
         """Newest versions at the read point of keys in [start, end), tombstones included, at most
         `limit` keys. Returns (entries, resume_key) where resume_key is None at the end."""
-        self._check_read(pg, required_lsn, epoch)
+        self._check_read(pg, read_point, required_lsn, epoch)
+        if not isinstance(limit, int):
+            raise InvalidArgument(f"scan limit {limit!r} is not an integer")
         limit = max(1, min(limit, SCAN_ENTRIES_MAX))
         prefix = _U32BE.pack(pg)
         rp_be = _U64BE.pack(read_point)
@@ -501,6 +771,11 @@ class SegmentStore:
         are quarantined and skipped), at most about `max_bytes`. Returns (frame, more)."""
         self._check_open()
         self._check_pg(pg)
+        _bounded(after_lsn, LSN_VALID_MAX, "after_lsn")
+        if upto_lsn is not None:
+            _bounded(upto_lsn, LSN_VALID_MAX, "upto_lsn")
+        if not isinstance(max_bytes, int):
+            raise InvalidArgument(f"fetch max_bytes {max_bytes!r} is not an integer")
         max_bytes = max(1, min(max_bytes, FETCH_BYTES_MAX))
         prefix = _U32BE.pack(pg)
         records, size, more, bad = [], 0, False, []
@@ -529,8 +804,7 @@ class SegmentStore:
 
     def state(self) -> NodeState:
         self._check_open()
-        stat = self.env.stat()
-        info = self.env.info()
+        used, capacity, low = self.space()
         with self.env.begin() as txn:
             records = txn.stat(self._log)["entries"]
         return NodeState(
@@ -540,11 +814,15 @@ class SegmentStore:
             scls=tuple(self.scls),
             hint_lsn=self.hint_lsn,
             records=records,
-            bytes=(info["last_pgno"] + 1) * stat["psize"],
+            bytes=used,
             corrupt_found=self.counters["corrupt_found"],
             repaired=self.counters["repaired"],
             truncations=tuple(self.truncations),
             membership=self.membership,
+            conflicts_refused=self.counters["conflicts_refused"],
+            used_bytes=used,
+            capacity_bytes=capacity,
+            space_low=low,
         )
 
     def count_repaired(self, n: int) -> None:
@@ -575,6 +853,11 @@ class SegmentStore:
     def corrupt(self, pg: int, lsn: int | None = None, bit: int = 0) -> int | None:
         """Fault injection: flip one bit of a stored record (the newest of `pg` if `lsn` is None)
         directly in LMDB, as a disk would. Returns the LSN hit, or None if the PG is empty."""
+        self._check_open()
+        self._check_pg(pg)
+        if lsn is not None:
+            _bounded(lsn, LSN_VALID_MAX, "lsn")
+        _bounded(bit, (1 << 64) - 1, "bit")
         with self._write_lock, self.env.begin(write=True) as txn:
             if lsn is None:
                 lsn = self._highest_in_txn(txn, pg)
@@ -596,4 +879,5 @@ class SegmentStore:
                 return
             self._closed = True
             self.env.close()
+            self._owner.release()
 

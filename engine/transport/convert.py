@@ -10,7 +10,10 @@ the gRPC boundary. Every conversion lives here, as a `*_to_pb` / `*_from_pb` pai
 Messages arriving at a server are untrusted: random bytes often parse as a valid protobuf, so
 the `*_args_from_pb` functions check the *meaning* of every field (PG in range, key length, LSN
 order, a truncation range that is a range, a membership of six distinct nodes...) and raise the
-typed error from `engine.errors` before the node sees anything. Frames stay `bytes`: the codec
+typed error from `engine.errors` before the node sees anything. Every integer is checked against
+its bound in `engine.core.constants` (`EPOCH_MAX`, `LSN_VALID_MAX`, `TRUNCATION_LSN_MAX`), or is
+documented as clamped by the node (a scan's limit, a fetch's max_bytes): a u64 can hold values
+the engine's arithmetic must never see. Frames stay `bytes`: the codec
 checks their lengths and CRCs (and raises `CorruptRecord`), so no record is ever a protobuf.
 
 Errors cross the boundary as the gRPC status of their class (`GRPC_STATUS`) plus the class name
@@ -31,11 +34,14 @@ from dataclasses import dataclass
 import grpc
 
 from engine.core.constants import (
+    EPOCH_MAX,
     FLAG_DELETE,
     FLAG_PUT,
     FRAME_BYTES_MAX,
     KEY_BYTES_MAX,
+    LSN_VALID_MAX,
     REPLICAS,
+    TRUNCATION_LSN_MAX,
     VALUE_BYTES_MAX,
 )
 from engine.core.types import (
@@ -190,6 +196,24 @@ def _check_key(key: bytes, what: str = "key") -> bytes:
     return key
 
 
+def check_bounded(value: int, bound: int, what: str) -> int:
+    """`value` if it is in 0..bound (see the bounds in engine.core.constants), else InvalidArgument.
+
+    Protobuf integers are never negative nor above their width, but a u64 can hold values that
+    the engine's arithmetic (`epoch + 1`, `after_lsn + 1`) must never see."""
+    if not 0 <= value <= bound:
+        raise InvalidArgument(f"{what} {value} is out of range 0..{bound}")
+    return value
+
+
+def _check_epoch(epoch: int, what: str = "epoch") -> int:
+    return check_bounded(epoch, EPOCH_MAX, what)
+
+
+def _check_lsn(lsn: int, what: str) -> int:
+    return check_bounded(lsn, LSN_VALID_MAX, what)
+
+
 def check_count(n: int, what: str) -> None:
     if n > BATCH_ITEMS_MAX:
         raise ResourceExhausted(f"{n} {what} in one request; at most {BATCH_ITEMS_MAX}")
@@ -207,10 +231,18 @@ def append_request_to_pb(epoch: int, frame: bytes, hint_lsn: int) -> storage_pb2
 
 
 def append_args_from_pb(req: storage_pb2.AppendRequest) -> tuple[int, bytes, int]:
-    """(epoch, frame, hint_lsn). The frame's bytes are checked by the node's decoder."""
+    """(epoch, frame, hint_lsn). The frame's bytes (and its records' LSNs) are checked by the
+    node's decoder."""
+    _check_epoch(req.epoch)
+    _check_lsn(req.hint_lsn, "hint_lsn")
+    return req.epoch, repair_append_args_from_pb(req), req.hint_lsn
+
+
+def repair_append_args_from_pb(req: storage_pb2.AppendRequest | storage_pb2.RepairAppendRequest) -> bytes:
+    """The frame of an append, bounded in size (the node's decoder checks its bytes)."""
     if len(req.frame) > FRAME_BYTES_MAX:
         raise ResourceExhausted(f"frame of {len(req.frame)} bytes; frames are at most {FRAME_BYTES_MAX}")
-    return req.epoch, req.frame, req.hint_lsn
+    return req.frame
 
 
 def append_reply_to_pb(r: AppendReply) -> storage_pb2.AppendReply:
@@ -230,9 +262,16 @@ def read_args_from_pb(req: storage_pb2.ReadRequest, protection_groups: int) -> t
     """(pg, key, read_point, required_lsn, epoch), validated."""
     _check_pg(req.pg, protection_groups)
     _check_key(req.key)
+    _check_read_point(req)
     if req.required_lsn > req.read_point:
         raise InvalidArgument(f"required_lsn {req.required_lsn} is above read_point {req.read_point}")
     return req.pg, req.key, req.read_point, req.required_lsn, req.epoch
+
+
+def _check_read_point(req) -> None:
+    _check_lsn(req.read_point, "read_point")
+    _check_lsn(req.required_lsn, "required_lsn")
+    _check_epoch(req.epoch)
 
 
 def read_reply_to_pb(r: ReadReply) -> storage_pb2.ReadReply:
@@ -277,10 +316,12 @@ def scan_request_to_pb(
 
 
 def scan_args_from_pb(req: storage_pb2.SegmentScanRequest, protection_groups: int):
-    """(pg, start, end, read_point, required_lsn, limit, epoch), validated."""
+    """(pg, start, end, read_point, required_lsn, limit, epoch), validated (any u32 limit is
+    meaningful: the node clamps it to 1..10,000)."""
     _check_pg(req.pg, protection_groups)
     _check_bound(req.start, "start")
     end = _check_bound(req.end, "end") if req.HasField("end") else None
+    _check_read_point(req)
     if req.required_lsn > req.read_point:
         raise InvalidArgument(f"required_lsn {req.required_lsn} is above read_point {req.read_point}")
     return req.pg, req.start, end, req.read_point, req.required_lsn, req.limit, req.epoch
@@ -342,6 +383,16 @@ def _unpack_headers(raw: bytes) -> tuple[RecordHeader, ...]:
     return tuple(RecordHeader(*t) for t in _HEADER.iter_unpack(raw))
 
 
+def seal_args_from_pb(req: storage_pb2.SealRequest) -> int:
+    """The epoch to seal at, bounded (the node also refuses a step above EPOCH_STEP_MAX)."""
+    return _check_epoch(req.epoch)
+
+
+def scrub_args_from_pb(req: storage_pb2.ScrubRequest) -> int:
+    """records_max (0 = one full pass); any u64 is meaningful."""
+    return req.records_max
+
+
 def seal_reply_to_pb(r: SealReply) -> storage_pb2.SealReply:
     return storage_pb2.SealReply(
         node=r.node,
@@ -378,6 +429,13 @@ def sync_epoch_request_to_pb(epoch: int, truncations: Sequence[TruncationRange],
 
 def sync_epoch_args_from_pb(req: storage_pb2.SyncEpochRequest):
     """(epoch, truncations, membership), validated."""
+    _check_epoch(req.epoch)
+    for t in req.truncations:
+        _check_epoch(t.epoch, "truncation range epoch")
+        check_bounded(t.first, TRUNCATION_LSN_MAX, "truncation range first LSN")
+        check_bounded(t.last, TRUNCATION_LSN_MAX, "truncation range last LSN")
+    if req.HasField("membership"):
+        _check_epoch(req.membership.epoch, "membership epoch")
     truncations = tuple(truncation_from_pb(t) for t in req.truncations)
     for t in truncations:
         if t.epoch > req.epoch:
@@ -393,6 +451,8 @@ def node_state_to_pb(s: NodeState) -> storage_pb2.NodeState:
         node=s.node, az=s.az, epoch=s.epoch, scls=s.scls, hint_lsn=s.hint_lsn, records=s.records, bytes=s.bytes,
         corrupt_found=s.corrupt_found, repaired=s.repaired, truncations=[truncation_to_pb(t) for t in s.truncations],
         extra_json=json.dumps(s.extra, sort_keys=True, default=str) if s.extra else "",
+        conflicts_refused=s.conflicts_refused, used_bytes=s.used_bytes, capacity_bytes=s.capacity_bytes,
+        space_low=s.space_low,
     )
     if s.membership is not None:
         m.membership.CopyFrom(membership_to_pb(s.membership))
@@ -406,6 +466,8 @@ def node_state_from_pb(m: storage_pb2.NodeState) -> NodeState:
         truncations=tuple(truncation_from_pb(t) for t in m.truncations),
         membership=membership_from_pb(m.membership) if m.HasField("membership") else None,
         extra=json.loads(m.extra_json) if m.extra_json else {},
+        conflicts_refused=m.conflicts_refused, used_bytes=m.used_bytes, capacity_bytes=m.capacity_bytes,
+        space_low=m.space_low,
     )
 
 
@@ -417,9 +479,11 @@ def fetch_request_to_pb(pg: int, after_lsn: int, max_bytes: int, upto_lsn: int |
 
 
 def fetch_args_from_pb(req: storage_pb2.FetchRequest, protection_groups: int):
-    """(pg, after_lsn, max_bytes, upto_lsn), validated (max_bytes is clamped by the node)."""
+    """(pg, after_lsn, max_bytes, upto_lsn), validated (any u64 max_bytes is meaningful: the
+    node clamps it to 1 .. 8 MiB)."""
     _check_pg(req.pg, protection_groups)
-    upto = req.upto_lsn if req.HasField("upto_lsn") else None
+    _check_lsn(req.after_lsn, "after_lsn")
+    upto = _check_lsn(req.upto_lsn, "upto_lsn") if req.HasField("upto_lsn") else None
     if upto is not None and upto < req.after_lsn:
         raise InvalidArgument(f"fetch range ({req.after_lsn}, {upto}] is empty: upto_lsn is below after_lsn")
     return req.pg, req.after_lsn, req.max_bytes, upto
@@ -433,9 +497,13 @@ def corrupt_request_to_pb(pg: int, lsn: int | None, bit: int) -> storage_pb2.Cor
 
 
 def corrupt_args_from_pb(req: storage_pb2.CorruptRequest, protection_groups: int):
+    """(pg, lsn or None, bit), validated (any u64 bit is meaningful: it is taken modulo the
+    record's length)."""
     _check_pg(req.pg, protection_groups)
     if req.HasField("lsn") and req.lsn == 0:
         raise InvalidArgument("lsn 0 names no record (LSNs start at 1)")
+    if req.HasField("lsn"):
+        _check_lsn(req.lsn, "lsn")
     return req.pg, (req.lsn if req.HasField("lsn") else None), req.bit
 
 

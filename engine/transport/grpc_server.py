@@ -3,10 +3,11 @@
 Theory of operation
 -------------------
 `StorageServicer` is a thin adapter (grpc route_guide style): each RPC converts and validates
-the request (`engine.transport.convert`), calls the `StorageNode`, converts the reply. A
-`SixfoldError` ends the RPC with its class's status code and name (`convert.abort`); any other
-exception is a bug, logged with its traceback and answered INTERNAL. Either way the node keeps
-serving: garbage in one request never takes the process down.
+the request (`engine.transport.convert`), calls the `StorageNode` through `StorageNode.handle`
+(the one error path every transport shares, which types LMDB and disk errors as StorageFull or
+StorageError), converts the reply. A `SixfoldError` ends the RPC with its class's status code
+and name (`convert.abort`); any other exception is a bug, logged with its traceback and answered
+INTERNAL. Either way the node keeps serving: garbage in one request never takes the process down.
 
 `FaultGate` applies the transport fault rules set by the admin RPC `SetFaults` to the data RPCs
 this node receives (the receiving end of every link): partitions and blocked sources refuse a
@@ -36,9 +37,8 @@ from concurrent import futures
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from engine.core.constants import FRAME_BYTES_MAX
 from engine.core.types import Geometry, NodeInfo
-from engine.errors import ResourceExhausted, SixfoldError, Unavailable
+from engine.errors import SixfoldError, Unavailable
 from engine.node.service import GOSSIP_INTERVAL_S, SCRUB_INTERVAL_S, StorageNode
 from engine.proto import storage_pb2, storage_pb2_grpc
 from engine.transport import convert
@@ -167,21 +167,20 @@ class StorageServicer(storage_pb2_grpc.StorageServicer):
     def Append(self, request, context):
         def work():
             epoch, frame, hint = convert.append_args_from_pb(request)
-            return convert.append_reply_to_pb(self.node.append(epoch, frame, hint))
+            return convert.append_reply_to_pb(self.node.handle("append", epoch, frame, hint))
 
         return self._serve(context, "Append", work, duplicable=True)
 
     def RepairAppend(self, request, context):
         def work():
-            if len(request.frame) > FRAME_BYTES_MAX:
-                raise ResourceExhausted(f"frame of {len(request.frame)} bytes; frames are at most {FRAME_BYTES_MAX}")
-            return convert.append_reply_to_pb(self.node.repair_append(request.frame))
+            frame = convert.repair_append_args_from_pb(request)
+            return convert.append_reply_to_pb(self.node.handle("repair_append", frame))
 
         return self._serve(context, "RepairAppend", work, duplicable=True)
 
     def Read(self, request, context):
         return self._serve(
-            context, "Read", lambda: convert.read_reply_to_pb(self.node.read(*convert.read_args_from_pb(request, self.P)))
+            context, "Read", lambda: convert.read_reply_to_pb(self.node.handle("read", *convert.read_args_from_pb(request, self.P)))
         )
 
     def ReadMany(self, request, context):
@@ -190,7 +189,7 @@ class StorageServicer(storage_pb2_grpc.StorageServicer):
             results = []
             for item in request.reads:
                 try:
-                    results.append(self.node.read(*convert.read_args_from_pb(item, self.P)))
+                    results.append(self.node.handle("read", *convert.read_args_from_pb(item, self.P)))
                 except SixfoldError as e:
                     results.append(e)
             return convert.read_results_to_pb(results)
@@ -199,44 +198,43 @@ class StorageServicer(storage_pb2_grpc.StorageServicer):
 
     def Scan(self, request, context):
         def work():
-            entries, resume = self.node.scan(*convert.scan_args_from_pb(request, self.P))
+            entries, resume = self.node.handle("scan", *convert.scan_args_from_pb(request, self.P))
             return convert.scan_reply_to_pb(entries, resume)
 
         return self._serve(context, "Scan", work)
 
     def Seal(self, request, context):
-        return self._serve(context, "Seal", lambda: convert.seal_reply_to_pb(self.node.seal(request.epoch)))
+        return self._serve(
+            context, "Seal", lambda: convert.seal_reply_to_pb(self.node.handle("seal", convert.seal_args_from_pb(request)))
+        )
 
     def SyncEpoch(self, request, context):
         return self._serve(
-            context, "SyncEpoch", lambda: convert.node_state_to_pb(self.node.sync_epoch(*convert.sync_epoch_args_from_pb(request)))
+            context, "SyncEpoch",
+            lambda: convert.node_state_to_pb(self.node.handle("sync_epoch", *convert.sync_epoch_args_from_pb(request))),
         )
 
     def Fetch(self, request, context):
         def work():
-            frame, more = self.node.fetch(*convert.fetch_args_from_pb(request, self.P))
+            frame, more = self.node.handle("fetch", *convert.fetch_args_from_pb(request, self.P))
             return storage_pb2.FetchReply(frame=frame, more=more)
 
         return self._serve(context, "Fetch", work)
 
     def State(self, request, context):
-        return self._serve(context, "State", lambda: convert.node_state_to_pb(self.node.state()))
+        return self._serve(context, "State", lambda: convert.node_state_to_pb(self.node.handle("state")))
 
     # --- admin RPCs (never faulted) ----------------------------------------------------------
     def Corrupt(self, request, context):
         def work():
-            lsn = self.node.corrupt(*convert.corrupt_args_from_pb(request, self.P))
+            lsn = self.node.handle("corrupt", *convert.corrupt_args_from_pb(request, self.P))
             return storage_pb2.CorruptReply(hit=lsn is not None, lsn=lsn or 0)
 
         return self._serve(context, "Corrupt", work, gated=False)
 
     def Scrub(self, request, context):
         def work():
-            if request.records_max:
-                found = self.node.scrub_step(request.records_max)
-            else:  # a full pass: the first call may start mid-PG where the background scrub was
-                found = self.node.scrub_step(1 << 62) + self.node.scrub_step(1 << 62)
-            return storage_pb2.ScrubReply(corrupt_found=found)
+            return storage_pb2.ScrubReply(corrupt_found=self.node.handle("scrub", convert.scrub_args_from_pb(request)))
 
         return self._serve(context, "Scrub", work, gated=False)
 
@@ -300,6 +298,7 @@ def run_node_process(
     peers: Mapping[str, str],
     durable: bool = True,
     map_bytes: int | None = None,
+    reserve_bytes: int | None = None,
     gossip_interval_s: float = GOSSIP_INTERVAL_S,
     scrub_interval_s: float = SCRUB_INTERVAL_S,
     workers: int = NODE_WORKERS,
@@ -315,11 +314,16 @@ def run_node_process(
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
+    # A file size limit (RLIMIT_FSIZE) must make a write fail with EFBIG, which the node answers
+    # as StorageFull, not kill the process (SIGXFSZ's default action). Python ignores SIGXFSZ at
+    # start-up already; this says so, and holds if an embedding program changed it.
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     info = NodeInfo(node_id, az)
     geometry = Geometry(protection_groups)
     t0 = time.monotonic()
     ns = NodeServer.bind(
-        lambda: StorageNode(data, info, geometry, volume_id, durable=durable, map_bytes=map_bytes), listen, workers
+        lambda: StorageNode(data, info, geometry, volume_id, durable=durable, map_bytes=map_bytes, reserve_bytes=reserve_bytes),
+        listen, workers,
     )
     addresses = {k: v for k, v in peers.items() if k != node_id}
     addresses[node_id] = listen
