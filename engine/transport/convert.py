@@ -34,6 +34,9 @@ from dataclasses import dataclass
 import grpc
 
 from engine.core.constants import (
+    NAMESPACE_KEYS,
+    NAMESPACE_REQUESTS,
+    REQUEST_ID_BYTES_MAX,
     EPOCH_MAX,
     FLAG_DELETE,
     FLAG_PUT,
@@ -254,18 +257,26 @@ def append_reply_from_pb(m: storage_pb2.AppendReply) -> AppendReply:
 
 
 # --- storage: reads -------------------------------------------------------------------------
-def read_request_to_pb(pg: int, key: bytes, read_point: int, required_lsn: int, epoch: int) -> storage_pb2.ReadRequest:
-    return storage_pb2.ReadRequest(pg=pg, key=key, read_point=read_point, required_lsn=required_lsn, epoch=epoch)
+def read_request_to_pb(
+    pg: int, key: bytes, read_point: int, required_lsn: int, epoch: int, namespace: int = NAMESPACE_KEYS
+) -> storage_pb2.ReadRequest:
+    return storage_pb2.ReadRequest(
+        pg=pg, key=key, read_point=read_point, required_lsn=required_lsn, epoch=epoch, namespace=namespace
+    )
 
 
-def read_args_from_pb(req: storage_pb2.ReadRequest, protection_groups: int) -> tuple[int, bytes, int, int, int]:
-    """(pg, key, read_point, required_lsn, epoch), validated."""
+def read_args_from_pb(req: storage_pb2.ReadRequest, protection_groups: int) -> tuple[int, bytes, int, int, int, int]:
+    """(pg, key, read_point, required_lsn, epoch, namespace), validated."""
     _check_pg(req.pg, protection_groups)
     _check_key(req.key)
     _check_read_point(req)
     if req.required_lsn > req.read_point:
         raise InvalidArgument(f"required_lsn {req.required_lsn} is above read_point {req.read_point}")
-    return req.pg, req.key, req.read_point, req.required_lsn, req.epoch
+    if req.namespace not in (NAMESPACE_KEYS, NAMESPACE_REQUESTS):
+        raise InvalidArgument(f"read namespace {req.namespace}: 0 (keys) or 1 (request ids)")
+    if req.namespace == NAMESPACE_REQUESTS and len(req.key) > REQUEST_ID_BYTES_MAX:
+        raise InvalidArgument(f"request id of {len(req.key)} bytes: at most {REQUEST_ID_BYTES_MAX}")
+    return req.pg, req.key, req.read_point, req.required_lsn, req.epoch, req.namespace
 
 
 def _check_read_point(req) -> None:
