@@ -108,6 +108,9 @@ def load_manifest(folder: str) -> dict:
         raise ClusterError(f"{folder} is not a cluster folder (no {MANIFEST_FILE}); create one with `sixfold cluster up --cluster {folder}`") from None
     except (OSError, ValueError) as e:
         raise ClusterError(f"cannot read {path}: {e}") from None
+    from engine.cluster.schema import validate_manifest
+
+    validate_manifest(manifest, path, format_max=FORMAT)  # WrongFolder naming the field, never a KeyError later
     if manifest.get("format") != FORMAT:
         raise ClusterError(f"{path} has format {manifest.get('format')!r}; this version reads format {FORMAT}")
     return manifest
