@@ -19,8 +19,8 @@ from engine.cluster.manifest import BASE_PORT_DEFAULT, GOSSIP_INTERVAL_S_DEFAULT
 
 def _cluster(args) -> Cluster:
     if not args.cluster:
-        raise SystemExit(f"sixfold {args.command}: say which cluster folder with --cluster DIR")
-    return Cluster(args.cluster)
+        raise SystemExit(f"sixfold {args.command}: say which cluster folder with --cluster DIR")  # exit 2 (engine.cli)
+    return Cluster(args.cluster, on_wait=lambda text: print(f"sixfold: {text}", file=sys.stderr, flush=True))
 
 
 def _logging(level: str) -> None:
@@ -67,6 +67,9 @@ def cmd_cluster_up(args) -> int:
         durable=False if args.no_durable else None, write_timeout_s=args.write_timeout_s,
         gossip_interval_s=args.gossip_interval_s, timeout_s=args.timeout_s,
     )
+    if not st["started"]:
+        print(f"sixfold: cluster {c.folder} is already up (every process was running; nothing started)",
+              file=sys.stderr, flush=True)
     _show(args, st)
     if not args.foreground:
         return 0
