@@ -131,6 +131,20 @@ def test_a_newer_format_is_left_to_the_version_check(tmp_path):
     assert not isinstance(info.value, WrongFolder) or "'nodes'" not in str(info.value)
 
 
+def test_a_node_that_rereads_a_wrong_manifest_keeps_the_addresses_it_has(tmp_path):
+    from engine.cluster.addresses import ManifestTransport
+
+    folder = write(tmp_path / "c", good_manifest())
+    transport = ManifestTransport(folder, "n1")
+    try:
+        before = dict(transport.addresses)
+        write(tmp_path / "c", mutate(good_manifest(), "nodes", "n7"))
+        assert transport.reload() is False
+        assert transport.addresses == before
+    finally:
+        transport.close()
+
+
 def sixfold(*args):
     return subprocess.run([sys.executable, "-m", "engine", *args], capture_output=True, text=True, timeout=120, env=engine_env())
 
