@@ -142,13 +142,17 @@ def _value(args) -> bytes:
     source = args.value_file if args.value_file is not None else args.value
     if args.value_file is None and source != "-":
         return _bytes(source, _mode(args), "value")
-    if source == "-":
-        return sys.stdin.buffer.read(VALUE_BYTES_MAX + 1)
     try:
+        if source == "-":
+            stdin = getattr(sys.stdin, "buffer", None)
+            if stdin is None:
+                raise SystemExit("sixfold put: the value is to come from stdin, but there is no stdin")
+            return stdin.read(VALUE_BYTES_MAX + 1)
         with open(source, "rb") as fh:
             return fh.read(VALUE_BYTES_MAX + 1)
     except OSError as e:
-        raise SystemExit(f"sixfold put: cannot read --value-file {source!r}: {e.strerror or e}") from None
+        where = "stdin" if source == "-" else f"--value-file {source!r}"
+        raise SystemExit(f"sixfold put: cannot read {where}: {e.strerror or e}") from None
 
 
 def cmd_put(args) -> int:

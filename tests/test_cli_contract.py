@@ -156,6 +156,12 @@ def test_a_200_kb_value_from_a_file_and_from_stdin_reads_back_byte_exact(cluster
     with cluster.connect() as db:  # and the engine agrees
         assert db.get(b"contract:file") == value and db.get(b"contract:stdin") == other
 
+    # Over the 1 MiB limit: the engine refuses it, as it refuses an oversized argument.
+    path.write_bytes(value * 6)
+    out = ok(sixfold("put", "--cluster", f, "contract:file", "--value-file", str(path)), 3)
+    assert b"InvalidArgument" in out.stderr, out.stderr
+    assert ok(sixfold("get", "--cluster", f, "--raw", "contract:file")).stdout == value
+
 
 def test_base64_round_trip_of_a_binary_key_and_value(cluster, seed):
     rng = random.Random(seed)

@@ -384,7 +384,8 @@ def register(sub) -> None:
     up.add_argument("--timeout-s", type=float, default=READY_TIMEOUT_S, help="how long to wait for each process to be SERVING")
     up.add_argument("--down-timeout-s", type=float, default=DOWN_TIMEOUT_S, help=argparse.SUPPRESS)
     up.add_argument("--foreground", action="store_true", help="stay attached; Ctrl-C stops the whole cluster")
-    up.add_argument("--json", action="store_true", help="print the status as JSON")
+    up.add_argument("--json", action="store_true",
+                    help="print the status as JSON (with `started`: the processes this command started)")
     up.set_defaults(func=cmd_cluster_up)
     st = csub.add_parser("status", parents=[target], help="show every process, its health and SCLs", description=(
         "Show each node (AZ, address, pid, health, epoch, SCL range, records) and the writer endpoint (VDL, epoch). "
