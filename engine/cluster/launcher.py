@@ -48,6 +48,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent import futures
@@ -167,7 +168,10 @@ class Cluster:
         #: Told once, in a sentence, when an operation waits for another command's operation lock.
         self.on_wait = on_wait
         self._children: dict[int, subprocess.Popen] = {}  # processes this object started
-        self._operation_depth = 0  # the operation lock is held by this object (reentrant)
+        # The thread of this object that holds the operation lock, and how deep (it is reentrant
+        # for that thread; another thread waits for it like another process would).
+        self._operation_owner: int | None = None
+        self._operation_depth = 0
 
     # --- manifest ---------------------------------------------------------------------------
     @property
@@ -216,8 +220,8 @@ class Cluster:
     def _operation(self, what: str, wait_s: float = OPERATION_LOCK_WAIT_S) -> Iterator[None]:
         """Hold the operation lock `DIR/cluster.lock` (see the module docstring) for `what`
         ("cluster up"...), waiting up to `wait_s` for another command to finish; ClusterError
-        naming the holder after that. Reentrant within this object."""
-        if self._operation_depth:
+        naming the holder after that. Reentrant within one thread."""
+        if self._operation_owner == threading.get_ident():
             self._operation_depth += 1
             try:
                 yield
@@ -240,8 +244,8 @@ class Cluster:
                         raise
                 holder = self._operation_holder(path)
                 if time.monotonic() >= deadline:
-                    raise ClusterError(f"{holder} has been changing the cluster in {self.folder} for over {wait_s:g} s; "
-                                       f"{what} gave up waiting for it (try again once it is done)")
+                    raise ClusterError(f"{holder} is still changing the cluster in {self.folder} after {wait_s:g} s of "
+                                       f"waiting; `{what}` gave up (try again once it is done)")
                 if not told and self.on_wait is not None:
                     self.on_wait(f"waiting for {holder}, which is changing the cluster in {self.folder} ...")
                     told = True
@@ -249,11 +253,11 @@ class Cluster:
             # Who holds it, for the messages of commands that wait (the lock itself is the flock).
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"{os.getpid()} {what}\n".encode(), 0)
-            self._operation_depth = 1
+            self._operation_owner, self._operation_depth = threading.get_ident(), 1
             try:
                 yield
             finally:
-                self._operation_depth = 0
+                self._operation_owner, self._operation_depth = None, 0
         finally:
             os.close(fd)  # closing the description drops the flock
 
