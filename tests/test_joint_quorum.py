@@ -24,12 +24,119 @@ from hypothesis import strategies as st
 
 from engine.core import membership as steps
 from engine.core.admission import Admission, admits, write_admission
-from engine.core.constants import READ_QUORUM, REPLICAS, WRITE_QUORUM
+from engine.core.constants import FLAG_PUT, READ_QUORUM, REPLICAS, WRITE_QUORUM
 from engine.core.fencing import FENCE, RESEND, SYNC, on_epoch_refusal
 from engine.core.quorum import has_read_quorum, has_write_quorum, pgcl_of
 from engine.core.tail import tail_keep_from, tail_trim
 from engine.core.types import Membership
 from engine.errors import EpochBehind, InvalidArgument, StaleEpoch, Unavailable
+from engine.core.placement import protection_group_of
+from engine.core.types import Geometry, NodeInfo, default_nodes
+from engine.head.writer import Writer, WriterOptions
+from engine.node.service import StorageNode
+from engine.transport.faults import FaultyTransport, NetworkFaults
+from engine.transport.inprocess import InProcessTransport, Registry
+
+VOLUME_ID = "00000000-0000-4000-8000-000000000008"
+
+
+class Seven:
+    """Six nodes, a seventh (n7, in AZ a) ready to replace n1, and a writer with no background
+    threads over the fault transport: the test decides which node is sent what, and when."""
+
+    def __init__(self, path, protection_groups: int = 2) -> None:
+        self.geometry = Geometry(protection_groups)
+        self.infos = list(default_nodes())
+        self.n7 = NodeInfo("n7", "a")
+        self.registry = Registry()
+        self.nodes = {}
+        for info in self.infos + [self.n7]:
+            node = StorageNode(str(path / info.id), info, self.geometry, VOLUME_ID, durable=False)
+            self.nodes[info.id] = node
+            self.registry.set(info.id, node)
+        self.faults = NetworkFaults(seed=8)
+        self.writer = Writer(
+            FaultyTransport(InProcessTransport(self.registry, "writer"), self.faults),
+            self.infos + [self.n7], self.geometry, WriterOptions(local_az="a", write_timeout_s=0.5), background=False,
+        )
+        self.writer.open()
+
+    def send(self, *node_ids: str) -> None:
+        for n in node_ids:
+            self.writer.send_once(self.writer.links[n])
+
+    def put(self, key: bytes, value: bytes, to: tuple[str, ...]) -> int:
+        lsn, _ticket = self.writer.submit(((FLAG_PUT, key, value),))
+        self.send(*to)
+        return lsn
+
+    def close(self) -> None:
+        self.writer.abandon()
+        for node in self.nodes.values():
+            node.close()
+
+
+@pytest.fixture
+def seven(tmp_path):
+    s = Seven(tmp_path)
+    yield s
+    s.close()
+
+
+ALL = ("n1", "n2", "n3", "n4", "n5", "n6")
+
+
+def test_a_write_acknowledged_on_n3_to_n6_during_replace_n1_is_seen_by_quorum_reads_and_scans(seven):
+    w = seven.writer
+    seven.put(b"k", b"old", ALL)
+    w.begin_replace("n1", "n7")
+    assert w.ledger.membership.next_members == ("n7", "n2", "n3", "n4", "n5", "n6")
+    # n1, n2 and n7 lag: the writer cannot reach them while the write is sent...
+    seven.faults.blocked = {("writer", n) for n in ("n1", "n2", "n7")}
+    lsn = seven.put(b"k", b"new", ("n1", "n2", "n7", "n3", "n4", "n5", "n6"))
+    assert w.ledger.vdl >= lsn, "four of each quorum set hold it: acknowledged"
+    # ...then they answer again (heartbeats), still without the record: no gossip runs here.
+    seven.faults.heal()
+    seven.send("n1", "n2", "n7")
+    assert all(w.links[n].up for n in ("n1", "n2", "n7"))
+    pg = protection_group_of(b"k", seven.geometry.protection_groups)
+    assert all(seven.nodes[n].read(pg, b"k", w.ledger.vdl, 0, w.epoch).value != b"new" for n in ("n1", "n2", "n7"))
+
+    assert w.get(b"k", quorum=True) == b"new"
+    assert dict(w.scan(b"k", b"l", quorum=True)) == {b"k": b"new"}
+    assert w.get(b"k") == b"new"
+
+
+def test_a_quorum_read_that_cannot_reach_a_read_quorum_is_unavailable_and_names_who_answered(seven):
+    w = seven.writer
+    seven.put(b"k", b"v", ALL)
+    w.begin_replace("n1", "n7")
+    # Only n1, n2 and n7 answer: three nodes, but not three of either quorum set.
+    seven.faults.blocked = {("writer", n) for n in ("n3", "n4", "n5", "n6")}
+    with pytest.raises(Exception) as got:
+        w.get(b"k", quorum=True)
+    assert type(got.value).__name__ == "Unavailable"
+    assert "n1, n2, n7" in str(got.value)
+    with pytest.raises(Exception) as got:
+        list(w.scan(b"a", None, quorum=True))
+    assert type(got.value).__name__ == "Unavailable"
+    assert "n1, n2, n7" in str(got.value)
+
+
+def test_a_write_acknowledged_before_the_change_is_seen_while_the_new_node_is_still_empty(seven):
+    """Three of the *new* set are not a read quorum while n7 holds nothing: a record acknowledged
+    before the change is on four of the old set only, and {n7, n3, n4} can miss all four."""
+    w = seven.writer
+    seven.put(b"k", b"old", ALL)
+    seven.faults.blocked = {("writer", n) for n in ("n3", "n4")}
+    lsn = seven.put(b"k", b"new", ALL)  # acknowledged by n1, n2, n5, n6
+    assert w.ledger.vdl >= lsn
+    seven.faults.heal()
+    seven.send("n3", "n4")  # back, without the record (the tail was trimmed; no gossip here)
+    w.begin_replace("n1", "n7")
+    seven.faults.blocked = {("writer", n) for n in ("n1", "n2")}  # n1 failed for good, n2 is down too
+    assert w.get(b"k", quorum=True) == b"new"
+    assert dict(w.scan(b"k", b"l", quorum=True)) == {b"k": b"new"}
 
 
 # --- brute force over every membership of seven node ids ----------------------------------------

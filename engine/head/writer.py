@@ -18,8 +18,10 @@ Waking a caller costs one `lock.release()` (no Condition, no Event per batch): t
 between Python threads, not the disk, is what limits a group commit here.
 
 Reads take read point = VDL. A segment whose SCL reaches the PG's last record at or below VDL can
-answer alone (same AZ first); otherwise, or when asked, a quorum read of three segments merges
-the newest version. Recovery (on open) seals a new epoch; see `engine.core.recovery`.
+answer alone (same AZ first); otherwise, or when asked, segments are asked until those that
+answered form a read quorum of the membership (`has_read_quorum`: three of each quorum set during
+a change) and the newest version wins. Recovery (on open) seals a new epoch; see
+`engine.core.recovery`.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import heapq
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 from engine import codec
@@ -46,7 +48,7 @@ from engine.core.constants import (
     WRITE_QUORUM,
 )
 from engine.core.placement import protection_group_of, read_order
-from engine.core.quorum import VolumeDurability, has_write_quorum, merge_read, merge_scan
+from engine.core.quorum import VolumeDurability, has_read_quorum, has_write_quorum, merge_read, merge_scan
 from engine.core.recovery import plan_recovery
 from engine.core.types import Geometry, Membership, NodeInfo, ReadView, SealReply
 from engine.errors import (
@@ -318,12 +320,30 @@ class Writer:
             if link.thread is not None and link.thread is not threading.current_thread():
                 link.thread.join(timeout=5)
 
-    # --- writes -----------------------------------------------------------------------------
-    def _check_usable(self) -> None:
+    # --- what callers may ask ---------------------------------------------------------------
+    @property
+    def serving(self) -> bool:
+        """True while the writer is open: neither closed nor fenced."""
+        return self.ledger is not None and not self._closed and not self._fenced
+
+    @property
+    def fenced(self) -> str | None:
+        """Why the writer was fenced, or None."""
+        return self._fenced
+
+    def check_usable(self) -> None:
+        """Raise what a new write would get if the writer stopped: Unavailable or StaleEpoch."""
         if self._closed:
             raise Unavailable("the writer stopped (crashed or closed); nothing was logged")
         if self._fenced:
             raise StaleEpoch(self._fenced)
+
+    def membership(self) -> Membership:
+        """The membership the writer runs at (both quorum sets during a change)."""
+        with self._lock:
+            return self.ledger.membership
+
+    # --- writes -----------------------------------------------------------------------------
 
     def _quorum_up(self) -> bool:
         # Recomputed only when a link changes state (caller holds the lock).
@@ -369,7 +389,7 @@ class Writer:
         deadline = self._clock() + self.options.write_timeout_s
         with self._lock:
             while True:
-                self._check_usable()
+                self.check_usable()
                 if self._quorum_up():
                     return
                 left = deadline - self._clock() if block else 0
@@ -586,7 +606,7 @@ class Writer:
         """Move to a new epoch with the membership `membership_of(current)`; tell every reachable
         node. Writes go on: appends in flight at the old epoch are simply re-sent."""
         with self._lock:
-            self._check_usable()
+            self.check_usable()
             new = membership_of(self.ledger.membership)
             self.epoch += 1
             new = Membership(self.epoch, new.members, new.next_members)
@@ -663,49 +683,59 @@ class Writer:
     def view(self) -> ReadView:
         """The current read point (VDL) and per-PG tails, for linearizable reads and snapshots."""
         with self._lock:
-            self._check_usable()
+            self.check_usable()
             return ReadView(self.ledger.vdl, tuple(self.ledger.read_tails))
 
-    def _candidates(self, pg: int, view: ReadView) -> list[str]:
-        ledger = self.ledger
-        tail = view.tails[pg]
-        if self.options.unsafe_read_any:
-            view_nodes = [n for n in ledger.membership.all_nodes if self.links[n].up]
-            return read_order(view_nodes, self.nodes, self.options.local_az)
+    def candidates(self, pg: int, view: ReadView) -> list[str]:
+        """The reachable segments of `pg` that can answer a read at `view` alone (SCL at or above
+        the PG's read tail), in read order: same AZ first."""
         with self._lock:
-            complete = [n for n in ledger.membership.all_nodes if ledger.scls[pg].get(n, -1) >= tail and self.links[n].up]
-        return read_order(complete, self.nodes, self.options.local_az)
+            ledger = self.ledger
+            if self.options.unsafe_read_any:
+                nodes = [n for n in ledger.membership.all_nodes if self.links[n].up]
+            else:
+                tail = view.tails[pg]
+                nodes = [n for n in ledger.membership.all_nodes if ledger.scls[pg].get(n, -1) >= tail and self.links[n].up]
+        return read_order(nodes, self.nodes, self.options.local_az)
 
-    def _quorum_nodes(self) -> list[str]:
+    def _read_quorum(self, pg: int, what: str, ask: Callable[[str], object]) -> list:
+        """Ask the segments of `pg` (reachable first, same AZ first) until those that answered form
+        a read quorum of the membership (`has_read_quorum`: three of each quorum set during a
+        change); return their answers. Unavailable, naming who answered, when no read quorum can."""
         with self._lock:
-            nodes = list(self.ledger.membership.all_nodes)
-            up = [n for n in nodes if self.links[n].up]
-        rest = [n for n in nodes if n not in up]
-        return read_order(up, self.nodes, self.options.local_az) + rest
+            membership = self.ledger.membership
+            up = [n for n in membership.all_nodes if self.links[n].up]
+        order = read_order(up, self.nodes, self.options.local_az) + [n for n in membership.all_nodes if n not in up]
+        answers, answered, errors = [], [], []
+        for n in order:
+            try:
+                answers.append(ask(n))
+            except SixfoldError as e:
+                errors.append(f"{n}: {e}")
+                continue
+            answered.append(n)
+            if has_read_quorum(answered, membership):
+                return answers
+        raise Unavailable(
+            f"{what} of PG {pg} needs a read quorum ({READ_QUORUM} segments of "
+            f"{'each quorum set' if membership.next_members else 'the six'}); answered: {', '.join(answered) or 'none'}"
+            + (f" ({'; '.join(errors)})" if errors else "")
+        )
 
     def get(self, key: bytes, *, quorum: bool = False, view: ReadView | None = None) -> bytes | None:
         check_key(key)
         view = view or self.view()
         pg = protection_group_of(key, self.P)
         if not quorum:
-            for n in self._candidates(pg, view):
+            required = 0 if self.options.unsafe_read_any else view.tails[pg]
+            for n in self.candidates(pg, view):
                 try:
-                    required = 0 if self.options.unsafe_read_any else view.tails[pg]
-                    r = self.transport.read(n, pg, key, view.read_point, required, self.epoch)
-                    return r.value
+                    return self.transport.read(n, pg, key, view.read_point, required, self.epoch).value
                 except SixfoldError:
                     continue
-        replies, errors = [], []
-        for n in self._quorum_nodes():
-            try:
-                replies.append(self.transport.read(n, pg, key, view.read_point, 0, self.epoch))
-            except SixfoldError as e:
-                errors.append(f"{n}: {e}")
-                continue
-            if len(replies) == READ_QUORUM:
-                best = merge_read(replies)
-                return None if best is None else best.value
-        raise Unavailable(f"read needs {READ_QUORUM} segments of PG {pg}; got {len(replies)} ({'; '.join(errors)})")
+        replies = self._read_quorum(pg, "a read", lambda n: self.transport.read(n, pg, key, view.read_point, 0, self.epoch))
+        best = merge_read(replies)
+        return None if best is None else best.value
 
     def _scan_pg(self, pg: int, start: bytes, end: bytes | None, view: ReadView, quorum: bool) -> Iterator[tuple[bytes, bytes]]:
         """Live keys of one PG in [start, end) at the view, in key order, fetched in chunks."""
@@ -719,27 +749,21 @@ class Writer:
 
     def _scan_chunk(self, pg, start, end, view, quorum):
         if not quorum:
-            for n in self._candidates(pg, view):
+            required = 0 if self.options.unsafe_read_any else view.tails[pg]
+            for n in self.candidates(pg, view):
                 try:
-                    required = 0 if self.options.unsafe_read_any else view.tails[pg]
                     return self.transport.scan(n, pg, start, end, view.read_point, required, SCAN_CHUNK, self.epoch)
                 except SixfoldError:
                     continue
-        got, errors = [], []
-        for n in self._quorum_nodes():
-            try:
-                got.append(self.transport.scan(n, pg, start, end, view.read_point, 0, SCAN_CHUNK, self.epoch))
-            except SixfoldError as e:
-                errors.append(f"{n}: {e}")
-                continue
-            if len(got) == READ_QUORUM:
-                # Each segment stopped at its own resume key; keep only keys below the smallest,
-                # so no segment's unseen keys are skipped.
-                stops = [r for _e, r in got if r is not None]
-                limit = min(stops) if stops else None
-                merged = merge_scan([[e for e in entries if limit is None or e.key < limit] for entries, _r in got])
-                return merged, limit
-        raise Unavailable(f"scan needs {READ_QUORUM} segments of PG {pg}; got {len(got)} ({'; '.join(errors)})")
+        got = self._read_quorum(
+            pg, "a scan", lambda n: self.transport.scan(n, pg, start, end, view.read_point, 0, SCAN_CHUNK, self.epoch)
+        )
+        # Each segment stopped at its own resume key; keep only keys below the smallest, so no
+        # segment's unseen keys are skipped.
+        stops = [r for _e, r in got if r is not None]
+        limit = min(stops) if stops else None
+        merged = merge_scan([[e for e in entries if limit is None or e.key < limit] for entries, _r in got])
+        return merged, limit
 
     def scan(
         self, start: bytes, end: bytes | None, *, quorum: bool = False, view: ReadView | None = None
