@@ -34,6 +34,7 @@ from engine.core.placement import protection_group_of
 from engine.core.types import Geometry, NodeInfo, default_nodes
 from engine.head.writer import Writer, WriterOptions
 from engine.node.service import StorageNode
+from engine.transport.base import Transport
 from engine.transport.faults import FaultyTransport, NetworkFaults
 from engine.transport.inprocess import InProcessTransport, Registry
 
@@ -137,6 +138,38 @@ def test_a_write_acknowledged_before_the_change_is_seen_while_the_new_node_is_st
     seven.faults.blocked = {("writer", n) for n in ("n1", "n2")}  # n1 failed for good, n2 is down too
     assert w.get(b"k", quorum=True) == b"new"
     assert dict(w.scan(b"k", b"l", quorum=True)) == {b"k": b"new"}
+
+
+def test_recovery_re_replication_needs_a_write_quorum_of_both_sets(seven):
+    """Finding 3: acks from n1..n4 are four nodes but only three of {n7, n2..n6}."""
+    w = seven.writer
+    seven.put(b"k", b"v1", ALL)
+    w.begin_replace("n1", "n7")
+    # Durable once n5 holds it (four of each set); n5 was told the VDL before that, so every
+    # node's VDL hint is below it and a new writer must re-replicate it.
+    lsn = seven.put(b"k", b"v2", ("n1", "n2", "n3", "n4", "n5"))
+    assert w.ledger.vdl >= lsn
+    w.abandon()
+
+    class RefuseAppends(Transport):
+        # Seal and epoch sync reach everybody; only recovery's appends to n5, n6, n7 are lost.
+        source = "writer2"
+
+        def _call(self, node, method, *args):
+            if method == "append" and node in ("n5", "n6", "n7"):
+                raise Unavailable(f"append to {node} lost")
+            return inner._call(node, method, *args)
+
+    inner = InProcessTransport(seven.registry, "writer2")
+    second = Writer(RefuseAppends(), seven.infos + [seven.n7], seven.geometry, WriterOptions(local_az="a"), background=False)
+    with pytest.raises(Unavailable, match="re-replicate"):
+        second.open()
+    # With the appends back, the same recovery succeeds and the acknowledged value is there.
+    third = Writer(inner, seven.infos + [seven.n7], seven.geometry, WriterOptions(local_az="a"), background=False)
+    third.open()
+    assert third.recovery["replicated_records"] >= 1
+    assert third.get(b"k", quorum=True) == b"v2"
+    third.abandon()
 
 
 # --- brute force over every membership of seven node ids ----------------------------------------

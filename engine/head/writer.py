@@ -68,6 +68,8 @@ HEARTBEAT_S = 0.1
 BACKOFF_S_MIN = 0.02
 BACKOFF_S_MAX = 0.5
 SCAN_CHUNK = 512
+#: recovery re-replicates a PG in frames of about this many bytes (fetched a node frame at a time)
+REPLICATE_BYTES_MAX = FRAME_BYTES_MAX // 2
 
 
 @dataclass(frozen=True)
@@ -199,7 +201,8 @@ class Writer:
             )
         sealed = {r.node for r in replies}
         plan = plan_recovery(
-            self.epoch, self.P, replies, lal=self.options.lal, all_sealed=all(n in sealed for n in membership.all_nodes)
+            self.epoch, self.P, replies, lal=self.options.lal,
+            all_sealed=all(n in sealed for n in membership.all_nodes), membership=membership,
         )
         membership = Membership(self.epoch, membership.members, membership.next_members)
         synced = []
@@ -212,7 +215,7 @@ class Writer:
         if not has_write_quorum(synced, membership):
             raise Unavailable(f"cannot open the volume: truncation reached only {synced}")
         self.truncations = plan.truncations
-        replicated = self._replicate(plan, synced)
+        replicated = self._replicate(plan, synced, membership)
         self.ledger = VolumeDurability(
             self.P, membership, vdl=plan.vdl, next_lsn=plan.next_lsn, tails=plan.tails, lal=self.options.lal,
             write_quorum=self.options.unsafe_write_quorum or WRITE_QUORUM,
@@ -258,43 +261,90 @@ class Writer:
             membership = Membership(0, tuple(n.id for n in self.nodes[:6]))
         return membership, max(epoch, membership.epoch)
 
-    def _replicate(self, plan, nodes: Sequence[str]) -> int:
-        """Make the records of (base, VDL] durable again: copy each from a holder to every node."""
-        by_pg: dict[int, list[tuple[int, tuple[str, ...]]]] = {}
+    def _replicate(self, plan, nodes: Sequence[str], membership: Membership) -> int:
+        """Make the records of (base, VDL] durable again: copy each from a holder to every node.
+
+        A PG is copied in frames of at most about REPLICATE_BYTES_MAX, each fetched a node frame
+        at a time until the node says there is no more, and each must reach a write quorum of the
+        membership (of both quorum sets during a change) before the next one is sent."""
+        by_pg: dict[int, dict[int, tuple[str, ...]]] = {}
         for pg, lsn, holders in plan.replicate:
             if not holders:
                 raise Unavailable(f"recovery found no intact copy of record {lsn} (PG {pg}); waiting for more nodes")
-            by_pg.setdefault(pg, []).append((lsn, holders))
+            by_pg.setdefault(pg, {})[lsn] = holders
         count = 0
-        for pg, items in sorted(by_pg.items()):
-            lo, hi = items[0][0] - 1, items[-1][0]
-            frames = []
-            for holder in sorted({h for _, hs in items for h in hs}):
-                try:
-                    frame, _more = self.transport.fetch(holder, pg, lo, FRAME_BYTES_MAX, hi)
-                    frames.append(frame)
-                except SixfoldError:
-                    continue
-            wanted = {lsn for lsn, _ in items}
-            records = {}
-            for frame in frames:
-                for rec in codec.index_frame(frame):
-                    if rec.lsn in wanted:
-                        records.setdefault(rec.lsn, rec.record)
-            if set(records) != wanted:
-                raise Unavailable(f"recovery could not read records {sorted(wanted - set(records))[:5]} of PG {pg}")
-            frame = codec.encode_frame([records[lsn] for lsn in sorted(records)])
-            acked = []
-            for n in nodes:
-                try:
-                    self.transport.append(n, self.epoch, frame, plan.base)
-                    acked.append(n)
-                except SixfoldError:
-                    continue
-            if len(acked) < WRITE_QUORUM:
-                raise Unavailable(f"recovery could re-replicate PG {pg} to only {acked}")
-            count += len(records)
+        for pg, holders_of in sorted(by_pg.items()):
+            wanted = sorted(holders_of)
+            i = 0
+            while i < len(wanted):
+                chunk = self._replicate_chunk(pg, wanted, i, holders_of)
+                frame = codec.encode_frame(chunk)
+                acked = []
+                for n in nodes:
+                    try:
+                        self.transport.append(n, self.epoch, frame, plan.base)
+                        acked.append(n)
+                    except SixfoldError:
+                        continue
+                if not has_write_quorum(acked, membership):
+                    raise Unavailable(
+                        f"recovery could re-replicate records {wanted[i]}..{wanted[i + len(chunk) - 1]} of PG {pg} "
+                        f"to only {', '.join(acked) or 'no node'}; it needs {WRITE_QUORUM} of each quorum set "
+                        f"({' and '.join('/'.join(qs) for qs in membership.quorum_sets)})"
+                    )
+                i += len(chunk)
+                count += len(chunk)
         return count
+
+    def _replicate_chunk(self, pg: int, wanted: list[int], i: int, holders_of: dict[int, tuple[str, ...]]) -> list[bytes]:
+        """The records wanted[i], wanted[i+1], ... of `pg`, as many as fit REPLICATE_BYTES_MAX
+        (at least one), fetched from their holders. Unavailable if a record has no answering holder."""
+        got: dict[int, bytes] = {}
+
+        def fetch(holder: str, after: int, upto: int) -> tuple[int, bool] | None:
+            """Fetch one frame of `holder` above `after`; keep the wanted records. Returns
+            (last LSN in the frame, more) or None if the holder cannot answer or has nothing."""
+            try:
+                frame, more = self.transport.fetch(holder, pg, after, FRAME_BYTES_MAX, upto)
+                items = codec.index_frame(frame)
+            except SixfoldError:
+                return None
+            for it in items:
+                if it.lsn in holders_of:
+                    got.setdefault(it.lsn, it.record)
+            return (items[-1].lsn, more) if items else None
+
+        hi = wanted[-1]
+        first = wanted[i]
+        end = None  # the chunk's records lie in [first, end]
+        for holder in holders_of[first]:
+            answer = fetch(holder, first - 1, hi)
+            if answer is not None:
+                last, more = answer
+                end = last if more else hi
+                break
+        if end is None:
+            raise Unavailable(f"recovery could not read record {first} of PG {pg} from {', '.join(holders_of[first])}")
+        chunk: list[bytes] = []
+        size = 0
+        for lsn in wanted[i:]:
+            if lsn > end:
+                break
+            if lsn not in got:
+                # The holder asked first lacks it: ask its own holders. A fetch above lsn - 1 starts
+                # with lsn if the holder has it (and brings the records after it, up to `end`).
+                for holder in holders_of[lsn]:
+                    fetch(holder, lsn - 1, end)
+                    if lsn in got:
+                        break
+                if lsn not in got:
+                    raise Unavailable(f"recovery could not read record {lsn} of PG {pg} from {', '.join(holders_of[lsn])}")
+            rec = got.pop(lsn)
+            if chunk and size + len(rec) > REPLICATE_BYTES_MAX:
+                break
+            chunk.append(rec)
+            size += len(rec)
+        return chunk
 
     def close(self) -> None:
         """Stop the senders after in-flight records had a chance to become durable."""
