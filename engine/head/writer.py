@@ -12,10 +12,15 @@ it has not yet sent (up to a frame's bounds), so a busy volume gets large frames
 and a slow node gets larger frames instead of holding anybody up. The node answers with its SCLs;
 the ledger turns them into PGCL/VCL/VDL; when VDL passes a caller's CPL, the sender releases that
 caller's lock. Four answers suffice: the fifth and sixth node are never waited for. Records stay in
-the tail until they are durable; a node that missed trimmed records fills the hole by gossip.
+the tail until durable and sent to every live node (`engine.core.tail`); a node that missed trimmed
+records fills the hole by gossip.
 
 Waking a caller costs one `lock.release()` (no Condition, no Event per batch): the hand-off
 between Python threads, not the disk, is what limits a group commit here.
+
+Every protocol decision is the pure core's: quorums (`engine.core.quorum`), membership steps and
+catch-up (`engine.core.membership`), tail trimming (`engine.core.tail`) and what an epoch refusal
+means (`engine.core.fencing`). This module does the I/O, the threads and the waiting around them.
 
 Reads take read point = VDL. A segment whose SCL reaches the PG's last record at or below VDL can
 answer alone (same AZ first); otherwise, or when asked, segments are asked until those that
@@ -35,6 +40,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 from engine import codec
+from engine.core import membership as membership_steps
 from engine.core.constants import (
     BATCH_OPS_MAX,
     FLAG_CPL,
@@ -47,9 +53,11 @@ from engine.core.constants import (
     VALUE_BYTES_MAX,
     WRITE_QUORUM,
 )
+from engine.core.fencing import FENCE, SYNC, on_epoch_refusal
 from engine.core.placement import protection_group_of, read_order
 from engine.core.quorum import VolumeDurability, has_read_quorum, has_write_quorum, merge_read, merge_scan
 from engine.core.recovery import plan_recovery
+from engine.core.tail import TAIL_RECORDS_MAX, tail_trim
 from engine.core.types import Geometry, Membership, NodeInfo, ReadView, SealReply
 from engine.errors import (
     CorruptRecord,
@@ -62,8 +70,6 @@ from engine.errors import (
 )
 
 FRAME_RECORDS_MAX_SEND = 8192
-#: records kept in the writer's tail for slow live nodes before they are left to gossip
-TAIL_RECORDS_MAX = 200_000
 HEARTBEAT_S = 0.1
 BACKOFF_S_MIN = 0.02
 BACKOFF_S_MAX = 0.5
@@ -565,14 +571,14 @@ class Writer:
         link.last_send = self._clock()
         try:
             reply = self.transport.append(link.id, epoch, frame, hint)
-        except EpochBehind:
-            self._sync_node(link)
-            return True
-        except StaleEpoch as e:
-            if epoch == self.epoch:
+        except (StaleEpoch, EpochBehind) as e:
+            action = on_epoch_refusal(e, epoch, self.epoch)
+            if action == FENCE:
                 self._fence(f"this writer was fenced by a newer writer: {e}")
                 return False
-            return True  # sent before our own epoch step (membership change): resend at the new one
+            if action == SYNC:
+                self._sync_node(link)
+            return True  # RESEND: it was sent before our own epoch step; the next send is at the new one
         except (Unavailable, CorruptRecord, SixfoldError) as e:
             with self._lock:
                 link.up = False
@@ -614,21 +620,12 @@ class Writer:
         return out
 
     def _trim_locked(self) -> None:
-        """Drop tail records that are durable AND that every reachable node has been sent.
-
-        Trimming at VCL alone would leave a slow but live node (the fifth or sixth) with holes
-        that only gossip fills; when an AZ is then lost, that node is needed for the write quorum
-        and every write waits for gossip. So a live node keeps the tail alive, up to a bound
-        (TAIL_RECORDS_MAX) past which it too is left to gossip. Down nodes never hold it."""
-        ledger = self.ledger
-        members = ledger.membership.all_nodes
-        lagging = min((self.links[n].sent_lsn for n in members if n in self.links and self.links[n].up), default=ledger.vcl)
-        keep_from = min(ledger.vcl, lagging) + 1
-        if self._tail_base + len(self._tail) - keep_from > TAIL_RECORDS_MAX:
-            keep_from = max(keep_from, ledger.vcl + 1 - TAIL_RECORDS_MAX // 2)
-            keep_from = min(keep_from, ledger.vcl + 1)
-        drop = keep_from - self._tail_base
-        if drop > 4096 or (drop > 0 and drop == len(self._tail)):
+        """Drop the tail records `engine.core.tail` says may go: durable, and sent to every live
+        member (up to a bound). Caller holds the lock."""
+        links = self.links
+        live = [links[n].sent_lsn for n in self.ledger.membership.all_nodes if n in links and links[n].up]
+        drop = tail_trim(self._tail_base, len(self._tail), self.ledger.vcl, live, TAIL_RECORDS_MAX)
+        if drop:
             del self._tail[:drop]
             self._tail_base += drop
 
@@ -652,9 +649,10 @@ class Writer:
             lock.release()
 
     # --- membership change (Aurora: ABCDEF -> ABCDEF+ABCDEG -> ABCDEG, each step an epoch) ----
-    def _step_membership(self, membership_of) -> Membership:
-        """Move to a new epoch with the membership `membership_of(current)`; tell every reachable
-        node. Writes go on: appends in flight at the old epoch are simply re-sent."""
+    def _step_membership(self, membership_of: Callable[[Membership], Membership]) -> Membership:
+        """Move to a new epoch with the membership `membership_of(current)` (a step of
+        `engine.core.membership`; its refusal changes nothing); tell every reachable node.
+        Writes go on: appends in flight at the old epoch are simply re-sent."""
         with self._lock:
             self.check_usable()
             new = membership_of(self.ledger.membership)
@@ -682,52 +680,29 @@ class Writer:
 
     def begin_replace(self, old: str, new: str) -> Membership:
         """Step 1: the new node joins as a member of a second quorum set that replaces `old`."""
+        return self._step_membership(lambda m: membership_steps.begin_replace(m, old, new))
 
-        def step(m: Membership) -> Membership:
-            if m.next_members is not None:
-                raise InvalidArgument(f"a membership change is already under way ({m.members} -> {m.next_members})")
-            if old not in m.members:
-                raise InvalidArgument(f"{old} is not a member ({', '.join(m.members)})")
-            if new in m.members:
-                raise InvalidArgument(f"{new} is already a member")
-            return Membership(m.epoch, m.members, tuple(new if n == old else n for n in m.members))
-
-        return self._step_membership(step)
+    def _catch_up_inputs(self, node: str) -> tuple[list[int | None], list[int]]:
+        with self._lock:
+            ledger = self.ledger
+            return [ledger.scls[pg].get(node) for pg in range(self.P)], list(ledger.read_tails)
 
     def replacement_caught_up(self, new: str) -> bool:
         """True once `new` holds every PG's chain up to the PG's last durable record."""
-        with self._lock:
-            return all(self.ledger.scls[pg].get(new, -1) >= self.ledger.read_tails[pg] for pg in range(self.P))
+        return membership_steps.replacement_caught_up(*self._catch_up_inputs(new))
 
     def catch_up_progress(self, node: str) -> tuple[float, int]:
         """(fraction, lag) of `node` against every PG's read tail: what `replacement_caught_up`
         waits for, as a number (fraction 1.0 and lag 0 once caught up)."""
-        with self._lock:
-            tails = list(self.ledger.read_tails)
-            scls = [self.ledger.scls[pg].get(node, 0) for pg in range(len(tails))]
-        want = sum(tails)
-        have = sum(min(s, t) for s, t in zip(scls, tails))
-        return (1.0 if want == 0 else have / want), want - have
+        return membership_steps.catch_up_progress(*self._catch_up_inputs(node))
 
     def finish_replace(self) -> Membership:
         """Step 2: commit the change; the new set alone is the membership."""
-
-        def step(m: Membership) -> Membership:
-            if m.next_members is None:
-                raise InvalidArgument("no membership change is under way")
-            return Membership(m.epoch, m.next_members)
-
-        return self._step_membership(step)
+        return self._step_membership(membership_steps.finish_replace)
 
     def revert_replace(self) -> Membership:
         """Undo step 1 (the old node came back before the change completed)."""
-
-        def step(m: Membership) -> Membership:
-            if m.next_members is None:
-                raise InvalidArgument("no membership change is under way")
-            return Membership(m.epoch, m.members)
-
-        return self._step_membership(step)
+        return self._step_membership(membership_steps.revert_replace)
 
     # --- reads ------------------------------------------------------------------------------
     def view(self) -> ReadView:
