@@ -3,9 +3,9 @@
 Theory of operation
 -------------------
 Callers never talk to nodes. A write validates its input, waits (bounded) until a write quorum
-of segments is reachable and LAL allows, then under the writer lock takes consecutive LSNs from
-the `VolumeDurability` ledger, encodes its records (CRC and all) once, appends them to the shared
-in-memory *tail*, and parks on a private lock.
+of segments is reachable, then goes into a lock-free inbox; whichever sender takes the writer lock
+next gives the whole inbox consecutive LSNs from the `VolumeDurability` ledger, encodes the records
+(CRC and all) once into the shared in-memory *tail*, and the callers park on private locks.
 
 One sender thread per node ships the tail to its node: whenever it is idle it takes every record
 it has not yet sent (up to a frame's bounds), so a busy volume gets large frames (group commit)
@@ -22,6 +22,13 @@ Every protocol decision is the pure core's: quorums (`engine.core.quorum`), memb
 catch-up (`engine.core.membership`), tail trimming (`engine.core.tail`) and what an epoch refusal
 means (`engine.core.fencing`). This module does the I/O, the threads and the waiting around them.
 
+Failure policy: an expected error on a link (`SixfoldError`) marks the node unreachable, is logged
+once per change of cause (logger "sixfold.writer") and retried with a bounded back-off. An
+unexpected exception in a sender is logged once per cause with its traceback, counted on the link
+(`status()["links"][n]["errors"]`), and the sender carries on after a back-off; if it struck while
+the ledger or tail was being changed, the writer cannot trust its own bookkeeping and fences itself
+with that reason (recovery on the next open rebuilds the truth from the nodes).
+
 Reads take read point = VDL. A segment whose SCL reaches the PG's last record at or below VDL can
 answer alone (same AZ first); otherwise, or when asked, segments are asked until those that
 answered form a read quorum of the membership (`has_read_quorum`: three of each quorum set during
@@ -34,6 +41,7 @@ from __future__ import annotations
 import _thread
 import heapq
 import threading
+import logging  # after threading, which logging imports: tests/test_purity.py's guard names this module
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
@@ -60,7 +68,6 @@ from engine.core.recovery import plan_recovery
 from engine.core.tail import TAIL_RECORDS_MAX, tail_trim
 from engine.core.types import Geometry, Membership, NodeInfo, ReadView, SealReply
 from engine.errors import (
-    CorruptRecord,
     EpochBehind,
     InvalidArgument,
     SixfoldError,
@@ -69,10 +76,14 @@ from engine.errors import (
     WriteIndeterminate,
 )
 
+log = logging.getLogger("sixfold.writer")
+
 FRAME_RECORDS_MAX_SEND = 8192
 HEARTBEAT_S = 0.1
 BACKOFF_S_MIN = 0.02
 BACKOFF_S_MAX = 0.5
+#: a link fault of a cause already logged is logged again if the link was healthy this long between
+RELOG_S = 10.0
 SCAN_CHUNK = 512
 #: recovery re-replicates a PG in frames of about this many bytes (fetched a node frame at a time)
 REPLICATE_BYTES_MAX = FRAME_BYTES_MAX // 2
@@ -134,6 +145,16 @@ class _Ticket:
         self.error: SixfoldError | None = None
 
 
+class _InDoubt(Exception):
+    """An unexpected error struck while the ledger or the tail was being changed: they may no
+    longer agree with each other, so the writer must not go on acknowledging writes."""
+
+    def __init__(self, where: str, cause: BaseException) -> None:
+        super().__init__(f"{where}: {type(cause).__name__}: {cause}")
+        self.where = where
+        self.cause = cause
+
+
 class _NodeLink:
     """The writer's view of one node: what was sent, whether it answers, its sender thread."""
 
@@ -143,7 +164,14 @@ class _NodeLink:
         self.up = True
         self.backoff_s = BACKOFF_S_MIN
         self.last_send = 0.0
+        #: the link's current fault ("" while it is healthy)
         self.error = ""
+        #: unexpected exceptions (bugs) its sender met, and the last of them
+        self.errors = 0
+        self.last_error = ""
+        #: the cause last logged, so that each fault is logged once per change of cause
+        self.logged = ""
+        self.healthy_since = 0.0
         self.last_scls: tuple[int, ...] = ()
         self.thread: threading.Thread | None = None
 
@@ -177,6 +205,9 @@ class Writer:
         self._senders_waiting = 0
         self._closed = False
         self._fenced: str | None = None
+        #: the error new writes get once fenced: StaleEpoch (a newer writer) or Unavailable (self-fenced)
+        self._fenced_error: type[SixfoldError] = StaleEpoch
+        self._in_doubt = False
         self.epoch = 0
         self.ledger: VolumeDurability | None = None
         self.links: dict[str, _NodeLink] = {}
@@ -247,6 +278,8 @@ class Writer:
             "replicated_records": replicated,
             "seconds": round(self._clock() - t0, 4),
         }
+        log.info("opened at epoch %d: VDL %d, %d record(s) re-replicated, sealed %s",
+                 self.epoch, plan.vdl, replicated, ", ".join(sorted(sealed)))
         if self._background:
             for link in self.links.values():
                 link.thread = threading.Thread(target=self._sender, args=(link,), name=f"writer->{link.id}", daemon=True)
@@ -384,7 +417,7 @@ class Writer:
 
     @property
     def fenced(self) -> str | None:
-        """Why the writer was fenced, or None."""
+        """Why the writer was fenced (by a newer writer, or by itself), or None."""
         return self._fenced
 
     def check_usable(self) -> None:
@@ -392,7 +425,7 @@ class Writer:
         if self._closed:
             raise Unavailable("the writer stopped (crashed or closed); nothing was logged")
         if self._fenced:
-            raise StaleEpoch(self._fenced)
+            raise self._fenced_error(self._fenced)
 
     def membership(self) -> Membership:
         """The membership the writer runs at (both quorum sets during a change)."""
@@ -400,7 +433,6 @@ class Writer:
             return self.ledger.membership
 
     # --- writes -----------------------------------------------------------------------------
-
     def _quorum_up(self) -> bool:
         # Recomputed only when a link changes state (caller holds the lock).
         if self._quorum_cache is None:
@@ -423,8 +455,11 @@ class Writer:
             self._wait_for_quorum(block)
         self._inbox.append(ticket)
         if not self._background:
-            with self._lock:
-                self._sequence_locked()
+            try:
+                with self._lock:
+                    self._sequence_locked()
+            except _InDoubt as e:
+                self._fence_in_doubt(e)
             if ticket.error is not None:
                 raise ticket.error
             return ticket.lsn, ticket
@@ -459,14 +494,26 @@ class Writer:
 
     def _sequence_locked(self) -> None:
         """Give every ticket in the inbox its LSNs (consecutive; the unit's last one a CPL), encode
-        its records once into the tail, and park it until VDL covers it. Caller holds the lock."""
+        its records once into the tail, and park it until VDL covers it. Caller holds the lock.
+
+        An unexpected error here leaves LSNs allocated without records, or records without a
+        waiter: it is raised as _InDoubt, and the writer fences itself."""
+        try:
+            self._sequence_inbox_locked()
+        except Exception as e:
+            raise _InDoubt("giving writes their LSNs", e) from e
+
+    def _sequence_inbox_locked(self) -> None:
         inbox, ledger, tail, waiters = self._inbox, self.ledger, self._tail, self._waiters
         refuse = self._closed or self._fenced
         while inbox:
             ticket = inbox[0]
             if refuse:
                 inbox.popleft()
-                ticket.error = Unavailable("the writer stopped (crashed, closed or fenced) before logging this write")
+                ticket.error = Unavailable(
+                    f"this write was not logged: {self._fenced}" if self._fenced
+                    else "the writer stopped (crashed or closed) before logging this write"
+                )
                 ticket.lock.release()
                 continue
             if not ledger.can_allocate(len(ticket.ops)):
@@ -533,16 +580,27 @@ class Writer:
             try:
                 if not self.send_once(link, block=True):
                     return
-            except Exception as e:  # a bug must not silently stop a sender: record and keep going
-                link.error = f"{type(e).__name__}: {e}"
-                time.sleep(BACKOFF_S_MAX)
+            except Exception as e:  # a bug: log it once per cause, count it, carry on after a back-off
+                with self._lock:
+                    note = self._fault_locked(link, e, unexpected=True)
+                    link.backoff_s = min(BACKOFF_S_MAX, link.backoff_s * 2)
+                    backoff_s = link.backoff_s
+                self._log_fault(link, note, e, unexpected=True)
+                time.sleep(backoff_s)
 
     def send_once(self, link: _NodeLink, block: bool = False) -> bool:
-        """Ship the node its unsent records (or a heartbeat). Returns False once closed."""
+        """Ship the node its unsent records (or a heartbeat). Returns False once closed or fenced."""
+        try:
+            return self._send_once(link, block)
+        except _InDoubt as e:
+            self._fence_in_doubt(e)
+            return False
+
+    def _send_once(self, link: _NodeLink, block: bool) -> bool:
         with self._lock:
             while True:
-                if self._closed or self._fenced or link.id not in self.ledger.membership.all_nodes:
-                    return False  # closed, fenced, or this node was replaced
+                if self._closed or self._fenced or self._in_doubt or link.id not in self.ledger.membership.all_nodes:
+                    return False  # closed, fenced (or about to be), or this node was replaced
                 if self._inbox:
                     self._sequence_locked()
                 end = self._tail_base + len(self._tail)  # one above the highest LSN in the tail
@@ -559,8 +617,8 @@ class Writer:
             records = self._tail[start - self._tail_base : start - self._tail_base + FRAME_RECORDS_MAX_SEND]
             hint = self.ledger.vdl
             epoch = self.epoch
-        if not link.up:
-            time.sleep(link.backoff_s) if block else None
+        if block and not link.up:
+            time.sleep(link.backoff_s)
         size = 0
         for i, r in enumerate(records):
             size += len(r)
@@ -574,39 +632,87 @@ class Writer:
         except (StaleEpoch, EpochBehind) as e:
             action = on_epoch_refusal(e, epoch, self.epoch)
             if action == FENCE:
-                self._fence(f"this writer was fenced by a newer writer: {e}")
+                if self._fence(f"this writer was fenced by a newer writer: {e}"):
+                    log.error("writer -> %s: %s; a newer writer exists, this one stops", link.id, e)
                 return False
             if action == SYNC:
                 self._sync_node(link)
             return True  # RESEND: it was sent before our own epoch step; the next send is at the new one
-        except (Unavailable, CorruptRecord, SixfoldError) as e:
-            with self._lock:
-                link.up = False
-                self._quorum_cache = None
-                link.error = str(e)
-                link.backoff_s = min(BACKOFF_S_MAX, link.backoff_s * 2)
-                self._room.notify_all()
+        except SixfoldError as e:
+            self._link_fault(link, e)
+            return True
+        except Exception as e:  # the transport failed in a way it should not: count it, treat the link as down
+            self._link_fault(link, e, unexpected=True)
             return True
         released = None
+        healed = ""
         with self._lock:
+            if self._in_doubt:
+                return False
             if not link.up:
                 link.up = True
                 self._quorum_cache = None
                 self._room.notify_all()
             link.backoff_s = BACKOFF_S_MIN
-            link.error = ""
+            if link.error:
+                healed, link.error = link.error, ""
+                link.healthy_since = self._clock()
             if records:
                 link.sent_lsn = max(link.sent_lsn, start + len(records) - 1)
                 self.stats["flushes"] += 1
                 self.stats["records_sent"] += len(records)
             if reply.scls != link.last_scls:
                 link.last_scls = reply.scls
-                if self.ledger.record_scls(link.id, reply.scls):
-                    released = self._release_locked()
+                try:
+                    if self.ledger.record_scls(link.id, reply.scls):
+                        released = self._release_locked()
+                except Exception as e:
+                    raise _InDoubt("recording a node's acknowledgement", e) from e
+        if healed:
+            log.info("writer -> %s: the link works again (it was: %s)", link.id, healed)
         if released:
             for lock in released:
                 lock.release()
         return True
+
+    def _fault_locked(self, link: _NodeLink, e: BaseException, unexpected: bool) -> bool:
+        """Note a link's fault; True when it is to be logged. Caller holds the lock.
+
+        The cause of an expected error is its class (a flapping link alternates between messages
+        such as "message lost" and "reply lost", which are one cause); of an unexpected one, its
+        class and message. A cause is logged when it differs from the last one logged, or when it
+        recurs after the link was healthy for RELOG_S."""
+        text = f"{type(e).__name__}: {e}"
+        cause = text if unexpected else type(e).__name__
+        recurs = not link.error and self._clock() - link.healthy_since >= RELOG_S
+        link.error = text
+        if unexpected:
+            link.errors += 1
+            link.last_error = text
+        if cause == link.logged and not recurs:
+            return False
+        link.logged = cause
+        return True
+
+    def _log_fault(self, link: _NodeLink, note: bool, e: BaseException, unexpected: bool) -> None:
+        if not note:
+            return
+        if unexpected:
+            log.error("writer -> %s: unexpected %s: %s (counted; the sender carries on after a back-off)",
+                      link.id, type(e).__name__, e, exc_info=e)
+        else:
+            log.warning("writer -> %s: %s: %s", link.id, type(e).__name__, e)
+
+    def _link_fault(self, link: _NodeLink, e: BaseException, *, unexpected: bool = False) -> None:
+        """An append failed: the node is unreachable until it answers again."""
+        with self._lock:
+            note = self._fault_locked(link, e, unexpected)
+            if link.up:
+                link.up = False
+                self._quorum_cache = None
+                self._room.notify_all()
+            link.backoff_s = min(BACKOFF_S_MAX, link.backoff_s * 2)
+        self._log_fault(link, note, e, unexpected)
 
     def _release_locked(self) -> list:
         """Pop waiters covered by VDL; trim the tail of durable records. Caller holds the lock."""
@@ -634,19 +740,38 @@ class Writer:
         try:
             self.transport.sync_epoch(link.id, self.epoch, self.truncations, self.ledger.membership)
         except SixfoldError as e:
-            link.error = str(e)
+            with self._lock:
+                note = self._fault_locked(link, e, unexpected=False)
+            self._log_fault(link, note, e, unexpected=False)
             if self._background:
                 time.sleep(link.backoff_s)
 
-    def _fence(self, why: str) -> None:
+    def _fence(self, why: str, error: type[SixfoldError] = StaleEpoch) -> bool:
+        """Stop for good: fail what was never logged, release every waiter (their writes are
+        indeterminate). Returns True for the call that fenced (the first reason is kept)."""
         with self._lock:
-            self._fenced = why
+            first = self._fenced is None
+            if first:
+                self._fenced = why
+                self._fenced_error = error
             self._sequence_locked()  # refuses what was never logged
             waiters, self._waiters = self._waiters, deque()
             self._room.notify_all()
             self._work.notify_all()
         for _lsn, lock in waiters:
             lock.release()
+        return first
+
+    def _fence_in_doubt(self, e: _InDoubt) -> None:
+        """The writer's own bookkeeping may be wrong: stop acknowledging anything. What was not yet
+        durable becomes indeterminate; the next open recovers the truth from the nodes."""
+        why = (f"the writer fenced itself: an internal error while {e.where} left its ledger in doubt "
+               f"({type(e.cause).__name__}: {e.cause}); open the volume again (recovery rebuilds it from the nodes)")
+        with self._lock:
+            first, self._in_doubt = not self._in_doubt, True  # from now on no sender acknowledges anything
+        if first:  # the first one logs, then fences: whoever sees the fence finds its cause logged
+            log.critical("%s", why, exc_info=e.cause)
+            self._fence(why, Unavailable)
 
     # --- membership change (Aurora: ABCDEF -> ABCDEF+ABCDEG -> ABCDEG, each step an epoch) ----
     def _step_membership(self, membership_of: Callable[[Membership], Membership]) -> Membership:
@@ -667,6 +792,7 @@ class Writer:
                         link.thread.start()
             self._quorum_cache = None
             epoch = self.epoch
+        log.info("membership at epoch %d: %s", epoch, " + ".join("/".join(qs) for qs in new.quorum_sets))
         told = []
         for n in new.all_nodes:
             try:
@@ -812,7 +938,10 @@ class Writer:
                 "fenced": self._fenced,
                 "membership": {"epoch": ledger.membership.epoch, "members": list(ledger.membership.members),
                                "next_members": list(ledger.membership.next_members) if ledger.membership.next_members else None},
-                "links": {n: {"up": l.up, "error": l.error, "sent_lsn": l.sent_lsn} for n, l in self.links.items()},
+                "links": {
+                    n: {"up": l.up, "error": l.error, "errors": l.errors, "last_error": l.last_error, "sent_lsn": l.sent_lsn}
+                    for n, l in self.links.items()
+                },
                 "recovery": dict(self.recovery),
                 "stats": dict(self.stats),
             }
