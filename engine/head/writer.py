@@ -2,8 +2,9 @@
 
 Theory of operation
 -------------------
-Callers never talk to nodes. A write validates its input, waits (bounded) until a write quorum
-of segments is reachable, then goes into a lock-free inbox; whichever sender takes the writer lock
+Callers never talk to nodes. A write validates its input, is admitted (bounded wait for a
+reachable write quorum; refused at once when the nodes with room are not one, see
+`engine.core.admission`), then goes into a lock-free inbox; whichever sender takes the writer lock
 next gives the whole inbox consecutive LSNs from the `VolumeDurability` ledger, encodes the records
 (CRC and all) once into the shared in-memory *tail*, and the callers park on private locks.
 
@@ -19,15 +20,17 @@ Waking a caller costs one `lock.release()` (no Condition, no Event per batch): t
 between Python threads, not the disk, is what limits a group commit here.
 
 Every protocol decision is the pure core's: quorums (`engine.core.quorum`), membership steps and
-catch-up (`engine.core.membership`), tail trimming (`engine.core.tail`) and what an epoch refusal
-means (`engine.core.fencing`). This module does the I/O, the threads and the waiting around them.
+catch-up (`engine.core.membership`), tail trimming (`engine.core.tail`), what an epoch refusal
+means (`engine.core.fencing`) and write admission (`engine.core.admission`). This module does the
+I/O, the threads and the waiting around them.
 
 Failure policy: an expected error on a link (`SixfoldError`) marks the node unreachable, is logged
-once per change of cause (logger "sixfold.writer") and retried with a bounded back-off. An
-unexpected exception in a sender is logged once per cause with its traceback, counted on the link
-(`status()["links"][n]["errors"]`), and the sender carries on after a back-off; if it struck while
-the ledger or tail was being changed, the writer cannot trust its own bookkeeping and fences itself
-with that reason (recovery on the next open rebuilds the truth from the nodes).
+once per change of cause (logger "sixfold.writer") and retried with a bounded back-off; a full node
+(`StorageFull`) stays reachable (it still serves reads) and its records are retried until they land.
+An unexpected exception in a sender is logged once per cause with its traceback, counted on the
+link (`status()["links"][n]["errors"]`), and the sender carries on after a back-off; if it struck
+while the ledger or tail was being changed, the writer cannot trust its own bookkeeping and fences
+itself with that reason (recovery on the next open rebuilds the truth from the nodes).
 
 Reads take read point = VDL. A segment whose SCL reaches the PG's last record at or below VDL can
 answer alone (same AZ first); otherwise, or when asked, segments are asked until those that
@@ -49,6 +52,7 @@ from dataclasses import dataclass
 
 from engine import codec
 from engine.core import membership as membership_steps
+from engine.core.admission import Admission, admits, write_admission
 from engine.core.constants import (
     BATCH_OPS_MAX,
     FLAG_CPL,
@@ -72,11 +76,18 @@ from engine.errors import (
     InvalidArgument,
     SixfoldError,
     StaleEpoch,
+    StorageFull,
     Unavailable,
     WriteIndeterminate,
 )
 
 log = logging.getLogger("sixfold.writer")
+
+# Module constants: an Enum member looked up on its class costs ~10x a global on the submit path.
+ADMIT_ALL = Admission.ALL
+ADMIT_DELETES_ONLY = Admission.DELETES_ONLY
+ADMIT_FULL = Admission.FULL
+ADMIT_UNREACHABLE = Admission.UNREACHABLE
 
 FRAME_RECORDS_MAX_SEND = 8192
 HEARTBEAT_S = 0.1
@@ -144,6 +155,9 @@ class _Ticket:
         self.lsn: int | None = None
         self.error: SixfoldError | None = None
 
+    def puts(self) -> bool:
+        return any(flags & FLAG_PUT for flags, _key, _value in self.ops)
+
 
 class _InDoubt(Exception):
     """An unexpected error struck while the ledger or the tail was being changed: they may no
@@ -162,6 +176,10 @@ class _NodeLink:
         self.id = node_id
         self.sent_lsn = 0  # highest LSN this node acknowledged holding (or skipped past)
         self.up = True
+        #: its last append was refused for lack of room (StorageFull); it still serves reads
+        self.full = False
+        #: its last append reply said it is within its space reserve (room for deletes only)
+        self.space_low = False
         self.backoff_s = BACKOFF_S_MIN
         self.last_send = 0.0
         #: the link's current fault ("" while it is healthy)
@@ -215,7 +233,8 @@ class Writer:
         self.truncations: tuple = ()
         self._background = background
         self.stats = {"flushes": 0, "records_sent": 0}
-        self._quorum_cache: bool | None = None
+        #: what may be logged now (engine.core.admission); None: recompute (a link changed state)
+        self._admission: Admission | None = None
 
     # --- lifecycle --------------------------------------------------------------------------
     def open(self) -> None:
@@ -433,13 +452,42 @@ class Writer:
             return self.ledger.membership
 
     # --- writes -----------------------------------------------------------------------------
-    def _quorum_up(self) -> bool:
+    def _admission_locked(self) -> Admission:
         # Recomputed only when a link changes state (caller holds the lock).
-        if self._quorum_cache is None:
-            self._quorum_cache = has_write_quorum(
-                (n for n, link in self.links.items() if link.up), self.ledger.membership, self.ledger.write_quorum
+        adm = self._admission
+        if adm is None:
+            links = self.links
+            adm = self._admission = write_admission(
+                (n for n, link in links.items() if link.up),
+                (n for n, link in links.items() if link.full),
+                (n for n, link in links.items() if link.space_low),
+                self.ledger.membership,
+                self.ledger.write_quorum,
             )
-        return self._quorum_cache
+        return adm
+
+    def _space_locked(self) -> str:
+        """The members out of space, as a person reads it ("" when none is)."""
+        members = self.ledger.membership.all_nodes
+        full = [n for n in members if self.links[n].full]
+        low = [n for n in members if self.links[n].space_low and not self.links[n].full]
+        parts = ([f"full: {', '.join(full)}"] if full else []) + ([f"low on space: {', '.join(low)}"] if low else [])
+        return "; ".join(parts)
+
+    def _storage_full_locked(self, admission: Admission, what: str) -> StorageFull:
+        members = self.ledger.membership.all_nodes
+        links = self.links
+        if admission is ADMIT_FULL:
+            room = [n for n in members if links[n].up and not links[n].full]
+            return StorageFull(
+                f"{what}: nodes are out of space ({self._space_locked()}); the reachable nodes with any room "
+                f"({', '.join(room) or 'none'}) are not a write quorum, not even for deletes. Nothing was logged."
+            )
+        room = [n for n in members if links[n].up and not links[n].full and not links[n].space_low]
+        return StorageFull(
+            f"{what}: nodes are out of space ({self._space_locked()}); the reachable nodes with room for new "
+            f"data ({', '.join(room) or 'none'}) are not a write quorum. Nothing was logged; deletes still work."
+        )
 
     def submit(self, ops: Sequence[tuple[int, bytes, bytes]], *, block: bool = True) -> tuple[int | None, _Ticket]:
         """Hand `ops` (flags, key, value) to the writer as one atomic unit; return (lsn, ticket).
@@ -448,11 +496,12 @@ class Writer:
         next gives the whole inbox its LSNs in one go (so 64 callers cost one lock hand-off per
         flush, not 64). `lsn` is known at once only without background senders (a simulator);
         `wait(ticket)` works either way. With no reachable write quorum, waits up to the write
-        timeout (not at all if `block` is false) and raises Unavailable: nothing was logged."""
+        timeout (not at all if `block` is false) and raises Unavailable; when the nodes with room
+        are not a write quorum, raises StorageFull at once. Either way nothing was logged."""
         assert 1 <= len(ops) <= BATCH_OPS_MAX
         ticket = _Ticket(ops, [protection_group_of(key, self.P) for _f, key, _v in ops])
-        if self._closed or self._fenced or not self._quorum_up_unlocked():
-            self._wait_for_quorum(block)
+        if self._closed or self._fenced or self._admission is not ADMIT_ALL:
+            self._admit(ticket, block)
         self._inbox.append(ticket)
         if not self._background:
             try:
@@ -468,27 +517,26 @@ class Writer:
                 self._work.notify_all()
         return None, ticket
 
-    def _quorum_up_unlocked(self) -> bool:
-        cached = self._quorum_cache
-        if cached is not None:
-            return cached
-        with self._lock:
-            return self._quorum_up()
-
-    def _wait_for_quorum(self, block: bool) -> None:
-        """The slow path of submit: wait (bounded) for a write quorum, or refuse."""
+    def _admit(self, ticket: _Ticket, block: bool) -> None:
+        """The slow path of submit: wait (bounded) for a reachable write quorum, or refuse."""
         deadline = self._clock() + self.options.write_timeout_s
         with self._lock:
             while True:
                 self.check_usable()
-                if self._quorum_up():
+                adm = self._admission_locked()
+                if adm is ADMIT_ALL:
                     return
+                if adm is not ADMIT_UNREACHABLE:
+                    if admits(adm, ticket.puts()):
+                        return
+                    raise self._storage_full_locked(adm, "write refused")
                 left = deadline - self._clock() if block else 0
                 if left <= 0:
                     up = sorted(n for n, link in self.links.items() if link.up)
                     raise Unavailable(
                         f"write refused: only {len(up)} segments reachable ({', '.join(up) or 'none'}); "
-                        f"a write needs {WRITE_QUORUM} of 6. Nothing was logged."
+                        f"a write needs {WRITE_QUORUM} of each quorum set "
+                        f"({' and '.join('/'.join(qs) for qs in self.ledger.membership.quorum_sets)}). Nothing was logged."
                     )
                 self._room.wait(min(left, 0.05))
 
@@ -506,6 +554,11 @@ class Writer:
     def _sequence_inbox_locked(self) -> None:
         inbox, ledger, tail, waiters = self._inbox, self.ledger, self._tail, self._waiters
         refuse = self._closed or self._fenced
+        # Admitted writes that the space on the nodes no longer admits are refused, unlogged.
+        adm = self._admission
+        if adm is None and not refuse:
+            adm = self._admission_locked()
+        space_check = adm is ADMIT_DELETES_ONLY or adm is ADMIT_FULL
         while inbox:
             ticket = inbox[0]
             if refuse:
@@ -514,6 +567,11 @@ class Writer:
                     f"this write was not logged: {self._fenced}" if self._fenced
                     else "the writer stopped (crashed or closed) before logging this write"
                 )
+                ticket.lock.release()
+                continue
+            if space_check and not admits(adm, ticket.puts()):
+                inbox.popleft()
+                ticket.error = self._storage_full_locked(adm, "write refused")
                 ticket.lock.release()
                 continue
             if not ledger.can_allocate(len(ticket.ops)):
@@ -528,7 +586,7 @@ class Writer:
 
     def wait(self, lsn: int | None, ticket: _Ticket, timeout_s: float | None = None) -> None:
         """Block until VDL covers the ticket's CPL; WriteIndeterminate when it does not in time
-        (Unavailable if it was never logged)."""
+        (Unavailable, or StorageFull when nodes are out of space, if it was never logged)."""
         timeout_s = self.options.write_timeout_s if timeout_s is None else timeout_s
         ticket.lock.acquire(timeout=timeout_s)
         lsn = ticket.lsn
@@ -546,6 +604,9 @@ class Writer:
                     except ValueError:
                         pass
                     else:
+                        space = self._space_locked()
+                        if space:
+                            raise StorageFull(f"write not logged within {timeout_s:g} s: nodes are out of space ({space}); nothing was logged")
                         raise Unavailable(f"write not logged within {timeout_s:g} s; nothing was logged")
                 lsn = ticket.lsn
             if lsn is not None and ledger.vdl >= lsn:
@@ -554,10 +615,13 @@ class Writer:
             raise WriteIndeterminate(f"write at LSN {lsn} is indeterminate: {self._fenced}")
         if self._closed:
             raise WriteIndeterminate(f"write at LSN {lsn} is indeterminate: the writer stopped before it was durable")
-        up = sorted(n for n, link in self.links.items() if link.up)
+        with self._lock:
+            up = sorted(n for n, link in self.links.items() if link.up)
+            space = self._space_locked()
         raise WriteIndeterminate(
-            f"write at LSN {lsn} not durable after {timeout_s:g} s (VDL {ledger.vdl}; reachable: {', '.join(up) or 'none'}). "
-            "It may still become durable; read the key to find out."
+            f"write at LSN {lsn} not durable after {timeout_s:g} s (VDL {ledger.vdl}; reachable: {', '.join(up) or 'none'}"
+            + (f"; nodes out of space: {space}" if space else "")
+            + "). It may still become durable; read the key to find out."
         )
 
     def write(self, ops: Sequence[tuple[int, bytes, bytes]]) -> int:
@@ -617,8 +681,10 @@ class Writer:
             records = self._tail[start - self._tail_base : start - self._tail_base + FRAME_RECORDS_MAX_SEND]
             hint = self.ledger.vdl
             epoch = self.epoch
-        if block and not link.up:
+        if block and (not link.up or link.full):
             time.sleep(link.backoff_s)
+        if link.full:
+            records = records[:1]  # a full node is probed with one record until it takes it
         size = 0
         for i, r in enumerate(records):
             size += len(r)
@@ -638,6 +704,9 @@ class Writer:
             if action == SYNC:
                 self._sync_node(link)
             return True  # RESEND: it was sent before our own epoch step; the next send is at the new one
+        except StorageFull as e:
+            self._link_fault(link, e, full=True)
+            return True
         except SixfoldError as e:
             self._link_fault(link, e)
             return True
@@ -646,12 +715,16 @@ class Writer:
             return True
         released = None
         healed = ""
+        space_changed = False
         with self._lock:
             if self._in_doubt:
                 return False
-            if not link.up:
+            if not link.up or link.full or reply.space_low != link.space_low:
+                space_changed = reply.space_low != link.space_low
                 link.up = True
-                self._quorum_cache = None
+                link.full = False
+                link.space_low = reply.space_low
+                self._admission = None
                 self._room.notify_all()
             link.backoff_s = BACKOFF_S_MIN
             if link.error:
@@ -670,6 +743,9 @@ class Writer:
                     raise _InDoubt("recording a node's acknowledgement", e) from e
         if healed:
             log.info("writer -> %s: the link works again (it was: %s)", link.id, healed)
+        if space_changed:
+            log.warning("writer -> %s: the node %s", link.id,
+                        "is low on space (it keeps its reserve for deletes)" if reply.space_low else "has room again")
         if released:
             for lock in released:
                 lock.release()
@@ -703,13 +779,15 @@ class Writer:
         else:
             log.warning("writer -> %s: %s: %s", link.id, type(e).__name__, e)
 
-    def _link_fault(self, link: _NodeLink, e: BaseException, *, unexpected: bool = False) -> None:
-        """An append failed: the node is unreachable until it answers again."""
+    def _link_fault(self, link: _NodeLink, e: BaseException, *, full: bool = False, unexpected: bool = False) -> None:
+        """An append failed. A full node stays reachable (it serves reads) and its records are
+        retried until they land; any other failure marks the node unreachable until it answers."""
+        up = full  # a node that says it is full answered: it is reachable
         with self._lock:
             note = self._fault_locked(link, e, unexpected)
-            if link.up:
-                link.up = False
-                self._quorum_cache = None
+            if (link.up, link.full) != (up, full):
+                link.up, link.full = up, full
+                self._admission = None
                 self._room.notify_all()
             link.backoff_s = min(BACKOFF_S_MAX, link.backoff_s * 2)
         self._log_fault(link, note, e, unexpected)
@@ -790,7 +868,7 @@ class Writer:
                     if self._background:
                         link.thread = threading.Thread(target=self._sender, args=(link,), name=f"writer->{n}", daemon=True)
                         link.thread.start()
-            self._quorum_cache = None
+            self._admission = None
             epoch = self.epoch
         log.info("membership at epoch %d: %s", epoch, " + ".join("/".join(qs) for qs in new.quorum_sets))
         told = []
@@ -936,10 +1014,12 @@ class Writer:
                 "pgcl": list(ledger.pgcl),
                 "in_flight": ledger.in_flight(),
                 "fenced": self._fenced,
+                "admission": self._admission_locked().name.lower().replace("_", "-"),
                 "membership": {"epoch": ledger.membership.epoch, "members": list(ledger.membership.members),
                                "next_members": list(ledger.membership.next_members) if ledger.membership.next_members else None},
                 "links": {
-                    n: {"up": l.up, "error": l.error, "errors": l.errors, "last_error": l.last_error, "sent_lsn": l.sent_lsn}
+                    n: {"up": l.up, "full": l.full, "space_low": l.space_low, "error": l.error, "errors": l.errors,
+                        "last_error": l.last_error, "sent_lsn": l.sent_lsn}
                     for n, l in self.links.items()
                 },
                 "recovery": dict(self.recovery),
