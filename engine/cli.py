@@ -11,25 +11,59 @@ Subcommands come from modules listed in `COMMAND_MODULES`; each has a function
 returns an exit code). A module listed there that does not exist (yet) is skipped, so a new
 command family (e.g. `engine.chaos.cli` for `sixfold chaos`) plugs in by adding one module.
 
-Output: aligned tables and plain values for people; `--json` for scripts. Exit codes: 0 done,
-1 key not found (`get`), 2 bad usage, 3 the engine refused (the message names the error class).
+Output: aligned tables and plain values for people; `--json` for scripts. Keys and values on the
+command line are the bytes given (an argument that is not UTF-8 is taken byte for byte, through
+`os.fsencode`), or hex with `--hex`, or base64 with `--base64`; output uses the same encoding. A
+put value can come raw from a file or stdin (`--value-file PATH`, `-`), and `get --raw` writes
+it back byte for byte.
+
+Exit codes (`EXIT_CODES`, shown by `--help` and in the README): 0 ok, 1 key not found (nothing
+else exits 1), 2 usage or bad argument, 3 the engine or the cluster refused or failed (the
+message names the error class), 4 `cluster status` found a process that is not SERVING, 5 a
+`chaos` check is invalid, 130 interrupted, 141 stdout was closed early (`sixfold scan | head`),
+as the shell reports a tool ended by SIGPIPE. A command says "bad usage" by raising
+`SystemExit("message")`; `main` prints the message and exits 2. No expected failure ends in a
+traceback; an unexpected one (a bug) prints its traceback and exits 3.
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
+import binascii
 import importlib
+import importlib.metadata
 import json
 import os
 import sys
+import traceback
 from collections.abc import Sequence
 
+from engine.core.constants import VALUE_BYTES_MAX
 from engine.errors import SixfoldError
 
 EXIT_OK = 0
 EXIT_NOT_FOUND = 1
 EXIT_USAGE = 2
 EXIT_ERROR = 3
+EXIT_UNHEALTHY = 4
+EXIT_INVALID = 5
+EXIT_INTERRUPTED = 130
+EXIT_PIPE = 141  # 128 + SIGPIPE
+
+#: Every exit code and what it means: the contract scripts rely on (rendered into `--help`;
+#: the README's table says the same, which a test checks).
+EXIT_CODES: dict[int, str] = {
+    EXIT_OK: "ok",
+    EXIT_NOT_FOUND: "key not found (get); nothing else exits 1",
+    EXIT_USAGE: "usage or bad argument: unknown option, bad hex or base64, an unreadable --value-file, no cluster named",
+    EXIT_ERROR: "the engine or the cluster refused or failed; the message names the error class "
+                "(also cluster down on a folder that is no cluster)",
+    EXIT_UNHEALTHY: "cluster status: a process is not SERVING (the status is still printed)",
+    EXIT_INVALID: "chaos: a check found the history invalid",
+    EXIT_INTERRUPTED: "interrupted (Ctrl-C)",
+    EXIT_PIPE: "stdout was closed early (say, piped into head), as for a tool ended by SIGPIPE",
+}
 
 #: Modules that add subcommands (see the module docstring). Optional ones may be absent.
 COMMAND_MODULES: tuple[str, ...] = ("engine.cli", "engine.cluster.commands", "engine.chaos.cli")
@@ -68,59 +102,111 @@ def _connect(args):
     return connect(target)
 
 
-def _bytes(text: str, hex_mode: bool) -> bytes:
-    if hex_mode:
+def _mode(args) -> str | None:
+    return "hex" if args.hex else "base64" if args.base64 else None
+
+
+def _bytes(text: str, mode: str | None, what: str = "key") -> bytes:
+    """A key or value from the command line: the argument's own bytes (os.fsencode undoes the
+    surrogateescape decoding of an argument that is not UTF-8), or hex, or base64."""
+    if mode == "hex":
         try:
             return bytes.fromhex(text)
         except ValueError:
-            raise SystemExit(f"sixfold: {text!r} is not hex") from None
-    return text.encode()
+            raise SystemExit(f"sixfold: {what} {text!r} is not hex (pairs of 0-9 a-f)") from None
+    if mode == "base64":
+        try:
+            return base64.b64decode(text, validate=True)
+        except (binascii.Error, ValueError):
+            raise SystemExit(f"sixfold: {what} {text!r} is not base64 (A-Z a-z 0-9 + /, padded with =)") from None
+    return os.fsencode(text)
 
 
-def _text(data: bytes, hex_mode: bool) -> str:
-    return data.hex() if hex_mode else data.decode(errors="backslashreplace")
+def _text(data: bytes, mode: str | None) -> str:
+    """Bytes for output: hex, base64, or text with every byte that is not UTF-8 as a \\xNN escape."""
+    if mode == "hex":
+        return data.hex()
+    if mode == "base64":
+        return base64.b64encode(data).decode("ascii")
+    return data.decode(errors="backslashreplace")
+
+
+def _value(args) -> bytes:
+    """The value of `put`: the VALUE argument, or the raw bytes of --value-file PATH or of stdin
+    (`-`). At most one byte more than the engine takes is read, so an oversized file is refused
+    by the engine (exit 3, like an oversized argument) without being read whole."""
+    if args.value is not None and args.value_file is not None:
+        raise SystemExit("sixfold put: give the value as an argument or with --value-file, not both")
+    if args.value is None and args.value_file is None:
+        raise SystemExit("sixfold put: give a VALUE, `-` for stdin, or --value-file PATH")
+    source = args.value_file if args.value_file is not None else args.value
+    if args.value_file is None and source != "-":
+        return _bytes(source, _mode(args), "value")
+    try:
+        if source == "-":
+            stdin = getattr(sys.stdin, "buffer", None)
+            if stdin is None:
+                raise SystemExit("sixfold put: the value is to come from stdin, but there is no stdin")
+            return stdin.read(VALUE_BYTES_MAX + 1)
+        with open(source, "rb") as fh:
+            return fh.read(VALUE_BYTES_MAX + 1)
+    except OSError as e:
+        where = "stdin" if source == "-" else f"--value-file {source!r}"
+        raise SystemExit(f"sixfold put: cannot read {where}: {e.strerror or e}") from None
 
 
 def cmd_put(args) -> int:
+    key, value = _bytes(args.key, _mode(args)), _value(args)
     with _connect(args) as db:
-        db.put(_bytes(args.key, args.hex), _bytes(args.value, args.hex))
+        db.put(key, value)
     if args.json:
-        print_json({"key": args.key, "ok": True})
+        print_json({"key": _text(key, _mode(args)), "ok": True})
     return EXIT_OK
 
 
 def cmd_delete(args) -> int:
+    key = _bytes(args.key, _mode(args))
     with _connect(args) as db:
-        db.delete(_bytes(args.key, args.hex))
+        db.delete(key)
     if args.json:
-        print_json({"key": args.key, "ok": True})
+        print_json({"key": _text(key, _mode(args)), "ok": True})
     return EXIT_OK
 
 
 def cmd_get(args) -> int:
+    mode = _mode(args)
+    if args.raw and (args.json or mode):
+        raise SystemExit("sixfold get: --raw writes the value's bytes as they are; leave out --json, --hex and --base64")
+    key = _bytes(args.key, mode)
     with _connect(args) as db:
-        value = db.get(_bytes(args.key, args.hex), quorum=args.quorum)
+        value = db.get(key, quorum=args.quorum)
     if args.json:
-        print_json({"key": args.key, "found": value is not None, "value": None if value is None else _text(value, args.hex)})
+        print_json({"key": _text(key, mode), "found": value is not None, "value": None if value is None else _text(value, mode)})
+    elif value is not None and args.raw:
+        sys.stdout.flush()
+        sys.stdout.buffer.write(value)
     elif value is not None:
-        print(_text(value, args.hex))
+        print(_text(value, mode))
     else:
-        print(f"sixfold: key {args.key!r} not found", file=sys.stderr)
+        print(f"sixfold: key '{_text(key, mode)}' not found", file=sys.stderr)
     return EXIT_OK if value is not None else EXIT_NOT_FOUND
 
 
 def cmd_scan(args) -> int:
-    start = _bytes(args.start, args.hex) if args.start else b""
-    end = _bytes(args.end, args.hex) if args.end else None
+    mode = _mode(args)
+    if args.limit < 0:
+        raise SystemExit(f"sixfold scan: --limit must be 0 (no limit) or more, got {args.limit}")
+    start = _bytes(args.start, mode, "start key") if args.start else b""
+    end = _bytes(args.end, mode, "end key") if args.end else None
     out = []
     with _connect(args) as db:
         for i, (k, v) in enumerate(db.scan(start, end, quorum=args.quorum)):
             if args.limit and i >= args.limit:
                 break
             if args.json:
-                out.append({"key": _text(k, args.hex), "value": _text(v, args.hex)})
+                out.append({"key": _text(k, mode), "value": _text(v, mode)})
             else:
-                print(f"{_text(k, args.hex)}\t{_text(v, args.hex)}")
+                print(f"{_text(k, mode)}\t{_text(v, mode)}")
     if args.json:
         print_json(out)
     return EXIT_OK
@@ -148,20 +234,30 @@ def register(sub) -> None:
     """The key/value commands: put, get, delete, scan, status."""
     common = argparse.ArgumentParser(add_help=False)
     add_target_arguments(common)
-    common.add_argument("--hex", action="store_true", help="keys and values are hex on the command line and in the output")
+    encoding = common.add_mutually_exclusive_group()
+    encoding.add_argument("--hex", action="store_true", help="keys and values are hex on the command line and in the output")
+    encoding.add_argument("--base64", action="store_true",
+                          help="keys and values are base64 on the command line and in the output (binary data)")
     common.add_argument("--json", action="store_true", help="print JSON for scripts")
 
     p = sub.add_parser("put", parents=[common], help="write a key", description=(
-        "Store VALUE under KEY (UTF-8 text, or hex with --hex). Returns once the write is durable on 4 of 6 segments."))
+        "Store VALUE under KEY. KEY and VALUE are the bytes of the arguments (text, or bytes that are not UTF-8 as "
+        "given), or hex with --hex, or base64 with --base64. VALUE `-` reads the value's raw bytes from stdin, and "
+        "--value-file PATH from a file (`-`: stdin), up to the 1 MiB limit; --hex and --base64 do not apply to "
+        "those. Returns once the write is durable on 4 of 6 segments."))
     p.add_argument("key")
-    p.add_argument("value")
+    p.add_argument("value", nargs="?", default=None, help="the value; `-` reads it from stdin")
+    p.add_argument("--value-file", metavar="PATH", default=None, help="read the value's raw bytes from PATH (`-`: stdin)")
     p.set_defaults(func=cmd_put)
 
     p = sub.add_parser("get", parents=[common], help="read a key", description=(
-        "Print the value of KEY (linearizable: it reflects every write acknowledged before). "
-        "Exit code 1 when the key does not exist."))
+        "Print the value of KEY (linearizable: it reflects every write acknowledged before), followed by a newline; "
+        "bytes that are not UTF-8 print as \\xNN escapes unless --raw, --hex or --base64. "
+        "Exit code 1 when the key does not exist (and only then)."))
     p.add_argument("key")
     p.add_argument("--quorum", action="store_true", help="read from 3 of 6 segments instead of one known complete")
+    p.add_argument("--raw", action="store_true", help="write the value's bytes exactly as stored, with no newline "
+                   "(for binary values: sixfold get --raw KEY > FILE)")
     p.set_defaults(func=cmd_get)
 
     p = sub.add_parser("delete", parents=[common], help="delete a key", description=(
@@ -173,7 +269,7 @@ def register(sub) -> None:
         "Print key<TAB>value for every key with START <= key < END, in key order, all at one read point."))
     p.add_argument("start", nargs="?", default="", help="first key (default: the beginning)")
     p.add_argument("end", nargs="?", default=None, help="end key, excluded (default: the end)")
-    p.add_argument("--limit", type=int, default=0, help="print at most this many pairs")
+    p.add_argument("--limit", type=int, default=0, help="print at most this many pairs (0: all)")
     p.add_argument("--quorum", action="store_true", help="quorum reads")
     p.set_defaults(func=cmd_scan)
 
@@ -183,13 +279,29 @@ def register(sub) -> None:
 
 
 # --- entry point ----------------------------------------------------------------------------
+def version() -> str:
+    """This package's version, from its metadata (the source tree's when it is not installed)."""
+    try:
+        return importlib.metadata.version("sixfold")
+    except importlib.metadata.PackageNotFoundError:
+        import engine
+
+        return engine.__version__
+
+
+def exit_codes_text() -> str:
+    return "exit codes:\n" + "\n".join(f"  {code:<3}  {meaning}" for code, meaning in EXIT_CODES.items())
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sixfold",
         description="Sixfold: an Aurora-style quorum storage engine. Run a six-node cluster on this machine "
         "and read and write it.",
-        epilog="Run `sixfold COMMAND --help` for the options of each command.",
+        epilog="Run `sixfold COMMAND --help` for the options of each command.\n\n" + exit_codes_text(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMAND_MODULES:
         try:
@@ -202,13 +314,55 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _text_streams_never_fail() -> None:
+    """Output never ends in a UnicodeEncodeError: a character the terminal's encoding cannot
+    show (say, a surrogate from an argument that is not UTF-8, echoed in a message) is escaped."""
+    for stream in (sys.stdout, sys.stderr):
+        if getattr(stream, "errors", None) == "strict" and hasattr(stream, "reconfigure"):
+            try:
+                stream.reconfigure(errors="backslashreplace")
+            except (ValueError, OSError):
+                pass
+
+
+def _stdout_closed() -> int:
+    """stdout's reader went away (`| head`): stop quietly. Point stdout at /dev/null, so that
+    the interpreter's last flush of what is still buffered does not fail again at exit."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):
+        pass  # stdout is no file (a test's capture): nothing will flush it at exit
+    return EXIT_PIPE
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one `sixfold` command; returns its exit code (see EXIT_CODES). `--help`, `--version`
+    and argparse's usage errors raise SystemExit as argparse does (codes 0 and 2)."""
+    _text_streams_never_fail()
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return int(args.func(args) or EXIT_OK)
+        code = int(args.func(args) or EXIT_OK)
+        sys.stdout.flush()  # a closed pipe shows here, where it is handled, not at exit
+        return code
+    except SystemExit as e:
+        if isinstance(e.code, str):  # a command's "bad usage" (see the module docstring)
+            print(e.code, file=sys.stderr)
+            return EXIT_USAGE
+        raise
+    except BrokenPipeError:
+        return _stdout_closed()
     except SixfoldError as e:
         print(f"sixfold: {type(e).__name__}: {e}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
-        return 130
+        return EXIT_INTERRUPTED
+    except OSError as e:  # the machine said no (a folder that cannot be created, a full disk...)
+        print(f"sixfold: {type(e).__name__}: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    except Exception:  # noqa: BLE001 - a bug: show it whole, and keep exit code 1 for "not found"
+        traceback.print_exc()
+        print("sixfold: internal error (a bug in sixfold; the traceback above says where)", file=sys.stderr)
+        return EXIT_ERROR

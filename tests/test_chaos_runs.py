@@ -91,9 +91,9 @@ def test_cli_chaos_sim_exit_codes_and_files(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "linearizable" in printed and "valid" in printed
     assert {"plan.json", "history.jsonl", "report.json"} <= set(os.listdir(out))
-    # a protocol that reads incomplete segments: the command must say invalid (exit 1)
+    # a protocol that reads incomplete segments: the command must say invalid (exit 5)
     assert sixfold(["chaos", "--target", "sim", "--seed", "3", "--duration", "2", "--weaken", "read-any",
-                    "--out", str(tmp_path / "weak")]) == 1
+                    "--out", str(tmp_path / "weak")]) == 5
 
 
 @pytest.mark.cluster

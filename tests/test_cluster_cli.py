@@ -80,7 +80,9 @@ def test_cli_round_trip(tmp_path, capsys):
         assert [n["health"] for n in st["nodes"]] == ["SERVING"] * 6
 
         sixfold("cluster", "down", "--cluster", folder)
-        st = json.loads(sixfold("cluster", "status", "--cluster", folder, "--json").stdout)
+        out = sixfold("cluster", "status", "--cluster", folder, "--json", check=False)
+        assert out.returncode == 4, out.stderr  # not healthy: every process is down
+        st = json.loads(out.stdout)
         assert [n["health"] for n in st["nodes"]] == ["DOWN"] * 6 and st["writer"]["health"] == "DOWN"
 
         # Up again on the same folder: the same volume, with its data.

@@ -33,6 +33,10 @@ PURE_MODULES = (
     "engine.core.quorum",
     "engine.core.recovery",
     "engine.core.placement",
+    "engine.core.membership",
+    "engine.core.tail",
+    "engine.core.fencing",
+    "engine.core.admission",
 )
 FORBIDDEN = ("grpc", "lmdb", "threading", "time", "random", "socket", "os")
 ROOT = Path(engine.__file__).resolve().parent.parent

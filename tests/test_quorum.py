@@ -101,9 +101,11 @@ def brute_write_quorum(nodes, membership) -> bool:
 
 
 def brute_read_quorum(nodes, membership) -> bool:
-    """`nodes` contain some READ_QUORUM members of some quorum set (subsets enumerated)."""
+    """`nodes` contain some READ_QUORUM members of every quorum set (subsets enumerated): during a
+    change the new node may not hold what was acknowledged before it, so three of one set are not
+    enough (see tests/test_joint_quorum.py)."""
     have = set(nodes)
-    return any(any(set(c) <= have for c in combinations(qs, READ_QUORUM)) for qs in membership.quorum_sets)
+    return all(any(set(c) <= have for c in combinations(qs, READ_QUORUM)) for qs in membership.quorum_sets)
 
 
 # --- 1. quorum arithmetic --------------------------------------------------------------------

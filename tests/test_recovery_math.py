@@ -30,7 +30,7 @@ from hypothesis import strategies as st
 
 from engine.core.constants import FLAG_CPL, FLAG_DELETE, FLAG_PUT, READ_QUORUM, REPLICAS, WRITE_QUORUM
 from engine.core.recovery import plan_recovery
-from engine.core.types import RecordHeader, SealReply, SegmentSummary, TruncationRange, default_nodes
+from engine.core.types import Membership, RecordHeader, SealReply, SegmentSummary, TruncationRange, default_nodes
 from engine.errors import Unavailable
 
 NODES = tuple(n.id for n in default_nodes())
@@ -333,3 +333,15 @@ def test_recovery_refuses_to_guess_with_fewer_than_three_summaries_of_a_pg(run, 
     replies[drop % len(replies)] = SealReply(victim.node, 1, tuple(s for s in victim.segments if s.pg != pg))
     with pytest.raises(Unavailable):
         plan_recovery(1, volume.protection_groups, replies, lal=volume.lal)
+
+
+def test_during_a_membership_change_the_summaries_must_be_a_read_quorum_of_both_sets():
+    """Halfway through replacing n1 by n7, {n1, n2, n7} are three summaries but three of neither
+    set, and {n7, n3, n4} are three of the new set only: the new node may hold nothing yet."""
+    joint = Membership(3, NODES, ("n7",) + NODES[1:])
+    for nodes in (("n1", "n2", "n7"), ("n7", "n3", "n4")):
+        replies = [SealReply(n, 4, (summary(n),)) for n in nodes]
+        plan_recovery(4, 1, replies)  # a bare count of three would accept them
+        with pytest.raises(Unavailable, match="read quorum"):
+            plan_recovery(4, 1, replies, membership=joint)
+    plan_recovery(4, 1, [SealReply(n, 4, (summary(n),)) for n in ("n2", "n3", "n4")], membership=joint)

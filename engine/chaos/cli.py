@@ -5,7 +5,8 @@
     sixfold chaos --target sim --seed 7                        # deterministic: same seed, same history
     sixfold chaos --target sim --seeds 1-200                   # many seeds; lists the failing ones
 
-Exit code 0 when every check is valid (or unknown), 1 when any check is invalid, 2 bad usage.
+Exit code 0 when every check is valid (or unknown), 5 when any check is invalid, 2 bad usage
+(the codes of every `sixfold` command are in engine.cli.EXIT_CODES; 1 means "key not found" only).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import time
 from engine.chaos.plan import FAULT_NAMES
 from engine.chaos.runner import TARGETS, RunConfig, render, run
 
-EXIT_OK, EXIT_INVALID, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_USAGE, EXIT_INVALID = 0, 2, 5
 
 
 def _seeds(text: str) -> list[int]:

@@ -33,6 +33,7 @@ import threading
 import time
 
 from engine.cluster.manifest import GOSSIP_INTERVAL_S_DEFAULT, ClusterError, active_nodes, load_manifest, node_addresses, node_entry
+from engine.errors import WrongFolder
 from engine.transport.grpc_client import GrpcTransport
 
 log = logging.getLogger("sixfold.node")
@@ -65,7 +66,7 @@ class ManifestTransport(GrpcTransport):
             self._reloaded_at = now
         try:
             manifest = load_manifest(self.folder)
-        except ClusterError as e:
+        except (ClusterError, WrongFolder) as e:  # missing, unreadable, or of the wrong shape
             log.warning("cannot re-read the cluster manifest for new node addresses: %s", e)
             return False
         for node_id, address in node_addresses(manifest).items():

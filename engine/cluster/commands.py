@@ -19,8 +19,8 @@ from engine.cluster.manifest import BASE_PORT_DEFAULT, GOSSIP_INTERVAL_S_DEFAULT
 
 def _cluster(args) -> Cluster:
     if not args.cluster:
-        raise SystemExit(f"sixfold {args.command}: say which cluster folder with --cluster DIR")
-    return Cluster(args.cluster)
+        raise SystemExit(f"sixfold {args.command}: say which cluster folder with --cluster DIR")  # exit 2 (engine.cli)
+    return Cluster(args.cluster, on_wait=lambda text: print(f"sixfold: {text}", file=sys.stderr, flush=True))
 
 
 def _logging(level: str) -> None:
@@ -67,6 +67,9 @@ def cmd_cluster_up(args) -> int:
         durable=False if args.no_durable else None, write_timeout_s=args.write_timeout_s,
         gossip_interval_s=args.gossip_interval_s, timeout_s=args.timeout_s,
     )
+    if not st["started"]:
+        print(f"sixfold: cluster {c.folder} is already up (every process was running; nothing started)",
+              file=sys.stderr, flush=True)
     _show(args, st)
     if not args.foreground:
         return 0
@@ -88,10 +91,25 @@ def cmd_cluster_up(args) -> int:
     return 0
 
 
+#: `cluster status` exits with this when a process is not SERVING (engine.cli.EXIT_CODES).
+EXIT_UNHEALTHY = 4
+
+
+def unhealthy(st: dict) -> list[str]:
+    """'n6 DOWN', 'writer PAUSED'...: every process of a status that is not SERVING."""
+    procs = [(n["id"], n["health"]) for n in st["nodes"]] + [(WRITER, st["writer"]["health"])]
+    return [f"{name} {health}" for name, health in procs if health != "SERVING"]
+
+
 def cmd_cluster_status(args) -> int:
     if getattr(args, "watch", False):
         return _watch_rebuild(args, _cluster(args), status_table)
-    _show(args, _cluster(args).status())
+    st = _cluster(args).status()
+    _show(args, st)
+    bad = unhealthy(st)
+    if bad:
+        print(f"sixfold: the cluster is not healthy: {', '.join(bad)}", file=sys.stderr)
+        return EXIT_UNHEALTHY
     return 0
 
 
@@ -258,6 +276,8 @@ def cmd_node_replace(args) -> int:
 
 def cmd_cluster_down(args) -> int:
     c = _cluster(args)
+    if not c.exists:  # the library's down() is a no-op there; a person asked to stop something
+        raise ClusterError(f"{c.folder} is not a cluster folder (no cluster.json): there is nothing to stop")
     c.down(args.timeout_s)
     if args.json:
         from engine.cli import print_json
@@ -349,7 +369,9 @@ def register(sub) -> None:
     up = csub.add_parser("up", parents=[target], help="start the cluster (create it if new)", description=(
         "Start every process of the cluster that is not running and return once all report SERVING on the gRPC "
         "health service. A new folder gets a new volume; an existing one is reopened with its data and volume id. "
-        "Ports: the writer endpoint on BASE_PORT, node n<i> on BASE_PORT+i."))
+        "Ports: the writer endpoint on BASE_PORT, node n<i> on BASE_PORT+i. While another `sixfold cluster up` (or "
+        "down) works on the same folder, this one waits for it, then starts only what is not running: when all is up "
+        "already it says so and exits 0."))
     up.add_argument("--base-port", type=int, default=None,
                     help=f"first of 7 consecutive ports (default {BASE_PORT_DEFAULT}: writer 7400, nodes 7401-7406); "
                          "fixed when the cluster is created")
@@ -362,17 +384,21 @@ def register(sub) -> None:
     up.add_argument("--timeout-s", type=float, default=READY_TIMEOUT_S, help="how long to wait for each process to be SERVING")
     up.add_argument("--down-timeout-s", type=float, default=DOWN_TIMEOUT_S, help=argparse.SUPPRESS)
     up.add_argument("--foreground", action="store_true", help="stay attached; Ctrl-C stops the whole cluster")
-    up.add_argument("--json", action="store_true", help="print the status as JSON")
+    up.add_argument("--json", action="store_true",
+                    help="print the status as JSON (with `started`: the processes this command started)")
     up.set_defaults(func=cmd_cluster_up)
     st = csub.add_parser("status", parents=[target], help="show every process, its health and SCLs", description=(
         "Show each node (AZ, address, pid, health, epoch, SCL range, records) and the writer endpoint (VDL, epoch). "
-        "The JSON has each node's lag behind the writer's PGCLs and its rebuild progress."))
+        "The JSON has each node's lag behind the writer's PGCLs and its rebuild progress. Exit code 0 when every "
+        f"process is SERVING, {EXIT_UNHEALTHY} when one is not (DOWN, PAUSED, UNREACHABLE, NOT_SERVING; the status "
+        "is printed all the same), 3 when the folder is no cluster."))
     st.add_argument("--json", action="store_true", help="print JSON for scripts")
     _watch_arguments(st)
     st.set_defaults(func=cmd_cluster_status)
     down = csub.add_parser("down", parents=[target], help="stop every process (the data stays)", description=(
         "Send SIGTERM to the writer endpoint, then to the nodes (they finish in-flight calls and close their data "
-        "cleanly); SIGKILL whatever is still running after the timeout."))
+        "cleanly); SIGKILL whatever is still running after the timeout. Waits for a `cluster up` that is still "
+        "starting the cluster. Exit code 3 when the folder is no cluster (no cluster.json)."))
     down.add_argument("--timeout-s", type=float, default=DOWN_TIMEOUT_S, help="grace before SIGKILL")
     down.add_argument("--json", action="store_true", help="print JSON for scripts")
     down.set_defaults(func=cmd_cluster_down)

@@ -20,6 +20,15 @@ down (SIGTERM, which lets in-flight calls finish and LMDB close, then SIGKILL af
 A pid is trusted only while `/proc/<pid>/cmdline` still shows our command line, so a recycled
 pid is never signalled.
 
+Concurrency: every command that edits the manifest does so under its lock (`manifest.locked`,
+`DIR/.lock`), and one that starts a process decides, spawns and records the pid inside one hold
+of it. The operations that decide *which* processes run (`up`, `down`, `wipe_node`) also hold
+the operation lock `DIR/cluster.lock` from start to end, waiting for it (bounded) if another
+`sixfold` command has it: two `cluster up` at once start each process once (the second finds
+them running and starts nothing), and a `down` during an `up` waits for the `up` to finish.
+Both locks are flocks on descriptors that no child inherits (close-on-exec, `close_fds`), so a
+serving process never holds one; the kernel drops them when a command dies.
+
 Healing (`replace_node`, `wipe_node`, `rebuild_status`): a replacement node is added to the
 manifest (next free port, a folder in the old node's AZ), started, and handed to the writer
 endpoint with the `ReplaceNode` admin RPC, which runs the two epoch steps; the launcher polls
@@ -30,14 +39,18 @@ progress is each node's SCLs against the writer's PGCLs, plus its gossip counter
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import os
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent import futures
 
 import grpc
@@ -76,6 +89,11 @@ REPLACE_POLL_S = 0.25
 REPLACE_RPC_TIMEOUT_S = 60.0
 #: Ports tried above the highest port of the manifest when a node is added.
 PORT_SEARCH_MAX = 1000
+#: The operation lock (see the module docstring) and how long an operation waits for it: longer
+#: than another `up` can take (READY_TIMEOUT_S, then stopping what failed).
+OPERATION_LOCK_FILE = "cluster.lock"
+OPERATION_LOCK_WAIT_S = 300.0
+OPERATION_LOCK_POLL_S = 0.05
 
 
 def _proc_state(pid: int | None) -> str | None:
@@ -143,10 +161,17 @@ class Cluster:
     Process names are node ids ("n1".."n6") and "writer". Methods that change processes
     update the manifest; they are safe to call from several `sixfold` commands at once."""
 
-    def __init__(self, folder: str | os.PathLike, *, python: str = sys.executable) -> None:
+    def __init__(self, folder: str | os.PathLike, *, python: str = sys.executable,
+                 on_wait: Callable[[str], None] | None = None) -> None:
         self.folder = os.path.abspath(os.fspath(folder))
         self.python = python
+        #: Told once, in a sentence, when an operation waits for another command's operation lock.
+        self.on_wait = on_wait
         self._children: dict[int, subprocess.Popen] = {}  # processes this object started
+        # The thread of this object that holds the operation lock, and how deep (it is reentrant
+        # for that thread; another thread waits for it like another process would).
+        self._operation_owner: int | None = None
+        self._operation_depth = 0
 
     # --- manifest ---------------------------------------------------------------------------
     @property
@@ -190,6 +215,60 @@ class Cluster:
             m = load_manifest(self.folder)
             self._entry(m, name)["pid"] = pid
             save_manifest(self.folder, m)
+
+    @contextlib.contextmanager
+    def _operation(self, what: str, wait_s: float = OPERATION_LOCK_WAIT_S) -> Iterator[None]:
+        """Hold the operation lock `DIR/cluster.lock` (see the module docstring) for `what`
+        ("cluster up"...), waiting up to `wait_s` for another command to finish; ClusterError
+        naming the holder after that. Reentrant within one thread."""
+        if self._operation_owner == threading.get_ident():
+            self._operation_depth += 1
+            try:
+                yield
+            finally:
+                self._operation_depth -= 1
+            return
+        os.makedirs(self.folder, exist_ok=True)
+        path = self._path(OPERATION_LOCK_FILE)
+        # O_CLOEXEC (and Popen's close_fds): no process started under the lock inherits it.
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            deadline = time.monotonic() + wait_s
+            told = False
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except OSError as e:
+                    if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                        raise
+                holder = self._operation_holder(path)
+                if time.monotonic() >= deadline:
+                    raise ClusterError(f"{holder} is still changing the cluster in {self.folder} after {wait_s:g} s of "
+                                       f"waiting; `{what}` gave up (try again once it is done)")
+                if not told and self.on_wait is not None:
+                    self.on_wait(f"waiting for {holder}, which is changing the cluster in {self.folder} ...")
+                    told = True
+                time.sleep(OPERATION_LOCK_POLL_S)
+            # Who holds it, for the messages of commands that wait (the lock itself is the flock).
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()} {what}\n".encode(), 0)
+            self._operation_owner, self._operation_depth = threading.get_ident(), 1
+            try:
+                yield
+            finally:
+                self._operation_owner, self._operation_depth = None, 0
+        finally:
+            os.close(fd)  # closing the description drops the flock
+
+    @staticmethod
+    def _operation_holder(path: str) -> str:
+        try:
+            with open(path) as fh:
+                pid, _, what = fh.read().strip().partition(" ")
+            return f"`sixfold {what}` (pid {int(pid)})" if what else f"process {int(pid)}"
+        except (OSError, ValueError):
+            return "another sixfold command"
 
     # --- process state ----------------------------------------------------------------------
     def _reap(self, pid: int | None) -> None:
@@ -313,47 +392,55 @@ class Cluster:
         timeout_s: float = READY_TIMEOUT_S,
     ) -> dict:
         """Create the cluster (or reopen its data: same volume id), start every process that is
-        not running, wait until all are SERVING; returns `status()`."""
-        started: list[str] = []
-        with locked(self.folder):
-            if self.exists:
-                manifest = load_manifest(self.folder)
-                check_compatible(manifest, protection_groups=protection_groups, base_port=base_port)
-            else:
-                manifest = new_manifest(
-                    base_port=BASE_PORT_DEFAULT if base_port is None else base_port,
-                    protection_groups=protection_groups,
-                    durable=True if durable is None else durable,
-                )
-            if durable is not None:
-                manifest["durable"] = bool(durable)
-            if write_timeout_s is not None:
-                manifest["write_timeout_s"] = float(write_timeout_s)
-            if gossip_interval_s is not None:
-                manifest["gossip_interval_s"] = float(gossip_interval_s)
-            names = [n["id"] for n in active_nodes(manifest)] + [WRITER]
-            for name in names:
-                entry = self._entry(manifest, name)
-                if self._live_pid(name, entry.get("pid")) is None:
-                    entry["pid"] = None
-            missing = [name for name in names if self._entry(manifest, name)["pid"] is None]
-            self._check_ports(manifest, missing)
-            save_manifest(self.folder, manifest)
-        try:
-            # Everything starts at once (Python start-up dominates); the writer endpoint retries
-            # its recovery until a write quorum of nodes answers, then reports SERVING.
-            with locked(self.folder):
-                manifest = load_manifest(self.folder)
-                for name in missing:
-                    self._spawn(manifest, name)
-                    started.append(name)
-                save_manifest(self.folder, manifest)
-            self._wait_serving(names, timeout_s)
-        except BaseException:
-            for name in reversed(started):  # leave nothing half-started behind
-                self._terminate([name], DOWN_TIMEOUT_S)
-            raise
-        return self.status()
+        not running, wait until all are SERVING; returns `status()` plus `started` (the names
+        this call started; empty when the cluster was up already). Holds the operation lock
+        throughout, so a concurrent `up` waits and then finds the processes running."""
+        with self._operation("cluster up"):
+            started: list[str] = []
+            try:
+                # One manifest lock from deciding what to start until the manifest records the
+                # pids: a `start` (which takes only this lock) cannot slip in between.
+                with locked(self.folder):
+                    if self.exists:
+                        manifest = load_manifest(self.folder)
+                        check_compatible(manifest, protection_groups=protection_groups, base_port=base_port)
+                    else:
+                        manifest = new_manifest(
+                            base_port=BASE_PORT_DEFAULT if base_port is None else base_port,
+                            protection_groups=protection_groups,
+                            durable=True if durable is None else durable,
+                        )
+                    if durable is not None:
+                        manifest["durable"] = bool(durable)
+                    if write_timeout_s is not None:
+                        manifest["write_timeout_s"] = float(write_timeout_s)
+                    if gossip_interval_s is not None:
+                        manifest["gossip_interval_s"] = float(gossip_interval_s)
+                    names = [n["id"] for n in active_nodes(manifest)] + [WRITER]
+                    for name in names:
+                        entry = self._entry(manifest, name)
+                        if self._live_pid(name, entry.get("pid")) is None:
+                            entry["pid"] = None
+                    missing = [name for name in names if self._entry(manifest, name)["pid"] is None]
+                    self._check_ports(manifest, missing)  # before anything is written: a busy port creates nothing
+                    # Everything starts at once (Python start-up dominates); the writer endpoint
+                    # retries its recovery until a write quorum of nodes answers, then reports
+                    # SERVING.
+                    try:
+                        for name in missing:
+                            self._spawn(manifest, name)
+                            started.append(name)
+                    finally:
+                        if started or not missing:
+                            save_manifest(self.folder, manifest)  # the cleanup below finds what did start
+                self._wait_serving(names, timeout_s)
+            except BaseException:
+                for name in reversed(started):  # leave nothing half-started behind
+                    self._terminate([name], DOWN_TIMEOUT_S)
+                raise
+            st = self.status()
+        st["started"] = started
+        return st
 
     def start(self, name: str, *, wait: bool = True, timeout_s: float = READY_TIMEOUT_S) -> int:
         """Start a process that is down, with the same arguments as before; returns its pid.
@@ -454,8 +541,9 @@ class Cluster:
         the nodes; SIGTERM, then SIGKILL after `timeout_s`. The data stays."""
         if not self.exists:
             return
-        self._terminate([WRITER], timeout_s)
-        self._terminate([n["id"] for n in self.manifest["nodes"]], timeout_s)  # retired ones too, should one still run
+        with self._operation("cluster down"):
+            self._terminate([WRITER], timeout_s)
+            self._terminate([n["id"] for n in self.manifest["nodes"]], timeout_s)  # retired ones too, should one still run
 
     # --- status -----------------------------------------------------------------------------
     def health(self, name: str, timeout_s: float = 0.5) -> str:
@@ -620,10 +708,12 @@ class Cluster:
         return nodes
 
     def wipe_node(self, node_id: str) -> None:
-        """Kill a node, delete its data folder, start it empty: it rebuilds from its peers."""
-        self.stop_node(node_id)
-        shutil.rmtree(self._path(node_entry(self.manifest, node_id)["data"]), ignore_errors=True)
-        self.start(node_id)
+        """Kill a node, delete its data folder, start it empty: it rebuilds from its peers.
+        Under the operation lock, so a concurrent `up` cannot start the node in between."""
+        with self._operation("node wipe"):
+            self.stop_node(node_id)
+            shutil.rmtree(self._path(node_entry(self.manifest, node_id)["data"]), ignore_errors=True)
+            self.start(node_id)
 
     # --- membership change ------------------------------------------------------------------
     def _next_port(self, manifest: dict) -> int:

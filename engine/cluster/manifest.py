@@ -116,6 +116,9 @@ def load_manifest(folder: str) -> dict:
         raise ClusterError(f"cannot read {path}: {e}") from None
     if not isinstance(manifest, dict):
         raise ClusterError(f"{path} is not a cluster manifest (it holds a JSON {type(manifest).__name__}, not an object)")
+    from engine.cluster.schema import validate_manifest
+
+    validate_manifest(manifest, path, format_max=MANIFEST_FORMAT)  # WrongFolder naming the field, never a KeyError later
     fmt = manifest.get("format", 0)
     if type(fmt) is not int or fmt < 0:
         raise ClusterError(f"{path} names format {fmt!r}, which no Sixfold release writes")

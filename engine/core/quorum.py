@@ -10,6 +10,9 @@ So acks need no per-record bookkeeping:
 * PGCL of a PG is the WRITE_QUORUM-th highest SCL among its segments (during a membership change,
   the lower of that figure over both quorum sets). Every record of the PG at or below PGCL is on
   a write quorum. PGCL never goes backwards (a wiped segment does not undo durability).
+* A read quorum is READ_QUORUM segments of *every* quorum set (`has_read_quorum`): it meets every
+  write quorum of the membership, and every write quorum of the membership before the change
+  (whose records the new node may not hold yet). Callers ask this predicate; they never count.
 * VCL is the highest LSN such that every record at or below it, in every PG, is durable: one
   below the lowest allocated LSN that is above its PG's PGCL.
 * VDL is the highest CPL at or below VCL. A write is acknowledged once VDL reaches it; since VDL
@@ -51,16 +54,28 @@ def has_write_quorum(nodes: Iterable[str], membership: Membership, quorum: int =
 
 
 def has_read_quorum(nodes: Iterable[str], membership: Membership) -> bool:
-    """True if `nodes` include a read quorum of some quorum set."""
+    """True if `nodes` include a read quorum of every quorum set.
+
+    During a change, three of the *new* set are not enough: a record acknowledged before the
+    change is on a write quorum of the old set only, and the new node holds nothing until it has
+    caught up, so {new node} plus two old nodes can miss all four copies. Three of the old set
+    would do; three of each is what this asks, which needs no memory of which set came first and
+    costs at most one more answer."""
     s = set(nodes)
-    return any(len(s.intersection(members)) >= READ_QUORUM for members in membership.quorum_sets)
+    if len(s) < READ_QUORUM:  # the common early answer of a read in progress, without the sets
+        return False
+    for members in membership.quorum_sets:
+        if len(s.intersection(members)) < READ_QUORUM:
+            return False
+    return True
 
 
 def merge_read(replies: Sequence[ReadReply]) -> ReadReply | None:
     """Merge a quorum read: the newest version any segment holds at the read point wins.
 
-    Sound because every record at or below the read point is durable, hence on at least one of
-    any READ_QUORUM segments. Returns None when no segment holds a version."""
+    Sound when the replies come from a read quorum (`has_read_quorum`): every record at or
+    below the read point is durable, hence on at least one of them. Returns None when no
+    segment holds a version."""
     best = max(replies, key=lambda r: r.lsn, default=None)
     return best if best is not None and best.lsn > 0 else None
 

@@ -30,7 +30,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from engine.core.constants import FLAG_CPL, LAL_DEFAULT, READ_QUORUM
-from engine.core.types import SealReply, TruncationRange
+from engine.core.quorum import has_read_quorum
+from engine.core.types import Membership, SealReply, TruncationRange
 from engine.errors import Unavailable
 
 
@@ -65,6 +66,7 @@ def plan_recovery(
     lal: int = LAL_DEFAULT,
     read_quorum: int = READ_QUORUM,
     all_sealed: bool = False,
+    membership: Membership | None = None,
 ) -> RecoveryPlan:
     """Compute the recovery plan from the seal replies (one per node that answered).
 
@@ -72,18 +74,23 @@ def plan_recovery(
     exist beyond what the replies show (later arrivals are refused by the epoch), so the cut ends
     at the highest LSN seen instead of LAL beyond it, and a clean volume keeps its LSNs dense.
 
-    Raises Unavailable when some PG has fewer than a read quorum of summaries."""
+    With `membership`, every PG's summaries must come from a read quorum of it
+    (`has_read_quorum`: three of each quorum set during a change); without it, from
+    `read_quorum` segments. Raises Unavailable when some PG has fewer."""
     assert epoch >= 1 and protection_groups >= 1
     per_pg: list[list] = [[] for _ in range(protection_groups)]
     for reply in replies:
         for seg in reply.segments:
             assert 0 <= seg.pg < protection_groups, seg.pg
             per_pg[seg.pg].append(seg)
-    short = [pg for pg, segs in enumerate(per_pg) if len(segs) < read_quorum]
+    if membership is None:
+        short = [pg for pg, segs in enumerate(per_pg) if len(segs) < read_quorum]
+    else:
+        short = [pg for pg, segs in enumerate(per_pg) if not has_read_quorum((s.node for s in segs), membership)]
     if short:
         raise Unavailable(
-            f"recovery needs {read_quorum} segments of every protection group; "
-            f"PGs {short[:8]} have fewer ({[len(per_pg[pg]) for pg in short[:8]]})"
+            f"recovery needs a read quorum ({read_quorum} segments of each quorum set) of every protection group; "
+            f"PGs {short[:8]} have fewer ({[sorted(s.node for s in per_pg[pg]) for pg in short[:8]]})"
         )
 
     known = sorted({r for reply in replies for r in reply.truncations}, key=lambda r: (r.first, r.epoch))

@@ -41,8 +41,8 @@ class Membership:
     """Which nodes hold the segments of every PG, at an epoch.
 
     During a membership change (Aurora's ABCDEF -> ABCDEG) `next_members` holds the new set and a
-    write is durable only when it has a write quorum in *both* sets; a read quorum of either set
-    suffices for reads. Every step of a change is a new epoch."""
+    write is durable only when it has a write quorum in *both* sets, and a read needs a read quorum
+    of both too (see `engine.core.quorum.has_read_quorum`). Every step of a change is a new epoch."""
 
     epoch: int
     members: tuple[str, ...]

@@ -170,7 +170,7 @@ class WriterEndpoint:
     @property
     def serving(self) -> bool:
         w = self._writer
-        return w is not None and not w._fenced and not w._closed
+        return w is not None and w.serving
 
     def close(self) -> None:
         self._stopping.set()
@@ -277,7 +277,7 @@ class WriterEndpoint:
             for item in pending:
                 i, pg, key = item
                 if pg not in by_pg:
-                    by_pg[pg] = w._candidates(pg, shared)
+                    by_pg[pg] = w.candidates(pg, shared)
                 skip = tried.get(i, ())
                 node = next((n for n in by_pg[pg] if n not in dead and n not in skip), None)
                 if node is None:
@@ -323,8 +323,7 @@ class WriterEndpoint:
                 if (c.old, c.new) != (old, new):
                     raise InvalidArgument(f"a membership change is under way ({c.old} -> {c.new}); wait for it to end")
                 return self._change_state(c)
-            with w._lock:
-                m = w.ledger.membership
+            m = w.membership()
             expected = tuple(new if n == old else n for n in m.members)
             if m.next_members is None and new in m.members and old not in m.members:
                 # Done already (asked again, e.g. by a launcher that was interrupted).
@@ -348,9 +347,8 @@ class WriterEndpoint:
                 except Unavailable:
                     # Step 1 is in the writer's ledger but reached fewer than a write quorum of
                     # nodes: they learn it as they answer (EpochBehind), so the change goes on.
-                    with w._lock:
-                        if w.ledger.membership.next_members != expected:
-                            raise
+                    if w.membership().next_members != expected:
+                        raise
             log.info("membership change %s -> %s begun at epoch %d (%s was %s)", old, new, w.epoch, old,
                      "down" if c.was_down else "up")
             self._change = c
@@ -393,7 +391,7 @@ class WriterEndpoint:
             while True:
                 if self._stopping.is_set():
                     raise Unavailable("the writer endpoint stopped; the change stays open (ask again after it restarts)")
-                w._check_usable()
+                w.check_usable()
                 c.fraction, c.lag = self._progress(w, c.new)
                 if w.replacement_caught_up(c.new):
                     break
@@ -433,16 +431,14 @@ class WriterEndpoint:
         try:
             step()
         except Unavailable:
-            with w._lock:
-                m = w.ledger.membership
+            m = w.membership()
             if m.next_members is not None or member not in m.members:
                 raise
 
     def _change_state(self, c: _Change | None) -> convert.MembershipChange:
         w = self.writer
-        with w._lock:
-            m = w.ledger.membership
-            epoch = w.epoch
+        m = w.membership()
+        epoch = w.epoch
         common = dict(epoch=epoch, members=tuple(m.members), next_members=tuple(m.next_members or ()))
         if c is None:
             return convert.MembershipChange(**common)
@@ -606,7 +602,7 @@ class EndpointServer:
             while not self._stop.wait(0.5):  # a fenced writer stops serving
                 if not self.endpoint.serving:
                     set_health(self.health, (SERVICE_NAME,), False)
-                    log.error("the writer was fenced or closed: %s", self.endpoint._writer and self.endpoint._writer._fenced)
+                    log.error("the writer was fenced or closed: %s", self.endpoint._writer and self.endpoint._writer.fenced)
                     return
 
     def _on_open(self) -> None:

@@ -2,24 +2,41 @@
 
 Theory of operation
 -------------------
-Callers never talk to nodes. A write validates its input, waits (bounded) until a write quorum
-of segments is reachable and LAL allows, then under the writer lock takes consecutive LSNs from
-the `VolumeDurability` ledger, encodes its records (CRC and all) once, appends them to the shared
-in-memory *tail*, and parks on a private lock.
+Callers never talk to nodes. A write validates its input, is admitted (bounded wait for a
+reachable write quorum; refused at once when the nodes with room are not one, see
+`engine.core.admission`), then goes into a lock-free inbox; whichever sender takes the writer lock
+next gives the whole inbox consecutive LSNs from the `VolumeDurability` ledger, encodes the records
+(CRC and all) once into the shared in-memory *tail*, and the callers park on private locks.
 
 One sender thread per node ships the tail to its node: whenever it is idle it takes every record
 it has not yet sent (up to a frame's bounds), so a busy volume gets large frames (group commit)
 and a slow node gets larger frames instead of holding anybody up. The node answers with its SCLs;
 the ledger turns them into PGCL/VCL/VDL; when VDL passes a caller's CPL, the sender releases that
 caller's lock. Four answers suffice: the fifth and sixth node are never waited for. Records stay in
-the tail until they are durable; a node that missed trimmed records fills the hole by gossip.
+the tail until durable and sent to every live node (`engine.core.tail`); a node that missed trimmed
+records fills the hole by gossip.
 
 Waking a caller costs one `lock.release()` (no Condition, no Event per batch): the hand-off
 between Python threads, not the disk, is what limits a group commit here.
 
+Every protocol decision is the pure core's: quorums (`engine.core.quorum`), membership steps and
+catch-up (`engine.core.membership`), tail trimming (`engine.core.tail`), what an epoch refusal
+means (`engine.core.fencing`) and write admission (`engine.core.admission`). This module does the
+I/O, the threads and the waiting around them.
+
+Failure policy: an expected error on a link (`SixfoldError`) marks the node unreachable, is logged
+once per change of cause (logger "sixfold.writer") and retried with a bounded back-off; a full node
+(`StorageFull`) stays reachable (it still serves reads) and its records are retried until they land.
+An unexpected exception in a sender is logged once per cause with its traceback, counted on the
+link (`status()["links"][n]["errors"]`), and the sender carries on after a back-off; if it struck
+while the ledger or tail was being changed, the writer cannot trust its own bookkeeping and fences
+itself with that reason (recovery on the next open rebuilds the truth from the nodes).
+
 Reads take read point = VDL. A segment whose SCL reaches the PG's last record at or below VDL can
-answer alone (same AZ first); otherwise, or when asked, a quorum read of three segments merges
-the newest version. Recovery (on open) seals a new epoch; see `engine.core.recovery`.
+answer alone (same AZ first); otherwise, or when asked, segments are asked until those that
+answered form a read quorum of the membership (`has_read_quorum`: three of each quorum set during
+a change) and the newest version wins. Recovery (on open) seals a new epoch; see
+`engine.core.recovery`.
 """
 
 from __future__ import annotations
@@ -27,12 +44,15 @@ from __future__ import annotations
 import _thread
 import heapq
 import threading
+import logging  # after threading, which logging imports: tests/test_purity.py's guard names this module
 import time
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 from engine import codec
+from engine.core import membership as membership_steps
+from engine.core.admission import Admission, admits, write_admission
 from engine.core.constants import (
     BATCH_OPS_MAX,
     FLAG_CPL,
@@ -45,27 +65,39 @@ from engine.core.constants import (
     VALUE_BYTES_MAX,
     WRITE_QUORUM,
 )
+from engine.core.fencing import FENCE, SYNC, on_epoch_refusal
 from engine.core.placement import protection_group_of, read_order
-from engine.core.quorum import VolumeDurability, has_write_quorum, merge_read, merge_scan
+from engine.core.quorum import VolumeDurability, has_read_quorum, has_write_quorum, merge_read, merge_scan
 from engine.core.recovery import plan_recovery
+from engine.core.tail import TAIL_RECORDS_MAX, tail_trim
 from engine.core.types import Geometry, Membership, NodeInfo, ReadView, SealReply
 from engine.errors import (
-    CorruptRecord,
     EpochBehind,
     InvalidArgument,
     SixfoldError,
     StaleEpoch,
+    StorageFull,
     Unavailable,
     WriteIndeterminate,
 )
 
+log = logging.getLogger("sixfold.writer")
+
+# Module constants: an Enum member looked up on its class costs ~10x a global on the submit path.
+ADMIT_ALL = Admission.ALL
+ADMIT_DELETES_ONLY = Admission.DELETES_ONLY
+ADMIT_FULL = Admission.FULL
+ADMIT_UNREACHABLE = Admission.UNREACHABLE
+
 FRAME_RECORDS_MAX_SEND = 8192
-#: records kept in the writer's tail for slow live nodes before they are left to gossip
-TAIL_RECORDS_MAX = 200_000
 HEARTBEAT_S = 0.1
 BACKOFF_S_MIN = 0.02
 BACKOFF_S_MAX = 0.5
+#: a link fault of a cause already logged is logged again if the link was healthy this long between
+RELOG_S = 10.0
 SCAN_CHUNK = 512
+#: recovery re-replicates a PG in frames of about this many bytes (fetched a node frame at a time)
+REPLICATE_BYTES_MAX = FRAME_BYTES_MAX // 2
 
 
 @dataclass(frozen=True)
@@ -123,6 +155,19 @@ class _Ticket:
         self.lsn: int | None = None
         self.error: SixfoldError | None = None
 
+    def puts(self) -> bool:
+        return any(flags & FLAG_PUT for flags, _key, _value in self.ops)
+
+
+class _InDoubt(Exception):
+    """An unexpected error struck while the ledger or the tail was being changed: they may no
+    longer agree with each other, so the writer must not go on acknowledging writes."""
+
+    def __init__(self, where: str, cause: BaseException) -> None:
+        super().__init__(f"{where}: {type(cause).__name__}: {cause}")
+        self.where = where
+        self.cause = cause
+
 
 class _NodeLink:
     """The writer's view of one node: what was sent, whether it answers, its sender thread."""
@@ -131,9 +176,20 @@ class _NodeLink:
         self.id = node_id
         self.sent_lsn = 0  # highest LSN this node acknowledged holding (or skipped past)
         self.up = True
+        #: its last append was refused for lack of room (StorageFull); it still serves reads
+        self.full = False
+        #: its last append reply said it is within its space reserve (room for deletes only)
+        self.space_low = False
         self.backoff_s = BACKOFF_S_MIN
         self.last_send = 0.0
+        #: the link's current fault ("" while it is healthy)
         self.error = ""
+        #: unexpected exceptions (bugs) its sender met, and the last of them
+        self.errors = 0
+        self.last_error = ""
+        #: the cause last logged, so that each fault is logged once per change of cause
+        self.logged = ""
+        self.healthy_since = 0.0
         self.last_scls: tuple[int, ...] = ()
         self.thread: threading.Thread | None = None
 
@@ -167,6 +223,9 @@ class Writer:
         self._senders_waiting = 0
         self._closed = False
         self._fenced: str | None = None
+        #: the error new writes get once fenced: StaleEpoch (a newer writer) or Unavailable (self-fenced)
+        self._fenced_error: type[SixfoldError] = StaleEpoch
+        self._in_doubt = False
         self.epoch = 0
         self.ledger: VolumeDurability | None = None
         self.links: dict[str, _NodeLink] = {}
@@ -174,7 +233,8 @@ class Writer:
         self.truncations: tuple = ()
         self._background = background
         self.stats = {"flushes": 0, "records_sent": 0}
-        self._quorum_cache: bool | None = None
+        #: what may be logged now (engine.core.admission); None: recompute (a link changed state)
+        self._admission: Admission | None = None
 
     # --- lifecycle --------------------------------------------------------------------------
     def open(self) -> None:
@@ -197,7 +257,8 @@ class Writer:
             )
         sealed = {r.node for r in replies}
         plan = plan_recovery(
-            self.epoch, self.P, replies, lal=self.options.lal, all_sealed=all(n in sealed for n in membership.all_nodes)
+            self.epoch, self.P, replies, lal=self.options.lal,
+            all_sealed=all(n in sealed for n in membership.all_nodes), membership=membership,
         )
         membership = Membership(self.epoch, membership.members, membership.next_members)
         synced = []
@@ -210,7 +271,7 @@ class Writer:
         if not has_write_quorum(synced, membership):
             raise Unavailable(f"cannot open the volume: truncation reached only {synced}")
         self.truncations = plan.truncations
-        replicated = self._replicate(plan, synced)
+        replicated = self._replicate(plan, synced, membership)
         self.ledger = VolumeDurability(
             self.P, membership, vdl=plan.vdl, next_lsn=plan.next_lsn, tails=plan.tails, lal=self.options.lal,
             write_quorum=self.options.unsafe_write_quorum or WRITE_QUORUM,
@@ -236,6 +297,8 @@ class Writer:
             "replicated_records": replicated,
             "seconds": round(self._clock() - t0, 4),
         }
+        log.info("opened at epoch %d: VDL %d, %d record(s) re-replicated, sealed %s",
+                 self.epoch, plan.vdl, replicated, ", ".join(sorted(sealed)))
         if self._background:
             for link in self.links.values():
                 link.thread = threading.Thread(target=self._sender, args=(link,), name=f"writer->{link.id}", daemon=True)
@@ -256,43 +319,90 @@ class Writer:
             membership = Membership(0, tuple(n.id for n in self.nodes[:6]))
         return membership, max(epoch, membership.epoch)
 
-    def _replicate(self, plan, nodes: Sequence[str]) -> int:
-        """Make the records of (base, VDL] durable again: copy each from a holder to every node."""
-        by_pg: dict[int, list[tuple[int, tuple[str, ...]]]] = {}
+    def _replicate(self, plan, nodes: Sequence[str], membership: Membership) -> int:
+        """Make the records of (base, VDL] durable again: copy each from a holder to every node.
+
+        A PG is copied in frames of at most about REPLICATE_BYTES_MAX, each fetched a node frame
+        at a time until the node says there is no more, and each must reach a write quorum of the
+        membership (of both quorum sets during a change) before the next one is sent."""
+        by_pg: dict[int, dict[int, tuple[str, ...]]] = {}
         for pg, lsn, holders in plan.replicate:
             if not holders:
                 raise Unavailable(f"recovery found no intact copy of record {lsn} (PG {pg}); waiting for more nodes")
-            by_pg.setdefault(pg, []).append((lsn, holders))
+            by_pg.setdefault(pg, {})[lsn] = holders
         count = 0
-        for pg, items in sorted(by_pg.items()):
-            lo, hi = items[0][0] - 1, items[-1][0]
-            frames = []
-            for holder in sorted({h for _, hs in items for h in hs}):
-                try:
-                    frame, _more = self.transport.fetch(holder, pg, lo, FRAME_BYTES_MAX, hi)
-                    frames.append(frame)
-                except SixfoldError:
-                    continue
-            wanted = {lsn for lsn, _ in items}
-            records = {}
-            for frame in frames:
-                for rec in codec.index_frame(frame):
-                    if rec.lsn in wanted:
-                        records.setdefault(rec.lsn, rec.record)
-            if set(records) != wanted:
-                raise Unavailable(f"recovery could not read records {sorted(wanted - set(records))[:5]} of PG {pg}")
-            frame = codec.encode_frame([records[lsn] for lsn in sorted(records)])
-            acked = []
-            for n in nodes:
-                try:
-                    self.transport.append(n, self.epoch, frame, plan.base)
-                    acked.append(n)
-                except SixfoldError:
-                    continue
-            if len(acked) < WRITE_QUORUM:
-                raise Unavailable(f"recovery could re-replicate PG {pg} to only {acked}")
-            count += len(records)
+        for pg, holders_of in sorted(by_pg.items()):
+            wanted = sorted(holders_of)
+            i = 0
+            while i < len(wanted):
+                chunk = self._replicate_chunk(pg, wanted, i, holders_of)
+                frame = codec.encode_frame(chunk)
+                acked = []
+                for n in nodes:
+                    try:
+                        self.transport.append(n, self.epoch, frame, plan.base)
+                        acked.append(n)
+                    except SixfoldError:
+                        continue
+                if not has_write_quorum(acked, membership):
+                    raise Unavailable(
+                        f"recovery could re-replicate records {wanted[i]}..{wanted[i + len(chunk) - 1]} of PG {pg} "
+                        f"to only {', '.join(acked) or 'no node'}; it needs {WRITE_QUORUM} of each quorum set "
+                        f"({' and '.join('/'.join(qs) for qs in membership.quorum_sets)})"
+                    )
+                i += len(chunk)
+                count += len(chunk)
         return count
+
+    def _replicate_chunk(self, pg: int, wanted: list[int], i: int, holders_of: dict[int, tuple[str, ...]]) -> list[bytes]:
+        """The records wanted[i], wanted[i+1], ... of `pg`, as many as fit REPLICATE_BYTES_MAX
+        (at least one), fetched from their holders. Unavailable if a record has no answering holder."""
+        got: dict[int, bytes] = {}
+
+        def fetch(holder: str, after: int, upto: int) -> tuple[int, bool] | None:
+            """Fetch one frame of `holder` above `after`; keep the wanted records. Returns
+            (last LSN in the frame, more) or None if the holder cannot answer or has nothing."""
+            try:
+                frame, more = self.transport.fetch(holder, pg, after, FRAME_BYTES_MAX, upto)
+                items = codec.index_frame(frame)
+            except SixfoldError:
+                return None
+            for it in items:
+                if it.lsn in holders_of:
+                    got.setdefault(it.lsn, it.record)
+            return (items[-1].lsn, more) if items else None
+
+        hi = wanted[-1]
+        first = wanted[i]
+        end = None  # the chunk's records lie in [first, end]
+        for holder in holders_of[first]:
+            answer = fetch(holder, first - 1, hi)
+            if answer is not None:
+                last, more = answer
+                end = last if more else hi
+                break
+        if end is None:
+            raise Unavailable(f"recovery could not read record {first} of PG {pg} from {', '.join(holders_of[first])}")
+        chunk: list[bytes] = []
+        size = 0
+        for lsn in wanted[i:]:
+            if lsn > end:
+                break
+            if lsn not in got:
+                # The holder asked first lacks it: ask its own holders. A fetch above lsn - 1 starts
+                # with lsn if the holder has it (and brings the records after it, up to `end`).
+                for holder in holders_of[lsn]:
+                    fetch(holder, lsn - 1, end)
+                    if lsn in got:
+                        break
+                if lsn not in got:
+                    raise Unavailable(f"recovery could not read record {lsn} of PG {pg} from {', '.join(holders_of[lsn])}")
+            rec = got.pop(lsn)
+            if chunk and size + len(rec) > REPLICATE_BYTES_MAX:
+                break
+            chunk.append(rec)
+            size += len(rec)
+        return chunk
 
     def close(self) -> None:
         """Stop the senders after in-flight records had a chance to become durable."""
@@ -318,20 +428,66 @@ class Writer:
             if link.thread is not None and link.thread is not threading.current_thread():
                 link.thread.join(timeout=5)
 
-    # --- writes -----------------------------------------------------------------------------
-    def _check_usable(self) -> None:
+    # --- what callers may ask ---------------------------------------------------------------
+    @property
+    def serving(self) -> bool:
+        """True while the writer is open: neither closed nor fenced."""
+        return self.ledger is not None and not self._closed and not self._fenced
+
+    @property
+    def fenced(self) -> str | None:
+        """Why the writer was fenced (by a newer writer, or by itself), or None."""
+        return self._fenced
+
+    def check_usable(self) -> None:
+        """Raise what a new write would get if the writer stopped: Unavailable or StaleEpoch."""
         if self._closed:
             raise Unavailable("the writer stopped (crashed or closed); nothing was logged")
         if self._fenced:
-            raise StaleEpoch(self._fenced)
+            raise self._fenced_error(self._fenced)
 
-    def _quorum_up(self) -> bool:
+    def membership(self) -> Membership:
+        """The membership the writer runs at (both quorum sets during a change)."""
+        with self._lock:
+            return self.ledger.membership
+
+    # --- writes -----------------------------------------------------------------------------
+    def _admission_locked(self) -> Admission:
         # Recomputed only when a link changes state (caller holds the lock).
-        if self._quorum_cache is None:
-            self._quorum_cache = has_write_quorum(
-                (n for n, link in self.links.items() if link.up), self.ledger.membership, self.ledger.write_quorum
+        adm = self._admission
+        if adm is None:
+            links = self.links
+            adm = self._admission = write_admission(
+                (n for n, link in links.items() if link.up),
+                (n for n, link in links.items() if link.full),
+                (n for n, link in links.items() if link.space_low),
+                self.ledger.membership,
+                self.ledger.write_quorum,
             )
-        return self._quorum_cache
+        return adm
+
+    def _space_locked(self) -> str:
+        """The members out of space, as a person reads it ("" when none is)."""
+        members = self.ledger.membership.all_nodes
+        full = [n for n in members if self.links[n].full]
+        low = [n for n in members if self.links[n].space_low and not self.links[n].full]
+        parts = ([f"full: {', '.join(full)}"] if full else []) + ([f"low on space: {', '.join(low)}"] if low else [])
+        return "; ".join(parts)
+
+    def _storage_full_locked(self, admission: Admission, what: str) -> StorageFull:
+        members = self.ledger.membership.all_nodes
+        links = self.links
+        if admission is ADMIT_FULL:
+            room = [n for n in members if links[n].up and not links[n].full]
+            return StorageFull(
+                f"{what}: nodes are out of space ({self._space_locked()}); the reachable nodes with any room "
+                f"({', '.join(room) or 'none'}) are not a write quorum, not even for deletes. Nothing was logged."
+            )
+        room = [n for n in members if links[n].up and not links[n].full and not links[n].space_low]
+        return StorageFull(
+            f"{what}: nodes are out of space ({self._space_locked()}); the reachable nodes with room for new "
+            f"data ({', '.join(room) or 'none'}) are not a write quorum. Nothing was logged; deletes still work."
+        )
 
     def submit(self, ops: Sequence[tuple[int, bytes, bytes]], *, block: bool = True) -> tuple[int | None, _Ticket]:
         """Hand `ops` (flags, key, value) to the writer as one atomic unit; return (lsn, ticket).
@@ -340,15 +496,19 @@ class Writer:
         next gives the whole inbox its LSNs in one go (so 64 callers cost one lock hand-off per
         flush, not 64). `lsn` is known at once only without background senders (a simulator);
         `wait(ticket)` works either way. With no reachable write quorum, waits up to the write
-        timeout (not at all if `block` is false) and raises Unavailable: nothing was logged."""
+        timeout (not at all if `block` is false) and raises Unavailable; when the nodes with room
+        are not a write quorum, raises StorageFull at once. Either way nothing was logged."""
         assert 1 <= len(ops) <= BATCH_OPS_MAX
         ticket = _Ticket(ops, [protection_group_of(key, self.P) for _f, key, _v in ops])
-        if self._closed or self._fenced or not self._quorum_up_unlocked():
-            self._wait_for_quorum(block)
+        if self._closed or self._fenced or self._admission is not ADMIT_ALL:
+            self._admit(ticket, block)
         self._inbox.append(ticket)
         if not self._background:
-            with self._lock:
-                self._sequence_locked()
+            try:
+                with self._lock:
+                    self._sequence_locked()
+            except _InDoubt as e:
+                self._fence_in_doubt(e)
             if ticket.error is not None:
                 raise ticket.error
             return ticket.lsn, ticket
@@ -357,40 +517,61 @@ class Writer:
                 self._work.notify_all()
         return None, ticket
 
-    def _quorum_up_unlocked(self) -> bool:
-        cached = self._quorum_cache
-        if cached is not None:
-            return cached
-        with self._lock:
-            return self._quorum_up()
-
-    def _wait_for_quorum(self, block: bool) -> None:
-        """The slow path of submit: wait (bounded) for a write quorum, or refuse."""
+    def _admit(self, ticket: _Ticket, block: bool) -> None:
+        """The slow path of submit: wait (bounded) for a reachable write quorum, or refuse."""
         deadline = self._clock() + self.options.write_timeout_s
         with self._lock:
             while True:
-                self._check_usable()
-                if self._quorum_up():
+                self.check_usable()
+                adm = self._admission_locked()
+                if adm is ADMIT_ALL:
                     return
+                if adm is not ADMIT_UNREACHABLE:
+                    if admits(adm, ticket.puts()):
+                        return
+                    raise self._storage_full_locked(adm, "write refused")
                 left = deadline - self._clock() if block else 0
                 if left <= 0:
                     up = sorted(n for n, link in self.links.items() if link.up)
                     raise Unavailable(
                         f"write refused: only {len(up)} segments reachable ({', '.join(up) or 'none'}); "
-                        f"a write needs {WRITE_QUORUM} of 6. Nothing was logged."
+                        f"a write needs {WRITE_QUORUM} of each quorum set "
+                        f"({' and '.join('/'.join(qs) for qs in self.ledger.membership.quorum_sets)}). Nothing was logged."
                     )
                 self._room.wait(min(left, 0.05))
 
     def _sequence_locked(self) -> None:
         """Give every ticket in the inbox its LSNs (consecutive; the unit's last one a CPL), encode
-        its records once into the tail, and park it until VDL covers it. Caller holds the lock."""
+        its records once into the tail, and park it until VDL covers it. Caller holds the lock.
+
+        An unexpected error here leaves LSNs allocated without records, or records without a
+        waiter: it is raised as _InDoubt, and the writer fences itself."""
+        try:
+            self._sequence_inbox_locked()
+        except Exception as e:
+            raise _InDoubt("giving writes their LSNs", e) from e
+
+    def _sequence_inbox_locked(self) -> None:
         inbox, ledger, tail, waiters = self._inbox, self.ledger, self._tail, self._waiters
         refuse = self._closed or self._fenced
+        # Admitted writes that the space on the nodes no longer admits are refused, unlogged.
+        adm = self._admission
+        if adm is None and not refuse:
+            adm = self._admission_locked()
+        space_check = adm is ADMIT_DELETES_ONLY or adm is ADMIT_FULL
         while inbox:
             ticket = inbox[0]
             if refuse:
                 inbox.popleft()
-                ticket.error = Unavailable("the writer stopped (crashed, closed or fenced) before logging this write")
+                ticket.error = Unavailable(
+                    f"this write was not logged: {self._fenced}" if self._fenced
+                    else "the writer stopped (crashed or closed) before logging this write"
+                )
+                ticket.lock.release()
+                continue
+            if space_check and not admits(adm, ticket.puts()):
+                inbox.popleft()
+                ticket.error = self._storage_full_locked(adm, "write refused")
                 ticket.lock.release()
                 continue
             if not ledger.can_allocate(len(ticket.ops)):
@@ -405,7 +586,7 @@ class Writer:
 
     def wait(self, lsn: int | None, ticket: _Ticket, timeout_s: float | None = None) -> None:
         """Block until VDL covers the ticket's CPL; WriteIndeterminate when it does not in time
-        (Unavailable if it was never logged)."""
+        (Unavailable, or StorageFull when nodes are out of space, if it was never logged)."""
         timeout_s = self.options.write_timeout_s if timeout_s is None else timeout_s
         ticket.lock.acquire(timeout=timeout_s)
         lsn = ticket.lsn
@@ -423,6 +604,9 @@ class Writer:
                     except ValueError:
                         pass
                     else:
+                        space = self._space_locked()
+                        if space:
+                            raise StorageFull(f"write not logged within {timeout_s:g} s: nodes are out of space ({space}); nothing was logged")
                         raise Unavailable(f"write not logged within {timeout_s:g} s; nothing was logged")
                 lsn = ticket.lsn
             if lsn is not None and ledger.vdl >= lsn:
@@ -431,10 +615,13 @@ class Writer:
             raise WriteIndeterminate(f"write at LSN {lsn} is indeterminate: {self._fenced}")
         if self._closed:
             raise WriteIndeterminate(f"write at LSN {lsn} is indeterminate: the writer stopped before it was durable")
-        up = sorted(n for n, link in self.links.items() if link.up)
+        with self._lock:
+            up = sorted(n for n, link in self.links.items() if link.up)
+            space = self._space_locked()
         raise WriteIndeterminate(
-            f"write at LSN {lsn} not durable after {timeout_s:g} s (VDL {ledger.vdl}; reachable: {', '.join(up) or 'none'}). "
-            "It may still become durable; read the key to find out."
+            f"write at LSN {lsn} not durable after {timeout_s:g} s (VDL {ledger.vdl}; reachable: {', '.join(up) or 'none'}"
+            + (f"; nodes out of space: {space}" if space else "")
+            + "). It may still become durable; read the key to find out."
         )
 
     def write(self, ops: Sequence[tuple[int, bytes, bytes]]) -> int:
@@ -457,16 +644,27 @@ class Writer:
             try:
                 if not self.send_once(link, block=True):
                     return
-            except Exception as e:  # a bug must not silently stop a sender: record and keep going
-                link.error = f"{type(e).__name__}: {e}"
-                time.sleep(BACKOFF_S_MAX)
+            except Exception as e:  # a bug: log it once per cause, count it, carry on after a back-off
+                with self._lock:
+                    note = self._fault_locked(link, e, unexpected=True)
+                    link.backoff_s = min(BACKOFF_S_MAX, link.backoff_s * 2)
+                    backoff_s = link.backoff_s
+                self._log_fault(link, note, e, unexpected=True)
+                time.sleep(backoff_s)
 
     def send_once(self, link: _NodeLink, block: bool = False) -> bool:
-        """Ship the node its unsent records (or a heartbeat). Returns False once closed."""
+        """Ship the node its unsent records (or a heartbeat). Returns False once closed or fenced."""
+        try:
+            return self._send_once(link, block)
+        except _InDoubt as e:
+            self._fence_in_doubt(e)
+            return False
+
+    def _send_once(self, link: _NodeLink, block: bool) -> bool:
         with self._lock:
             while True:
-                if self._closed or self._fenced or link.id not in self.ledger.membership.all_nodes:
-                    return False  # closed, fenced, or this node was replaced
+                if self._closed or self._fenced or self._in_doubt or link.id not in self.ledger.membership.all_nodes:
+                    return False  # closed, fenced (or about to be), or this node was replaced
                 if self._inbox:
                     self._sequence_locked()
                 end = self._tail_base + len(self._tail)  # one above the highest LSN in the tail
@@ -483,8 +681,10 @@ class Writer:
             records = self._tail[start - self._tail_base : start - self._tail_base + FRAME_RECORDS_MAX_SEND]
             hint = self.ledger.vdl
             epoch = self.epoch
-        if not link.up:
-            time.sleep(link.backoff_s) if block else None
+        if block and (not link.up or link.full):
+            time.sleep(link.backoff_s)
+        if link.full:
+            records = records[:1]  # a full node is probed with one record until it takes it
         size = 0
         for i, r in enumerate(records):
             size += len(r)
@@ -495,42 +695,102 @@ class Writer:
         link.last_send = self._clock()
         try:
             reply = self.transport.append(link.id, epoch, frame, hint)
-        except EpochBehind:
-            self._sync_node(link)
-            return True
-        except StaleEpoch as e:
-            if epoch == self.epoch:
-                self._fence(f"this writer was fenced by a newer writer: {e}")
+        except (StaleEpoch, EpochBehind) as e:
+            action = on_epoch_refusal(e, epoch, self.epoch)
+            if action == FENCE:
+                if self._fence(f"this writer was fenced by a newer writer: {e}"):
+                    log.error("writer -> %s: %s; a newer writer exists, this one stops", link.id, e)
                 return False
-            return True  # sent before our own epoch step (membership change): resend at the new one
-        except (Unavailable, CorruptRecord, SixfoldError) as e:
-            with self._lock:
-                link.up = False
-                self._quorum_cache = None
-                link.error = str(e)
-                link.backoff_s = min(BACKOFF_S_MAX, link.backoff_s * 2)
-                self._room.notify_all()
+            if action == SYNC:
+                self._sync_node(link)
+            return True  # RESEND: it was sent before our own epoch step; the next send is at the new one
+        except StorageFull as e:
+            self._link_fault(link, e, full=True)
+            return True
+        except SixfoldError as e:
+            self._link_fault(link, e)
+            return True
+        except Exception as e:  # the transport failed in a way it should not: count it, treat the link as down
+            self._link_fault(link, e, unexpected=True)
             return True
         released = None
+        healed = ""
+        space_changed = False
         with self._lock:
-            if not link.up:
+            if self._in_doubt:
+                return False
+            if not link.up or link.full or reply.space_low != link.space_low:
+                space_changed = reply.space_low != link.space_low
                 link.up = True
-                self._quorum_cache = None
+                link.full = False
+                link.space_low = reply.space_low
+                self._admission = None
                 self._room.notify_all()
             link.backoff_s = BACKOFF_S_MIN
-            link.error = ""
+            if link.error:
+                healed, link.error = link.error, ""
+                link.healthy_since = self._clock()
             if records:
                 link.sent_lsn = max(link.sent_lsn, start + len(records) - 1)
                 self.stats["flushes"] += 1
                 self.stats["records_sent"] += len(records)
             if reply.scls != link.last_scls:
                 link.last_scls = reply.scls
-                if self.ledger.record_scls(link.id, reply.scls):
-                    released = self._release_locked()
+                try:
+                    if self.ledger.record_scls(link.id, reply.scls):
+                        released = self._release_locked()
+                except Exception as e:
+                    raise _InDoubt("recording a node's acknowledgement", e) from e
+        if healed:
+            log.info("writer -> %s: the link works again (it was: %s)", link.id, healed)
+        if space_changed:
+            log.warning("writer -> %s: the node %s", link.id,
+                        "is low on space (it keeps its reserve for deletes)" if reply.space_low else "has room again")
         if released:
             for lock in released:
                 lock.release()
         return True
+
+    def _fault_locked(self, link: _NodeLink, e: BaseException, unexpected: bool) -> bool:
+        """Note a link's fault; True when it is to be logged. Caller holds the lock.
+
+        The cause of an expected error is its class (a flapping link alternates between messages
+        such as "message lost" and "reply lost", which are one cause); of an unexpected one, its
+        class and message. A cause is logged when it differs from the last one logged, or when it
+        recurs after the link was healthy for RELOG_S."""
+        text = f"{type(e).__name__}: {e}"
+        cause = text if unexpected else type(e).__name__
+        recurs = not link.error and self._clock() - link.healthy_since >= RELOG_S
+        link.error = text
+        if unexpected:
+            link.errors += 1
+            link.last_error = text
+        if cause == link.logged and not recurs:
+            return False
+        link.logged = cause
+        return True
+
+    def _log_fault(self, link: _NodeLink, note: bool, e: BaseException, unexpected: bool) -> None:
+        if not note:
+            return
+        if unexpected:
+            log.error("writer -> %s: unexpected %s: %s (counted; the sender carries on after a back-off)",
+                      link.id, type(e).__name__, e, exc_info=e)
+        else:
+            log.warning("writer -> %s: %s: %s", link.id, type(e).__name__, e)
+
+    def _link_fault(self, link: _NodeLink, e: BaseException, *, full: bool = False, unexpected: bool = False) -> None:
+        """An append failed. A full node stays reachable (it serves reads) and its records are
+        retried until they land; any other failure marks the node unreachable until it answers."""
+        up = full  # a node that says it is full answered: it is reachable
+        with self._lock:
+            note = self._fault_locked(link, e, unexpected)
+            if (link.up, link.full) != (up, full):
+                link.up, link.full = up, full
+                self._admission = None
+                self._room.notify_all()
+            link.backoff_s = min(BACKOFF_S_MAX, link.backoff_s * 2)
+        self._log_fault(link, note, e, unexpected)
 
     def _release_locked(self) -> list:
         """Pop waiters covered by VDL; trim the tail of durable records. Caller holds the lock."""
@@ -544,21 +804,12 @@ class Writer:
         return out
 
     def _trim_locked(self) -> None:
-        """Drop tail records that are durable AND that every reachable node has been sent.
-
-        Trimming at VCL alone would leave a slow but live node (the fifth or sixth) with holes
-        that only gossip fills; when an AZ is then lost, that node is needed for the write quorum
-        and every write waits for gossip. So a live node keeps the tail alive, up to a bound
-        (TAIL_RECORDS_MAX) past which it too is left to gossip. Down nodes never hold it."""
-        ledger = self.ledger
-        members = ledger.membership.all_nodes
-        lagging = min((self.links[n].sent_lsn for n in members if n in self.links and self.links[n].up), default=ledger.vcl)
-        keep_from = min(ledger.vcl, lagging) + 1
-        if self._tail_base + len(self._tail) - keep_from > TAIL_RECORDS_MAX:
-            keep_from = max(keep_from, ledger.vcl + 1 - TAIL_RECORDS_MAX // 2)
-            keep_from = min(keep_from, ledger.vcl + 1)
-        drop = keep_from - self._tail_base
-        if drop > 4096 or (drop > 0 and drop == len(self._tail)):
+        """Drop the tail records `engine.core.tail` says may go: durable, and sent to every live
+        member (up to a bound). Caller holds the lock."""
+        links = self.links
+        live = [links[n].sent_lsn for n in self.ledger.membership.all_nodes if n in links and links[n].up]
+        drop = tail_trim(self._tail_base, len(self._tail), self.ledger.vcl, live, TAIL_RECORDS_MAX)
+        if drop:
             del self._tail[:drop]
             self._tail_base += drop
 
@@ -567,26 +818,46 @@ class Writer:
         try:
             self.transport.sync_epoch(link.id, self.epoch, self.truncations, self.ledger.membership)
         except SixfoldError as e:
-            link.error = str(e)
+            with self._lock:
+                note = self._fault_locked(link, e, unexpected=False)
+            self._log_fault(link, note, e, unexpected=False)
             if self._background:
                 time.sleep(link.backoff_s)
 
-    def _fence(self, why: str) -> None:
+    def _fence(self, why: str, error: type[SixfoldError] = StaleEpoch) -> bool:
+        """Stop for good: fail what was never logged, release every waiter (their writes are
+        indeterminate). Returns True for the call that fenced (the first reason is kept)."""
         with self._lock:
-            self._fenced = why
+            first = self._fenced is None
+            if first:
+                self._fenced = why
+                self._fenced_error = error
             self._sequence_locked()  # refuses what was never logged
             waiters, self._waiters = self._waiters, deque()
             self._room.notify_all()
             self._work.notify_all()
         for _lsn, lock in waiters:
             lock.release()
+        return first
+
+    def _fence_in_doubt(self, e: _InDoubt) -> None:
+        """The writer's own bookkeeping may be wrong: stop acknowledging anything. What was not yet
+        durable becomes indeterminate; the next open recovers the truth from the nodes."""
+        why = (f"the writer fenced itself: an internal error while {e.where} left its ledger in doubt "
+               f"({type(e.cause).__name__}: {e.cause}); open the volume again (recovery rebuilds it from the nodes)")
+        with self._lock:
+            first, self._in_doubt = not self._in_doubt, True  # from now on no sender acknowledges anything
+        if first:  # the first one logs, then fences: whoever sees the fence finds its cause logged
+            log.critical("%s", why, exc_info=e.cause)
+            self._fence(why, Unavailable)
 
     # --- membership change (Aurora: ABCDEF -> ABCDEF+ABCDEG -> ABCDEG, each step an epoch) ----
-    def _step_membership(self, membership_of) -> Membership:
-        """Move to a new epoch with the membership `membership_of(current)`; tell every reachable
-        node. Writes go on: appends in flight at the old epoch are simply re-sent."""
+    def _step_membership(self, membership_of: Callable[[Membership], Membership]) -> Membership:
+        """Move to a new epoch with the membership `membership_of(current)` (a step of
+        `engine.core.membership`; its refusal changes nothing); tell every reachable node.
+        Writes go on: appends in flight at the old epoch are simply re-sent."""
         with self._lock:
-            self._check_usable()
+            self.check_usable()
             new = membership_of(self.ledger.membership)
             self.epoch += 1
             new = Membership(self.epoch, new.members, new.next_members)
@@ -597,8 +868,9 @@ class Writer:
                     if self._background:
                         link.thread = threading.Thread(target=self._sender, args=(link,), name=f"writer->{n}", daemon=True)
                         link.thread.start()
-            self._quorum_cache = None
+            self._admission = None
             epoch = self.epoch
+        log.info("membership at epoch %d: %s", epoch, " + ".join("/".join(qs) for qs in new.quorum_sets))
         told = []
         for n in new.all_nodes:
             try:
@@ -612,100 +884,87 @@ class Writer:
 
     def begin_replace(self, old: str, new: str) -> Membership:
         """Step 1: the new node joins as a member of a second quorum set that replaces `old`."""
+        return self._step_membership(lambda m: membership_steps.begin_replace(m, old, new))
 
-        def step(m: Membership) -> Membership:
-            if m.next_members is not None:
-                raise InvalidArgument(f"a membership change is already under way ({m.members} -> {m.next_members})")
-            if old not in m.members:
-                raise InvalidArgument(f"{old} is not a member ({', '.join(m.members)})")
-            if new in m.members:
-                raise InvalidArgument(f"{new} is already a member")
-            return Membership(m.epoch, m.members, tuple(new if n == old else n for n in m.members))
-
-        return self._step_membership(step)
+    def _catch_up_inputs(self, node: str) -> tuple[list[int | None], list[int]]:
+        with self._lock:
+            ledger = self.ledger
+            return [ledger.scls[pg].get(node) for pg in range(self.P)], list(ledger.read_tails)
 
     def replacement_caught_up(self, new: str) -> bool:
         """True once `new` holds every PG's chain up to the PG's last durable record."""
-        with self._lock:
-            return all(self.ledger.scls[pg].get(new, -1) >= self.ledger.read_tails[pg] for pg in range(self.P))
+        return membership_steps.replacement_caught_up(*self._catch_up_inputs(new))
 
     def catch_up_progress(self, node: str) -> tuple[float, int]:
         """(fraction, lag) of `node` against every PG's read tail: what `replacement_caught_up`
         waits for, as a number (fraction 1.0 and lag 0 once caught up)."""
-        with self._lock:
-            tails = list(self.ledger.read_tails)
-            scls = [self.ledger.scls[pg].get(node, 0) for pg in range(len(tails))]
-        want = sum(tails)
-        have = sum(min(s, t) for s, t in zip(scls, tails))
-        return (1.0 if want == 0 else have / want), want - have
+        return membership_steps.catch_up_progress(*self._catch_up_inputs(node))
 
     def finish_replace(self) -> Membership:
         """Step 2: commit the change; the new set alone is the membership."""
-
-        def step(m: Membership) -> Membership:
-            if m.next_members is None:
-                raise InvalidArgument("no membership change is under way")
-            return Membership(m.epoch, m.next_members)
-
-        return self._step_membership(step)
+        return self._step_membership(membership_steps.finish_replace)
 
     def revert_replace(self) -> Membership:
         """Undo step 1 (the old node came back before the change completed)."""
-
-        def step(m: Membership) -> Membership:
-            if m.next_members is None:
-                raise InvalidArgument("no membership change is under way")
-            return Membership(m.epoch, m.members)
-
-        return self._step_membership(step)
+        return self._step_membership(membership_steps.revert_replace)
 
     # --- reads ------------------------------------------------------------------------------
     def view(self) -> ReadView:
         """The current read point (VDL) and per-PG tails, for linearizable reads and snapshots."""
         with self._lock:
-            self._check_usable()
+            self.check_usable()
             return ReadView(self.ledger.vdl, tuple(self.ledger.read_tails))
 
-    def _candidates(self, pg: int, view: ReadView) -> list[str]:
-        ledger = self.ledger
-        tail = view.tails[pg]
-        if self.options.unsafe_read_any:
-            view_nodes = [n for n in ledger.membership.all_nodes if self.links[n].up]
-            return read_order(view_nodes, self.nodes, self.options.local_az)
+    def candidates(self, pg: int, view: ReadView) -> list[str]:
+        """The reachable segments of `pg` that can answer a read at `view` alone (SCL at or above
+        the PG's read tail), in read order: same AZ first."""
         with self._lock:
-            complete = [n for n in ledger.membership.all_nodes if ledger.scls[pg].get(n, -1) >= tail and self.links[n].up]
-        return read_order(complete, self.nodes, self.options.local_az)
+            ledger = self.ledger
+            if self.options.unsafe_read_any:
+                nodes = [n for n in ledger.membership.all_nodes if self.links[n].up]
+            else:
+                tail = view.tails[pg]
+                nodes = [n for n in ledger.membership.all_nodes if ledger.scls[pg].get(n, -1) >= tail and self.links[n].up]
+        return read_order(nodes, self.nodes, self.options.local_az)
 
-    def _quorum_nodes(self) -> list[str]:
+    def _read_quorum(self, pg: int, what: str, ask: Callable[[str], object]) -> list:
+        """Ask the segments of `pg` (reachable first, same AZ first) until those that answered form
+        a read quorum of the membership (`has_read_quorum`: three of each quorum set during a
+        change); return their answers. Unavailable, naming who answered, when no read quorum can."""
         with self._lock:
-            nodes = list(self.ledger.membership.all_nodes)
-            up = [n for n in nodes if self.links[n].up]
-        rest = [n for n in nodes if n not in up]
-        return read_order(up, self.nodes, self.options.local_az) + rest
+            membership = self.ledger.membership
+            up = [n for n in membership.all_nodes if self.links[n].up]
+        order = read_order(up, self.nodes, self.options.local_az) + [n for n in membership.all_nodes if n not in up]
+        answers, answered, errors = [], [], []
+        for n in order:
+            try:
+                answers.append(ask(n))
+            except SixfoldError as e:
+                errors.append(f"{n}: {e}")
+                continue
+            answered.append(n)
+            if has_read_quorum(answered, membership):
+                return answers
+        raise Unavailable(
+            f"{what} of PG {pg} needs a read quorum ({READ_QUORUM} segments of "
+            f"{'each quorum set' if membership.next_members else 'the six'}); answered: {', '.join(answered) or 'none'}"
+            + (f" ({'; '.join(errors)})" if errors else "")
+        )
 
     def get(self, key: bytes, *, quorum: bool = False, view: ReadView | None = None) -> bytes | None:
         check_key(key)
         view = view or self.view()
         pg = protection_group_of(key, self.P)
         if not quorum:
-            for n in self._candidates(pg, view):
+            required = 0 if self.options.unsafe_read_any else view.tails[pg]
+            for n in self.candidates(pg, view):
                 try:
-                    required = 0 if self.options.unsafe_read_any else view.tails[pg]
-                    r = self.transport.read(n, pg, key, view.read_point, required, self.epoch)
-                    return r.value
+                    return self.transport.read(n, pg, key, view.read_point, required, self.epoch).value
                 except SixfoldError:
                     continue
-        replies, errors = [], []
-        for n in self._quorum_nodes():
-            try:
-                replies.append(self.transport.read(n, pg, key, view.read_point, 0, self.epoch))
-            except SixfoldError as e:
-                errors.append(f"{n}: {e}")
-                continue
-            if len(replies) == READ_QUORUM:
-                best = merge_read(replies)
-                return None if best is None else best.value
-        raise Unavailable(f"read needs {READ_QUORUM} segments of PG {pg}; got {len(replies)} ({'; '.join(errors)})")
+        replies = self._read_quorum(pg, "a read", lambda n: self.transport.read(n, pg, key, view.read_point, 0, self.epoch))
+        best = merge_read(replies)
+        return None if best is None else best.value
 
     def _scan_pg(self, pg: int, start: bytes, end: bytes | None, view: ReadView, quorum: bool) -> Iterator[tuple[bytes, bytes]]:
         """Live keys of one PG in [start, end) at the view, in key order, fetched in chunks."""
@@ -719,27 +978,21 @@ class Writer:
 
     def _scan_chunk(self, pg, start, end, view, quorum):
         if not quorum:
-            for n in self._candidates(pg, view):
+            required = 0 if self.options.unsafe_read_any else view.tails[pg]
+            for n in self.candidates(pg, view):
                 try:
-                    required = 0 if self.options.unsafe_read_any else view.tails[pg]
                     return self.transport.scan(n, pg, start, end, view.read_point, required, SCAN_CHUNK, self.epoch)
                 except SixfoldError:
                     continue
-        got, errors = [], []
-        for n in self._quorum_nodes():
-            try:
-                got.append(self.transport.scan(n, pg, start, end, view.read_point, 0, SCAN_CHUNK, self.epoch))
-            except SixfoldError as e:
-                errors.append(f"{n}: {e}")
-                continue
-            if len(got) == READ_QUORUM:
-                # Each segment stopped at its own resume key; keep only keys below the smallest,
-                # so no segment's unseen keys are skipped.
-                stops = [r for _e, r in got if r is not None]
-                limit = min(stops) if stops else None
-                merged = merge_scan([[e for e in entries if limit is None or e.key < limit] for entries, _r in got])
-                return merged, limit
-        raise Unavailable(f"scan needs {READ_QUORUM} segments of PG {pg}; got {len(got)} ({'; '.join(errors)})")
+        got = self._read_quorum(
+            pg, "a scan", lambda n: self.transport.scan(n, pg, start, end, view.read_point, 0, SCAN_CHUNK, self.epoch)
+        )
+        # Each segment stopped at its own resume key; keep only keys below the smallest, so no
+        # segment's unseen keys are skipped.
+        stops = [r for _e, r in got if r is not None]
+        limit = min(stops) if stops else None
+        merged = merge_scan([[e for e in entries if limit is None or e.key < limit] for entries, _r in got])
+        return merged, limit
 
     def scan(
         self, start: bytes, end: bytes | None, *, quorum: bool = False, view: ReadView | None = None
@@ -761,9 +1014,14 @@ class Writer:
                 "pgcl": list(ledger.pgcl),
                 "in_flight": ledger.in_flight(),
                 "fenced": self._fenced,
+                "admission": self._admission_locked().name.lower().replace("_", "-"),
                 "membership": {"epoch": ledger.membership.epoch, "members": list(ledger.membership.members),
                                "next_members": list(ledger.membership.next_members) if ledger.membership.next_members else None},
-                "links": {n: {"up": l.up, "error": l.error, "sent_lsn": l.sent_lsn} for n, l in self.links.items()},
+                "links": {
+                    n: {"up": l.up, "full": l.full, "space_low": l.space_low, "error": l.error, "errors": l.errors,
+                        "last_error": l.last_error, "sent_lsn": l.sent_lsn}
+                    for n, l in self.links.items()
+                },
                 "recovery": dict(self.recovery),
                 "stats": dict(self.stats),
             }
