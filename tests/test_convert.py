@@ -165,7 +165,7 @@ def test_scan_and_fetch_requests_round_trip(P, data):
 @given(st.lists(OPS, min_size=1, max_size=5))
 def test_write_units_round_trip(units):
     m = wire(convert.write_request_to_pb(units))
-    assert [convert.unit_from_pb(u) for u in m.units] == list(units)
+    assert [convert.unit_from_pb(u).ops for u in m.units] == list(units)
 
 
 @given(st.lists(st.one_of(U64, st.sampled_from([errors.WriteIndeterminate("late"), errors.Unavailable("down"), errors.StaleEpoch("fenced")]))))
