@@ -31,10 +31,13 @@ from engine.errors import (
     SegmentIncomplete,
     SixfoldError,
     StaleEpoch,
+    StorageError,
+    StorageFull,
     Unavailable,
     WriteIndeterminate,
     WrongFolder,
 )
+from engine.core.types import RequestStatus
 
 __version__ = "0.1.0"
 
@@ -84,11 +87,14 @@ __all__ = [
     "GeometryMismatch",
     "InvalidArgument",
     "NodeNotFound",
+    "RequestStatus",
     "ResourceExhausted",
     "SegmentIncomplete",
     "SixfoldError",
     "Snapshot",
     "StaleEpoch",
+    "StorageError",
+    "StorageFull",
     "Unavailable",
     "WriteIndeterminate",
     "WrongFolder",

@@ -44,7 +44,7 @@ import grpc
 
 from engine.database import Database
 from engine.errors import Closed, InvalidArgument, SixfoldError, Unavailable, WriteIndeterminate
-from engine.core.types import ReadView
+from engine.core.types import ReadView, RequestStatus, Unit
 from engine.proto import kv_pb2, kv_pb2_grpc
 from engine.transport import convert
 from engine.transport.grpc_client import CHANNEL_OPTIONS
@@ -311,11 +311,12 @@ class RemoteBackend:
         self._closed = False
 
     # --- the backend protocol ---------------------------------------------------------------
-    def write(self, ops) -> int:
+    def write(self, ops, *, request_id: bytes | None = None, resend: bool = False) -> int:
         ops = tuple(ops)
+        unit = Unit(ops, request_id, resend) if request_id is not None else ops
         if not self._boxcar:
             try:
-                results = self._send_writes([ops])
+                results = self._send_writes([unit])
                 if len(results) != 1:
                     raise AssertionError(f"the reply has {len(results)} results for 1 unit")
             except SixfoldError:
@@ -324,8 +325,12 @@ class RemoteBackend:
                 log.exception("a write failed unexpectedly")
                 raise write_failure(e) from e
             return self._result(results[0])
-        size = sum(len(k) + len(v) + OP_OVERHEAD_BYTES for _f, k, v in ops)
-        return self._writes.call(ops, size)
+        size = sum(len(k) + len(v) + OP_OVERHEAD_BYTES for _f, k, v in ops) + (len(request_id) if request_id else 0)
+        return self._writes.call(unit, size)
+
+    def request_status(self, request_id: bytes) -> RequestStatus:
+        reply = self._rpc(self._stub.StatusOf, kv_pb2.StatusOfRequest(request_id=request_id))
+        return convert.request_status_from_pb(reply)
 
     def get(self, key: bytes, *, quorum: bool = False, view: ReadView | None = None) -> bytes | None:
         if view is not None or not self._boxcar:

@@ -1,5 +1,12 @@
 """The public key-value API: `Database`, `Batch`, `Snapshot`.
 
+Request ids: every write unit (a put, a delete, a committed batch) carries a request id, chosen
+by the caller (`request_id=`, 1..64 bytes) or made here (16 random bytes). The writer logs it
+with the unit, so `status_of(request_id)` says whether the write committed, also after a writer
+crash or failover; and a write sent again under the same id is applied at most once. Every
+error a write raises carries its id as `error.request_id`: after a `WriteIndeterminate`, either
+ask `status_of(error.request_id)` or send the same write again with `request_id=error.request_id`.
+
 One `Database` class serves every deployment: it wraps a *backend* (the embedded volume, or the
 gRPC client of a writer endpoint) that offers `write(ops)`, `get(key, quorum, view)`,
 `scan(start, end, quorum, view)`, `view()`, `status()` and `close()`. Inputs are checked here,
@@ -12,12 +19,14 @@ LMDB files and frees its folder for the next open.
 
 from __future__ import annotations
 
+import os
 import weakref
 from collections.abc import Iterator
 
 from engine.core.constants import FLAG_DELETE, FLAG_PUT
-from engine.errors import Closed, InvalidArgument
-from engine.head.writer import BATCH_OPS_MAX, check_key, check_value
+from engine.core.types import RequestStatus
+from engine.errors import Closed, InvalidArgument, SixfoldError
+from engine.head.writer import BATCH_OPS_MAX, check_key, check_request_id, check_value
 
 
 class Batch:
@@ -25,11 +34,15 @@ class Batch:
 
     An exception inside the block discards the batch; nothing is logged."""
 
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, request_id: bytes | None = None) -> None:
+        if request_id is not None:
+            check_request_id(request_id)
         self._db = db
         self._ops: list[tuple[int, bytes, bytes]] = []
         self._done = False
         self.lsn: int | None = None
+        #: the id the batch is logged under (chosen by the caller, or made at commit)
+        self.request_id = request_id
 
     def put(self, key: bytes, value: bytes) -> Batch:
         check_key(key)
@@ -59,7 +72,7 @@ class Batch:
         self._done = True
         if not self._ops:
             return None
-        self.lsn = self._db._backend.write(self._ops)
+        self.lsn, self.request_id = self._db._write(self._ops, self.request_id)
         return self.lsn
 
     def __enter__(self) -> Batch:
@@ -110,18 +123,39 @@ class Database:
         if self._closed:
             raise Closed("the database is closed")
 
-    def put(self, key: bytes, value: bytes) -> None:
-        """Store `value` under `key`; returns once the write is durable (4 of 6 segments)."""
+    def _write(self, ops, request_id: bytes | None) -> tuple[int, bytes]:
+        """Log one unit under a request id (the caller's, which may be a re-send, or a new one);
+        returns (CPL LSN, request id). Errors carry the id as `request_id`."""
+        resend = request_id is not None
+        if resend:
+            check_request_id(request_id)
+        else:
+            request_id = self._new_request_id()
+        try:
+            return self._backend.write(tuple(ops), request_id=request_id, resend=resend), request_id
+        except SixfoldError as e:
+            e.request_id = request_id
+            raise
+
+    def _new_request_id(self) -> bytes:
+        make = getattr(self._backend, "new_request_id", None)
+        return make() if make is not None else os.urandom(16)
+
+    def put(self, key: bytes, value: bytes, *, request_id: bytes | None = None) -> None:
+        """Store `value` under `key`; returns once the write is durable (4 of 6 segments).
+
+        `request_id` (1..64 bytes): send a write again under the id it had (see the module
+        docstring); it is applied at most once."""
         self._check()
         check_key(key)
         check_value(value)
-        self._backend.write(((FLAG_PUT, key, value),))
+        self._write(((FLAG_PUT, key, value),), request_id)
 
-    def delete(self, key: bytes) -> None:
+    def delete(self, key: bytes, *, request_id: bytes | None = None) -> None:
         """Remove `key` (a tombstone); returns once durable. Deleting a missing key is fine."""
         self._check()
         check_key(key)
-        self._backend.write(((FLAG_DELETE, key, b""),))
+        self._write(((FLAG_DELETE, key, b""),), request_id)
 
     def get(self, key: bytes, *, quorum: bool = False) -> bytes | None:
         """The value of `key` at the current VDL, or None. Linearizable. `quorum=True` forces a
@@ -135,9 +169,17 @@ class Database:
         self._check()
         return self._backend.scan(start, end, quorum=quorum, view=None)
 
-    def batch(self) -> Batch:
+    def batch(self, *, request_id: bytes | None = None) -> Batch:
         self._check()
-        return Batch(self)
+        return Batch(self, request_id)
+
+    def status_of(self, request_id: bytes) -> RequestStatus:
+        """Whether the write sent under `request_id` committed: `.state` is "committed" (with its
+        CPL `.lsn`), "pending" (logged, not yet durable) or "not_committed" (never logged, or cut
+        by a recovery). A caller holding a WriteIndeterminate asks this, or re-sends under the id."""
+        self._check()
+        check_request_id(request_id)
+        return self._backend.request_status(request_id)
 
     def snapshot(self) -> Snapshot:
         self._check()

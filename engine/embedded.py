@@ -240,6 +240,7 @@ class EmbeddedVolume:
             self.geometry = Geometry(vol["protection_groups"])
             self.node_infos = [NodeInfo(n["id"], n["az"]) for n in vol["nodes"] if not n.get("retired")]
             self._retired: set[str] = {n["id"] for n in vol["nodes"] if n.get("retired")}
+            self._request_rng: random.Random | None = None
             for info in self.node_infos:
                 self.registry.set(info.id, None)
                 self._start(info)
@@ -415,8 +416,20 @@ class EmbeddedVolume:
             raise Unavailable("the writer is recovering; retry")
         return w
 
-    def write(self, ops):
-        return self._w.write(ops)
+    def write(self, ops, *, request_id=None, resend=False):
+        return self._w.write(ops, request_id=request_id, resend=resend)
+
+    def request_status(self, request_id):
+        return self._w.request_status(request_id)
+
+    def new_request_id(self) -> bytes:
+        """16 random bytes; drawn from the volume's seed when a simulator drives it (no
+        background threads), so that a seeded run logs the very same records every time."""
+        if self.options.background:
+            return os.urandom(16)
+        if self._request_rng is None:
+            self._request_rng = random.Random(f"request-ids:{self.options.seed}")
+        return self._request_rng.randbytes(16)
 
     def get(self, key, *, quorum=False, view=None):
         return self._w.get(key, quorum=quorum, view=view)

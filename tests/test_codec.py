@@ -405,7 +405,7 @@ OUT_OF_RANGE = [
     ("flags", 0),
     ("flags", FLAG_PUT | FLAG_DELETE),
     ("flags", FLAG_CPL),
-    ("flags", 8 | FLAG_PUT),
+    ("flags", 0x10 | FLAG_PUT),  # 0x08 is REQUEST; 0x10 and above are unknown
     ("flags", 0x101),
     ("flags", -1),
     ("flags", 1 << 70),

@@ -144,7 +144,9 @@ def test_sync_epoch_request_round_trips(epoch, truncs, membership):
 def test_read_request_round_trips(P, data):
     pg = data.draw(st.integers(0, P - 1))
     read_point = data.draw(LSN)
-    args = (pg, data.draw(KEY), read_point, data.draw(st.integers(0, read_point)), data.draw(EPOCH))
+    namespace = data.draw(st.sampled_from([0, 1]))
+    key = data.draw(KEY if namespace == 0 else st.binary(min_size=1, max_size=64))
+    args = (pg, key, read_point, data.draw(st.integers(0, read_point)), data.draw(EPOCH), namespace)
     assert convert.read_args_from_pb(wire(convert.read_request_to_pb(*args)), P) == args
 
 
@@ -163,7 +165,7 @@ def test_scan_and_fetch_requests_round_trip(P, data):
 @given(st.lists(OPS, min_size=1, max_size=5))
 def test_write_units_round_trip(units):
     m = wire(convert.write_request_to_pb(units))
-    assert [convert.unit_from_pb(u) for u in m.units] == list(units)
+    assert [convert.unit_from_pb(u).ops for u in m.units] == list(units)
 
 
 @given(st.lists(st.one_of(U64, st.sampled_from([errors.WriteIndeterminate("late"), errors.Unavailable("down"), errors.StaleEpoch("fenced")]))))

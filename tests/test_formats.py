@@ -72,9 +72,34 @@ def check_contents_except(db, expected: dict, extra: bytes) -> None:
 
 
 # --- the kept volume ------------------------------------------------------------------------
-def test_the_fixture_is_small_and_holds_no_lock_files():
+#: every kept volume fixture (one per format combination written so far), opened by every release
+KEPT_VOLUMES = sorted(n for n in os.listdir(FIXTURES) if n.startswith("volume-format-") and os.path.isdir(os.path.join(FIXTURES, n)))
+
+
+@pytest.mark.parametrize("name", KEPT_VOLUMES)
+def test_every_kept_volume_opens_with_what_it_holds(tmp_path, name):
+    with open(os.path.join(FIXTURES, name + ".json")) as fh:
+        kept = json.load(fh)
+    d = str(tmp_path / "volume")
+    shutil.copytree(os.path.join(FIXTURES, name), d)
+    with engine.open(d) as db:
+        check_contents(db, kept)
+        for rid, lsn in kept.get("requests", {}).items():  # request ids (node format 2 and later)
+            st = db.status_of(b(rid))
+            assert (st.state, st.lsn) == ("committed", lsn), rid
+
+
+def test_the_kept_volumes_include_one_from_before_node_formats_and_one_of_this_release():
+    from engine.node.store import NODE_FORMAT
+
+    assert "volume-format-1" in KEPT_VOLUMES
+    assert f"volume-format-1-node-{NODE_FORMAT}" in KEPT_VOLUMES
+
+
+@pytest.mark.parametrize("name", KEPT_VOLUMES)
+def test_the_fixture_is_small_and_holds_no_lock_files(name):
     total = 0
-    for root, _dirs, files in os.walk(VOLUME_1):
+    for root, _dirs, files in os.walk(os.path.join(FIXTURES, name)):
         for name in files:
             assert name not in ("LOCK", "lock.mdb"), os.path.join(root, name)
             total += os.path.getsize(os.path.join(root, name))

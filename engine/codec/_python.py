@@ -16,7 +16,7 @@ Record layout (little-endian, 36-byte header)::
     8      8    lsn         >= 1
     16     8    prev_lsn    backlink: previous LSN of the same PG (0 for the first); < lsn
     24     4    pg          protection group
-    28     1    flags       exactly one of PUT (1) / DELETE (2), optionally CPL (4)
+    28     1    flags       exactly one of PUT (1) / DELETE (2), optionally CPL (4), REQUEST (8)
     29     1    reserved    0
     30     2    key_len     1 ..= KEY_BYTES_MAX
     32     4    value_len   0 ..= VALUE_BYTES_MAX; 0 for DELETE

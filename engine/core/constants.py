@@ -36,7 +36,16 @@ FRAME_MAGIC = 0x31465853  # b"SXF1" little-endian
 FLAG_PUT = 0x01
 FLAG_DELETE = 0x02
 FLAG_CPL = 0x04
-FLAGS_KNOWN = FLAG_PUT | FLAG_DELETE | FLAG_CPL
+#: A request-id record: `key` is a client-chosen request id, `value` a digest of the unit's
+#: operations. The writer logs one with every unit that carries an id, in the same atomic unit,
+#: so whether the request committed is in the log itself (a later writer knows it too). Nodes
+#: index these records apart from user keys (never visible to get or scan).
+FLAG_REQUEST = 0x08
+FLAGS_KNOWN = FLAG_PUT | FLAG_DELETE | FLAG_CPL | FLAG_REQUEST
+#: Read namespaces of a segment: user keys, or request ids.
+NAMESPACE_KEYS = 0
+NAMESPACE_REQUESTS = 1
+REQUEST_ID_BYTES_MAX = 64
 
 #: LMDB keys are at most 511 bytes; the version index key is pg (4 bytes) + user key.
 KEY_BYTES_MAX = 480

@@ -179,3 +179,28 @@ class ReadView:
 
     read_point: int
     tails: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One atomic unit of writes as it travels to the writer: its ops (flags, key, value), and the
+    request id the client chose for it (1..64 bytes; None: no id). `resend` marks a unit that may
+    have been sent before under the same id (the writer then looks the id up in the log)."""
+
+    ops: tuple
+    request_id: bytes | None = None
+    resend: bool = False
+
+
+@dataclass(frozen=True)
+class RequestStatus:
+    """What the writer knows of a request id.
+
+    `state` is "committed" (durable at CPL LSN `lsn`), "pending" (logged by this writer at `lsn`,
+    not yet durable: it may still commit, or be truncated if this writer dies first) or
+    "not_committed" (no record of it at or below the durable point: it was never logged, or a
+    recovery cut it). A re-send under the same id is applied at most once, whatever the state."""
+
+    request_id: bytes
+    state: str
+    lsn: int = 0

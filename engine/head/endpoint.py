@@ -49,7 +49,7 @@ import grpc
 
 from engine import codec
 from engine.core.placement import protection_group_of
-from engine.core.types import Geometry, NodeInfo, ReadReply
+from engine.core.types import Geometry, NodeInfo, ReadReply, Unit
 from engine.errors import InvalidArgument, SixfoldError, Unavailable
 from engine.head.writer import ReadView, Writer, WriterOptions, check_key, node_status
 from engine.proto import kv_pb2_grpc
@@ -181,7 +181,7 @@ class WriterEndpoint:
         self.transport.close()
 
     # --- writes -----------------------------------------------------------------------------
-    def write_units(self, units: Sequence[tuple | SixfoldError]) -> list[int | SixfoldError]:
+    def write_units(self, units: Sequence[Unit | tuple | SixfoldError]) -> list[int | SixfoldError]:
         """Log every unit (already validated ops, or the error that refused it): submit all, then
         wait for all, so they share group commits. A result per unit: its CPL LSN or its error."""
         w = self.writer
@@ -189,19 +189,23 @@ class WriterEndpoint:
         results: list[int | SixfoldError | None] = [None] * len(units)
         pending = []
         refused: SixfoldError | None = None  # once the writer refuses for lack of quorum/room, the rest are refused too
-        for i, ops in enumerate(units):
-            if isinstance(ops, SixfoldError):
-                results[i] = ops
+        for i, unit in enumerate(units):
+            if isinstance(unit, SixfoldError):
+                results[i] = unit
                 continue
             if refused is not None:
                 results[i] = convert.fresh(refused)
                 continue
             try:
-                lsn, waiter = w.submit(ops)
+                if isinstance(unit, Unit):
+                    lsn, waiter = w.submit(unit.ops, request_id=unit.request_id, resend=unit.resend)
+                else:
+                    lsn, waiter = w.submit(unit)
                 pending.append((i, lsn, waiter, time.monotonic() + timeout_s))
             except SixfoldError as e:
                 results[i] = e
-                refused = e
+                if not isinstance(e, InvalidArgument):  # a bad unit is refused alone
+                    refused = e
         # Each unit gets the full write timeout from its own submit, as a lone write would.
         for i, lsn, waiter, deadline in pending:
             try:
@@ -515,6 +519,12 @@ class KVServicer(kv_pb2_grpc.KVServicer):
             return convert.write_results_to_pb(self.ep.write_units(units))
 
         return self._serve(context, "Write", work)
+
+    def StatusOf(self, request, context):
+        return self._serve(
+            context, "StatusOf",
+            lambda: convert.request_status_to_pb(self.ep.writer.request_status(convert.status_of_args_from_pb(request))),
+        )
 
     def Get(self, request, context):
         return self._serve(

@@ -42,11 +42,13 @@ a change) and the newest version wins. Recovery (on open) seals a new epoch; see
 from __future__ import annotations
 
 import _thread
+import bisect
+import hashlib
 import heapq
 import threading
 import logging  # after threading, which logging imports: tests/test_purity.py's guard names this module
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -58,10 +60,13 @@ from engine.core.constants import (
     FLAG_CPL,
     FLAG_DELETE,
     FLAG_PUT,
+    FLAG_REQUEST,
     FRAME_BYTES_MAX,
     KEY_BYTES_MAX,
     LAL_DEFAULT,
+    NAMESPACE_REQUESTS,
     READ_QUORUM,
+    REQUEST_ID_BYTES_MAX,
     VALUE_BYTES_MAX,
     WRITE_QUORUM,
 )
@@ -70,7 +75,7 @@ from engine.core.placement import protection_group_of, read_order
 from engine.core.quorum import VolumeDurability, has_read_quorum, has_write_quorum, merge_read, merge_scan
 from engine.core.recovery import plan_recovery
 from engine.core.tail import TAIL_RECORDS_MAX, tail_trim
-from engine.core.types import Geometry, Membership, NodeInfo, ReadView, SealReply
+from engine.core.types import Geometry, Membership, NodeInfo, ReadView, RequestStatus, SealReply
 from engine.errors import (
     EpochBehind,
     InvalidArgument,
@@ -96,6 +101,11 @@ BACKOFF_S_MAX = 0.5
 #: a link fault of a cause already logged is logged again if the link was healthy this long between
 RELOG_S = 10.0
 SCAN_CHUNK = 512
+#: request ids this writer remembers in memory (the fast path of at-most-once): the most recent
+#: ones it logged. Older ones, and those of earlier writers, are looked up in the log itself.
+REQUEST_WINDOW_MAX = 65_536
+#: bytes of the digest of a unit's ops kept in its request record (a re-send must match it)
+REQUEST_DIGEST_BYTES = 16
 #: recovery re-replicates a PG in frames of about this many bytes (fetched a node frame at a time)
 REPLICATE_BYTES_MAX = FRAME_BYTES_MAX // 2
 
@@ -119,6 +129,24 @@ def check_key(key) -> None:
         raise InvalidArgument(f"keys are bytes, got {type(key).__name__}")
     if not 1 <= len(key) <= KEY_BYTES_MAX:
         raise InvalidArgument(f"key of {len(key)} bytes: keys must be 1..{KEY_BYTES_MAX} bytes")
+
+
+def check_request_id(request_id) -> None:
+    if not isinstance(request_id, bytes):
+        raise InvalidArgument(f"request ids are bytes, got {type(request_id).__name__}")
+    if not 1 <= len(request_id) <= REQUEST_ID_BYTES_MAX:
+        raise InvalidArgument(f"request id of {len(request_id)} bytes: request ids are 1..{REQUEST_ID_BYTES_MAX} bytes")
+
+
+def ops_digest(ops) -> bytes:
+    """A digest of a unit's ops, kept in its request record: a re-send under the same id must
+    carry the same ops (else it is another write reusing an id, and is refused)."""
+    h = hashlib.blake2b(digest_size=REQUEST_DIGEST_BYTES)
+    for flags, key, value in ops:
+        h.update(b"%d %d %d " % (flags, len(key), len(value)))
+        h.update(key)
+        h.update(value)
+    return h.digest()
 
 
 def check_value(value) -> None:
@@ -145,18 +173,27 @@ def node_status(st, pgcl: Sequence[int]) -> dict:
 class _Ticket:
     """One atomic unit on its way: its ops, their PGs, and the lock its caller parks on."""
 
-    __slots__ = ("ops", "pgs", "lock", "lsn", "error")
+    __slots__ = ("ops", "pgs", "lock", "lsn", "error", "request_id", "digest")
 
-    def __init__(self, ops, pgs) -> None:
+    def __init__(self, ops, pgs, request_id: bytes | None = None, digest: bytes = b"") -> None:
         self.ops = ops
+        #: the PG of every record the unit logs: its ops, then its request record if it has an id
         self.pgs = pgs
         self.lock = _thread.allocate_lock()
         self.lock.acquire()
         self.lsn: int | None = None
         self.error: SixfoldError | None = None
+        self.request_id = request_id
+        self.digest = digest
 
     def puts(self) -> bool:
         return any(flags & FLAG_PUT for flags, _key, _value in self.ops)
+
+    def done(self, lsn: int) -> _Ticket:
+        """Mark the ticket as answered already (a re-send of a committed request)."""
+        self.lsn = lsn
+        self.lock.release()
+        return self
 
 
 class _InDoubt(Exception):
@@ -232,7 +269,10 @@ class Writer:
         self.recovery: dict = {}
         self.truncations: tuple = ()
         self._background = background
-        self.stats = {"flushes": 0, "records_sent": 0}
+        self.stats = {"flushes": 0, "records_sent": 0, "requests_deduplicated": 0}
+        #: request id -> the ticket that logged it, for the last REQUEST_WINDOW_MAX ids this writer
+        #: logged (guarded by the lock): a re-send of one of them joins it instead of logging again
+        self._requests: OrderedDict[bytes, _Ticket] = OrderedDict()
         #: what may be logged now (engine.core.admission); None: recompute (a link changed state)
         self._admission: Admission | None = None
 
@@ -489,7 +529,14 @@ class Writer:
             f"data ({', '.join(room) or 'none'}) are not a write quorum. Nothing was logged; deletes still work."
         )
 
-    def submit(self, ops: Sequence[tuple[int, bytes, bytes]], *, block: bool = True) -> tuple[int | None, _Ticket]:
+    def submit(
+        self,
+        ops: Sequence[tuple[int, bytes, bytes]],
+        *,
+        block: bool = True,
+        request_id: bytes | None = None,
+        resend: bool = False,
+    ) -> tuple[int | None, _Ticket]:
         """Hand `ops` (flags, key, value) to the writer as one atomic unit; return (lsn, ticket).
 
         The fast path takes no lock: the ticket goes into the inbox, and whichever sender runs
@@ -497,9 +544,28 @@ class Writer:
         flush, not 64). `lsn` is known at once only without background senders (a simulator);
         `wait(ticket)` works either way. With no reachable write quorum, waits up to the write
         timeout (not at all if `block` is false) and raises Unavailable; when the nodes with room
-        are not a write quorum, raises StorageFull at once. Either way nothing was logged."""
+        are not a write quorum, raises StorageFull at once. Either way nothing was logged.
+
+        With a `request_id` the unit also logs a request record (the id and a digest of the ops),
+        as its last record, so that whether it committed is in the log (`request_status`), and a
+        re-send under the same id is applied at most once: one this writer logged recently joins
+        the first (it is in memory); with `resend` an id not in memory is looked up in the log
+        first (an earlier writer may have committed it)."""
         assert 1 <= len(ops) <= BATCH_OPS_MAX
-        ticket = _Ticket(ops, [protection_group_of(key, self.P) for _f, key, _v in ops])
+        assert all(not flags & FLAG_REQUEST for flags, _k, _v in ops), "request records are the writer's own"
+        pgs = [protection_group_of(key, self.P) for _f, key, _v in ops]
+        if request_id is None:
+            ticket = _Ticket(ops, pgs)
+        else:
+            check_request_id(request_id)
+            ticket = _Ticket(ops, pgs + [protection_group_of(request_id, self.P)], request_id, ops_digest(ops))
+            if resend and request_id not in self._requests:
+                logged = self._logged_request(request_id)
+                if logged is not None:
+                    lsn, digest = logged
+                    self._check_digest(ticket, digest, lsn)
+                    self.stats["requests_deduplicated"] += 1
+                    return lsn, ticket.done(lsn)
         if self._closed or self._fenced or self._admission is not ADMIT_ALL:
             self._admit(ticket, block)
         self._inbox.append(ticket)
@@ -574,15 +640,87 @@ class Writer:
                 ticket.error = self._storage_full_locked(adm, "write refused")
                 ticket.lock.release()
                 continue
-            if not ledger.can_allocate(len(ticket.ops)):
+            rid = ticket.request_id
+            if rid is not None and rid in self._requests:
+                inbox.popleft()
+                self._join_locked(ticket, self._requests[rid])
+                continue
+            if not ledger.can_allocate(len(ticket.pgs)):
                 return  # LAL: the rest waits until VDL moves on
             inbox.popleft()
             allocs = ledger.allocate(ticket.pgs)
-            last = len(ticket.ops) - 1
-            for i, ((lsn, prev), (flags, key, value), pg) in enumerate(zip(allocs, ticket.ops, ticket.pgs)):
+            ops = ticket.ops
+            last = len(ticket.pgs) - 1
+            for i, ((lsn, prev), (flags, key, value), pg) in enumerate(zip(allocs, ops, ticket.pgs)):
                 tail.append(codec.encode_record(lsn, prev, pg, flags | (FLAG_CPL if i == last else 0), key, value))
+            if rid is not None:  # the request record closes the unit and carries its CPL
+                lsn, prev = allocs[-1]
+                tail.append(codec.encode_record(lsn, prev, ticket.pgs[-1], FLAG_PUT | FLAG_REQUEST | FLAG_CPL, rid, ticket.digest))
+                self._requests[rid] = ticket
+                if len(self._requests) > REQUEST_WINDOW_MAX:
+                    self._requests.popitem(last=False)
             ticket.lsn = allocs[-1][0]
             waiters.append((ticket.lsn, ticket.lock))
+
+    def _join_locked(self, ticket: _Ticket, first: _Ticket) -> None:
+        """`ticket` re-sends a request this writer logged as `first`: answer it with first's LSN
+        once that is durable, logging nothing. Caller holds the lock."""
+        try:
+            self._check_digest(ticket, first.digest, first.lsn)
+        except InvalidArgument as e:
+            ticket.error = e
+            ticket.lock.release()
+            return
+        self.stats["requests_deduplicated"] += 1
+        ticket.lsn = first.lsn
+        if first.lsn <= self.ledger.vdl:
+            ticket.lock.release()
+            return
+        # Waiters are kept in LSN order; a joiner waits for an LSN already in the queue.
+        waiters = self._waiters
+        waiters.insert(bisect.bisect_right(waiters, first.lsn, key=lambda w: w[0]), (first.lsn, ticket.lock))
+
+    @staticmethod
+    def _check_digest(ticket: _Ticket, digest: bytes, lsn: int) -> None:
+        if digest != ticket.digest:
+            raise InvalidArgument(
+                f"request id {ticket.request_id!r} was already used for another write (logged at LSN {lsn}); "
+                "a request id names one write: send a new write with a new id"
+            )
+
+    def _logged_request(self, request_id: bytes) -> tuple[int, bytes] | None:
+        """(CPL LSN, ops digest) of the request record of `request_id` at or below VDL, from the
+        segments (one known complete, else a read quorum), or None when no such record exists:
+        then the request never committed (it was not logged, or a recovery cut it)."""
+        view = self.view()
+        pg = protection_group_of(request_id, self.P)
+        for n in self.candidates(pg, view):
+            try:
+                r = self.transport.read(n, pg, request_id, view.read_point, view.tails[pg], self.epoch, NAMESPACE_REQUESTS)
+                break
+            except SixfoldError:
+                continue
+        else:
+            replies = self._read_quorum(
+                pg, "a request-id lookup",
+                lambda n: self.transport.read(n, pg, request_id, view.read_point, 0, self.epoch, NAMESPACE_REQUESTS),
+            )
+            r = merge_read(replies)
+        return None if r is None or r.lsn == 0 else (r.lsn, r.value or b"")
+
+    def request_status(self, request_id: bytes) -> RequestStatus:
+        """Whether the write sent under `request_id` committed (see RequestStatus)."""
+        check_request_id(request_id)
+        with self._lock:
+            self.check_usable()
+            t = self._requests.get(request_id)
+            if t is not None:
+                state = "committed" if t.lsn <= self.ledger.vdl else "pending"
+                return RequestStatus(request_id, state, t.lsn)
+        logged = self._logged_request(request_id)
+        if logged is None:
+            return RequestStatus(request_id, "not_committed")
+        return RequestStatus(request_id, "committed", logged[0])
 
     def wait(self, lsn: int | None, ticket: _Ticket, timeout_s: float | None = None) -> None:
         """Block until VDL covers the ticket's CPL; WriteIndeterminate when it does not in time
@@ -624,8 +762,8 @@ class Writer:
             + "). It may still become durable; read the key to find out."
         )
 
-    def write(self, ops: Sequence[tuple[int, bytes, bytes]]) -> int:
-        _lsn, ticket = self.submit(ops)
+    def write(self, ops: Sequence[tuple[int, bytes, bytes]], *, request_id: bytes | None = None, resend: bool = False) -> int:
+        _lsn, ticket = self.submit(ops, request_id=request_id, resend=resend)
         self.wait(None, ticket)
         return ticket.lsn
 

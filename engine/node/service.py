@@ -139,8 +139,8 @@ class StorageNode:
     def repair_append(self, frame: bytes):
         return self.store.append(0, frame, 0, repair=True)
 
-    def read(self, pg, key, read_point, required_lsn, epoch):
-        return self.store.read(pg, key, read_point, required_lsn, epoch)
+    def read(self, pg, key, read_point, required_lsn, epoch, namespace=0):
+        return self.store.read(pg, key, read_point, required_lsn, epoch, namespace)
 
     def scan(self, pg, start, end, read_point, required_lsn, limit, epoch):
         return self.store.scan(pg, start, end, read_point, required_lsn, limit, epoch)

@@ -50,7 +50,17 @@ from collections.abc import Iterable, Sequence
 import lmdb
 
 from engine import codec, ownership
-from engine.core.constants import EPOCH_MAX, EPOCH_STEP_MAX, FLAG_DELETE, FRAME_BYTES_MAX, LSN_VALID_MAX, TRUNCATION_LSN_MAX
+from engine.core.constants import (
+    EPOCH_MAX,
+    EPOCH_STEP_MAX,
+    FLAG_DELETE,
+    FLAG_REQUEST,
+    FRAME_BYTES_MAX,
+    LSN_VALID_MAX,
+    NAMESPACE_KEYS,
+    NAMESPACE_REQUESTS,
+    TRUNCATION_LSN_MAX,
+)
 from engine.core.types import (
     AppendReply,
     Geometry,
@@ -98,8 +108,11 @@ SCL_PERSIST_S = 0.25
 #: Version of the node folder's layout (tables, keys, meta entries, record bytes), recorded in the
 #: folder's identity (`meta/volume`, key "format"). Each change of layout raises it and comes with
 #: an upgrade path in `_check_identity`. History: 0 = the first release, which wrote no "format"
-#: key; 1 = the same layout, with the key (the upgrade only writes it).
-NODE_FORMAT = 1
+#: key; 1 = the same layout, with the key (the upgrade only writes it); 2 = the `requests` table
+#: (request-id records, flag REQUEST, indexed apart from user keys). 0 or 1 -> 2 creates the empty
+#: table: no folder of those formats can hold a request record, since no writer of that release
+#: logged one.
+NODE_FORMAT = 2
 
 
 def _scl_key(pg: int) -> bytes:
@@ -167,7 +180,7 @@ class SegmentStore:
         self.env = lmdb.open(
             path,
             map_size=map_bytes,
-            max_dbs=4,
+            max_dbs=8,
             sync=durable,
             metasync=durable,
             max_readers=1024,
@@ -176,6 +189,8 @@ class SegmentStore:
         self._log = self.env.open_db(b"log")
         self._versions = self.env.open_db(b"versions", dupsort=True, dupfixed=True)
         self._meta = self.env.open_db(b"meta")
+        #: request id -> LSN of its record, shaped like `versions` (`pg | request id` -> dup LSNs)
+        self._requests = self.env.open_db(b"requests", dupsort=True, dupfixed=True)
         self._write_lock = threading.Lock()
         self._closed = False
         P = geometry.protection_groups
@@ -248,8 +263,10 @@ class SegmentStore:
                 f"{stored.get('protection_groups')} protection groups; asked for volume {volume_id} with {P}"
             )
         if fmt < NODE_FORMAT:
-            # Format 0 -> 1 changed no table, key or record: only the version is recorded. A later
-            # format adds its conversion here, inside this same transaction (all or nothing).
+            # Format 0 -> 1 changed no table, key or record: only the version is recorded. 1 -> 2
+            # adds the `requests` table, which open_db created empty above: folders of older
+            # formats hold no request records. A later format adds its conversion here, inside
+            # this same transaction (all or nothing).
             txn.put(b"volume", json.dumps(dict(stored, format=NODE_FORMAT), sort_keys=True).encode(), db=self._meta)
             return fmt
         return None
@@ -425,8 +442,7 @@ class SegmentStore:
                         _consumed, added = cur.putmulti([(it.log_key, it.record) for it in items], overwrite=False)
                         if added < len(items):
                             self._check_held_copies(txn, items)  # ConflictingRecord aborts the transaction
-                        cur = txn.cursor(db=self._versions)
-                        cur.putmulti([(it.version_key, it.log_key[4:]) for it in items], dupdata=True)
+                        self._index(txn, items)
                     if any(self.damaged):
                         healed = [(it.pg, it.lsn) for it in items if it.lsn in self.damaged[it.pg]]
                         if healed:
@@ -462,6 +478,15 @@ class SegmentStore:
             if hint_lsn > self.hint_lsn:
                 self.hint_lsn = hint_lsn
             return AppendReply(self.node_id, tuple(self.scls), self.space()[2])
+
+    def _index(self, txn, items) -> None:
+        """Index a frame's records: user keys in `versions`, request ids in `requests`."""
+        requests = [it for it in items if it.flags & FLAG_REQUEST]
+        if requests:
+            items = [it for it in items if not it.flags & FLAG_REQUEST]
+            txn.cursor(db=self._requests).putmulti([(it.version_key, it.log_key[4:]) for it in requests], dupdata=True)
+        if items:
+            txn.cursor(db=self._versions).putmulti([(it.version_key, it.log_key[4:]) for it in items], dupdata=True)
 
     def _check_held_copies(self, txn, items) -> None:
         """Some records of the frame were already held: each must be the very same bytes (a
@@ -608,19 +633,20 @@ class SegmentStore:
         lsn_be = log_k[4:]
         try:
             r = codec.decode_record(rec)
-            txn.delete(log_k[:4] + r.key, lsn_be, db=self._versions)
+            txn.delete(log_k[:4] + r.key, lsn_be, db=self._requests if r.flags & FLAG_REQUEST else self._versions)
             return
         except CorruptRecord:
             pass
-        cur = txn.cursor(db=self._versions)
         prefix = log_k[:4]
-        if cur.set_range(prefix):
-            for k, v in cur:
-                if k[:4] != prefix:
-                    break
-                if v == lsn_be:
-                    cur.delete()
-                    return
+        for db in (self._versions, self._requests):
+            cur = txn.cursor(db=db)
+            if cur.set_range(prefix):
+                for k, v in cur:
+                    if k[:4] != prefix:
+                        break
+                    if v == lsn_be:
+                        cur.delete()
+                        return
 
     def _pull_scl_below(self, txn, pg: int, lsn: int, scls: list[int]) -> None:
         """SCL of `pg` in `scls` becomes the highest LSN held below `lsn` (those were all on the chain)."""
@@ -723,12 +749,18 @@ class SegmentStore:
                 f"segment {self.node_id}/pg{pg}: record {_U64BE.unpack(lsn_be)[0]} failed its CRC; quarantined for repair"
             ) from None
 
-    def read(self, pg: int, key: bytes, read_point: int, required_lsn: int, epoch: int = 0) -> ReadReply:
+    def read(
+        self, pg: int, key: bytes, read_point: int, required_lsn: int, epoch: int = 0, namespace: int = NAMESPACE_KEYS
+    ) -> ReadReply:
         """The newest version of `key` at or below `read_point`, if this segment is complete
-        enough (SCL >= required_lsn); else SegmentIncomplete."""
+        enough (SCL >= required_lsn); else SegmentIncomplete. In NAMESPACE_REQUESTS `key` is a
+        request id and the reply's `lsn` that of its record (0: this segment holds none)."""
         self._check_read(pg, read_point, required_lsn, epoch)
+        if namespace not in (NAMESPACE_KEYS, NAMESPACE_REQUESTS):
+            raise InvalidArgument(f"read namespace {namespace!r}: 0 (keys) or 1 (request ids)")
+        index = self._requests if namespace == NAMESPACE_REQUESTS else self._versions
         with self.env.begin() as txn:
-            lsn_be = self._version_at(txn.cursor(db=self._versions), _U32BE.pack(pg) + key, _U64BE.pack(read_point))
+            lsn_be = self._version_at(txn.cursor(db=index), _U32BE.pack(pg) + key, _U64BE.pack(read_point))
             if lsn_be is None:
                 return ReadReply(self.node_id, 0, None)
             r = self._load(txn, pg, lsn_be, key)

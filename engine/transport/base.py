@@ -38,8 +38,10 @@ class Transport(abc.ABC):
     def repair_append(self, node: str, frame: bytes) -> AppendReply:
         return self._call(node, "repair_append", frame)
 
-    def read(self, node: str, pg: int, key: bytes, read_point: int, required_lsn: int, epoch: int) -> ReadReply:
-        return self._call(node, "read", pg, key, read_point, required_lsn, epoch)
+    def read(
+        self, node: str, pg: int, key: bytes, read_point: int, required_lsn: int, epoch: int, namespace: int = 0
+    ) -> ReadReply:
+        return self._call(node, "read", pg, key, read_point, required_lsn, epoch, namespace)
 
     def scan(
         self, node: str, pg: int, start: bytes, end: bytes | None, read_point: int, required_lsn: int, limit: int, epoch: int

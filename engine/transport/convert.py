@@ -34,6 +34,9 @@ from dataclasses import dataclass
 import grpc
 
 from engine.core.constants import (
+    NAMESPACE_KEYS,
+    NAMESPACE_REQUESTS,
+    REQUEST_ID_BYTES_MAX,
     EPOCH_MAX,
     FLAG_DELETE,
     FLAG_PUT,
@@ -50,9 +53,11 @@ from engine.core.types import (
     NodeState,
     ReadReply,
     RecordHeader,
+    RequestStatus,
     SealReply,
     SegmentSummary,
     TruncationRange,
+    Unit,
     VersionEntry,
 )
 from engine.errors import (
@@ -254,18 +259,26 @@ def append_reply_from_pb(m: storage_pb2.AppendReply) -> AppendReply:
 
 
 # --- storage: reads -------------------------------------------------------------------------
-def read_request_to_pb(pg: int, key: bytes, read_point: int, required_lsn: int, epoch: int) -> storage_pb2.ReadRequest:
-    return storage_pb2.ReadRequest(pg=pg, key=key, read_point=read_point, required_lsn=required_lsn, epoch=epoch)
+def read_request_to_pb(
+    pg: int, key: bytes, read_point: int, required_lsn: int, epoch: int, namespace: int = NAMESPACE_KEYS
+) -> storage_pb2.ReadRequest:
+    return storage_pb2.ReadRequest(
+        pg=pg, key=key, read_point=read_point, required_lsn=required_lsn, epoch=epoch, namespace=namespace
+    )
 
 
-def read_args_from_pb(req: storage_pb2.ReadRequest, protection_groups: int) -> tuple[int, bytes, int, int, int]:
-    """(pg, key, read_point, required_lsn, epoch), validated."""
+def read_args_from_pb(req: storage_pb2.ReadRequest, protection_groups: int) -> tuple[int, bytes, int, int, int, int]:
+    """(pg, key, read_point, required_lsn, epoch, namespace), validated."""
     _check_pg(req.pg, protection_groups)
     _check_key(req.key)
     _check_read_point(req)
     if req.required_lsn > req.read_point:
         raise InvalidArgument(f"required_lsn {req.required_lsn} is above read_point {req.read_point}")
-    return req.pg, req.key, req.read_point, req.required_lsn, req.epoch
+    if req.namespace not in (NAMESPACE_KEYS, NAMESPACE_REQUESTS):
+        raise InvalidArgument(f"read namespace {req.namespace}: 0 (keys) or 1 (request ids)")
+    if req.namespace == NAMESPACE_REQUESTS and len(req.key) > REQUEST_ID_BYTES_MAX:
+        raise InvalidArgument(f"request id of {len(req.key)} bytes: at most {REQUEST_ID_BYTES_MAX}")
+    return req.pg, req.key, req.read_point, req.required_lsn, req.epoch, req.namespace
 
 
 def _check_read_point(req) -> None:
@@ -568,24 +581,42 @@ def fault_rules_from_pb(m: storage_pb2.FaultSpec) -> FaultRules:
 Op = tuple[int, bytes, bytes]
 
 
-def unit_to_pb(ops: Sequence[Op]) -> kv_pb2.Unit:
-    return kv_pb2.Unit(ops=[kv_pb2.Op(flags=f, key=k, value=v) for f, k, v in ops])
+def unit_to_pb(unit: Unit | Sequence[Op]) -> kv_pb2.Unit:
+    if not isinstance(unit, Unit):
+        unit = Unit(tuple(unit))
+    return kv_pb2.Unit(
+        ops=[kv_pb2.Op(flags=f, key=k, value=v) for f, k, v in unit.ops], request_id=unit.request_id or b"", resend=unit.resend
+    )
 
 
-def write_request_to_pb(units: Sequence[Sequence[Op]]) -> kv_pb2.WriteRequest:
+def write_request_to_pb(units: Sequence[Unit | Sequence[Op]]) -> kv_pb2.WriteRequest:
     # `add(...)` builds each message in place: about twice as fast as nested constructors,
     # and this runs for every write a client sends.
     m = kv_pb2.WriteRequest()
     add_unit = m.units.add
-    for ops in units:
-        add_op = add_unit().ops.add
+    for unit in units:
+        if isinstance(unit, Unit):
+            u = add_unit(request_id=unit.request_id or b"", resend=unit.resend)
+            ops = unit.ops
+        else:
+            u, ops = add_unit(), unit
+        add_op = u.ops.add
         for f, k, v in ops:
             add_op(flags=f, key=k, value=v)
     return m
 
 
-def unit_from_pb(m: kv_pb2.Unit) -> tuple[Op, ...]:
-    """The ops of a unit, validated (InvalidArgument: the unit is refused, nothing logged)."""
+def unit_from_pb(m: kv_pb2.Unit) -> Unit:
+    """A unit, validated (InvalidArgument: the unit is refused, nothing logged)."""
+    rid = m.request_id
+    if len(rid) > REQUEST_ID_BYTES_MAX:
+        raise InvalidArgument(f"request id of {len(rid)} bytes: request ids are 1..{REQUEST_ID_BYTES_MAX} bytes")
+    if m.resend and not rid:
+        raise InvalidArgument("a re-sent unit names its request id")
+    return Unit(_unit_ops_from_pb(m), rid or None, m.resend)
+
+
+def _unit_ops_from_pb(m: kv_pb2.Unit) -> tuple[Op, ...]:
     ops = m.ops
     if not 1 <= len(ops) <= BATCH_OPS_MAX:
         raise InvalidArgument(f"a unit holds 1..{BATCH_OPS_MAX} operations, got {len(ops)}")
@@ -617,6 +648,25 @@ def write_results_to_pb(results: Sequence[int | SixfoldError]) -> kv_pb2.WriteRe
 
 def write_results_from_pb(m: kv_pb2.WriteReply) -> list[int | SixfoldError]:
     return [error_from_pb(r.error) if r.HasField("error") else r.lsn for r in m.results]
+
+
+REQUEST_STATES = ("committed", "pending", "not_committed")
+
+
+def request_status_to_pb(r: RequestStatus) -> kv_pb2.RequestStatusReply:
+    return kv_pb2.RequestStatusReply(request_id=r.request_id, state=r.state, lsn=r.lsn)
+
+
+def request_status_from_pb(m: kv_pb2.RequestStatusReply) -> RequestStatus:
+    if m.state not in REQUEST_STATES:
+        raise InvalidArgument(f"request state {m.state!r}: one of {', '.join(REQUEST_STATES)}")
+    return RequestStatus(m.request_id, m.state, m.lsn)
+
+
+def status_of_args_from_pb(m: kv_pb2.StatusOfRequest) -> bytes:
+    if not 1 <= len(m.request_id) <= REQUEST_ID_BYTES_MAX:
+        raise InvalidArgument(f"request id of {len(m.request_id)} bytes: request ids are 1..{REQUEST_ID_BYTES_MAX} bytes")
+    return m.request_id
 
 
 # --- KV: reads ------------------------------------------------------------------------------
