@@ -42,6 +42,8 @@ demo: $(STAMP)
 # Both runs must pass. pytest exits 5 when it collected no test, which fails the target like any
 # other non-zero exit: a suite that ran nothing is not a pass.
 test: $(STAMP)
+	@echo "=== import-linter: the layers of docs/ARCHITECTURE.md (pyproject.toml [tool.importlinter])"
+	$(VENV)/bin/lint-imports
 	@echo "=== pytest, codec twin: cython (SIXFOLD_CODEC=cython)"
 	SIXFOLD_CODEC=cython $(PY) -m pytest $(PYTEST_ARGS)
 	@echo "=== pytest, codec twin: python (SIXFOLD_CODEC=python)"

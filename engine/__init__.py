@@ -39,7 +39,7 @@ from engine.errors import (
 )
 from engine.core.types import RequestStatus
 
-__version__ = "0.1.0"
+from engine.version import __version__
 
 
 def open(path: str | os.PathLike, **options) -> Database:  # noqa: A001 - the natural name
@@ -72,10 +72,18 @@ def codec_implementation() -> str:
 
 
 def connect(target: str | os.PathLike, **options) -> Database:
-    """Connect to a cluster's writer endpoint: a cluster folder (with cluster.json) or host:port."""
-    from engine.client import connect as _connect
+    """Connect to a cluster's writer endpoint: a cluster folder (with cluster.json) or host:port.
 
-    return _connect(target, **options)
+    With a cluster folder, `db.cluster` is an `engine.cluster.Cluster` for node control."""
+    from engine.client import connect as _connect, resolve_target
+
+    db = _connect(target, **options)
+    _address, folder = resolve_target(target)
+    if folder is not None:  # a cluster folder: node and AZ controls as `db.cluster`
+        from engine.cluster.launcher import Cluster
+
+        db.cluster = Cluster(folder)
+    return db
 
 
 __all__ = [

@@ -70,16 +70,8 @@ COMMAND_MODULES: tuple[str, ...] = ("engine.cli", "engine.cluster.commands", "en
 CLUSTER_ENV = "SIXFOLD_CLUSTER"
 
 
-# --- output helpers (shared by command modules) ---------------------------------------------
-def table(rows: Sequence[Sequence[object]], headers: Sequence[str]) -> str:
-    """Rows as aligned columns under headers."""
-    cells = [[str(h) for h in headers]] + [["-" if c is None else str(c) for c in row] for row in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells)
-
-
-def print_json(obj) -> None:
-    print(json.dumps(obj, indent=2, sort_keys=True, default=str))
+# Output helpers live in engine.output (shared by every command module); re-exported here.
+from engine.output import print_json, table  # noqa: E402
 
 
 # --- key/value commands ---------------------------------------------------------------------

@@ -433,18 +433,13 @@ def connect(target: str | os.PathLike, **options) -> Database:
 
     Options: timeout_s (RPC deadline, default 30), connect_timeout_s (default 5), boxcar
     (default True: coalesce concurrent calls), cars_in_flight (default 2), car_items_max.
-    With a cluster folder, `db.cluster` is an `engine.cluster.Cluster` for node control."""
+    `engine.connect` (the public face) adds `db.cluster` for a cluster folder: this module sits
+    below the launcher (which uses it as its KV client) and never imports it."""
     unknown = set(options) - set(_OPTIONS)
     if unknown:
         raise InvalidArgument(f"unknown option(s) {sorted(unknown)}; known: {sorted(_OPTIONS)}")
-    address, folder = resolve_target(target)
-    backend = RemoteBackend(address, **options)
-    cluster = None
-    if folder is not None:
-        from engine.cluster import Cluster
-
-        cluster = Cluster(folder)
-    return Database(backend, cluster)
+    address, _folder = resolve_target(target)
+    return Database(RemoteBackend(address, **options))
 
 
 __all__ = ["Boxcar", "RemoteBackend", "connect", "read_failure", "resolve_target", "write_failure"]

@@ -32,7 +32,7 @@ def _logging(level: str) -> None:
 
 
 def status_table(st: dict) -> str:
-    from engine.cli import table
+    from engine.output import table
 
     rows = []
     for n in st["nodes"]:
@@ -51,7 +51,7 @@ def status_table(st: dict) -> str:
 
 
 def _show(args, st: dict) -> None:
-    from engine.cli import print_json
+    from engine.output import print_json
 
     if getattr(args, "json", False):
         print_json(st)
@@ -150,7 +150,7 @@ def _bar(fraction: float, width: int = 20) -> str:
 
 
 def membership_table(st: dict) -> str:
-    from engine.cli import table
+    from engine.output import table
 
     members = set((st["writer"].get("membership") or {}).get("members") or ())
     rows = []
@@ -165,7 +165,7 @@ def membership_table(st: dict) -> str:
 
 
 def rebuild_table(st: dict) -> str:
-    from engine.cli import table
+    from engine.output import table
 
     rows = []
     for n in st["nodes"]:
@@ -185,7 +185,7 @@ def rebuild_table(st: dict) -> str:
 
 def _watch_rebuild(args, c: Cluster, render) -> int:
     """Redraw `render(status)` until every node caught up (exit 0) or the timeout (exit 3)."""
-    from engine.cli import print_json
+    from engine.output import print_json
 
     tty = sys.stdout.isatty()
     shown = [""]
@@ -219,7 +219,7 @@ def cmd_node_rebuild_status(args) -> int:
         return _watch_rebuild(args, c, rebuild_table)
     st = c.rebuild_status()
     if args.json:
-        from engine.cli import print_json
+        from engine.output import print_json
 
         print_json(st)
     else:
@@ -235,14 +235,14 @@ def cmd_node_wipe(args) -> int:
     if args.watch:
         return _watch_rebuild(args, c, rebuild_table)
     if args.json:
-        from engine.cli import print_json
+        from engine.output import print_json
 
         print_json({"node": args.id, "wiped": True, "pid": c.pid(args.id)})
     return 0
 
 
 def cmd_node_replace(args) -> int:
-    from engine.cli import print_json
+    from engine.output import print_json
 
     c = _cluster(args)
     line = LiveLine()
@@ -280,7 +280,7 @@ def cmd_cluster_down(args) -> int:
         raise ClusterError(f"{c.folder} is not a cluster folder (no cluster.json): there is nothing to stop")
     c.down(args.timeout_s)
     if args.json:
-        from engine.cli import print_json
+        from engine.output import print_json
 
         print_json({"cluster": c.folder, "down": True})
     else:

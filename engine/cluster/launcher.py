@@ -653,7 +653,9 @@ class Cluster:
         """An `engine.Database` on this cluster's writer endpoint."""
         from engine.client import connect
 
-        return connect(self.folder, **options)
+        db = connect(self.folder, **options)
+        db.cluster = self
+        return db
 
     def transport(self, source: str = "chaos"):
         """A GrpcTransport to every node (admin calls: corrupt, scrub, set_faults, state...)."""

@@ -250,7 +250,7 @@ class SegmentStore:
         if type(fmt) is not int or fmt < 0:
             raise WrongFolder(f"node folder {self.path} records format {fmt!r}, which is not a format version")
         if fmt > NODE_FORMAT:
-            from engine import __version__
+            from engine.version import __version__
 
             raise WrongFolder(
                 f"node folder {self.path} has node format {fmt}, written by a newer Sixfold release; this release "

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import grpc
 
 from engine.core.constants import (
+    BATCH_OPS_MAX,
     NAMESPACE_KEYS,
     NAMESPACE_REQUESTS,
     REQUEST_ID_BYTES_MAX,
@@ -52,6 +53,7 @@ from engine.core.types import (
     Membership,
     NodeState,
     ReadReply,
+    ReadView,
     RecordHeader,
     RequestStatus,
     SealReply,
@@ -69,7 +71,6 @@ from engine.errors import (
     Unavailable,
     WriteIndeterminate,
 )
-from engine.head.writer import BATCH_OPS_MAX, ReadView
 from engine.proto import common_pb2, kv_pb2, storage_pb2
 
 #: Trailing metadata key naming the `engine.errors` class of a failed RPC.
