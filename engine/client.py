@@ -434,7 +434,7 @@ def connect(target: str | os.PathLike, **options) -> Database:
     Options: timeout_s (RPC deadline, default 30), connect_timeout_s (default 5), boxcar
     (default True: coalesce concurrent calls), cars_in_flight (default 2), car_items_max.
     `engine.connect` (the public face) adds `db.cluster` for a cluster folder: this module sits
-    below the launcher (which uses it as its KV client) and never imports it."""
+    below the launcher (whose `Cluster.connect` uses it) and never imports it."""
     unknown = set(options) - set(_OPTIONS)
     if unknown:
         raise InvalidArgument(f"unknown option(s) {sorted(unknown)}; known: {sorted(_OPTIONS)}")

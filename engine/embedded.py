@@ -40,6 +40,7 @@ from engine import codec
 from engine.core.constants import LAL_DEFAULT
 from engine.core.types import Geometry, NodeInfo, default_nodes
 from engine.errors import GeometryMismatch, InvalidArgument, NodeNotFound, SixfoldError, Unavailable, WrongFolder
+from engine.files import TMP_SUFFIX, atomic_write
 from engine.head.writer import Writer, WriterOptions, node_status
 from engine.node.service import GOSSIP_INTERVAL_S, SCRUB_INTERVAL_S, StorageNode
 from engine.ownership import LOCK_FILE, hold
@@ -59,7 +60,7 @@ MANIFEST_FILE = "cluster.json"
 NODE_DATA_FILE = "data.mdb"
 #: What a folder may hold and still be a new volume: the lock of an open that failed before it
 #: wrote volume.json, and the temporary file of a volume.json write that did not finish.
-NEW_VOLUME_LEFTOVERS = frozenset({LOCK_FILE, VOLUME_FILE + ".tmp"})
+NEW_VOLUME_LEFTOVERS = frozenset({LOCK_FILE, VOLUME_FILE + TMP_SUFFIX})
 #: How many unknown names a WrongFolder message lists.
 NAMES_SHOWN_MAX = 5
 
@@ -178,20 +179,9 @@ def read_volume_file(path: str) -> dict:
 
 
 def write_volume_file(path: str, vol: dict) -> None:
-    """Replace PATH/volume.json atomically and durably (temporary file, fsync, rename, fsync of
-    the folder: the rename is not durable before the folder is)."""
-    f = os.path.join(path, VOLUME_FILE)
-    tmp = f + ".tmp"
-    with open(tmp, "w") as fh:
-        json.dump(vol, fh, indent=2, sort_keys=True)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, f)
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    """Replace PATH/volume.json atomically and durably (`engine.files.atomic_write`: temporary
+    file, fsync, rename, fsync of the folder: the rename is not durable before the folder is)."""
+    atomic_write(os.path.join(path, VOLUME_FILE), json.dumps(vol, indent=2, sort_keys=True).encode())
 
 
 def load_or_create_volume(path: str, protection_groups: int | None, seed: int | None = None) -> dict:

@@ -9,6 +9,8 @@ Last, the server-side checks: fields that parse but mean nothing are refused wit
 
 from __future__ import annotations
 
+import json
+
 import grpc
 import pytest
 from hypothesis import given
@@ -210,9 +212,131 @@ def test_scan_chunk_round_trips(pairs):
     assert convert.scan_chunk_from_pb(wire(convert.scan_chunk_to_pb(pairs))) == pairs
 
 
-def test_status_keeps_integer_pg_keys():
-    status = {"vdl": 3, "nodes": [{"id": "n1", "scl": {0: 3, 1: 2}, "lag": {0: 0, 1: 1}}]}
+# --- the volume status (KV Status: typed, a dict on both sides) ---------------------------------
+TEXT = st.text(max_size=12)
+SECONDS = st.floats(0, 1e9, allow_nan=False)
+
+
+@st.composite
+def node_statuses(draw, P: int):
+    """A node's entry of `WriterEndpoint.status`: one that answered (node_status's keys) or not."""
+    n = {"id": draw(NODE), "az": draw(NODE), "address": draw(st.one_of(st.none(), TEXT)), "up": draw(st.booleans())}
+    if draw(st.booleans()):
+        n["error"] = draw(TEXT)
+        return n
+    n.update(
+        scl={pg: draw(U64) for pg in range(P)}, lag={pg: draw(U64) for pg in range(P)}, epoch=draw(U64),
+        records=draw(U64), bytes=draw(U64), corrupt_found=draw(U64), repaired=draw(U64),
+        rebuild=draw(st.one_of(st.none(), st.fixed_dictionaries({"active": st.booleans(), "fetched_records": U64}))),
+    )
+    for name in ("used_bytes", "capacity_bytes"):
+        if draw(st.booleans()):
+            n[name] = draw(U64)
+    if draw(st.booleans()):
+        n["space_low"] = draw(st.booleans())
+    return n
+
+
+LINK = st.fixed_dictionaries({"up": st.booleans(), "full": st.booleans(), "space_low": st.booleans(), "error": TEXT,
+                              "errors": U64, "last_error": TEXT, "sent_lsn": U64})
+RECOVERY = st.one_of(st.just({}), st.fixed_dictionaries({
+    "epoch": U64, "vdl": U64, "vcl": U64, "base": U64, "truncated": st.one_of(st.none(), st.lists(U64, min_size=2, max_size=2)),
+    "sealed": st.lists(NODE, max_size=7), "replicated_records": U64, "seconds": SECONDS,
+}))
+CHANGE = st.fixed_dictionaries({
+    "phase": st.sampled_from(convert.MEMBERSHIP_PHASES), "old": TEXT, "new": TEXT, "fraction": st.floats(0, 1),
+    "fetched_records": U64, "lag": U64, "epoch": U64, "members": st.lists(NODE, max_size=6),
+    "next_members": st.lists(NODE, max_size=6), "seconds": SECONDS,
+    "error": st.one_of(st.just(""), st.builds(lambda cls, m: f"{cls.__name__}: {m}", st.sampled_from(errors.ALL_ERRORS), TEXT)),
+})
+
+
+@st.composite
+def statuses(draw):
+    """A status dict of the shape `WriterEndpoint.status` builds (lists where it has tuples:
+    what the client's dict has, and what JSON made of it before the reply was typed)."""
+    P = draw(st.integers(1, 8))
+    return {
+        "volume_id": draw(TEXT), "protection_groups": P, "codec": draw(st.sampled_from(["python", "cython"])),
+        "durable": draw(st.booleans()), "vdl": draw(U64), "epoch": draw(U64),
+        "nodes": draw(st.lists(node_statuses(P), max_size=7)),
+        "writer": {
+            "epoch": draw(U64), "vdl": draw(U64), "vcl": draw(U64), "next_lsn": draw(U64),
+            "pgcl": draw(st.lists(U64, min_size=P, max_size=P)), "in_flight": draw(st.integers(-(1 << 63), (1 << 63) - 1)),
+            "fenced": draw(st.one_of(st.none(), TEXT)),
+            "admission": draw(st.sampled_from(["all", "deletes-only", "full", "unreachable"])),
+            "membership": {"epoch": draw(U64), "members": draw(st.lists(NODE, min_size=1, max_size=6)),
+                           "next_members": draw(st.one_of(st.none(), st.lists(NODE, min_size=1, max_size=6)))},
+            "links": draw(st.dictionaries(NODE, LINK, max_size=7)),
+            "recovery": draw(RECOVERY),
+            "stats": draw(st.dictionaries(st.text(min_size=1, max_size=12), U64, max_size=5)),
+        },
+        "endpoint": {"pid": draw(st.integers(1, 1 << 22)), "opened_at": draw(st.one_of(st.none(), SECONDS))},
+        "membership_change": draw(CHANGE),
+    }
+
+
+@given(statuses())
+def test_status_round_trips(status):
+    """dict -> pb -> wire bytes -> pb -> dict gives the dict back, per-PG maps with integer keys."""
     assert convert.status_from_pb(wire(convert.status_to_pb(status))) == status
+
+
+def json_status(status: dict) -> dict:
+    """What `db.status()` returned when the reply was JSON in a string (the release before)."""
+    out = json.loads(json.dumps(status, sort_keys=True, default=str))
+    for node in out.get("nodes", ()):
+        for name in ("scl", "lag"):
+            if isinstance(node.get(name), dict):
+                node[name] = {int(k): v for k, v in node[name].items()}
+    return out
+
+
+def test_a_real_endpoints_status_keeps_the_dict_it_had_as_json(tmp_path):
+    """The status of a real endpoint (six LMDB nodes, a writer that recovered and logged, one
+    node down) comes back as the same dict `db.status()` gave when it travelled as JSON."""
+    from engine.core.types import Geometry, default_nodes
+    from engine.head.endpoint import EndpointConfig, WriterEndpoint
+    from engine.node.service import StorageNode
+    from engine.transport.inprocess import InProcessTransport, Registry
+
+    infos = tuple(default_nodes())
+    registry = Registry()
+    nodes = []
+    for info in infos:
+        node = StorageNode(str(tmp_path / info.id), info, Geometry(2), "vol", durable=False)
+        node.attach(InProcessTransport(registry, info.id), lambda: [i.id for i in infos])
+        registry.set(info.id, node)
+        nodes.append(node)
+    ep = WriterEndpoint(EndpointConfig(volume_id="vol", protection_groups=2, nodes=infos, durable=False, write_timeout_s=30.0),
+                        transport=InProcessTransport(registry, "writer"))
+    try:
+        ep.open()
+        for i in range(20):
+            ep.writer.write([(FLAG_PUT, b"k%d" % i, b"v" * i)])
+        registry.set("n6", None)  # a node that does not answer: an entry with an error
+        status = ep.status()
+        assert [n["up"] for n in status["nodes"]] == [True] * 5 + [False], status["nodes"]
+        assert status["writer"]["recovery"] and status["writer"]["stats"]["records_sent"] > 0, status["writer"]
+        reply = wire(convert.status_to_pb(status))
+        assert convert.status_from_pb(reply) == json_status(status)
+        # Typed on the wire, field by field (not JSON in a string).
+        assert list(reply.nodes[0].report.scl) == [status["nodes"][0]["scl"][pg] for pg in range(2)]
+        assert reply.nodes[5].error == status["nodes"][5]["error"] and not reply.nodes[5].HasField("report")
+        assert reply.writer.links["n1"].sent_lsn == status["writer"]["links"]["n1"]["sent_lsn"] > 0
+        assert reply.writer.recovery.sealed == sorted(i.id for i in infos)
+    finally:
+        ep.close()
+        for node in nodes:
+            node.close()
+
+
+def test_a_status_key_the_reply_does_not_carry_is_refused_by_name():
+    status = {"volume_id": "v", "protection_groups": 1, "codec": "python", "durable": True, "vdl": 0, "epoch": 1,
+              "nodes": [], "writer": {}, "endpoint": {"pid": 1, "opened_at": None},
+              "membership_change": {"phase": "idle"}, "surprise": 1}
+    with pytest.raises(AssertionError, match="surprise"):
+        convert.status_to_pb(status)
 
 
 # --- errors -----------------------------------------------------------------------------------

@@ -173,11 +173,11 @@ def test_two_concurrent_ups_on_a_fresh_folder_start_each_process_once(tmp_path):
 #: creates the file GAP and goes on only once the file GO exists (bounded).
 PAUSING_SIXFOLD = r"""
 import contextlib, os, sys, time
-import engine.cluster.launcher as launcher
+import engine.cluster.supervisor as supervisor
 from engine.cli import main
 
 gap, go = sys.argv[1], sys.argv[2]
-real_locked = launcher.locked
+real_locked = supervisor.locked
 holds = 0
 
 @contextlib.contextmanager
@@ -194,7 +194,7 @@ def locked(folder):
                 raise SystemExit("pausing sixfold: no GO within 120 s")
             time.sleep(0.02)
 
-launcher.locked = locked
+supervisor.locked = locked  # the module whose `up` decides and starts the processes
 sys.exit(main(sys.argv[3:]))
 """
 

@@ -36,6 +36,7 @@ from collections.abc import Iterator
 
 from engine.core.types import Geometry, NodeInfo, default_nodes
 from engine.errors import GeometryMismatch, InvalidArgument, SixfoldError
+from engine.files import atomic_write
 
 MANIFEST_FILE = "cluster.json"
 LOCK_FILE = ".lock"
@@ -134,19 +135,13 @@ def load_manifest(folder: str) -> dict:
 
 
 def save_manifest(folder: str, manifest: dict) -> None:
-    """Write the manifest atomically (temporary file, fsync, rename), in this release's format."""
+    """Write the manifest atomically and durably (`engine.files.atomic_write`: temporary file,
+    fsync, rename, fsync of the folder), in this release's format."""
     if manifest.get("format", MANIFEST_FORMAT) != MANIFEST_FORMAT:  # load refuses other formats
         raise AssertionError(f"saving a manifest of format {manifest.get('format')!r}")
     manifest["format"] = MANIFEST_FORMAT
     os.makedirs(folder, exist_ok=True)
-    path = manifest_path(folder)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as fh:
-        json.dump(manifest, fh, indent=2, sort_keys=True)
-        fh.write("\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    atomic_write(manifest_path(folder), (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
 
 
 @contextlib.contextmanager

@@ -16,7 +16,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import engine
-from engine.cluster.launcher import port_free
+from engine.cluster.supervisor import port_free
 
 PORT_LOW = 20000
 PORT_HIGH = 60000

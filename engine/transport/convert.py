@@ -29,7 +29,7 @@ from __future__ import annotations
 import json
 import struct
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import grpc
 
@@ -748,18 +748,179 @@ def scan_chunk_from_pb(m: kv_pb2.ScanChunk) -> list[tuple[bytes, bytes]]:
     return [(p.key, p.value) for p in m.pairs]
 
 
+# The volume status travels typed (`StatusReply` in kv.proto) and is a dict on both sides: the
+# endpoint builds it (`WriterEndpoint.status`, `Writer.status`, `node_status`) and `db.status()`
+# returns it. A key the message does not carry is a programmer error, refused loudly rather than
+# dropped: the fix is a field in kv.proto (the writer's `stats` are a map, so a new counter needs
+# none).
+_STATUS_KEYS = frozenset({"volume_id", "protection_groups", "codec", "durable", "vdl", "epoch", "nodes", "writer",
+                          "endpoint", "membership_change"})
+_NODE_KEYS = frozenset({"id", "az", "address", "up"})
+_NODE_REPORT_KEYS = frozenset({"scl", "lag", "epoch", "records", "bytes", "corrupt_found", "repaired", "rebuild"})
+#: optional: carried when node_status has them
+_NODE_SPACE_KEYS = ("used_bytes", "capacity_bytes", "space_low")
+_WRITER_KEYS = frozenset({"epoch", "vdl", "vcl", "next_lsn", "pgcl", "in_flight", "fenced", "admission", "membership",
+                          "links", "recovery", "stats"})
+_MEMBERSHIP_KEYS = frozenset({"epoch", "members", "next_members"})
+_LINK_KEYS = frozenset({"up", "full", "space_low", "error", "errors", "last_error", "sent_lsn"})
+_RECOVERY_KEYS = frozenset({"epoch", "vdl", "vcl", "base", "truncated", "sealed", "replicated_records", "seconds"})
+_ENDPOINT_KEYS = frozenset({"pid", "opened_at"})
+
+
+def _exactly(d: dict, keys: frozenset, where: str, optional: frozenset = frozenset()) -> dict:
+    """`d`, checked to have every key of `keys`, any of `optional`, and nothing else."""
+    unknown, missing = set(d) - keys - optional, keys - set(d)
+    problems = []
+    if unknown:
+        problems.append(f"keys StatusReply does not carry: {', '.join(sorted(map(str, unknown)))} "
+                        "(add them to kv.proto and engine.transport.convert)")
+    if missing:
+        problems.append(f"keys missing: {', '.join(sorted(missing))}")
+    if problems:
+        raise AssertionError(f"status {where or 'reply'}: {'; '.join(problems)}")
+    return d
+
+
+def _per_pg(values: dict, where: str) -> list[int]:
+    """A {pg: value} map as the list indexed by PG (it has every PG from 0)."""
+    if sorted(values) != list(range(len(values))):
+        raise AssertionError(f"status {where} has PGs {sorted(values)}, not 0..{len(values) - 1}")
+    return [values[pg] for pg in range(len(values))]
+
+
+def _node_status_to_pb(n: dict) -> kv_pb2.NodeStatus:
+    where = f"node {n.get('id')!r}"
+    reported = "scl" in n  # the node answered: engine.head.writer.node_status's keys are there
+    _exactly(n, _NODE_KEYS | (_NODE_REPORT_KEYS if reported else frozenset()), where,
+             optional=frozenset({"error", *(_NODE_SPACE_KEYS if reported else ())}))
+    m = kv_pb2.NodeStatus(id=n["id"], az=n["az"], up=n["up"])
+    if n["address"] is not None:
+        m.address = n["address"]
+    if "error" in n:
+        m.error = n["error"]
+    if reported:
+        r = m.report
+        r.SetInParent()
+        r.scl.extend(_per_pg(n["scl"], f"{where} scl"))
+        r.lag.extend(_per_pg(n["lag"], f"{where} lag"))
+        r.epoch, r.records, r.bytes = n["epoch"], n["records"], n["bytes"]
+        r.corrupt_found, r.repaired = n["corrupt_found"], n["repaired"]
+        if n["rebuild"] is not None:
+            # The node's own report (NodeState.extra, JSON from another process): its known keys
+            # are taken and anything else is left out, so a node's extra key cannot fail the
+            # endpoint's status.
+            rebuild = n["rebuild"]
+            r.rebuild.CopyFrom(kv_pb2.NodeRebuild(active=bool(rebuild.get("active", False)),
+                                                  fetched_records=int(rebuild.get("fetched_records", 0))))
+        for name in _NODE_SPACE_KEYS:
+            if name in n:
+                setattr(r, name, n[name])
+    return m
+
+
+def _node_status_from_pb(m: kv_pb2.NodeStatus) -> dict:
+    n = {"id": m.id, "az": m.az, "address": m.address if m.HasField("address") else None, "up": m.up}
+    if m.HasField("error"):
+        n["error"] = m.error
+    if m.HasField("report"):
+        r = m.report
+        n.update(
+            scl=dict(enumerate(r.scl)), lag=dict(enumerate(r.lag)), epoch=r.epoch, records=r.records, bytes=r.bytes,
+            corrupt_found=r.corrupt_found, repaired=r.repaired,
+            rebuild={"active": r.rebuild.active, "fetched_records": r.rebuild.fetched_records} if r.HasField("rebuild") else None,
+        )
+        for name in _NODE_SPACE_KEYS:
+            if r.HasField(name):
+                n[name] = getattr(r, name)
+    return n
+
+
+def _writer_status_to_pb(w: dict) -> kv_pb2.WriterStatus:
+    _exactly(w, _WRITER_KEYS, "writer")
+    ms = _exactly(w["membership"], _MEMBERSHIP_KEYS, "writer membership")
+    m = kv_pb2.WriterStatus(
+        epoch=w["epoch"], vdl=w["vdl"], vcl=w["vcl"], next_lsn=w["next_lsn"], pgcl=w["pgcl"], in_flight=w["in_flight"],
+        admission=w["admission"], stats=w["stats"],
+        membership=kv_pb2.WriterMembership(epoch=ms["epoch"], members=ms["members"], next_members=ms["next_members"] or ()),
+    )
+    if w["fenced"] is not None:
+        m.fenced = w["fenced"]
+    for node_id, link in w["links"].items():
+        _exactly(link, _LINK_KEYS, f"writer link {node_id}")
+        m.links[node_id].CopyFrom(kv_pb2.LinkStatus(**link))
+    if w["recovery"]:
+        rec = _exactly(w["recovery"], _RECOVERY_KEYS, "writer recovery")
+        m.recovery.CopyFrom(kv_pb2.RecoveryStatus(
+            epoch=rec["epoch"], vdl=rec["vdl"], vcl=rec["vcl"], base=rec["base"], sealed=rec["sealed"],
+            replicated_records=rec["replicated_records"], seconds=rec["seconds"],
+        ))
+        if rec["truncated"] is not None:
+            first, last = rec["truncated"]
+            m.recovery.truncated.CopyFrom(kv_pb2.LsnRange(first=first, last=last))
+    return m
+
+
+def _writer_status_from_pb(m: kv_pb2.WriterStatus) -> dict:
+    recovery = {}
+    if m.HasField("recovery"):
+        r = m.recovery
+        recovery = {"epoch": r.epoch, "vdl": r.vdl, "vcl": r.vcl, "base": r.base,
+                    "truncated": [r.truncated.first, r.truncated.last] if r.HasField("truncated") else None,
+                    "sealed": list(r.sealed), "replicated_records": r.replicated_records, "seconds": r.seconds}
+    return {
+        "epoch": m.epoch,
+        "vdl": m.vdl,
+        "vcl": m.vcl,
+        "next_lsn": m.next_lsn,
+        "pgcl": list(m.pgcl),
+        "in_flight": m.in_flight,
+        "fenced": m.fenced if m.HasField("fenced") else None,
+        "admission": m.admission,
+        "membership": {"epoch": m.membership.epoch, "members": list(m.membership.members),
+                       "next_members": list(m.membership.next_members) or None},
+        "links": {
+            node_id: {"up": l.up, "full": l.full, "space_low": l.space_low, "error": l.error, "errors": l.errors,
+                      "last_error": l.last_error, "sent_lsn": l.sent_lsn}
+            for node_id, l in sorted(m.links.items())
+        },
+        "recovery": recovery,
+        "stats": dict(sorted(m.stats.items())),
+    }
+
+
 def status_to_pb(status: dict) -> kv_pb2.StatusReply:
-    return kv_pb2.StatusReply(json=json.dumps(status, sort_keys=True, default=str))
+    """The endpoint's status dict (`WriterEndpoint.status`) as a typed reply."""
+    _exactly(status, _STATUS_KEYS, "")
+    ep = _exactly(status["endpoint"], _ENDPOINT_KEYS, "endpoint")
+    m = kv_pb2.StatusReply(
+        volume_id=status["volume_id"], protection_groups=status["protection_groups"], codec=status["codec"],
+        durable=status["durable"], vdl=status["vdl"], epoch=status["epoch"],
+        nodes=[_node_status_to_pb(n) for n in status["nodes"]],
+        writer=_writer_status_to_pb(status["writer"]),
+        endpoint=kv_pb2.EndpointStatus(pid=ep["pid"]),
+        membership_change=membership_change_to_pb(MembershipChange(**status["membership_change"])),
+    )
+    if ep["opened_at"] is not None:
+        m.endpoint.opened_at = ep["opened_at"]
+    return m
 
 
 def status_from_pb(m: kv_pb2.StatusReply) -> dict:
-    """The status dict; per-PG maps (`scl`, `lag`) get their integer keys back from JSON."""
-    status = json.loads(m.json)
-    for node in status.get("nodes", ()):
-        for field_name in ("scl", "lag"):
-            if isinstance(node.get(field_name), dict):
-                node[field_name] = {int(k): v for k, v in node[field_name].items()}
-    return status
+    """The status dict, as the endpoint built it (lists where it had tuples, as JSON would)."""
+    change = asdict(membership_change_from_pb(m.membership_change))
+    change.update(members=list(change["members"]), next_members=list(change["next_members"]))
+    return {
+        "volume_id": m.volume_id,
+        "protection_groups": m.protection_groups,
+        "codec": m.codec,
+        "durable": m.durable,
+        "vdl": m.vdl,
+        "epoch": m.epoch,
+        "nodes": [_node_status_from_pb(n) for n in m.nodes],
+        "writer": _writer_status_from_pb(m.writer),
+        "endpoint": {"pid": m.endpoint.pid, "opened_at": m.endpoint.opened_at if m.endpoint.HasField("opened_at") else None},
+        "membership_change": change,
+    }
 
 
 # --- KV: membership change (admin) ----------------------------------------------------------

@@ -1,0 +1,103 @@
+"""Admin clients of a running cluster: the writer endpoint's KV admin RPCs and the nodes' admin calls.
+
+Theory of operation
+-------------------
+`WriterAdmin(address)` makes one call at a time to the writer endpoint's `KV` service (`Status`,
+`MembershipStatus`, `ReplaceNode`), each on a channel of its own that the call opens and closes,
+with the deadline the caller gives: the launcher asks rarely, from short-lived commands, and must
+not keep a connection (or the client's boxcar threads) alive in between. Errors come back as the
+Sixfold class the endpoint raised (`convert.error_from_rpc`), so `Unavailable` means the endpoint
+is down or still recovering and the caller may ask again.
+
+`NodeAdmin(addresses)` reaches the storage nodes' admin calls (corrupt, scrub, set_faults,
+state) through a `GrpcTransport` opened for the call and closed after it; `addresses` is a
+callable, so a node added by a membership change is found on the next call.
+
+The key-value API itself is `engine.connect` (`engine.client`), not this module.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import grpc
+
+#: Deadline of one status RPC, to the writer endpoint or to a node.
+STATUS_RPC_TIMEOUT_S = 2.0
+
+
+class WriterAdmin:
+    """Admin calls to the writer endpoint at `address` (see the module docstring)."""
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+
+    def call(self, rpc: str, request, timeout_s: float):
+        """One call to the endpoint's KV service; Sixfold errors as raised there."""
+        from engine.proto import kv_pb2_grpc
+        from engine.transport import convert
+
+        with grpc.insecure_channel(self.address) as ch:
+            try:
+                return getattr(kv_pb2_grpc.KVStub(ch), rpc)(request, timeout=timeout_s)
+            except grpc.RpcError as e:
+                raise convert.error_from_rpc(e, where=f"writer endpoint {self.address}") from None
+
+    def status(self, timeout_s: float = STATUS_RPC_TIMEOUT_S * 2) -> dict:
+        """The endpoint's volume status (`WriterEndpoint.status`, as `db.status()` has it)."""
+        from engine.proto import kv_pb2
+        from engine.transport import convert
+
+        return convert.status_from_pb(self.call("Status", kv_pb2.StatusRequest(), timeout_s))
+
+    def membership_status(self, timeout_s: float = STATUS_RPC_TIMEOUT_S * 2):
+        """The endpoint's membership change state (`convert.MembershipChange`)."""
+        from engine.proto import kv_pb2
+        from engine.transport import convert
+
+        return convert.membership_change_from_pb(self.call("MembershipStatus", kv_pb2.MembershipStatusRequest(), timeout_s))
+
+    def replace_node(self, old: str, new: str, new_address: str, new_az: str, change_timeout_s: float, timeout_s: float):
+        """Ask the endpoint to run (or resume) replacing `old` by `new`; returns the change's
+        state at once (`convert.MembershipChange`). `change_timeout_s` bounds the catch-up (the
+        endpoint's), `timeout_s` this RPC."""
+        from engine.transport import convert
+
+        request = convert.replace_node_request_to_pb(old, new, new_address, new_az, change_timeout_s)
+        return convert.membership_change_from_pb(self.call("ReplaceNode", request, timeout_s))
+
+
+class NodeAdmin:
+    """Admin calls to the storage nodes (see the module docstring)."""
+
+    def __init__(self, addresses: Callable[[], dict[str, str]]) -> None:
+        self._addresses = addresses
+
+    def transport(self, source: str = "chaos", **options):
+        """A GrpcTransport to every node (admin calls: corrupt, scrub, set_faults, state...);
+        the caller closes it."""
+        from engine.transport.grpc_client import GrpcTransport
+
+        return GrpcTransport(self._addresses(), source=source, **options)
+
+    def _call(self, fn):
+        t = self.transport()
+        try:
+            return fn(t)
+        finally:
+            t.close()
+
+    def corrupt(self, node_id: str, pg: int, lsn: int | None = None, bit: int = 0) -> int | None:
+        """Flip a bit of a stored record on a node; returns the LSN hit (None: nothing there)."""
+        return self._call(lambda t: t.corrupt(node_id, pg, lsn, bit))
+
+    def scrub(self, node_id: str) -> int:
+        """Make a node scrub every record now; returns the corrupt records it found."""
+        return self._call(lambda t: t.scrub(node_id, 0))
+
+    def set_faults(self, node_id: str, rules=None):
+        """Replace a node's transport fault rules (`engine.transport.convert.FaultRules`;
+        None clears them)."""
+        from engine.transport.convert import FaultRules
+
+        return self._call(lambda t: t.set_faults(node_id, rules or FaultRules()))

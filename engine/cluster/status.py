@@ -1,0 +1,106 @@
+"""The status view of a cluster: every process's state and health, and what it reports.
+
+Theory of operation
+-------------------
+`StatusView(supervisor).status()` asks, in parallel and each with a short deadline
+(`STATUS_RPC_TIMEOUT_S`): every active node's health and, when it answers, its state (epoch,
+SCLs, records, bytes, corruption and gossip counters, `NodeState` over the Storage service); and
+the writer endpoint's health and, when SERVING, its status (VDL, epoch, links, PGCLs, membership,
+the membership change under way; the KV `Status` RPC through `admin.WriterAdmin`). A process that
+does not answer is shown with its health (DOWN, PAUSED, UNREACHABLE...) and the error, never
+waited for beyond the deadline, so `sixfold cluster status` answers while the cluster is broken.
+
+Each node's progress is its SCLs against the writer's PGCLs (`rebuild_progress`): `lag` (LSNs
+missing, summed over PGs), `lag_max` and `rebuild.fraction`. A node with lag 0 can serve reads
+at the current VDL. The result is JSON-ready.
+
+Rules of this module: it reads (the manifest, the processes, their answers) and changes nothing.
+"""
+
+from __future__ import annotations
+
+from concurrent import futures
+
+from engine.cluster.admin import STATUS_RPC_TIMEOUT_S, WriterAdmin
+from engine.cluster.manifest import WRITER, active_nodes, node_addresses
+from engine.cluster.supervisor import Supervisor
+from engine.errors import SixfoldError
+
+
+def rebuild_progress(scls, pgcls) -> dict:
+    """A node's progress against the writer's PGCLs: `lag` (LSNs missing, summed over PGs),
+    `lag_max` (the worst PG) and `rebuild.fraction` (0..1; LSN-weighted, like the embedded
+    `EmbeddedVolume._rebuild_fraction`). A node with lag 0 can serve reads at the current VDL."""
+    assert len(scls) == len(pgcls), (scls, pgcls)
+    lags = [max(0, int(p) - int(s)) for s, p in zip(scls, pgcls)]
+    want = sum(int(p) for p in pgcls)
+    have = want - sum(lags)
+    return {"lag": sum(lags), "lag_max": max(lags, default=0), "fraction": 1.0 if want == 0 else round(have / want, 4)}
+
+
+class StatusView:
+    """The status of the cluster `supervisor` runs (see the module docstring)."""
+
+    def __init__(self, supervisor: Supervisor) -> None:
+        self.sup = supervisor
+
+    def status(self) -> dict:
+        """Every process: state, health and (when reachable) epoch, SCLs, VDL; per node its lag
+        behind the writer's PGCLs and its rebuild progress (see `rebuild_progress`). JSON-ready."""
+        from engine.transport.grpc_client import Deadlines, GrpcTransport
+
+        sup = self.sup
+        manifest = sup.manifest
+        transport = GrpcTransport(node_addresses(manifest), source="cli", deadlines=Deadlines(state_s=STATUS_RPC_TIMEOUT_S))
+
+        def node(n: dict) -> dict:
+            out = {"id": n["id"], "az": n["az"], "address": n["address"], "pid": sup.live_pid(n["id"], n.get("pid")),
+                   "data": sup.path(n["data"]), "log": sup.path(n["log"])}
+            out["health"] = sup.health(n["id"])
+            if out["health"] in ("SERVING", "NOT_SERVING"):
+                try:
+                    st = transport.state(n["id"])
+                    out.update(epoch=st.epoch, scl_min=min(st.scls), scl_max=max(st.scls), scls=list(st.scls),
+                               records=st.records, bytes=st.bytes, corrupt_found=st.corrupt_found, repaired=st.repaired,
+                               rebuild=dict(st.extra.get("rebuild") or {}))
+                except SixfoldError as e:
+                    out["error"] = str(e)
+            return out
+
+        def writer() -> dict:
+            w = manifest[WRITER]
+            out = {"address": w["address"], "pid": sup.live_pid(WRITER, w.get("pid")), "log": sup.path(w["log"])}
+            out["health"] = sup.health(WRITER)
+            if out["health"] == "SERVING":
+                try:
+                    st = WriterAdmin(w["address"]).status(STATUS_RPC_TIMEOUT_S * 2)
+                    out.update(vdl=st["vdl"], epoch=st["epoch"], in_flight=st["writer"].get("in_flight"),
+                               links={k: v["up"] for k, v in st["writer"]["links"].items()},
+                               pgcl=st["writer"].get("pgcl"), membership=st["writer"].get("membership"),
+                               membership_change=st.get("membership_change"))
+                except SixfoldError as e:
+                    out["error"] = str(e)
+            return out
+
+        try:
+            with futures.ThreadPoolExecutor(max_workers=len(manifest["nodes"]) + 1) as pool:
+                w = pool.submit(writer)
+                nodes = list(pool.map(node, active_nodes(manifest)))
+                w = w.result()
+        finally:
+            transport.close()
+        for n in nodes:
+            if "scls" in n and w.get("pgcl"):
+                p = rebuild_progress(n["scls"], w["pgcl"])
+                n.update(lag=p["lag"], lag_max=p["lag_max"])
+                n["rebuild"].update(fraction=p["fraction"], complete=p["lag"] == 0)
+        return {
+            "cluster": sup.folder,
+            "volume_id": manifest["volume_id"],
+            "protection_groups": manifest["protection_groups"],
+            "durable": manifest["durable"],
+            "base_port": manifest["base_port"],
+            "nodes": nodes,
+            "retired": [{"id": n["id"], "az": n["az"], "replaced_by": n.get("replaced_by")} for n in manifest["nodes"] if n.get("retired")],
+            "writer": w,
+        }

@@ -1,0 +1,516 @@
+"""Process supervision of a cluster folder: spawn, pids, signals, health checks, the operation lock.
+
+Theory of operation
+-------------------
+`Supervisor(folder)` runs the processes named in the folder's manifest (`manifest.py`): six
+storage nodes (`python -m engine node serve ...`) and one writer endpoint (`python -m engine
+writer serve --cluster DIR`). Each is a detached subprocess in its own session (a Ctrl-C in the
+terminal that ran `sixfold cluster up` does not reach it), with stdout and stderr appended to
+`DIR/logs/<name>.log`. Its pid goes into the manifest, so any later `sixfold` command, in any
+process, can signal it.
+
+Readiness is the standard gRPC health service: `up` and `start` return once every process they
+started reports SERVING, and fail with a `ClusterError` naming the process and quoting the tail of
+its log if it exits first or is not SERVING in time (every wait is bounded). Ports are checked
+before anything starts, so a busy port is an error at once, never a hang.
+
+Process control is by signal, as the chaos runner needs it: kill (SIGKILL), stop (SIGSTOP,
+the process freezes with its sockets open), cont (SIGCONT), start (the same arguments again), and
+down (SIGTERM, which lets in-flight calls finish and LMDB close, then SIGKILL after a timeout).
+A pid is trusted only while `/proc/<pid>/cmdline` still shows our command line, so a recycled
+pid is never signalled.
+
+Concurrency: every command that edits the manifest does so under its lock (`manifest.locked`,
+`DIR/.lock`), and one that starts a process decides, spawns and records the pid inside one hold
+of it. The operations that decide *which* processes run (`up`, `down`, `wipe_node` of
+`healing.py`) also hold the operation lock `DIR/cluster.lock` (`operation`) from start to end,
+waiting for it (bounded) if another `sixfold` command has it: two `cluster up` at once start
+each process once (the second finds them running and starts nothing), and a `down` during an
+`up` waits for the `up` to finish. Both locks are flocks on descriptors that no child inherits
+(close-on-exec, `close_fds`), so a serving process never holds one; the kernel drops them when a
+command dies.
+
+Rules of this module: it knows processes, ports, pids and the manifest's process entries; it
+asks a process nothing but its health (status and healing are `status.py` and `healing.py`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+import engine
+from engine.cluster.manifest import (
+    BASE_PORT_DEFAULT,
+    WRITER,
+    ClusterError,
+    active_nodes,
+    check_compatible,
+    load_manifest,
+    locked,
+    new_manifest,
+    node_entry,
+    save_manifest,
+)
+
+READY_TIMEOUT_S = 60.0
+DOWN_TIMEOUT_S = 10.0
+LOG_TAIL_LINES = 20
+HEALTH_POLL_S = 0.1
+#: The operation lock (see the module docstring) and how long an operation waits for it: longer
+#: than another `up` can take (READY_TIMEOUT_S, then stopping what failed).
+OPERATION_LOCK_FILE = "cluster.lock"
+OPERATION_LOCK_WAIT_S = 300.0
+OPERATION_LOCK_POLL_S = 0.05
+
+
+def proc_state(pid: int | None) -> str | None:
+    """The kernel's state letter of a live process (R, S, D, T...), None if it is gone."""
+    if not pid:
+        return None
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            raw = fh.read()
+    except OSError:
+        return None
+    state = raw[raw.rindex(b")") + 2 : raw.rindex(b")") + 3].decode()
+    return None if state in ("Z", "X") else state
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            return fh.read()
+    except OSError:
+        return b""
+
+
+def port_free(host: str, port: int) -> bool:
+    """True when nothing listens on host:port (bound the way the gRPC server will bind it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def _split(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    return host, int(port)
+
+
+def log_tail(path: str, lines: int = LOG_TAIL_LINES) -> str:
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            fh.seek(max(0, fh.tell() - 16384))
+            text = fh.read().decode(errors="replace")
+    except OSError:
+        return "(no log)"
+    return "\n".join(text.splitlines()[-lines:])
+
+
+class Supervisor:
+    """The processes of one cluster folder (see the module docstring).
+
+    Process names are node ids ("n1".."n6") and "writer". Methods that change processes
+    update the manifest; they are safe to call from several `sixfold` commands at once."""
+
+    def __init__(self, folder: str | os.PathLike, *, python: str = sys.executable,
+                 on_wait: Callable[[str], None] | None = None) -> None:
+        self.folder = os.path.abspath(os.fspath(folder))
+        self.python = python
+        #: Told once, in a sentence, when an operation waits for another command's operation lock.
+        self.on_wait = on_wait
+        self._children: dict[int, subprocess.Popen] = {}  # processes this object started
+        # The thread of this object that holds the operation lock, and how deep (it is reentrant
+        # for that thread; another thread waits for it like another process would).
+        self._operation_owner: int | None = None
+        self._operation_depth = 0
+
+    # --- manifest ---------------------------------------------------------------------------
+    @property
+    def manifest(self) -> dict:
+        return load_manifest(self.folder)
+
+    @property
+    def exists(self) -> bool:
+        return os.path.exists(os.path.join(self.folder, "cluster.json"))
+
+    @staticmethod
+    def entry(manifest: dict, name: str) -> dict:
+        """The manifest entry of a process: the writer endpoint's or a node's."""
+        return manifest[WRITER] if name == WRITER else node_entry(manifest, name)
+
+    def address(self, name: str) -> str:
+        return self.entry(self.manifest, name)["address"]
+
+    def path(self, relative: str) -> str:
+        """A path of the manifest (relative to the folder) as an absolute path."""
+        return os.path.join(self.folder, relative)
+
+    def _set_pid(self, name: str, pid: int | None) -> None:
+        with locked(self.folder):
+            m = load_manifest(self.folder)
+            self.entry(m, name)["pid"] = pid
+            save_manifest(self.folder, m)
+
+    @contextlib.contextmanager
+    def operation(self, what: str, wait_s: float = OPERATION_LOCK_WAIT_S) -> Iterator[None]:
+        """Hold the operation lock `DIR/cluster.lock` (see the module docstring) for `what`
+        ("cluster up"...), waiting up to `wait_s` for another command to finish; ClusterError
+        naming the holder after that. Reentrant within one thread."""
+        if self._operation_owner == threading.get_ident():
+            self._operation_depth += 1
+            try:
+                yield
+            finally:
+                self._operation_depth -= 1
+            return
+        os.makedirs(self.folder, exist_ok=True)
+        path = self.path(OPERATION_LOCK_FILE)
+        # O_CLOEXEC (and Popen's close_fds): no process started under the lock inherits it.
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            deadline = time.monotonic() + wait_s
+            told = False
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except OSError as e:
+                    if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                        raise
+                holder = self._operation_holder(path)
+                if time.monotonic() >= deadline:
+                    raise ClusterError(f"{holder} is still changing the cluster in {self.folder} after {wait_s:g} s of "
+                                       f"waiting; `{what}` gave up (try again once it is done)")
+                if not told and self.on_wait is not None:
+                    self.on_wait(f"waiting for {holder}, which is changing the cluster in {self.folder} ...")
+                    told = True
+                time.sleep(OPERATION_LOCK_POLL_S)
+            # Who holds it, for the messages of commands that wait (the lock itself is the flock).
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()} {what}\n".encode(), 0)
+            self._operation_owner, self._operation_depth = threading.get_ident(), 1
+            try:
+                yield
+            finally:
+                self._operation_owner, self._operation_depth = None, 0
+        finally:
+            os.close(fd)  # closing the description drops the flock
+
+    @staticmethod
+    def _operation_holder(path: str) -> str:
+        try:
+            with open(path) as fh:
+                pid, _, what = fh.read().strip().partition(" ")
+            return f"`sixfold {what}` (pid {int(pid)})" if what else f"process {int(pid)}"
+        except (OSError, ValueError):
+            return "another sixfold command"
+
+    # --- process state ----------------------------------------------------------------------
+    def _reap(self, pid: int | None) -> None:
+        proc = self._children.get(pid) if pid else None
+        if proc is not None and proc.poll() is not None:
+            self._children.pop(pid, None)
+
+    def _signature(self, name: str) -> bytes:
+        return b"writer\x00serve" if name == WRITER else b"--id\x00" + name.encode() + b"\x00"
+
+    def pid(self, name: str) -> int | None:
+        """The pid of a live process of ours by that name, else None."""
+        entry = self.entry(self.manifest, name)
+        return self.live_pid(name, entry.get("pid"))
+
+    def live_pid(self, name: str, pid: int | None) -> int | None:
+        """`pid` if it is a live process of ours named `name` (the manifest's pid of it), else
+        None (gone, or recycled by an unrelated process)."""
+        self._reap(pid)
+        if proc_state(pid) is None:
+            return None
+        cmd = _cmdline(pid)
+        if b"engine" not in cmd or self._signature(name) not in cmd + b"\x00":
+            return None  # the pid was recycled by an unrelated process
+        return pid
+
+    def state(self, name: str) -> str:
+        """'running', 'paused' (SIGSTOP) or 'down'."""
+        pid = self.pid(name)
+        if pid is None:
+            return "down"
+        return "paused" if proc_state(pid) in ("T", "t") else "running"
+
+    def health(self, name: str, timeout_s: float = 0.5) -> str:
+        """SERVING, NOT_SERVING, UNREACHABLE, PAUSED or DOWN."""
+        state = self.state(name)
+        if state != "running":
+            return state.upper()
+        with grpc.insecure_channel(self.address(name)) as ch:
+            try:
+                reply = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=""), timeout=timeout_s)
+            except grpc.RpcError:
+                return "UNREACHABLE"
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+
+    # --- starting ---------------------------------------------------------------------------
+    def _argv(self, manifest: dict, name: str) -> list[str]:
+        base = [self.python, "-m", "engine"]
+        if name == WRITER:
+            return base + ["writer", "serve", "--cluster", self.folder, "--listen", manifest[WRITER]["address"]]
+        # The node reads the rest (AZ, data folder, volume, peers, durability, gossip interval)
+        # from the manifest, and re-reads it to reach nodes added later (engine.cluster.addresses).
+        n = node_entry(manifest, name)
+        return base + ["node", "serve", "--cluster", self.folder, "--id", n["id"], "--listen", n["address"]]
+
+    def _spawn(self, manifest: dict, name: str) -> int:
+        entry = self.entry(manifest, name)
+        log_path = self.path(entry["log"])
+        os.makedirs(os.path.dirname(log_path), exist_ok=True)
+        argv = self._argv(manifest, name)
+        env = dict(os.environ)
+        root = os.path.dirname(os.path.dirname(os.path.abspath(engine.__file__)))
+        env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        env["PYTHONUNBUFFERED"] = "1"
+        with open(log_path, "ab") as log:
+            log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} starting {name}: {' '.join(argv)}\n".encode())
+            log.flush()
+            proc = subprocess.Popen(
+                argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, cwd=self.folder, env=env,
+                start_new_session=True, close_fds=True,
+            )
+        self._children[proc.pid] = proc
+        entry["pid"] = proc.pid
+        return proc.pid
+
+    def _check_ports(self, manifest: dict, names: Iterable[str]) -> None:
+        for name in names:
+            address = self.entry(manifest, name)["address"]
+            host, port = _split(address)
+            if not port_free(host, port):
+                raise ClusterError(
+                    f"port {port} ({address}, for {name}) is already in use by another process; "
+                    f"stop it, or create the cluster with another --base-port"
+                )
+
+    def wait_serving(self, names: Iterable[str], timeout_s: float) -> None:
+        """Wait until every named process reports SERVING; ClusterError naming the first that
+        dies or is not ready in time, with the tail of its log."""
+        manifest = self.manifest
+        pending = {name: self.entry(manifest, name) for name in names}
+        channels = {name: grpc.insecure_channel(e["address"]) for name, e in pending.items()}
+        deadline = time.monotonic() + timeout_s
+        try:
+            while pending:
+                for name in sorted(pending):
+                    entry = pending[name]
+                    if self.live_pid(name, entry["pid"]) is None:
+                        proc = self._children.get(entry["pid"])
+                        code = f" with code {proc.returncode}" if proc is not None and proc.returncode is not None else ""
+                        raise ClusterError(
+                            f"{name} (pid {entry['pid']}) exited{code} before it was ready. "
+                            f"Last lines of {self.path(entry['log'])}:\n{log_tail(self.path(entry['log']))}"
+                        )
+                    if proc_state(entry["pid"]) in ("T", "t"):
+                        raise ClusterError(f"{name} (pid {entry['pid']}) is paused (SIGSTOP); continue it with `cont` first")
+                    try:
+                        reply = health_pb2_grpc.HealthStub(channels[name]).Check(
+                            health_pb2.HealthCheckRequest(service=""), timeout=0.5
+                        )
+                        if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                            del pending[name]
+                    except grpc.RpcError:
+                        pass
+                if pending and time.monotonic() > deadline:
+                    name = sorted(pending)[0]
+                    entry = pending[name]
+                    raise ClusterError(
+                        f"{name} (pid {entry['pid']}, {entry['address']}) is not SERVING after {timeout_s:g} s. "
+                        f"Last lines of {self.path(entry['log'])}:\n{log_tail(self.path(entry['log']))}"
+                    )
+                if pending:
+                    time.sleep(HEALTH_POLL_S)
+        finally:
+            for ch in channels.values():
+                ch.close()
+
+    def up(
+        self,
+        *,
+        base_port: int | None = None,
+        protection_groups: int | None = None,
+        durable: bool | None = None,
+        write_timeout_s: float | None = None,
+        gossip_interval_s: float | None = None,
+        timeout_s: float = READY_TIMEOUT_S,
+    ) -> list[str]:
+        """Create the cluster (or reopen its data: same volume id), start every process that is
+        not running, wait until all are SERVING; returns the names this call started (empty when
+        the cluster was up already). Holds the operation lock throughout, so a concurrent `up`
+        waits and then finds the processes running; on failure, stops what it started."""
+        with self.operation("cluster up"):
+            started: list[str] = []
+            try:
+                # One manifest lock from deciding what to start until the manifest records the
+                # pids: a `start` (which takes only this lock) cannot slip in between.
+                with locked(self.folder):
+                    if self.exists:
+                        manifest = load_manifest(self.folder)
+                        check_compatible(manifest, protection_groups=protection_groups, base_port=base_port)
+                    else:
+                        manifest = new_manifest(
+                            base_port=BASE_PORT_DEFAULT if base_port is None else base_port,
+                            protection_groups=protection_groups,
+                            durable=True if durable is None else durable,
+                        )
+                    if durable is not None:
+                        manifest["durable"] = bool(durable)
+                    if write_timeout_s is not None:
+                        manifest["write_timeout_s"] = float(write_timeout_s)
+                    if gossip_interval_s is not None:
+                        manifest["gossip_interval_s"] = float(gossip_interval_s)
+                    names = [n["id"] for n in active_nodes(manifest)] + [WRITER]
+                    for name in names:
+                        entry = self.entry(manifest, name)
+                        if self.live_pid(name, entry.get("pid")) is None:
+                            entry["pid"] = None
+                    missing = [name for name in names if self.entry(manifest, name)["pid"] is None]
+                    self._check_ports(manifest, missing)  # before anything is written: a busy port creates nothing
+                    # Everything starts at once (Python start-up dominates); the writer endpoint
+                    # retries its recovery until a write quorum of nodes answers, then reports
+                    # SERVING.
+                    try:
+                        for name in missing:
+                            self._spawn(manifest, name)
+                            started.append(name)
+                    finally:
+                        if started or not missing:
+                            save_manifest(self.folder, manifest)  # the cleanup below finds what did start
+                self.wait_serving(names, timeout_s)
+            except BaseException:
+                for name in reversed(started):  # leave nothing half-started behind
+                    self.terminate([name], DOWN_TIMEOUT_S)
+                raise
+            return started
+
+    def start(self, name: str, *, wait: bool = True, timeout_s: float = READY_TIMEOUT_S) -> int:
+        """Start a process that is down, with the same arguments as before; returns its pid.
+        A running process is left alone; a paused one is a ClusterError (use cont)."""
+        with locked(self.folder):
+            manifest = load_manifest(self.folder)
+            entry = self.entry(manifest, name)
+            if entry.get("retired"):
+                raise ClusterError(f"node {name} was retired (replaced by {entry.get('replaced_by') or 'another node'}); it is not started again")
+            pid = self.live_pid(name, entry.get("pid"))
+            if pid is not None:
+                if proc_state(pid) in ("T", "t"):
+                    raise ClusterError(f"{name} (pid {pid}) is paused (SIGSTOP); continue it with `cont`, not `start`")
+                return pid
+            self._check_ports(manifest, [name])
+            pid = self._spawn(manifest, name)
+            save_manifest(self.folder, manifest)
+        if wait:
+            self.wait_serving([name], timeout_s)
+        return pid
+
+    # --- signals ----------------------------------------------------------------------------
+    def _signal(self, name: str, sig: int) -> int:
+        pid = self.pid(name)
+        if pid is None:
+            raise ClusterError(f"{name} is not running")
+        os.kill(pid, sig)
+        return pid
+
+    def kill(self, name: str) -> int:
+        """SIGKILL: the process dies at once, as in a crash. Returns the pid killed."""
+        pid = self._signal(name, signal.SIGKILL)
+        self._wait_gone(pid, name, 5.0)
+        self._set_pid(name, None)
+        self._wait_port_free(name, 5.0)
+        return pid
+
+    def crash(self, name: str) -> None:
+        """SIGKILL the process if it runs or is paused (a crash; its data stays); nothing if down."""
+        if self.state(name) != "down":
+            self.kill(name)
+
+    def _wait_port_free(self, name: str, timeout_s: float) -> bool:
+        """Wait until the process's port can be bound again. The thread-group leader of a killed
+        multi-threaded process shows as a zombie while its other threads still tear down (and
+        hold its sockets), so "gone" can come a moment before the port is free."""
+        host, port = _split(self.address(name))
+        deadline = time.monotonic() + timeout_s
+        while not port_free(host, port):
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.02)
+        return True
+
+    def stop(self, name: str) -> int:
+        """SIGSTOP: the process freezes (its sockets stay open, nobody answers)."""
+        return self._signal(name, signal.SIGSTOP)
+
+    def cont(self, name: str) -> int:
+        """SIGCONT: a frozen process resumes."""
+        return self._signal(name, signal.SIGCONT)
+
+    def _wait_gone(self, pid: int, name: str, timeout_s: float) -> bool:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.live_pid(name, pid) is None:
+                return True
+            proc = self._children.get(pid)
+            if proc is not None:
+                try:
+                    proc.wait(timeout=0.05)
+                except subprocess.TimeoutExpired:
+                    pass
+            else:
+                time.sleep(0.05)
+        return self.live_pid(name, pid) is None
+
+    def terminate(self, names: list[str], timeout_s: float) -> None:
+        """SIGTERM (and SIGCONT, so a paused process can act on it), then SIGKILL after
+        `timeout_s`; the manifest then records no pid for any of `names`."""
+        manifest = self.manifest
+        pids = {}
+        for name in names:
+            pid = self.live_pid(name, self.entry(manifest, name).get("pid"))
+            if pid is None:
+                continue
+            os.kill(pid, signal.SIGTERM)
+            os.kill(pid, signal.SIGCONT)
+            pids[name] = pid
+        deadline = time.monotonic() + timeout_s
+        for name, pid in pids.items():
+            if not self._wait_gone(pid, name, max(0.0, deadline - time.monotonic())):
+                os.kill(pid, signal.SIGKILL)
+                self._wait_gone(pid, name, 5.0)
+        with locked(self.folder):
+            m = load_manifest(self.folder)
+            for name in names:
+                self.entry(m, name)["pid"] = None
+            save_manifest(self.folder, m)
+
+    def down(self, timeout_s: float = DOWN_TIMEOUT_S) -> None:
+        """Stop everything: the writer first (its in-flight writes still reach the nodes), then
+        the nodes; SIGTERM, then SIGKILL after `timeout_s`. The data stays."""
+        if not self.exists:
+            return
+        with self.operation("cluster down"):
+            self.terminate([WRITER], timeout_s)
+            self.terminate([n["id"] for n in self.manifest["nodes"]], timeout_s)  # retired ones too, should one still run
