@@ -129,7 +129,8 @@ def check_value(value) -> None:
 
 
 def node_status(st, pgcl: Sequence[int]) -> dict:
-    """The public status fields of one node, from its NodeState and the writer's PGCLs."""
+    """The public status fields of one node, from its NodeState and the writer's PGCLs (with its
+    space: used and capacity bytes, and whether it lives on its reserve)."""
     return dict(
         scl={pg: s for pg, s in enumerate(st.scls)},
         lag={pg: max(0, pgcl[pg] - s) for pg, s in enumerate(st.scls)},
@@ -139,6 +140,9 @@ def node_status(st, pgcl: Sequence[int]) -> dict:
         corrupt_found=st.corrupt_found,
         repaired=st.repaired,
         rebuild=st.extra.get("rebuild"),
+        used_bytes=st.used_bytes,
+        capacity_bytes=st.capacity_bytes,
+        space_low=st.space_low,
     )
 
 
