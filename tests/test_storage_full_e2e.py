@@ -164,6 +164,25 @@ def test_an_embedded_volume_fills_refuses_puts_naming_the_nodes_keeps_deletes_an
         check_reads(db, {**acked, b"after-growing": b"room again"}, deleted)
 
 
+def test_a_writer_opened_on_a_full_volume_knows_it_before_its_first_append(tmp_path):
+    """The writer learns each node's space from its state when it opens, not only from the
+    replies to later appends: a put on a full volume is refused at once after an open, so an
+    application that opens, puts and closes again cannot eat the reserve kept for deletes."""
+    path = tmp_path / "v"
+    acked: dict[bytes, bytes] = {}
+    with open_embedded(path) as db:
+        fill_up(db, acked)
+    # No background threads: nothing is sent to any node before the put below asks.
+    with open_embedded(path, background=False, write_timeout_s=1.0) as db:
+        w = db.status()["writer"]
+        assert w["admission"] == "deletes-only", w["admission"]
+        assert all(link["space_low"] for link in w["links"].values())
+        next_lsn = w["next_lsn"]
+        with pytest.raises(StorageFull):
+            db.put(b"after-reopen", b"x")
+        assert db.status()["writer"]["next_lsn"] == next_lsn
+
+
 def test_node_serve_takes_its_map_and_reserve_in_bytes_and_refuses_other_values(tmp_path):
     """`sixfold node serve --map-bytes N --reserve-bytes N`: what the cluster tests above start
     nodes with. A value that is not a whole number of bytes, or too small, is a usage error

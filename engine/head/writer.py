@@ -291,6 +291,10 @@ class Writer:
             if st.epoch == self.epoch:
                 for pg, scl in enumerate(st.scls):
                     self.ledger.scls[pg][n] = scl
+            # Known before the first append reply: a put right after an open must not draw on the
+            # reserve of nodes that are already low (an application that opens, puts and closes
+            # again would otherwise eat, open by open, the room kept for deletes).
+            self.links[n].space_low = st.space_low
         self.recovery = {
             "epoch": self.epoch,
             "vdl": plan.vdl,
