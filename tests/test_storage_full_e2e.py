@@ -24,6 +24,7 @@ issue), so puts stay refused after deletes until a node gets more capacity (a la
 from __future__ import annotations
 
 import os
+import random
 import resource
 import subprocess
 import sys
@@ -32,10 +33,15 @@ import time
 import pytest
 
 import engine
+from engine import codec
 from engine.cluster import Cluster
 from engine.cluster.manifest import WRITER, active_nodes, load_manifest, locked, new_manifest, node_entry, save_manifest
 from engine.cluster.testing import engine_env, free_base_port, wait_serving
+from engine.core.admission import record_cost_bytes
+from engine.core.constants import FLAG_CPL, FLAG_PUT, KEY_BYTES_MAX, VALUE_BYTES_MAX
+from engine.core.types import Geometry, NodeInfo
 from engine.errors import StorageFull
+from engine.node.service import StorageNode
 
 NODES = ("n1", "n2", "n3", "n4", "n5", "n6")
 P = 2
@@ -54,16 +60,31 @@ def value_of(i: int, size: int = VALUE_BYTES) -> bytes:
     return (stem * (size // len(stem) + 1))[:size]
 
 
+def settled(db) -> bool:
+    """Every node acknowledged everything logged: the writer's view of their room is fresh."""
+    w = db.status()["writer"]
+    return all(link["sent_lsn"] >= w["next_lsn"] - 1 for link in w["links"].values())
+
+
 def fill(db, acked: dict, prefix: bytes, value_bytes: int = VALUE_BYTES, puts_max: int = PUTS_MAX) -> StorageFull:
     """Put distinct keys until a put is refused; every acknowledged put goes into `acked`.
-    Returns the refusal (the test fails on any other error, or if nothing is refused)."""
+    Returns the refusal (the test fails on any other error, or if nothing is refused).
+
+    The writer counts what it logged against a node's room until the node's reply says it
+    stored it, so near the limit a put may be refused while the slowest nodes' replies are still
+    on their way: a refused put is tried again once every node acknowledged everything, and only
+    a second refusal ends the fill."""
     for i in range(puts_max):
         key = prefix + b"%06d" % i
         try:
             db.put(key, value_of(i, value_bytes))
-        except StorageFull as e:
-            assert db.get(key) is None, "a refused put must not be there"
-            return e
+        except StorageFull:
+            wait_for(lambda: settled(db), "every node acknowledged everything logged")
+            try:
+                db.put(key, value_of(i, value_bytes))
+            except StorageFull as e:
+                assert db.get(key) is None, "a refused put must not be there"
+                return e
         acked[key] = value_of(i, value_bytes)
     raise AssertionError(f"{puts_max} puts of {value_bytes} bytes fitted in nodes of {MAP_BYTES} bytes")
 
@@ -107,6 +128,11 @@ def space_of(st: dict) -> dict:
     return {n["id"]: (n["used_bytes"], n["capacity_bytes"], n["space_low"]) for n in st["nodes"]}
 
 
+def no_write_quorum_has_room(st: dict) -> bool:
+    """Fewer than four nodes are above their reserve (nodes differ by a page or so)."""
+    return sum(not low for _u, _c, low in space_of(st).values()) < 4
+
+
 def delete_half(db, acked: dict) -> set:
     deleted = set(list(acked)[::2])
     for key in sorted(deleted):
@@ -129,10 +155,12 @@ def test_an_embedded_volume_fills_refuses_puts_naming_the_nodes_keeps_deletes_an
         assert names_nodes(message) and "Nothing was logged" in message and "deletes still work" in message, message
         st = db.status()
         for node_id, (used, capacity, low) in space_of(st).items():
-            assert capacity == MAP_BYTES and 0 < used <= capacity and low, (node_id, used, capacity, low)
+            assert capacity == MAP_BYTES and 0 < used <= capacity, (node_id, used, capacity, low)
+        assert no_write_quorum_has_room(st), space_of(st)
         w = st["writer"]
-        assert w["admission"] == "deletes-only"
-        assert all(link["up"] and link["space_low"] for link in w["links"].values()), w["links"]
+        assert w["admission"] == "deletes-only" and w["room_bytes"] == 0, (w["admission"], w["room_bytes"])
+        assert all(link["up"] and not link["full"] for link in w["links"].values()), w["links"]
+        assert [n for n, link in w["links"].items() if link["space_low"]] == [n for n, (_u, _c, low) in space_of(st).items() if low]
         next_lsn = w["next_lsn"]
         with pytest.raises(StorageFull):
             db.put(b"refused", b"x")
@@ -146,7 +174,7 @@ def test_an_embedded_volume_fills_refuses_puts_naming_the_nodes_keeps_deletes_an
         # What holds in this release: the deletes did not give the room back.
         with pytest.raises(StorageFull):
             db.put(b"after-deletes", b"x")
-        assert all(low for _u, _c, low in space_of(db.status()).values())
+        assert no_write_quorum_has_room(db.status())
 
     with open_embedded(path) as db:  # reopened as it was: still full, nothing lost
         check_reads(db, acked, deleted)
@@ -164,6 +192,31 @@ def test_an_embedded_volume_fills_refuses_puts_naming_the_nodes_keeps_deletes_an
         check_reads(db, {**acked, b"after-growing": b"room again"}, deleted)
 
 
+def test_a_unit_bigger_than_the_room_left_is_refused_whole_and_deletes_still_work(tmp_path):
+    """One put may be most of a small node's room: a unit that cannot fit on a write quorum must
+    be refused before it is logged. Logged, it could never become durable, and every later
+    record (deletes too) would wait behind it: the volume would be stuck until reopened."""
+    with open_embedded(tmp_path / "v", write_timeout_s=2.0) as db:
+        big = b"B" * BIG_VALUE_BYTES
+        db.put(b"a", big)
+        db.put(b"b", big)
+        w = db.status()["writer"]
+        assert w["admission"] == "all", "not low yet: the node's room is above its reserve"
+        next_lsn = w["next_lsn"]
+        with pytest.raises(StorageFull) as got:
+            with db.batch() as b:
+                for i in range(3):
+                    b.put(b"big%d" % i, big)
+        assert type(got.value) is StorageFull and names_nodes(str(got.value)), str(got.value)
+        assert db.status()["writer"]["next_lsn"] == next_lsn, "the refused unit was logged"
+        assert [db.get(b"big%d" % i) for i in range(3)] == [None] * 3
+        db.delete(b"a")
+        assert (db.get(b"a"), db.get(b"b")) == (None, big)
+        db.put(b"small", b"still fits")
+        assert db.get(b"small") == b"still fits"
+        assert not any(link["full"] for link in db.status()["writer"]["links"].values())
+
+
 def test_a_writer_opened_on_a_full_volume_knows_it_before_its_first_append(tmp_path):
     """The writer learns each node's space from its state when it opens, not only from the
     replies to later appends: a put on a full volume is refused at once after an open, so an
@@ -176,11 +229,47 @@ def test_a_writer_opened_on_a_full_volume_knows_it_before_its_first_append(tmp_p
     with open_embedded(path, background=False, write_timeout_s=1.0) as db:
         w = db.status()["writer"]
         assert w["admission"] == "deletes-only", w["admission"]
-        assert all(link["space_low"] for link in w["links"].values())
+        assert sum(not link["space_low"] for link in w["links"].values()) < 4, w["links"]
         next_lsn = w["next_lsn"]
         with pytest.raises(StorageFull):
             db.put(b"after-reopen", b"x")
         assert db.status()["writer"]["next_lsn"] == next_lsn
+
+
+# --- the cost a writer counts per record, against a real LMDB environment ----------------------
+@pytest.mark.parametrize("key_bytes, value_bytes", [
+    (1, 0), (KEY_BYTES_MAX, 0), (8, 100), (8, 2020), (8, 2044), (8, 4060), (8, VALUE_BYTES), (KEY_BYTES_MAX, 3000),
+    (8, VALUE_BYTES_MAX),
+])
+def test_the_cost_the_writer_counts_bounds_what_a_node_takes(tmp_path, key_bytes, value_bytes):
+    """`record_cost_bytes` is what admission counts per record on each node: a real node's
+    high-water mark grows by no more than the sum, whether records come one per frame or many
+    (random keys, two PGs, as the writer sends them), but for the pages that copy-on-write keeps
+    until a transaction commits (both tables' leaves, of the last two transactions), which is
+    what a node's reserve is for besides deletes."""
+    rng = random.Random(f"{key_bytes}:{value_bytes}")
+    for per_frame in (1,) if value_bytes == VALUE_BYTES_MAX else (1, 64):
+        node = StorageNode(str(tmp_path / f"n{per_frame}"), NodeInfo("n1", "a"), Geometry(P), "vol", durable=False,
+                           map_bytes=1 << 30)
+        try:
+            used_before = node.handle("state").used_bytes
+            count = max(64, min(512, (8 << 20) // (value_bytes + 100))) // per_frame * per_frame
+            prev, cost = [0] * P, 0
+            for first in range(1, count + 1, per_frame):
+                records = []
+                for lsn in range(first, first + per_frame):
+                    key = rng.randbytes(key_bytes)
+                    records.append(codec.encode_record(lsn, prev[lsn % P], lsn % P, FLAG_PUT | FLAG_CPL, key, b"v" * value_bytes))
+                    prev[lsn % P] = lsn
+                    cost += record_cost_bytes(key_bytes, value_bytes)
+                node.handle("append", 0, codec.encode_frame(records), first + per_frame - 1)
+            grown = node.handle("state").used_bytes - used_before
+            copy_on_write = 2 * 2 * per_frame * resource.getpagesize()
+            assert grown <= cost + copy_on_write, (
+                f"{count} records, {per_frame} per frame: LMDB grew by {grown} bytes; the cost counted {cost}"
+            )
+        finally:
+            node.close()
 
 
 def test_node_serve_takes_its_map_and_reserve_in_bytes_and_refuses_other_values(tmp_path):

@@ -246,11 +246,11 @@ def repair_append_args_from_pb(req: storage_pb2.AppendRequest | storage_pb2.Repa
 
 
 def append_reply_to_pb(r: AppendReply) -> storage_pb2.AppendReply:
-    return storage_pb2.AppendReply(node=r.node, scls=r.scls, space_low=r.space_low)
+    return storage_pb2.AppendReply(node=r.node, scls=r.scls, space_low=r.space_low, room_bytes=r.room_bytes)
 
 
 def append_reply_from_pb(m: storage_pb2.AppendReply) -> AppendReply:
-    return AppendReply(m.node, tuple(m.scls), m.space_low)
+    return AppendReply(m.node, tuple(m.scls), m.space_low, m.room_bytes)
 
 
 # --- storage: reads -------------------------------------------------------------------------
@@ -452,7 +452,7 @@ def node_state_to_pb(s: NodeState) -> storage_pb2.NodeState:
         corrupt_found=s.corrupt_found, repaired=s.repaired, truncations=[truncation_to_pb(t) for t in s.truncations],
         extra_json=json.dumps(s.extra, sort_keys=True, default=str) if s.extra else "",
         conflicts_refused=s.conflicts_refused, used_bytes=s.used_bytes, capacity_bytes=s.capacity_bytes,
-        space_low=s.space_low,
+        space_low=s.space_low, room_bytes=s.room_bytes,
     )
     if s.membership is not None:
         m.membership.CopyFrom(membership_to_pb(s.membership))
@@ -467,7 +467,7 @@ def node_state_from_pb(m: storage_pb2.NodeState) -> NodeState:
         membership=membership_from_pb(m.membership) if m.HasField("membership") else None,
         extra=json.loads(m.extra_json) if m.extra_json else {},
         conflicts_refused=m.conflicts_refused, used_bytes=m.used_bytes, capacity_bytes=m.capacity_bytes,
-        space_low=m.space_low,
+        space_low=m.space_low, room_bytes=m.room_bytes,
     )
 
 
