@@ -236,6 +236,188 @@ def test_a_writer_opened_on_a_full_volume_knows_it_before_its_first_append(tmp_p
         assert db.status()["writer"]["next_lsn"] == next_lsn
 
 
+# --- cluster ----------------------------------------------------------------------------------
+class LimitedCluster:
+    """A real cluster whose node processes run with limits the launcher does not set: the
+    launcher's own command line (`sixfold node serve --cluster DIR --id ID`) plus extra options
+    (`--map-bytes`, `--reserve-bytes`), and optionally a file size limit (RLIMIT_FSIZE, set in
+    the child before it execs). Their pids go into the manifest, so the launcher (status, health,
+    down) and `engine.connect` treat them as its own. The writer endpoint is the launcher's."""
+
+    def __init__(self, folder, node_args: dict | None = None, file_bytes_max: int | None = None) -> None:
+        self.folder = str(folder)
+        self.node_args = node_args or {}
+        self.file_bytes_max = file_bytes_max
+        self.procs: dict[str, subprocess.Popen] = {}
+        save_manifest(self.folder, new_manifest(base_port=free_base_port(), protection_groups=P, durable=False,
+                                                gossip_interval_s=0.5))
+        self.cluster = Cluster(self.folder)
+
+    def _limit(self) -> None:
+        soft = self.file_bytes_max
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+
+    def start(self) -> None:
+        m = load_manifest(self.folder)
+        for n in active_nodes(m):
+            argv = [sys.executable, "-m", "engine", "node", "serve", "--cluster", self.folder, "--id", n["id"],
+                    "--listen", n["address"], *self.node_args.get(n["id"], ())]
+            log_path = os.path.join(self.folder, n["log"])
+            os.makedirs(os.path.dirname(log_path), exist_ok=True)
+            with open(log_path, "ab") as log:
+                self.procs[n["id"]] = subprocess.Popen(
+                    argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=engine_env(),
+                    cwd=self.folder, start_new_session=True, close_fds=True,
+                    preexec_fn=self._limit if self.file_bytes_max else None,
+                )
+        with locked(self.folder):
+            m = load_manifest(self.folder)
+            for node_id, proc in self.procs.items():
+                node_entry(m, node_id)["pid"] = proc.pid
+            save_manifest(self.folder, m)
+        for n in active_nodes(m):
+            wait_serving(n["address"], timeout_s=WAIT_S, proc=self.procs[n["id"]])
+        self.cluster.start(WRITER, timeout_s=WAIT_S)
+
+    def alive(self) -> dict:
+        return {node_id: proc.poll() is None for node_id, proc in self.procs.items()}
+
+    def stop(self) -> None:
+        self.cluster.down(timeout_s=10)
+        for proc in self.procs.values():
+            proc.wait(10)
+
+    def log(self, name: str) -> str:
+        with open(os.path.join(self.folder, "logs", f"{name}.log"), errors="replace") as fh:
+            return fh.read()
+
+    def check_logs(self) -> None:
+        """No process met an unexpected error (a traceback), and no node answered INTERNAL."""
+        for name in (*NODES, WRITER):
+            text = self.log(name)
+            assert "Traceback" not in text and "INTERNAL" not in text, f"{name}: {text[-3000:]}"
+
+
+@pytest.fixture
+def limited(tmp_path):
+    made = []
+
+    def make(**kwargs) -> LimitedCluster:
+        c = LimitedCluster(tmp_path / f"c{len(made)}", **kwargs)
+        made.append(c)
+        c.start()
+        return c
+
+    yield make
+    for c in made:
+        c.stop()
+
+
+def check_serving_and_reachable(c: LimitedCluster, db) -> dict:
+    """Every node process lives and is SERVING; the writer reaches every node. Returns status."""
+    assert all(c.alive().values()), c.alive()
+    assert {n: c.cluster.health(n) for n in NODES} == {n: "SERVING" for n in NODES}
+    st = db.status()
+    links = st["writer"]["links"]
+    assert all(links[n]["up"] for n in NODES), {n: (l["up"], l["error"]) for n, l in links.items()}
+    assert all(node["up"] and "error" not in node for node in st["nodes"]), st["nodes"]
+    launcher = c.cluster.status()
+    assert all(n["health"] == "SERVING" and "error" not in n for n in launcher["nodes"]), launcher["nodes"]
+    return st
+
+
+@pytest.mark.cluster
+@pytest.mark.parametrize("limit", ["map", "file-size"])
+def test_a_cluster_fills_through_grpc_refuses_with_storage_full_and_keeps_every_ack(limited, limit):
+    if limit == "map":
+        c = limited(node_args={n: ("--map-bytes", str(MAP_BYTES)) for n in NODES})
+    else:
+        c = limited(file_bytes_max=MAP_BYTES)
+    acked: dict[bytes, bytes] = {}
+    with engine.connect(c.folder) as db:
+        big = b"B" * BIG_VALUE_BYTES
+        db.put(b"big-a", big)
+        acked[b"big-a"] = big
+        with pytest.raises(StorageFull) as got:  # more than the room left: refused, not logged
+            with db.batch() as b:
+                for i in range(3):
+                    b.put(b"big%d" % i, big)
+        assert names_nodes(str(got.value)), str(got.value)
+        refused = fill_up(db, acked)
+        assert type(refused) is StorageFull, repr(refused)
+        message = str(refused)
+        assert names_nodes(message) and "Nothing was logged" in message, message
+        st = check_serving_and_reachable(c, db)
+        for node_id, (used, capacity, low) in space_of(st).items():
+            assert capacity == MAP_BYTES and 0 < used <= capacity, (node_id, used, capacity, low)
+        assert no_write_quorum_has_room(st), space_of(st)
+        assert st["writer"]["admission"] == "deletes-only" and st["writer"]["room_bytes"] == 0
+        check_reads(db, acked)
+
+        deleted = delete_half(db, acked)
+        with pytest.raises(StorageFull):
+            with db.batch() as b:
+                b.put(b"big", b"B" * BIG_VALUE_BYTES)
+        check_reads(db, acked, deleted)
+        check_serving_and_reachable(c, db)
+    if limit == "file-size":
+        for n in active_nodes(c.cluster.manifest):
+            assert os.path.getsize(os.path.join(c.folder, n["data"], "data.mdb")) <= MAP_BYTES
+
+    c.stop()  # every process, then all of them again: recovery keeps every acknowledged write
+    c.start()
+    with engine.connect(c.folder) as db:
+        check_reads(db, acked, deleted)
+        with pytest.raises(StorageFull):
+            db.put(b"after-restart", b"x")
+        db.delete(sorted(set(acked) - deleted)[0])
+        check_serving_and_reachable(c, db)
+    c.check_logs()
+
+
+@pytest.mark.cluster
+def test_nodes_that_really_fill_up_stay_reachable_and_the_others_carry_the_writes(limited):
+    """n1 and n2 keep no reserve (`--reserve-bytes 0`) in a small map: they fill to the last page
+    and refuse appends with StorageFull over gRPC (RESOURCE_EXHAUSTED). They are full, not
+    unreachable: SERVING, their links up, shown as full; the other four, with room, are a write
+    quorum, so every put is still acknowledged, and reads work."""
+    small = ("--map-bytes", str(MAP_BYTES // 2), "--reserve-bytes", "0")
+    c = limited(node_args={"n1": small, "n2": small})
+    acked: dict[bytes, bytes] = {}
+    with engine.connect(c.folder) as db:
+
+        def both_full() -> bool:
+            links = db.status()["writer"]["links"]
+            return links["n1"]["full"] and links["n2"]["full"]
+
+        for i in range(PUTS_MAX):
+            key = b"k%06d" % i
+            db.put(key, value_of(i))  # never refused: n3..n6 have room
+            acked[key] = value_of(i)
+            if i % 20 == 0 and both_full():
+                break
+        assert both_full(), "n1 and n2 never filled up"
+        for i in range(PUTS_MAX, PUTS_MAX + 50):
+            key = b"k%06d" % i
+            db.put(key, value_of(i))
+            acked[key] = value_of(i)
+        links = wait_for(lambda: (lambda links: links if [n for n in NODES if links[n]["full"]] == ["n1", "n2"] else None)(
+            db.status()["writer"]["links"]), "n1 and n2, and only they, shown full")
+        assert "StorageFull" in links["n1"]["error"] and "is full" in links["n1"]["error"], links["n1"]
+        st = check_serving_and_reachable(c, db)
+        assert st["writer"]["admission"] == "all"
+        space = space_of(st)
+        assert space["n1"][1] == MAP_BYTES // 2 and space["n3"][1] > MAP_BYTES
+        check_reads(db, acked)
+        deleted = delete_half(db, acked)
+        check_reads(db, acked, deleted)
+        check_serving_and_reachable(c, db)
+    for n in ("n1", "n2"):
+        assert "is full" in c.log(n)
+    c.check_logs()
+
+
+
 # --- the cost a writer counts per record, against a real LMDB environment ----------------------
 @pytest.mark.parametrize("key_bytes, value_bytes", [
     (1, 0), (KEY_BYTES_MAX, 0), (8, 100), (8, 2020), (8, 2044), (8, 4060), (8, VALUE_BYTES), (KEY_BYTES_MAX, 3000),
