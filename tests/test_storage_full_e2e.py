@@ -125,6 +125,10 @@ def check_reads(db, acked: dict, deleted: set = frozenset()) -> None:
 
 
 def space_of(st: dict) -> dict:
+    """Per node (used, capacity, space_low) from a status; a node is low exactly when it has no
+    room left above its reserve."""
+    for n in st["nodes"]:
+        assert n["space_low"] == (n["room_bytes"] == 0) and n["used_bytes"] + n["room_bytes"] <= n["capacity_bytes"], n
     return {n["id"]: (n["used_bytes"], n["capacity_bytes"], n["space_low"]) for n in st["nodes"]}
 
 
@@ -150,7 +154,7 @@ def test_an_embedded_volume_fills_refuses_puts_naming_the_nodes_keeps_deletes_an
     acked: dict[bytes, bytes] = {}
     with open_embedded(path) as db:
         refused = fill_up(db, acked)
-        assert type(refused) is StorageFull
+        assert type(refused) is engine.StorageFull is StorageFull  # the class a caller catches
         message = str(refused)
         assert names_nodes(message) and "Nothing was logged" in message and "deletes still work" in message, message
         st = db.status()

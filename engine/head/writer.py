@@ -131,7 +131,7 @@ def check_value(value) -> None:
 
 def node_status(st, pgcl: Sequence[int]) -> dict:
     """The public status fields of one node, from its NodeState and the writer's PGCLs (with its
-    space: used and capacity bytes, and whether it lives on its reserve)."""
+    space: used and capacity bytes, the room left above its reserve, and whether none is)."""
     return dict(
         scl={pg: s for pg, s in enumerate(st.scls)},
         lag={pg: max(0, pgcl[pg] - s) for pg, s in enumerate(st.scls)},
@@ -144,6 +144,7 @@ def node_status(st, pgcl: Sequence[int]) -> dict:
         used_bytes=st.used_bytes,
         capacity_bytes=st.capacity_bytes,
         space_low=st.space_low,
+        room_bytes=st.room_bytes,
     )
 
 
