@@ -89,7 +89,7 @@ NODE_STATE = st.builds(
     node=NODE, az=NODE, epoch=U64, scls=st.lists(U64, max_size=16).map(tuple), hint_lsn=U64, records=U64, bytes=U64,
     corrupt_found=U64, repaired=U64, truncations=st.lists(truncations(), max_size=4).map(tuple),
     membership=st.one_of(st.none(), memberships()), conflicts_refused=U64, used_bytes=U64, capacity_bytes=U64,
-    space_low=st.booleans(),
+    space_low=st.booleans(), room_bytes=U64,
     extra=st.dictionaries(st.text(max_size=8), st.one_of(st.integers(-(1 << 50), 1 << 50), st.booleans(), st.text(max_size=8)), max_size=4),
 )
 OPS = st.lists(
@@ -99,7 +99,7 @@ OPS = st.lists(
 
 
 # --- round trips ------------------------------------------------------------------------------
-@given(st.builds(AppendReply, NODE, st.lists(U64, max_size=64).map(tuple), st.booleans()))
+@given(st.builds(AppendReply, NODE, st.lists(U64, max_size=64).map(tuple), st.booleans(), U64))
 def test_append_reply_round_trips(r):
     assert convert.append_reply_from_pb(wire(convert.append_reply_to_pb(r))) == r
 

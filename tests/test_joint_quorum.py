@@ -11,7 +11,7 @@ The second half checks the pure core's protocol decisions against brute force, o
 membership of seven node ids and every joint membership that replaces one of six by the seventh:
 quorum predicates and their intersections (also across the steps of a change), PGCL, the
 membership steps and their refusals, catch-up, tail trimming, the fencing decision and write
-admission.
+admission (with the room a put needs on a write quorum, `quorum_limit`).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from engine.core import membership as steps
-from engine.core.admission import Admission, admits, write_admission
+from engine.core.admission import Admission, admits, quorum_limit, record_cost_bytes, unit_cost_bytes, write_admission
 from engine.core.constants import FLAG_PUT, READ_QUORUM, REPLICAS, WRITE_QUORUM
 from engine.core.fencing import FENCE, RESEND, SYNC, on_epoch_refusal
 from engine.core.quorum import has_read_quorum, has_write_quorum, pgcl_of
@@ -385,3 +385,19 @@ def test_write_admission_agrees_with_its_definition(m, up, full, low, puts):
     if admits(adm, puts):
         assert brute_write((up - full - low) if puts else (up - full), m)
     assert len(m.members) == REPLICAS
+
+
+@settings(deadline=None, max_examples=600)
+@given(m=st.sampled_from(EVERY), limits=st.dictionaries(st.sampled_from(NODES), st.integers(0, 6)))
+def test_quorum_limit_is_the_most_a_write_quorum_of_nodes_can_hold(m, limits):
+    """The largest L whose nodes with a limit of at least L are a write quorum (-1: none is)."""
+    fits = [v for v in set(limits.values()) if brute_write({n for n, x in limits.items() if x >= v}, m)]
+    assert quorum_limit(limits, m) == (max(fits) if fits else -1)
+
+
+@settings(deadline=None, max_examples=200)
+@given(ops=st.lists(st.tuples(st.sampled_from([FLAG_PUT, 2]), st.binary(min_size=1, max_size=40), st.binary(max_size=300)),
+                    min_size=1, max_size=5))
+def test_a_units_cost_is_the_sum_of_its_records_costs(ops):
+    assert unit_cost_bytes(ops) == sum(record_cost_bytes(len(k), len(v)) for _f, k, v in ops)
+    assert all(record_cost_bytes(len(k), len(v)) >= 2 * len(k) + len(v) for _f, k, v in ops)

@@ -84,6 +84,8 @@ def run_cluster_node(
     durable: bool | None = None,
     gossip_interval_s: float | None = None,
     scrub_interval_s: float = 1.0,
+    map_bytes: int | None = None,
+    reserve_bytes: int | None = None,
 ) -> int:
     """Serve node `node_id` of the cluster in `folder` until SIGTERM/SIGINT; returns an exit code.
 
@@ -111,5 +113,6 @@ def run_cluster_node(
     return run_node_process(
         node_id=node_id, az=n["az"], data=os.path.join(folder, n["data"]), listen=listen, volume_id=m["volume_id"],
         protection_groups=m["protection_groups"], peers=initial, durable=durable, gossip_interval_s=gossip_interval_s,
-        scrub_interval_s=scrub_interval_s, transport_factory=transport_factory, banner=f" of cluster {folder}",
+        scrub_interval_s=scrub_interval_s, map_bytes=map_bytes, reserve_bytes=reserve_bytes,
+        transport_factory=transport_factory, banner=f" of cluster {folder}",
     )

@@ -318,6 +318,7 @@ def cmd_node_serve(args) -> int:
             return run_cluster_node(
                 args.cluster, args.id, listen=args.listen, durable=False if args.no_durable else None,
                 gossip_interval_s=args.gossip_interval_s, scrub_interval_s=args.scrub_interval_s,
+                map_bytes=args.map_bytes, reserve_bytes=args.reserve_bytes,
             )
         missing = [f"--{k.replace('_', '-')}" for k in ("id", "az", "data", "listen", "volume_id", "protection_groups", "peers")
                    if getattr(args, k) in (None, "")]
@@ -335,6 +336,7 @@ def cmd_node_serve(args) -> int:
             node_id=args.id, az=args.az, data=args.data, listen=args.listen, volume_id=args.volume_id,
             protection_groups=args.protection_groups, peers=peers, durable=not args.no_durable,
             gossip_interval_s=args.gossip_interval_s, scrub_interval_s=args.scrub_interval_s,
+            map_bytes=args.map_bytes, reserve_bytes=args.reserve_bytes,
         )
     except AddressInUse as e:
         logging.getLogger("sixfold.node").error("%s", e)
@@ -442,10 +444,35 @@ def register(sub) -> None:
             serve.add_argument("--gossip-interval-s", type=float, default=None,
                                help=f"seconds between gossip rounds (default {GOSSIP_INTERVAL_S_DEFAULT:g}; 0: off)")
             serve.add_argument("--scrub-interval-s", type=float, default=1.0, help="seconds between scrub steps")
+            serve.add_argument("--map-bytes", type=_byte_count(MAP_BYTES_MIN), default=None, metavar="N", help=(
+                "the most this node's LMDB map (its data file) may hold, in bytes; it answers StorageFull beyond "
+                "(default 32 GiB; the least of this, the file size limit and the disk's room is its capacity)"))
+            serve.add_argument("--reserve-bytes", type=_byte_count(0), default=None, metavar="N", help=(
+                "room kept for deletes and records already logged once the node reports space_low "
+                "(default: max(capacity / 16, min(128 MiB, capacity / 4)))"))
             serve.set_defaults(func=cmd_node_serve)
         else:
             serve.add_argument("--workers", type=int, default=128, help="gRPC worker threads")
             serve.set_defaults(func=cmd_writer_serve)
+
+
+#: The smallest --map-bytes: room for a new node's tables and identity, and then some.
+MAP_BYTES_MIN = 1 << 20
+
+
+def _byte_count(least: int):
+    """An argparse type: a whole number of bytes, at least `least` (a usage error otherwise)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of bytes") from None
+        if value < least:
+            raise argparse.ArgumentTypeError(f"{value} is below the least allowed, {least} bytes")
+        return value
+
+    return parse
 
 
 def _watch_arguments(p: argparse.ArgumentParser) -> None:

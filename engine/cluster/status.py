@@ -62,7 +62,8 @@ class StatusView:
                     st = transport.state(n["id"])
                     out.update(epoch=st.epoch, scl_min=min(st.scls), scl_max=max(st.scls), scls=list(st.scls),
                                records=st.records, bytes=st.bytes, corrupt_found=st.corrupt_found, repaired=st.repaired,
-                               rebuild=dict(st.extra.get("rebuild") or {}))
+                               rebuild=dict(st.extra.get("rebuild") or {}), used_bytes=st.used_bytes,
+                               capacity_bytes=st.capacity_bytes, space_low=st.space_low, room_bytes=st.room_bytes)
                 except SixfoldError as e:
                     out["error"] = str(e)
             return out

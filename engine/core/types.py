@@ -124,6 +124,8 @@ class AppendReply:
     scls: tuple[int, ...]
     #: the node is within its space reserve (see `engine.node.store`): no room for new puts
     space_low: bool = False
+    #: bytes the node can still take above its reserve (0 when space_low)
+    room_bytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -170,6 +172,8 @@ class NodeState:
     used_bytes: int = 0
     capacity_bytes: int = 0
     space_low: bool = False
+    #: bytes left above the reserve (0 when space_low)
+    room_bytes: int = 0
 
 
 @dataclass(frozen=True)

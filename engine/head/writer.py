@@ -5,8 +5,9 @@ Theory of operation
 Callers never talk to nodes. A write validates its input, is admitted (bounded wait for a
 reachable write quorum; refused at once when the nodes with room are not one, see
 `engine.core.admission`), then goes into a lock-free inbox; whichever sender takes the writer lock
-next gives the whole inbox consecutive LSNs from the `VolumeDurability` ledger, encodes the records
-(CRC and all) once into the shared in-memory *tail*, and the callers park on private locks.
+next gives the whole inbox consecutive LSNs from the `VolumeDurability` ledger (refusing, unlogged,
+a put that does not fit in the room a write quorum of nodes has left), encodes the records (CRC
+and all) once into the shared in-memory *tail*, and the callers park on private locks.
 
 One sender thread per node ships the tail to its node: whenever it is idle it takes every record
 it has not yet sent (up to a frame's bounds), so a busy volume gets large frames (group commit)
@@ -54,7 +55,7 @@ from dataclasses import dataclass
 
 from engine import codec
 from engine.core import membership as membership_steps
-from engine.core.admission import Admission, admits, write_admission
+from engine.core.admission import Admission, admits, quorum_limit, unit_cost_bytes, write_admission
 from engine.core.constants import (
     BATCH_OPS_MAX,
     FLAG_CPL,
@@ -157,7 +158,8 @@ def check_value(value) -> None:
 
 
 def node_status(st, pgcl: Sequence[int]) -> dict:
-    """The public status fields of one node, from its NodeState and the writer's PGCLs."""
+    """The public status fields of one node, from its NodeState and the writer's PGCLs (with its
+    space: used and capacity bytes, the room left above its reserve, and whether none is)."""
     return dict(
         scl={pg: s for pg, s in enumerate(st.scls)},
         lag={pg: max(0, pgcl[pg] - s) for pg, s in enumerate(st.scls)},
@@ -167,18 +169,25 @@ def node_status(st, pgcl: Sequence[int]) -> dict:
         corrupt_found=st.corrupt_found,
         repaired=st.repaired,
         rebuild=st.extra.get("rebuild"),
+        used_bytes=st.used_bytes,
+        capacity_bytes=st.capacity_bytes,
+        space_low=st.space_low,
+        room_bytes=st.room_bytes,
     )
 
 
 class _Ticket:
-    """One atomic unit on its way: its ops, their PGs, and the lock its caller parks on."""
+    """One atomic unit on its way: its ops, their PGs, its cost on a node (an upper bound of the
+    bytes its records take there, `engine.core.admission`), and the lock its caller parks on."""
 
-    __slots__ = ("ops", "pgs", "lock", "lsn", "error", "request_id", "digest")
+    __slots__ = ("ops", "pgs", "cost", "lock", "lsn", "error", "request_id", "digest")
 
     def __init__(self, ops, pgs, request_id: bytes | None = None, digest: bytes = b"") -> None:
         self.ops = ops
         #: the PG of every record the unit logs: its ops, then its request record if it has an id
         self.pgs = pgs
+        #: what the unit's records take on a node, its request record included
+        self.cost = unit_cost_bytes(ops) + (record_cost_bytes(len(request_id), len(digest)) if request_id is not None else 0)
         self.lock = _thread.allocate_lock()
         self.lock.acquire()
         self.lsn: int | None = None
@@ -217,6 +226,9 @@ class _NodeLink:
         self.full = False
         #: its last append reply said it is within its space reserve (room for deletes only)
         self.space_low = False
+        #: what this node can hold, in the writer's running total of logged costs: the room it
+        #: reported above its reserve plus the cost of what it held by then (engine.core.admission)
+        self.room_limit = 0
         self.backoff_s = BACKOFF_S_MIN
         self.last_send = 0.0
         #: the link's current fault ("" while it is healthy)
@@ -255,6 +267,14 @@ class Writer:
         self._room = threading.Condition(self._lock)  # writers wait here for LAL / quorum
         self._tail: list[bytes] = []
         self._tail_base = 1  # LSN of _tail[0]
+        #: the running total of the cost of every record logged (engine.core.admission), and the
+        #: total through each record of the tail (a unit's whole cost on its last record, so that a
+        #: node holding part of a unit is not credited with room it has not given)
+        self._logged_cost = 0
+        self._tail_costs: list[int] = []
+        self._trimmed_cost = 0  # the total through the record just below the tail
+        #: the most the running total may reach with a put (quorum_limit); None: recompute
+        self._put_limit: int | None = None
         self._waiters: deque[tuple[int, object]] = deque()
         self._inbox: deque[_Ticket] = deque()  # submitted, not yet given LSNs
         self._senders_waiting = 0
@@ -327,6 +347,12 @@ class Writer:
             if st.epoch == self.epoch:
                 for pg, scl in enumerate(st.scls):
                     self.ledger.scls[pg][n] = scl
+            # Known before the first append reply: a put right after an open must not draw on the
+            # reserve of nodes that are already low (an application that opens, puts and closes
+            # again would otherwise eat, open by open, the room kept for deletes), nor take more
+            # room than they have. Nothing is logged yet: the room is the limit.
+            self.links[n].space_low = st.space_low
+            self.links[n].room_limit = st.room_bytes
         self.recovery = {
             "epoch": self.epoch,
             "vdl": plan.vdl,
@@ -506,6 +532,48 @@ class Writer:
             )
         return adm
 
+    def _put_limit_locked(self) -> int:
+        """The most the running total of logged costs may reach with a put: `quorum_limit` of the
+        nodes that take puts (neither full nor low; an unreachable one by the room it last
+        reported: whether enough nodes answer is admission's other question, which waits or
+        answers Unavailable, never StorageFull). Recomputed only when a link's room or state
+        changed (caller holds the lock)."""
+        limit = self._put_limit
+        if limit is None:
+            limit = self._put_limit = quorum_limit(
+                {n: link.room_limit for n, link in self.links.items() if not link.full and not link.space_low},
+                self.ledger.membership,
+                self.ledger.write_quorum,
+            )
+        return limit
+
+    def _cost_through_locked(self, lsn: int) -> int:
+        """The running total of logged costs through record `lsn` (caller holds the lock). Below
+        the tail it is the total at the tail's start: a node that missed trimmed records gets them
+        from its peers, and its next reply's room counts them."""
+        i = lsn - self._tail_base
+        if i < 0:
+            return self._trimmed_cost
+        costs = self._tail_costs
+        return costs[i] if i < len(costs) else self._logged_cost
+
+    def _room_of_locked(self, link: _NodeLink) -> int:
+        """The room `link`'s node has left above its reserve, as far as the writer knows: what it
+        reported, less what was logged since that it did not yet hold."""
+        return 0 if link.full or link.space_low else max(0, link.room_limit - self._logged_cost)
+
+    def _room_refusal_locked(self, cost: int) -> StorageFull:
+        def room(link: _NodeLink) -> str:
+            what = "full" if link.full else "low on space" if link.space_low else f"{self._room_of_locked(link)} bytes"
+            return what if link.up else f"{what}, unreachable"
+
+        room = ", ".join(f"{n} {room(self.links[n])}" for n in self.ledger.membership.all_nodes)
+        return StorageFull(
+            f"write refused: it needs about {cost} bytes on each of a write quorum of nodes, and no write quorum has "
+            f"that much room left above its reserve (room: {room}). Nothing was logged; deletes still work, and "
+            "smaller puts may still fit."
+        )
+
     def _space_locked(self) -> str:
         """The members out of space, as a person reads it ("" when none is)."""
         members = self.ledger.membership.all_nodes
@@ -625,6 +693,7 @@ class Writer:
         if adm is None and not refuse:
             adm = self._admission_locked()
         space_check = adm is ADMIT_DELETES_ONLY or adm is ADMIT_FULL
+        put_limit = -1 if refuse else self._put_limit_locked()  # no link changes in this loop
         while inbox:
             ticket = inbox[0]
             if refuse:
@@ -645,6 +714,14 @@ class Writer:
                 inbox.popleft()
                 self._join_locked(ticket, self._requests[rid])
                 continue
+            # A put must fit, with everything logged before it, on a write quorum of the nodes that
+            # take puts: logged, a unit that cannot be stored would hold up every later record.
+            cost = ticket.cost
+            if self._logged_cost + cost > put_limit and ticket.puts():
+                inbox.popleft()
+                ticket.error = self._room_refusal_locked(cost)
+                ticket.lock.release()
+                continue
             if not ledger.can_allocate(len(ticket.pgs)):
                 return  # LAL: the rest waits until VDL moves on
             inbox.popleft()
@@ -659,6 +736,10 @@ class Writer:
                 self._requests[rid] = ticket
                 if len(self._requests) > REQUEST_WINDOW_MAX:
                     self._requests.popitem(last=False)
+            if last:
+                self._tail_costs.extend([self._logged_cost] * last)
+            self._logged_cost += cost
+            self._tail_costs.append(self._logged_cost)
             ticket.lsn = allocs[-1][0]
             waiters.append((ticket.lsn, ticket.lock))
 
@@ -862,7 +943,7 @@ class Writer:
                 link.up = True
                 link.full = False
                 link.space_low = reply.space_low
-                self._admission = None
+                self._admission = self._put_limit = None
                 self._room.notify_all()
             link.backoff_s = BACKOFF_S_MIN
             if link.error:
@@ -872,6 +953,12 @@ class Writer:
                 link.sent_lsn = max(link.sent_lsn, start + len(records) - 1)
                 self.stats["flushes"] += 1
                 self.stats["records_sent"] += len(records)
+            # The reply's room counts every record the node holds now: at least those through
+            # sent_lsn (engine.core.admission).
+            room_limit = reply.room_bytes + self._cost_through_locked(link.sent_lsn)
+            if room_limit != link.room_limit:
+                link.room_limit = room_limit
+                self._put_limit = None
             if reply.scls != link.last_scls:
                 link.last_scls = reply.scls
                 try:
@@ -925,7 +1012,7 @@ class Writer:
             note = self._fault_locked(link, e, unexpected)
             if (link.up, link.full) != (up, full):
                 link.up, link.full = up, full
-                self._admission = None
+                self._admission = self._put_limit = None
                 self._room.notify_all()
             link.backoff_s = min(BACKOFF_S_MAX, link.backoff_s * 2)
         self._log_fault(link, note, e, unexpected)
@@ -948,7 +1035,9 @@ class Writer:
         live = [links[n].sent_lsn for n in self.ledger.membership.all_nodes if n in links and links[n].up]
         drop = tail_trim(self._tail_base, len(self._tail), self.ledger.vcl, live, TAIL_RECORDS_MAX)
         if drop:
+            self._trimmed_cost = self._tail_costs[drop - 1]
             del self._tail[:drop]
+            del self._tail_costs[:drop]
             self._tail_base += drop
 
     def _sync_node(self, link: _NodeLink) -> None:
@@ -1006,7 +1095,7 @@ class Writer:
                     if self._background:
                         link.thread = threading.Thread(target=self._sender, args=(link,), name=f"writer->{n}", daemon=True)
                         link.thread.start()
-            self._admission = None
+            self._admission = self._put_limit = None
             epoch = self.epoch
         log.info("membership at epoch %d: %s", epoch, " + ".join("/".join(qs) for qs in new.quorum_sets))
         told = []
@@ -1153,11 +1242,13 @@ class Writer:
                 "in_flight": ledger.in_flight(),
                 "fenced": self._fenced,
                 "admission": self._admission_locked().name.lower().replace("_", "-"),
+                #: the largest put unit (its cost, engine.core.admission) that fits now
+                "room_bytes": max(0, self._put_limit_locked() - self._logged_cost),
                 "membership": {"epoch": ledger.membership.epoch, "members": list(ledger.membership.members),
                                "next_members": list(ledger.membership.next_members) if ledger.membership.next_members else None},
                 "links": {
-                    n: {"up": l.up, "full": l.full, "space_low": l.space_low, "error": l.error, "errors": l.errors,
-                        "last_error": l.last_error, "sent_lsn": l.sent_lsn}
+                    n: {"up": l.up, "full": l.full, "space_low": l.space_low, "room_bytes": self._room_of_locked(l),
+                        "error": l.error, "errors": l.errors, "last_error": l.last_error, "sent_lsn": l.sent_lsn}
                     for n, l in self.links.items()
                 },
                 "recovery": dict(self.recovery),

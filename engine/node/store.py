@@ -293,26 +293,35 @@ class SegmentStore:
     def reserve_bytes(self, capacity_bytes: int) -> int:
         """Room kept for what must still land when the node reports `space_low`.
 
-        Default: max(capacity / 16, min(2 frames, capacity / 4)). Once a writer hears space_low it
-        admits no new puts, but records it already logged must still land here (refusing part of
-        its log would stall it): at most a frame in flight and one being built, each up to
-        FRAME_BYTES_MAX, and LMDB's copy-on-write needs the pages a transaction touches twice until
+        Default: max(capacity / 16, min(2 frames, capacity / 4)). A writer admits a put only where
+        it fits in the room above the reserve (`room_bytes`, by its own bound of what records
+        cost, engine.core.admission), but records it already logged must still land here
+        (refusing part of its log would stall it) when the bound falls short, gossip's repairs
+        come on top, and LMDB's copy-on-write needs the pages a transaction touches twice until
         it commits. Deletes are records too (small ones) and must keep working, so a full volume
         can be emptied: a sixteenth of a large node is kept for them."""
         if self._reserve_bytes_option is not None:
             return self._reserve_bytes_option
         return max(capacity_bytes // RESERVE_FRACTION, min(2 * FRAME_BYTES_MAX, capacity_bytes // 4))
 
-    def space(self) -> tuple[int, int, bool]:
-        """(used_bytes, capacity_bytes, space_low). Used is LMDB's high-water mark (last page + 1
-        times the page size): conservative, as pages freed inside the file are not counted back.
-        The capacity is re-measured at most every SPACE_REFRESH_S (a statvfs and a getrlimit)."""
+    def space(self) -> tuple[int, int, bool, int]:
+        """(used_bytes, capacity_bytes, space_low, room_bytes). Used is LMDB's high-water mark
+        (last page + 1 times the page size): conservative, as pages freed inside the file are not
+        counted back. Room is what is left above the reserve; the node is low on space exactly
+        when none is (room 0), so a writer that admits a put only where it fits
+        (`engine.core.admission`) and one that admits none on low nodes agree. The capacity is
+        re-measured at most every SPACE_REFRESH_S (a statvfs and a getrlimit)."""
         now = time.monotonic()
         if now - self._capacity_at >= SPACE_REFRESH_S:
             self._capacity_bytes, self._capacity_at = self._capacity_now(), now
         used = (self.env.info()["last_pgno"] + 1) * self._page_bytes
         capacity = self._capacity_bytes
-        return used, capacity, capacity - used < self.reserve_bytes(capacity)
+        room = max(0, capacity - used - self.reserve_bytes(capacity))
+        return used, capacity, room == 0, room
+
+    def _append_reply(self) -> AppendReply:
+        _used, _capacity, low, room = self.space()
+        return AppendReply(self.node_id, tuple(self.scls), low, room)
 
     def storage_full_cause(self, exc: BaseException) -> str | None:
         """Why `exc`, an LMDB or OS error of a write, means "no room here"; None if it does not.
@@ -424,7 +433,7 @@ class SegmentStore:
             if not repair:
                 self._fence(epoch)
             if not items and hint_lsn <= self.hint_lsn:  # a heartbeat: nothing to persist
-                return AppendReply(self.node_id, tuple(self.scls), self.space()[2])
+                return self._append_reply()
             if items and items[0].lsn <= self._truncated_max:
                 items = [it for it in items if not self._is_truncated(it.lsn)]
             # Everything is computed on copies and published only after the commit, so nobody is
@@ -477,7 +486,7 @@ class SegmentStore:
             self.scls, self.max_lsn = scls, max_lsn
             if hint_lsn > self.hint_lsn:
                 self.hint_lsn = hint_lsn
-            return AppendReply(self.node_id, tuple(self.scls), self.space()[2])
+            return self._append_reply()
 
     def _index(self, txn, items) -> None:
         """Index a frame's records: user keys in `versions`, request ids in `requests`."""
@@ -836,7 +845,7 @@ class SegmentStore:
 
     def state(self) -> NodeState:
         self._check_open()
-        used, capacity, low = self.space()
+        used, capacity, low, room = self.space()
         with self.env.begin() as txn:
             records = txn.stat(self._log)["entries"]
         return NodeState(
@@ -855,6 +864,7 @@ class SegmentStore:
             used_bytes=used,
             capacity_bytes=capacity,
             space_low=low,
+            room_bytes=room,
         )
 
     def count_repaired(self, n: int) -> None:

@@ -252,11 +252,11 @@ def repair_append_args_from_pb(req: storage_pb2.AppendRequest | storage_pb2.Repa
 
 
 def append_reply_to_pb(r: AppendReply) -> storage_pb2.AppendReply:
-    return storage_pb2.AppendReply(node=r.node, scls=r.scls, space_low=r.space_low)
+    return storage_pb2.AppendReply(node=r.node, scls=r.scls, space_low=r.space_low, room_bytes=r.room_bytes)
 
 
 def append_reply_from_pb(m: storage_pb2.AppendReply) -> AppendReply:
-    return AppendReply(m.node, tuple(m.scls), m.space_low)
+    return AppendReply(m.node, tuple(m.scls), m.space_low, m.room_bytes)
 
 
 # --- storage: reads -------------------------------------------------------------------------
@@ -466,7 +466,7 @@ def node_state_to_pb(s: NodeState) -> storage_pb2.NodeState:
         corrupt_found=s.corrupt_found, repaired=s.repaired, truncations=[truncation_to_pb(t) for t in s.truncations],
         extra_json=json.dumps(s.extra, sort_keys=True, default=str) if s.extra else "",
         conflicts_refused=s.conflicts_refused, used_bytes=s.used_bytes, capacity_bytes=s.capacity_bytes,
-        space_low=s.space_low,
+        space_low=s.space_low, room_bytes=s.room_bytes,
     )
     if s.membership is not None:
         m.membership.CopyFrom(membership_to_pb(s.membership))
@@ -481,7 +481,7 @@ def node_state_from_pb(m: storage_pb2.NodeState) -> NodeState:
         membership=membership_from_pb(m.membership) if m.HasField("membership") else None,
         extra=json.loads(m.extra_json) if m.extra_json else {},
         conflicts_refused=m.conflicts_refused, used_bytes=m.used_bytes, capacity_bytes=m.capacity_bytes,
-        space_low=m.space_low,
+        space_low=m.space_low, room_bytes=m.room_bytes,
     )
 
 
@@ -758,11 +758,11 @@ _STATUS_KEYS = frozenset({"volume_id", "protection_groups", "codec", "durable", 
 _NODE_KEYS = frozenset({"id", "az", "address", "up"})
 _NODE_REPORT_KEYS = frozenset({"scl", "lag", "epoch", "records", "bytes", "corrupt_found", "repaired", "rebuild"})
 #: optional: carried when node_status has them
-_NODE_SPACE_KEYS = ("used_bytes", "capacity_bytes", "space_low")
+_NODE_SPACE_KEYS = ("used_bytes", "capacity_bytes", "space_low", "room_bytes")
 _WRITER_KEYS = frozenset({"epoch", "vdl", "vcl", "next_lsn", "pgcl", "in_flight", "fenced", "admission", "membership",
-                          "links", "recovery", "stats"})
+                          "links", "recovery", "stats", "room_bytes"})
 _MEMBERSHIP_KEYS = frozenset({"epoch", "members", "next_members"})
-_LINK_KEYS = frozenset({"up", "full", "space_low", "error", "errors", "last_error", "sent_lsn"})
+_LINK_KEYS = frozenset({"up", "full", "space_low", "room_bytes", "error", "errors", "last_error", "sent_lsn"})
 _RECOVERY_KEYS = frozenset({"epoch", "vdl", "vcl", "base", "truncated", "sealed", "replicated_records", "seconds"})
 _ENDPOINT_KEYS = frozenset({"pid", "opened_at"})
 
@@ -840,7 +840,7 @@ def _writer_status_to_pb(w: dict) -> kv_pb2.WriterStatus:
     ms = _exactly(w["membership"], _MEMBERSHIP_KEYS, "writer membership")
     m = kv_pb2.WriterStatus(
         epoch=w["epoch"], vdl=w["vdl"], vcl=w["vcl"], next_lsn=w["next_lsn"], pgcl=w["pgcl"], in_flight=w["in_flight"],
-        admission=w["admission"], stats=w["stats"],
+        admission=w["admission"], stats=w["stats"], room_bytes=w["room_bytes"],
         membership=kv_pb2.WriterMembership(epoch=ms["epoch"], members=ms["members"], next_members=ms["next_members"] or ()),
     )
     if w["fenced"] is not None:
@@ -876,10 +876,12 @@ def _writer_status_from_pb(m: kv_pb2.WriterStatus) -> dict:
         "in_flight": m.in_flight,
         "fenced": m.fenced if m.HasField("fenced") else None,
         "admission": m.admission,
+        "room_bytes": m.room_bytes,
         "membership": {"epoch": m.membership.epoch, "members": list(m.membership.members),
                        "next_members": list(m.membership.next_members) or None},
         "links": {
-            node_id: {"up": l.up, "full": l.full, "space_low": l.space_low, "error": l.error, "errors": l.errors,
+            node_id: {"up": l.up, "full": l.full, "space_low": l.space_low, "room_bytes": l.room_bytes,
+                      "error": l.error, "errors": l.errors,
                       "last_error": l.last_error, "sent_lsn": l.sent_lsn}
             for node_id, l in sorted(m.links.items())
         },

@@ -334,9 +334,10 @@ def run_node_process(
         ns.node.start_background(gossip_interval_s, scrub_interval_s)
     st = ns.node.state()
     log.info(
-        "node %s (az %s)%s serving on %s, pid %d, volume %s, %d PGs, epoch %d, %d records, durable=%s, ready in %.2f s",
-        node_id, az, banner, listen, os.getpid(), volume_id, protection_groups, st.epoch, st.records, durable,
-        time.monotonic() - t0,
+        "node %s (az %s)%s serving on %s, pid %d, volume %s, %d PGs, epoch %d, %d records, %d of %d bytes used%s, "
+        "durable=%s, ready in %.2f s",
+        node_id, az, banner, listen, os.getpid(), volume_id, protection_groups, st.epoch, st.records, st.used_bytes,
+        st.capacity_bytes, " (low on space)" if st.space_low else "", durable, time.monotonic() - t0,
     )
     while not stop.wait(1.0):
         pass
