@@ -229,7 +229,7 @@ def node_statuses(draw, P: int):
         records=draw(U64), bytes=draw(U64), corrupt_found=draw(U64), repaired=draw(U64),
         rebuild=draw(st.one_of(st.none(), st.fixed_dictionaries({"active": st.booleans(), "fetched_records": U64}))),
     )
-    for name in ("used_bytes", "capacity_bytes"):
+    for name in ("used_bytes", "capacity_bytes", "room_bytes"):
         if draw(st.booleans()):
             n[name] = draw(U64)
     if draw(st.booleans()):
@@ -237,7 +237,7 @@ def node_statuses(draw, P: int):
     return n
 
 
-LINK = st.fixed_dictionaries({"up": st.booleans(), "full": st.booleans(), "space_low": st.booleans(), "error": TEXT,
+LINK = st.fixed_dictionaries({"up": st.booleans(), "full": st.booleans(), "space_low": st.booleans(), "room_bytes": U64, "error": TEXT,
                               "errors": U64, "last_error": TEXT, "sent_lsn": U64})
 RECOVERY = st.one_of(st.just({}), st.fixed_dictionaries({
     "epoch": U64, "vdl": U64, "vcl": U64, "base": U64, "truncated": st.one_of(st.none(), st.lists(U64, min_size=2, max_size=2)),
@@ -270,6 +270,7 @@ def statuses(draw):
             "links": draw(st.dictionaries(NODE, LINK, max_size=7)),
             "recovery": draw(RECOVERY),
             "stats": draw(st.dictionaries(st.text(min_size=1, max_size=12), U64, max_size=5)),
+            "room_bytes": draw(U64),
         },
         "endpoint": {"pid": draw(st.integers(1, 1 << 22)), "opened_at": draw(st.one_of(st.none(), SECONDS))},
         "membership_change": draw(CHANGE),

@@ -55,7 +55,7 @@ from dataclasses import dataclass
 
 from engine import codec
 from engine.core import membership as membership_steps
-from engine.core.admission import Admission, admits, quorum_limit, unit_cost_bytes, write_admission
+from engine.core.admission import Admission, admits, quorum_limit, record_cost_bytes, unit_cost_bytes, write_admission
 from engine.core.constants import (
     BATCH_OPS_MAX,
     FLAG_CPL,
