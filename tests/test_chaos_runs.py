@@ -200,3 +200,26 @@ def test_cluster_default_faults_valid(tmp_path):
     assert result.overall == "valid", result.report()
     assert result.counts["ok"] > 200
     assert result.stats["faults_applied"] > 5 and result.stats["nemesis_errors"] == []
+
+
+@pytest.mark.cluster
+def test_cluster_replace_mid_run(tmp_path):
+    """Real processes: n1 (local AZ) is replaced by n7 through the launcher and the writer
+    endpoint's ReplaceNode, the writer endpoint is SIGKILLed mid-change, and n7 itself is killed
+    and restarted once it is a member. The run is valid and the digests are over n7, not n1."""
+    from engine.cluster.testing import free_base_port
+
+    plan = FaultPlan(seed=1, duration_s=12.0, events=(
+        FaultEvent(2.0, "replace", ("n1",), {"new": "n7"}),
+        FaultEvent(4.0, "writer_crash", ("writer",), {"down_s": 0.5}),
+        FaultEvent(7.0, "replace_done", ("n1",), {"new": "n7"}),
+        FaultEvent(7.5, "kill", ("n7",)),
+        FaultEvent(8.5, "restart", ("n7",)),
+    ))
+    assert validate_plan(plan) == []
+    result = run(RunConfig(target="cluster", seed=1, duration_s=12.0, plan=plan, base_port=free_base_port()), str(tmp_path))
+    assert result.overall == "valid", result.report()
+    assert result.stats["replaced"] == 1 and result.stats["nemesis_errors"] == []
+    manifest = json.loads((tmp_path / "cluster" / "cluster.json").read_text())
+    states = {n["id"]: n for n in manifest["nodes"]}
+    assert states["n1"].get("retired") and states["n1"].get("replaced_by") == "n7" and not states["n7"].get("retired")

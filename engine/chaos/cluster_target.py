@@ -23,18 +23,22 @@ A writer restart and a membership change take a while, so each runs on a thread 
 plan's next events still fall due meanwhile (a partition that heals while the writer is down, say).
 `replace` starts `Cluster.replace_node`, which adds the node, has the writer endpoint run both epoch
 steps and retires the old node; the endpoint commits the change as soon as the new node has
-caught up, so `replace_done` only marks when the plan expects it done. A new node gets the current
-fault rules once it serves. The run waits (bounded) for every change before its final checks.
+caught up, and `replace_done` waits (bounded) for it: real processes are slower than the plan's
+clock, and later events may name the new node. A new node gets the current fault rules once it
+serves. The run waits (bounded) for every change before its final checks.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
 
 from engine.chaos.plan import FaultEvent, pick_corruption
-from engine.errors import SixfoldError
+from engine.errors import InvalidArgument, SixfoldError
+
+log = logging.getLogger("sixfold.chaos")
 
 CONVERGE_TIMEOUT_S = 90.0
 #: How long a membership change may take, writer restarts included.
@@ -55,6 +59,7 @@ class ClusterNemesis:
         self.message: dict[str, dict] = {}
         self.lock = threading.Lock()
         self.threads: list[threading.Thread] = []
+        self.changes: dict[tuple[str, str], threading.Thread] = {}  # (old, new) -> its thread
         self.errors: list[str] = []
         self.replaced = 0
         self._writer_crashes = 0
@@ -77,6 +82,13 @@ class ClusterNemesis:
 
     def apply(self, ev: FaultEvent) -> None:
         c, k, targets = self.cluster, ev.kind, ev.targets
+        if k == "replace_done":
+            # Real processes are slower than the plan's clock: wait (bounded) for the change, so
+            # that later events naming the new node find it a member and the old one gone.
+            t = self.changes.get((targets[0], ev.param("new")))
+            if t is not None:
+                t.join(REPLACE_TIMEOUT_S)
+            return
         with self.lock:
             if k == "kill":
                 for n in targets:
@@ -100,14 +112,14 @@ class ClusterNemesis:
                     c.start(n)
                 self._push(nodes)
             elif k == "writer_crash":
-                c.kill("writer")
+                if c.state("writer") != "down":  # down already: an earlier crash's restart is late
+                    c.kill("writer")
                 self._writer_crashes += 1
                 self._background(f"writer-restart-{self._writer_crashes}", self._restart_writer,
                                  float(ev.param("down_s", 0.1)), self._writer_crashes)
             elif k == "replace":
-                self._background(f"replace-{targets[0]}", self._replace, targets[0], ev.param("new"))
-            elif k == "replace_done":
-                pass  # the endpoint commits the change once the new node has caught up
+                name = f"replace-{targets[0]}"
+                self.changes[(targets[0], ev.param("new"))] = self._background(name, self._replace, targets[0], ev.param("new"))
             elif k == "corrupt":
                 for n in targets:
                     index, bits = pick_corruption(ev, self.P, 64)
@@ -143,10 +155,11 @@ class ClusterNemesis:
             else:
                 raise AssertionError(f"unknown fault kind {k}")
 
-    def _background(self, name: str, fn, *args) -> None:
+    def _background(self, name: str, fn, *args) -> threading.Thread:
         t = threading.Thread(target=self._guarded, args=(name, fn) + args, name=name, daemon=True)
         t.start()
         self.threads.append(t)
+        return t
 
     def _guarded(self, name: str, fn, *args) -> None:
         try:
@@ -177,10 +190,13 @@ class ClusterNemesis:
                 self.cluster.replace_node(old, new, timeout_s=REPLACE_TIMEOUT_S, on_change=on_change)
                 self.replaced += 1
                 return
-            except SixfoldError:
+            except InvalidArgument:
+                raise  # refused outright: asking again would not help
+            except SixfoldError as e:
                 # The writer endpoint is down or recovering (it runs the change): ask again.
                 if time.monotonic() > deadline:
                     raise
+                log.info("replace %s -> %s: %s: %s; asking again", old, new, type(e).__name__, e)
                 time.sleep(0.5)
 
     def wait_background(self, timeout_s: float) -> bool:
