@@ -69,9 +69,9 @@ in.
 Aimed episodes. Random faults rarely line up the way a broken protocol needs to show, so some
 families are shapes aimed at a weakness, each inside the budget (Jepsen's targeted nemeses):
 
-* `isolate`: the writer is cut off with two nodes (a minority: fewer than a write quorum), while
-  the other four still reach each other; clients keep writing; then the writer crashes, the
-  minority is lost with it (killed), and a new writer recovers from the four. A correct writer
+* `isolate`: after a quiet lead, the writer is cut off with two nodes (a minority: fewer than a
+  write quorum), while the other four still reach each other; clients keep writing; then the
+  writer crashes, the minority is lost with it (killed), and a new writer recovers from the four. A correct writer
   acknowledged nothing in the partition; one that acknowledges at two segments (`--weaken
   write-quorum-2`) has acknowledged writes that only the lost minority held.
 * `replace`: a membership change, sometimes of a node already dead, sometimes with the "swap":
@@ -848,16 +848,20 @@ class _Builder:
         minority = tuple(sorted(rng.sample(nodes, ISOLATE_MINORITY)))
         rest = tuple(n for n in nodes if n not in minority)
         span = e - s
-        crash_s = _ms(s + rng.uniform(0.4, 0.6) * span)
-        down_s = _ms(rng.uniform(0.05, 0.15) * span)
+        # A quiet lead first (every resource is held, so nothing happens): a writer that an
+        # earlier fault left recovering comes back, and nodes that were down catch up, so the
+        # writer and the minority can take writes when the partition comes.
+        cut_s = _ms(s + rng.uniform(0.2, 0.3) * span)
+        crash_s = _ms(cut_s + rng.uniform(0.3, 0.4) * span)
+        down_s = _ms(rng.uniform(0.05, 0.1) * span)
         # The partition heals while the writer is down, so the new writer reaches the others,
         # and the minority comes back only well after the new writer has opened.
         heal_s = _ms(crash_s + down_s / 2)
-        if not (s < crash_s < heal_s < crash_s + down_s < e - down_s):
+        if not (s < cut_s < crash_s < heal_s < crash_s + down_s < e - down_s):
             return None
         return _Episode(
             events=(
-                FaultEvent(s, "partition", rest, {"groups": ((WRITER,) + minority, rest)}),
+                FaultEvent(cut_s, "partition", rest, {"groups": ((WRITER,) + minority, rest)}),
                 FaultEvent(crash_s, "writer_crash", (WRITER,), {"down_s": down_s}),
                 FaultEvent(crash_s, "kill", minority),
                 FaultEvent(heal_s, "heal", ()),

@@ -8,8 +8,9 @@ of a run can be printed and replayed. Then, per target:
 
 * `sim`: `engine.chaos.sim.Simulation`, one thread, simulated time: the same seed gives the
   same history, byte for byte.
-* `embedded`: the embedded engine with real threads; node faults through `db.cluster`, network
-  faults through the fault-injecting transport wrapped around every in-process transport.
+* `embedded`: the embedded engine with real threads; node faults through the volume, network
+  faults through the fault-injecting transport wrapped around every in-process transport; a
+  writer restart and the steps of a membership change run on threads beside the nemesis.
 * `cluster`: real processes started by the launcher in the run folder; SIGKILL / SIGSTOP /
   SIGCONT through the launcher, corruption through the node's admin RPC, network faults through
   the fault layer in the nodes' and writer's gRPC clients (admin RPC), when available.
@@ -22,6 +23,7 @@ folder gets `plan.json`, `history.jsonl` and `report.json`.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import threading
@@ -33,6 +35,8 @@ from engine.chaos.history import History
 from engine.chaos.plan import FAULT_NAMES, FaultEvent, FaultPlan, generate_plan
 from engine.chaos.workload import Workload
 from engine.errors import SixfoldError
+
+log = logging.getLogger("sixfold.chaos")
 
 TARGETS = ("sim", "embedded", "cluster")
 CONVERGE_TIMEOUT_S = 60.0
@@ -228,22 +232,29 @@ def _run_embedded(config: RunConfig, plan: FaultPlan, out_dir: str, progress):
                 try:
                     vol.crash_writer()  # there is no writer: this opens one (recovery)
                     return
-                except SixfoldError:
-                    pass
+                except SixfoldError as e:
+                    log.info("writer reopen failed, retrying: %s: %s", type(e).__name__, e)
             time.sleep(0.1)
 
+    def crash_then_reopen(w, down_s: float, crash: int) -> None:
+        t0 = time.monotonic()
+        if w is not None:
+            # Stopping the old writer's threads may take a while (a sender in its back-off):
+            # it stops on a thread of its own, and a writer it has not yet stopped is fenced by
+            # the new one's epoch, as a crashed process that had not quite died would be.
+            threading.Thread(target=w.abandon, name="writer-abandon", daemon=True).start()
+        time.sleep(max(0.0, down_s - (time.monotonic() - t0)))
+        reopen_writer(crash)
+
     def on_writer_crash(ev: FaultEvent) -> None:
-        # The writer stops now; a new one opens after down_s on a thread of its own, so the plan's
-        # next events (a partition healing, say) still fall due while the writer is down.
+        # The writer stops serving now; a new one opens after down_s on a thread of its own, so
+        # the plan's next events (a partition healing, say) still fall due while it is down.
         with writer_lock:
             crashes[0] += 1
-            w = vol.writer
-            if w is not None:
-                w.abandon()
-            vol.writer = None
+            w, vol.writer = vol.writer, None
             crash = crashes[0]
-        t = threading.Timer(float(ev.param("down_s", 0.1)), reopen_writer, args=(crash,))
-        t.daemon = True
+        t = threading.Thread(target=crash_then_reopen, args=(w, float(ev.param("down_s", 0.1)), crash),
+                             name=f"writer-crash-{crash}", daemon=True)
         t.start()
         reopeners.append(t)
 
