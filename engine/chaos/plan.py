@@ -25,8 +25,9 @@ Event kinds and what heals them (`HEALED_BY`):
 
 `replace` is a membership change (Aurora's ABCDEF -> ABCDEF+ABCDEG -> ABCDEG): the new node
 joins the old node's AZ as a member of a second quorum set and rebuilds from its peers;
-`replace_done` commits the change once the new node has caught up (the runner waits for that,
-bounded), and the old node is retired: no later event may name it. While the change is under way
+`replace_done` says the change may be committed: the runner does so once the new node has caught
+up (the cluster target waits for that, bounded), and the old node is retired: no later event
+may name it. While the change is under way
 the membership has two quorum sets, and a write needs a write quorum of both.
 
 A partition says who cannot reach whom: `groups` is a tuple of disjoint groups of endpoints that
@@ -71,15 +72,16 @@ families are shapes aimed at a weakness, each inside the budget (Jepsen's target
 
 * `isolate`: after a quiet lead, the writer is cut off with two nodes (a minority: fewer than a
   write quorum), while the other four still reach each other; clients keep writing; then the
-  writer crashes, the minority is lost with it (killed), and a new writer recovers from the four. A correct writer
-  acknowledged nothing in the partition; one that acknowledges at two segments (`--weaken
-  write-quorum-2`) has acknowledged writes that only the lost minority held.
+  writer crashes, the minority is lost with it (killed), and a new writer recovers from the
+  four. A correct writer acknowledged nothing in the partition; one that acknowledges at two
+  segments (`--weaken write-quorum-2`) has acknowledged writes that only the lost minority held.
 * `replace`: a membership change, sometimes of a node already dead, sometimes with the "swap":
   the old node, its AZ peer and the new node are cut off while the other four take writes
   (acknowledged on a write quorum of both sets), then the partition flips and the writer reaches
   only those three (the writer is isolated, see above). Three nodes that are not a read quorum of
   either quorum set then hold none of the acknowledged writes: a quorum read must refuse, never
-  answer from them. The old node is of the writer's local AZ (the first AZ, "a") half the time.
+  answer from them. The old node is of the writer's local AZ (the first AZ, "a") at least half
+  the time.
 
 `generate_plan` reserves for each aimed family in `faults` a window of its own (with
 probability `AIM_PROBABILITY`) at a random time: random episodes that start before the window end
