@@ -270,6 +270,7 @@ def _run_embedded(config: RunConfig, plan: FaultPlan, out_dir: str, progress):
     driver.start()
     try:
         workload, history, nemesis = _drive(config, plan, db, apply, progress)
+        changes.finish_all()  # the workload may end (ops_max) before the plan's replace_done
         heal_everything(vol, faults)
         for t in reopeners:
             t.join(WRITER_REOPEN_S)

@@ -358,6 +358,13 @@ class MembershipChanges:
             self._error(f"replace_done {ev.targets} at {ev.at_s}s matches no change under way")
         self.step()
 
+    def finish_all(self) -> None:
+        """The run is over (a threaded nemesis may stop before the plan's last events): let
+        every queued change commit once its new node has caught up."""
+        with self._lock:
+            for c in self._queue:
+                c["finish"] = True
+
     def _error(self, why: str) -> None:
         if len(self.errors) < self.ERRORS_MAX:
             self.errors.append(why)
