@@ -38,6 +38,7 @@ from dataclasses import dataclass
 
 from engine import codec
 from engine.core.constants import LAL_DEFAULT
+from engine.core.quorum import has_write_quorum
 from engine.core.types import Geometry, NodeInfo, default_nodes
 from engine.errors import GeometryMismatch, InvalidArgument, NodeNotFound, SixfoldError, Unavailable, WrongFolder
 from engine.files import TMP_SUFFIX, atomic_write
@@ -345,7 +346,29 @@ class EmbeddedVolume:
         is reverted. Returns a summary; `progress(fraction)` is called while `new` rebuilds."""
         import time as _time
 
+        was_down = self.nodes.get(old) is None
+        self.begin_replace_node(old, new)
+        t0 = _time.monotonic()
+        while not self.writer.replacement_caught_up(new):
+            if was_down and self.nodes.get(old) is not None:
+                self.revert_replace_node(new)
+                return {"replaced": False, "reverted": True, "seconds": round(_time.monotonic() - t0, 3)}
+            if _time.monotonic() - t0 > timeout_s:
+                raise SixfoldError(f"{new} did not catch up within {timeout_s:g} s; the change stays open (revert or wait)")
+            if progress is not None:
+                progress(self._rebuild_fraction(new))
+            _time.sleep(0.05)
+        self.finish_replace_node(old)
+        return {"replaced": True, "reverted": False, "seconds": round(_time.monotonic() - t0, 3),
+                "epoch": self.writer.epoch}
+
+    def begin_replace_node(self, old: str, new: str) -> None:
+        """Step 1 of `replace_node`, without waiting: start `new` in `old`'s AZ and make it a
+        member of a second quorum set (epoch step 1). `new` then rebuilds from its peers; call
+        `finish_replace_node` once `writer.replacement_caught_up(new)` (a simulator drives these
+        steps itself)."""
         with self._lock:
+            w = self._w
             info_old = self._info(old)
             if any(i.id == new for i in self.node_infos):
                 raise InvalidArgument(f"node {new} already exists")
@@ -353,27 +376,48 @@ class EmbeddedVolume:
                 raise InvalidArgument(f"node id {new!r}: use letters, digits, - or _")
             info_new = NodeInfo(new, info_old.az)
             self.node_infos.append(info_new)
-            self.writer.nodes = tuple(self.node_infos)
+            w.nodes = tuple(self.node_infos)
             self._save_nodes()
             self.registry.set(new, None)
             self._start(info_new)
-        was_down = self.nodes.get(old) is None
-        self.writer.begin_replace(old, new)
-        t0 = _time.monotonic()
-        while not self.writer.replacement_caught_up(new):
-            if was_down and self.nodes.get(old) is not None:
-                self.writer.revert_replace()
-                self._retire(new)
-                return {"replaced": False, "reverted": True, "seconds": round(_time.monotonic() - t0, 3)}
-            if _time.monotonic() - t0 > timeout_s:
-                raise SixfoldError(f"{new} did not catch up within {timeout_s:g} s; the change stays open (revert or wait)")
-            if progress is not None:
-                progress(self._rebuild_fraction(new))
-            _time.sleep(0.05)
-        self.writer.finish_replace()
+        w.begin_replace(old, new)
+
+    def finish_replace_node(self, old: str) -> None:
+        """Step 2 of `replace_node`: drop `old` from the membership (epoch step 2), and retire it
+        once a write quorum of the new membership knows the step; until then a writer opened
+        after a crash could still find the change under way, with `old` a member. Raises
+        Unavailable while too few nodes know; call it again (it never steps twice)."""
+        w = self._w
+        if old in w.ledger.membership.all_nodes:
+            try:
+                w.finish_replace()
+            except Unavailable:
+                pass  # the writer tells the others as they answer (EpochBehind); checked below
+        m = w.ledger.membership
+        told = [n for n in m.all_nodes if self._knows_membership(n, m)]
+        if not has_write_quorum(told, m):
+            raise Unavailable(f"membership of epoch {m.epoch} is known to {', '.join(told) or 'no node'} only; "
+                              f"{old} is retired once a write quorum knows it")
         self._retire(old)
-        return {"replaced": True, "reverted": False, "seconds": round(_time.monotonic() - t0, 3),
-                "epoch": self.writer.epoch}
+
+    def revert_replace_node(self, new: str) -> None:
+        """Undo step 1 (the old node came back first): drop `new` and retire it."""
+        w = self._w
+        try:
+            w.revert_replace()
+        finally:
+            if new not in w.ledger.membership.all_nodes:
+                self._retire(new)
+
+    def _knows_membership(self, node_id: str, membership) -> bool:
+        node = self.nodes.get(node_id)
+        if node is None:
+            return False
+        try:
+            st = node.state()
+        except SixfoldError:
+            return False
+        return st.membership is not None and st.membership.epoch >= membership.epoch
 
     def _rebuild_fraction(self, node_id: str) -> float:
         return self.writer.catch_up_progress(node_id)[0]

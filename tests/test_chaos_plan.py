@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from engine.chaos.plan import (
+    AIMED_NAMES,
     DEFAULT_NODES,
     FAULT_NAMES,
     IMPAIRED_MAX,
@@ -23,6 +24,9 @@ from engine.chaos.plan import (
     replay,
     validate_plan,
 )
+from engine.core.constants import READ_QUORUM, WRITE_QUORUM
+from engine.core.quorum import has_read_quorum, has_write_quorum
+from engine.core.types import Membership
 from engine.errors import InvalidArgument
 
 NODES = dict(DEFAULT_NODES)
@@ -30,7 +34,17 @@ NODES = dict(DEFAULT_NODES)
 
 def oracle_impaired_after_each_event(plan: FaultPlan) -> list[tuple[float, set[str], bool]]:
     """A second, plain reading of the rules: (time, impaired nodes, anything at all faulty)."""
-    down, paused, cut, corrupt, dropping, timing = set(), set(), set(), set(), set(), {}
+    return [(at_s, impaired, faulty) for at_s, impaired, _, faulty, _ in oracle_timeline(plan)]
+
+
+def oracle_timeline(plan: FaultPlan):
+    """Per event: (time, impaired nodes, the most impaired in one quorum set, anything faulty,
+    the nodes that exist). Written apart from `replay`, from the module docstring's rules."""
+    down, paused, corrupt, dropping, timing = set(), set(), set(), set(), {}
+    sets = [set(NODES) if not plan.nodes else {n for n, _ in plan.nodes}]
+    exist = set(sets[0])
+    rebuilding: set[str] = set()
+    groups = None
     out = []
     for e in plan.events:
         t = set(e.targets)
@@ -44,10 +58,9 @@ def oracle_impaired_after_each_event(plan: FaultPlan) -> list[tuple[float, set[s
         elif k == "resume":
             paused -= t
         elif k == "partition":
-            (writer_side,) = [set(g) for g in e.param("groups") if WRITER in g]
-            cut = set(NODES) - writer_side
+            groups = [set(g) for g in e.param("groups")]
         elif k == "heal":
-            cut = set()
+            groups = None
         elif k == "corrupt":
             corrupt |= t
         elif k == "scrub":
@@ -62,9 +75,31 @@ def oracle_impaired_after_each_event(plan: FaultPlan) -> list[tuple[float, set[s
                 timing.get(kind, set()).difference_update(t)
         elif k == "unslow":
             timing.get("slow", set()).difference_update(t)
-        impaired = down | paused | cut | corrupt | dropping
-        faulty = bool(impaired) or any(timing.values())
-        out.append((e.at_s, impaired, faulty))
+        elif k == "replace":
+            (old,) = e.targets
+            new = e.param("new")
+            sets = [sets[0], (sets[0] - {old}) | {new}]
+            rebuilding.add(new)
+            exist.add(new)
+        elif k == "replace_done":
+            (old,) = e.targets
+            sets = [sets[1]]
+            rebuilding.discard(e.param("new"))
+            exist.discard(old)
+            for s in (down, paused, corrupt, dropping, *timing.values()):
+                s.discard(old)
+        cut, writer_alone = set(), False
+        if groups:
+            (writer_side,) = [g for g in groups if WRITER in g]
+            cut = exist - writer_side
+            for g in groups:
+                if WRITER not in g and all(len(g & q) >= WRITE_QUORUM for q in sets):
+                    cut -= g  # whole and together: only the writer is cut off
+                    writer_alone = True
+        impaired = down | paused | cut | corrupt | dropping | rebuilding
+        worst = max(len(impaired & q) for q in sets)
+        faulty = bool(impaired) or any(timing.values()) or writer_alone
+        out.append((e.at_s, impaired, worst, faulty, set(exist)))
     return out
 
 
@@ -96,14 +131,14 @@ def test_json_round_trip(seed, duration_s, faults, unbounded):
 @given(st.integers(0, 2**32), st.floats(1.0, 600.0), fault_sets)
 def test_budget_holds_at_every_instant_and_everything_heals(seed, duration_s, faults):
     plan = generate_plan(seed, duration_s, faults)
-    timeline = oracle_impaired_after_each_event(plan)
-    for at_s, impaired, _ in timeline:
-        assert len(impaired) <= IMPAIRED_MAX, f"seed={seed}: {sorted(impaired)} impaired at {at_s}s"
+    timeline = oracle_timeline(plan)
+    for at_s, impaired, worst, _, _ in timeline:
+        assert worst <= IMPAIRED_MAX, f"seed={seed}: {sorted(impaired)} impaired at {at_s}s"
     if timeline:
-        assert timeline[-1][1] == set() and not timeline[-1][2], f"seed={seed}: not healed"
+        assert timeline[-1][1] == set() and not timeline[-1][3], f"seed={seed}: not healed"
     assert plan.healed_at_s <= duration_s * (1 - TAIL_FRACTION) + 1e-9, "a healing period ends the plan"
     assert validate_plan(plan) == []
-    assert max_impaired(plan) == max((len(i) for _, i, _ in timeline), default=0)
+    assert max_impaired(plan) == max((w for _, _, w, _, _ in timeline), default=0)
 
 
 @settings(max_examples=100, deadline=None)
@@ -138,12 +173,15 @@ def test_every_kind_appears_and_partitions_name_every_endpoint():
     for seed in range(40):
         plan = generate_plan(seed, 300.0, set(FAULT_NAMES))
         kinds |= {e.kind for e in plan.events}
-        for e in plan.events:
+        exist = set(NODES)
+        for e, (_, _, _, _, after) in zip(plan.events, oracle_timeline(plan)):
+            assert set(e.targets) <= exist | {WRITER}, f"seed={seed}: {e} names a node that does not exist"
             if e.kind == "partition":
                 named = sorted(m for g in e.param("groups") for m in g)
-                assert named == sorted(list(NODES) + [WRITER])
+                assert named == sorted(exist | {WRITER})
+            exist = after
     assert kinds >= {"kill", "restart", "pause", "resume", "partition", "heal", "az_down", "az_up",
-                     "corrupt", "scrub", "writer_crash", "slow", "unslow", "clear"}
+                     "corrupt", "scrub", "writer_crash", "slow", "unslow", "clear", "replace", "replace_done"}
     assert kinds & {"drop", "duplicate", "reorder", "delay"}
 
 
@@ -204,3 +242,156 @@ def test_describe_names_the_seed_and_every_event():
     plan = generate_plan(11, 60, {"kill", "partition"})
     text = plan.describe()
     assert "seed=11" in text and len(text.splitlines()) == len(plan.events) + 1
+
+
+# --- aimed episodes and membership changes ---------------------------------------------------
+
+def _isolations(plan: FaultPlan):
+    """Each `isolate` episode of a plan: (partition, writer_crash, kill, heal, restart)."""
+    out = []
+    events = list(plan.events)
+    for i, p in enumerate(events):
+        if p.kind != "partition":
+            continue
+        (writer_side,) = [set(g) for g in p.param("groups") if WRITER in g]
+        minority = writer_side - {WRITER}
+        if len(minority) != 2:
+            continue
+        later = events[i + 1:]
+        crash = next(e for e in later if e.kind == "writer_crash")
+        kill = next(e for e in later if e.kind == "kill" and set(e.targets) == minority)
+        heal = next(e for e in later if e.kind in ("heal", "partition"))
+        restart = next(e for e in later if e.kind == "restart" and set(e.targets) == minority)
+        out.append((p, crash, kill, heal, restart))
+    return out
+
+
+def test_isolate_cuts_the_writer_off_with_a_minority_then_loses_it_inside_the_budget():
+    """The shape that shows a write quorum of two: the writer reaches only two nodes while the
+    other four reach each other; then the writer crashes and the two are lost with it, and the
+    new writer can recover only from the four. Inside the budget: nothing is impaired while the
+    writer is isolated (the four are whole), two nodes while they are down."""
+    found = 0
+    for seed in range(40):
+        plan = generate_plan(seed, 5.0, set(FAULT_NAMES))
+        assert validate_plan(plan) == [] and max_impaired(plan) <= IMPAIRED_MAX
+        health = {(h.at_s, h.kind): h for h in replay(plan)}
+        for p, crash, kill, heal, restart in _isolations(plan):
+            found += 1
+            (rest,) = [set(g) for g in p.param("groups") if WRITER not in g]
+            h = health[(p.at_s, "partition")]
+            assert len(h.present) == 6, "no membership change is under way"
+            assert len(rest) == 4 and has_write_quorum(rest, Membership(0, tuple(sorted(h.present))))
+            assert h.writer_isolated and h.isolated == frozenset(), "the four are whole: the writer is cut off"
+            assert crash.at_s == kill.at_s, "the writer and the minority are lost at the same instant"
+            assert heal.kind == "heal" and crash.at_s < heal.at_s < crash.at_s + crash.param("down_s"), \
+                "the partition heals while the writer is down, so the new writer reaches the four"
+            assert restart.at_s > crash.at_s + crash.param("down_s"), "the minority returns after the new writer opened"
+            assert health[(kill.at_s, "kill")].impaired_max <= 2
+    assert found >= 30, f"only {found} of 40 default plans isolate the writer"
+
+
+def test_replace_changes_membership_inside_the_budget():
+    local, other, dead, swaps = 0, 0, 0, 0
+    for seed in range(60):
+        plan = generate_plan(seed, 5.0, set(FAULT_NAMES))
+        assert validate_plan(plan) == []
+        events = list(plan.events)
+        azs = dict(NODES)
+        members = sorted(NODES)
+        for i, e in enumerate(events):
+            if e.kind != "replace":
+                continue
+            (old,) = e.targets
+            new = e.param("new")
+            assert new not in azs, "a new node has a new id"
+            azs[new] = azs[old]
+            done = next(j for j in range(i + 1, len(events)) if events[j].kind == "replace_done")
+            assert events[done].targets == (old,) and events[done].param("new") == new
+            assert all(old not in x.targets for x in events[done + 1:]), "a retired node is never named again"
+            assert all(new not in x.targets for x in events[:i]), "a new node is named only once it exists"
+            local += azs[old] == "a"
+            other += azs[old] != "a"
+            before = [x for x in events[:i] if x.at_s == e.at_s and x.kind == "kill" and x.targets == (old,)]
+            dead += bool(before) and not any(x.kind == "restart" and old in x.targets for x in events[i:])
+            flips = [x for x in events[i + 1:done] if x.kind == "partition"]
+            if len(flips) == 2:
+                swaps += 1
+                joint = Membership(1, tuple(members), tuple(sorted(new if n == old else n for n in members)))
+                (trio,) = [set(g) - {WRITER} for g in flips[1].param("groups") if WRITER in g]
+                (four,) = [set(g) for g in flips[1].param("groups") if WRITER not in g]
+                assert old in trio and new in trio and len(trio) == 3
+                assert not has_read_quorum(trio, joint), "the writer's side is no read quorum of either set"
+                assert has_write_quorum(four, joint), "the writes went to a write quorum of both sets"
+                assert {azs[n] for n in trio} == {azs[old]}, "the old node, its AZ peer and the new node"
+            members = sorted(new if n == old else n for n in members)
+    assert local >= 5 and other >= 5, (local, other)
+    assert dead >= 3 and swaps >= 5, (dead, swaps)
+
+
+def test_both_quorum_sets_count_against_the_budget_during_a_change():
+    change = (FaultEvent(1.0, "replace", ("n1",), {"new": "n7"}), FaultEvent(4.0, "replace_done", ("n1",), {"new": "n7"}))
+    kills = (FaultEvent(2.0, "kill", ("n3", "n4", "n5")), FaultEvent(3.0, "restart", ("n3", "n4", "n5")))
+    plain = FaultPlan(seed=0, duration_s=10, events=kills)
+    assert validate_plan(plain) == [] and max_impaired(plain) == 3
+    # the new set {n7 (rebuilding), n2, n3, n4, n5, n6} has four impaired: over the budget
+    during = FaultPlan(seed=0, duration_s=10, events=tuple(sorted(change + kills, key=lambda e: e.at_s)))
+    assert max_impaired(during) == 4
+    assert any("budget" in p for p in validate_plan(during))
+    # the old node, once retired, no longer counts (it may even stay dead: it was replaced)
+    dead = FaultPlan(seed=0, duration_s=10, events=(
+        FaultEvent(1.0, "kill", ("n1",)), change[0], change[1],
+        FaultEvent(5.0, "kill", ("n7", "n2")), FaultEvent(6.0, "restart", ("n7", "n2")),
+    ))
+    assert validate_plan(dead) == []
+    health = replay(dead)
+    assert health[-1].healthy and "n1" not in health[-1].present and "n7" in health[-1].present
+    # n1 dead in the old set, n7 rebuilding in the new one: one each
+    assert [h.impaired_max for h in health] == [1, 1, 0, 2, 0]
+
+
+def test_a_partition_that_isolates_the_writer_impairs_no_segment():
+    def plan_of(*groups):
+        return FaultPlan(seed=0, duration_s=10, events=(
+            FaultEvent(1.0, "partition", (), {"groups": groups}), FaultEvent(2.0, "heal", ())))
+    alone = plan_of(("writer", "n1", "n2"), ("n3", "n4", "n5", "n6"))
+    assert max_impaired(alone) == 0 and validate_plan(alone) == []
+    assert replay(alone)[0].writer_isolated and not replay(alone)[0].healthy
+    # the four do not reach each other: they are cut off, not whole
+    scattered = plan_of(("writer", "n1", "n2"), ("n3", "n4"), ("n5", "n6"))
+    assert max_impaired(scattered) == 4 and any("budget" in p for p in validate_plan(scattered))
+    # three against three: neither side has a write quorum, the three cut off are impaired
+    halves = plan_of(("writer", "n1", "n2", "n3"), ("n4", "n5", "n6"))
+    assert max_impaired(halves) == 3 and not replay(halves)[0].writer_isolated
+    assert READ_QUORUM + WRITE_QUORUM > 6
+
+
+def test_validate_plan_finds_bad_membership_changes():
+    r = lambda t, old, new: FaultEvent(t, "replace", (old,), {"new": new})  # noqa: E731
+    d = lambda t, old, new: FaultEvent(t, "replace_done", (old,), {"new": new})  # noqa: E731
+    def problems(*events):
+        return " | ".join(validate_plan(FaultPlan(seed=0, duration_s=10, events=events)))
+    assert problems(r(1, "n1", "n7"), d(2, "n1", "n7"), r(3, "n2", "n8"), d(4, "n2", "n8")) == ""
+    assert "still under way" in problems(r(1, "n1", "n7"), r(2, "n2", "n8"), d(3, "n1", "n7"))
+    assert "new, unused node id" in problems(r(1, "n1", "n2"), d(2, "n1", "n2"))
+    assert "new, unused node id" in problems(r(1, "n1", "n7"), d(2, "n1", "n7"), r(3, "n2", "n7"), d(4, "n2", "n7"))
+    assert "retired" in problems(r(1, "n1", "n7"), d(2, "n1", "n7"), FaultEvent(3, "kill", ("n1",)),
+                                 FaultEvent(4, "restart", ("n1",)))
+    assert "matches" not in problems(r(1, "n1", "n7"), d(2, "n1", "n7"))
+    assert "does not finish" in problems(d(2, "n1", "n7"))
+    assert "not healed" in problems(r(1, "n1", "n7"))
+    # a partition during a change names the new node too
+    groups = (("writer", "n2", "n3", "n4", "n5", "n6"), ("n1",))
+    assert "every endpoint" in problems(r(1, "n1", "n7"), FaultEvent(2, "partition", (), {"groups": groups}),
+                                        FaultEvent(3, "heal", ()), d(4, "n1", "n7"))
+
+
+def test_aimed_families_are_reserved_windows():
+    """With only an aimed family asked for, a plan still has its episode most of the time, and
+    the JSON round trip and the budget hold."""
+    for name in AIMED_NAMES:
+        plans = [generate_plan(seed, 5.0, {name, "kill", "partition"}) for seed in range(20)]
+        kinds = {"isolate": "writer_crash", "replace": "replace"}
+        assert sum(any(e.kind == kinds[name] for e in p.events) for p in plans) >= 10
+        for p in plans:
+            assert validate_plan(p) == [] and FaultPlan.from_json(p.to_json()) == p

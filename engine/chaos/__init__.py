@@ -1,7 +1,8 @@
 """Fault-injection runs (Jepsen, Porcupine and FoundationDB style): plans, workload, history, checks.
 
 - `plan`: faults as data (`FaultPlan`, `FaultEvent`, `generate_plan`), inside the failure budget
-  the protocol promises to survive unless asked otherwise.
+  the protocol promises to survive unless asked otherwise, with episodes aimed at the weaknesses
+  a broken protocol would have (`isolate`, `replace`).
 - `history`: the thread-safe recorder of every operation (`History`) and `history.jsonl`.
 - `workload`: client threads driving the key-value API with unique values (`Workload`).
 - `checker`: linearizability per key, no acknowledged write lost, batches atomic, replicas

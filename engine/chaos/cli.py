@@ -1,6 +1,6 @@
 """`sixfold chaos`: fault-injection runs from the command line.
 
-    sixfold chaos --target embedded --duration 60 --seed 7 --clients 8 --faults kill,pause,partition,az,az+1,corrupt,writer-crash,slow
+    sixfold chaos --target embedded --duration 60 --seed 7 --clients 8 --faults kill,pause,partition,az,az+1,corrupt,writer-crash,slow,net,isolate,replace
     sixfold chaos --target cluster --duration 60 --seed 7      # real processes in a temp folder
     sixfold chaos --target sim --seed 7                        # deterministic: same seed, same history
     sixfold chaos --target sim --seeds 1-200                   # many seeds; lists the failing ones
@@ -51,7 +51,7 @@ def register(sub) -> None:
         help="fault-injection run: workload + faults, then check the history",
         description=(
             "Drive a workload of puts, gets, deletes, batches and scans on a few hot keys while a nemesis "
-            "kills, pauses, partitions and corrupts; record every operation; then check the history: "
+            "kills, pauses, partitions, corrupts and replaces nodes; record every operation; then check the history: "
             "linearizable per key, no acknowledged write lost, replicas converge, batches atomic. "
             "Faults stay inside what the protocol promises to survive (at most an AZ plus one node "
             "impaired) unless --unbounded. The run folder gets plan.json, history.jsonl and report.json."

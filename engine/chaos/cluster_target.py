@@ -9,26 +9,40 @@ workload through `engine.connect`, and applies the plan:
 |-----------------------|-------------------------------------------------------------------|
 | kill / restart        | SIGKILL the node process / start it again (same data folder)      |
 | pause / resume        | SIGSTOP / SIGCONT                                                 |
-| az_down / az_up       | SIGKILL / start both nodes of the AZ                              |
-| writer_crash          | SIGKILL the writer endpoint, wait `down_s`, start it (recovery)   |
+| az_down / az_up       | SIGKILL / start the AZ's nodes (as the plan names them)           |
+| writer_crash          | SIGKILL the writer endpoint; `down_s` later start it (recovery)   |
+| replace / replace_done| the launcher's `replace_node` (the endpoint's ReplaceNode RPC)    |
 | corrupt / scrub       | flip bits of a stored record (admin RPC) / make the node scrub    |
 | partition / heal      | every node refuses requests from endpoints outside its group      |
 | slow, drop, duplicate, delay, reorder / clear | per-node fault rules in its gRPC server (reorder is approximated by delay jitter) |
 
 Fault rules are composed here (partition groups plus each node's message faults) and pushed
 whole to each node with the `SetFaults` admin RPC, which the nodes never apply to admin callers.
+
+A writer restart and a membership change take a while, so each runs on a thread of its own and the
+plan's next events still fall due meanwhile (a partition that heals while the writer is down, say).
+`replace` starts `Cluster.replace_node`, which adds the node, has the writer endpoint run both epoch
+steps and retires the old node; the endpoint commits the change as soon as the new node has
+caught up, and `replace_done` waits (bounded) for it: real processes are slower than the plan's
+clock, and later events may name the new node. A new node gets the current fault rules once it
+serves. The run waits (bounded) for every change before its final checks.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
 
 from engine.chaos.plan import FaultEvent, pick_corruption
-from engine.errors import SixfoldError
+from engine.errors import InvalidArgument, SixfoldError
+
+log = logging.getLogger("sixfold.chaos")
 
 CONVERGE_TIMEOUT_S = 90.0
+#: How long a membership change may take, writer restarts included.
+REPLACE_TIMEOUT_S = 120.0
 
 
 class ClusterNemesis:
@@ -44,6 +58,11 @@ class ClusterNemesis:
         self.groups: tuple[tuple[str, ...], ...] = ()
         self.message: dict[str, dict] = {}
         self.lock = threading.Lock()
+        self.threads: list[threading.Thread] = []
+        self.changes: dict[tuple[str, str], threading.Thread] = {}  # (old, new) -> its thread
+        self.errors: list[str] = []
+        self.replaced = 0
+        self._writer_crashes = 0
 
     def _push(self, nodes) -> None:
         for n in nodes:
@@ -63,6 +82,13 @@ class ClusterNemesis:
 
     def apply(self, ev: FaultEvent) -> None:
         c, k, targets = self.cluster, ev.kind, ev.targets
+        if k == "replace_done":
+            # Real processes are slower than the plan's clock: wait (bounded) for the change, so
+            # that later events naming the new node find it a member and the old one gone.
+            t = self.changes.get((targets[0], ev.param("new")))
+            if t is not None:
+                t.join(REPLACE_TIMEOUT_S)
+            return
         with self.lock:
             if k == "kill":
                 for n in targets:
@@ -78,17 +104,22 @@ class ClusterNemesis:
                 for n in targets:
                     c.cont(n)
             elif k == "az_down":
-                for n in c.azs()[ev.param("az")]:
+                for n in targets or c.azs()[ev.param("az")]:
                     c.kill(n)
             elif k == "az_up":
-                nodes = c.azs()[ev.param("az")]
+                nodes = list(targets or c.azs()[ev.param("az")])
                 for n in nodes:
                     c.start(n)
                 self._push(nodes)
             elif k == "writer_crash":
-                c.kill("writer")
-                time.sleep(float(ev.param("down_s", 0.1)))
-                c.start("writer")
+                if c.state("writer") != "down":  # down already: an earlier crash's restart is late
+                    c.kill("writer")
+                self._writer_crashes += 1
+                self._background(f"writer-restart-{self._writer_crashes}", self._restart_writer,
+                                 float(ev.param("down_s", 0.1)), self._writer_crashes)
+            elif k == "replace":
+                name = f"replace-{targets[0]}"
+                self.changes[(targets[0], ev.param("new"))] = self._background(name, self._replace, targets[0], ev.param("new"))
             elif k == "corrupt":
                 for n in targets:
                     index, bits = pick_corruption(ev, self.P, 64)
@@ -123,6 +154,56 @@ class ClusterNemesis:
                 self._push(targets or list(c.node_ids))
             else:
                 raise AssertionError(f"unknown fault kind {k}")
+
+    def _background(self, name: str, fn, *args) -> threading.Thread:
+        t = threading.Thread(target=self._guarded, args=(name, fn) + args, name=name, daemon=True)
+        t.start()
+        self.threads.append(t)
+        return t
+
+    def _guarded(self, name: str, fn, *args) -> None:
+        try:
+            fn(*args)
+        except Exception as e:  # noqa: BLE001 - a failed fault is reported, the run goes on
+            if len(self.errors) < 20:
+                self.errors.append(f"{name}: {type(e).__name__}: {e}")
+
+    def _restart_writer(self, down_s: float, crash: int) -> None:
+        time.sleep(down_s)
+        with self.lock:
+            if crash != self._writer_crashes or self.cluster.state("writer") != "down":
+                return  # a later crash owns the writer, or it runs already
+            self.cluster.start("writer", wait=False)
+
+    def _replace(self, old: str, new: str) -> None:
+        deadline = time.monotonic() + REPLACE_TIMEOUT_S
+        pushed = []
+
+        def on_change(_change) -> None:
+            if not pushed:  # the new node serves now: give it the rules in force
+                pushed.append(True)
+                with self.lock:
+                    self._push(list(self.cluster.node_ids))
+
+        while True:
+            try:
+                self.cluster.replace_node(old, new, timeout_s=REPLACE_TIMEOUT_S, on_change=on_change)
+                self.replaced += 1
+                return
+            except InvalidArgument:
+                raise  # refused outright: asking again would not help
+            except SixfoldError as e:
+                # The writer endpoint is down or recovering (it runs the change): ask again.
+                if time.monotonic() > deadline:
+                    raise
+                log.info("replace %s -> %s: %s: %s; asking again", old, new, type(e).__name__, e)
+                time.sleep(0.5)
+
+    def wait_background(self, timeout_s: float) -> bool:
+        deadline = time.monotonic() + timeout_s
+        for t in self.threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+        return not any(t.is_alive() for t in self.threads)
 
     def heal_everything(self) -> None:
         c = self.cluster
@@ -163,6 +244,7 @@ def run_cluster(config, plan, out_dir: str, progress, drive):
     db = cluster.connect()
     try:
         workload, history, nem = drive(config, plan, db, nemesis.apply, progress)
+        nemesis.wait_background(REPLACE_TIMEOUT_S)
         nemesis.heal_everything()
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
@@ -179,7 +261,8 @@ def run_cluster(config, plan, out_dir: str, progress, drive):
             digests = digests_at(transport, st["vdl"], st["protection_groups"], [n["id"] for n in st["nodes"]])
         finally:
             transport.close()
-        stats = {"faults_applied": nem.applied, "nemesis_errors": nem.errors[:20]}
+        stats = {"faults_applied": nem.applied, "nemesis_errors": (nem.errors + nemesis.errors)[:20],
+                 "replaced": nemesis.replaced}
     finally:
         try:
             db.close()

@@ -21,6 +21,14 @@ Event kinds and what heals them (`HEALED_BY`):
 | writer_crash   | ("writer",)                  | down_s (crash, then recover)    | itself    |
 | slow           | nodes (all their links)      | delay_ms                        | unslow    |
 | drop/duplicate/reorder/delay | nodes (all their links) | probability (delay: delay_ms) | clear |
+| replace        | (old,): the node replaced    | new: id of the new node         | replace_done |
+
+`replace` is a membership change (Aurora's ABCDEF -> ABCDEF+ABCDEG -> ABCDEG): the new node
+joins the old node's AZ as a member of a second quorum set and rebuilds from its peers;
+`replace_done` says the change may be committed: the runner does so once the new node has caught
+up (the cluster target waits for that, bounded), and the old node is retired: no later event
+may name it. While the change is under way
+the membership has two quorum sets, and a write needs a write quorum of both.
 
 A partition says who cannot reach whom: `groups` is a tuple of disjoint groups of endpoints that
 together name every node and the endpoint "writer"; messages cross no group boundary. A new
@@ -31,19 +39,54 @@ corruption stops counting against the budget instead of guessing a scrub interva
 
 Failure budget. By default a plan stays inside what the protocol promises to survive, so every
 failure a run finds is a real bug (TIGER_STYLE): after every event at most `IMPAIRED_MAX` = 3 of
-the 6 segments are impaired, where a node is impaired while it is down, paused, cut off from the
-writer, holding an unrepaired corrupt record, or losing messages (`drop`). An AZ plus one more
-node ("az+1") is exactly 3. Message duplication, reordering, delay and slow links impair nothing:
-they change timing, never what arrives. `unbounded=True` lifts the budget (then only safety can
-be checked). Either way every fault is healed by `healed_at_s`, and the last quarter of the run
-(`TAIL_FRACTION`) is a healing period with no events, so final checks run at full health.
+the 6 segments of every quorum set are impaired, where a node is impaired while it is down,
+paused, cut off from the writer, holding an unrepaired corrupt record, losing messages (`drop`),
+or rebuilding as the new node of a membership change (it holds nothing yet). An AZ plus one more
+node ("az+1") is exactly 3. During a change both quorum sets count, each against the budget: the
+new set has its new node rebuilding, so it has one fault fewer to spare. Message duplication,
+reordering, delay and slow links impair nothing: they change timing, never what arrives.
+
+One partition impairs the writer rather than the segments: when the nodes cut off from the
+writer include one group that holds a write quorum of every quorum set, those nodes are whole and
+reach each other (as after a writer crash); only the writer is cut off, with the minority on its
+side. Nothing can become durable there, so the protocol promises that nothing acknowledged is lost
+and that reads stay linearizable (they fail instead); the nodes of that group are not counted as
+impaired. This is where a weakened write quorum shows (the `isolate` family below).
+
+`unbounded=True` lifts the budget (then only safety can be checked). Either way every fault is
+healed by `healed_at_s`, and the last quarter of the run (`TAIL_FRACTION`) is a healing period
+with no events, so final checks run at full health.
 
 The generator works in *episodes*: a fault, its healing event and the resources it holds
-(a node's process, its links, the partition, the writer). An episode is accepted only if no
-accepted episode holds one of its resources at an overlapping time (so a restart never revives a
-node that another episode still wants down) and the budget holds at every instant. Times are
-rounded to milliseconds so the JSON round trip is exact. At equal times healing events sort
-before faults, which is also the order the budget is computed in.
+(a node's process, its links, the partition, the writer, the membership). An episode is accepted
+only if no accepted episode holds one of its resources at an overlapping time (so a restart never
+revives a node that another episode still wants down) and the budget holds at every instant.
+Episodes are drawn in order of their start, so the nodes an episode may name are known: the
+first nodes and those added by changes complete before it starts, minus the nodes retired by a
+change that began before it. Times are rounded to milliseconds so the JSON round trip is exact.
+At equal times healing events sort before faults, which is also the order the budget is computed
+in.
+
+Aimed episodes. Random faults rarely line up the way a broken protocol needs to show, so some
+families are shapes aimed at a weakness, each inside the budget (Jepsen's targeted nemeses):
+
+* `isolate`: after a quiet lead, the writer is cut off with two nodes (a minority: fewer than a
+  write quorum), while the other four still reach each other; clients keep writing; then the
+  writer crashes, the minority is lost with it (killed), and a new writer recovers from the
+  four. A correct writer acknowledged nothing in the partition; one that acknowledges at two
+  segments (`--weaken write-quorum-2`) has acknowledged writes that only the lost minority held.
+* `replace`: a membership change, sometimes of a node already dead, sometimes with the "swap":
+  the old node, its AZ peer and the new node are cut off while the other four take writes
+  (acknowledged on a write quorum of both sets), then the partition flips and the writer reaches
+  only those three (the writer is isolated, see above). Three nodes that are not a read quorum of
+  either quorum set then hold none of the acknowledged writes: a quorum read must refuse, never
+  answer from them. The old node is of the writer's local AZ (the first AZ, "a") at least half
+  the time.
+
+`generate_plan` reserves for each aimed family in `faults` a window of its own (with
+probability `AIM_PROBABILITY`) at a random time: random episodes that start before the window end
+before it, and later ones overlap the aimed episode only as locks and the budget allow. The
+aimed families are also drawn at random like any other.
 """
 
 from __future__ import annotations
@@ -90,6 +133,7 @@ HEALED_BY: dict[str, str | None] = {
     "duplicate": "clear",
     "reorder": "clear",
     "delay": "clear",
+    "replace": "replace_done",
 }
 HEAL_KINDS: frozenset[str] = frozenset(k for k in HEALED_BY.values() if k is not None)
 FAULT_KINDS: frozenset[str] = frozenset(HEALED_BY)
@@ -107,7 +151,18 @@ FAULT_NAMES: tuple[str, ...] = (
     "writer-crash",
     "slow",
     "net",
+    "isolate",
+    "replace",
 )
+#: Families placed on purpose before the random episodes (see "Aimed episodes" above).
+AIMED_NAMES: tuple[str, ...] = ("isolate", "replace")
+#: How often a plan that may have an aimed family gets its aimed episode.
+AIM_PROBABILITY: dict[str, float] = {"isolate": 0.9, "replace": 0.6}
+#: How many nodes the `isolate` family leaves the writer with: the most that still lack a
+#: write quorum (the other side keeps one).
+ISOLATE_MINORITY = 2
+if not (ISOLATE_MINORITY < WRITE_QUORUM <= REPLICAS - ISOLATE_MINORITY):
+    raise AssertionError("the isolated writer's side lacks a write quorum and the other side has one")
 
 #: The run starts with this fraction of quiet time (the workload warms up) and ends with
 #: TAIL_FRACTION of healing time (repair catches up before the final reads).
@@ -308,36 +363,83 @@ class FaultPlan:
 # Replay: what is impaired after each event. The same rules serve validation and the generator.
 
 
+def holds_write_quorum(nodes: Iterable[str], quorum_sets: Iterable[frozenset[str]]) -> bool:
+    """True if `nodes` include WRITE_QUORUM members of every quorum set.
+
+    The rule of `engine.core.quorum.has_write_quorum`, over plain sets: a plan may name nodes
+    of any count, while a core `Membership` has exactly six."""
+    s = set(nodes)
+    return all(len(s & q) >= WRITE_QUORUM for q in quorum_sets)
+
+
+def cut_off(groups: Iterable[Iterable[str]], present: Iterable[str], quorum_sets: Iterable[frozenset[str]]
+            ) -> tuple[frozenset[str], bool]:
+    """Under a partition: (the nodes it impairs, whether it isolates the writer instead).
+
+    Nodes not on the writer's side are cut off. When one group without the writer holds a write
+    quorum of every quorum set, its nodes are whole and reach each other: only the writer is
+    cut off (with a minority), and those nodes are not impaired. Nodes a partition does not
+    name reach everyone."""
+    groups = [set(g) for g in groups]
+    if not groups:
+        return frozenset(), False
+    present = set(present)
+    quorum_sets = tuple(quorum_sets)
+    named = set().union(*groups)
+    writer_side = next((g for g in groups if WRITER in g), set())
+    cut = {n for n in present & named if n not in writer_side}
+    for g in groups:
+        if WRITER not in g and holds_write_quorum(g & present, quorum_sets):
+            return frozenset(cut - g), True
+    return frozenset(cut), False
+
+
 @dataclass(frozen=True)
 class Health:
-    """The cluster as the plan leaves it after one event."""
-
     at_s: float
     kind: str
     down: frozenset[str]
     paused: frozenset[str]
-    isolated: frozenset[str]  # cut off from the writer by a partition
+    isolated: frozenset[str]  # cut off from the writer by a partition (see `cut_off`)
     corrupted: frozenset[str]
     dropping: frozenset[str]
     other_faults: frozenset[str]  # slow, duplicate, reorder, delay: timing only
     writer_down_until_s: float
+    #: new nodes of a membership change under way: they hold nothing until they have rebuilt
+    rebuilding: frozenset[str] = frozenset()
+    #: the membership's quorum sets (two while a change is under way)
+    quorum_sets: tuple[frozenset[str], ...] = ()
+    #: a partition cuts the writer off with a minority (the other side holds a write quorum)
+    writer_isolated: bool = False
+    #: every node that exists: members, and the new node of a change under way
+    present: frozenset[str] = frozenset()
 
     @property
     def impaired(self) -> frozenset[str]:
-        return self.down | self.paused | self.isolated | self.corrupted | self.dropping
+        return self.down | self.paused | self.isolated | self.corrupted | self.dropping | self.rebuilding
+
+    @property
+    def impaired_max(self) -> int:
+        """The most impaired segments of one quorum set: what the budget bounds."""
+        impaired = self.impaired
+        return max((len(impaired & q) for q in self.quorum_sets), default=len(impaired))
 
     @property
     def healthy(self) -> bool:
-        return not (self.impaired or self.other_faults)
+        return not (self.impaired or self.other_faults or self.writer_isolated)
 
 
 def replay(plan: FaultPlan) -> tuple[Health, ...]:
     """Apply the events in order and return the cluster's health after each one."""
     azs = plan.node_azs()
+    members: frozenset[str] = frozenset(azs)
+    next_members: frozenset[str] | None = None
+    present: set[str] = set(azs)
+    rebuilding: set[str] = set()
     down: set[str] = set()
     az_down: set[str] = set()
     paused: set[str] = set()
-    isolated: set[str] = set()
+    groups: tuple = ()
     corrupted: set[str] = set()
     message: dict[str, set[str]] = {k: set() for k in MESSAGE_KINDS}
     slowed: set[str] = set()
@@ -353,16 +455,18 @@ def replay(plan: FaultPlan) -> tuple[Health, ...]:
             paused |= targets
         elif e.kind == "resume":
             paused -= targets
-        elif e.kind == "az_down":
-            az_down |= {n for n, az in azs.items() if az == e.param("az")} | targets
-        elif e.kind == "az_up":
-            az_down -= {n for n, az in azs.items() if az == e.param("az")} | targets
+        elif e.kind in ("az_down", "az_up"):
+            # The targets are the AZ's nodes when the event was planned; a plan written by hand
+            # may name only the AZ, which then means its nodes at that time.
+            nodes = targets or {n for n in present if azs.get(n) == e.param("az")}
+            if e.kind == "az_down":
+                az_down |= nodes
+            else:
+                az_down -= nodes
         elif e.kind == "partition":
-            groups = e.param("groups", ())
-            writer_side = next((set(g) for g in groups if WRITER in g), set())
-            isolated = set(azs) - writer_side
+            groups = tuple(e.param("groups", ()))
         elif e.kind == "heal":
-            isolated = set()
+            groups = ()
         elif e.kind == "corrupt":
             corrupted |= targets
         elif e.kind == "scrub":
@@ -381,8 +485,26 @@ def replay(plan: FaultPlan) -> tuple[Health, ...]:
             slowed -= targets
         elif e.kind == "writer_crash":
             writer_down_until_s = max(writer_down_until_s, e.at_s + float(e.param("down_s", 0.0)))
+        elif e.kind == "replace":
+            old, new = (e.targets[0] if e.targets else None), e.param("new")
+            if old in azs and isinstance(new, str) and next_members is None:
+                azs[new] = azs[old]
+                present.add(new)
+                rebuilding.add(new)
+                next_members = (members - {old}) | {new}
+        elif e.kind == "replace_done":
+            old, new = (e.targets[0] if e.targets else None), e.param("new")
+            if next_members is not None and new in next_members and old in members:
+                members, next_members = next_members, None
+                rebuilding.discard(new)
+                # The old node is retired: whatever was wrong with it no longer matters.
+                present.discard(old)
+                for s in (down, az_down, paused, corrupted, slowed, *message.values()):
+                    s.discard(old)
         else:  # pragma: no cover - FaultEvent validates kinds
             raise AssertionError(f"unhandled kind {e.kind}")
+        quorum_sets = (members,) if next_members is None else (members, next_members)
+        isolated, writer_isolated = cut_off(groups, present, quorum_sets)
         others = slowed | message["duplicate"] | message["reorder"] | message["delay"]
         out.append(
             Health(
@@ -390,51 +512,73 @@ def replay(plan: FaultPlan) -> tuple[Health, ...]:
                 kind=e.kind,
                 down=frozenset(down | az_down),
                 paused=frozenset(paused),
-                isolated=frozenset(isolated),
+                isolated=isolated,
                 corrupted=frozenset(corrupted),
                 dropping=frozenset(message["drop"]),
                 other_faults=frozenset(others),
                 writer_down_until_s=writer_down_until_s,
+                rebuilding=frozenset(rebuilding),
+                quorum_sets=quorum_sets,
+                writer_isolated=writer_isolated,
+                present=frozenset(present),
             )
         )
     return tuple(out)
 
 
 def max_impaired(plan: FaultPlan) -> int:
-    """The most segments impaired at any instant of the plan."""
-    return max((len(h.impaired) for h in replay(plan)), default=0)
+    """The most segments of one quorum set impaired at any instant of the plan."""
+    return max((h.impaired_max for h in replay(plan)), default=0)
 
 
 def validate_plan(plan: FaultPlan) -> list[str]:
     """Problems with a plan, as sentences; an empty list means the plan is fit to run."""
     problems: list[str] = []
-    azs = plan.node_azs()
-    endpoints = set(azs) | {WRITER}
-    for e in plan.events:
+    health = replay(plan)
+    present = set(plan.node_azs())  # the nodes that exist before each event
+    azs = set(plan.node_azs().values())
+    known = set(present)  # every node id ever used: a new node needs a new id
+    changing: tuple[str, str] | None = None
+    for e, h in zip(plan.events, health):
+        endpoints = present | {WRITER}
         unknown = [t for t in e.targets if t not in endpoints]
         if unknown:
-            problems.append(f"{e.kind} at {e.at_s}s names unknown endpoints {unknown}")
+            problems.append(f"{e.kind} at {e.at_s}s names unknown (or retired) endpoints {unknown}")
         if e.kind == "partition":
             groups = e.param("groups", ())
             named = [m for g in groups for m in g]
             if sorted(named) != sorted(endpoints):
                 problems.append(f"partition at {e.at_s}s must name every endpoint exactly once")
-        if e.kind in ("az_down", "az_up") and e.param("az") not in set(azs.values()):
+        if e.kind in ("az_down", "az_up") and e.param("az") not in azs:
             problems.append(f"{e.kind} at {e.at_s}s names unknown AZ {e.param('az')!r}")
-    health = replay(plan)
+        if e.kind == "replace":
+            new = e.param("new")
+            if changing is not None:
+                problems.append(f"replace at {e.at_s}s: the change {changing[0]} -> {changing[1]} is still under way")
+            elif len(e.targets) != 1 or not isinstance(new, str) or not new or new == WRITER or new in known:
+                problems.append(f"replace at {e.at_s}s names one node to replace and a new, unused node id")
+            else:
+                changing = (e.targets[0], new)
+                known.add(new)
+        if e.kind == "replace_done":
+            if changing != ((e.targets or (None,))[0], e.param("new")):
+                problems.append(f"replace_done at {e.at_s}s does not finish the change under way ({changing})")
+            changing = None
+        present = set(h.present)
     if health and not health[-1].healthy:
         h = health[-1]
         problems.append(
             f"faults are not healed by the end: impaired {sorted(h.impaired)}, "
             f"slow or message faults on {sorted(h.other_faults)}"
+            + (", the writer is isolated" if h.writer_isolated else "")
         )
     if plan.healed_at_s >= plan.duration_s and plan.events:
         problems.append("the plan must end with a healing period (events stop before the end)")
     if not plan.unbounded:
         for h in health:
-            if len(h.impaired) > IMPAIRED_MAX:
+            if h.impaired_max > IMPAIRED_MAX:
                 problems.append(
-                    f"after {h.kind} at {h.at_s}s {len(h.impaired)} segments are impaired "
+                    f"after {h.kind} at {h.at_s}s {h.impaired_max} segments of a quorum set are impaired "
                     f"({sorted(h.impaired)}), more than the budget of {IMPAIRED_MAX}"
                 )
                 break
@@ -460,44 +604,118 @@ def pick_corruption(event: FaultEvent, record_count: int, record_bytes: int) -> 
 # --------------------------------------------------------------------------------------------
 # The generator.
 
+#: An aimed episode lasts this fraction of the active window.
+AIM_FRACTION_MIN = 0.15
+AIM_FRACTION_MAX = 0.30
+#: Lock intervals end here at the latest (a retired node is locked for ever).
+_FOREVER_S = DURATION_S_MAX + 1.0
+#: Per-node resources: a node's process (kill, pause, corruption), its links' message faults,
+#: its slowness. A retired or rebuilding node holds all of them.
+_NODE_RESOURCES = ("proc", "net", "slow")
+
 
 @dataclass(frozen=True)
 class _Episode:
     events: tuple[FaultEvent, ...]
     locks: tuple[tuple[str, float, float], ...]  # (resource, from_s, to_s), closed interval
     impaired: tuple[tuple[str, float, float], ...] = field(default=())  # (node, from_s, to_s), half-open
+    #: a membership change: (from_s, to_s, old, new)
+    change: tuple[float, float, str, str] | None = None
 
 
-def _fits(candidate: _Episode, accepted: list[_Episode], budget: int) -> bool:
+def _quorum_sets_at(t: float, initial: frozenset[str], changes: list[tuple[float, float, str, str]]) -> tuple[frozenset[str], ...]:
+    """The quorum sets at instant `t`, given the changes (which never overlap) sorted by start."""
+    current = initial
+    for s, e, old, new in changes:
+        if s > t:
+            break
+        following = (current - {old}) | {new}
+        if t < e:
+            return (current, following)
+        current = following
+    return (current,)
+
+
+def _fits(candidate: _Episode, accepted: list[_Episode], budget: int, initial: frozenset[str]) -> bool:
     for resource, s, e in candidate.locks:
         for other in accepted:
             for r2, s2, e2 in other.locks:
                 if r2 == resource and s <= e2 and s2 <= e:
                     return False
     intervals = [iv for ep in accepted for iv in ep.impaired] + list(candidate.impaired)
-    # The count of impaired nodes only grows at an interval's start, so checking every start
-    # checks every instant.
-    for _, p, _ in candidate.impaired + tuple(iv for ep in accepted for iv in ep.impaired):
+    changes = sorted(ep.change for ep in accepted + [candidate] if ep.change is not None)
+    # The count of impaired nodes only grows at an interval's start (a change's new node starts
+    # rebuilding when the change starts), so checking every start checks every instant.
+    for _, p, _ in intervals:
         nodes = {n for n, s, e in intervals if s <= p < e}
-        if len(nodes) > budget:
+        if any(len(nodes & q) > budget for q in _quorum_sets_at(p, initial, changes)):
             return False
     return True
 
 
 class _Builder:
-    """Draws one episode of a named fault from the rng; all choices go through `self.rng`."""
+    """Draws one episode of a named fault from the rng; all choices go through `self.rng`.
+
+    Episodes are built in order of their start, and `changes` holds the membership changes
+    accepted so far, so `usable(s)` knows which nodes exist at `s`."""
 
     def __init__(self, rng: random.Random, nodes: Mapping[str, str], unbounded: bool) -> None:
         self.rng = rng
-        self.nodes = sorted(nodes)
+        self.initial = frozenset(nodes)
+        self.az_of = dict(nodes)
         self.azs = sorted(set(nodes.values()))
-        self.az_nodes = {az: sorted(n for n, a in nodes.items() if a == az) for az in self.azs}
         self.unbounded = unbounded
+        self.changes: list[tuple[float, float, str, str]] = []
 
-    def count(self, bounded_choices: tuple[int, ...], unbounded_max: int) -> int:
+    def accept(self, episode: _Episode) -> None:
+        if episode.change is not None:
+            s, e, old, new = episode.change
+            self.changes.append(episode.change)
+            self.az_of[new] = self.az_of[old]
+
+    def present(self, s: float) -> list[str]:
+        """Nodes that exist at `s`: members, and a change's new node while it rebuilds."""
+        out = set(self.initial)
+        for cs, ce, old, new in self.changes:
+            if cs <= s:
+                out.add(new)
+            if ce <= s:
+                out.discard(old)
+        return sorted(out)
+
+    def usable(self, s: float) -> list[str]:
+        """Nodes an episode starting at `s` may name: not retired, not rebuilding, not about to
+        be retired by a change that began before `s`."""
+        out = set(self.initial)
+        for cs, ce, old, new in self.changes:
+            if cs <= s:
+                out.discard(old)
+            if ce <= s:
+                out.add(new)
+        return sorted(out)
+
+    def az_nodes(self, az: str, s: float) -> list[str] | None:
+        """The AZ's nodes at `s`, or None while a change involves it (it is not a whole AZ)."""
+        usable = [n for n in self.usable(s) if self.az_of[n] == az]
+        present = [n for n in self.present(s) if self.az_of[n] == az]
+        return usable if usable == present and usable else None
+
+    def steady(self, s: float) -> list[str] | None:
+        """The nodes at `s` if no change is under way (then every node that exists is usable)."""
+        usable = self.usable(s)
+        return usable if usable == self.present(s) else None
+
+    def new_id(self) -> str:
+        used = set(self.initial) | {new for _, _, _, new in self.changes}
+        k = 1
+        while f"n{k}" in used:
+            k += 1
+        return f"n{k}"
+
+    def count(self, bounded_choices: tuple[int, ...], unbounded_max: int, available: int) -> int:
         if self.unbounded:
-            return self.rng.randint(1, min(unbounded_max, len(self.nodes)))
-        return min(self.rng.choice(bounded_choices), len(self.nodes))
+            return self.rng.randint(1, min(unbounded_max, available))
+        return min(self.rng.choice(bounded_choices), available)
 
     def pair(self, fault: str, heal: str, targets: list[str], s: float, e: float, impairs: bool,
              params: Mapping[str, Any] | None = None, lock: str = "proc",
@@ -511,20 +729,26 @@ class _Builder:
 
     def build(self, name: str, s: float, e: float) -> _Episode | None:
         rng = self.rng
+        nodes = self.usable(s)
+        if not nodes:
+            return None
         if name in ("kill", "pause"):
-            targets = rng.sample(self.nodes, self.count((1, 1, 1, 2, 3), 5))
+            targets = rng.sample(nodes, self.count((1, 1, 1, 2, 3), 5, len(nodes)))
             heal = "restart" if name == "kill" else "resume"
             return self.pair(name, heal, targets, s, e, impairs=True)
         if name == "partition":
             return self.partition(s, e)
         if name == "az":
             az = rng.choice(self.azs)
+            members = self.az_nodes(az, s)
+            if members is None:
+                return None
             params = {"az": az}
-            return self.pair("az_down", "az_up", self.az_nodes[az], s, e, True, params, heal_params=params)
+            return self.pair("az_down", "az_up", members, s, e, True, params, heal_params=params)
         if name == "az+1":
             return self.az_plus_one(s, e)
         if name == "corrupt":
-            node = rng.choice(self.nodes)
+            node = rng.choice(nodes)
             params = {"seed": rng.getrandbits(32), "bits": rng.randint(1, 3)}
             return self.pair("corrupt", "scrub", [node], s, e, True, params)
         if name == "writer-crash":
@@ -534,50 +758,64 @@ class _Builder:
             event = FaultEvent(s, "writer_crash", (WRITER,), {"down_s": down_s})
             return _Episode(events=(event,), locks=((WRITER, s, e),))
         if name == "slow":
-            node = rng.choice(self.nodes)
+            node = rng.choice(nodes)
             params = {"delay_ms": rng.choice((5, 20, 50, 200))}
             return self.pair("slow", "unslow", [node], s, e, False, params, lock="slow")
         if name == "net":
             kind = rng.choice(MESSAGE_KINDS)
-            targets = rng.sample(self.nodes, self.count((1, 1, 2), 4))
+            targets = rng.sample(nodes, self.count((1, 1, 2), 4, len(nodes)))
             params: dict[str, Any] = {"probability": _ms(rng.uniform(0.05, 0.5))}
             if kind == "delay":
                 params["delay_ms"] = rng.choice((5, 20, 50, 200))
             # Only a lost message can leave a segment behind; the others change timing only.
             return self.pair(kind, "clear", targets, s, e, kind == "drop", params, lock="net")
+        if name == "isolate":
+            return self.isolate(s, e)
+        if name == "replace":
+            return self.replace(s, e)
         raise AssertionError(f"no builder for fault {name!r}")
 
-    def partition(self, s: float, e: float) -> _Episode:
+    def partition(self, s: float, e: float) -> _Episode | None:
         rng = self.rng
+        nodes = self.steady(s)
+        if nodes is None:
+            return None  # a partition names every node that exists; none is joining or leaving
         shape = rng.choice(("minority", "az", "split"))
         if shape == "az":
-            isolated = self.az_nodes[rng.choice(self.azs)]
+            az = rng.choice(self.azs)
+            isolated = [n for n in nodes if self.az_of[n] == az]
         elif shape == "split":
             # The writer keeps only half the nodes (3 of 6 when bounded, fewer when not).
-            keep = rng.randint(0, 2) if self.unbounded else len(self.nodes) - IMPAIRED_MAX
-            isolated = sorted(set(self.nodes) - set(rng.sample(self.nodes, keep)))
+            keep = rng.randint(0, 2) if self.unbounded else max(0, len(nodes) - IMPAIRED_MAX)
+            isolated = sorted(set(nodes) - set(rng.sample(nodes, min(keep, len(nodes)))))
         else:
-            isolated = sorted(rng.sample(self.nodes, self.count((1, 1, 2, 3), 6)))
-        writer_side = tuple(sorted([WRITER] + [n for n in self.nodes if n not in isolated]))
+            isolated = sorted(rng.sample(nodes, self.count((1, 1, 2, 3), 6, len(nodes))))
+        if not isolated:
+            return None
+        writer_side = tuple(sorted([WRITER] + [n for n in nodes if n not in isolated]))
         if rng.random() < 0.5:
             other_sides = (tuple(isolated),)  # the cut-off nodes still reach each other
         else:
             other_sides = tuple((n,) for n in isolated)  # every cut-off node alone
         groups = (writer_side,) + other_sides
-        episode = _Episode(
+        quorum_sets = (frozenset(nodes),)
+        impaired, _ = cut_off(groups, nodes, quorum_sets)
+        return _Episode(
             events=(
                 FaultEvent(s, "partition", tuple(isolated), {"groups": groups}),
                 FaultEvent(e, "heal", ()),
             ),
             locks=(("partition", s, e),),
-            impaired=tuple((n, s, e) for n in isolated),
+            impaired=tuple((n, s, e) for n in sorted(impaired)),
         )
-        return episode
 
     def az_plus_one(self, s: float, e: float) -> _Episode | None:
         rng = self.rng
         az = rng.choice(self.azs)
-        others = [n for n in self.nodes if n not in self.az_nodes[az]]
+        nodes = self.az_nodes(az, s)
+        if nodes is None:
+            return None
+        others = [n for n in self.usable(s) if n not in nodes]
         if not others:
             return None
         extra = rng.choice(others)
@@ -589,7 +827,6 @@ class _Builder:
         if not (s < s2 < e2 < e):
             return None
         heal, fault = ("restart", "kill") if rng.random() < 0.5 else ("resume", "pause")
-        nodes = self.az_nodes[az]
         return _Episode(
             events=(
                 FaultEvent(s, "az_down", tuple(nodes), {"az": az}),
@@ -600,6 +837,103 @@ class _Builder:
             locks=tuple((f"proc:{n}", s, e) for n in nodes + [extra]),
             impaired=tuple((n, s, e) for n in nodes) + ((extra, s2, e2),),
         )
+
+    def isolate(self, s: float, e: float) -> _Episode | None:
+        """The writer cut off with a minority while clients write; then the writer crashes and
+        the minority is lost with it; a new writer recovers from the others (see the module
+        docstring). It holds every resource: nothing else may happen meanwhile, so the new
+        writer surely recovers from exactly the other nodes."""
+        rng = self.rng
+        nodes = self.steady(s)
+        if nodes is None or len(nodes) < WRITE_QUORUM + ISOLATE_MINORITY:
+            return None
+        minority = tuple(sorted(rng.sample(nodes, ISOLATE_MINORITY)))
+        rest = tuple(n for n in nodes if n not in minority)
+        span = e - s
+        # A quiet lead first (every resource is held, so nothing happens): a writer that an
+        # earlier fault left recovering comes back, and nodes that were down catch up, so the
+        # writer and the minority can take writes when the partition comes.
+        cut_s = _ms(s + rng.uniform(0.2, 0.3) * span)
+        crash_s = _ms(cut_s + rng.uniform(0.3, 0.4) * span)
+        down_s = _ms(rng.uniform(0.05, 0.1) * span)
+        # The partition heals while the writer is down, so the new writer reaches the others,
+        # and the minority comes back only well after the new writer has opened.
+        heal_s = _ms(crash_s + down_s / 2)
+        if not (s < cut_s < crash_s < heal_s < crash_s + down_s < e - down_s):
+            return None
+        return _Episode(
+            events=(
+                FaultEvent(cut_s, "partition", rest, {"groups": ((WRITER,) + minority, rest)}),
+                FaultEvent(crash_s, "writer_crash", (WRITER,), {"down_s": down_s}),
+                FaultEvent(crash_s, "kill", minority),
+                FaultEvent(heal_s, "heal", ()),
+                FaultEvent(e, "restart", minority),
+            ),
+            locks=tuple((f"{r}:{n}", s, e) for n in nodes for r in _NODE_RESOURCES)
+            + (("partition", s, e), (WRITER, s, e), ("membership", s, e)),
+            impaired=tuple((n, crash_s, e) for n in minority),
+        )
+
+    def replace(self, s: float, e: float) -> _Episode | None:
+        """A membership change: `old` is replaced by a new node of its AZ (see the module
+        docstring for the three variants: plain, of a dead node, and with the swap)."""
+        rng = self.rng
+        nodes = self.steady(s)
+        if nodes is None:
+            return None
+        local = [n for n in nodes if self.az_of[n] == self.azs[0]]
+        old = rng.choice(local) if local and rng.random() < 0.5 else rng.choice(nodes)
+        new = self.new_id()
+        az = self.az_of[old]
+        variant = rng.choices(("plain", "dead", "swap"), (0.35, 0.25, 0.40))[0]
+        peers = [n for n in nodes if self.az_of[n] == az and n != old]
+        others = tuple(n for n in nodes if self.az_of[n] != az)
+        if variant == "swap" and not (peers and holds_write_quorum(others, (frozenset(nodes),))):
+            variant = "plain"
+        span = e - s
+        params = {"new": new}
+        events = [FaultEvent(s, "replace", (old,), params)]
+        impaired = [(new, s, e)]
+        if variant == "dead":
+            events.insert(0, FaultEvent(s, "kill", (old,)))  # killed first, never restarted
+            impaired.append((old, s, e))
+        elif variant == "swap":
+            peer = rng.choice(peers)
+            a_s = _ms(s + 0.05 * span)
+            b_s = _ms(s + rng.uniform(0.35, 0.5) * span)
+            heal_s = _ms(b_s + rng.uniform(0.1, 0.2) * span)
+            if not (s < a_s < b_s < heal_s < e):
+                return None
+            trio = tuple(sorted((old, peer, new)))
+            events += [
+                # The four others take the writes (a write quorum of both sets) ...
+                FaultEvent(a_s, "partition", trio, {"groups": ((WRITER,) + others, trio)}),
+                # ... then the writer reaches only the three that missed them.
+                FaultEvent(b_s, "partition", others, {"groups": ((WRITER,) + trio, others)}),
+                FaultEvent(heal_s, "heal", ()),
+            ]
+            impaired += [(old, a_s, b_s), (peer, a_s, b_s)]
+        events.append(FaultEvent(e, "replace_done", (old,), params))
+        locks = [(f"{r}:{old}", s, _FOREVER_S) for r in _NODE_RESOURCES]
+        locks += [(f"{r}:{new}", s, e) for r in _NODE_RESOURCES]
+        locks += [("membership", s, e), ("partition", s, e)]
+        return _Episode(events=tuple(events), locks=tuple(locks), impaired=tuple(impaired), change=(s, e, old, new))
+
+
+def _aimed_windows(rng: random.Random, wanted: list[str], lead_s: float, active_s: float) -> list[tuple[float, float, str]]:
+    """Non-overlapping windows for the aimed families in `wanted`, sorted by start."""
+    windows: list[tuple[float, float, str]] = []
+    for name in AIMED_NAMES:
+        if name not in wanted or rng.random() >= AIM_PROBABILITY[name]:
+            continue
+        for _ in range(ATTEMPTS_MAX):
+            length = rng.uniform(AIM_FRACTION_MIN, AIM_FRACTION_MAX) * active_s
+            start = lead_s + rng.uniform(0.0, active_s - length)
+            s, e = _ms(start), _ms(start + length)
+            if e - s >= 0.002 and all(e < s2 or e2 < s for s2, e2, _ in windows):
+                windows.append((s, e, name))
+                break
+    return sorted(windows)
 
 
 def generate_plan(
@@ -612,13 +946,14 @@ def generate_plan(
     """A timed sequence of faults, the same for the same arguments.
 
     `faults` names fault families as the CLI does (`FAULT_NAMES`). Unless `unbounded`, at most
-    `IMPAIRED_MAX` segments are impaired at any instant; either way every fault is healed before
-    the last `TAIL_FRACTION` of the run."""
+    `IMPAIRED_MAX` segments of each quorum set are impaired at any instant; either way every
+    fault is healed before the last `TAIL_FRACTION` of the run."""
     wanted = sorted(set(faults))
     unknown = [f for f in wanted if f not in FAULT_NAMES]
     _require(not unknown, f"unknown fault names {unknown}; known: {list(FAULT_NAMES)}")
     node_map = dict(DEFAULT_NODES) if nodes is None else {str(n): str(a) for n, a in nodes.items()}
     _require(len(node_map) >= 1, "a plan needs nodes")
+    _require(WRITER not in node_map, f"{WRITER!r} is the writer, not a node")
     duration_s = float(duration_s)
     _require(0.0 < duration_s <= DURATION_S_MAX, f"duration_s must be in (0, {DURATION_S_MAX}]")
 
@@ -629,21 +964,43 @@ def generate_plan(
     active_s = faults_end_s - lead_s
     budget = len(node_map) if unbounded else IMPAIRED_MAX
     builder = _Builder(rng, node_map, unbounded)
+    initial = frozenset(node_map)
     accepted: list[_Episode] = []
+
+    def offer(episode: _Episode | None) -> bool:
+        if episode is not None and _fits(episode, accepted, budget, initial):
+            accepted.append(episode)
+            builder.accept(episode)
+            return True
+        return False
+
+    # The aimed windows are reserved: a random episode that starts before one ends before it,
+    # and the aimed episode is built when the walk in time order reaches its start.
+    aims = _aimed_windows(rng, wanted, lead_s, active_s) if active_s > 0 else []
     t = lead_s
     for _ in range(EPISODES_MAX if wanted else 0):
         t += rng.expovariate(1.0 / (GAP_FRACTION_MEAN * active_s))
+        while aims and aims[0][0] <= t:
+            a_s, a_e, a_name = aims.pop(0)
+            for _ in range(ATTEMPTS_MAX):
+                if offer(builder.build(a_name, a_s, a_e)):
+                    break
         if t >= faults_end_s:
             break
         name = rng.choice(wanted)
         for _ in range(ATTEMPTS_MAX):
             length = rng.uniform(EPISODE_FRACTION_MIN, EPISODE_FRACTION_MAX) * active_s
-            s, e = _ms(t), _ms(min(t + length, faults_end_s))
+            end = min(t + length, faults_end_s)
+            if aims:
+                end = min(end, aims[0][0] - 0.002)
+            s, e = _ms(t), _ms(end)
             if e - s < 0.002:
                 break
-            episode = builder.build(name, s, e)
-            if episode is not None and _fits(episode, accepted, budget):
-                accepted.append(episode)
+            if offer(builder.build(name, s, e)):
+                break
+    for a_s, a_e, a_name in aims:  # the walk ended early (EPISODES_MAX)
+        for _ in range(ATTEMPTS_MAX):
+            if offer(builder.build(a_name, a_s, a_e)):
                 break
 
     keyed = [

@@ -8,8 +8,9 @@ of a run can be printed and replayed. Then, per target:
 
 * `sim`: `engine.chaos.sim.Simulation`, one thread, simulated time: the same seed gives the
   same history, byte for byte.
-* `embedded`: the embedded engine with real threads; node faults through `db.cluster`, network
-  faults through the fault-injecting transport wrapped around every in-process transport.
+* `embedded`: the embedded engine with real threads; node faults through the volume, network
+  faults through the fault-injecting transport wrapped around every in-process transport; a
+  writer restart and the steps of a membership change run on threads beside the nemesis.
 * `cluster`: real processes started by the launcher in the run folder; SIGKILL / SIGSTOP /
   SIGCONT through the launcher, corruption through the node's admin RPC, network faults through
   the fault layer in the nodes' and writer's gRPC clients (admin RPC), when available.
@@ -22,6 +23,7 @@ folder gets `plan.json`, `history.jsonl` and `report.json`.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import threading
@@ -30,12 +32,18 @@ from dataclasses import asdict, dataclass, field
 
 from engine.chaos.checker import check_all, overall, render_table
 from engine.chaos.history import History
-from engine.chaos.plan import FaultEvent, FaultPlan, generate_plan
+from engine.chaos.plan import FAULT_NAMES, FaultEvent, FaultPlan, generate_plan
 from engine.chaos.workload import Workload
 from engine.errors import SixfoldError
 
+log = logging.getLogger("sixfold.chaos")
+
 TARGETS = ("sim", "embedded", "cluster")
 CONVERGE_TIMEOUT_S = 60.0
+#: How long a crashed writer keeps trying to reopen (recovery needs a write quorum of every set).
+WRITER_REOPEN_S = 30.0
+#: How often the embedded target's membership-change driver takes a step.
+CHANGE_STEP_S = 0.05
 
 
 @dataclass(frozen=True)
@@ -45,7 +53,7 @@ class RunConfig:
     duration_s: float = 10.0
     clients: int = 4
     keys: int = 8
-    faults: tuple[str, ...] = ("kill", "pause", "partition", "az", "az+1", "corrupt", "writer-crash", "slow", "net")
+    faults: tuple[str, ...] = FAULT_NAMES
     unbounded: bool = False
     ops_max: int = 20_000
     protection_groups: int = 4
@@ -192,7 +200,7 @@ def _drive(config: RunConfig, plan: FaultPlan, db, apply, progress):
 
 
 def _run_embedded(config: RunConfig, plan: FaultPlan, out_dir: str, progress):
-    from engine.chaos.sim import apply_event, converged, heal_everything, segment_digests
+    from engine.chaos.sim import MembershipChanges, apply_event, converged, heal_everything, segment_digests
     from engine.database import Database
     from engine.embedded import ClusterControl, EmbeddedOptions, EmbeddedVolume
     from engine.node.service import wait_until
@@ -210,30 +218,67 @@ def _run_embedded(config: RunConfig, plan: FaultPlan, out_dir: str, progress):
     )
     db = Database(vol, ClusterControl(vol))
     writer_lock = threading.Lock()
+    crashes = [0]  # how many writer crashes so far: a reopen belongs to the latest one
+    reopeners: list[threading.Thread] = []
+    changes = MembershipChanges(vol)
+    stop_changes = threading.Event()
 
-    def reopen_writer() -> None:
-        deadline = time.monotonic() + 30
+    def reopen_writer(crash: int | None = None) -> None:
+        deadline = time.monotonic() + WRITER_REOPEN_S
         while time.monotonic() < deadline:
-            try:
-                vol.crash_writer()
-                return
-            except SixfoldError:
-                time.sleep(0.2)
+            with writer_lock:
+                if vol.writer is not None or (crash is not None and crash != crashes[0]):
+                    return  # open already, or a later crash owns the writer now
+                try:
+                    vol.crash_writer()  # there is no writer: this opens one (recovery)
+                    return
+                except SixfoldError as e:
+                    log.info("writer reopen failed, retrying: %s: %s", type(e).__name__, e)
+            time.sleep(0.1)
+
+    def crash_then_reopen(w, down_s: float, crash: int) -> None:
+        t0 = time.monotonic()
+        if w is not None:
+            # Stopping the old writer's threads may take a while (a sender in its back-off):
+            # it stops on a thread of its own, and a writer it has not yet stopped is fenced by
+            # the new one's epoch, as a crashed process that had not quite died would be.
+            threading.Thread(target=w.abandon, name="writer-abandon", daemon=True).start()
+        time.sleep(max(0.0, down_s - (time.monotonic() - t0)))
+        reopen_writer(crash)
 
     def on_writer_crash(ev: FaultEvent) -> None:
+        # The writer stops serving now; a new one opens after down_s on a thread of its own, so
+        # the plan's next events (a partition healing, say) still fall due while it is down.
         with writer_lock:
-            w = vol.writer
-            if w is not None:
-                w.abandon()
-            vol.writer = None
-            time.sleep(float(ev.param("down_s", 0.1)))
-            reopen_writer()
+            crashes[0] += 1
+            w, vol.writer = vol.writer, None
+            crash = crashes[0]
+        t = threading.Thread(target=crash_then_reopen, args=(w, float(ev.param("down_s", 0.1)), crash),
+                             name=f"writer-crash-{crash}", daemon=True)
+        t.start()
+        reopeners.append(t)
 
+    def drive_changes() -> None:
+        while not stop_changes.wait(CHANGE_STEP_S):
+            changes.step()
+
+    def apply(ev: FaultEvent) -> None:
+        apply_event(ev, vol, faults, on_writer_crash=on_writer_crash, on_replace=changes.due,
+                    on_replace_done=changes.finish_due)
+
+    driver = threading.Thread(target=drive_changes, name="membership-changes", daemon=True)
+    driver.start()
     try:
-        workload, history, nemesis = _drive(config, plan, db, lambda ev: apply_event(ev, vol, faults, on_writer_crash=on_writer_crash), progress)
+        workload, history, nemesis = _drive(config, plan, db, apply, progress)
+        changes.finish_all()  # the workload may end (ops_max) before the plan's replace_done
         heal_everything(vol, faults)
+        for t in reopeners:
+            t.join(WRITER_REOPEN_S)
         if vol.writer is None:
             reopen_writer()
+        wait_until(lambda: not changes.pending, CONVERGE_TIMEOUT_S, 0.1)
+        stop_changes.set()
+        driver.join(timeout=10)
         if vol.writer is not None:
             try:
                 vol.writer.put(b"\xff-settle", b"x")  # carries the newest VDL hint everywhere
@@ -242,8 +287,11 @@ def _run_embedded(config: RunConfig, plan: FaultPlan, out_dir: str, progress):
         wait_until(lambda: converged(vol), CONVERGE_TIMEOUT_S, 0.1)
         workload.final_reads()
         digests = segment_digests(InProcessTransport(vol.registry, "checker"), vol.writer)
-        stats = {"faults_applied": nemesis.applied, "nemesis_errors": nemesis.errors[:20], "faults": dict(faults.counts)}
+        stats = {"faults_applied": nemesis.applied, "nemesis_errors": (nemesis.errors + changes.errors)[:20],
+                 "faults": dict(faults.counts), "replaced": changes.replaced,
+                 "changes_unfinished": changes.pending}
     finally:
+        stop_changes.set()
         vol.close()
     return history, digests, stats
 

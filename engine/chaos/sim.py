@@ -13,6 +13,13 @@ transport, with a simulated clock. One loop, one `random.Random(seed)`, decides 
 * held-back (reordered) messages are delivered late;
 * simulated time advances, and the fault plan's events fall due.
 
+A membership change (`replace`) is driven as steps too: when the event falls due and a writer
+is open, the new node starts and joins as a second quorum set (`begin_replace_node`); it
+rebuilds by gossip like any node; once the plan's `replace_done` has fallen due *and* the writer
+says the new node caught up, the change is committed and the old node retired
+(`finish_replace_node`). The rest of the plan does not wait for either step: a crashed writer
+or a slow rebuild delays only the change, and safety never depends on when it completes.
+
 Nothing reads the wall clock or iterates an unordered set where order matters, and LMDB is
 deterministic, so the same seed gives the same schedule, the same history and the same bytes in
 `history.jsonl`. After the plan, everything is healed, the loop runs until the segments converge,
@@ -24,6 +31,8 @@ from __future__ import annotations
 import os
 import random
 import shutil
+import threading
+from collections import deque
 from dataclasses import dataclass
 
 from engine import codec
@@ -32,7 +41,7 @@ from engine.chaos.plan import FaultEvent, FaultPlan, pick_corruption
 from engine.chaos.workload import DEFAULT_MIX, SCAN_END, workload_keys
 from engine.core.constants import FLAG_DELETE, FLAG_PUT
 from engine.embedded import EmbeddedOptions, EmbeddedVolume
-from engine.errors import SixfoldError, Unavailable
+from engine.errors import InvalidArgument, SixfoldError, Unavailable
 from engine.transport.faults import FaultyTransport, NetworkFaults
 from engine.transport.inprocess import InProcessTransport
 
@@ -111,7 +120,8 @@ class Simulation:
         self.issued = 0
         self.events = list(plan.events)
         self.writer_down_until = -1.0
-        self.stats = {"steps": 0, "faults_applied": 0, "writer_crashes": 0}
+        self.stats = {"steps": 0, "faults_applied": 0, "writer_crashes": 0, "nemesis_errors": []}
+        self.changes = MembershipChanges(self.vol)
         self.progress = progress
 
     # --- the loop ---------------------------------------------------------------------------
@@ -125,11 +135,15 @@ class Simulation:
             digests = self.digests()
         finally:
             self.vol.close()
-        return self.history, digests, dict(self.stats, faults=dict(self.faults.counts))
+        stats = dict(self.stats, faults=dict(self.faults.counts), replaced=self.changes.replaced)
+        stats["nemesis_errors"] = stats["nemesis_errors"] + self.changes.errors
+        return self.history, digests, stats
 
     def step(self, workload: bool) -> None:
         self.stats["steps"] += 1
         self._apply_due_events()
+        if self.changes.pending:
+            self.changes.step()
         self._complete_writes()
         r = self.rng.random()
         w = self.vol.writer
@@ -254,7 +268,13 @@ class Simulation:
         while self.events and self.events[0].at_s <= self.clock.t:
             ev = self.events.pop(0)
             self.stats["faults_applied"] += 1
-            apply_event(ev, self.vol, self.faults, on_writer_crash=self._crash_writer)
+            try:
+                apply_event(ev, self.vol, self.faults, on_writer_crash=self._crash_writer,
+                            on_replace=self.changes.due, on_replace_done=self.changes.finish_due)
+            except SixfoldError as e:
+                # E.g. a node the plan expects to exist is not there yet, because a membership
+                # change waits for a writer. Recorded, as the threaded nemesis does.
+                self._nemesis_error(f"{ev.kind} {','.join(ev.targets)} at {ev.at_s}s: {type(e).__name__}: {e}")
 
     def _crash_writer(self, ev: FaultEvent) -> None:
         self.stats["writer_crashes"] += 1
@@ -263,6 +283,10 @@ class Simulation:
             w.abandon()
         self.vol.writer = None
         self.writer_down_until = self.clock.t + float(ev.param("down_s", 0.05))
+
+    def _nemesis_error(self, why: str) -> None:
+        if len(self.stats["nemesis_errors"]) < 20:
+            self.stats["nemesis_errors"].append(why)
 
     def _reopen_writer(self) -> None:
         try:
@@ -279,10 +303,11 @@ class Simulation:
             self._reopen_writer()
 
     def settle(self) -> None:
-        """Run (without new client operations) until writes are resolved and segments converge."""
+        """Run (without new client operations) until writes are resolved, a membership change
+        under way is committed, and segments converge."""
         for i in range(SETTLE_STEPS_MAX):
             self.step(workload=False)
-            if i % 200 == 0 and not self.pending and converged(self.vol):
+            if i % 200 == 0 and not self.pending and not self.changes.pending and converged(self.vol):
                 return
 
     def final_reads(self) -> None:
@@ -294,8 +319,100 @@ class Simulation:
         return segment_digests(InProcessTransport(self.vol.registry, "checker"), self.vol.writer)
 
 
-def apply_event(ev: FaultEvent, vol: EmbeddedVolume, faults: NetworkFaults, *, on_writer_crash) -> None:
-    """Apply one plan event to an embedded volume (threads or simulation alike)."""
+class MembershipChanges:
+    """A plan's membership changes (`replace` / `replace_done`), driven one step at a time.
+
+    The simulation calls `step()` from its loop; the threaded embedded target from a thread of
+    its own. Changes run one after the other, in plan order. Each step looks at the *current*
+    writer's membership, so a writer that crashed between the steps is carried on by the next
+    one: a step it lost (known to too few nodes) is taken again, and the old node is retired only
+    once a write quorum knows the change (`EmbeddedVolume.finish_replace_node`)."""
+
+    ERRORS_MAX = 20
+
+    def __init__(self, vol: EmbeddedVolume) -> None:
+        self.vol = vol
+        self._queue: deque[dict] = deque()
+        self._lock = threading.Lock()  # guards the queue
+        self._step_lock = threading.Lock()  # one step at a time (the nemesis and a driver thread)
+        self.replaced = 0
+        self.errors: list[str] = []
+
+    @property
+    def pending(self) -> bool:
+        return bool(self._queue)
+
+    def due(self, ev: FaultEvent) -> None:
+        """`replace` fell due: queue the change (it starts when a writer is open)."""
+        with self._lock:
+            self._queue.append({"old": ev.targets[0], "new": ev.param("new"), "started": False, "finish": False})
+        self.step()
+
+    def finish_due(self, ev: FaultEvent) -> None:
+        """`replace_done` fell due: commit the change once the new node has caught up."""
+        with self._lock:
+            change = next((c for c in self._queue if (c["old"], c["new"]) == (ev.targets[0], ev.param("new"))), None)
+            if change is not None:
+                change["finish"] = True
+        if change is None:
+            self._error(f"replace_done {ev.targets} at {ev.at_s}s matches no change under way")
+        self.step()
+
+    def finish_all(self) -> None:
+        """The run is over (a threaded nemesis may stop before the plan's last events): let
+        every queued change commit once its new node has caught up."""
+        with self._lock:
+            for c in self._queue:
+                c["finish"] = True
+
+    def _error(self, why: str) -> None:
+        if len(self.errors) < self.ERRORS_MAX:
+            self.errors.append(why)
+
+    def step(self) -> bool:
+        """Take the next step of the oldest change if it can be taken now; True once none is left."""
+        with self._step_lock:
+            return self._step()
+
+    def _step(self) -> bool:
+        with self._lock:
+            if not self._queue:
+                return True
+            c = self._queue[0]
+        w = self.vol.writer
+        if w is None:
+            return False  # the writer is recovering: the change waits for the next one
+        old, new = c["old"], c["new"]
+        m = w.ledger.membership
+        try:
+            if not c["started"]:
+                c["started"] = True
+                self.vol.begin_replace_node(old, new)
+            elif new not in m.all_nodes:
+                w.begin_replace(old, new)  # step 1 was lost with a crashed writer: again
+            elif c["finish"] and (m.next_members is None or w.replacement_caught_up(new)):
+                self.vol.finish_replace_node(old)
+                self.replaced += 1
+                self._pop(c)
+        except InvalidArgument as e:
+            self._error(f"replace {old} -> {new}: {e}")
+            self._pop(c)
+        except SixfoldError:
+            pass  # told too few nodes, not yet known to a write quorum, a writer crashing: retry
+        return not self._queue
+
+    def _pop(self, c: dict) -> None:
+        with self._lock:
+            if self._queue and self._queue[0] is c:
+                self._queue.popleft()
+
+
+def apply_event(ev: FaultEvent, vol: EmbeddedVolume, faults: NetworkFaults, *, on_writer_crash,
+                on_replace=None, on_replace_done=None) -> None:
+    """Apply one plan event to an embedded volume (threads or simulation alike).
+
+    A writer crash and the two steps of a membership change are the caller's to drive (how
+    depends on whether threads run), through the `on_*` callbacks."""
     k, targets = ev.kind, ev.targets
     if k == "kill":
         for n in targets:
@@ -314,9 +431,12 @@ def apply_event(ev: FaultEvent, vol: EmbeddedVolume, faults: NetworkFaults, *, o
     elif k == "heal":
         faults.heal()
     elif k == "az_down":
-        vol.stop_az(ev.param("az"))
+        # The AZ's nodes as planned: a membership change may since have added one to it.
+        for n in targets or [i.id for i in vol.node_infos if i.az == ev.param("az")]:
+            vol.stop_node(n)
     elif k == "az_up":
-        vol.start_az(ev.param("az"))
+        for n in targets or [i.id for i in vol.node_infos if i.az == ev.param("az")]:
+            vol.start_node(n)
     elif k == "corrupt":
         for n in targets:
             corrupt_node(vol, n, ev)
@@ -342,6 +462,14 @@ def apply_event(ev: FaultEvent, vol: EmbeddedVolume, faults: NetworkFaults, *, o
             faults.set_link_fault(n, k, float(ev.param("probability", 0.1)), float(ev.param("delay_ms", 10)))
     elif k == "clear":
         faults.clear(list(targets) or None)
+    elif k == "replace":
+        if on_replace is None:
+            raise AssertionError("this target cannot replace nodes")
+        on_replace(ev)
+    elif k == "replace_done":
+        if on_replace_done is None:
+            raise AssertionError("this target cannot replace nodes")
+        on_replace_done(ev)
     else:
         raise AssertionError(f"unknown fault kind {k}")
 
