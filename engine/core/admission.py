@@ -24,9 +24,10 @@ node says how many bytes it has above its reserve (`room_bytes`); the writer kee
 *limit*: the room a node reported plus the cost of everything logged that the node held by then,
 in the writer's running total of logged costs. A put unit is admitted only when the running
 total plus the unit's cost stays within `quorum_limit` of the nodes that may take puts: so
-everything logged, this unit included, fits on a write quorum of them. The cost is an upper
-bound of what a record takes in LMDB (`record_cost_bytes`), so a node's reserve only ever has to
-absorb what the writer could not know (gossip, repair, metadata).
+everything logged, this unit included, fits on a write quorum of them. The cost is a bound of
+what a record takes in LMDB (`record_cost_bytes`), so a node's reserve only has to absorb what
+the writer does not count: gossip's repairs, copy-on-write pages, metadata, and a bound that
+falls short. Deletes are not held to it: they take the reserve, so a full volume can be emptied.
 
 Rules of this module: no I/O, threads, clocks or randomness (a test checks).
 """
@@ -112,7 +113,7 @@ def quorum_limit(limits: Mapping[str, int], membership: Membership, quorum: int 
     """The largest L such that the nodes whose limit is at least L form a write quorum of every
     quorum set (`has_write_quorum`); -1 when the nodes in `limits` are no write quorum at all.
 
-    `limits` holds only the nodes that may take puts now (reachable, neither full nor low)."""
+    `limits` holds only the nodes that may take puts now (neither full nor low)."""
     best = None
     for members in membership.quorum_sets:
         held = sorted((limits[n] for n in members if n in limits), reverse=True)
