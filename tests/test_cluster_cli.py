@@ -112,7 +112,8 @@ def test_a_busy_port_is_a_clear_error_not_a_hang(tmp_path):
         Cluster(tmp_path / "c").down(timeout_s=10)
 
 
-def test_a_process_that_dies_at_start_is_named_with_its_log(tmp_path):
+def test_a_process_that_dies_at_start_is_named_with_its_log(tmp_path, caplog):
+    caplog.set_level("INFO", logger="sixfold.launcher")
     c = Cluster(tmp_path / "c")
     try:
         c.up(base_port=free_base_port(), protection_groups=2, durable=False)
@@ -135,6 +136,9 @@ def test_a_process_that_dies_at_start_is_named_with_its_log(tmp_path):
             c.up(timeout_s=30)
         text = str(info.value)
         assert "n5" in text and "GeometryMismatch" in text and "Last lines" in text
+        # the launcher's log says it too: one line, the process and where its log is
+        faults = [r.getMessage() for r in caplog.records if r.name == "sixfold.launcher" and r.levelname == "ERROR"]
+        assert len(faults) == 1 and "n5" in faults[0] and "exited" in faults[0] and "n5.log" in faults[0], faults
         assert c.state("n6") == "down", "a failed up stops what it started"
         assert n6["pid"] is None or c.pid("n6") is None
     finally:

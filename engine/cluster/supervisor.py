@@ -39,6 +39,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import logging
 import os
 import signal
 import socket
@@ -64,6 +65,8 @@ from engine.cluster.manifest import (
     node_entry,
     save_manifest,
 )
+
+log = logging.getLogger("sixfold.launcher")
 
 READY_TIMEOUT_S = 60.0
 DOWN_TIMEOUT_S = 10.0
@@ -286,15 +289,16 @@ class Supervisor:
         root = os.path.dirname(os.path.dirname(os.path.abspath(engine.__file__)))
         env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         env["PYTHONUNBUFFERED"] = "1"
-        with open(log_path, "ab") as log:
-            log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} starting {name}: {' '.join(argv)}\n".encode())
-            log.flush()
+        with open(log_path, "ab") as out:
+            out.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} starting {name}: {' '.join(argv)}\n".encode())
+            out.flush()
             proc = subprocess.Popen(
-                argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, cwd=self.folder, env=env,
+                argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, cwd=self.folder, env=env,
                 start_new_session=True, close_fds=True,
             )
         self._children[proc.pid] = proc
         entry["pid"] = proc.pid
+        log.info("started %s (pid %d), log %s", name, proc.pid, log_path)
         return proc.pid
 
     def _check_ports(self, manifest: dict, names: Iterable[str]) -> None:
@@ -321,6 +325,7 @@ class Supervisor:
                     if self.live_pid(name, entry["pid"]) is None:
                         proc = self._children.get(entry["pid"])
                         code = f" with code {proc.returncode}" if proc is not None and proc.returncode is not None else ""
+                        log.error("%s (pid %s) exited%s before it was ready; see %s", name, entry["pid"], code, self.path(entry["log"]))
                         raise ClusterError(
                             f"{name} (pid {entry['pid']}) exited{code} before it was ready. "
                             f"Last lines of {self.path(entry['log'])}:\n{log_tail(self.path(entry['log']))}"
@@ -338,6 +343,8 @@ class Supervisor:
                 if pending and time.monotonic() > deadline:
                     name = sorted(pending)[0]
                     entry = pending[name]
+                    log.error("%s (pid %s, %s) is not SERVING after %g s; see %s", name, entry["pid"], entry["address"],
+                              timeout_s, self.path(entry["log"]))
                     raise ClusterError(
                         f"{name} (pid {entry['pid']}, {entry['address']}) is not SERVING after {timeout_s:g} s. "
                         f"Last lines of {self.path(entry['log'])}:\n{log_tail(self.path(entry['log']))}"
@@ -498,6 +505,7 @@ class Supervisor:
         deadline = time.monotonic() + timeout_s
         for name, pid in pids.items():
             if not self._wait_gone(pid, name, max(0.0, deadline - time.monotonic())):
+                log.warning("%s (pid %d) did not stop within %g s of SIGTERM: SIGKILL", name, pid, timeout_s)
                 os.kill(pid, signal.SIGKILL)
                 self._wait_gone(pid, name, 5.0)
         with locked(self.folder):
