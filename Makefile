@@ -1,7 +1,10 @@
 # Sixfold developer tasks (GNU make). CI runs `make test` through .ci/run.
 #
 #   make demo    set up .venv, then run the demo (python -m engine.demo)
-#   make test    set up .venv, then the whole suite twice: Cython codec twin, then pure-Python twin
+#   make test    set up .venv, the import-linter contract, then the whole suite with the Cython codec
+#                twin and again with the pure-Python twin (without the multi-process cluster tests,
+#                which run node processes on the same node code; `make test-full` runs them twice)
+#   make test-full  both twins over the whole suite
 #   make bench   codec benchmark (bench/codec.py), then bench/embedded.py when it exists
 #   make soak    the long fault-injection runs (pytest -m soak)
 #   make clean   remove build products (not .venv)
@@ -20,7 +23,7 @@ BENCH_ARGS ?=
 BUILD_INPUTS := pyproject.toml setup.py $(wildcard ext/*.pyx ext/*.pxd ext/*.h) \
 	$(shell find proto -name '*.proto' 2>/dev/null | sort)
 
-.PHONY: setup demo test bench soak clean
+.PHONY: setup demo test test-full bench soak clean
 
 setup: $(STAMP)
 
@@ -46,7 +49,13 @@ test: $(STAMP)
 	$(VENV)/bin/lint-imports
 	@echo "=== pytest, codec twin: cython (SIXFOLD_CODEC=cython)"
 	SIXFOLD_CODEC=cython $(PY) -m pytest $(PYTEST_ARGS)
-	@echo "=== pytest, codec twin: python (SIXFOLD_CODEC=python)"
+	@echo "=== pytest, codec twin: python (SIXFOLD_CODEC=python), all but the multi-process cluster tests"
+	SIXFOLD_CODEC=python $(PY) -m pytest -m "not cluster and not soak" $(PYTEST_ARGS)
+
+# Both twins over everything, cluster tests included (about 15 minutes on 2 cores).
+test-full: $(STAMP)
+	$(VENV)/bin/lint-imports
+	SIXFOLD_CODEC=cython $(PY) -m pytest $(PYTEST_ARGS)
 	SIXFOLD_CODEC=python $(PY) -m pytest $(PYTEST_ARGS)
 
 bench: $(STAMP)
