@@ -178,7 +178,8 @@ def test_replace_swap_quorum_reads_see_acknowledged_writes(tmp_path, seed):
 #: and n2, every failed attempt to reopen it seals them at a higher epoch (each attempt +1); the
 #: writer that then opens from n3..n6 takes the next epoch *they* know, lower than n1's and n2's,
 #: and is fenced by them when they come back: nothing reopens it, the volume stays unwritable and
-#: every final read fails (`unknown`). Inside the budget: nothing is impaired while the writer is
+#: every final read fails (`unknown`). Fixed by the writer stepping up over such epochs
+#: (`engine.core.fencing`, STEP_UP). Inside the budget: nothing is impaired while the writer is
 #: isolated, two nodes while they are down.
 FENCED_BY_FAILED_OPENS = FaultPlan(seed=1, duration_s=3.0, events=(
     FaultEvent(0.5, "writer_crash", ("writer",), {"down_s": 0.05}),
@@ -189,9 +190,6 @@ FENCED_BY_FAILED_OPENS = FaultPlan(seed=1, duration_s=3.0, events=(
 ))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "liveness finding: epochs raised on a minority by failed writer opens fence the writer opened later "
-    "from the majority (see FENCED_BY_FAILED_OPENS); remove this mark when the writer handles it"))
 def test_failed_writer_opens_do_not_leave_the_volume_fenced(tmp_path):
     assert validate_plan(FENCED_BY_FAILED_OPENS) == [] and max_impaired(FENCED_BY_FAILED_OPENS) == 2
     result = run(RunConfig(target="sim", seed=1, duration_s=3.0, plan=FENCED_BY_FAILED_OPENS), str(tmp_path))

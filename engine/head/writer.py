@@ -71,7 +71,15 @@ from engine.core.constants import (
     VALUE_BYTES_MAX,
     WRITE_QUORUM,
 )
-from engine.core.fencing import FENCE, SYNC, on_epoch_refusal
+from engine.core.fencing import (
+    FENCE,
+    STEP_UP,
+    SYNC,
+    decide_epoch_refusal,
+    refusal_needs_probe,
+    step_up_holds,
+    trace_epoch,
+)
 from engine.core.placement import protection_group_of, read_order
 from engine.core.quorum import VolumeDurability, has_read_quorum, has_write_quorum, merge_read, merge_scan
 from engine.core.recovery import plan_recovery
@@ -284,6 +292,9 @@ class Writer:
         self._fenced_error: type[SixfoldError] = StaleEpoch
         self._in_doubt = False
         self.epoch = 0
+        #: held while the epoch is decided or moved (a refusal's step-up, a membership step), never
+        #: while holding _lock: refusals are decided one at a time (engine.core.fencing)
+        self._epoch_lock = threading.Lock()
         self.ledger: VolumeDurability | None = None
         self.links: dict[str, _NodeLink] = {}
         self.recovery: dict = {}
@@ -915,14 +926,7 @@ class Writer:
         try:
             reply = self.transport.append(link.id, epoch, frame, hint)
         except (StaleEpoch, EpochBehind) as e:
-            action = on_epoch_refusal(e, epoch, self.epoch)
-            if action == FENCE:
-                if self._fence(f"this writer was fenced by a newer writer: {e}"):
-                    log.error("writer -> %s: %s; a newer writer exists, this one stops", link.id, e)
-                return False
-            if action == SYNC:
-                self._sync_node(link)
-            return True  # RESEND: it was sent before our own epoch step; the next send is at the new one
+            return self._on_epoch_refusal(link, e, epoch)
         except StorageFull as e:
             self._link_fault(link, e, full=True)
             return True
@@ -1040,6 +1044,76 @@ class Writer:
             del self._tail_costs[:drop]
             self._tail_base += drop
 
+    def _on_epoch_refusal(self, link: _NodeLink, e: SixfoldError, epoch: int) -> bool:
+        """An append sent at `epoch` was refused on epoch grounds: do what `engine.core.fencing`
+        decides. Returns False once fenced."""
+        if not refusal_needs_probe(e, epoch, self.epoch):
+            if decide_epoch_refusal(e, epoch, self.epoch, None, None).action == SYNC:
+                self._sync_node(link)
+            return True  # RESEND: it was sent before our own epoch step; the next send is at the new one
+        with self._epoch_lock:  # one decision at a time; a refusal decided after a step is a resend
+            current = self.epoch
+            if self._fenced or self._closed:
+                return False
+            if not refusal_needs_probe(e, epoch, current):
+                return True
+            membership = self.ledger.membership
+            decision = decide_epoch_refusal(e, epoch, current, self._probe_epochs(membership), membership)
+            if decision.action == STEP_UP:
+                if self._step_up(current, decision.epoch, membership, link.id, e):
+                    return True
+                why = (f"this writer was fenced: {e}; its step from epoch {current} to {decision.epoch} "
+                       "did not hold on a write quorum (another writer may have opened)")
+            elif decision.action == FENCE:
+                why = f"this writer was fenced by a newer writer: {e}"
+            else:
+                return True  # RESEND: nobody answering is above us now
+        if self._fence(why):
+            log.error("writer -> %s: %s; this one stops", link.id, why)
+        return False
+
+    def _probe_epochs(self, membership: Membership) -> dict[str, int]:
+        """The epoch every reachable member holds now (read at decision time, a rare path)."""
+        epochs = {}
+        for n in membership.all_nodes:
+            try:
+                epochs[n] = self.transport.state(n).epoch
+            except SixfoldError:
+                continue
+        return epochs
+
+    def _step_up(self, current: int, target: int, membership: Membership, refused_by: str, e: SixfoldError) -> bool:
+        """Move from `current` to `target` over epochs that failed opens left on a minority
+        (`engine.core.fencing`): seal every member at `target` (strict, unlike sync_epoch), read
+        each sealed node's trace of other writers before telling it anything, and adopt the
+        epoch only if `step_up_holds`. Caller holds _epoch_lock. False: fence."""
+        traces = {}
+        for n in membership.all_nodes:
+            try:
+                self.transport.seal(n, target)
+                st = self.transport.state(n)
+            except SixfoldError:
+                continue
+            traces[n] = trace_epoch(st.membership.epoch if st.membership else None, (t.epoch for t in st.truncations))
+        if not step_up_holds(current, traces, membership):
+            return False
+        new = Membership(target, membership.members, membership.next_members)
+        with self._lock:
+            if self._fenced or self._closed:
+                return False
+            self.epoch = target
+            self.ledger.set_membership(new)
+            self._work.notify_all()  # the senders re-send what was refused at the old epoch
+        log.warning("writer -> %s: %s; the nodes at epoch %d are a write quorum, so that epoch was left by "
+                    "failed opens: stepped up to epoch %d (sealed %s)",
+                    refused_by, e, current, target, ", ".join(sorted(traces)))
+        for n in new.all_nodes:
+            try:
+                self.transport.sync_epoch(n, target, self.truncations, new)
+            except SixfoldError:
+                continue  # a sealed node takes appends at the target already; one behind is synced when it refuses
+        return True
+
     def _sync_node(self, link: _NodeLink) -> None:
         """A node (restarted or wiped) is behind our epoch: give it our truncations and membership."""
         try:
@@ -1083,6 +1157,10 @@ class Writer:
         """Move to a new epoch with the membership `membership_of(current)` (a step of
         `engine.core.membership`; its refusal changes nothing); tell every reachable node.
         Writes go on: appends in flight at the old epoch are simply re-sent."""
+        with self._epoch_lock:  # not while a refusal steps the epoch up
+            return self._step_membership_locked(membership_of)
+
+    def _step_membership_locked(self, membership_of: Callable[[Membership], Membership]) -> Membership:
         with self._lock:
             self.check_usable()
             new = membership_of(self.ledger.membership)
