@@ -15,6 +15,7 @@ import pytest
 from waiting import DEADLINE_S, eventually, until_done
 
 import engine
+from engine.cluster.testing import put_durably
 from engine.core.constants import KEY_BYTES_MAX, VALUE_BYTES_MAX
 
 #: the write timeout of tests whose writes must all succeed
@@ -105,14 +106,14 @@ def test_az_outage_keeps_writes_going_and_loses_nothing(db):
 
 
 def test_az_plus_one_refuses_writes_keeps_reads_and_recovers(tmp_path):
-    # Each refusal waits out the write timeout (for a quorum that may return): short, but long
-    # enough for the writes that must succeed first on a loaded machine.
-    db = open_db(tmp_path / "d", write_timeout_s=2.0)
+    # Each refusal waits out the write timeout (for a quorum that may return), so it is short;
+    # the writes that must succeed are checked to commit should it pass first (a loaded machine).
+    db = open_db(tmp_path / "d", write_timeout_s=0.5)
     try:
         for i in range(10):
-            db.put(b"k%d" % i, b"v%d" % i)
+            put_durably(db, b"k%d" % i, b"v%d" % i)
         db.cluster.stop_az("b")
-        db.put(b"during-az", b"ok")
+        put_durably(db, b"during-az", b"ok")
         db.cluster.stop_node("n1")
         # The writer notices the third loss at its next append (or heartbeat); every write from
         # then on is refused with the typed error, nothing logged (a write racing the loss may be
@@ -325,15 +326,15 @@ def test_lal_bounds_what_is_in_flight(tmp_path):
 
     held = Held()
     faults = NetworkFaults(seed=1, sleep=held)
-    # Every write after the first is refused or indeterminate, each after the write timeout: a
-    # short one keeps the test quick, and the first write has no fsync to wait for.
+    # Every write after the first is refused or indeterminate, each after the write timeout, so
+    # it is short; the first write is checked to commit should it pass first (a loaded machine).
     vol = EmbeddedVolume(
-        str(tmp_path / "d"), EmbeddedOptions(write_timeout_s=1.0, lal=4, gossip_interval_s=0.05, durable=False),
+        str(tmp_path / "d"), EmbeddedOptions(write_timeout_s=0.5, lal=4, gossip_interval_s=0.05),
         transport_wrapper=lambda t: FaultyTransport(t, faults),
     )
     db = engine.Database(vol)
     try:
-        db.put(b"base", b"1")
+        put_durably(db, b"base", b"1")
         vdl = db.status()["vdl"]
         for n in ("n3", "n4", "n5"):
             faults.slow_ms[n] = 1.0  # any delay: `held` holds the call until released

@@ -180,3 +180,19 @@ def check_indeterminate_committed(db, load: Load, timeout_s: float = LOAD_STOP_S
         for key in states:
             load.acked[key] = load.unknown.pop(key)
             del load.unknown_ids[key]
+
+
+def put_durably(db, key: bytes, value: bytes, timeout_s: float = LOAD_STOP_S) -> None:
+    """`db.put` for a write that must succeed because a write quorum is up: if the write timeout
+    passes first (a loaded machine), the write was logged and must still commit, so this asks
+    `status_of` until it has (AssertionError after `timeout_s`). A refusal (Unavailable) raises."""
+    try:
+        db.put(key, value)
+        return
+    except engine.WriteIndeterminate as e:
+        rid, error = e.request_id, e
+    deadline = time.monotonic() + timeout_s
+    while (state := db.status_of(rid).state) != "committed":
+        if time.monotonic() > deadline:
+            raise AssertionError(f"a put of {key!r} that timed out ({error}) is still {state} after {timeout_s:g} s")
+        time.sleep(0.05)
