@@ -3,7 +3,8 @@
 No assertion here measures elapsed time, and no test sleeps for a while before it looks: waits
 are on conditions (`tests/waiting.py`), and a node that must be slow is held until released
 rather than delayed by a fixed time. The write timeout is generous wherever writes must succeed
-(on a loaded machine an fsync alone can take a second); tests of refusals set their own.
+(on a loaded machine an fsync alone can take a second); a test of refusals sets a short one, and
+its writes that must succeed go through `put_durably` (one that times out must still commit).
 """
 
 from __future__ import annotations

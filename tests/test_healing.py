@@ -3,7 +3,8 @@ a wiped node, scrub of corrupt records, writer recovery with epochs and fencing,
 
 Waits are on conditions with the generous deadline of `tests/waiting.py`; a scenario step that
 must come "a little later" is driven by an event of the engine (a progress callback), not a timer.
-The write timeout is generous where writes must succeed; tests of refusals set a shorter one.
+The write timeout is generous where writes must succeed; a test of refusals sets a short one, and
+its writes that must succeed go through `put_durably` (one that times out must still commit).
 """
 
 from __future__ import annotations
