@@ -61,10 +61,17 @@ def test_wiped_node_rebuilds_from_peers_and_serves_only_when_complete(tmp_path):
 
 def test_corrupt_record_is_never_served_and_is_refetched(tmp_path):
     with open_db(tmp_path / "d") as db:
-        db.put(b"victim", b"precious")
+        with db.batch() as b:
+            b.put(b"victim", b"precious")
+        # The victim's own record: the unit's last LSN (its CPL) is its request record, which may
+        # sit in another PG or, as the newest record, in this one ("the newest of the PG" would
+        # then hit it instead of the victim).
+        lsn = b.lsn - 1
         pg = protection_group_of(b"victim", db.status()["protection_groups"])
-        hit = {n: db.cluster.corrupt(n, pg, None, bit=8 * 40 + 3) for n in ("n1", "n2", "n3")}
-        assert all(hit.values())
+        eventually(lambda: all(node(db.status(), n)["scl"][pg] >= lsn for n in ("n1", "n2", "n3")),
+                   f"n1, n2, n3 to hold the victim (LSN {lsn})")
+        hit = {n: db.cluster.corrupt(n, pg, lsn, bit=8 * 40 + 3) for n in ("n1", "n2", "n3")}
+        assert hit == {"n1": lsn, "n2": lsn, "n3": lsn}, hit
         # every read path avoids the corrupt copies: single-segment, quorum, scan
         for _ in range(20):
             assert db.get(b"victim") == b"precious"
