@@ -131,6 +131,7 @@ def test_concurrent_callers_share_rpcs(db):
         t.start()
     for t in ts:
         t.join(120)
+        assert not t.is_alive(), "a caller never returned"
     assert not failures, failures[:3]
     assert backend._writes.cars - cars0 < threads * per / 2, "concurrent writes must share Write RPCs"
     assert backend._gets.cars - gets0 < threads * (per + 1) / 2, "concurrent gets must share GetMany RPCs"

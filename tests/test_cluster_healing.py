@@ -7,7 +7,8 @@ here, on six node processes and a writer endpoint, with SIGKILL, SIGSTOP and `rm
 
 Most tests share one cluster (starting seven Python processes costs seconds) and leave it whole
 again (`healthy`: every node and the writer SERVING, no fault rules). The membership change that
-completes gets a cluster of its own, since it changes the nodes for good. Every wait is bounded.
+completes gets a cluster of its own, since it changes the nodes for good. Every wait is on a
+condition, with the generous deadline of `tests/waiting.py`; no assertion measures elapsed time.
 """
 
 from __future__ import annotations
@@ -16,21 +17,23 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import pytest
+from waiting import DEADLINE_S, eventually
 
 import engine
 from engine.cluster import WRITER, Cluster, ClusterError
-from engine.cluster.testing import Load, check_all_readable, engine_env, free_base_port, wait_serving
+from engine.cluster.testing import (
+    Load, check_all_readable, check_indeterminate_committed, engine_env, free_base_port, wait_serving,
+)
 from engine.core.placement import protection_group_of
-from engine.node.service import wait_until
 from engine.transport.convert import FaultRules
 
 PROTECTION_GROUPS = 4
-WRITE_TIMEOUT_S = 2.0
+#: No test here needs a quick refusal, and every write that is not refused must succeed: a
+#: generous write timeout, so that a loaded machine does not turn one into WriteIndeterminate.
+WRITE_TIMEOUT_S = 10.0
 GOSSIP_INTERVAL_S = 0.5  # quicker repair than the default 1 s; fewer rounds than embedded tests
-READ_ALONE_BUDGET_S = 30.0
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +41,7 @@ def shared(tmp_path_factory):
     c = Cluster(tmp_path_factory.mktemp("healing") / "c")
     try:
         c.up(base_port=free_base_port(), protection_groups=PROTECTION_GROUPS, write_timeout_s=WRITE_TIMEOUT_S,
-             gossip_interval_s=GOSSIP_INTERVAL_S, timeout_s=60)
+             gossip_interval_s=GOSSIP_INTERVAL_S, timeout_s=DEADLINE_S)
         yield c
     finally:
         c.down(timeout_s=10)
@@ -52,7 +55,7 @@ def restore(c: Cluster) -> None:
             c.cont(n)
         elif state == "down":
             c.start(n, wait=False)
-    c._wait_serving(c.node_ids, 60)
+    c._wait_serving(c.node_ids, DEADLINE_S)
     for n in c.node_ids:
         c.set_faults(n)
     if c.state(WRITER) == "paused":
@@ -106,13 +109,10 @@ def kill_all_but(c: Cluster, keep: list[str]) -> list[str]:
     return killed
 
 
-def read_all_within(db, expected: dict[bytes, bytes], budget_s: float, *, quorum: bool = False) -> float:
-    """Read every key (each must have its value); returns the seconds it took (< budget)."""
-    t0 = time.monotonic()
+def read_all(db, expected: dict[bytes, bytes], *, quorum: bool = False) -> None:
+    """Read every key: each must have its value (how long that takes measures the machine)."""
     for key, value in expected.items():
         assert db.get(key, quorum=quorum) == value, f"{key!r} lost"
-        assert time.monotonic() - t0 < budget_s, f"reading {len(expected)} keys took over {budget_s} s"
-    return time.monotonic() - t0
 
 
 # --- catch-up, rebuild, scrub ---------------------------------------------------------------
@@ -120,25 +120,24 @@ def read_all_within(db, expected: dict[bytes, bytes], budget_s: float, *, quorum
 def test_a_node_killed_during_writes_catches_up_and_then_serves_every_acknowledged_write_alone(healthy, db):
     c = healthy
     with Load(db, "catchup") as load:
-        assert wait_until(lambda: load.count() >= 50, 20), "the load did not start"
+        eventually(lambda: load.count() >= 50, "the load to have 50 writes acknowledged")
         c.kill("n5")  # SIGKILL mid-write
         at_kill = load.count()
-        assert wait_until(lambda: load.count() >= at_kill + 100, 30), "writes stopped after losing one node"
+        eventually(lambda: load.count() >= at_kill + 100, "100 more writes acknowledged after losing n5")
         c.start("n5")
         restarted = load.count()
-        assert wait_until(lambda: load.count() >= restarted + 50, 30)
+        eventually(lambda: load.count() >= restarted + 50, "50 more writes acknowledged after n5 restarted")
     assert load.failed == 0 and not load.errors, (load.failed, load.errors)
+    # Five nodes or more answered throughout: a write that met the timeout (a slow machine) commits.
+    check_indeterminate_committed(db, load)
     # Gossip (below the writer's VDL hint) and the writer's own sends bring n5 level with its peers.
-    assert wait_until(lambda: scls_equal(c), 30), c.status()["nodes"]
+    eventually(lambda: scls_equal(c), "every node at the same SCLs")
     assert node_status(c, "n5")["lag"] == 0
     # n5 alone now holds every acknowledged write: the others go, the reads come from it.
     kill_all_but(c, ["n5"])
-    seconds = read_all_within(db, load.acked, READ_ALONE_BUDGET_S)
-    for key, value in load.unknown.items():
-        assert db.get(key) in (None, value)
+    read_all(db, load.acked)
     with pytest.raises(engine.Unavailable):
         db.get(b"catchup:never", quorum=True)  # a quorum read needs three: only n5 answered above
-    print(f"read {len(load.acked)} keys from n5 alone in {seconds:.2f} s")
 
 
 @pytest.mark.cluster
@@ -166,12 +165,12 @@ def test_a_wiped_node_rebuilds_from_peers_with_progress_then_serves_reads_alone(
     assert n2["rebuild"]["fetched_records"] >= len(expected), n2["rebuild"]
     assert n2["repaired"] >= len(expected) and n2["pid"] != before["pid"]
     n1 = next(n for n in st["nodes"] if n["id"] == "n1")
-    assert wait_until(lambda: node_status(c, "n2")["records"] == node_status(c, "n1")["records"], 10), (n1, n2)
+    eventually(lambda: node_status(c, "n2")["records"] == node_status(c, "n1")["records"], "n2 to hold as many records as n1")
     assert main(["node", "rebuild-status", "--cluster", c.folder]) == 0
     assert "n2" in capsys.readouterr().out
     # Rebuilt: n2 alone serves every key.
     kill_all_but(c, ["n2"])
-    read_all_within(db, expected, READ_ALONE_BUDGET_S)
+    read_all(db, expected)
 
 
 @pytest.mark.cluster
@@ -179,10 +178,13 @@ def test_corrupt_copies_are_never_served_are_counted_and_are_refetched(healthy, 
     c = healthy
     with db.batch() as b:
         b.put(b"victim", b"precious")
-    lsn = b.lsn
+    # The victim's own record: the unit's last LSN (its CPL) is its request record, which sits in
+    # the PG of the request id (so the victim's PG may never reach it, and when it does, LSN
+    # b.lsn is the request record, not the victim).
+    lsn = b.lsn - 1
     pg = protection_group_of(b"victim", PROTECTION_GROUPS)
     hit = ("n1", "n2", "n3")
-    assert wait_until(lambda: all(node_status(c, n)["scls"][pg] >= lsn for n in hit), 10)
+    eventually(lambda: all(node_status(c, n)["scls"][pg] >= lsn for n in hit), f"n1, n2, n3 to hold the victim (LSN {lsn})")
     found_before = {n: node_status(c, n)["corrupt_found"] for n in hit}
     for n in hit:
         assert c.corrupt(n, pg, lsn, bit=8 * 40 + 3) == lsn
@@ -195,7 +197,7 @@ def test_corrupt_copies_are_never_served_are_counted_and_are_refetched(healthy, 
     for n in hit:
         c.scrub(n)
     assert all(node_status(c, n)["corrupt_found"] >= found_before[n] + 1 for n in hit)
-    assert wait_until(lambda: scls_equal(c), 20), c.status()["nodes"]
+    eventually(lambda: scls_equal(c), "every node at the same SCLs (the corrupt copies refetched)")
     # Only the refetched copies remain on n1..n3: without the other three, a quorum read finds it.
     kill_all_but(c, list(hit))
     assert db.get(b"victim", quorum=True) == b"precious"
@@ -208,13 +210,14 @@ def test_a_sigkilled_writer_endpoint_recovers_every_acknowledged_write_at_a_new_
     c = healthy
     epoch = db.status()["epoch"]
     with Load(db, "writer-crash") as load:
-        assert wait_until(lambda: load.count() >= 100, 20)
+        eventually(lambda: load.count() >= 100, "the load to have 100 writes acknowledged")
         c.kill(WRITER)
-        time.sleep(0.3)
+        # Some writes meet the crash (refused, or in flight when it came) before the load stops.
+        eventually(lambda: load.not_acknowledged() >= 3, "three writes to meet the killed writer")
     with pytest.raises(engine.Unavailable):
         db.get(b"anything")  # while it is down: the typed error, not a hang
     c.start(WRITER)
-    assert wait_until(lambda: readable(db), 30)
+    eventually(lambda: readable(db), "the restarted writer endpoint to serve reads")
     check_all_readable(db, load)
     st = db.status()
     assert st["epoch"] > epoch and st["writer"]["recovery"]["epoch"] == st["epoch"], "a recovered writer runs at a new epoch"
@@ -238,7 +241,7 @@ def test_a_paused_old_writer_is_fenced_by_a_new_one_and_completes_no_write(healt
     log.close()
     new = None
     try:
-        wait_serving(address, 60, proc=second)
+        wait_serving(address, DEADLINE_S, proc=second)
         new = engine.connect(address, timeout_s=10)
         assert new.status()["epoch"] > old_epoch, "the second writer recovers at a higher epoch"
         assert new.get(b"fence") == b"old-writer"
@@ -249,7 +252,7 @@ def test_a_paused_old_writer_is_fenced_by_a_new_one_and_completes_no_write(healt
         for i in range(5):
             with pytest.raises((engine.StaleEpoch, engine.Unavailable)):
                 db.put(b"fence", b"from-the-fenced-writer-%d" % i)
-        assert wait_until(lambda: c.health(WRITER) == "NOT_SERVING", 10), "a fenced endpoint stops reporting SERVING"
+        eventually(lambda: c.health(WRITER) == "NOT_SERVING", "the fenced endpoint to stop reporting SERVING")
         # The new one serves, and never sees a value of the fenced one.
         new.put(b"fence:after", b"ok")
         assert new.get(b"fence:after") == b"ok"
@@ -263,7 +266,7 @@ def test_a_paused_old_writer_is_fenced_by_a_new_one_and_completes_no_write(healt
             second.wait(10)
         except subprocess.TimeoutExpired:
             second.kill()
-            second.wait(5)
+            second.wait(DEADLINE_S)
 
 
 # --- membership change ----------------------------------------------------------------------
@@ -308,7 +311,7 @@ def test_replace_a_node_under_write_load_then_n7_is_a_full_member(tmp_path, caps
 
     c = Cluster(tmp_path / "c")
     c.up(base_port=free_base_port(), protection_groups=PROTECTION_GROUPS, write_timeout_s=WRITE_TIMEOUT_S,
-         gossip_interval_s=GOSSIP_INTERVAL_S, timeout_s=60)
+         gossip_interval_s=GOSSIP_INTERVAL_S, timeout_s=DEADLINE_S)
     db = None
     try:
         db = c.connect(timeout_s=10)
@@ -321,16 +324,18 @@ def test_replace_a_node_under_write_load_then_n7_is_a_full_member(tmp_path, caps
         base = c.manifest["base_port"]
         capsys.readouterr()
         with Load(db, "during", threads=2, pause_s=0.01) as load:
-            assert wait_until(lambda: load.count() >= 20, 20)
+            eventually(lambda: load.count() >= 20, "the load to have 20 writes acknowledged")
             code = main(["node", "replace", "--cluster", c.folder, "n3", "--with", "n7", "--timeout-s", "60", "--json"])
             during = load.count()
-            assert wait_until(lambda: load.count() >= during + 20, 20), "writes stopped after the change"
+            eventually(lambda: load.count() >= during + 20, "20 more writes acknowledged after the change")
         out = capsys.readouterr().out
         assert code == 0, out
         result = json.loads(out)
         assert result["replaced"] and not result["reverted"]
         assert result["members"] == ["n1", "n2", "n7", "n4", "n5", "n6"]
-        assert load.failed == 0 and not load.unknown and not load.errors, (load.failed, len(load.unknown), load.errors)
+        assert load.failed == 0 and not load.errors, (load.failed, load.errors)
+        # Five nodes answered throughout: a write that met the timeout (a slow machine) commits.
+        check_indeterminate_committed(db, load)
         # The manifest: n7 in n3's AZ on the next port, n3 retired; down/up use n7.
         m = c.manifest
         n7 = next(n for n in m["nodes"] if n["id"] == "n7")
@@ -347,17 +352,17 @@ def test_replace_a_node_under_write_load_then_n7_is_a_full_member(tmp_path, caps
         expected[b"needs-n7"] = b"yes"
         # ... and without n2 as well (AZ a and n4 gone), a quorum read needs n7's answer.
         c.kill("n2")
-        read_all_within(db, expected, 60, quorum=True)
+        read_all(db, expected, quorum=True)
         # `cluster down` and `cluster up` run the new membership.
         c.down(timeout_s=10)
-        st = c.up(timeout_s=60)
+        st = c.up(timeout_s=DEADLINE_S)
         assert [n["id"] for n in st["nodes"]] == ["n1", "n2", "n4", "n5", "n6", "n7"]
         assert all(n["health"] == "SERVING" for n in st["nodes"]) and c.state("n3") == "down"
         db.close()
         db = c.connect(timeout_s=10)
-        assert wait_until(lambda: readable(db), 30)
+        eventually(lambda: readable(db), "the writer endpoint to serve reads after `cluster up`")
         assert db.status()["writer"]["membership"]["members"] == ["n1", "n2", "n7", "n4", "n5", "n6"]
-        read_all_within(db, expected, 60)
+        read_all(db, expected)
     finally:
         if db is not None:
             db.close()

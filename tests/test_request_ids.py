@@ -5,6 +5,7 @@ is applied at most once: from the writer's memory while it lives, from the log a
 from __future__ import annotations
 
 import pytest
+from waiting import eventually
 
 import engine
 from engine.cluster import Cluster
@@ -12,7 +13,6 @@ from engine.cluster.testing import free_base_port
 from engine.core.constants import FLAG_PUT, FLAG_REQUEST
 from engine.embedded import EmbeddedOptions, EmbeddedVolume
 from engine.errors import InvalidArgument, Unavailable, WriteIndeterminate
-from engine.node.service import wait_until
 
 
 def request_records(volume) -> int:
@@ -91,7 +91,8 @@ def test_an_error_carries_the_request_id(tmp_path):
         for n in ("n1", "n2", "n3"):
             d.cluster.stop_node(n)
         # Once the writer saw them go (its heartbeats fail), a write is refused before logging.
-        assert wait_until(lambda: not any(d.status()["writer"]["links"][n]["up"] for n in ("n1", "n2", "n3")), 30)
+        eventually(lambda: not any(d.status()["writer"]["links"][n]["up"] for n in ("n1", "n2", "n3")),
+                   "the writer to see n1, n2, n3 down")
         with pytest.raises(Unavailable) as e:
             d.put(b"k", b"v")
         assert not isinstance(e.value, WriteIndeterminate)

@@ -13,10 +13,10 @@ from __future__ import annotations
 import logging
 
 import pytest
+from waiting import eventually
 
 import engine
 from engine.embedded import ClusterControl, EmbeddedOptions, EmbeddedVolume
-from engine.node.service import wait_until
 from engine.transport.base import Transport
 
 
@@ -68,12 +68,12 @@ def test_an_unexpected_exception_in_a_sender_is_logged_once_counted_and_survived
     Injector.count["n3"] = 3
     for i in range(20):
         db.put(b"k%d" % i, b"v%d" % i)  # four other nodes suffice meanwhile
-    assert wait_until(lambda: Injector.count["n3"] == 0, 30)
+    eventually(lambda: Injector.count["n3"] == 0, "the three injected faults to be met")
     # The link recovers by itself: up again, and sent everything.
-    assert wait_until(lambda: link(db, "n3")["up"] and link(db, "n3")["error"] == "", 30)
+    eventually(lambda: link(db, "n3")["up"] and link(db, "n3")["error"] == "", "the link to n3 to recover")
     db.put(b"after", b"2")
     vdl = db.status()["vdl"]
-    assert wait_until(lambda: link(db, "n3")["sent_lsn"] >= vdl, 30)
+    eventually(lambda: link(db, "n3")["sent_lsn"] >= vdl, f"n3 to be sent everything up to VDL {vdl}")
     st = link(db, "n3")
     assert st["errors"] == 3
     assert st["last_error"] == "RuntimeError: injected bug in the transport"
@@ -87,7 +87,8 @@ def test_an_unexpected_exception_in_a_sender_is_logged_once_counted_and_survived
     Injector.fail["n3"] = KeyError("another bug")
     Injector.count["n3"] = 1
     db.put(b"again", b"3")
-    assert wait_until(lambda: link(db, "n3")["errors"] == 4 and len(writer_records(caplog, logging.ERROR, "n3")) == 2, 30)
+    eventually(lambda: link(db, "n3")["errors"] == 4 and len(writer_records(caplog, logging.ERROR, "n3")) == 2,
+               "the fourth fault counted and its new cause logged")
     for i in range(20):
         assert db.get(b"k%d" % i) == b"v%d" % i
     assert db.get(b"after") == b"2" and db.get(b"again") == b"3"
@@ -99,7 +100,7 @@ def test_a_node_that_is_down_is_logged_once_not_once_per_retry(db, caplog):
     db.cluster.stop_node("n5")
     for i in range(10):
         db.put(b"k%d" % i, b"v")
-    assert wait_until(lambda: not link(db, "n5")["up"], 10)
+    eventually(lambda: not link(db, "n5")["up"], "the writer to see n5 down")
     retried_vdl = db.status()["vdl"]
     db.put(b"more", b"v")
     assert db.status()["vdl"] > retried_vdl
@@ -108,7 +109,7 @@ def test_a_node_that_is_down_is_logged_once_not_once_per_retry(db, caplog):
     assert "Unavailable" in warnings[0].getMessage() and warnings[0].exc_info is None
     assert link(db, "n5")["errors"] == 0  # expected errors are not bugs
     db.cluster.start_node("n5")
-    assert wait_until(lambda: link(db, "n5")["up"], 10)
+    eventually(lambda: link(db, "n5")["up"], "the writer to see n5 up again")
     assert writer_records(caplog, logging.INFO, "n5")
 
 
@@ -125,7 +126,7 @@ def test_an_exception_while_the_ledger_changes_fences_the_writer_and_a_new_one_r
     # Indeterminate if it was logged first, Unavailable if the fence came first: both say why.
     with pytest.raises(engine.Unavailable, match="fenced itself"):
         db.put(b"doubt", b"x")
-    assert wait_until(lambda: w.fenced is not None, 10)
+    eventually(lambda: w.fenced is not None, "the writer to fence itself")
     assert "fenced itself" in w.fenced and "ZeroDivisionError" in w.fenced
     with pytest.raises(engine.Unavailable, match="fenced itself"):
         db.put(b"refused", b"x")

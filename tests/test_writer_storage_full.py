@@ -12,21 +12,27 @@ alone, on an otherwise real embedded volume:
   that are not full are, so a full volume can be emptied;
 * a logged write that cannot become durable because nodes are full is WriteIndeterminate naming
   them; nothing acknowledged is lost, and writes resume once space returns.
+
+The writer learns a node's space from its next append reply: every wait for that is on the
+condition (`tests/waiting.py`), never a fixed time.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import time
 
 import pytest
+from waiting import eventually, until_done
 
 import engine
 from engine import codec
 from engine.embedded import ClusterControl, EmbeddedOptions, EmbeddedVolume
 from engine.errors import StorageFull
-from engine.node.service import wait_until
 from engine.transport.base import Transport
+
+#: Writes that must succeed get this long; the one write that cannot become durable (three nodes
+#: full) waits it out, so it is not longer than that needs on a loaded machine.
+WRITE_TIMEOUT_S = 5.0
 
 OK, LOW, FULL, FULL_ON_NEXT_WRITE = "ok", "low", "full", "full-on-next-write"
 
@@ -61,7 +67,7 @@ class Space(Transport):
 def db(tmp_path):
     Space.mode = {}
     vol = EmbeddedVolume(
-        str(tmp_path / "d"), EmbeddedOptions(durable=False, write_timeout_s=1.0, gossip_interval_s=0.05),
+        str(tmp_path / "d"), EmbeddedOptions(durable=False, write_timeout_s=WRITE_TIMEOUT_S, gossip_interval_s=0.05),
         transport_wrapper=Space,
     )
     d = engine.Database(vol, ClusterControl(vol))
@@ -91,22 +97,15 @@ def refused(db, write) -> bool:
     return False
 
 
-def put_eventually(db, key, value, timeout_s=20.0):
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            return db.put(key, value)
-        except (StorageFull, engine.Unavailable):
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)
+def put_eventually(db, key, value):
+    until_done(lambda: db.put(key, value), f"a put of {key!r} to be admitted again", retry_on=(StorageFull, engine.Unavailable))
 
 
 def test_puts_are_refused_naming_the_nodes_and_deletes_still_work(db):
     for i in range(10):
         db.put(b"k%d" % i, b"v%d" % i)
     Space.mode.update(n1=LOW, n3=LOW, n5=FULL)
-    assert wait_until(lambda: refused(db, lambda: db.put(b"probe", b"x")), 10)
+    eventually(lambda: refused(db, lambda: db.put(b"probe", b"x")), "a put to be refused with StorageFull")
     assert admission_is(db, "deletes-only")
     st = writer(db)
     assert st["links"]["n5"]["up"] and st["links"]["n5"]["full"]  # full, but reachable
@@ -130,23 +129,24 @@ def test_puts_are_refused_naming_the_nodes_and_deletes_still_work(db):
     assert db.get(b"new") is None and db.get(b"k9", quorum=True) == b"v9"
     # Space returns: puts are admitted again, and n5 gets the deletes it refused meanwhile.
     Space.mode.clear()
-    assert wait_until(lambda: admission_is(db, "all"), 10)
+    eventually(lambda: admission_is(db, "all"), "admission to be back to all")
     db.put(b"new", b"after")
     assert db.get(b"new") == b"after"
     vdl = writer(db)["vdl"]
-    assert wait_until(lambda: writer(db)["links"]["n5"]["sent_lsn"] >= vdl and not writer(db)["links"]["n5"]["full"], 10)
+    eventually(lambda: writer(db)["links"]["n5"]["sent_lsn"] >= vdl and not writer(db)["links"]["n5"]["full"],
+               f"n5 to take everything up to VDL {vdl}")
 
 
 def test_with_a_write_quorum_full_even_deletes_are_refused_until_space_returns(db):
     db.put(b"k", b"v")
     Space.mode.update(n1=FULL, n3=FULL, n5=FULL)
-    assert wait_until(lambda: refused(db, lambda: db.delete(b"probe")), 10)
+    eventually(lambda: refused(db, lambda: db.delete(b"probe")), "a delete to be refused with StorageFull")
     assert admission_is(db, "full")
     with pytest.raises(StorageFull, match="full: n1, n3, n5"):
         db.delete(b"k")
     assert db.get(b"k") == b"v"  # full nodes still serve reads
     Space.mode.clear()
-    assert wait_until(lambda: admission_is(db, "all"), 10)
+    eventually(lambda: admission_is(db, "all"), "admission to be back to all")
     db.delete(b"k")
     assert db.get(b"k") is None
 
@@ -162,6 +162,6 @@ def test_a_logged_write_that_full_nodes_stop_is_indeterminate_and_lands_once_spa
     with pytest.raises(StorageFull):
         db.put(b"other", b"x")  # refused before anything is logged
     Space.mode.clear()  # space returns: the senders' retries land the logged write
-    assert wait_until(lambda: db.get(b"k") == b"during", 20)
+    eventually(lambda: db.get(b"k") == b"during", "the logged write to land once space returned")
     put_eventually(db, b"other", b"after")
     assert db.get(b"other") == b"after" and db.get(b"k", quorum=True) == b"during"

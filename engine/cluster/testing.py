@@ -16,7 +16,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import engine
-from engine.cluster.supervisor import port_free
+from engine.cluster.supervisor import READY_TIMEOUT_S, port_free
 
 PORT_LOW = 20000
 PORT_HIGH = 60000
@@ -33,7 +33,7 @@ def free_base_port(count: int = 7, host: str = "127.0.0.1", attempts: int = 200,
     raise RuntimeError(f"no {count} consecutive free ports found in {attempts} attempts")
 
 
-def wait_serving(address: str, timeout_s: float = 30.0, proc: subprocess.Popen | None = None) -> None:
+def wait_serving(address: str, timeout_s: float = READY_TIMEOUT_S, proc: subprocess.Popen | None = None) -> None:
     """Poll the health service at `address` until SERVING; raise if `proc` dies or time runs out."""
     deadline = time.monotonic() + timeout_s
     with grpc.insecure_channel(address) as ch:
@@ -85,9 +85,15 @@ def spawn_node(
     return proc
 
 
+#: how long a load thread may take to notice the stop and finish its last write (a write takes at
+#: most the write timeout; the rest is for a loaded machine)
+LOAD_STOP_S = 60.0
+
+
 class Load:
     """A few threads writing unique keys (`PREFIX:thread:n`) under faults; records what was
-    acknowledged, what is indeterminate and how many were refused. Use as a context manager."""
+    acknowledged, what is indeterminate (with its request id) and how many were refused. Use as a
+    context manager."""
 
     def __init__(self, db, prefix: str = "load", threads: int = 3, pause_s: float = 0.0) -> None:
         self.db = db
@@ -95,6 +101,8 @@ class Load:
         self.pause_s = pause_s
         self.acked: dict[bytes, bytes] = {}
         self.unknown: dict[bytes, bytes] = {}
+        #: key -> request id of each indeterminate write, to ask the engine its fate (`status_of`)
+        self.unknown_ids: dict[bytes, bytes] = {}
         self.failed = 0
         self.errors: list[Exception] = []
         self._stop = threading.Event()
@@ -110,9 +118,10 @@ class Load:
                 self.db.put(key, value)
                 with self._lock:
                     self.acked[key] = value
-            except engine.WriteIndeterminate:
+            except engine.WriteIndeterminate as e:
                 with self._lock:
                     self.unknown[key] = value
+                    self.unknown_ids[key] = e.request_id
             except engine.Unavailable:
                 with self._lock:
                     self.failed += 1
@@ -124,8 +133,14 @@ class Load:
                 self._stop.wait(self.pause_s)
 
     def count(self) -> int:
+        """Acknowledged writes so far."""
         with self._lock:
             return len(self.acked)
+
+    def not_acknowledged(self) -> int:
+        """Writes that were refused or whose fate is unknown, so far."""
+        with self._lock:
+            return self.failed + len(self.unknown)
 
     def __enter__(self) -> Load:
         for t in self._threads:
@@ -135,8 +150,8 @@ class Load:
     def __exit__(self, *exc) -> None:
         self._stop.set()
         for t in self._threads:
-            t.join(30)
-            assert not t.is_alive(), "a load thread is stuck"
+            t.join(LOAD_STOP_S)
+            assert not t.is_alive(), f"a load thread did not finish within {LOAD_STOP_S:g} s of the stop"
 
 
 def check_all_readable(db, load: Load, *, quorum: bool = False) -> None:
@@ -145,3 +160,39 @@ def check_all_readable(db, load: Load, *, quorum: bool = False) -> None:
         assert db.get(key, quorum=quorum) == value, f"acknowledged write {key!r} lost"
     for key, value in load.unknown.items():
         assert db.get(key, quorum=quorum) in (None, value), f"indeterminate write {key!r} has a value nobody wrote"
+
+
+def check_indeterminate_committed(db, load: Load, timeout_s: float = LOAD_STOP_S) -> None:
+    """Every indeterminate write of `load` commits: for a test where a write quorum stayed up (and
+    the writer did not change), a logged write must become durable, so a WriteIndeterminate only
+    said that the write timeout passed first (a loaded machine). Polls `status_of` until each one
+    is committed, then counts them as acknowledged (`check_all_readable` then reads their value)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        states = {key: db.status_of(rid).state for key, rid in load.unknown_ids.items()}
+        if all(state == "committed" for state in states.values()):
+            break
+        if time.monotonic() > deadline:
+            raise AssertionError(f"indeterminate writes not committed after {timeout_s:g} s: "
+                                 f"{ {k: s for k, s in states.items() if s != 'committed'} }")
+        time.sleep(0.05)
+    with load._lock:
+        for key in states:
+            load.acked[key] = load.unknown.pop(key)
+            del load.unknown_ids[key]
+
+
+def put_durably(db, key: bytes, value: bytes, timeout_s: float = LOAD_STOP_S) -> None:
+    """`db.put` for a write that must succeed because a write quorum is up: if the write timeout
+    passes first (a loaded machine), the write was logged and must still commit, so this asks
+    `status_of` until it has (AssertionError after `timeout_s`). A refusal (Unavailable) raises."""
+    try:
+        db.put(key, value)
+        return
+    except engine.WriteIndeterminate as e:
+        rid, error = e.request_id, e
+    deadline = time.monotonic() + timeout_s
+    while (state := db.status_of(rid).state) != "committed":
+        if time.monotonic() > deadline:
+            raise AssertionError(f"a put of {key!r} that timed out ({error}) is still {state} after {timeout_s:g} s")
+        time.sleep(0.05)
