@@ -275,8 +275,12 @@ def test_replace_is_reverted_when_the_old_node_answers_first(healthy, db):
     """n3 is down, n7 is held back (its gossip is refused by every peer, so it cannot fetch the
     records the writer trimmed); n3 returns before n7 caught up: step 2 reverts."""
     c = healthy
-    for i in range(100):
-        db.put(b"revert:%03d" % i, b"v")
+    # More records than the writer keeps in its tail for slow nodes (it trims past 4096), so
+    # n7 cannot get the early ones from the writer either: only gossip, which is refused, has them.
+    for b in range(3):
+        with db.batch() as batch:
+            for i in range(2500):
+                batch.put(b"revert:%d:%04d" % (b, i), b"v")
     c.kill("n3")
     for n in ("n1", "n2", "n4", "n5", "n6"):
         c.set_faults(n, FaultRules(blocked_sources=("n7",)))
@@ -285,8 +289,13 @@ def test_replace_is_reverted_when_the_old_node_answers_first(healthy, db):
     def progress(fraction: float) -> None:
         fractions.append(fraction)
         if len(fractions) == 1:
-            c.start("n3")  # the old node comes back while n7 is still behind ...
-            c.set_faults("n3", FaultRules(blocked_sources=("n7",)))  # ... and n7 cannot copy it either
+            # The old node comes back while n7 is still behind, and n7 cannot copy it either: n7
+            # is paused (SIGSTOP) from before n3 serves until n3 refuses n7's gossip, so however
+            # long n3 takes to start on a loaded machine, n7 never gets a window to catch up.
+            c.stop("n7")
+            c.start("n3")
+            c.set_faults("n3", FaultRules(blocked_sources=("n7",)))
+            c.cont("n7")
 
     result = c.replace_node("n3", "n7", timeout_s=60, progress=progress)
     assert result["reverted"] and not result["replaced"], result
