@@ -28,7 +28,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, note, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 from waiting import eventually
@@ -249,6 +249,7 @@ class EmbeddedCluster(RuleBasedStateMachine):
         self._vdl = vdl
 
     def teardown(self):
+        note(f"{self.slow_commits} writes met the write timeout with a whole write quorum up, then committed")
         try:
             self.heal()
             for k in KEYS:
