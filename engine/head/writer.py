@@ -1163,33 +1163,8 @@ class Writer:
     def _step_membership_locked(self, membership_of: Callable[[Membership], Membership]) -> Membership:
         with self._lock:
             self.check_usable()
-            old = self.ledger.membership
-            new = membership_of(old)
-            epoch = self.epoch + 1
-        # Seal the next epoch first, strictly: a node already at `epoch` or above refuses. A
-        # sync_epoch would accept an equal epoch, so a writer opening at this very moment and
-        # sealing a quorum at `epoch` would share it with this one. Each node is sealed at an
-        # epoch by one writer only, and two write quorums intersect, so only one of two writers
-        # racing for `epoch` can seal a write quorum of it: the step holds only if this one did
-        # (of the old and the new membership's quorum sets alike); else this writer stops.
-        sealed = []
-        for n in old.all_nodes + tuple(x for x in new.all_nodes if x not in old.all_nodes):
-            try:
-                self.transport.seal(n, epoch)
-                sealed.append(n)
-            except StaleEpoch:
-                continue  # at `epoch` or above already: another writer's seal, or a failed open's
-            except SixfoldError:
-                continue
-        if not (has_write_quorum(sealed, old) and has_write_quorum(sealed, Membership(epoch, new.members, new.next_members))):
-            why = (f"this writer stopped: its membership step to epoch {epoch} sealed only {', '.join(sealed) or 'no node'} "
-                   "(another writer may hold that epoch, or too few nodes answer); open the volume again")
-            log.error("%s", why)
-            self._fence(why, Unavailable)
-            raise Unavailable(why)
-        with self._lock:
-            self.check_usable()
-            self.epoch = epoch
+            new = membership_of(self.ledger.membership)
+            self.epoch += 1
             new = Membership(self.epoch, new.members, new.next_members)
             self.ledger.set_membership(new)
             for n in new.all_nodes:
