@@ -40,6 +40,7 @@ from engine import codec
 from engine.core.constants import LAL_DEFAULT
 from engine.core.quorum import has_write_quorum
 from engine.core.types import Geometry, NodeInfo, default_nodes
+from engine.formats import format_of
 from engine.errors import GeometryMismatch, InvalidArgument, NodeNotFound, SixfoldError, Unavailable, WrongFolder
 from engine.files import TMP_SUFFIX, atomic_write
 from engine.head.writer import Writer, WriterOptions, node_status
@@ -160,14 +161,7 @@ def read_volume_file(path: str) -> dict:
         raise WrongFolder(f"{f} is not a readable volume file ({e}); restore it from a backup, or open another path") from None
     if not isinstance(vol, dict):
         raise WrongFolder(f"{f} is not a volume file (it holds a JSON {type(vol).__name__}, not an object)")
-    fmt = vol.get("format", 0)
-    if type(fmt) is not int or fmt < 0:
-        raise WrongFolder(f"{f} names format {fmt!r}, which no Sixfold release writes")
-    if fmt > VOLUME_FORMAT:
-        raise WrongFolder(
-            f"{f} has format {fmt}; this release reads format {VOLUME_FORMAT} (and upgrades older ones). "
-            "The volume was written by a newer Sixfold release: open it with that release or a later one."
-        )
+    fmt = format_of(vol, VOLUME_FORMAT, f, "volume was written", WrongFolder)
     problems = _volume_problems(vol)
     if problems:
         raise WrongFolder(f"{f} is not a valid format-{fmt} volume file: {'; '.join(problems)}")

@@ -35,6 +35,7 @@ import uuid
 from collections.abc import Iterator
 
 from engine.core.types import Geometry, NodeInfo, default_nodes
+from engine.formats import format_of
 from engine.errors import GeometryMismatch, InvalidArgument, SixfoldError
 from engine.files import atomic_write
 
@@ -120,14 +121,7 @@ def load_manifest(folder: str) -> dict:
     from engine.cluster.schema import validate_manifest
 
     validate_manifest(manifest, path, format_max=MANIFEST_FORMAT)  # WrongFolder naming the field, never a KeyError later
-    fmt = manifest.get("format", 0)
-    if type(fmt) is not int or fmt < 0:
-        raise ClusterError(f"{path} names format {fmt!r}, which no Sixfold release writes")
-    if fmt > MANIFEST_FORMAT:
-        raise ClusterError(
-            f"{path} has format {fmt}; this release reads format {MANIFEST_FORMAT} (and upgrades older ones). "
-            "The cluster was set up by a newer Sixfold release: run it with that release or a later one."
-        )
+    fmt = format_of(manifest, MANIFEST_FORMAT, path, "cluster was set up", ClusterError)
     if fmt < MANIFEST_FORMAT:
         # Format 0 is format 1 without the field: the next save writes it (a reader never writes).
         manifest["format"] = MANIFEST_FORMAT
