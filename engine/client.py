@@ -337,6 +337,29 @@ class RemoteBackend:
             return convert.get_reply_from_pb(self._rpc(self._stub.Get, convert.get_request_to_pb(key, quorum, view)))
         return self._gets.call((key, quorum), len(key) + OP_OVERHEAD_BYTES)
 
+    def get_many(self, gets) -> list:
+        """`(key, quorum, view)` gets in GetMany calls of at most CAR_ITEMS_MAX gets and about
+        CAR_BYTES_MAX key bytes each (the endpoint's read path batches them per node)."""
+        out: list = []
+        chunk: list = []
+        size = 0
+        for key, quorum, view in gets:
+            if view is not None:  # a snapshot get goes alone (GetMany shares one read point)
+                out.extend(self._flush_gets(chunk))
+                chunk, size = [], 0
+                out.append(self.get(key, quorum=quorum, view=view))
+                continue
+            chunk.append((key, quorum))
+            size += len(key) + OP_OVERHEAD_BYTES
+            if len(chunk) >= CAR_ITEMS_MAX or size >= CAR_BYTES_MAX:
+                out.extend(self._flush_gets(chunk))
+                chunk, size = [], 0
+        out.extend(self._flush_gets(chunk))
+        return out
+
+    def _flush_gets(self, chunk: list) -> list:
+        return self._send_gets(chunk) if chunk else []
+
     def scan(self, start: bytes, end: bytes | None, *, quorum: bool = False, view: ReadView | None = None) -> Iterator[tuple[bytes, bytes]]:
         if not isinstance(start, bytes) or (end is not None and not isinstance(end, bytes)):
             raise InvalidArgument("scan bounds are bytes (end may be None)")

@@ -21,12 +21,13 @@ from __future__ import annotations
 
 import os
 import weakref
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 from engine.core.constants import FLAG_DELETE, FLAG_PUT
 from engine.core.types import RequestStatus
 from engine.errors import Closed, InvalidArgument, SixfoldError
-from engine.head.writer import BATCH_OPS_MAX, check_key, check_request_id, check_value
+from engine.head.reads import check_key
+from engine.head.writer import BATCH_OPS_MAX, check_request_id, check_value
 
 
 class Batch:
@@ -163,6 +164,20 @@ class Database:
         self._check()
         check_key(key)
         return self._backend.get(key, quorum=quorum, view=None)
+
+    def get_many(self, keys: Sequence[bytes], *, quorum: bool = False) -> list[bytes | None]:
+        """The values of `keys` (None where a key has none), all at one read point, in one pass
+        over the segments (one batched read per node). Raises the first key's error if any get
+        fails (InvalidArgument for a bad key, before anything is read)."""
+        self._check()
+        keys = list(keys)
+        for key in keys:
+            check_key(key)
+        results = self._backend.get_many([(key, quorum, None) for key in keys])
+        for r in results:
+            if isinstance(r, BaseException):
+                raise r
+        return results
 
     def scan(self, start: bytes = b"", end: bytes | None = None, *, quorum: bool = False) -> Iterator[tuple[bytes, bytes]]:
         """(key, value) pairs with start <= key < end, in key order, all at one read point."""

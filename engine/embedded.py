@@ -38,11 +38,12 @@ from dataclasses import dataclass
 
 from engine import codec
 from engine.core.constants import LAL_DEFAULT
-from engine.core.quorum import has_write_quorum
 from engine.core.types import Geometry, NodeInfo, default_nodes
 from engine.formats import format_of
 from engine.errors import GeometryMismatch, InvalidArgument, NodeNotFound, SixfoldError, Unavailable, WrongFolder
 from engine.files import TMP_SUFFIX, atomic_write
+from engine.head.membership import MembershipChange
+from engine.head.weakening import SAFE, Weakening
 from engine.head.writer import Writer, WriterOptions, node_status
 from engine.node.service import GOSSIP_INTERVAL_S, SCRUB_INTERVAL_S, StorageNode
 from engine.ownership import LOCK_FILE, hold
@@ -82,9 +83,6 @@ class EmbeddedOptions:
     #: False: no background threads at all (no senders, gossip or scrub); a simulator drives the
     #: steps (`Writer.send_once`, `StorageNode.gossip_once`, `scrub_step`) itself
     background: bool = True
-    #: TEST ONLY weakened protocols (see WriterOptions): chaos must report them invalid
-    unsafe_write_quorum: int | None = None
-    unsafe_read_any: bool = False
 
 
 def check_volume_folder(path: str) -> None:
@@ -206,11 +204,16 @@ def load_or_create_volume(path: str, protection_groups: int | None, seed: int | 
 class EmbeddedVolume:
     """The backend of `engine.open`: nodes, registry, writer; also the `db.cluster` controls."""
 
-    def __init__(self, path: str, options: EmbeddedOptions = EmbeddedOptions(), *, transport_wrapper=None, clock=None) -> None:
+    def __init__(
+        self, path: str, options: EmbeddedOptions = EmbeddedOptions(), *, transport_wrapper=None, clock=None,
+        weakening: Weakening = SAFE,
+    ) -> None:
         if not isinstance(path, (str, os.PathLike)):
             raise InvalidArgument(f"path must be a str or os.PathLike, got {type(path).__name__}")
         self.path = os.fspath(path)
         self.options = options
+        #: TEST ONLY (engine.head.weakening): never set by engine.open
+        self.weakening = weakening
         self.registry = Registry()
         self.nodes: dict[str, StorageNode | None] = {}
         self._wrap = transport_wrapper or (lambda t: t)
@@ -229,7 +232,7 @@ class EmbeddedVolume:
             for info in self.node_infos:
                 self.registry.set(info.id, None)
                 self._start(info)
-            self._open_writer()
+            self.open_writer()
         except BaseException:
             self._shutdown_nodes()
             self._owner.release()
@@ -263,17 +266,17 @@ class EmbeddedVolume:
             return list(w.ledger.membership.all_nodes)
         return [i.id for i in self.node_infos]
 
-    def _open_writer(self) -> None:
+    def open_writer(self) -> None:
+        """Open a writer (recovery at a new epoch) if none is open; the simulator's way back
+        after a writer crash (`crash_writer` does both halves at once)."""
         o = self.options
         w = Writer(
             self._wrap(InProcessTransport(self.registry, "writer")),
             self.node_infos,
             self.geometry,
-            WriterOptions(
-                write_timeout_s=o.write_timeout_s, local_az=o.local_az, lal=o.lal,
-                unsafe_write_quorum=o.unsafe_write_quorum, unsafe_read_any=o.unsafe_read_any,
-            ),
+            WriterOptions(write_timeout_s=o.write_timeout_s, local_az=o.local_az, lal=o.lal),
             background=o.background,
+            weakening=self.weakening,
             **({"clock": self._clock} if self._clock is not None else {}),
         )
         w.open()
@@ -331,96 +334,62 @@ class EmbeddedVolume:
             if old is not None:
                 old.abandon()
             self.writer = None
-            self._open_writer()
+            self.open_writer()
 
     def replace_node(self, old: str, new: str, timeout_s: float = 120.0, progress=None) -> dict:
         """Replace node `old` (say, failed for good) by a new node `new` in the same AZ, without
-        stopping writes: epoch step 1 adds `new` as a second quorum set; once `new` holds every
-        PG's durable chain, epoch step 2 drops `old`. If `old` comes back up before that, the change
-        is reverted. Returns a summary; `progress(fraction)` is called while `new` rebuilds."""
-        import time as _time
+        stopping writes (the one driver: `engine.head.membership.MembershipChange`): epoch step 1
+        adds `new` as a second quorum set; once `new` holds every PG's durable chain, epoch step 2
+        drops `old`, which is retired once a write quorum knows it. If `old` was down and comes
+        back before that, the change is reverted. Returns a summary; `progress(fraction)` is
+        called while `new` rebuilds. A refused change leaves no new node behind."""
+        c = self.begin_replace(old, new, timeout_s=timeout_s)
+        phase = c.run(progress=progress)
+        if phase == "failed":
+            raise SixfoldError(f"replacing {old} by {new} failed: {c.error}")
+        w = self._w
+        return {"replaced": phase == "replaced", "reverted": phase == "reverted", "seconds": c.seconds, "epoch": w.epoch}
 
-        was_down = self.nodes.get(old) is None
-        self.begin_replace_node(old, new)
-        t0 = _time.monotonic()
-        while not self.writer.replacement_caught_up(new):
-            if was_down and self.nodes.get(old) is not None:
-                self.revert_replace_node(new)
-                return {"replaced": False, "reverted": True, "seconds": round(_time.monotonic() - t0, 3)}
-            if _time.monotonic() - t0 > timeout_s:
-                raise SixfoldError(f"{new} did not catch up within {timeout_s:g} s; the change stays open (revert or wait)")
-            if progress is not None:
-                progress(self._rebuild_fraction(new))
-            _time.sleep(0.05)
-        self.finish_replace_node(old)
-        return {"replaced": True, "reverted": False, "seconds": round(_time.monotonic() - t0, 3),
-                "epoch": self.writer.epoch}
+    def begin_replace(self, old: str, new: str, *, timeout_s: float = 120.0, revert: bool = True) -> MembershipChange:
+        """Start replacing `old` by `new` (epoch step 1 done when it returns) and return the
+        change; `poll()` it (a simulator, one step at a time) or `run()` it to the end."""
+        known = {i.id: i for i in self.node_infos}
+        # the new node's AZ is the old one's (asked again once done, only the new one is left)
+        az = (known.get(old) or known.get(new) or self._info(old)).az
+        change = MembershipChange(self, old, new, az, timeout_s=timeout_s, revert=revert,
+                                  **({"clock": self._clock} if self._clock is not None else {}))
+        return change.begin()
 
-    def begin_replace_node(self, old: str, new: str) -> None:
-        """Step 1 of `replace_node`, without waiting: start `new` in `old`'s AZ and make it a
-        member of a second quorum set (epoch step 1). `new` then rebuilds from its peers; call
-        `finish_replace_node` once `writer.replacement_caught_up(new)` (a simulator drives these
-        steps itself)."""
+    # The ChangeHost of engine.head.membership:
+    def current_writer(self) -> Writer | None:
+        return self.writer
+
+    def add_node(self, info: NodeInfo, address: str | None) -> bool:
+        """Start a new node `info` (its folder in its AZ); False if it runs already."""
         with self._lock:
-            w = self._w
-            info_old = self._info(old)
-            if any(i.id == new for i in self.node_infos):
-                raise InvalidArgument(f"node {new} already exists")
-            if not new or not new.replace("-", "").replace("_", "").isalnum():
-                raise InvalidArgument(f"node id {new!r}: use letters, digits, - or _")
-            info_new = NodeInfo(new, info_old.az)
-            self.node_infos.append(info_new)
-            w.nodes = tuple(self.node_infos)
+            if info.id in self._retired:
+                raise InvalidArgument(f"node {info.id} was retired from this volume; pick a new node id")
+            if any(i.id == info.id for i in self.node_infos):
+                return False
+            if not info.id or not info.id.replace("-", "").replace("_", "").isalnum():
+                raise InvalidArgument(f"node id {info.id!r}: use letters, digits, - or _")
+            self.node_infos.append(info)
+            if self.writer is not None:
+                self.writer.nodes = tuple(self.node_infos)
             self._save_nodes()
-            self.registry.set(new, None)
-            self._start(info_new)
-        w.begin_replace(old, new)
+            self.registry.set(info.id, None)
+            self._start(info)
+            return True
 
-    def finish_replace_node(self, old: str) -> None:
-        """Step 2 of `replace_node`: drop `old` from the membership (epoch step 2), and retire it
-        once a write quorum of the new membership knows the step; until then a writer opened
-        after a crash could still find the change under way, with `old` a member. Raises
-        Unavailable while too few nodes know; call it again (it never steps twice)."""
-        w = self._w
-        if old in w.ledger.membership.all_nodes:
-            try:
-                w.finish_replace()
-            except Unavailable:
-                pass  # the writer tells the others as they answer (EpochBehind); checked below
-        m = w.ledger.membership
-        told = [n for n in m.all_nodes if self._knows_membership(n, m)]
-        if not has_write_quorum(told, m):
-            raise Unavailable(f"membership of epoch {m.epoch} is known to {', '.join(told) or 'no node'} only; "
-                              f"{old} is retired once a write quorum knows it")
-        self._retire(old)
-
-    def revert_replace_node(self, new: str) -> None:
-        """Undo step 1 (the old node came back first): drop `new` and retire it."""
-        w = self._w
-        try:
-            w.revert_replace()
-        finally:
-            if new not in w.ledger.membership.all_nodes:
-                self._retire(new)
-
-    def _knows_membership(self, node_id: str, membership) -> bool:
-        node = self.nodes.get(node_id)
-        if node is None:
-            return False
-        try:
-            st = node.state()
-        except SixfoldError:
-            return False
-        return st.membership is not None and st.membership.epoch >= membership.epoch
-
-    def _rebuild_fraction(self, node_id: str) -> float:
-        return self.writer.catch_up_progress(node_id)[0]
-
-    def _retire(self, node_id: str) -> None:
-        self.stop_node(node_id)
-        self.node_infos = [i for i in self.node_infos if i.id != node_id]
-        self._retired.add(node_id)
-        self._save_nodes()
+    def retire_node(self, node_id: str) -> None:
+        """Stop `node_id` and record it retired (it left the volume, or never joined it)."""
+        with self._lock:
+            self.stop_node(node_id)
+            self.node_infos = [i for i in self.node_infos if i.id != node_id]
+            self._retired.add(node_id)
+            if self.writer is not None:
+                self.writer.nodes = tuple(self.node_infos)
+            self._save_nodes()
 
     def _save_nodes(self) -> None:
         vol = read_volume_file(self.path)
@@ -461,6 +430,9 @@ class EmbeddedVolume:
 
     def get(self, key, *, quorum=False, view=None):
         return self._w.get(key, quorum=quorum, view=view)
+
+    def get_many(self, gets):
+        return self._w.reads.get_many(gets)
 
     def scan(self, start, end, *, quorum=False, view=None):
         return self._w.scan(start, end, quorum=quorum, view=view)

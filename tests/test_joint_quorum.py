@@ -90,7 +90,7 @@ ALL = ("n1", "n2", "n3", "n4", "n5", "n6")
 def test_a_write_acknowledged_on_n3_to_n6_during_replace_n1_is_seen_by_quorum_reads_and_scans(seven):
     w = seven.writer
     seven.put(b"k", b"old", ALL)
-    w.begin_replace("n1", "n7")
+    w.steps.begin_replace("n1", "n7")
     assert w.ledger.membership.next_members == ("n7", "n2", "n3", "n4", "n5", "n6")
     # n1, n2 and n7 lag: the writer cannot reach them while the write is sent...
     seven.faults.blocked = {("writer", n) for n in ("n1", "n2", "n7")}
@@ -111,7 +111,7 @@ def test_a_write_acknowledged_on_n3_to_n6_during_replace_n1_is_seen_by_quorum_re
 def test_a_quorum_read_that_cannot_reach_a_read_quorum_is_unavailable_and_names_who_answered(seven):
     w = seven.writer
     seven.put(b"k", b"v", ALL)
-    w.begin_replace("n1", "n7")
+    w.steps.begin_replace("n1", "n7")
     # Only n1, n2 and n7 answer: three nodes, but not three of either quorum set.
     seven.faults.blocked = {("writer", n) for n in ("n3", "n4", "n5", "n6")}
     with pytest.raises(Exception) as got:
@@ -134,7 +134,7 @@ def test_a_write_acknowledged_before_the_change_is_seen_while_the_new_node_is_st
     assert w.ledger.vdl >= lsn
     seven.faults.heal()
     seven.send("n3", "n4")  # back, without the record (the tail was trimmed; no gossip here)
-    w.begin_replace("n1", "n7")
+    w.steps.begin_replace("n1", "n7")
     seven.faults.blocked = {("writer", n) for n in ("n1", "n2")}  # n1 failed for good, n2 is down too
     assert w.get(b"k", quorum=True) == b"new"
     assert dict(w.scan(b"k", b"l", quorum=True)) == {b"k": b"new"}
@@ -144,7 +144,7 @@ def test_recovery_re_replication_needs_a_write_quorum_of_both_sets(seven):
     """Finding 3: acks from n1..n4 are four nodes but only three of {n7, n2..n6}."""
     w = seven.writer
     seven.put(b"k", b"v1", ALL)
-    w.begin_replace("n1", "n7")
+    w.steps.begin_replace("n1", "n7")
     # Durable once n5 holds it (four of each set); n5 was told the VDL before that, so every
     # node's VDL hint is below it and a new writer must re-replicate it.
     lsn = seven.put(b"k", b"v2", ("n1", "n2", "n3", "n4", "n5"))

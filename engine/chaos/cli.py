@@ -20,6 +20,7 @@ import time
 
 from engine.chaos.plan import FAULT_NAMES
 from engine.chaos.runner import TARGETS, RunConfig, render, run
+from engine.head.weakening import NAMED
 
 EXIT_OK, EXIT_USAGE, EXIT_INVALID = 0, 2, 5
 
@@ -74,7 +75,7 @@ def register(sub) -> None:
     p.add_argument("--ops-max", type=int, default=20_000, help="bound on operations (default 20000)")
     p.add_argument("--out", metavar="DIR", help="run folder (default: a new folder under the system temp dir)")
     p.add_argument("--check-budget", type=float, default=30.0, help="seconds the linearizability search may take (then: unknown)")
-    p.add_argument("--weaken", choices=("read-any", "write-quorum-2"),
+    p.add_argument("--weaken", choices=tuple(NAMED),
                    help="TEST ONLY: run a deliberately broken protocol; the checks must say invalid")
     p.add_argument("--base-port", type=int, default=7600, help="first port of the cluster target (default 7600)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")

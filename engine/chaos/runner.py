@@ -35,6 +35,7 @@ from engine.chaos.history import History
 from engine.chaos.plan import FAULT_NAMES, FaultEvent, FaultPlan, generate_plan
 from engine.chaos.workload import Workload
 from engine.errors import SixfoldError
+from engine.head import weakening
 
 log = logging.getLogger("sixfold.chaos")
 
@@ -66,7 +67,7 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         assert self.target in TARGETS, self.target
-        assert self.weaken in (None, "read-any", "write-quorum-2"), self.weaken
+        assert self.weaken is None or self.weaken in weakening.NAMED, self.weaken
 
 
 @dataclass
@@ -94,12 +95,6 @@ class RunResult:
         }
 
 
-def _weaken_options(weaken: str | None) -> dict:
-    if weaken == "read-any":
-        return {"unsafe_read_any": True}
-    if weaken == "write-quorum-2":
-        return {"unsafe_write_quorum": 2}
-    return {}
 
 
 def _counts(history: History) -> dict:
@@ -142,7 +137,7 @@ def _run_sim(config: RunConfig, plan: FaultPlan, out_dir: str, progress):
 
     sim = Simulation(
         os.path.join(out_dir, "data"), plan, seed=config.seed, clients=config.clients, keys=config.keys,
-        ops_max=config.ops_max, protection_groups=config.protection_groups, **_weaken_options(config.weaken),
+        ops_max=config.ops_max, protection_groups=config.protection_groups, weakening=weakening.named(config.weaken),
     )
     return sim.run()
 
@@ -212,9 +207,10 @@ def _run_embedded(config: RunConfig, plan: FaultPlan, out_dir: str, progress):
         os.path.join(out_dir, "data"),
         EmbeddedOptions(
             protection_groups=config.protection_groups, write_timeout_s=1.0, gossip_interval_s=0.05,
-            scrub_interval_s=0.2, seed=config.seed, **_weaken_options(config.weaken),
+            scrub_interval_s=0.2, seed=config.seed,
         ),
         transport_wrapper=lambda t: FaultyTransport(t, faults),
+        weakening=weakening.named(config.weaken),
     )
     db = Database(vol, ClusterControl(vol))
     writer_lock = threading.Lock()

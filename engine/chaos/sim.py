@@ -14,10 +14,11 @@ transport, with a simulated clock. One loop, one `random.Random(seed)`, decides 
 * simulated time advances, and the fault plan's events fall due.
 
 A membership change (`replace`) is driven as steps too: when the event falls due and a writer
-is open, the new node starts and joins as a second quorum set (`begin_replace_node`); it
+is open, the new node starts and joins as a second quorum set (`EmbeddedVolume.begin_replace`,
+the one membership driver, `engine.head.membership`); it
 rebuilds by gossip like any node; once the plan's `replace_done` has fallen due *and* the writer
 says the new node caught up, the change is committed and the old node retired
-(`finish_replace_node`). The rest of the plan does not wait for either step: a crashed writer
+(`MembershipChange.poll`). The rest of the plan does not wait for either step: a crashed writer
 or a slow rebuild delays only the change, and safety never depends on when it completes.
 
 Nothing reads the wall clock or iterates an unordered set where order matters, and LMDB is
@@ -42,6 +43,7 @@ from engine.chaos.workload import DEFAULT_MIX, SCAN_END, workload_keys
 from engine.core.constants import FLAG_DELETE, FLAG_PUT
 from engine.embedded import EmbeddedOptions, EmbeddedVolume
 from engine.errors import InvalidArgument, SixfoldError, Unavailable
+from engine.head.weakening import SAFE, Weakening
 from engine.transport.faults import FaultyTransport, NetworkFaults
 from engine.transport.inprocess import InProcessTransport
 
@@ -86,8 +88,7 @@ class Simulation:
         keys: int = 8,
         ops_max: int = 5000,
         protection_groups: int = 4,
-        unsafe_write_quorum: int | None = None,
-        unsafe_read_any: bool = False,
+        weakening: Weakening = SAFE,
         progress=None,
     ) -> None:
         self.path = path
@@ -103,9 +104,9 @@ class Simulation:
             EmbeddedOptions(
                 protection_groups=protection_groups, background=False, seed=seed, durable=False,
                 write_timeout_s=WRITE_TIMEOUT_S, gossip_interval_s=0,
-                unsafe_write_quorum=unsafe_write_quorum, unsafe_read_any=unsafe_read_any,
             ),
             transport_wrapper=lambda t: FaultyTransport(t, self.faults),
+            weakening=weakening,
             clock=self.clock.now,
         )
         self.history = History(clock_ns=lambda: int(round(self.clock.t * 1e9)))
@@ -256,7 +257,7 @@ class Simulation:
             w = p.writer
             if w is self.vol.writer and w.ledger.vdl >= p.lsn:
                 self.history.complete(p.op, "ok")
-            elif w is not self.vol.writer or self.clock.t >= p.deadline or w._fenced:
+            elif w is not self.vol.writer or self.clock.t >= p.deadline or w.fenced:
                 self.history.complete(p.op, "indeterminate", error="not durable by the deadline, or the writer crashed")
                 self._new_process(c)
             else:
@@ -290,7 +291,7 @@ class Simulation:
 
     def _reopen_writer(self) -> None:
         try:
-            self.vol._open_writer()
+            self.vol.open_writer()
         except SixfoldError:
             self.vol.writer = None
             self.writer_down_until = self.clock.t + 0.05
@@ -326,7 +327,7 @@ class MembershipChanges:
     its own. Changes run one after the other, in plan order. Each step looks at the *current*
     writer's membership, so a writer that crashed between the steps is carried on by the next
     one: a step it lost (known to too few nodes) is taken again, and the old node is retired only
-    once a write quorum knows the change (`EmbeddedVolume.finish_replace_node`)."""
+    once a write quorum knows the change (`MembershipChange.poll`)."""
 
     ERRORS_MAX = 20
 
@@ -345,7 +346,7 @@ class MembershipChanges:
     def due(self, ev: FaultEvent) -> None:
         """`replace` fell due: queue the change (it starts when a writer is open)."""
         with self._lock:
-            self._queue.append({"old": ev.targets[0], "new": ev.param("new"), "started": False, "finish": False})
+            self._queue.append({"old": ev.targets[0], "new": ev.param("new"), "change": None, "finish": False})
         self.step()
 
     def finish_due(self, ev: FaultEvent) -> None:
@@ -379,19 +380,14 @@ class MembershipChanges:
             if not self._queue:
                 return True
             c = self._queue[0]
-        w = self.vol.writer
-        if w is None:
+        if self.vol.writer is None:
             return False  # the writer is recovering: the change waits for the next one
         old, new = c["old"], c["new"]
-        m = w.ledger.membership
         try:
-            if not c["started"]:
-                c["started"] = True
-                self.vol.begin_replace_node(old, new)
-            elif new not in m.all_nodes:
-                w.begin_replace(old, new)  # step 1 was lost with a crashed writer: again
-            elif c["finish"] and (m.next_members is None or w.replacement_caught_up(new)):
-                self.vol.finish_replace_node(old)
+            if c["change"] is None:
+                # Plan-driven: the plan says when the change commits, so no automatic revert.
+                c["change"] = self.vol.begin_replace(old, new, revert=False)
+            elif c["change"].poll(finish=c["finish"]) == "replaced":
                 self.replaced += 1
                 self._pop(c)
         except InvalidArgument as e:

@@ -30,7 +30,7 @@ from engine.errors import SixfoldError
 def rebuild_progress(scls, pgcls) -> dict:
     """A node's progress against the writer's PGCLs: `lag` (LSNs missing, summed over PGs),
     `lag_max` (the worst PG) and `rebuild.fraction` (0..1; LSN-weighted, like the embedded
-    `EmbeddedVolume._rebuild_fraction`). A node with lag 0 can serve reads at the current VDL."""
+    `MembershipChange.fraction`). A node with lag 0 can serve reads at the current VDL."""
     assert len(scls) == len(pgcls), (scls, pgcls)
     lags = [max(0, int(p) - int(s)) for s, p in zip(scls, pgcls)]
     want = sum(int(p) for p in pgcls)

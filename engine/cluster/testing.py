@@ -142,6 +142,13 @@ class Load:
         with self._lock:
             return self.failed + len(self.unknown)
 
+    def acknowledge(self, keys) -> None:
+        """Count the indeterminate writes of `keys` as acknowledged (they were found committed)."""
+        with self._lock:
+            for key in keys:
+                self.acked[key] = self.unknown.pop(key)
+                del self.unknown_ids[key]
+
     def __enter__(self) -> Load:
         for t in self._threads:
             t.start()
@@ -176,10 +183,7 @@ def check_indeterminate_committed(db, load: Load, timeout_s: float = LOAD_STOP_S
             raise AssertionError(f"indeterminate writes not committed after {timeout_s:g} s: "
                                  f"{ {k: s for k, s in states.items() if s != 'committed'} }")
         time.sleep(0.05)
-    with load._lock:
-        for key in states:
-            load.acked[key] = load.unknown.pop(key)
-            del load.unknown_ids[key]
+    load.acknowledge(states)
 
 
 def put_durably(db, key: bytes, value: bytes, timeout_s: float = LOAD_STOP_S) -> None:

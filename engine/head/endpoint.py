@@ -15,21 +15,18 @@ this side keeps them together:
   its LSNs and joins the shared tail), and only then are they waited for: the whole RPC rides one
   group commit. Each unit gets its own result: a bad unit is refused alone (`InvalidArgument`,
   nothing logged) and a unit that timed out is `WriteIndeterminate` alone.
-* `GetMany` takes one read point for all its gets, groups them by the segment that can answer
-  each alone (same AZ first, the writer's own choice), and sends one `ReadMany` per node, nodes
-  in parallel. A get a segment cannot answer moves on to the PG's next complete segment; what no
-  complete segment answers, and quorum or snapshot gets, go through `Writer.get`, which falls
-  back to a 3/6 quorum read.
+* `GetMany` goes through the writer's read path (`engine.head.reads.ReadPath.get_many`, the one
+  the embedded engine uses): one read point for all its gets, one `ReadMany` per node, nodes in
+  parallel on this endpoint's pool, a quorum read for what no complete segment answers.
 
-Membership change (`ReplaceNode`, `MembershipStatus`, admin RPCs): the RPC validates the request,
-learns the new node's address (pushed by the caller, which started the node: the endpoint's
-transport can then reach a node that did not exist when it started), and runs the writer's epoch
-step 1 (`begin_replace`) before it answers, so a refusal comes back as the RPC's error. A
-background thread then waits for `replacement_caught_up` and runs step 2 (`finish_replace`), or
-`revert_replace` if the old node was down at step 1 and answers again before the new one caught
-up. Callers poll `MembershipStatus` for progress. The change lives in the writer's membership (on
-the nodes), not in this process: an endpoint restarted mid-change recovers the two quorum sets,
-and asking again for the same change resumes the wait.
+Membership change (`ReplaceNode`, `MembershipStatus`, admin RPCs): the RPC validates the request
+and runs the one change driver (`engine.head.membership.MembershipChange`) with this endpoint as
+its host: the new node's address is learned (pushed by the caller, which started the node), epoch
+step 1 runs before the RPC answers, so a refusal comes back as the RPC's error; a background
+thread then polls the driver to step 2 (or the revert). Callers poll `MembershipStatus` for
+progress. The change lives in the writer's membership (on the nodes), not in this process: an
+endpoint restarted mid-change recovers the two quorum sets, and asking again for the same change
+resumes it.
 
 The servicer (`KVServicer`) is thin: convert, call `WriterEndpoint`, convert back.
 """
@@ -48,10 +45,10 @@ from dataclasses import asdict, dataclass, field
 import grpc
 
 from engine import codec
-from engine.core.placement import protection_group_of
-from engine.core.types import Geometry, NodeInfo, ReadReply, Unit
+from engine.core.types import Geometry, NodeInfo, Unit
 from engine.errors import InvalidArgument, SixfoldError, Unavailable
-from engine.head.writer import ReadView, Writer, WriterOptions, check_key, node_status
+from engine.head.membership import ACTIVE_PHASES, MembershipChange
+from engine.head.writer import ReadView, Writer, WriterOptions, node_status
 from engine.proto import kv_pb2_grpc
 from engine.transport import convert
 from engine.transport.grpc_client import GrpcTransport
@@ -68,9 +65,6 @@ OPEN_RETRY_S = 0.5
 #: A membership change whose new node has not caught up after this long is reported failed
 #: (it stays open; asking again resumes the wait).
 REPLACE_TIMEOUT_S_DEFAULT = 120.0
-REPLACE_POLL_S = 0.1
-#: How often a change whose old node was down asks that node whether it is back (revert).
-REPLACE_PROBE_S = 0.5
 
 
 @dataclass(frozen=True)
@@ -84,27 +78,6 @@ class EndpointConfig:
     durable: bool = True
     write_timeout_s: float = 5.0
     local_az: str = "a"
-
-
-@dataclass
-class _Change:
-    """A membership change this endpoint drives (mutable; its thread and RPCs share it)."""
-
-    old: str
-    new: str
-    timeout_s: float
-    phase: str = "rebuilding"
-    was_down: bool = False  # the old node did not answer at step 1: its return reverts the change
-    fraction: float = 0.0
-    lag: int = 0
-    fetched_records: int = 0
-    error: str = ""
-    started: float = field(default_factory=time.monotonic)
-    ended: float | None = None
-
-    def end(self, phase: str) -> None:
-        self.ended = time.monotonic()
-        self.phase = phase
 
 
 class WriterEndpoint:
@@ -122,7 +95,7 @@ class WriterEndpoint:
         #: the nodes this endpoint knows: the configured ones, plus a node added by ReplaceNode,
         #: minus the node a completed change removed
         self.nodes: list[NodeInfo] = list(config.nodes)
-        self._change: _Change | None = None
+        self._change: MembershipChange | None = None
         self._change_lock = threading.Lock()
         self._stopping = threading.Event()
 
@@ -229,85 +202,17 @@ class WriterEndpoint:
         return self.writer.get(key, quorum=quorum, view=self.check_view(view))
 
     def get_many(self, gets: Sequence[tuple[bytes, bool, ReadView | None] | SixfoldError]) -> list[bytes | None | SixfoldError]:
-        """Many gets; those without a view share one read point. A result per get.
-
-        Fast path: each get goes to the first segment of its PG known complete at the read
-        point (the writer's order: same AZ first), one ReadMany per node, nodes in parallel. A
-        get that segment cannot answer moves on to the PG's next complete segment, a node that
-        fails is skipped for the rest of the call; what no complete segment answers, and quorum
-        or snapshot gets, go through `Writer.get` (which falls back on a quorum read)."""
-        w = self.writer
-        results: list = [None] * len(gets)
-        slow: list[tuple[int, bytes, bool, ReadView | None]] = []
-        pending: list[tuple[int, int, bytes]] = []
-        shared: ReadView | None = None
-        read_many = getattr(self.transport, "read_many", None)
-        for i, g in enumerate(gets):
-            if isinstance(g, SixfoldError):
-                results[i] = g
-                continue
-            key, quorum, view = g
-            try:
-                check_key(key)
-                self.check_view(view)
-            except SixfoldError as e:
-                results[i] = e
-                continue
-            if quorum or view is not None or read_many is None:
-                slow.append((i, key, quorum, view))
-                continue
-            if shared is None:
+        """Many gets, one result each: the writer's read path (`ReadPath.get_many`), nodes asked
+        in parallel. A snapshot view the volume did not give is refused for that get alone."""
+        checked: list = []
+        for g in gets:
+            if not isinstance(g, SixfoldError):
                 try:
-                    shared = w.view()
+                    self.check_view(g[2])
                 except SixfoldError as e:
-                    results[i] = e
-                    continue
-            pending.append((i, protection_group_of(key, self.P), key))
-
-        by_pg: dict[int, list[str]] = {}  # the complete segments of each PG at the shared view
-        dead: set[str] = set()  # nodes that failed during this call
-        tried: dict[int, set[str]] = {}  # per get, the segments that could not answer it
-
-        def ask(job):
-            node, items = job
-            reqs = [(pg, key, shared.read_point, shared.tails[pg], w.epoch) for _i, pg, key in items]
-            try:
-                return node, items, read_many(node, reqs)
-            except SixfoldError:
-                return node, items, None
-
-        while pending:
-            by_node: dict[str, list[tuple[int, int, bytes]]] = {}
-            for item in pending:
-                i, pg, key = item
-                if pg not in by_pg:
-                    by_pg[pg] = w.candidates(pg, shared)
-                skip = tried.get(i, ())
-                node = next((n for n in by_pg[pg] if n not in dead and n not in skip), None)
-                if node is None:
-                    slow.append((i, key, False, shared))
-                else:
-                    by_node.setdefault(node, []).append(item)
-            pending = []
-            jobs = list(by_node.items())
-            answers = [ask(jobs[0])] if len(jobs) == 1 else list(self._pool.map(ask, jobs))
-            for node, items, replies in answers:
-                if replies is None:
-                    dead.add(node)
-                    pending.extend(items)
-                    continue
-                for item, r in zip(items, replies):
-                    if isinstance(r, ReadReply):
-                        results[item[0]] = r.value
-                    else:  # e.g. SegmentIncomplete: try the PG's next complete segment
-                        tried.setdefault(item[0], set()).add(node)
-                        pending.append(item)
-        for i, key, quorum, view in slow:
-            try:
-                results[i] = w.get(key, quorum=quorum, view=view)
-            except SixfoldError as e:
-                results[i] = e
-        return results
+                    g = e
+            checked.append(g)
+        return self.writer.reads.get_many(checked, pool=self._pool)
 
     def scan(self, start: bytes, end: bytes | None, quorum: bool, view: ReadView | None) -> Iterator[tuple[bytes, bytes]]:
         return self.writer.scan(start, end, quorum=quorum, view=self.check_view(view))
@@ -317,46 +222,19 @@ class WriterEndpoint:
 
     # --- membership change ------------------------------------------------------------------
     def replace_node(self, old: str, new: str, new_address: str, new_az: str, timeout_s: float = 0.0) -> convert.MembershipChange:
-        """Begin replacing `old` by `new` (see the module docstring); returns the change's state
-        once epoch step 1 is done. The rest happens in the background."""
-        w = self.writer
+        """Begin replacing `old` by `new` (the one driver, `engine.head.membership`); returns the
+        change's state once epoch step 1 is done. The rest runs in a background thread."""
         timeout_s = timeout_s or REPLACE_TIMEOUT_S_DEFAULT
         with self._change_lock:
             c = self._change
-            if c is not None and c.phase == "rebuilding":
+            if c is not None and c.phase in ACTIVE_PHASES:
                 if (c.old, c.new) != (old, new):
                     raise InvalidArgument(f"a membership change is under way ({c.old} -> {c.new}); wait for it to end")
                 return self._change_state(c)
-            m = w.membership()
-            expected = tuple(new if n == old else n for n in m.members)
-            if m.next_members is None and new in m.members and old not in m.members:
-                # Done already (asked again, e.g. by a launcher that was interrupted).
-                self._change = c = _Change(old, new, timeout_s, phase="replaced", fraction=1.0, ended=time.monotonic())
-                return self._change_state(c)
-            resume = m.next_members is not None
-            if resume and m.next_members != expected:
-                raise InvalidArgument(
-                    f"another membership change is under way ({', '.join(m.members)} -> {', '.join(m.next_members)})"
-                )
-            if not resume:
-                if old not in m.members:
-                    raise InvalidArgument(f"{old} is not a member ({', '.join(m.members)})")
-                if new in m.members:
-                    raise InvalidArgument(f"{new} is already a member")
-            self._learn_node(NodeInfo(new, new_az), new_address)
-            c = _Change(old, new, timeout_s, was_down=not self._answers(old))
-            if not resume:
-                try:
-                    w.begin_replace(old, new)
-                except Unavailable:
-                    # Step 1 is in the writer's ledger but reached fewer than a write quorum of
-                    # nodes: they learn it as they answer (EpochBehind), so the change goes on.
-                    if w.membership().next_members != expected:
-                        raise
-            log.info("membership change %s -> %s begun at epoch %d (%s was %s)", old, new, w.epoch, old,
-                     "down" if c.was_down else "up")
+            c = MembershipChange(self, old, new, new_az, new_address, timeout_s=timeout_s).begin()
             self._change = c
-            threading.Thread(target=self._drive_change, args=(w, c), name="membership-change", daemon=True).start()
+            if c.phase in ACTIVE_PHASES:
+                threading.Thread(target=c.run, args=(self._stopping,), name="membership-change", daemon=True).start()
             return self._change_state(c)
 
     def membership_status(self) -> convert.MembershipChange:
@@ -364,97 +242,47 @@ class WriterEndpoint:
             c = self._change
         return self._change_state(c)
 
-    def _learn_node(self, info: NodeInfo, address: str) -> None:
+    # The ChangeHost of engine.head.membership:
+    def current_writer(self) -> Writer | None:
+        return self._writer
+
+    def add_node(self, info: NodeInfo, address: str | None) -> bool:
         """From now on reach `info` at `address` (the transport and the writer's node list)."""
         addresses = getattr(self.transport, "addresses", None)
-        if isinstance(addresses, dict):
+        if isinstance(addresses, dict) and address:
             addresses[info.id] = address
-        if all(n.id != info.id for n in self.nodes):
+        added = all(n.id != info.id for n in self.nodes)
+        if added:
             self.nodes.append(info)
-        self._writer.nodes = tuple(self.nodes)
+        if self._writer is not None:
+            self._writer.nodes = tuple(self.nodes)
+        return added
 
-    def _forget_node(self, node_id: str) -> None:
+    def retire_node(self, node_id: str) -> None:
+        """`node_id` left (the launcher stops its process and marks it retired)."""
         self.nodes = [n for n in self.nodes if n.id != node_id]
         if self._writer is not None:
             self._writer.nodes = tuple(self.nodes)
 
-    def _answers(self, node_id: str) -> bool:
-        try:
-            self.transport.state(node_id)
-            return True
-        except SixfoldError:
-            return False
-
-    def _progress(self, w: Writer, node_id: str) -> tuple[float, int]:
-        return w.catch_up_progress(node_id)
-
-    def _drive_change(self, w: Writer, c: _Change) -> None:
-        """Wait for the new node, then epoch step 2 (or the revert); never raises."""
-        probe_at = 0.0
-        try:
-            while True:
-                if self._stopping.is_set():
-                    raise Unavailable("the writer endpoint stopped; the change stays open (ask again after it restarts)")
-                w.check_usable()
-                c.fraction, c.lag = self._progress(w, c.new)
-                if w.replacement_caught_up(c.new):
-                    break
-                now = time.monotonic()
-                if c.was_down and now >= probe_at:
-                    probe_at = now + REPLACE_PROBE_S
-                    if self._answers(c.old):
-                        self._end_step(w, w.revert_replace, c.old)
-                        self._forget_node(c.new)
-                        c.end("reverted")
-                        log.info("membership change %s -> %s reverted: %s answered first", c.old, c.new, c.old)
-                        return
-                if now - c.started > c.timeout_s:
-                    raise Unavailable(
-                        f"{c.new} did not catch up within {c.timeout_s:g} s ({c.fraction:.0%} done); the change stays "
-                        f"open: ask again to keep waiting, or bring {c.old} back to revert it"
-                    )
-                time.sleep(REPLACE_POLL_S)
-            self._end_step(w, w.finish_replace, c.new)
-            self._forget_node(c.old)
-            c.fraction, c.lag = 1.0, 0
-            c.end("replaced")
-            log.info("membership change %s -> %s done at epoch %d in %.2f s", c.old, c.new, w.epoch, c.ended - c.started)
-        except SixfoldError as e:
-            c.error = convert.error_text(e)
-            c.end("failed")
-            log.warning("membership change %s -> %s failed: %s", c.old, c.new, c.error)
-        except Exception as e:  # a bug: report it as a failed change rather than losing the thread silently
-            log.exception("membership change %s -> %s failed unexpectedly", c.old, c.new)
-            c.error = f"SixfoldError: internal error {type(e).__name__}: {e}"
-            c.end("failed")
-
-    @staticmethod
-    def _end_step(w: Writer, step, member: str) -> None:
-        """Run epoch step 2 (or its revert). A step that reached fewer than a write quorum is
-        still the writer's membership; the nodes learn it as they answer."""
-        try:
-            step()
-        except Unavailable:
-            m = w.membership()
-            if m.next_members is not None or member not in m.members:
-                raise
-
-    def _change_state(self, c: _Change | None) -> convert.MembershipChange:
+    def _change_state(self, c: MembershipChange | None) -> convert.MembershipChange:
         w = self.writer
         m = w.membership()
         epoch = w.epoch
         common = dict(epoch=epoch, members=tuple(m.members), next_members=tuple(m.next_members or ()))
         if c is None:
             return convert.MembershipChange(**common)
-        if c.phase == "rebuilding":
-            c.fraction, c.lag = self._progress(w, c.new)
+        fetched = 0
+        if c.phase in ACTIVE_PHASES:
             try:
-                c.fetched_records = int(self.transport.state(c.new).extra.get("rebuild", {}).get("fetched_records", 0))
+                fetched = int(self.transport.state(c.new).extra.get("rebuild", {}).get("fetched_records", 0))
             except SixfoldError:
                 pass
+        # "committing" (step 2 taken, not yet known to a write quorum) is still under way for the
+        # wire's phases: the caller keeps polling
+        phase = "rebuilding" if c.phase == "committing" else c.phase
         return convert.MembershipChange(
-            phase=c.phase, old=c.old, new=c.new, fraction=min(1.0, max(0.0, c.fraction)), fetched_records=c.fetched_records,
-            lag=c.lag, seconds=round((c.ended or time.monotonic()) - c.started, 3), error=c.error, **common,
+            phase=phase, old=c.old, new=c.new, fraction=min(1.0, max(0.0, c.fraction)), fetched_records=fetched,
+            lag=c.lag, seconds=c.seconds, error=c.error, **common,
         )
 
     # --- status -----------------------------------------------------------------------------

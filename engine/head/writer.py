@@ -1,4 +1,4 @@
-"""The writer head: LSN allocation, group commit to six segments, VDL, reads, recovery.
+"""The writer head: admission, LSN allocation, group commit to six segments, VDL, fencing.
 
 Theory of operation
 -------------------
@@ -33,11 +33,12 @@ link (`status()["links"][n]["errors"]`), and the sender carries on after a back-
 while the ledger or tail was being changed, the writer cannot trust its own bookkeeping and fences
 itself with that reason (recovery on the next open rebuilds the truth from the nodes).
 
-Reads take read point = VDL. A segment whose SCL reaches the PG's last record at or below VDL can
-answer alone (same AZ first); otherwise, or when asked, segments are asked until those that
-answered form a read quorum of the membership (`has_read_quorum`: three of each quorum set during
-a change) and the newest version wins. Recovery (on open) seals a new epoch; see
-`engine.core.recovery`.
+The writer's other concepts live in modules of their own, each the only implementation of it:
+recovery on open (`engine.head.recovery`), the read path (`engine.head.reads`, `Writer.reads`;
+`get`/`scan` here are its shorthands), and membership change (`engine.head.membership`: the epoch
+steps, `Writer.steps`, and the one driver of a replacement). This module keeps sequencing and the
+senders, and the few hooks those modules call under its lock (`view`, `read_sources`,
+`adopt_membership`, `catch_up_inputs`).
 """
 
 from __future__ import annotations
@@ -45,7 +46,6 @@ from __future__ import annotations
 import _thread
 import bisect
 import hashlib
-import heapq
 import threading
 import logging  # after threading, which logging imports: tests/test_purity.py's guard names this module
 import time
@@ -54,7 +54,6 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 from engine import codec
-from engine.core import membership as membership_steps
 from engine.core.admission import Admission, admits, quorum_limit, record_cost_bytes, unit_cost_bytes, write_admission
 from engine.core.constants import (
     BATCH_OPS_MAX,
@@ -63,10 +62,8 @@ from engine.core.constants import (
     FLAG_PUT,
     FLAG_REQUEST,
     FRAME_BYTES_MAX,
-    KEY_BYTES_MAX,
     LAL_DEFAULT,
     NAMESPACE_REQUESTS,
-    READ_QUORUM,
     REQUEST_ID_BYTES_MAX,
     VALUE_BYTES_MAX,
     WRITE_QUORUM,
@@ -80,11 +77,14 @@ from engine.core.fencing import (
     step_up_holds,
     trace_epoch,
 )
-from engine.core.placement import protection_group_of, read_order
-from engine.core.quorum import VolumeDurability, has_read_quorum, has_write_quorum, merge_read, merge_scan
-from engine.core.recovery import plan_recovery
+from engine.core.placement import protection_group_of
+from engine.core.quorum import VolumeDurability
 from engine.core.tail import TAIL_RECORDS_MAX, tail_trim
-from engine.core.types import Geometry, Membership, NodeInfo, ReadView, RequestStatus, SealReply
+from engine.core.types import Geometry, Membership, NodeInfo, ReadView, RequestStatus
+from engine.head.membership import MembershipSteps
+from engine.head.reads import ReadPath, check_key
+from engine.head.recovery import recover
+from engine.head.weakening import SAFE, Weakening
 from engine.errors import (
     EpochBehind,
     InvalidArgument,
@@ -109,14 +109,11 @@ BACKOFF_S_MIN = 0.02
 BACKOFF_S_MAX = 0.5
 #: a link fault of a cause already logged is logged again if the link was healthy this long between
 RELOG_S = 10.0
-SCAN_CHUNK = 512
 #: request ids this writer remembers in memory (the fast path of at-most-once): the most recent
 #: ones it logged. Older ones, and those of earlier writers, are looked up in the log itself.
 REQUEST_WINDOW_MAX = 65_536
 #: bytes of the digest of a unit's ops kept in its request record (a re-send must match it)
 REQUEST_DIGEST_BYTES = 16
-#: recovery re-replicates a PG in frames of about this many bytes (fetched a node frame at a time)
-REPLICATE_BYTES_MAX = FRAME_BYTES_MAX // 2
 
 
 @dataclass(frozen=True)
@@ -126,18 +123,6 @@ class WriterOptions:
     local_az: str = "a"
     #: recovery re-replication and epoch sync wait this long for a write quorum
     recovery_timeout_s: float = 10.0
-    #: TEST ONLY, to prove the chaos checkers catch a broken protocol: acknowledge writes at this
-    #: many segments instead of WRITE_QUORUM ...
-    unsafe_write_quorum: int | None = None
-    #: ... or read from any reachable segment, complete or not.
-    unsafe_read_any: bool = False
-
-
-def check_key(key) -> None:
-    if not isinstance(key, bytes):
-        raise InvalidArgument(f"keys are bytes, got {type(key).__name__}")
-    if not 1 <= len(key) <= KEY_BYTES_MAX:
-        raise InvalidArgument(f"key of {len(key)} bytes: keys must be 1..{KEY_BYTES_MAX} bytes")
 
 
 def check_request_id(request_id) -> None:
@@ -263,8 +248,12 @@ class Writer:
         *,
         background: bool = True,
         clock=time.monotonic,
+        weakening: Weakening = SAFE,
     ) -> None:
         self.transport = transport
+        self.weakening = weakening
+        self.reads = ReadPath(self)
+        self.steps = MembershipSteps(self)
         self._clock = clock
         self.nodes = tuple(nodes)
         self.geometry = geometry
@@ -294,7 +283,7 @@ class Writer:
         self.epoch = 0
         #: held while the epoch is decided or moved (a refusal's step-up, a membership step), never
         #: while holding _lock: refusals are decided one at a time (engine.core.fencing)
-        self._epoch_lock = threading.Lock()
+        self.epoch_lock = threading.Lock()
         self.ledger: VolumeDurability | None = None
         self.links: dict[str, _NodeLink] = {}
         self.recovery: dict = {}
@@ -309,43 +298,16 @@ class Writer:
 
     # --- lifecycle --------------------------------------------------------------------------
     def open(self) -> None:
-        """Recover the volume at a new epoch, then start the senders."""
+        """Recover the volume at a new epoch (`engine.head.recovery`), then start the senders."""
         t0 = self._clock()
-        membership, epoch = self._discover()
-        self.epoch = epoch + 1
-        replies: list[SealReply] = []
-        for n in membership.all_nodes:
-            try:
-                replies.append(self.transport.seal(n, self.epoch))
-            except StaleEpoch as e:
-                raise StaleEpoch(f"another writer raised the epoch while this one was opening: {e}") from None
-            except SixfoldError:
-                continue
-        if not has_write_quorum((r.node for r in replies), membership):
-            raise Unavailable(
-                f"cannot open the volume: {len(replies)} of {len(membership.all_nodes)} nodes answered "
-                f"({', '.join(r.node for r in replies) or 'none'}); a writer needs {WRITE_QUORUM} of each quorum set"
-            )
-        sealed = {r.node for r in replies}
-        plan = plan_recovery(
-            self.epoch, self.P, replies, lal=self.options.lal,
-            all_sealed=all(n in sealed for n in membership.all_nodes), membership=membership,
-        )
-        membership = Membership(self.epoch, membership.members, membership.next_members)
-        synced = []
-        for r in replies:
-            try:
-                self.transport.sync_epoch(r.node, self.epoch, plan.truncations, membership)
-                synced.append(r.node)
-            except SixfoldError:
-                continue
-        if not has_write_quorum(synced, membership):
-            raise Unavailable(f"cannot open the volume: truncation reached only {synced}")
+        r = recover(self.transport, self.nodes, self.P, lal=self.options.lal)
+        plan, membership, synced, sealed = r.plan, r.membership, r.synced, r.sealed
+        self.epoch = r.epoch
         self.truncations = plan.truncations
-        replicated = self._replicate(plan, synced, membership)
+        replicated = r.replicated
         self.ledger = VolumeDurability(
             self.P, membership, vdl=plan.vdl, next_lsn=plan.next_lsn, tails=plan.tails, lal=self.options.lal,
-            write_quorum=self.options.unsafe_write_quorum or WRITE_QUORUM,
+            write_quorum=self.weakening.write_quorum or WRITE_QUORUM,
         )
         self._tail_base = plan.next_lsn
         for n in membership.all_nodes:
@@ -380,106 +342,6 @@ class Writer:
             for link in self.links.values():
                 link.thread = threading.Thread(target=self._sender, args=(link,), name=f"writer->{link.id}", daemon=True)
                 link.thread.start()
-
-    def _discover(self) -> tuple[Membership, int]:
-        """The newest membership and epoch any reachable node knows (defaults for a new volume)."""
-        epoch, membership = 0, None
-        for n in self.nodes:
-            try:
-                st = self.transport.state(n.id)
-            except SixfoldError:
-                continue
-            epoch = max(epoch, st.epoch)
-            if st.membership is not None and (membership is None or st.membership.epoch > membership.epoch):
-                membership = st.membership
-        if membership is None:
-            membership = Membership(0, tuple(n.id for n in self.nodes[:6]))
-        return membership, max(epoch, membership.epoch)
-
-    def _replicate(self, plan, nodes: Sequence[str], membership: Membership) -> int:
-        """Make the records of (base, VDL] durable again: copy each from a holder to every node.
-
-        A PG is copied in frames of at most about REPLICATE_BYTES_MAX, each fetched a node frame
-        at a time until the node says there is no more, and each must reach a write quorum of the
-        membership (of both quorum sets during a change) before the next one is sent."""
-        by_pg: dict[int, dict[int, tuple[str, ...]]] = {}
-        for pg, lsn, holders in plan.replicate:
-            if not holders:
-                raise Unavailable(f"recovery found no intact copy of record {lsn} (PG {pg}); waiting for more nodes")
-            by_pg.setdefault(pg, {})[lsn] = holders
-        count = 0
-        for pg, holders_of in sorted(by_pg.items()):
-            wanted = sorted(holders_of)
-            i = 0
-            while i < len(wanted):
-                chunk = self._replicate_chunk(pg, wanted, i, holders_of)
-                frame = codec.encode_frame(chunk)
-                acked = []
-                for n in nodes:
-                    try:
-                        self.transport.append(n, self.epoch, frame, plan.base)
-                        acked.append(n)
-                    except SixfoldError:
-                        continue
-                if not has_write_quorum(acked, membership):
-                    raise Unavailable(
-                        f"recovery could re-replicate records {wanted[i]}..{wanted[i + len(chunk) - 1]} of PG {pg} "
-                        f"to only {', '.join(acked) or 'no node'}; it needs {WRITE_QUORUM} of each quorum set "
-                        f"({' and '.join('/'.join(qs) for qs in membership.quorum_sets)})"
-                    )
-                i += len(chunk)
-                count += len(chunk)
-        return count
-
-    def _replicate_chunk(self, pg: int, wanted: list[int], i: int, holders_of: dict[int, tuple[str, ...]]) -> list[bytes]:
-        """The records wanted[i], wanted[i+1], ... of `pg`, as many as fit REPLICATE_BYTES_MAX
-        (at least one), fetched from their holders. Unavailable if a record has no answering holder."""
-        got: dict[int, bytes] = {}
-
-        def fetch(holder: str, after: int, upto: int) -> tuple[int, bool] | None:
-            """Fetch one frame of `holder` above `after`; keep the wanted records. Returns
-            (last LSN in the frame, more) or None if the holder cannot answer or has nothing."""
-            try:
-                frame, more = self.transport.fetch(holder, pg, after, FRAME_BYTES_MAX, upto)
-                items = codec.index_frame(frame)
-            except SixfoldError:
-                return None
-            for it in items:
-                if it.lsn in holders_of:
-                    got.setdefault(it.lsn, it.record)
-            return (items[-1].lsn, more) if items else None
-
-        hi = wanted[-1]
-        first = wanted[i]
-        end = None  # the chunk's records lie in [first, end]
-        for holder in holders_of[first]:
-            answer = fetch(holder, first - 1, hi)
-            if answer is not None:
-                last, more = answer
-                end = last if more else hi
-                break
-        if end is None:
-            raise Unavailable(f"recovery could not read record {first} of PG {pg} from {', '.join(holders_of[first])}")
-        chunk: list[bytes] = []
-        size = 0
-        for lsn in wanted[i:]:
-            if lsn > end:
-                break
-            if lsn not in got:
-                # The holder asked first lacks it: ask its own holders. A fetch above lsn - 1 starts
-                # with lsn if the holder has it (and brings the records after it, up to `end`).
-                for holder in holders_of[lsn]:
-                    fetch(holder, lsn - 1, end)
-                    if lsn in got:
-                        break
-                if lsn not in got:
-                    raise Unavailable(f"recovery could not read record {lsn} of PG {pg} from {', '.join(holders_of[lsn])}")
-            rec = got.pop(lsn)
-            if chunk and size + len(rec) > REPLICATE_BYTES_MAX:
-                break
-            chunk.append(rec)
-            size += len(rec)
-        return chunk
 
     def close(self) -> None:
         """Stop the senders after in-flight records had a chance to become durable."""
@@ -784,20 +646,7 @@ class Writer:
         """(CPL LSN, ops digest) of the request record of `request_id` at or below VDL, from the
         segments (one known complete, else a read quorum), or None when no such record exists:
         then the request never committed (it was not logged, or a recovery cut it)."""
-        view = self.view()
-        pg = protection_group_of(request_id, self.P)
-        for n in self.candidates(pg, view):
-            try:
-                r = self.transport.read(n, pg, request_id, view.read_point, view.tails[pg], self.epoch, NAMESPACE_REQUESTS)
-                break
-            except SixfoldError:
-                continue
-        else:
-            replies = self._read_quorum(
-                pg, "a request-id lookup",
-                lambda n: self.transport.read(n, pg, request_id, view.read_point, 0, self.epoch, NAMESPACE_REQUESTS),
-            )
-            r = merge_read(replies)
+        r = self.reads.lookup(request_id, namespace=NAMESPACE_REQUESTS, what="a request-id lookup")
         return None if r is None or r.lsn == 0 else (r.lsn, r.value or b"")
 
     def request_status(self, request_id: bytes) -> RequestStatus:
@@ -1051,7 +900,7 @@ class Writer:
             if decide_epoch_refusal(e, epoch, self.epoch, None, None).action == SYNC:
                 self._sync_node(link)
             return True  # RESEND: it was sent before our own epoch step; the next send is at the new one
-        with self._epoch_lock:  # one decision at a time; a refusal decided after a step is a resend
+        with self.epoch_lock:  # one decision at a time; a refusal decided after a step is a resend
             current = self.epoch
             if self._fenced or self._closed:
                 return False
@@ -1152,15 +1001,11 @@ class Writer:
             log.critical("%s", why, exc_info=e.cause)
             self._fence(why, Unavailable)
 
-    # --- membership change (Aurora: ABCDEF -> ABCDEF+ABCDEG -> ABCDEG, each step an epoch) ----
-    def _step_membership(self, membership_of: Callable[[Membership], Membership]) -> Membership:
-        """Move to a new epoch with the membership `membership_of(current)` (a step of
-        `engine.core.membership`; its refusal changes nothing); tell every reachable node.
-        Writes go on: appends in flight at the old epoch are simply re-sent."""
-        with self._epoch_lock:  # not while a refusal steps the epoch up
-            return self._step_membership_locked(membership_of)
-
-    def _step_membership_locked(self, membership_of: Callable[[Membership], Membership]) -> Membership:
+    # --- membership change (the steps: engine.head.membership) ------------------------------
+    def adopt_membership(self, membership_of: Callable[[Membership], Membership]) -> tuple[int, Membership]:
+        """Move to the next epoch with the membership `membership_of(current)` (raises what the
+        core step raises, changing nothing); links (and senders) for new members. Call with
+        `epoch_lock` held (`MembershipSteps.step`). Returns the new epoch and membership."""
         with self._lock:
             self.check_usable()
             new = membership_of(self.ledger.membership)
@@ -1174,138 +1019,44 @@ class Writer:
                         link.thread = threading.Thread(target=self._sender, args=(link,), name=f"writer->{n}", daemon=True)
                         link.thread.start()
             self._admission = self._put_limit = None
-            epoch = self.epoch
-        log.info("membership at epoch %d: %s", epoch, " + ".join("/".join(qs) for qs in new.quorum_sets))
-        told = []
-        for n in new.all_nodes:
-            try:
-                self.transport.sync_epoch(n, epoch, self.truncations, new)
-                told.append(n)
-            except SixfoldError:
-                continue
-        if not has_write_quorum(told, new):
-            raise Unavailable(f"membership step to epoch {epoch} reached only {told}; it completes as nodes return")
-        return new
+            return self.epoch, new
 
-    def begin_replace(self, old: str, new: str) -> Membership:
-        """Step 1: the new node joins as a member of a second quorum set that replaces `old`."""
-        return self._step_membership(lambda m: membership_steps.begin_replace(m, old, new))
-
-    def _catch_up_inputs(self, node: str) -> tuple[list[int | None], list[int]]:
+    def catch_up_inputs(self, node: str) -> tuple[list[int | None], list[int]]:
+        """`node`'s SCL per PG (None: no reply yet) and every PG's read tail, for the catch-up
+        rules of `engine.core.membership`."""
         with self._lock:
             ledger = self.ledger
             return [ledger.scls[pg].get(node) for pg in range(self.P)], list(ledger.read_tails)
 
-    def replacement_caught_up(self, new: str) -> bool:
-        """True once `new` holds every PG's chain up to the PG's last durable record."""
-        return membership_steps.replacement_caught_up(*self._catch_up_inputs(new))
-
-    def catch_up_progress(self, node: str) -> tuple[float, int]:
-        """(fraction, lag) of `node` against every PG's read tail: what `replacement_caught_up`
-        waits for, as a number (fraction 1.0 and lag 0 once caught up)."""
-        return membership_steps.catch_up_progress(*self._catch_up_inputs(node))
-
-    def finish_replace(self) -> Membership:
-        """Step 2: commit the change; the new set alone is the membership."""
-        return self._step_membership(membership_steps.finish_replace)
-
-    def revert_replace(self) -> Membership:
-        """Undo step 1 (the old node came back before the change completed)."""
-        return self._step_membership(membership_steps.revert_replace)
-
-    # --- reads ------------------------------------------------------------------------------
+    # --- reads (the read path: engine.head.reads) --------------------------------------------
     def view(self) -> ReadView:
         """The current read point (VDL) and per-PG tails, for linearizable reads and snapshots."""
         with self._lock:
             self.check_usable()
             return ReadView(self.ledger.vdl, tuple(self.ledger.read_tails))
 
-    def candidates(self, pg: int, view: ReadView) -> list[str]:
-        """The reachable segments of `pg` that can answer a read at `view` alone (SCL at or above
-        the PG's read tail), in read order: same AZ first."""
+    def read_sources(self, pg: int, tail: int | None) -> tuple[Membership, list[str], list[str]]:
+        """For a read of `pg`: the membership, its reachable members, and those reachable whose
+        SCL reaches `tail` (complete at a view with that read tail; with the read-any weakening,
+        every reachable member)."""
         with self._lock:
             ledger = self.ledger
-            if self.options.unsafe_read_any:
-                nodes = [n for n in ledger.membership.all_nodes if self.links[n].up]
-            else:
-                tail = view.tails[pg]
-                nodes = [n for n in ledger.membership.all_nodes if ledger.scls[pg].get(n, -1) >= tail and self.links[n].up]
-        return read_order(nodes, self.nodes, self.options.local_az)
-
-    def _read_quorum(self, pg: int, what: str, ask: Callable[[str], object]) -> list:
-        """Ask the segments of `pg` (reachable first, same AZ first) until those that answered form
-        a read quorum of the membership (`has_read_quorum`: three of each quorum set during a
-        change); return their answers. Unavailable, naming who answered, when no read quorum can."""
-        with self._lock:
-            membership = self.ledger.membership
+            membership = ledger.membership
             up = [n for n in membership.all_nodes if self.links[n].up]
-        order = read_order(up, self.nodes, self.options.local_az) + [n for n in membership.all_nodes if n not in up]
-        answers, answered, errors = [], [], []
-        for n in order:
-            try:
-                answers.append(ask(n))
-            except SixfoldError as e:
-                errors.append(f"{n}: {e}")
-                continue
-            answered.append(n)
-            if has_read_quorum(answered, membership):
-                return answers
-        raise Unavailable(
-            f"{what} of PG {pg} needs a read quorum ({READ_QUORUM} segments of "
-            f"{'each quorum set' if membership.next_members else 'the six'}); answered: {', '.join(answered) or 'none'}"
-            + (f" ({'; '.join(errors)})" if errors else "")
-        )
+            if tail is None:
+                return membership, up, []
+            if self.weakening.read_any:
+                return membership, up, list(up)
+            scls = ledger.scls[pg]
+            return membership, up, [n for n in up if scls.get(n, -1) >= tail]
 
     def get(self, key: bytes, *, quorum: bool = False, view: ReadView | None = None) -> bytes | None:
-        check_key(key)
-        view = view or self.view()
-        pg = protection_group_of(key, self.P)
-        if not quorum:
-            required = 0 if self.options.unsafe_read_any else view.tails[pg]
-            for n in self.candidates(pg, view):
-                try:
-                    return self.transport.read(n, pg, key, view.read_point, required, self.epoch).value
-                except SixfoldError:
-                    continue
-        replies = self._read_quorum(pg, "a read", lambda n: self.transport.read(n, pg, key, view.read_point, 0, self.epoch))
-        best = merge_read(replies)
-        return None if best is None else best.value
-
-    def _scan_pg(self, pg: int, start: bytes, end: bytes | None, view: ReadView, quorum: bool) -> Iterator[tuple[bytes, bytes]]:
-        """Live keys of one PG in [start, end) at the view, in key order, fetched in chunks."""
-        resume = start
-        while resume is not None:
-            entries, nxt = self._scan_chunk(pg, resume, end, view, quorum)
-            for e in entries:
-                if e.value is not None:
-                    yield e.key, e.value
-            resume = nxt
-
-    def _scan_chunk(self, pg, start, end, view, quorum):
-        if not quorum:
-            required = 0 if self.options.unsafe_read_any else view.tails[pg]
-            for n in self.candidates(pg, view):
-                try:
-                    return self.transport.scan(n, pg, start, end, view.read_point, required, SCAN_CHUNK, self.epoch)
-                except SixfoldError:
-                    continue
-        got = self._read_quorum(
-            pg, "a scan", lambda n: self.transport.scan(n, pg, start, end, view.read_point, 0, SCAN_CHUNK, self.epoch)
-        )
-        # Each segment stopped at its own resume key; keep only keys below the smallest, so no
-        # segment's unseen keys are skipped.
-        stops = [r for _e, r in got if r is not None]
-        limit = min(stops) if stops else None
-        merged = merge_scan([[e for e in entries if limit is None or e.key < limit] for entries, _r in got])
-        return merged, limit
+        return self.reads.get(key, quorum=quorum, view=view)
 
     def scan(
         self, start: bytes, end: bytes | None, *, quorum: bool = False, view: ReadView | None = None
     ) -> Iterator[tuple[bytes, bytes]]:
-        if not isinstance(start, bytes) or (end is not None and not isinstance(end, bytes)):
-            raise InvalidArgument("scan bounds are bytes (end may be None)")
-        view = view or self.view()
-        return heapq.merge(*(self._scan_pg(pg, start, end, view, quorum) for pg in range(self.P)))
+        return self.reads.scan(start, end, quorum=quorum, view=view)
 
     # --- status -----------------------------------------------------------------------------
     def status(self) -> dict:

@@ -18,6 +18,7 @@ import abc
 from collections.abc import Sequence
 
 from engine.core.types import AppendReply, Membership, NodeState, ReadReply, SealReply, TruncationRange, VersionEntry
+from engine.errors import SixfoldError, Unavailable
 
 
 class Transport(abc.ABC):
@@ -29,8 +30,26 @@ class Transport(abc.ABC):
     def _call(self, node: str, method: str, *args):
         """Invoke `method(*args)` on node `node`; raise Unavailable if it cannot be reached."""
 
+    def call(self, node: str, method: str, *args):
+        """Invoke a node method by name (a fault injector re-delivers held calls so)."""
+        return self._call(node, method, *args)
+
     def close(self) -> None:
         """Release connections (no-op by default)."""
+
+    def read_many(self, node: str, items: Sequence[tuple[int, bytes, int, int, int]]) -> list[ReadReply | SixfoldError]:
+        """Many reads `(pg, key, read_point, required_lsn, epoch)` on one node, a result each
+        (its ReadReply, or the error of that read alone); Unavailable, raised, if the node
+        cannot be reached. A transport with a batched call overrides this."""
+        out: list = []
+        for pg, key, read_point, required, epoch in items:
+            try:
+                out.append(self.read(node, pg, key, read_point, required, epoch))
+            except Unavailable:
+                raise
+            except SixfoldError as e:
+                out.append(e)
+        return out
 
     def append(self, node: str, epoch: int, frame: bytes, hint_lsn: int) -> AppendReply:
         return self._call(node, "append", epoch, frame, hint_lsn)

@@ -100,7 +100,7 @@ class NetworkFaults:
             held = self.held_paused.pop(node, [])
         for inner, method, args in held:
             try:
-                inner._call(node, method, *args)
+                inner.call(node, method, *args)
             except SixfoldError:
                 pass
         return len(held)
@@ -123,7 +123,7 @@ class NetworkFaults:
             self.held = [] if count is None else self.held[count:]
         for inner, _source, node, (method, args) in batch:
             try:
-                inner._call(node, method, *args)
+                inner.call(node, method, *args)
             except SixfoldError:
                 pass
         return len(batch)
@@ -173,12 +173,12 @@ class FaultyTransport(Transport):
                 f.held.append((self.inner, self.source, node, (method, args)))
                 f.counts["reordered"] += 1
             raise Unavailable(f"message {self.source}->{node} {method} delayed (will arrive late)")
-        result = self.inner._call(node, method, *args)
+        result = self.inner.call(node, method, *args)
         if dup:
             with f.lock:
                 f.counts["duplicated"] += 1
             try:
-                self.inner._call(node, method, *args)
+                self.inner.call(node, method, *args)
             except SixfoldError:
                 pass
         if drop_after:

@@ -1,0 +1,230 @@
+"""The read path: the one way a get, a batch of gets or a scan reaches the segments.
+
+Theory of operation
+-------------------
+Both the embedded engine and the writer endpoint read through `ReadPath` (the writer owns one,
+`Writer.reads`); nothing else asks a segment for a key on a caller's behalf.
+
+A read takes a `ReadView` (read point = VDL, and each PG's read tail: the LSN of its last record
+at or below VDL). A segment whose SCL reaches the PG's read tail is *complete* at the view and can
+answer alone; the writer knows each segment's SCL from its append replies, so it picks such a
+segment without asking anybody (same AZ first, `engine.core.placement.read_order`). The node
+checks again (`required_lsn`) and refuses `SegmentIncomplete` if it is behind after all (it was
+wiped, say), and the read moves to the next complete segment.
+
+When no complete segment answers, or the caller asks for it (`quorum=True`), the read asks
+segments until those that answered form a read quorum of the membership (`has_read_quorum`:
+three of the six, three of *each* quorum set during a membership change) and the newest version
+wins (`merge_read`). Unavailable, naming who answered, when no read quorum can.
+
+`get_many` is the batched form the endpoint's `GetMany` RPC and `Database.get_many` use: gets
+without a view share one read point, are grouped by the complete segment that will answer each,
+and go out as one `read_many` per node (nodes in parallel when a pool is given). A get a segment
+cannot answer moves to the PG's next complete segment; a node that fails is skipped for the rest
+of the call; what no complete segment answers, and quorum or snapshot gets, take `get`.
+
+A scan is a merge of per-PG scans, each fetched in chunks of `SCAN_CHUNK` versions from one
+complete segment, or from a read quorum whose answers are merged (each chunk is cut at the
+smallest resume key any segment gave, so no segment's unseen keys are skipped).
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Callable, Iterator, Sequence
+
+from engine.core.constants import KEY_BYTES_MAX, NAMESPACE_KEYS, READ_QUORUM
+from engine.core.placement import protection_group_of, read_order
+from engine.core.quorum import has_read_quorum, merge_read, merge_scan
+from engine.core.types import ReadReply, ReadView
+from engine.errors import InvalidArgument, SixfoldError, Unavailable
+
+#: Versions per scan chunk asked of one segment.
+SCAN_CHUNK = 512
+
+
+def check_key(key) -> None:
+    if not isinstance(key, bytes):
+        raise InvalidArgument(f"keys are bytes, got {type(key).__name__}")
+    if not 1 <= len(key) <= KEY_BYTES_MAX:
+        raise InvalidArgument(f"key of {len(key)} bytes: keys must be 1..{KEY_BYTES_MAX} bytes")
+
+
+class ReadPath:
+    """Reads of one writer's volume. `source` is the writer: its view, its knowledge of which
+    segments are reachable and complete (`Writer.read_sources`), its transport and epoch."""
+
+    def __init__(self, source) -> None:
+        self._w = source
+
+    # --- choosing segments --------------------------------------------------------------------
+    def candidates(self, pg: int, view: ReadView) -> list[str]:
+        """The reachable segments of `pg` that can answer a read at `view` alone, in read order
+        (same AZ first)."""
+        w = self._w
+        _membership, _up, complete = w.read_sources(pg, view.tails[pg])
+        return read_order(complete, w.nodes, w.options.local_az)
+
+    def _required(self, pg: int, view: ReadView) -> int:
+        return 0 if self._w.weakening.read_any else view.tails[pg]
+
+    def _read_quorum(self, pg: int, what: str, ask: Callable[[str], object]) -> list:
+        """Ask the segments of `pg` (reachable first, same AZ first) until those that answered form
+        a read quorum of the membership; return their answers."""
+        w = self._w
+        membership, up, _complete = w.read_sources(pg, None)
+        order = read_order(up, w.nodes, w.options.local_az) + [n for n in membership.all_nodes if n not in up]
+        answers, answered, errors = [], [], []
+        for n in order:
+            try:
+                answers.append(ask(n))
+            except SixfoldError as e:
+                errors.append(f"{n}: {e}")
+                continue
+            answered.append(n)
+            if has_read_quorum(answered, membership):
+                return answers
+        raise Unavailable(
+            f"{what} of PG {pg} needs a read quorum ({READ_QUORUM} segments of "
+            f"{'each quorum set' if membership.next_members else 'the six'}); answered: {', '.join(answered) or 'none'}"
+            + (f" ({'; '.join(errors)})" if errors else "")
+        )
+
+    # --- gets -----------------------------------------------------------------------------------
+    def get(self, key: bytes, *, quorum: bool = False, view: ReadView | None = None) -> bytes | None:
+        check_key(key)
+        best = self.lookup(key, quorum=quorum, view=view)
+        return None if best is None else best.value
+
+    def lookup(
+        self, key: bytes, *, namespace: int = NAMESPACE_KEYS, quorum: bool = False, view: ReadView | None = None,
+        what: str = "a read",
+    ) -> ReadReply | None:
+        """The newest version of `key` in `namespace` at the view (a `ReadReply`: value None for
+        a delete, lsn 0 for never written), from one complete segment, else a read quorum."""
+        w = self._w
+        view = view or w.view()
+        pg = protection_group_of(key, w.P)
+        if not quorum:
+            required = self._required(pg, view)
+            for n in self.candidates(pg, view):
+                try:
+                    return w.transport.read(n, pg, key, view.read_point, required, w.epoch, namespace)
+                except SixfoldError:
+                    continue
+        replies = self._read_quorum(pg, what, lambda n: w.transport.read(n, pg, key, view.read_point, 0, w.epoch, namespace))
+        return merge_read(replies)
+
+    def get_many(
+        self, gets: Sequence[tuple[bytes, bool, ReadView | None] | SixfoldError], *, pool=None
+    ) -> list[bytes | None | SixfoldError]:
+        """Many gets `(key, quorum, view)`; those without a view share one read point. A result
+        per get: the value, None (no such key) or the error of that get alone. An item that is
+        already a SixfoldError (refused while decoding, say) is passed through. `pool`: an
+        executor to ask nodes in parallel (default: one after the other)."""
+        w = self._w
+        results: list = [None] * len(gets)
+        slow: list[tuple[int, bytes, bool, ReadView | None]] = []
+        pending: list[tuple[int, int, bytes]] = []
+        shared: ReadView | None = None
+        for i, g in enumerate(gets):
+            if isinstance(g, SixfoldError):
+                results[i] = g
+                continue
+            key, quorum, view = g
+            try:
+                check_key(key)
+            except SixfoldError as e:
+                results[i] = e
+                continue
+            if quorum or view is not None:
+                slow.append((i, key, quorum, view))
+                continue
+            if shared is None:
+                try:
+                    shared = w.view()
+                except SixfoldError as e:
+                    results[i] = e
+                    continue
+            pending.append((i, protection_group_of(key, w.P), key))
+
+        by_pg: dict[int, list[str]] = {}  # the complete segments of each PG at the shared view
+        dead: set[str] = set()  # nodes that failed during this call
+        tried: dict[int, set[str]] = {}  # per get, the segments that could not answer it
+
+        def ask(job):
+            node, items = job
+            reqs = [(pg, key, shared.read_point, self._required(pg, shared), w.epoch) for _i, pg, key in items]
+            try:
+                return node, items, w.transport.read_many(node, reqs)
+            except SixfoldError:
+                return node, items, None
+
+        while pending:
+            by_node: dict[str, list[tuple[int, int, bytes]]] = {}
+            for item in pending:
+                i, pg, key = item
+                if pg not in by_pg:
+                    by_pg[pg] = self.candidates(pg, shared)
+                skip = tried.get(i, ())
+                node = next((n for n in by_pg[pg] if n not in dead and n not in skip), None)
+                if node is None:
+                    slow.append((i, key, False, shared))
+                else:
+                    by_node.setdefault(node, []).append(item)
+            pending = []
+            jobs = list(by_node.items())
+            answers = list(map(ask, jobs)) if pool is None or len(jobs) <= 1 else list(pool.map(ask, jobs))
+            for node, items, replies in answers:
+                if replies is None:
+                    dead.add(node)
+                    pending.extend(items)
+                    continue
+                for item, r in zip(items, replies):
+                    if isinstance(r, ReadReply):
+                        results[item[0]] = r.value
+                    else:  # e.g. SegmentIncomplete: try the PG's next complete segment
+                        tried.setdefault(item[0], set()).add(node)
+                        pending.append(item)
+        for i, key, quorum, view in slow:
+            try:
+                results[i] = self.get(key, quorum=quorum, view=view)
+            except SixfoldError as e:
+                results[i] = e
+        return results
+
+    # --- scans ----------------------------------------------------------------------------------
+    def scan(
+        self, start: bytes, end: bytes | None, *, quorum: bool = False, view: ReadView | None = None
+    ) -> Iterator[tuple[bytes, bytes]]:
+        if not isinstance(start, bytes) or (end is not None and not isinstance(end, bytes)):
+            raise InvalidArgument("scan bounds are bytes (end may be None)")
+        view = view or self._w.view()
+        return heapq.merge(*(self._scan_pg(pg, start, end, view, quorum) for pg in range(self._w.P)))
+
+    def _scan_pg(self, pg: int, start: bytes, end: bytes | None, view: ReadView, quorum: bool) -> Iterator[tuple[bytes, bytes]]:
+        """Live keys of one PG in [start, end) at the view, in key order, fetched in chunks."""
+        resume = start
+        while resume is not None:
+            entries, nxt = self._scan_chunk(pg, resume, end, view, quorum)
+            for e in entries:
+                if e.value is not None:
+                    yield e.key, e.value
+            resume = nxt
+
+    def _scan_chunk(self, pg, start, end, view, quorum):
+        w = self._w
+        if not quorum:
+            required = self._required(pg, view)
+            for n in self.candidates(pg, view):
+                try:
+                    return w.transport.scan(n, pg, start, end, view.read_point, required, SCAN_CHUNK, w.epoch)
+                except SixfoldError:
+                    continue
+        got = self._read_quorum(
+            pg, "a scan", lambda n: w.transport.scan(n, pg, start, end, view.read_point, 0, SCAN_CHUNK, w.epoch)
+        )
+        stops = [r for _e, r in got if r is not None]
+        limit = min(stops) if stops else None
+        merged = merge_scan([[e for e in entries if limit is None or e.key < limit] for entries, _r in got])
+        return merged, limit
