@@ -51,6 +51,16 @@ def test_put_get_delete(db):
     assert db.get(b"api:big") == big
 
 
+def test_get_many_is_one_read_point_for_many_keys(db):
+    for i in range(40):
+        db.put(b"gm%02d" % i, b"v%d" % i)
+    keys = [b"gm%02d" % i for i in range(40)] + [b"gm-missing"]
+    assert db.get_many(keys) == [b"v%d" % i for i in range(40)] + [None]
+    assert db.get_many(keys, quorum=True) == [b"v%d" % i for i in range(40)] + [None]
+    with pytest.raises(engine.InvalidArgument):
+        db.get_many([b"gm01", b"x" * 10_000])
+
+
 def test_scan_streams_in_key_order_at_one_read_point(db):
     with db.batch() as b:
         for i in range(700):
