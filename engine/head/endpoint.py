@@ -440,7 +440,8 @@ class EndpointServer:
             while not self._stop.wait(0.5):  # a fenced writer stops serving
                 if not self.endpoint.serving:
                     set_health(self.health, (SERVICE_NAME,), False)
-                    log.error("the writer was fenced or closed: %s", self.endpoint._writer and self.endpoint._writer.fenced)
+                    w = self.endpoint.current_writer()
+                    log.error("the writer was fenced or closed: %s", w and w.fenced)
                     return
 
     def _on_open(self) -> None:
