@@ -1,6 +1,6 @@
 """Embedded engine benchmark, side by side with raw LMDB in the same run.
 
-    python bench/embedded.py [--seconds 3] [--no-durable] [--json out.json] [--seed 1]
+    python bench/embedded.py [--seconds 3] [--no-durable] [--json out.json] [--seed 1] [--encrypt]
 
 Measures, with 100-byte values and 16-byte keys:
 * puts/s with p50/p99 at 1, 8 and 64 threads (each put waits until 4 of 6 segments hold it);
@@ -63,13 +63,14 @@ def run_threads(n_threads, seconds, op):
     return len(allv) / elapsed, pct(allv, 0.5) * 1e3, pct(allv, 0.99) * 1e3
 
 
-def bench_engine(root, seconds, durable, seed):
+def bench_engine(root, seconds, durable, seed, encryption_key=None):
     rows = []
-    path = os.path.join(root, "sixfold")
-    with engine.open(path, durable=durable, write_timeout_s=30) as db:
+    label = "sixfold" if encryption_key is None else "encrypted"
+    path = os.path.join(root, label)
+    with engine.open(path, durable=durable, write_timeout_s=30, encryption_key=encryption_key) as db:
         for n in (1, 8, 64):
             ops, p50, p99 = run_threads(n, seconds, lambda t, i, n=n: db.put(b"p%02d-%03d-%09d" % (n, t, i), VALUE))
-            rows.append({"name": f"sixfold put, {n} threads", "ops_s": ops, "p50_ms": p50, "p99_ms": p99})
+            rows.append({"name": f"{label} put, {n} threads", "ops_s": ops, "p50_ms": p50, "p99_ms": p99})
         batch = 1000
         t0 = time.perf_counter()
         done = 0
@@ -78,13 +79,13 @@ def bench_engine(root, seconds, durable, seed):
                 for i in range(batch):
                     b.put(b"b%012d" % (done + i), VALUE)
             done += batch
-        rows.append({"name": f"sixfold batch ingest ({batch}/batch)", "ops_s": done / (time.perf_counter() - t0)})
+        rows.append({"name": f"{label} batch ingest ({batch}/batch)", "ops_s": done / (time.perf_counter() - t0)})
         rng = random.Random(seed)
         keys = [b"b%012d" % rng.randrange(max(1, done)) for _ in range(10_000)]
         ops, p50, p99 = run_threads(8, seconds, lambda t, i: db.get(keys[(t * 7919 + i) % len(keys)]))
-        rows.append({"name": "sixfold get, 8 threads", "ops_s": ops, "p50_ms": p50, "p99_ms": p99})
+        rows.append({"name": f"{label} get, 8 threads", "ops_s": ops, "p50_ms": p50, "p99_ms": p99})
         ops, p50, p99 = run_threads(8, seconds, lambda t, i: db.get(keys[(t * 7919 + i) % len(keys)], quorum=True))
-        rows.append({"name": "sixfold quorum get, 8 threads", "ops_s": ops, "p50_ms": p50, "p99_ms": p99})
+        rows.append({"name": f"{label} quorum get, 8 threads", "ops_s": ops, "p50_ms": p50, "p99_ms": p99})
         codec_impl = db.status()["codec"]
     return rows, codec_impl
 
@@ -120,6 +121,8 @@ def main(argv=None):
     ap.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--no-codec", action="store_true", help="skip the codec twins")
+    ap.add_argument("--encrypt", action="store_true",
+                    help="also run every engine measurement on an encrypted volume (AES-GCM at rest), same run")
     args = ap.parse_args(argv)
     durable = not args.no_durable
     print(f"seed {args.seed} | durable {durable} | {args.seconds:g} s per measurement | 100-byte values")
@@ -127,6 +130,8 @@ def main(argv=None):
     try:
         raw = bench_lmdb(root, args.seconds, durable)
         rows, impl = bench_engine(root, args.seconds, durable, args.seed)
+        if args.encrypt:
+            rows += bench_engine(root, args.seconds, durable, args.seed, encryption_key=os.urandom(32))[0]
     finally:
         shutil.rmtree(root, ignore_errors=True)
     rows += raw
@@ -135,6 +140,9 @@ def main(argv=None):
         "batch ingest / raw LMDB ingest": by["sixfold batch ingest (1000/batch)"]["ops_s"] / by["raw LMDB ingest (1000/txn)"]["ops_s"],
         "put p50 (1 thread) / raw LMDB put p50": by["sixfold put, 1 threads"]["p50_ms"] / by["raw LMDB put, 1 txn each"]["p50_ms"],
     }
+    if args.encrypt:
+        for what in ("put, 1 threads", "put, 8 threads", "put, 64 threads", "batch ingest (1000/batch)", "get, 8 threads"):
+            ratios[f"encrypted / plain: {what}"] = by[f"encrypted {what}"]["ops_s"] / by[f"sixfold {what}"]["ops_s"]
     print(f"codec twin in use: {impl}\n")
     print(f"{'measurement':40} {'ops/s':>10} {'p50 ms':>8} {'p99 ms':>8}")
     for r in rows:

@@ -23,6 +23,7 @@ from engine.database import Batch, Database, Snapshot
 from engine.errors import (
     Closed,
     CorruptRecord,
+    EncryptionError,
     FolderInUse,
     GeometryMismatch,
     InvalidArgument,
@@ -47,12 +48,15 @@ def open(path: str | os.PathLike, **options) -> Database:  # noqa: A001 - the na
 
     Options: protection_groups (new volumes; default 8; reopening with another number is a
     GeometryMismatch), durable (default True: each segment fsyncs before it acks),
-    write_timeout_s (default 5), gossip_interval_s, scrub_interval_s, map_bytes, local_az, seed.
+    write_timeout_s (default 5), gossip_interval_s, scrub_interval_s, map_bytes, local_az, seed,
+    encryption_key (32 bytes, or their base64 or hex: a new volume is created encrypted; an
+    encrypted volume needs it on every open, see `engine.envelope`).
 
     Raises FolderInUse if another open holds `path` (this process or another one: the error
     names its pid), and WrongFolder, touching nothing, if `path` holds another kind of data (a
     cluster folder: use `engine.connect(path)`; a storage node's folder; unknown files) or a
-    volume of a newer format than this release reads.
+    volume of a newer format than this release reads; EncryptionError for an encrypted volume
+    opened without its key or with another one, or a key given for a plain volume.
     """
     from engine.embedded import ClusterControl, EmbeddedOptions, EmbeddedVolume
 
@@ -62,6 +66,14 @@ def open(path: str | os.PathLike, **options) -> Database:  # noqa: A001 - the na
         raise InvalidArgument(f"unknown option(s) {sorted(unknown)}; known: {sorted(known)}")
     volume = EmbeddedVolume(path, EmbeddedOptions(**options))
     return Database(volume, ClusterControl(volume))
+
+
+def rotate_encryption_key(path: str | os.PathLike, old_key, new_key) -> None:
+    """Re-wrap the data key of the encrypted embedded volume at `path` under `new_key` (the
+    records are not touched). The volume must be closed; EncryptionError if `old_key` is wrong."""
+    from engine.embedded import rotate_volume_key
+
+    rotate_volume_key(path, old_key, new_key)
 
 
 def codec_implementation() -> str:
@@ -91,6 +103,7 @@ __all__ = [
     "Closed",
     "CorruptRecord",
     "Database",
+    "EncryptionError",
     "FolderInUse",
     "GeometryMismatch",
     "InvalidArgument",
@@ -110,4 +123,5 @@ __all__ = [
     "connect",
     "errors",
     "open",
+    "rotate_encryption_key",
 ]

@@ -34,13 +34,14 @@ import random
 import shutil
 import threading
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from engine import codec
 from engine.core.constants import LAL_DEFAULT
 from engine.core.types import Geometry, NodeInfo, default_nodes
 from engine.formats import format_of
-from engine.errors import GeometryMismatch, InvalidArgument, NodeNotFound, SixfoldError, Unavailable, WrongFolder
+from engine.envelope import VolumeCipher, descriptor_problems, load_master_key, new_descriptor, rewrap, unwrap
+from engine.errors import EncryptionError, GeometryMismatch, InvalidArgument, NodeNotFound, SixfoldError, Unavailable, WrongFolder
 from engine.files import TMP_SUFFIX, atomic_write
 from engine.head.membership import MembershipChange
 from engine.head.weakening import SAFE, Weakening
@@ -55,7 +56,12 @@ VOLUME_FILE = "volume.json"
 #: The volume.json format this release writes and reads. Format 0 is the same file without a
 #: "format" field; it is upgraded in place on open. Every change of the file's meaning gets the
 #: next number and an upgrade path here (tests/test_formats.py opens the kept fixture volumes).
-VOLUME_FORMAT = 1
+#: The newest volume.json format this release reads. 1: a plain volume (0: the same, before the
+#: field). 2: an encrypted volume (an "encryption" field holding its wrapped data key): an older
+#: release, which knows no encryption, must refuse it rather than serve ciphertext as values.
+VOLUME_FORMAT = 2
+PLAIN_VOLUME_FORMAT = 1
+ENCRYPTED_VOLUME_FORMAT = 2
 #: What marks a cluster folder: `engine.cluster.manifest.MANIFEST_FILE` (not imported: the
 #: cluster package loads the launcher and gRPC, which an embedded open does not need).
 MANIFEST_FILE = "cluster.json"
@@ -80,6 +86,9 @@ class EmbeddedOptions:
     seed: int = 0
     #: LSN allocation limit: at most this many LSNs in flight beyond VDL (back-pressure)
     lal: int = LAL_DEFAULT
+    #: the master key of an encrypted volume (engine.envelope; 32 bytes or their base64/hex):
+    #: given when the volume is created, it makes it encrypted; needed on every later open
+    encryption_key: bytes | str | None = field(default=None, repr=False, compare=False)
     #: False: no background threads at all (no senders, gossip or scrub); a simulator drives the
     #: steps (`Writer.send_once`, `StorageNode.gossip_once`, `scrub_step`) itself
     background: bool = True
@@ -127,9 +136,13 @@ def check_volume_folder(path: str) -> None:
         )
 
 
-def _volume_problems(vol: dict) -> list[str]:
-    """What keeps `vol` (format 0 or 1, the "format" field aside) from being a volume file."""
+def _volume_problems(vol: dict, fmt: int) -> list[str]:
+    """What keeps `vol` (of format `fmt`) from being a volume file."""
     problems = []
+    if fmt == ENCRYPTED_VOLUME_FORMAT:
+        problems += descriptor_problems(vol.get("encryption"))
+    elif "encryption" in vol:
+        problems.append(f"an encryption field in a format-{fmt} (plain) volume file")
     if not isinstance(vol.get("volume_id"), str) or not vol.get("volume_id"):
         problems.append("no volume_id")
     pgs = vol.get("protection_groups")
@@ -160,14 +173,14 @@ def read_volume_file(path: str) -> dict:
     if not isinstance(vol, dict):
         raise WrongFolder(f"{f} is not a volume file (it holds a JSON {type(vol).__name__}, not an object)")
     fmt = format_of(vol, VOLUME_FORMAT, f, "volume was written", WrongFolder)
-    problems = _volume_problems(vol)
+    problems = _volume_problems(vol, fmt)
     if problems:
         raise WrongFolder(f"{f} is not a valid format-{fmt} volume file: {'; '.join(problems)}")
-    if fmt < VOLUME_FORMAT:
+    if fmt < PLAIN_VOLUME_FORMAT:
         # Format 0 is format 1 without the field: writing the field is the whole upgrade.
-        vol["format"] = VOLUME_FORMAT
+        vol["format"] = PLAIN_VOLUME_FORMAT
         write_volume_file(path, vol)
-        log.info("upgraded %s from format %d to format %d", f, fmt, VOLUME_FORMAT)
+        log.info("upgraded %s from format %d to format %d", f, fmt, PLAIN_VOLUME_FORMAT)
     return vol
 
 
@@ -177,9 +190,47 @@ def write_volume_file(path: str, vol: dict) -> None:
     atomic_write(os.path.join(path, VOLUME_FILE), json.dumps(vol, indent=2, sort_keys=True).encode())
 
 
-def load_or_create_volume(path: str, protection_groups: int | None, seed: int | None = None) -> dict:
-    """Read PATH/volume.json, or write it for a new volume (the caller holds the folder's lock).
-    GeometryMismatch if it disagrees with `protection_groups`; WrongFolder if it is unreadable."""
+def volume_cipher(vol: dict, master_key: bytes | None, where: str) -> VolumeCipher | None:
+    """The cipher of an opened volume, or None for a plain one; EncryptionError when the key is
+    missing, wrong, or given for a plain volume (encryption is chosen at creation)."""
+    d = vol.get("encryption")
+    if d is None:
+        if master_key is not None:
+            raise EncryptionError(
+                f"{where} is not encrypted, and encryption is chosen when a volume is created: it cannot be "
+                "switched on in place. Open it without an encryption key, or copy its data into a new "
+                "encrypted volume (restore a backup into one, once backups exist)."
+            )
+        return None
+    if master_key is None:
+        raise EncryptionError(f"{where} is encrypted: open it with its encryption key (encryption_key=..., --key-file)")
+    return VolumeCipher(unwrap(d, master_key, vol["volume_id"]), vol["volume_id"])
+
+
+def rotate_volume_key(path: str | os.PathLike, old_key, new_key) -> None:
+    """Re-wrap an embedded volume's data key under `new_key` (no record changes). The volume
+    must not be open (FolderInUse); EncryptionError if `old_key` is not its key."""
+    path = os.fspath(path)
+    old, new = load_master_key(old_key), load_master_key(new_key)
+    owner = hold(path, "embedded volume (key rotation)")
+    try:
+        if not os.path.exists(os.path.join(path, VOLUME_FILE)):
+            raise WrongFolder(f"{path} holds no volume ({VOLUME_FILE} not found)")
+        vol = read_volume_file(path)
+        if vol.get("encryption") is None:
+            raise EncryptionError(f"{path} is not encrypted: there is no key to rotate")
+        vol["encryption"] = rewrap(vol["encryption"], old, new, vol["volume_id"])
+        write_volume_file(path, vol)
+        log.info("re-wrapped the data key of %s under a new master key", path)
+    finally:
+        owner.release()
+
+
+def load_or_create_volume(path: str, protection_groups: int | None, seed: int | None = None,
+                          master_key: bytes | None = None) -> dict:
+    """Read PATH/volume.json, or write it for a new volume (encrypted if `master_key` is given;
+    the caller holds the folder's lock). GeometryMismatch if it disagrees with
+    `protection_groups`; WrongFolder if it is unreadable; EncryptionError (see volume_cipher)."""
     os.makedirs(path, exist_ok=True)
     if os.path.exists(os.path.join(path, VOLUME_FILE)):
         vol = read_volume_file(path)
@@ -188,15 +239,18 @@ def load_or_create_volume(path: str, protection_groups: int | None, seed: int | 
                 f"{path} holds a volume with {vol['protection_groups']} protection groups; "
                 f"asked for {protection_groups}. Open it without protection_groups, or use another path."
             )
+        volume_cipher(vol, master_key, path)  # refuses a missing or wrong key before anything starts
         return vol
     geometry = Geometry(protection_groups) if protection_groups is not None else Geometry()
     vid = uuid.UUID(int=random.Random(seed).getrandbits(128), version=4) if seed is not None else uuid.uuid4()
     vol = {
-        "format": VOLUME_FORMAT,
+        "format": PLAIN_VOLUME_FORMAT if master_key is None else ENCRYPTED_VOLUME_FORMAT,
         "volume_id": str(vid),
         "protection_groups": geometry.protection_groups,
         "nodes": [{"id": n.id, "az": n.az} for n in default_nodes()],
     }
+    if master_key is not None:
+        vol["encryption"] = new_descriptor(master_key, vol["volume_id"])
     write_volume_file(path, vol)
     return vol
 
@@ -223,7 +277,9 @@ class EmbeddedVolume:
         check_volume_folder(self.path)  # refuses before anything is written
         self._owner = hold(self.path, "embedded volume")
         try:
-            vol = load_or_create_volume(self.path, options.protection_groups, None if options.background else options.seed)
+            master = None if options.encryption_key is None else load_master_key(options.encryption_key)
+            vol = load_or_create_volume(self.path, options.protection_groups, None if options.background else options.seed, master)
+            self.cipher = volume_cipher(vol, master, self.path)
             self.volume_id = vol["volume_id"]
             self.geometry = Geometry(vol["protection_groups"])
             self.node_infos = [NodeInfo(n["id"], n["az"]) for n in vol["nodes"] if not n.get("retired")]
@@ -277,6 +333,7 @@ class EmbeddedVolume:
             WriterOptions(write_timeout_s=o.write_timeout_s, local_az=o.local_az, lal=o.lal),
             background=o.background,
             weakening=self.weakening,
+            cipher=self.cipher,
             **({"clock": self._clock} if self._clock is not None else {}),
         )
         w.open()
@@ -460,6 +517,7 @@ class EmbeddedVolume:
             "protection_groups": self.geometry.protection_groups,
             "codec": codec.IMPLEMENTATION,
             "durable": self.options.durable,
+            "encrypted": self.cipher is not None,
             "vdl": vdl,
             "epoch": w["epoch"],
             "nodes": nodes,

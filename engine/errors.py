@@ -162,3 +162,13 @@ class WrongFolder(SixfoldError):
 
 
 ALL_ERRORS = ALL_ERRORS + (EpochBehind, StorageError, StorageFull, ConflictingRecord, FolderInUse, WrongFolder)
+
+
+class EncryptionError(SixfoldError):
+    """An encrypted volume opened without its key or with another one, or a key given for a
+    volume that is not encrypted (encryption is chosen at creation). The message says which."""
+
+    GRPC_STATUS = "FAILED_PRECONDITION"
+
+
+ALL_ERRORS = ALL_ERRORS + (EncryptionError,)

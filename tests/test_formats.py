@@ -16,7 +16,7 @@ import pytest
 
 import engine
 from engine.cluster.manifest import MANIFEST_FORMAT, ClusterError, load_manifest, new_manifest, save_manifest
-from engine.embedded import VOLUME_FILE, VOLUME_FORMAT
+from engine.embedded import PLAIN_VOLUME_FORMAT, VOLUME_FILE, VOLUME_FORMAT
 from engine.errors import WrongFolder
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
@@ -126,7 +126,7 @@ def test_a_volume_written_before_the_format_field_is_upgraded_in_place(volume_1,
     with engine.open(volume_1) as db:
         check_contents(db, expected)
     upgraded = read_json(f)
-    assert upgraded.pop("format") == VOLUME_FORMAT == 1
+    assert upgraded.pop("format") == PLAIN_VOLUME_FORMAT == 1
     assert upgraded == doc, "the upgrade only adds the field"
 
 
@@ -143,7 +143,7 @@ def test_a_newer_volume_format_is_refused_and_changes_nothing(volume_1):
     assert f"format {VOLUME_FORMAT + 1}" in msg and f"reads format {VOLUME_FORMAT}" in msg and "newer" in msg
     with open(f, "rb") as fh:
         assert fh.read() == before
-    doc["format"] = VOLUME_FORMAT
+    doc["format"] = PLAIN_VOLUME_FORMAT
     write_json(f, doc)
     engine.open(volume_1).close()  # the refused open released the folder
 
@@ -180,7 +180,19 @@ def test_an_unreadable_volume_file_is_refused(volume_1):
 
 def test_a_new_volume_records_this_releases_format(tmp_path):
     engine.open(tmp_path / "v").close()
-    assert read_json(str(tmp_path / "v" / VOLUME_FILE))["format"] == VOLUME_FORMAT
+    assert read_json(str(tmp_path / "v" / VOLUME_FILE))["format"] == PLAIN_VOLUME_FORMAT
+    # an encrypted one records format 2, which a release before encryption refuses as newer
+    engine.open(tmp_path / "e", encryption_key=b"k" * 32).close()
+    assert read_json(str(tmp_path / "e" / VOLUME_FILE))["format"] == VOLUME_FORMAT == 2
+
+
+def test_a_plain_volume_file_claiming_format_2_is_refused(volume_1):
+    f = os.path.join(volume_1, VOLUME_FILE)
+    doc = read_json(f)
+    doc["format"] = 2  # the encrypted format, without an encryption field
+    write_json(f, doc)
+    with pytest.raises(WrongFolder, match="encryption"):
+        engine.open(volume_1)
 
 
 # --- the cluster manifest -------------------------------------------------------------------

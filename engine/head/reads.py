@@ -37,7 +37,7 @@ from engine.core.constants import KEY_BYTES_MAX, NAMESPACE_KEYS, READ_QUORUM
 from engine.core.placement import protection_group_of, read_order
 from engine.core.quorum import has_read_quorum, merge_read, merge_scan
 from engine.core.types import ReadReply, ReadView
-from engine.errors import InvalidArgument, SixfoldError, Unavailable
+from engine.errors import CorruptRecord, InvalidArgument, SixfoldError, Unavailable
 
 #: Versions per scan chunk asked of one segment.
 SCAN_CHUNK = 512
@@ -93,8 +93,23 @@ class ReadPath:
     # --- gets -----------------------------------------------------------------------------------
     def get(self, key: bytes, *, quorum: bool = False, view: ReadView | None = None) -> bytes | None:
         check_key(key)
-        best = self.lookup(key, quorum=quorum, view=view)
-        return None if best is None else best.value
+        cipher = self._w.cipher
+        if cipher is None:
+            best = self.lookup(key, quorum=quorum, view=view)
+            return None if best is None else best.value
+        ik = cipher.index_key(key)
+        return self._open(key, ik, self.lookup(ik, quorum=quorum, view=view))
+
+    def _open(self, key: bytes, ik: bytes, reply: ReadReply | None) -> bytes | None:
+        """The plaintext value of an encrypted volume's read reply (None: no value)."""
+        if reply is None or reply.value is None or reply.lsn == 0:
+            return None
+        pg = protection_group_of(ik, self._w.P)
+        stored_key, value = self._w.cipher.open(pg, reply.lsn, ik, reply.value)
+        if stored_key != key:
+            self._w.cipher.failures += 1
+            raise CorruptRecord(f"record at LSN {reply.lsn} of PG {pg} holds another key than its index says")
+        return value
 
     def lookup(
         self, key: bytes, *, namespace: int = NAMESPACE_KEYS, quorum: bool = False, view: ReadView | None = None,
@@ -123,9 +138,11 @@ class ReadPath:
         already a SixfoldError (refused while decoding, say) is passed through. `pool`: an
         executor to ask nodes in parallel (default: one after the other)."""
         w = self._w
+        cipher = w.cipher
         results: list = [None] * len(gets)
         slow: list[tuple[int, bytes, bool, ReadView | None]] = []
         pending: list[tuple[int, int, bytes]] = []
+        plain: dict[int, bytes] = {}  # encrypted volume: the key of each get (pending holds its index key)
         shared: ReadView | None = None
         for i, g in enumerate(gets):
             if isinstance(g, SixfoldError):
@@ -146,6 +163,9 @@ class ReadPath:
                 except SixfoldError as e:
                     results[i] = e
                     continue
+            if cipher is not None:
+                plain[i] = key
+                key = cipher.index_key(key)
             pending.append((i, protection_group_of(key, w.P), key))
 
         by_pg: dict[int, list[str]] = {}  # the complete segments of each PG at the shared view
@@ -169,7 +189,7 @@ class ReadPath:
                 skip = tried.get(i, ())
                 node = next((n for n in by_pg[pg] if n not in dead and n not in skip), None)
                 if node is None:
-                    slow.append((i, key, False, shared))
+                    slow.append((i, plain.get(i, key), False, shared))
                 else:
                     by_node.setdefault(node, []).append(item)
             pending = []
@@ -182,7 +202,13 @@ class ReadPath:
                     continue
                 for item, r in zip(items, replies):
                     if isinstance(r, ReadReply):
-                        results[item[0]] = r.value
+                        if cipher is None:
+                            results[item[0]] = r.value
+                        else:
+                            try:
+                                results[item[0]] = self._open(plain[item[0]], item[2], r)
+                            except SixfoldError as e:
+                                results[item[0]] = e
                     else:  # e.g. SegmentIncomplete: try the PG's next complete segment
                         tried.setdefault(item[0], set()).add(node)
                         pending.append(item)
@@ -200,17 +226,36 @@ class ReadPath:
         if not isinstance(start, bytes) or (end is not None and not isinstance(end, bytes)):
             raise InvalidArgument("scan bounds are bytes (end may be None)")
         view = view or self._w.view()
+        if self._w.cipher is not None:
+            return self._scan_encrypted(start, end, view, quorum)
         return heapq.merge(*(self._scan_pg(pg, start, end, view, quorum) for pg in range(self._w.P)))
 
     def _scan_pg(self, pg: int, start: bytes, end: bytes | None, view: ReadView, quorum: bool) -> Iterator[tuple[bytes, bytes]]:
         """Live keys of one PG in [start, end) at the view, in key order, fetched in chunks."""
+        for e in self._scan_entries(pg, start, end, view, quorum):
+            yield e.key, e.value
+
+    def _scan_entries(self, pg: int, start: bytes, end: bytes | None, view: ReadView, quorum: bool) -> Iterator:
         resume = start
         while resume is not None:
             entries, nxt = self._scan_chunk(pg, resume, end, view, quorum)
             for e in entries:
                 if e.value is not None:
-                    yield e.key, e.value
+                    yield e
             resume = nxt
+
+    def _scan_encrypted(self, start: bytes, end: bytes | None, view: ReadView, quorum: bool) -> Iterator[tuple[bytes, bytes]]:
+        """An encrypted volume's nodes know no key order (they hold keyed hashes): read every live
+        version at the view, open it, keep [start, end), sort (engine.envelope)."""
+        cipher = self._w.cipher
+        found = []
+        for pg in range(self._w.P):
+            for e in self._scan_entries(pg, b"", None, view, quorum):
+                key, value = cipher.open(pg, e.lsn, e.key, e.value)
+                if start <= key and (end is None or key < end):
+                    found.append((key, value))
+        found.sort()
+        yield from found
 
     def _scan_chunk(self, pg, start, end, view, quorum):
         w = self._w

@@ -81,6 +81,7 @@ from engine.core.placement import protection_group_of
 from engine.core.quorum import VolumeDurability
 from engine.core.tail import TAIL_RECORDS_MAX, tail_trim
 from engine.core.types import Geometry, Membership, NodeInfo, ReadView, RequestStatus
+from engine.envelope import SEAL_OVERHEAD_BYTES, VolumeCipher
 from engine.head.membership import MembershipSteps
 from engine.head.reads import ReadPath, check_key
 from engine.head.recovery import recover
@@ -132,10 +133,11 @@ def check_request_id(request_id) -> None:
         raise InvalidArgument(f"request id of {len(request_id)} bytes: request ids are 1..{REQUEST_ID_BYTES_MAX} bytes")
 
 
-def ops_digest(ops) -> bytes:
+def ops_digest(ops, key: bytes = b"") -> bytes:
     """A digest of a unit's ops, kept in its request record: a re-send under the same id must
-    carry the same ops (else it is another write reusing an id, and is refused)."""
-    h = hashlib.blake2b(digest_size=REQUEST_DIGEST_BYTES)
+    carry the same ops (else it is another write reusing an id, and is refused). Keyed on an
+    encrypted volume (a plain digest of a short value would confirm a guess of it)."""
+    h = hashlib.blake2b(digest_size=REQUEST_DIGEST_BYTES, key=key)
     for flags, key, value in ops:
         h.update(b"%d %d %d " % (flags, len(key), len(value)))
         h.update(key)
@@ -173,14 +175,23 @@ class _Ticket:
     """One atomic unit on its way: its ops, their PGs, its cost on a node (an upper bound of the
     bytes its records take there, `engine.core.admission`), and the lock its caller parks on."""
 
-    __slots__ = ("ops", "pgs", "cost", "lock", "lsn", "error", "request_id", "digest")
+    __slots__ = ("ops", "pgs", "cost", "lock", "lsn", "error", "request_id", "digest", "plain_keys", "request_key")
 
-    def __init__(self, ops, pgs, request_id: bytes | None = None, digest: bytes = b"") -> None:
+    def __init__(
+        self, ops, pgs, request_id: bytes | None = None, digest: bytes = b"", *, plain_keys=None, request_key=None,
+    ) -> None:
         self.ops = ops
+        #: on an encrypted volume the ops carry index keys, and these are the keys they hash
+        #: (sealed into each put's value when its LSN is known); None otherwise
+        self.plain_keys = plain_keys
+        #: the key of the request record: the id, or its index key on an encrypted volume
+        self.request_key = request_id if request_key is None else request_key
         #: the PG of every record the unit logs: its ops, then its request record if it has an id
         self.pgs = pgs
         #: what the unit's records take on a node, its request record included
-        self.cost = unit_cost_bytes(ops) + (record_cost_bytes(len(request_id), len(digest)) if request_id is not None else 0)
+        self.cost = unit_cost_bytes(ops) + (record_cost_bytes(len(self.request_key), len(digest)) if request_id is not None else 0)
+        if plain_keys is not None:  # a sealed value carries its key, a nonce and a tag
+            self.cost += sum(SEAL_OVERHEAD_BYTES + len(k) for (flags, _ik, _v), k in zip(ops, plain_keys) if flags & FLAG_PUT)
         self.lock = _thread.allocate_lock()
         self.lock.acquire()
         self.lsn: int | None = None
@@ -249,8 +260,11 @@ class Writer:
         background: bool = True,
         clock=time.monotonic,
         weakening: Weakening = SAFE,
+        cipher: VolumeCipher | None = None,
     ) -> None:
         self.transport = transport
+        #: an encrypted volume's cipher (engine.envelope): keys hashed, values sealed; None: plain
+        self.cipher = cipher
         self.weakening = weakening
         self.reads = ReadPath(self)
         self.steps = MembershipSteps(self)
@@ -494,12 +508,33 @@ class Writer:
         first (an earlier writer may have committed it)."""
         assert 1 <= len(ops) <= BATCH_OPS_MAX
         assert all(not flags & FLAG_REQUEST for flags, _k, _v in ops), "request records are the writer's own"
+        cipher = self.cipher
+        plain_keys = request_key = None
+        digest_key = b""
+        if cipher is not None:
+            for _f, key, value in ops:
+                if len(value) + SEAL_OVERHEAD_BYTES + len(key) > VALUE_BYTES_MAX:
+                    raise InvalidArgument(
+                        f"value of {len(value)} bytes: on an encrypted volume a value and its key take at most "
+                        f"{VALUE_BYTES_MAX - SEAL_OVERHEAD_BYTES} bytes together"
+                    )
+            plain_keys = [key for _f, key, _v in ops]
+            plain_ops = ops
+            ops = [(flags, cipher.index_key(key), value) for flags, key, value in ops]
+            digest_key = cipher.digest_key()
+        else:
+            plain_ops = ops
         pgs = [protection_group_of(key, self.P) for _f, key, _v in ops]
         if request_id is None:
-            ticket = _Ticket(ops, pgs)
+            ticket = _Ticket(ops, pgs, plain_keys=plain_keys)
         else:
             check_request_id(request_id)
-            ticket = _Ticket(ops, pgs + [protection_group_of(request_id, self.P)], request_id, ops_digest(ops))
+            if cipher is not None:
+                request_key = cipher.index_key(request_id)
+            ticket = _Ticket(
+                ops, pgs + [protection_group_of(request_key or request_id, self.P)], request_id,
+                ops_digest(plain_ops, digest_key), plain_keys=plain_keys, request_key=request_key,
+            )
             if resend and request_id not in self._requests:
                 logged = self._logged_request(request_id)
                 if logged is not None:
@@ -601,11 +636,16 @@ class Writer:
             allocs = ledger.allocate(ticket.pgs)
             ops = ticket.ops
             last = len(ticket.pgs) - 1
+            plain_keys = ticket.plain_keys
             for i, ((lsn, prev), (flags, key, value), pg) in enumerate(zip(allocs, ops, ticket.pgs)):
+                if plain_keys is not None and flags & FLAG_PUT:  # sealed now: its LSN is in the AD
+                    value = self.cipher.seal(pg, lsn, key, plain_keys[i], value)
                 tail.append(codec.encode_record(lsn, prev, pg, flags | (FLAG_CPL if i == last else 0), key, value))
             if rid is not None:  # the request record closes the unit and carries its CPL
                 lsn, prev = allocs[-1]
-                tail.append(codec.encode_record(lsn, prev, ticket.pgs[-1], FLAG_PUT | FLAG_REQUEST | FLAG_CPL, rid, ticket.digest))
+                tail.append(codec.encode_record(
+                    lsn, prev, ticket.pgs[-1], FLAG_PUT | FLAG_REQUEST | FLAG_CPL, ticket.request_key, ticket.digest,
+                ))
                 self._requests[rid] = ticket
                 if len(self._requests) > REQUEST_WINDOW_MAX:
                     self._requests.popitem(last=False)
@@ -646,7 +686,8 @@ class Writer:
         """(CPL LSN, ops digest) of the request record of `request_id` at or below VDL, from the
         segments (one known complete, else a read quorum), or None when no such record exists:
         then the request never committed (it was not logged, or a recovery cut it)."""
-        r = self.reads.lookup(request_id, namespace=NAMESPACE_REQUESTS, what="a request-id lookup")
+        key = request_id if self.cipher is None else self.cipher.index_key(request_id)
+        r = self.reads.lookup(key, namespace=NAMESPACE_REQUESTS, what="a request-id lookup")
         return None if r is None or r.lsn == 0 else (r.lsn, r.value or b"")
 
     def request_status(self, request_id: bytes) -> RequestStatus:
@@ -1081,5 +1122,6 @@ class Writer:
                     for n, l in self.links.items()
                 },
                 "recovery": dict(self.recovery),
-                "stats": dict(self.stats),
+                #: on an encrypted volume, sealed values that failed their tag (counted as corruption)
+                "stats": dict(self.stats) if self.cipher is None else dict(self.stats, tag_failures=self.cipher.failures),
             }
