@@ -371,8 +371,8 @@ class TlsFolder:
         done = []
         for path in self.identity_files():
             c = self.info(path)
-            if c.revoked or c.role not in ROLES:
-                continue
+            if c.revoked or c.role not in ROLES or c.days_left() < 0:
+                continue  # nothing to carry over: it is out of service already
             with open(path, "rb") as fh:
                 first = certificates_in(fh.read())[0]
             days = max(1, round((first.not_valid_after_utc - first.not_valid_before_utc).total_seconds() / 86400))
