@@ -64,6 +64,34 @@ class TlsConfig:
     def in_cluster(cls, cluster_folder: str | os.PathLike, identity: str, cluster_id: str) -> TlsConfig:
         return cls(os.path.join(os.path.abspath(os.fspath(cluster_folder)), TLS_DIR), identity, cluster_id)
 
+    @classmethod
+    def from_file(cls, path: str | os.PathLike) -> TlsConfig:
+        """The identity in file `path` (certificate and key, as `sixfold certs issue` writes it),
+        with the trust bundle `ca.pem` beside it; the cluster id is read from the certificate."""
+        from engine.security.certs import certificates_in
+
+        path = os.path.abspath(os.fspath(path))
+        try:
+            with open(path, "rb") as fh:
+                certs = certificates_in(fh.read())
+        except OSError as e:
+            raise CertificateError(f"cannot read the certificate file {path}: {e.strerror}") from None
+        if not certs or not path.endswith(".pem"):
+            raise CertificateError(f"{path} is not an identity file (a .pem with a certificate and its key)")
+        from cryptography import x509
+
+        cluster = ""
+        try:
+            sans = certs[0].extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+            for uri in sans.get_values_for_type(x509.UniformResourceIdentifier):
+                if uri.startswith("sixfold://"):
+                    cluster = uri[len("sixfold://"):].split("/")[0]
+        except x509.ExtensionNotFound:
+            pass
+        if not cluster:
+            raise CertificateError(f"{path} holds no Sixfold certificate (no sixfold:// URI)")
+        return cls(os.path.dirname(path), os.path.basename(path)[: -len(".pem")], cluster)
+
     @property
     def identity_path(self) -> str:
         return os.path.join(self.folder, self.identity + ".pem")
