@@ -83,6 +83,9 @@ def add_target_arguments(p: argparse.ArgumentParser) -> None:
         help=f"cluster folder (with cluster.json) whose writer endpoint to use (default: ${CLUSTER_ENV})",
     )
     g.add_argument("--target", metavar="HOST:PORT", help="address of a writer endpoint, instead of --cluster")
+    p.add_argument("--cert", metavar="FILE", default=os.environ.get("SIXFOLD_CERT"), help=(
+        "with --target on a secure cluster: an identity file (`sixfold certs issue`), the CA bundle ca.pem beside it "
+        "(default: $SIXFOLD_CERT; with --cluster the folder's operator certificate is used)"))
 
 
 def _connect(args):
@@ -91,6 +94,10 @@ def _connect(args):
     target = args.target or args.cluster
     if not target:
         raise SystemExit(f"sixfold {args.command}: say which cluster: --cluster DIR, --target HOST:PORT or ${CLUSTER_ENV}")
+    if getattr(args, "cert", None):
+        from engine.security.tls import TlsConfig
+
+        return connect(target, tls=TlsConfig.from_file(args.cert))
     return connect(target)
 
 

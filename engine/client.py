@@ -16,6 +16,10 @@ as soon as a car returns, carrying everyone who queued meanwhile (up to `car_ite
 RPCs per round trip instead of 64. Every item carries its own status: one bad unit never fails
 its neighbours, and each caller gets its own result or its own exception object.
 
+Security: a cluster folder of a secure cluster (`"tls": true` in cluster.json) is reached over
+mutual TLS as the folder's operator identity (`tls/admin.pem`); `connect("host:port",
+tls=TlsConfig(...))` names another identity, and a plain "host:port" is plaintext.
+
 Failures are reported no better than they are known:
 
 * A write whose fate is unknown raises `WriteIndeterminate`: the connection broke or the deadline
@@ -291,10 +295,13 @@ class RemoteBackend:
         boxcar: bool = True,
         cars_in_flight: int = CARS_IN_FLIGHT,
         car_items_max: int = CAR_ITEMS_MAX,
+        tls=None,
     ) -> None:
+        from engine.security.tls import secure_channel
+
         self.address = address
         self.timeout_s = timeout_s
-        self._channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self._channel = secure_channel(address, tls, CHANNEL_OPTIONS)
         try:
             grpc.channel_ready_future(self._channel).result(timeout=connect_timeout_s)
         except grpc.FutureTimeoutError:
@@ -302,6 +309,7 @@ class RemoteBackend:
             raise Unavailable(
                 f"cannot reach the writer endpoint at {address} within {connect_timeout_s:g} s; "
                 "is the cluster up (`sixfold cluster status`)?"
+                + ("" if tls is not None else " A secure cluster refuses plaintext: connect with its folder, or pass tls=.")
             ) from None
         self._stub = kv_pb2_grpc.KVStub(self._channel)
         self._where = f"writer endpoint {address}"
@@ -427,7 +435,7 @@ class RemoteBackend:
         return convert.get_results_from_pb(self._rpc(self._stub.GetMany, request))
 
 
-_OPTIONS = ("timeout_s", "connect_timeout_s", "boxcar", "cars_in_flight", "car_items_max")
+_OPTIONS = ("timeout_s", "connect_timeout_s", "boxcar", "cars_in_flight", "car_items_max", "tls")
 
 
 def resolve_target(target: str | os.PathLike) -> tuple[str, str | None]:
@@ -455,13 +463,18 @@ def connect(target: str | os.PathLike, **options) -> Database:
     """Connect to a cluster's writer endpoint: a cluster folder (with cluster.json) or host:port.
 
     Options: timeout_s (RPC deadline, default 30), connect_timeout_s (default 5), boxcar
-    (default True: coalesce concurrent calls), cars_in_flight (default 2), car_items_max.
+    (default True: coalesce concurrent calls), cars_in_flight (default 2), car_items_max, tls (an
+    `engine.security.tls.TlsConfig`; default: the operator's of a secure cluster folder, else none).
     `engine.connect` (the public face) adds `db.cluster` for a cluster folder: this module sits
     below the launcher (whose `Cluster.connect` uses it) and never imports it."""
     unknown = set(options) - set(_OPTIONS)
     if unknown:
         raise InvalidArgument(f"unknown option(s) {sorted(unknown)}; known: {sorted(_OPTIONS)}")
-    address, _folder = resolve_target(target)
+    address, folder = resolve_target(target)
+    if folder is not None and "tls" not in options:
+        from engine.cluster.manifest import load_manifest, tls_config
+
+        options["tls"] = tls_config(folder, load_manifest(folder))
     return Database(RemoteBackend(address, **options))
 
 

@@ -161,7 +161,18 @@ class WrongFolder(SixfoldError):
     GRPC_STATUS = "FAILED_PRECONDITION"
 
 
-ALL_ERRORS = ALL_ERRORS + (EpochBehind, StorageError, StorageFull, ConflictingRecord, FolderInUse, WrongFolder)
+class Unauthenticated(SixfoldError):
+    """The caller proved no identity this server accepts: no credentials, a wrong or removed
+    one, or a certificate that expired or was revoked. Nothing was done."""
+
+    GRPC_STATUS = "UNAUTHENTICATED"
+
+
+class PermissionDenied(SixfoldError):
+    """The caller is known but its role may not do this (a node certificate sending a writer's
+    Seal, a reader writing). Nothing was done."""
+
+    GRPC_STATUS = "PERMISSION_DENIED"
 
 
 class EncryptionError(SixfoldError):
@@ -171,4 +182,5 @@ class EncryptionError(SixfoldError):
     GRPC_STATUS = "FAILED_PRECONDITION"
 
 
-ALL_ERRORS = ALL_ERRORS + (EncryptionError,)
+ALL_ERRORS = ALL_ERRORS + (EpochBehind, StorageError, StorageFull, ConflictingRecord, FolderInUse, WrongFolder,
+                           Unauthenticated, PermissionDenied, EncryptionError)

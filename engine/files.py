@@ -37,15 +37,18 @@ def fsync_folder(folder: str | os.PathLike) -> None:
         os.close(fd)
 
 
-def atomic_write(path: str | os.PathLike, data: bytes) -> None:
+def atomic_write(path: str | os.PathLike, data: bytes, *, mode: int | None = None) -> None:
     """Replace the file at `path` by `data`, atomically and durably (see the module docstring).
-    The folder must exist."""
+    The folder must exist. With `mode` (0o600 for a private key) the file has exactly that mode
+    before any byte is written, whatever the umask or a stale temporary file had."""
     assert isinstance(data, (bytes, bytearray, memoryview)), type(data)
     path = os.fspath(path)
     tmp = path + TMP_SUFFIX
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666 if mode is None else 0o600)
     try:
         try:
+            if mode is not None:
+                os.fchmod(fd, mode)
             view = memoryview(data)
             while view:  # os.write may write less than it was given
                 view = view[os.write(fd, view):]

@@ -156,7 +156,7 @@ def test_status_and_controls(db, cluster):
 
 
 def test_connect_by_address_and_close(cluster):
-    db = engine.connect(cluster.writer_address)
+    db = engine.connect(cluster.writer_address, tls=cluster.tls())  # a secure cluster: the operator's certificate
     db.put(b"addr:k", b"v")
     assert db.get(b"addr:k") == b"v"
     assert db.cluster is None

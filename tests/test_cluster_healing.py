@@ -41,7 +41,7 @@ def shared(tmp_path_factory):
     c = Cluster(tmp_path_factory.mktemp("healing") / "c")
     try:
         c.up(base_port=free_base_port(), protection_groups=PROTECTION_GROUPS, write_timeout_s=WRITE_TIMEOUT_S,
-             gossip_interval_s=GOSSIP_INTERVAL_S, timeout_s=DEADLINE_S)
+             gossip_interval_s=GOSSIP_INTERVAL_S, timeout_s=DEADLINE_S, allow_fault_injection=True)
         yield c
     finally:
         c.down(timeout_s=10)

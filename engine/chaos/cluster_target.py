@@ -239,7 +239,8 @@ def run_cluster(config, plan, out_dir: str, progress, drive):
 
     folder = os.path.join(out_dir, "cluster")
     cluster = Cluster(folder)
-    cluster.up(base_port=config.base_port, protection_groups=config.protection_groups, write_timeout_s=1.0, gossip_interval_s=0.5)
+    cluster.up(base_port=config.base_port, protection_groups=config.protection_groups, write_timeout_s=1.0, gossip_interval_s=0.5,
+               allow_fault_injection=True)  # the nemesis corrupts records and sets fault rules (as the admin)
     nemesis = ClusterNemesis(cluster, config.seed, config.protection_groups)
     db = cluster.connect()
     try:

@@ -45,7 +45,7 @@ RELOAD_INTERVAL_S = 1.0
 class ManifestTransport(GrpcTransport):
     """A `GrpcTransport` that looks up nodes it does not know in the cluster manifest."""
 
-    def __init__(self, folder: str, source: str, **kwargs) -> None:
+    def __init__(self, folder: str, source: str, **kwargs) -> None:  # kwargs: GrpcTransport's (tls, deadlines...)
         self.folder = os.path.abspath(folder)
         super().__init__(node_addresses(load_manifest(self.folder)), source, **kwargs)
         self._reload_lock = threading.Lock()
@@ -93,9 +93,12 @@ def run_cluster_node(
     `GrpcTransport` fixed at start-up; this one can reach nodes added later."""
     from engine.transport.grpc_server import run_node_process
 
+    from engine.cluster.manifest import tls_config
+
     folder = os.path.abspath(folder)
     m = load_manifest(folder)
     n = node_entry(m, node_id)
+    tls = tls_config(folder, m, node_id)  # None: an insecure cluster
     if n.get("retired"):
         raise ClusterError(f"node {node_id} was retired (replaced by {n.get('replaced_by', 'another node')}); it does not serve")
     listen = listen or n["address"]
@@ -106,7 +109,7 @@ def run_cluster_node(
     initial = {p["id"]: p["address"] for p in active_nodes(m)}
 
     def transport_factory(addresses):
-        transport = ManifestTransport(folder, node_id)
+        transport = ManifestTransport(folder, node_id, tls=tls)
         transport.addresses.update(addresses)
         return transport
 
@@ -114,5 +117,6 @@ def run_cluster_node(
         node_id=node_id, az=n["az"], data=os.path.join(folder, n["data"]), listen=listen, volume_id=m["volume_id"],
         protection_groups=m["protection_groups"], peers=initial, durable=durable, gossip_interval_s=gossip_interval_s,
         scrub_interval_s=scrub_interval_s, map_bytes=map_bytes, reserve_bytes=reserve_bytes,
-        transport_factory=transport_factory, banner=f" of cluster {folder}",
+        transport_factory=transport_factory, banner=f" of cluster {folder}", tls=tls,
+        allow_fault_injection=bool(m.get("allow_fault_injection", False)),
     )

@@ -2,7 +2,7 @@
 
 Theory of operation
 -------------------
-`WriterAdmin(address)` makes one call at a time to the writer endpoint's `KV` service (`Status`,
+`WriterAdmin(address, tls)` makes one call at a time to the writer endpoint's `KV` service (`Status`,
 `MembershipStatus`, `ReplaceNode`), each on a channel of its own that the call opens and closes,
 with the deadline the caller gives: the launcher asks rarely, from short-lived commands, and must
 not keep a connection (or the client's boxcar threads) alive in between. Errors come back as the
@@ -12,6 +12,9 @@ is down or still recovering and the caller may ask again.
 `NodeAdmin(addresses)` reaches the storage nodes' admin calls (corrupt, scrub, set_faults,
 state) through a `GrpcTransport` opened for the call and closed after it; `addresses` is a
 callable, so a node added by a membership change is found on the next call.
+
+In a secure cluster both speak mutual TLS as the operator (`tls`, an
+`engine.security.tls.TlsConfig`; None for an insecure cluster).
 
 The key-value API itself is `engine.connect` (`engine.client`), not this module.
 """
@@ -29,15 +32,18 @@ STATUS_RPC_TIMEOUT_S = 2.0
 class WriterAdmin:
     """Admin calls to the writer endpoint at `address` (see the module docstring)."""
 
-    def __init__(self, address: str) -> None:
+    def __init__(self, address: str, tls=None) -> None:
         self.address = address
+        self.tls = tls
 
     def call(self, rpc: str, request, timeout_s: float):
         """One call to the endpoint's KV service; Sixfold errors as raised there."""
         from engine.proto import kv_pb2_grpc
         from engine.transport import convert
 
-        with grpc.insecure_channel(self.address) as ch:
+        from engine.security.tls import secure_channel
+
+        with secure_channel(self.address, self.tls) as ch:
             try:
                 return getattr(kv_pb2_grpc.KVStub(ch), rpc)(request, timeout=timeout_s)
             except grpc.RpcError as e:
@@ -70,14 +76,16 @@ class WriterAdmin:
 class NodeAdmin:
     """Admin calls to the storage nodes (see the module docstring)."""
 
-    def __init__(self, addresses: Callable[[], dict[str, str]]) -> None:
+    def __init__(self, addresses: Callable[[], dict[str, str]], tls: Callable[[], object] | None = None) -> None:
         self._addresses = addresses
+        self._tls = tls or (lambda: None)
 
     def transport(self, source: str = "chaos", **options):
         """A GrpcTransport to every node (admin calls: corrupt, scrub, set_faults, state...);
         the caller closes it."""
         from engine.transport.grpc_client import GrpcTransport
 
+        options.setdefault("tls", self._tls())
         return GrpcTransport(self._addresses(), source=source, **options)
 
     def _call(self, fn):

@@ -14,7 +14,17 @@ import sys
 import threading
 
 from engine.cluster.launcher import DOWN_TIMEOUT_S, READY_TIMEOUT_S, Cluster
-from engine.cluster.manifest import BASE_PORT_DEFAULT, GOSSIP_INTERVAL_S_DEFAULT, WRITER, ClusterError, endpoint_config, load_manifest
+from engine.cluster.manifest import (
+    BASE_PORT_DEFAULT,
+    GOSSIP_INTERVAL_S_DEFAULT,
+    WRITER,
+    ClusterError,
+    endpoint_config,
+    load_manifest,
+    locked,
+    tls_config,
+    tls_folder,
+)
 
 
 def _cluster(args) -> Cluster:
@@ -47,6 +57,19 @@ def status_table(st: dict) -> str:
     )
     if not st["durable"]:
         out += "\n(not durable: nodes do not fsync before they acknowledge)"
+    sec = st.get("security") or {}
+    if sec:
+        if sec.get("tls"):
+            out += "\nsecurity: mutual TLS on every channel, calls authorised by certificate role"
+        else:
+            out += "\nsecurity: INSECURE (--insecure): plaintext, no authentication; anyone on this host can call any RPC"
+        if sec.get("allow_fault_injection"):
+            out += "\nfault injection allowed (--allow-fault-injection): the admin role can corrupt records and drop requests"
+        refused = sum(int((n.get("security") or {}).get("refused", 0)) for n in st["nodes"])
+        if refused:
+            out += f"\nrefused calls on the nodes: {refused} (see `--json` for who and why)"
+        for w in sec.get("warnings", ()):
+            out += f"\nwarning: {w}"
     return out
 
 
@@ -66,6 +89,7 @@ def cmd_cluster_up(args) -> int:
         base_port=args.base_port, protection_groups=args.protection_groups,
         durable=False if args.no_durable else None, write_timeout_s=args.write_timeout_s,
         gossip_interval_s=args.gossip_interval_s, timeout_s=args.timeout_s,
+        insecure=True if args.insecure else None, allow_fault_injection=True if args.allow_fault_injection else None,
     )
     if not st["started"]:
         print(f"sixfold: cluster {c.folder} is already up (every process was running; nothing started)",
@@ -304,7 +328,7 @@ def _control(action: str):
 
 
 def cmd_node_serve(args) -> int:
-    from engine.transport.grpc_server import AddressInUse, run_node_process
+    from engine.transport.grpc_server import AddressInUse, InsecureListen, run_node_process
 
     _logging(args.log_level)
     try:
@@ -337,31 +361,141 @@ def cmd_node_serve(args) -> int:
             protection_groups=args.protection_groups, peers=peers, durable=not args.no_durable,
             gossip_interval_s=args.gossip_interval_s, scrub_interval_s=args.scrub_interval_s,
             map_bytes=args.map_bytes, reserve_bytes=args.reserve_bytes,
+            allow_fault_injection=bool(args.allow_fault_injection),
         )
-    except AddressInUse as e:
+    except (AddressInUse, InsecureListen) as e:
         logging.getLogger("sixfold.node").error("%s", e)
         return 2
 
 
 def cmd_writer_serve(args) -> int:
     from engine.head.endpoint import run_writer_process
-    from engine.transport.grpc_server import AddressInUse
+    from engine.transport.grpc_server import AddressInUse, InsecureListen
 
     _logging(args.log_level)
     if not args.cluster:
         raise SystemExit("sixfold writer serve: give --cluster DIR (the writer reads the nodes from cluster.json)")
     m = load_manifest(args.cluster)
     try:
-        return run_writer_process(endpoint_config(m), args.listen or m[WRITER]["address"], args.workers)
-    except AddressInUse as e:
+        return run_writer_process(endpoint_config(m), args.listen or m[WRITER]["address"], args.workers,
+                                  tls=tls_config(args.cluster, m, WRITER))
+    except (AddressInUse, InsecureListen) as e:
         logging.getLogger("sixfold.writer").error("%s", e)
         return 2
+
+
+# --- certificates -----------------------------------------------------------------------------
+def _secure_folder(args):
+    c = _cluster(args)
+    m = c.manifest
+    if not m.get("tls"):
+        raise ClusterError(f"cluster {c.folder} is insecure (created with --insecure): it has no certificates")
+    return c, m, tls_folder(c.folder, m)
+
+
+def cmd_certs_issue(args) -> int:
+    import datetime
+
+    c, m, tf = _secure_folder(args)
+    not_after = None
+    if args.not_after:
+        try:
+            not_after = datetime.datetime.fromisoformat(args.not_after)
+        except ValueError:
+            raise SystemExit(f"sixfold certs issue: --not-after wants an ISO date (2030-01-31), got {args.not_after!r}") from None
+        if not_after.tzinfo is None:
+            not_after = not_after.replace(tzinfo=datetime.timezone.utc)
+    with locked(c.folder):
+        path = tf.issue(args.id, args.role, days=args.days, hosts=(m.get("host", "127.0.0.1"),), not_after=not_after,
+                        out=args.out)
+    info = tf.info(path)
+    if args.json:
+        from engine.output import print_json
+
+        print_json({"id": info.id, "role": info.role, "serial": info.serial, "not_after": info.not_after, "path": path})
+    else:
+        print(f"issued {info.role} certificate for {info.id} (serial {info.serial}): {path} (private key inside, mode 0600)")
+    return 0
+
+
+def cmd_certs_list(args) -> int:
+    from engine.output import print_json, table
+
+    _c, _m, tf = _secure_folder(args)
+    infos = tf.list()
+    if args.json:
+        print_json([{"id": i.id, "role": i.role, "serial": i.serial, "not_after": i.not_after, "revoked": i.revoked,
+                     "days_left": round(i.days_left(), 1), "path": i.path} for i in infos])
+        return 0
+    print(table([[i.id, i.role, i.serial, f"{i.days_left():.0f}", "revoked" if i.revoked else ""] for i in infos],
+                ["id", "role", "serial", "days left", ""]))
+    for w in tf.expiring():
+        print(f"warning: {w}")
+    return 0
+
+
+def cmd_certs_revoke(args) -> int:
+    c, _m, tf = _secure_folder(args)
+    with locked(c.folder):
+        serial = tf.revoke(args.id)
+    print(f"revoked the certificate of {args.id} (serial {serial}): every server refuses it from its next call")
+    return 0
+
+
+def cmd_certs_rotate(args) -> int:
+    c, m, tf = _secure_folder(args)
+    with locked(c.folder):
+        if args.finish:
+            dropped = tf.finish_rotation()
+            print(f"rotation finished: {dropped} old CA(s) no longer trusted")
+            return 0
+        ids = tf.rotate(hosts=(m.get("host", "127.0.0.1"),))
+    print(f"new CA made and trusted beside the old one; reissued {', '.join(ids)}. Servers and client transports pick "
+          "the new files up without a restart. Once clients started before now have reconnected (or been restarted), "
+          "run `sixfold certs rotate --finish` to stop trusting the old CA.")
+    return 0
+
+
+def _register_certs(sub, target: argparse.ArgumentParser) -> None:
+    from engine.security.certs import CERT_DAYS, ROLES
+
+    p = sub.add_parser("certs", help="issue, list, rotate and revoke the certificates of a secure cluster", description=(
+        "A secure cluster (the default of `cluster up`) has its own CA in DIR/tls/ and one certificate per process, "
+        "with its role (node, writer, reader, admin, client) and id in it. Every RPC is mutual TLS and authorised by "
+        "that role on the server side."))
+    csub = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+    a = csub.add_parser("issue", parents=[target], help="issue (or replace) the certificate of an id", description=(
+        "Issue a certificate for ID in ROLE, signed by the cluster CA, to DIR/tls/ID.pem (certificate and private key "
+        "in one file, mode 0600) or --out FILE."))
+    a.add_argument("id", help="the identity, e.g. reader1 (it goes into the certificate and the file name)")
+    a.add_argument("--role", required=True, choices=ROLES, help="what the identity may do")
+    a.add_argument("--days", type=int, default=CERT_DAYS, help=f"validity in days (default {CERT_DAYS})")
+    a.add_argument("--not-after", metavar="ISO-DATE", help=argparse.SUPPRESS)  # tests issue expired certificates
+    a.add_argument("--out", metavar="FILE", help="write here instead of DIR/tls/ID.pem")
+    a.add_argument("--json", action="store_true", help="print JSON for scripts")
+    a.set_defaults(func=cmd_certs_issue)
+    a = csub.add_parser("list", parents=[target], help="every certificate, its role, serial and days left")
+    a.add_argument("--json", action="store_true", help="print JSON for scripts")
+    a.set_defaults(func=cmd_certs_list)
+    a = csub.add_parser("revoke", parents=[target], help="take a certificate out of service at once", description=(
+        "Add the serial of ID's certificate to DIR/tls/revoked.json. Every server of the cluster re-reads the list "
+        "when it changes and refuses the certificate (UNAUTHENTICATED) from its next call, open connections included. "
+        "Issue a new certificate for ID to bring it back."))
+    a.add_argument("id", help="the identity whose certificate to revoke")
+    a.set_defaults(func=cmd_certs_revoke)
+    a = csub.add_parser("rotate", parents=[target], help="new CA and certificates, without stopping the cluster",
+                        description=(
+        "Make a new CA, trust it beside the old one, then reissue every certificate under it; servers and client "
+        "transports pick the files up without a restart. `--finish` later stops trusting the old CA."))
+    a.add_argument("--finish", action="store_true", help="trust only the current CA (end a rotation)")
+    a.set_defaults(func=cmd_certs_rotate)
 
 
 def register(sub) -> None:
     target = argparse.ArgumentParser(add_help=False)
     target.add_argument("--cluster", metavar="DIR", default=os.environ.get("SIXFOLD_CLUSTER"),
                         help="the cluster folder (default: $SIXFOLD_CLUSTER)")
+    _register_certs(sub, target)
 
     # cluster up|status|down
     p = sub.add_parser("cluster", help="start, inspect and stop a cluster on this machine", description=(
@@ -386,6 +520,12 @@ def register(sub) -> None:
     up.add_argument("--timeout-s", type=float, default=READY_TIMEOUT_S, help="how long to wait for each process to be SERVING")
     up.add_argument("--down-timeout-s", type=float, default=DOWN_TIMEOUT_S, help=argparse.SUPPRESS)
     up.add_argument("--foreground", action="store_true", help="stay attached; Ctrl-C stops the whole cluster")
+    up.add_argument("--insecure", action="store_true", help=(
+        "a throwaway cluster: plaintext gRPC, no certificates, no authorisation (anyone on this host can call any "
+        "RPC); loopback only. Fixed at creation. Default: mutual TLS with a cluster CA in DIR/tls/"))
+    up.add_argument("--allow-fault-injection", action="store_true", help=(
+        "nodes serve the Corrupt and SetFaults RPCs (to the admin certificate only), for chaos runs and fault tests; "
+        "without it they do not exist"))
     up.add_argument("--json", action="store_true",
                     help="print the status as JSON (with `started`: the processes this command started)")
     up.set_defaults(func=cmd_cluster_up)
@@ -444,6 +584,8 @@ def register(sub) -> None:
             serve.add_argument("--gossip-interval-s", type=float, default=None,
                                help=f"seconds between gossip rounds (default {GOSSIP_INTERVAL_S_DEFAULT:g}; 0: off)")
             serve.add_argument("--scrub-interval-s", type=float, default=1.0, help="seconds between scrub steps")
+            serve.add_argument("--allow-fault-injection", action="store_true", help=(
+                "serve Corrupt and SetFaults (without --cluster; a cluster node follows its manifest)"))
             serve.add_argument("--map-bytes", type=_byte_count(MAP_BYTES_MIN), default=None, metavar="N", help=(
                 "the most this node's LMDB map (its data file) may hold, in bytes; it answers StorageFull beyond "
                 "(default 32 GiB; the least of this, the file size limit and the disk's room is its capacity)"))

@@ -51,7 +51,7 @@ class Healer:
         self.view = view
 
     def _writer(self) -> WriterAdmin:
-        return WriterAdmin(self.sup.address(WRITER))
+        return WriterAdmin(self.sup.address(WRITER), self.sup.tls())
 
     # --- rebuild ----------------------------------------------------------------------------
     def rebuild_status(self) -> dict:

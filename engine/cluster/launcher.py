@@ -50,7 +50,7 @@ class Cluster:
         self.processes = Supervisor(folder, python=python, on_wait=on_wait)
         self.view = StatusView(self.processes)
         self.healer = Healer(self.processes, self.view)
-        self.nodes_admin = NodeAdmin(lambda: node_addresses(self.manifest))
+        self.nodes_admin = NodeAdmin(lambda: node_addresses(self.manifest), tls=lambda: self.processes.tls())
 
     # --- the folder and its manifest --------------------------------------------------------
     @property
@@ -122,15 +122,22 @@ class Cluster:
         write_timeout_s: float | None = None,
         gossip_interval_s: float | None = None,
         timeout_s: float = READY_TIMEOUT_S,
+        insecure: bool | None = None,
+        allow_fault_injection: bool | None = None,
     ) -> dict:
         """Create the cluster (or reopen its data: same volume id), start every process that is
         not running, wait until all are SERVING; returns `status()` plus `started` (the names
         this call started; empty when the cluster was up already). Holds the operation lock
-        throughout, so a concurrent `up` waits and then finds the processes running."""
+        throughout, so a concurrent `up` waits and then finds the processes running.
+
+        A new cluster is secure (mutual TLS, role checks) unless `insecure=True`;
+        `allow_fault_injection=True` lets the admin role corrupt records and set fault rules
+        (chaos runs and fault tests)."""
         with self.processes.operation("cluster up"):
             started = self.processes.up(
                 base_port=base_port, protection_groups=protection_groups, durable=durable,
                 write_timeout_s=write_timeout_s, gossip_interval_s=gossip_interval_s, timeout_s=timeout_s,
+                insecure=insecure, allow_fault_injection=allow_fault_injection,
             )
             st = self.status()
         st["started"] = started
@@ -205,9 +212,22 @@ class Cluster:
         db.cluster = self
         return db
 
-    def transport(self, source: str = "chaos"):
-        """A GrpcTransport to every node (admin calls: corrupt, scrub, set_faults, state...)."""
+    def transport(self, source: str = "chaos", identity: str | None = None):
+        """A GrpcTransport to every node (admin calls: corrupt, scrub, set_faults, state...); in
+        a secure cluster as the operator (`admin`), or as `identity` (a file of DIR/tls/)."""
+        if identity is not None:
+            from engine.cluster.manifest import tls_config
+            from engine.transport.grpc_client import GrpcTransport
+
+            return GrpcTransport(node_addresses(self.manifest), source=source,
+                                 tls=tls_config(self.folder, self.manifest, identity))
         return self.nodes_admin.transport(source)
+
+    def tls(self, identity: str = "admin"):
+        """The `TlsConfig` of an identity of this cluster (None when it is insecure)."""
+        from engine.cluster.manifest import tls_config
+
+        return tls_config(self.folder, self.manifest, identity)
 
     def corrupt(self, node_id: str, pg: int, lsn: int | None = None, bit: int = 0) -> int | None:
         """Flip a bit of a stored record on a node; returns the LSN hit (None: nothing there)."""

@@ -6,6 +6,8 @@ Layout of a cluster folder::
     DIR/nodes/az-a/n1 ...     one LMDB folder per storage node
     DIR/logs/n1.log ...       stderr of each process (appended across restarts)
     DIR/logs/writer.log
+    DIR/tls/                  a secure cluster's CA, certificates and revocation list
+                              (engine.security.certs)
 
 The manifest names the volume (id, geometry), every node (id, AZ, address, pid, data folder,
 log) and the writer endpoint (address, pid, log). Paths are relative to DIR, so a stopped
@@ -18,6 +20,12 @@ change completes the old node's entry stays, marked `"retired": true, "replaced_
 (if it is reverted, the new node is the one retired). Retired nodes are never started again and
 are left out of `active_nodes`, which is what the launcher, the writer endpoint and the nodes'
 peer lists use. Entries are never removed, so a port or an id is never reused.
+
+Security: `"tls": true` (what `sixfold cluster up` writes unless `--insecure`) makes every process
+serve and call over mutual TLS with its certificate from `DIR/tls/` (`tls_config`); a manifest
+without the field (written before it existed) or with `false` is an insecure cluster: plaintext,
+no authorisation. `"allow_fault_injection": true` (`--allow-fault-injection`) lets nodes serve
+`Corrupt` and `SetFaults`, to the admin role only; without it they do not exist.
 
 Format: the manifest records `"format": MANIFEST_FORMAT`. `load_manifest` refuses a newer
 format with a message naming it, and accepts a manifest written before the field existed (format
@@ -76,8 +84,11 @@ def new_manifest(
     gossip_interval_s: float = GOSSIP_INTERVAL_S_DEFAULT,
     host: str = HOST_DEFAULT,
     volume_id: str | None = None,
+    tls: bool = False,
+    allow_fault_injection: bool = False,
 ) -> dict:
-    """A manifest for a new cluster (nothing started yet)."""
+    """A manifest for a new cluster (nothing started yet). `tls` False is an insecure cluster
+    (`Supervisor.up` asks for a secure one unless told `insecure`)."""
     geometry = Geometry(protection_groups) if protection_groups is not None else Geometry()
     nodes = list(default_nodes())
     if not 1 <= base_port <= 65535 - len(nodes):
@@ -91,6 +102,8 @@ def new_manifest(
         "gossip_interval_s": float(gossip_interval_s),
         "host": host,
         "base_port": base_port,
+        "tls": bool(tls),
+        "allow_fault_injection": bool(allow_fault_injection),
         "nodes": [
             {
                 "id": n.id,
@@ -206,6 +219,38 @@ def add_node_entry(manifest: dict, node_id: str, az: str, port: int, replaces: s
     }
     manifest["nodes"].append(entry)
     return entry
+
+
+#: The identity of the launcher, the CLI and `engine.connect(cluster_folder)` (role admin).
+OPERATOR = "admin"
+
+
+def is_secure(manifest: dict) -> bool:
+    """True for a TLS cluster; a manifest without the field predates TLS: insecure."""
+    return bool(manifest.get("tls", False))
+
+
+def identity_roles(manifest: dict) -> dict[str, str]:
+    """{identity: role} of every process a secure cluster runs (retired nodes left out)."""
+    out = {n["id"]: "node" for n in active_nodes(manifest)}
+    out[WRITER] = "writer"
+    out[OPERATOR] = "admin"
+    return out
+
+
+def tls_folder(folder: str, manifest: dict):
+    from engine.security.certs import TlsFolder
+
+    return TlsFolder(folder, manifest["volume_id"])
+
+
+def tls_config(folder: str, manifest: dict, identity: str = OPERATOR):
+    """The `TlsConfig` of `identity` in a secure cluster, None in an insecure one."""
+    if not is_secure(manifest):
+        return None
+    from engine.security.tls import TlsConfig
+
+    return TlsConfig.in_cluster(folder, identity, manifest["volume_id"])
 
 
 def endpoint_config(manifest: dict):

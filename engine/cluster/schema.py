@@ -20,6 +20,8 @@ What is checked (format 1; the checks are hand-written, standard library only):
     host                optional non-empty string
     write_timeout_s     optional finite number > 0
     gossip_interval_s   optional finite number >= 0
+    tls                 optional bool (absent: an insecure cluster, as before the field existed)
+    allow_fault_injection   optional bool (absent: false)
     nodes               non-empty list of node objects, ids and addresses unique:
         id              node id (1..64 ASCII letters, digits, - or _)
         az              1..64 ASCII letters, digits, - or _ (it names a folder)
@@ -190,6 +192,8 @@ def validate_manifest(manifest: Any, where: str = "cluster.json", *, format_max:
     c.string(m, "host", "host", optional=True)
     c.number(m, "write_timeout_s", "write_timeout_s", positive=True, optional=True)
     c.number(m, "gossip_interval_s", "gossip_interval_s", positive=False, optional=True)
+    c.boolean(m, "tls", "tls", optional=True)
+    c.boolean(m, "allow_fault_injection", "allow_fault_injection", optional=True)
 
     _, writer = c.get(m, "writer", "writer", "an object")
     ports = {c.process(c.object(writer, "writer"), "writer"): "writer"}

@@ -38,6 +38,29 @@ def rebuild_progress(scls, pgcls) -> dict:
     return {"lag": sum(lags), "lag_max": max(lags, default=0), "fraction": 1.0 if want == 0 else round(have / want, 4)}
 
 
+def security(folder: str, manifest: dict) -> dict:
+    """TLS on or off, fault injection, and one warning per certificate that expires within
+    `certs.EXPIRY_WARNING_DAYS` (or a rotation left unfinished)."""
+    from engine.cluster.manifest import is_secure, tls_folder
+    from engine.security.certs import EXPIRY_WARNING_DAYS, CertificateError
+
+    out = {"tls": is_secure(manifest), "allow_fault_injection": bool(manifest.get("allow_fault_injection", False)),
+           "warnings": []}
+    if out["tls"]:
+        tf = tls_folder(folder, manifest)
+        try:
+            out["warnings"] = tf.expiring(EXPIRY_WARNING_DAYS)
+            cas = len(tf.trusted())
+            out["trusted_cas"] = cas
+            out["revoked"] = len(tf.revoked())
+            if cas > 1:
+                out["warnings"].append(f"{cas} CAs are trusted: a rotation is under way; end it with "
+                                       "`sixfold certs rotate --finish` once every process runs on the new certificates")
+        except (CertificateError, OSError, ValueError) as e:
+            out["warnings"].append(f"cannot read the TLS material: {e}")
+    return out
+
+
 class StatusView:
     """The status of the cluster `supervisor` runs (see the module docstring)."""
 
@@ -51,7 +74,9 @@ class StatusView:
 
         sup = self.sup
         manifest = sup.manifest
-        transport = GrpcTransport(node_addresses(manifest), source="cli", deadlines=Deadlines(state_s=STATUS_RPC_TIMEOUT_S))
+        tls = sup.tls(manifest)
+        transport = GrpcTransport(node_addresses(manifest), source="cli", deadlines=Deadlines(state_s=STATUS_RPC_TIMEOUT_S),
+                                  tls=tls)
 
         def node(n: dict) -> dict:
             out = {"id": n["id"], "az": n["az"], "address": n["address"], "pid": sup.live_pid(n["id"], n.get("pid")),
@@ -63,7 +88,8 @@ class StatusView:
                     out.update(epoch=st.epoch, scl_min=min(st.scls), scl_max=max(st.scls), scls=list(st.scls),
                                records=st.records, bytes=st.bytes, corrupt_found=st.corrupt_found, repaired=st.repaired,
                                rebuild=dict(st.extra.get("rebuild") or {}), used_bytes=st.used_bytes,
-                               capacity_bytes=st.capacity_bytes, space_low=st.space_low, room_bytes=st.room_bytes)
+                               capacity_bytes=st.capacity_bytes, space_low=st.space_low, room_bytes=st.room_bytes,
+                               security=dict(st.extra.get("security") or {}))
                 except SixfoldError as e:
                     out["error"] = str(e)
             return out
@@ -74,7 +100,7 @@ class StatusView:
             out["health"] = sup.health(WRITER)
             if out["health"] == "SERVING":
                 try:
-                    st = WriterAdmin(w["address"]).status(STATUS_RPC_TIMEOUT_S * 2)
+                    st = WriterAdmin(w["address"], tls).status(STATUS_RPC_TIMEOUT_S * 2)
                     out.update(vdl=st["vdl"], epoch=st["epoch"], in_flight=st["writer"].get("in_flight"),
                                links={k: v["up"] for k, v in st["writer"]["links"].items()},
                                pgcl=st["writer"].get("pgcl"), membership=st["writer"].get("membership"),
@@ -101,6 +127,7 @@ class StatusView:
             "protection_groups": manifest["protection_groups"],
             "durable": manifest["durable"],
             "base_port": manifest["base_port"],
+            "security": security(sup.folder, manifest),
             "nodes": nodes,
             "retired": [{"id": n["id"], "az": n["az"], "replaced_by": n.get("replaced_by")} for n in manifest["nodes"] if n.get("retired")],
             "writer": w,

@@ -30,6 +30,12 @@ each process once (the second finds them running and starts nothing), and a `dow
 (close-on-exec, `close_fds`), so a serving process never holds one; the kernel drops them when a
 command dies.
 
+Security: a new cluster is secure unless `up(insecure=True)`: under the manifest lock, before
+any process starts, `up` creates the cluster CA and a certificate for every process that has
+none (`engine.security.certs`, in `DIR/tls/`), and so does `start` for a node added later.
+Health checks then speak mutual TLS as the operator (`admin`). An insecure cluster on a
+non-loopback host is refused before anything starts.
+
 Rules of this module: it knows processes, ports, pids and the manifest's process entries; it
 asks a process nothing but its health (status and healing are `status.py` and `healing.py`).
 """
@@ -55,16 +61,23 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 import engine
 from engine.cluster.manifest import (
     BASE_PORT_DEFAULT,
+    HOST_DEFAULT,
     WRITER,
+    OPERATOR,
     ClusterError,
     active_nodes,
     check_compatible,
+    identity_roles,
+    is_secure,
     load_manifest,
     locked,
     new_manifest,
     node_entry,
     save_manifest,
+    tls_config,
+    tls_folder,
 )
+from engine.security.tls import secure_channel
 
 log = logging.getLogger("sixfold.launcher")
 
@@ -161,6 +174,23 @@ class Supervisor:
 
     def address(self, name: str) -> str:
         return self.entry(self.manifest, name)["address"]
+
+    def tls(self, manifest: dict | None = None):
+        """The operator's TlsConfig in a secure cluster, None in an insecure one."""
+        return tls_config(self.folder, self.manifest if manifest is None else manifest)
+
+    def _ensure_certificates(self, manifest: dict, names: Iterable[str] | None = None) -> list[str]:
+        """A secure cluster: the CA and a certificate for each process of `names` (default all)
+        and for the operator, made if missing; returns the ids issued."""
+        if not is_secure(manifest):
+            return []
+        roles = identity_roles(manifest)
+        wanted = dict(roles) if names is None else {n: roles.get(n, "node") for n in names}
+        wanted.setdefault(OPERATOR, "admin")
+        issued = tls_folder(self.folder, manifest).ensure(wanted, hosts=(manifest.get("host", HOST_DEFAULT),))
+        if issued:
+            log.info("issued certificates for %s in %s", ", ".join(issued), self.path("tls"))
+        return issued
 
     def path(self, relative: str) -> str:
         """A path of the manifest (relative to the folder) as an absolute path."""
@@ -263,7 +293,8 @@ class Supervisor:
         state = self.state(name)
         if state != "running":
             return state.upper()
-        with grpc.insecure_channel(self.address(name)) as ch:
+        manifest = self.manifest
+        with secure_channel(self.entry(manifest, name)["address"], self.tls(manifest)) as ch:
             try:
                 reply = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=""), timeout=timeout_s)
             except grpc.RpcError:
@@ -284,6 +315,7 @@ class Supervisor:
         entry = self.entry(manifest, name)
         log_path = self.path(entry["log"])
         os.makedirs(os.path.dirname(log_path), exist_ok=True)
+        self._ensure_certificates(manifest, [name])
         argv = self._argv(manifest, name)
         env = dict(os.environ)
         root = os.path.dirname(os.path.dirname(os.path.abspath(engine.__file__)))
@@ -316,7 +348,8 @@ class Supervisor:
         dies or is not ready in time, with the tail of its log."""
         manifest = self.manifest
         pending = {name: self.entry(manifest, name) for name in names}
-        channels = {name: grpc.insecure_channel(e["address"]) for name, e in pending.items()}
+        tls = self.tls(manifest)
+        channels = {name: secure_channel(e["address"], tls) for name, e in pending.items()}
         deadline = time.monotonic() + timeout_s
         try:
             while pending:
@@ -364,11 +397,17 @@ class Supervisor:
         write_timeout_s: float | None = None,
         gossip_interval_s: float | None = None,
         timeout_s: float = READY_TIMEOUT_S,
+        insecure: bool | None = None,
+        allow_fault_injection: bool | None = None,
     ) -> list[str]:
         """Create the cluster (or reopen its data: same volume id), start every process that is
         not running, wait until all are SERVING; returns the names this call started (empty when
         the cluster was up already). Holds the operation lock throughout, so a concurrent `up`
-        waits and then finds the processes running; on failure, stops what it started."""
+        waits and then finds the processes running; on failure, stops what it started.
+
+        A new cluster is secure (mutual TLS, certificates in DIR/tls/) unless `insecure`, which is
+        fixed at creation; `allow_fault_injection` (Corrupt, SetFaults for the admin role) is
+        recorded in the manifest and applies to the processes started from then on."""
         with self.operation("cluster up"):
             started: list[str] = []
             try:
@@ -378,12 +417,28 @@ class Supervisor:
                     if self.exists:
                         manifest = load_manifest(self.folder)
                         check_compatible(manifest, protection_groups=protection_groups, base_port=base_port)
+                        if insecure is not None and bool(insecure) == is_secure(manifest):
+                            raise ClusterError(
+                                f"this cluster was created {'secure (TLS)' if is_secure(manifest) else 'insecure (--insecure)'}; "
+                                "that is fixed at creation. Leave --insecure out, or use another folder."
+                            )
                     else:
                         manifest = new_manifest(
                             base_port=BASE_PORT_DEFAULT if base_port is None else base_port,
                             protection_groups=protection_groups,
                             durable=True if durable is None else durable,
+                            tls=not insecure,
+                            allow_fault_injection=bool(allow_fault_injection),
                         )
+                    if allow_fault_injection is not None:
+                        manifest["allow_fault_injection"] = bool(allow_fault_injection)
+                    if not is_secure(manifest):
+                        from engine.transport.grpc_server import is_loopback
+
+                        host = manifest.get("host", HOST_DEFAULT)
+                        if not is_loopback(f"{host}:0"):
+                            raise ClusterError(f"an insecure cluster listens on loopback only; host {host!r} needs TLS "
+                                               "(create the cluster without --insecure)")
                     if durable is not None:
                         manifest["durable"] = bool(durable)
                     if write_timeout_s is not None:

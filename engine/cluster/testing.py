@@ -62,9 +62,11 @@ def engine_env() -> dict:
 
 def spawn_node(
     data: str, port: int, *, node_id: str = "n1", az: str = "a", volume_id: str = "test-volume", protection_groups: int = 4,
-    log_path: str | None = None, durable: bool = False, gossip_interval_s: float = 0.0,
+    log_path: str | None = None, durable: bool = False, gossip_interval_s: float = 0.0, allow_fault_injection: bool = True,
 ) -> subprocess.Popen:
-    """Start one `sixfold node serve` process (no peers to gossip with) and wait until SERVING."""
+    """Start one `sixfold node serve` process (no peers to gossip with, plaintext on loopback) and
+    wait until SERVING. It serves Corrupt and SetFaults unless `allow_fault_injection` is False:
+    the single-node protocol tests inject faults."""
     argv = [
         sys.executable, "-m", "engine", "node", "serve", "--id", node_id, "--az", az, "--data", data,
         "--listen", f"127.0.0.1:{port}", "--volume-id", volume_id, "--protection-groups", str(protection_groups),
@@ -72,6 +74,8 @@ def spawn_node(
     ]
     if not durable:
         argv.append("--no-durable")
+    if allow_fault_injection:
+        argv.append("--allow-fault-injection")
     log = open(log_path or os.path.join(os.path.dirname(data), f"{node_id}.log"), "ab")
     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=engine_env(),
                             start_new_session=True)

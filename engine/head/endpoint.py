@@ -412,9 +412,12 @@ class KVServicer(kv_pb2_grpc.KVServicer):
 class EndpointServer:
     """A `WriterEndpoint` served over gRPC with the health service."""
 
-    def __init__(self, endpoint: WriterEndpoint, listen: str, workers: int = ENDPOINT_WORKERS) -> None:
+    def __init__(self, endpoint: WriterEndpoint, listen: str, workers: int = ENDPOINT_WORKERS, *, tls=None) -> None:
         self.endpoint = endpoint
-        self.server, self.port = make_server(listen, workers)
+        # With TLS (engine.security.tls.TlsConfig): mutual TLS only, calls authorised by the role
+        # of the client certificate (engine.security.roles.KV_POLICY).
+        self.guard = kv_guard(tls) if tls is not None else None
+        self.server, self.port = make_server(listen, workers, tls=tls, interceptors=(self.guard,) if self.guard else ())
         kv_pb2_grpc.add_KVServicer_to_server(KVServicer(endpoint), self.server)
         self.health = add_health(self.server, (SERVICE_NAME,))
         self._stop = threading.Event()
@@ -456,12 +459,20 @@ class EndpointServer:
         self.endpoint.close()
 
 
-def run_writer_process(config: EndpointConfig, listen: str, workers: int = ENDPOINT_WORKERS) -> int:
-    """The body of `sixfold writer serve`: serve until SIGTERM/SIGINT; returns an exit code."""
+def kv_guard(tls):
+    from engine.security.roles import KV_POLICY, Guard, RevocationList
+
+    return Guard(tls.cluster_id, KV_POLICY, RevocationList(tls.revoked_path), convert.abort, me="writer endpoint")
+
+
+def run_writer_process(config: EndpointConfig, listen: str, workers: int = ENDPOINT_WORKERS, *, tls=None) -> int:
+    """The body of `sixfold writer serve`: serve until SIGTERM/SIGINT; returns an exit code.
+    With `tls` the KV server and the transport to the nodes are mutual TLS as the writer."""
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    server = EndpointServer(WriterEndpoint(config), listen, workers)
+    transport = GrpcTransport(config.addresses, source="writer", tls=tls) if tls is not None else None
+    server = EndpointServer(WriterEndpoint(config, transport), listen, workers, tls=tls)
     log.info(
         "writer endpoint for volume %s on %s, pid %d: recovering over nodes %s",
         config.volume_id, listen, os.getpid(), ", ".join(f"{n.id}={config.addresses.get(n.id)}" for n in config.nodes),

@@ -12,9 +12,20 @@ INTERNAL. Either way the node keeps serving: garbage in one request never takes 
 `FaultGate` applies the transport fault rules set by the admin RPC `SetFaults` to the data RPCs
 this node receives (the receiving end of every link): partitions and blocked sources refuse a
 request UNAVAILABLE, `drop_probability` refuses at random, `delay_ms` (+ jitter) sleeps first,
-`duplicate_probability` applies an append twice. Admin sources (`ADMIN_SOURCES`) and admin RPCs
-are never faulted, so a partition can always be healed. With no rules set the gate costs one
-attribute read per request.
+`duplicate_probability` applies an append twice. Admin callers and admin RPCs are never faulted,
+so a partition can always be healed. With no rules set the gate costs one attribute read per
+request. Fault injection (`Corrupt`, `SetFaults`) exists only on a node started with
+`allow_fault_injection` (`sixfold cluster up --allow-fault-injection`, for chaos runs and fault
+tests); elsewhere both answer UNIMPLEMENTED, as if the RPCs did not exist.
+
+Security: with a `TlsConfig` (a secure cluster) the server speaks mutual TLS only and a
+`roles.Guard` interceptor authorises every call by the role in the caller's certificate
+(`roles.STORAGE_POLICY`: Append, Seal and SyncEpoch from the writer only, gossip from nodes,
+reads from the writer and readers, scrub and fault injection from the admin). The caller's
+name for fault rules is then its certificate's id and "admin" means the admin role: the
+`sixfold-source` metadata is not read. Without TLS (`--insecure`) the metadata source is trusted,
+`ADMIN_SOURCES` bypass the fault rules, and nothing is protected. Either way every port binds
+where it is told, and a non-loopback address without TLS is refused (`InsecureListen`).
 
 `run_node_process` is the `sixfold node serve` process: bind the port first (a busy port is a
 clear error before any data is touched), open the node's LMDB folder, serve `Storage` and the
@@ -39,6 +50,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from engine.core.types import Geometry, NodeInfo
 from engine.errors import SixfoldError, Unavailable
+from engine.security.roles import ADMIN, STORAGE_POLICY, Guard, RevocationList
+from engine.security.tls import TlsConfig
 from engine.node.service import GOSSIP_INTERVAL_S, SCRUB_INTERVAL_S, StorageNode
 from engine.proto import storage_pb2, storage_pb2_grpc
 from engine.transport import convert
@@ -55,7 +68,8 @@ SERVER_OPTIONS: tuple[tuple[str, int], ...] = (
 )
 NODE_WORKERS = 32
 SHUTDOWN_GRACE_S = 5.0
-#: Sources never subject to fault rules: operators and tools must always get through.
+#: Sources never subject to fault rules on an insecure node (a secure node trusts only the
+#: admin role of a certificate): operators and tools must always get through.
 ADMIN_SOURCES = frozenset({"cli", "chaos", "launcher", "admin"})
 SERVICE_NAME = "sixfold.v1.Storage"
 
@@ -66,13 +80,42 @@ class AddressInUse(SixfoldError):
     GRPC_STATUS = "UNAVAILABLE"
 
 
-def make_server(listen: str, workers: int) -> tuple[grpc.Server, int]:
-    """A gRPC server bound to `listen` (not started). AddressInUse if the port is busy."""
+class InsecureListen(SixfoldError):
+    """A server was asked to listen on a non-loopback address without TLS (never raised across
+    gRPC): plaintext Sixfold traffic never leaves the host."""
+
+    GRPC_STATUS = "FAILED_PRECONDITION"
+
+
+def is_loopback(listen: str) -> bool:
+    """True when the host part of "host:port" is a loopback address (127.0.0.0/8, ::1, localhost)."""
+    import ipaddress
+
+    host = listen.rpartition(":")[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def make_server(listen: str, workers: int, *, tls: TlsConfig | None = None,
+                interceptors: tuple = ()) -> tuple[grpc.Server, int]:
+    """A gRPC server bound to `listen` (not started): mutual TLS with `tls`, plaintext without,
+    which only a loopback address may use (InsecureListen otherwise). AddressInUse if the port
+    is busy."""
+    if tls is None and not is_loopback(listen):
+        raise InsecureListen(
+            f"refusing to listen on {listen} without TLS: plaintext is for loopback only. Use a secure cluster "
+            "(the default; not --insecure), or listen on 127.0.0.1"
+        )
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="grpc"), options=SERVER_OPTIONS
+        futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="grpc"), options=SERVER_OPTIONS,
+        interceptors=tuple(interceptors),
     )
     try:
-        port = server.add_insecure_port(listen)
+        port = server.add_secure_port(listen, tls.server_credentials()) if tls is not None else server.add_insecure_port(listen)
     except RuntimeError as e:
         raise AddressInUse(f"cannot listen on {listen}: the address is in use or invalid ({e})") from None
     if port == 0:
@@ -113,15 +156,21 @@ class FaultGate:
         log.warning("fault rules now %s", rules if rules.active else "cleared")
         return rules
 
-    def admit(self, context: grpc.ServicerContext, duplicable: bool) -> int:
+    def admit(self, context: grpc.ServicerContext, duplicable: bool, guard: Guard | None = None) -> int:
         """How many times to apply the request (1, or 2 for a duplicate); raises Unavailable
-        when the request is cut off or dropped."""
+        when the request is cut off or dropped. With a `guard` (TLS) the source is the caller's
+        certificate id and only the admin role passes unfaulted; without, the metadata source."""
         rules = self.rules
-        source = ""
-        for key, value in context.invocation_metadata():
-            if key == convert.SOURCE_METADATA_KEY:
-                source = value
-        if source in ADMIN_SOURCES:
+        if guard is not None:
+            who = guard.identity(context)
+            source, privileged = who.id, who.role == ADMIN
+        else:
+            source = ""
+            for key, value in context.invocation_metadata():
+                if key == convert.SOURCE_METADATA_KEY:
+                    source = value
+            privileged = source in ADMIN_SOURCES
+        if privileged:
             return 1
         if source in rules.blocked_sources:
             raise Unavailable(f"node {self.me}: requests from {source!r} are blocked by a fault rule")
@@ -144,14 +193,22 @@ class FaultGate:
 class StorageServicer(storage_pb2_grpc.StorageServicer):
     """Thin adapter from the `Storage` service to a `StorageNode`."""
 
-    def __init__(self, node: StorageNode, gate: FaultGate | None = None) -> None:
+    def __init__(self, node: StorageNode, gate: FaultGate | None = None, *, guard: Guard | None = None,
+                 allow_fault_injection: bool = False) -> None:
         self.node = node
         self.P = node.store.geometry.protection_groups
         self.gate = gate or FaultGate(node.id)
+        self.guard = guard
+        self.allow_fault_injection = allow_fault_injection
+
+    def _fault_injection(self, context, rpc: str) -> None:
+        if not self.allow_fault_injection:
+            context.abort(grpc.StatusCode.UNIMPLEMENTED,
+                          f"{rpc} does not exist on node {self.node.id}: it was started without --allow-fault-injection")
 
     def _serve(self, context, rpc: str, work: Callable[[], object], *, gated: bool = True, duplicable: bool = False):
         try:
-            times = self.gate.admit(context, duplicable) if gated and self.gate.active else 1
+            times = self.gate.admit(context, duplicable, self.guard) if gated and self.gate.active else 1
             result = work()
             if times == 2:
                 work()
@@ -222,10 +279,17 @@ class StorageServicer(storage_pb2_grpc.StorageServicer):
         return self._serve(context, "Fetch", work)
 
     def State(self, request, context):
-        return self._serve(context, "State", lambda: convert.node_state_to_pb(self.node.handle("state")))
+        def work():
+            st = self.node.handle("state")
+            st.extra["security"] = self.guard.counters() if self.guard is not None else {"tls": False}
+            return convert.node_state_to_pb(st)
+
+        return self._serve(context, "State", work)
 
     # --- admin RPCs (never faulted) ----------------------------------------------------------
     def Corrupt(self, request, context):
+        self._fault_injection(context, "Corrupt")
+
         def work():
             lsn = self.node.handle("corrupt", *convert.corrupt_args_from_pb(request, self.P))
             return storage_pb2.CorruptReply(hit=lsn is not None, lsn=lsn or 0)
@@ -239,6 +303,7 @@ class StorageServicer(storage_pb2_grpc.StorageServicer):
         return self._serve(context, "Scrub", work, gated=False)
 
     def SetFaults(self, request, context):
+        self._fault_injection(context, "SetFaults")
         return self._serve(
             context, "SetFaults", lambda: convert.fault_rules_to_pb(self.gate.set(convert.fault_rules_from_pb(request))), gated=False
         )
@@ -247,24 +312,32 @@ class StorageServicer(storage_pb2_grpc.StorageServicer):
 class NodeServer:
     """A `StorageNode` served over gRPC with the health service. `start()`, then `stop()`."""
 
-    def __init__(self, node: StorageNode, server: grpc.Server, port: int) -> None:
+    def __init__(self, node: StorageNode, server: grpc.Server, port: int, *, guard: Guard | None = None,
+                 allow_fault_injection: bool = False) -> None:
         self.node = node
         self.server = server
         self.port = port
-        self.servicer = StorageServicer(node)
+        self.guard = guard
+        self.servicer = StorageServicer(node, guard=guard, allow_fault_injection=allow_fault_injection)
         storage_pb2_grpc.add_StorageServicer_to_server(self.servicer, server)
         self.health = add_health(server, (SERVICE_NAME,))
 
     @classmethod
-    def bind(cls, node_factory: Callable[[], StorageNode], listen: str, workers: int = NODE_WORKERS) -> NodeServer:
-        """Bind first (AddressInUse before any data is opened), then build the node."""
-        server, port = make_server(listen, workers)
+    def bind(cls, node_factory: Callable[[], StorageNode], listen: str, workers: int = NODE_WORKERS, *,
+             tls: TlsConfig | None = None, allow_fault_injection: bool = False, me: str = "") -> NodeServer:
+        """Bind first (AddressInUse before any data is opened), then build the node. With `tls`
+        the server speaks mutual TLS only and authorises calls by role (`roles.STORAGE_POLICY`)."""
+        guard = None
+        if tls is not None:
+            guard = Guard(tls.cluster_id, STORAGE_POLICY, RevocationList(tls.revoked_path), convert.abort,
+                          me=f"node {me}" if me else "")
+        server, port = make_server(listen, workers, tls=tls, interceptors=(guard,) if guard else ())
         try:
             node = node_factory()
         except BaseException:
             server.stop(None)
             raise
-        return cls(node, server, port)
+        return cls(node, server, port, guard=guard, allow_fault_injection=allow_fault_injection)
 
     def start(self) -> None:
         self.server.start()
@@ -304,11 +377,14 @@ def run_node_process(
     workers: int = NODE_WORKERS,
     transport_factory=None,
     banner: str = "",
+    tls: TlsConfig | None = None,
+    allow_fault_injection: bool = False,
 ) -> int:
     """The body of `sixfold node serve`: serve until SIGTERM/SIGINT; returns an exit code.
 
     `transport_factory(addresses)` makes the node's gossip transport (default: a GrpcTransport
-    over the fixed `peers`; a cluster node passes one that re-reads the manifest)."""
+    over the fixed `peers`, over mTLS with `tls`; a cluster node passes one that re-reads the
+    manifest)."""
     from engine.transport.grpc_client import GrpcTransport
 
     stop = threading.Event()
@@ -323,11 +399,11 @@ def run_node_process(
     t0 = time.monotonic()
     ns = NodeServer.bind(
         lambda: StorageNode(data, info, geometry, volume_id, durable=durable, map_bytes=map_bytes, reserve_bytes=reserve_bytes),
-        listen, workers,
+        listen, workers, tls=tls, allow_fault_injection=allow_fault_injection, me=node_id,
     )
     addresses = {k: v for k, v in peers.items() if k != node_id}
     addresses[node_id] = listen
-    transport = (transport_factory or (lambda a: GrpcTransport(a, source=node_id)))(addresses)
+    transport = (transport_factory or (lambda a: GrpcTransport(a, source=node_id, tls=tls)))(addresses)
     ns.node.attach(transport, peers_of(ns.node, addresses))
     ns.start()
     if gossip_interval_s > 0:
@@ -335,9 +411,11 @@ def run_node_process(
     st = ns.node.state()
     log.info(
         "node %s (az %s)%s serving on %s, pid %d, volume %s, %d PGs, epoch %d, %d records, %d of %d bytes used%s, "
-        "durable=%s, ready in %.2f s",
+        "durable=%s, %s%s, ready in %.2f s",
         node_id, az, banner, listen, os.getpid(), volume_id, protection_groups, st.epoch, st.records, st.used_bytes,
-        st.capacity_bytes, " (low on space)" if st.space_low else "", durable, time.monotonic() - t0,
+        st.capacity_bytes, " (low on space)" if st.space_low else "", durable,
+        f"mTLS as {tls.identity}" if tls is not None else "INSECURE (plaintext, no authorisation)",
+        ", fault injection allowed" if allow_fault_injection else "", time.monotonic() - t0,
     )
     while not stop.wait(1.0):
         pass

@@ -1,0 +1,1 @@
+"""Security: identities, TLS and authorisation of every RPC (see each module's docstring)."""
