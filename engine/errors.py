@@ -175,6 +175,13 @@ class PermissionDenied(SixfoldError):
     GRPC_STATUS = "PERMISSION_DENIED"
 
 
+class WrongVolume(SixfoldError):
+    """A storage request named another volume than the node's, or none: refused, nothing done
+    (a frame, seal or truncation meant for another volume never lands here)."""
+
+    GRPC_STATUS = "FAILED_PRECONDITION"
+
+
 class EncryptionError(SixfoldError):
     """An encrypted volume opened without its key or with another one, or a key given for a
     volume that is not encrypted (encryption is chosen at creation). The message says which."""
@@ -183,4 +190,4 @@ class EncryptionError(SixfoldError):
 
 
 ALL_ERRORS = ALL_ERRORS + (EpochBehind, StorageError, StorageFull, ConflictingRecord, FolderInUse, WrongFolder,
-                           Unauthenticated, PermissionDenied, EncryptionError)
+                           Unauthenticated, PermissionDenied, EncryptionError, WrongVolume)

@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from engine import codec
-from engine.cluster.testing import free_base_port, spawn_node
+from engine.cluster.testing import free_base_port, spawn_node, storage_channel
 from engine.core.constants import (
     EPOCH_MAX,
     FLAG_CPL,
@@ -119,7 +119,7 @@ def node(tmp_path_factory):
     folder = tmp_path_factory.mktemp("boundary")
     port = free_base_port(1)
     proc = spawn_node(str(folder / "n1"), port, protection_groups=P)
-    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    channel = storage_channel(f"127.0.0.1:{port}")
     stub = storage_pb2_grpc.StorageStub(channel)
     stub.SyncEpoch(storage_pb2.SyncEpochRequest(epoch=2), timeout=30, metadata=SOURCE)
     prev = [0] * P

@@ -14,7 +14,7 @@ import grpc
 import pytest
 
 from engine import codec
-from engine.cluster.testing import free_base_port, spawn_node
+from engine.cluster.testing import free_base_port, spawn_node, storage_channel
 from engine.core.constants import FLAG_CPL, FLAG_PUT, LSN_VALID_MAX
 from engine.core.types import Geometry, NodeInfo
 from engine.errors import ConflictingRecord
@@ -120,7 +120,7 @@ def test_over_grpc_a_conflict_is_already_exists_and_counted(tmp_path):
     port = free_base_port(1)
     proc = spawn_node(str(tmp_path / "n1"), port, protection_groups=P)
     try:
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        with storage_channel(f"127.0.0.1:{port}") as channel:
             stub = storage_pb2_grpc.StorageStub(channel)
             stub.SyncEpoch(storage_pb2.SyncEpochRequest(epoch=1), timeout=30, metadata=SOURCE)
             stub.Append(storage_pb2.AppendRequest(epoch=1, frame=codec.encode_frame(ACKED), hint_lsn=5), timeout=30, metadata=SOURCE)

@@ -19,7 +19,7 @@ import pytest
 from waiting import DEADLINE_S, eventually
 
 from engine import codec, errors
-from engine.cluster.testing import engine_env, free_base_port, spawn_node
+from engine.cluster.testing import engine_env, free_base_port, spawn_node, storage_channel
 from engine.core.constants import FLAG_CPL, FLAG_PUT, KEY_BYTES_MAX, LSN_VALID_MAX
 from engine.proto import storage_pb2, storage_pb2_grpc
 from engine.transport import convert
@@ -37,7 +37,7 @@ def node(tmp_path_factory):
     folder = tmp_path_factory.mktemp("node")
     port = free_base_port(1)
     proc = spawn_node(str(folder / "n1"), port, protection_groups=P)
-    channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.max_send_message_length", -1)])
+    channel = storage_channel(f"127.0.0.1:{port}", options=[("grpc.max_send_message_length", -1)])
     stub = storage_pb2_grpc.StorageStub(channel)
     try:
         yield {"stub": stub, "channel": channel, "port": port, "proc": proc, "log": str(folder / "n1.log")}
@@ -184,8 +184,8 @@ def test_random_bytes_as_requests(node, rng):
 
 
 def test_fault_rules_cut_a_source_and_clear(node):
-    t = GrpcTransport({"n1": f"127.0.0.1:{node['port']}"}, source="writer")
-    admin = GrpcTransport({"n1": f"127.0.0.1:{node['port']}"}, source="chaos")
+    t = GrpcTransport({"n1": f"127.0.0.1:{node['port']}"}, source="writer", volume_id="test-volume")
+    admin = GrpcTransport({"n1": f"127.0.0.1:{node['port']}"}, source="chaos", volume_id="test-volume")
     try:
         admin.set_faults("n1", convert.FaultRules(blocked_sources=("writer",)))
         with pytest.raises(errors.Unavailable):
@@ -202,7 +202,7 @@ def test_fault_rules_cut_a_source_and_clear(node):
 
 
 def test_a_stopped_node_is_unavailable_fast_then_answers_again(node):
-    t = GrpcTransport({"n1": f"127.0.0.1:{node['port']}"}, source="writer")
+    t = GrpcTransport({"n1": f"127.0.0.1:{node['port']}"}, source="writer", volume_id="test-volume")
     try:
         os.kill(node["proc"].pid, signal.SIGSTOP)
         try:
@@ -268,3 +268,29 @@ def test_a_busy_port_is_a_clear_error(tmp_path, node):
     assert out.returncode == 2
     assert "in use" in out.stderr
     assert not os.path.exists(tmp_path / "n8"), "a busy port fails before any data is touched"
+
+
+def test_a_request_for_another_volume_or_none_is_refused_and_changes_nothing(node):
+    """Storage protocol 2: every request names its volume; a frame or seal meant for another
+    volume (or naming none: an older client) is refused FAILED_PRECONDITION / WrongVolume."""
+    address = f"127.0.0.1:{node['port']}"
+    frame = codec.encode_frame([codec.encode_record(1, 0, 0, FLAG_PUT | FLAG_CPL, b"k", b"v")])
+    before = node["stub"].State(storage_pb2.StateRequest())
+    for channel in (storage_channel(address, "another-volume"), grpc.insecure_channel(address)):
+        stub = storage_pb2_grpc.StorageStub(channel)
+        for call, req in [(stub.Append, storage_pb2.AppendRequest(epoch=before.epoch, frame=frame, hint_lsn=0)),
+                          (stub.Seal, storage_pb2.SealRequest(epoch=before.epoch + 1)),
+                          (stub.State, storage_pb2.StateRequest())]:
+            with pytest.raises(grpc.RpcError) as e:
+                call(req, timeout=10)
+            assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert convert.error_from_rpc(e.value, where="n1").__class__.__name__ == "WrongVolume"
+        channel.close()
+    after = node["stub"].State(storage_pb2.StateRequest())
+    assert (after.epoch, list(after.scls)) == (before.epoch, list(before.scls))
+    t = GrpcTransport({"n1": address}, source="writer", volume_id="not-this-one")
+    try:
+        with pytest.raises(errors.WrongVolume):
+            t.state("n1")
+    finally:
+        t.close()

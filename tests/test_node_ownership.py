@@ -71,7 +71,7 @@ def test_a_folder_served_by_a_node_process_is_refused_to_this_process_and_to_a_s
     port = free_base_port(2)
     proc = spawn_node(str(folder), port, protection_groups=P)
     try:
-        t = GrpcTransport({"n1": f"127.0.0.1:{port}"}, source="cli")
+        t = GrpcTransport({"n1": f"127.0.0.1:{port}"}, source="cli", volume_id="test-volume")
         try:
             t.append("n1", 0, codec.encode_frame([codec.encode_record(1, 0, 1, FLAG_PUT | FLAG_CPL, b"k", b"v")]), 1)
             before = snapshot(folder)

@@ -19,7 +19,7 @@ import grpc
 import pytest
 
 from engine import codec
-from engine.cluster.testing import engine_env, free_base_port, wait_serving
+from engine.cluster.testing import engine_env, free_base_port, storage_channel, wait_serving
 from engine.core.constants import FLAG_CPL, FLAG_DELETE, FLAG_PUT, LSN_VALID_MAX
 from engine.core.types import Geometry, NodeInfo
 from engine.errors import StorageError, StorageFull
@@ -132,7 +132,7 @@ def test_over_grpc_a_full_node_answers_resource_exhausted_storage_full(tmp_path)
     )
     ns.start()
     try:
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        with storage_channel(f"127.0.0.1:{port}", "vol") as channel:
             stub = storage_pb2_grpc.StorageStub(channel)
             filler = Filler()
 
@@ -174,7 +174,7 @@ def test_a_node_process_at_its_file_size_limit_answers_storage_full_and_lives(tm
                                 preexec_fn=small_files, start_new_session=True)
     try:
         wait_serving(f"127.0.0.1:{port}", proc=proc)
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        with storage_channel(f"127.0.0.1:{port}", "vol") as channel:
             stub = storage_pb2_grpc.StorageStub(channel)
             st = stub.State(storage_pb2.StateRequest(), timeout=30, metadata=SOURCE)
             assert st.capacity_bytes == limit, "the file size limit bounds the node's capacity"

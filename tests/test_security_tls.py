@@ -41,6 +41,7 @@ from engine.security.certs import TlsFolder
 from engine.security.roles import identity_from_pem
 from engine.security.tls import TlsConfig, secure_channel
 from engine.transport import convert
+from engine.transport.grpc_client import VolumeMetadata
 from engine.transport.grpc_server import InsecureListen, NodeServer, make_server
 
 P = 2
@@ -103,7 +104,8 @@ def test_without_allow_fault_injection_corrupt_and_set_faults_do_not_exist(tmp_p
     ns = _node_server(tmp_path, allow_fault_injection=False)
     try:
         for identity, code in (("admin", grpc.StatusCode.UNIMPLEMENTED), ("writer", DENIED), ("n1", DENIED)):
-            with secure_channel(f"127.0.0.1:{ns.port}", TlsConfig.in_cluster(tmp_path, identity, "vol-b")) as ch:
+            with grpc.intercept_channel(secure_channel(f"127.0.0.1:{ns.port}", TlsConfig.in_cluster(tmp_path, identity, "vol-b")),
+                                        VolumeMetadata("vol-b")) as ch:
                 stub = storage_pb2_grpc.StorageStub(ch)
                 for call, req in ((stub.Corrupt, storage_pb2.CorruptRequest(pg=0)), (stub.SetFaults, storage_pb2.FaultSpec())):
                     with pytest.raises(grpc.RpcError) as e:
@@ -136,7 +138,7 @@ def secure(tmp_path_factory):
 
 def _stub(secure, node: str, identity: str):
     c = secure["cluster"]
-    ch = secure_channel(c.address(node), c.tls(identity))
+    ch = grpc.intercept_channel(secure_channel(c.address(node), c.tls(identity)), VolumeMetadata(c.manifest["volume_id"]))
     return ch, storage_pb2_grpc.StorageStub(ch)
 
 

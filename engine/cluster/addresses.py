@@ -47,7 +47,9 @@ class ManifestTransport(GrpcTransport):
 
     def __init__(self, folder: str, source: str, **kwargs) -> None:  # kwargs: GrpcTransport's (tls, deadlines...)
         self.folder = os.path.abspath(folder)
-        super().__init__(node_addresses(load_manifest(self.folder)), source, **kwargs)
+        manifest = load_manifest(self.folder)
+        kwargs.setdefault("volume_id", manifest["volume_id"])
+        super().__init__(node_addresses(manifest), source, **kwargs)
         self._reload_lock = threading.Lock()
         self._reloaded_at = float("-inf")
 

@@ -76,9 +76,11 @@ class WriterAdmin:
 class NodeAdmin:
     """Admin calls to the storage nodes (see the module docstring)."""
 
-    def __init__(self, addresses: Callable[[], dict[str, str]], tls: Callable[[], object] | None = None) -> None:
+    def __init__(self, addresses: Callable[[], dict[str, str]], tls: Callable[[], object] | None = None,
+                 volume: Callable[[], str] | None = None) -> None:
         self._addresses = addresses
         self._tls = tls or (lambda: None)
+        self._volume = volume
 
     def transport(self, source: str = "chaos", **options):
         """A GrpcTransport to every node (admin calls: corrupt, scrub, set_faults, state...);
@@ -86,6 +88,8 @@ class NodeAdmin:
         from engine.transport.grpc_client import GrpcTransport
 
         options.setdefault("tls", self._tls())
+        if self._volume is not None:
+            options.setdefault("volume_id", self._volume())
         return GrpcTransport(self._addresses(), source=source, **options)
 
     def _call(self, fn):

@@ -50,7 +50,8 @@ class Cluster:
         self.processes = Supervisor(folder, python=python, on_wait=on_wait)
         self.view = StatusView(self.processes)
         self.healer = Healer(self.processes, self.view)
-        self.nodes_admin = NodeAdmin(lambda: node_addresses(self.manifest), tls=lambda: self.processes.tls())
+        self.nodes_admin = NodeAdmin(lambda: node_addresses(self.manifest), tls=lambda: self.processes.tls(),
+                                     volume=lambda: self.manifest["volume_id"])
 
     # --- the folder and its manifest --------------------------------------------------------
     @property
@@ -220,7 +221,7 @@ class Cluster:
             from engine.transport.grpc_client import GrpcTransport
 
             return GrpcTransport(node_addresses(self.manifest), source=source,
-                                 tls=tls_config(self.folder, self.manifest, identity))
+                                 tls=tls_config(self.folder, self.manifest, identity), volume_id=self.manifest["volume_id"])
         return self.nodes_admin.transport(source)
 
     def tls(self, identity: str = "admin"):

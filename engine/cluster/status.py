@@ -76,7 +76,7 @@ class StatusView:
         manifest = sup.manifest
         tls = sup.tls(manifest)
         transport = GrpcTransport(node_addresses(manifest), source="cli", deadlines=Deadlines(state_s=STATUS_RPC_TIMEOUT_S),
-                                  tls=tls)
+                                  tls=tls, volume_id=manifest["volume_id"])
 
         def node(n: dict) -> dict:
             out = {"id": n["id"], "az": n["az"], "address": n["address"], "pid": sup.live_pid(n["id"], n.get("pid")),

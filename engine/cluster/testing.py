@@ -33,10 +33,13 @@ def free_base_port(count: int = 7, host: str = "127.0.0.1", attempts: int = 200,
     raise RuntimeError(f"no {count} consecutive free ports found in {attempts} attempts")
 
 
-def wait_serving(address: str, timeout_s: float = READY_TIMEOUT_S, proc: subprocess.Popen | None = None) -> None:
-    """Poll the health service at `address` until SERVING; raise if `proc` dies or time runs out."""
+def wait_serving(address: str, timeout_s: float = READY_TIMEOUT_S, proc: subprocess.Popen | None = None, tls=None) -> None:
+    """Poll the health service at `address` until SERVING (over mTLS with `tls`, a TlsConfig);
+    raise if `proc` dies or time runs out."""
+    from engine.security.tls import secure_channel
+
     deadline = time.monotonic() + timeout_s
-    with grpc.insecure_channel(address) as ch:
+    with secure_channel(address, tls, ()) as ch:
         stub = health_pb2_grpc.HealthStub(ch)
         while True:
             if proc is not None and proc.poll() is not None:
@@ -58,6 +61,13 @@ def engine_env() -> dict:
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env["PYTHONUNBUFFERED"] = "1"
     return env
+
+
+def storage_channel(address: str, volume_id: str = "test-volume", **options) -> grpc.Channel:
+    """A plaintext channel to a test node whose calls name `volume_id` (storage protocol 2)."""
+    from engine.transport.grpc_client import VolumeMetadata
+
+    return grpc.intercept_channel(grpc.insecure_channel(address, **options), VolumeMetadata(volume_id))
 
 
 def spawn_node(

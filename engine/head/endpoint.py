@@ -87,7 +87,7 @@ class WriterEndpoint:
         self.config = config
         self.geometry = Geometry(config.protection_groups)
         self.P = config.protection_groups
-        self.transport = transport or GrpcTransport(config.addresses, source="writer")
+        self.transport = transport or GrpcTransport(config.addresses, source="writer", volume_id=config.volume_id)
         self._writer: Writer | None = None
         self._pool = futures.ThreadPoolExecutor(max_workers=len(config.nodes) + 1, thread_name_prefix="endpoint")
         self.last_open_error = ""
@@ -471,7 +471,7 @@ def run_writer_process(config: EndpointConfig, listen: str, workers: int = ENDPO
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    transport = GrpcTransport(config.addresses, source="writer", tls=tls) if tls is not None else None
+    transport = GrpcTransport(config.addresses, source="writer", tls=tls, volume_id=config.volume_id) if tls is not None else None
     server = EndpointServer(WriterEndpoint(config, transport), listen, workers, tls=tls)
     log.info(
         "writer endpoint for volume %s on %s, pid %d: recovering over nodes %s",

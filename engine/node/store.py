@@ -158,6 +158,7 @@ class SegmentStore:
         os.makedirs(path, exist_ok=True)
         self.path = path
         self.node_id = node_id
+        self.volume_id = volume_id
         self.az = az
         self.geometry = geometry
         self.durable = durable

@@ -77,6 +77,9 @@ from engine.proto import common_pb2, kv_pb2, storage_pb2
 ERROR_METADATA_KEY = "sixfold-error"
 #: Request metadata key naming the caller ("writer", a node id, "chaos"...), for fault rules.
 SOURCE_METADATA_KEY = "sixfold-source"
+#: Storage protocol 2: every storage request names its volume in this metadata key; a node refuses
+#: a request without it, or for another volume, with WrongVolume.
+VOLUME_METADATA_KEY = "sixfold-volume"
 #: Largest gRPC message: the largest frame plus room for the other fields.
 MESSAGE_BYTES_MAX = FRAME_BYTES_MAX + (4 << 20)
 #: Items in one ReadMany / GetMany / Write request.

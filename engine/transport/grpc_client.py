@@ -121,13 +121,18 @@ class GrpcTransport(Transport):
         deadlines: Deadlines = Deadlines(),
         channel_options: Sequence[tuple[str, object]] = (),
         tls: TlsConfig | None = None,
+        volume_id: str | None = None,
     ) -> None:
         self.addresses = dict(addresses)
+        #: the volume every request names (storage protocol 2); nodes refuse requests without it
+        self.volume_id = volume_id
         self.source = source
         self.tls = tls
         self.deadlines = deadlines
         self._options = CHANNEL_OPTIONS + tuple(channel_options)
-        self._metadata = ((convert.SOURCE_METADATA_KEY, source),)
+        self._metadata = ((convert.SOURCE_METADATA_KEY, source),) + (
+            ((convert.VOLUME_METADATA_KEY, volume_id),) if volume_id else ()
+        )
         self._lock = threading.Lock()
         self._channels: dict[str, grpc.Channel] = {}
         self._stubs: dict[str, storage_pb2_grpc.StorageStub] = {}
@@ -229,3 +234,31 @@ class GrpcTransport(Transport):
             channels, self._channels, self._stubs = self._channels, {}, {}
         for ch in channels.values():
             ch.close()
+
+
+class _ClientCallDetails(grpc.ClientCallDetails):
+    def __init__(self, details, metadata):
+        self.method = details.method
+        self.timeout = details.timeout
+        self.metadata = metadata
+        self.credentials = details.credentials
+        self.wait_for_ready = getattr(details, "wait_for_ready", None)
+        self.compression = getattr(details, "compression", None)
+
+
+class VolumeMetadata(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):
+    """Adds the volume a storage request names (storage protocol 2) to every call on a channel:
+    `grpc.intercept_channel(channel, VolumeMetadata(volume_id))`, for tools and tests that use
+    the `Storage` stubs directly rather than a GrpcTransport."""
+
+    def __init__(self, volume_id: str) -> None:
+        self._pair = (convert.VOLUME_METADATA_KEY, volume_id)
+
+    def _details(self, details):
+        return _ClientCallDetails(details, tuple(details.metadata or ()) + (self._pair,))
+
+    def intercept_unary_unary(self, continuation, client_call_details, request):
+        return continuation(self._details(client_call_details), request)
+
+    def intercept_unary_stream(self, continuation, client_call_details, request):
+        return continuation(self._details(client_call_details), request)

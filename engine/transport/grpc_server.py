@@ -49,7 +49,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from engine.core.types import Geometry, NodeInfo
-from engine.errors import SixfoldError, Unavailable
+from engine.errors import SixfoldError, Unavailable, WrongVolume
 from engine.security.roles import ADMIN, STORAGE_POLICY, Guard, RevocationList
 from engine.security.tls import TlsConfig
 from engine.node.service import GOSSIP_INTERVAL_S, SCRUB_INTERVAL_S, StorageNode
@@ -200,14 +200,32 @@ class StorageServicer(storage_pb2_grpc.StorageServicer):
         self.gate = gate or FaultGate(node.id)
         self.guard = guard
         self.allow_fault_injection = allow_fault_injection
+        self.volume_id = node.store.volume_id
+        self.wrong_volume = 0  # requests refused for naming another volume, or none
 
     def _fault_injection(self, context, rpc: str) -> None:
         if not self.allow_fault_injection:
             context.abort(grpc.StatusCode.UNIMPLEMENTED,
                           f"{rpc} does not exist on node {self.node.id}: it was started without --allow-fault-injection")
 
+    def _check_volume(self, context, rpc: str) -> None:
+        """Storage protocol 2: the request must name this node's volume (metadata)."""
+        named = None
+        for key, value in context.invocation_metadata():
+            if key == convert.VOLUME_METADATA_KEY:
+                named = value
+                break
+        if named != self.volume_id:
+            self.wrong_volume += 1
+            if named is None:
+                raise WrongVolume(f"{rpc} to node {self.node.id} names no volume: this node serves volume "
+                                  f"{self.volume_id} and requires the {convert.VOLUME_METADATA_KEY!r} metadata "
+                                  "(storage protocol 2; a client of an older release?)")
+            raise WrongVolume(f"{rpc} for volume {named[:64]!r} refused by node {self.node.id}, which serves volume {self.volume_id}")
+
     def _serve(self, context, rpc: str, work: Callable[[], object], *, gated: bool = True, duplicable: bool = False):
         try:
+            self._check_volume(context, rpc)
             times = self.gate.admit(context, duplicable, self.guard) if gated and self.gate.active else 1
             result = work()
             if times == 2:
@@ -403,7 +421,7 @@ def run_node_process(
     )
     addresses = {k: v for k, v in peers.items() if k != node_id}
     addresses[node_id] = listen
-    transport = (transport_factory or (lambda a: GrpcTransport(a, source=node_id, tls=tls)))(addresses)
+    transport = (transport_factory or (lambda a: GrpcTransport(a, source=node_id, tls=tls, volume_id=volume_id)))(addresses)
     ns.node.attach(transport, peers_of(ns.node, addresses))
     ns.start()
     if gossip_interval_s > 0:
