@@ -161,6 +161,7 @@ class StorageNode:
             background_errors=dict(self.background_errors), background_last_error=self.background_last_error,
             background_expected_errors=dict(self.background_expected_errors),
             gossip_peer_errors=dict(self.gossip_peer_errors),
+            refused_truncations=self.store.refused_truncations,
         )
         return st
 

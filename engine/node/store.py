@@ -159,6 +159,8 @@ class SegmentStore:
         self.path = path
         self.node_id = node_id
         self.volume_id = volume_id
+        #: truncation ranges refused for starting at or below the VDL hint (sync_epoch)
+        self.refused_truncations = 0
         self.az = az
         self.geometry = geometry
         self.durable = durable
@@ -585,6 +587,18 @@ class SegmentStore:
                 raise StaleEpoch(f"node {self.node_id} is at epoch {self.epoch}; cannot go back to {epoch}")
             _check_epoch_step(self.node_id, self.epoch, epoch)
             new = [t for t in truncations if t not in self.truncations]
+            # A recovery's range starts above its VDL, which is at least every VDL any writer ever
+            # announced, so above every node's hint: a range at or below our hint would cut records
+            # we were told are durable. Refused whole, whoever sends it (a writer or gossip).
+            cutting = [t for t in new if t.first <= self.hint_lsn]
+            if cutting:
+                self.refused_truncations += 1
+                t = cutting[0]
+                raise InvalidArgument(
+                    f"node {self.node_id} refuses truncation range {t.first}..{t.last} (epoch {t.epoch}): it starts at "
+                    f"or below LSN {self.hint_lsn}, which a writer announced durable; a recovery's range always starts "
+                    "above every announced VDL. Nothing changed."
+                )
             adopt = membership is not None and (self.membership is None or membership.epoch >= self.membership.epoch)
             # Computed on copies, published once committed: a failed transaction changes nothing.
             all_truncations = sorted(set(self.truncations) | set(new), key=lambda t: (t.first, t.epoch)) if new else self.truncations
