@@ -27,12 +27,14 @@ from engine.errors import (
     GeometryMismatch,
     InvalidArgument,
     NodeNotFound,
+    PermissionDenied,
     ResourceExhausted,
     SegmentIncomplete,
     SixfoldError,
     StaleEpoch,
     StorageError,
     StorageFull,
+    Unauthenticated,
     Unavailable,
     WriteIndeterminate,
     WrongFolder,
@@ -74,7 +76,9 @@ def codec_implementation() -> str:
 def connect(target: str | os.PathLike, **options) -> Database:
     """Connect to a cluster's writer endpoint: a cluster folder (with cluster.json) or host:port.
 
-    With a cluster folder, `db.cluster` is an `engine.cluster.Cluster` for node control."""
+    With a cluster folder, `db.cluster` is an `engine.cluster.Cluster` for node control.
+    `token=` is the caller's token; without it, $SIXFOLD_TOKEN, else the cluster folder's
+    operator token (`DIR/operator.token`, made by `sixfold cluster up`)."""
     from engine.client import connect as _connect, resolve_target
 
     db = _connect(target, **options)
@@ -95,6 +99,7 @@ __all__ = [
     "GeometryMismatch",
     "InvalidArgument",
     "NodeNotFound",
+    "PermissionDenied",
     "RequestStatus",
     "ResourceExhausted",
     "SegmentIncomplete",
@@ -103,6 +108,7 @@ __all__ = [
     "StaleEpoch",
     "StorageError",
     "StorageFull",
+    "Unauthenticated",
     "Unavailable",
     "WriteIndeterminate",
     "WrongFolder",

@@ -16,6 +16,12 @@ as soon as a car returns, carrying everyone who queued meanwhile (up to `car_ite
 RPCs per round trip instead of 64. Every item carries its own status: one bad unit never fails
 its neighbours, and each caller gets its own result or its own exception object.
 
+Authentication: every RPC carries the caller's token in its metadata (`authorization: Bearer
+<token>`, `engine.security.users.bearer`). `connect(target, token=...)` takes it; without one it
+uses `$SIXFOLD_TOKEN`, else, for a cluster folder, the local operator's `DIR/operator.token`
+(`default_token`), else none. A missing, wrong or removed token raises `Unauthenticated`, a role
+that does not allow the call `PermissionDenied`; either way the endpoint did nothing.
+
 Failures are reported no better than they are known:
 
 * A write whose fate is unknown raises `WriteIndeterminate`: the connection broke or the deadline
@@ -291,9 +297,13 @@ class RemoteBackend:
         boxcar: bool = True,
         cars_in_flight: int = CARS_IN_FLIGHT,
         car_items_max: int = CAR_ITEMS_MAX,
+        token: str | None = None,
     ) -> None:
+        from engine.security.users import bearer
+
         self.address = address
         self.timeout_s = timeout_s
+        self._metadata = bearer(token) if token is not None else None  # checked before any channel opens
         self._channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
         try:
             grpc.channel_ready_future(self._channel).result(timeout=connect_timeout_s)
@@ -374,7 +384,7 @@ class RemoteBackend:
         if self._closed:
             raise Closed("the connection is closed")
         try:
-            return method(request, timeout=self.timeout_s if timeout_s is None else timeout_s)
+            return method(request, timeout=self.timeout_s if timeout_s is None else timeout_s, metadata=self._metadata)
         except grpc.RpcError as e:
             raise convert.error_from_rpc(e, where=self._where, write=write) from None
         except ValueError as e:  # the channel was closed under us
@@ -404,7 +414,7 @@ class RemoteBackend:
         return convert.get_results_from_pb(self._rpc(self._stub.GetMany, request))
 
 
-_OPTIONS = ("timeout_s", "connect_timeout_s", "boxcar", "cars_in_flight", "car_items_max")
+_OPTIONS = ("timeout_s", "connect_timeout_s", "boxcar", "cars_in_flight", "car_items_max", "token")
 
 
 def resolve_target(target: str | os.PathLike) -> tuple[str, str | None]:
@@ -432,13 +442,18 @@ def connect(target: str | os.PathLike, **options) -> Database:
     """Connect to a cluster's writer endpoint: a cluster folder (with cluster.json) or host:port.
 
     Options: timeout_s (RPC deadline, default 30), connect_timeout_s (default 5), boxcar
-    (default True: coalesce concurrent calls), cars_in_flight (default 2), car_items_max.
+    (default True: coalesce concurrent calls), cars_in_flight (default 2), car_items_max, token
+    (default: $SIXFOLD_TOKEN, else the folder's operator token; see the module docstring).
     `engine.connect` (the public face) adds `db.cluster` for a cluster folder: this module sits
     below the launcher (whose `Cluster.connect` uses it) and never imports it."""
     unknown = set(options) - set(_OPTIONS)
     if unknown:
         raise InvalidArgument(f"unknown option(s) {sorted(unknown)}; known: {sorted(_OPTIONS)}")
-    address, _folder = resolve_target(target)
+    address, folder = resolve_target(target)
+    if options.get("token") is None:
+        from engine.security.users import default_token
+
+        options["token"] = default_token(folder)
     return Database(RemoteBackend(address, **options))
 
 

@@ -161,4 +161,21 @@ class WrongFolder(SixfoldError):
     GRPC_STATUS = "FAILED_PRECONDITION"
 
 
-ALL_ERRORS = ALL_ERRORS + (EpochBehind, StorageError, StorageFull, ConflictingRecord, FolderInUse, WrongFolder)
+class Unauthenticated(SixfoldError):
+    """The caller did not prove who it is: no credentials, a token no user holds (wrong, or
+    removed since), or a certificate this cluster does not trust. Nothing was done; pass a valid
+    token (`engine.connect(..., token=...)`, `$SIXFOLD_TOKEN`, `--token-file`)."""
+
+    GRPC_STATUS = "UNAUTHENTICATED"
+
+
+class PermissionDenied(SixfoldError):
+    """The caller is known, but its role does not allow this request (a `read` user asked to
+    write, say). Nothing was done; ask an admin for a user with the role it needs."""
+
+    GRPC_STATUS = "PERMISSION_DENIED"
+
+
+ALL_ERRORS = ALL_ERRORS + (
+    EpochBehind, StorageError, StorageFull, ConflictingRecord, FolderInUse, WrongFolder, Unauthenticated, PermissionDenied,
+)

@@ -65,8 +65,10 @@ from engine.core.types import (
 from engine.errors import (
     ALL_ERRORS,
     InvalidArgument,
+    PermissionDenied,
     ResourceExhausted,
     SixfoldError,
+    Unauthenticated,
     UnknownProtectionGroup,
     Unavailable,
     WriteIndeterminate,
@@ -94,6 +96,9 @@ _DEFAULT_BY_CODE: dict[grpc.StatusCode, type[SixfoldError]] = {
     grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument,
     grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhausted,
     grpc.StatusCode.NOT_FOUND: UnknownProtectionGroup,
+    # A refusal by gRPC itself (a TLS or auth layer in front of the servicer) is still a refusal.
+    grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
+    grpc.StatusCode.PERMISSION_DENIED: PermissionDenied,
 }
 #: Codes that say "could not reach it or did not hear back" (or gRPC's own failures) when they
 #: come without a class name: never a Sixfold decision.
