@@ -146,7 +146,12 @@ def test_status_and_controls(db, cluster):
 
 
 def test_connect_by_address_and_close(cluster):
-    db = engine.connect(cluster.writer_address)
+    from engine.security.users import operator_token
+
+    with pytest.raises(engine.Unauthenticated):  # an address alone carries no credentials
+        with engine.connect(cluster.writer_address) as anonymous:
+            anonymous.get(b"addr:k")
+    db = engine.connect(cluster.writer_address, token=operator_token(cluster.folder))
     db.put(b"addr:k", b"v")
     assert db.get(b"addr:k") == b"v"
     assert db.cluster is None

@@ -4,6 +4,7 @@ control, down, and up again on the same folder (same volume, same data)."""
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -47,7 +48,8 @@ def test_cli_round_trip(tmp_path, capsys):
         sixfold("put", "--cluster", folder, "user:1", "alice")
         assert run(capsys, "put", "--cluster", folder, "user:2", "bob")[0] == 0
         assert sixfold("get", "--cluster", folder, "user:1").stdout == "alice\n"
-        assert run(capsys, "get", "--target", f"127.0.0.1:{base}", "user:2")[1] == "bob\n"
+        token_file = os.path.join(folder, "operator.token")  # an address alone carries no credentials
+        assert run(capsys, "get", "--target", f"127.0.0.1:{base}", "--token-file", token_file, "user:2")[1] == "bob\n"
         code, _out, err = run(capsys, "get", "--cluster", folder, "user:3")
         assert code == 1 and "not found" in err
         got = json.loads(sixfold("get", "--cluster", folder, "user:1", "--json").stdout)
