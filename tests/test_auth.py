@@ -315,6 +315,11 @@ def test_a_flood_of_refusals_is_summarised_with_the_right_count(cluster):
     assert any(e.get("summary") and e["count"] > 1 for e in mine), mine
     with operator_db(cluster) as admin:
         assert admin.get(b"auth:flood", quorum=True) is None
+        counted = admin.status()["endpoint"]["auth"]
+    assert counted["refused_permission"] >= calls and counted["error"] == "", counted
+    assert cluster.status()["writer"]["auth"]["refused_permission"] >= calls
+    r = sixfold("cluster", "status", "--cluster", cluster.folder)
+    assert r.returncode == 0 and "client tokens:" in r.stdout and "without the role" in r.stdout, r.stdout
 
 
 def test_a_broken_users_file_refuses_everyone_and_says_which_field(cluster):

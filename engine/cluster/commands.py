@@ -50,6 +50,13 @@ def status_table(st: dict) -> str:
     )
     if not st["durable"]:
         out += "\n(not durable: nodes do not fsync before they acknowledge)"
+    auth = w.get("auth")
+    if auth is not None:
+        out += (f"\nclient tokens: {auth['users']} users" + (f" (NO TOKEN ACCEPTED: {auth['error']})" if auth["error"] else "")
+                + f"; refused {auth['refused_unauthenticated']} unauthenticated, {auth['refused_permission']} "
+                "without the role (see `sixfold audit tail`)")
+    elif "vdl" in w:  # the endpoint answered, and checks no token
+        out += "\nclient tokens: OFF (any local process may read and write)"
     return out
 
 

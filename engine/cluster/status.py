@@ -78,7 +78,7 @@ class StatusView:
                     out.update(vdl=st["vdl"], epoch=st["epoch"], in_flight=st["writer"].get("in_flight"),
                                links={k: v["up"] for k, v in st["writer"]["links"].items()},
                                pgcl=st["writer"].get("pgcl"), membership=st["writer"].get("membership"),
-                               membership_change=st.get("membership_change"))
+                               membership_change=st.get("membership_change"), auth=st["endpoint"].get("auth"))
                 except SixfoldError as e:
                     out["error"] = str(e)
             return out

@@ -591,7 +591,13 @@ class KVServicer(kv_pb2_grpc.KVServicer):
         return self._serve(context, "View", lambda: convert.read_view_to_pb(self.ep.view()))
 
     def Status(self, request, context):
-        return self._serve(context, "Status", lambda: convert.status_to_pb(self.ep.status()))
+        def work():
+            st = self.ep.status()
+            if self.auth is not None:
+                st["endpoint"]["auth"] = self.auth.counters()
+            return convert.status_to_pb(st)
+
+        return self._serve(context, "Status", work)
 
     def ReplaceNode(self, request, context):
         return self._serve(

@@ -770,6 +770,7 @@ _MEMBERSHIP_KEYS = frozenset({"epoch", "members", "next_members"})
 _LINK_KEYS = frozenset({"up", "full", "space_low", "room_bytes", "error", "errors", "last_error", "sent_lsn"})
 _RECOVERY_KEYS = frozenset({"epoch", "vdl", "vcl", "base", "truncated", "sealed", "replicated_records", "seconds"})
 _ENDPOINT_KEYS = frozenset({"pid", "opened_at"})
+_AUTH_KEYS = frozenset({"users_file", "users", "error", "reloads", "refused_unauthenticated", "refused_permission"})
 
 
 def _exactly(d: dict, keys: frozenset, where: str, optional: frozenset = frozenset()) -> dict:
@@ -898,7 +899,7 @@ def _writer_status_from_pb(m: kv_pb2.WriterStatus) -> dict:
 def status_to_pb(status: dict) -> kv_pb2.StatusReply:
     """The endpoint's status dict (`WriterEndpoint.status`) as a typed reply."""
     _exactly(status, _STATUS_KEYS, "")
-    ep = _exactly(status["endpoint"], _ENDPOINT_KEYS, "endpoint")
+    ep = _exactly(status["endpoint"], _ENDPOINT_KEYS, "endpoint", optional=frozenset({"auth"}))
     m = kv_pb2.StatusReply(
         volume_id=status["volume_id"], protection_groups=status["protection_groups"], codec=status["codec"],
         durable=status["durable"], vdl=status["vdl"], epoch=status["epoch"],
@@ -909,6 +910,8 @@ def status_to_pb(status: dict) -> kv_pb2.StatusReply:
     )
     if ep["opened_at"] is not None:
         m.endpoint.opened_at = ep["opened_at"]
+    if ep.get("auth") is not None:
+        m.endpoint.auth.CopyFrom(kv_pb2.AuthStatus(**_exactly(ep["auth"], _AUTH_KEYS, "endpoint.auth")))
     return m
 
 
@@ -925,7 +928,9 @@ def status_from_pb(m: kv_pb2.StatusReply) -> dict:
         "epoch": m.epoch,
         "nodes": [_node_status_from_pb(n) for n in m.nodes],
         "writer": _writer_status_from_pb(m.writer),
-        "endpoint": {"pid": m.endpoint.pid, "opened_at": m.endpoint.opened_at if m.endpoint.HasField("opened_at") else None},
+        "endpoint": {"pid": m.endpoint.pid, "opened_at": m.endpoint.opened_at if m.endpoint.HasField("opened_at") else None,
+                     **({"auth": {k: getattr(m.endpoint.auth, k) for k in sorted(_AUTH_KEYS)}}
+                        if m.endpoint.HasField("auth") else {})},
         "membership_change": change,
     }
 
