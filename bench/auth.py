@@ -2,13 +2,15 @@
 
     python bench/auth.py [--calls 2000] [--rounds 5] [--json out.json]
 
-One `WriterEndpoint` over six in-process storage nodes (real LMDB, not durable) is served by two
+One `WriterEndpoint` over six in-process storage nodes (real LMDB, not durable) is served by three
 real gRPC servers on loopback: one whose `KVServicer` checks tokens (`engine.security.users.
-Authenticator` over a users file with one user), one that does not. The same client code makes
-`--calls` sequential Get calls against each (one connection each, no boxcar: one RPC per get),
-the two interleaved in `--rounds` so that drift of a shared machine falls on both. Reported: the
-mean time per call on each, the difference in microseconds, and the check alone
-(`Authenticator.admit` in a loop, no gRPC). Speed is reported, never asserted.
+Authenticator` over a users file with one user), and two that do not (the second is a control:
+the gap between the two identical ones is the noise floor of the machine). The same client code
+makes `--calls` sequential Get calls against each (one connection each, no boxcar: one RPC per
+get; the token client sends its metadata), interleaved in `--rounds` so that drift of a shared
+machine falls on all. Reported: the mean time per call on each, the differences in
+microseconds, and the check alone (`Authenticator.admit` in a loop, no gRPC). Speed is
+reported, never asserted.
 """
 
 from __future__ import annotations
@@ -59,7 +61,7 @@ def run(calls: int, rounds: int) -> dict:
         endpoint.open()
         auth = Authenticator(os.path.join(folder, "users.json"))
         addresses = {}
-        for name, a in (("no token check", None), ("token check", auth)):
+        for name, a in (("no token check", None), ("token check", auth), ("control", None)):
             server, port = make_server("127.0.0.1:0", 8)
             kv_pb2_grpc.add_KVServicer_to_server(KVServicer(endpoint, a), server)
             server.start()
@@ -67,15 +69,16 @@ def run(calls: int, rounds: int) -> dict:
             addresses[name] = f"127.0.0.1:{port}"
         plain = Database(RemoteBackend(addresses["no token check"], boxcar=False))
         checked = Database(RemoteBackend(addresses["token check"], boxcar=False, token=token))
-        dbs += [plain, checked]
+        control = Database(RemoteBackend(addresses["control"], boxcar=False))
+        dbs += [plain, checked, control]
         plain.put(b"bench:k", b"v" * 100)
-        for db in (plain, checked):  # warm up: connections, caches
+        for db in (plain, checked, control):  # warm up: connections, caches
             for _ in range(100):
                 assert db.get(b"bench:k") == b"v" * 100
-        spent = {"no token check": 0.0, "token check": 0.0}
+        spent = {"no token check": 0.0, "token check": 0.0, "control": 0.0}
         per_round = max(1, calls // rounds)
         for _ in range(rounds):
-            for name, db in (("no token check", plain), ("token check", checked)):
+            for name, db in (("no token check", plain), ("token check", checked), ("control", control)):
                 t0 = time.perf_counter()
                 for _ in range(per_round):
                     db.get(b"bench:k")
@@ -94,6 +97,8 @@ def run(calls: int, rounds: int) -> dict:
             "us_per_call_with_check": round(us["token check"], 1),
             "difference_us_per_call": round(us["token check"] - us["no token check"], 1),
             "difference_percent": round(100 * (us["token check"] / us["no token check"] - 1), 1),
+            "us_per_call_control": round(us["control"], 1),
+            "noise_floor_us": round(abs(us["control"] - us["no token check"]), 1),
             "admit_alone_us": round(check_us, 2),
         }
     finally:
@@ -115,10 +120,12 @@ def main() -> int:
     p.add_argument("--json", metavar="PATH", help="also write the result as JSON")
     args = p.parse_args()
     result = run(args.calls, args.rounds)
-    print(f"{result['calls_each']} sequential Get calls against each of two servers of one endpoint:")
+    print(f"{result['calls_each']} sequential Get calls against each of three servers of one endpoint:")
     print(f"  without a token check  {result['us_per_call_no_check']:8.1f} us/call")
     print(f"  with a token check     {result['us_per_call_with_check']:8.1f} us/call  "
           f"({result['difference_us_per_call']:+.1f} us, {result['difference_percent']:+.1f}%)")
+    print(f"  control (no check, a second identical server): {result['us_per_call_control']:.1f} us/call "
+          f"(noise floor: {result['noise_floor_us']:.1f} us)")
     print(f"  Authenticator.admit alone (stat + SHA-256 + lookups): {result['admit_alone_us']:.2f} us")
     if args.json:
         with open(args.json, "w") as fh:
