@@ -88,7 +88,9 @@ def codec_implementation() -> str:
 def connect(target: str | os.PathLike, **options) -> Database:
     """Connect to a cluster's writer endpoint: a cluster folder (with cluster.json) or host:port.
 
-    With a cluster folder, `db.cluster` is an `engine.cluster.Cluster` for node control."""
+    With a cluster folder, `db.cluster` is an `engine.cluster.Cluster` for node control.
+    `token=` is the caller's token; without it, $SIXFOLD_TOKEN, else the cluster folder's
+    operator token (`DIR/operator.token`, made by `sixfold cluster up`)."""
     from engine.client import connect as _connect, resolve_target
 
     db = _connect(target, **options)

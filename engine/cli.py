@@ -66,7 +66,7 @@ EXIT_CODES: dict[int, str] = {
 }
 
 #: Modules that add subcommands (see the module docstring). Optional ones may be absent.
-COMMAND_MODULES: tuple[str, ...] = ("engine.cli", "engine.cluster.commands", "engine.chaos.cli")
+COMMAND_MODULES: tuple[str, ...] = ("engine.cli", "engine.cluster.commands", "engine.cluster.access", "engine.chaos.cli")
 CLUSTER_ENV = "SIXFOLD_CLUSTER"
 
 
@@ -86,6 +86,29 @@ def add_target_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cert", metavar="FILE", default=os.environ.get("SIXFOLD_CERT"), help=(
         "with --target on a secure cluster: an identity file (`sixfold certs issue`), the CA bundle ca.pem beside it "
         "(default: $SIXFOLD_CERT; with --cluster the folder's operator certificate is used)"))
+    p.add_argument(
+        "--token-file", metavar="PATH", default=None,
+        help="read the token to authenticate with from PATH (default: $SIXFOLD_TOKEN, else the cluster "
+             "folder's operator.token, which `sixfold cluster up` writes for the local operator)",
+    )
+
+
+def token_from_args(args) -> str | None:
+    """The token a command authenticates with: --token-file PATH (an unreadable file or one that
+    holds no token is a usage error), else None (connect's default: $SIXFOLD_TOKEN, then the
+    folder's operator token)."""
+    path = getattr(args, "token_file", None)
+    if path is None:
+        return None
+    from engine.errors import InvalidArgument
+    from engine.security.users import read_token_file
+
+    try:
+        return read_token_file(path)
+    except OSError as e:
+        raise SystemExit(f"sixfold {args.command}: cannot read --token-file {path!r}: {e.strerror or e}") from None
+    except InvalidArgument as e:
+        raise SystemExit(f"sixfold {args.command}: --token-file: {e}") from None
 
 
 def _connect(args):
@@ -94,11 +117,12 @@ def _connect(args):
     target = args.target or args.cluster
     if not target:
         raise SystemExit(f"sixfold {args.command}: say which cluster: --cluster DIR, --target HOST:PORT or ${CLUSTER_ENV}")
+    options = {"token": token_from_args(args)}
     if getattr(args, "cert", None):
         from engine.security.tls import TlsConfig
 
-        return connect(target, tls=TlsConfig.from_file(args.cert))
-    return connect(target)
+        options["tls"] = TlsConfig.from_file(args.cert)
+    return connect(target, **options)
 
 
 def _mode(args) -> str | None:

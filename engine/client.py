@@ -20,6 +20,12 @@ Security: a cluster folder of a secure cluster (`"tls": true` in cluster.json) i
 mutual TLS as the folder's operator identity (`tls/admin.pem`); `connect("host:port",
 tls=TlsConfig(...))` names another identity, and a plain "host:port" is plaintext.
 
+Authentication: every RPC carries the caller's token in its metadata (`authorization: Bearer
+<token>`, `engine.security.users.bearer`). `connect(target, token=...)` takes it; without one it
+uses `$SIXFOLD_TOKEN`, else, for a cluster folder, the local operator's `DIR/operator.token`
+(`default_token`), else none. A missing, wrong or removed token raises `Unauthenticated`, a role
+that does not allow the call `PermissionDenied`; either way the endpoint did nothing.
+
 Failures are reported no better than they are known:
 
 * A write whose fate is unknown raises `WriteIndeterminate`: the connection broke or the deadline
@@ -296,11 +302,14 @@ class RemoteBackend:
         cars_in_flight: int = CARS_IN_FLIGHT,
         car_items_max: int = CAR_ITEMS_MAX,
         tls=None,
+        token: str | None = None,
     ) -> None:
         from engine.security.tls import secure_channel
+        from engine.security.users import bearer
 
         self.address = address
         self.timeout_s = timeout_s
+        self._metadata = bearer(token) if token is not None else None  # checked before any channel opens
         self._channel = secure_channel(address, tls, CHANNEL_OPTIONS)
         try:
             grpc.channel_ready_future(self._channel).result(timeout=connect_timeout_s)
@@ -405,7 +414,7 @@ class RemoteBackend:
         if self._closed:
             raise Closed("the connection is closed")
         try:
-            return method(request, timeout=self.timeout_s if timeout_s is None else timeout_s)
+            return method(request, timeout=self.timeout_s if timeout_s is None else timeout_s, metadata=self._metadata)
         except grpc.RpcError as e:
             raise convert.error_from_rpc(e, where=self._where, write=write) from None
         except ValueError as e:  # the channel was closed under us
@@ -435,7 +444,7 @@ class RemoteBackend:
         return convert.get_results_from_pb(self._rpc(self._stub.GetMany, request))
 
 
-_OPTIONS = ("timeout_s", "connect_timeout_s", "boxcar", "cars_in_flight", "car_items_max", "tls")
+_OPTIONS = ("timeout_s", "connect_timeout_s", "boxcar", "cars_in_flight", "car_items_max", "tls", "token")
 
 
 def resolve_target(target: str | os.PathLike) -> tuple[str, str | None]:
@@ -464,7 +473,8 @@ def connect(target: str | os.PathLike, **options) -> Database:
 
     Options: timeout_s (RPC deadline, default 30), connect_timeout_s (default 5), boxcar
     (default True: coalesce concurrent calls), cars_in_flight (default 2), car_items_max, tls (an
-    `engine.security.tls.TlsConfig`; default: the operator's of a secure cluster folder, else none).
+    `engine.security.tls.TlsConfig`; default: the operator's of a secure cluster folder, else none),
+    token (default: $SIXFOLD_TOKEN, else the folder's operator token; see the module docstring).
     `engine.connect` (the public face) adds `db.cluster` for a cluster folder: this module sits
     below the launcher (whose `Cluster.connect` uses it) and never imports it."""
     unknown = set(options) - set(_OPTIONS)
@@ -475,6 +485,10 @@ def connect(target: str | os.PathLike, **options) -> Database:
         from engine.cluster.manifest import load_manifest, tls_config
 
         options["tls"] = tls_config(folder, load_manifest(folder))
+    if options.get("token") is None:
+        from engine.security.users import default_token
+
+        options["token"] = default_token(folder)
     return Database(RemoteBackend(address, **options))
 
 

@@ -162,15 +162,16 @@ class WrongFolder(SixfoldError):
 
 
 class Unauthenticated(SixfoldError):
-    """The caller proved no identity this server accepts: no credentials, a wrong or removed
-    one, or a certificate that expired or was revoked. Nothing was done."""
+    """The caller did not prove who it is: no credentials, a token no user holds (wrong, or
+    removed since), or a certificate this cluster does not trust. Nothing was done; pass a valid
+    token (`engine.connect(..., token=...)`, `$SIXFOLD_TOKEN`, `--token-file`)."""
 
     GRPC_STATUS = "UNAUTHENTICATED"
 
 
 class PermissionDenied(SixfoldError):
-    """The caller is known but its role may not do this (a node certificate sending a writer's
-    Seal, a reader writing). Nothing was done."""
+    """The caller is known, but its role does not allow this request (a `read` user asked to
+    write, say). Nothing was done; ask an admin for a user with the role it needs."""
 
     GRPC_STATUS = "PERMISSION_DENIED"
 
@@ -189,5 +190,7 @@ class EncryptionError(SixfoldError):
     GRPC_STATUS = "FAILED_PRECONDITION"
 
 
-ALL_ERRORS = ALL_ERRORS + (EpochBehind, StorageError, StorageFull, ConflictingRecord, FolderInUse, WrongFolder,
-                           Unauthenticated, PermissionDenied, EncryptionError, WrongVolume)
+ALL_ERRORS = ALL_ERRORS + (
+    EpochBehind, StorageError, StorageFull, ConflictingRecord, FolderInUse, WrongFolder, Unauthenticated, PermissionDenied,
+    EncryptionError, WrongVolume,
+)

@@ -39,15 +39,16 @@ def fsync_folder(folder: str | os.PathLike) -> None:
 
 def atomic_write(path: str | os.PathLike, data: bytes, *, mode: int | None = None) -> None:
     """Replace the file at `path` by `data`, atomically and durably (see the module docstring).
-    The folder must exist. With `mode` (0o600 for a private key) the file has exactly that mode
-    before any byte is written, whatever the umask or a stale temporary file had."""
+    The folder must exist. With `mode` (say 0o600 for a file of secrets) the new file has exactly
+    that mode before any byte is written to it, so it is never readable by others, not even for
+    a moment; without it the file is created 0666 less the umask."""
     assert isinstance(data, (bytes, bytearray, memoryview)), type(data)
     path = os.fspath(path)
     tmp = path + TMP_SUFFIX
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666 if mode is None else 0o600)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666 if mode is None else mode)
     try:
         try:
-            if mode is not None:
+            if mode is not None:  # a stale .tmp of a crash keeps its old mode through O_CREAT
                 os.fchmod(fd, mode)
             view = memoryview(data)
             while view:  # os.write may write less than it was given

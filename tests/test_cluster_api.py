@@ -156,7 +156,12 @@ def test_status_and_controls(db, cluster):
 
 
 def test_connect_by_address_and_close(cluster):
-    db = engine.connect(cluster.writer_address, tls=cluster.tls())  # a secure cluster: the operator's certificate
+    from engine.security.users import operator_token
+
+    with pytest.raises(engine.Unauthenticated):  # an address with a certificate but no token
+        with engine.connect(cluster.writer_address, tls=cluster.tls()) as anonymous:
+            anonymous.get(b"addr:k")
+    db = engine.connect(cluster.writer_address, tls=cluster.tls(), token=operator_token(cluster.folder))
     db.put(b"addr:k", b"v")
     assert db.get(b"addr:k") == b"v"
     assert db.cluster is None

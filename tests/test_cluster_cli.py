@@ -49,7 +49,9 @@ def test_cli_round_trip(tmp_path, capsys):
         assert run(capsys, "put", "--cluster", folder, "user:2", "bob")[0] == 0
         assert sixfold("get", "--cluster", folder, "user:1").stdout == "alice\n"
         cert = os.path.join(folder, "tls", "admin.pem")  # a secure cluster: --target needs a certificate
-        assert run(capsys, "get", "--target", f"127.0.0.1:{base}", "--cert", cert, "user:2")[1] == "bob\n"
+        token_file = os.path.join(folder, "operator.token")  # ... and a token
+        assert run(capsys, "get", "--target", f"127.0.0.1:{base}", "--cert", cert, "--token-file", token_file,
+                   "user:2")[1] == "bob\n"
         code, _out, err = run(capsys, "get", "--cluster", folder, "user:3")
         assert code == 1 and "not found" in err
         got = json.loads(sixfold("get", "--cluster", folder, "user:1", "--json").stdout)

@@ -242,7 +242,9 @@ def test_a_paused_old_writer_is_fenced_by_a_new_one_and_completes_no_write(healt
     new = None
     try:
         wait_serving(address, DEADLINE_S, proc=second, tls=c.tls())
-        new = engine.connect(address, timeout_s=10, tls=c.tls())
+        from engine.security.users import operator_token
+
+        new = engine.connect(address, timeout_s=10, tls=c.tls(), token=operator_token(c.folder))
         assert new.status()["epoch"] > old_epoch, "the second writer recovers at a higher epoch"
         assert new.get(b"fence") == b"old-writer"
         new.put(b"fence", b"new-writer")

@@ -4,7 +4,8 @@ Theory of operation
 -------------------
 `WriterAdmin(address, tls)` makes one call at a time to the writer endpoint's `KV` service (`Status`,
 `MembershipStatus`, `ReplaceNode`), each on a channel of its own that the call opens and closes,
-with the deadline the caller gives: the launcher asks rarely, from short-lived commands, and must
+with the deadline the caller gives, and the caller's token in its metadata (the launcher passes
+the local operator's, `operator_token`): the launcher asks rarely, from short-lived commands, and must
 not keep a connection (or the client's boxcar threads) alive in between. Errors come back as the
 Sixfold class the endpoint raised (`convert.error_from_rpc`), so `Unavailable` means the endpoint
 is down or still recovering and the caller may ask again.
@@ -23,6 +24,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import os
+
 import grpc
 
 #: Deadline of one status RPC, to the writer endpoint or to a node.
@@ -32,9 +35,12 @@ STATUS_RPC_TIMEOUT_S = 2.0
 class WriterAdmin:
     """Admin calls to the writer endpoint at `address` (see the module docstring)."""
 
-    def __init__(self, address: str, tls=None) -> None:
+    def __init__(self, address: str, tls=None, token: str | None = None) -> None:
+        from engine.security.users import bearer
+
         self.address = address
         self.tls = tls
+        self._metadata = bearer(token) if token else None
 
     def call(self, rpc: str, request, timeout_s: float):
         """One call to the endpoint's KV service; Sixfold errors as raised there."""
@@ -45,7 +51,7 @@ class WriterAdmin:
 
         with secure_channel(self.address, self.tls) as ch:
             try:
-                return getattr(kv_pb2_grpc.KVStub(ch), rpc)(request, timeout=timeout_s)
+                return getattr(kv_pb2_grpc.KVStub(ch), rpc)(request, timeout=timeout_s, metadata=self._metadata)
             except grpc.RpcError as e:
                 raise convert.error_from_rpc(e, where=f"writer endpoint {self.address}") from None
 
@@ -71,6 +77,14 @@ class WriterAdmin:
 
         request = convert.replace_node_request_to_pb(old, new, new_address, new_az, change_timeout_s)
         return convert.membership_change_from_pb(self.call("ReplaceNode", request, timeout_s))
+
+
+def operator_token(folder: str | os.PathLike) -> str | None:
+    """The token the launcher's admin calls carry: the folder's operator token (the launcher
+    acts for the local operator), else $SIXFOLD_TOKEN, else none."""
+    from engine.security.users import default_token, operator_token as read_operator_token
+
+    return read_operator_token(folder) or default_token(None)
 
 
 class NodeAdmin:

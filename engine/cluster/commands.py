@@ -1,7 +1,9 @@
 """`sixfold cluster|node|writer ...`: the launcher and the server processes on the command line.
 
 Registered by `engine.cli` (see COMMAND_MODULES there). The `serve` commands are what the
-launcher runs in each process; people rarely type them.
+launcher runs in each process; people rarely type them. The commands that change which processes
+run or what the cluster is (cluster up and down, node and writer kill/stop/cont/start, node
+replace and wipe) are recorded in the cluster's audit log (`engine.cluster.access.audited`).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import signal
 import sys
 import threading
 
+from engine.cluster.access import audited
 from engine.cluster.launcher import DOWN_TIMEOUT_S, READY_TIMEOUT_S, Cluster
 from engine.cluster.manifest import (
     BASE_PORT_DEFAULT,
@@ -70,6 +73,13 @@ def status_table(st: dict) -> str:
             out += f"\nrefused calls on the nodes: {refused} (see `--json` for who and why)"
         for w in sec.get("warnings", ()):
             out += f"\nwarning: {w}"
+    auth = w.get("auth")
+    if auth is not None:
+        out += (f"\nclient tokens: {auth['users']} users" + (f" (NO TOKEN ACCEPTED: {auth['error']})" if auth["error"] else "")
+                + f"; refused {auth['refused_unauthenticated']} unauthenticated, {auth['refused_permission']} "
+                "without the role (see `sixfold audit tail`)")
+    elif "vdl" in w:  # the endpoint answered, and checks no token
+        out += "\nclient tokens: OFF (any local process may read and write)"
     return out
 
 
@@ -84,13 +94,21 @@ def _show(args, st: dict) -> None:
 
 # --- cluster --------------------------------------------------------------------------------
 def cmd_cluster_up(args) -> int:
+    from engine.security import audit
+
     c = _cluster(args)
-    st = c.up(
-        base_port=args.base_port, protection_groups=args.protection_groups,
-        durable=False if args.no_durable else None, write_timeout_s=args.write_timeout_s,
-        gossip_interval_s=args.gossip_interval_s, timeout_s=args.timeout_s,
-        insecure=True if args.insecure else None, allow_fault_injection=True if args.allow_fault_injection else None,
-    )
+    try:
+        st = c.up(
+            base_port=args.base_port, protection_groups=args.protection_groups,
+            durable=False if args.no_durable else None, write_timeout_s=args.write_timeout_s,
+            gossip_interval_s=args.gossip_interval_s, timeout_s=args.timeout_s,
+            insecure=True if args.insecure else None, allow_fault_injection=True if args.allow_fault_injection else None,
+        )
+    except Exception as e:
+        if c.exists:
+            audit.record(c.folder, "cluster up", target=c.folder, result=type(e).__name__)
+        raise
+    audit.record(c.folder, "cluster up", target=c.folder, result="ok", started=st["started"])
     if not st["started"]:
         print(f"sixfold: cluster {c.folder} is already up (every process was running; nothing started)",
               file=sys.stderr, flush=True)
@@ -112,6 +130,7 @@ def cmd_cluster_up(args) -> int:
                 reported.discard(name)
     print("stopping the cluster ...", file=sys.stderr, flush=True)
     c.down(args.down_timeout_s)
+    audit.record(c.folder, "cluster down", target=c.folder, result="ok", foreground=True)
     return 0
 
 
@@ -377,7 +396,7 @@ def cmd_writer_serve(args) -> int:
         raise SystemExit("sixfold writer serve: give --cluster DIR (the writer reads the nodes from cluster.json)")
     m = load_manifest(args.cluster)
     try:
-        return run_writer_process(endpoint_config(m), args.listen or m[WRITER]["address"], args.workers,
+        return run_writer_process(endpoint_config(m, args.cluster), args.listen or m[WRITER]["address"], args.workers,
                                   tls=tls_config(args.cluster, m, WRITER))
     except (AddressInUse, InsecureListen) as e:
         logging.getLogger("sixfold.writer").error("%s", e)
@@ -543,7 +562,7 @@ def register(sub) -> None:
         "starting the cluster. Exit code 3 when the folder is no cluster (no cluster.json)."))
     down.add_argument("--timeout-s", type=float, default=DOWN_TIMEOUT_S, help="grace before SIGKILL")
     down.add_argument("--json", action="store_true", help="print JSON for scripts")
-    down.set_defaults(func=cmd_cluster_down)
+    down.set_defaults(func=audited("cluster down", cmd_cluster_down, lambda args: os.path.abspath(args.cluster or "")))
 
     # node serve|kill|stop|cont|start, writer serve|kill|stop|cont|start
     for family in ("node", "writer"):
@@ -563,7 +582,8 @@ def register(sub) -> None:
                 a.add_argument("id", help="node id, e.g. n3")
             if action == "start":
                 a.add_argument("--timeout-s", type=float, default=READY_TIMEOUT_S, help="how long to wait for SERVING")
-            a.set_defaults(func=_control(action))
+            a.set_defaults(func=audited(f"{family} {action}", _control(action),
+                                        lambda args: getattr(args, "id", None) or WRITER))
         if family == "node":
             _register_healing(fsub, target)
         serve = fsub.add_parser("serve", help=f"run {what} in this process (until SIGTERM)", description=(
@@ -638,7 +658,7 @@ def _register_healing(fsub, target: argparse.ArgumentParser) -> None:
     p.add_argument("--with", dest="new", required=True, metavar="NEW", help="id of the new node, e.g. n7")
     p.add_argument("--timeout-s", type=float, default=REPLACE_TIMEOUT_S, help="how long NEW may take to catch up")
     p.add_argument("--json", action="store_true", help="print the result and the status as JSON")
-    p.set_defaults(func=cmd_node_replace)
+    p.set_defaults(func=audited("node replace", cmd_node_replace, lambda args: f"{args.id} -> {args.new}"))
 
     p = fsub.add_parser("wipe", parents=[target], help="SIGKILL a node, delete its data, start it empty", description=(
         "Kill the node, delete its data folder and start it again empty: it rebuilds every segment from its peers "
@@ -646,7 +666,7 @@ def _register_healing(fsub, target: argparse.ArgumentParser) -> None:
     p.add_argument("id", help="node id, e.g. n2")
     p.add_argument("--json", action="store_true", help="print JSON for scripts")
     _watch_arguments(p)
-    p.set_defaults(func=cmd_node_wipe)
+    p.set_defaults(func=audited("node wipe", cmd_node_wipe, lambda args: args.id))
 
     p = fsub.add_parser("rebuild-status", parents=[target], help="each node's rebuild progress and lag", description=(
         "Show, per node: SCL range, lag (LSNs behind the writer's PGCL, summed over PGs, and the worst PG), the "

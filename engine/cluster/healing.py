@@ -25,7 +25,7 @@ import os
 import shutil
 import time
 
-from engine.cluster.admin import WriterAdmin
+from engine.cluster.admin import WriterAdmin, operator_token
 from engine.cluster.manifest import WRITER, ClusterError, add_node_entry, load_manifest, locked, node_entry, save_manifest, used_ports
 from engine.cluster.status import StatusView
 from engine.cluster.supervisor import DOWN_TIMEOUT_S, READY_TIMEOUT_S, Supervisor, port_free
@@ -51,7 +51,7 @@ class Healer:
         self.view = view
 
     def _writer(self) -> WriterAdmin:
-        return WriterAdmin(self.sup.address(WRITER), self.sup.tls())
+        return WriterAdmin(self.sup.address(WRITER), self.sup.tls(), operator_token(self.sup.folder))
 
     # --- rebuild ----------------------------------------------------------------------------
     def rebuild_status(self) -> dict:

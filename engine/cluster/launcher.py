@@ -19,6 +19,12 @@ module per concept, each over the folder's manifest (`manifest.py`):
 * `admin.py` (`WriterAdmin`, `NodeAdmin`): the writer endpoint's KV admin RPCs and the nodes'
   admin calls (corrupt, scrub, set_faults).
 
+Client authentication: unless the manifest turns it off (`"users_file": null`), `up` makes sure,
+before any process starts, that the folder's users file holds an admin user "operator" whose
+token is in `DIR/operator.token` (0600; `engine.security.users.UserStore.ensure_operator`), so
+the local operator's `engine.connect(DIR)`, `sixfold put --cluster DIR` and this launcher's own
+admin calls to the writer endpoint carry a valid token with no setup.
+
 One `Cluster` has one `Supervisor`, shared by the others, so the operation lock is reentrant
 across them within a thread (`up` holds it while it starts the processes and reads the status).
 Each module's docstring says how its part works.
@@ -32,7 +38,7 @@ from collections.abc import Callable, Iterable
 
 from engine.cluster.admin import NodeAdmin
 from engine.cluster.healing import REPLACE_TIMEOUT_S, Healer
-from engine.cluster.manifest import WRITER, ClusterError, active_nodes, node_addresses
+from engine.cluster.manifest import MANIFEST_FILE, WRITER, ClusterError, active_nodes, load_manifest, node_addresses, users_file
 from engine.cluster.status import StatusView, rebuild_progress
 from engine.cluster.supervisor import DOWN_TIMEOUT_S, READY_TIMEOUT_S, Supervisor, port_free
 
@@ -135,6 +141,7 @@ class Cluster:
         `allow_fault_injection=True` lets the admin role corrupt records and set fault rules
         (chaos runs and fault tests)."""
         with self.processes.operation("cluster up"):
+            self.ensure_operator()
             started = self.processes.up(
                 base_port=base_port, protection_groups=protection_groups, durable=durable,
                 write_timeout_s=write_timeout_s, gossip_interval_s=gossip_interval_s, timeout_s=timeout_s,
@@ -143,6 +150,17 @@ class Cluster:
             st = self.status()
         st["started"] = started
         return st
+
+    def ensure_operator(self) -> bool:
+        """Make the local operator's admin token if it has none (see the module docstring);
+        True when one was made. Nothing when the manifest turned authentication off."""
+        from engine.security.users import UserStore
+
+        new = not os.path.exists(os.path.join(self.folder, MANIFEST_FILE))  # a new cluster's manifest names the default
+        path = users_file({} if new else load_manifest(self.folder), self.folder)
+        if path is None:
+            return False
+        return UserStore(self.folder, path).ensure_operator()
 
     def start(self, name: str, *, wait: bool = True, timeout_s: float = READY_TIMEOUT_S) -> int:
         """Start a process that is down, with the same arguments as before; returns its pid.

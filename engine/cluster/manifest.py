@@ -8,6 +8,9 @@ Layout of a cluster folder::
     DIR/logs/writer.log
     DIR/tls/                  a secure cluster's CA, certificates and revocation list
                               (engine.security.certs)
+    DIR/logs/audit.jsonl      the audit log (engine.security.audit)
+    DIR/users.json            client users: token digests and roles (0600; engine.security.users)
+    DIR/operator.token        the local operator's admin token (0600), made by `cluster up`
 
 The manifest names the volume (id, geometry), every node (id, AZ, address, pid, data folder,
 log) and the writer endpoint (address, pid, log). Paths are relative to DIR, so a stopped
@@ -26,6 +29,13 @@ serve and call over mutual TLS with its certificate from `DIR/tls/` (`tls_config
 without the field (written before it existed) or with `false` is an insecure cluster: plaintext,
 no authorisation. `"allow_fault_injection": true` (`--allow-fault-injection`) lets nodes serve
 `Corrupt` and `SetFaults`, to the admin role only; without it they do not exist.
+
+Client authentication: `"users_file"` names the users file (relative to DIR) whose tokens the
+writer endpoint requires on every KV call; `null` turns the check off (a throwaway cluster, by
+hand). A manifest without the field (written before it existed) means the folder's `users.json`:
+authentication is on, and `cluster up` makes the operator's admin token if there is none, so an
+old cluster restarted by this release is protected at once. A writer started on such a folder
+before `cluster up` ran refuses every call until a users file exists (fail closed).
 
 Format: the manifest records `"format": MANIFEST_FORMAT`. `load_manifest` refuses a newer
 format with a message naming it, and accepts a manifest written before the field existed (format
@@ -61,6 +71,9 @@ WRITE_TIMEOUT_S_DEFAULT = 5.0
 #: only.
 GOSSIP_INTERVAL_S_DEFAULT = 1.0
 WRITER = "writer"
+#: The users file a manifest names when it names none (see the module docstring).
+USERS_FILE_DEFAULT = "users.json"
+AUDIT_LOG = os.path.join("logs", "audit.jsonl")
 
 
 class ClusterError(SixfoldError):
@@ -116,6 +129,7 @@ def new_manifest(
             for i, n in enumerate(nodes)
         ],
         WRITER: {"address": f"{host}:{base_port}", "pid": None, "log": os.path.join("logs", "writer.log")},
+        "users_file": USERS_FILE_DEFAULT,
     }
 
 
@@ -253,10 +267,21 @@ def tls_config(folder: str, manifest: dict, identity: str = OPERATOR):
     return TlsConfig.in_cluster(folder, identity, manifest["volume_id"])
 
 
-def endpoint_config(manifest: dict):
-    """The writer endpoint's configuration for this cluster."""
+def users_file(manifest: dict, folder: str) -> str | None:
+    """The absolute path of the users file the writer endpoint checks tokens against, or None
+    when the manifest turned authentication off (see the module docstring)."""
+    relative = manifest.get("users_file", USERS_FILE_DEFAULT)
+    return None if relative is None else os.path.join(os.path.abspath(folder), relative)
+
+
+def endpoint_config(manifest: dict, folder: str | None = None):
+    """The writer endpoint's configuration for this cluster (with `folder`, its users file and
+    audit log too)."""
     from engine.head.endpoint import EndpointConfig
 
+    auth = {}
+    if folder is not None:
+        auth = dict(users_file=users_file(manifest, folder), audit_log=os.path.join(os.path.abspath(folder), AUDIT_LOG))
     return EndpointConfig(
         volume_id=manifest["volume_id"],
         protection_groups=manifest["protection_groups"],
@@ -264,4 +289,5 @@ def endpoint_config(manifest: dict):
         addresses=node_addresses(manifest),
         durable=manifest["durable"],
         write_timeout_s=manifest.get("write_timeout_s", WRITE_TIMEOUT_S_DEFAULT),
+        **auth,
     )

@@ -31,6 +31,8 @@ What is checked (format 1; the checks are hand-written, standard library only):
         retired         optional bool
         replaces, replaced_by   optional null or node id
     writer              object: address, pid, log as for a node
+    users_file          optional null or non-empty relative path (absent: "users.json", auth on;
+                        null: auth off; see manifest.py)
 
 Fields not listed are allowed, so that a newer release can add one without breaking an older
 reader; booleans are never accepted as numbers (JSON `true` is not a port). A manifest whose
@@ -194,6 +196,9 @@ def validate_manifest(manifest: Any, where: str = "cluster.json", *, format_max:
     c.number(m, "gossip_interval_s", "gossip_interval_s", positive=False, optional=True)
     c.boolean(m, "tls", "tls", optional=True)
     c.boolean(m, "allow_fault_injection", "allow_fault_injection", optional=True)
+
+    if m.get("users_file") is not None:  # absent or null are fine (see manifest.py)
+        c.path(m, "users_file", "users_file")
 
     _, writer = c.get(m, "writer", "writer", "an object")
     ports = {c.process(c.object(writer, "writer"), "writer"): "writer"}

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from concurrent import futures
 
-from engine.cluster.admin import STATUS_RPC_TIMEOUT_S, WriterAdmin
+from engine.cluster.admin import STATUS_RPC_TIMEOUT_S, WriterAdmin, operator_token
 from engine.cluster.manifest import WRITER, active_nodes, node_addresses
 from engine.cluster.supervisor import Supervisor
 from engine.errors import SixfoldError
@@ -100,11 +100,11 @@ class StatusView:
             out["health"] = sup.health(WRITER)
             if out["health"] == "SERVING":
                 try:
-                    st = WriterAdmin(w["address"], tls).status(STATUS_RPC_TIMEOUT_S * 2)
+                    st = WriterAdmin(w["address"], tls, operator_token(sup.folder)).status(STATUS_RPC_TIMEOUT_S * 2)
                     out.update(vdl=st["vdl"], epoch=st["epoch"], in_flight=st["writer"].get("in_flight"),
                                links={k: v["up"] for k, v in st["writer"]["links"].items()},
                                pgcl=st["writer"].get("pgcl"), membership=st["writer"].get("membership"),
-                               membership_change=st.get("membership_change"))
+                               membership_change=st.get("membership_change"), auth=st["endpoint"].get("auth"))
                 except SixfoldError as e:
                     out["error"] = str(e)
             return out

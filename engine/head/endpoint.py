@@ -28,7 +28,14 @@ progress. The change lives in the writer's membership (on the nodes), not in thi
 endpoint restarted mid-change recovers the two quorum sets, and asking again for the same change
 resumes it.
 
-The servicer (`KVServicer`) is thin: convert, call `WriterEndpoint`, convert back.
+The servicer (`KVServicer`) is thin: convert, call `WriterEndpoint`, convert back. Before
+that, in one place (`KVServicer._admit`, called by `_serve` and `Scan`), it checks the caller
+when the endpoint has a users file (`EndpointConfig.users_file`): the bearer token of the call's
+metadata must name a user whose role allows the RPC (`engine.security.users.Authenticator`: a
+stat of the file, a SHA-256 and a dict lookup, a few microseconds; `Unauthenticated` or
+`PermissionDenied` otherwise, before anything is done). Refusals go to the audit log
+(`EndpointConfig.audit_log`, summarised when they flood) and are counted. Without a users file
+(an endpoint built in-process by a test or a benchmark) every call is admitted.
 """
 
 from __future__ import annotations
@@ -50,6 +57,8 @@ from engine.errors import InvalidArgument, SixfoldError, Unavailable
 from engine.head.membership import ACTIVE_PHASES, MembershipChange
 from engine.head.writer import ReadView, Writer, WriterOptions, node_status
 from engine.proto import kv_pb2_grpc
+from engine.security.audit import AuditLog
+from engine.security.users import Authenticator
 from engine.transport import convert
 from engine.transport.grpc_client import GrpcTransport
 from engine.transport.grpc_server import SHUTDOWN_GRACE_S, add_health, make_server, set_health
@@ -78,6 +87,10 @@ class EndpointConfig:
     durable: bool = True
     write_timeout_s: float = 5.0
     local_az: str = "a"
+    #: The users file whose tokens and roles every KV call must satisfy; None: no check.
+    users_file: str | None = None
+    #: Where refused calls are recorded (JSON lines, `engine.security.audit`); None: not recorded.
+    audit_log: str | None = None
 
 
 class WriterEndpoint:
@@ -319,14 +332,22 @@ class WriterEndpoint:
 
 
 class KVServicer(kv_pb2_grpc.KVServicer):
-    """Thin adapter from the `KV` service to a `WriterEndpoint`."""
+    """Thin adapter from the `KV` service to a `WriterEndpoint`; with an `auth`, every call must
+    first be admitted by it (see the module docstring)."""
 
-    def __init__(self, endpoint: WriterEndpoint) -> None:
+    def __init__(self, endpoint: WriterEndpoint, auth: Authenticator | None = None) -> None:
         self.ep = endpoint
         self.P = endpoint.P
+        self.auth = auth
+
+    def _admit(self, context, rpc: str) -> None:
+        """Unauthenticated / PermissionDenied unless the caller's token and role allow `rpc`."""
+        if self.auth is not None:
+            self.auth.admit(context.peer(), context.invocation_metadata(), rpc)
 
     def _serve(self, context, rpc: str, work):
         try:
+            self._admit(context, rpc)
             return work()
         except SixfoldError as e:
             err = e
@@ -374,6 +395,7 @@ class KVServicer(kv_pb2_grpc.KVServicer):
 
     def Scan(self, request, context):
         try:
+            self._admit(context, "Scan")
             pairs = self.ep.scan(*convert.kv_scan_args_from_pb(request, self.P))
             chunk: list[tuple[bytes, bytes]] = []
             size = 0
@@ -397,7 +419,13 @@ class KVServicer(kv_pb2_grpc.KVServicer):
         return self._serve(context, "View", lambda: convert.read_view_to_pb(self.ep.view()))
 
     def Status(self, request, context):
-        return self._serve(context, "Status", lambda: convert.status_to_pb(self.ep.status()))
+        def work():
+            st = self.ep.status()
+            if self.auth is not None:
+                st["endpoint"]["auth"] = self.auth.counters()
+            return convert.status_to_pb(st)
+
+        return self._serve(context, "Status", work)
 
     def ReplaceNode(self, request, context):
         return self._serve(
@@ -415,10 +443,14 @@ class EndpointServer:
     def __init__(self, endpoint: WriterEndpoint, listen: str, workers: int = ENDPOINT_WORKERS, *, tls=None) -> None:
         self.endpoint = endpoint
         # With TLS (engine.security.tls.TlsConfig): mutual TLS only, calls authorised by the role
-        # of the client certificate (engine.security.roles.KV_POLICY).
+        # of the client certificate (engine.security.roles.KV_POLICY); with a users file, by the
+        # role of the caller's token too (engine.security.users).
         self.guard = kv_guard(tls) if tls is not None else None
         self.server, self.port = make_server(listen, workers, tls=tls, interceptors=(self.guard,) if self.guard else ())
-        kv_pb2_grpc.add_KVServicer_to_server(KVServicer(endpoint), self.server)
+        config = endpoint.config
+        self.audit = AuditLog(config.audit_log) if config.audit_log else None
+        self.auth = Authenticator(config.users_file, audit=self.audit) if config.users_file else None
+        kv_pb2_grpc.add_KVServicer_to_server(KVServicer(endpoint, self.auth), self.server)
         self.health = add_health(self.server, (SERVICE_NAME,))
         self._stop = threading.Event()
         self._watch: threading.Thread | None = None
@@ -427,6 +459,8 @@ class EndpointServer:
         """Start serving; recover the volume (in the background unless `timeout_s` is given,
         which waits for recovery and raises Unavailable if it does not succeed in time)."""
         self.server.start()
+        if self.audit is not None:
+            self.audit.start_flusher()
         if not recover:
             return
         if timeout_s is not None:
@@ -457,6 +491,16 @@ class EndpointServer:
         set_health(self.health, (SERVICE_NAME,), False)
         self.server.stop(grace_s).wait(grace_s + 1)
         self.endpoint.close()
+        if self.audit is not None:
+            self.audit.close()
+
+
+def _audit(server: EndpointServer, action: str, target: str) -> None:
+    if server.audit is not None:
+        try:
+            server.audit.record(action, identity="process:writer", target=target, auth=server.auth is not None)
+        except OSError as e:
+            log.warning("could not write the audit log: %s", e)
 
 
 def kv_guard(tls):
@@ -474,13 +518,16 @@ def run_writer_process(config: EndpointConfig, listen: str, workers: int = ENDPO
     transport = GrpcTransport(config.addresses, source="writer", tls=tls, volume_id=config.volume_id) if tls is not None else None
     server = EndpointServer(WriterEndpoint(config, transport), listen, workers, tls=tls)
     log.info(
-        "writer endpoint for volume %s on %s, pid %d: recovering over nodes %s",
+        "writer endpoint for volume %s on %s, pid %d: recovering over nodes %s; %s",
         config.volume_id, listen, os.getpid(), ", ".join(f"{n.id}={config.addresses.get(n.id)}" for n in config.nodes),
+        f"every call needs a token of {config.users_file}" if config.users_file else "no client authentication",
     )
     server.start()
+    _audit(server, "writer start", listen)
     while not stop.wait(1.0):
         pass
     log.info("writer endpoint: stopping (finishing in-flight calls)")
+    _audit(server, "writer stop", listen)
     server.stop()
     log.info("writer endpoint: stopped cleanly")
     return 0

@@ -1,1 +1,3 @@
-"""Security: identities, TLS and authorisation of every RPC (see each module's docstring)."""
+"""Security: identities, TLS and authorisation of every RPC (`certs`, `tls`, `roles`); client
+tokens and roles (`users`); the audit log (`audit`). See each module's docstring.
+"""

@@ -65,8 +65,10 @@ from engine.core.types import (
 from engine.errors import (
     ALL_ERRORS,
     InvalidArgument,
+    PermissionDenied,
     ResourceExhausted,
     SixfoldError,
+    Unauthenticated,
     UnknownProtectionGroup,
     Unavailable,
     WriteIndeterminate,
@@ -97,6 +99,9 @@ _DEFAULT_BY_CODE: dict[grpc.StatusCode, type[SixfoldError]] = {
     grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument,
     grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhausted,
     grpc.StatusCode.NOT_FOUND: UnknownProtectionGroup,
+    # A refusal by gRPC itself (a TLS or auth layer in front of the servicer) is still a refusal.
+    grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
+    grpc.StatusCode.PERMISSION_DENIED: PermissionDenied,
 }
 #: Codes that say "could not reach it or did not hear back" (or gRPC's own failures) when they
 #: come without a class name: never a Sixfold decision.
@@ -768,6 +773,7 @@ _MEMBERSHIP_KEYS = frozenset({"epoch", "members", "next_members"})
 _LINK_KEYS = frozenset({"up", "full", "space_low", "room_bytes", "error", "errors", "last_error", "sent_lsn"})
 _RECOVERY_KEYS = frozenset({"epoch", "vdl", "vcl", "base", "truncated", "sealed", "replicated_records", "seconds"})
 _ENDPOINT_KEYS = frozenset({"pid", "opened_at"})
+_AUTH_KEYS = frozenset({"users_file", "users", "error", "reloads", "refused_unauthenticated", "refused_permission"})
 
 
 def _exactly(d: dict, keys: frozenset, where: str, optional: frozenset = frozenset()) -> dict:
@@ -896,7 +902,7 @@ def _writer_status_from_pb(m: kv_pb2.WriterStatus) -> dict:
 def status_to_pb(status: dict) -> kv_pb2.StatusReply:
     """The endpoint's status dict (`WriterEndpoint.status`) as a typed reply."""
     _exactly(status, _STATUS_KEYS, "")
-    ep = _exactly(status["endpoint"], _ENDPOINT_KEYS, "endpoint")
+    ep = _exactly(status["endpoint"], _ENDPOINT_KEYS, "endpoint", optional=frozenset({"auth"}))
     m = kv_pb2.StatusReply(
         volume_id=status["volume_id"], protection_groups=status["protection_groups"], codec=status["codec"],
         durable=status["durable"], vdl=status["vdl"], epoch=status["epoch"],
@@ -907,6 +913,8 @@ def status_to_pb(status: dict) -> kv_pb2.StatusReply:
     )
     if ep["opened_at"] is not None:
         m.endpoint.opened_at = ep["opened_at"]
+    if ep.get("auth") is not None:
+        m.endpoint.auth.CopyFrom(kv_pb2.AuthStatus(**_exactly(ep["auth"], _AUTH_KEYS, "endpoint.auth")))
     return m
 
 
@@ -923,7 +931,9 @@ def status_from_pb(m: kv_pb2.StatusReply) -> dict:
         "epoch": m.epoch,
         "nodes": [_node_status_from_pb(n) for n in m.nodes],
         "writer": _writer_status_from_pb(m.writer),
-        "endpoint": {"pid": m.endpoint.pid, "opened_at": m.endpoint.opened_at if m.endpoint.HasField("opened_at") else None},
+        "endpoint": {"pid": m.endpoint.pid, "opened_at": m.endpoint.opened_at if m.endpoint.HasField("opened_at") else None,
+                     **({"auth": {k: getattr(m.endpoint.auth, k) for k in sorted(_AUTH_KEYS)}}
+                        if m.endpoint.HasField("auth") else {})},
         "membership_change": change,
     }
 
