@@ -11,7 +11,8 @@ Layout of a cluster folder::
 
 The manifest names the volume (id, geometry), every node (id, AZ, address, pid, data folder,
 log) and the writer endpoint (address, pid, log). Paths are relative to DIR, so a stopped
-cluster folder can be moved. Ports: the writer endpoint listens on `base_port`, node n<i> on
+cluster folder can be moved (the one absolute path, an encrypted cluster's key file, names a
+file that belongs outside the folder). Ports: the writer endpoint listens on `base_port`, node n<i> on
 `base_port + i` (7400 and 7401..7406 by default).
 
 Membership changes (`sixfold node replace`) add entries: a new node gets the next free port
