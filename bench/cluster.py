@@ -2,6 +2,7 @@
 driven over gRPC by `engine.connect` with the shared client harness (bench/harness.py).
 
     python bench/cluster.py [--seconds 3] [--no-durable] [--base-port P] [--json out.json] [--seed 1]
+    python bench/cluster.py --secure [--seconds 3] ...     what TLS and encryption at rest cost
 
 Measures, with 100-byte values and unique keys (one `Database` shared by every client thread:
 its boxcar coalesces concurrent calls into shared RPCs, which is how the client is meant to be used):
@@ -12,8 +13,16 @@ its boxcar coalesces concurrent calls into shared RPCs, which is how the client 
 * AZ loss under load: 64 clients putting; steady-state p99 over a few seconds, then SIGKILL of
   both nodes of AZ b (n3, n4) mid-run; reports the max put latency in the seconds after the kill,
   its ratio to the steady-state p99 (target <= 2x), and every put that failed.
-The cluster lives in a temporary folder and is always torn down. Speed is reported, never
-asserted. Every loop is bounded by time and count.
+The cluster is TLS (the default of `sixfold cluster up`). The cluster lives in a temporary folder
+and is always torn down. Speed is reported, never asserted. Every loop is bounded by time and
+count.
+
+`--secure` measures instead what security costs, in one run: puts/s and gets/s at 1 and 64
+client threads on three clusters started one after the other with the same workload and seed:
+(a) `--insecure` (plaintext gRPC, no certificates), (b) the default mutual TLS, (c) TLS plus
+encryption at rest (`--encrypt`, the master key in a temporary key file outside the cluster
+folder). The table shows them side by side with the ratios TLS / insecure and TLS+encryption /
+insecure, and the issue's target for 64 clients (TLS at most 15% below insecure).
 """
 
 from __future__ import annotations
@@ -63,15 +72,24 @@ def free_base_port(start: int = BASE_PORT_SEARCH_FROM, count: int = PORTS_PER_CL
 
 @contextlib.contextmanager
 def sixfold_cluster(*, durable: bool = True, base_port: int | None = None, protection_groups: int | None = None,
-                    tmp_root: str | None = None) -> Iterator[tuple[Cluster, object]]:
+                    tmp_root: str | None = None, insecure: bool = False,
+                    encrypt: bool = False) -> Iterator[tuple[Cluster, object]]:
     """A fresh cluster in a temporary folder and a connected `Database`; always torn down and
-    deleted, whatever happens inside."""
-    folder = tempfile.mkdtemp(prefix="sixfold-cluster-bench-", dir=tmp_root)
+    deleted, whatever happens inside. TLS unless `insecure`; `encrypt` adds encryption at rest
+    (a fresh master key in a key file beside, not inside, the cluster folder)."""
+    root = tempfile.mkdtemp(prefix="sixfold-cluster-bench-", dir=tmp_root)
+    folder = os.path.join(root, "cluster")
     cluster = Cluster(folder)
     db = None
     try:
+        key_file = None
+        if encrypt:
+            from engine.envelope import write_key_file
+
+            key_file = write_key_file(os.path.join(root, "master.key"))
         cluster.up(base_port=free_base_port() if base_port is None else base_port,
-                   protection_groups=protection_groups, durable=durable)
+                   protection_groups=protection_groups, durable=durable, insecure=True if insecure else None,
+                   encrypt=encrypt, key_file=key_file)
         db = cluster.connect()
         yield cluster, db
     finally:
@@ -82,7 +100,7 @@ def sixfold_cluster(*, durable: bool = True, base_port: int | None = None, prote
             try:
                 cluster.down()
             finally:
-                shutil.rmtree(folder, ignore_errors=True)
+                shutil.rmtree(root, ignore_errors=True)
 
 
 def sixfold_factory(db) -> harness.ClientFactory:
@@ -206,6 +224,79 @@ def format_az_loss(a: dict) -> str:
     return "\n".join(lines)
 
 
+#: The --secure comparison: (system, what it is, sixfold_cluster options), in the order they run.
+SECURE_SYSTEMS = (
+    ("insecure", "--insecure: plaintext gRPC", {"insecure": True}),
+    ("tls", "mutual TLS (the default)", {}),
+    ("tls+enc", "mutual TLS + encryption at rest (--encrypt)", {"encrypt": True}),
+)
+SECURE_CLIENTS = (1, 64)
+#: The issue's target: TLS (+ tokens) costs at most 15% of puts/s and gets/s at 64 clients.
+SECURE_TARGET_LOSS = 0.15
+
+
+def secure_rows(args, log=print) -> list[dict]:
+    """Puts and gets at 1 and 64 clients on each of SECURE_SYSTEMS, one cluster at a time."""
+    rows: list[dict] = []
+    for system, what, options in SECURE_SYSTEMS:
+        t0 = time.perf_counter()
+        with sixfold_cluster(durable=not args.no_durable, base_port=args.base_port,
+                             protection_groups=args.protection_groups, **options) as (cluster, db):
+            st = db.status()
+            log(f"{system}: {what}; up in {time.perf_counter() - t0:.1f} s at {cluster.writer_address} "
+                f"(encrypted {st.get('encrypted')})")
+            rows += standard_rows(system, sixfold_factory(db), seconds=args.seconds, seed=args.seed,
+                                  get_keys=args.get_keys, put_clients=SECURE_CLIENTS, get_clients=SECURE_CLIENTS, log=log)
+    return rows
+
+
+def secure_table(rows: list[dict]) -> tuple[str, list[dict]]:
+    """The three systems side by side, with TLS / insecure and TLS+encryption / insecure."""
+    by = {(r["system"], r["kind"], r["clients"]): r for r in rows}
+    systems = [s for s, _, _ in SECURE_SYSTEMS]
+    lines = [f"{'measurement':26}" + "".join(f"{s:>11}" for s in systems) + f"{'tls/insecure':>14}{'tls+enc/insecure':>18}"]
+    data = []
+    for kind in ("put", "get"):
+        for n in SECURE_CLIENTS:
+            for fld, label in (("ops_s", "ops/s"), ("p99_ms", "p99 ms")):
+                vals = {s: by[(s, kind, n)][fld] if (s, kind, n) in by else None for s in systems}
+                base = vals["insecure"]
+                ratios = [vals[s] / base if vals[s] is not None and base else None for s in ("tls", "tls+enc")]
+                fmt = "{:>11,.0f}" if fld == "ops_s" else "{:>11.2f}"
+                lines.append(f"{kind + ', ' + str(n) + (' client' if n == 1 else ' clients') + ': ' + label:26}"
+                             + "".join(fmt.format(v) if v is not None else f"{'-':>11}" for v in vals.values())
+                             + "".join(f"{r:>{w - 1}.2f}x" if r is not None else f"{'-':>{w}}" for r, w in zip(ratios, (14, 18))))
+                data.append({"kind": kind, "clients": n, "field": fld, **vals,
+                             "tls_over_insecure": ratios[0], "tls_enc_over_insecure": ratios[1]})
+    errors = {s: sum(r["errors"] for r in rows if r["system"] == s) for s in systems}
+    lines.append(f"{'errors (all runs)':26}" + "".join(f"{errors[s]:>11}" for s in systems))
+    for kind in ("put", "get"):
+        d = next((x for x in data if x["kind"] == kind and x["clients"] == 64 and x["field"] == "ops_s"), None)
+        if d and d["tls_over_insecure"] is not None:
+            loss = 1 - d["tls_over_insecure"]
+            lines.append(f"{kind}s/s at 64 clients: TLS costs {loss:.1%} of insecure (target at most "
+                         f"{SECURE_TARGET_LOSS:.0%}: {'met' if loss <= SECURE_TARGET_LOSS else 'NOT met'})"
+                         + (f"; TLS+encryption costs {1 - d['tls_enc_over_insecure']:.1%}" if d["tls_enc_over_insecure"] else ""))
+    return "\n".join(lines), data
+
+
+def main_secure(args) -> int:
+    print(f"seed {args.seed} | --secure: insecure vs TLS vs TLS+encryption, one cluster at a time | durable "
+          f"{not args.no_durable} | {args.seconds:g} s per measurement | 100-byte values | {args.get_keys:,} keys for gets | "
+          f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+    t0 = time.perf_counter()
+    rows = secure_rows(args)
+    text, data = secure_table(rows)
+    print()
+    print(text)
+    print(f"(ratios: > 1 is faster than insecure for ops/s, slower for p99; total {time.perf_counter() - t0:.0f} s)")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"seed": args.seed, "durable": not args.no_durable, "seconds": args.seconds, "rows": rows,
+                       "table": data}, fh, indent=2)
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seconds", type=float, default=3.0, help="time per measurement (default 3)")
@@ -219,8 +310,13 @@ def main(argv=None) -> int:
     ap.add_argument("--no-az-loss", action="store_true", help="skip the AZ-loss scenario")
     ap.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--secure", action="store_true",
+                    help="compare --insecure, TLS and TLS + encryption at rest (puts and gets at 1 and 64 clients)")
     args = ap.parse_args(argv)
     assert 0 < args.seconds <= 60 and 1.5 <= args.az_steady_s <= 60 and 0 < args.az_after_s <= 60
+    assert 0 < args.get_keys <= 1_000_000
+    if args.secure:
+        return main_secure(args)
     durable = not args.no_durable
     print(f"seed {args.seed} | durable {durable} | {args.seconds:g} s per measurement | 100-byte values | "
           f"one shared engine.connect() Database for all client threads | load average "

@@ -1,6 +1,6 @@
 """Sixfold against etcd, same harness, same workload, same run.
 
-    python bench/compare_etcd.py [--seconds 3] [--json out.json] [--seed 1]
+    python bench/compare_etcd.py [--seconds 3] [--json out.json] [--seed 1] [--pairs both|plain|tls]
                                  [--etcd-target leader|round-robin] [--etcd-channels shared|per-client]
 
 Runs, one system at a time (never two at once on the same cores), with 100-byte values and unique
@@ -9,6 +9,13 @@ gets at 16 and 64 client threads over a pre-loaded key set. Systems:
 * etcd, one member;
 * etcd, three members on loopback;
 * Sixfold: six storage node processes and a writer endpoint on loopback (bench/cluster.py).
+Two pairs, each printed as its own side-by-side table (the Security issue, part 10):
+* plaintext: etcd over plain http (its default) against `sixfold cluster up --insecure`;
+* TLS: etcd with its own mutual-TLS flags on client and peer URLs (--cert-file, --key-file,
+  --trusted-ca-file, --client-cert-auth and the --peer-* twins; certificates made for the run
+  with `cryptography`, bench/etcd/tls.py; the client uses `grpc.ssl_channel_credentials` with a
+  client certificate) against Sixfold's default mutual TLS on every channel.
+`--pairs plain` or `--pairs tls` runs one pair only; the one-member etcd runs in plaintext only.
 Both are durable: every etcd member fsyncs its WAL before it acknowledges (etcd's default;
 `--unsafe-no-fsync` is not used) and every Sixfold segment fsyncs before it acknowledges.
 
@@ -60,9 +67,12 @@ TOTAL_BUDGET_S = 180.0
 class EtcdClients:
     """A harness client factory over etcd members (see the module docstring for the modes)."""
 
-    def __init__(self, stubs, addresses: list[str], *, target: str, channels: str, leader: int | None) -> None:
+    def __init__(self, stubs, addresses: list[str], *, target: str, channels: str, leader: int | None,
+                 channel_for=None) -> None:
         assert target in ("round-robin", "leader") and channels in ("per-client", "shared")
         self.stubs = stubs
+        #: (address, options) -> grpc.Channel: plaintext by default, `launch.Etcd.channel` for TLS
+        self.channel_for = channel_for or (lambda address, options: grpc.insecure_channel(address, options=options))
         self.addresses = addresses
         self.target = target
         self.channels_mode = channels
@@ -77,7 +87,7 @@ class EtcdClients:
         return self.addresses[c % len(self.addresses)]
 
     def _client(self, address: str, options) -> harness.Client:
-        ch = grpc.insecure_channel(address, options=options)
+        ch = self.channel_for(address, options)
         self._channels.append(ch)
         stub = self.stubs.grpc.KVStub(ch)
         put_rpc, range_rpc = stub.Put, stub.Range
@@ -109,8 +119,8 @@ class EtcdClients:
 
 
 @contextlib.contextmanager
-def etcd_cluster(binary: str, root: str, members: int, stubs) -> Iterator[launch.Etcd]:
-    e = launch.Etcd(binary, os.path.join(root, f"etcd-{members}"), members, stubs)
+def etcd_cluster(binary: str, root: str, members: int, stubs, tls=None) -> Iterator[launch.Etcd]:
+    e = launch.Etcd(binary, os.path.join(root, f"etcd-{members}" + ("-tls" if tls else "")), members, stubs, tls=tls)
     try:
         e.start()
         yield e
@@ -118,17 +128,18 @@ def etcd_cluster(binary: str, root: str, members: int, stubs) -> Iterator[launch
         e.kill()
 
 
-def run_etcd(binary, root, members, stubs, args, log) -> tuple[list[dict], dict]:
-    system = f"etcd-{members}"
+def run_etcd(binary, root, members, stubs, args, log, tls=None) -> tuple[list[dict], dict]:
+    system = f"etcd-{members}" + ("-tls" if tls is not None else "")
     t0 = time.perf_counter()
-    with etcd_cluster(binary, root, members, stubs) as e:
+    with etcd_cluster(binary, root, members, stubs, tls) as e:
         leader = e.leader_index()
         info = {"members": members, "addresses": e.client_addresses, "leader": e.names[leader] if leader is not None else None,
                 "target": args.etcd_target if members > 1 else "the one member", "channels": args.etcd_channels}
         if members > 1 and args.etcd_target == "leader" and leader is None:
             log(f"{system}: no member reports itself leader on /metrics; clients use {e.names[0]}")
         log(f"{system}: up in {time.perf_counter() - t0:.1f} s at {', '.join(e.client_addresses)}; leader {info['leader']}")
-        clients = EtcdClients(stubs, e.client_addresses, target=args.etcd_target, channels=args.etcd_channels, leader=leader)
+        clients = EtcdClients(stubs, e.client_addresses, target=args.etcd_target, channels=args.etcd_channels, leader=leader,
+                              channel_for=e.channel)
         try:
             rows = cluster_bench.standard_rows(system, clients, seconds=args.seconds, seed=args.seed,
                                                get_keys=args.get_keys, log=log)
@@ -138,11 +149,12 @@ def run_etcd(binary, root, members, stubs, args, log) -> tuple[list[dict], dict]
     return rows, info
 
 
-def run_sixfold(args, log) -> tuple[list[dict], dict]:
+def run_sixfold(args, log, *, insecure: bool) -> tuple[list[dict], dict]:
+    system = "sixfold-insecure" if insecure else "sixfold-tls"
     t0 = time.perf_counter()
-    with cluster_bench.sixfold_cluster(durable=True, base_port=args.base_port) as (cluster, db):
-        log(f"sixfold: up in {time.perf_counter() - t0:.1f} s at {cluster.writer_address}")
-        rows = cluster_bench.standard_rows("sixfold", cluster_bench.sixfold_factory(db), seconds=args.seconds,
+    with cluster_bench.sixfold_cluster(durable=True, base_port=args.base_port, insecure=insecure) as (cluster, db):
+        log(f"{system}: up in {time.perf_counter() - t0:.1f} s at {cluster.writer_address}")
+        rows = cluster_bench.standard_rows(system, cluster_bench.sixfold_factory(db), seconds=args.seconds,
                                            seed=args.seed, get_keys=args.get_keys, log=log)
         info = {"writer": cluster.writer_address, "client": db.status().get("client", {})}
     return rows, info
@@ -166,21 +178,30 @@ TABLE = [
 ]
 
 
-def side_by_side(rows: list[dict], systems: list[str]) -> tuple[str, list[dict]]:
-    """The table (text) and its lines as data; the ratio is sixfold / etcd-3 (for ops/s higher
+#: The pairs: (name, etcd system, sixfold system, what).
+PAIRS = (
+    ("plain", "etcd-3", "sixfold-insecure", "plaintext: etcd over http, Sixfold --insecure"),
+    ("tls", "etcd-3-tls", "sixfold-tls", "TLS: etcd with mutual TLS (client and peer), Sixfold's default mutual TLS"),
+)
+
+
+def side_by_side(rows: list[dict], systems: list[str], sixfold: str = "sixfold", etcd: str = "etcd-3") -> tuple[str, list[dict]]:
+    """The table (text) and its lines as data; the ratio is `sixfold` / `etcd` (for ops/s higher
     is better for Sixfold, for latencies lower is)."""
     by = {(r["system"], r["kind"], r["clients"]): r for r in rows}
-    out = [f"{'measurement':26}" + "".join(f"{s:>11}" for s in systems) + f"{'sixfold/etcd-3':>16}"]
+    width = max([11] + [len(s) + 2 for s in systems])
+    head = f"{sixfold}/{etcd}"
+    out = [f"{'measurement':26}" + "".join(f"{s:>{width}}" for s in systems) + f"{head:>{len(head) + 2}}"]
     data = []
     for label, kind, n, fld in TABLE:
         vals = {s: by[(s, kind, n)][fld] if (s, kind, n) in by else None for s in systems}
-        ratio = (vals.get("sixfold") / vals["etcd-3"]) if vals.get("sixfold") is not None and vals.get("etcd-3") else None
-        fmt = "{:>11,.0f}" if fld == "ops_s" else "{:>11.2f}"
-        out.append(f"{label:26}" + "".join(fmt.format(v) if v is not None else f"{'-':>11}" for v in vals.values())
-                   + (f"{ratio:>15.2f}x" if ratio is not None else f"{'-':>16}"))
-        data.append({"measurement": label, **vals, "sixfold_over_etcd3": ratio})
+        ratio = (vals[sixfold] / vals[etcd]) if vals.get(sixfold) is not None and vals.get(etcd) else None
+        fmt = "{:>%d,.0f}" % width if fld == "ops_s" else "{:>%d.2f}" % width
+        out.append(f"{label:26}" + "".join(fmt.format(v) if v is not None else f"{'-':>{width}}" for v in vals.values())
+                   + (f"{ratio:>{len(head) + 1}.2f}x" if ratio is not None else f"{'-':>{len(head) + 2}}"))
+        data.append({"measurement": label, **vals, f"{sixfold}_over_{etcd}": ratio})
     errors = {s: sum(r["errors"] for r in rows if r["system"] == s) for s in systems}
-    out.append(f"{'errors (all runs)':26}" + "".join(f"{errors[s]:>11}" for s in systems))
+    out.append(f"{'errors (all runs)':26}" + "".join(f"{errors[s]:>{width}}" for s in systems))
     return "\n".join(out), data
 
 
@@ -195,16 +216,21 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-etcd-1", action="store_true", help="skip the one-member etcd")
     ap.add_argument("--base-port", type=int, default=None, help="Sixfold writer endpoint port (default: first free block)")
     ap.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    ap.add_argument("--pairs", choices=("both", "plain", "tls"), default="both",
+                    help="which pairs to run: plaintext etcd vs --insecure Sixfold, etcd over TLS vs TLS Sixfold, or both")
     ap.add_argument("--seed", type=int, default=1)
     args = ap.parse_args(argv)
     assert 0 < args.seconds <= 30
     binary = launch.etcd_binary()
     if binary is None:
         print(launch.INSTALL_HINT)
-        print("skipping the etcd comparison (bench/cluster.py measures Sixfold alone).")
+        print("skipping the etcd comparison, both pairs (plaintext and TLS): no etcd binary on PATH. "
+              "bench/cluster.py --secure measures Sixfold's own TLS and encryption costs.")
         return 0
     version = launch.etcd_version(binary)
-    estimate_s = 3 * 5 * args.seconds + 40
+    pairs = [p for p in PAIRS if args.pairs in ("both", p[0])]
+    etcd_one = not args.skip_etcd_1 and any(p[0] == "plain" for p in pairs)
+    estimate_s = (2 * len(pairs) + etcd_one) * 5 * args.seconds + 20 * (2 * len(pairs) + etcd_one)
     print(f"seed {args.seed} | durable: etcd WAL fsync (default), Sixfold segments fsync | {args.seconds:g} s per "
           f"measurement | 100-byte values | etcd {version} at {binary} | load average {os.getloadavg()[0]:.1f} "
           f"on {os.cpu_count()} cores")
@@ -218,21 +244,31 @@ def main(argv=None) -> int:
     info: dict = {}
     try:
         stubs = etcd_stubs.compile_stubs(os.path.join(root, "stubs"))
-        for members in ((3,) if args.skip_etcd_1 else (1, 3)):
-            r, i = run_etcd(binary, root, members, stubs, args, print)
+        for name, _etcd, _sixfold, what in pairs:
+            print(f"--- pair {name}: {what}")
+            tls = None
+            if name == "tls":
+                from etcd.tls import make_certs  # noqa: E402  (bench/etcd/tls.py)
+
+                tls = make_certs(os.path.join(root, "etcd-certs"))
+            for members in ((1, 3) if name == "plain" and etcd_one else (3,)):
+                r, i = run_etcd(binary, root, members, stubs, args, print, tls=tls)
+                rows += r
+                info[r[0]["system"] if r else f"etcd-{members}"] = i
+            r, i = run_sixfold(args, print, insecure=name == "plain")
             rows += r
-            info[f"etcd-{members}"] = i
-        r, i = run_sixfold(args, print)
-        rows += r
-        info["sixfold"] = i
+            info["sixfold-insecure" if name == "plain" else "sixfold-tls"] = i
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    systems = [s for s in ("etcd-1", "etcd-3", "sixfold") if any(r["system"] == s for r in rows)]
-    text, table = side_by_side(rows, systems)
-    print()
-    print(text)
-    print(f"\nratio column: Sixfold / etcd 3-member (ops/s: > 1 is Sixfold faster; ms: < 1 is Sixfold faster). "
-          f"total {time.perf_counter() - t_start:.0f} s")
+    tables = {}
+    for name, etcd, sixfold, what in pairs:
+        systems = [s for s in (("etcd-1",) if name == "plain" else ()) + (etcd, sixfold) if any(r["system"] == s for r in rows)]
+        text, tables[name] = side_by_side(rows, systems, sixfold=sixfold, etcd=etcd)
+        print(f"\n{what}")
+        print(text)
+    print(f"\nratio columns: Sixfold / etcd 3-member of the same pair (ops/s: > 1 is Sixfold faster; ms: < 1 is "
+          f"Sixfold faster). total {time.perf_counter() - t_start:.0f} s")
+    table = tables
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"seed": args.seed, "seconds": args.seconds, "etcd_version": version, "durable": True,

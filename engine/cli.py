@@ -249,7 +249,7 @@ def cmd_status(args) -> int:
                      max((n.get("lag") or {0: 0}).values())])
     print(table(rows, ["node", "az", "address", "state", "epoch", "scl(min..max)", "records", "lag"]))
     print(f"volume {st['volume_id']}  vdl {st['vdl']}  epoch {st['epoch']}  protection groups {st['protection_groups']}  "
-          f"durable {st['durable']}  codec {st['codec']}")
+          f"durable {st['durable']}  encrypted {st.get('encrypted', False)}  codec {st['codec']}")
     return EXIT_OK
 
 

@@ -28,6 +28,11 @@ Two sub-keys are derived from the data key (HKDF-SHA256, distinct labels):
 The data key never leaves the process that opened the volume (the embedded engine, or the writer
 endpoint of a cluster); nodes see only ciphertext and hashes.
 
+Key files: `write_key_file` writes a new master key as base64 text to a file created 0600 (never
+over an existing one); `read_key_file` reads one back (EncryptionError naming the path when it
+cannot be read, InvalidArgument when it holds no key; neither ever echoes the material). The key
+file is the operator's secret: whoever reads it and the volume's files reads the data.
+
 Random 96-bit nonces: NIST's limit of 2^32 seals per key is far beyond what a volume here logs.
 """
 
@@ -84,6 +89,48 @@ def load_master_key(material) -> bytes:
 def new_master_key_text() -> str:
     """A fresh master key as base64 text (for a key file)."""
     return base64.b64encode(os.urandom(KEY_BYTES)).decode("ascii")
+
+
+#: Permission bits a key file must not have (group or others may read or write it).
+KEY_FILE_LOOSE_BITS = 0o077
+
+
+def write_key_file(path: str | os.PathLike) -> str:
+    """Write a new master key (`new_master_key_text`) to `path`, created mode 0600; refuses
+    (FileExistsError) to replace a file that exists. Returns the absolute path."""
+    path = os.path.abspath(os.fspath(path))
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)  # whatever the umask
+        os.write(fd, (new_master_key_text() + "\n").encode("ascii"))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return path
+
+
+def read_key_file(path: str | os.PathLike) -> bytes:
+    """The master key held by the key file at `path`. EncryptionError when it cannot be read,
+    InvalidArgument when it holds no key (see `load_master_key`)."""
+    path = os.fspath(path)
+    try:
+        with open(path, "rb") as fh:
+            material = fh.read(4096)
+    except OSError as e:
+        raise EncryptionError(f"cannot read the key file {path}: {e.strerror or e}") from None
+    try:
+        return load_master_key(material)
+    except InvalidArgument as e:
+        raise InvalidArgument(f"the key file {path} holds no encryption key: {e}") from None
+
+
+def key_file_is_private(path: str | os.PathLike) -> bool:
+    """False when group or others may read or write the key file (as ssh refuses such keys, a
+    caller warns)."""
+    try:
+        return not os.stat(path).st_mode & KEY_FILE_LOOSE_BITS
+    except OSError:
+        return False
 
 
 def _wrap(master: bytes, data_key: bytes, volume_id: str) -> str:

@@ -258,7 +258,7 @@ def statuses(draw):
     P = draw(st.integers(1, 8))
     return {
         "volume_id": draw(TEXT), "protection_groups": P, "codec": draw(st.sampled_from(["python", "cython"])),
-        "durable": draw(st.booleans()), "vdl": draw(U64), "epoch": draw(U64),
+        "durable": draw(st.booleans()), "encrypted": draw(st.booleans()), "vdl": draw(U64), "epoch": draw(U64),
         "nodes": draw(st.lists(node_statuses(P), max_size=7)),
         "writer": {
             "epoch": draw(U64), "vdl": draw(U64), "vcl": draw(U64), "next_lsn": draw(U64),
@@ -333,7 +333,7 @@ def test_a_real_endpoints_status_keeps_the_dict_it_had_as_json(tmp_path):
 
 
 def test_a_status_key_the_reply_does_not_carry_is_refused_by_name():
-    status = {"volume_id": "v", "protection_groups": 1, "codec": "python", "durable": True, "vdl": 0, "epoch": 1,
+    status = {"volume_id": "v", "protection_groups": 1, "codec": "python", "durable": True, "encrypted": False, "vdl": 0, "epoch": 1,
               "nodes": [], "writer": {}, "endpoint": {"pid": 1, "opened_at": None},
               "membership_change": {"phase": "idle"}, "surprise": 1}
     with pytest.raises(AssertionError, match="surprise"):

@@ -15,7 +15,16 @@ import shutil
 import pytest
 
 import engine
-from engine.cluster.manifest import MANIFEST_FORMAT, ClusterError, load_manifest, new_manifest, save_manifest
+from engine.cluster.manifest import (
+    ENCRYPTED_MANIFEST_FORMAT,
+    MANIFEST_FORMAT,
+    PLAIN_MANIFEST_FORMAT,
+    ClusterError,
+    load_manifest,
+    new_manifest,
+    save_manifest,
+)
+from engine.formats import format_of
 from engine.embedded import PLAIN_VOLUME_FORMAT, VOLUME_FILE, VOLUME_FORMAT
 from engine.errors import WrongFolder
 
@@ -200,7 +209,8 @@ def test_a_format_1_manifest_loads(tmp_path):
     d = str(tmp_path / "c")
     shutil.copytree(CLUSTER_1, d)
     m = load_manifest(d)
-    assert m["format"] == MANIFEST_FORMAT == 1
+    assert m["format"] == PLAIN_MANIFEST_FORMAT == 1
+    assert "encryption" not in m and "key_file" not in m
     assert m["volume_id"] == "00000000-0000-4000-8000-000000000001"
     assert [n["id"] for n in m["nodes"]] == ["n1", "n2", "n3", "n4", "n5", "n6"]
     assert m["writer"]["address"] == "127.0.0.1:7400"
@@ -208,7 +218,67 @@ def test_a_format_1_manifest_loads(tmp_path):
 
 def test_a_new_manifest_records_its_format(tmp_path):
     save_manifest(str(tmp_path), new_manifest(base_port=17400))
-    assert read_json(str(tmp_path / "cluster.json"))["format"] == MANIFEST_FORMAT
+    assert read_json(str(tmp_path / "cluster.json"))["format"] == PLAIN_MANIFEST_FORMAT == 1
+
+
+MASTER = bytes(range(32))
+
+
+def encrypted_manifest(folder: str) -> dict:
+    m = new_manifest(base_port=17400, master_key=MASTER, key_file="/somewhere/else/master.key")
+    save_manifest(folder, m)
+    return m
+
+
+def test_an_encrypted_manifest_is_format_2_with_its_wrapped_key_and_key_file_path_never_the_key(tmp_path):
+    import base64
+
+    from engine.envelope import unwrap
+
+    encrypted_manifest(str(tmp_path))
+    text = (tmp_path / "cluster.json").read_text()
+    doc = json.loads(text)
+    assert doc["format"] == ENCRYPTED_MANIFEST_FORMAT == MANIFEST_FORMAT == 2
+    assert doc["key_file"] == "/somewhere/else/master.key"
+    assert len(unwrap(doc["encryption"], MASTER, doc["volume_id"])) == 32, "the data key, wrapped by the master key"
+    assert base64.b64encode(MASTER).decode() not in text and MASTER.hex() not in text
+    m = load_manifest(str(tmp_path))  # and this release reads it back as it is
+    assert m["format"] == 2 and m["encryption"] == doc["encryption"]
+
+
+def test_a_release_before_encryption_refuses_an_encrypted_manifest_as_newer(tmp_path):
+    """That release read format 1 at most (its MANIFEST_FORMAT): the same version check, with
+    its number, refuses the encrypted manifest instead of starting a writer that serves
+    ciphertext; a plain manifest of this release is still format 1, which it reads."""
+    encrypted_manifest(str(tmp_path / "e"))
+    with pytest.raises(ClusterError, match="format 2; this release reads format 1.*newer"):
+        format_of(read_json(str(tmp_path / "e" / "cluster.json")), 1, "cluster.json", "cluster was set up", ClusterError)
+    save_manifest(str(tmp_path / "p"), new_manifest(base_port=17400))
+    assert format_of(read_json(str(tmp_path / "p" / "cluster.json")), 1, "cluster.json", "cluster was set up",
+                     ClusterError) == 1
+
+
+def test_format_and_encryption_field_must_agree(tmp_path):
+    encrypted_manifest(str(tmp_path))
+    f = str(tmp_path / "cluster.json")
+    doc = read_json(f)
+    plain_claiming_encrypted = {k: v for k, v in doc.items() if k != "encryption"}
+    write_json(f, plain_claiming_encrypted)
+    with pytest.raises(WrongFolder, match="'encryption'.*missing"):
+        load_manifest(str(tmp_path))
+    write_json(f, dict(doc, format=1))  # an encrypted volume dressed as format 1: an old release would serve it
+    with pytest.raises(WrongFolder, match="'encryption'.*plain"):
+        load_manifest(str(tmp_path))
+    write_json(f, dict(doc, encryption={"scheme": "rot13", "wrapped_key": "AAAA"}))
+    with pytest.raises(WrongFolder, match="encryption.scheme"):
+        load_manifest(str(tmp_path))
+    write_json(f, dict(doc, key_file="relative/master.key"))
+    with pytest.raises(WrongFolder, match="'key_file'.*absolute"):
+        load_manifest(str(tmp_path))
+    m = dict(doc)
+    m["format"] = 1
+    with pytest.raises(AssertionError):  # the writer of the file never writes a mismatch either
+        save_manifest(str(tmp_path), m)
 
 
 def test_a_manifest_written_before_the_format_field_loads_and_gains_it_on_the_next_write(tmp_path):
@@ -223,7 +293,7 @@ def test_a_manifest_written_before_the_format_field_loads_and_gains_it_on_the_ne
     assert "format" not in read_json(f), "loading never writes"
     save_manifest(d, m)
     saved = read_json(f)
-    assert saved.pop("format") == MANIFEST_FORMAT
+    assert saved.pop("format") == PLAIN_MANIFEST_FORMAT
     assert saved == doc
 
 

@@ -5,6 +5,11 @@ for durability (WAL fsync before a member acknowledges an entry; `--unsafe-no-fs
 passed), heartbeats and elections. Readiness is a linearizable Range answered by every member
 (it needs an elected leader). `kill()` SIGKILLs every process this object started, by pid, and
 waits for each; call it in a `finally`.
+
+With `tls` (`bench/etcd/tls.py`) every member serves its client and peer URLs over https with
+client certificates required (etcd's --cert-file, --key-file, --trusted-ca-file,
+--client-cert-auth and their --peer-* twins); readiness, /metrics and the benchmark's clients
+then use the client certificate (`channel`).
 """
 
 from __future__ import annotations
@@ -65,8 +70,10 @@ def free_ports(count: int, start: int = PORT_SEARCH_FROM) -> list[int]:
 class Etcd:
     """`members` etcd processes forming one cluster under `root`."""
 
-    def __init__(self, binary: str, root: str, members: int, stubs) -> None:
+    def __init__(self, binary: str, root: str, members: int, stubs, tls=None) -> None:
         assert members in (1, 3, 5), members
+        self.tls = tls
+        self.scheme = "https" if tls is not None else "http"
         self.binary = binary
         self.root = root
         self.members = members
@@ -81,17 +88,24 @@ class Etcd:
     def client_addresses(self) -> list[str]:
         return [f"{HOST}:{p}" for p in self.client_ports]
 
+    def channel(self, address: str, options=None) -> grpc.Channel:
+        """A gRPC channel to a member: plaintext, or TLS with the client certificate."""
+        if self.tls is None:
+            return grpc.insecure_channel(address, options=options or [])
+        return grpc.secure_channel(address, self.tls.channel_credentials(), options=options or [])
+
     def _argv(self, i: int, token: str) -> list[str]:
-        cluster = ",".join(f"{n}=http://{HOST}:{p}" for n, p in zip(self.names, self.peer_ports))
+        u = self.scheme
+        cluster = ",".join(f"{n}={u}://{HOST}:{p}" for n, p in zip(self.names, self.peer_ports))
         return [
             self.binary, "--name", self.names[i], "--data-dir", os.path.join(self.root, self.names[i] + ".etcd"),
-            "--listen-client-urls", f"http://{HOST}:{self.client_ports[i]}",
-            "--advertise-client-urls", f"http://{HOST}:{self.client_ports[i]}",
-            "--listen-peer-urls", f"http://{HOST}:{self.peer_ports[i]}",
-            "--initial-advertise-peer-urls", f"http://{HOST}:{self.peer_ports[i]}",
+            "--listen-client-urls", f"{u}://{HOST}:{self.client_ports[i]}",
+            "--advertise-client-urls", f"{u}://{HOST}:{self.client_ports[i]}",
+            "--listen-peer-urls", f"{u}://{HOST}:{self.peer_ports[i]}",
+            "--initial-advertise-peer-urls", f"{u}://{HOST}:{self.peer_ports[i]}",
             "--initial-cluster", cluster, "--initial-cluster-state", "new", "--initial-cluster-token", token,
             "--logger", "zap", "--log-outputs", "stderr", "--log-level", "warn",
-        ]
+        ] + (self.tls.member_flags() if self.tls is not None else [])
 
     def start(self) -> None:
         os.makedirs(self.root, exist_ok=True)
@@ -116,7 +130,7 @@ class Etcd:
     def _wait_ready(self) -> None:
         deadline = time.monotonic() + READY_TIMEOUT_S
         pending = set(range(self.members))
-        channels = [grpc.insecure_channel(a) for a in self.client_addresses]
+        channels = [self.channel(a) for a in self.client_addresses]
         try:
             while pending:
                 for i in sorted(pending):
@@ -140,7 +154,8 @@ class Etcd:
         """The member that reports itself leader on its /metrics page (None if none does)."""
         for i, port in enumerate(self.client_ports):
             try:
-                with urllib.request.urlopen(f"http://{HOST}:{port}/metrics", timeout=2.0) as r:
+                ctx = self.tls.ssl_context() if self.tls is not None else None
+                with urllib.request.urlopen(f"{self.scheme}://{HOST}:{port}/metrics", timeout=2.0, context=ctx) as r:
                     text = r.read().decode()
             except OSError:
                 continue

@@ -66,6 +66,10 @@ def status_table(st: dict) -> str:
             out += "\nsecurity: mutual TLS on every channel, calls authorised by certificate role"
         else:
             out += "\nsecurity: INSECURE (--insecure): plaintext, no authentication; anyone on this host can call any RPC"
+        if sec.get("encrypted"):
+            out += f"\nencrypted at rest: AES-256-GCM values, keyed-hash keys; master key file {sec.get('key_file') or '-'}"
+        else:
+            out += "\nnot encrypted at rest (create a cluster with --encrypt --key-file F for that)"
         if sec.get("allow_fault_injection"):
             out += "\nfault injection allowed (--allow-fault-injection): the admin role can corrupt records and drop requests"
         refused = sum(int((n.get("security") or {}).get("refused", 0)) for n in st["nodes"])
@@ -93,6 +97,17 @@ def _show(args, st: dict) -> None:
 
 
 # --- cluster --------------------------------------------------------------------------------
+def _encryption_arguments(args) -> dict:
+    """`--encrypt` and `--key-file` of `cluster up`: both or neither (exit 2 otherwise)."""
+    if args.encrypt and not args.key_file:
+        raise SystemExit("sixfold cluster up --encrypt: give the master key with --key-file F "
+                         "(make one with `sixfold key new F`, kept outside the cluster folder)")
+    if args.key_file and not args.encrypt:
+        raise SystemExit("sixfold cluster up --key-file: a key file encrypts the volume only with --encrypt "
+                         "(encryption is chosen when the cluster is created)")
+    return {"encrypt": True, "key_file": args.key_file} if args.encrypt else {}
+
+
 def cmd_cluster_up(args) -> int:
     from engine.security import audit
 
@@ -103,6 +118,7 @@ def cmd_cluster_up(args) -> int:
             durable=False if args.no_durable else None, write_timeout_s=args.write_timeout_s,
             gossip_interval_s=args.gossip_interval_s, timeout_s=args.timeout_s,
             insecure=True if args.insecure else None, allow_fault_injection=True if args.allow_fault_injection else None,
+            **_encryption_arguments(args),
         )
     except Exception as e:
         if c.exists:
@@ -317,6 +333,43 @@ def cmd_node_replace(args) -> int:
     return 0
 
 
+def cmd_cluster_rekey(args) -> int:
+    c = _cluster(args)
+    result = c.rekey(args.key_file, args.new_key_file)
+    if args.json:
+        from engine.output import print_json
+
+        print_json(result)
+    else:
+        print(f"cluster {c.folder}: data key re-wrapped under {result['key_file']}; the writer keeps serving "
+              "(it needs the new key file from its next start)")
+    return 0
+
+
+def cmd_key_new(args) -> int:
+    from engine.envelope import write_key_file
+
+    try:
+        path = write_key_file(args.path)
+    except FileExistsError:
+        raise SystemExit(f"sixfold key new: {args.path} exists; a key file is never overwritten (the data it "
+                         "encrypts would be lost with it). Pick another path.") from None
+    print(f"wrote a new master key to {path} (mode 0600). Keep it secret and outside the cluster folder; back it up: "
+          "without it an encrypted volume cannot be read.")
+    return 0
+
+
+def _register_key(sub) -> None:
+    p = sub.add_parser("key", help="master keys for encryption at rest", description=(
+        "A master key is 32 random bytes, as base64 text in a file of its own (mode 0600). It wraps the data key of "
+        "an encrypted volume (`sixfold cluster up --encrypt --key-file F`, engine.open(path, encryption_key=...))."))
+    ksub = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+    a = ksub.add_parser("new", help="write a new master key file", description=(
+        "Write 32 random bytes (base64) to PATH, created mode 0600. An existing PATH is never overwritten."))
+    a.add_argument("path", metavar="PATH")
+    a.set_defaults(func=cmd_key_new)
+
+
 def cmd_cluster_down(args) -> int:
     c = _cluster(args)
     if not c.exists:  # the library's down() is a no-op there; a person asked to stop something
@@ -397,7 +450,7 @@ def cmd_writer_serve(args) -> int:
     m = load_manifest(args.cluster)
     try:
         return run_writer_process(endpoint_config(m, args.cluster), args.listen or m[WRITER]["address"], args.workers,
-                                  tls=tls_config(args.cluster, m, WRITER))
+                                  tls=tls_config(args.cluster, m, WRITER), key_file=args.key_file)
     except (AddressInUse, InsecureListen) as e:
         logging.getLogger("sixfold.writer").error("%s", e)
         return 2
@@ -515,6 +568,7 @@ def register(sub) -> None:
     target.add_argument("--cluster", metavar="DIR", default=os.environ.get("SIXFOLD_CLUSTER"),
                         help="the cluster folder (default: $SIXFOLD_CLUSTER)")
     _register_certs(sub, target)
+    _register_key(sub)
 
     # cluster up|status|down
     p = sub.add_parser("cluster", help="start, inspect and stop a cluster on this machine", description=(
@@ -545,6 +599,12 @@ def register(sub) -> None:
     up.add_argument("--allow-fault-injection", action="store_true", help=(
         "nodes serve the Corrupt and SetFaults RPCs (to the admin certificate only), for chaos runs and fault tests; "
         "without it they do not exist"))
+    up.add_argument("--encrypt", action="store_true", help=(
+        "encrypt the volume at rest (AES-256-GCM values, keyed-hash keys) under a data key wrapped by the master key "
+        "of --key-file; fixed at creation. On an existing encrypted cluster: use this key file from now on"))
+    up.add_argument("--key-file", metavar="F", help=(
+        "with --encrypt: the master key file (`sixfold key new F`). Its absolute path goes into the manifest, never "
+        "the key; keep it outside the cluster folder, readable by you only"))
     up.add_argument("--json", action="store_true",
                     help="print the status as JSON (with `started`: the processes this command started)")
     up.set_defaults(func=cmd_cluster_up)
@@ -563,6 +623,15 @@ def register(sub) -> None:
     down.add_argument("--timeout-s", type=float, default=DOWN_TIMEOUT_S, help="grace before SIGKILL")
     down.add_argument("--json", action="store_true", help="print JSON for scripts")
     down.set_defaults(func=audited("cluster down", cmd_cluster_down, lambda args: os.path.abspath(args.cluster or "")))
+    rk = csub.add_parser("rekey", parents=[target], help="re-wrap the data key under a new master key", description=(
+        "Rotate the master key of an encrypted cluster: the volume's data key, unwrapped with --key-file, is wrapped "
+        "again under --new-key-file, and the manifest records the new key file. No record changes and no process "
+        "restarts (the running writer endpoint keeps its data key); every later start of the writer needs the new "
+        "key. The old key file can be destroyed afterwards."))
+    rk.add_argument("--key-file", metavar="OLD", required=True, help="the current master key file")
+    rk.add_argument("--new-key-file", metavar="NEW", required=True, help="the new master key file (`sixfold key new`)")
+    rk.add_argument("--json", action="store_true", help="print JSON for scripts")
+    rk.set_defaults(func=audited("cluster rekey", cmd_cluster_rekey, lambda args: os.path.abspath(args.cluster or "")))
 
     # node serve|kill|stop|cont|start, writer serve|kill|stop|cont|start
     for family in ("node", "writer"):
@@ -615,6 +684,8 @@ def register(sub) -> None:
             serve.set_defaults(func=cmd_node_serve)
         else:
             serve.add_argument("--workers", type=int, default=128, help="gRPC worker threads")
+            serve.add_argument("--key-file", metavar="F", default=None, help=(
+                "an encrypted cluster's master key file (the launcher passes the one the manifest records)"))
             serve.set_defaults(func=cmd_writer_serve)
 
 

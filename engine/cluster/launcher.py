@@ -131,6 +131,8 @@ class Cluster:
         timeout_s: float = READY_TIMEOUT_S,
         insecure: bool | None = None,
         allow_fault_injection: bool | None = None,
+        encrypt: bool = False,
+        key_file: str | None = None,
     ) -> dict:
         """Create the cluster (or reopen its data: same volume id), start every process that is
         not running, wait until all are SERVING; returns `status()` plus `started` (the names
@@ -139,13 +141,14 @@ class Cluster:
 
         A new cluster is secure (mutual TLS, role checks) unless `insecure=True`;
         `allow_fault_injection=True` lets the admin role corrupt records and set fault rules
-        (chaos runs and fault tests)."""
+        (chaos runs and fault tests). `encrypt=True` with `key_file` (a master key file,
+        `sixfold key new`) encrypts a new volume at rest; see `supervisor.py`."""
         with self.processes.operation("cluster up"):
             self.ensure_operator()
             started = self.processes.up(
                 base_port=base_port, protection_groups=protection_groups, durable=durable,
                 write_timeout_s=write_timeout_s, gossip_interval_s=gossip_interval_s, timeout_s=timeout_s,
-                insecure=insecure, allow_fault_injection=allow_fault_injection,
+                insecure=insecure, allow_fault_injection=allow_fault_injection, encrypt=encrypt, key_file=key_file,
             )
             st = self.status()
         st["started"] = started
@@ -161,6 +164,11 @@ class Cluster:
         if path is None:
             return False
         return UserStore(self.folder, path).ensure_operator()
+
+    def rekey(self, old_key_file: str, new_key_file: str) -> dict:
+        """Re-wrap the data key of an encrypted cluster under a new master key (no restart; the
+        manifest records the new key file). See `Supervisor.rekey`."""
+        return self.processes.rekey(old_key_file, new_key_file)
 
     def start(self, name: str, *, wait: bool = True, timeout_s: float = READY_TIMEOUT_S) -> int:
         """Start a process that is down, with the same arguments as before; returns its pid.

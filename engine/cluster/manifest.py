@@ -14,7 +14,8 @@ Layout of a cluster folder::
 
 The manifest names the volume (id, geometry), every node (id, AZ, address, pid, data folder,
 log) and the writer endpoint (address, pid, log). Paths are relative to DIR, so a stopped
-cluster folder can be moved. Ports: the writer endpoint listens on `base_port`, node n<i> on
+cluster folder can be moved (the one absolute path, an encrypted cluster's key file, names a
+file that belongs outside the folder). Ports: the writer endpoint listens on `base_port`, node n<i> on
 `base_port + i` (7400 and 7401..7406 by default).
 
 Membership changes (`sixfold node replace`) add entries: a new node gets the next free port
@@ -37,10 +38,20 @@ authentication is on, and `cluster up` makes the operator's admin token if there
 old cluster restarted by this release is protected at once. A writer started on such a folder
 before `cluster up` ran refuses every call until a users file exists (fail closed).
 
-Format: the manifest records `"format": MANIFEST_FORMAT`. `load_manifest` refuses a newer
-format with a message naming it, and accepts a manifest written before the field existed (format
-0, otherwise the same): the field is added in memory and so written by the next save.
-Validating the rest of the schema is not done here.
+Encryption at rest: `"encryption"` (what `sixfold cluster up --encrypt --key-file F` writes) is
+the volume's envelope descriptor (`engine.envelope.new_descriptor`: the data key, wrapped by the
+master key), and `"key_file"` the absolute path of the master key's file, which the launcher
+passes to the writer endpoint (`writer serve --key-file F`) each time it starts it. The key itself
+is never in the manifest, nor anywhere in the cluster folder unless the operator puts it there.
+Only the writer endpoint unwraps the data key; nodes see ciphertext and keyed hashes.
+
+Format: a plain cluster's manifest records `"format": PLAIN_MANIFEST_FORMAT` (1), an encrypted
+one's `ENCRYPTED_MANIFEST_FORMAT` (2), as an embedded volume.json does: a release from before
+encryption reads format 1 only, so it refuses an encrypted cluster as "written by a newer
+release" rather than start its writer and serve ciphertext as values. `load_manifest` refuses a
+format above MANIFEST_FORMAT with a message naming it, and accepts a manifest written before the
+field existed (format 0, otherwise format 1): the field is added in memory and so written by the
+next save. The schema (`engine.cluster.schema`) ties the format to the encryption field.
 """
 
 from __future__ import annotations
@@ -59,8 +70,11 @@ from engine.files import atomic_write
 
 MANIFEST_FILE = "cluster.json"
 LOCK_FILE = ".lock"
-#: The cluster.json format this release writes and reads (0: the same without a "format" field).
-MANIFEST_FORMAT = 1
+#: The newest cluster.json format this release reads. 1: a plain cluster (0: the same without a
+#: "format" field). 2: an encrypted cluster (an "encryption" field): see the module docstring.
+MANIFEST_FORMAT = 2
+PLAIN_MANIFEST_FORMAT = 1
+ENCRYPTED_MANIFEST_FORMAT = 2
 BASE_PORT_DEFAULT = 7400
 HOST_DEFAULT = "127.0.0.1"
 WRITE_TIMEOUT_S_DEFAULT = 5.0
@@ -99,16 +113,20 @@ def new_manifest(
     volume_id: str | None = None,
     tls: bool = False,
     allow_fault_injection: bool = False,
+    master_key: bytes | None = None,
+    key_file: str | None = None,
 ) -> dict:
     """A manifest for a new cluster (nothing started yet). `tls` False is an insecure cluster
-    (`Supervisor.up` asks for a secure one unless told `insecure`)."""
+    (`Supervisor.up` asks for a secure one unless told `insecure`). With `master_key` (and the
+    `key_file` it was read from) the volume is encrypted: a new data key, wrapped by it."""
     geometry = Geometry(protection_groups) if protection_groups is not None else Geometry()
     nodes = list(default_nodes())
     if not 1 <= base_port <= 65535 - len(nodes):
         raise InvalidArgument(f"base port {base_port} leaves no room for {len(nodes)} node ports above it")
-    return {
-        "format": MANIFEST_FORMAT,
-        "volume_id": volume_id or str(uuid.uuid4()),
+    volume_id = volume_id or str(uuid.uuid4())
+    m = {
+        "format": PLAIN_MANIFEST_FORMAT if master_key is None else ENCRYPTED_MANIFEST_FORMAT,
+        "volume_id": volume_id,
         "protection_groups": geometry.protection_groups,
         "durable": bool(durable),
         "write_timeout_s": float(write_timeout_s),
@@ -131,6 +149,13 @@ def new_manifest(
         WRITER: {"address": f"{host}:{base_port}", "pid": None, "log": os.path.join("logs", "writer.log")},
         "users_file": USERS_FILE_DEFAULT,
     }
+    if master_key is not None:
+        from engine.envelope import new_descriptor
+
+        assert key_file is not None, "an encrypted cluster records its key file's path"
+        m["encryption"] = new_descriptor(master_key, volume_id)
+        m["key_file"] = os.path.abspath(key_file)
+    return m
 
 
 def load_manifest(folder: str) -> dict:
@@ -149,18 +174,19 @@ def load_manifest(folder: str) -> dict:
 
     validate_manifest(manifest, path, format_max=MANIFEST_FORMAT)  # WrongFolder naming the field, never a KeyError later
     fmt = format_of(manifest, MANIFEST_FORMAT, path, "cluster was set up", ClusterError)
-    if fmt < MANIFEST_FORMAT:
+    if fmt < PLAIN_MANIFEST_FORMAT:
         # Format 0 is format 1 without the field: the next save writes it (a reader never writes).
-        manifest["format"] = MANIFEST_FORMAT
+        manifest["format"] = PLAIN_MANIFEST_FORMAT
     return manifest
 
 
 def save_manifest(folder: str, manifest: dict) -> None:
     """Write the manifest atomically and durably (`engine.files.atomic_write`: temporary file,
-    fsync, rename, fsync of the folder), in this release's format."""
-    if manifest.get("format", MANIFEST_FORMAT) != MANIFEST_FORMAT:  # load refuses other formats
+    fsync, rename, fsync of the folder), in the format its encryption field calls for."""
+    want = manifest_format(manifest)
+    if manifest.get("format", want) != want:  # load refuses other formats
         raise AssertionError(f"saving a manifest of format {manifest.get('format')!r}")
-    manifest["format"] = MANIFEST_FORMAT
+    manifest["format"] = want
     os.makedirs(folder, exist_ok=True)
     atomic_write(manifest_path(folder), (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
 
@@ -239,6 +265,16 @@ def add_node_entry(manifest: dict, node_id: str, az: str, port: int, replaces: s
 OPERATOR = "admin"
 
 
+def is_encrypted(manifest: dict) -> bool:
+    """True for a cluster whose volume is encrypted at rest (an "encryption" field)."""
+    return manifest.get("encryption") is not None
+
+
+def manifest_format(manifest: dict) -> int:
+    """The format a manifest is written in: it says whether the volume is encrypted."""
+    return ENCRYPTED_MANIFEST_FORMAT if is_encrypted(manifest) else PLAIN_MANIFEST_FORMAT
+
+
 def is_secure(manifest: dict) -> bool:
     """True for a TLS cluster; a manifest without the field predates TLS: insecure."""
     return bool(manifest.get("tls", False))
@@ -290,4 +326,5 @@ def endpoint_config(manifest: dict, folder: str | None = None):
         durable=manifest["durable"],
         write_timeout_s=manifest.get("write_timeout_s", WRITE_TIMEOUT_S_DEFAULT),
         **auth,
+        encryption=manifest.get("encryption"),
     )

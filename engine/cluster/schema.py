@@ -10,9 +10,14 @@ the whole document once, right after it is parsed (`manifest.load_manifest` call
 `WrongFolder` with one line that names the file, the field (`nodes[2].address`), what was
 expected and what was found. Code after the load may then index the manifest freely.
 
-What is checked (format 1; the checks are hand-written, standard library only):
+What is checked (formats 1 and 2; the checks are hand-written, standard library only):
 
-    format              optional int (the version check itself is the loader's)
+    format              optional int (the version check itself is the loader's); 2 exactly when
+                        the volume is encrypted
+    encryption          format 2 only, and there required: the envelope descriptor
+                        (`engine.envelope.descriptor_problems`: scheme, wrapped data key)
+    key_file            optional non-empty absolute path (the master key's file, outside the
+                        folder ideally; the only path that is not relative to it)
     volume_id           non-empty string
     protection_groups   int in 1..PROTECTION_GROUPS_MAX
     durable             bool
@@ -39,8 +44,9 @@ reader; booleans are never accepted as numbers (JSON `true` is not a port). A ma
 integer `format` is above the newest format the caller reads is not shape-checked here: its
 version is the news, and the loader reports it.
 
-Rules of this module: standard library, `engine.errors` and `engine.core.constants` only; it
-knows nothing of processes.
+Rules of this module: standard library, `engine.errors`, `engine.core.constants` and
+`engine.envelope.descriptor_problems` (the one shape check of an encryption descriptor, shared
+with the embedded volume.json) only; it knows nothing of processes.
 """
 
 from __future__ import annotations
@@ -50,6 +56,7 @@ import re
 from typing import Any
 
 from engine.core.constants import PROTECTION_GROUPS_MAX
+from engine.envelope import descriptor_problems
 from engine.errors import WrongFolder
 
 PORT_MIN, PORT_MAX = 1, 65535
@@ -58,6 +65,9 @@ PID_MAX = 1 << 22
 #: Node ids and AZ names: the rule of `engine.transport.convert.check_node_id` (ids appear on
 #: command lines and in folder names, so they are kept to a safe alphabet).
 NAME_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
+#: The format of an encrypted cluster's manifest (`engine.cluster.manifest.ENCRYPTED_MANIFEST_FORMAT`;
+#: not imported: the manifest module imports this one).
+ENCRYPTED_FORMAT = 2
 #: How much of a wrong value the message quotes (it stays one line).
 QUOTE_MAX = 60
 
@@ -196,6 +206,19 @@ def validate_manifest(manifest: Any, where: str = "cluster.json", *, format_max:
     c.number(m, "gossip_interval_s", "gossip_interval_s", positive=False, optional=True)
     c.boolean(m, "tls", "tls", optional=True)
     c.boolean(m, "allow_fault_injection", "allow_fault_injection", optional=True)
+    if present and fmt == ENCRYPTED_FORMAT:
+        if "encryption" not in m:
+            c.fail("encryption", f"an encryption descriptor in a format-{ENCRYPTED_FORMAT} (encrypted) manifest", None,
+                   missing=True)
+        problems = descriptor_problems(m["encryption"])
+        if problems:
+            c.fail("encryption", f"an encryption descriptor ({'; '.join(problems)})", m["encryption"])
+    elif "encryption" in m:
+        c.fail("encryption", f"absent from a format-{fmt if present else 0} (plain) manifest: an encrypted "
+               f"cluster's manifest is format {ENCRYPTED_FORMAT}", m["encryption"])
+    c.string(m, "key_file", "key_file", optional=True)
+    if isinstance(m.get("key_file"), str) and not m["key_file"].startswith("/"):
+        c.fail("key_file", "an absolute path", m["key_file"])
 
     if m.get("users_file") is not None:  # absent or null are fine (see manifest.py)
         c.path(m, "users_file", "users_file")

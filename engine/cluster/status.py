@@ -19,6 +19,7 @@ Rules of this module: it reads (the manifest, the processes, their answers) and 
 
 from __future__ import annotations
 
+import os
 from concurrent import futures
 
 from engine.cluster.admin import STATUS_RPC_TIMEOUT_S, WriterAdmin, operator_token
@@ -39,13 +40,20 @@ def rebuild_progress(scls, pgcls) -> dict:
 
 
 def security(folder: str, manifest: dict) -> dict:
-    """TLS on or off, fault injection, and one warning per certificate that expires within
-    `certs.EXPIRY_WARNING_DAYS` (or a rotation left unfinished)."""
-    from engine.cluster.manifest import is_secure, tls_folder
+    """TLS on or off, encryption at rest (and the key file's path), fault injection, and one
+    warning per certificate that expires within `certs.EXPIRY_WARNING_DAYS` (or a rotation left
+    unfinished, or a key file others can read)."""
+    from engine.cluster.manifest import is_encrypted, is_secure, tls_folder
     from engine.security.certs import EXPIRY_WARNING_DAYS, CertificateError
 
-    out = {"tls": is_secure(manifest), "allow_fault_injection": bool(manifest.get("allow_fault_injection", False)),
-           "warnings": []}
+    out = {"tls": is_secure(manifest), "encrypted": is_encrypted(manifest),
+           "allow_fault_injection": bool(manifest.get("allow_fault_injection", False)), "warnings": []}
+    if out["encrypted"]:
+        from engine.envelope import key_file_is_private
+
+        out["key_file"] = manifest.get("key_file")
+        if out["key_file"] and os.path.exists(out["key_file"]) and not key_file_is_private(out["key_file"]):
+            out["warnings"].append(f"the key file {out['key_file']} can be read by other users (chmod 600 it)")
     if out["tls"]:
         tf = tls_folder(folder, manifest)
         try:
@@ -104,7 +112,8 @@ class StatusView:
                     out.update(vdl=st["vdl"], epoch=st["epoch"], in_flight=st["writer"].get("in_flight"),
                                links={k: v["up"] for k, v in st["writer"]["links"].items()},
                                pgcl=st["writer"].get("pgcl"), membership=st["writer"].get("membership"),
-                               membership_change=st.get("membership_change"), auth=st["endpoint"].get("auth"))
+                               membership_change=st.get("membership_change"), auth=st["endpoint"].get("auth"),
+                               encrypted=st.get("encrypted", False))
                 except SixfoldError as e:
                     out["error"] = str(e)
             return out

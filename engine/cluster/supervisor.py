@@ -36,6 +36,15 @@ none (`engine.security.certs`, in `DIR/tls/`), and so does `start` for a node ad
 Health checks then speak mutual TLS as the operator (`admin`). An insecure cluster on a
 non-loopback host is refused before anything starts.
 
+Encryption at rest: `up(encrypt=True, key_file=F)` on a new folder reads the master key from F
+and writes the volume's wrapped data key and F's absolute path into the manifest (format 2,
+`manifest.py`); every start of the writer endpoint passes `--key-file F` on its command line
+(the path, never the key). The writer reads the key itself; one started without it or with a
+wrong one exits at once with an EncryptionError in its log, which `wait_serving` reports with the
+log's tail. `up(encrypt=True, key_file=F)` on an existing encrypted cluster checks that F unwraps
+its data key and records F from then on; on a plain cluster it is refused (encryption is chosen
+at creation). `rekey` re-wraps the data key under a new master key, under both locks.
+
 Rules of this module: it knows processes, ports, pids and the manifest's process entries; it
 asks a process nothing but its health (status and healing are `status.py` and `healing.py`).
 """
@@ -68,6 +77,7 @@ from engine.cluster.manifest import (
     active_nodes,
     check_compatible,
     identity_roles,
+    is_encrypted,
     is_secure,
     load_manifest,
     locked,
@@ -77,6 +87,7 @@ from engine.cluster.manifest import (
     tls_config,
     tls_folder,
 )
+from engine.errors import EncryptionError, InvalidArgument
 from engine.security.tls import secure_channel
 
 log = logging.getLogger("sixfold.launcher")
@@ -305,7 +316,10 @@ class Supervisor:
     def _argv(self, manifest: dict, name: str) -> list[str]:
         base = [self.python, "-m", "engine"]
         if name == WRITER:
-            return base + ["writer", "serve", "--cluster", self.folder, "--listen", manifest[WRITER]["address"]]
+            argv = base + ["writer", "serve", "--cluster", self.folder, "--listen", manifest[WRITER]["address"]]
+            if manifest.get("key_file"):
+                argv += ["--key-file", manifest["key_file"]]
+            return argv
         # The node reads the rest (AZ, data folder, volume, peers, durability, gossip interval)
         # from the manifest, and re-reads it to reach nodes added later (engine.cluster.addresses).
         n = node_entry(manifest, name)
@@ -399,6 +413,8 @@ class Supervisor:
         timeout_s: float = READY_TIMEOUT_S,
         insecure: bool | None = None,
         allow_fault_injection: bool | None = None,
+        encrypt: bool = False,
+        key_file: str | None = None,
     ) -> list[str]:
         """Create the cluster (or reopen its data: same volume id), start every process that is
         not running, wait until all are SERVING; returns the names this call started (empty when
@@ -407,7 +423,12 @@ class Supervisor:
 
         A new cluster is secure (mutual TLS, certificates in DIR/tls/) unless `insecure`, which is
         fixed at creation; `allow_fault_injection` (Corrupt, SetFaults for the admin role) is
-        recorded in the manifest and applies to the processes started from then on."""
+        recorded in the manifest and applies to the processes started from then on. `encrypt`
+        with `key_file` encrypts a new volume at rest (see the module docstring)."""
+        if encrypt and not key_file:
+            raise InvalidArgument("an encrypted cluster needs the file of its master key (key_file)")
+        if key_file and not encrypt:
+            raise InvalidArgument("a key file encrypts a cluster only with encrypt=True")
         with self.operation("cluster up"):
             started: list[str] = []
             try:
@@ -422,6 +443,8 @@ class Supervisor:
                                 f"this cluster was created {'secure (TLS)' if is_secure(manifest) else 'insecure (--insecure)'}; "
                                 "that is fixed at creation. Leave --insecure out, or use another folder."
                             )
+                        if encrypt:
+                            self._use_key_file(manifest, key_file)
                     else:
                         manifest = new_manifest(
                             base_port=BASE_PORT_DEFAULT if base_port is None else base_port,
@@ -429,6 +452,8 @@ class Supervisor:
                             durable=True if durable is None else durable,
                             tls=not insecure,
                             allow_fault_injection=bool(allow_fault_injection),
+                            master_key=self._master_key(key_file) if encrypt else None,
+                            key_file=key_file if encrypt else None,
                         )
                     if allow_fault_injection is not None:
                         manifest["allow_fault_injection"] = bool(allow_fault_injection)
@@ -468,6 +493,53 @@ class Supervisor:
                     self.terminate([name], DOWN_TIMEOUT_S)
                 raise
             return started
+
+    # --- encryption at rest -----------------------------------------------------------------
+    def _master_key(self, key_file: str) -> bytes:
+        """The master key in `key_file` (EncryptionError / InvalidArgument naming the file)."""
+        from engine.envelope import key_file_is_private, read_key_file
+
+        key = read_key_file(key_file)
+        if not key_file_is_private(key_file):
+            log.warning("the key file %s can be read by other users (chmod 600 it)", key_file)
+        inside = os.path.commonpath([self.folder, os.path.abspath(key_file)]) == self.folder
+        if inside:
+            log.warning("the key file %s is inside the cluster folder: whoever copies the folder has the key too; "
+                        "keep it elsewhere", key_file)
+        return key
+
+    def _use_key_file(self, manifest: dict, key_file: str) -> None:
+        """An existing cluster asked to be encrypted with `key_file`: check it unwraps the data
+        key and record it (a plain cluster cannot be switched on in place)."""
+        from engine.envelope import unwrap
+
+        if not is_encrypted(manifest):
+            raise EncryptionError(
+                f"cluster {self.folder} is not encrypted, and encryption is chosen when a cluster is created: it "
+                "cannot be switched on in place. Leave --encrypt out, or copy the data into a new encrypted cluster "
+                "(restore a backup into one, once backups exist).")
+        unwrap(manifest["encryption"], self._master_key(key_file), manifest["volume_id"])
+        manifest["key_file"] = os.path.abspath(key_file)
+
+    def rekey(self, old_key_file: str, new_key_file: str) -> dict:
+        """Re-wrap an encrypted cluster's data key under the master key of `new_key_file` and
+        record that file in the manifest (atomic write, under the operation and manifest locks).
+        The running writer keeps its data key: nothing restarts. EncryptionError if the cluster
+        is plain or `old_key_file` does not unwrap its data key; the manifest is then unchanged."""
+        from engine.envelope import rewrap
+
+        with self.operation("cluster rekey"), locked(self.folder):
+            manifest = load_manifest(self.folder)
+            if not is_encrypted(manifest):
+                raise EncryptionError(f"cluster {self.folder} is not encrypted: there is no key to rotate")
+            old, new = self._master_key(old_key_file), self._master_key(new_key_file)
+            if old == new:
+                raise InvalidArgument("the new key file holds the same key as the old one")
+            manifest["encryption"] = rewrap(manifest["encryption"], old, new, manifest["volume_id"])
+            manifest["key_file"] = os.path.abspath(new_key_file)
+            save_manifest(self.folder, manifest)
+        log.info("re-wrapped the data key of %s under the key of %s", self.folder, manifest["key_file"])
+        return {"cluster": self.folder, "rekeyed": True, "key_file": manifest["key_file"]}
 
     def start(self, name: str, *, wait: bool = True, timeout_s: float = READY_TIMEOUT_S) -> int:
         """Start a process that is down, with the same arguments as before; returns its pid.

@@ -36,6 +36,16 @@ stat of the file, a SHA-256 and a dict lookup, a few microseconds; `Unauthentica
 `PermissionDenied` otherwise, before anything is done). Refusals go to the audit log
 (`EndpointConfig.audit_log`, summarised when they flood) and are counted. Without a users file
 (an endpoint built in-process by a test or a benchmark) every call is admitted.
+
+Encryption at rest (`engine.envelope`): an encrypted cluster's manifest holds the volume's data
+key wrapped by the master key (`EndpointConfig.encryption`). `run_writer_process` reads the
+master key from the key file it is given (`writer serve --key-file F`), unwraps the data key and
+puts the `VolumeCipher` in the config before anything is served; the `Writer` seals values and
+hashes keys with it, so the nodes only ever see ciphertext. No key file, an unreadable one or a
+wrong key is an `EncryptionError` logged on one line, and the process exits (code 3) at once, so
+the launcher reports it instead of waiting for a writer that never serves. The data key then
+lives only in this process's memory: re-wrapping it under a new master key (`sixfold cluster
+rekey`) needs no restart.
 """
 
 from __future__ import annotations
@@ -47,13 +57,13 @@ import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent import futures
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import grpc
 
 from engine import codec
 from engine.core.types import Geometry, NodeInfo, Unit
-from engine.errors import InvalidArgument, SixfoldError, Unavailable
+from engine.errors import EncryptionError, InvalidArgument, SixfoldError, Unavailable
 from engine.head.membership import ACTIVE_PHASES, MembershipChange
 from engine.head.writer import ReadView, Writer, WriterOptions, node_status
 from engine.proto import kv_pb2_grpc
@@ -91,6 +101,10 @@ class EndpointConfig:
     users_file: str | None = None
     #: Where refused calls are recorded (JSON lines, `engine.security.audit`); None: not recorded.
     audit_log: str | None = None
+    #: an encrypted volume's descriptor (the manifest's "encryption": the wrapped data key)
+    encryption: Mapping | None = None
+    #: its cipher (`engine.envelope.VolumeCipher`), built from the key file by run_writer_process
+    cipher: object | None = field(default=None, repr=False, compare=False)
 
 
 class WriterEndpoint:
@@ -120,6 +134,7 @@ class WriterEndpoint:
             self.nodes,
             self.geometry,
             WriterOptions(write_timeout_s=self.config.write_timeout_s, local_az=self.config.local_az),
+            cipher=self.config.cipher,
         )
         w.open()
         self._writer = w
@@ -322,6 +337,7 @@ class WriterEndpoint:
             "protection_groups": self.P,
             "codec": codec.IMPLEMENTATION,
             "durable": self.config.durable,
+            "encrypted": self.config.cipher is not None,
             "vdl": ws["vdl"],
             "epoch": ws["epoch"],
             "nodes": nodes,
@@ -509,17 +525,51 @@ def kv_guard(tls):
     return Guard(tls.cluster_id, KV_POLICY, RevocationList(tls.revoked_path), convert.abort, me="writer endpoint")
 
 
-def run_writer_process(config: EndpointConfig, listen: str, workers: int = ENDPOINT_WORKERS, *, tls=None) -> int:
+#: The exit code of a writer endpoint that cannot open its volume's encryption (engine.cli's 3).
+EXIT_ENCRYPTION = 3
+
+
+def with_cipher(config: EndpointConfig, key_file: str | None) -> EndpointConfig:
+    """`config` with the cipher of its encrypted volume, from the master key in `key_file`.
+    EncryptionError (or InvalidArgument for a file that holds no key) when the key file is
+    missing, unreadable or not this volume's key, or is given for a plain volume."""
+    from engine.envelope import VolumeCipher, key_file_is_private, read_key_file, unwrap
+
+    if config.encryption is None:
+        if key_file is not None:
+            raise EncryptionError(f"volume {config.volume_id} is not encrypted (encryption is chosen when a cluster is "
+                                  "created); start its writer without --key-file")
+        return config
+    if key_file is None:
+        raise EncryptionError(f"volume {config.volume_id} is encrypted: start its writer with --key-file F "
+                              "(the master key file given to `sixfold cluster up --encrypt`)")
+    master = read_key_file(key_file)
+    if not key_file_is_private(key_file):
+        log.warning("the key file %s can be read by other users (chmod 600 it)", key_file)
+    cipher = VolumeCipher(unwrap(config.encryption, master, config.volume_id), config.volume_id)
+    return replace(config, cipher=cipher)
+
+
+def run_writer_process(config: EndpointConfig, listen: str, workers: int = ENDPOINT_WORKERS, *, tls=None,
+                       key_file: str | None = None) -> int:
     """The body of `sixfold writer serve`: serve until SIGTERM/SIGINT; returns an exit code.
-    With `tls` the KV server and the transport to the nodes are mutual TLS as the writer."""
+    With `tls` the KV server and the transport to the nodes are mutual TLS as the writer. An
+    encrypted volume's master key comes from `key_file` (see the module docstring); without it,
+    or with a wrong one, the process logs the EncryptionError and returns EXIT_ENCRYPTION."""
+    try:
+        config = with_cipher(config, key_file)
+    except (EncryptionError, InvalidArgument) as e:
+        log.error("cannot open the volume's encryption: %s: %s", type(e).__name__, e)
+        return EXIT_ENCRYPTION
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     transport = GrpcTransport(config.addresses, source="writer", tls=tls, volume_id=config.volume_id) if tls is not None else None
     server = EndpointServer(WriterEndpoint(config, transport), listen, workers, tls=tls)
     log.info(
-        "writer endpoint for volume %s on %s, pid %d: recovering over nodes %s; %s",
-        config.volume_id, listen, os.getpid(), ", ".join(f"{n.id}={config.addresses.get(n.id)}" for n in config.nodes),
+        "writer endpoint for volume %s on %s, pid %d%s: recovering over nodes %s; %s",
+        config.volume_id, listen, os.getpid(), " (encrypted at rest)" if config.cipher is not None else "",
+        ", ".join(f"{n.id}={config.addresses.get(n.id)}" for n in config.nodes),
         f"every call needs a token of {config.users_file}" if config.users_file else "no client authentication",
     )
     server.start()

@@ -761,8 +761,8 @@ def scan_chunk_from_pb(m: kv_pb2.ScanChunk) -> list[tuple[bytes, bytes]]:
 # returns it. A key the message does not carry is a programmer error, refused loudly rather than
 # dropped: the fix is a field in kv.proto (the writer's `stats` are a map, so a new counter needs
 # none).
-_STATUS_KEYS = frozenset({"volume_id", "protection_groups", "codec", "durable", "vdl", "epoch", "nodes", "writer",
-                          "endpoint", "membership_change"})
+_STATUS_KEYS = frozenset({"volume_id", "protection_groups", "codec", "durable", "encrypted", "vdl", "epoch", "nodes",
+                          "writer", "endpoint", "membership_change"})
 _NODE_KEYS = frozenset({"id", "az", "address", "up"})
 _NODE_REPORT_KEYS = frozenset({"scl", "lag", "epoch", "records", "bytes", "corrupt_found", "repaired", "rebuild"})
 #: optional: carried when node_status has them
@@ -905,7 +905,7 @@ def status_to_pb(status: dict) -> kv_pb2.StatusReply:
     ep = _exactly(status["endpoint"], _ENDPOINT_KEYS, "endpoint", optional=frozenset({"auth"}))
     m = kv_pb2.StatusReply(
         volume_id=status["volume_id"], protection_groups=status["protection_groups"], codec=status["codec"],
-        durable=status["durable"], vdl=status["vdl"], epoch=status["epoch"],
+        durable=status["durable"], encrypted=status["encrypted"], vdl=status["vdl"], epoch=status["epoch"],
         nodes=[_node_status_to_pb(n) for n in status["nodes"]],
         writer=_writer_status_to_pb(status["writer"]),
         endpoint=kv_pb2.EndpointStatus(pid=ep["pid"]),
@@ -927,6 +927,7 @@ def status_from_pb(m: kv_pb2.StatusReply) -> dict:
         "protection_groups": m.protection_groups,
         "codec": m.codec,
         "durable": m.durable,
+        "encrypted": m.encrypted,
         "vdl": m.vdl,
         "epoch": m.epoch,
         "nodes": [_node_status_from_pb(n) for n in m.nodes],
