@@ -564,7 +564,12 @@ def run_writer_process(config: EndpointConfig, listen: str, workers: int = ENDPO
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    transport = GrpcTransport(config.addresses, source="writer", tls=tls, volume_id=config.volume_id) if tls is not None else None
+    transport = None
+    if tls is not None:  # mTLS, and every SyncEpoch signed (engine.security.proofs)
+        from engine.security.proofs import EpochSigner
+
+        transport = GrpcTransport(config.addresses, source="writer", tls=tls, volume_id=config.volume_id,
+                                  signer=EpochSigner.from_tls(tls))
     server = EndpointServer(WriterEndpoint(config, transport), listen, workers, tls=tls)
     log.info(
         "writer endpoint for volume %s on %s, pid %d%s: recovering over nodes %s; %s",

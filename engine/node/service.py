@@ -36,7 +36,7 @@ import lmdb
 
 from engine import codec
 from engine.core.types import Geometry, Membership, NodeInfo, NodeState, TruncationRange
-from engine.errors import Closed, CorruptRecord, InvalidArgument, SixfoldError, StorageError, StorageFull
+from engine.errors import Closed, CorruptRecord, InvalidArgument, PermissionDenied, SixfoldError, StorageError, StorageFull
 from engine.node.store import FETCH_BYTES_MAX, SegmentStore
 
 log = logging.getLogger("sixfold.node")
@@ -82,6 +82,11 @@ class StorageNode:
         #: repair by gossip: whether the last round found this node behind a peer, and how many
         #: records it has fetched since it started (a wiped node's rebuild shows up here)
         self.rebuild = {"active": False, "fetched_records": 0}
+        #: in a secure cluster, the check of writer-signed epoch states (engine.security.proofs
+        #: EpochVerifier, set by the node process); None: adopt peers' truncations as told
+        self.verifier = None
+        #: peers' truncations or memberships refused for want of a valid writer signature
+        self.unsigned_gossip_refused = 0
         self._full_cause: str | None = None  # why the node was last full (logged once per cause)
         #: unexpected exceptions per background thread, and the last one as "thread: Class: message"
         self.background_errors = {"gossip": 0, "scrub": 0}
@@ -148,8 +153,9 @@ class StorageNode:
     def seal(self, epoch: int):
         return self.store.seal(epoch)
 
-    def sync_epoch(self, epoch: int, truncations: Sequence[TruncationRange], membership: Membership | None):
-        return self.store.sync_epoch(epoch, truncations, membership)
+    def sync_epoch(self, epoch: int, truncations: Sequence[TruncationRange], membership: Membership | None,
+                   proof: bytes = b"", proof_epoch: int = -1):
+        return self.store.sync_epoch(epoch, truncations, membership, proof, proof_epoch)
 
     def fetch(self, pg: int, after_lsn: int, max_bytes: int, upto_lsn: int | None):
         return self.store.fetch(pg, after_lsn, max_bytes, upto_lsn)
@@ -162,6 +168,7 @@ class StorageNode:
             background_expected_errors=dict(self.background_expected_errors),
             gossip_peer_errors=dict(self.gossip_peer_errors),
             refused_truncations=self.store.refused_truncations,
+            unsigned_gossip_refused=self.unsigned_gossip_refused,
         )
         return st
 
@@ -206,6 +213,20 @@ class StorageNode:
         self.rebuild["active"] = self._behind_any
         return fetched
 
+    def _adopt_signed(self, peer: str, st: NodeState) -> None:
+        """A secure node adopts a peer's truncations and membership only as a writer signed them
+        (engine.security.proofs): exactly the proof's statement, never the unsigned fields."""
+        try:
+            stmt = self.verifier.verify(st.epoch_proof)
+        except PermissionDenied as e:
+            self.unsigned_gossip_refused += 1
+            self._note_cause(f"epoch state from {peer}", e)
+            return
+        self._note_cause(f"epoch state from {peer}", None)
+        truncations = tuple(TruncationRange(*t) for t in stmt.truncations)
+        membership = None if stmt.membership is None else Membership(*stmt.membership)
+        self.store.sync_epoch(self.store.epoch, truncations, membership, st.epoch_proof, stmt.epoch)
+
     def _gossip_with(self, peer: str) -> int:
         st = self.transport.state(peer)
         store = self.store
@@ -214,7 +235,10 @@ class StorageNode:
         if any(t not in store.truncations for t in st.truncations) or (
             st.membership is not None and (store.membership is None or st.membership.epoch > store.membership.epoch)
         ):
-            store.sync_epoch(store.epoch, st.truncations, st.membership)
+            if self.verifier is None:
+                store.sync_epoch(store.epoch, st.truncations, st.membership)
+            else:
+                self._adopt_signed(peer, st)
         # Only records at or below a VDL the writer told us a round ago are surely missing:
         # anything newer may still be on its way from the writer, and fetching it would race the
         # writer's own sends (doubling the writes of every slow node).

@@ -209,6 +209,11 @@ class SegmentStore:
             if raw:
                 m = json.loads(raw)
                 self.membership = Membership(m["epoch"], tuple(m["members"]), tuple(m["next"]) if m["next"] else None)
+            #: the writer's signed statement of the newest epoch state adopted, and its epoch
+            #: (engine.security.proofs; empty in an insecure cluster). Absent in a folder written
+            #: before proofs existed, which reads as "none yet": the writer's next sync brings one.
+            raw = txn.get(b"epoch_proof", db=self._meta)
+            self.epoch_proof, self.epoch_proof_epoch = (b"", -1) if not raw else (bytes(raw[8:]), _U64BE.unpack(raw[:8])[0])
             raw = txn.get(b"counters", db=self._meta)
             self.counters = {"corrupt_found": 0, "repaired": 0, "conflicts_refused": 0}
             self.counters.update(json.loads(raw) if raw else {})
@@ -572,8 +577,11 @@ class SegmentStore:
             self.node_id, pg, self.scls[pg], self.hint_lsn, last_at_hint, tuple(headers), tuple(sorted(self.damaged[pg]))
         )
 
-    def sync_epoch(self, epoch: int, truncations: Sequence[TruncationRange], membership: Membership | None = None) -> NodeState:
-        """Adopt `epoch` (>= ours), its truncation ranges and membership; cut truncated records."""
+    def sync_epoch(self, epoch: int, truncations: Sequence[TruncationRange], membership: Membership | None = None,
+                   proof: bytes = b"", proof_epoch: int = -1) -> NodeState:
+        """Adopt `epoch` (>= ours), its truncation ranges and membership; cut truncated records.
+        `proof`: the writer's signed statement of that state (of epoch `proof_epoch`), kept when
+        it is the newest this node holds, to hand on by gossip (checked by the caller)."""
         self._check_open()
         _bounded(epoch, EPOCH_MAX, "epoch")
         for t in truncations:
@@ -603,7 +611,10 @@ class SegmentStore:
             # Computed on copies, published once committed: a failed transaction changes nothing.
             all_truncations = sorted(set(self.truncations) | set(new), key=lambda t: (t.first, t.epoch)) if new else self.truncations
             scls, max_lsn = list(self.scls), list(self.max_lsn)
+            keep_proof = bool(proof) and proof_epoch > self.epoch_proof_epoch
             with self.env.begin(write=True) as txn:
+                if keep_proof:
+                    txn.put(b"epoch_proof", _U64BE.pack(proof_epoch) + proof, db=self._meta)
                 if epoch > self.epoch:
                     txn.put(b"epoch", _U64BE.pack(epoch), db=self._meta)
                 if new:
@@ -623,6 +634,8 @@ class SegmentStore:
                 self.scls, self.max_lsn = scls, max_lsn
             if adopt:
                 self.membership = membership
+            if keep_proof:
+                self.epoch_proof, self.epoch_proof_epoch = proof, proof_epoch
         return self.state()
 
     def _cut(self, txn, pg: int, ranges: Iterable[TruncationRange], scls: list[int], max_lsn: list[int]) -> None:
@@ -875,6 +888,7 @@ class SegmentStore:
             repaired=self.counters["repaired"],
             truncations=tuple(self.truncations),
             membership=self.membership,
+            epoch_proof=self.epoch_proof,
             conflicts_refused=self.counters["conflicts_refused"],
             used_bytes=used,
             capacity_bytes=capacity,

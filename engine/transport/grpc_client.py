@@ -122,10 +122,14 @@ class GrpcTransport(Transport):
         channel_options: Sequence[tuple[str, object]] = (),
         tls: TlsConfig | None = None,
         volume_id: str | None = None,
+        signer=None,
     ) -> None:
         self.addresses = dict(addresses)
         #: the volume every request names (storage protocol 2); nodes refuse requests without it
         self.volume_id = volume_id
+        #: the writer's EpochSigner (engine.security.proofs) in a secure cluster: every SyncEpoch
+        #: carries its signed statement, which nodes require and hand on by gossip
+        self.signer = signer
         self.source = source
         self.tls = tls
         self.deadlines = deadlines
@@ -226,7 +230,8 @@ class GrpcTransport(Transport):
         return self._call(node, "set_faults", rules)
 
     def sync_epoch(self, node: str, epoch: int, truncations: Sequence[TruncationRange], membership: Membership | None):
-        return self._call(node, "sync_epoch", epoch, tuple(truncations), membership)
+        proof = self.signer.proof(epoch, truncations, membership) if self.signer is not None else b""
+        return self._call(node, "sync_epoch", epoch, tuple(truncations), membership, proof)
 
     def close(self) -> None:
         with self._lock:

@@ -49,7 +49,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from engine.core.types import Geometry, NodeInfo
-from engine.errors import SixfoldError, Unavailable, WrongVolume
+from engine.errors import PermissionDenied, SixfoldError, Unavailable, WrongVolume
 from engine.security.roles import ADMIN, STORAGE_POLICY, Guard, RevocationList
 from engine.security.tls import TlsConfig
 from engine.node.service import GOSSIP_INTERVAL_S, SCRUB_INTERVAL_S, StorageNode
@@ -284,10 +284,21 @@ class StorageServicer(storage_pb2_grpc.StorageServicer):
         )
 
     def SyncEpoch(self, request, context):
-        return self._serve(
-            context, "SyncEpoch",
-            lambda: convert.node_state_to_pb(self.node.handle("sync_epoch", *convert.sync_epoch_args_from_pb(request))),
-        )
+        def work():
+            epoch, truncations, membership = convert.sync_epoch_args_from_pb(request)
+            proof, proof_epoch = b"", -1
+            verifier = self.node.verifier
+            if verifier is not None:  # a secure node: only what a writer signed (engine.security.proofs)
+                stmt = verifier.verify(request.epoch_proof)
+                said = (epoch, tuple(sorted((t.epoch, t.first, t.last) for t in truncations)),
+                        None if membership is None else (membership.epoch, tuple(membership.members), membership.next_members))
+                if (stmt.epoch, tuple(sorted(stmt.truncations)), stmt.membership) != said:
+                    raise PermissionDenied("SyncEpoch: its epoch proof states another epoch, truncations or membership "
+                                           "than the request carries")
+                proof, proof_epoch = request.epoch_proof, stmt.epoch
+            return convert.node_state_to_pb(self.node.handle("sync_epoch", epoch, truncations, membership, proof, proof_epoch))
+
+        return self._serve(context, "SyncEpoch", work)
 
     def Fetch(self, request, context):
         def work():
@@ -423,6 +434,10 @@ def run_node_process(
     addresses[node_id] = listen
     transport = (transport_factory or (lambda a: GrpcTransport(a, source=node_id, tls=tls, volume_id=volume_id)))(addresses)
     ns.node.attach(transport, peers_of(ns.node, addresses))
+    if tls is not None:  # truncations and memberships only as a writer signed them
+        from engine.security.proofs import EpochVerifier
+
+        ns.node.verifier = EpochVerifier.from_tls(tls)
     ns.start()
     if gossip_interval_s > 0:
         ns.node.start_background(gossip_interval_s, scrub_interval_s)
