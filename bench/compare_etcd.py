@@ -152,7 +152,7 @@ def run_etcd(binary, root, members, stubs, args, log, tls=None) -> tuple[list[di
 def run_sixfold(args, log, *, insecure: bool) -> tuple[list[dict], dict]:
     system = "sixfold-insecure" if insecure else "sixfold-tls"
     t0 = time.perf_counter()
-    with cluster_bench.sixfold_cluster(durable=True, base_port=args.base_port, insecure=insecure) as (cluster, db):
+    with cluster_bench.sixfold_cluster(durable=True, base_port=args.base_port, insecure=insecure, no_auth=insecure) as (cluster, db):
         log(f"{system}: up in {time.perf_counter() - t0:.1f} s at {cluster.writer_address}")
         rows = cluster_bench.standard_rows(system, cluster_bench.sixfold_factory(db), seconds=args.seconds,
                                            seed=args.seed, get_keys=args.get_keys, log=log)

@@ -162,3 +162,14 @@ def test_audit_tail_reads_the_end(tmp_path):
         log.record("a", identity="x", target=str(i))
     assert [e["target"] for e in audit.tail(log.path, 3)] == ["997", "998", "999"]
     assert audit.tail(log.path, 0) == [] and audit.tail(tmp_path / "none.jsonl", 5) == []
+
+
+def test_a_no_auth_manifest_turns_the_token_check_off_and_validates(tmp_path):
+    from engine.cluster.manifest import endpoint_config, load_manifest, new_manifest, save_manifest
+
+    m = new_manifest(base_port=17400, tokens=False)
+    assert m["users_file"] is None
+    save_manifest(str(tmp_path), m)
+    assert endpoint_config(load_manifest(str(tmp_path)), str(tmp_path)).users_file is None
+    m = new_manifest(base_port=17400)
+    assert endpoint_config(m, str(tmp_path)).users_file == os.path.join(str(tmp_path), "users.json")

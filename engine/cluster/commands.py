@@ -118,6 +118,7 @@ def cmd_cluster_up(args) -> int:
             durable=False if args.no_durable else None, write_timeout_s=args.write_timeout_s,
             gossip_interval_s=args.gossip_interval_s, timeout_s=args.timeout_s,
             insecure=True if args.insecure else None, allow_fault_injection=True if args.allow_fault_injection else None,
+            no_auth=args.no_auth,
             **_encryption_arguments(args),
         )
     except Exception as e:
@@ -596,6 +597,9 @@ def register(sub) -> None:
     up.add_argument("--insecure", action="store_true", help=(
         "a throwaway cluster: plaintext gRPC, no certificates, no authorisation (anyone on this host can call any "
         "RPC); loopback only. Fixed at creation. Default: mutual TLS with a cluster CA in DIR/tls/"))
+    up.add_argument("--no-auth", action="store_true", help=(
+        "a new cluster whose writer endpoint checks no client token (any local process may read and write; "
+        "a throwaway cluster or a benchmark baseline). Default: every KV call needs a user's token"))
     up.add_argument("--allow-fault-injection", action="store_true", help=(
         "nodes serve the Corrupt and SetFaults RPCs (to the admin certificate only), for chaos runs and fault tests; "
         "without it they do not exist"))

@@ -133,6 +133,7 @@ class Cluster:
         allow_fault_injection: bool | None = None,
         encrypt: bool = False,
         key_file: str | None = None,
+        no_auth: bool = False,
     ) -> dict:
         """Create the cluster (or reopen its data: same volume id), start every process that is
         not running, wait until all are SERVING; returns `status()` plus `started` (the names
@@ -142,13 +143,17 @@ class Cluster:
         A new cluster is secure (mutual TLS, role checks) unless `insecure=True`;
         `allow_fault_injection=True` lets the admin role corrupt records and set fault rules
         (chaos runs and fault tests). `encrypt=True` with `key_file` (a master key file,
-        `sixfold key new`) encrypts a new volume at rest; see `supervisor.py`."""
+        `sixfold key new`) encrypts a new volume at rest; see `supervisor.py`. `no_auth=True`
+        makes a new cluster whose endpoint checks no client token (a throwaway cluster or a
+        benchmark baseline; `"users_file": null` in its manifest)."""
         with self.processes.operation("cluster up"):
-            self.ensure_operator()
+            if not (no_auth and not os.path.exists(os.path.join(self.folder, MANIFEST_FILE))):
+                self.ensure_operator()
             started = self.processes.up(
                 base_port=base_port, protection_groups=protection_groups, durable=durable,
                 write_timeout_s=write_timeout_s, gossip_interval_s=gossip_interval_s, timeout_s=timeout_s,
                 insecure=insecure, allow_fault_injection=allow_fault_injection, encrypt=encrypt, key_file=key_file,
+                no_auth=no_auth,
             )
             st = self.status()
         st["started"] = started

@@ -115,6 +115,7 @@ def new_manifest(
     allow_fault_injection: bool = False,
     master_key: bytes | None = None,
     key_file: str | None = None,
+    tokens: bool = True,
 ) -> dict:
     """A manifest for a new cluster (nothing started yet). `tls` False is an insecure cluster
     (`Supervisor.up` asks for a secure one unless told `insecure`). With `master_key` (and the
@@ -147,7 +148,7 @@ def new_manifest(
             for i, n in enumerate(nodes)
         ],
         WRITER: {"address": f"{host}:{base_port}", "pid": None, "log": os.path.join("logs", "writer.log")},
-        "users_file": USERS_FILE_DEFAULT,
+        "users_file": USERS_FILE_DEFAULT if tokens else None,
     }
     if master_key is not None:
         from engine.envelope import new_descriptor

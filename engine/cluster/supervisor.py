@@ -412,6 +412,7 @@ class Supervisor:
         gossip_interval_s: float | None = None,
         timeout_s: float = READY_TIMEOUT_S,
         insecure: bool | None = None,
+        no_auth: bool = False,
         allow_fault_injection: bool | None = None,
         encrypt: bool = False,
         key_file: str | None = None,
@@ -454,6 +455,7 @@ class Supervisor:
                             allow_fault_injection=bool(allow_fault_injection),
                             master_key=self._master_key(key_file) if encrypt else None,
                             key_file=key_file if encrypt else None,
+                            tokens=not no_auth,
                         )
                     if allow_fault_injection is not None:
                         manifest["allow_fault_injection"] = bool(allow_fault_injection)
