@@ -67,7 +67,7 @@ def test_a_folder_written_before_formats_is_upgraded_in_place(written, caplog):
     with caplog.at_level(logging.INFO, logger="sixfold.store"):
         s = open_store(written)
     try:
-        assert s.epoch == 3 and s.read(1, b"k", 1, 1).value == b"v"
+        assert s.epoch == 3 and s.read(1, b"k", 1, 1, s.epoch).value == b"v"
     finally:
         s.close()
     assert identity(written) == dict(old, format=NODE_FORMAT)

@@ -45,19 +45,19 @@ def test_scl_follows_backlinks_and_waits_at_a_hole(store):
 
 def test_read_refused_above_scl_and_versions_at_read_point(store):
     store.append(1, codec.encode_frame([rec(1, 0, 0, b"k", b"one"), rec(2, 1, 0, b"k", b"two")]), 0)
-    assert store.read(0, b"k", 1, 1).value == b"one"
-    assert store.read(0, b"k", 2, 2).value == b"two"
-    assert store.read(0, b"k", 99, 2).value == b"two"
-    assert store.read(0, b"missing", 2, 2).lsn == 0
+    assert store.read(0, b"k", 1, 1, store.epoch).value == b"one"
+    assert store.read(0, b"k", 2, 2, store.epoch).value == b"two"
+    assert store.read(0, b"k", 99, 2, store.epoch).value == b"two"
+    assert store.read(0, b"missing", 2, 2, store.epoch).lsn == 0
     with pytest.raises(SegmentIncomplete):
-        store.read(0, b"k", 3, 3)  # needs the chain to LSN 3; the segment has 2
+        store.read(0, b"k", 3, 3, store.epoch)  # needs the chain to LSN 3; the segment has 2
 
 
 def test_delete_is_a_tombstone_version(store):
     store.append(1, codec.encode_frame([rec(1, 0, 0, b"k", b"x"), rec(2, 1, 0, b"k", b"", FLAG_DELETE | FLAG_CPL)]), 0)
-    r = store.read(0, b"k", 2, 2)
+    r = store.read(0, b"k", 2, 2, store.epoch)
     assert r.deleted and r.value is None and r.lsn == 2
-    assert store.read(0, b"k", 1, 1).value == b"x"
+    assert store.read(0, b"k", 1, 1, store.epoch).value == b"x"
 
 
 def test_epoch_fencing(store):
@@ -86,7 +86,7 @@ def test_unknown_pg_is_refused(store):
     with pytest.raises(UnknownProtectionGroup):
         store.append(1, codec.encode_frame([rec(1, 0, P, b"a")]), 0)
     with pytest.raises(UnknownProtectionGroup):
-        store.read(P, b"a", 1, 0)
+        store.read(P, b"a", 1, 0, store.epoch)
 
 
 def test_state_survives_close_and_reopen(tmp_path):
@@ -97,7 +97,7 @@ def test_state_survives_close_and_reopen(tmp_path):
     s = open_store(tmp_path / "n1")
     try:
         assert s.epoch == 1 and s.scls[:2] == [1, 2] and s.hint_lsn == 2
-        assert s.read(1, b"b", 2, 2).value == b"B"
+        assert s.read(1, b"b", 2, 2, s.epoch).value == b"B"
     finally:
         s.close()
 
@@ -113,20 +113,20 @@ def test_truncation_cuts_records_and_refuses_late_arrivals(store):
     assert store.scls[0] == 2
     store.sync_epoch(2, (TruncationRange(2, 2, 100),))
     assert store.scls[0] == 1
-    assert store.read(0, b"a", 200, 1).value == b"v"
+    assert store.read(0, b"a", 200, 1, store.epoch).value == b"v"
     # a late copy of the dead record (say from gossip) is ignored for ever
     store.append(0, codec.encode_frame([rec(2, 1, 0, b"a", b"dead")]), 0, repair=True)
     assert store.state().records == 1
     # the new writer continues the chain above the range
     store.append(2, codec.encode_frame([rec(101, 1, 0, b"a", b"new")]), 0)
-    assert store.scls[0] == 101 and store.read(0, b"a", 101, 101).value == b"new"
+    assert store.scls[0] == 101 and store.read(0, b"a", 101, 101, store.epoch).value == b"new"
 
 
 def test_flipped_bit_at_rest_is_never_served(store):
     store.append(1, codec.encode_frame([rec(1, 0, 0, b"k", b"good")]), 0)
     assert store.corrupt(0, 1, bit=300) == 1
     with pytest.raises(SegmentIncomplete):
-        store.read(0, b"k", 1, 1)
+        store.read(0, b"k", 1, 1, store.epoch)
     # quarantined: gone from the log, SCL pulled back, counted
     assert store.scls[0] == 0 and store.state().corrupt_found == 1
     frame, _more = store.fetch(0, 0)
@@ -148,12 +148,12 @@ def test_scan_returns_newest_versions_in_key_order_with_tombstones(store):
         rec(4, 3, 0, b"c", b"", FLAG_DELETE | FLAG_CPL),
     ]
     store.append(1, codec.encode_frame(records), 0)
-    entries, resume = store.scan(0, b"", None, 4, 4, 100)
+    entries, resume = store.scan(0, b"", None, 4, 4, 100, store.epoch)
     assert resume is None
     assert [(e.key, e.value) for e in entries] == [(b"a", b"a1"), (b"b", b"b2"), (b"c", None)]
-    entries, _ = store.scan(0, b"", None, 2, 2, 100)
+    entries, _ = store.scan(0, b"", None, 2, 2, 100, store.epoch)
     assert [(e.key, e.value) for e in entries] == [(b"a", b"a1"), (b"b", b"b1")]
-    entries, resume = store.scan(0, b"a", b"c", 4, 4, 1)
+    entries, resume = store.scan(0, b"a", b"c", 4, 4, 1, store.epoch)
     assert [e.key for e in entries] == [b"a"] and resume == b"b"
 
 

@@ -174,6 +174,8 @@ class NodeState:
     space_low: bool = False
     #: bytes left above the reserve (0 when space_low)
     room_bytes: int = 0
+    #: milliseconds since the writer of the node's epoch last renewed its lease (engine.head.failover)
+    lease_age_ms: int = 0
     #: the writer's signed statement of the newest epoch state adopted (engine.security.proofs)
     epoch_proof: bytes = field(default=b"", compare=False, repr=False)
 

@@ -26,6 +26,7 @@ the node's state (`NodeState.extra`).
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import logging
 import random
 import threading
@@ -82,6 +83,10 @@ class StorageNode:
         #: repair by gossip: whether the last round found this node behind a peer, and how many
         #: records it has fetched since it started (a wiped node's rebuild shows up here)
         self.rebuild = {"active": False, "fetched_records": 0}
+        #: when the writer of the node's epoch last renewed its lease (an append or its seal), by
+        #: this node's monotonic clock. A node just (re)started assumes the lease was renewed now:
+        #: it cannot see a lease it lost with its memory, so it counts a full period from here.
+        self._lease_at = time.monotonic()
         #: in a secure cluster, the check of writer-signed epoch states (engine.security.proofs
         #: EpochVerifier, set by the node process); None: adopt peers' truncations as told
         self.verifier = None
@@ -139,7 +144,10 @@ class StorageNode:
         return StorageError(f"node {self.id}: storage error during {what}: {type(exc).__name__}: {exc}")
 
     def append(self, epoch: int, frame: bytes, hint_lsn: int):
-        return self.store.append(epoch, frame, hint_lsn)
+        reply = self.store.append(epoch, frame, hint_lsn)
+        # Taken at this epoch: the writer's lease is renewed (its heartbeats are empty appends).
+        self._lease_at = time.monotonic()
+        return reply
 
     def repair_append(self, frame: bytes):
         return self.store.append(0, frame, 0, repair=True)
@@ -151,7 +159,9 @@ class StorageNode:
         return self.store.scan(pg, start, end, read_point, required_lsn, limit, epoch)
 
     def seal(self, epoch: int):
-        return self.store.seal(epoch)
+        reply = self.store.seal(epoch)
+        self._lease_at = time.monotonic()  # a new writer took over: its lease starts now
+        return reply
 
     def sync_epoch(self, epoch: int, truncations: Sequence[TruncationRange], membership: Membership | None,
                    proof: bytes = b"", proof_epoch: int = -1):
@@ -161,7 +171,7 @@ class StorageNode:
         return self.store.fetch(pg, after_lsn, max_bytes, upto_lsn)
 
     def state(self) -> NodeState:
-        st = self.store.state()
+        st = dataclasses.replace(self.store.state(), lease_age_ms=int((time.monotonic() - self._lease_at) * 1000))
         st.extra.update(
             rebuild=dict(self.rebuild), gossip_fetched_records=self.gossip_fetched_records,
             background_errors=dict(self.background_errors), background_last_error=self.background_last_error,

@@ -756,6 +756,11 @@ class SegmentStore:
             )
         if epoch > self.epoch:
             raise SegmentIncomplete(f"node {self.node_id} is at epoch {self.epoch}, behind the reader's {epoch}")
+        if epoch < self.epoch:
+            # Reads are fenced like writes: a writer (or reader) of an older epoch may hold a read
+            # point a newer writer has moved past or cut; it must learn the new epoch first.
+            raise StaleEpoch(f"node {self.node_id} is at epoch {self.epoch}; a read at epoch {epoch} is from a fenced "
+                             "writer or a reader that has not learned the new one")
         if self.scls[pg] < required_lsn:
             raise SegmentIncomplete(
                 f"segment {self.node_id}/pg{pg} is complete to LSN {self.scls[pg]}, read needs {required_lsn}"

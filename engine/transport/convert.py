@@ -475,7 +475,7 @@ def node_state_to_pb(s: NodeState) -> storage_pb2.NodeState:
         corrupt_found=s.corrupt_found, repaired=s.repaired, truncations=[truncation_to_pb(t) for t in s.truncations],
         extra_json=json.dumps(s.extra, sort_keys=True, default=str) if s.extra else "",
         conflicts_refused=s.conflicts_refused, used_bytes=s.used_bytes, capacity_bytes=s.capacity_bytes,
-        space_low=s.space_low, room_bytes=s.room_bytes, epoch_proof=s.epoch_proof,
+        space_low=s.space_low, room_bytes=s.room_bytes, epoch_proof=s.epoch_proof, lease_age_ms=s.lease_age_ms,
     )
     if s.membership is not None:
         m.membership.CopyFrom(membership_to_pb(s.membership))
@@ -490,7 +490,7 @@ def node_state_from_pb(m: storage_pb2.NodeState) -> NodeState:
         membership=membership_from_pb(m.membership) if m.HasField("membership") else None,
         extra=json.loads(m.extra_json) if m.extra_json else {},
         conflicts_refused=m.conflicts_refused, used_bytes=m.used_bytes, capacity_bytes=m.capacity_bytes,
-        space_low=m.space_low, room_bytes=m.room_bytes, epoch_proof=m.epoch_proof,
+        space_low=m.space_low, room_bytes=m.room_bytes, epoch_proof=m.epoch_proof, lease_age_ms=m.lease_age_ms,
     )
 
 
