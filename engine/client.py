@@ -53,7 +53,7 @@ from collections.abc import Callable, Iterator, Sequence
 import grpc
 
 from engine.database import Database
-from engine.errors import Closed, InvalidArgument, SixfoldError, Unavailable, WriteIndeterminate
+from engine.errors import Closed, InvalidArgument, SixfoldError, StaleEpoch, Unavailable, WriteIndeterminate
 from engine.core.types import ReadView, RequestStatus, Unit
 from engine.proto import kv_pb2, kv_pb2_grpc
 from engine.transport import convert
@@ -444,7 +444,169 @@ class RemoteBackend:
         return convert.get_results_from_pb(self._rpc(self._stub.GetMany, request))
 
 
-_OPTIONS = ("timeout_s", "connect_timeout_s", "boxcar", "cars_in_flight", "car_items_max", "tls", "token")
+_OPTIONS = ("timeout_s", "connect_timeout_s", "boxcar", "cars_in_flight", "car_items_max", "tls", "token",
+            "follow_timeout_s")
+
+
+#: How long a client of a cluster folder follows the writer through a failover before it gives
+#: up and raises the error it met (engine.head.failover: a takeover takes about a lease period).
+FOLLOW_TIMEOUT_S = 15.0
+FOLLOW_POLL_S = 0.1
+FOLLOW_CONNECT_TIMEOUT_S = 1.0
+
+
+class FollowingBackend:
+    """The backend of `engine.connect(cluster_folder)`: a RemoteBackend to whichever process the
+    manifest names the writer, following it through a failover.
+
+    On `Unavailable` or `StaleEpoch` (the endpoint is gone, stepped down or cannot confirm its
+    lease) the manifest is read again until a writer answers (bounded by `follow_timeout_s`), and
+    the call is made there:
+    * reads simply again;
+    * a write that was not sent (`Unavailable`) again under its request id, marked a re-send;
+    * a write whose fate is unknown (`WriteIndeterminate`, `StaleEpoch`) again under its request
+      id only at a *new* writer (another address, or a higher epoch): the new writer finds in the
+      log whether it committed (a write an old writer logged is either at or below the VDL its
+      recovery found, or cut for ever), so it is applied at most once; with no new writer the
+      error is raised unchanged."""
+
+    def __init__(self, folder: str, options: dict) -> None:
+        self.folder = folder
+        self._options = dict(options)
+        self.follow_timeout_s = self._options.pop("follow_timeout_s", FOLLOW_TIMEOUT_S)
+        self._lock = threading.Lock()
+        who = self._writer_identity()
+        self._backend = RemoteBackend(who[0], **self._options)
+        self._backend.writer_identity = who
+        self._closed = False
+
+    def _writer_identity(self) -> tuple[str, object]:
+        """(address, pid) of the writer the manifest names: a new pair is a new writer process."""
+        from engine.cluster.manifest import WRITER, load_manifest
+
+        w = load_manifest(self.folder)[WRITER]
+        return w["address"], w.get("pid")
+
+    @property
+    def address(self) -> str:
+        return self._backend.address
+
+    @property
+    def remote(self) -> RemoteBackend:
+        """The RemoteBackend to the writer followed now."""
+        return self._backend
+
+    def __getattr__(self, name: str):
+        # Everything else of the RemoteBackend (tools and tests reach for its boxcar and RPCs).
+        if name.startswith("__") or name in ("_backend", "_options", "_lock", "folder"):
+            raise AttributeError(name)
+        return getattr(self._backend, name)
+
+    def _reconnect(self, failed: RemoteBackend, deadline: float) -> RemoteBackend | None:
+        """A backend to the writer the manifest names now (another process, or the same address
+        come back), or None once the deadline passed."""
+        while time.monotonic() < deadline and not self._closed:
+            with self._lock:
+                if self._backend is not failed:  # another caller reconnected already
+                    return self._backend
+            try:
+                who = self._writer_identity()
+                options = dict(self._options, connect_timeout_s=min(FOLLOW_CONNECT_TIMEOUT_S, self._options.get(
+                    "connect_timeout_s", CONNECT_TIMEOUT_S)))
+                fresh = RemoteBackend(who[0], **options)
+                fresh.writer_identity = who
+                try:
+                    fresh.view()  # it serves (not a standby, not a stepped-down writer)
+                except SixfoldError:
+                    fresh.close()
+                    raise
+            except SixfoldError:
+                time.sleep(FOLLOW_POLL_S)
+                continue
+            with self._lock:
+                old, self._backend = self._backend, fresh
+            log.info("following the writer: %s -> %s", failed.address, fresh.address)
+            try:
+                old.close()
+            except Exception:  # closing a dead connection must not fail the call
+                pass
+            return fresh
+        return None
+
+    def _call(self, what, *, write_unknown_ok: bool = False):
+        """Run `what(backend)`, following the writer (see the class docstring)."""
+        backend = self._backend
+        deadline = time.monotonic() + self.follow_timeout_s
+        first_error: SixfoldError | None = None
+        while True:
+            try:
+                return what(backend)
+            except Closed:
+                with self._lock:
+                    current = self._backend
+                if self._closed or current is backend:
+                    raise
+                backend = current  # another caller moved to the new writer and closed this one
+                continue
+            except (Unavailable, StaleEpoch) as e:
+                unknown = isinstance(e, (WriteIndeterminate, StaleEpoch))
+                if first_error is None:
+                    first_error = e
+                if unknown and not write_unknown_ok:
+                    raise
+                if self._still_the_writer(backend):
+                    raise  # a live writer refused (no quorum, say): nothing to follow
+                fresh = self._reconnect(backend, deadline)
+                if fresh is None:
+                    raise first_error from None
+                if unknown and fresh.writer_identity == getattr(backend, "writer_identity", None):
+                    raise first_error from None  # the same writer process: the error stands as it was
+                backend = fresh
+
+    def _still_the_writer(self, backend: RemoteBackend) -> bool:
+        """True when the manifest still names `backend`'s writer and it serves a read now: the
+        error came from a live writer, not from a failover."""
+        try:
+            if self._writer_identity() != getattr(backend, "writer_identity", None):
+                return False
+            backend.view()
+            return True
+        except SixfoldError:
+            return False
+
+    # --- the backend protocol -----------------------------------------------------------------
+    def write(self, ops, *, request_id: bytes | None = None, resend: bool = False) -> int:
+        state = {"resend": resend}
+
+        def once(b):
+            try:
+                return b.write(ops, request_id=request_id, resend=state["resend"])
+            finally:
+                state["resend"] = True  # from the second try on, a re-send under the same id
+
+        return self._call(once, write_unknown_ok=request_id is not None)
+
+    def request_status(self, request_id: bytes) -> RequestStatus:
+        return self._call(lambda b: b.request_status(request_id))
+
+    def get(self, key: bytes, *, quorum: bool = False, view: ReadView | None = None) -> bytes | None:
+        return self._call(lambda b: b.get(key, quorum=quorum, view=view))
+
+    def get_many(self, gets) -> list:
+        return self._call(lambda b: b.get_many(gets))
+
+    def scan(self, start: bytes, end: bytes | None, *, quorum: bool = False, view: ReadView | None = None):
+        return self._call(lambda b: b.scan(start, end, quorum=quorum, view=view))
+
+    def view(self) -> ReadView:
+        return self._call(lambda b: b.view())
+
+    def status(self) -> dict:
+        return self._call(lambda b: b.status())
+
+    def close(self) -> None:
+        self._closed = True
+        self._backend.close()
 
 
 def resolve_target(target: str | os.PathLike) -> tuple[str, str | None]:
@@ -489,6 +651,9 @@ def connect(target: str | os.PathLike, **options) -> Database:
         from engine.security.users import default_token
 
         options["token"] = default_token(folder)
+    if folder is not None:
+        return Database(FollowingBackend(folder, options))
+    options.pop("follow_timeout_s", None)
     return Database(RemoteBackend(address, **options))
 
 

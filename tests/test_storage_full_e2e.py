@@ -253,8 +253,9 @@ class LimitedCluster:
         self.node_args = node_args or {}
         self.file_bytes_max = file_bytes_max
         self.procs: dict[str, subprocess.Popen] = {}
+        # A hand-made insecure cluster without client tokens: this test is about storage, not access.
         save_manifest(self.folder, new_manifest(base_port=free_base_port(), protection_groups=P, durable=False,
-                                                gossip_interval_s=0.5))
+                                                gossip_interval_s=0.5, tokens=False))
         self.cluster = Cluster(self.folder)
 
     def _limit(self) -> None:

@@ -9,6 +9,7 @@ replace and wipe) are recorded in the cluster's audit log (`engine.cluster.acces
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import signal
@@ -25,6 +26,7 @@ from engine.cluster.manifest import (
     endpoint_config,
     load_manifest,
     locked,
+    save_manifest,
     tls_config,
     tls_folder,
 )
@@ -449,9 +451,35 @@ def cmd_writer_serve(args) -> int:
     if not args.cluster:
         raise SystemExit("sixfold writer serve: give --cluster DIR (the writer reads the nodes from cluster.json)")
     m = load_manifest(args.cluster)
+    if args.standby and not args.listen:
+        raise SystemExit("sixfold writer serve --standby: give --listen HOST:PORT (the writer's own address is taken)")
+    listen = args.listen or m[WRITER]["address"]
+    config = endpoint_config(m, args.cluster)
+    az = args.az or m[WRITER].get("az") or config.local_az
+    config = dataclasses.replace(config, local_az=az)
+    folder = args.cluster
+
+    def writer_az() -> str:
+        try:
+            return load_manifest(folder)[WRITER].get("az", "a")
+        except (ClusterError, OSError, ValueError):
+            return ""
+
+    def record_writer() -> None:
+        """This process serves as the writer now: clients and the launcher find it in the manifest."""
+        with locked(folder):
+            mm = load_manifest(folder)
+            if (mm[WRITER]["address"], mm[WRITER].get("pid")) != (listen, os.getpid()):
+                logging.getLogger("sixfold.writer").warning(
+                    "recording this process (pid %d, %s, AZ %s) as the cluster's writer (was %s, pid %s)",
+                    os.getpid(), listen, az, mm[WRITER]["address"], mm[WRITER].get("pid"))
+                mm[WRITER].update(address=listen, pid=os.getpid(), az=az)
+                save_manifest(folder, mm)
+
     try:
-        return run_writer_process(endpoint_config(m, args.cluster), args.listen or m[WRITER]["address"], args.workers,
-                                  tls=tls_config(args.cluster, m, WRITER), key_file=args.key_file)
+        return run_writer_process(config, listen, args.workers, tls=tls_config(args.cluster, m, WRITER),
+                                  key_file=args.key_file, standby=args.standby, writer_az=writer_az,
+                                  on_serving=record_writer if args.standby else None)
     except (AddressInUse, InsecureListen) as e:
         logging.getLogger("sixfold.writer").error("%s", e)
         return 2
@@ -690,6 +718,12 @@ def register(sub) -> None:
             serve.add_argument("--workers", type=int, default=128, help="gRPC worker threads")
             serve.add_argument("--key-file", metavar="F", default=None, help=(
                 "an encrypted cluster's master key file (the launcher passes the one the manifest records)"))
+            serve.add_argument("--standby", action="store_true", help=(
+                "a standby writer (needs --listen): serve nothing until the writer's lease lapses on a write quorum "
+                "of nodes, then take over at a new epoch (fencing the old writer) and record this process as the "
+                "cluster's writer in cluster.json, so clients follow it"))
+            serve.add_argument("--az", default=None, help="the AZ of this writer (a standby in another AZ than the "
+                               "writer's takes over first)")
             serve.set_defaults(func=cmd_writer_serve)
 
 

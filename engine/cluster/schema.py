@@ -35,7 +35,8 @@ What is checked (formats 1 and 2; the checks are hand-written, standard library 
         data, log       non-empty relative paths (relative to the cluster folder)
         retired         optional bool
         replaces, replaced_by   optional null or node id
-    writer              object: address, pid, log as for a node
+    writer              object: address, pid, log as for a node; optional az (a standby that
+                        took over records its own)
     users_file          optional null or non-empty relative path (absent: "users.json", auth on;
                         null: auth off; see manifest.py)
 
@@ -225,6 +226,8 @@ def validate_manifest(manifest: Any, where: str = "cluster.json", *, format_max:
 
     _, writer = c.get(m, "writer", "writer", "an object")
     ports = {c.process(c.object(writer, "writer"), "writer"): "writer"}
+    if "az" in writer:  # recorded by a standby that took over (engine.head.failover)
+        c.name(writer, "az", "writer.az", "an AZ name")
 
     _, nodes = c.get(m, "nodes", "nodes", "a non-empty list of node objects")
     if not isinstance(nodes, list) or not nodes:

@@ -64,6 +64,7 @@ import grpc
 from engine import codec
 from engine.core.types import Geometry, NodeInfo, Unit
 from engine.errors import EncryptionError, InvalidArgument, SixfoldError, Unavailable
+from engine.head.failover import LEASE_S_DEFAULT, Candidate
 from engine.head.membership import ACTIVE_PHASES, MembershipChange
 from engine.head.writer import ReadView, Writer, WriterOptions, node_status
 from engine.proto import kv_pb2_grpc
@@ -105,6 +106,8 @@ class EndpointConfig:
     encryption: Mapping | None = None
     #: its cipher (`engine.envelope.VolumeCipher`), built from the key file by run_writer_process
     cipher: object | None = field(default=None, repr=False, compare=False)
+    #: the writer lease (engine.head.failover); None: none (reads are not lease-fenced)
+    lease_s: float | None = LEASE_S_DEFAULT
 
 
 class WriterEndpoint:
@@ -133,7 +136,8 @@ class WriterEndpoint:
             self.transport,
             self.nodes,
             self.geometry,
-            WriterOptions(write_timeout_s=self.config.write_timeout_s, local_az=self.config.local_az),
+            WriterOptions(write_timeout_s=self.config.write_timeout_s, local_az=self.config.local_az,
+                          lease_s=self.config.lease_s),
             cipher=self.config.cipher,
         )
         w.open()
@@ -470,6 +474,12 @@ class EndpointServer:
         self.health = add_health(self.server, (SERVICE_NAME,))
         self._stop = threading.Event()
         self._watch: threading.Thread | None = None
+        #: set when the writer, once serving, was fenced or stopped: the process steps down
+        self.stepped_down = threading.Event()
+        #: a standby (engine.head.failover.Candidate): opens only once the writer's lease lapsed
+        self.candidate = None
+        #: called once this endpoint serves as the writer (a standby that took over records it)
+        self.on_serving = None
 
     def start(self, *, recover: bool = True, timeout_s: float | None = None) -> None:
         """Start serving; recover the volume (in the background unless `timeout_s` is given,
@@ -488,18 +498,42 @@ class EndpointServer:
         self._watch.start()
 
     def _recover(self) -> None:
-        if self.endpoint.open_with_retry(self._stop):
+        opened = self._take_over() if self.candidate is not None else self.endpoint.open_with_retry(self._stop)
+        if opened:
             self._on_open()
-            while not self._stop.wait(0.5):  # a fenced writer stops serving
+            while not self._stop.wait(0.2):  # a fenced writer steps down
                 if not self.endpoint.serving:
                     set_health(self.health, (SERVICE_NAME,), False)
                     w = self.endpoint.current_writer()
-                    log.error("the writer was fenced or closed: %s", w and w.fenced)
+                    log.error("stepping down: the writer was fenced or stopped: %s", w and w.fenced)
+                    self.stepped_down.set()
                     return
+
+    def _take_over(self) -> bool:
+        """A standby: wait for the writer's lease to lapse, then open at a new epoch (which fences
+        the old writer). If another candidate won the race (StaleEpoch) or the open failed, watch
+        again: never open while a writer holds the lease."""
+        while not self._stop.is_set():
+            if not self.candidate.wait_for_lapse(self._stop):
+                return False
+            try:
+                self.endpoint.open()
+                log.warning("took over as the writer at epoch %d", self.endpoint.writer.epoch)
+                return True
+            except SixfoldError as e:
+                self.endpoint.last_open_error = f"{type(e).__name__}: {e}"
+                log.info("did not take over (%s); watching the lease again", self.endpoint.last_open_error)
+                self._stop.wait(0.2)
+        return False
 
     def _on_open(self) -> None:
         w = self.endpoint.writer
         log.info("volume %s recovered: %s", self.endpoint.config.volume_id, w.recovery)
+        if self.on_serving is not None:
+            try:
+                self.on_serving()
+            except Exception:  # recording who is writer must not stop the writer serving
+                log.exception("could not record this endpoint as the writer")
         set_health(self.health, (SERVICE_NAME,), True)
 
     def stop(self, grace_s: float = SHUTDOWN_GRACE_S) -> None:
@@ -550,8 +584,12 @@ def with_cipher(config: EndpointConfig, key_file: str | None) -> EndpointConfig:
     return replace(config, cipher=cipher)
 
 
+#: The exit code of a writer endpoint that stepped down (fenced by a newer writer, or stopped).
+EXIT_STEPPED_DOWN = 0
+
+
 def run_writer_process(config: EndpointConfig, listen: str, workers: int = ENDPOINT_WORKERS, *, tls=None,
-                       key_file: str | None = None) -> int:
+                       key_file: str | None = None, standby: bool = False, writer_az=None, on_serving=None) -> int:
     """The body of `sixfold writer serve`: serve until SIGTERM/SIGINT; returns an exit code.
     With `tls` the KV server and the transport to the nodes are mutual TLS as the writer. An
     encrypted volume's master key comes from `key_file` (see the module docstring); without it,
@@ -570,7 +608,12 @@ def run_writer_process(config: EndpointConfig, listen: str, workers: int = ENDPO
 
         transport = GrpcTransport(config.addresses, source="writer", tls=tls, volume_id=config.volume_id,
                                   signer=EpochSigner.from_tls(tls))
-    server = EndpointServer(WriterEndpoint(config, transport), listen, workers, tls=tls)
+    endpoint = WriterEndpoint(config, transport)
+    server = EndpointServer(endpoint, listen, workers, tls=tls)
+    server.on_serving = on_serving
+    if standby:  # take over only once the writer's lease lapsed (engine.head.failover)
+        server.candidate = Candidate(endpoint.transport, config.nodes, lease_s=config.lease_s or LEASE_S_DEFAULT,
+                                     az=config.local_az, writer_az=writer_az or (lambda: ""))
     log.info(
         "writer endpoint for volume %s on %s, pid %d%s: recovering over nodes %s; %s",
         config.volume_id, listen, os.getpid(), " (encrypted at rest)" if config.cipher is not None else "",
@@ -579,8 +622,12 @@ def run_writer_process(config: EndpointConfig, listen: str, workers: int = ENDPO
     )
     server.start()
     _audit(server, "writer start", listen)
-    while not stop.wait(1.0):
-        pass
+    while not stop.wait(0.2):
+        if server.stepped_down.is_set():
+            log.warning("writer endpoint: stepped down (a newer writer holds the volume); exiting")
+            _audit(server, "writer step down", listen)
+            server.stop(grace_s=1.0)
+            return EXIT_STEPPED_DOWN
     log.info("writer endpoint: stopping (finishing in-flight calls)")
     _audit(server, "writer stop", listen)
     server.stop()

@@ -82,6 +82,7 @@ from engine.core.quorum import VolumeDurability
 from engine.core.tail import TAIL_RECORDS_MAX, tail_trim
 from engine.core.types import Geometry, Membership, NodeInfo, ReadView, RequestStatus
 from engine.envelope import SEAL_OVERHEAD_BYTES, VolumeCipher
+from engine.head.failover import lease_margin
 from engine.head.membership import MembershipSteps
 from engine.head.reads import ReadPath, check_key
 from engine.head.recovery import recover
@@ -106,6 +107,8 @@ ADMIT_UNREACHABLE = Admission.UNREACHABLE
 
 FRAME_RECORDS_MAX_SEND = 8192
 HEARTBEAT_S = 0.1
+#: how long a linearizable read waits for the heartbeats to renew a lapsed lease
+LEASE_RENEW_WAIT_S = 0.5
 BACKOFF_S_MIN = 0.02
 BACKOFF_S_MAX = 0.5
 #: a link fault of a cause already logged is logged again if the link was healthy this long between
@@ -124,6 +127,10 @@ class WriterOptions:
     local_az: str = "a"
     #: recovery re-replication and epoch sync wait this long for a write quorum
     recovery_timeout_s: float = 10.0
+    #: the writer lease (engine.head.failover): linearizable reads are served only while a write
+    #: quorum renewed it less than lease_s - LEASE_MARGIN ago (counted from the renewals' send
+    #: times); None: no lease (the embedded engine, one process, never fails over)
+    lease_s: float | None = None
 
 
 def check_request_id(request_id) -> None:
@@ -245,6 +252,9 @@ class _NodeLink:
         self.healthy_since = 0.0
         self.last_scls: tuple[int, ...] = ()
         self.thread: threading.Thread | None = None
+        #: when the last append this node acknowledged was *sent* (the writer's clock): the node
+        #: renewed the writer's lease no earlier than that (engine.head.failover)
+        self.renewed_at = float("-inf")
 
 
 class Writer:
@@ -327,6 +337,8 @@ class Writer:
         for n in membership.all_nodes:
             self.links[n] = _NodeLink(n)
         for n in synced:
+            # The seal renewed the lease on every node that took it (engine.head.failover).
+            self.links[n].renewed_at = t0
             try:
                 st = self.transport.state(n)
             except SixfoldError:
@@ -812,7 +824,7 @@ class Writer:
                 records = records[:i]
                 break
         frame = codec.encode_frame(records)
-        link.last_send = self._clock()
+        link.last_send = sent_at = self._clock()
         try:
             reply = self.transport.append(link.id, epoch, frame, hint)
         except (StaleEpoch, EpochBehind) as e:
@@ -840,6 +852,9 @@ class Writer:
                 self._admission = self._put_limit = None
                 self._room.notify_all()
             link.backoff_s = BACKOFF_S_MIN
+            if sent_at > link.renewed_at:  # this node renewed the lease no earlier than sent_at
+                link.renewed_at = sent_at
+                self._room.notify_all()  # a read waiting for its lease to be confirmed
             if link.error:
                 healed, link.error = link.error, ""
                 link.healthy_since = self._clock()
@@ -1071,10 +1086,41 @@ class Writer:
 
     # --- reads (the read path: engine.head.reads) --------------------------------------------
     def view(self) -> ReadView:
-        """The current read point (VDL) and per-PG tails, for linearizable reads and snapshots."""
+        """The current read point (VDL) and per-PG tails, for linearizable reads and snapshots.
+        With a lease, only while it holds (a writer paused past a failover must not answer from
+        the VDL it had): waits a little for the heartbeats to renew it, else Unavailable."""
         with self._lock:
             self.check_usable()
+            if self.options.lease_s is not None and self._clock() >= self._lease_expiry_locked():
+                deadline = self._clock() + LEASE_RENEW_WAIT_S
+                while self._clock() >= self._lease_expiry_locked():
+                    left = deadline - self._clock()
+                    if left <= 0:
+                        raise Unavailable(
+                            "this writer cannot confirm its lease with a write quorum of nodes (partitioned, paused, or "
+                            "replaced by a newer writer): it serves no linearizable read; retry, or read from the new writer"
+                        )
+                    self._room.wait(min(left, HEARTBEAT_S))
+                    self.check_usable()
             return ReadView(self.ledger.vdl, tuple(self.ledger.read_tails))
+
+    def _lease_expiry_locked(self) -> float:
+        """When this writer's lease ends by its own clock: the write-quorum-th newest renewal
+        (send time) of each quorum set, the earliest of them, plus lease_s - margin."""
+        expiry = float("inf")
+        for qs in self.ledger.membership.quorum_sets:
+            times = sorted((self.links[n].renewed_at for n in qs if n in self.links), reverse=True)
+            at = times[WRITE_QUORUM - 1] if len(times) >= WRITE_QUORUM else float("-inf")
+            expiry = min(expiry, at)
+        lease_s = self.options.lease_s
+        return expiry + lease_s - lease_margin(lease_s)
+
+    def lease_remaining(self) -> float | None:
+        """Seconds of lease this writer holds by its own clock (None without a lease)."""
+        if self.options.lease_s is None:
+            return None
+        with self._lock:
+            return max(0.0, self._lease_expiry_locked() - self._clock())
 
     def read_sources(self, pg: int, tail: int | None) -> tuple[Membership, list[str], list[str]]:
         """For a read of `pg`: the membership, its reachable members, and those reachable whose
