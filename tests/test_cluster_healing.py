@@ -133,9 +133,13 @@ def test_a_node_killed_during_writes_catches_up_and_then_serves_every_acknowledg
     # Gossip (below the writer's VDL hint) and the writer's own sends bring n5 level with its peers.
     eventually(lambda: scls_equal(c), "every node at the same SCLs")
     assert node_status(c, "n5")["lag"] == 0
-    # n5 alone now holds every acknowledged write: the others go, the reads come from it.
+    # n5 alone now holds every acknowledged write: the others go, the reads come from it. They
+    # read a snapshot taken before: with one node left the writer cannot confirm its lease (a new
+    # writer could have taken the other five), so it serves no linearizable read; a snapshot is a
+    # read of that past point.
+    snap = db.snapshot()
     kill_all_but(c, ["n5"])
-    read_all(db, load.acked)
+    read_all(snap, load.acked)
     with pytest.raises(engine.Unavailable):
         db.get(b"catchup:never", quorum=True)  # a quorum read needs three: only n5 answered above
 
@@ -168,9 +172,10 @@ def test_a_wiped_node_rebuilds_from_peers_with_progress_then_serves_reads_alone(
     eventually(lambda: node_status(c, "n2")["records"] == node_status(c, "n1")["records"], "n2 to hold as many records as n1")
     assert main(["node", "rebuild-status", "--cluster", c.folder]) == 0
     assert "n2" in capsys.readouterr().out
-    # Rebuilt: n2 alone serves every key.
+    # Rebuilt: n2 alone serves every key (at a snapshot: one node cannot renew the writer's lease).
+    snap = db.snapshot()
     kill_all_but(c, ["n2"])
-    read_all(db, expected)
+    read_all(snap, expected)
 
 
 @pytest.mark.cluster
@@ -227,9 +232,13 @@ def test_a_sigkilled_writer_endpoint_recovers_every_acknowledged_write_at_a_new_
 
 @pytest.mark.cluster
 def test_a_paused_old_writer_is_fenced_by_a_new_one_and_completes_no_write(healthy, db, tmp_path):
+    from engine.security.users import operator_token
+
     c = healthy
     db.put(b"fence", b"old-writer")
     old_epoch = db.status()["epoch"]
+    # A client of the old endpoint itself (by address: it does not follow the manifest).
+    old = engine.connect(c.address(WRITER), timeout_s=10, tls=c.tls(), token=operator_token(c.folder))
     c.stop(WRITER)  # SIGSTOP: the old endpoint freezes with its sockets open
     port = free_base_port(1)
     address = f"127.0.0.1:{port}"
@@ -242,8 +251,6 @@ def test_a_paused_old_writer_is_fenced_by_a_new_one_and_completes_no_write(healt
     new = None
     try:
         wait_serving(address, DEADLINE_S, proc=second, tls=c.tls())
-        from engine.security.users import operator_token
-
         new = engine.connect(address, timeout_s=10, tls=c.tls(), token=operator_token(c.folder))
         assert new.status()["epoch"] > old_epoch, "the second writer recovers at a higher epoch"
         assert new.get(b"fence") == b"old-writer"
@@ -252,15 +259,18 @@ def test_a_paused_old_writer_is_fenced_by_a_new_one_and_completes_no_write(healt
         # The old endpoint's clients get an error for every write: StaleEpoch, or the write's
         # fate is unknown / the endpoint is unavailable. None of them may ever take effect.
         for i in range(5):
-            with pytest.raises((engine.StaleEpoch, engine.Unavailable)):
-                db.put(b"fence", b"from-the-fenced-writer-%d" % i)
-        eventually(lambda: c.health(WRITER) == "NOT_SERVING", "the fenced endpoint to stop reporting SERVING")
+            with pytest.raises((engine.StaleEpoch, engine.Unavailable, engine.Closed)):
+                old.put(b"fence", b"from-the-fenced-writer-%d" % i)
+        # It steps down: stops serving and exits (engine.head.failover).
+        eventually(lambda: c.health(WRITER) in ("NOT_SERVING", "DOWN"), "the fenced endpoint to stop reporting SERVING")
+        eventually(lambda: c.pid(WRITER) is None, "the fenced endpoint to exit")
         # The new one serves, and never sees a value of the fenced one.
         new.put(b"fence:after", b"ok")
         assert new.get(b"fence:after") == b"ok"
         assert new.get(b"fence") == b"new-writer"
         assert new.get(b"fence", quorum=True) == b"new-writer"
     finally:
+        old.close()
         if new is not None:
             new.close()
         second.terminate()

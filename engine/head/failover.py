@@ -18,13 +18,20 @@ candidate goes back to watching). A candidate in another AZ than the writer it r
 first; one in the same AZ waits `same_az_delay_s` more, so the takeover prefers another AZ.
 
 **Reads are fenced too.** A writer serves a linearizable read only while its lease holds by its
-own clock, counted from when the renewals were *sent*: the write-quorum-th newest send time of
-an acknowledged append, plus `lease_s - lease_margin(lease_s)` (`Writer.view`). A node renewed
-no earlier than that send, so its count runs out no earlier than send + lease_s; the writer's
-runs out before it by the margin, which covers the clocks' rates differing (below). So a writer
-paused past a failover cannot answer from the VDL it cached, and its first request after waking
-meets nodes at a newer epoch and is refused (`StaleEpoch`): it steps down
+own clock, counted from when the renewals were *sent*: the read-quorum-th newest send time of an
+acknowledged append (three of the six; three of each quorum set during a change), plus
+`lease_s - lease_margin(lease_s)` (`Writer.view`). A node renewed no earlier than that send, so
+its count runs out no earlier than send + lease_s; the writer's runs out before it by the margin,
+which covers the clocks' rates differing (below). While the writer's lease holds, a read quorum
+of nodes has not seen it lapse, so fewer than a write quorum can report it lapsed (3 + 4 > 6):
+no candidate can take over, and the VDL the writer knows is the newest. This is also why an AZ
+plus a node lost (three nodes left) keeps linearizable reads: the three renew the lease. A
+writer paused past a failover cannot answer from the VDL it cached, and its first request after
+waking meets nodes at a newer epoch and is refused (`StaleEpoch`): it steps down
 (`engine.head.endpoint`: the process exits). Nodes also refuse reads from an older epoch.
+Snapshot reads (a `ReadView` taken earlier) are reads of the past by definition and need no
+lease. An operator's `sixfold writer start` opens at once, without waiting for the lease: that
+is the manual override, as before.
 
 **The clock assumption**: no synchronised clocks. Each process measures intervals with its own
 monotonic clock, and the rates of any two clocks differ by less than MARGIN_RATE (10%; real

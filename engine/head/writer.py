@@ -64,6 +64,7 @@ from engine.core.constants import (
     FRAME_BYTES_MAX,
     LAL_DEFAULT,
     NAMESPACE_REQUESTS,
+    READ_QUORUM,
     REQUEST_ID_BYTES_MAX,
     VALUE_BYTES_MAX,
     WRITE_QUORUM,
@@ -127,7 +128,7 @@ class WriterOptions:
     local_az: str = "a"
     #: recovery re-replication and epoch sync wait this long for a write quorum
     recovery_timeout_s: float = 10.0
-    #: the writer lease (engine.head.failover): linearizable reads are served only while a write
+    #: the writer lease (engine.head.failover): linearizable reads are served only while a read
     #: quorum renewed it less than lease_s - LEASE_MARGIN ago (counted from the renewals' send
     #: times); None: no lease (the embedded engine, one process, never fails over)
     lease_s: float | None = None
@@ -1097,7 +1098,7 @@ class Writer:
                     left = deadline - self._clock()
                     if left <= 0:
                         raise Unavailable(
-                            "this writer cannot confirm its lease with a write quorum of nodes (partitioned, paused, or "
+                            "this writer cannot confirm its lease with a read quorum of nodes (partitioned, paused, or "
                             "replaced by a newer writer): it serves no linearizable read; retry, or read from the new writer"
                         )
                     self._room.wait(min(left, HEARTBEAT_S))
@@ -1105,12 +1106,14 @@ class Writer:
             return ReadView(self.ledger.vdl, tuple(self.ledger.read_tails))
 
     def _lease_expiry_locked(self) -> float:
-        """When this writer's lease ends by its own clock: the write-quorum-th newest renewal
-        (send time) of each quorum set, the earliest of them, plus lease_s - margin."""
+        """When this writer's lease ends by its own clock: the read-quorum-th newest renewal
+        (send time) of each quorum set, the earliest of them, plus lease_s - margin. A read
+        quorum that renewed leaves fewer than a write quorum that can report the lease lapsed,
+        which a candidate needs before it takes over (engine.head.failover)."""
         expiry = float("inf")
         for qs in self.ledger.membership.quorum_sets:
             times = sorted((self.links[n].renewed_at for n in qs if n in self.links), reverse=True)
-            at = times[WRITE_QUORUM - 1] if len(times) >= WRITE_QUORUM else float("-inf")
+            at = times[READ_QUORUM - 1] if len(times) >= READ_QUORUM else float("-inf")
             expiry = min(expiry, at)
         lease_s = self.options.lease_s
         return expiry + lease_s - lease_margin(lease_s)
