@@ -19,6 +19,12 @@ this side keeps them together:
   the embedded engine uses): one read point for all its gets, one `ReadMany` per node, nodes in
   parallel on this endpoint's pool, a quorum read for what no complete segment answers.
 
+Reader instances (`engine.head.replica`) follow `WatchReadPoint`: a stream of the writer's read
+point (`WriterEndpoint.read_points`: an update when the VDL moves, coalesced, and a heartbeat),
+and `Get`/`GetMany`/`Scan` take `after`, a commit position the read must cover (here at once:
+the VDL covers every acknowledged write). The same `KVServicer` serves a reader instance's
+`ReaderEndpoint`.
+
 Membership change (`ReplaceNode`, `MembershipStatus`, admin RPCs): the RPC validates the request
 and runs the one change driver (`engine.head.membership.MembershipChange`) with this endpoint as
 its host: the new node's address is learned (pushed by the caller, which started the node), epoch

@@ -38,7 +38,8 @@ recovery on open (`engine.head.recovery`), the read path (`engine.head.reads`, `
 `get`/`scan` here are its shorthands), and membership change (`engine.head.membership`: the epoch
 steps, `Writer.steps`, and the one driver of a replacement). This module keeps sequencing and the
 senders, and the few hooks those modules call under its lock (`view`, `read_sources`,
-`adopt_membership`, `catch_up_inputs`).
+`adopt_membership`, `catch_up_inputs`, and `read_point` / `wait_vdl` for the read point stream
+to reader instances, `engine.head.replica`).
 """
 
 from __future__ import annotations
