@@ -29,6 +29,8 @@ from engine.errors import (
     InvalidArgument,
     NodeNotFound,
     PermissionDenied,
+    ReadOnly,
+    ReplicaBehind,
     ResourceExhausted,
     SegmentIncomplete,
     SixfoldError,
@@ -89,6 +91,9 @@ def connect(target: str | os.PathLike, **options) -> Database:
     """Connect to a cluster's writer endpoint: a cluster folder (with cluster.json) or host:port.
 
     With a cluster folder, `db.cluster` is an `engine.cluster.Cluster` for node control.
+    `role="reader"` (a cluster folder only): the reader endpoint instead, reads load-balanced over
+    the cluster's reader instances, writes refused ReadOnly; `after=` on a read gives
+    read-your-writes (see `engine.database`).
     `token=` is the caller's token; without it, $SIXFOLD_TOKEN, else the cluster folder's
     operator token (`DIR/operator.token`, made by `sixfold cluster up`)."""
     from engine.client import connect as _connect, resolve_target
@@ -113,6 +118,8 @@ __all__ = [
     "InvalidArgument",
     "NodeNotFound",
     "PermissionDenied",
+    "ReadOnly",
+    "ReplicaBehind",
     "RequestStatus",
     "ResourceExhausted",
     "SegmentIncomplete",

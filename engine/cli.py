@@ -118,6 +118,10 @@ def _connect(args):
     if not target:
         raise SystemExit(f"sixfold {args.command}: say which cluster: --cluster DIR, --target HOST:PORT or ${CLUSTER_ENV}")
     options = {"token": token_from_args(args)}
+    if getattr(args, "role", "writer") == "reader":
+        if not args.cluster or args.target:
+            raise SystemExit(f"sixfold {args.command} --role reader: give --cluster DIR (its manifest lists the readers)")
+        options["role"] = "reader"
     if getattr(args, "cert", None):
         from engine.security.tls import TlsConfig
 
@@ -181,18 +185,18 @@ def _value(args) -> bytes:
 def cmd_put(args) -> int:
     key, value = _bytes(args.key, _mode(args)), _value(args)
     with _connect(args) as db:
-        db.put(key, value)
+        lsn = db.put(key, value)
     if args.json:
-        print_json({"key": _text(key, _mode(args)), "ok": True})
+        print_json({"key": _text(key, _mode(args)), "ok": True, "commit": lsn})
     return EXIT_OK
 
 
 def cmd_delete(args) -> int:
     key = _bytes(args.key, _mode(args))
     with _connect(args) as db:
-        db.delete(key)
+        lsn = db.delete(key)
     if args.json:
-        print_json({"key": _text(key, _mode(args)), "ok": True})
+        print_json({"key": _text(key, _mode(args)), "ok": True, "commit": lsn})
     return EXIT_OK
 
 
@@ -202,7 +206,7 @@ def cmd_get(args) -> int:
         raise SystemExit("sixfold get: --raw writes the value's bytes as they are; leave out --json, --hex and --base64")
     key = _bytes(args.key, mode)
     with _connect(args) as db:
-        value = db.get(key, quorum=args.quorum)
+        value = db.get(key, quorum=args.quorum, after=args.after)
     if args.json:
         print_json({"key": _text(key, mode), "found": value is not None, "value": None if value is None else _text(value, mode)})
     elif value is not None and args.raw:
@@ -223,7 +227,7 @@ def cmd_scan(args) -> int:
     end = _bytes(args.end, mode, "end key") if args.end else None
     out = []
     with _connect(args) as db:
-        for i, (k, v) in enumerate(db.scan(start, end, quorum=args.quorum)):
+        for i, (k, v) in enumerate(db.scan(start, end, quorum=args.quorum, after=args.after)):
             if args.limit and i >= args.limit:
                 break
             if args.json:
@@ -253,6 +257,15 @@ def cmd_status(args) -> int:
     return EXIT_OK
 
 
+def _read_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--role", choices=("writer", "reader"), default="writer", help=(
+        "reader: read from the cluster's reader instances (the reader endpoint, load-balanced; --cluster only) "
+        "instead of the writer endpoint"))
+    p.add_argument("--after", type=int, default=None, metavar="LSN", help=(
+        "read-your-writes: read at a read point that covers this commit position (`put --json` prints it as "
+        "\"commit\"); a reader waits for it, bounded, else ReplicaBehind (exit 3)"))
+
+
 def register(sub) -> None:
     """The key/value commands: put, get, delete, scan, status."""
     common = argparse.ArgumentParser(add_help=False)
@@ -279,6 +292,7 @@ def register(sub) -> None:
         "Exit code 1 when the key does not exist (and only then)."))
     p.add_argument("key")
     p.add_argument("--quorum", action="store_true", help="read from 3 of 6 segments instead of one known complete")
+    _read_arguments(p)
     p.add_argument("--raw", action="store_true", help="write the value's bytes exactly as stored, with no newline "
                    "(for binary values: sixfold get --raw KEY > FILE)")
     p.set_defaults(func=cmd_get)
@@ -294,6 +308,7 @@ def register(sub) -> None:
     p.add_argument("end", nargs="?", default=None, help="end key, excluded (default: the end)")
     p.add_argument("--limit", type=int, default=0, help="print at most this many pairs (0: all)")
     p.add_argument("--quorum", action="store_true", help="quorum reads")
+    _read_arguments(p)
     p.set_defaults(func=cmd_scan)
 
     p = sub.add_parser("status", parents=[common], help="volume status from the writer endpoint", description=(

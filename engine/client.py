@@ -26,6 +26,14 @@ uses `$SIXFOLD_TOKEN`, else, for a cluster folder, the local operator's `DIR/ope
 (`default_token`), else none. A missing, wrong or removed token raises `Unauthenticated`, a role
 that does not allow the call `PermissionDenied`; either way the endpoint did nothing.
 
+The reader endpoint: `connect(folder, role="reader")` reaches the cluster's reader instances
+(`engine.head.replica`) instead of its writer: one channel to every reader the manifest lists
+(`ipv4:h:p1,h:p2,...`) with gRPC's own `round_robin` load-balancing policy, so reads spread over
+the readers and gRPC itself drops a reader whose connection fails and reconnects it later. A
+read that fails because a reader died under it (no Sixfold answer: the connection broke) is sent
+again, for up to `READ_RETRY_S`: reads change nothing, so a retry is always safe, and the next
+pick is another reader. Writes through it are refused `ReadOnly`.
+
 Failures are reported no better than they are known:
 
 * A write whose fate is unknown raises `WriteIndeterminate`: the connection broke or the deadline
@@ -73,6 +81,10 @@ CAR_LINGER_S = 0.002
 CAR_ITEMS_MAX = 2048
 CAR_BYTES_MAX = 16 << 20
 OP_OVERHEAD_BYTES = 16  # what an op costs in a message besides its key and value
+#: How long a read through the reader endpoint is retried when a reader fails under it.
+READ_RETRY_S = 2.0
+READ_RETRY_PAUSE_S = 0.05
+ROLES = ("writer", "reader")
 
 
 class _Slot:
@@ -303,25 +315,29 @@ class RemoteBackend:
         car_items_max: int = CAR_ITEMS_MAX,
         tls=None,
         token: str | None = None,
+        channel_options: Sequence[tuple] = (),
+        read_retry_s: float = 0.0,
+        what: str = "writer endpoint",
     ) -> None:
         from engine.security.tls import secure_channel
         from engine.security.users import bearer
 
         self.address = address
         self.timeout_s = timeout_s
+        self._read_retry_s = read_retry_s
         self._metadata = bearer(token) if token is not None else None  # checked before any channel opens
-        self._channel = secure_channel(address, tls, CHANNEL_OPTIONS)
+        self._channel = secure_channel(address, tls, CHANNEL_OPTIONS + tuple(channel_options))
         try:
             grpc.channel_ready_future(self._channel).result(timeout=connect_timeout_s)
         except grpc.FutureTimeoutError:
             self._channel.close()
             raise Unavailable(
-                f"cannot reach the writer endpoint at {address} within {connect_timeout_s:g} s; "
+                f"cannot reach the {what} at {address} within {connect_timeout_s:g} s; "
                 "is the cluster up (`sixfold cluster status`)?"
                 + ("" if tls is not None else " A secure cluster refuses plaintext: connect with its folder, or pass tls=.")
             ) from None
         self._stub = kv_pb2_grpc.KVStub(self._channel)
-        self._where = f"writer endpoint {address}"
+        self._where = f"{what} {address}"
         self._boxcar = boxcar
         self._writes = Boxcar(self._send_writes, cars_in_flight=cars_in_flight, items_max=car_items_max, failure=write_failure)
         self._gets = Boxcar(self._send_gets, cars_in_flight=cars_in_flight, items_max=car_items_max)
@@ -349,14 +365,19 @@ class RemoteBackend:
         reply = self._rpc(self._stub.StatusOf, kv_pb2.StatusOfRequest(request_id=request_id))
         return convert.request_status_from_pb(reply)
 
-    def get(self, key: bytes, *, quorum: bool = False, view: ReadView | None = None) -> bytes | None:
-        if view is not None or not self._boxcar:
-            return convert.get_reply_from_pb(self._rpc(self._stub.Get, convert.get_request_to_pb(key, quorum, view)))
+    def get(self, key: bytes, *, quorum: bool = False, view: ReadView | None = None, after: int = 0) -> bytes | None:
+        if view is not None or not self._boxcar or after:
+            return convert.get_reply_from_pb(self._rpc(self._stub.Get, convert.get_request_to_pb(key, quorum, view, after)))
         return self._gets.call((key, quorum), len(key) + OP_OVERHEAD_BYTES)
 
-    def get_many(self, gets) -> list:
+    def get_many(self, gets, *, after: int = 0) -> list:
         """`(key, quorum, view)` gets in GetMany calls of at most CAR_ITEMS_MAX gets and about
-        CAR_BYTES_MAX key bytes each (the endpoint's read path batches them per node)."""
+        CAR_BYTES_MAX key bytes each (the endpoint's read path batches them per node). `after`:
+        the first call waits for that commit position (the later ones then need no wait)."""
+        if after:
+            first, gets = gets[:1], gets[1:]
+            out = [self.get(key, quorum=quorum, view=view, after=after) for key, quorum, view in first]
+            return out + self.get_many(gets)
         out: list = []
         chunk: list = []
         size = 0
@@ -377,10 +398,11 @@ class RemoteBackend:
     def _flush_gets(self, chunk: list) -> list:
         return self._send_gets(chunk) if chunk else []
 
-    def scan(self, start: bytes, end: bytes | None, *, quorum: bool = False, view: ReadView | None = None) -> Iterator[tuple[bytes, bytes]]:
+    def scan(self, start: bytes, end: bytes | None, *, quorum: bool = False, view: ReadView | None = None,
+             after: int = 0) -> Iterator[tuple[bytes, bytes]]:
         if not isinstance(start, bytes) or (end is not None and not isinstance(end, bytes)):
             raise InvalidArgument("scan bounds are bytes (end may be None)")
-        call = self._rpc(self._stub.Scan, convert.kv_scan_request_to_pb(start, end, quorum, view), timeout_s=SCAN_TIMEOUT_S)
+        call = self._rpc(self._stub.Scan, convert.kv_scan_request_to_pb(start, end, quorum, view, after), timeout_s=SCAN_TIMEOUT_S)
         return self._stream(call)
 
     def _stream(self, call) -> Iterator[tuple[bytes, bytes]]:
@@ -413,12 +435,19 @@ class RemoteBackend:
         """One call, with its errors turned into Sixfold's."""
         if self._closed:
             raise Closed("the connection is closed")
-        try:
-            return method(request, timeout=self.timeout_s if timeout_s is None else timeout_s, metadata=self._metadata)
-        except grpc.RpcError as e:
-            raise convert.error_from_rpc(e, where=self._where, write=write) from None
-        except ValueError as e:  # the channel was closed under us
-            raise Closed(f"the connection is closed ({e})") from None
+        deadline = time.monotonic() + (0.0 if write else self._read_retry_s)
+        while True:
+            try:
+                return method(request, timeout=self.timeout_s if timeout_s is None else timeout_s, metadata=self._metadata)
+            except grpc.RpcError as e:
+                # Through the reader endpoint a read that got no Sixfold answer (its reader died
+                # under it) goes again: the balancer picks another reader (module docstring).
+                if not write and convert.unreachable(e) and time.monotonic() < deadline and not self._closed:
+                    time.sleep(READ_RETRY_PAUSE_S)
+                    continue
+                raise convert.error_from_rpc(e, where=self._where, write=write) from None
+            except ValueError as e:  # the channel was closed under us
+                raise Closed(f"the connection is closed ({e})") from None
 
     @staticmethod
     def _result(r):
@@ -444,9 +473,8 @@ class RemoteBackend:
         return convert.get_results_from_pb(self._rpc(self._stub.GetMany, request))
 
 
-_OPTIONS = ("timeout_s", "connect_timeout_s", "boxcar", "cars_in_flight", "car_items_max", "tls", "token",
+_OPTIONS = ("timeout_s", "connect_timeout_s", "boxcar", "cars_in_flight", "car_items_max", "tls", "token", "role",
             "follow_timeout_s")
-
 
 #: How long a client of a cluster folder follows the writer through a failover before it gives
 #: up and raises the error it met (engine.head.failover: a takeover takes about a lease period).
@@ -589,14 +617,15 @@ class FollowingBackend:
     def request_status(self, request_id: bytes) -> RequestStatus:
         return self._call(lambda b: b.request_status(request_id))
 
-    def get(self, key: bytes, *, quorum: bool = False, view: ReadView | None = None) -> bytes | None:
-        return self._call(lambda b: b.get(key, quorum=quorum, view=view))
+    def get(self, key: bytes, *, quorum: bool = False, view: ReadView | None = None, after: int = 0) -> bytes | None:
+        return self._call(lambda b: b.get(key, quorum=quorum, view=view, after=after))
 
-    def get_many(self, gets) -> list:
-        return self._call(lambda b: b.get_many(gets))
+    def get_many(self, gets, *, after: int = 0) -> list:
+        return self._call(lambda b: b.get_many(gets, after=after))
 
-    def scan(self, start: bytes, end: bytes | None, *, quorum: bool = False, view: ReadView | None = None):
-        return self._call(lambda b: b.scan(start, end, quorum=quorum, view=view))
+    def scan(self, start: bytes, end: bytes | None, *, quorum: bool = False, view: ReadView | None = None,
+             after: int = 0):
+        return self._call(lambda b: b.scan(start, end, quorum=quorum, view=view, after=after))
 
     def view(self) -> ReadView:
         return self._call(lambda b: b.view())
@@ -607,6 +636,31 @@ class FollowingBackend:
     def close(self) -> None:
         self._closed = True
         self._backend.close()
+
+
+
+def reader_target(folder: str) -> tuple[str, str]:
+    """(gRPC target of every reader instance of a cluster folder, their host): a list of
+    addresses for the `round_robin` policy (`ipv4:h:p1,h:p2`); InvalidArgument if it has none."""
+    import ipaddress
+
+    from engine.cluster.manifest import active_readers, load_manifest
+
+    readers = active_readers(load_manifest(folder))
+    if not readers:
+        raise InvalidArgument(f"cluster {folder} has no reader instances: add one with `sixfold reader add --cluster {folder}` "
+                              "(or `cluster up --readers N`), or connect without role=\"reader\"")
+    hosts = {r["address"].rpartition(":")[0] for r in readers}
+    host = sorted(hosts)[0]
+    try:
+        family = {ipaddress.ip_address(h.strip("[]")).version for h in hosts}
+    except ValueError:
+        family = set()
+    if family == {4}:
+        return "ipv4:" + ",".join(r["address"] for r in readers), host
+    if family == {6}:
+        return "ipv6:" + ",".join(r["address"] for r in readers), host
+    raise InvalidArgument(f"the readers of {folder} listen on {sorted(hosts)}: the reader endpoint needs IP addresses")
 
 
 def resolve_target(target: str | os.PathLike) -> tuple[str, str | None]:
@@ -634,7 +688,8 @@ def connect(target: str | os.PathLike, **options) -> Database:
     """Connect to a cluster's writer endpoint: a cluster folder (with cluster.json) or host:port.
 
     Options: timeout_s (RPC deadline, default 30), connect_timeout_s (default 5), boxcar
-    (default True: coalesce concurrent calls), cars_in_flight (default 2), car_items_max, tls (an
+    (default True: coalesce concurrent calls), cars_in_flight (default 2), car_items_max, role
+    ("writer", the default, or "reader": the reader endpoint, a cluster folder only), tls (an
     `engine.security.tls.TlsConfig`; default: the operator's of a secure cluster folder, else none),
     token (default: $SIXFOLD_TOKEN, else the folder's operator token; see the module docstring).
     `engine.connect` (the public face) adds `db.cluster` for a cluster folder: this module sits
@@ -642,6 +697,9 @@ def connect(target: str | os.PathLike, **options) -> Database:
     unknown = set(options) - set(_OPTIONS)
     if unknown:
         raise InvalidArgument(f"unknown option(s) {sorted(unknown)}; known: {sorted(_OPTIONS)}")
+    role = options.pop("role", "writer")
+    if role not in ROLES:
+        raise InvalidArgument(f"role {role!r}: \"writer\" (the writer endpoint) or \"reader\" (the reader endpoint)")
     address, folder = resolve_target(target)
     if folder is not None and "tls" not in options:
         from engine.cluster.manifest import load_manifest, tls_config
@@ -651,9 +709,20 @@ def connect(target: str | os.PathLike, **options) -> Database:
         from engine.security.users import default_token
 
         options["token"] = default_token(folder)
-    if folder is not None:
+    if role == "reader":
+        if folder is None:
+            raise InvalidArgument("role=\"reader\" needs a cluster folder (its manifest lists the readers)")
+        address, host = reader_target(folder)
+        # One channel over every reader, balanced by gRPC; their certificates name the host.
+        lb: tuple = (("grpc.lb_policy_name", "round_robin"),)
+        if options.get("tls") is not None:
+            lb += (("grpc.ssl_target_name_override", host.strip("[]")),)
+        options.update(channel_options=lb, read_retry_s=READ_RETRY_S, what="reader endpoint")
+        options.pop("follow_timeout_s", None)
+    elif folder is not None:
         return Database(FollowingBackend(folder, options))
-    options.pop("follow_timeout_s", None)
+    else:
+        options.pop("follow_timeout_s", None)
     return Database(RemoteBackend(address, **options))
 
 

@@ -1,5 +1,12 @@
 """The public key-value API: `Database`, `Batch`, `Snapshot`.
 
+Commit positions and read-your-writes: every write (put, delete, a committed batch) returns its
+commit position, the CPL LSN of its unit (an int; `db.last_commit` keeps the newest this
+`Database` made). A read with `after=position` is served only at a read point that covers it:
+on the writer (embedded or remote) that is at once; on a reader instance
+(`engine.connect(folder, role="reader")`) the read waits, bounded by the write timeout, for the
+replica's read point to catch up, then reads (`ReplicaBehind` if it does not in time).
+
 Request ids: every write unit (a put, a delete, a committed batch) carries a request id, chosen
 by the caller (`request_id=`, 1..64 bytes) or made here (16 random bytes). The writer logs it
 with the unit, so `status_of(request_id)` says whether the write committed, also after a writer
@@ -23,11 +30,18 @@ import os
 import weakref
 from collections.abc import Iterator, Sequence
 
-from engine.core.constants import FLAG_DELETE, FLAG_PUT
+from engine.core.constants import FLAG_DELETE, FLAG_PUT, LSN_VALID_MAX
 from engine.core.types import RequestStatus
 from engine.errors import Closed, InvalidArgument, SixfoldError
 from engine.head.reads import check_key
 from engine.head.writer import BATCH_OPS_MAX, check_request_id, check_value
+
+
+def check_after(after) -> int:
+    """A commit position for `after=`: a non-negative int (bool refused), in LSN bounds."""
+    if isinstance(after, bool) or not isinstance(after, int) or not 0 <= after <= LSN_VALID_MAX:
+        raise InvalidArgument(f"after= is a commit position (an int LSN in 0..{LSN_VALID_MAX} a write returned), got {after!r}")
+    return after
 
 
 class Batch:
@@ -117,6 +131,8 @@ class Database:
         self._backend = backend
         self.cluster = cluster
         self._closed = False
+        #: the commit position (CPL LSN) of the newest write this Database made, None before any
+        self.last_commit: int | None = None
         # Runs backend.close once: on close(), when this object is collected, or at exit.
         self._finalizer = weakref.finalize(self, backend.close)
 
@@ -133,56 +149,70 @@ class Database:
         else:
             request_id = self._new_request_id()
         try:
-            return self._backend.write(tuple(ops), request_id=request_id, resend=resend), request_id
+            lsn = self._backend.write(tuple(ops), request_id=request_id, resend=resend)
         except SixfoldError as e:
             e.request_id = request_id
             raise
+        if self.last_commit is None or lsn > self.last_commit:
+            self.last_commit = lsn
+        return lsn, request_id
 
     def _new_request_id(self) -> bytes:
         make = getattr(self._backend, "new_request_id", None)
         return make() if make is not None else os.urandom(16)
 
-    def put(self, key: bytes, value: bytes, *, request_id: bytes | None = None) -> None:
-        """Store `value` under `key`; returns once the write is durable (4 of 6 segments).
+    def put(self, key: bytes, value: bytes, *, request_id: bytes | None = None) -> int:
+        """Store `value` under `key`; returns once the write is durable (4 of 6 segments), with
+        its commit position (see the module docstring).
 
         `request_id` (1..64 bytes): send a write again under the id it had (see the module
         docstring); it is applied at most once."""
         self._check()
         check_key(key)
         check_value(value)
-        self._write(((FLAG_PUT, key, value),), request_id)
+        return self._write(((FLAG_PUT, key, value),), request_id)[0]
 
-    def delete(self, key: bytes, *, request_id: bytes | None = None) -> None:
-        """Remove `key` (a tombstone); returns once durable. Deleting a missing key is fine."""
+    def delete(self, key: bytes, *, request_id: bytes | None = None) -> int:
+        """Remove `key` (a tombstone); returns once durable, with its commit position. Deleting
+        a missing key is fine."""
         self._check()
         check_key(key)
-        self._write(((FLAG_DELETE, key, b""),), request_id)
+        return self._write(((FLAG_DELETE, key, b""),), request_id)[0]
 
-    def get(self, key: bytes, *, quorum: bool = False) -> bytes | None:
-        """The value of `key` at the current VDL, or None. Linearizable. `quorum=True` forces a
-        3-of-6 quorum read instead of one segment known to be complete."""
+    def get(self, key: bytes, *, quorum: bool = False, after: int | None = None) -> bytes | None:
+        """The value of `key` at the current VDL, or None. Linearizable on the writer.
+        `quorum=True` forces a 3-of-6 quorum read instead of one segment known to be complete.
+        `after=position` (a write's return value, or `last_commit`): read at a read point that
+        covers that write (see the module docstring)."""
         self._check()
         check_key(key)
-        return self._backend.get(key, quorum=quorum, view=None)
+        if after is None:
+            return self._backend.get(key, quorum=quorum, view=None)
+        return self._backend.get(key, quorum=quorum, view=None, after=check_after(after))
 
-    def get_many(self, keys: Sequence[bytes], *, quorum: bool = False) -> list[bytes | None]:
+    def get_many(self, keys: Sequence[bytes], *, quorum: bool = False, after: int | None = None) -> list[bytes | None]:
         """The values of `keys` (None where a key has none), all at one read point, in one pass
         over the segments (one batched read per node). Raises the first key's error if any get
-        fails (InvalidArgument for a bad key, before anything is read)."""
+        fails (InvalidArgument for a bad key, before anything is read). `after`: as for `get`."""
         self._check()
         keys = list(keys)
         for key in keys:
             check_key(key)
-        results = self._backend.get_many([(key, quorum, None) for key in keys])
+        gets = [(key, quorum, None) for key in keys]
+        results = self._backend.get_many(gets) if after is None else self._backend.get_many(gets, after=check_after(after))
         for r in results:
             if isinstance(r, BaseException):
                 raise r
         return results
 
-    def scan(self, start: bytes = b"", end: bytes | None = None, *, quorum: bool = False) -> Iterator[tuple[bytes, bytes]]:
-        """(key, value) pairs with start <= key < end, in key order, all at one read point."""
+    def scan(self, start: bytes = b"", end: bytes | None = None, *, quorum: bool = False,
+             after: int | None = None) -> Iterator[tuple[bytes, bytes]]:
+        """(key, value) pairs with start <= key < end, in key order, all at one read point.
+        `after`: as for `get`."""
         self._check()
-        return self._backend.scan(start, end, quorum=quorum, view=None)
+        if after is None:
+            return self._backend.scan(start, end, quorum=quorum, view=None)
+        return self._backend.scan(start, end, quorum=quorum, view=None, after=check_after(after))
 
     def batch(self, *, request_id: bytes | None = None) -> Batch:
         self._check()

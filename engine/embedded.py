@@ -41,7 +41,7 @@ from engine.core.constants import LAL_DEFAULT
 from engine.core.types import Geometry, NodeInfo, default_nodes
 from engine.formats import format_of
 from engine.envelope import VolumeCipher, descriptor_problems, load_master_key, new_descriptor, rewrap, unwrap
-from engine.errors import EncryptionError, GeometryMismatch, InvalidArgument, NodeNotFound, SixfoldError, Unavailable, WrongFolder
+from engine.errors import EncryptionError, GeometryMismatch, InvalidArgument, NodeNotFound, ReplicaBehind, SixfoldError, Unavailable, WrongFolder
 from engine.files import TMP_SUFFIX, atomic_write
 from engine.head.membership import MembershipChange
 from engine.head.weakening import SAFE, Weakening
@@ -485,14 +485,29 @@ class EmbeddedVolume:
             self._request_rng = random.Random(f"request-ids:{self.options.seed}")
         return self._request_rng.randbytes(16)
 
-    def get(self, key, *, quorum=False, view=None):
+    def get(self, key, *, quorum=False, view=None, after=0):
+        self.wait_after(after)
         return self._w.get(key, quorum=quorum, view=view)
 
-    def get_many(self, gets):
+    def get_many(self, gets, *, after=0):
+        self.wait_after(after)
         return self._w.reads.get_many(gets)
 
-    def scan(self, start, end, *, quorum=False, view=None):
+    def scan(self, start, end, *, quorum=False, view=None, after=0):
+        self.wait_after(after)
         return self._w.scan(start, end, quorum=quorum, view=view)
+
+    def wait_after(self, after: int) -> None:
+        """Read-your-writes (`after=`): the embedded writer's read point is its VDL, which covers
+        every write it acknowledged, so this returns at once; a position it has not reached
+        (another volume's, say) waits up to the write timeout, then ReplicaBehind."""
+        if not after:
+            return
+        w = self._w
+        timeout_s = self.options.write_timeout_s
+        if w.ledger.vdl < after and w.wait_vdl(after - 1, timeout_s) < after:
+            raise ReplicaBehind(f"the volume's VDL {w.ledger.vdl} did not reach LSN {after} within {timeout_s:g} s "
+                                "(was that position given by this volume?)")
 
     def view(self):
         return self._w.view()

@@ -190,7 +190,24 @@ class EncryptionError(SixfoldError):
     GRPC_STATUS = "FAILED_PRECONDITION"
 
 
+class ReadOnly(SixfoldError):
+    """A write (or an admin change) was sent to a reader instance: a read replica serves reads
+    only. Nothing was logged. Send writes to the writer endpoint (`engine.connect(folder)`).
+
+    Not InvalidArgument (the same request is valid on the writer), not PermissionDenied (the
+    caller's role may well allow writes), not Unavailable (retrying here never succeeds): the
+    target is in the wrong state for the request, hence FAILED_PRECONDITION."""
+
+    GRPC_STATUS = "FAILED_PRECONDITION"
+
+
+class ReplicaBehind(Unavailable):
+    """A read with `after=LSN` (read-your-writes) could not be served in time: this replica's
+    read point did not reach that commit position within the bound (its writer is down or far
+    ahead). Nothing was read; retry, or read from the writer endpoint."""
+
+
 ALL_ERRORS = ALL_ERRORS + (
     EpochBehind, StorageError, StorageFull, ConflictingRecord, FolderInUse, WrongFolder, Unauthenticated, PermissionDenied,
-    EncryptionError, WrongVolume,
+    EncryptionError, WrongVolume, ReadOnly, ReplicaBehind,
 )

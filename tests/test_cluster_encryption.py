@@ -19,6 +19,8 @@ import subprocess
 import sys
 
 import pytest
+
+import engine
 from waiting import DEADLINE_S
 
 from engine.cli import main
@@ -124,6 +126,22 @@ def test_put_get_scan_delete_work_on_an_encrypted_cluster(enc):
     db.delete(b"tmp:1")
     assert db.get(b"tmp:1") is None
     assert db.get(b"never:written") is None
+
+
+def test_a_reader_instance_opens_values_with_the_key_file_the_manifest_names(enc):
+    c, db = enc["cluster"], enc["db"]
+    rid = c.add_reader()
+    try:
+        lsn = db.put(b"tmp:reader", b"sealed for the reader")
+        with engine.connect(c.folder, role="reader") as ro:
+            assert ro.get(SECRET_KEY, after=lsn) == SECRET_VALUE
+            assert ro.get(b"tmp:reader") == b"sealed for the reader"
+            assert list(ro.scan(b"row:010", b"row:013")) == [(k, ROWS[k]) for k in (b"row:010", b"row:011", b"row:012")]
+            assert ro.status()["encrypted"] is True
+        assert f"--key-file\x00{c.manifest['key_file']}".encode() in open(f"/proc/{c.pid(rid)}/cmdline", "rb").read()
+    finally:
+        c.remove_reader(rid)
+        db.delete(b"tmp:reader")
 
 
 def test_no_plaintext_key_or_value_in_any_file_of_the_cluster_folder(enc):

@@ -32,6 +32,7 @@ from engine.core.types import (
     AppendReply,
     Membership,
     NodeState,
+    ReadPointUpdate,
     ReadReply,
     RecordHeader,
     SealReply,
@@ -480,3 +481,56 @@ def test_lsns_above_the_bound_are_refused(value):
     bad = storage_pb2.TruncationRange(epoch=1, first=1, last=TRUNCATION_LSN_MAX + 1)
     with pytest.raises(errors.InvalidArgument, match="out of range"):
         convert.sync_epoch_args_from_pb(storage_pb2.SyncEpochRequest(epoch=1, truncations=[bad]))
+
+
+# --- the read point replicated to reader instances ------------------------------------------
+@st.composite
+def read_point_updates(draw):
+    P = draw(st.integers(1, 8))
+    vdl = draw(LSN)
+    tails = tuple(draw(st.lists(st.integers(0, vdl), min_size=P, max_size=P)))
+    m = draw(memberships())
+    m = Membership(draw(st.integers(0, EPOCH_MAX)), m.members, m.next_members)
+    members = tuple((n, tuple(draw(st.lists(st.one_of(st.none(), LSN), min_size=P, max_size=P))), draw(st.booleans()))
+                    for n in m.all_nodes)
+    return P, ReadPointUpdate(draw(st.integers(0, EPOCH_MAX)), vdl, tails, m, members, draw(SECONDS))
+
+
+@given(read_point_updates())
+def test_read_point_update_round_trips(pu):
+    P, u = pu
+    assert convert.read_point_update_from_pb(wire(convert.read_point_update_to_pb(u)), P) == u
+
+
+def test_a_read_point_update_that_means_nothing_is_refused():
+    m = Membership(3, tuple(f"n{i}" for i in range(1, 7)))
+    good = ReadPointUpdate(3, 10, (10, 4), m, tuple((n, (10, 4), True) for n in m.members), 1.0)
+    convert.read_point_update_from_pb(convert.read_point_update_to_pb(good), 2)
+    bad = [
+        (convert.read_point_update_to_pb(good), 3),  # one tail per PG
+        (convert.read_point_update_to_pb(ReadPointUpdate(3, 9, (10, 4), m, good.members, 1.0)), 2),  # tail above VDL
+        (convert.read_point_update_to_pb(ReadPointUpdate(3, 10, (10, 4), m, (("n9", (1, 1), True),), 1.0)), 2),
+        (convert.read_point_update_to_pb(ReadPointUpdate(3, 10, (10, 4), m, (("n1", (1,), True),), 1.0)), 2),
+        (convert.read_point_update_to_pb(ReadPointUpdate(EPOCH_MAX + 1, 10, (10, 4), m, (), 1.0)), 2),
+    ]
+    for msg, P in bad:
+        with pytest.raises(errors.InvalidArgument):
+            convert.read_point_update_from_pb(msg, P)
+
+
+def test_a_reader_status_round_trips_in_place_of_the_writers():
+    reader = {name: (f"x-{name}" if f.type == f.TYPE_STRING else True if f.type == f.TYPE_BOOL
+                     else 1.5 if f.type == f.TYPE_DOUBLE else 7)
+              for name, f in kv_pb2.ReaderStatus.DESCRIPTOR.fields_by_name.items()}
+    status = {"volume_id": "v", "protection_groups": 2, "codec": "python", "durable": True, "encrypted": False,
+              "vdl": 7, "epoch": 2, "nodes": [{"id": "n1", "az": "a", "address": None, "up": True}],
+              "reader": reader, "endpoint": {"pid": 5, "opened_at": 1.0},
+              "membership_change": {"phase": "idle", "old": "", "new": "", "fraction": 0.0, "fetched_records": 0, "lag": 0,
+                                    "epoch": 2, "members": [], "next_members": [], "seconds": 0.0, "error": ""}}
+    back = convert.status_from_pb(wire(convert.status_to_pb(status)))
+    assert back == status and "writer" not in back
+
+
+def test_watch_arguments_take_defaults_and_are_clamped():
+    assert convert.watch_args_from_pb(kv_pb2.WatchReadPointRequest()) == (0.005, 0.1)
+    assert convert.watch_args_from_pb(kv_pb2.WatchReadPointRequest(min_interval_ms=10**9, heartbeat_ms=1)) == (1.0, 0.01)

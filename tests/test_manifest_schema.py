@@ -202,3 +202,34 @@ def test_arbitrary_json_in_any_field_is_a_typed_error_or_works(tmp_path, field, 
         assert named and "\n" not in text, (field, value, text)
     except SixfoldError as e:
         assert field == "format", (field, value, e)  # the loader's version check
+
+
+def test_readers_are_optional_and_checked(tmp_path):
+    from engine.cluster.manifest import READERS_MAX, ClusterError, active_readers, add_reader_entry, identity_roles
+
+    m = good_manifest()
+    assert "readers" not in m and active_readers(load_manifest(write(tmp_path / "old", m))) == []  # an old manifest
+    r1 = add_reader_entry(m, None, BASE_PORT + 7)
+    r2 = add_reader_entry(m, None, BASE_PORT + 8)
+    r3 = add_reader_entry(m, "a", BASE_PORT + 9)
+    assert [(r["id"], r["az"]) for r in (r1, r2, r3)] == [("r1", "b"), ("r2", "c"), ("r3", "a")]
+    assert add_reader_entry(copy.deepcopy(m), None, BASE_PORT + 10)["az"] == "b"  # b and c have one each: b first
+    r2["retired"] = True
+    assert [r["id"] for r in active_readers(load_manifest(write(tmp_path / "new", m)))] == ["r1", "r3"]
+    assert identity_roles(m)["r1"] == "reader" and "r2" not in identity_roles(m)
+    assert BASE_PORT + 8 in used_ports(m), "a removed reader's port is never reused"
+    assert add_reader_entry(copy.deepcopy(m), None, BASE_PORT + 11)["id"] == "r4"
+    for bad, match in (
+        ({"readers": {"r1": {}}}, r"'readers' must be a list"),
+        ({"readers": [dict(r1, id="n3")]}, r"'readers\[0\]\.id' must be unique \(it is the id of nodes\[2\] too\)"),
+        ({"readers": [dict(r1, address=f"127.0.0.1:{BASE_PORT + 1}")]}, r"'readers\[0\]\.address' must be a port of its own"),
+        ({"readers": [dict(r1, az="b c")]}, r"'readers\[0\]\.az'"),
+        ({"readers": [{k: v for k, v in r1.items() if k != "log"}]}, r"'readers\[0\]\.log'"),
+    ):
+        with pytest.raises(WrongFolder, match=match):
+            load_manifest(write(tmp_path / "bad", dict(m, **bad)))
+    full = good_manifest()
+    for i in range(READERS_MAX):
+        add_reader_entry(full, None, BASE_PORT + 7 + i)
+    with pytest.raises(ClusterError, match="15 readers"):
+        add_reader_entry(full, None, BASE_PORT + 40)

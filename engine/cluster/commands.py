@@ -60,6 +60,11 @@ def status_table(st: dict) -> str:
         f"\nwriter endpoint {w['address']}  pid {w['pid'] or '-'}  {w['health']}  volume {vid}  "
         f"epoch {w.get('epoch', '-')}  vdl {w.get('vdl', '-')}"
     )
+    if st.get("readers"):
+        rows = [[r["id"], r["az"], r["address"], r["pid"], r["health"], r.get("read_point"), r.get("lag_lsns"),
+                 None if r.get("lag_ms") is None else f"{r['lag_ms']:.0f}",
+                 None if "connected" not in r else ("yes" if r["connected"] else "NO")] for r in st["readers"]]
+        out += "\n" + table(rows, ["reader", "az", "address", "pid", "health", "read point", "lag(lsn)", "lag(ms)", "writer"])
     if not st["durable"]:
         out += "\n(not durable: nodes do not fsync before they acknowledge)"
     sec = st.get("security") or {}
@@ -120,7 +125,7 @@ def cmd_cluster_up(args) -> int:
             durable=False if args.no_durable else None, write_timeout_s=args.write_timeout_s,
             gossip_interval_s=args.gossip_interval_s, timeout_s=args.timeout_s,
             insecure=True if args.insecure else None, allow_fault_injection=True if args.allow_fault_injection else None,
-            no_auth=args.no_auth,
+            no_auth=args.no_auth, readers=args.readers,
             **_encryption_arguments(args),
         )
     except Exception as e:
@@ -140,7 +145,7 @@ def cmd_cluster_up(args) -> int:
     print("running in the foreground; Ctrl-C stops the cluster", file=sys.stderr, flush=True)
     reported: set[str] = set()
     while not stop.wait(1.0):
-        for name in c.node_ids + [WRITER]:
+        for name in c.node_ids + [WRITER] + c.reader_ids:
             state = c.state(name)
             if state == "down" and name not in reported:
                 print(f"{name} is down (see {c.folder}/logs/{name}.log)", file=sys.stderr, flush=True)
@@ -159,7 +164,8 @@ EXIT_UNHEALTHY = 4
 
 def unhealthy(st: dict) -> list[str]:
     """'n6 DOWN', 'writer PAUSED'...: every process of a status that is not SERVING."""
-    procs = [(n["id"], n["health"]) for n in st["nodes"]] + [(WRITER, st["writer"]["health"])]
+    procs = [(n["id"], n["health"]) for n in st["nodes"]] + [(WRITER, st["writer"]["health"])] + [
+        (r["id"], r["health"]) for r in st.get("readers", ())]
     return [f"{name} {health}" for name, health in procs if health != "SERVING"]
 
 
@@ -485,6 +491,94 @@ def cmd_writer_serve(args) -> int:
         return 2
 
 
+def cmd_reader_serve(args) -> int:
+    from dataclasses import replace
+
+    from engine.cluster.manifest import reader_entry
+    from engine.head.replica import run_reader_process
+    from engine.security.users import default_token
+    from engine.transport.grpc_server import AddressInUse, InsecureListen
+
+    _logging(args.log_level)
+    if not args.cluster or not args.id:
+        raise SystemExit("sixfold reader serve: give --cluster DIR and --id ID (the reader reads the rest from cluster.json)")
+    folder = args.cluster
+    m = load_manifest(folder)
+    r = reader_entry(m, args.id)
+
+    def writer_address() -> str:  # asked before every (re)connection: follows `writer start`
+        return load_manifest(folder)[WRITER]["address"]
+
+    try:
+        # The reader authenticates to the writer endpoint with the folder's operator token (a
+        # local process of the cluster) and to the nodes with its own certificate (role reader).
+        return run_reader_process(replace(endpoint_config(m, folder), local_az=r["az"]), r["id"], r["az"],
+                                  args.listen or r["address"], writer_address, tls=tls_config(folder, m, r["id"]),
+                                  token=default_token(folder), key_file=args.key_file)
+    except (AddressInUse, InsecureListen) as e:
+        logging.getLogger("sixfold.reader").error("%s", e)
+        return 2
+
+
+def cmd_reader_add(args) -> int:
+    c = _cluster(args)
+    reader_id = c.add_reader(args.az, timeout_s=args.timeout_s)
+    entry = next(r for r in c.manifest["readers"] if r["id"] == reader_id)
+    if args.json:
+        from engine.output import print_json
+
+        print_json({"reader": reader_id, "az": entry["az"], "address": entry["address"]})
+    else:
+        print(f"{reader_id}: reader in AZ {entry['az']} at {entry['address']} (pid {c.pid(reader_id)})")
+    return 0
+
+
+def cmd_reader_remove(args) -> int:
+    c = _cluster(args)
+    c.remove_reader(args.id)
+    print(f"{args.id}: removed")
+    return 0
+
+
+def _register_readers(sub, target: argparse.ArgumentParser) -> None:
+    p = sub.add_parser("reader", help="run, add and remove reader instances (read replicas)", description=(
+        "Reader instances serve reads (get, scan, status) from the storage nodes at the read point the writer "
+        "endpoint streams to them; `engine.connect(DIR, role=\"reader\")` and `--role reader` spread reads over "
+        "them. Writes to a reader are refused (ReadOnly)."))
+    rsub = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+    a = rsub.add_parser("add", parents=[target], help="add a reader instance and start it", description=(
+        "Add a reader (id r<N>, the next free port above the cluster's ports) and wait until it is SERVING. "
+        "Up to 15. Default AZ: the one other than the writer's with the fewest readers (b, then c)."))
+    a.add_argument("--az", default=None, help="the reader's availability zone (reads prefer nodes of its AZ)")
+    a.add_argument("--timeout-s", type=float, default=READY_TIMEOUT_S, help="how long to wait for SERVING")
+    a.add_argument("--json", action="store_true", help="print JSON for scripts")
+    a.set_defaults(func=audited("reader add", cmd_reader_add, lambda args: args.az or "-"))
+    a = rsub.add_parser("remove", parents=[target], help="stop a reader instance and remove it", description=(
+        "SIGTERM the reader (SIGKILL after a grace) and mark it removed in the manifest; its id and port are not reused."))
+    a.add_argument("id", help="reader id, e.g. r2")
+    a.set_defaults(func=audited("reader remove", cmd_reader_remove, lambda args: args.id))
+    for action, words in (
+        ("kill", "SIGKILL: crash it at once"),
+        ("stop", "SIGSTOP: freeze it (sockets stay open, nobody answers)"),
+        ("cont", "SIGCONT: resume a frozen process"),
+        ("start", "start it again (same arguments) and wait until it is SERVING"),
+    ):
+        a = rsub.add_parser(action, parents=[target], help=words, description=f"{words.capitalize()}.")
+        a.add_argument("id", help="reader id, e.g. r1")
+        if action == "start":
+            a.add_argument("--timeout-s", type=float, default=READY_TIMEOUT_S, help="how long to wait for SERVING")
+        a.set_defaults(func=audited(f"reader {action}", _control(action), lambda args: args.id))
+    serve = rsub.add_parser("serve", help="run a reader instance in this process (until SIGTERM)", description=(
+        "Run reader ID of DIR/cluster.json in the foreground, logging to stderr, until SIGTERM or Ctrl-C."))
+    serve.add_argument("--cluster", metavar="DIR", help="the cluster folder")
+    serve.add_argument("--id", help="reader id (r1, r2 ...)")
+    serve.add_argument("--listen", metavar="HOST:PORT", help="listen address (default: from the manifest)")
+    serve.add_argument("--log-level", default="info", help="debug, info, warning or error")
+    serve.add_argument("--key-file", metavar="F", default=None, help=(
+        "an encrypted cluster's master key file (the launcher passes the one the manifest records)"))
+    serve.set_defaults(func=cmd_reader_serve)
+
+
 # --- certificates -----------------------------------------------------------------------------
 def _secure_folder(args):
     c = _cluster(args)
@@ -598,6 +692,7 @@ def register(sub) -> None:
                         help="the cluster folder (default: $SIXFOLD_CLUSTER)")
     _register_certs(sub, target)
     _register_key(sub)
+    _register_readers(sub, target)
 
     # cluster up|status|down
     p = sub.add_parser("cluster", help="start, inspect and stop a cluster on this machine", description=(
@@ -637,6 +732,9 @@ def register(sub) -> None:
     up.add_argument("--key-file", metavar="F", help=(
         "with --encrypt: the master key file (`sixfold key new F`). Its absolute path goes into the manifest, never "
         "the key; keep it outside the cluster folder, readable by you only"))
+    up.add_argument("--readers", type=int, default=None, metavar="N", help=(
+        "run at least N reader instances (read replicas, up to 15) in the AZs other than the writer's; "
+        "`sixfold reader add` adds more later"))
     up.add_argument("--json", action="store_true",
                     help="print the status as JSON (with `started`: the processes this command started)")
     up.set_defaults(func=cmd_cluster_up)

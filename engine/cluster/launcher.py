@@ -18,6 +18,8 @@ module per concept, each over the folder's manifest (`manifest.py`):
   by the writer endpoint, retirement in the manifest).
 * `admin.py` (`WriterAdmin`, `NodeAdmin`): the writer endpoint's KV admin RPCs and the nodes'
   admin calls (corrupt, scrub, set_faults).
+* reader instances (`engine.head.replica`) are processes of the supervisor like the others:
+  `up(readers=N)`, `add_reader`, `remove_reader`; `status()["readers"]` shows each one's lag.
 
 Client authentication: unless the manifest turns it off (`"users_file": null`), `up` makes sure,
 before any process starts, that the folder's users file holds an admin user "operator" whose
@@ -38,7 +40,16 @@ from collections.abc import Callable, Iterable
 
 from engine.cluster.admin import NodeAdmin
 from engine.cluster.healing import REPLACE_TIMEOUT_S, Healer
-from engine.cluster.manifest import MANIFEST_FILE, WRITER, ClusterError, active_nodes, load_manifest, node_addresses, users_file
+from engine.cluster.manifest import (
+    MANIFEST_FILE,
+    WRITER,
+    ClusterError,
+    active_nodes,
+    active_readers,
+    load_manifest,
+    node_addresses,
+    users_file,
+)
 from engine.cluster.status import StatusView, rebuild_progress
 from engine.cluster.supervisor import DOWN_TIMEOUT_S, READY_TIMEOUT_S, Supervisor, port_free
 
@@ -91,6 +102,19 @@ class Cluster:
         return [n["id"] for n in active_nodes(self.manifest)]
 
     @property
+    def reader_ids(self) -> list[str]:
+        """The reader instances configured (removed ones left out)."""
+        return [r["id"] for r in active_readers(self.manifest)]
+
+    def add_reader(self, az: str | None = None, *, wait: bool = True, timeout_s: float = READY_TIMEOUT_S) -> str:
+        """Add a reader instance and start it (waits until it is SERVING); returns its id."""
+        return self.processes.add_reader(az, wait=wait, timeout_s=timeout_s)
+
+    def remove_reader(self, reader_id: str, timeout_s: float = DOWN_TIMEOUT_S) -> None:
+        """Stop a reader instance and mark it removed (its id and port are not reused)."""
+        self.processes.remove_reader(reader_id, timeout_s)
+
+    @property
     def retired_ids(self) -> list[str]:
         return [n["id"] for n in self.manifest["nodes"] if n.get("retired")]
 
@@ -134,6 +158,7 @@ class Cluster:
         encrypt: bool = False,
         key_file: str | None = None,
         no_auth: bool = False,
+        readers: int | None = None,
     ) -> dict:
         """Create the cluster (or reopen its data: same volume id), start every process that is
         not running, wait until all are SERVING; returns `status()` plus `started` (the names
@@ -145,7 +170,8 @@ class Cluster:
         (chaos runs and fault tests). `encrypt=True` with `key_file` (a master key file,
         `sixfold key new`) encrypts a new volume at rest; see `supervisor.py`. `no_auth=True`
         makes a new cluster whose endpoint checks no client token (a throwaway cluster or a
-        benchmark baseline; `"users_file": null` in its manifest)."""
+        benchmark baseline; `"users_file": null` in its manifest). `readers=N`: at least N reader
+        instances (in the AZs other than the writer's), started with the rest."""
         with self.processes.operation("cluster up"):
             if not (no_auth and not os.path.exists(os.path.join(self.folder, MANIFEST_FILE))):
                 self.ensure_operator()
@@ -153,7 +179,7 @@ class Cluster:
                 base_port=base_port, protection_groups=protection_groups, durable=durable,
                 write_timeout_s=write_timeout_s, gossip_interval_s=gossip_interval_s, timeout_s=timeout_s,
                 insecure=insecure, allow_fault_injection=allow_fault_injection, encrypt=encrypt, key_file=key_file,
-                no_auth=no_auth,
+                no_auth=no_auth, readers=readers,
             )
             st = self.status()
         st["started"] = started

@@ -45,6 +45,14 @@ passes to the writer endpoint (`writer serve --key-file F`) each time it starts 
 is never in the manifest, nor anywhere in the cluster folder unless the operator puts it there.
 Only the writer endpoint unwraps the data key; nodes see ciphertext and keyed hashes.
 
+Reader instances (`engine.head.replica`; `cluster up --readers N`, `reader add|remove`):
+`"readers"` lists them, each with an id (r1, r2 ...), an AZ, an address, a pid and a log, like
+the writer's entry; a removed reader stays, marked `"retired": true`, so an id or port is never
+reused. A new reader's port is the next free one above every port the manifest names; its AZ,
+unless given, is the AZ other than the writer's ("a") that has the fewest readers, b before c.
+A manifest without the field (written before readers existed) has none; in a secure cluster each
+reader gets a certificate of role `reader` under its id. `active_readers` leaves out the retired.
+
 Format: a plain cluster's manifest records `"format": PLAIN_MANIFEST_FORMAT` (1), an encrypted
 one's `ENCRYPTED_MANIFEST_FORMAT` (2), as an embedded volume.json does: a release from before
 encryption reads format 1 only, so it refuses an encrypted cluster as "written by a newer
@@ -242,7 +250,66 @@ def node_addresses(manifest: dict) -> dict[str, str]:
 def used_ports(manifest: dict) -> set[int]:
     ports = {int(manifest[WRITER]["address"].rpartition(":")[2])}
     ports.update(int(n["address"].rpartition(":")[2]) for n in manifest["nodes"])
+    ports.update(int(r["address"].rpartition(":")[2]) for r in manifest.get(READERS, ()))
     return ports
+
+
+# --- reader instances -----------------------------------------------------------------------
+READERS = "readers"
+#: The most reader instances a cluster runs at once (engine.head.replica.READERS_MAX).
+READERS_MAX = 15
+#: The AZ of the writer endpoint (the manifest's writer entry may name another: "az").
+WRITER_AZ_DEFAULT = "a"
+
+
+def active_readers(manifest: dict) -> list[dict]:
+    """The reader entries that run (or are to run): all but the removed ones."""
+    return [r for r in manifest.get(READERS, ()) if not r.get("retired")]
+
+
+def reader_entry(manifest: dict, reader_id: str) -> dict:
+    for r in manifest.get(READERS, ()):
+        if r["id"] == reader_id:
+            return r
+    known = ", ".join(r["id"] for r in active_readers(manifest)) or "none"
+    raise ClusterError(f"no reader {reader_id!r} in this cluster; readers are {known}")
+
+
+def is_reader(manifest: dict, name: str) -> bool:
+    return any(r["id"] == name for r in manifest.get(READERS, ()))
+
+
+def next_reader_az(manifest: dict) -> str:
+    """The AZ for a new reader: of the nodes' AZs other than the writer's, the one with the
+    fewest active readers (ties in AZ order: b before c); the writer's AZ if it is the only one."""
+    writer_az = manifest[WRITER].get("az", WRITER_AZ_DEFAULT)
+    azs = sorted({n["az"] for n in active_nodes(manifest)})
+    others = [az for az in azs if az != writer_az] or azs
+    count = {az: 0 for az in others}
+    for r in active_readers(manifest):
+        if r["az"] in count:
+            count[r["az"]] += 1
+    return min(others, key=lambda az: (count[az], az))
+
+
+def add_reader_entry(manifest: dict, az: str | None, port: int) -> dict:
+    """Add a reader (not started) to the manifest, with the next id; returns its entry."""
+    if len(active_readers(manifest)) >= READERS_MAX:
+        raise ClusterError(f"this cluster runs {READERS_MAX} readers already (the most it may); remove one first")
+    assert port not in used_ports(manifest), port
+    taken = {r["id"] for r in manifest.get(READERS, ())} | {n["id"] for n in manifest["nodes"]}
+    i = 1
+    while f"r{i}" in taken:
+        i += 1
+    entry = {
+        "id": f"r{i}",
+        "az": az or next_reader_az(manifest),
+        "address": f"{manifest.get('host', HOST_DEFAULT)}:{port}",
+        "pid": None,
+        "log": os.path.join("logs", f"r{i}.log"),
+    }
+    manifest.setdefault(READERS, []).append(entry)
+    return entry
 
 
 def add_node_entry(manifest: dict, node_id: str, az: str, port: int, replaces: str) -> dict:
@@ -284,6 +351,7 @@ def is_secure(manifest: dict) -> bool:
 def identity_roles(manifest: dict) -> dict[str, str]:
     """{identity: role} of every process a secure cluster runs (retired nodes left out)."""
     out = {n["id"]: "node" for n in active_nodes(manifest)}
+    out.update({r["id"]: "reader" for r in active_readers(manifest)})
     out[WRITER] = "writer"
     out[OPERATOR] = "admin"
     return out

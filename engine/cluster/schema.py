@@ -39,6 +39,11 @@ What is checked (formats 1 and 2; the checks are hand-written, standard library 
                         took over records its own)
     users_file          optional null or non-empty relative path (absent: "users.json", auth on;
                         null: auth off; see manifest.py)
+    readers             optional list of reader instances (absent: none), ids unique and none a
+                        node's id, ports unique among every process:
+        id, az          as for a node
+        address, pid, log   as for a node
+        retired         optional bool
 
 Fields not listed are allowed, so that a newer release can add one without breaking an older
 reader; booleans are never accepted as numbers (JSON `true` is not a port). A manifest whose
@@ -249,6 +254,24 @@ def validate_manifest(manifest: Any, where: str = "cluster.json", *, format_max:
         c.boolean(n, "retired", f"{field}.retired", optional=True)
         c.name(n, "replaces", f"{field}.replaces", "a node id", optional=True, nullable=True)
         c.name(n, "replaced_by", f"{field}.replaced_by", "a node id", optional=True, nullable=True)
+
+    present, readers = c.get(m, "readers", "readers", "a list of reader objects", optional=True)
+    if present:
+        if not isinstance(readers, list):
+            c.fail("readers", "a list of reader objects", readers)
+        for i, raw in enumerate(readers):
+            field = f"readers[{i}]"
+            r = c.object(raw, field)
+            c.name(r, "id", f"{field}.id", "a reader id")
+            if r["id"] in ids or r["id"] == "writer":
+                c.fail(f"{field}.id", f"unique (it is the id of {ids.get(r['id'], 'the writer')} too)", r["id"])
+            ids[r["id"]] = field
+            c.name(r, "az", f"{field}.az", "an AZ name")
+            port = c.process(r, field)
+            if port in ports:
+                c.fail(f"{field}.address", f"a port of its own (port {port} is {ports[port]}'s)", r["address"])
+            ports[port] = field
+            c.boolean(r, "retired", f"{field}.retired", optional=True)
     return m
 
 

@@ -6,7 +6,9 @@ Theory of operation
 (`STATUS_RPC_TIMEOUT_S`): every active node's health and, when it answers, its state (epoch,
 SCLs, records, bytes, corruption and gossip counters, `NodeState` over the Storage service); and
 the writer endpoint's health and, when SERVING, its status (VDL, epoch, links, PGCLs, membership,
-the membership change under way; the KV `Status` RPC through `admin.WriterAdmin`). A process that
+the membership change under way; the KV `Status` RPC through `admin.WriterAdmin`); and every
+reader instance's health and, when SERVING, its read point and lag behind the writer (its own
+KV `Status`: `lag_lsns`, `lag_ms`, `heard_ms`; see `engine.head.replica`). A process that
 does not answer is shown with its health (DOWN, PAUSED, UNREACHABLE...) and the error, never
 waited for beyond the deadline, so `sixfold cluster status` answers while the cluster is broken.
 
@@ -23,7 +25,7 @@ import os
 from concurrent import futures
 
 from engine.cluster.admin import STATUS_RPC_TIMEOUT_S, WriterAdmin, operator_token
-from engine.cluster.manifest import WRITER, active_nodes, node_addresses
+from engine.cluster.manifest import WRITER, active_nodes, active_readers, node_addresses
 from engine.cluster.supervisor import Supervisor
 from engine.errors import SixfoldError
 
@@ -118,11 +120,27 @@ class StatusView:
                     out["error"] = str(e)
             return out
 
+        def reader(r: dict) -> dict:
+            out = {"id": r["id"], "az": r["az"], "address": r["address"], "pid": sup.live_pid(r["id"], r.get("pid")),
+                   "log": sup.path(r["log"])}
+            out["health"] = sup.health(r["id"])
+            if out["health"] == "SERVING":
+                try:
+                    st = WriterAdmin(r["address"], tls, operator_token(sup.folder)).status(STATUS_RPC_TIMEOUT_S * 2)
+                    out.update({k: st["reader"][k] for k in ("read_point", "epoch", "writer_vdl", "lag_lsns", "lag_ms",
+                                                             "heard_ms", "connected", "updates", "last_error")})
+                except SixfoldError as e:
+                    out["error"] = str(e)
+            return out
+
+        readers_of = active_readers(manifest)
         try:
-            with futures.ThreadPoolExecutor(max_workers=len(manifest["nodes"]) + 1) as pool:
+            with futures.ThreadPoolExecutor(max_workers=len(manifest["nodes"]) + 1 + len(readers_of)) as pool:
                 w = pool.submit(writer)
+                rs = [pool.submit(reader, r) for r in readers_of]
                 nodes = list(pool.map(node, active_nodes(manifest)))
                 w = w.result()
+                readers = [f.result() for f in rs]
         finally:
             transport.close()
         for n in nodes:
@@ -140,4 +158,5 @@ class StatusView:
             "nodes": nodes,
             "retired": [{"id": n["id"], "az": n["az"], "replaced_by": n.get("replaced_by")} for n in manifest["nodes"] if n.get("retired")],
             "writer": w,
+            "readers": readers,
         }

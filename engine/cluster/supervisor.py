@@ -45,6 +45,12 @@ log's tail. `up(encrypt=True, key_file=F)` on an existing encrypted cluster chec
 its data key and records F from then on; on a plain cluster it is refused (encryption is chosen
 at creation). `rekey` re-wraps the data key under a new master key, under both locks.
 
+Reader instances (`engine.head.replica`) are processes of the same kind, named by their ids
+(r1, r2 ...; `python -m engine reader serve --cluster DIR --id r1`): `up(readers=N)` adds entries
+until N are active and starts every active reader with the rest, `add_reader` adds and starts
+one, `remove_reader` stops one and marks it retired. A reader reports SERVING once it has its
+first read point from the writer. `down` stops the readers together with the writer.
+
 Rules of this module: it knows processes, ports, pids and the manifest's process entries; it
 asks a process nothing but its health (status and healing are `status.py` and `healing.py`).
 """
@@ -71,10 +77,16 @@ import engine
 from engine.cluster.manifest import (
     BASE_PORT_DEFAULT,
     HOST_DEFAULT,
+    READERS_MAX,
     WRITER,
     OPERATOR,
     ClusterError,
     active_nodes,
+    active_readers,
+    add_reader_entry,
+    is_reader,
+    reader_entry,
+    used_ports,
     check_compatible,
     identity_roles,
     is_encrypted,
@@ -180,8 +192,10 @@ class Supervisor:
 
     @staticmethod
     def entry(manifest: dict, name: str) -> dict:
-        """The manifest entry of a process: the writer endpoint's or a node's."""
-        return manifest[WRITER] if name == WRITER else node_entry(manifest, name)
+        """The manifest entry of a process: the writer endpoint's, a reader's or a node's."""
+        if name == WRITER:
+            return manifest[WRITER]
+        return reader_entry(manifest, name) if is_reader(manifest, name) else node_entry(manifest, name)
 
     def address(self, name: str) -> str:
         return self.entry(self.manifest, name)["address"]
@@ -196,7 +210,8 @@ class Supervisor:
         if not is_secure(manifest):
             return []
         roles = identity_roles(manifest)
-        wanted = dict(roles) if names is None else {n: roles.get(n, "node") for n in names}
+        wanted = dict(roles) if names is None else {n: roles.get(n, "reader" if is_reader(manifest, n) else "node")
+                                                     for n in names}
         wanted.setdefault(OPERATOR, "admin")
         issued = tls_folder(self.folder, manifest).ensure(wanted, hosts=(manifest.get("host", HOST_DEFAULT),))
         if issued:
@@ -320,6 +335,12 @@ class Supervisor:
             if manifest.get("key_file"):
                 argv += ["--key-file", manifest["key_file"]]
             return argv
+        if is_reader(manifest, name):
+            r = reader_entry(manifest, name)
+            argv = base + ["reader", "serve", "--cluster", self.folder, "--id", r["id"], "--listen", r["address"]]
+            if manifest.get("key_file"):
+                argv += ["--key-file", manifest["key_file"]]
+            return argv
         # The node reads the rest (AZ, data folder, volume, peers, durability, gossip interval)
         # from the manifest, and re-reads it to reach nodes added later (engine.cluster.addresses).
         n = node_entry(manifest, name)
@@ -416,6 +437,7 @@ class Supervisor:
         allow_fault_injection: bool | None = None,
         encrypt: bool = False,
         key_file: str | None = None,
+        readers: int | None = None,
     ) -> list[str]:
         """Create the cluster (or reopen its data: same volume id), start every process that is
         not running, wait until all are SERVING; returns the names this call started (empty when
@@ -425,7 +447,10 @@ class Supervisor:
         A new cluster is secure (mutual TLS, certificates in DIR/tls/) unless `insecure`, which is
         fixed at creation; `allow_fault_injection` (Corrupt, SetFaults for the admin role) is
         recorded in the manifest and applies to the processes started from then on. `encrypt`
-        with `key_file` encrypts a new volume at rest (see the module docstring)."""
+        with `key_file` encrypts a new volume at rest (see the module docstring). `readers`: make
+        sure at least that many reader instances are configured (they all start with the rest)."""
+        if readers is not None and not 0 <= readers <= READERS_MAX:
+            raise InvalidArgument(f"readers: 0..{READERS_MAX}, got {readers}")
         if encrypt and not key_file:
             raise InvalidArgument("an encrypted cluster needs the file of its master key (key_file)")
         if key_file and not encrypt:
@@ -472,7 +497,9 @@ class Supervisor:
                         manifest["write_timeout_s"] = float(write_timeout_s)
                     if gossip_interval_s is not None:
                         manifest["gossip_interval_s"] = float(gossip_interval_s)
-                    names = [n["id"] for n in active_nodes(manifest)] + [WRITER]
+                    for _ in range(max(0, (readers or 0) - len(active_readers(manifest)))):
+                        add_reader_entry(manifest, None, self._free_port(manifest))
+                    names = [n["id"] for n in active_nodes(manifest)] + [WRITER] + [r["id"] for r in active_readers(manifest)]
                     for name in names:
                         entry = self.entry(manifest, name)
                         if self.live_pid(name, entry.get("pid")) is None:
@@ -495,6 +522,50 @@ class Supervisor:
                     self.terminate([name], DOWN_TIMEOUT_S)
                 raise
             return started
+
+    # --- reader instances -------------------------------------------------------------------
+    def _free_port(self, manifest: dict) -> int:
+        """The next port above every port the manifest names that nothing listens on now."""
+        host = manifest.get("host", HOST_DEFAULT)
+        port = max(used_ports(manifest)) + 1
+        while port <= 65535:
+            if port_free(host, port):
+                return port
+            port += 1
+        raise ClusterError("no free port left above the cluster's ports for a new reader")
+
+    def add_reader(self, az: str | None = None, *, wait: bool = True, timeout_s: float = READY_TIMEOUT_S) -> str:
+        """Add a reader instance (in `az`, default as `manifest.next_reader_az`) and start it;
+        returns its id. ClusterError when 15 run already."""
+        if az is not None:
+            from engine.transport.convert import check_node_id
+
+            check_node_id(az, "AZ")
+        with locked(self.folder):
+            manifest = load_manifest(self.folder)
+            entry = add_reader_entry(manifest, az, self._free_port(manifest))
+            try:
+                self._spawn(manifest, entry["id"])
+            finally:
+                save_manifest(self.folder, manifest)
+        if wait:
+            try:
+                self.wait_serving([entry["id"]], timeout_s)
+            except BaseException:
+                self.terminate([entry["id"]], DOWN_TIMEOUT_S)
+                raise
+        return entry["id"]
+
+    def remove_reader(self, reader_id: str, timeout_s: float = DOWN_TIMEOUT_S) -> None:
+        """Stop a reader instance (SIGTERM, then SIGKILL) and mark it retired in the manifest."""
+        entry = reader_entry(self.manifest, reader_id)
+        if entry.get("retired"):
+            raise ClusterError(f"reader {reader_id} was removed already")
+        self.terminate([reader_id], timeout_s)
+        with locked(self.folder):
+            m = load_manifest(self.folder)
+            reader_entry(m, reader_id)["retired"] = True
+            save_manifest(self.folder, m)
 
     # --- encryption at rest -----------------------------------------------------------------
     def _master_key(self, key_file: str) -> bytes:
@@ -549,6 +620,8 @@ class Supervisor:
         with locked(self.folder):
             manifest = load_manifest(self.folder)
             entry = self.entry(manifest, name)
+            if entry.get("retired") and is_reader(manifest, name):
+                raise ClusterError(f"reader {name} was removed; add a new one with `sixfold reader add`")
             if entry.get("retired"):
                 raise ClusterError(f"node {name} was retired (replaced by {entry.get('replaced_by') or 'another node'}); it is not started again")
             pid = self.live_pid(name, entry.get("pid"))
@@ -649,5 +722,5 @@ class Supervisor:
         if not self.exists:
             return
         with self.operation("cluster down"):
-            self.terminate([WRITER], timeout_s)
+            self.terminate([WRITER] + [r["id"] for r in self.manifest.get("readers", ())], timeout_s)
             self.terminate([n["id"] for n in self.manifest["nodes"]], timeout_s)  # retired ones too, should one still run

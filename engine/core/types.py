@@ -212,3 +212,24 @@ class RequestStatus:
     request_id: bytes
     state: str
     lsn: int = 0
+
+
+@dataclass(frozen=True)
+class ReadPointUpdate:
+    """The writer's read view at one moment, as it replicates to reader instances
+    (`engine.head.replica`): the epoch, the VDL (the read point: durable, so no recovery cuts a
+    record at or below it), each PG's read tail, the membership, and per member its SCLs (None
+    for a PG the writer has no reply for yet) and whether the writer reaches it. `sent_at`: the
+    writer's wall clock when it sent the update (seconds since the Unix epoch)."""
+
+    epoch: int
+    vdl: int
+    tails: tuple[int, ...]
+    membership: Membership
+    #: (node id, SCL per PG, up) for every member of the membership
+    members: tuple[tuple[str, tuple[int | None, ...], bool], ...]
+    sent_at: float = 0.0
+
+    @property
+    def view(self) -> ReadView:
+        return ReadView(self.vdl, self.tails)

@@ -19,6 +19,12 @@ this side keeps them together:
   the embedded engine uses): one read point for all its gets, one `ReadMany` per node, nodes in
   parallel on this endpoint's pool, a quorum read for what no complete segment answers.
 
+Reader instances (`engine.head.replica`) follow `WatchReadPoint`: a stream of the writer's read
+point (`WriterEndpoint.read_points`: an update when the VDL moves, coalesced, and a heartbeat),
+and `Get`/`GetMany`/`Scan` take `after`, a commit position the read must cover (here at once:
+the VDL covers every acknowledged write). The same `KVServicer` serves a reader instance's
+`ReaderEndpoint`.
+
 Membership change (`ReplaceNode`, `MembershipStatus`, admin RPCs): the RPC validates the request
 and runs the one change driver (`engine.head.membership.MembershipChange`) with this endpoint as
 its host: the new node's address is learned (pushed by the caller, which started the node), epoch
@@ -62,8 +68,8 @@ from dataclasses import asdict, dataclass, field, replace
 import grpc
 
 from engine import codec
-from engine.core.types import Geometry, NodeInfo, Unit
-from engine.errors import EncryptionError, InvalidArgument, SixfoldError, Unavailable
+from engine.core.types import Geometry, NodeInfo, ReadPointUpdate, RequestStatus, Unit
+from engine.errors import EncryptionError, InvalidArgument, ReplicaBehind, SixfoldError, Unavailable
 from engine.head.failover import LEASE_S_DEFAULT, Candidate
 from engine.head.membership import ACTIVE_PHASES, MembershipChange
 from engine.head.writer import ReadView, Writer, WriterOptions, node_status
@@ -230,8 +236,49 @@ class WriterEndpoint:
             )
         return view
 
-    def get(self, key: bytes, quorum: bool, view: ReadView | None) -> bytes | None:
+    def get(self, key: bytes, quorum: bool, view: ReadView | None, after: int = 0) -> bytes | None:
+        self.wait_after(after)
         return self.writer.get(key, quorum=quorum, view=self.check_view(view))
+
+    def wait_after(self, after: int) -> None:
+        """Read-your-writes on the writer: its VDL already covers every commit it acknowledged,
+        so this returns at once unless `after` is ahead of it (a position of another volume, or
+        one still becoming durable): then it waits, bounded by the write timeout, and raises
+        ReplicaBehind if the VDL does not reach it."""
+        if after <= 0:
+            return
+        w = self.writer
+        if w.ledger.vdl >= after:
+            return
+        vdl = w.wait_vdl(after - 1, self.config.write_timeout_s)
+        if vdl < after:
+            raise ReplicaBehind(f"the writer's VDL {vdl} did not reach LSN {after} within {self.config.write_timeout_s:g} s "
+                                "(was that position given by this volume?)")
+
+    def request_status(self, request_id: bytes) -> RequestStatus:
+        return self.writer.request_status(request_id)
+
+    def read_points(self, min_interval_s: float, heartbeat_s: float, active) -> Iterator[ReadPointUpdate]:
+        """The writer's read point as it advances (the WatchReadPoint stream): an update as soon
+        as the VDL moves, at most one per `min_interval_s` (what moved meanwhile rides the next
+        one), and one every `heartbeat_s` when nothing moves. Ends when `active()` turns false
+        or the endpoint stops; raises what a read would (Unavailable, StaleEpoch) if the writer
+        stops serving."""
+        last_vdl = -1
+        last_sent = float("-inf")
+        while active() and not self._stopping.is_set():
+            w = self.writer
+            left = heartbeat_s - (time.monotonic() - last_sent)
+            if left > 0:
+                w.wait_vdl(last_vdl, left)
+            u = w.read_point(time.time())
+            last_vdl, last_sent = u.vdl, time.monotonic()
+            yield u
+            self._stopping.wait(min_interval_s)
+
+    def stop_streams(self) -> None:
+        """End every WatchReadPoint stream (before a shutdown, so none holds the server's grace)."""
+        self._stopping.set()
 
     def get_many(self, gets: Sequence[tuple[bytes, bool, ReadView | None] | SixfoldError]) -> list[bytes | None | SixfoldError]:
         """Many gets, one result each: the writer's read path (`ReadPath.get_many`), nodes asked
@@ -246,7 +293,9 @@ class WriterEndpoint:
             checked.append(g)
         return self.writer.reads.get_many(checked, pool=self._pool)
 
-    def scan(self, start: bytes, end: bytes | None, quorum: bool, view: ReadView | None) -> Iterator[tuple[bytes, bytes]]:
+    def scan(self, start: bytes, end: bytes | None, quorum: bool, view: ReadView | None,
+             after: int = 0) -> Iterator[tuple[bytes, bytes]]:
+        self.wait_after(after)
         return self.writer.scan(start, end, quorum=quorum, view=self.check_view(view))
 
     def view(self) -> ReadView:
@@ -392,17 +441,19 @@ class KVServicer(kv_pb2_grpc.KVServicer):
     def StatusOf(self, request, context):
         return self._serve(
             context, "StatusOf",
-            lambda: convert.request_status_to_pb(self.ep.writer.request_status(convert.status_of_args_from_pb(request))),
+            lambda: convert.request_status_to_pb(self.ep.request_status(convert.status_of_args_from_pb(request))),
         )
 
     def Get(self, request, context):
         return self._serve(
-            context, "Get", lambda: convert.get_reply_to_pb(self.ep.get(*convert.get_args_from_pb(request, self.P)))
+            context, "Get",
+            lambda: convert.get_reply_to_pb(self.ep.get(*convert.get_args_from_pb(request, self.P), after=convert.after_from_pb(request))),
         )
 
     def GetMany(self, request, context):
         def work():
             convert.check_count(len(request.gets), "gets")
+            self.ep.wait_after(max((convert.after_from_pb(g) for g in request.gets), default=0))
             gets = []
             for g in request.gets:
                 try:
@@ -416,7 +467,7 @@ class KVServicer(kv_pb2_grpc.KVServicer):
     def Scan(self, request, context):
         try:
             self._admit(context, "Scan")
-            pairs = self.ep.scan(*convert.kv_scan_args_from_pb(request, self.P))
+            pairs = self.ep.scan(*convert.kv_scan_args_from_pb(request, self.P), after=convert.after_from_pb(request))
             chunk: list[tuple[bytes, bytes]] = []
             size = 0
             for k, v in pairs:
@@ -455,6 +506,20 @@ class KVServicer(kv_pb2_grpc.KVServicer):
 
     def MembershipStatus(self, request, context):
         return self._serve(context, "MembershipStatus", lambda: convert.membership_change_to_pb(self.ep.membership_status()))
+
+    def WatchReadPoint(self, request, context):
+        try:
+            self._admit(context, "WatchReadPoint")
+            min_interval_s, heartbeat_s = convert.watch_args_from_pb(request)
+            for u in self.ep.read_points(min_interval_s, heartbeat_s, context.is_active):
+                yield convert.read_point_update_to_pb(u)
+            return
+        except SixfoldError as e:
+            err = e
+        except Exception as e:
+            log.exception("WatchReadPoint failed unexpectedly")
+            context.abort(grpc.StatusCode.INTERNAL, f"WatchReadPoint: internal error {type(e).__name__}: {e}")
+        convert.abort(context, err)
 
 
 class EndpointServer:
@@ -538,6 +603,7 @@ class EndpointServer:
 
     def stop(self, grace_s: float = SHUTDOWN_GRACE_S) -> None:
         self._stop.set()
+        self.endpoint.stop_streams()
         set_health(self.health, (SERVICE_NAME,), False)
         self.server.stop(grace_s).wait(grace_s + 1)
         self.endpoint.close()

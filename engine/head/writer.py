@@ -38,7 +38,8 @@ recovery on open (`engine.head.recovery`), the read path (`engine.head.reads`, `
 `get`/`scan` here are its shorthands), and membership change (`engine.head.membership`: the epoch
 steps, `Writer.steps`, and the one driver of a replacement). This module keeps sequencing and the
 senders, and the few hooks those modules call under its lock (`view`, `read_sources`,
-`adopt_membership`, `catch_up_inputs`).
+`adopt_membership`, `catch_up_inputs`, and `read_point` / `wait_vdl` for the read point stream
+to reader instances, `engine.head.replica`).
 """
 
 from __future__ import annotations
@@ -81,7 +82,7 @@ from engine.core.fencing import (
 from engine.core.placement import protection_group_of
 from engine.core.quorum import VolumeDurability
 from engine.core.tail import TAIL_RECORDS_MAX, tail_trim
-from engine.core.types import Geometry, Membership, NodeInfo, ReadView, RequestStatus
+from engine.core.types import Geometry, Membership, NodeInfo, ReadPointUpdate, ReadView, RequestStatus
 from engine.envelope import SEAL_OVERHEAD_BYTES, VolumeCipher
 from engine.head.failover import lease_margin
 from engine.head.membership import MembershipSteps
@@ -1124,6 +1125,30 @@ class Writer:
             return None
         with self._lock:
             return max(0.0, self._lease_expiry_locked() - self._clock())
+
+    def read_point(self, sent_at: float = 0.0) -> ReadPointUpdate:
+        """The read view with what a reader instance needs to read at it alone (engine.head.replica):
+        the membership and each member's SCLs and link state, all under one hold of the lock."""
+        with self._lock:
+            self.check_usable()
+            ledger = self.ledger
+            members = tuple(
+                (n, tuple(ledger.scls[pg].get(n) for pg in range(self.P)), n in self.links and self.links[n].up)
+                for n in ledger.membership.all_nodes
+            )
+            return ReadPointUpdate(self.epoch, ledger.vdl, tuple(ledger.read_tails), ledger.membership, members, sent_at)
+
+    def wait_vdl(self, above: int, timeout_s: float) -> int:
+        """Wait until the VDL is above `above` (at most `timeout_s`, or until the writer stops);
+        returns the VDL. Every VDL advance notifies `_room` (`_release_locked`)."""
+        deadline = time.monotonic() + timeout_s
+        with self._lock:
+            while self.ledger.vdl <= above and not self._closed and not self._fenced:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._room.wait(left)
+            return self.ledger.vdl
 
     def read_sources(self, pg: int, tail: int | None) -> tuple[Membership, list[str], list[str]]:
         """For a read of `pg`: the membership, its reachable members, and those reachable whose

@@ -84,6 +84,8 @@ KV_POLICY: dict[str, frozenset[str]] = {
     _KV + "Status": ANY_ROLE,
     _KV + "MembershipStatus": ANY_ROLE,
     _KV + "ReplaceNode": frozenset({ADMIN}),
+    # The read point stream: reader instances follow it; the operator may watch it.
+    _KV + "WatchReadPoint": frozenset({READER, ADMIN}),
 }
 #: Every server also serves the standard health service, to any identity of the cluster.
 HEALTH_PREFIX = "/grpc.health.v1.Health/"

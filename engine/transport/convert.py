@@ -52,6 +52,7 @@ from engine.core.types import (
     AppendReply,
     Membership,
     NodeState,
+    ReadPointUpdate,
     ReadReply,
     ReadView,
     RecordHeader,
@@ -695,8 +696,8 @@ def read_view_from_pb(m: common_pb2.ReadView, protection_groups: int | None = No
     return ReadView(m.read_point, tails)
 
 
-def get_request_to_pb(key: bytes, quorum: bool, view: ReadView | None) -> kv_pb2.GetRequest:
-    m = kv_pb2.GetRequest(key=key, quorum=quorum)
+def get_request_to_pb(key: bytes, quorum: bool, view: ReadView | None, after: int = 0) -> kv_pb2.GetRequest:
+    m = kv_pb2.GetRequest(key=key, quorum=quorum, after=after)
     if view is not None:
         m.view.CopyFrom(read_view_to_pb(view))
     return m
@@ -705,6 +706,11 @@ def get_request_to_pb(key: bytes, quorum: bool, view: ReadView | None) -> kv_pb2
 def get_args_from_pb(m: kv_pb2.GetRequest, protection_groups: int) -> tuple[bytes, bool, ReadView | None]:
     _check_key(m.key)
     return m.key, m.quorum, read_view_from_pb(m.view, protection_groups) if m.HasField("view") else None
+
+
+def after_from_pb(m) -> int:
+    """The `after` commit position of a GetRequest or ScanRequest (0: none), in bounds."""
+    return _check_lsn(m.after, "after")
 
 
 def get_reply_to_pb(value: bytes | None) -> kv_pb2.GetReply:
@@ -732,8 +738,9 @@ def get_results_from_pb(m: kv_pb2.GetManyReply) -> list[bytes | None | SixfoldEr
     return [error_from_pb(r.error) if r.HasField("error") else (r.value if r.found else None) for r in m.results]
 
 
-def kv_scan_request_to_pb(start: bytes, end: bytes | None, quorum: bool, view: ReadView | None) -> kv_pb2.ScanRequest:
-    m = kv_pb2.ScanRequest(start=start, quorum=quorum)
+def kv_scan_request_to_pb(start: bytes, end: bytes | None, quorum: bool, view: ReadView | None,
+                          after: int = 0) -> kv_pb2.ScanRequest:
+    m = kv_pb2.ScanRequest(start=start, quorum=quorum, after=after)
     if end is not None:
         m.end = end
     if view is not None:
@@ -755,6 +762,65 @@ def scan_chunk_to_pb(pairs: Sequence[tuple[bytes, bytes]]) -> kv_pb2.ScanChunk:
 
 def scan_chunk_from_pb(m: kv_pb2.ScanChunk) -> list[tuple[bytes, bytes]]:
     return [(p.key, p.value) for p in m.pairs]
+
+
+# --- KV: the read point replicated to reader instances -------------------------------------
+#: WatchReadPoint's coalescing bound and heartbeat (milliseconds): defaults and clamps.
+WATCH_MIN_INTERVAL_MS = (5, 1, 1000)
+WATCH_HEARTBEAT_MS = (100, 10, 5000)
+
+
+def watch_args_from_pb(m: kv_pb2.WatchReadPointRequest) -> tuple[float, float]:
+    """(min_interval_s, heartbeat_s), defaults for 0, clamped to their ranges."""
+    def pick(v: int, spec: tuple[int, int, int]) -> float:
+        default, low, high = spec
+        return (default if v == 0 else min(high, max(low, v))) / 1000.0
+
+    return pick(m.min_interval_ms, WATCH_MIN_INTERVAL_MS), pick(m.heartbeat_ms, WATCH_HEARTBEAT_MS)
+
+
+def read_point_update_to_pb(u: ReadPointUpdate) -> kv_pb2.ReadPointUpdate:
+    ms = u.membership
+    m = kv_pb2.ReadPointUpdate(
+        epoch=u.epoch, vdl=u.vdl, tails=u.tails, sent_at=u.sent_at,
+        membership=kv_pb2.WriterMembership(epoch=ms.epoch, members=ms.members, next_members=ms.next_members or ()),
+    )
+    add = m.members.add
+    for node, scls, up in u.members:
+        add(node=node, scl=[-1 if s is None else s for s in scls], up=up)
+    return m
+
+
+def read_point_update_from_pb(m: kv_pb2.ReadPointUpdate, protection_groups: int) -> ReadPointUpdate:
+    """A ReadPointUpdate, checked: one tail per PG, none above the VDL, LSNs and the epoch in
+    bounds, a membership of six distinct nodes, one SCL per PG for each listed member."""
+    check_bounded(m.epoch, EPOCH_MAX, "read point epoch")
+    _check_lsn(m.vdl, "read point VDL")
+    view = read_view_from_pb(common_pb2.ReadView(read_point=m.vdl, tails=m.tails), protection_groups)
+    membership = membership_from_pb(storage_pb2.Membership(
+        epoch=m.membership.epoch, members=m.membership.members, next_members=m.membership.next_members))
+    known = set(membership.all_nodes)
+    members = []
+    for e in m.members:
+        if e.node not in known:
+            raise InvalidArgument(f"read point names node {e.node!r}, which is not a member")
+        if len(e.scl) != protection_groups or any(not -1 <= s <= LSN_VALID_MAX for s in e.scl):
+            raise InvalidArgument(f"read point SCLs of {e.node} must be {protection_groups} LSNs (or -1)")
+        members.append((e.node, tuple(None if s < 0 else s for s in e.scl), e.up))
+    if not (m.sent_at == m.sent_at) or abs(m.sent_at) > 1e11:  # NaN or absurd
+        raise InvalidArgument(f"read point sent_at {m.sent_at} is not a time")
+    return ReadPointUpdate(m.epoch, view.read_point, view.tails, membership, tuple(members), m.sent_at)
+
+
+_READER_KEYS = frozenset(kv_pb2.ReaderStatus.DESCRIPTOR.fields_by_name)
+
+
+def _reader_status_to_pb(r: dict) -> kv_pb2.ReaderStatus:
+    return kv_pb2.ReaderStatus(**_exactly(r, _READER_KEYS, "reader"))
+
+
+def _reader_status_from_pb(m: kv_pb2.ReaderStatus) -> dict:
+    return {name: getattr(m, name) for name in sorted(_READER_KEYS)}
 
 
 # The volume status travels typed (`StatusReply` in kv.proto) and is a dict on both sides: the
@@ -901,17 +967,22 @@ def _writer_status_from_pb(m: kv_pb2.WriterStatus) -> dict:
 
 
 def status_to_pb(status: dict) -> kv_pb2.StatusReply:
-    """The endpoint's status dict (`WriterEndpoint.status`) as a typed reply."""
-    _exactly(status, _STATUS_KEYS, "")
+    """The endpoint's status dict (`WriterEndpoint.status`, or a reader instance's with "reader"
+    in place of "writer") as a typed reply."""
+    reader = "reader" in status
+    _exactly(status, (_STATUS_KEYS - {"writer"}) | {"reader"} if reader else _STATUS_KEYS, "")
     ep = _exactly(status["endpoint"], _ENDPOINT_KEYS, "endpoint", optional=frozenset({"auth"}))
     m = kv_pb2.StatusReply(
         volume_id=status["volume_id"], protection_groups=status["protection_groups"], codec=status["codec"],
         durable=status["durable"], encrypted=status["encrypted"], vdl=status["vdl"], epoch=status["epoch"],
         nodes=[_node_status_to_pb(n) for n in status["nodes"]],
-        writer=_writer_status_to_pb(status["writer"]),
         endpoint=kv_pb2.EndpointStatus(pid=ep["pid"]),
         membership_change=membership_change_to_pb(MembershipChange(**status["membership_change"])),
     )
+    if reader:
+        m.reader.CopyFrom(_reader_status_to_pb(status["reader"]))
+    else:
+        m.writer.CopyFrom(_writer_status_to_pb(status["writer"]))
     if ep["opened_at"] is not None:
         m.endpoint.opened_at = ep["opened_at"]
     if ep.get("auth") is not None:
@@ -932,7 +1003,7 @@ def status_from_pb(m: kv_pb2.StatusReply) -> dict:
         "vdl": m.vdl,
         "epoch": m.epoch,
         "nodes": [_node_status_from_pb(n) for n in m.nodes],
-        "writer": _writer_status_from_pb(m.writer),
+        **({"reader": _reader_status_from_pb(m.reader)} if m.HasField("reader") else {"writer": _writer_status_from_pb(m.writer)}),
         "endpoint": {"pid": m.endpoint.pid, "opened_at": m.endpoint.opened_at if m.endpoint.HasField("opened_at") else None,
                      **({"auth": {k: getattr(m.endpoint.auth, k) for k in sorted(_AUTH_KEYS)}}
                         if m.endpoint.HasField("auth") else {})},
