@@ -127,3 +127,32 @@ def _operator_token(c: Cluster):
     from engine.security.users import operator_token
 
     return operator_token(c.folder)
+
+
+def test_a_reader_takes_over_when_the_writer_dies_and_again_when_the_new_one_does(tmp_path):
+    """`cluster up --readers 2`: SIGKILL the writer under load, a reader (another AZ first)
+    promotes itself; kill that one too, the other reader does. Nobody acts in between."""
+    c = Cluster(tmp_path / "c")
+    c.up(base_port=free_base_port(9), protection_groups=P, durable=False, timeout_s=DEADLINE_S, readers=2)
+    readers = {r["id"]: r["address"] for r in load_manifest(c.folder)["readers"]}
+    db = engine.connect(c.folder, timeout_s=10)
+    try:
+        with Load(db, prefix="ro", threads=16) as load:
+            for round_ in range(2):
+                eventually(lambda: load.count() >= 50 * (round_ + 1), "the load to get going")
+                address, pid = writer_of(c)
+                os.kill(pid, signal.SIGKILL)
+                eventually(lambda: writer_of(c)[0] != address and writer_of(c)[0] in readers.values(),
+                           f"a reader to take over (failover {round_ + 1})")
+                at = load.count()
+                eventually(lambda: load.count() >= at + 50, f"writes to resume after failover {round_ + 1}")
+        assert not load.errors, load.errors
+        for key, rid in list(load.unknown_ids.items()):
+            if db.status_of(rid).state == "committed":
+                load.acknowledge([key])
+        check_all_readable(db, load, quorum=True)
+        m = load_manifest(c.folder)
+        assert sum(1 for r in m["readers"] if r.get("promoted")) == 2
+    finally:
+        db.close()
+        c.down(timeout_s=10)

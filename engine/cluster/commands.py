@@ -509,12 +509,38 @@ def cmd_reader_serve(args) -> int:
     def writer_address() -> str:  # asked before every (re)connection: follows `writer start`
         return load_manifest(folder)[WRITER]["address"]
 
+    listen = args.listen or r["address"]
+
+    def writer_az() -> str:
+        try:
+            return load_manifest(folder)[WRITER].get("az", "a")
+        except (ClusterError, OSError, ValueError):
+            return ""
+
+    def record_promotion() -> None:
+        """This reader serves as the writer now: the manifest names it, and it is a reader no more."""
+        with locked(folder):
+            mm = load_manifest(folder)
+            logging.getLogger("sixfold.reader").warning(
+                "recording reader %s (pid %d, %s, AZ %s) as the cluster's writer (was %s, pid %s)",
+                r["id"], os.getpid(), listen, r["az"], mm[WRITER]["address"], mm[WRITER].get("pid"))
+            mm[WRITER].update(address=listen, pid=os.getpid(), az=r["az"])
+            mine = reader_entry(mm, r["id"])
+            mine.update(retired=True, promoted=True, pid=None)
+            save_manifest(folder, mm)
+
+    promotion = None
+    if not args.no_promote:
+        # A reader may become the writer: it holds the writer's identity for that (only a writer
+        # certificate may seal), and takes over once the writer's lease lapsed (engine.head.failover).
+        promotion = dict(promote=True, writer_tls=tls_config(folder, m, WRITER), writer_az=writer_az,
+                         on_promoted=record_promotion)
     try:
         # The reader authenticates to the writer endpoint with the folder's operator token (a
         # local process of the cluster) and to the nodes with its own certificate (role reader).
         return run_reader_process(replace(endpoint_config(m, folder), local_az=r["az"]), r["id"], r["az"],
-                                  args.listen or r["address"], writer_address, tls=tls_config(folder, m, r["id"]),
-                                  token=default_token(folder), key_file=args.key_file)
+                                  listen, writer_address, tls=tls_config(folder, m, r["id"]),
+                                  token=default_token(folder), key_file=args.key_file, promotion=promotion)
     except (AddressInUse, InsecureListen) as e:
         logging.getLogger("sixfold.reader").error("%s", e)
         return 2
@@ -576,6 +602,9 @@ def _register_readers(sub, target: argparse.ArgumentParser) -> None:
     serve.add_argument("--log-level", default="info", help="debug, info, warning or error")
     serve.add_argument("--key-file", metavar="F", default=None, help=(
         "an encrypted cluster's master key file (the launcher passes the one the manifest records)"))
+    serve.add_argument("--no-promote", action="store_true", help=(
+        "never take over as the writer (by default a reader promotes itself once the writer's lease lapsed on a "
+        "write quorum of nodes, one in another AZ than the writer's first)"))
     serve.set_defaults(func=cmd_reader_serve)
 
 

@@ -34,6 +34,7 @@ What is checked (formats 1 and 2; the checks are hand-written, standard library 
         pid             null or int in 1..PID_MAX
         data, log       non-empty relative paths (relative to the cluster folder)
         retired         optional bool
+        promoted        optional bool: it took over as the writer (retired, its port the writer's)
         replaces, replaced_by   optional null or node id
     writer              object: address, pid, log as for a node; optional az (a standby that
                         took over records its own)
@@ -268,10 +269,13 @@ def validate_manifest(manifest: Any, where: str = "cluster.json", *, format_max:
             ids[r["id"]] = field
             c.name(r, "az", f"{field}.az", "an AZ name")
             port = c.process(r, field)
-            if port in ports:
-                c.fail(f"{field}.address", f"a port of its own (port {port} is {ports[port]}'s)", r["address"])
-            ports[port] = field
             c.boolean(r, "retired", f"{field}.retired", optional=True)
+            c.boolean(r, "promoted", f"{field}.promoted", optional=True)
+            # A reader that took over as the writer (engine.head.failover) left its port to it.
+            handed_over = r.get("promoted") and r.get("retired") and ports.get(port) == "writer"
+            if port in ports and not handed_over:
+                c.fail(f"{field}.address", f"a port of its own (port {port} is {ports[port]}'s)", r["address"])
+            ports.setdefault(port, field)
     return m
 
 

@@ -431,9 +431,21 @@ class ReaderProcess:
     service by the same thin `KVServicer` as the writer's (see the module docstring)."""
 
     def __init__(self, config: EndpointConfig, reader_id: str, az: str, listen: str, writer_address: Callable[[], str], *,
-                 tls=None, token: str | None = None, workers: int = READER_WORKERS, transport=None) -> None:
+                 tls=None, token: str | None = None, workers: int = READER_WORKERS, transport=None,
+                 writer_tls=None, promote: bool = False, writer_az: Callable[[], str] = lambda: "",
+                 on_promoted: Callable[[], None] | None = None) -> None:
         self.config = config
         self.reader_id = reader_id
+        self.az = az
+        #: promotion (engine.head.failover): take over as the writer once its lease lapsed, with
+        #: the writer identity `writer_tls` (only a writer certificate may seal); then record it
+        self.promote = promote
+        self.writer_tls = writer_tls
+        self.writer_az = writer_az
+        self.on_promoted = on_promoted
+        self.writer_endpoint = None
+        self.stepped_down = threading.Event()
+        self._stop = threading.Event()
         self.transport = transport or GrpcTransport(config.addresses, source=reader_id, tls=tls, volume_id=config.volume_id)
         self.source = ReplicaSource(self.transport, config.nodes, config.protection_groups,
                                     ReaderOptions(local_az=az, write_timeout_s=config.write_timeout_s), cipher=config.cipher)
@@ -463,16 +475,72 @@ class ReaderProcess:
         if self.audit is not None:
             self.audit.start_flusher()
         self.follower.start()
+        if self.promote:
+            threading.Thread(target=self._watch_lease, name="promotion", daemon=True).start()
+
+    def _watch_lease(self) -> None:
+        """Wait for the writer's lease to lapse on a write quorum (another AZ than the writer's
+        goes first), then take over; a lost race (StaleEpoch) or a failed open: watch again.
+        Once the writer, step down if fenced in turn."""
+        from engine.head.failover import LEASE_S_DEFAULT, Candidate
+
+        candidate = Candidate(self.transport, self.config.nodes, lease_s=self.config.lease_s or LEASE_S_DEFAULT,
+                              az=self.az, writer_az=self.writer_az)
+        while not self._stop.is_set():
+            if not candidate.wait_for_lapse(self._stop):
+                return
+            try:
+                self.become_writer()
+                break
+            except SixfoldError as e:
+                log.info("reader %s did not take over (%s: %s); watching the lease again", self.reader_id, type(e).__name__, e)
+                self._stop.wait(0.2)
+        while not self._stop.wait(0.2):
+            ep = self.writer_endpoint
+            if ep is not None and not ep.serving:
+                log.error("stepping down: the promoted writer was fenced or stopped: %s",
+                          ep.current_writer() and ep.current_writer().fenced)
+                set_health(self.health, (SERVICE_NAME,), False)
+                self.stepped_down.set()
+                return
 
     def become_writer(self):
-        """Where promotion goes (see the module docstring): stop the follower, open a
-        `WriterEndpoint` over this config at a new epoch, swap it into `self.servicer.ep`."""
-        raise ReadOnly(f"reader {self.reader_id} cannot promote itself in this release")
+        """Promotion: open a `WriterEndpoint` over this config at a new epoch (which fences the
+        old writer by the epoch rule), swap it in under the same KV servicer (this port answers
+        writes from now on), stop following, record this process as the writer."""
+        from engine.head.endpoint import WriterEndpoint
+
+        signer = None
+        if self.writer_tls is not None:
+            from engine.security.proofs import EpochSigner
+
+            signer = EpochSigner.from_tls(self.writer_tls)
+        transport = GrpcTransport(self.config.addresses, source="writer", tls=self.writer_tls,
+                                  volume_id=self.config.volume_id, signer=signer)
+        ep = WriterEndpoint(self.config, transport)
+        try:
+            ep.open()
+        except BaseException:
+            ep.close()
+            raise
+        self.follower.close()
+        self.writer_endpoint = ep
+        self.servicer.ep = ep
+        log.warning("reader %s (AZ %s) took over as the writer at epoch %d", self.reader_id, self.az, ep.writer.epoch)
+        set_health(self.health, (SERVICE_NAME,), True)
+        if self.on_promoted is not None:
+            try:
+                self.on_promoted()
+            except Exception:  # recording who is writer must not stop the writer serving
+                log.exception("could not record reader %s as the writer", self.reader_id)
 
     def stop(self, grace_s: float = SHUTDOWN_GRACE_S) -> None:
+        self._stop.set()
         set_health(self.health, (SERVICE_NAME,), False)
         self.follower.close()
         self.server.stop(grace_s).wait(grace_s + 1)
+        if self.writer_endpoint is not None:
+            self.writer_endpoint.close()
         self.endpoint.close()
         self.transport.close()
         if self.audit is not None:
@@ -480,7 +548,7 @@ class ReaderProcess:
 
 
 def run_reader_process(config: EndpointConfig, reader_id: str, az: str, listen: str, writer_address: Callable[[], str], *,
-                       tls=None, token: str | None = None, key_file: str | None = None) -> int:
+                       tls=None, token: str | None = None, key_file: str | None = None, promotion: dict | None = None) -> int:
     """The body of `sixfold reader serve`: serve until SIGTERM/SIGINT; returns an exit code. An
     encrypted volume needs its master key file, as the writer does (`with_cipher`); without it
     the process logs the EncryptionError and returns EXIT_ENCRYPTION."""
@@ -492,13 +560,16 @@ def run_reader_process(config: EndpointConfig, reader_id: str, az: str, listen: 
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    proc = ReaderProcess(config, reader_id, az, listen, writer_address, tls=tls, token=token)
+    proc = ReaderProcess(config, reader_id, az, listen, writer_address, tls=tls, token=token, **(promotion or {}))
     log.info("reader %s (AZ %s) of volume %s on %s, pid %d%s: following the writer endpoint; %s",
              reader_id, az, config.volume_id, listen, os.getpid(), " (encrypted at rest)" if config.cipher is not None else "",
              f"every call needs a token of {config.users_file}" if config.users_file else "no client authentication")
     proc.start()
-    while not stop.wait(1.0):
-        pass
+    while not stop.wait(0.2):
+        if proc.stepped_down.is_set():
+            log.warning("reader %s: the writer it became was fenced; exiting", reader_id)
+            proc.stop(grace_s=1.0)
+            return 0
     log.info("reader %s: stopping", reader_id)
     proc.stop()
     return 0
