@@ -156,3 +156,27 @@ def test_a_reader_takes_over_when_the_writer_dies_and_again_when_the_new_one_doe
     finally:
         db.close()
         c.down(timeout_s=10)
+
+
+def test_a_planned_failover_to_a_named_reader_loses_nothing_and_clients_only_wait(tmp_path):
+    from engine.cli import main
+
+    c = Cluster(tmp_path / "c")
+    c.up(base_port=free_base_port(9), protection_groups=P, durable=False, timeout_s=DEADLINE_S, readers=2)
+    readers = {r["id"]: r["address"] for r in load_manifest(c.folder)["readers"]}
+    target = sorted(readers)[-1]  # not the one another-AZ preference alone would pick first
+    db = engine.connect(c.folder, timeout_s=10)
+    try:
+        with Load(db, prefix="pf", threads=8) as load:
+            eventually(lambda: load.count() >= 50, "the load to get going")
+            assert main(["writer", "failover", "--cluster", c.folder, "--to", target]) == 0
+            assert writer_of(c)[0] == readers[target]
+            at = load.count()
+            eventually(lambda: load.count() >= at + 50, "writes to go on through the new writer")
+        assert not load.errors, load.errors
+        assert not load.unknown, "a planned failover leaves no write of unknown fate"
+        check_all_readable(db, load, quorum=True)
+        assert "failover_to" not in load_manifest(c.folder)
+    finally:
+        db.close()
+        c.down(timeout_s=10)

@@ -15,6 +15,7 @@ import os
 import signal
 import sys
 import threading
+import time
 
 from engine.cluster.access import audited
 from engine.cluster.launcher import DOWN_TIMEOUT_S, READY_TIMEOUT_S, Cluster
@@ -527,14 +528,21 @@ def cmd_reader_serve(args) -> int:
             mm[WRITER].update(address=listen, pid=os.getpid(), az=r["az"])
             mine = reader_entry(mm, r["id"])
             mine.update(retired=True, promoted=True, pid=None)
+            mm.pop("failover_to", None)
             save_manifest(folder, mm)
+
+    def preferred() -> str | None:
+        try:
+            return load_manifest(folder).get("failover_to")
+        except (ClusterError, OSError, ValueError):
+            return None
 
     promotion = None
     if not args.no_promote:
         # A reader may become the writer: it holds the writer's identity for that (only a writer
         # certificate may seal), and takes over once the writer's lease lapsed (engine.head.failover).
         promotion = dict(promote=True, writer_tls=tls_config(folder, m, WRITER), writer_az=writer_az,
-                         on_promoted=record_promotion)
+                         on_promoted=record_promotion, preferred=preferred)
     try:
         # The reader authenticates to the writer endpoint with the folder's operator token (a
         # local process of the cluster) and to the nodes with its own certificate (role reader).
@@ -544,6 +552,46 @@ def cmd_reader_serve(args) -> int:
     except (AddressInUse, InsecureListen) as e:
         logging.getLogger("sixfold.reader").error("%s", e)
         return 2
+
+
+def _with_to(args):
+    args.to = args.id
+    return args
+
+
+def cmd_writer_failover(args) -> int:
+    """A planned failover: name the reader to take over, stop the writer cleanly (SIGTERM: its
+    in-flight calls finish), wait until the reader has taken over."""
+    from engine.cluster.manifest import reader_entry
+
+    c = _cluster(args)
+    target = args.to
+    m = c.manifest
+    r = reader_entry(m, target)
+    if r.get("retired"):
+        raise ClusterError(f"reader {target} is retired; pick a live reader (`sixfold cluster status`)")
+    if c.health(target) != "SERVING":
+        raise ClusterError(f"reader {target} is {c.health(target)}: it must be SERVING to take over")
+    with locked(c.folder):
+        mm = load_manifest(c.folder)
+        mm["failover_to"] = target
+        save_manifest(c.folder, mm)
+    old = (m[WRITER]["address"], m[WRITER].get("pid"))
+    t0 = time.monotonic()
+    print(f"sixfold: stopping the writer at {old[0]} (pid {old[1]}) cleanly; {target} takes over once its lease "
+          "lapses", file=sys.stderr, flush=True)
+    pid = c.pid(WRITER)
+    if pid is not None:  # SIGTERM: it finishes its in-flight calls and exits; its lease then lapses
+        os.kill(pid, signal.SIGTERM)
+    deadline = t0 + args.timeout_s
+    while time.monotonic() < deadline:
+        w = load_manifest(c.folder)[WRITER]
+        if w["address"] == r["address"]:
+            print(f"{target} is the writer at {w['address']} (pid {w.get('pid')}) after {time.monotonic() - t0:.2f} s")
+            return 0
+        time.sleep(0.1)
+    raise ClusterError(f"{target} did not take over within {args.timeout_s:g} s (see {c.folder}/logs/{target}.log); "
+                       "the writer was stopped: `sixfold writer start` brings it back")
 
 
 def cmd_reader_add(args) -> int:
@@ -583,6 +631,12 @@ def _register_readers(sub, target: argparse.ArgumentParser) -> None:
         "SIGTERM the reader (SIGKILL after a grace) and mark it removed in the manifest; its id and port are not reused."))
     a.add_argument("id", help="reader id, e.g. r2")
     a.set_defaults(func=audited("reader remove", cmd_reader_remove, lambda args: args.id))
+    a = rsub.add_parser("promote", parents=[target], help="make this reader the writer (a planned failover)", description=(
+        "The same as `sixfold writer failover --to ID`: the writer is stopped cleanly and reader ID takes over "
+        "once the writer's lease lapses (about a second); clients of the cluster folder follow it."))
+    a.add_argument("id", help="reader id, e.g. r2")
+    a.add_argument("--timeout-s", type=float, default=30.0, help="how long to wait for the takeover")
+    a.set_defaults(func=audited("reader promote", lambda args: cmd_writer_failover(_with_to(args)), lambda args: args.id))
     for action, words in (
         ("kill", "SIGKILL: crash it at once"),
         ("stop", "SIGSTOP: freeze it (sockets stay open, nobody answers)"),
@@ -814,6 +868,14 @@ def register(sub) -> None:
                                         lambda args: getattr(args, "id", None) or WRITER))
         if family == "node":
             _register_healing(fsub, target)
+        else:
+            fo = fsub.add_parser("failover", parents=[target], help="a planned failover to a reader", description=(
+                "Stop the writer cleanly (its in-flight calls finish) and have reader --to take over as soon as the "
+                "lease lapses (about a second; the other readers wait). No acknowledged write is lost; clients of the "
+                "cluster folder see a short wait. Exit 0 once the reader is the writer, 3 if it did not take over."))
+            fo.add_argument("--to", required=True, metavar="READER", help="the reader to promote, e.g. r2")
+            fo.add_argument("--timeout-s", type=float, default=30.0, help="how long to wait for the takeover")
+            fo.set_defaults(func=audited("writer failover", cmd_writer_failover, lambda args: args.to))
         serve = fsub.add_parser("serve", help=f"run {what} in this process (until SIGTERM)", description=(
             f"Run {what} in the foreground, logging to stderr, until SIGTERM or Ctrl-C."))
         serve.add_argument("--cluster", metavar="DIR", help=(

@@ -81,7 +81,12 @@ class Candidate:
 
     def __init__(self, transport, nodes: Sequence[NodeInfo], *, lease_s: float = LEASE_S_DEFAULT, az: str = "",
                  writer_az: Callable[[], str] = lambda: "", same_az_delay_s: float | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, me: str = "",
+                 preferred: Callable[[], str | None] = lambda: None) -> None:
+        """`preferred()`: the candidate a planned failover names (`writer failover --to`), if
+        any: it goes at once, every other candidate waits two lease periods more."""
+        self.me = me
+        self.preferred = preferred
         self.transport = transport
         self.nodes = list(nodes)
         self.lease_s = lease_s
@@ -129,6 +134,9 @@ class Candidate:
                     since = now
                     log.warning("the writer's lease lapsed: %s", why)
                 delay = self.same_az_delay_s if self.az and self.az == self.writer_az() else 0.0
+                chosen = self.preferred()
+                if chosen:
+                    delay = 0.0 if chosen == self.me else 2 * self.lease_s
                 if now - since >= delay:
                     return True
             stop.wait(WATCH_S)

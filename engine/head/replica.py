@@ -433,7 +433,7 @@ class ReaderProcess:
     def __init__(self, config: EndpointConfig, reader_id: str, az: str, listen: str, writer_address: Callable[[], str], *,
                  tls=None, token: str | None = None, workers: int = READER_WORKERS, transport=None,
                  writer_tls=None, promote: bool = False, writer_az: Callable[[], str] = lambda: "",
-                 on_promoted: Callable[[], None] | None = None) -> None:
+                 on_promoted: Callable[[], None] | None = None, preferred: Callable[[], str | None] = lambda: None) -> None:
         self.config = config
         self.reader_id = reader_id
         self.az = az
@@ -443,6 +443,7 @@ class ReaderProcess:
         self.writer_tls = writer_tls
         self.writer_az = writer_az
         self.on_promoted = on_promoted
+        self.preferred = preferred
         self.writer_endpoint = None
         self.stepped_down = threading.Event()
         self._stop = threading.Event()
@@ -485,7 +486,7 @@ class ReaderProcess:
         from engine.head.failover import LEASE_S_DEFAULT, Candidate
 
         candidate = Candidate(self.transport, self.config.nodes, lease_s=self.config.lease_s or LEASE_S_DEFAULT,
-                              az=self.az, writer_az=self.writer_az)
+                              az=self.az, writer_az=self.writer_az, me=self.reader_id, preferred=self.preferred)
         while not self._stop.is_set():
             if not candidate.wait_for_lapse(self._stop):
                 return
