@@ -27,8 +27,10 @@ WRITE_TIMEOUT_S = 3.0
 def cluster(tmp_path_factory):
     c = Cluster(tmp_path_factory.mktemp("readers") / "c")
     try:
+        # Readers that never take over: these tests are about serving reads (tests/test_failover.py
+        # has the promotions), including while no writer exists.
         c.up(base_port=free_base_port(count=12), protection_groups=4, timeout_s=120, readers=2,
-             write_timeout_s=WRITE_TIMEOUT_S)
+             write_timeout_s=WRITE_TIMEOUT_S, promote_readers=False)
         yield c
     finally:
         c.down(timeout_s=10)

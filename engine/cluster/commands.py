@@ -126,7 +126,7 @@ def cmd_cluster_up(args) -> int:
             durable=False if args.no_durable else None, write_timeout_s=args.write_timeout_s,
             gossip_interval_s=args.gossip_interval_s, timeout_s=args.timeout_s,
             insecure=True if args.insecure else None, allow_fault_injection=True if args.allow_fault_injection else None,
-            no_auth=args.no_auth, readers=args.readers,
+            no_auth=args.no_auth, readers=args.readers, promote_readers=False if args.no_promote else None,
             **_encryption_arguments(args),
         )
     except Exception as e:
@@ -818,6 +818,8 @@ def register(sub) -> None:
     up.add_argument("--readers", type=int, default=None, metavar="N", help=(
         "run at least N reader instances (read replicas, up to 15) in the AZs other than the writer's; "
         "`sixfold reader add` adds more later"))
+    up.add_argument("--no-promote", action="store_true", help=(
+        "readers never take over as the writer (default: once the writer's lease lapses, a reader promotes itself)"))
     up.add_argument("--json", action="store_true",
                     help="print the status as JSON (with `started`: the processes this command started)")
     up.set_defaults(func=cmd_cluster_up)

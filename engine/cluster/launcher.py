@@ -159,6 +159,7 @@ class Cluster:
         key_file: str | None = None,
         no_auth: bool = False,
         readers: int | None = None,
+        promote_readers: bool | None = None,
     ) -> dict:
         """Create the cluster (or reopen its data: same volume id), start every process that is
         not running, wait until all are SERVING; returns `status()` plus `started` (the names
@@ -179,7 +180,7 @@ class Cluster:
                 base_port=base_port, protection_groups=protection_groups, durable=durable,
                 write_timeout_s=write_timeout_s, gossip_interval_s=gossip_interval_s, timeout_s=timeout_s,
                 insecure=insecure, allow_fault_injection=allow_fault_injection, encrypt=encrypt, key_file=key_file,
-                no_auth=no_auth, readers=readers,
+                no_auth=no_auth, readers=readers, promote_readers=promote_readers,
             )
             st = self.status()
         st["started"] = started

@@ -227,6 +227,7 @@ def validate_manifest(manifest: Any, where: str = "cluster.json", *, format_max:
     if isinstance(m.get("key_file"), str) and not m["key_file"].startswith("/"):
         c.fail("key_file", "an absolute path", m["key_file"])
 
+    c.boolean(m, "promote_readers", "promote_readers", optional=True)
     if "failover_to" in m:  # a planned failover's reader (engine.cluster.commands)
         c.name(m, "failover_to", "failover_to", "a reader id")
     if m.get("users_file") is not None:  # absent or null are fine (see manifest.py)

@@ -340,6 +340,8 @@ class Supervisor:
             argv = base + ["reader", "serve", "--cluster", self.folder, "--id", r["id"], "--listen", r["address"]]
             if manifest.get("key_file"):
                 argv += ["--key-file", manifest["key_file"]]
+            if manifest.get("promote_readers", True) is False:
+                argv.append("--no-promote")
             return argv
         # The node reads the rest (AZ, data folder, volume, peers, durability, gossip interval)
         # from the manifest, and re-reads it to reach nodes added later (engine.cluster.addresses).
@@ -438,6 +440,7 @@ class Supervisor:
         encrypt: bool = False,
         key_file: str | None = None,
         readers: int | None = None,
+        promote_readers: bool | None = None,
     ) -> list[str]:
         """Create the cluster (or reopen its data: same volume id), start every process that is
         not running, wait until all are SERVING; returns the names this call started (empty when
@@ -484,6 +487,8 @@ class Supervisor:
                         )
                     if allow_fault_injection is not None:
                         manifest["allow_fault_injection"] = bool(allow_fault_injection)
+                    if promote_readers is not None:
+                        manifest["promote_readers"] = bool(promote_readers)
                     if not is_secure(manifest):
                         from engine.transport.grpc_server import is_loopback
 
