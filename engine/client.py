@@ -539,6 +539,19 @@ class FollowingBackend:
                     return self._backend
             try:
                 who = self._writer_identity()
+            except SixfoldError:
+                time.sleep(FOLLOW_POLL_S)
+                continue
+            if who == getattr(failed, "writer_identity", None):
+                # The manifest still names the writer that failed: ask it again (it may confirm its
+                # lease again, or have been restarted in place), never wait on a dead address.
+                try:
+                    failed.view()
+                    return failed
+                except SixfoldError:
+                    time.sleep(FOLLOW_POLL_S)
+                    continue
+            try:
                 options = dict(self._options, connect_timeout_s=min(FOLLOW_CONNECT_TIMEOUT_S, self._options.get(
                     "connect_timeout_s", CONNECT_TIMEOUT_S)))
                 fresh = RemoteBackend(who[0], **options)
