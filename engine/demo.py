@@ -88,12 +88,43 @@ def run(path: str, keep: bool = True) -> None:
     if keep:
         print(f"\nDone. The data stays in {path}: reopen it with engine.open({path!r}).")
     else:
-        print("\nDone. (The demo used a temporary folder, now removed; pass a path to keep the data.)")
+        print("\n(The demo uses a temporary folder, removed at the end; pass a path to keep the embedded data.)")
+
+
+def failover(root: str) -> None:
+    """A cluster of processes (six nodes, a writer, a reader) and an automatic failover."""
+    import os
+    import signal
+
+    from engine.cluster.launcher import Cluster
+    from engine.cluster.manifest import WRITER, load_manifest
+    from engine.cluster.testing import free_base_port
+
+    folder = os.path.join(root, "cluster")
+    say("6", "a cluster of processes with a read replica: SIGKILL the writer, the replica takes over")
+    c = Cluster(folder)
+    c.up(base_port=free_base_port(9), durable=False, readers=1)
+    try:
+        with engine.connect(folder, timeout_s=10) as db:
+            db.put(b"user:1", b"alice")
+            w = load_manifest(folder)[WRITER]
+            print(f"   writer at {w['address']} (pid {w['pid']}), reader r1 at "
+                  f"{load_manifest(folder)['readers'][0]['address']}")
+            t0 = time.monotonic()
+            os.kill(w["pid"], signal.SIGKILL)
+            print("   writer killed (SIGKILL); nobody acts")
+            db.put(b"user:2", b"bob")  # the client follows the writer to the replica that took over
+            w2 = load_manifest(folder)[WRITER]
+            print(f"   {time.monotonic() - t0:.2f} s later a put succeeded through the new writer at {w2['address']} "
+                  f"(epoch {db.status()['epoch']}); user:1 = {db.get(b'user:1')!r}, user:2 = {db.get(b'user:2')!r}")
+    finally:
+        c.down(timeout_s=10)
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description="A short tour of the Sixfold embedded engine.")
+    ap = argparse.ArgumentParser(description="A short tour of the Sixfold embedded engine, then a cluster failover.")
     ap.add_argument("path", nargs="?", help="data folder (default: a new temporary folder, removed afterwards)")
+    ap.add_argument("--no-cluster", action="store_true", help="skip the cluster and failover part")
     args = ap.parse_args(argv)
     if args.path:
         run(args.path)
@@ -101,6 +132,8 @@ def main(argv=None) -> None:
     tmp = tempfile.mkdtemp(prefix="sixfold-demo-")
     try:
         run(tmp, keep=False)
+        if not args.no_cluster:
+            failover(tmp)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
