@@ -1,13 +1,18 @@
 """Failover benchmark: writer SIGKILLs under a write load, with readers that promote themselves.
 
     python bench/failover.py [--kills 10] [--clients 16] [--no-durable] [--seed 1] [--json out.json]
+                             [--soak-s 600 --soak-clients 64] [--lag-rates 1000,5000 --lag-s 10]
 
 One cluster (`cluster up --readers 2`, TLS) and `--clients` threads writing unique keys through
 `engine.connect(folder)` (which follows the writer). Each round: wait until writes flow, SIGKILL
 the writer, and time from the kill to the first write acknowledged after it (by the reader that
 took over: nobody acts), then add a reader so that two candidates are left. At the end every
 acknowledged write is read back with a quorum read: `lost` must be 0. Writes whose fate was
-unknown are asked by their request ids. Reported, never asserted; every loop is bounded by time
+unknown are asked by their request ids. `--soak-s S`: first, S seconds of a `--soak-clients`
+write load with no kill, counting the writer changes (spurious failovers: must be 0).
+`--lag-rates R,...`: then, for each rate, a paced write load of R puts/s for `--lag-s` seconds
+while each reader's lag (`cluster status`: lag_ms, the age of the read point it serves) is
+sampled every 50 ms: p50 and p99. Reported, never asserted; every loop is bounded by time
 and count; the cluster is always torn down. Prints the seed.
 """
 
@@ -54,11 +59,12 @@ class Writers:
         while not self._stop.is_set() and n < 1_000_000:
             key, value = b"fo:%d:%d" % (i, n), b"v%d" % n
             n += 1
+            started = time.monotonic()
             try:
                 self.db.put(key, value)
                 with self._lock:
                     self.acked[key] = value
-                    self.ack_times.append(time.monotonic())
+                    self.ack_times.append((started, time.monotonic()))
             except engine.WriteIndeterminate as e:
                 with self._lock:
                     self.unknown[key] = (value, e.request_id)
@@ -76,8 +82,9 @@ class Writers:
             return len(self.acked)
 
     def first_ack_after(self, t: float) -> float | None:
+        """When the first write *sent* after `t` was acknowledged (only a new writer can)."""
         with self._lock:
-            later = [x for x in self.ack_times if x > t]
+            later = [end for start, end in self.ack_times if start > t]
         return min(later) if later else None
 
     def start(self) -> None:
@@ -106,6 +113,10 @@ def main(argv=None) -> int:
     ap.add_argument("--no-durable", action="store_true")
     ap.add_argument("--seed", type=int, default=1, help="(the run is not randomised; printed for the record)")
     ap.add_argument("--json", metavar="PATH")
+    ap.add_argument("--soak-s", type=float, default=0.0, help="seconds of load with no kill, counting writer changes")
+    ap.add_argument("--soak-clients", type=int, default=64)
+    ap.add_argument("--lag-rates", default="", help="puts/s for the replica lag measurement, e.g. 1000,5000")
+    ap.add_argument("--lag-s", type=float, default=10.0)
     args = ap.parse_args(argv)
     print(f"seed {args.seed} | {args.kills} writer SIGKILLs | {args.clients} writing clients | durable {not args.no_durable}")
     root = tempfile.mkdtemp(prefix="sixfold-failover-bench-")
@@ -114,6 +125,11 @@ def main(argv=None) -> int:
     try:
         c.up(base_port=free_base_port(7 + 2 + args.kills + 2), durable=not args.no_durable, readers=2)
         db = engine.connect(c.folder, timeout_s=10)
+        extra: dict = {}
+        if args.soak_s > 0:
+            extra["soak"] = soak(c, db, args.soak_s, args.soak_clients)
+        if args.lag_rates:
+            extra["lag"] = [replica_lag(c, db, int(r), args.lag_s) for r in args.lag_rates.split(",") if r.strip()]
         w = Writers(db, args.clients)
         w.start()
         try:
@@ -166,8 +182,87 @@ def main(argv=None) -> int:
         print("  first other errors:", w.other_errors[:3])
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump({"seed": args.seed, "rounds": rounds, "summary": summary}, fh, indent=2)
+            json.dump({"seed": args.seed, "rounds": rounds, "summary": summary, **extra}, fh, indent=2)
     return 0
+
+
+def writer_identity(c) -> tuple:
+    m = load_manifest(c.folder)[WRITER]
+    return m["address"], m.get("pid")
+
+
+def soak(c, db, seconds: float, clients: int) -> dict:
+    """`clients` writers for `seconds`, no fault: how often did the writer change?"""
+    w = Writers(db, clients)
+    first = writer_identity(c)
+    epoch0 = db.status()["epoch"]
+    changes, last = 0, first
+    t0 = time.monotonic()
+    w.start()
+    try:
+        while time.monotonic() - t0 < seconds:
+            now = writer_identity(c)
+            if now != last:
+                changes += 1
+                last = now
+            time.sleep(0.2)
+    finally:
+        w.stop()
+    elapsed = time.monotonic() - t0
+    epoch1 = db.status()["epoch"]
+    out = {"seconds": round(elapsed, 1), "clients": clients, "puts_s": round(len(w.acked) / elapsed),
+           "writer_changes": changes, "epoch_before": epoch0, "epoch_after": epoch1}
+    print(f"soak: {clients} clients for {elapsed:.0f} s, {out['puts_s']:,} puts/s: writer changes {changes} "
+          f"(spurious failovers, must be 0), epoch {epoch0} -> {epoch1}")
+    return out
+
+
+def replica_lag(c, db, rate: int, seconds: float) -> dict:
+    """Paced puts at `rate`/s for `seconds`; each reader's lag_ms sampled (a `cluster status`
+    every 50 ms: it asks every process, so the sampling itself loads this 2-core machine)."""
+    stop = threading.Event()
+    done = [0]
+    lock = threading.Lock()
+    threads = max(16, min(256, rate // 15))  # each put takes a few ms to tens of ms: enough callers to pace
+    per_thread = rate / threads
+
+    def run(i: int) -> None:
+        n, t0 = 0, time.monotonic()
+        while not stop.is_set() and n < 10_000_000:
+            due = t0 + n / per_thread
+            wait = due - time.monotonic()
+            if wait > 0:
+                stop.wait(wait)
+            try:
+                db.put(b"lag:%d:%d" % (i, n), b"x" * 100)
+                with lock:
+                    done[0] += 1
+            except engine.SixfoldError:
+                pass
+            n += 1
+
+    ts = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(threads)]
+    for t in ts:
+        t.start()
+    samples: list[float] = []
+    t0 = time.monotonic()
+    time.sleep(min(1.0, seconds / 5))  # settle
+    while time.monotonic() - t0 < seconds:
+        for r in c.status().get("readers", []):
+            if r.get("lag_ms") is not None and not r.get("retired"):
+                samples.append(float(r["lag_ms"]))
+        time.sleep(0.05)
+    stop.set()
+    for t in ts:
+        t.join(30)
+    elapsed = time.monotonic() - t0
+    samples.sort()
+    pick = (lambda q: samples[min(len(samples) - 1, int(q * len(samples)))]) if samples else (lambda q: None)
+    out = {"target_puts_s": rate, "achieved_puts_s": round(done[0] / elapsed), "samples": len(samples),
+           "lag_ms_p50": pick(0.5), "lag_ms_p99": pick(0.99)}
+    print(f"replica lag at {rate:,} puts/s (achieved {out['achieved_puts_s']:,}): p50 {out['lag_ms_p50']} ms, "
+          f"p99 {out['lag_ms_p99']} ms over {len(samples)} samples (target p99 < 20 ms at 1,000/s)")
+    return out
 
 
 if __name__ == "__main__":
