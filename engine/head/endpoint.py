@@ -72,6 +72,7 @@ from engine.core.types import Geometry, NodeInfo, ReadPointUpdate, RequestStatus
 from engine.errors import EncryptionError, InvalidArgument, ReplicaBehind, SixfoldError, Unavailable
 from engine.head.failover import LEASE_S_DEFAULT, Candidate
 from engine.head.membership import ACTIVE_PHASES, MembershipChange
+from engine.head.reads import checked_gets
 from engine.head.writer import ReadView, Writer, WriterOptions, node_status
 from engine.proto import kv_pb2_grpc
 from engine.security.audit import AuditLog
@@ -283,15 +284,7 @@ class WriterEndpoint:
     def get_many(self, gets: Sequence[tuple[bytes, bool, ReadView | None] | SixfoldError]) -> list[bytes | None | SixfoldError]:
         """Many gets, one result each: the writer's read path (`ReadPath.get_many`), nodes asked
         in parallel. A snapshot view the volume did not give is refused for that get alone."""
-        checked: list = []
-        for g in gets:
-            if not isinstance(g, SixfoldError):
-                try:
-                    self.check_view(g[2])
-                except SixfoldError as e:
-                    g = e
-            checked.append(g)
-        return self.writer.reads.get_many(checked, pool=self._pool)
+        return self.writer.reads.get_many(checked_gets(gets, self.check_view), pool=self._pool)
 
     def scan(self, start: bytes, end: bytes | None, quorum: bool, view: ReadView | None,
              after: int = 0) -> Iterator[tuple[bytes, bytes]]:

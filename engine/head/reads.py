@@ -50,6 +50,20 @@ def check_key(key) -> None:
         raise InvalidArgument(f"key of {len(key)} bytes: keys must be 1..{KEY_BYTES_MAX} bytes")
 
 
+def checked_gets(gets: Sequence, check_view: Callable[[ReadView | None], object]) -> list:
+    """`gets` with each get whose snapshot view `check_view` refuses replaced by its error (the
+    other gets go on): what an endpoint hands `ReadPath.get_many`."""
+    out: list = []
+    for g in gets:
+        if not isinstance(g, SixfoldError):
+            try:
+                check_view(g[2])
+            except SixfoldError as e:
+                g = e
+        out.append(g)
+    return out
+
+
 class ReadPath:
     """Reads of one writer's volume. `source` is the writer: its view, its knowledge of which
     segments are reachable and complete (`Writer.read_sources`), its transport and epoch."""

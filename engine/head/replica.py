@@ -64,7 +64,7 @@ from engine.core.types import Membership, NodeInfo, ReadPointUpdate, ReadView, R
 from engine.core.constants import NAMESPACE_REQUESTS
 from engine.errors import EncryptionError, InvalidArgument, ReadOnly, ReplicaBehind, SixfoldError, Unavailable
 from engine.head.endpoint import EXIT_ENCRYPTION, EndpointConfig, KVServicer, with_cipher
-from engine.head.reads import ReadPath
+from engine.head.reads import ReadPath, checked_gets
 from engine.head.weakening import SAFE
 from engine.head.writer import check_request_id
 from engine.proto import kv_pb2, kv_pb2_grpc
@@ -264,15 +264,7 @@ class ReaderEndpoint:
         return self.reads.get(key, quorum=quorum, view=self.check_view(view))
 
     def get_many(self, gets) -> list:
-        checked: list = []
-        for g in gets:
-            if not isinstance(g, SixfoldError):
-                try:
-                    self.check_view(g[2])
-                except SixfoldError as e:
-                    g = e
-            checked.append(g)
-        return self.reads.get_many(checked, pool=self._pool)
+        return self.reads.get_many(checked_gets(gets, self.check_view), pool=self._pool)
 
     def scan(self, start: bytes, end: bytes | None, quorum: bool, view: ReadView | None, after: int = 0):
         self.wait_after(after)
