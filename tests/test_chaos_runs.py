@@ -61,6 +61,7 @@ def test_weakened_read_quorum_is_caught(tmp_path):
     assert caught, "a protocol that reads incomplete segments went unnoticed for 5 seeds"
 
 
+@pytest.mark.twin_once
 def test_weakened_write_quorum_is_caught(tmp_path):
     """Acknowledging at 2 of 6 segments loses acknowledged writes; the checkers must say so.
 
@@ -95,6 +96,7 @@ def test_weakened_write_quorum_is_caught(tmp_path):
 WEAK_WRITE_SEEDS = (3, 8)
 
 
+@pytest.mark.twin_once
 @pytest.mark.parametrize("seed", WEAK_WRITE_SEEDS)
 def test_random_plans_catch_a_weakened_write_quorum(tmp_path, seed):
     """Finding 9: random plans aim at the weakness (the `isolate` family), so a write quorum of 2

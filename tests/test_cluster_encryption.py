@@ -35,6 +35,8 @@ SECRET_KEY = b"customer:4711:ssn"
 SECRET_VALUE = b"the-plaintext-that-must-never-reach-the-disk"
 ROWS = {b"row:%03d" % i: b"row-value-%03d" % i for i in range(30)}
 
+pytestmark = pytest.mark.cluster  # real node, writer and reader processes
+
 
 def cli(capsys, *argv) -> tuple[int, str, str]:
     capsys.readouterr()
