@@ -82,11 +82,14 @@ class Candidate:
     def __init__(self, transport, nodes: Sequence[NodeInfo], *, lease_s: float = LEASE_S_DEFAULT, az: str = "",
                  writer_az: Callable[[], str] = lambda: "", same_az_delay_s: float | None = None,
                  clock: Callable[[], float] = time.monotonic, me: str = "",
-                 preferred: Callable[[], str | None] = lambda: None) -> None:
+                 preferred: Callable[[], str | None] = lambda: None, rank_delay_s: float = 0.0) -> None:
         """`preferred()`: the candidate a planned failover names (`writer failover --to`), if
         any: it goes at once, every other candidate waits two lease periods more."""
         self.me = me
         self.preferred = preferred
+        #: candidates of one cluster wait by rank, so that the first one's seal (which renews the
+        #: lease on the nodes) is seen by the others before they open too
+        self.rank_delay_s = rank_delay_s
         self.transport = transport
         self.nodes = list(nodes)
         self.lease_s = lease_s
@@ -133,7 +136,7 @@ class Candidate:
                 if since is None:
                     since = now
                     log.warning("the writer's lease lapsed: %s", why)
-                delay = self.same_az_delay_s if self.az and self.az == self.writer_az() else 0.0
+                delay = (self.same_az_delay_s if self.az and self.az == self.writer_az() else 0.0) + self.rank_delay_s
                 chosen = self.preferred()
                 if chosen:
                     delay = 0.0 if chosen == self.me else 2 * self.lease_s

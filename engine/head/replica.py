@@ -436,6 +436,9 @@ class ReaderProcess:
         self.writer_az = writer_az
         self.on_promoted = on_promoted
         self.preferred = preferred
+        #: r1 waits 0, r2 half a lease more...: one promotion per failure (engine.head.failover)
+        digits = "".join(ch for ch in reader_id if ch.isdigit())
+        self.rank_delay_s = 0.5 * (config.lease_s or 1.0) * (int(digits) - 1 if digits else 0) % (4 * (config.lease_s or 1.0))
         self.writer_endpoint = None
         self.stepped_down = threading.Event()
         self._stop = threading.Event()
@@ -478,7 +481,8 @@ class ReaderProcess:
         from engine.head.failover import LEASE_S_DEFAULT, Candidate
 
         candidate = Candidate(self.transport, self.config.nodes, lease_s=self.config.lease_s or LEASE_S_DEFAULT,
-                              az=self.az, writer_az=self.writer_az, me=self.reader_id, preferred=self.preferred)
+                              az=self.az, writer_az=self.writer_az, me=self.reader_id, preferred=self.preferred,
+                              rank_delay_s=self.rank_delay_s)
         while not self._stop.is_set():
             if not candidate.wait_for_lapse(self._stop):
                 return
