@@ -647,20 +647,30 @@ def with_cipher(config: EndpointConfig, key_file: str | None) -> EndpointConfig:
 EXIT_STEPPED_DOWN = 0
 
 
+def prepare_process(config: EndpointConfig, key_file: str | None, logger=None):
+    """What a writer or reader process does first: the cipher of an encrypted volume from
+    `key_file` (None, logged, when it cannot: the caller exits EXIT_ENCRYPTION) and a stop event
+    set by SIGTERM/SIGINT. Returns (config, stop) or (None, None)."""
+    try:
+        config = with_cipher(config, key_file)
+    except (EncryptionError, InvalidArgument) as e:
+        (logger or log).error("cannot open the volume's encryption: %s: %s", type(e).__name__, e)
+        return None, None
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    return config, stop
+
+
 def run_writer_process(config: EndpointConfig, listen: str, workers: int = ENDPOINT_WORKERS, *, tls=None,
                        key_file: str | None = None, standby: bool = False, writer_az=None, on_serving=None) -> int:
     """The body of `sixfold writer serve`: serve until SIGTERM/SIGINT; returns an exit code.
     With `tls` the KV server and the transport to the nodes are mutual TLS as the writer. An
     encrypted volume's master key comes from `key_file` (see the module docstring); without it,
     or with a wrong one, the process logs the EncryptionError and returns EXIT_ENCRYPTION."""
-    try:
-        config = with_cipher(config, key_file)
-    except (EncryptionError, InvalidArgument) as e:
-        log.error("cannot open the volume's encryption: %s: %s", type(e).__name__, e)
+    config, stop = prepare_process(config, key_file)
+    if config is None:
         return EXIT_ENCRYPTION
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
     transport = None
     if tls is not None:  # mTLS, and every SyncEpoch signed (engine.security.proofs)
         from engine.security.proofs import EpochSigner

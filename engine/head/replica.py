@@ -50,7 +50,6 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -62,8 +61,8 @@ import grpc
 from engine import codec
 from engine.core.types import Membership, NodeInfo, ReadPointUpdate, ReadView, RequestStatus
 from engine.core.constants import NAMESPACE_REQUESTS
-from engine.errors import EncryptionError, InvalidArgument, ReadOnly, ReplicaBehind, SixfoldError, Unavailable
-from engine.head.endpoint import EXIT_ENCRYPTION, EndpointConfig, KVServicer, with_cipher
+from engine.errors import InvalidArgument, ReadOnly, ReplicaBehind, SixfoldError, Unavailable
+from engine.head.endpoint import EXIT_ENCRYPTION, EndpointConfig, KVServicer, prepare_process
 from engine.head.reads import ReadPath, checked_gets
 from engine.head.weakening import SAFE
 from engine.head.writer import check_request_id
@@ -549,14 +548,9 @@ def run_reader_process(config: EndpointConfig, reader_id: str, az: str, listen: 
     """The body of `sixfold reader serve`: serve until SIGTERM/SIGINT; returns an exit code. An
     encrypted volume needs its master key file, as the writer does (`with_cipher`); without it
     the process logs the EncryptionError and returns EXIT_ENCRYPTION."""
-    try:
-        config = with_cipher(config, key_file)
-    except (EncryptionError, InvalidArgument) as e:
-        log.error("cannot open the volume's encryption: %s: %s", type(e).__name__, e)
+    config, stop = prepare_process(config, key_file, log)
+    if config is None:
         return EXIT_ENCRYPTION
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
     proc = ReaderProcess(config, reader_id, az, listen, writer_address, tls=tls, token=token, **(promotion or {}))
     log.info("reader %s (AZ %s) of volume %s on %s, pid %d%s: following the writer endpoint; %s",
              reader_id, az, config.volume_id, listen, os.getpid(), " (encrypted at rest)" if config.cipher is not None else "",
