@@ -300,6 +300,12 @@ class Supervisor:
         """`pid` if it is a live process of ours named `name` (the manifest's pid of it), else
         None (gone, or recycled by an unrelated process)."""
         self._reap(pid)
+        proc = self._children.get(pid) if pid else None
+        if proc is not None:
+            # Our own child: poll() is the truth. Its cmdline is not: between fork and exec
+            # /proc/<pid>/cmdline still shows this process's, which once read as "exited
+            # before it was ready" on a loaded machine.
+            return pid if proc.poll() is None else None
         if proc_state(pid) is None:
             return None
         cmd = _cmdline(pid)

@@ -1,0 +1,47 @@
+"""A child the launcher just started is alive, whatever its command line says yet.
+
+`subprocess.Popen` returns once the child's exec has closed its close-on-exec pipe, but the
+kernel sets the new program's argument area a moment later (the ELF loader does it after the
+point of no return), so /proc/<pid>/cmdline of a brand-new child can read empty. The launcher
+used to decide "is this our process?" from the command line alone, so on a loaded machine
+`cluster.start("r1")` right after a kill once failed with "r1 (pid N) exited before it was
+ready" while r1's log showed that very pid SERVING a second later. The window is too short to
+hold open from a test, so the test shows the supervisor a real child whose command line reads
+empty, as the kernel does in that window.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import engine.cluster.supervisor as supervisor
+from engine.cluster.supervisor import Supervisor
+
+
+def test_a_child_whose_command_line_is_not_set_yet_counts_as_live(tmp_path, monkeypatch):
+    sup = Supervisor(str(tmp_path))
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        sup._children[child.pid] = child
+        monkeypatch.setattr(supervisor, "_cmdline", lambda pid: b"")  # the exec window
+        assert sup.live_pid("r1", child.pid) == child.pid
+        child.kill()
+        child.wait()
+        assert sup.live_pid("r1", child.pid) is None
+    finally:
+        if child.poll() is None:
+            child.kill()
+        child.wait()
+
+
+def test_a_pid_not_started_here_is_still_checked_by_its_command_line(tmp_path):
+    """A pid from the manifest (another launcher started it, or the pid was recycled) is ours
+    only if its command line says so."""
+    sup = Supervisor(str(tmp_path))
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        assert sup.live_pid("r1", other.pid) is None  # alive, but not a sixfold reader r1
+    finally:
+        other.kill()
+        other.wait()
