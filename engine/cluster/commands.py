@@ -63,9 +63,10 @@ def status_table(st: dict) -> str:
     )
     if st.get("readers"):
         rows = [[r["id"], r["az"], r["address"], r["pid"], r["health"], r.get("read_point"), r.get("lag_lsns"),
-                 None if r.get("lag_ms") is None else f"{r['lag_ms']:.0f}",
+                 None if r.get("lag_ms") is None else f"{r['lag_ms']:.1f}",
+                 None if r.get("lag_ms_p99") is None else f"{r['lag_ms_p99']:.1f}",
                  None if "connected" not in r else ("yes" if r["connected"] else "NO")] for r in st["readers"]]
-        out += "\n" + table(rows, ["reader", "az", "address", "pid", "health", "read point", "lag(lsn)", "lag(ms)", "writer"])
+        out += "\n" + table(rows, ["reader", "az", "address", "pid", "health", "read point", "lag(lsn)", "lag(ms)", "p99(ms)", "writer"])
     if not st["durable"]:
         out += "\n(not durable: nodes do not fsync before they acknowledge)"
     sec = st.get("security") or {}

@@ -128,7 +128,7 @@ class StatusView:
                 try:
                     st = WriterAdmin(r["address"], tls, operator_token(sup.folder)).status(STATUS_RPC_TIMEOUT_S * 2)
                     out.update({k: st["reader"][k] for k in ("read_point", "epoch", "writer_vdl", "lag_lsns", "lag_ms",
-                                                             "heard_ms", "connected", "updates", "last_error")})
+                                                             "lag_ms_p99", "heard_ms", "connected", "updates", "last_error")})
                 except SixfoldError as e:
                     out["error"] = str(e)
             return out

@@ -273,6 +273,8 @@ class WriterEndpoint:
             if left > 0:
                 w.wait_vdl(last_vdl, left)
             u = w.read_point(time.time())
+            if last_vdl >= 0 and u.vdl > last_vdl:
+                u = replace(u, committed_at=w.durable_since(last_vdl))
             last_vdl, last_sent = u.vdl, time.monotonic()
             yield u
             self._stopping.wait(min_interval_s)

@@ -109,6 +109,8 @@ ADMIT_UNREACHABLE = Admission.UNREACHABLE
 
 FRAME_RECORDS_MAX_SEND = 8192
 HEARTBEAT_S = 0.1
+#: VDL advances whose times the writer keeps for the read-point stream (a few seconds' worth)
+VDL_TIMES_MAX = 16_384
 #: how long a linearizable read waits for the heartbeats to renew a lapsed lease
 LEASE_RENEW_WAIT_S = 0.5
 BACKOFF_S_MIN = 0.02
@@ -299,6 +301,9 @@ class Writer:
         #: the most the running total may reach with a put (quorum_limit); None: recompute
         self._put_limit: int | None = None
         self._waiters: deque[tuple[int, object]] = deque()
+        #: (VDL, wall-clock time) of each VDL advance, newest last: when a commit became durable,
+        #: which the read-point stream stamps on its updates (replica lag); bounded
+        self._vdl_times: deque[tuple[int, float]] = deque(maxlen=VDL_TIMES_MAX)
         self._inbox: deque[_Ticket] = deque()  # submitted, not yet given LSNs
         self._senders_waiting = 0
         self._closed = False
@@ -931,6 +936,9 @@ class Writer:
     def _release_locked(self) -> list:
         """Pop waiters covered by VDL; trim the tail of durable records. Caller holds the lock."""
         vdl = self.ledger.vdl
+        times = self._vdl_times
+        if not times or vdl > times[-1][0]:
+            times.append((vdl, time.time()))
         out = []
         waiters = self._waiters
         while waiters and waiters[0][0] <= vdl:
@@ -1137,6 +1145,20 @@ class Writer:
                 for n in ledger.membership.all_nodes
             )
             return ReadPointUpdate(self.epoch, ledger.vdl, tuple(ledger.read_tails), ledger.membership, members, sent_at)
+
+    def durable_since(self, vdl: int) -> float:
+        """The wall-clock time the VDL first moved above `vdl` (when the oldest commit above it
+        became durable); 0.0 if it has not, or that is older than the record kept."""
+        with self._lock:
+            times = self._vdl_times
+            first = 0.0
+            for v, t in reversed(times):
+                if v <= vdl:
+                    return first
+                first = t
+            # Every kept advance is above `vdl`: the first is the oldest kept, unless older ones
+            # were dropped (the record is full), and then it is not known.
+            return first if len(times) < VDL_TIMES_MAX else 0.0
 
     def wait_vdl(self, above: int, timeout_s: float) -> int:
         """Wait until the VDL is above `above` (at most `timeout_s`, or until the writer stops);

@@ -782,7 +782,7 @@ def watch_args_from_pb(m: kv_pb2.WatchReadPointRequest) -> tuple[float, float]:
 def read_point_update_to_pb(u: ReadPointUpdate) -> kv_pb2.ReadPointUpdate:
     ms = u.membership
     m = kv_pb2.ReadPointUpdate(
-        epoch=u.epoch, vdl=u.vdl, tails=u.tails, sent_at=u.sent_at,
+        epoch=u.epoch, vdl=u.vdl, tails=u.tails, sent_at=u.sent_at, committed_at=u.committed_at,
         membership=kv_pb2.WriterMembership(epoch=ms.epoch, members=ms.members, next_members=ms.next_members or ()),
     )
     add = m.members.add
@@ -807,9 +807,10 @@ def read_point_update_from_pb(m: kv_pb2.ReadPointUpdate, protection_groups: int)
         if len(e.scl) != protection_groups or any(not -1 <= s <= LSN_VALID_MAX for s in e.scl):
             raise InvalidArgument(f"read point SCLs of {e.node} must be {protection_groups} LSNs (or -1)")
         members.append((e.node, tuple(None if s < 0 else s for s in e.scl), e.up))
-    if not (m.sent_at == m.sent_at) or abs(m.sent_at) > 1e11:  # NaN or absurd
-        raise InvalidArgument(f"read point sent_at {m.sent_at} is not a time")
-    return ReadPointUpdate(m.epoch, view.read_point, view.tails, membership, tuple(members), m.sent_at)
+    for name, t in (("sent_at", m.sent_at), ("committed_at", m.committed_at)):
+        if not (t == t) or abs(t) > 1e11:  # NaN or absurd
+            raise InvalidArgument(f"read point {name} {t} is not a time")
+    return ReadPointUpdate(m.epoch, view.read_point, view.tails, membership, tuple(members), m.sent_at, m.committed_at)
 
 
 _READER_KEYS = frozenset(kv_pb2.ReaderStatus.DESCRIPTOR.fields_by_name)
