@@ -565,7 +565,14 @@ class FollowingBackend:
                 time.sleep(FOLLOW_POLL_S)
                 continue
             with self._lock:
-                old, self._backend = self._backend, fresh
+                current = self._backend
+                if current is not failed:
+                    # Another caller followed the writer meanwhile: use its backend and drop
+                    # this one. (Swapping ours in would close the backend it had just made, and
+                    # the calls already re-sent on it would come back CANCELLED: indeterminate.)
+                    fresh.close()
+                    return current
+                old, self._backend = current, fresh
             log.info("following the writer: %s -> %s", failed.address, fresh.address)
             try:
                 old.close()
