@@ -38,7 +38,7 @@ recovery on open (`engine.head.recovery`), the read path (`engine.head.reads`, `
 `get`/`scan` here are its shorthands), and membership change (`engine.head.membership`: the epoch
 steps, `Writer.steps`, and the one driver of a replacement). This module keeps sequencing and the
 senders, and the few hooks those modules call under its lock (`view`, `read_sources`,
-`adopt_membership`, `catch_up_inputs`, and `read_point` / `wait_vdl` for the read point stream
+`next_membership`, `adopt_membership`, `catch_up_inputs`, and `read_point` / `wait_vdl` for the read point stream
 to reader instances, `engine.head.replica`).
 """
 
@@ -315,6 +315,11 @@ class Writer:
         #: held while the epoch is decided or moved (a refusal's step-up, a membership step), never
         #: while holding _lock: refusals are decided one at a time (engine.core.fencing)
         self.epoch_lock = threading.Lock()
+        #: A membership step that could not own its epoch yet (`MembershipSteps.take`), and the
+        #: nodes this writer sealed at that epoch itself (epoch -> node ids): they refuse our
+        #: appends at the current epoch, but they are ours, not another writer's.
+        self.pending_step: Membership | None = None
+        self.own_seals: dict[int, set[str]] = {}
         self.ledger: VolumeDurability | None = None
         self.links: dict[str, _NodeLink] = {}
         self.recovery: dict = {}
@@ -972,8 +977,24 @@ class Writer:
                 return False
             if not refusal_needs_probe(e, epoch, current):
                 return True
+            if self.pending_step is not None and link.id in self.own_seals.get(self.pending_step.epoch, ()):
+                # Refused by a node this writer sealed for a membership step it could not take:
+                # take it now if enough nodes are back (then the next send is at its epoch).
+                try:
+                    self.steps.take(self.pending_step)
+                    return True
+                except Unavailable:
+                    pass
+                except SixfoldError as step_error:
+                    log.warning("the pending membership step to epoch %d failed: %s", self.pending_step.epoch, step_error)
+                    self.pending_step = None
+            current = self.epoch
             membership = self.ledger.membership
-            decision = decide_epoch_refusal(e, epoch, current, self._probe_epochs(membership), membership)
+            probes = self._probe_epochs(membership)
+            for n in self.own_seals.get(current + 1, ()):  # ours: not another writer's epoch
+                if probes.get(n) == current + 1:
+                    probes[n] = current
+            decision = decide_epoch_refusal(e, epoch, current, probes, membership)
             if decision.action == STEP_UP:
                 if self._step_up(current, decision.epoch, membership, link.id, e):
                     return True
@@ -1068,15 +1089,22 @@ class Writer:
             self._fence(why, Unavailable)
 
     # --- membership change (the steps: engine.head.membership) ------------------------------
-    def adopt_membership(self, membership_of: Callable[[Membership], Membership]) -> tuple[int, Membership]:
-        """Move to the next epoch with the membership `membership_of(current)` (raises what the
-        core step raises, changing nothing); links (and senders) for new members. Call with
-        `epoch_lock` held (`MembershipSteps.step`). Returns the new epoch and membership."""
+    def next_membership(self, membership_of: Callable[[Membership], Membership]) -> Membership:
+        """The membership `membership_of(current)` at the next epoch, changing nothing (raises
+        what the core step raises). Call with `epoch_lock` held (`MembershipSteps.step`)."""
         with self._lock:
             self.check_usable()
             new = membership_of(self.ledger.membership)
-            self.epoch += 1
-            new = Membership(self.epoch, new.members, new.next_members)
+            return Membership(self.epoch + 1, new.members, new.next_members)
+
+    def adopt_membership(self, new: Membership) -> tuple[int, Membership]:
+        """Move to `new` (from `next_membership`, its epoch sealed on a write quorum); links (and
+        senders) for new members. Call with `epoch_lock` held. Returns the epoch and membership."""
+        with self._lock:
+            self.check_usable()
+            if new.epoch != self.epoch + 1:
+                raise Unavailable(f"the writer's epoch moved to {self.epoch} during a membership step to {new.epoch}")
+            self.epoch = new.epoch
             self.ledger.set_membership(new)
             for n in new.all_nodes:
                 if n not in self.links:

@@ -235,7 +235,7 @@ class StorageNode:
         self._note_cause(f"epoch state from {peer}", None)
         truncations = tuple(TruncationRange(*t) for t in stmt.truncations)
         membership = None if stmt.membership is None else Membership(*stmt.membership)
-        self.store.sync_epoch(self.store.epoch, truncations, membership, st.epoch_proof, stmt.epoch)
+        self.store.sync_epoch(self.store.epoch, truncations, membership, st.epoch_proof, stmt.epoch, writer=False)
 
     def _gossip_with(self, peer: str) -> int:
         st = self.transport.state(peer)
@@ -246,7 +246,7 @@ class StorageNode:
             st.membership is not None and (store.membership is None or st.membership.epoch > store.membership.epoch)
         ):
             if self.verifier is None:
-                store.sync_epoch(store.epoch, st.truncations, st.membership)
+                store.sync_epoch(store.epoch, st.truncations, st.membership, writer=False)
             else:
                 self._adopt_signed(peer, st)
         # Only records at or below a VDL the writer told us a round ago are surely missing:

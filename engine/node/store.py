@@ -200,6 +200,10 @@ class SegmentStore:
         with self.env.begin(write=True) as txn:
             upgraded_from = self._check_identity(txn, volume_id)
             self.epoch = self._get_u64(txn, b"epoch")
+            # The epoch a writer last synced this node at (`_check_synced`). A folder written
+            # before the key existed counts as synced at its epoch, as that release behaved.
+            raw = txn.get(b"synced_epoch", db=self._meta)
+            self.synced_epoch = _U64BE.unpack(raw)[0] if raw else self.epoch
             self.hint_lsn = self._get_u64(txn, b"hint")
             self.scls = [self._get_u64(txn, _scl_key(pg)) for pg in range(P)]
             raw = txn.get(b"truncations", db=self._meta)
@@ -411,6 +415,19 @@ class SegmentStore:
         if epoch > self.epoch:
             raise EpochBehind(f"node {self.node_id} is at epoch {self.epoch}, request at {epoch}: sync the epoch first")
 
+    def _check_synced(self, epoch: int) -> None:
+        """An append at `epoch` needs this node synced at it (a writer's `sync_epoch`, which
+        carries that epoch's truncation ranges), not only sealed at it. A seal that a
+        writer did not follow up (an open or a membership step short of a write quorum) leaves a
+        node at an epoch another writer may then own; taking that writer's appends before its
+        truncations once let the node learn a durable hint first and then refuse the ranges
+        for ever, and keep records they cut. EpochBehind: the writer syncs, then sends again."""
+        if self.synced_epoch != epoch:
+            raise EpochBehind(
+                f"node {self.node_id} was sealed at epoch {epoch} but not synced at it (last synced at "
+                f"{self.synced_epoch}): sync the epoch first"
+            )
+
     # --- writes -----------------------------------------------------------------------------
     def append(self, epoch: int, frame: bytes, hint_lsn: int = 0, *, repair: bool = False, items=None) -> AppendReply:
         """Persist a frame in one transaction; return every PG's SCL afterwards.
@@ -440,6 +457,7 @@ class SegmentStore:
             self._check_open()
             if not repair:
                 self._fence(epoch)
+                self._check_synced(epoch)
             if not items and hint_lsn <= self.hint_lsn:  # a heartbeat: nothing to persist
                 return self._append_reply()
             if items and items[0].lsn <= self._truncated_max:
@@ -578,10 +596,12 @@ class SegmentStore:
         )
 
     def sync_epoch(self, epoch: int, truncations: Sequence[TruncationRange], membership: Membership | None = None,
-                   proof: bytes = b"", proof_epoch: int = -1) -> NodeState:
+                   proof: bytes = b"", proof_epoch: int = -1, *, writer: bool = True) -> NodeState:
         """Adopt `epoch` (>= ours), its truncation ranges and membership; cut truncated records.
         `proof`: the writer's signed statement of that state (of epoch `proof_epoch`), kept when
-        it is the newest this node holds, to hand on by gossip (checked by the caller)."""
+        it is the newest this node holds, to hand on by gossip (checked by the caller). `writer`:
+        the sync comes from the writer of `epoch` (so the node is synced at it: `_check_synced`);
+        gossip passes False, and counts as a sync only when it brings that epoch's membership."""
         self._check_open()
         _bounded(epoch, EPOCH_MAX, "epoch")
         for t in truncations:
@@ -612,7 +632,11 @@ class SegmentStore:
             all_truncations = sorted(set(self.truncations) | set(new), key=lambda t: (t.first, t.epoch)) if new else self.truncations
             scls, max_lsn = list(self.scls), list(self.max_lsn)
             keep_proof = bool(proof) and proof_epoch > self.epoch_proof_epoch
+            now = max(self.epoch, epoch)
+            synced = (writer or (membership is not None and membership.epoch == now)) and self.synced_epoch != now
             with self.env.begin(write=True) as txn:
+                if synced:
+                    txn.put(b"synced_epoch", _U64BE.pack(now), db=self._meta)
                 if keep_proof:
                     txn.put(b"epoch_proof", _U64BE.pack(proof_epoch) + proof, db=self._meta)
                 if epoch > self.epoch:
@@ -627,7 +651,9 @@ class SegmentStore:
                         json.dumps({"epoch": membership.epoch, "members": membership.members, "next": membership.next_members}).encode(),
                         db=self._meta,
                     )
-            self.epoch = max(self.epoch, epoch)
+            self.epoch = now
+            if synced:
+                self.synced_epoch = now
             if new:
                 self.truncations = all_truncations
                 self._truncated_max = max(t.last for t in all_truncations)
