@@ -312,6 +312,26 @@ def test_at_its_maximum_a_node_is_full_and_room_freed_inside_its_file_is_room_ag
         node.close()
 
 
+def test_without_a_floor_a_node_filled_to_its_last_page_cannot_even_cut(tmp_path):
+    """Why the floor: told to keep no reserve (so no floor), a node takes appends to its last
+    page, and then even the transaction that would give room back (a truncation cut) needs fresh
+    pages first and is refused. With the floor (the test above) the same cut runs."""
+    node = open_node(tmp_path / "n1", 4 * MiB, reserve_bytes=0)
+    filler = Filler(per_frame=1)
+    try:
+        for _ in range(FRAMES_MAX):
+            try:
+                filler.append(node)
+            except StorageFull:
+                break
+        cut_from = filler.acked[len(filler.acked) // 2][1]
+        with pytest.raises(StorageFull):
+            node.handle("sync_epoch", 0, (TruncationRange(1, cut_from, filler.lsn),), None)
+        filler.check(node)  # refused whole: nothing was cut
+    finally:
+        node.close()
+
+
 def test_a_maximum_below_the_data_a_node_holds_is_refused_and_changes_nothing(tmp_path):
     node = open_node(tmp_path / "n1", 64 * MiB)
     filler = Filler()
