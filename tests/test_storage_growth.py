@@ -312,6 +312,32 @@ def test_at_its_maximum_a_node_is_full_and_room_freed_inside_its_file_is_room_ag
         node.close()
 
 
+def test_at_the_floor_a_frame_of_records_the_node_holds_already_still_lands(tmp_path):
+    """A recovery re-replicates to every node what some lack, full nodes too: records a node
+    holds already cost it nothing, so they must not be refused for want of room (a check made
+    before the transaction refused them, and a full volume could not be reopened)."""
+    node = open_node(tmp_path / "n1", 4 * MiB)
+    filler = Filler(per_frame=4)
+    frames = []
+    try:
+        for _ in range(FRAMES_MAX):
+            frame, meta = filler.frame()
+            try:
+                node.handle("append", 0, frame, 0)
+            except StorageFull as e:
+                assert "keeps the last" in str(e)
+                filler.undo(meta)
+                break
+            filler.acked.extend(meta)
+            frames.append(frame)
+        for frame in frames[-8:]:  # re-sent, as by a recovery (repair) or a writer's resend
+            node.handle("repair_append", frame)
+            node.handle("append", 0, frame, 0)
+        filler.check(node)
+    finally:
+        node.close()
+
+
 def test_without_a_floor_a_node_filled_to_its_last_page_cannot_even_cut(tmp_path):
     """Why the floor: told to keep no reserve (so no floor), a node takes appends to its last
     page, and then even the transaction that would give room back (a truncation cut) needs fresh
@@ -473,10 +499,13 @@ def test_an_embedded_volume_grows_from_a_small_map_and_reads_everything_after_a_
                 for i in range(b * 50, b * 50 + 50):
                     batch.put(b"k%06d" % i, value_of(i))
                     acked[b"k%06d" % i] = value_of(i)
+        from waiting import eventually
+
+        eventually(lambda: settled(db), "every node acknowledged everything logged")  # 4 of 6 acknowledge a write
         for n in db.status()["nodes"]:
             assert n["used_bytes"] > 4 * MiB and n["max_storage_bytes"] == 256 * MiB and "storage_warning" not in n, n
         messages = grown(caplog)
-        assert all(sum(f"node {n}: grew" in m for m in messages) >= 2 for n in NODES), messages
+        assert all(any(f"node {n}: grew" in m for m in messages) for n in NODES), messages
         check_reads(db, acked)
     with open_volume(path) as db:
         check_reads(db, acked)

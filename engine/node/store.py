@@ -389,9 +389,9 @@ class SegmentStore:
         max(FLOOR_BYTES_MIN, capacity / FLOOR_FRACTION), at most half the reserve (a node told to
         keep no reserve keeps no floor either). The writer keeps puts out of the whole reserve; the
         floor is what holds even when deletes, repairs or a miscount have used the rest. An
-        append is refused when its frame's bytes would reach into the floor: one that starts
-        above it may still take about its own size again of it (small records cost up to twice
-        their bytes), which a floor of many frames absorbs."""
+        append near it measures, inside its transaction before the commit, what the tables would
+        hold with it, and is refused (aborted: nothing written) if that reaches into the floor;
+        records a node holds already cost nothing, so recovery's re-sends to full nodes land."""
         return min(self.reserve_bytes(capacity_bytes) // 2, max(FLOOR_BYTES_MIN, capacity_bytes // FLOOR_FRACTION))
 
     def space(self) -> tuple[int, int, bool, int]:
@@ -417,17 +417,23 @@ class SegmentStore:
         version, counted twice); at most held. Pages on LMDB's free list are the difference:
         LMDB reuses them, so they are room. Some of them cannot be reused yet (those freed by the
         last commits, kept for readers and for the previous meta page): the reserve covers them."""
-        psize = self._page_bytes
         with self._read_txn() as txn:
             held = self.env.info()["last_pgno"] + 1
-            main = self.env.stat()
-            pages = 2 + main["branch_pages"] + main["leaf_pages"] + main["overflow_pages"]
-            for db in (self._log, self._versions, self._meta, self._requests):
-                st = txn.stat(db)
-                pages += st["branch_pages"] + st["leaf_pages"] + st["overflow_pages"]
-                if db is self._versions or db is self._requests:
-                    pages += -(-2 * 8 * st["entries"] // psize)
-        return min(pages, held) * psize, held * psize
+            pages = self._table_pages(txn)
+        return min(pages, held) * self._page_bytes, held * self._page_bytes
+
+    def _table_pages(self, txn) -> int:
+        """The pages the tables hold as `txn` sees them (see `usage`; the main table's, which
+        holds only the tables' names, as last committed)."""
+        psize = self._page_bytes
+        main = self.env.stat()
+        pages = 2 + main["branch_pages"] + main["leaf_pages"] + main["overflow_pages"]
+        for db in (self._log, self._versions, self._meta, self._requests):
+            st = txn.stat(db)
+            pages += st["branch_pages"] + st["leaf_pages"] + st["overflow_pages"]
+            if db is self._versions or db is self._requests:
+                pages += -(-2 * 8 * st["entries"] // psize)
+        return pages
 
     def _append_reply(self) -> AppendReply:
         used, capacity, low, room = self.space()
@@ -478,36 +484,45 @@ class SegmentStore:
                  sizes.format_size(new), why, sizes.format_size(self.max_bytes))
         return True
 
-    def _make_room(self, frame_bytes: int) -> None:
-        """Before an append (holding _write_lock, so no write transaction is open): refuse it with
-        StorageFull when it could reach into the floor (`floor_bytes`), and grow the map ahead of
-        it when it could take the file past GROW_AT_FRACTION of the map. It takes the last
-        measurement (`space`, which every append's reply makes): what other writes add since is a
-        few pages (seals, meta), within FLOOR_SLACK_BYTES and growth.SLACK_BYTES; removals since
-        make it too high, so a refusal measures again first. A measurement less per append."""
+    def _make_room(self, frame_bytes: int) -> bool:
+        """Before an append (holding _write_lock, so no write transaction is open): grow the map
+        ahead of it when it could take the file past GROW_AT_FRACTION of the map, and say whether
+        it comes near the floor (`floor_bytes`): then its transaction measures what it holds
+        before it commits (`_check_floor`). Records a node holds already cost nothing (recovery
+        re-sends them to full nodes), so only the transaction itself can tell. This takes the last
+        measurement (`space`, which every append's reply makes): what other writes added since is
+        a few pages (seals, meta), within FLOOR_SLACK_BYTES and growth.SLACK_BYTES."""
         used, held = self._last_usage or self.usage()
         capacity = self._capacity_bytes
         floor = self.floor_bytes(capacity)
-        if floor and used + frame_bytes + FLOOR_SLACK_BYTES > capacity - floor:
-            used, held = self._last_usage = self.usage()  # afresh before refusing: removals since lower it
-        if floor and used + frame_bytes + FLOOR_SLACK_BYTES > capacity - floor:
-            if not self._at_floor:
-                self._at_floor = True
-                log.warning("node %s is full: it uses %s of its %s and keeps the last %s for deletes and collection; "
-                            "appends are refused until room comes back", self.node_id, sizes.format_size(used),
-                            sizes.format_size(capacity), sizes.format_size(floor))
-            raise StorageFull(
-                f"node {self.node_id} is full: it uses {used} of its {capacity} bytes and keeps the last {floor} for "
-                "truncations, quarantines and version collection (the transactions that give room back), so it refused "
-                "this append and changed nothing; reads still work"
-            )
-        if self._at_floor:
+        near = bool(floor) and used + frame_bytes + FLOOR_SLACK_BYTES > capacity - floor
+        if not near and self._at_floor:
             self._at_floor = False
             log.info("node %s takes appends again (%s used of %s)", self.node_id, sizes.format_size(used),
                      sizes.format_size(capacity))
         need = held + growth.WRITE_COST_FACTOR * frame_bytes + growth.SLACK_BYTES
         if need > self.map_bytes * growth.GROW_AT_FRACTION:
             self._grow_locked(need, "ahead of a write")
+        return near
+
+    def _check_floor(self, txn) -> None:
+        """Inside an append's transaction, before its commit: StorageFull (which aborts it: nothing
+        written) when what the tables hold with it reaches into the floor."""
+        capacity = self._capacity_bytes
+        floor = self.floor_bytes(capacity)
+        used = self._table_pages(txn) * self._page_bytes
+        if used + FLOOR_SLACK_BYTES <= capacity - floor:
+            return
+        if not self._at_floor:
+            self._at_floor = True
+            log.warning("node %s is full: it uses %s of its %s and keeps the last %s for deletes and collection; "
+                        "appends are refused until room comes back", self.node_id, sizes.format_size(used),
+                        sizes.format_size(capacity), sizes.format_size(floor))
+        raise StorageFull(
+            f"node {self.node_id} is full: with this append it would use {used} of its {capacity} bytes, and it keeps "
+            f"the last {floor} for truncations, quarantines and version collection (the transactions that give room "
+            "back), so it refused the append and changed nothing; reads still work"
+        )
 
     def grow_after_full(self, seen_map_bytes: int) -> bool:
         """A write found the map full (of `seen_map_bytes`) and was aborted: grow it, or say it
@@ -631,7 +646,7 @@ class SegmentStore:
                 self._fence(epoch)
             if not items and hint_lsn <= self.hint_lsn:  # a heartbeat: nothing to persist
                 return self._append_reply()
-            self._make_room(len(frame))
+            near_floor = self._make_room(len(frame))
             if items and items[0].lsn <= self._truncated_max:
                 items = [it for it in items if not self._is_truncated(it.lsn)]
             # Everything is computed on copies and published only after the commit, so nobody is
@@ -650,6 +665,8 @@ class SegmentStore:
                         if added < len(items):
                             self._check_held_copies(txn, items)  # ConflictingRecord aborts the transaction
                         self._index(txn, items)
+                        if near_floor:
+                            self._check_floor(txn)  # StorageFull aborts the transaction
                     if any(self.damaged):
                         healed = [(it.pg, it.lsn) for it in items if it.lsn in self.damaged[it.pg]]
                         if healed:
