@@ -101,7 +101,8 @@ class StatusView:
                                rebuild=dict(st.extra.get("rebuild") or {}), used_bytes=st.used_bytes,
                                capacity_bytes=st.capacity_bytes, space_low=st.space_low, room_bytes=st.room_bytes,
                                max_storage_bytes=st.extra.get("max_storage_bytes"), map_bytes=st.extra.get("map_bytes"),
-                               storage_warning=storage_warning(n["id"], st.used_bytes, st.capacity_bytes, st.space_low),
+                               storage_warning=storage_warning(n["id"], st.used_bytes, st.capacity_bytes, st.space_low)
+                               if st.capacity_bytes else None,
                                security=dict(st.extra.get("security") or {}))
                 except SixfoldError as e:
                     out["error"] = str(e)
