@@ -52,9 +52,14 @@ def open(path: str | os.PathLike, **options) -> Database:  # noqa: A001 - the na
 
     Options: protection_groups (new volumes; default 8; reopening with another number is a
     GeometryMismatch), durable (default True: each segment fsyncs before it acks),
-    write_timeout_s (default 5), gossip_interval_s, scrub_interval_s, map_bytes, local_az, seed,
+    write_timeout_s (default 5), gossip_interval_s, scrub_interval_s, local_az, seed,
     encryption_key (32 bytes, or their base64 or hex: a new volume is created encrypted; an
-    encrypted volume needs it on every open, see `engine.envelope`).
+    encrypted volume needs it on every open, see `engine.envelope`), max_storage_bytes (the most
+    each node's data may take, in bytes (`engine.sizes.parse_size("10GiB")` reads units);
+    recorded in the volume, so later opens keep it; default 32 GiB; `map_bytes` is its older
+    name). At the maximum, puts raise StorageFull naming the nodes while deletes still work; a
+    maximum below the data a node holds, out of 1 MiB..2^62 or above the filesystem's size is
+    an InvalidArgument, and nothing is changed.
 
     Raises FolderInUse if another open holds `path` (this process or another one: the error
     names its pid), and WrongFolder, touching nothing, if `path` holds another kind of data (a

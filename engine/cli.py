@@ -245,13 +245,18 @@ def cmd_status(args) -> int:
     if args.json:
         print_json(st)
         return EXIT_OK
+    from engine.cluster.commands import STORAGE_HEADERS, storage_cells
+
     rows = []
     for n in st["nodes"]:
         scl = n.get("scl") or {}
         rows.append([n["id"], n["az"], n.get("address"), "up" if n.get("up") else "DOWN", n.get("epoch"),
                      f"{min(scl.values())}..{max(scl.values())}" if scl else None, n.get("records"),
-                     max((n.get("lag") or {0: 0}).values())])
-    print(table(rows, ["node", "az", "address", "state", "epoch", "scl(min..max)", "records", "lag"]))
+                     max((n.get("lag") or {0: 0}).values()), *storage_cells(n)])
+    print(table(rows, ["node", "az", "address", "state", "epoch", "scl(min..max)", "records", "lag", *STORAGE_HEADERS]))
+    for n in st["nodes"]:
+        if n.get("storage_warning"):
+            print(f"warning: {n['storage_warning']}")
     print(f"volume {st['volume_id']}  vdl {st['vdl']}  epoch {st['epoch']}  protection groups {st['protection_groups']}  "
           f"durable {st['durable']}  encrypted {st.get('encrypted', False)}  codec {st['codec']}")
     return EXIT_OK
@@ -312,7 +317,8 @@ def register(sub) -> None:
     p.set_defaults(func=cmd_scan)
 
     p = sub.add_parser("status", parents=[common], help="volume status from the writer endpoint", description=(
-        "Show the volume as the writer sees it: VDL, epoch, and every node's SCLs and lag."))
+        "Show the volume as the writer sees it: VDL, epoch, and every node's SCLs, lag and space (used, capacity, "
+        "the share used and the maximum; a warning line for each node at 80% or more)."))
     p.set_defaults(func=cmd_status)
 
 

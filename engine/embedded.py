@@ -22,7 +22,11 @@ Theory of operation of an open
 3. *Formats*: volume.json records `"format": VOLUME_FORMAT`. A newer format is refused with a
    message naming it; a volume.json without the field (format 0: format 1 before the field) is
    upgraded in place when nothing else is missing.
-4. The nodes and the writer start; the writer's recovery makes the volume readable.
+4. *The storage maximum* (`max_storage_bytes`): given, it is checked (a size, at most the
+   filesystem), the nodes open with it (each refuses one below the data it holds, before
+   writing anything), and only then volume.json records it; not given, the recorded one holds
+   (a volume.json without the field, as every volume before it: the default, 32 GiB per node).
+5. The nodes and the writer start; the writer's recovery makes the volume readable.
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ from engine.head.membership import MembershipChange
 from engine.head.weakening import SAFE, Weakening
 from engine.head.writer import Writer, WriterOptions, node_status
 from engine.node.service import GOSSIP_INTERVAL_S, SCRUB_INTERVAL_S, StorageNode
+from engine.sizes import check_fits_filesystem, check_storage_bytes
 from engine.ownership import LOCK_FILE, hold
 from engine.transport.inprocess import InProcessTransport, Registry
 
@@ -81,6 +86,10 @@ class EmbeddedOptions:
     write_timeout_s: float = 5.0
     gossip_interval_s: float = GOSSIP_INTERVAL_S
     scrub_interval_s: float = SCRUB_INTERVAL_S
+    #: the most each node's data may take (its LMDB map grows up to it): recorded in volume.json,
+    #: so later opens keep it; None: what the volume records, else the default (32 GiB)
+    max_storage_bytes: int | None = None
+    #: the older name of max_storage_bytes (the map was fixed at it)
     map_bytes: int | None = None
     local_az: str = "a"
     seed: int = 0
@@ -151,6 +160,11 @@ def _volume_problems(vol: dict, fmt: int) -> list[str]:
     else:
         try:
             Geometry(pgs)
+        except InvalidArgument as e:
+            problems.append(str(e))
+    if "max_storage_bytes" in vol:  # absent in every volume written before the field (the default)
+        try:
+            check_storage_bytes(vol["max_storage_bytes"])
         except InvalidArgument as e:
             problems.append(str(e))
     nodes = vol.get("nodes")
@@ -275,6 +289,7 @@ class EmbeddedVolume:
         self._lock = threading.RLock()
         self.writer: Writer | None = None
         check_volume_folder(self.path)  # refuses before anything is written
+        given = self._given_maximum(options)
         self._owner = hold(self.path, "embedded volume")
         try:
             master = None if options.encryption_key is None else load_master_key(options.encryption_key)
@@ -285,14 +300,35 @@ class EmbeddedVolume:
             self.node_infos = [NodeInfo(n["id"], n["az"]) for n in vol["nodes"] if not n.get("retired")]
             self._retired: set[str] = {n["id"] for n in vol["nodes"] if n.get("retired")}
             self._request_rng: random.Random | None = None
+            #: the most each node's data may take (None: the nodes' default)
+            self.max_storage_bytes = given if given is not None else vol.get("max_storage_bytes")
             for info in self.node_infos:
                 self.registry.set(info.id, None)
                 self._start(info)
+            if given is not None and given != vol.get("max_storage_bytes"):
+                # Recorded once every node took it (a node refuses a maximum below its data).
+                vol = read_volume_file(self.path)
+                vol["max_storage_bytes"] = given
+                write_volume_file(self.path, vol)
+                log.info("%s: the storage maximum is now %d bytes per node", self.path, given)
             self.open_writer()
         except BaseException:
             self._shutdown_nodes()
             self._owner.release()
             raise
+
+    def _given_maximum(self, options: EmbeddedOptions) -> int | None:
+        """The maximum this open sets (checked: a size, at most the filesystem), or None."""
+        given, older = options.max_storage_bytes, options.map_bytes
+        if given is not None and older is not None and given != older:
+            raise InvalidArgument(f"map_bytes {older} and max_storage_bytes {given} disagree; map_bytes is the older "
+                                  "name of max_storage_bytes: give one")
+        given = given if given is not None else older
+        if given is None:
+            return None
+        check_storage_bytes(given)
+        check_fits_filesystem(given, self.path)
+        return given
 
     # --- nodes ------------------------------------------------------------------------------
     def _info(self, node_id: str) -> NodeInfo:
@@ -307,7 +343,8 @@ class EmbeddedVolume:
     def _start(self, info: NodeInfo) -> None:
         o = self.options
         node = StorageNode(
-            self.node_path(info), info, self.geometry, self.volume_id, durable=o.durable, map_bytes=o.map_bytes,
+            self.node_path(info), info, self.geometry, self.volume_id, durable=o.durable,
+            max_storage_bytes=self.max_storage_bytes,
             seed=o.seed + int.from_bytes(info.id.encode(), "little") % 1000,
         )
         node.attach(self._wrap(InProcessTransport(self.registry, info.id)), self._peer_ids)

@@ -54,7 +54,7 @@ from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
-from engine import codec
+from engine import codec, sizes
 from engine.core.admission import Admission, admits, quorum_limit, record_cost_bytes, unit_cost_bytes, write_admission
 from engine.core.constants import (
     BATCH_OPS_MAX,
@@ -165,8 +165,12 @@ def check_value(value) -> None:
 
 def node_status(st, pgcl: Sequence[int]) -> dict:
     """The public status fields of one node, from its NodeState and the writer's PGCLs (with its
-    space: used and capacity bytes, the room left above its reserve, and whether none is)."""
+    space: used and capacity bytes, the room left above its reserve, and whether none is; its
+    maximum when it reports one, and a warning at `sizes.STORAGE_WARNING_PERCENT` or more)."""
+    warning = sizes.storage_warning(st.node, st.used_bytes, st.capacity_bytes, st.space_low) if st.capacity_bytes else None
+    space = {"max_storage_bytes": st.extra.get("max_storage_bytes"), "storage_warning": warning}
     return dict(
+        {k: v for k, v in space.items() if v is not None},
         scl={pg: s for pg, s in enumerate(st.scls)},
         lag={pg: max(0, pgcl[pg] - s) for pg, s in enumerate(st.scls)},
         epoch=st.epoch,

@@ -61,15 +61,19 @@ class StorageNode:
         volume_id: str,
         *,
         durable: bool = True,
-        map_bytes: int | None = None,
+        max_storage_bytes: int | None = None,
         reserve_bytes: int | None = None,
         seed: int = 0,
+        map_bytes: int | None = None,
     ) -> None:
-        kwargs = {"durable": durable, "reserve_bytes": reserve_bytes}
-        if map_bytes:
-            kwargs["map_bytes"] = map_bytes
+        # `map_bytes` is the older name of the maximum (the map was fixed at it; now it grows to it).
+        if map_bytes is not None and max_storage_bytes is not None and map_bytes != max_storage_bytes:
+            raise InvalidArgument(f"map_bytes {map_bytes} and max_storage_bytes {max_storage_bytes} disagree; "
+                                  "map_bytes is the older name of max_storage_bytes: give one")
         self.info = info
-        self.store = SegmentStore(path, info.id, info.az, geometry, volume_id, **kwargs)
+        self.store = SegmentStore(path, info.id, info.az, geometry, volume_id, durable=durable,
+                                  max_bytes=max_storage_bytes if max_storage_bytes is not None else map_bytes,
+                                  reserve_bytes=reserve_bytes)
         self.transport = None  # set by attach(); used by gossip
         self._peers: Callable[[], Sequence[str]] = lambda: ()
         self._rng = random.Random(seed)
@@ -179,6 +183,7 @@ class StorageNode:
             gossip_peer_errors=dict(self.gossip_peer_errors),
             refused_truncations=self.store.refused_truncations,
             unsigned_gossip_refused=self.unsigned_gossip_refused,
+            max_storage_bytes=self.store.max_bytes, map_bytes=self.store.map_bytes,
         )
         return st
 

@@ -834,7 +834,7 @@ _STATUS_KEYS = frozenset({"volume_id", "protection_groups", "codec", "durable", 
 _NODE_KEYS = frozenset({"id", "az", "address", "up"})
 _NODE_REPORT_KEYS = frozenset({"scl", "lag", "epoch", "records", "bytes", "corrupt_found", "repaired", "rebuild"})
 #: optional: carried when node_status has them
-_NODE_SPACE_KEYS = ("used_bytes", "capacity_bytes", "space_low", "room_bytes")
+_NODE_SPACE_KEYS = ("used_bytes", "capacity_bytes", "space_low", "room_bytes", "max_storage_bytes", "storage_warning")
 _WRITER_KEYS = frozenset({"epoch", "vdl", "vcl", "next_lsn", "pgcl", "in_flight", "fenced", "admission", "membership",
                           "links", "recovery", "stats", "room_bytes"})
 _MEMBERSHIP_KEYS = frozenset({"epoch", "members", "next_members"})
