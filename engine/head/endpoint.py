@@ -439,11 +439,18 @@ class KVServicer(kv_pb2_grpc.KVServicer):
             lambda: convert.request_status_to_pb(self.ep.request_status(convert.status_of_args_from_pb(request))),
         )
 
+    def _read_point(self) -> int:
+        """The read point of this call's read on a reader instance (0 on the writer endpoint)."""
+        last = getattr(self.ep, "last_read_point", None)
+        return last() if last is not None else 0
+
     def Get(self, request, context):
-        return self._serve(
-            context, "Get",
-            lambda: convert.get_reply_to_pb(self.ep.get(*convert.get_args_from_pb(request, self.P), after=convert.after_from_pb(request))),
-        )
+        def work():
+            reply = convert.get_reply_to_pb(self.ep.get(*convert.get_args_from_pb(request, self.P), after=convert.after_from_pb(request)))
+            reply.read_point = self._read_point()
+            return reply
+
+        return self._serve(context, "Get", work)
 
     def GetMany(self, request, context):
         def work():
@@ -455,7 +462,9 @@ class KVServicer(kv_pb2_grpc.KVServicer):
                     gets.append(convert.get_args_from_pb(g, self.P))
                 except SixfoldError as e:
                     gets.append(e)
-            return convert.get_results_to_pb(self.ep.get_many(gets))
+            reply = convert.get_results_to_pb(self.ep.get_many(gets))
+            reply.read_point = self._read_point()
+            return reply
 
         return self._serve(context, "GetMany", work)
 
@@ -463,16 +472,21 @@ class KVServicer(kv_pb2_grpc.KVServicer):
         try:
             self._admit(context, "Scan")
             pairs = self.ep.scan(*convert.kv_scan_args_from_pb(request, self.P), after=convert.after_from_pb(request))
+            point = self._read_point()
             chunk: list[tuple[bytes, bytes]] = []
             size = 0
             for k, v in pairs:
                 chunk.append((k, v))
                 size += len(k) + len(v)
                 if len(chunk) >= SCAN_CHUNK_PAIRS or size >= SCAN_CHUNK_BYTES:
-                    yield convert.scan_chunk_to_pb(chunk)
+                    m = convert.scan_chunk_to_pb(chunk)
+                    m.read_point = point
+                    yield m
                     chunk, size = [], 0
-            if chunk:
-                yield convert.scan_chunk_to_pb(chunk)
+            m = convert.scan_chunk_to_pb(chunk)
+            m.read_point = point
+            if chunk or point:
+                yield m  # on a reader, the point arrives even for an empty scan
             return
         except SixfoldError as e:
             err = e

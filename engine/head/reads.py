@@ -145,12 +145,14 @@ class ReadPath:
         return merge_read(replies)
 
     def get_many(
-        self, gets: Sequence[tuple[bytes, bool, ReadView | None] | SixfoldError], *, pool=None
+        self, gets: Sequence[tuple[bytes, bool, ReadView | None] | SixfoldError], *, pool=None,
+        at: ReadView | None = None,
     ) -> list[bytes | None | SixfoldError]:
         """Many gets `(key, quorum, view)`; those without a view share one read point. A result
         per get: the value, None (no such key) or the error of that get alone. An item that is
         already a SixfoldError (refused while decoding, say) is passed through. `pool`: an
-        executor to ask nodes in parallel (default: one after the other)."""
+        executor to ask nodes in parallel (default: one after the other). `at`: the read point the
+        gets without a view share (default: the source's view now)."""
         w = self._w
         cipher = w.cipher
         results: list = [None] * len(gets)
@@ -173,7 +175,7 @@ class ReadPath:
                 continue
             if shared is None:
                 try:
-                    shared = w.view()
+                    shared = at or w.view()
                 except SixfoldError as e:
                     results[i] = e
                     continue

@@ -221,6 +221,7 @@ class ReaderEndpoint:
         self.follower: ReadPointFollower | None = None
         self.opened_at = time.time()
         self._pool = futures.ThreadPoolExecutor(max_workers=len(config.nodes) + 1, thread_name_prefix="reader")
+        self._calls = threading.local()  # per gRPC call: the read point it read at
         self._lock = threading.Lock()
         self.stats = {"after_waits": 0, "after_timeouts": 0, "refused_writes": 0}
 
@@ -273,16 +274,28 @@ class ReaderEndpoint:
                 "take snapshots from the same endpoint you read them from")
         return view
 
+    def _view_for(self, view: ReadView | None) -> ReadView:
+        """The view a read uses (the caller's snapshot, else the read point now), noted for the
+        reply (`last_read_point`): the client's session sends it back as `after`."""
+        v = self.check_view(view) or self.source.view()
+        self._calls.point = v.read_point
+        return v
+
+    def last_read_point(self) -> int:
+        """The read point of this thread's last read (one gRPC call runs on one thread)."""
+        return getattr(self._calls, "point", 0)
+
     def get(self, key: bytes, quorum: bool, view: ReadView | None, after: int = 0) -> bytes | None:
         self.wait_after(after)
-        return self.reads.get(key, quorum=quorum, view=self.check_view(view))
+        return self.reads.get(key, quorum=quorum, view=self._view_for(view))
 
     def get_many(self, gets) -> list:
-        return self.reads.get_many(checked_gets(gets, self.check_view), pool=self._pool)
+        at = self._view_for(None)
+        return self.reads.get_many(checked_gets(gets, self.check_view), pool=self._pool, at=at)
 
     def scan(self, start: bytes, end: bytes | None, quorum: bool, view: ReadView | None, after: int = 0):
         self.wait_after(after)
-        return self.reads.scan(start, end, quorum=quorum, view=self.check_view(view))
+        return self.reads.scan(start, end, quorum=quorum, view=self._view_for(view))
 
     def view(self) -> ReadView:
         return self.source.view()
