@@ -20,7 +20,7 @@ it back byte for byte.
 Exit codes (`EXIT_CODES`, shown by `--help` and in the README): 0 ok, 1 key not found (nothing
 else exits 1), 2 usage or bad argument, 3 the engine or the cluster refused or failed (the
 message names the error class), 4 `cluster status` found a process that is not SERVING, 5 a
-`chaos` check is invalid, 130 interrupted, 141 stdout was closed early (`sixfold scan | head`),
+`chaos` check is invalid, 6 a backup file is damaged or missing, 130 interrupted, 141 stdout was closed early (`sixfold scan | head`),
 as the shell reports a tool ended by SIGPIPE. A command says "bad usage" by raising
 `SystemExit("message")`; `main` prints the message and exits 2. No expected failure ends in a
 traceback; an unexpected one (a bug) prints its traceback and exits 3.
@@ -48,6 +48,7 @@ EXIT_USAGE = 2
 EXIT_ERROR = 3
 EXIT_UNHEALTHY = 4
 EXIT_INVALID = 5
+EXIT_DAMAGED = 6
 EXIT_INTERRUPTED = 130
 EXIT_PIPE = 141  # 128 + SIGPIPE
 
@@ -61,12 +62,15 @@ EXIT_CODES: dict[int, str] = {
                 "(also cluster down on a folder that is no cluster)",
     EXIT_UNHEALTHY: "cluster status: a process is not SERVING (the status is still printed)",
     EXIT_INVALID: "chaos: a check found the history invalid",
+    EXIT_DAMAGED: "backup: a file of the backup is damaged or missing (backup verify found one, or a restore needed one)",
     EXIT_INTERRUPTED: "interrupted (Ctrl-C)",
     EXIT_PIPE: "stdout was closed early (say, piped into head), as for a tool ended by SIGPIPE",
 }
 
 #: Modules that add subcommands (see the module docstring). Optional ones may be absent.
-COMMAND_MODULES: tuple[str, ...] = ("engine.cli", "engine.cluster.commands", "engine.cluster.access", "engine.chaos.cli")
+COMMAND_MODULES: tuple[str, ...] = (
+    "engine.cli", "engine.cluster.commands", "engine.cluster.access", "engine.chaos.cli", "engine.backup.cli",
+)
 CLUSTER_ENV = "SIXFOLD_CLUSTER"
 
 

@@ -33,6 +33,7 @@ import os
 import random
 import shutil
 import threading
+import time
 import uuid
 from dataclasses import dataclass, field
 
@@ -92,6 +93,14 @@ class EmbeddedOptions:
     #: False: no background threads at all (no senders, gossip or scrub); a simulator drives the
     #: steps (`Writer.send_once`, `StorageNode.gossip_once`, `scrub_step`) itself
     background: bool = True
+    #: back the volume up continuously into this folder (or `engine.backup.target.BackupTarget`):
+    #: `engine.backup.archiver`; None: no backups
+    backup: object | None = None
+    #: remove backups no restore point of the last N days needs (None: keep everything)
+    backup_retention_days: float | None = None
+    #: the archiver's other settings (`engine.backup.archiver.BackupOptions`; its retention_days
+    #: is overridden by backup_retention_days when that is given)
+    backup_options: object | None = None
 
 
 def check_volume_folder(path: str) -> None:
@@ -260,7 +269,7 @@ class EmbeddedVolume:
 
     def __init__(
         self, path: str, options: EmbeddedOptions = EmbeddedOptions(), *, transport_wrapper=None, clock=None,
-        weakening: Weakening = SAFE,
+        weakening: Weakening = SAFE, wall_clock_us=None,
     ) -> None:
         if not isinstance(path, (str, os.PathLike)):
             raise InvalidArgument(f"path must be a str or os.PathLike, got {type(path).__name__}")
@@ -272,8 +281,12 @@ class EmbeddedVolume:
         self.nodes: dict[str, StorageNode | None] = {}
         self._wrap = transport_wrapper or (lambda t: t)
         self._clock = clock
+        #: TEST ONLY: the wall clock of commit times and backups (microseconds); default: the
+        #: simulated `clock` when given, else the real one
+        self._wall_us = wall_clock_us or ((lambda: int(clock() * 1_000_000)) if clock is not None else None)
         self._lock = threading.RLock()
         self.writer: Writer | None = None
+        self.archiver = None
         check_volume_folder(self.path)  # refuses before anything is written
         self._owner = hold(self.path, "embedded volume")
         try:
@@ -285,14 +298,55 @@ class EmbeddedVolume:
             self.node_infos = [NodeInfo(n["id"], n["az"]) for n in vol["nodes"] if not n.get("retired")]
             self._retired: set[str] = {n["id"] for n in vol["nodes"] if n.get("retired")}
             self._request_rng: random.Random | None = None
+            self.archiver = self._make_archiver(vol)
             for info in self.node_infos:
                 self.registry.set(info.id, None)
                 self._start(info)
             self.open_writer()
+            if self.archiver is not None:
+                self.archiver.start()
         except BaseException:
+            if self.writer is not None:
+                self.writer.abandon()
             self._shutdown_nodes()
             self._owner.release()
             raise
+
+    # --- backups (engine.backup.archiver) -----------------------------------------------------
+    def _make_archiver(self, vol: dict):
+        o = self.options
+        if o.backup is None:
+            return None
+        from dataclasses import replace
+
+        from engine.backup.archiver import Archiver, BackupOptions
+
+        bo = o.backup_options or BackupOptions()
+        if o.backup_retention_days is not None:
+            bo = replace(bo, retention_days=o.backup_retention_days)
+        extra = {"clock": self._clock} if self._clock is not None else {}
+        if self._wall_us is not None:
+            extra["wall_clock_us"] = self._wall_us
+        return Archiver(o.backup, volume_id=self.volume_id, protection_groups=self.geometry.protection_groups,
+                        encryption=vol.get("encryption"), options=bo, background=o.background, **extra)
+
+    def backup_now(self, timeout_s: float = 3600.0) -> dict:
+        """Take a base snapshot now and wait for it (bounded); returns the archiver's status."""
+        a = self.archiver
+        if a is None:
+            raise InvalidArgument(f"{self.path} is not backed up: open it with backup=DIR")
+        rid = a.request_base()
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if not self.options.background:
+                a.step()
+            st = a.status()
+            if a.base_of_request(rid) is not None:
+                return st
+            if st["fenced"] or time.monotonic() >= deadline:
+                raise Unavailable(f"the base snapshot did not finish within {timeout_s:g} s "
+                                  f"(backup: {st['fenced'] or st['last_error'] or 'no error'})")
+            time.sleep(0.05)
 
     # --- nodes ------------------------------------------------------------------------------
     def _info(self, node_id: str) -> NodeInfo:
@@ -335,8 +389,15 @@ class EmbeddedVolume:
             weakening=self.weakening,
             cipher=self.cipher,
             **({"clock": self._clock} if self._clock is not None else {}),
+            **({"wall_clock_us": self._wall_us} if self._wall_us is not None else {}),
         )
         w.open()
+        if self.archiver is not None:
+            try:
+                self.archiver.attach(w)  # before any write: its commit times continue the archive's
+            except BaseException:
+                w.abandon()
+                raise
         self.writer = w
 
     def stop_node(self, node_id: str) -> None:
@@ -390,6 +451,8 @@ class EmbeddedVolume:
             old = self.writer
             if old is not None:
                 old.abandon()
+            if self.archiver is not None:
+                self.archiver.detach()
             self.writer = None
             self.open_writer()
 
@@ -537,6 +600,7 @@ class EmbeddedVolume:
             "epoch": w["epoch"],
             "nodes": nodes,
             "writer": w,
+            **({"backup": self.archiver.status()} if self.archiver is not None else {}),
         }
 
     def _shutdown_nodes(self) -> None:
@@ -549,6 +613,8 @@ class EmbeddedVolume:
     def close(self) -> None:
         with self._lock:
             try:
+                if self.archiver is not None:
+                    self.archiver.close(flush=self.writer is not None)
                 if self.writer is not None:
                     self.writer.close()
             finally:
@@ -588,6 +654,10 @@ class ClusterControl:
 
     def crash_writer(self) -> None:
         self._v.crash_writer()
+
+    def backup_now(self, timeout_s: float = 3600.0) -> dict:
+        """A base snapshot of a volume opened with backup=DIR, now; waits for it."""
+        return self._v.backup_now(timeout_s)
 
     def replace_node(self, old: str, new: str, timeout_s: float = 120.0, progress=None) -> dict:
         return self._v.replace_node(old, new, timeout_s, progress)
