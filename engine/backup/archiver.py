@@ -512,9 +512,10 @@ class Archiver:
 
     def _first_base_time(self, writer, u) -> int | None:
         """The commit time of the unit at the VDL (a new archive's first restore point): its
-        request record's, if it has one; else the wall clock now (close: see ARCHITECTURE)."""
+        request record's, if it has one; else the wall clock now (close: see ARCHITECTURE). An
+        empty volume's is now: no restore point lies before the archive began."""
         if u.vdl == 0:
-            return None
+            return self._wall()
         for pg, tail in enumerate(u.tails):
             if tail != u.vdl:
                 continue

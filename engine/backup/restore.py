@@ -398,6 +398,8 @@ def _build(archive: Archive, point: RestorePoint, source: VolumeCipher | None, f
                     cut_time = unit_time
                 report["cut_lsn"] = pos
                 tick()
+            if point.to_lsn is not None and pos >= point.to_lsn:
+                done = True  # the next segment is not needed (not even read)
             if done:
                 break
         if point.to_lsn is not None and not done and pos < point.to_lsn:
