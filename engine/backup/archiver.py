@@ -112,7 +112,7 @@ class BackupOptions:
     segment_s: float = 2.0
     segment_bytes: int = 32 << 20
     #: rounds start at most this often (each costs a fetch per PG that moved)
-    round_s: float = 0.1
+    round_s: float = 0.25
     #: with nothing new to archive, the manifest's "complete through" is renewed this often
     idle_publish_s: float = 10.0
     #: requests for a base (`sixfold backup now`) are looked for this often
@@ -519,11 +519,10 @@ class Archiver:
         for pg, tail in enumerate(u.tails):
             if tail != u.vdl:
                 continue
-            for frame in self._fetch_pg(writer, u, pg, u.vdl - 1, u.vdl, check_chain=False):
-                for it in codec.index_frame(frame):
-                    t = commit_time_of(it.flags, _value_of(it.record)) if it.flags & FLAG_REQUEST else None
-                    if t is not None:
-                        return t
+            times: list[int] = []
+            self._fetch_pg(writer, u, pg, u.vdl - 1, u.vdl, check_chain=False, times=times)
+            if times:
+                return times[-1]
         return self._wall()
 
     # --- the log ----------------------------------------------------------------------------
@@ -538,12 +537,14 @@ class Archiver:
         ok = [n for n, scls, up in u.members if up and scls[pg] is not None and scls[pg] >= tail]
         return sorted(ok, key=lambda n: (az.get(n) != local, n))
 
-    def _fetch_pg(self, writer, u, pg: int, after: int, tail: int, *, check_chain: bool = True) -> list[bytes]:
-        """The frames of `pg`'s records in (after, tail], its chain checked, from the first
-        complete segment that gives them whole. Unavailable if none does."""
+    def _fetch_pg(self, writer, u, pg: int, after: int, tail: int, *, check_chain: bool = True,
+                  times: list[int] | None = None) -> tuple[list[bytes], int]:
+        """(frames, record count) of `pg`'s records in (after, tail], its chain checked, from the
+        first complete segment that gives them whole; their commit times are added to `times`.
+        Unavailable if none does."""
         tried = []
         for n in self._sources(writer, u, pg, tail):
-            frames, last, ok = [], after, True
+            frames, last, ok, found, count = [], after, True, [], 0
             try:
                 while last < tail:
                     frame, _more = writer.transport.fetch(n, pg, last, FETCH_BYTES, tail)
@@ -556,12 +557,19 @@ class Archiver:
                             raise BackupCorrupt(f"node {n} pg {pg}: record {it.lsn} links to {it.prev_lsn}, the archive's "
                                                 f"chain is at {last}")
                         last = it.lsn
+                        if it.flags & FLAG_REQUEST:
+                            t = commit_time_of(it.flags, _value_of(it.record))
+                            if t is not None:
+                                found.append(t)
                     frames.append(frame)
+                    count += len(items)
             except SixfoldError as e:
                 tried.append(f"{n}: {type(e).__name__}: {e}")
                 continue
             if ok and last == tail:
-                return frames
+                if times is not None:
+                    times += found
+                return frames, count
             tried.append(f"{n}: gave records up to {last} of {tail}")
         raise Unavailable(f"backup could not fetch PG {pg}'s records ({after}, {tail}] from a complete segment "
                           f"({'; '.join(tried) or 'none is known complete'})")
@@ -576,15 +584,9 @@ class Archiver:
             tail = u.tails[pg]
             if tail <= pg_last[pg]:
                 continue
-            got = self._fetch_pg(writer, u, pg, pg_last[pg], tail)
-            for frame in got:
-                for it in codec.index_frame(frame):
-                    count += 1
-                    if it.flags & FLAG_REQUEST:
-                        t = commit_time_of(it.flags, _value_of(it.record))
-                        if t is not None:
-                            times.append(t)
-                size += len(frame)
+            got, n = self._fetch_pg(writer, u, pg, pg_last[pg], tail, times=times)
+            count += n
+            size += sum(len(f) for f in got)
             frames += got
             pg_last[pg] = tail
         if not frames:  # nothing to archive in (fetched, VDL]

@@ -20,9 +20,9 @@ Theory of operation
    needs is BackupCorrupt, and nothing is left behind.
 4. *Build*: a new embedded volume (a new volume id; encrypted under `new_key`, or under `key`
    when the archive is encrypted and no new key is given; plain otherwise) in a temporary folder
-   beside `into`, loaded through the writer in large unlogged-id units (the embedded engine's
-   bulk path: many units in flight, every record written to all six segments), then closed and
-   renamed to `into`. With `cluster=True` the folder is laid out as a stopped cluster
+   beside `into`, filled through the embedded engine's bulk path (`EmbeddedVolume.bulk_load`:
+   frames appended to all six segments through the nodes' own append, then a recovery), then
+   closed and renamed to `into`. With `cluster=True` the folder is laid out as a stopped cluster
    (`cluster.json`, `nodes/az-x/nY`): `sixfold cluster up --cluster INTO` starts it.
 
 An encrypted archive is opened with the source volume's master key (`key`): values are unsealed
@@ -53,7 +53,7 @@ from engine.backup.format import (
     parse_segment_name,
 )
 from engine.backup.target import BackupTarget, target_of
-from engine.core.constants import BATCH_OPS_MAX, FLAG_CPL, FLAG_DELETE, FLAG_PUT, FLAG_REQUEST
+from engine.core.constants import FLAG_CPL, FLAG_DELETE, FLAG_PUT, FLAG_REQUEST
 from engine.embedded import EmbeddedOptions, EmbeddedVolume, read_volume_file
 from engine.envelope import VolumeCipher, load_master_key, unwrap
 from engine.errors import BackupCorrupt, BackupError, EncryptionError, SixfoldError
@@ -61,10 +61,6 @@ from engine.files import atomic_write, fsync_folder
 
 log = logging.getLogger("sixfold.backup")
 
-#: A restore's units: at most this many ops or bytes each, this many in flight.
-LOAD_UNIT_OPS = min(BATCH_OPS_MAX, 4096)
-LOAD_UNIT_BYTES = 8 << 20
-LOAD_UNITS_IN_FLIGHT = 3
 RESTORING_SUFFIX = ".restoring"
 
 
@@ -221,47 +217,6 @@ def choose_point(archive: Archive, to_time_us: int | None, to_lsn: int | None) -
     return RestorePoint(usable[-1], to_time_us, None)
 
 
-# --- loading the new volume -------------------------------------------------------------------
-class _Loader:
-    """Puts and deletes into a new volume's writer, coalesced into large units, a few in flight."""
-
-    def __init__(self, volume: EmbeddedVolume) -> None:
-        self.w = volume.writer
-        self.pending: dict[bytes, bytes | None] = {}
-        self.pending_bytes = 0
-        self.in_flight: list = []
-        self.bytes = 0
-        self.units = 0
-
-    def put(self, key: bytes, value: bytes | None) -> None:
-        old = self.pending.get(key)
-        if old is not None:
-            self.pending_bytes -= len(old)
-        self.pending[key] = value
-        self.pending_bytes += len(key) + (len(value) if value is not None else 0)
-        if len(self.pending) >= LOAD_UNIT_OPS or self.pending_bytes >= LOAD_UNIT_BYTES:
-            self.flush()
-
-    def flush(self) -> None:
-        if self.pending:
-            ops = [(FLAG_PUT, k, v) if v is not None else (FLAG_DELETE, k, b"") for k, v in self.pending.items()]
-            self.in_flight.append(self.w.submit(ops))
-            self.bytes += self.pending_bytes
-            self.units += 1
-            self.pending, self.pending_bytes = {}, 0
-        while len(self.in_flight) >= LOAD_UNITS_IN_FLIGHT:
-            self._wait_one()
-
-    def _wait_one(self) -> None:
-        lsn, ticket = self.in_flight.pop(0)
-        self.w.wait(lsn, ticket, timeout_s=max(60.0, self.w.options.write_timeout_s))
-
-    def finish(self) -> None:
-        self.flush()
-        while self.in_flight:
-            self._wait_one()
-
-
 def restore(
     backup,
     into: str | os.PathLike,
@@ -322,105 +277,108 @@ def restore(
 
 def _build(archive: Archive, point: RestorePoint, source: VolumeCipher | None, folder: str, target_key,
            protection_groups: int, durable: bool, progress) -> dict:
-    volume = EmbeddedVolume(folder, EmbeddedOptions(protection_groups=protection_groups, durable=durable,
-                                                    encryption_key=target_key, write_timeout_s=60.0))
-    try:
-        loader = _Loader(volume)
-        names: dict[bytes, bytes] = {}  # an encrypted source's index keys -> the keys (for deletes)
-        base = point.base
-        report = {"phase": "base", "base_lsn": base["lsn"], "records": 0, "bytes": 0, "cut_lsn": base["lsn"]}
-        last_report = time.monotonic()
+    """Replay the log after the base to the cut into an overlay (the newest op of every key it
+    touches), then stream the base with the overlay applied, and the overlay's new keys, into a
+    new volume through the bulk path. Memory: the overlay, i.e. the log since the base."""
+    base = point.base
+    report = {"phase": "log", "base_lsn": base["lsn"], "records": 0, "bytes": 0, "cut_lsn": base["lsn"]}
+    last_report = [time.monotonic()]
 
-        def tick(force: bool = False) -> None:
-            nonlocal last_report
-            if progress is not None and (force or time.monotonic() - last_report >= 0.5):
-                last_report = time.monotonic()
-                progress(dict(report))
+    def tick(force: bool = False) -> None:
+        if progress is not None and (force or time.monotonic() - last_report[0] >= 0.5):
+            last_report[0] = time.monotonic()
+            progress(dict(report))
 
-        def plain(pg: int, lsn: int, key: bytes, value: bytes) -> tuple[bytes, bytes]:
-            if source is None:
-                return key, value
-            try:
-                k, v = source.open(pg, lsn, key, value)
-            except SixfoldError as e:
-                raise BackupCorrupt(f"record {lsn} (PG {pg}) of the backup does not open with the volume's key: {e}") from None
-            names[key] = k
-            return k, v
+    def plain(pg: int, lsn: int, key: bytes, value: bytes) -> tuple[bytes, bytes]:
+        if source is None:
+            return key, value
+        try:
+            return source.open(pg, lsn, key, value)
+        except SixfoldError as e:
+            raise BackupCorrupt(f"record {lsn} (PG {pg}) of the backup does not open with the volume's key: {e}") from None
 
-        for pg, lsn, key, value in archive.read_base(base):
-            k, v = plain(pg, lsn, key, value)
-            loader.put(k, v)
-            report["records"] += 1
-            report["bytes"] += len(k) + len(v)
-            tick()
-        # The log after the base, unit by unit, to the cut.
-        report["phase"] = "log"
-        pg_last = list(base["pg_tails"])
-        pos = base["lsn"]
-        time_us = base["time_us"] or 0
-        cut_time = base["time_us"]
-        done = point.to_lsn is not None and pos >= point.to_lsn
-        unit: list = []
-        segments = 0
-        for name, _meta, records in ([] if done else archive.chain_after(pos)):
-            segments += 1
-            for r in records:
-                if r.lsn <= pos:
-                    continue  # an overlapping segment (two archivers): already applied
-                if r.pg >= archive.P or r.prev_lsn != pg_last[r.pg]:
-                    raise BackupCorrupt(f"backup file {name}: record {r.lsn} (PG {r.pg}) links to {r.prev_lsn}, the "
-                                        f"chain is at {pg_last[r.pg] if r.pg < archive.P else '?'}: a segment is missing")
-                pg_last[r.pg] = r.lsn
-                unit.append(r)
-                if not r.flags & FLAG_CPL:
-                    continue
-                stamp = commit_time_of(r.flags, r.value)
-                unit_time = max(time_us, stamp) if stamp is not None else time_us
-                if (point.to_lsn is not None and r.lsn > point.to_lsn) or (
-                        point.to_time_us is not None and unit_time > point.to_time_us):
-                    done = True
-                    break
-                for op in unit:
-                    if op.flags & FLAG_REQUEST:
-                        continue
-                    if op.flags & FLAG_DELETE:
-                        k = op.key if source is None else names.pop(op.key, None)
-                        if k is not None:
-                            loader.put(k, None)
-                    else:
-                        k, v = plain(op.pg, op.lsn, op.key, op.value)
-                        loader.put(k, v)
-                        report["bytes"] += len(k) + len(v)
-                    report["records"] += 1
-                unit = []
-                pos, time_us = r.lsn, unit_time
-                if stamp is not None:
-                    cut_time = unit_time
-                report["cut_lsn"] = pos
-                tick()
-            if point.to_lsn is not None and pos >= point.to_lsn:
-                done = True  # the next segment is not needed (not even read)
-            if done:
+    # 1. The log, unit by unit, to the cut: overlay[stored key] = (key, value) or None (deleted).
+    overlay: dict[bytes, tuple[bytes, bytes] | None] = {}
+    pg_last = list(base["pg_tails"])
+    pos = base["lsn"]
+    time_us = base["time_us"] or 0
+    cut_time = base["time_us"]
+    done = point.to_lsn is not None and pos >= point.to_lsn
+    unit: list = []
+    segments = 0
+    for name, _meta, records in ([] if done else archive.chain_after(pos)):
+        segments += 1
+        for r in records:
+            if r.lsn <= pos:
+                continue  # an overlapping segment (two archivers): already applied
+            if r.pg >= archive.P or r.prev_lsn != pg_last[r.pg]:
+                raise BackupCorrupt(f"backup file {name}: record {r.lsn} (PG {r.pg}) links to {r.prev_lsn}, the "
+                                    f"chain is at {pg_last[r.pg] if r.pg < archive.P else '?'}: a segment is missing")
+            pg_last[r.pg] = r.lsn
+            unit.append(r)
+            if not r.flags & FLAG_CPL:
+                continue
+            stamp = commit_time_of(r.flags, r.value)
+            unit_time = max(time_us, stamp) if stamp is not None else time_us
+            if (point.to_lsn is not None and r.lsn > point.to_lsn) or (
+                    point.to_time_us is not None and unit_time > point.to_time_us):
+                done = True
                 break
-        if point.to_lsn is not None and not done and pos < point.to_lsn:
-            raise BackupCorrupt(f"the archive's log stops at LSN {pos} (a segment after it is missing or damaged); "
-                                f"LSN {point.to_lsn} was asked for")
-        if point.to_time_us is not None and not done and pos < archive.latest()[0]:
-            raise BackupCorrupt(f"the archive's log stops at LSN {pos} (a segment after it is missing or damaged)")
-        report["phase"] = "sync"
+            for op in unit:  # the unit is whole: apply it
+                if op.flags & FLAG_REQUEST:
+                    continue
+                overlay[op.key] = None if op.flags & FLAG_DELETE else plain(op.pg, op.lsn, op.key, op.value)
+                report["records"] += 1
+            unit = []
+            pos, time_us = r.lsn, unit_time
+            if stamp is not None:
+                cut_time = unit_time
+            report["cut_lsn"] = pos
+            tick()
+        if point.to_lsn is not None and pos >= point.to_lsn:
+            done = True  # the next segment is not needed (not even read)
+        if done:
+            break
+    if point.to_lsn is not None and not done and pos < point.to_lsn:
+        raise BackupCorrupt(f"the archive's log stops at LSN {pos} (a segment after it is missing or damaged); "
+                            f"LSN {point.to_lsn} was asked for")
+    if point.to_time_us is not None and not done and pos < archive.latest()[0]:
+        raise BackupCorrupt(f"the archive's log stops at LSN {pos} (a segment after it is missing or damaged)")
+
+    # 2. The base with the overlay over it, then the keys the log created: one pass, each key once.
+    counts = {"keys": 0, "live_bytes": 0}
+
+    def pairs():
+        report["phase"] = "base"
+        for pg, lsn, key, value in archive.read_base(base):
+            if key in overlay:
+                continue
+            k, v = plain(pg, lsn, key, value)
+            counts["keys"] += 1
+            counts["live_bytes"] += len(k) + len(v)
+            report["records"] += 1
+            report["bytes"] = counts["live_bytes"]
+            tick()
+            yield k, v
+        report["phase"] = "log"
+        for kv in overlay.values():
+            if kv is not None:
+                counts["keys"] += 1
+                counts["live_bytes"] += len(kv[0]) + len(kv[1])
+                report["bytes"] = counts["live_bytes"]
+                yield kv
+
+    # No gossip or scrub while it is filled: every node gets every frame, and nothing else runs.
+    volume = EmbeddedVolume(folder, EmbeddedOptions(protection_groups=protection_groups, durable=durable,
+                                                    encryption_key=target_key, gossip_interval_s=0))
+    try:
+        volume.bulk_load(pairs())
+        report.update(phase="done", keys=counts["keys"], bytes=counts["live_bytes"])
         tick(True)
-        loader.finish()
-        keys = live = 0
-        for k, v in volume.scan(b"", None):  # read back whole: the count and size of what the volume holds
-            keys += 1
-            live += len(k) + len(v)
-        result = {"volume_id": volume.volume_id, "source_volume_id": archive.volume_id, "base_lsn": base["lsn"],
-                  "cut_lsn": pos, "cut_time_us": cut_time, "segments": segments, "records": report["records"],
-                  "keys": keys, "live_bytes": live, "units": loader.units, "encrypted": volume.cipher is not None,
-                  "protection_groups": protection_groups}
-        report.update(phase="done", keys=keys)
-        tick(True)
-        return result
+        return {"volume_id": volume.volume_id, "source_volume_id": archive.volume_id, "base_lsn": base["lsn"],
+                "cut_lsn": pos, "cut_time_us": cut_time, "segments": segments, "records": report["records"],
+                "keys": counts["keys"], "live_bytes": counts["live_bytes"], "encrypted": volume.cipher is not None,
+                "protection_groups": protection_groups}
     finally:
         volume.close()
 
