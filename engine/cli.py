@@ -258,6 +258,12 @@ def cmd_status(args) -> int:
     print(table(rows, ["node", "az", "address", "state", "epoch", "scl(min..max)", "records", "lag"]))
     print(f"volume {st['volume_id']}  vdl {st['vdl']}  epoch {st['epoch']}  protection groups {st['protection_groups']}  "
           f"durable {st['durable']}  encrypted {st.get('encrypted', False)}  codec {st['codec']}")
+    b = st.get("backup")
+    if b is not None:  # engine.backup.archiver
+        base = b["base_in_progress"]
+        print(f"backup {b['state']} to {b['target']}: archived through LSN {b['position']} (lag {b['lag_lsns']}), "
+              f"{b['bases']} base(s)" + (f", base at LSN {base['lsn']} {base['fraction']:.0%} done" if base else "")
+              + (f"; last error: {b['last_error']}" if b["last_error"] else ""))
     return EXIT_OK
 
 

@@ -447,6 +447,7 @@ class Supervisor:
         key_file: str | None = None,
         readers: int | None = None,
         promote_readers: bool | None = None,
+        backup: dict | None = None,
     ) -> list[str]:
         """Create the cluster (or reopen its data: same volume id), start every process that is
         not running, wait until all are SERVING; returns the names this call started (empty when
@@ -495,6 +496,9 @@ class Supervisor:
                         manifest["allow_fault_injection"] = bool(allow_fault_injection)
                     if promote_readers is not None:
                         manifest["promote_readers"] = bool(promote_readers)
+                    if backup is not None:  # the writer endpoint archives into it (engine.backup)
+                        manifest["backup"] = {"target": os.path.abspath(backup["target"]),
+                                              "retention_days": backup.get("retention_days")}
                     if not is_secure(manifest):
                         from engine.transport.grpc_server import is_loopback
 
