@@ -266,3 +266,114 @@ def test_a_volume_written_before_commit_times_is_backed_up_and_restored(tmp_path
     want = {k.encode("latin-1"): v.encode("latin-1") for k, v in expected["values"].items()}
     want[b"new"] = b"after"
     assert got == want
+
+
+def test_the_bulk_path_fills_only_an_empty_volume(tmp_path):
+    from engine.embedded import EmbeddedOptions, EmbeddedVolume
+    from engine.errors import InvalidArgument
+
+    v = EmbeddedVolume(str(tmp_path / "vol"), EmbeddedOptions(protection_groups=2))
+    try:
+        assert v.bulk_load(((b"k%d" % i, b"v%d" % i) for i in range(1000)), chunk_bytes=1 << 12) == 1000
+        assert dict(v.scan(b"", None)) == {b"k%d" % i: b"v%d" % i for i in range(1000)}
+        assert all(n.state().scls[pg] == v.writer.ledger.read_tails[pg] for n in v.nodes.values() for pg in range(2))
+        with pytest.raises(InvalidArgument, match="new, empty volume"):
+            v.bulk_load([(b"x", b"y")])
+    finally:
+        v.close()
+
+
+class _OldEpoch:
+    """A writer as a paused, already replaced one sees itself: every read point at an old epoch."""
+
+    def __init__(self, writer, epoch: int) -> None:
+        self._w, self._epoch = writer, epoch
+
+    def __getattr__(self, name):
+        return getattr(self._w, name)
+
+    def read_point(self, sent_at: float = 0.0):
+        from dataclasses import replace
+
+        return replace(self._w.read_point(sent_at), epoch=self._epoch)
+
+
+def test_an_archiver_of_a_replaced_writer_is_fenced_by_the_newer_ones_manifest(tmp_path):
+    from engine.backup.archiver import Archiver
+    from engine.errors import StaleEpoch
+
+    bk = str(tmp_path / "bk")
+    with engine.open(str(tmp_path / "vol"), protection_groups=2) as db:
+        v = db._backend
+        v.crash_writer()  # epoch 2
+        old = Archiver(bk, volume_id=v.volume_id, protection_groups=2, options=FAST, background=False)
+        old.attach(_OldEpoch(v.writer, 1))
+        new = Archiver(bk, volume_id=v.volume_id, protection_groups=2, options=FAST, background=False)
+        new.attach(v.writer)  # claims the archive at epoch 2
+        db.put(b"k", b"v")
+        with pytest.raises(StaleEpoch, match="newer writer"):
+            old.step(force_segment=True)
+        assert old.status()["state"] == "fenced"
+        assert new.step(force_segment=True)
+        assert Archive(bk).manifest["epoch"] == 2
+        with pytest.raises(StaleEpoch):  # and it cannot claim the archive again
+            Archiver(bk, volume_id=v.volume_id, protection_groups=2, options=FAST, background=False).attach(_OldEpoch(v.writer, 1))
+        with pytest.raises(BackupError, match="another volume"):
+            Archiver(bk, volume_id="another", protection_groups=2, options=FAST, background=False).attach(v.writer)
+
+
+def test_a_segment_written_after_the_last_manifest_is_adopted_and_a_damaged_one_refetched(tmp_path):
+    from engine.backup.archiver import Archiver
+
+    bk = str(tmp_path / "bk")
+    with engine.open(str(tmp_path / "vol"), protection_groups=2) as db:
+        v = db._backend
+        a = Archiver(bk, volume_id=v.volume_id, protection_groups=2, options=FAST, background=False)
+        a.attach(v.writer)
+        a.step()
+        db.put(b"k1", b"v1")
+        a.step(force_segment=True)
+        db.put(b"k2", b"v2")
+        a.step(force_segment=True)  # a crash lost the manifest version naming this segment:
+        newest = sorted(FolderTarget(bk).list(MANIFESTS))[-1]
+        FolderTarget(bk).delete(newest)
+        b = Archiver(bk, volume_id=v.volume_id, protection_groups=2, options=FAST, background=False)
+        b.attach(v.writer)
+        assert b.position() == a.position()
+        # A damaged last segment is removed and its records fetched again from the nodes.
+        seg = sorted(FolderTarget(bk).list(SEGMENTS))[-1]
+        flip(os.path.join(bk, *seg.split("/")), os.path.getsize(os.path.join(bk, *seg.split("/"))) - 3)
+        FolderTarget(bk).delete(sorted(FolderTarget(bk).list(MANIFESTS))[-1])
+        c = Archiver(bk, volume_id=v.volume_id, protection_groups=2, options=FAST, background=False)
+        c.attach(v.writer)
+        assert c.position() < a.position()
+        c.step(force_segment=True)
+        assert c.position() == a.position()
+    assert verify(bk)["ok"]
+    engine.restore(bk, str(tmp_path / "r"))
+    with engine.open(str(tmp_path / "r")) as db:
+        assert dict(db.scan()) == {b"k1": b"v1", b"k2": b"v2"}
+
+
+def test_commit_times_never_go_back_across_writers_even_when_the_clock_does(tmp_path):
+    from engine.embedded import EmbeddedOptions, EmbeddedVolume
+
+    clock = {"offset": 0}
+    bk = str(tmp_path / "bk")
+    v = EmbeddedVolume(str(tmp_path / "vol"), EmbeddedOptions(protection_groups=2, backup=bk, backup_options=FAST),
+                       wall_clock_us=lambda: time.time_ns() // 1000 + clock["offset"])
+    try:
+        for i in range(20):
+            v.write([(1, b"a%d" % i, b"x")], request_id=b"a%d" % i)
+        eventually(lambda: v.archiver.position() >= v.writer.ledger.vdl, "the archive to catch up")
+        clock["offset"] = -3600 * 1_000_000  # the next writer's clock is an hour behind
+        v.crash_writer()
+        for i in range(20):
+            v.write([(1, b"b%d" % i, b"x")], request_id=b"b%d" % i)
+        eventually(lambda: v.archiver.position() >= v.writer.ledger.vdl, "the archive to catch up")
+    finally:
+        v.close()
+    import test_backup_restore as h
+
+    stamps = [t for _lsn, t, _e in h.commit_times_in_log_order(bk)]
+    assert len(stamps) == 40 and stamps == sorted(stamps)

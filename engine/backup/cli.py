@@ -28,7 +28,7 @@ import time
 import uuid
 
 from engine.errors import BackupCorrupt
-from engine.output import print_json, table
+from engine.output import ProgressLine as Progress, print_json, table
 
 EXIT_OK, EXIT_USAGE, EXIT_ERROR, EXIT_DAMAGED = 0, 2, 3, 6
 #: `backup now` without --volume: how long to wait for an archiver to take up the request.
@@ -57,41 +57,6 @@ def fmt_time(us) -> str:
     from engine.backup.restore import fmt_time as f
 
     return f(us)
-
-
-class Progress:
-    """One line on stderr, redrawn in place on a terminal, else a line every few seconds."""
-
-    def __init__(self, what: str, quiet: bool = False) -> None:
-        self.what = what
-        self.quiet = quiet
-        self.tty = sys.stderr.isatty()
-        self.last = 0.0
-        self.t0 = time.monotonic()
-        self.shown = False
-
-    def __call__(self, p: dict) -> None:
-        if self.quiet:
-            return
-        now = time.monotonic()
-        if not self.tty and now - self.last < 5.0 and p.get("phase") not in ("done",):
-            return
-        self.last = now
-        parts = [f"{k} {v}" for k, v in p.items() if k not in ("phase",) and v is not None]
-        mb = p.get("bytes")
-        rate = f"  {mb / 1e6 / max(now - self.t0, 1e-9):.1f} MB/s" if isinstance(mb, int) and mb else ""
-        line = f"{self.what}: {p.get('phase', '')}  {'  '.join(parts)}{rate}  {now - self.t0:.1f} s"
-        if self.tty:
-            sys.stderr.write("\r\x1b[K" + line)
-            self.shown = True
-        else:
-            sys.stderr.write(line + "\n")
-        sys.stderr.flush()
-
-    def end(self) -> None:
-        if self.tty and self.shown:
-            sys.stderr.write("\n")
-            sys.stderr.flush()
 
 
 def _damaged(e: BackupCorrupt) -> int:
