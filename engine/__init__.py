@@ -56,7 +56,9 @@ def open(path: str | os.PathLike, **options) -> Database:  # noqa: A001 - the na
     GeometryMismatch), durable (default True: each segment fsyncs before it acks),
     write_timeout_s (default 5), gossip_interval_s, scrub_interval_s, map_bytes, local_az, seed,
     encryption_key (32 bytes, or their base64 or hex: a new volume is created encrypted; an
-    encrypted volume needs it on every open, see `engine.envelope`).
+    encrypted volume needs it on every open, see `engine.envelope`), backup (a folder, or an
+    `engine.backup.target.BackupTarget`: archive the volume continuously, see `engine.restore`),
+    backup_retention_days, backup_options (`engine.backup.archiver.BackupOptions`).
 
     Raises FolderInUse if another open holds `path` (this process or another one: the error
     names its pid), and WrongFolder, touching nothing, if `path` holds another kind of data (a
