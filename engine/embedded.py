@@ -360,16 +360,27 @@ class EmbeddedVolume:
             last: tuple = ()  # the newest record's fields (made a CPL when its frame is cut)
             size = lsn = durable = 0
 
+            in_flight: list = []  # the appends of the frame before: the next one is encoded meanwhile
+            in_flight_lsn = 0
+
+            def settle() -> None:
+                nonlocal in_flight, durable
+                for f in in_flight:
+                    f.result()  # raises the node's error
+                if in_flight:
+                    durable = in_flight_lsn
+                    if progress is not None:
+                        progress(durable)
+                in_flight = []
+
             def ship() -> None:
-                nonlocal records, size, durable
+                nonlocal records, size, in_flight, in_flight_lsn
                 records[-1] = codec.encode_record(*last[:3], last[3] | FLAG_CPL, *last[4:])
                 frame = codec.encode_frame(records)
+                settle()  # all six hold the frame before: only then is it durable, the hint of this one
                 # The six appends at once: LMDB writes and fsyncs without the GIL.
-                for f in [pool.submit(transport.append, n, epoch, frame, durable) for n in members]:
-                    f.result()
-                durable, records, size = lsn, [], 0
-                if progress is not None:
-                    progress(lsn)
+                in_flight = [pool.submit(transport.append, n, epoch, frame, durable) for n in members]
+                in_flight_lsn, records, size = lsn, [], 0
 
             pool = ThreadPoolExecutor(max_workers=len(members), thread_name_prefix="bulk-load")
             try:
@@ -388,6 +399,7 @@ class EmbeddedVolume:
                         ship()
                 if records:
                     ship()
+                settle()
             finally:
                 pool.shutdown()
             for n in members:  # every node learns that all of it is durable (a small seal summary)
