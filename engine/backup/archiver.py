@@ -376,6 +376,11 @@ class Archiver:
                 with self._lock:
                     self._wake.wait(left)
 
+    def record_error(self, e: BaseException) -> None:
+        """Count and log an error met outside the archiver's own threads (a failed attach), so
+        that status shows it."""
+        self._fault(e)
+
     def _fault(self, e: BaseException) -> None:
         expected = isinstance(e, SixfoldError)
         text = f"{type(e).__name__}: {e}"

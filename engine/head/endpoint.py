@@ -177,6 +177,7 @@ class WriterEndpoint:
             self.archiver.attach(w)
         except SixfoldError as e:
             log.error("backup to %s cannot continue: %s: %s", self.config.backup, type(e).__name__, e)
+            self.archiver.record_error(e)  # status shows it (state "idle", last_error)
             return
         self.archiver.start()
 
