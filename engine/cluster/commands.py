@@ -134,6 +134,17 @@ def _encryption_arguments(args) -> dict:
     return {"encrypt": True, "key_file": args.key_file} if args.encrypt else {}
 
 
+def _backup_argument(args) -> dict | None:
+    """--backup DIR [--backup-retention-days N] (engine.backup), for the manifest."""
+    if args.backup is None:
+        if args.backup_retention_days is not None:
+            raise SystemExit("sixfold cluster up: --backup-retention-days needs --backup DIR")
+        return None
+    if args.backup_retention_days is not None and not args.backup_retention_days > 0:
+        raise SystemExit("sixfold cluster up: --backup-retention-days must be a positive number of days")
+    return {"target": args.backup, "retention_days": args.backup_retention_days}
+
+
 def cmd_cluster_up(args) -> int:
     from engine.security import audit
 
@@ -146,7 +157,7 @@ def cmd_cluster_up(args) -> int:
             gossip_interval_s=args.gossip_interval_s, timeout_s=args.timeout_s,
             insecure=True if args.insecure else None, allow_fault_injection=True if args.allow_fault_injection else None,
             no_auth=args.no_auth, readers=args.readers, promote_readers=False if args.no_promote else None,
-            max_storage_bytes=args.max_storage, **_encryption_arguments(args),
+            max_storage_bytes=args.max_storage, backup=_backup_argument(args), **_encryption_arguments(args),
         )
     except Exception as e:
         if c.exists:
@@ -854,6 +865,11 @@ def register(sub) -> None:
     up.add_argument("--readers", type=int, default=None, metavar="N", help=(
         "run at least N reader instances (read replicas, up to 15) in the AZs other than the writer's; "
         "`sixfold reader add` adds more later"))
+    up.add_argument("--backup", metavar="DIR", default=None, help=(
+        "back the volume up continuously into folder DIR: the durable log, and base snapshots (daily, on `sixfold "
+        "backup now`); the writer endpoint runs the archiver, and a writer after a failover continues it"))
+    up.add_argument("--backup-retention-days", type=float, default=None, metavar="N", help=(
+        "with --backup: remove what no restore point of the last N days needs (default: keep everything)"))
     up.add_argument("--no-promote", action="store_true", help=(
         "readers never take over as the writer (default: once the writer's lease lapses, a reader promotes itself)"))
     up.add_argument("--max-storage", type=_size_argument, default=None, metavar="SIZE", help=(

@@ -161,6 +161,7 @@ class Cluster:
         readers: int | None = None,
         promote_readers: bool | None = None,
         max_storage_bytes: int | None = None,
+        backup: dict | None = None,
     ) -> dict:
         """Create the cluster (or reopen its data: same volume id), start every process that is
         not running, wait until all are SERVING; returns `status()` plus `started` (the names
@@ -175,7 +176,9 @@ class Cluster:
         benchmark baseline; `"users_file": null` in its manifest). `readers=N`: at least N reader
         instances (in the AZs other than the writer's), started with the rest.
         `max_storage_bytes`: the most each node's data may take (recorded in the manifest; nodes
-        already running keep theirs until they restart)."""
+        already running keep theirs until they restart). `backup`
+        ({"target": folder, "retention_days": N or None}) backs the volume up from now on
+        (engine.backup; the writer endpoint, and any writer after it, runs the archiver)."""
         with self.processes.operation("cluster up"):
             if not (no_auth and not os.path.exists(os.path.join(self.folder, MANIFEST_FILE))):
                 self.ensure_operator()
@@ -184,6 +187,7 @@ class Cluster:
                 write_timeout_s=write_timeout_s, gossip_interval_s=gossip_interval_s, timeout_s=timeout_s,
                 insecure=insecure, allow_fault_injection=allow_fault_injection, encrypt=encrypt, key_file=key_file,
                 no_auth=no_auth, readers=readers, promote_readers=promote_readers, max_storage_bytes=max_storage_bytes,
+                backup=backup,
             )
             st = self.status()
         st["started"] = started

@@ -403,4 +403,6 @@ def endpoint_config(manifest: dict, folder: str | None = None):
         write_timeout_s=manifest.get("write_timeout_s", WRITE_TIMEOUT_S_DEFAULT),
         **auth,
         encryption=manifest.get("encryption"),
+        backup=(manifest.get("backup") or {}).get("target"),
+        backup_retention_days=(manifest.get("backup") or {}).get("retention_days"),
     )

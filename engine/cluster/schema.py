@@ -42,6 +42,8 @@ What is checked (formats 1 and 2; the checks are hand-written, standard library 
                         took over records its own)
     users_file          optional null or non-empty relative path (absent: "users.json", auth on;
                         null: auth off; see manifest.py)
+    backup              optional object (absent: no backups; engine.backup): target, an absolute
+                        folder path; retention_days, null or a number > 0
     readers             optional list of reader instances (absent: none), ids unique and none a
                         node's id, ports unique among every process:
         id, az          as for a node
@@ -232,6 +234,13 @@ def validate_manifest(manifest: Any, where: str = "cluster.json", *, format_max:
         c.fail("key_file", "an absolute path", m["key_file"])
 
     c.boolean(m, "promote_readers", "promote_readers", optional=True)
+    present, backup = c.get(m, "backup", "backup", "an object", optional=True)
+    if present:
+        c.string(c.object(backup, "backup"), "target", "backup.target")
+        if not backup["target"].startswith("/"):
+            c.fail("backup.target", "an absolute path", backup["target"])
+        if backup.get("retention_days") is not None:
+            c.number(backup, "retention_days", "backup.retention_days", positive=True)
     if "failover_to" in m:  # a planned failover's reader (engine.cluster.commands)
         c.name(m, "failover_to", "failover_to", "a reader id")
     if m.get("users_file") is not None:  # absent or null are fine (see manifest.py)

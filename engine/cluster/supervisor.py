@@ -448,6 +448,7 @@ class Supervisor:
         readers: int | None = None,
         promote_readers: bool | None = None,
         max_storage_bytes: int | None = None,
+        backup: dict | None = None,
     ) -> list[str]:
         """Create the cluster (or reopen its data: same volume id), start every process that is
         not running, wait until all are SERVING; returns the names this call started (empty when
@@ -498,6 +499,9 @@ class Supervisor:
                         manifest["allow_fault_injection"] = bool(allow_fault_injection)
                     if promote_readers is not None:
                         manifest["promote_readers"] = bool(promote_readers)
+                    if backup is not None:  # the writer endpoint archives into it (engine.backup)
+                        manifest["backup"] = {"target": os.path.abspath(backup["target"]),
+                                              "retention_days": backup.get("retention_days")}
                     if not is_secure(manifest):
                         from engine.transport.grpc_server import is_loopback
 

@@ -115,6 +115,10 @@ class EndpointConfig:
     cipher: object | None = field(default=None, repr=False, compare=False)
     #: the writer lease (engine.head.failover); None: none (reads are not lease-fenced)
     lease_s: float | None = LEASE_S_DEFAULT
+    #: back the volume up continuously into this folder (engine.backup.archiver; the manifest's
+    #: "backup"); every writer endpoint of the volume, a promoted reader's too, continues it
+    backup: str | None = None
+    backup_retention_days: float | None = None
 
 
 class WriterEndpoint:
@@ -135,6 +139,8 @@ class WriterEndpoint:
         self._change: MembershipChange | None = None
         self._change_lock = threading.Lock()
         self._stopping = threading.Event()
+        #: the archiver (engine.backup.archiver) when the volume is backed up
+        self.archiver = None
 
     # --- lifecycle --------------------------------------------------------------------------
     def open(self) -> None:
@@ -148,8 +154,32 @@ class WriterEndpoint:
             cipher=self.config.cipher,
         )
         w.open()
+        try:
+            self._attach_archiver(w)  # before any write: commit times continue the archive's
+        except BaseException:
+            w.abandon()
+            raise
         self._writer = w
         self.opened_at = time.time()
+
+    def _attach_archiver(self, w: Writer) -> None:
+        """Continue the volume's archive with this writer (a BackupError is logged and the
+        writer serves without backups: refusing writes would not bring the archive back)."""
+        if self.config.backup is None:
+            return
+        from engine.backup.archiver import Archiver, BackupOptions
+
+        if self.archiver is None:
+            self.archiver = Archiver(self.config.backup, volume_id=self.config.volume_id, protection_groups=self.P,
+                                     encryption=dict(self.config.encryption) if self.config.encryption else None,
+                                     options=BackupOptions(retention_days=self.config.backup_retention_days))
+        try:
+            self.archiver.attach(w)
+        except SixfoldError as e:
+            log.error("backup to %s cannot continue: %s: %s", self.config.backup, type(e).__name__, e)
+            self.archiver.record_error(e)  # status shows it (state "idle", last_error)
+            return
+        self.archiver.start()
 
     def open_with_retry(self, stop: threading.Event, timeout_s: float | None = None) -> bool:
         """Retry recovery until it succeeds, `stop` is set or `timeout_s` passes."""
@@ -187,6 +217,8 @@ class WriterEndpoint:
     def close(self) -> None:
         self._stopping.set()
         w, self._writer = self._writer, None
+        if self.archiver is not None:
+            self.archiver.close(flush=w is not None and w.serving)
         if w is not None:
             w.close()
         self._pool.shutdown(wait=False)
@@ -392,6 +424,7 @@ class WriterEndpoint:
             "writer": ws,
             "endpoint": {"pid": os.getpid(), "opened_at": self.opened_at},
             "membership_change": asdict(self._change_state(change)),
+            **({"backup": self.archiver.status()} if self.archiver is not None else {}),
         }
 
 

@@ -49,6 +49,7 @@ import bisect
 import hashlib
 import threading
 import logging  # after threading, which logging imports: tests/test_purity.py's guard names this module
+import struct
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator, Sequence
@@ -66,7 +67,9 @@ from engine.core.constants import (
     LAL_DEFAULT,
     NAMESPACE_REQUESTS,
     READ_QUORUM,
+    REQUEST_DIGEST_BYTES,
     REQUEST_ID_BYTES_MAX,
+    REQUEST_TIME_BYTES,
     VALUE_BYTES_MAX,
     WRITE_QUORUM,
 )
@@ -120,8 +123,10 @@ RELOG_S = 10.0
 #: request ids this writer remembers in memory (the fast path of at-most-once): the most recent
 #: ones it logged. Older ones, and those of earlier writers, are looked up in the log itself.
 REQUEST_WINDOW_MAX = 65_536
-#: bytes of the digest of a unit's ops kept in its request record (a re-send must match it)
-REQUEST_DIGEST_BYTES = 16
+#: a request record's value is the digest of the unit's ops (a re-send must match it), then its
+#: commit time (engine.core.constants; the archive's restore points, engine.backup)
+_COMMIT_TIME = struct.Struct("<Q")
+assert _COMMIT_TIME.size == REQUEST_TIME_BYTES
 
 
 @dataclass(frozen=True)
@@ -204,7 +209,7 @@ class _Ticket:
         #: the PG of every record the unit logs: its ops, then its request record if it has an id
         self.pgs = pgs
         #: what the unit's records take on a node, its request record included
-        self.cost = unit_cost_bytes(ops) + (record_cost_bytes(len(self.request_key), len(digest)) if request_id is not None else 0)
+        self.cost = unit_cost_bytes(ops) + (record_cost_bytes(len(self.request_key), len(digest) + REQUEST_TIME_BYTES) if request_id is not None else 0)
         if plain_keys is not None:  # a sealed value carries its key, a nonce and a tag
             self.cost += sum(SEAL_OVERHEAD_BYTES + len(k) for (flags, _ik, _v), k in zip(ops, plain_keys) if flags & FLAG_PUT)
         self.lock = _thread.allocate_lock()
@@ -279,8 +284,13 @@ class Writer:
         clock=time.monotonic,
         weakening: Weakening = SAFE,
         cipher: VolumeCipher | None = None,
+        wall_clock_us: Callable[[], int] | None = None,
     ) -> None:
         self.transport = transport
+        #: commit times (stamped into request records): wall-clock microseconds, never going
+        #: backwards (the floor: the newest this writer stamped, or one an archive holds)
+        self._wall_clock_us = wall_clock_us or (lambda: time.time_ns() // 1000)
+        self._commit_time_us = 0
         #: an encrypted volume's cipher (engine.envelope): keys hashed, values sealed; None: plain
         self.cipher = cipher
         self.weakening = weakening
@@ -669,10 +679,13 @@ class Writer:
                 if plain_keys is not None and flags & FLAG_PUT:  # sealed now: its LSN is in the AD
                     value = self.cipher.seal(pg, lsn, key, plain_keys[i], value)
                 tail.append(codec.encode_record(lsn, prev, pg, flags | (FLAG_CPL if i == last else 0), key, value))
-            if rid is not None:  # the request record closes the unit and carries its CPL
+            if rid is not None:  # the request record closes the unit and carries its CPL and commit time
                 lsn, prev = allocs[-1]
+                # Taken now, per unit: after its caller submitted it, before anyone can be told it committed.
+                self._commit_time_us = stamp = max(self._commit_time_us, self._wall_clock_us())
                 tail.append(codec.encode_record(
-                    lsn, prev, ticket.pgs[-1], FLAG_PUT | FLAG_REQUEST | FLAG_CPL, ticket.request_key, ticket.digest,
+                    lsn, prev, ticket.pgs[-1], FLAG_PUT | FLAG_REQUEST | FLAG_CPL, ticket.request_key,
+                    ticket.digest + _COMMIT_TIME.pack(stamp),
                 ))
                 self._requests[rid] = ticket
                 if len(self._requests) > REQUEST_WINDOW_MAX:
@@ -716,7 +729,13 @@ class Writer:
         then the request never committed (it was not logged, or a recovery cut it)."""
         key = request_id if self.cipher is None else self.cipher.index_key(request_id)
         r = self.reads.lookup(key, namespace=NAMESPACE_REQUESTS, what="a request-id lookup")
-        return None if r is None or r.lsn == 0 else (r.lsn, r.value or b"")
+        return None if r is None or r.lsn == 0 else (r.lsn, (r.value or b"")[:REQUEST_DIGEST_BYTES])
+
+    def raise_commit_time_floor(self, time_us: int) -> None:
+        """Stamp no commit time below `time_us` from now on: a writer after a failover takes the
+        newest time its volume's archive holds, so commit times never go backwards across writers."""
+        with self._lock:
+            self._commit_time_us = max(self._commit_time_us, int(time_us))
 
     def request_status(self, request_id: bytes) -> RequestStatus:
         """Whether the write sent under `request_id` committed (see RequestStatus)."""

@@ -831,6 +831,8 @@ def _reader_status_from_pb(m: kv_pb2.ReaderStatus) -> dict:
 # none).
 _STATUS_KEYS = frozenset({"volume_id", "protection_groups", "codec", "durable", "encrypted", "vdl", "epoch", "nodes",
                           "writer", "endpoint", "membership_change"})
+#: optional: only a backed-up volume's status carries it
+_STATUS_OPTIONAL_KEYS = frozenset({"backup"})
 _NODE_KEYS = frozenset({"id", "az", "address", "up"})
 _NODE_REPORT_KEYS = frozenset({"scl", "lag", "epoch", "records", "bytes", "corrupt_found", "repaired", "rebuild"})
 #: optional: carried when node_status has them
@@ -971,7 +973,7 @@ def status_to_pb(status: dict) -> kv_pb2.StatusReply:
     """The endpoint's status dict (`WriterEndpoint.status`, or a reader instance's with "reader"
     in place of "writer") as a typed reply."""
     reader = "reader" in status
-    _exactly(status, (_STATUS_KEYS - {"writer"}) | {"reader"} if reader else _STATUS_KEYS, "")
+    _exactly(status, (_STATUS_KEYS - {"writer"}) | {"reader"} if reader else _STATUS_KEYS, "", _STATUS_OPTIONAL_KEYS)
     ep = _exactly(status["endpoint"], _ENDPOINT_KEYS, "endpoint", optional=frozenset({"auth"}))
     m = kv_pb2.StatusReply(
         volume_id=status["volume_id"], protection_groups=status["protection_groups"], codec=status["codec"],
@@ -988,7 +990,36 @@ def status_to_pb(status: dict) -> kv_pb2.StatusReply:
         m.endpoint.opened_at = ep["opened_at"]
     if ep.get("auth") is not None:
         m.endpoint.auth.CopyFrom(kv_pb2.AuthStatus(**_exactly(ep["auth"], _AUTH_KEYS, "endpoint.auth")))
+    if status.get("backup") is not None:
+        m.backup.CopyFrom(_backup_status_to_pb(status["backup"]))
     return m
+
+
+_BACKUP_KEYS = frozenset(kv_pb2.BackupStatus.DESCRIPTOR.fields_by_name)
+_BASE_PROGRESS_KEYS = frozenset(kv_pb2.BackupBaseProgress.DESCRIPTOR.fields_by_name)
+
+
+def _backup_status_to_pb(b: dict) -> kv_pb2.BackupStatus:
+    b = _exactly(b, _BACKUP_KEYS, "backup")
+    fields = {k: v for k, v in b.items() if v is not None and k != "base_in_progress"}
+    m = kv_pb2.BackupStatus(**fields)
+    if b["base_in_progress"] is not None:
+        m.base_in_progress.CopyFrom(kv_pb2.BackupBaseProgress(**_exactly(b["base_in_progress"], _BASE_PROGRESS_KEYS,
+                                                                         "backup.base_in_progress")))
+    return m
+
+
+def _backup_status_from_pb(m: kv_pb2.BackupStatus) -> dict:
+    out = {}
+    for f in m.DESCRIPTOR.fields:
+        if f.name == "base_in_progress":
+            out[f.name] = ({k: getattr(m.base_in_progress, k) for k in sorted(_BASE_PROGRESS_KEYS)}
+                           if m.HasField("base_in_progress") else None)
+        elif f.has_presence and f.message_type is None:
+            out[f.name] = getattr(m, f.name) if m.HasField(f.name) else None
+        else:
+            out[f.name] = getattr(m, f.name)
+    return out
 
 
 def status_from_pb(m: kv_pb2.StatusReply) -> dict:
@@ -1009,6 +1040,7 @@ def status_from_pb(m: kv_pb2.StatusReply) -> dict:
                      **({"auth": {k: getattr(m.endpoint.auth, k) for k in sorted(_AUTH_KEYS)}}
                         if m.endpoint.HasField("auth") else {})},
         "membership_change": change,
+        **({"backup": _backup_status_from_pb(m.backup)} if m.HasField("backup") else {}),
     }
 
 
