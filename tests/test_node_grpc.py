@@ -219,6 +219,16 @@ def test_fault_rules_cut_one_process_by_its_pid(node):
         assert node["stub"].State(storage_pb2.StateRequest(), timeout=10, metadata=other).node == "n1"
         assert node["stub"].State(storage_pb2.StateRequest(), timeout=10, metadata=other[:1] + other[2:]).node == "n1"
         assert admin.state("n1").node == "n1", "admin sources are never cut off"
+        # In a partition the pid names the process too: on the far side, both transports are cut
+        # off; on its own side, both pass (whatever their source names).
+        me = f"pid:{os.getpid()}"
+        admin.set_faults("n1", convert.FaultRules(groups=((me, "n2"), ("n1",))))
+        for t in (mine, also_mine):
+            with pytest.raises(errors.Unavailable, match="partitioned"):
+                t.state("n1")
+        assert node["stub"].State(storage_pb2.StateRequest(), timeout=10, metadata=other).node == "n1", "another process"
+        admin.set_faults("n1", convert.FaultRules(groups=(("n2",), (me, "n1"))))
+        assert mine.state("n1").node == "n1" and also_mine.state("n1").node == "n1"
         admin.set_faults("n1", convert.FaultRules())
         assert mine.state("n1").node == "n1" and also_mine.state("n1").node == "n1"
     finally:
