@@ -85,7 +85,12 @@ was written once; the register would have gone back). The checks:
   or a newer write", for the session's own put that returned A and for any other write the
   position covers.
 
-`check_all` runs them all (the replica checks when the history has replica reads); `render_table` and `verdicts_to_json` present the verdicts.
+(f) `check_failovers`: what the cluster target saw of its writer faults (not in the history: the
+processes themselves). Invalid when a writer that another replaced still ran a bound after it
+was resumed or reconnected (a fenced writer must step down by itself), or when no reader took
+over from a killed writer within a bound; a fault skipped for want of a candidate is counted.
+
+`check_all` runs (a) to (e) (the replica checks when the history has replica reads); `render_table` and `verdicts_to_json` present the verdicts.
 """
 
 from __future__ import annotations
@@ -948,6 +953,43 @@ def _replica_checks(ops: Sequence[Op], by_index: Mapping[int, Entry]) -> list[Ve
         _replica_reads_monotonic(ops, by_index, index),
         _replica_read_after(ops, by_index, index),
     ]
+
+
+# --------------------------------------------------------------------------------------------
+# (f) Failovers.
+
+
+def check_failovers(records: Sequence[Mapping[str, Any]]) -> Verdict:
+    """One verdict over the cluster target's writer-fault records (`ClusterNemesis.stats()`):
+    dicts with kind, at_s, old_pid, took_over (True, False or None), takeover_s, stepped_down
+    (True, False, or None when the old writer kept the role or was killed), skipped (why)."""
+    name = "failover"
+    if not records:
+        return Verdict(name, UNKNOWN, "no writer faults")
+    bad = []
+    for r in records:
+        if r.get("skipped"):
+            continue
+        at = f"{r.get('kind')} at {r.get('at_s')}s (writer pid {r.get('old_pid')})"
+        if r.get("stepped_down") is False:
+            bad.append(f"{at}: the old writer still ran after pid {r.get('new_pid')} took over; a fenced writer must step down")
+        if r.get("kind") == "writer_kill" and r.get("took_over") is False:
+            bad.append(f"{at}: no reader took over")
+    if bad:
+        return Verdict(name, INVALID, "; ".join(bad[:DETAIL_KEYS_MAX]) + (f" ({len(bad)} problems)" if len(bad) > 1 else ""))
+    applied = [r for r in records if not r.get("skipped")]
+    times = sorted(r["takeover_s"] for r in applied if r.get("took_over") and r.get("takeover_s") is not None)
+    median = f", median {times[len(times) // 2]:g} s" if times else ""
+    kinds = ", ".join(f"{k} {sum(1 for r in applied if r.get('kind') == k)}" for k in sorted({r.get("kind") for r in applied}))
+    detail = (f"{len(applied)} writer faults ({kinds or 'none applied'}): {len(times)} takeovers{median}, "
+              f"{sum(1 for r in applied if r.get('stepped_down'))} old writers stepped down, "
+              f"{sum(1 for r in applied if r.get('kept'))} kept the role")
+    skipped = len(records) - len(applied)
+    if skipped:
+        detail += f"; {skipped} skipped (no live reader to take over)"
+    if not applied:
+        return Verdict(name, UNKNOWN, detail)
+    return Verdict(name, VALID, detail)
 
 
 # --------------------------------------------------------------------------------------------
