@@ -246,15 +246,22 @@ class ClusterNemesis:
                 return
             with self.lock:
                 rec["started_at"] = time.monotonic()
-                if k == "writer_kill":
-                    rec["old_pid"] = c.kill("writer")
-                elif k == "writer_pause":
-                    rec["old_pid"] = c.stop("writer")
-                    self._stopped.add(rec["old_pid"])
-                else:
-                    rec["old_pid"] = c.pid("writer")
-                    self.blocked = (f"{self.pid_source}{rec['old_pid']}",)
-                    self._push(list(c.node_ids))
+                try:
+                    if k == "writer_kill":
+                        rec["old_pid"] = c.kill("writer")
+                    elif k == "writer_pause":
+                        rec["old_pid"] = c.stop("writer")
+                        self._stopped.add(rec["old_pid"])
+                    else:
+                        pid = c.pid("writer")
+                        if pid is None:
+                            raise InvalidArgument("the writer is not running")
+                        rec["old_pid"] = pid
+                        self.blocked = (f"{self.pid_source}{pid}",)
+                        self._push(list(c.node_ids))
+                except SixfoldError as e:  # it went down (fenced, say) since it was seen running
+                    rec["skipped"] = f"the writer was gone: {type(e).__name__}: {e}"
+                    return
             log.warning("chaos: %s of writer pid %s", k, rec["old_pid"])
             self._watches[id(rec)] = self._followup("takeover", self._watch_takeover, rec)
             return
