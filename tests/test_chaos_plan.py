@@ -425,7 +425,7 @@ def oracle_writer_faults(plan: FaultPlan) -> list[tuple[float, str, int, int]]:
     return out
 
 
-reader_fault_sets = st.sets(st.sampled_from(FAULT_NAMES), min_size=1).map(lambda s: s | {"writer-kill"})
+reader_fault_sets = st.sets(st.sampled_from(FAULT_NAMES), min_size=1).map(lambda s: s | {"writer-kill", "az+1"})
 
 
 @settings(max_examples=200, deadline=None)
@@ -438,6 +438,16 @@ def test_a_writer_fault_always_leaves_a_reader_to_take_over(seed, duration_s, fa
         assert readers - down >= 1, f"seed={seed}: {kind} at {at_s}s with all {readers} readers down"
     assert validate_plan(plan) == [], validate_plan(plan)
     assert FaultPlan.from_json(plan.to_json()) == plan
+    # a reader can take over only with a write quorum whole: at most 2 of 6 impaired meanwhile
+    heals = {"reader_add": "writer_kill", "writer_resume": "writer_pause", "heal": "writer_partition"}
+    in_force = None
+    for e, (at_s, impaired, worst, _, _) in zip(plan.events, oracle_timeline(plan)):
+        if e.kind in WRITER_FAULT_KINDS:
+            in_force = e.kind
+        elif heals.get(e.kind) == in_force:
+            in_force = None
+        if in_force:
+            assert worst <= 2, f"seed={seed}: {sorted(impaired)} impaired at {at_s}s during {in_force}"
     # writer faults hold the writer: no writer crash, isolate or membership change overlaps one
     spans = []
     for e in plan.events:
@@ -496,6 +506,10 @@ def test_validate_plan_finds_unsafe_writer_faults():
     assert any("writer fault writer_pause not healed" in p for p in validate_plan(unhealed))
     stray = plan(FaultEvent(1.0, "writer_resume", ()))
     assert any("heals no writer_pause" in p for p in validate_plan(stray))
+    no_quorum = plan(FaultEvent(1.0, "az_down", ("n5", "n6"), {"az": "c"}), FaultEvent(1.5, "kill", ("n1",)),
+                     FaultEvent(2.0, "writer_kill", (WRITER,)), FaultEvent(4.0, "reader_add", ()),
+                     FaultEvent(5.0, "restart", ("n1",)), FaultEvent(5.0, "az_up", ("n5", "n6"), {"az": "c"}))
+    assert any("no write quorum is whole" in p for p in validate_plan(no_quorum))
     bad_slot = plan(FaultEvent(1.0, "reader_kill", (), {"slot": 2}), FaultEvent(2.0, "reader_restart", (), {"slot": 2}))
     assert any("slot 2" in p for p in validate_plan(bad_slot))
     with pytest.raises(InvalidArgument):

@@ -415,6 +415,7 @@ def test_failover_records_judged():
     unanswered = dict(kill, took_over=False, takeover_s=None)
     v = check_failovers([unanswered])
     assert v.result == INVALID and "no reader took over" in v.detail
+    assert check_failovers([unanswered], liveness=False).result == VALID, "unbounded: safety only"
     skipped = dict(kill, skipped="no live reader")
     assert check_failovers([skipped]).result == UNKNOWN
     assert "1 skipped" in check_failovers([kill, skipped]).detail

@@ -959,10 +959,12 @@ def _replica_checks(ops: Sequence[Op], by_index: Mapping[int, Entry]) -> list[Ve
 # (f) Failovers.
 
 
-def check_failovers(records: Sequence[Mapping[str, Any]]) -> Verdict:
+def check_failovers(records: Sequence[Mapping[str, Any]], *, liveness: bool = True) -> Verdict:
     """One verdict over the cluster target's writer-fault records (`ClusterNemesis.stats()`):
     dicts with kind, at_s, old_pid, took_over (True, False or None), takeover_s, stepped_down
-    (True, False, or None when the old writer kept the role or was killed), skipped (why)."""
+    (True, False, or None when the old writer kept the role or was killed), skipped (why).
+    `liveness=False` (an unbounded plan, which may leave no write quorum for a takeover) judges
+    only that replaced writers step down."""
     name = "failover"
     if not records:
         return Verdict(name, UNKNOWN, "no writer faults")
@@ -973,7 +975,7 @@ def check_failovers(records: Sequence[Mapping[str, Any]]) -> Verdict:
         at = f"{r.get('kind')} at {r.get('at_s')}s (writer pid {r.get('old_pid')})"
         if r.get("stepped_down") is False:
             bad.append(f"{at}: the old writer still ran after pid {r.get('new_pid')} took over; a fenced writer must step down")
-        if r.get("kind") == "writer_kill" and r.get("took_over") is False:
+        if liveness and r.get("kind") == "writer_kill" and r.get("took_over") is False:
             bad.append(f"{at}: no reader took over")
     if bad:
         return Verdict(name, INVALID, "; ".join(bad[:DETAIL_KEYS_MAX]) + (f" ({len(bad)} problems)" if len(bad) > 1 else ""))

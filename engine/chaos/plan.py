@@ -71,9 +71,10 @@ rule, checked by `validate_plan` and kept by the generator: a writer fault start
 live reader candidate exists (readers, minus those killed, minus one used by a writer fault not
 yet healed); the generator keeps at most `readers - 1` readers down at once, and writer faults
 never overlap each other, a writer crash or a membership change (each holds the writer). They
-impair no segment: the nodes are whole, only the writer is gone, so the node budget above is
-what still promises progress (a takeover needs a write quorum, which the budget leaves unless
-an AZ and a node are out, when writes stop anyway).
+impair no segment (the nodes are whole, only the writer is gone), but a takeover needs a write
+quorum: while a writer fault is in force, and TAKEOVER_GRACE_S after it, the generator keeps at
+most REPLICAS - WRITE_QUORUM (2) segments of each quorum set impaired (no AZ plus a node), and
+`validate_plan` refuses a bounded plan whose writer fault meets more.
 
 `unbounded=True` lifts the budget (then only safety can be checked). Either way every fault is
 healed by `healed_at_s`, and the last quarter of the run (`TAIL_FRACTION`) is a healing period
@@ -193,6 +194,9 @@ DEFAULT_FAULTS: tuple[str, ...] = tuple(n for n in FAULT_NAMES if n not in CLUST
 #: Reader instances a plan with reader families starts with when the caller names none: one may
 #: be promoted while the other is killed, and a candidate still remains... until it is added back.
 READERS_DEFAULT = 2
+#: After a writer fault is healed, a write quorum stays whole this long more (plan seconds), for
+#: the takeover and the old writer's step-down, which real processes may finish late.
+TAKEOVER_GRACE_S = 5.0
 #: The most reader instances a plan may name (engine.head.replica.READERS_MAX; a test keeps
 #: them equal: this module imports nothing above engine.core).
 READERS_MAX = 15
@@ -658,6 +662,12 @@ def validate_plan(plan: FaultPlan) -> list[str]:
         problems.append("the plan must end with a healing period (events stop before the end)")
     if not plan.unbounded:
         for h in health:
+            if h.writer_fault and h.impaired_max > REPLICAS - WRITE_QUORUM:
+                problems.append(
+                    f"after {h.kind} at {h.at_s}s the writer fault {h.writer_fault} is in force while {h.impaired_max} "
+                    f"segments of a quorum set are impaired: no write quorum is whole, so no reader can take over")
+                break
+        for h in health:
             if h.impaired_max > IMPAIRED_MAX:
                 problems.append(
                     f"after {h.kind} at {h.at_s}s {h.impaired_max} segments of a quorum set are impaired "
@@ -725,6 +735,9 @@ class _Episode:
     impaired: tuple[tuple[str, float, float], ...] = field(default=())  # (node, from_s, to_s), half-open
     #: a membership change: (from_s, to_s, old, new)
     change: tuple[float, float, str, str] | None = None
+    #: (from_s, to_s), half-open: a write quorum of every quorum set must stay whole meanwhile
+    #: (a writer fault: a reader can take over only with one)
+    quorum: tuple[tuple[float, float], ...] = field(default=())
 
 
 def _quorum_sets_at(t: float, initial: frozenset[str], changes: list[tuple[float, float, str, str]]) -> tuple[frozenset[str], ...]:
@@ -740,19 +753,25 @@ def _quorum_sets_at(t: float, initial: frozenset[str], changes: list[tuple[float
     return (current,)
 
 
-def _fits(candidate: _Episode, accepted: list[_Episode], budget: int, initial: frozenset[str]) -> bool:
+def _fits(candidate: _Episode, accepted: list[_Episode], budget: int, initial: frozenset[str],
+          quorum_budget: int | None = None) -> bool:
+    """Locks free and the budget kept at every instant; within an episode's `quorum` windows
+    the budget is `quorum_budget` (None: no such windows are kept, as in an unbounded plan)."""
     for resource, s, e in candidate.locks:
         for other in accepted:
             for r2, s2, e2 in other.locks:
                 if r2 == resource and s <= e2 and s2 <= e:
                     return False
     intervals = [iv for ep in accepted for iv in ep.impaired] + list(candidate.impaired)
+    windows = [w for ep in accepted for w in ep.quorum] + list(candidate.quorum) if quorum_budget is not None else []
     changes = sorted(ep.change for ep in accepted + [candidate] if ep.change is not None)
     # The count of impaired nodes only grows at an interval's start (a change's new node starts
-    # rebuilding when the change starts), so checking every start checks every instant.
-    for _, p, _ in intervals:
+    # rebuilding when the change starts), and the budget only shrinks at a window's start, so
+    # checking at every such start checks every instant.
+    for p in [p for _, p, _ in intervals] + [p for p, _ in windows]:
         nodes = {n for n, s, e in intervals if s <= p < e}
-        if any(len(nodes & q) > budget for q in _quorum_sets_at(p, initial, changes)):
+        limit = min(budget, quorum_budget) if any(s <= p < e for s, e in windows) else budget
+        if any(len(nodes & q) > limit for q in _quorum_sets_at(p, initial, changes)):
             return False
     return True
 
@@ -904,7 +923,8 @@ class _Builder:
         locks = [(WRITER, s, e), ("membership", s, e)]
         if kind == "writer_partition":
             locks.append(("partition", s, e))
-        return _Episode(events=(FaultEvent(s, kind, (WRITER,)), FaultEvent(e, heal, ())), locks=tuple(locks))
+        return _Episode(events=(FaultEvent(s, kind, (WRITER,)), FaultEvent(e, heal, ())), locks=tuple(locks),
+                        quorum=((s, _ms(e + TAKEOVER_GRACE_S)),))
 
     def partition(self, s: float, e: float) -> _Episode | None:
         rng = self.rng
@@ -1106,8 +1126,10 @@ def generate_plan(
     initial = frozenset(node_map)
     accepted: list[_Episode] = []
 
+    quorum_budget = None if unbounded else REPLICAS - WRITE_QUORUM
+
     def offer(episode: _Episode | None) -> bool:
-        if episode is not None and _fits(episode, accepted, budget, initial):
+        if episode is not None and _fits(episode, accepted, budget, initial, quorum_budget):
             accepted.append(episode)
             builder.accept(episode)
             return True

@@ -155,7 +155,7 @@ def run(config: RunConfig, out_dir: str, *, progress=None) -> RunResult:
     history.write_jsonl(os.path.join(out_dir, "history.jsonl"), include_time=True)
     verdicts = check_all(history, digests=digests, time_budget_s=config.check_budget_s)
     if stats.get("failovers"):
-        verdicts.append(check_failovers(stats["failovers"]))
+        verdicts.append(check_failovers(stats["failovers"], liveness=not plan.unbounded))
     result = RunResult(config, out_dir, verdicts, _counts(history), stats, time.monotonic() - t0)
     with open(os.path.join(out_dir, "report.json"), "w") as fh:
         json.dump(result.report(), fh, indent=2, sort_keys=True, default=str)
