@@ -280,17 +280,22 @@ class ClusterNemesis:
             return
         slot = int(ev.param("slot", 0))
         with self.lock:
-            if k == "reader_kill":
-                live = [r for r in c.reader_ids if r not in self._slots.values() and c.state(r) == "running"]
-                if len(live) < 2:
-                    log.info("chaos: reader_kill slot %d skipped: %d live readers (the last is never killed)", slot, len(live))
-                    return
-                self._slots[slot] = live[slot % len(live)]
-                c.kill(self._slots[slot])
-            else:
-                rid = self._slots.pop(slot, None)
-                if rid is not None and rid in c.reader_ids and c.state(rid) == "down":
-                    c.start(rid, wait=False)
+            try:
+                if k == "reader_kill":
+                    live = [r for r in c.reader_ids if r not in self._slots.values() and c.state(r) == "running"]
+                    if len(live) < 2:
+                        log.info("chaos: reader_kill slot %d skipped: %d live readers (the last is never killed)", slot, len(live))
+                        return
+                    self._slots[slot] = live[slot % len(live)]
+                    c.kill(self._slots[slot])
+                else:
+                    rid = self._slots.pop(slot, None)
+                    if rid is not None and rid in c.reader_ids and c.state(rid) == "down":
+                        c.start(rid, wait=False)
+            except SixfoldError as e:
+                # The reader changed meanwhile (it exited, or took over and was retired as a
+                # reader): nothing to kill or restart.
+                log.info("chaos: %s slot %d: %s: %s", k, slot, type(e).__name__, e)
 
     def _partition_groups(self, groups) -> tuple[tuple[str, ...], ...]:
         """A partition's groups as the nodes apply them. With readers, "writer" means the writer
