@@ -559,7 +559,10 @@ class FollowingBackend:
       id only at a *new* writer (another address, or a higher epoch): the new writer finds in the
       log whether it committed (a write an old writer logged is either at or below the VDL its
       recovery found, or cut for ever), so it is applied at most once; with no new writer the
-      error is raised unchanged."""
+      error is raised unchanged.
+    Once one attempt's fate is unknown, so is the write's: whatever a later attempt raises (an
+    `Unavailable` that promises only that *it* was not sent, a refusal), the call raises that
+    first unknown error, never a promise that nothing was logged."""
 
     def __init__(self, folder: str, options: dict) -> None:
         self.folder = folder
@@ -649,6 +652,10 @@ class FollowingBackend:
         backend = self._backend
         deadline = time.monotonic() + self.follow_timeout_s
         first_error: SixfoldError | None = None
+        # The first attempt whose fate is unknown (it may have been logged): once there is one,
+        # the write's fate is unknown whatever a later attempt says, so that is what is raised;
+        # a later "Unavailable" (not sent *this* time) must not turn it into "nothing logged".
+        first_unknown: SixfoldError | None = None
         while True:
             try:
                 return what(backend)
@@ -663,16 +670,26 @@ class FollowingBackend:
                 unknown = isinstance(e, (WriteIndeterminate, StaleEpoch))
                 if first_error is None:
                     first_error = e
+                if unknown and first_unknown is None:
+                    first_unknown = e
                 if unknown and not write_unknown_ok:
                     raise
                 if self._still_the_writer(backend):
+                    if first_unknown is not None and first_unknown is not e:
+                        raise first_unknown from e  # an earlier attempt may have been logged
                     raise  # a live writer refused (no quorum, say): nothing to follow
                 fresh = self._reconnect(backend, deadline)
                 if fresh is None:
-                    raise first_error from None
+                    raise (first_unknown or first_error) from None
                 if unknown and fresh.writer_identity == getattr(backend, "writer_identity", None):
-                    raise first_error from None  # the same writer process: the error stands as it was
+                    # The same writer process: the error stands as it was, and it is one whose
+                    # fate is unknown (never an earlier "not sent").
+                    raise first_unknown from None
                 backend = fresh
+            except SixfoldError as e:
+                if first_unknown is not None:
+                    raise first_unknown from e  # another refusal now; an earlier try may have been logged
+                raise
 
     def _still_the_writer(self, backend: RemoteBackend) -> bool:
         """True when the manifest still names `backend`'s writer and it serves a read now: the

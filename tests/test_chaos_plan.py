@@ -395,3 +395,124 @@ def test_aimed_families_are_reserved_windows():
         assert sum(any(e.kind == kinds[name] for e in p.events) for p in plans) >= 10
         for p in plans:
             assert validate_plan(p) == [] and FaultPlan.from_json(p.to_json()) == p
+
+
+# --- writer faults and readers (the cluster target) -------------------------------------------
+
+from engine.chaos.plan import CLUSTER_ONLY_NAMES, DEFAULT_FAULTS, READERS_DEFAULT, WRITER_FAULT_KINDS  # noqa: E402
+
+
+def oracle_writer_faults(plan: FaultPlan) -> list[tuple[float, str, int, int]]:
+    """Per writer fault, from the events alone: (time, kind, readers down then, writer faults
+    still unhealed then), with the rule of the docstring: a writer fault is healed by
+    reader_add / writer_resume / heal."""
+    down: set[int] = set()
+    open_: list[str] = []
+    out = []
+    heals = {"reader_add": "writer_kill", "writer_resume": "writer_pause", "heal": "writer_partition"}
+    for e in plan.events:
+        if e.kind == "reader_kill":
+            down.add(e.param("slot"))
+        elif e.kind == "reader_restart":
+            down.discard(e.param("slot"))
+        elif e.kind in heals and heals[e.kind] in open_:
+            open_.remove(heals[e.kind])
+        elif e.kind in WRITER_FAULT_KINDS:
+            out.append((e.at_s, e.kind, len(down), len(open_)))
+            open_.append(e.kind)
+    assert not open_, f"writer faults never healed: {open_}"
+    assert not down, f"readers never restarted: {sorted(down)}"
+    return out
+
+
+reader_fault_sets = st.sets(st.sampled_from(FAULT_NAMES), min_size=1).map(lambda s: s | {"writer-kill", "az+1"})
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(0, 2**32), st.floats(5.0, 600.0), reader_fault_sets, st.integers(1, 4))
+def test_a_writer_fault_always_leaves_a_reader_to_take_over(seed, duration_s, faults, readers):
+    plan = generate_plan(seed, duration_s, faults, readers=readers)
+    assert plan.readers == readers
+    for at_s, kind, down, unhealed in oracle_writer_faults(plan):
+        assert unhealed == 0, f"seed={seed}: {kind} at {at_s}s while another writer fault is in force"
+        assert readers - down >= 1, f"seed={seed}: {kind} at {at_s}s with all {readers} readers down"
+    assert validate_plan(plan) == [], validate_plan(plan)
+    assert FaultPlan.from_json(plan.to_json()) == plan
+    # a reader can take over only with a write quorum whole: at most 2 of 6 impaired meanwhile
+    heals = {"reader_add": "writer_kill", "writer_resume": "writer_pause", "heal": "writer_partition"}
+    in_force = None
+    for e, (at_s, impaired, worst, _, _) in zip(plan.events, oracle_timeline(plan)):
+        if e.kind in WRITER_FAULT_KINDS:
+            in_force = e.kind
+        elif heals.get(e.kind) == in_force:
+            in_force = None
+        if in_force:
+            assert worst <= 2, f"seed={seed}: {sorted(impaired)} impaired at {at_s}s during {in_force}"
+    # writer faults hold the writer: no writer crash, isolate or membership change overlaps one
+    spans = []
+    for e in plan.events:
+        if e.kind in WRITER_FAULT_KINDS:
+            spans.append([e.at_s, None])
+        elif e.kind in ("reader_add", "writer_resume") or (e.kind == "heal" and spans and spans[-1][1] is None):
+            if spans and spans[-1][1] is None:
+                spans[-1][1] = e.at_s
+    for e in plan.events:
+        if e.kind in ("writer_crash", "replace"):
+            assert not any(s < e.at_s < t for s, t in spans), f"seed={seed}: {e.kind} at {e.at_s}s inside a writer fault"
+
+
+def test_writer_faults_appear_and_readers_default():
+    kinds = set()
+    for seed in range(20):
+        plan = generate_plan(seed, 120.0, set(CLUSTER_ONLY_NAMES))
+        assert plan.readers == READERS_DEFAULT
+        kinds |= {e.kind for e in plan.events}
+    assert kinds >= {"writer_kill", "reader_add", "writer_pause", "writer_resume", "writer_partition", "heal",
+                     "reader_kill", "reader_restart"}
+    assert generate_plan(1, 60.0, DEFAULT_FAULTS).readers == 0, "no reader families, no readers"
+    assert not set(DEFAULT_FAULTS) & set(CLUSTER_ONLY_NAMES) and set(DEFAULT_FAULTS) | set(CLUSTER_ONLY_NAMES) == set(FAULT_NAMES)
+    with pytest.raises(InvalidArgument):
+        generate_plan(1, 60.0, {"writer-kill"}, readers=0)
+    # one reader: writer faults, but no reader kills (the last candidate is never killed)
+    one = generate_plan(3, 300.0, set(CLUSTER_ONLY_NAMES), readers=1)
+    assert not any(e.kind == "reader_kill" for e in one.events) and any(e.kind in WRITER_FAULT_KINDS for e in one.events)
+
+
+def test_readers_max_matches_the_replicas():
+    from engine.chaos.plan import READERS_MAX
+    from engine.head.replica import READERS_MAX as REPLICA_READERS_MAX
+
+    assert READERS_MAX == REPLICA_READERS_MAX
+
+
+def test_validate_plan_finds_unsafe_writer_faults():
+    def plan(*events, readers=2):
+        return FaultPlan(seed=1, duration_s=20.0, events=tuple(events), readers=readers)
+
+    ok = plan(FaultEvent(1.0, "reader_kill", (), {"slot": 0}), FaultEvent(2.0, "writer_kill", (WRITER,)),
+              FaultEvent(5.0, "reader_add", ()), FaultEvent(6.0, "reader_restart", (), {"slot": 0}))
+    assert validate_plan(ok) == []
+    assert replay(ok)[1].writer_fault == "writer_kill" and replay(ok)[1].candidates == 0 and not replay(ok)[-1].writer_fault
+    no_reader = plan(FaultEvent(1.0, "writer_pause", (WRITER,)), FaultEvent(3.0, "writer_resume", ()), readers=0)
+    assert any("no reader to take over" in p for p in validate_plan(no_reader))
+    all_down = plan(FaultEvent(1.0, "reader_kill", (), {"slot": 0}), FaultEvent(1.0, "reader_kill", (), {"slot": 1}),
+                    FaultEvent(2.0, "writer_partition", (WRITER,)), FaultEvent(3.0, "heal", ()),
+                    FaultEvent(4.0, "reader_restart", (), {"slot": 0}), FaultEvent(4.0, "reader_restart", (), {"slot": 1}))
+    assert any("no reader to take over" in p for p in validate_plan(all_down))
+    overlapping = plan(FaultEvent(1.0, "writer_kill", (WRITER,)), FaultEvent(2.0, "writer_pause", (WRITER,)),
+                       FaultEvent(3.0, "writer_resume", ()), FaultEvent(4.0, "reader_add", ()), readers=3)
+    assert any("not healed yet" in p for p in validate_plan(overlapping))
+    unhealed = plan(FaultEvent(1.0, "writer_pause", (WRITER,)))
+    assert any("writer fault writer_pause not healed" in p for p in validate_plan(unhealed))
+    stray = plan(FaultEvent(1.0, "writer_resume", ()))
+    assert any("heals no writer_pause" in p for p in validate_plan(stray))
+    no_quorum = plan(FaultEvent(1.0, "az_down", ("n5", "n6"), {"az": "c"}), FaultEvent(1.5, "kill", ("n1",)),
+                     FaultEvent(2.0, "writer_kill", (WRITER,)), FaultEvent(4.0, "reader_add", ()),
+                     FaultEvent(5.0, "restart", ("n1",)), FaultEvent(5.0, "az_up", ("n5", "n6"), {"az": "c"}))
+    assert any("no write quorum is whole" in p for p in validate_plan(no_quorum))
+    bad_slot = plan(FaultEvent(1.0, "reader_kill", (), {"slot": 2}), FaultEvent(2.0, "reader_restart", (), {"slot": 2}))
+    assert any("slot 2" in p for p in validate_plan(bad_slot))
+    with pytest.raises(InvalidArgument):
+        FaultPlan(seed=1, duration_s=10.0, readers=16)
+    assert FaultPlan.from_json(ok.to_json()).readers == 2
+    assert "readers" not in generate_plan(1, 60.0, {"kill"}).to_dict(), "plans without readers keep their JSON"

@@ -245,3 +245,58 @@ def test_cluster_replace_mid_run(tmp_path):
     manifest = json.loads((tmp_path / "cluster" / "cluster.json").read_text())
     states = {n["id"]: n for n in manifest["nodes"]}
     assert states["n1"].get("retired") and states["n1"].get("replaced_by") == "n7" and not states["n7"].get("retired")
+
+
+#: The seed of the cluster run with writer kills in the default suite: its plan (30 s) kills the
+#: writer three times, twice while one of the two readers is down, and kills readers in between.
+WRITER_KILL_SEED = 4
+
+
+@pytest.mark.cluster
+def test_cluster_writer_kills_are_answered_by_readers_taking_over(tmp_path):
+    """Real processes: SIGKILL the writer (whoever it is now) and never restart it; a reader
+    takes over by itself each time, the nemesis adds a reader back, readers are killed and
+    restarted meanwhile. Writer-endpoint operations stay linearizable, nothing acknowledged is
+    lost, and the clients' replica reads (one reader per session) never go backwards and see
+    what after= asks for."""
+    from engine.cluster.testing import free_base_port
+
+    print(f"chaos seed {WRITER_KILL_SEED} (replay: sixfold chaos --target cluster --seed {WRITER_KILL_SEED} "
+          "--duration 30 --faults writer-kill,reader-kill)")
+    config = RunConfig(target="cluster", seed=WRITER_KILL_SEED, duration_s=30.0, faults=("writer-kill", "reader-kill"),
+                       base_port=free_base_port(count=20))
+    plan = generate_plan(config.seed, config.duration_s, config.faults)
+    assert validate_plan(plan) == [] and plan.readers == 2
+    assert sum(e.kind == "writer_kill" for e in plan.events) == 3
+    result = run(config, str(tmp_path))
+    assert result.overall == "valid", result.report()
+    verdicts = {v.name: v.result for v in result.verdicts}
+    for name in ("linearizable", "no-lost-writes", "replica-reads-written", "replica-reads-monotonic",
+                 "replica-read-after", "failover"):
+        assert verdicts[name] == "valid", (name, result.report())
+    kills = [r for r in result.stats["failovers"] if r["kind"] == "writer_kill"]
+    assert len(kills) == 3 and all(r["took_over"] and not r["skipped"] for r in kills), kills
+    assert len({r["old_pid"] for r in kills}) == 3, "each kill took the writer of the moment"
+    assert result.stats["writer_started_at_end"] == 0 and result.stats["nemesis_errors"] == []
+    assert result.stats["readers_added"] >= 3
+    manifest = json.loads((tmp_path / "cluster" / "cluster.json").read_text())
+    assert sum(1 for r in manifest["readers"] if r.get("promoted")) >= 3, "promoted readers became the writer"
+
+
+def test_writer_and_reader_faults_are_refused_off_the_cluster_target(tmp_path, capsys):
+    from engine.errors import InvalidArgument
+
+    for target in ("sim", "embedded"):
+        with pytest.raises(InvalidArgument, match="cluster only"):
+            run(RunConfig(target=target, seed=1, duration_s=1.0, faults=("kill", "writer-kill")), str(tmp_path / target))
+    assert sixfold(["chaos", "--target", "sim", "--faults", "writer-pause", "--duration", "1",
+                    "--out", str(tmp_path / "cli")]) == 2
+    assert "cluster only" in capsys.readouterr().err
+    assert sixfold(["chaos", "--target", "cluster", "--faults", "writer-kill", "--readers", "0",
+                    "--out", str(tmp_path / "cli0")]) == 2
+    assert "readers >= 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        sixfold(["chaos", "--help"])
+    helptext = capsys.readouterr().out
+    for name in ("writer-kill", "writer-pause", "writer-partition", "reader-kill", "--readers", "--replica-reads"):
+        assert name in helptext

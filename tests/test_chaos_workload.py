@@ -317,3 +317,131 @@ def test_a_call_that_never_returns_cannot_hang_the_run():
     assert ops and all(o.type == "indeterminate" and o.completion is None for o in ops)
     release.set()
     assert w.join(timeout_s=10)
+
+
+# --- replica reads ------------------------------------------------------------------------------
+
+class LogDB(DictDB):
+    """Correct, with a log: every write unit gets the next commit position (returned, and kept
+    as `last_commit`), so a replica can read the state at any position."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.log: list[list] = []  # position p (1-based) -> the ops of unit p
+        self.last_commit: int | None = None
+
+    def _apply(self, ops) -> int:
+        super()._apply(ops)
+        self.log.append(list(ops))
+        self.last_commit = len(self.log)
+        return self.last_commit
+
+    def put(self, key, value) -> int:
+        with self._lock:
+            return self._apply([("put", key, value)])
+
+    def delete(self, key) -> int:
+        with self._lock:
+            return self._apply([("delete", key, None)])
+
+    def batch(self) -> "_LogBatch":
+        return _LogBatch(self)
+
+    def state_at(self, position: int) -> dict[bytes, bytes]:
+        with self._lock:
+            units = self.log[:position]
+        d: dict[bytes, bytes] = {}
+        for ops in units:
+            for f, k, v in ops:
+                if f == "put":
+                    d[k] = v
+                else:
+                    d.pop(k, None)
+        return d
+
+
+class _LogBatch(_Batch):
+    lsn = None
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc_type is None:
+            with self._db._lock:
+                self.lsn = self._db._apply(self._ops)
+        return False
+
+
+class Replica:
+    """A read replica of a LogDB: each session reads at a position behind the log that never
+    goes back (`monotonic`) and covers `after=` (`honours_after`); broken variants drop one."""
+
+    def __init__(self, db: LogDB, seed: int, *, monotonic: bool = True, honours_after: bool = True) -> None:
+        self.db, self.monotonic, self.honours_after = db, monotonic, honours_after
+        self._rng = random.Random(seed)
+        self._points: dict[int, int] = {}
+        self._lock = threading.Lock()
+
+    def session(self, client: int):
+        return client, _ReplicaView(self, client)
+
+    def point(self, client: int, after: int | None) -> int:
+        with self._lock:
+            newest = len(self.db.log)
+            low = self._points.get(client, 0) if self.monotonic else 0
+            if after is not None and self.honours_after:
+                low = max(low, after)
+            p = self._rng.randint(min(low, newest), newest)
+            self._points[client] = max(self._points.get(client, 0), p)
+            return p
+
+
+class _ReplicaView:
+    def __init__(self, replica: Replica, client: int) -> None:
+        self.replica, self.client = replica, client
+
+    def get(self, key, after=None):
+        return self.replica.db.state_at(self.replica.point(self.client, after)).get(key)
+
+    def scan(self, start, end, after=None):
+        d = self.replica.db.state_at(self.replica.point(self.client, after))
+        return iter([(k, v) for k, v in sorted(d.items()) if start <= k < end])
+
+
+def replica_verdicts(history) -> dict[str, str]:
+    return {v.name: v.result for v in check_all(history)}
+
+
+def test_a_lagging_but_correct_replica_is_valid_and_recorded_with_its_sessions():
+    db = LogDB()
+    history, w = run(db, clients=3, ops_max=1200, replica=Replica(db, SEED))
+    verdicts = replica_verdicts(history)
+    assert overall(check_all(history)) == VALID, render_table(check_all(history))
+    assert verdicts["replica-reads-monotonic"] == VALID and verdicts["replica-read-after"] == VALID
+    ops = pair_ops(history.entries())
+    replica = [op for op in ops if op.replica]
+    # (a thread that starts late may find every slot taken by the others: the fake is fast)
+    assert len(replica) > 200 and {op.session for op in replica} <= {0, 1, 2}
+    assert any(op.after for op in replica) and any(op.after is None for op in replica)
+    assert any(op.f == "scan" for op in replica) and any(op.f == "get" for op in replica)
+    writes = [op for op in ops if op.f in ("put", "delete", "batch") and op.type == "ok"]
+    assert writes and all(op.commit is not None and op.session in (0, 1, 2) for op in writes)
+    assert "replica_fraction" in w.describe()
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_a_replica_that_goes_backwards_is_caught(seed):
+    db = LogDB()
+    history, _ = run(db, seed=seed, clients=3, ops_max=1200, replica=Replica(db, seed, monotonic=False))
+    assert replica_verdicts(history)["replica-reads-monotonic"] == INVALID
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_a_replica_that_ignores_after_is_caught(seed):
+    db = LogDB()
+    history, _ = run(db, seed=seed, clients=3, ops_max=1200, replica=Replica(db, seed, honours_after=False))
+    assert replica_verdicts(history)["replica-read-after"] == INVALID
+
+
+def test_without_a_replica_the_draws_are_unchanged():
+    a, _ = run(DictDB(), clients=1, ops_max=300)
+    b, _ = run(DictDB(), clients=1, ops_max=300, replica_fraction=0.9)  # no replica: the fraction is unused
+    assert dumps_jsonl(a.entries(), include_time=False) == dumps_jsonl(b.entries(), include_time=False)

@@ -25,7 +25,8 @@ import pytest
 
 import engine
 from engine import errors
-from engine.client import Boxcar, write_failure
+from engine.client import Boxcar, FollowingBackend, write_failure
+from engine.database import Database
 from engine.core.constants import FLAG_PUT
 from engine.core.types import Geometry, default_nodes
 from engine.head.endpoint import EndpointConfig, KVServicer, WriterEndpoint
@@ -314,3 +315,58 @@ def test_system_exit_in_a_driving_thread_propagates_and_its_car_is_indeterminate
     done = run_threads(1, lambda i: box.call(put_unit(b"after")))
     assert done[0][0] == "ok" and ep.logged(b"after") == b"v", done
     real.close()
+
+
+# --- following the writer: a write's fate over several attempts -------------------------------
+class LogsThenLosesTheReply(KVServicer):
+    """A new writer on which a re-sent write is logged but its answer is lost (a deadline, the
+    write timeout of a writer that has just opened: WriteIndeterminate), and whose next View
+    fails once (it cannot confirm its lease yet), as a promoted reader's did under chaos."""
+
+    def __init__(self, endpoint) -> None:
+        super().__init__(endpoint)
+        self.views_to_fail = 0
+
+    def Write(self, request, context):
+        super().Write(request, context)
+        self.views_to_fail = 1
+        convert.abort(context, errors.WriteIndeterminate("test: logged, the answer was lost"))
+
+    def View(self, request, context):
+        if self.views_to_fail:
+            self.views_to_fail -= 1
+            convert.abort(context, errors.Unavailable("test: cannot confirm the lease yet"))
+        return super().View(request, context)
+
+
+class ManifestInMemory(FollowingBackend):
+    """A FollowingBackend whose manifest's writer entry (address, pid) is a list cell the test
+    sets: the one seam; the backends, RPCs and endpoints are real."""
+
+    def __init__(self, who: list, options: dict) -> None:
+        self._who = who
+        super().__init__("(in memory)", options)
+
+    def _writer_identity(self):
+        return self._who[0]
+
+
+def test_a_write_not_sent_to_a_dead_writer_then_lost_at_the_new_one_is_indeterminate(make_endpoint):
+    """Found by `sixfold chaos --target cluster --faults writer-kill` (seed 1, replica reads
+    through the reader endpoint): the first attempt met the killed writer's closed port
+    (Unavailable: not sent), the re-send to the reader that took over was logged but its answer
+    lost (WriteIndeterminate); the client raised the *first* error, Unavailable, which promises
+    that nothing was logged, and a later read found the value."""
+    old = make_endpoint()
+    new = make_endpoint(LogsThenLosesTheReply)
+    who = [(old.address, 1)]
+    db = Database(ManifestInMemory(who, {"timeout_s": 10.0}))
+    try:
+        db.put(b"before", b"1")
+        old.server.stop(0).wait(DEADLINE_S)  # the writer dies: its port refuses
+        who[0] = (new.address, 2)  # a reader took over and recorded itself
+        with pytest.raises(errors.WriteIndeterminate):
+            db.put(b"k", b"v")
+        assert new.logged(b"k") == b"v", "the re-send was logged: 'Unavailable' would have been a lie"
+    finally:
+        db.close()

@@ -205,6 +205,42 @@ def test_fault_rules_cut_a_source_and_clear(node):
         admin.close()
 
 
+def test_fault_rules_cut_one_process_by_its_pid(node):
+    """`pid:<n>` in blocked_sources refuses every transport of that process, whatever its source
+    name (the chaos nemesis cuts off the writer process, not the writer role); a caller that
+    states another pid, or none, passes."""
+    address = {"n1": f"127.0.0.1:{node['port']}"}
+    mine = GrpcTransport(address, source="writer", volume_id="test-volume")
+    also_mine = GrpcTransport(address, source="r1", volume_id="test-volume")
+    admin = GrpcTransport(address, source="chaos", volume_id="test-volume")
+    try:
+        admin.set_faults("n1", convert.FaultRules(blocked_sources=(f"pid:{os.getpid()}",)))
+        for t in (mine, also_mine):
+            with pytest.raises(errors.Unavailable, match=f"pid:{os.getpid()}"):
+                t.state("n1")
+        other = ((convert.SOURCE_METADATA_KEY, "writer"), (convert.PROCESS_METADATA_KEY, str(os.getpid() + 1)),
+                 (convert.VOLUME_METADATA_KEY, "test-volume"))
+        assert node["stub"].State(storage_pb2.StateRequest(), timeout=10, metadata=other).node == "n1"
+        assert node["stub"].State(storage_pb2.StateRequest(), timeout=10, metadata=other[:1] + other[2:]).node == "n1"
+        assert admin.state("n1").node == "n1", "admin sources are never cut off"
+        # In a partition the pid names the process too: on the far side, both transports are cut
+        # off; on its own side, both pass (whatever their source names).
+        me = f"pid:{os.getpid()}"
+        admin.set_faults("n1", convert.FaultRules(groups=((me, "n2"), ("n1",))))
+        for t in (mine, also_mine):
+            with pytest.raises(errors.Unavailable, match="partitioned"):
+                t.state("n1")
+        assert node["stub"].State(storage_pb2.StateRequest(), timeout=10, metadata=other).node == "n1", "another process"
+        admin.set_faults("n1", convert.FaultRules(groups=(("n2",), (me, "n1"))))
+        assert mine.state("n1").node == "n1" and also_mine.state("n1").node == "n1"
+        admin.set_faults("n1", convert.FaultRules())
+        assert mine.state("n1").node == "n1" and also_mine.state("n1").node == "n1"
+    finally:
+        admin.set_faults("n1", convert.FaultRules())
+        for t in (mine, also_mine, admin):
+            t.close()
+
+
 def test_a_stopped_node_is_unavailable_fast_then_answers_again(node):
     t = GrpcTransport({"n1": f"127.0.0.1:{node['port']}"}, source="writer", volume_id="test-volume")
     try:

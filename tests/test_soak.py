@@ -55,3 +55,33 @@ def test_embedded_long(tmp_path, seed):
 def test_cluster_long(tmp_path):
     result = run(RunConfig(target="cluster", seed=1, duration_s=SOAK_SECONDS, clients=8, base_port=7800), str(tmp_path))
     assert result.overall != "invalid", result.report()
+
+
+@pytest.mark.cluster
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_cluster_failovers_long(tmp_path, seed):
+    """Writer kills, pauses and partitions answered by readers taking over, reader kills, with
+    the node faults too (every family), SOAK_SECONDS each: never invalid, every writer fault
+    applied had a reader to take over."""
+    from engine.chaos.plan import FAULT_NAMES
+    from engine.cluster.testing import free_base_port
+
+    print(f"chaos seed {seed}")
+    result = run(RunConfig(target="cluster", seed=seed, duration_s=SOAK_SECONDS, clients=8, faults=FAULT_NAMES,
+                           base_port=free_base_port(count=24)), str(tmp_path))
+    assert result.overall != "invalid", result.report()
+    assert not any(r.get("skipped") for r in result.stats.get("failovers", ())), result.stats["failovers"]
+
+
+@pytest.mark.cluster
+def test_cluster_replica_reads_through_the_reader_endpoint(tmp_path):
+    """The same writer faults with the clients reading through `engine.connect(folder,
+    role="reader")` (round_robin): everything but session monotonicity must hold; that one is
+    not promised across readers (tests/test_readers.py), so it is reported, not asserted."""
+    from engine.cluster.testing import free_base_port
+
+    result = run(RunConfig(target="cluster", seed=1, duration_s=SOAK_SECONDS, clients=8,
+                           faults=("writer-kill", "writer-pause", "writer-partition", "reader-kill"),
+                           replica_reads="endpoint", base_port=free_base_port(count=24)), str(tmp_path))
+    bad = [v for v in result.verdicts if v.result == "invalid" and v.name != "replica-reads-monotonic"]
+    assert bad == [], result.report()

@@ -6,7 +6,8 @@
 - `history`: the thread-safe recorder of every operation (`History`) and `history.jsonl`.
 - `workload`: client threads driving the key-value API with unique values (`Workload`).
 - `checker`: linearizability per key, no acknowledged write lost, batches atomic, replicas
-  converge (`check_all`, `render_table`).
+  converge; replica reads written, monotonic per session and read-after; failovers
+  (`check_all`, `check_failovers`, `render_table`).
 
 Nothing here opens sockets or starts processes; a runner wires these to a cluster.
 """
@@ -15,18 +16,30 @@ from engine.chaos.checker import (
     Verdict,
     check_all,
     check_batches_atomic,
+    check_failovers,
     check_linearizable,
     check_no_lost_writes,
+    check_replica_reads,
     check_replicas_converge,
     overall,
     render_table,
     verdicts_to_json,
 )
 from engine.chaos.history import Entry, History, Op, pair_ops, read_jsonl, write_jsonl
-from engine.chaos.plan import FAULT_NAMES, FaultEvent, FaultPlan, generate_plan, validate_plan
+from engine.chaos.plan import (
+    CLUSTER_ONLY_NAMES,
+    DEFAULT_FAULTS,
+    FAULT_NAMES,
+    FaultEvent,
+    FaultPlan,
+    generate_plan,
+    validate_plan,
+)
 from engine.chaos.workload import Progress, Workload
 
 __all__ = [
+    "CLUSTER_ONLY_NAMES",
+    "DEFAULT_FAULTS",
     "Entry",
     "FAULT_NAMES",
     "FaultEvent",
@@ -38,8 +51,10 @@ __all__ = [
     "Workload",
     "check_all",
     "check_batches_atomic",
+    "check_failovers",
     "check_linearizable",
     "check_no_lost_writes",
+    "check_replica_reads",
     "check_replicas_converge",
     "generate_plan",
     "overall",

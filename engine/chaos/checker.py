@@ -54,7 +54,43 @@ database; it adds to (a), which projects a scan key by key and cannot see a torn
 
 (d) `check_replicas_converge`: after repair, every node's digest of a protection group is equal.
 
-`check_all` runs them all; `render_table` and `verdicts_to_json` present the verdicts.
+(e) Reads served by read replicas (`replica: true`: a reader instance, `engine.connect(folder,
+role="reader")`) are not linearizable: a replica reads at its read point, a VDL it learned from
+the writer, which may be behind. So (a) leaves them out, and (b) reads only the final reads;
+(c) keeps replica scans (a replica scan is one read point too). What a replica promises is
+checked instead, from what is decidable. "W2 is older than W1" (for writes of one key) is
+taken to mean *certainly older*: W2 was acknowledged before W1 was invoked, so W2 precedes W1 in
+every linearization (and in the log: W1's records were not even sent when W2 was durable). Two
+writes that overlap in time may lie in the log either way, and nothing in the history says which
+(a commit position is the system's own claim, and positions of units that interleave need not
+order their keys' records), so a read of either is accepted, with one exception: a unique value
+read, then something else, then that value again is a contradiction in every order (the value
+was written once; the register would have gone back). The checks:
+
+* `replica-reads-written`: a replica read returns the final value of a write of that key that
+  did not fail and was invoked before the read returned (or nothing); never a value that was
+  never written, written only by a failed write, or an intermediate value of a batch.
+* `replica-reads-monotonic`: within one client session (`session`), replica reads of a key never
+  go backwards. For the session's reads of the key in order, let each value name its write (or,
+  for nothing, the initial state or any delete not certainly after the read): it is invalid when
+  a later read's write is certainly older than an earlier read's, when a value comes back after
+  another was read in between, or when a read of nothing has no source that is neither
+  certainly older than an earlier read's write nor certainly newer than a later read's. Reads of
+  nothing are judged each against the reads that returned values (not against each other), so
+  the check is sound but can miss a contradiction carried only by several reads of nothing.
+* `replica-read-after`: a replica read with `after=A` covers every write whose returned commit
+  position (`commit`) is at most A; for each key it reads, its value's write must not be
+  certainly older than any of those writes, and nothing may be returned only if some delete of
+  the key is not certainly older than every one of them. This is "a read after my put sees it
+  or a newer write", for the session's own put that returned A and for any other write the
+  position covers.
+
+(f) `check_failovers`: what the cluster target saw of its writer faults (not in the history: the
+processes themselves). Invalid when a writer that another replaced still ran a bound after it
+was resumed or reconnected (a fenced writer must step down by itself), or when no reader took
+over from a killed writer within a bound; a fault skipped for want of a candidate is counted.
+
+`check_all` runs (a) to (e) (the replica checks when the history has replica reads); `render_table` and `verdicts_to_json` present the verdicts.
 """
 
 from __future__ import annotations
@@ -155,7 +191,14 @@ def describe_op(op: Op) -> str:
         if op.type == "ok":
             what += " -> {" + ", ".join(f"{_b(k)}={_b(v)}" for k, v in op.result) + "}"
     final = " (final)" if op.final else ""
-    return f"#{op.call} p={op.process} {what} {op.type}{final}"
+    extra = ""
+    if op.replica:
+        extra += " on a replica" + (f" after={op.after}" if op.after is not None else "")
+    if op.session is not None:
+        extra += f" session={op.session}"
+    if op.commit is not None:
+        extra += f" commit={op.commit}"
+    return f"#{op.call} p={op.process} {what} {op.type}{final}{extra}"
 
 
 def _window(ops: Iterable[Op], by_index: Mapping[int, Entry]) -> tuple[Entry, ...]:
@@ -208,7 +251,8 @@ def history_keys(ops: Sequence[Op]) -> list[bytes]:
 
 
 def project(ops: Sequence[Op]) -> dict[bytes, list[RegisterOp]]:
-    """Per key, its register ops in invocation order; fail writes and non-ok reads removed."""
+    """Per key, its register ops in invocation order; fail writes, non-ok reads and replica
+    reads removed."""
     keys = history_keys(ops)
     per: dict[bytes, list[RegisterOp]] = {k: [] for k in keys}
     for op in ops:
@@ -222,6 +266,8 @@ def project(ops: Sequence[Op]) -> dict[bytes, list[RegisterOp]]:
             else:
                 _check(op.key is not None, "pair_ops validated this op")
                 per[op.key].append(RegisterOp(op, True, op.value if op.f == "put" else None, op.call, ret))
+        elif op.replica:
+            continue  # not linearizable: see (e)
         elif op.type == "ok" and op.f == "get":
             _check(op.key is not None, "pair_ops validated this op")
             per[op.key].append(RegisterOp(op, False, op.result, op.call, op.ret))
@@ -528,7 +574,7 @@ def _key_writes(ops: Sequence[Op]) -> dict[bytes, list[RegisterOp]]:
 
 def _no_lost_writes(ops: Sequence[Op], by_index: Mapping[int, Entry]) -> Verdict:
     name = "no-lost-writes"
-    finals = [op for op in ops if op.final and op.f == "get"]
+    finals = [op for op in ops if op.final and op.f == "get" and not op.replica]
     if not finals:
         return Verdict(name, UNKNOWN, "no final reads recorded")
     writes = _key_writes(ops)
@@ -701,6 +747,254 @@ def check_replicas_converge(digests: Mapping[Any, Mapping[str, str | None]]) -> 
 
 
 # --------------------------------------------------------------------------------------------
+# (e) Replica reads: written values, monotonic per session, read-after.
+
+#: The initial state of every key (nothing), as a source of a read of nothing: it precedes
+#: every write.
+_INITIAL = None
+
+
+def _certainly_before(a: RegisterOp | None, b: RegisterOp | None) -> bool:
+    """`a` precedes `b` in every linearization: `a` (None: the initial state) was acknowledged
+    before `b` was invoked. Nothing is certainly before the initial state."""
+    if b is None:
+        return False
+    if a is None:
+        return True
+    return a.ret is not None and a.ret < b.call
+
+
+@dataclass(frozen=True)
+class _Observation:
+    """One replica read's view of one key: the value, and the writes that may have produced it."""
+
+    read: Op
+    key: bytes
+    value: bytes | None
+    source: RegisterOp | None  # the write of `value` (None for a read of nothing)
+    nothing_sources: tuple[RegisterOp | None, ...] = ()  # for a read of nothing: _INITIAL and deletes
+
+
+class _ReplicaIndex:
+    """Per key, the writes that may have taken effect (ok or indeterminate), by value, and the
+    deletes; and every replica read's observations (a get: its key; a scan: every key of the
+    history in its range, nothing where it returned none)."""
+
+    def __init__(self, ops: Sequence[Op]) -> None:
+        self.writes = _key_writes(ops)
+        self.by_value: dict[bytes, dict[bytes, list[RegisterOp]]] = {}
+        self.deletes: dict[bytes, list[RegisterOp]] = {}
+        for key, ws in self.writes.items():
+            for w in ws:
+                if w.value is None:
+                    self.deletes.setdefault(key, []).append(w)
+                else:
+                    self.by_value.setdefault(key, {}).setdefault(w.value, []).append(w)
+        self.keys = history_keys(ops)
+        self.reads = [op for op in ops if op.replica and op.type == "ok" and op.f in ("get", "scan")]
+
+    def observations(self, read: Op) -> list[_Observation]:
+        if read.f == "get":
+            _check(read.key is not None, "pair_ops validated this op")
+            pairs = [(read.key, read.result)]
+        else:
+            _check(read.start is not None and read.end is not None, "pair_ops validated this op")
+            seen = dict(read.result)
+            pairs = [(k, seen.get(k)) for k in self.keys if _in_range(k, read.start, read.end)]
+        out = []
+        for key, value in pairs:
+            if value is None:
+                dels = tuple(d for d in self.deletes.get(key, []) if read.ret is None or d.call < read.ret)
+                out.append(_Observation(read, key, None, None, (_INITIAL,) + dels))
+                continue
+            ws = [w for w in self.by_value.get(key, {}).get(value, []) if read.ret is None or w.call < read.ret]
+            out.append(_Observation(read, key, value, ws[0] if len(ws) == 1 else None))
+        return out
+
+
+def _replica_reads_written(ops: Sequence[Op], by_index: Mapping[int, Entry], index: _ReplicaIndex) -> Verdict:
+    name = "replica-reads-written"
+    sources = _value_sources(ops)
+    count = 0
+    for read in index.reads:
+        for ob in index.observations(read):
+            count += 1
+            if ob.value is None or ob.source is not None:
+                continue
+            effective = index.by_value.get(ob.key, {}).get(ob.value, [])
+            if len(effective) > 1:
+                continue  # written twice (not by this workload): nothing to say
+            writers = sources.get(ob.key, {}).get(ob.value, [])
+            if effective:
+                why = "a write invoked only after the read returned"
+            elif any(w.type == "fail" for w in writers):
+                why = "a write that failed"
+            elif writers:
+                why = "an intermediate value of a batch"
+            else:
+                why = "no write at all"
+            detail = f"{describe_op(read)} returned {_b(ob.value)} for {_b(ob.key)}, the value of {why}"
+            return Verdict(name, INVALID, detail, _window([read] + [w.source for w in effective] + list(writers), by_index))
+    if not index.reads:
+        return Verdict(name, UNKNOWN, "no replica read succeeded")
+    return Verdict(name, VALID, f"{len(index.reads)} replica reads ({count} key observations) returned written values")
+
+
+def _monotonic_problem(obs: list[_Observation]) -> tuple[str, list[Op]] | None:
+    """The first way this session's reads of one key (in session order) go backwards, if any."""
+    fixed = [(i, ob) for i, ob in enumerate(obs) if ob.value is not None and ob.source is not None]
+    # A later read whose write is certainly older than an earlier read's.
+    for a, (i, early) in enumerate(fixed):
+        for j, late in fixed[a + 1:]:
+            if late.source is not early.source and _certainly_before(late.source, early.source):
+                return (f"{describe_op(late.read)} returned {_b(late.value)} for {_b(late.key)} after "
+                        f"{describe_op(early.read)} had returned {_b(early.value)}, whose write began only after "
+                        f"{_b(late.value)}'s was acknowledged", [early.read, late.read, early.source.source, late.source.source])
+    # A value that comes back after something else was read in between.
+    collapsed: list[_Observation] = []
+    for ob in obs:
+        if ob.value is not None and ob.source is None:
+            continue  # a value written more than once names no one write: no evidence
+        if collapsed and collapsed[-1].value == ob.value:
+            continue
+        collapsed.append(ob)
+    first_seen: dict[bytes, _Observation] = {}
+    for k, ob in enumerate(collapsed):
+        if ob.value is None:
+            continue
+        if ob.value in first_seen:
+            early = first_seen[ob.value]
+            between = collapsed[k - 1]
+            return (f"{describe_op(ob.read)} returned {_b(ob.value)} for {_b(ob.key)} again, after "
+                    f"{describe_op(between.read)} had returned {_b(between.value)}: a value written once came back",
+                    [early.read, between.read, ob.read])
+        first_seen[ob.value] = ob
+    # A read of nothing with no source between the values read before and after it.
+    for p, ob in enumerate(obs):
+        if ob.value is not None:
+            continue
+        earlier = [e for i, e in fixed if i < p]
+        later = [e for i, e in fixed if i > p]
+        fits = [c for c in ob.nothing_sources
+                if not any(_certainly_before(c, e.source) for e in earlier)
+                and not any(_certainly_before(e.source, c) for e in later)]
+        if not fits:
+            around = earlier[-1:] + later[:1]
+            what = " and ".join(f"{describe_op(e.read)} ({_b(e.value)})" for e in around)
+            return (f"{describe_op(ob.read)} found nothing for {_b(ob.key)}, which no delete explains between {what}",
+                    [ob.read] + [e.read for e in around] + [e.source.source for e in around])
+    return None
+
+
+def _replica_reads_monotonic(ops: Sequence[Op], by_index: Mapping[int, Entry], index: _ReplicaIndex) -> Verdict:
+    name = "replica-reads-monotonic"
+    per: dict[tuple[str, bytes], list[_Observation]] = {}
+    sessions: set[str] = set()
+    for read in index.reads:  # in invocation order: a session's ops are sequential
+        if read.session is None:
+            continue
+        sessions.add(repr(read.session))
+        for ob in index.observations(read):
+            per.setdefault((repr(read.session), ob.key), []).append(ob)
+    problems = []
+    for (session, key), obs in sorted(per.items()):
+        found = _monotonic_problem(obs)
+        if found is not None:
+            problems.append((session, key, found))
+    if problems:
+        session, key, (why, wops) = problems[0]
+        more = f" ({len(problems)} session-keys went backwards)" if len(problems) > 1 else ""
+        return Verdict(name, INVALID, f"session {session}, key {_b(key)}: {why}{more}", _window(wops, by_index))
+    if not per:
+        return Verdict(name, UNKNOWN, "no replica reads in a session")
+    return Verdict(name, VALID, f"{len(sessions)} sessions, {len(per)} session-keys: replica reads never went backwards")
+
+
+def _replica_read_after(ops: Sequence[Op], by_index: Mapping[int, Entry], index: _ReplicaIndex) -> Verdict:
+    name = "replica-read-after"
+    committed: dict[bytes, list[RegisterOp]] = {
+        key: sorted((w for w in ws if w.source.type == "ok" and w.source.commit is not None), key=lambda w: w.source.commit)
+        for key, ws in index.writes.items()
+    }
+    judged = 0
+    for read in index.reads:
+        if not read.after:
+            continue
+        judged += 1
+        for ob in index.observations(read):
+            must = [w for w in committed.get(ob.key, []) if w.source.commit <= read.after]
+            if not must:
+                continue
+            if ob.value is not None:
+                older = next((w for w in must if ob.source is not None and ob.source is not w
+                              and _certainly_before(ob.source, w)), None)
+                if older is None:
+                    continue
+                why = (f"{describe_op(read)} returned {_b(ob.value)} for {_b(ob.key)}, older than "
+                       f"{describe_op(older.source)}, which its position covers")
+                wops = [read, older.source, ob.source.source]
+            else:
+                if any(not any(_certainly_before(c, w) for w in must) for c in ob.nothing_sources):
+                    continue
+                newest = must[-1]
+                why = (f"{describe_op(read)} found nothing for {_b(ob.key)}, though its position covers "
+                       f"{describe_op(newest.source)} and no delete came after it")
+                wops = [read, newest.source]
+            return Verdict(name, INVALID, why, _window(wops, by_index))
+    if judged == 0:
+        return Verdict(name, UNKNOWN, "no replica read with after= succeeded")
+    return Verdict(name, VALID, f"{judged} replica reads with after= saw every write their position covers (or newer)")
+
+
+def _replica_checks(ops: Sequence[Op], by_index: Mapping[int, Entry]) -> list[Verdict]:
+    index = _ReplicaIndex(ops)
+    return [
+        _replica_reads_written(ops, by_index, index),
+        _replica_reads_monotonic(ops, by_index, index),
+        _replica_read_after(ops, by_index, index),
+    ]
+
+
+# --------------------------------------------------------------------------------------------
+# (f) Failovers.
+
+
+def check_failovers(records: Sequence[Mapping[str, Any]], *, liveness: bool = True) -> Verdict:
+    """One verdict over the cluster target's writer-fault records (`ClusterNemesis.stats()`):
+    dicts with kind, at_s, old_pid, took_over (True, False or None), takeover_s, stepped_down
+    (True, False, or None when the old writer kept the role or was killed), skipped (why).
+    `liveness=False` (an unbounded plan, which may leave no write quorum for a takeover) judges
+    only that replaced writers step down."""
+    name = "failover"
+    if not records:
+        return Verdict(name, UNKNOWN, "no writer faults")
+    bad = []
+    for r in records:
+        if r.get("skipped"):
+            continue
+        at = f"{r.get('kind')} at {r.get('at_s')}s (writer pid {r.get('old_pid')})"
+        if r.get("stepped_down") is False:
+            bad.append(f"{at}: the old writer still ran after pid {r.get('new_pid')} took over; a fenced writer must step down")
+        if liveness and r.get("kind") == "writer_kill" and r.get("took_over") is False:
+            bad.append(f"{at}: no reader took over")
+    if bad:
+        return Verdict(name, INVALID, "; ".join(bad[:DETAIL_KEYS_MAX]) + (f" ({len(bad)} problems)" if len(bad) > 1 else ""))
+    applied = [r for r in records if not r.get("skipped")]
+    times = sorted(r["takeover_s"] for r in applied if r.get("took_over") and r.get("takeover_s") is not None)
+    median = f", median {times[len(times) // 2]:g} s" if times else ""
+    kinds = ", ".join(f"{k} {sum(1 for r in applied if r.get('kind') == k)}" for k in sorted({r.get("kind") for r in applied}))
+    detail = (f"{len(applied)} writer faults ({kinds or 'none applied'}): {len(times)} takeovers{median}, "
+              f"{sum(1 for r in applied if r.get('stepped_down'))} old writers stepped down, "
+              f"{sum(1 for r in applied if r.get('kept'))} kept the role")
+    skipped = len(records) - len(applied)
+    if skipped:
+        detail += f"; {skipped} skipped (no live reader to take over)"
+    if not applied:
+        return Verdict(name, UNKNOWN, detail)
+    return Verdict(name, VALID, detail)
+
+
+# --------------------------------------------------------------------------------------------
 # Running and presenting.
 
 
@@ -736,6 +1030,11 @@ def check_scans_well_formed(history: History | Sequence[Entry]) -> Verdict:
     return _scans_well_formed(*_paired(history))
 
 
+def check_replica_reads(history: History | Sequence[Entry]) -> list[Verdict]:
+    """The checks of (e): replica reads written, monotonic per session, read-after."""
+    return _replica_checks(*_paired(history))
+
+
 def check_all(
     history: History | Sequence[Entry],
     *,
@@ -762,6 +1061,8 @@ def check_all(
         _no_lost_writes(ops, by_index),
         _batches_atomic(ops, by_index),
     ]
+    if any(op.replica for op in ops):
+        verdicts += _replica_checks(ops, by_index)
     if digests is not None:
         verdicts.append(check_replicas_converge(digests))
     return verdicts

@@ -2,8 +2,20 @@
 
     sixfold chaos --target embedded --duration 60 --seed 7 --clients 8 --faults kill,pause,partition,az,az+1,corrupt,writer-crash,slow,net,isolate,replace
     sixfold chaos --target cluster --duration 60 --seed 7      # real processes in a temp folder
+    sixfold chaos --target cluster --duration 60 --faults writer-kill,writer-pause,writer-partition,reader-kill
+                                                               # failovers: readers take over, nobody restarts the writer
     sixfold chaos --target sim --seed 7                        # deterministic: same seed, same history
     sixfold chaos --target sim --seeds 1-200                   # many seeds; lists the failing ones
+
+Fault families (--faults): kill, pause, partition, az, az+1, corrupt, writer-crash (kill then
+restart the writer), slow, net, isolate, replace; and for --target cluster only, which runs
+reader instances (--readers, default 2): writer-kill (SIGKILL the writer, whoever it is now;
+no restart: a reader must take over), writer-pause (SIGSTOP it past its lease; once resumed it
+must step down), writer-partition (every node refuses the writer process; once reconnected it
+must step down), reader-kill (SIGKILL a reader, restart it later). The default is every family
+the target can apply. With readers, clients also read on replicas (--replica-reads): pinned
+(each session reads from one reader: monotonic reads are promised), endpoint (through
+engine.connect(folder, role="reader"), round_robin over every reader), none.
 
 Exit code 0 when every check is valid (or unknown), 5 when any check is invalid, 2 bad usage
 (the codes of every `sixfold` command are in engine.cli.EXIT_CODES; 1 means "key not found" only).
@@ -18,8 +30,9 @@ import sys
 import tempfile
 import time
 
-from engine.chaos.plan import FAULT_NAMES
-from engine.chaos.runner import TARGETS, RunConfig, render, run
+from engine.chaos.plan import DEFAULT_FAULTS, FAULT_NAMES
+from engine.chaos.runner import REPLICA_READS, TARGETS, RunConfig, render, run
+from engine.errors import InvalidArgument
 from engine.head.weakening import NAMED
 
 EXIT_OK, EXIT_USAGE, EXIT_INVALID = 0, 2, 5
@@ -52,8 +65,10 @@ def register(sub) -> None:
         help="fault-injection run: workload + faults, then check the history",
         description=(
             "Drive a workload of puts, gets, deletes, batches and scans on a few hot keys while a nemesis "
-            "kills, pauses, partitions, corrupts and replaces nodes; record every operation; then check the history: "
-            "linearizable per key, no acknowledged write lost, replicas converge, batches atomic. "
+            "kills, pauses, partitions, corrupts and replaces nodes (and, on a cluster, kills, pauses and cuts off the "
+            "writer and kills readers, so that readers take over); record every operation; then check the history: "
+            "linearizable per key (writer-endpoint operations), no acknowledged write lost, replicas converge, batches "
+            "atomic, replica reads monotonic per session and read-after, old writers step down. "
             "Faults stay inside what the protocol promises to survive (at most an AZ plus one node "
             "impaired) unless --unbounded. The run folder gets plan.json, history.jsonl and report.json."
         ),
@@ -69,8 +84,13 @@ def register(sub) -> None:
                    help="seconds of workload (simulated seconds for sim; default 10, 5 for sim)")
     p.add_argument("--clients", type=int, default=4, help="concurrent clients (default 4)")
     p.add_argument("--keys", type=int, default=8, help="hot keys (default 8)")
-    p.add_argument("--faults", type=_faults, default=FAULT_NAMES,
-                   help=f"comma-separated fault families (default: all): {','.join(FAULT_NAMES)}")
+    p.add_argument("--faults", type=_faults, default=None,
+                   help=f"comma-separated fault families (default: all the target can apply): {','.join(FAULT_NAMES)} "
+                   "(writer-kill, writer-pause, writer-partition and reader-kill: --target cluster only)")
+    p.add_argument("--readers", type=int, default=None,
+                   help="reader instances of a cluster run (default 2 when the faults need them, else 0)")
+    p.add_argument("--replica-reads", choices=REPLICA_READS, default="pinned",
+                   help="how clients of a run with readers read on replicas (default pinned: one reader per session)")
     p.add_argument("--unbounded", action="store_true", help="let faults exceed the failure budget (then only safety is checked)")
     p.add_argument("--ops-max", type=int, default=20_000, help="bound on operations (default 20000)")
     p.add_argument("--out", metavar="DIR", help="run folder (default: a new folder under the system temp dir)")
@@ -84,16 +104,23 @@ def register(sub) -> None:
 
 def _config(args, seed: int) -> RunConfig:
     duration = args.duration if args.duration is not None else (5.0 if args.target == "sim" else 10.0)
+    faults = args.faults if args.faults is not None else (FAULT_NAMES if args.target == "cluster" else DEFAULT_FAULTS)
     return RunConfig(
         target=args.target, seed=seed, duration_s=duration, clients=args.clients, keys=args.keys,
-        faults=tuple(args.faults), unbounded=args.unbounded, ops_max=args.ops_max,
+        faults=tuple(faults), unbounded=args.unbounded, ops_max=args.ops_max,
         check_budget_s=args.check_budget, weaken=args.weaken, base_port=args.base_port,
+        readers=args.readers, replica_reads=args.replica_reads,
     )
 
 
 def cmd_chaos(args) -> int:
     if args.clients < 1 or args.keys < 1 or (args.duration is not None and args.duration <= 0):
         print("sixfold chaos: --clients, --keys and --duration must be positive", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        _config(args, args.seed).check_target()
+    except InvalidArgument as e:
+        print(f"sixfold chaos: {e}", file=sys.stderr)
         return EXIT_USAGE
     root = args.out or tempfile.mkdtemp(prefix=f"sixfold-chaos-{args.target}-")
     if args.seeds:
@@ -107,8 +134,9 @@ def cmd_chaos(args) -> int:
         elif not args.json:
             print(line, file=sys.stderr, flush=True)
 
+    readers = f", readers {config.readers}" if config.readers is not None else ""
     print(f"sixfold chaos: target {config.target}, seed {config.seed}, {config.duration_s:g} s, "
-          f"{config.clients} clients, faults {','.join(config.faults)}; run folder {root}", file=sys.stderr)
+          f"{config.clients} clients, faults {','.join(config.faults)}{readers}; run folder {root}", file=sys.stderr)
     result = run(config, root, progress=progress)
     if live:
         print(file=sys.stderr)

@@ -24,8 +24,13 @@ by hex digits (text that itself starts with "hex:" is written as hex too, so dec
 Fields: `index, process, type (invoke|ok|fail|indeterminate), f (put|get|delete|batch|scan),
 key, value, ops (batch: [[f, key, value], ...]), start, end (scan), result (get: the value or
 null; scan: [[key, value], ...]), time, final (a read of the final phase), error (the exception's
-class and message when it failed)`. A completion repeats its invocation's inputs, so each line
-reads on its own.
+class and message when it failed)`, and for runs with read replicas: `session` (the client
+session an op belongs to: its writes through the writer endpoint and its replica reads; it
+outlives the process numbers an indeterminate op moves on from), `replica` (true: a read served
+by a reader instance, not linearizable), `after` (the commit position a read was asked to
+cover) and `commit` (on an ok write's completion: the commit position it returned). A
+completion repeats its invocation's inputs, so each line reads on its own. The replica fields
+are optional and left out when unset, so histories written before them read unchanged.
 """
 
 from __future__ import annotations
@@ -73,6 +78,10 @@ class Entry:
     time: int = 0
     final: bool = False
     error: str | None = None
+    session: Process | None = None
+    replica: bool = False
+    after: int | None = None
+    commit: int | None = None
 
 
 @dataclass(frozen=True)
@@ -94,6 +103,10 @@ class Op:
     result: Any = None
     final: bool = False
     error: str | None = None
+    session: Process | None = None
+    replica: bool = False
+    after: int | None = None
+    commit: int | None = None  # the commit position an ok write returned, when recorded
 
     @property
     def id(self) -> int:
@@ -124,6 +137,26 @@ def _normalise_inputs(f: str, key: Any, value: Any, ops: Any, start: Any, end: A
         _check(_is_bytes(v) if bf == "put" else v is None, "batch put has a value, delete none")
         out.append((bf, k, v))
     return tuple(out)
+
+
+#: Commit positions are LSNs: u64 values (engine.core.constants.LSN_VALID_MAX bounds what a
+#: write returns; the history only needs them to be plausible integers).
+POSITION_MAX = 2**64 - 1
+
+
+def _position(x: Any, what: str) -> int | None:
+    _check(x is None or (isinstance(x, int) and not isinstance(x, bool) and 0 <= x <= POSITION_MAX),
+           f"{what} is a commit position (an int in 0..2^64-1) or absent, not {x!r}")
+    return x
+
+
+def _normalise_replica(f: str, session: Any, replica: Any, after: Any) -> None:
+    _check(session is None or isinstance(session, (int, str)) and not isinstance(session, bool),
+           f"a session is an int or a str, not {session!r}")
+    _check(isinstance(replica, bool), "replica is a bool")
+    _check(not replica or f in READS, f"only reads are served by a replica, not a {f}")
+    _check(after is None or f in READS, "only a read has an after= position")
+    _position(after, "after")
 
 
 def _normalise_result(f: str, type: str, result: Any) -> Any:
@@ -173,9 +206,14 @@ class History:
         start: bytes | None = None,
         end: bytes | None = None,
         final: bool = False,
+        session: Process | None = None,
+        replica: bool = False,
+        after: int | None = None,
     ) -> int:
-        """Record that `process` is about to call `f`; returns the op id for `complete`."""
+        """Record that `process` is about to call `f`; returns the op id for `complete`.
+        `session`, `replica` and `after`: see the module docstring."""
         batch_ops = _normalise_inputs(f, key, value, None if ops is None else tuple(ops), start, end)
+        _normalise_replica(f, session, replica, after)
         with self._lock:
             _check(
                 process not in self._open_process,
@@ -183,25 +221,30 @@ class History:
             )
             entry = self._append(
                 dict(process=process, type="invoke", f=f, key=key, value=value, ops=batch_ops,
-                     start=start, end=end, final=final)
+                     start=start, end=end, final=final, session=session, replica=replica, after=after)
             )
             self._open[entry.index] = entry
             self._open_process[process] = entry.index
             return entry.index
 
-    def complete(self, op_id: int, type: str, *, result: Any = None, error: str | None = None) -> int:
-        """Record how op `op_id` ended: ok, fail or indeterminate. Returns the entry's index."""
+    def complete(self, op_id: int, type: str, *, result: Any = None, error: str | None = None,
+                 commit: int | None = None) -> int:
+        """Record how op `op_id` ended: ok, fail or indeterminate. Returns the entry's index.
+        `commit`: the commit position an ok write returned."""
         _check(type in COMPLETIONS, f"a completion's type is one of {COMPLETIONS}, not {type!r}")
+        _position(commit, "commit")
         with self._lock:
-            inv = self._open.pop(op_id, None)
+            inv = self._open.get(op_id)
             _check(inv is not None, f"op {op_id} was not invoked or is already complete")
             assert inv is not None
-            del self._open_process[inv.process]
             res = _normalise_result(inv.f, type, result)
+            _check(commit is None or (type == "ok" and inv.f in WRITES), "only an ok write has a commit position")
+            del self._open[op_id]
+            del self._open_process[inv.process]
             entry = self._append(
                 dict(process=inv.process, type=type, f=inv.f, key=inv.key, value=inv.value,
                      ops=inv.ops, start=inv.start, end=inv.end, result=res, final=inv.final,
-                     error=error)
+                     error=error, session=inv.session, replica=inv.replica, after=inv.after, commit=commit)
             )
             return entry.index
 
@@ -273,6 +316,14 @@ def entry_to_dict(entry: Entry, *, include_time: bool = True) -> dict[str, Any]:
         d["final"] = True
     if entry.error is not None:
         d["error"] = entry.error
+    if entry.session is not None:
+        d["session"] = entry.session
+    if entry.replica:
+        d["replica"] = True
+    if entry.after is not None:
+        d["after"] = entry.after
+    if entry.commit is not None:
+        d["commit"] = entry.commit
     return d
 
 
@@ -300,6 +351,10 @@ def entry_from_dict(d: Mapping[str, Any]) -> Entry:
         time=int(d.get("time", d["index"])),
         final=bool(d.get("final", False)),
         error=d.get("error"),
+        session=d.get("session"),
+        replica=bool(d.get("replica", False)),
+        after=d.get("after"),
+        commit=d.get("commit"),
     )
 
 
@@ -348,18 +403,24 @@ def pair_ops(entries: Sequence[Entry]) -> tuple[Op, ...]:
         # the checkers can rely on every op being well formed.
         _normalise_inputs(inv.f, inv.key, inv.value, inv.ops, inv.start, inv.end)
         _normalise_result(inv.f, e.type, e.result)
+        _normalise_replica(inv.f, inv.session, inv.replica, inv.after)
+        _position(e.commit, "commit")
+        _check(e.commit is None or (e.type == "ok" and inv.f in WRITES), f"entry {e.index}: only an ok write has a commit position")
         ops.append(
             Op(process=inv.process, f=inv.f, type=e.type, call=inv.index,
                ret=e.index if e.type != "indeterminate" else None, completion=e.index,
                key=inv.key, value=inv.value, ops=inv.ops, start=inv.start, end=inv.end,
-               result=e.result, final=inv.final, error=e.error)
+               result=e.result, final=inv.final, error=e.error, session=inv.session,
+               replica=inv.replica, after=inv.after, commit=e.commit)
         )
     for inv in open_.values():
         _normalise_inputs(inv.f, inv.key, inv.value, inv.ops, inv.start, inv.end)
+        _normalise_replica(inv.f, inv.session, inv.replica, inv.after)
         ops.append(
             Op(process=inv.process, f=inv.f, type="indeterminate", call=inv.index, ret=None,
                completion=None, key=inv.key, value=inv.value, ops=inv.ops, start=inv.start,
-               end=inv.end, final=inv.final, error="never completed")
+               end=inv.end, final=inv.final, error="never completed", session=inv.session,
+               replica=inv.replica, after=inv.after)
         )
     ops.sort(key=lambda o: o.call)
     return tuple(ops)

@@ -22,6 +22,10 @@ Event kinds and what heals them (`HEALED_BY`):
 | slow           | nodes (all their links)      | delay_ms                        | unslow    |
 | drop/duplicate/reorder/delay | nodes (all their links) | probability (delay: delay_ms) | clear |
 | replace        | (old,): the node replaced    | new: id of the new node         | replace_done |
+| writer_kill    | ("writer",) (SIGKILL, no restart) |                            | reader_add |
+| writer_pause   | ("writer",) (SIGSTOP)        |                                 | writer_resume |
+| writer_partition | ("writer",): every node refuses the writer process |       | heal      |
+| reader_kill    | () (SIGKILL a reader)        | slot: which of the live readers | reader_restart |
 
 `replace` is a membership change (Aurora's ABCDEF -> ABCDEF+ABCDEG -> ABCDEG): the new node
 joins the old node's AZ as a member of a second quorum set and rebuilds from its peers;
@@ -52,6 +56,25 @@ reach each other (as after a writer crash); only the writer is cut off, with the
 side. Nothing can become durable there, so the protocol promises that nothing acknowledged is lost
 and that reads stay linearizable (they fail instead); the nodes of that group are not counted as
 impaired. This is where a weakened write quorum shows (the `isolate` family below).
+
+Writer faults and readers (the cluster target only: `CLUSTER_ONLY_NAMES`). A plan that has
+them names `readers`, the reader instances the run starts with; a reader may take over as the
+writer (engine.head.failover), so these faults are healed by nobody restarting the writer:
+`writer_kill` SIGKILLs whoever is the writer now and a reader must take over by itself;
+`writer_pause` SIGSTOPs it past its lease, so that a reader takes over, and `writer_resume`
+SIGCONTs it: it must step down by itself; `writer_partition` makes every node refuse the writer
+*process* (not the writer role: a promoted reader must reach them), and `heal` lifts it;
+`reader_kill` / `reader_restart` kill a live reader and start it again. A takeover uses up a
+reader (it is the writer now), so the healing half of each writer fault (`reader_add`,
+`writer_resume`, `heal`) also has the runner add readers back up to `readers`. The safety
+rule, checked by `validate_plan` and kept by the generator: a writer fault starts only while a
+live reader candidate exists (readers, minus those killed, minus one used by a writer fault not
+yet healed); the generator keeps at most `readers - 1` readers down at once, and writer faults
+never overlap each other, a writer crash or a membership change (each holds the writer). They
+impair no segment (the nodes are whole, only the writer is gone), but a takeover needs a write
+quorum: while a writer fault is in force, and TAKEOVER_GRACE_S after it, the generator keeps at
+most REPLICAS - WRITE_QUORUM (2) segments of each quorum set impaired (no AZ plus a node), and
+`validate_plan` refuses a bounded plan whose writer fault meets more.
 
 `unbounded=True` lifts the budget (then only safety can be checked). Either way every fault is
 healed by `healed_at_s`, and the last quarter of the run (`TAIL_FRACTION`) is a healing period
@@ -134,11 +157,17 @@ HEALED_BY: dict[str, str | None] = {
     "reorder": "clear",
     "delay": "clear",
     "replace": "replace_done",
+    "writer_kill": "reader_add",
+    "writer_pause": "writer_resume",
+    "writer_partition": "heal",
+    "reader_kill": "reader_restart",
 }
 HEAL_KINDS: frozenset[str] = frozenset(k for k in HEALED_BY.values() if k is not None)
 FAULT_KINDS: frozenset[str] = frozenset(HEALED_BY)
 KINDS: frozenset[str] = FAULT_KINDS | HEAL_KINDS
 MESSAGE_KINDS: tuple[str, ...] = ("drop", "duplicate", "reorder", "delay")
+#: Faults of the writer process that a reader must answer by taking over (see the docstring).
+WRITER_FAULT_KINDS: frozenset[str] = frozenset(("writer_kill", "writer_pause", "writer_partition"))
 
 #: Fault names as the CLI spells them (`sixfold chaos --faults kill,az+1,net`).
 FAULT_NAMES: tuple[str, ...] = (
@@ -153,7 +182,24 @@ FAULT_NAMES: tuple[str, ...] = (
     "net",
     "isolate",
     "replace",
+    "writer-kill",
+    "writer-pause",
+    "writer-partition",
+    "reader-kill",
 )
+#: Families that need reader instances and real processes: the cluster target only.
+CLUSTER_ONLY_NAMES: tuple[str, ...] = ("writer-kill", "writer-pause", "writer-partition", "reader-kill")
+#: What a run draws from when it names no faults: every family every target can apply.
+DEFAULT_FAULTS: tuple[str, ...] = tuple(n for n in FAULT_NAMES if n not in CLUSTER_ONLY_NAMES)
+#: Reader instances a plan with reader families starts with when the caller names none: one may
+#: be promoted while the other is killed, and a candidate still remains... until it is added back.
+READERS_DEFAULT = 2
+#: After a writer fault is healed, a write quorum stays whole this long more (plan seconds), for
+#: the takeover and the old writer's step-down, which real processes may finish late.
+TAKEOVER_GRACE_S = 5.0
+#: The most reader instances a plan may name (engine.head.replica.READERS_MAX; a test keeps
+#: them equal: this module imports nothing above engine.core).
+READERS_MAX = 15
 #: Families placed on purpose before the random episodes (see "Aimed episodes" above).
 AIMED_NAMES: tuple[str, ...] = ("isolate", "replace")
 #: How often a plan that may have an aimed family gets its aimed episode.
@@ -277,8 +323,12 @@ class FaultPlan:
     nodes: tuple[tuple[str, str], ...] = DEFAULT_NODES
     faults: tuple[str, ...] = ()
     unbounded: bool = False
+    #: reader instances the run starts with (the cluster target; writer faults need one)
+    readers: int = 0
 
     def __post_init__(self) -> None:
+        _require(isinstance(self.readers, int) and not isinstance(self.readers, bool)
+                 and 0 <= self.readers <= READERS_MAX, f"readers must be an int in 0..{READERS_MAX}, not {self.readers!r}")
         duration_s = float(self.duration_s)
         _require(0.0 < duration_s <= DURATION_S_MAX, f"duration_s must be in (0, {DURATION_S_MAX}]")
         nodes_items = self.nodes.items() if isinstance(self.nodes, Mapping) else self.nodes
@@ -315,7 +365,7 @@ class FaultPlan:
         """The plan for people: a header with the seed (to replay it) and one line per event."""
         head = (
             f"fault plan seed={self.seed} duration_s={self.duration_s} faults={','.join(self.faults) or '-'} "
-            f"unbounded={self.unbounded} events={len(self.events)} max_impaired={max_impaired(self)} "
+            f"unbounded={self.unbounded} readers={self.readers} events={len(self.events)} max_impaired={max_impaired(self)} "
             f"healed_at_s={self.healed_at_s}"
         )
         lines = [head]
@@ -332,7 +382,7 @@ class FaultPlan:
             "faults": list(self.faults),
             "unbounded": self.unbounded,
             "events": [e.to_dict() for e in self.events],
-        }
+        } | ({"readers": self.readers} if self.readers else {})
 
     def to_json(self) -> str:
         """Deterministic JSON: sorted keys, so equal plans give equal text."""
@@ -348,6 +398,7 @@ class FaultPlan:
             nodes=d.get("nodes", dict(DEFAULT_NODES)),
             faults=tuple(d.get("faults", ())),
             unbounded=d.get("unbounded", False),
+            readers=d.get("readers", 0),
         )
 
     @classmethod
@@ -413,6 +464,13 @@ class Health:
     writer_isolated: bool = False
     #: every node that exists: members, and the new node of a change under way
     present: frozenset[str] = frozenset()
+    #: the writer fault in force ("writer_kill", "writer_pause", "writer_partition") or ""
+    writer_fault: str = ""
+    #: reader slots killed and not yet restarted
+    readers_down: frozenset[int] = frozenset()
+    #: live reader candidates: the plan's readers, minus those down, minus one that a writer
+    #: fault not yet healed has used up by taking over
+    candidates: int = 0
 
     @property
     def impaired(self) -> frozenset[str]:
@@ -426,7 +484,11 @@ class Health:
 
     @property
     def healthy(self) -> bool:
-        return not (self.impaired or self.other_faults or self.writer_isolated)
+        return not (self.impaired or self.other_faults or self.writer_isolated or self.writer_fault or self.readers_down)
+
+
+#: the healing event of each writer fault but `heal` (which also heals a partition)
+_WRITER_HEALS = {"reader_add": "writer_kill", "writer_resume": "writer_pause"}
 
 
 def replay(plan: FaultPlan) -> tuple[Health, ...]:
@@ -444,10 +506,23 @@ def replay(plan: FaultPlan) -> tuple[Health, ...]:
     message: dict[str, set[str]] = {k: set() for k in MESSAGE_KINDS}
     slowed: set[str] = set()
     writer_down_until_s = 0.0
+    writer_fault = ""
+    writer_partitioned = False
+    readers_down: set[int] = set()
     out: list[Health] = []
     for e in plan.events:
         targets = set(e.targets)
-        if e.kind == "kill":
+        if e.kind in WRITER_FAULT_KINDS:
+            writer_fault = e.kind
+            writer_partitioned = writer_partitioned or e.kind == "writer_partition"
+        elif e.kind in _WRITER_HEALS:
+            if writer_fault == _WRITER_HEALS[e.kind]:
+                writer_fault = ""
+        elif e.kind == "reader_kill":
+            readers_down.add(int(e.param("slot", 0)))
+        elif e.kind == "reader_restart":
+            readers_down.discard(int(e.param("slot", 0)))
+        elif e.kind == "kill":
             down |= targets
         elif e.kind == "restart":
             down -= targets
@@ -467,6 +542,9 @@ def replay(plan: FaultPlan) -> tuple[Health, ...]:
             groups = tuple(e.param("groups", ()))
         elif e.kind == "heal":
             groups = ()
+            writer_partitioned = False
+            if writer_fault == "writer_partition":
+                writer_fault = ""
         elif e.kind == "corrupt":
             corrupted |= targets
         elif e.kind == "scrub":
@@ -519,8 +597,11 @@ def replay(plan: FaultPlan) -> tuple[Health, ...]:
                 writer_down_until_s=writer_down_until_s,
                 rebuilding=frozenset(rebuilding),
                 quorum_sets=quorum_sets,
-                writer_isolated=writer_isolated,
+                writer_isolated=writer_isolated or writer_partitioned,
                 present=frozenset(present),
+                writer_fault=writer_fault,
+                readers_down=frozenset(readers_down),
+                candidates=plan.readers - len(readers_down) - (1 if writer_fault else 0),
             )
         )
     return tuple(out)
@@ -539,7 +620,10 @@ def validate_plan(plan: FaultPlan) -> list[str]:
     azs = set(plan.node_azs().values())
     known = set(present)  # every node id ever used: a new node needs a new id
     changing: tuple[str, str] | None = None
+    before = Health(0.0, "", *(frozenset(),) * 6, 0.0, candidates=plan.readers)  # before the first event
     for e, h in zip(plan.events, health):
+        problems += _reader_problems(plan, e, before)
+        before = h
         endpoints = present | {WRITER}
         unknown = [t for t in e.targets if t not in endpoints]
         if unknown:
@@ -571,10 +655,18 @@ def validate_plan(plan: FaultPlan) -> list[str]:
             f"faults are not healed by the end: impaired {sorted(h.impaired)}, "
             f"slow or message faults on {sorted(h.other_faults)}"
             + (", the writer is isolated" if h.writer_isolated else "")
+            + (f", writer fault {h.writer_fault} not healed" if h.writer_fault else "")
+            + (f", reader slots {sorted(h.readers_down)} down" if h.readers_down else "")
         )
     if plan.healed_at_s >= plan.duration_s and plan.events:
         problems.append("the plan must end with a healing period (events stop before the end)")
     if not plan.unbounded:
+        for h in health:
+            if h.writer_fault and h.impaired_max > REPLICAS - WRITE_QUORUM:
+                problems.append(
+                    f"after {h.kind} at {h.at_s}s the writer fault {h.writer_fault} is in force while {h.impaired_max} "
+                    f"segments of a quorum set are impaired: no write quorum is whole, so no reader can take over")
+                break
         for h in health:
             if h.impaired_max > IMPAIRED_MAX:
                 problems.append(
@@ -583,6 +675,28 @@ def validate_plan(plan: FaultPlan) -> list[str]:
                 )
                 break
     return problems
+
+
+def _reader_problems(plan: FaultPlan, e: FaultEvent, before: Health) -> list[str]:
+    """What is wrong with a writer or reader event, given the health just before it."""
+    k, at = e.kind, e.at_s
+    if k in WRITER_FAULT_KINDS:
+        if e.targets != (WRITER,):
+            return [f"{k} at {at}s targets the writer: ('writer',)"]
+        if before.writer_fault:
+            return [f"{k} at {at}s: the writer fault {before.writer_fault} is not healed yet"]
+        if before.candidates < 1:
+            return [f"{k} at {at}s leaves no reader to take over ({plan.readers} readers, "
+                    f"slots {sorted(before.readers_down)} down): a writer fault needs a live candidate"]
+    elif k in _WRITER_HEALS and before.writer_fault != _WRITER_HEALS[k]:
+        return [f"{k} at {at}s heals no {_WRITER_HEALS[k]} (the writer fault in force: {before.writer_fault or 'none'})"]
+    elif k in ("reader_kill", "reader_restart"):
+        slot = e.param("slot")
+        if isinstance(slot, bool) or not isinstance(slot, int) or not 0 <= slot < plan.readers:
+            return [f"{k} at {at}s names reader slot {slot!r}; the plan has {plan.readers} readers (slots 0..{plan.readers - 1})"]
+        if (k == "reader_kill") == (slot in before.readers_down):
+            return [f"{k} at {at}s: reader slot {slot} is {'down' if slot in before.readers_down else 'up'} already"]
+    return []
 
 
 def pick_corruption(event: FaultEvent, record_count: int, record_bytes: int) -> tuple[int, tuple[int, ...]]:
@@ -621,6 +735,9 @@ class _Episode:
     impaired: tuple[tuple[str, float, float], ...] = field(default=())  # (node, from_s, to_s), half-open
     #: a membership change: (from_s, to_s, old, new)
     change: tuple[float, float, str, str] | None = None
+    #: (from_s, to_s), half-open: a write quorum of every quorum set must stay whole meanwhile
+    #: (a writer fault: a reader can take over only with one)
+    quorum: tuple[tuple[float, float], ...] = field(default=())
 
 
 def _quorum_sets_at(t: float, initial: frozenset[str], changes: list[tuple[float, float, str, str]]) -> tuple[frozenset[str], ...]:
@@ -636,19 +753,25 @@ def _quorum_sets_at(t: float, initial: frozenset[str], changes: list[tuple[float
     return (current,)
 
 
-def _fits(candidate: _Episode, accepted: list[_Episode], budget: int, initial: frozenset[str]) -> bool:
+def _fits(candidate: _Episode, accepted: list[_Episode], budget: int, initial: frozenset[str],
+          quorum_budget: int | None = None) -> bool:
+    """Locks free and the budget kept at every instant; within an episode's `quorum` windows
+    the budget is `quorum_budget` (None: no such windows are kept, as in an unbounded plan)."""
     for resource, s, e in candidate.locks:
         for other in accepted:
             for r2, s2, e2 in other.locks:
                 if r2 == resource and s <= e2 and s2 <= e:
                     return False
     intervals = [iv for ep in accepted for iv in ep.impaired] + list(candidate.impaired)
+    windows = [w for ep in accepted for w in ep.quorum] + list(candidate.quorum) if quorum_budget is not None else []
     changes = sorted(ep.change for ep in accepted + [candidate] if ep.change is not None)
     # The count of impaired nodes only grows at an interval's start (a change's new node starts
-    # rebuilding when the change starts), so checking every start checks every instant.
-    for _, p, _ in intervals:
+    # rebuilding when the change starts), and the budget only shrinks at a window's start, so
+    # checking at every such start checks every instant.
+    for p in [p for _, p, _ in intervals] + [p for p, _ in windows]:
         nodes = {n for n, s, e in intervals if s <= p < e}
-        if any(len(nodes & q) > budget for q in _quorum_sets_at(p, initial, changes)):
+        limit = min(budget, quorum_budget) if any(s <= p < e for s, e in windows) else budget
+        if any(len(nodes & q) > limit for q in _quorum_sets_at(p, initial, changes)):
             return False
     return True
 
@@ -659,8 +782,9 @@ class _Builder:
     Episodes are built in order of their start, and `changes` holds the membership changes
     accepted so far, so `usable(s)` knows which nodes exist at `s`."""
 
-    def __init__(self, rng: random.Random, nodes: Mapping[str, str], unbounded: bool) -> None:
+    def __init__(self, rng: random.Random, nodes: Mapping[str, str], unbounded: bool, readers: int = 0) -> None:
         self.rng = rng
+        self.readers = readers
         self.initial = frozenset(nodes)
         self.az_of = dict(nodes)
         self.azs = sorted(set(nodes.values()))
@@ -769,11 +893,38 @@ class _Builder:
                 params["delay_ms"] = rng.choice((5, 20, 50, 200))
             # Only a lost message can leave a segment behind; the others change timing only.
             return self.pair(kind, "clear", targets, s, e, kind == "drop", params, lock="net")
+        if name in ("writer-kill", "writer-pause", "writer-partition"):
+            return self.writer_fault(name, s, e)
+        if name == "reader-kill":
+            # At most readers - 1 slots, so one reader is always alive to take over (`fits` keeps
+            # slots from overlapping); the runner maps a slot to one of the readers alive then.
+            if self.readers < 2:
+                return None
+            slot = rng.randrange(self.readers - 1)
+            return _Episode(
+                events=(FaultEvent(s, "reader_kill", (), {"slot": slot}), FaultEvent(e, "reader_restart", (), {"slot": slot})),
+                locks=((f"reader:{slot}", s, e),),
+            )
         if name == "isolate":
             return self.isolate(s, e)
         if name == "replace":
             return self.replace(s, e)
         raise AssertionError(f"no builder for fault {name!r}")
+
+    def writer_fault(self, name: str, s: float, e: float) -> _Episode | None:
+        """A fault of the writer process that a reader must answer by taking over. It holds the
+        writer (no other writer fault, crash or aimed episode meanwhile), the membership (the
+        writer runs a change: the cluster target lets one finish first) and, for the partition,
+        the partition (one set of partition rules at a time)."""
+        if self.readers < 1:
+            return None
+        kind = name.replace("-", "_")
+        heal = {"writer_kill": "reader_add", "writer_pause": "writer_resume", "writer_partition": "heal"}[kind]
+        locks = [(WRITER, s, e), ("membership", s, e)]
+        if kind == "writer_partition":
+            locks.append(("partition", s, e))
+        return _Episode(events=(FaultEvent(s, kind, (WRITER,)), FaultEvent(e, heal, ())), locks=tuple(locks),
+                        quorum=((s, _ms(e + TAKEOVER_GRACE_S)),))
 
     def partition(self, s: float, e: float) -> _Episode | None:
         rng = self.rng
@@ -942,15 +1093,23 @@ def generate_plan(
     faults: Iterable[str],
     nodes: Mapping[str, str] | None = None,
     unbounded: bool = False,
+    readers: int | None = None,
 ) -> FaultPlan:
     """A timed sequence of faults, the same for the same arguments.
 
     `faults` names fault families as the CLI does (`FAULT_NAMES`). Unless `unbounded`, at most
     `IMPAIRED_MAX` segments of each quorum set are impaired at any instant; either way every
-    fault is healed before the last `TAIL_FRACTION` of the run."""
+    fault is healed before the last `TAIL_FRACTION` of the run. `readers`: the reader instances
+    the run starts with (default: READERS_DEFAULT when a family of CLUSTER_ONLY_NAMES is asked
+    for, else 0); writer faults need at least one, reader kills two."""
     wanted = sorted(set(faults))
     unknown = [f for f in wanted if f not in FAULT_NAMES]
     _require(not unknown, f"unknown fault names {unknown}; known: {list(FAULT_NAMES)}")
+    if readers is None:
+        readers = READERS_DEFAULT if any(f in CLUSTER_ONLY_NAMES for f in wanted) else 0
+    _require(isinstance(readers, int) and 0 <= readers <= READERS_MAX, f"readers must be in 0..{READERS_MAX}")
+    _require(readers >= 1 or not any(f in CLUSTER_ONLY_NAMES for f in wanted),
+             f"{[f for f in wanted if f in CLUSTER_ONLY_NAMES]} need reader instances (readers >= 1)")
     node_map = dict(DEFAULT_NODES) if nodes is None else {str(n): str(a) for n, a in nodes.items()}
     _require(len(node_map) >= 1, "a plan needs nodes")
     _require(WRITER not in node_map, f"{WRITER!r} is the writer, not a node")
@@ -963,12 +1122,14 @@ def generate_plan(
     faults_end_s = math.floor(duration_s * (1.0 - TAIL_FRACTION) * 1000.0) / 1000.0
     active_s = faults_end_s - lead_s
     budget = len(node_map) if unbounded else IMPAIRED_MAX
-    builder = _Builder(rng, node_map, unbounded)
+    builder = _Builder(rng, node_map, unbounded, readers)
     initial = frozenset(node_map)
     accepted: list[_Episode] = []
 
+    quorum_budget = None if unbounded else REPLICAS - WRITE_QUORUM
+
     def offer(episode: _Episode | None) -> bool:
-        if episode is not None and _fits(episode, accepted, budget, initial):
+        if episode is not None and _fits(episode, accepted, budget, initial, quorum_budget):
             accepted.append(episode)
             builder.accept(episode)
             return True
@@ -1016,4 +1177,5 @@ def generate_plan(
         nodes=tuple(sorted(node_map.items())),
         faults=tuple(wanted),
         unbounded=unbounded,
+        readers=readers,
     )

@@ -13,7 +13,10 @@ of a run can be printed and replayed. Then, per target:
   writer restart and the steps of a membership change run on threads beside the nemesis.
 * `cluster`: real processes started by the launcher in the run folder; SIGKILL / SIGSTOP /
   SIGCONT through the launcher, corruption through the node's admin RPC, network faults through
-  the fault layer in the nodes' and writer's gRPC clients (admin RPC), when available.
+  the fault layer in the nodes' and writer's gRPC clients (admin RPC), when available. Only
+  this target has reader instances, so only it takes the writer and reader faults
+  (`plan.CLUSTER_ONLY_NAMES`); its clients then also read on replicas (`replica_reads`), and
+  its writer faults get a verdict of their own (`failover`).
 
 Every run ends the same way: heal everything, wait until the segments converge, read every key
 once at full health, digest every segment of every PG up to VDL, and run the checkers. The run
@@ -30,16 +33,21 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 
-from engine.chaos.checker import check_all, overall, render_table
+from engine.chaos.checker import check_all, check_failovers, overall, render_table
 from engine.chaos.history import History
-from engine.chaos.plan import FAULT_NAMES, FaultEvent, FaultPlan, generate_plan
+from engine.chaos.plan import CLUSTER_ONLY_NAMES, DEFAULT_FAULTS, WRITER_FAULT_KINDS, FaultEvent, FaultPlan, generate_plan
 from engine.chaos.workload import Workload
-from engine.errors import SixfoldError
+from engine.errors import InvalidArgument, SixfoldError
 from engine.head import weakening
 
 log = logging.getLogger("sixfold.chaos")
 
 TARGETS = ("sim", "embedded", "cluster")
+#: How a cluster run's clients read on replicas: through one reader per session (what a replica
+#: promises to keep monotonic), through the reader endpoint (round_robin over every reader), or not.
+REPLICA_READS = ("pinned", "endpoint", "none")
+#: Event kinds only the cluster target can apply (it alone has reader instances).
+_READER_KINDS = WRITER_FAULT_KINDS | {"reader_add", "writer_resume", "reader_kill", "reader_restart"}
 CONVERGE_TIMEOUT_S = 60.0
 #: How long a crashed writer keeps trying to reopen (recovery needs a write quorum of every set).
 WRITER_REOPEN_S = 30.0
@@ -54,7 +62,7 @@ class RunConfig:
     duration_s: float = 10.0
     clients: int = 4
     keys: int = 8
-    faults: tuple[str, ...] = FAULT_NAMES
+    faults: tuple[str, ...] = DEFAULT_FAULTS
     unbounded: bool = False
     ops_max: int = 20_000
     protection_groups: int = 4
@@ -64,10 +72,29 @@ class RunConfig:
     base_port: int = 7600
     #: a hand-written plan (faults as data) instead of one generated from the seed
     plan: FaultPlan | None = None
+    #: reader instances of a cluster run (None: the plan's default, 2 with reader faults, else 0)
+    readers: int | None = None
+    replica_reads: str = "pinned"
 
     def __post_init__(self) -> None:
         assert self.target in TARGETS, self.target
         assert self.weaken is None or self.weaken in weakening.NAMED, self.weaken
+        assert self.replica_reads in REPLICA_READS, self.replica_reads
+
+    def check_target(self) -> None:
+        """InvalidArgument if the faults need what the target lacks (reader instances)."""
+        named = [f for f in self.faults if f in CLUSTER_ONLY_NAMES]
+        if self.readers is not None and not 0 <= self.readers <= 15:
+            raise InvalidArgument(f"readers: 0..15 (a cluster runs at most 15), got {self.readers}")
+        if self.target == "cluster":
+            if named and self.readers == 0 and self.plan is None:
+                raise InvalidArgument(f"{', '.join(named)} need reader instances to take over: readers >= 1")
+            return
+        planned = self.plan is not None and (self.plan.readers or any(e.kind in _READER_KINDS for e in self.plan.events))
+        if named or planned or self.readers:
+            raise InvalidArgument(
+                f"writer and reader faults ({', '.join(named) or 'in the plan'}) need reader instances: "
+                f"--target cluster only, not {self.target}")
 
 
 @dataclass
@@ -107,12 +134,14 @@ def _counts(history: History) -> dict:
 
 def run(config: RunConfig, out_dir: str, *, progress=None) -> RunResult:
     """Run one fault-injection run; write plan.json, history.jsonl and report.json to out_dir."""
+    config.check_target()
     os.makedirs(out_dir, exist_ok=True)
     # A run starts from an empty volume: data left by an earlier run in this folder would be
     # values this history never wrote.
     for leftover in ("data", "cluster"):
         shutil.rmtree(os.path.join(out_dir, leftover), ignore_errors=True)
-    plan = config.plan or generate_plan(config.seed, config.duration_s, config.faults, unbounded=config.unbounded)
+    plan = config.plan or generate_plan(config.seed, config.duration_s, config.faults, unbounded=config.unbounded,
+                                        readers=config.readers)
     with open(os.path.join(out_dir, "plan.json"), "w") as fh:
         fh.write(plan.to_json())
     t0 = time.monotonic()
@@ -125,6 +154,8 @@ def run(config: RunConfig, out_dir: str, *, progress=None) -> RunResult:
     # Simulated time is deterministic; wall-clock times are not, so they are kept only for real runs.
     history.write_jsonl(os.path.join(out_dir, "history.jsonl"), include_time=True)
     verdicts = check_all(history, digests=digests, time_budget_s=config.check_budget_s)
+    if stats.get("failovers"):
+        verdicts.append(check_failovers(stats["failovers"], liveness=not plan.unbounded))
     result = RunResult(config, out_dir, verdicts, _counts(history), stats, time.monotonic() - t0)
     with open(os.path.join(out_dir, "report.json"), "w") as fh:
         json.dump(result.report(), fh, indent=2, sort_keys=True, default=str)
@@ -173,12 +204,13 @@ def _progress_line(config: RunConfig, t0: float, workload: Workload, faults_appl
     )
 
 
-def _drive(config: RunConfig, plan: FaultPlan, db, apply, progress):
-    """Run the workload and the nemesis together; return (workload, history, nemesis)."""
+def _drive(config: RunConfig, plan: FaultPlan, db, apply, progress, replica=None):
+    """Run the workload and the nemesis together; return (workload, history, nemesis).
+    `replica`: the sessions' read replicas (the cluster target with readers), or None."""
     history = History(clock_ns=time.monotonic_ns)
     workload = Workload(
         db, history, config.seed, clients=config.clients, keys=config.keys, duration_s=config.duration_s,
-        ops_max=config.ops_max,
+        ops_max=config.ops_max, replica=replica,
     )
     t0 = time.monotonic()
     nemesis = _Nemesis(plan, apply, t0)

@@ -23,6 +23,16 @@ classified by what the API promises:
 After an indeterminate outcome the client continues as a new process (process += clients), as
 in Jepsen: the old operation stays open forever, concurrent with everything after it.
 
+Replica reads (a run with reader instances: `replica`, an object with `session(client) ->
+(session id, database or None)`): a fraction `replica_fraction` of a client's operations are
+gets and scans on a read replica, recorded with `replica: true`, the session id and the
+`after=` position asked for: none, the commit position of the client's own last write, or
+`db.last_commit` (the newest position any client of the shared writer connection got back).
+Every write records the commit position it returned (`commit`) and the client's session. A
+session is whatever the `replica` object says reads are promised to be monotonic over (the
+cluster target: one client reading from one reader instance; a client that moves to another
+reader starts a new session); with no database to read through the read is recorded as failed.
+
 The run is bounded by `ops_max` operations in total and by `duration_s` on the injected clock,
 and `stop()` ends it early; each client finishes the operation it is in. `final_reads()` reads
 every key once from a separate process and records those gets with `final: true`; a checker
@@ -55,6 +65,12 @@ SCAN_END = b"\xff"
 FINAL_PROCESS = "final"
 #: Pause of a client after an operation that did not succeed.
 FAIL_BACKOFF_S = 0.02
+#: With read replicas: the fraction of operations that are replica reads, how they split into
+#: gets and scans, and how often they ask for `after=` (own last commit, db.last_commit).
+REPLICA_FRACTION_DEFAULT = 0.3
+REPLICA_SCAN_FRACTION = 0.25
+AFTER_OWN_FRACTION = 0.4
+AFTER_LAST_COMMIT_FRACTION = 0.2
 
 
 @dataclass(frozen=True)
@@ -92,6 +108,16 @@ def workload_keys(count: int) -> tuple[bytes, ...]:
     return tuple(b"k%0*d" % (width, i) for i in range(count))
 
 
+class _Session:
+    """What one client thread knows of its own session: its last write's commit position."""
+
+    __slots__ = ("client", "last_commit")
+
+    def __init__(self, client: int) -> None:
+        self.client = client
+        self.last_commit: int | None = None
+
+
 class Workload:
     """Concurrent clients driving `db`, recording into `history`.
 
@@ -111,6 +137,8 @@ class Workload:
         progress: Callable[[Progress], None] | None = None,
         progress_every_ops: int = 100,
         batch_ops_max: int = 3,
+        replica: Any = None,
+        replica_fraction: float = REPLICA_FRACTION_DEFAULT,
     ) -> None:
         mix = dict(DEFAULT_MIX if mix is None else mix)
         if not (0 < clients <= CLIENTS_MAX):
@@ -121,6 +149,10 @@ class Workload:
             raise AssertionError(f"batch_ops_max must be in 2..{BATCH_OPS_MAX}")
         if not (ops_max >= 0 and duration_s >= 0 and progress_every_ops > 0):
             raise AssertionError("ops_max, duration_s and progress_every_ops are bounds >= 0")
+        if not 0.0 <= replica_fraction <= 1.0:
+            raise AssertionError("replica_fraction is a fraction of the operations, in 0..1")
+        self.replica = replica
+        self._replica_fraction = replica_fraction
         self.db = db
         self.history = history
         self.seed = seed
@@ -146,9 +178,10 @@ class Workload:
     def describe(self) -> str:
         """One line with everything needed to replay the run's client side; print it."""
         mix = ",".join(f"{n}={w:g}" for n, w in zip(self._mix_names, self._mix_weights))
+        replica = f" replica_fraction={self._replica_fraction:g}" if self.replica is not None else ""
         return (
             f"workload seed={self.seed} clients={self.clients} keys={len(self.keys)} mix={mix} "
-            f"ops_max={self.ops_max} duration_s={self.duration_s}"
+            f"ops_max={self.ops_max} duration_s={self.duration_s}{replica}"
         )
 
     # -- control ----------------------------------------------------------------------------
@@ -213,15 +246,19 @@ class Workload:
         rng = random.Random(f"{self.seed}/{client}")
         process = client
         written = 0
+        state = _Session(client)
         try:
             # Bounded by ops_max: every iteration takes one slot or ends the loop.
             for _ in range(self.ops_max):
                 if not self._take_slot():
                     break
-                f = rng.choices(self._mix_names, self._mix_weights)[0]
-                if f in ("put", "batch"):
-                    written += 1
-                outcome = self._one(rng, process, f, written)
+                if self.replica is not None and rng.random() < self._replica_fraction:
+                    outcome = self._replica_read(rng, process, state)
+                else:
+                    f = rng.choices(self._mix_names, self._mix_weights)[0]
+                    if f in ("put", "batch"):
+                        written += 1
+                    outcome = self._one(rng, process, f, written, state)
                 self._record(outcome)
                 if outcome == "indeterminate":
                     process += self.clients
@@ -234,16 +271,17 @@ class Workload:
     def _value(self, process: int, written: int, i: int = 0) -> bytes:
         return b"p%d-%d" % (process, written) if i == 0 else b"p%d-%d.%d" % (process, written, i)
 
-    def _one(self, rng: random.Random, process: int, f: str, written: int) -> str:
+    def _one(self, rng: random.Random, process: int, f: str, written: int, state: "_Session | None" = None) -> str:
         h = self.history
+        session = self._session_of(state)
         if f == "put":
             key, value = rng.choice(self.keys), self._value(process, written)
-            op = h.invoke(process, "put", key=key, value=value)
-            return self._write(op, lambda: self.db.put(key, value))
+            op = h.invoke(process, "put", key=key, value=value, session=session)
+            return self._write(op, lambda: self.db.put(key, value), state)
         if f == "delete":
             key = rng.choice(self.keys)
-            op = h.invoke(process, "delete", key=key)
-            return self._write(op, lambda: self.db.delete(key))
+            op = h.invoke(process, "delete", key=key, session=session)
+            return self._write(op, lambda: self.db.delete(key), state)
         if f == "batch":
             n = rng.randint(2, self._batch_ops_max)
             ops = []
@@ -252,8 +290,8 @@ class Workload:
                     ops.append(("put", key, self._value(process, written, i)))
                 else:
                     ops.append(("delete", key, None))
-            op = h.invoke(process, "batch", ops=ops)
-            return self._write(op, lambda: self._batch(ops))
+            op = h.invoke(process, "batch", ops=ops, session=session)
+            return self._write(op, lambda: self._batch(ops), state)
         if f == "get":
             key = rng.choice(self.keys)
             op = h.invoke(process, "get", key=key)
@@ -266,33 +304,70 @@ class Workload:
             return self._read(op, lambda: self._scan(start, end))
         raise AssertionError(f"unknown op {f}")
 
-    def _batch(self, ops: list[tuple[str, bytes, bytes | None]]) -> None:
+    def _session_of(self, state: "_Session | None") -> Any:
+        if self.replica is None or state is None:
+            return None
+        return self.replica.session(state.client)[0]
+
+    def _replica_read(self, rng: random.Random, process: int, state: "_Session") -> str:
+        """A get or scan on a read replica, in the client's session, with or without after=."""
+        h = self.history
+        session, rdb = self.replica.session(state.client)
+        draw = rng.random()
+        after = None
+        if draw < AFTER_OWN_FRACTION:
+            after = state.last_commit
+        elif draw < AFTER_OWN_FRACTION + AFTER_LAST_COMMIT_FRACTION:
+            last = getattr(self.db, "last_commit", None)
+            after = last if isinstance(last, int) else None
+        kw = {} if after is None else {"after": after}
+        if rng.random() < REPLICA_SCAN_FRACTION:
+            i = rng.randrange(len(self.keys))
+            j = rng.randint(i + 1, len(self.keys))
+            start, end = self.keys[i], self.keys[j] if j < len(self.keys) else SCAN_END
+            op = h.invoke(process, "scan", start=start, end=end, session=session, replica=True, after=after)
+            call = (lambda: self._scan(start, end, rdb, **kw))
+        else:
+            key = rng.choice(self.keys)
+            op = h.invoke(process, "get", key=key, session=session, replica=True, after=after)
+            call = (lambda: rdb.get(key, **kw))
+        if rdb is None:
+            self.history.complete(op, "fail", error="Unavailable: no reader instance to read from")
+            return "fail"
+        return self._read(op, call)
+
+    def _batch(self, ops: list[tuple[str, bytes, bytes | None]]) -> int | None:
         with self.db.batch() as b:
             for bf, key, value in ops:
                 if bf == "put":
                     b.put(key, value)
                 else:
                     b.delete(key)
+        return getattr(b, "lsn", None)
 
-    def _scan(self, start: bytes, end: bytes) -> list[tuple[bytes, bytes]]:
+    def _scan(self, start: bytes, end: bytes, db: Any = None, **kw) -> list[tuple[bytes, bytes]]:
         # Bounded: a scan cannot legitimately return more pairs than there are keys, so a
         # runaway iterator is cut off (and the checker sees the extra pairs it did return).
         limit = 2 * len(self.keys) + 1
         out: list[tuple[bytes, bytes]] = []
-        for pair in self.db.scan(start, end):
+        for pair in (self.db if db is None else db).scan(start, end, **kw):
             out.append((bytes(pair[0]), bytes(pair[1])))
             if len(out) >= limit:
                 break
         return out
 
-    def _write(self, op: int, call: Callable[[], None]) -> str:
+    def _write(self, op: int, call: Callable[[], Any], state: "_Session | None" = None) -> str:
         try:
-            call()
+            lsn = call()
         except Exception as exc:
             outcome = classify_write_error(exc)
             self.history.complete(op, outcome, error=_describe(exc))
             return outcome
-        self.history.complete(op, "ok")
+        # The commit position the write returned (a test fake may return none).
+        commit = lsn if isinstance(lsn, int) and not isinstance(lsn, bool) and lsn >= 0 else None
+        self.history.complete(op, "ok", commit=commit)
+        if state is not None and commit is not None:
+            state.last_commit = commit
         return "ok"
 
     def _read(self, op: int, call: Callable[[], Any]) -> str:

@@ -233,6 +233,15 @@ class Cluster:
         """SIGCONT: a frozen process resumes."""
         return self.processes.cont(name)
 
+    def signal_pid(self, pid: int, sig: int) -> bool:
+        """Signal a process this `Cluster` started, by pid (a writer paused before a failover,
+        which the manifest no longer names); False when it has exited."""
+        return self.processes.signal_child(pid, sig)
+
+    def pid_alive(self, pid: int) -> bool:
+        """True while a process this `Cluster` started runs or is paused."""
+        return self.processes.child_alive(pid)
+
     def down(self, timeout_s: float = DOWN_TIMEOUT_S) -> None:
         """Stop everything: the writer first (its in-flight writes still reach the nodes), then
         the nodes; SIGTERM, then SIGKILL after `timeout_s`. The data stays."""

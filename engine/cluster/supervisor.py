@@ -710,6 +710,21 @@ class Supervisor:
             time.sleep(0.02)
         return True
 
+    def signal_child(self, pid: int, sig: int) -> bool:
+        """Signal a process this supervisor started, by pid, whatever the manifest names now (a
+        writer paused before a failover is the writer no more); False when it has exited. Only
+        our own children: their pid cannot be recycled while we hold them unreaped."""
+        proc = self._children.get(pid)
+        if proc is None or proc.poll() is not None:
+            return False
+        os.kill(pid, sig)
+        return True
+
+    def child_alive(self, pid: int) -> bool:
+        """True while a process this supervisor started runs (or is paused)."""
+        proc = self._children.get(pid)
+        return proc is not None and proc.poll() is None
+
     def stop(self, name: str) -> int:
         """SIGSTOP: the process freezes (its sockets stay open, nobody answers)."""
         return self._signal(name, signal.SIGSTOP)

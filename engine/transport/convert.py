@@ -80,6 +80,12 @@ from engine.proto import common_pb2, kv_pb2, storage_pb2
 ERROR_METADATA_KEY = "sixfold-error"
 #: Request metadata key naming the caller ("writer", a node id, "chaos"...), for fault rules.
 SOURCE_METADATA_KEY = "sixfold-source"
+#: Request metadata key with the calling process's pid, which fault rules may block as the source
+#: `pid:<n>` (`blocked_sources`): a label that can only get a request refused, never admitted, so
+#: it is read with TLS too (the chaos nemesis cuts off one writer *process*, whose certificate it
+#: shares with every reader that may take over).
+PROCESS_METADATA_KEY = "sixfold-process"
+PROCESS_SOURCE_PREFIX = "pid:"
 #: Storage protocol 2: every storage request names its volume in this metadata key; a node refuses
 #: a request without it, or for another volume, with WrongVolume.
 VOLUME_METADATA_KEY = "sixfold-volume"

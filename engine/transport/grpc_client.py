@@ -5,7 +5,8 @@ Theory of operation
 `GrpcTransport(addresses, source)` keeps one channel (one HTTP/2 connection) per node, created
 on first use and reused by every call, whatever thread makes it. `_call(node, method, *args)`
 looks the method up in `_METHODS` (request builder, stub method, reply parser, deadline), sends
-the caller's identity in the `sixfold-source` metadata (fault rules on the node side use it),
+the caller's identity in the `sixfold-source` metadata and its pid in `sixfold-process` (fault
+rules on the node side use them),
 and converts the reply with `engine.transport.convert`.
 
 Every call has a deadline (`Deadlines`): short for appends and reads so that a paused node
@@ -31,6 +32,7 @@ shutting down (`Closed`), is `Unavailable`, as the interface promises.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -134,7 +136,7 @@ class GrpcTransport(Transport):
         self.tls = tls
         self.deadlines = deadlines
         self._options = CHANNEL_OPTIONS + tuple(channel_options)
-        self._metadata = ((convert.SOURCE_METADATA_KEY, source),) + (
+        self._metadata = ((convert.SOURCE_METADATA_KEY, source), (convert.PROCESS_METADATA_KEY, str(os.getpid()))) + (
             ((convert.VOLUME_METADATA_KEY, volume_id),) if volume_id else ()
         )
         self._lock = threading.Lock()

@@ -11,7 +11,11 @@ INTERNAL. Either way the node keeps serving: garbage in one request never takes 
 
 `FaultGate` applies the transport fault rules set by the admin RPC `SetFaults` to the data RPCs
 this node receives (the receiving end of every link): partitions and blocked sources refuse a
-request UNAVAILABLE, `drop_probability` refuses at random, `delay_ms` (+ jitter) sleeps first,
+request UNAVAILABLE (a caller is named by its name and by `pid:<n>`, the process id its
+transport states in `sixfold-process`: a label that can only get a request refused, so it is
+read with TLS too; it cuts off one process where a certificate is shared, as the writer's is by
+every reader that may take over; in a partition, a caller named in some group is refused
+unless one of its names is in this node's group), `drop_probability` refuses at random, `delay_ms` (+ jitter) sleeps first,
 `duplicate_probability` applies an append twice. Admin callers and admin RPCs are never faulted,
 so a partition can always be healed. With no rules set the gate costs one attribute read per
 request. Fault injection (`Corrupt`, `SetFaults`) exists only on a node started with
@@ -161,24 +165,29 @@ class FaultGate:
         when the request is cut off or dropped. With a `guard` (TLS) the source is the caller's
         certificate id and only the admin role passes unfaulted; without, the metadata source."""
         rules = self.rules
+        labelled, pid = "", ""
+        for key, value in context.invocation_metadata():
+            if key == convert.SOURCE_METADATA_KEY:
+                labelled = value
+            elif key == convert.PROCESS_METADATA_KEY:
+                pid = value
         if guard is not None:
             who = guard.identity(context)
             source, privileged = who.id, who.role == ADMIN
         else:
-            source = ""
-            for key, value in context.invocation_metadata():
-                if key == convert.SOURCE_METADATA_KEY:
-                    source = value
+            source = labelled
             privileged = source in ADMIN_SOURCES
         if privileged:
             return 1
-        if source in rules.blocked_sources:
-            raise Unavailable(f"node {self.me}: requests from {source!r} are blocked by a fault rule")
+        names = (source, convert.PROCESS_SOURCE_PREFIX + pid) if pid else (source,)
+        blocked = next((n for n in names if n in rules.blocked_sources), None)
+        if blocked is not None:
+            raise Unavailable(f"node {self.me}: requests from {blocked!r} are blocked by a fault rule")
         if rules.groups:
             mine = next((g for g in rules.groups if self.me in g), ())
-            named = any(source in g for g in rules.groups)
-            if named and source not in mine:
-                raise Unavailable(f"node {self.me}: partitioned from {source!r} by a fault rule")
+            named = [n for n in names if any(n in g for g in rules.groups)]
+            if named and not any(n in mine for n in named):
+                raise Unavailable(f"node {self.me}: partitioned from {named[0]!r} by a fault rule")
         with self._lock:
             drop = rules.drop_probability and self._rng.random() < rules.drop_probability
             dup = duplicable and rules.duplicate_probability and self._rng.random() < rules.duplicate_probability
