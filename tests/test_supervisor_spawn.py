@@ -45,3 +45,22 @@ def test_a_pid_not_started_here_is_still_checked_by_its_command_line(tmp_path):
     finally:
         other.kill()
         other.wait()
+
+
+def test_a_promoted_reader_is_the_writer_for_a_launcher_that_did_not_start_it(tmp_path):
+    """After a failover the manifest names a promoted reader's process (`reader serve`) as the
+    writer. A launcher in another process (any CLI command) recognised a writer by `writer serve`
+    in its command line only, so it called the new writer down: `cluster status` said DOWN and a
+    second `writer kill` said the writer was not running."""
+    from engine.cluster.manifest import WRITER
+
+    sup = Supervisor(str(tmp_path))
+    promoted = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)", "-m", "engine", "reader",
+                                 "serve", "--cluster", str(tmp_path), "--id", "r2"])
+    try:
+        assert promoted.pid not in sup._children
+        assert sup.live_pid(WRITER, promoted.pid) == promoted.pid
+        assert sup.live_pid("r1", promoted.pid) is None  # not reader r1's
+    finally:
+        promoted.kill()
+        promoted.wait()
