@@ -140,3 +140,35 @@ def test_a_membership_step_never_shares_an_epoch_with_a_candidate_that_sealed_it
         with pytest.raises((engine.StaleEpoch, engine.WriteIndeterminate)):
             db.put(b"k", b"from the fenced writer")
         assert w.fenced is not None
+
+
+def test_a_step_short_of_a_quorum_leaves_seals_the_writer_knows_as_its_own(tmp_path):
+    """With three nodes down a step seals only the others; their refusals of the writer's next
+    appends (at the old epoch) are the writer's own doing, not another writer's. They once fenced
+    it (seen in a clean-clone run under load). Now it sends again, and once the nodes are back a
+    refusal takes the step. No background threads: the test decides every send."""
+    from engine.core.constants import FLAG_PUT
+    from engine.embedded import EmbeddedOptions, EmbeddedVolume
+
+    v = EmbeddedVolume(str(tmp_path / "v"), EmbeddedOptions(background=False, durable=False, protection_groups=2))
+    try:
+        w = v.writer
+        e = w.epoch
+        for n in ("n1", "n2", "n4"):
+            v.stop_node(n)
+        with pytest.raises(engine.Unavailable, match="did not reach a write quorum"):
+            w.steps.step(lambda m: m)
+        assert w.epoch == e and w.own_seals == {e + 1: {"n3", "n5", "n6"}}
+        lsn, ticket = w.submit(((FLAG_PUT, b"k", b"v"),))
+        w.send_once(w.links["n5"])  # refused: n5 is at e + 1, by our own seal
+        assert w.fenced is None, w.fenced
+        for n in ("n1", "n2", "n4"):
+            v.start_node(n)
+        w.send_once(w.links["n5"])  # refused again: now the step is taken
+        assert w.fenced is None and w.epoch == e + 1 and w.pending_step is None
+        for n in ("n1", "n2", "n3", "n4", "n5", "n6"):
+            w.send_once(w.links[n])
+        w.wait(lsn, ticket, timeout_s=0)
+        assert w.get(b"k") == b"v"
+    finally:
+        v.close()

@@ -1007,7 +1007,12 @@ class Writer:
                     self.steps.take(self.pending_step)
                     return True
                 except Unavailable:
-                    pass
+                    # Not yet. A node still at the step's epoch refused because of our own seal
+                    # (strict: nobody else sealed it there): send again later. A writer that owns
+                    # that epoch elsewhere shows on the other nodes, whose refusals fence us.
+                    pending = self.pending_step
+                    if pending is not None and self._probe_epochs_of((link.id,)).get(link.id) == pending.epoch:
+                        return True
                 except SixfoldError as step_error:
                     log.warning("the pending membership step to epoch %d failed: %s", self.pending_step.epoch, step_error)
                     self.pending_step = None
@@ -1033,8 +1038,11 @@ class Writer:
 
     def _probe_epochs(self, membership: Membership) -> dict[str, int]:
         """The epoch every reachable member holds now (read at decision time, a rare path)."""
+        return self._probe_epochs_of(membership.all_nodes)
+
+    def _probe_epochs_of(self, nodes) -> dict[str, int]:
         epochs = {}
-        for n in membership.all_nodes:
+        for n in nodes:
             try:
                 epochs[n] = self.transport.state(n).epoch
             except SixfoldError:
