@@ -584,12 +584,27 @@ def cmd_reader_serve(args) -> int:
         except (ClusterError, OSError, ValueError):
             return None
 
+    def rank() -> int:
+        """This reader's place among the live readers now (by id number): the first waits least.
+        (A fixed place by id number made the survivors of many failovers wait longer each time.)"""
+        try:
+            live = [x["id"] for x in load_manifest(folder).get("readers", []) if not x.get("retired")]
+        except (ClusterError, OSError, ValueError):
+            live = []
+
+        def number(rid: str) -> int:
+            digits = "".join(ch for ch in rid if ch.isdigit())
+            return int(digits) if digits else 0
+
+        live.sort(key=number)
+        return live.index(r["id"]) if r["id"] in live else len(live)
+
     promotion = None
     if not args.no_promote:
         # A reader may become the writer: it holds the writer's identity for that (only a writer
         # certificate may seal), and takes over once the writer's lease lapsed (engine.head.failover).
         promotion = dict(promote=True, writer_tls=tls_config(folder, m, WRITER), writer_az=writer_az,
-                         on_promoted=record_promotion, preferred=preferred)
+                         on_promoted=record_promotion, preferred=preferred, rank=rank)
     try:
         # The reader authenticates to the writer endpoint with the folder's operator token (a
         # local process of the cluster) and to the nodes with its own certificate (role reader).

@@ -82,7 +82,8 @@ class Candidate:
     def __init__(self, transport, nodes: Sequence[NodeInfo], *, lease_s: float = LEASE_S_DEFAULT, az: str = "",
                  writer_az: Callable[[], str] = lambda: "", same_az_delay_s: float | None = None,
                  clock: Callable[[], float] = time.monotonic, me: str = "",
-                 preferred: Callable[[], str | None] = lambda: None, rank_delay_s: float = 0.0) -> None:
+                 preferred: Callable[[], str | None] = lambda: None,
+                 rank_delay_s: float | Callable[[], float] = 0.0) -> None:
         """`preferred()`: the candidate a planned failover names (`writer failover --to`), if
         any: it goes at once, every other candidate waits two lease periods more."""
         self.me = me
@@ -136,7 +137,8 @@ class Candidate:
                 if since is None:
                     since = now
                     log.warning("the writer's lease lapsed: %s", why)
-                delay = (self.same_az_delay_s if self.az and self.az == self.writer_az() else 0.0) + self.rank_delay_s
+                rank_delay = self.rank_delay_s() if callable(self.rank_delay_s) else self.rank_delay_s
+                delay = (self.same_az_delay_s if self.az and self.az == self.writer_az() else 0.0) + rank_delay
                 chosen = self.preferred()
                 if chosen:
                     delay = 0.0 if chosen == self.me else 2 * self.lease_s

@@ -468,7 +468,8 @@ class ReaderProcess:
     def __init__(self, config: EndpointConfig, reader_id: str, az: str, listen: str, writer_address: Callable[[], str], *,
                  tls=None, token: str | None = None, workers: int = READER_WORKERS, transport=None,
                  writer_tls=None, promote: bool = False, writer_az: Callable[[], str] = lambda: "",
-                 on_promoted: Callable[[], None] | None = None, preferred: Callable[[], str | None] = lambda: None) -> None:
+                 on_promoted: Callable[[], None] | None = None, preferred: Callable[[], str | None] = lambda: None,
+                 rank: Callable[[], int] | None = None) -> None:
         self.config = config
         self.reader_id = reader_id
         self.az = az
@@ -479,9 +480,15 @@ class ReaderProcess:
         self.writer_az = writer_az
         self.on_promoted = on_promoted
         self.preferred = preferred
-        #: r1 waits 0, r2 half a lease more...: one promotion per failure (engine.head.failover)
-        digits = "".join(ch for ch in reader_id if ch.isdigit())
-        self.rank_delay_s = 0.5 * (config.lease_s or 1.0) * (int(digits) - 1 if digits else 0) % (4 * (config.lease_s or 1.0))
+        #: the first candidate waits 0, the next half a lease more...: one promotion per failure
+        #: (engine.head.failover). `rank()`: this reader's place among the cluster's live readers
+        #: now (the manifest's); without it, the number in its id (r1 first)
+        lease = config.lease_s or 1.0
+        if rank is None:
+            digits = "".join(ch for ch in reader_id if ch.isdigit())
+            fixed = (int(digits) - 1 if digits else 0) % 8
+            rank = lambda: fixed  # noqa: E731
+        self.rank_delay_s = lambda: 0.5 * lease * min(7, max(0, rank()))
         self.writer_endpoint = None
         self.stepped_down = threading.Event()
         self._stop = threading.Event()
