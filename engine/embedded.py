@@ -27,6 +27,7 @@ Theory of operation of an open
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -92,6 +93,10 @@ class EmbeddedOptions:
     #: False: no background threads at all (no senders, gossip or scrub); a simulator drives the
     #: steps (`Writer.send_once`, `StorageNode.gossip_once`, `scrub_step`) itself
     background: bool = True
+    #: version collection (engine.head.readpoints): how far the collection point trails the VDL,
+    #: and how long request-id records are kept for re-sends
+    collect_delay_s: float = 1.0
+    request_retention_s: float = 60.0
 
 
 def check_volume_folder(path: str) -> None:
@@ -330,7 +335,8 @@ class EmbeddedVolume:
             self._wrap(InProcessTransport(self.registry, "writer")),
             self.node_infos,
             self.geometry,
-            WriterOptions(write_timeout_s=o.write_timeout_s, local_az=o.local_az, lal=o.lal),
+            WriterOptions(write_timeout_s=o.write_timeout_s, local_az=o.local_az, lal=o.lal,
+                          collect_delay_s=o.collect_delay_s, request_retention_s=o.request_retention_s),
             background=o.background,
             weakening=self.weakening,
             cipher=self.cipher,
@@ -511,6 +517,12 @@ class EmbeddedVolume:
 
     def view(self):
         return self._w.view()
+
+    def open_snapshot(self):
+        """A view held against version collection until the returned function is called."""
+        w = self._w
+        view, reg = w.open_snapshot("snapshot")
+        return view, functools.partial(w.read_points.release, reg)
 
     def status(self) -> dict:
         w = self._w.status()
