@@ -136,6 +136,10 @@ class Simulation:
             self.settle()
             self.final_reads()
             digests = self.digests()
+            # Version collection ran under the faults too (`collect_once`): how much it removed.
+            self.stats["collected_records"] = sum(
+                n.store.counters.get("collected", 0) for n in self.vol.nodes.values() if n is not None
+            )
         finally:
             self.vol.close()
         stats = dict(self.stats, faults=dict(self.faults.counts), replaced=self.changes.replaced)

@@ -172,12 +172,15 @@ class ReadPointRegistry:
 
 
 class VdlHistory:
-    """The VDL as it was `span_s` ago, from samples at most `span_s / HISTORY_STEPS` apart (a
-    writer younger than `span_s` answers with its first sample: the VDL it recovered, which
-    every read it served is at or above)."""
+    """The VDL as it was `span_s` ago, from samples at most `span_s / HISTORY_STEPS` apart. Of
+    the time before its first sample it knows nothing: until that is `span_s` old it answers
+    `young` (None: the first sample, which for a new writer is the VDL it recovered, at or below
+    every read point it served; a retention window answers 0: the old writer's records may be
+    younger than the window)."""
 
-    def __init__(self, span_s: float) -> None:
+    def __init__(self, span_s: float, young: int | None = None) -> None:
         self.span_s = span_s
+        self._young = young
         self._step_s = span_s / HISTORY_STEPS
         self._samples: deque[tuple[float, int]] = deque()
 
@@ -190,4 +193,6 @@ class VdlHistory:
             s.append((now, vdl))
         while len(s) > 1 and s[1][0] <= now - self.span_s:
             s.popleft()
+        if self._young is not None and s[0][0] > now - self.span_s:
+            return self._young
         return s[0][1]

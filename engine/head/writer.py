@@ -340,7 +340,7 @@ class Writer:
         #: who reads the past (engine.head.readpoints): snapshots, scans, readers, the archiver
         self.read_points = ReadPointRegistry(clock)
         self._collect_delay = VdlHistory(options.collect_delay_s)
-        self._request_retention = VdlHistory(options.request_retention_s)
+        self._request_retention = VdlHistory(options.request_retention_s, young=0)
 
     # --- lifecycle --------------------------------------------------------------------------
     def open(self) -> None:

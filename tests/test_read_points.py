@@ -1,0 +1,242 @@
+"""Read points in use hold version collection back (engine.head.readpoints): the registry's
+rules with an injected clock, then end to end in the embedded engine: overwrites of one key stay
+bounded on every node, a snapshot opened before them reads its value until it is closed, a scan
+holds its own read point, a lapsed registration stops holding, and a new writer does not know the
+old one's snapshots."""
+
+from __future__ import annotations
+
+import pytest
+from waiting import eventually
+
+import engine
+from engine.errors import InvalidArgument, ResourceExhausted, SnapshotTooOld
+from engine.head.readpoints import LEASE_S_MAX, ReadPointRegistry, VdlHistory
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 100.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+# --- the registry ---------------------------------------------------------------------------
+def test_the_point_is_the_least_registered_read_point_and_never_above_the_ceiling():
+    r = ReadPointRegistry(Clock())
+    assert r.point(50) == 50
+    a = r.register("snapshot", 60)
+    b = r.register("archiver", 70, lease_s=5)
+    assert r.point(100) == 60
+    r.release(a)
+    assert r.point(100) == 70
+    assert r.point(65) == 65  # never above the VDL it may collect at
+    r.release(b)
+    assert r.point(100) == 100
+    assert r.release(b) is False
+
+
+def test_a_registration_below_a_point_already_sent_is_refused():
+    r = ReadPointRegistry(Clock())
+    assert r.point(80) == 80
+    with pytest.raises(SnapshotTooOld):
+        r.register("late snapshot", 79)
+    r.register("fresh", 80)
+    r.raise_floor(90)  # a new writer learns the nodes' horizons
+    with pytest.raises(SnapshotTooOld):
+        r.register("below the nodes' horizon", 85)
+
+
+def test_a_registration_that_is_not_renewed_lapses():
+    clock = Clock()
+    r = ReadPointRegistry(clock)
+    reg = r.register("reader", 10, lease_s=2.0)
+    clock.t += 1.5
+    r.renew(reg)  # renewed: good for 2 s from now
+    clock.t += 1.9
+    assert r.point(100) == 10
+    clock.t += 0.2
+    assert r.point(100) == 100 and r.lapsed == 1
+    with pytest.raises(SnapshotTooOld):
+        r.renew(reg)
+    held = r.register("until released", 100)
+    clock.t += LEASE_S_MAX * 2
+    assert r.point(200) == 100 and r.release(held)
+
+
+def test_an_archiver_moves_its_position_forward():
+    r = ReadPointRegistry(Clock())
+    reg = r.register("backup archiver", 10, lease_s=30)
+    assert r.point(100) == 10
+    assert r.renew(reg, lsn=40).lsn == 40
+    assert r.point(100) == 40
+    with pytest.raises(SnapshotTooOld):
+        r.renew(reg, lsn=39)  # below a point already sent: the nodes may have collected it
+
+
+def test_registrations_are_bounded():
+    r = ReadPointRegistry(Clock(), registrations_max=3)
+    for i in range(3):
+        r.register(f"s{i}", 1)
+    with pytest.raises(ResourceExhausted):
+        r.register("one too many", 1)
+    for bad in (-1, 1 << 63, True, 1.5, None):
+        with pytest.raises(InvalidArgument):
+            r.register("bad lsn", bad)
+    for bad in (0, -1, LEASE_S_MAX * 2, float("nan"), "1"):
+        with pytest.raises(InvalidArgument):
+            ReadPointRegistry(Clock()).register("bad lease", 1, lease_s=bad)
+    for bad in ("", "x" * 129, 7):
+        with pytest.raises(InvalidArgument):
+            ReadPointRegistry(Clock()).register(bad, 1)
+
+
+def test_the_vdl_history_trails_by_its_span():
+    h = VdlHistory(1.0)
+    assert h.at(0.0, 10) == 10  # a young writer: the VDL it started at
+    assert h.at(0.5, 20) == 10
+    assert h.at(1.2, 30) == 20 or h.at(1.2, 30) == 10
+    assert h.at(5.0, 40) == 30
+    retention = VdlHistory(60.0, young=0)
+    assert retention.at(0.0, 10) == 0 and retention.at(59.0, 50) == 0  # the old writer's may be younger
+    assert retention.at(61.0, 60) == 10
+    assert VdlHistory(0.0).at(3.0, 77) == 77
+
+
+# --- end to end -------------------------------------------------------------------------------
+def open_db(path, **kw):
+    kw.setdefault("durable", False)
+    kw.setdefault("collect_delay_s", 0.0)
+    kw.setdefault("request_retention_s", 0.0)
+    return engine.open(path, **kw)
+
+
+def records(db) -> list[int]:
+    return [n["records"] for n in db.status()["nodes"]]
+
+
+OVERWRITES = 100_000
+BATCH = 1000
+
+
+def overwrite(db, key: bytes, n: int, tag: bytes) -> None:
+    for i in range(n // BATCH):
+        with db.batch() as b:
+            for j in range(BATCH):
+                b.put(key, tag + b"%d" % (i * BATCH + j))
+
+
+def test_overwrites_of_one_key_stay_bounded_and_a_snapshot_reads_its_value_until_closed(tmp_path):
+    with open_db(tmp_path / "v", protection_groups=2) as db:
+        db.put(b"k", b"before")
+        snap = db.snapshot()
+        overwrite(db, b"k", OVERWRITES, b"a")
+        assert snap.get(b"k") == b"before" and db.get(b"k") == b"a%d" % (OVERWRITES - 1)
+        assert db.status()["writer"]["stats"]["read_points"] == 1
+        # The snapshot holds the point at its read point: nothing above it was collected.
+        assert min(records(db)) > OVERWRITES
+        assert snap.get(b"k") == b"before"
+        snap.close()
+        eventually(lambda: max(records(db)) <= 10, "the versions the snapshot held were collected", interval_s=0.1)
+        with pytest.raises(SnapshotTooOld):
+            snap.get(b"k")
+        # With no snapshot open, the records per node stay bounded while the key is overwritten.
+        peak = 0
+        for i in range(OVERWRITES // BATCH):
+            with db.batch() as b:
+                for j in range(BATCH):
+                    b.put(b"k", b"b%d" % (i * BATCH + j))
+            if i % 10 == 9:
+                peak = max(peak, *records(db))
+        eventually(lambda: max(records(db)) <= 10, "collected down to the live key", interval_s=0.1)
+        assert peak < OVERWRITES // 2, f"records per node peaked at {peak} during {OVERWRITES} overwrites"
+        assert db.get(b"k") == b"b%d" % (OVERWRITES - 1)
+        st = db.status()
+        assert all(n["collected_records"] >= 2 * OVERWRITES - 10 for n in st["nodes"]), [n["collected_records"] for n in st["nodes"]]
+
+
+def test_a_scan_holds_its_read_point_until_it_is_consumed(tmp_path):
+    with open_db(tmp_path / "v", protection_groups=2) as db:
+        with db.batch() as b:
+            for i in range(600):  # more than a chunk per PG: the scan goes back to the nodes
+                b.put(b"key:%04d" % i, b"old")
+        it = db.scan()
+        first = next(it)
+        assert db.status()["writer"]["stats"]["read_points"] == 1
+        for _ in range(3):
+            with db.batch() as b:
+                for i in range(600):
+                    b.put(b"key:%04d" % i, b"new")
+        db.put(b"tick", b"")
+        rest = list(it)
+        assert [first] + rest == [(b"key:%04d" % i, b"old") for i in range(600)]
+        assert db.status()["writer"]["stats"]["read_points"] == 0
+        dropped = db.scan()  # never consumed: released when collected
+        del dropped
+        assert db.status()["writer"]["stats"]["read_points"] == 0
+
+
+def test_a_lapsed_registration_stops_holding_the_point(tmp_path):
+    with open_db(tmp_path / "v", protection_groups=1) as db:
+        db.put(b"k", b"held")
+        w, vol = db._backend.writer, db._backend
+        held = w.view().read_point
+        reg = w.read_points.register("backup archiver", held, lease_s=3600)
+        for i in range(5):
+            db.put(b"k", b"v%d" % i)
+        eventually(lambda: all(n.store.collect_target[1] == held and not n.store.collect_pending() for n in vol.nodes.values()),
+                   "every node got the held point and collected what it allows")
+        assert min(records(db)) >= 6, "the registration holds the versions above its read point"
+        w.read_points.renew(reg, lease_s=0.001)  # the archiver stops renewing
+        eventually(lambda: max(records(db)) <= 2, "the registration lapsed and collection went on", interval_s=0.05)
+        assert w.read_points.lapsed == 1
+        with pytest.raises(SnapshotTooOld):
+            w.read_points.renew(reg)
+
+
+def test_a_new_writer_does_not_know_the_old_ones_snapshots(tmp_path):
+    with open_db(tmp_path / "v", protection_groups=1) as db:
+        db.put(b"k", b"old")
+        snap = db.snapshot()
+        db.put(b"k", b"new")
+        db.cluster.crash_writer()  # the new writer's registry is empty
+        db.put(b"tick", b"")
+
+        def refused() -> bool:
+            try:
+                assert snap.get(b"k") == b"old"
+                return False
+            except SnapshotTooOld:
+                return True
+
+        eventually(refused, "the nodes collected past the old writer's snapshot, and refuse it")
+        w = db._backend.writer
+        assert w.read_points.issued > snap.read_point
+        with pytest.raises(SnapshotTooOld):
+            w.read_points.register("the old snapshot again", snap.read_point)
+        with db.snapshot() as fresh:
+            assert fresh.get(b"k") == b"new"
+
+
+def test_a_remote_snapshots_renewer_renews_each_lease_and_drops_a_refused_one():
+    from engine.client import Renewer
+
+    calls: list[int] = []
+
+    def renew(reg: int) -> None:
+        calls.append(reg)
+        if reg == 2:
+            raise SnapshotTooOld("the writer changed")
+
+    r = Renewer(renew)
+    try:
+        r.add(1, 0.03)
+        r.add(2, 0.03)
+        eventually(lambda: calls.count(1) >= 3, "registration 1 renewed again and again")
+        assert calls.count(2) == 1, "a refused renewal is not tried again"
+        r.discard(1)
+        n = calls.count(1)
+        eventually(lambda: len(calls) >= 0 and calls.count(1) <= n + 1, "discarded: at most one renewal was under way")
+    finally:
+        r.close()
