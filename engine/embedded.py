@@ -95,7 +95,7 @@ class EmbeddedOptions:
     background: bool = True
     #: version collection (engine.head.readpoints): how far the collection point trails the VDL,
     #: and how long request-id records are kept for re-sends
-    collect_delay_s: float = 1.0
+    collect_delay_s: float = 0.1
     request_retention_s: float = 60.0
 
 

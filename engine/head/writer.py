@@ -143,7 +143,7 @@ class WriterOptions:
     #: version collection (engine.head.readpoints): the collection point trails the VDL by this
     #: much (an unregistered linearizable read in flight reads at most that far back), and
     #: request-id records are kept this long for re-sends to be recognised from the log
-    collect_delay_s: float = 1.0
+    collect_delay_s: float = 0.1
     request_retention_s: float = 60.0
 
 

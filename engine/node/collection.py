@@ -45,6 +45,13 @@ the sender's horizon, since it now lacks the versions the sender collected. Afte
 the SCL need not be a record's LSN, so the chain walk accepts as the next record one whose
 backlink lies at or below an SCL that names no held record (`SegmentStore._walk_scl`).
 
+Compaction: LMDB frees a page only when it empties or falls below a quarter full, so removing
+scattered versions leaves the log and the version index a third full or less (an overwrite-heavy
+volume holds several times its live data in pages). Once a PG has had COMPACT_CHURN times its
+share of the log removed, collection rewrites its entries of both tables in key order, a bounded
+chunk per step (each chunk deleted and put again in one transaction: same keys, same bytes),
+which packs them into dense pages and frees the rest for reuse (the file does not shrink).
+
 This is a mixin of `SegmentStore` (same package, same lock: every method here that changes
 anything runs under `_write_lock`).
 """
@@ -65,6 +72,16 @@ _GC = struct.Struct(">QQQQ")  # horizon, swept, tombstones, requests
 
 #: Log records one collection step visits (over its three passes), in one write transaction.
 COLLECT_RECORDS_PER_STEP = 2000
+#: A key that had at least this many versions when collected down to one is written again:
+#: LMDB keeps a key's many duplicates in a sub-database of their own (a page or more), and does
+#: not fold it back into the key's node when they shrink; deleting and re-putting the last one does.
+REWRITE_DUPS_MIN = 16
+#: Compaction (see the module docstring): a PG is compacted once collection removed this many
+#: times its share of the log's records (at least COMPACT_ENTRIES_MIN) since the last time,
+#: COMPACT_CHUNK entries per chunk (a chunk that small still packs pages to about 80%).
+COMPACT_CHURN = 1
+COMPACT_ENTRIES_MIN = 64
+COMPACT_CHUNK = 256
 HORIZON, SWEPT, TOMBSTONES, REQUESTS = range(4)
 
 
@@ -90,6 +107,12 @@ class VersionCollector:
         self.collect_target = (0, 0, 0)
         self._collect_pg = 0  # where the next step starts (round robin over PGs)
         self.counters.setdefault("collected", 0)
+        #: per PG, records removed since its last compaction, and where a compaction under way
+        #: resumes ((table index, key), or None); in memory: a restart only delays a compaction
+        self._churn = [0] * P
+        self._compact_at: list[tuple[int, bytes] | None] = [None] * P
+        #: compaction chunks rewritten (status)
+        self.compactions = 0
 
     def set_collect_target(self, epoch: int, point: int, requests: int) -> None:
         """Remember the writer's points (from an append accepted at `epoch`)."""
@@ -115,6 +138,18 @@ class VersionCollector:
         """Whether some PG has versions to sweep towards its target."""
         return any(self._target(pg) > self.gc[pg][SWEPT] for pg in range(self.geometry.protection_groups))
 
+    def _work_due(self, tombstone_points: Sequence[int] | None) -> bool:
+        """Whether a step would do anything (checked before a write transaction is begun)."""
+        request_point = self.collect_target[2]
+        for pg, g in enumerate(self.gc):
+            if self._target(pg) > g[SWEPT] or min(g[SWEPT], request_point) > g[REQUESTS]:
+                return True
+            if tombstone_points is not None and min(g[SWEPT], tombstone_points[pg]) > g[TOMBSTONES]:
+                return True
+            if self._compact_at[pg] is not None or self._churn[pg] >= COMPACT_ENTRIES_MIN:
+                return True
+        return False
+
     def collect_step(self, records_max: int = COLLECT_RECORDS_PER_STEP, tombstone_points: Sequence[int] | None = None) -> int:
         """Remove versions towards the targets, visiting at most about `records_max` log records
         in one write transaction; returns how many it visited (0: nothing to do).
@@ -123,6 +158,8 @@ class VersionCollector:
         self._check_open()
         P = self.geometry.protection_groups
         records_max = max(1, int(records_max))
+        if not self._work_due(tombstone_points):
+            return 0
         with self._write_lock:
             self._check_open()
             _epoch, _point, request_point = self.collect_target
@@ -136,11 +173,15 @@ class VersionCollector:
                     pg = (self._collect_pg + i) % P
                     g = gc[pg]
                     before = list(g)
+                    removed_before = removed
                     target = self._target(pg)
                     if target > g[SWEPT]:
+                        # A visit removes every version older than the key's newest at or below
+                        # the target, which may lie beyond where the pass stops: the horizon is the
+                        # target (reads below the point are no registered reader's).
+                        g[HORIZON] = max(g[HORIZON], target)
                         n, r, g[SWEPT] = self._sweep(txn, pg, g[SWEPT], target, records_max - visited, "versions")
                         visited, removed = visited + n, removed + r
-                        g[HORIZON] = max(g[HORIZON], g[SWEPT])
                     tomb = min(g[SWEPT], tombstone_points[pg]) if tombstone_points is not None else 0
                     if tomb > g[TOMBSTONES] and visited < records_max:
                         n, r, g[TOMBSTONES] = self._sweep(txn, pg, g[TOMBSTONES], tomb, records_max - visited, "tombstones")
@@ -149,6 +190,9 @@ class VersionCollector:
                     if req > g[REQUESTS] and visited < records_max:
                         n, r, g[REQUESTS] = self._sweep(txn, pg, g[REQUESTS], req, records_max - visited, "requests")
                         visited, removed = visited + n, removed + r
+                    self._churn[pg] += removed - removed_before
+                    if visited < records_max:
+                        visited += self._compact(txn, pg, records_max - visited)
                     if g != before:
                         txn.put(gc_key(pg), _GC.pack(*g), db=self._meta)
                         # The stored SCL is where opening walks the chain from; it must not name
@@ -169,8 +213,10 @@ class VersionCollector:
         tombstone that is the oldest version of its key, "requests" each request-id record.
         Returns (visited, removed, the LSN the pass reached)."""
         prefix = _U32BE.pack(pg)
+        upto_be = _U64BE.pack(upto)
         cur = txn.cursor(db=self._log)
         versions = txn.cursor(db=self._versions)
+        probe = txn.cursor(db=self._versions)
         visited = removed = 0
         reached = upto
         doomed: list[bytes] = []  # log keys, deleted after the walk over the log
@@ -205,14 +251,68 @@ class VersionCollector:
                         versions.delete()
                         doomed.append(bytes(k))
                     continue
-                while versions.key() == vkey and versions.value() < lsn_be:
+                dups = versions.count()
+                if dups < 2:
+                    continue
+                # Every version older than the newest at or below the target goes now (the
+                # records between are then found without versions to remove when visited).
+                newest = self._version_at(probe, vkey, upto_be)
+                while versions.key() == vkey and versions.value() < newest:
                     doomed.append(prefix + versions.value())
                     if not versions.delete():
                         break
+                if dups >= REWRITE_DUPS_MIN and versions.set_key(vkey) and versions.count() == 1:
+                    last = versions.value()
+                    versions.delete(dupdata=True)
+                    txn.put(vkey, last, dupdata=True, db=self._versions)
         for k in doomed:
             txn.delete(k, db=self._log)
             removed += 1
         return visited, removed, reached
+
+    def _compact(self, txn, pg: int, budget: int) -> int:
+        """Rewrite the next chunk of `pg`'s log and version index entries, if a compaction is due
+        or under way (see the module docstring); returns the entries rewritten."""
+        at = self._compact_at[pg]
+        if at is None:
+            share = txn.stat(self._log)["entries"] // self.geometry.protection_groups
+            if self._churn[pg] < COMPACT_CHURN * max(COMPACT_ENTRIES_MIN, share):
+                return 0
+            at = (0, b"")
+        self._churn[pg] = 0
+        prefix = _U32BE.pack(pg)
+        done = 0
+        while at is not None and done < budget:
+            table, start = at
+            db = (self._versions, self._log)[table]
+            cur = txn.cursor(db=db)
+            limit = min(COMPACT_CHUNK, budget - done)
+            pairs, ended = [], True
+            if cur.set_range(prefix + start):
+                for k, v in cur:
+                    if k[:4] != prefix:
+                        break
+                    if len(pairs) >= limit:
+                        ended = False
+                        break
+                    pairs.append((bytes(k), bytes(v)))
+            if pairs:
+                for k, v in pairs:
+                    if table == 0:
+                        txn.delete(k, v, db=db)  # that duplicate only
+                    else:
+                        txn.delete(k, db=db)
+                # In key order: pages fill up before they split.
+                txn.cursor(db=db).putmulti(pairs, dupdata=table == 0)
+                done += len(pairs)
+                self.compactions += 1
+            if ended:
+                at = (1, b"") if table == 0 else None
+            else:
+                # Resume after the last key (duplicates of it past the chunk are left as they are).
+                at = (table, pairs[-1][0][4:] + b"\x00")
+        self._compact_at[pg] = at
+        return done
 
     def adopt_collected(self, txn, pg: int, after: int, complete: int, horizon: int, scls: list[int],
                         gc: list[list[int]]) -> bool:

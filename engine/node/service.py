@@ -52,7 +52,7 @@ SCRUB_RECORDS_PER_STEP = 1000
 GOSSIP_FRAMES_PER_STEP = 64  # bound on the repair work of one gossip step per peer
 #: Version collection: a step every COLLECT_INTERVAL_S while idle, again after COLLECT_BUSY_S
 #: while there is work (each step is one bounded write transaction, engine.node.collection).
-COLLECT_INTERVAL_S = 0.1
+COLLECT_INTERVAL_S = 0.02
 COLLECT_BUSY_S = 0.002
 #: Longest pause of a background thread after consecutive unexpected failures.
 BACKOFF_S_MAX = 5.0
