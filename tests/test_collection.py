@@ -160,6 +160,14 @@ def test_a_hostile_point_is_refused_at_the_boundary():
             convert.fetch_reply_from_pb(storage_pb2.FetchReply(horizon_lsn=bad))
 
 
+def test_a_peers_hostile_collection_state_is_refused_at_the_boundary():
+    for field in ("horizons", "swept"):
+        with pytest.raises(InvalidArgument, match=field):
+            convert.node_state_from_pb(storage_pb2.NodeState(**{field: [1, U64_MAX]}))
+    st = convert.node_state_from_pb(storage_pb2.NodeState(horizons=[3, 4], swept=[3, 4], collected_records=9))
+    assert (st.horizons, st.swept, st.collected_records) == ((3, 4), (3, 4), 9)
+
+
 def test_an_in_process_hostile_point_changes_nothing(store):
     store.append(1, chain((1, b"k", b"v1"), (2, b"k", b"v2")), 2)
     for bad in (U64_MAX, -1, LSN_VALID_MAX + 1):

@@ -241,3 +241,80 @@ def test_a_remote_snapshots_renewer_renews_each_lease_and_drops_a_refused_one():
         eventually(lambda: len(calls) >= 0 and calls.count(1) <= n + 1, "discarded: at most one renewal was under way")
     finally:
         r.close()
+
+
+def test_a_read_at_a_read_point_of_its_own_takes_a_fresh_one_when_it_was_collected_under(tmp_path):
+    with open_db(tmp_path / "v", protection_groups=1) as db:
+        db.put(b"k", b"old")
+        w = db._backend.writer
+        stale = w.view()
+        db.put(b"k", b"new")
+        db.put(b"j", b"x")
+        vol = db._backend
+        eventually(lambda: all(n.store.gc[0][0] > stale.read_point for n in vol.nodes.values()), "collected past it")
+        real_view, handed = w.view, []
+
+        def view_once_stale():
+            if not handed:
+                handed.append(stale)
+                return stale  # as a get whose read point was taken just before the collection point passed it
+            return real_view()
+
+        w.view = view_once_stale
+        try:
+            assert db.get(b"k") == b"new" and len(handed) == 1
+            handed.clear()
+            assert db.get_many([b"k", b"j", b"nope"]) == [b"new", b"x", None] and len(handed) == 1
+        finally:
+            w.view = real_view
+        with pytest.raises(SnapshotTooOld):  # a snapshot's view is the caller's: no fresh one, typed
+            w.get(b"k", view=stale)
+        with pytest.raises(SnapshotTooOld):
+            w.get(b"k", view=stale, quorum=True)
+        with pytest.raises(SnapshotTooOld):
+            list(w.scan(b"", None, view=stale))
+
+
+def test_the_wire_bounds_a_hold_and_carries_snapshot_too_old_as_its_class():
+    from engine.core.constants import LSN_VALID_MAX, U64_MAX
+    from engine.errors import SegmentIncomplete
+    from engine.proto import kv_pb2
+    from engine.transport import convert
+
+    assert convert.hold_args_from_pb(kv_pb2.HoldReadPointRequest()) == (0, 30.0, False)
+    assert convert.hold_args_from_pb(kv_pb2.HoldReadPointRequest(registration=7, lease_ms=1500)) == (7, 1.5, False)
+    for bad in (dict(lease_ms=convert.HOLD_LEASE_MS_MAX + 1), dict(lease_ms=U64_MAX), dict(registration=LSN_VALID_MAX + 1),
+                dict(registration=U64_MAX), dict(release=True)):
+        with pytest.raises(InvalidArgument):
+            convert.hold_args_from_pb(kv_pb2.HoldReadPointRequest(**bad))
+    err = convert.error_from_pb(convert.error_to_pb(SnapshotTooOld("gone")))
+    assert type(err) is SnapshotTooOld and str(err) == "gone"
+    assert convert.error_to_pb(SnapshotTooOld("gone")).code == "OUT_OF_RANGE"
+    # a release that knows no SnapshotTooOld reads the code as "this segment cannot answer here"
+    old = convert.error_to_pb(SnapshotTooOld("gone"))
+    old.error = "SomeFutureError"
+    assert type(convert.error_from_pb(old)) is SegmentIncomplete
+
+
+@pytest.mark.soak
+def test_a_million_overwrites_of_a_thousand_keys_stay_near_the_live_data(tmp_path):
+    """The lifecycle target (bench/lifecycle.py measures it): the records per node stay bounded
+    while 1,000 keys are overwritten a million times, and once collection caught up the pages
+    in use stay within a small multiple of the live data (LMDB files never shrink)."""
+    import random
+
+    rng = random.Random(7)
+    value = b"v" * 100
+    with open_db(tmp_path / "v", protection_groups=8) as db:
+        peak = 0
+        for i in range(10_000):
+            with db.batch() as b:
+                for _ in range(100):
+                    b.put(b"key:%08d" % rng.randrange(1000), value)
+            if i % 100 == 99:
+                peak = max(peak, *records(db))
+        assert peak < 100_000, peak
+        eventually(lambda: max(records(db)) <= 1002, "collected down to the live keys", interval_s=0.1)
+        live = 1000 * (36 + 12 + 100)
+        eventually(lambda: max(n["pages_bytes"] for n in db.status()["nodes"]) < 6 * live,
+                   "pages in use within six times the live data", interval_s=0.1)

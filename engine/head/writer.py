@@ -375,7 +375,8 @@ class Writer:
             self.links[n].space_low = st.space_low
             self.links[n].room_limit = st.room_bytes
             # The nodes may have collected at an old writer's points: no read point below that.
-            self.read_points.raise_floor(max(st.horizons, default=0))
+            # (A horizon is never above a VDL announced, so never above the one recovered.)
+            self.read_points.raise_floor(min(max(st.horizons, default=0), plan.vdl))
         self.recovery = {
             "epoch": self.epoch,
             "vdl": plan.vdl,

@@ -44,6 +44,7 @@ from engine.core.constants import (
     FRAME_BYTES_MAX,
     KEY_BYTES_MAX,
     LSN_VALID_MAX,
+    PROTECTION_GROUPS_MAX,
     REPLICAS,
     TRUNCATION_LSN_MAX,
     VALUE_BYTES_MAX,
@@ -495,6 +496,12 @@ def node_state_to_pb(s: NodeState) -> storage_pb2.NodeState:
 
 
 def node_state_from_pb(m: storage_pb2.NodeState) -> NodeState:
+    """A node's state (a peer's, for gossip): the collection LSNs bounded like every LSN."""
+    for what, lsns in (("horizons", m.horizons), ("swept", m.swept)):
+        if len(lsns) > PROTECTION_GROUPS_MAX:
+            raise InvalidArgument(f"node state with {len(lsns)} {what}: at most {PROTECTION_GROUPS_MAX}")
+        for lsn in lsns:
+            _check_lsn(lsn, what)
     return NodeState(
         node=m.node, az=m.az, epoch=m.epoch, scls=tuple(m.scls), hint_lsn=m.hint_lsn, records=m.records, bytes=m.bytes,
         corrupt_found=m.corrupt_found, repaired=m.repaired,
