@@ -21,6 +21,8 @@ import os
 from engine import errors
 from engine.database import Batch, Database, Snapshot
 from engine.errors import (
+    BackupCorrupt,
+    BackupError,
     Closed,
     CorruptRecord,
     EncryptionError,
@@ -53,9 +55,16 @@ def open(path: str | os.PathLike, **options) -> Database:  # noqa: A001 - the na
 
     Options: protection_groups (new volumes; default 8; reopening with another number is a
     GeometryMismatch), durable (default True: each segment fsyncs before it acks),
-    write_timeout_s (default 5), gossip_interval_s, scrub_interval_s, map_bytes, local_az, seed,
+    write_timeout_s (default 5), gossip_interval_s, scrub_interval_s, local_az, seed,
     encryption_key (32 bytes, or their base64 or hex: a new volume is created encrypted; an
-    encrypted volume needs it on every open, see `engine.envelope`).
+    encrypted volume needs it on every open, see `engine.envelope`), max_storage_bytes (the most
+    each node's data may take, in bytes (`engine.sizes.parse_size("10GiB")` reads units);
+    recorded in the volume, so later opens keep it; default 32 GiB; `map_bytes` is its older
+    name). At the maximum, puts raise StorageFull naming the nodes while deletes still work; a
+    maximum below the data a node holds, out of 1 MiB..2^62 or above the filesystem's size is
+    an InvalidArgument, and nothing is changed. backup (a folder, or an
+    `engine.backup.target.BackupTarget`: archive the volume continuously, see `engine.restore`),
+    backup_retention_days, backup_options (`engine.backup.archiver.BackupOptions`).
 
     Raises FolderInUse if another open holds `path` (this process or another one: the error
     names its pid), and WrongFolder, touching nothing, if `path` holds another kind of data (a
@@ -79,6 +88,22 @@ def rotate_encryption_key(path: str | os.PathLike, old_key, new_key) -> None:
     from engine.embedded import rotate_volume_key
 
     rotate_volume_key(path, old_key, new_key)
+
+
+def restore(backup, into: str | os.PathLike, **options) -> dict:
+    """Build a new volume at `into` (a missing or empty folder) from the backup archive `backup`
+    (a folder, or an `engine.backup.target.BackupTarget`), holding exactly the acknowledged
+    writes up to `to_time` (a datetime or seconds since the epoch) or `to_lsn`, atomic batches
+    whole; the newest restore point without either. The new volume has a new volume id; open it
+    with `engine.open(into)`, or, with `cluster=True`, start it with `sixfold cluster up`.
+    Options: to_time, to_lsn, key (the backed-up volume's master key, if it was encrypted),
+    new_key (encrypt the new volume under this master key; default: `key`), cluster, base_port,
+    key_file (an encrypted cluster's key file), protection_groups, progress (called with a dict).
+    Returns what was restored. BackupError (outside the restore window, a non-empty `into`),
+    BackupCorrupt (a file the restore needs failed its check), EncryptionError."""
+    from engine.backup.restore import restore as _restore
+
+    return _restore(backup, into, **options)
 
 
 def codec_implementation() -> str:
@@ -109,6 +134,8 @@ def connect(target: str | os.PathLike, **options) -> Database:
 
 
 __all__ = [
+    "BackupCorrupt",
+    "BackupError",
     "Batch",
     "Closed",
     "CorruptRecord",
@@ -138,5 +165,6 @@ __all__ = [
     "connect",
     "errors",
     "open",
+    "restore",
     "rotate_encryption_key",
 ]

@@ -20,7 +20,7 @@ it back byte for byte.
 Exit codes (`EXIT_CODES`, shown by `--help` and in the README): 0 ok, 1 key not found (nothing
 else exits 1), 2 usage or bad argument, 3 the engine or the cluster refused or failed (the
 message names the error class), 4 `cluster status` found a process that is not SERVING, 5 a
-`chaos` check is invalid, 130 interrupted, 141 stdout was closed early (`sixfold scan | head`),
+`chaos` check is invalid, 6 a backup file is damaged or missing, 130 interrupted, 141 stdout was closed early (`sixfold scan | head`),
 as the shell reports a tool ended by SIGPIPE. A command says "bad usage" by raising
 `SystemExit("message")`; `main` prints the message and exits 2. No expected failure ends in a
 traceback; an unexpected one (a bug) prints its traceback and exits 3.
@@ -48,6 +48,7 @@ EXIT_USAGE = 2
 EXIT_ERROR = 3
 EXIT_UNHEALTHY = 4
 EXIT_INVALID = 5
+EXIT_DAMAGED = 6
 EXIT_INTERRUPTED = 130
 EXIT_PIPE = 141  # 128 + SIGPIPE
 
@@ -61,12 +62,15 @@ EXIT_CODES: dict[int, str] = {
                 "(also cluster down on a folder that is no cluster)",
     EXIT_UNHEALTHY: "cluster status: a process is not SERVING (the status is still printed)",
     EXIT_INVALID: "chaos: a check found the history invalid",
+    EXIT_DAMAGED: "backup: a file of the backup is damaged or missing (backup verify found one, or a restore needed one)",
     EXIT_INTERRUPTED: "interrupted (Ctrl-C)",
     EXIT_PIPE: "stdout was closed early (say, piped into head), as for a tool ended by SIGPIPE",
 }
 
 #: Modules that add subcommands (see the module docstring). Optional ones may be absent.
-COMMAND_MODULES: tuple[str, ...] = ("engine.cli", "engine.cluster.commands", "engine.cluster.access", "engine.chaos.cli")
+COMMAND_MODULES: tuple[str, ...] = (
+    "engine.cli", "engine.cluster.commands", "engine.cluster.access", "engine.chaos.cli", "engine.backup.cli",
+)
 CLUSTER_ENV = "SIXFOLD_CLUSTER"
 
 
@@ -245,15 +249,26 @@ def cmd_status(args) -> int:
     if args.json:
         print_json(st)
         return EXIT_OK
+    from engine.cluster.commands import STORAGE_HEADERS, storage_cells
+
     rows = []
     for n in st["nodes"]:
         scl = n.get("scl") or {}
         rows.append([n["id"], n["az"], n.get("address"), "up" if n.get("up") else "DOWN", n.get("epoch"),
                      f"{min(scl.values())}..{max(scl.values())}" if scl else None, n.get("records"),
-                     max((n.get("lag") or {0: 0}).values())])
-    print(table(rows, ["node", "az", "address", "state", "epoch", "scl(min..max)", "records", "lag"]))
+                     max((n.get("lag") or {0: 0}).values()), *storage_cells(n)])
+    print(table(rows, ["node", "az", "address", "state", "epoch", "scl(min..max)", "records", "lag", *STORAGE_HEADERS]))
+    for n in st["nodes"]:
+        if n.get("storage_warning"):
+            print(f"warning: {n['storage_warning']}")
     print(f"volume {st['volume_id']}  vdl {st['vdl']}  epoch {st['epoch']}  protection groups {st['protection_groups']}  "
           f"durable {st['durable']}  encrypted {st.get('encrypted', False)}  codec {st['codec']}")
+    b = st.get("backup")
+    if b is not None:  # engine.backup.archiver
+        base = b["base_in_progress"]
+        print(f"backup {b['state']} to {b['target']}: archived through LSN {b['position']} (lag {b['lag_lsns']}), "
+              f"{b['bases']} base(s)" + (f", base at LSN {base['lsn']} {base['fraction']:.0%} done" if base else "")
+              + (f"; last error: {b['last_error']}" if b["last_error"] else ""))
     return EXIT_OK
 
 
@@ -312,7 +327,8 @@ def register(sub) -> None:
     p.set_defaults(func=cmd_scan)
 
     p = sub.add_parser("status", parents=[common], help="volume status from the writer endpoint", description=(
-        "Show the volume as the writer sees it: VDL, epoch, and every node's SCLs and lag."))
+        "Show the volume as the writer sees it: VDL, epoch, and every node's SCLs, lag and space (used, capacity, "
+        "the share used and the maximum; a warning line for each node at 80% or more)."))
     p.set_defaults(func=cmd_status)
 
 

@@ -67,7 +67,9 @@ from collections.abc import Callable, Iterator, Sequence
 import grpc
 
 from engine.database import Database
-from engine.errors import Closed, InvalidArgument, SixfoldError, SnapshotTooOld, StaleEpoch, Unavailable, WriteIndeterminate
+from engine.errors import (
+    Closed, InvalidArgument, ReplicaBehind, SixfoldError, SnapshotTooOld, StaleEpoch, Unavailable, WriteIndeterminate,
+)
 from engine.core.types import ReadView, RequestStatus, Unit
 from engine.proto import kv_pb2, kv_pb2_grpc
 from engine.transport import convert
@@ -376,6 +378,7 @@ class RemoteBackend:
         channel_options: Sequence[tuple] = (),
         read_retry_s: float = 0.0,
         what: str = "writer endpoint",
+        session: bool = False,
     ) -> None:
         from engine.security.tls import secure_channel
         from engine.security.users import bearer
@@ -397,6 +400,12 @@ class RemoteBackend:
         self._stub = kv_pb2_grpc.KVStub(self._channel)
         self._where = f"{what} {address}"
         self._boxcar = boxcar
+        #: `session` (the reader endpoint): the highest read point a reply carried; an answer
+        #: from below it (a reader a few ms behind the one that answered before) is asked again,
+        #: so this connection's reads never go back in time whichever reader answers
+        self._session = session
+        self._point = 0
+        self._point_lock = threading.Lock()
         self._writes = Boxcar(self._send_writes, cars_in_flight=cars_in_flight, items_max=car_items_max, failure=write_failure)
         self._gets = Boxcar(self._send_gets, cars_in_flight=cars_in_flight, items_max=car_items_max)
         self._closed = False
@@ -425,9 +434,41 @@ class RemoteBackend:
         reply = self._rpc(self._stub.StatusOf, kv_pb2.StatusOfRequest(request_id=request_id))
         return convert.request_status_from_pb(reply)
 
+    def _saw(self, point: int) -> None:
+        if self._session and point > self._point:
+            with self._point_lock:
+                self._point = max(self._point, point)
+
+    @property
+    def session_point(self) -> int:
+        """The highest read point this reader-endpoint connection saw (0 on the writer's)."""
+        return self._point
+
+    def _session_read(self, send):
+        """`send()` until its reply's read point is at or above the session's (`_session`):
+        round_robin takes the next reader each time; ReplicaBehind if none catches up."""
+        reply = send()
+        if not self._session:
+            return reply
+        for i in range(SESSION_RETRIES):
+            if reply.read_point >= self._point:
+                self._saw(reply.read_point)
+                return reply
+            time.sleep(min(SESSION_RETRY_S_MAX, 0.002 * (i + 1)))
+            reply = send()
+        if reply.read_point >= self._point:
+            self._saw(reply.read_point)
+            return reply
+        raise ReplicaBehind(
+            f"the readers answered at read point {reply.read_point}, below {self._point}, which this connection "
+            "already read at (the reader that was ahead is gone and the writer is not moving the others on); "
+            "a new connection starts a new session")
+
     def get(self, key: bytes, *, quorum: bool = False, view: ReadView | None = None, after: int = 0) -> bytes | None:
         if view is not None or not self._boxcar or after:
-            return convert.get_reply_from_pb(self._rpc(self._stub.Get, convert.get_request_to_pb(key, quorum, view, after)))
+            request = convert.get_request_to_pb(key, quorum, view, after)
+            reply = self._session_read(lambda: self._rpc(self._stub.Get, request))
+            return convert.get_reply_from_pb(reply)
         return self._gets.call((key, quorum), len(key) + OP_OVERHEAD_BYTES)
 
     def get_many(self, gets, *, after: int = 0) -> list:
@@ -462,11 +503,31 @@ class RemoteBackend:
              after: int = 0) -> Iterator[tuple[bytes, bytes]]:
         if not isinstance(start, bytes) or (end is not None and not isinstance(end, bytes)):
             raise InvalidArgument("scan bounds are bytes (end may be None)")
-        call = self._rpc(self._stub.Scan, convert.kv_scan_request_to_pb(start, end, quorum, view, after), timeout_s=SCAN_TIMEOUT_S)
-        return self._stream(call)
+        request = convert.kv_scan_request_to_pb(start, end, quorum, view, after)
+        if not self._session:
+            return self._stream(self._rpc(self._stub.Scan, request, timeout_s=SCAN_TIMEOUT_S))
+        state = {}
 
-    def _stream(self, call) -> Iterator[tuple[bytes, bytes]]:
+        def send():  # a reader's scan always sends a first chunk, which carries its read point
+            call = self._rpc(self._stub.Scan, request, timeout_s=SCAN_TIMEOUT_S)
+            try:
+                first = next(call)
+            except StopIteration:
+                first = kv_pb2.ScanChunk()
+            except grpc.RpcError as e:
+                raise convert.error_from_rpc(e, where=self._where) from None
+            if first.read_point < self._point:
+                call.cancel()
+            state["call"] = call
+            return first
+
+        first = self._session_read(send)
+        return self._stream(state["call"], first)
+
+    def _stream(self, call, first=None) -> Iterator[tuple[bytes, bytes]]:
         try:
+            if first is not None:
+                yield from convert.scan_chunk_from_pb(first)
             for chunk in call:
                 yield from convert.scan_chunk_from_pb(chunk)
         except grpc.RpcError as e:
@@ -562,7 +623,7 @@ class RemoteBackend:
         add = request.gets.add
         for key, quorum in gets:
             add(key=key, quorum=quorum)
-        return convert.get_results_from_pb(self._rpc(self._stub.GetMany, request))
+        return convert.get_results_from_pb(self._session_read(lambda: self._rpc(self._stub.GetMany, request)))
 
 
 _OPTIONS = ("timeout_s", "connect_timeout_s", "boxcar", "cars_in_flight", "car_items_max", "tls", "token", "role",
@@ -571,6 +632,10 @@ _OPTIONS = ("timeout_s", "connect_timeout_s", "boxcar", "cars_in_flight", "car_i
 #: How long a client of a cluster folder follows the writer through a failover before it gives
 #: up and raises the error it met (engine.head.failover: a takeover takes about a lease period).
 FOLLOW_TIMEOUT_S = 15.0
+#: A reader-endpoint read answered below the session's read point is asked again (the next
+#: reader) up to this many times, with a short growing pause.
+SESSION_RETRIES = 40
+SESSION_RETRY_S_MAX = 0.05
 FOLLOW_POLL_S = 0.1
 FOLLOW_CONNECT_TIMEOUT_S = 1.0
 
@@ -657,7 +722,14 @@ class FollowingBackend:
                 time.sleep(FOLLOW_POLL_S)
                 continue
             with self._lock:
-                old, self._backend = self._backend, fresh
+                current = self._backend
+                if current is not failed:
+                    # Another caller followed the writer meanwhile: use its backend and drop
+                    # this one. (Swapping ours in would close the backend it had just made, and
+                    # the calls already re-sent on it would come back CANCELLED: indeterminate.)
+                    fresh.close()
+                    return current
+                old, self._backend = current, fresh
             log.info("following the writer: %s -> %s", failed.address, fresh.address)
             try:
                 old.close()
@@ -825,7 +897,7 @@ def connect(target: str | os.PathLike, **options) -> Database:
         lb: tuple = (("grpc.lb_policy_name", "round_robin"),)
         if options.get("tls") is not None:
             lb += (("grpc.ssl_target_name_override", host.strip("[]")),)
-        options.update(channel_options=lb, read_retry_s=READ_RETRY_S, what="reader endpoint")
+        options.update(channel_options=lb, read_retry_s=READ_RETRY_S, what="reader endpoint", session=True)
         options.pop("follow_timeout_s", None)
     elif folder is not None:
         return Database(FollowingBackend(folder, options))

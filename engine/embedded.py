@@ -22,7 +22,11 @@ Theory of operation of an open
 3. *Formats*: volume.json records `"format": VOLUME_FORMAT`. A newer format is refused with a
    message naming it; a volume.json without the field (format 0: format 1 before the field) is
    upgraded in place when nothing else is missing.
-4. The nodes and the writer start; the writer's recovery makes the volume readable.
+4. *The storage maximum* (`max_storage_bytes`): given, it is checked (a size, at most the
+   filesystem), the nodes open with it (each refuses one below the data it holds, before
+   writing anything), and only then volume.json records it; not given, the recorded one holds
+   (a volume.json without the field, as every volume before it: the default, 32 GiB per node).
+5. The nodes and the writer start; the writer's recovery makes the volume readable.
 """
 
 from __future__ import annotations
@@ -34,11 +38,14 @@ import os
 import random
 import shutil
 import threading
+import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from engine import codec
-from engine.core.constants import LAL_DEFAULT
+from engine.core.constants import FLAG_CPL, FLAG_PUT, LAL_DEFAULT
+from engine.core.placement import protection_group_of
 from engine.core.types import Geometry, NodeInfo, default_nodes
 from engine.formats import format_of
 from engine.envelope import VolumeCipher, descriptor_problems, load_master_key, new_descriptor, rewrap, unwrap
@@ -46,8 +53,10 @@ from engine.errors import EncryptionError, GeometryMismatch, InvalidArgument, No
 from engine.files import TMP_SUFFIX, atomic_write
 from engine.head.membership import MembershipChange
 from engine.head.weakening import SAFE, Weakening
-from engine.head.writer import Writer, WriterOptions, node_status
+from engine.head.reads import check_key
+from engine.head.writer import Writer, WriterOptions, check_value, node_status
 from engine.node.service import GOSSIP_INTERVAL_S, SCRUB_INTERVAL_S, StorageNode
+from engine.sizes import check_fits_filesystem, check_storage_bytes
 from engine.ownership import LOCK_FILE, hold
 from engine.transport.inprocess import InProcessTransport, Registry
 
@@ -73,6 +82,9 @@ NODE_DATA_FILE = "data.mdb"
 NEW_VOLUME_LEFTOVERS = frozenset({LOCK_FILE, VOLUME_FILE + TMP_SUFFIX})
 #: How many unknown names a WrongFolder message lists.
 NAMES_SHOWN_MAX = 5
+#: The bulk path's frames: about this many bytes, at most this many records each.
+BULK_CHUNK_BYTES = 16 << 20
+BULK_RECORDS_MAX = 65_536
 
 
 @dataclass(frozen=True)
@@ -82,6 +94,10 @@ class EmbeddedOptions:
     write_timeout_s: float = 5.0
     gossip_interval_s: float = GOSSIP_INTERVAL_S
     scrub_interval_s: float = SCRUB_INTERVAL_S
+    #: the most each node's data may take (its LMDB map grows up to it): recorded in volume.json,
+    #: so later opens keep it; None: what the volume records, else the default (32 GiB)
+    max_storage_bytes: int | None = None
+    #: the older name of max_storage_bytes (the map was fixed at it)
     map_bytes: int | None = None
     local_az: str = "a"
     seed: int = 0
@@ -97,6 +113,14 @@ class EmbeddedOptions:
     #: and how long request-id records are kept for re-sends
     collect_delay_s: float = 0.1
     request_retention_s: float = 60.0
+    #: back the volume up continuously into this folder (or `engine.backup.target.BackupTarget`):
+    #: `engine.backup.archiver`; None: no backups
+    backup: object | None = None
+    #: remove backups no restore point of the last N days needs (None: keep everything)
+    backup_retention_days: float | None = None
+    #: the archiver's other settings (`engine.backup.archiver.BackupOptions`; its retention_days
+    #: is overridden by backup_retention_days when that is given)
+    backup_options: object | None = None
 
 
 def check_volume_folder(path: str) -> None:
@@ -156,6 +180,11 @@ def _volume_problems(vol: dict, fmt: int) -> list[str]:
     else:
         try:
             Geometry(pgs)
+        except InvalidArgument as e:
+            problems.append(str(e))
+    if "max_storage_bytes" in vol:  # absent in every volume written before the field (the default)
+        try:
+            check_storage_bytes(vol["max_storage_bytes"])
         except InvalidArgument as e:
             problems.append(str(e))
     nodes = vol.get("nodes")
@@ -265,7 +294,7 @@ class EmbeddedVolume:
 
     def __init__(
         self, path: str, options: EmbeddedOptions = EmbeddedOptions(), *, transport_wrapper=None, clock=None,
-        weakening: Weakening = SAFE,
+        weakening: Weakening = SAFE, wall_clock_us=None,
     ) -> None:
         if not isinstance(path, (str, os.PathLike)):
             raise InvalidArgument(f"path must be a str or os.PathLike, got {type(path).__name__}")
@@ -277,9 +306,14 @@ class EmbeddedVolume:
         self.nodes: dict[str, StorageNode | None] = {}
         self._wrap = transport_wrapper or (lambda t: t)
         self._clock = clock
+        #: TEST ONLY: the wall clock of commit times and backups (microseconds); default: the
+        #: simulated `clock` when given, else the real one
+        self._wall_us = wall_clock_us or ((lambda: int(clock() * 1_000_000)) if clock is not None else None)
         self._lock = threading.RLock()
         self.writer: Writer | None = None
+        self.archiver = None
         check_volume_folder(self.path)  # refuses before anything is written
+        given = self._given_maximum(options)
         self._owner = hold(self.path, "embedded volume")
         try:
             master = None if options.encryption_key is None else load_master_key(options.encryption_key)
@@ -290,14 +324,148 @@ class EmbeddedVolume:
             self.node_infos = [NodeInfo(n["id"], n["az"]) for n in vol["nodes"] if not n.get("retired")]
             self._retired: set[str] = {n["id"] for n in vol["nodes"] if n.get("retired")}
             self._request_rng: random.Random | None = None
+            #: the most each node's data may take (None: the nodes' default)
+            self.max_storage_bytes = given if given is not None else vol.get("max_storage_bytes")
+            self.archiver = self._make_archiver(vol)
             for info in self.node_infos:
                 self.registry.set(info.id, None)
                 self._start(info)
+            if given is not None and given != vol.get("max_storage_bytes"):
+                # Recorded once every node took it (a node refuses a maximum below its data).
+                vol = read_volume_file(self.path)
+                vol["max_storage_bytes"] = given
+                write_volume_file(self.path, vol)
+                log.info("%s: the storage maximum is now %d bytes per node", self.path, given)
             self.open_writer()
+            if self.archiver is not None:
+                self.archiver.start()
         except BaseException:
+            if self.writer is not None:
+                self.writer.abandon()
             self._shutdown_nodes()
             self._owner.release()
             raise
+
+    def _given_maximum(self, options: EmbeddedOptions) -> int | None:
+        """The maximum this open sets (checked: a size, at most the filesystem), or None."""
+        given, older = options.max_storage_bytes, options.map_bytes
+        if given is not None and older is not None and given != older:
+            raise InvalidArgument(f"map_bytes {older} and max_storage_bytes {given} disagree; map_bytes is the older "
+                                  "name of max_storage_bytes: give one")
+        given = given if given is not None else older
+        if given is None:
+            return None
+        check_storage_bytes(given)
+        check_fits_filesystem(given, self.path)
+        return given
+    # --- backups (engine.backup.archiver) -----------------------------------------------------
+    def _make_archiver(self, vol: dict):
+        o = self.options
+        if o.backup is None:
+            return None
+        from dataclasses import replace
+
+        from engine.backup.archiver import Archiver, BackupOptions
+
+        bo = o.backup_options or BackupOptions()
+        if o.backup_retention_days is not None:
+            bo = replace(bo, retention_days=o.backup_retention_days)
+        extra = {"clock": self._clock} if self._clock is not None else {}
+        if self._wall_us is not None:
+            extra["wall_clock_us"] = self._wall_us
+        return Archiver(o.backup, volume_id=self.volume_id, protection_groups=self.geometry.protection_groups,
+                        encryption=vol.get("encryption"), options=bo, background=o.background, **extra)
+
+    # --- the bulk path (a restore fills a new volume so) ------------------------------------
+    def bulk_load(self, pairs, *, chunk_bytes: int = BULK_CHUNK_BYTES, progress=None) -> int:
+        """Fill this new, empty volume with `pairs` ((key, value), each key once), faster than
+        writes can: the writer is closed, the records are given consecutive LSNs and encoded once
+        (sealed under this volume's key when encrypted), and each frame of about `chunk_bytes`
+        (its last record a CPL) is appended to every member at the writer's epoch through the
+        nodes' own append (their checks, CRCs and SCLs), all six before the next frame. Then a
+        writer opens again, and its recovery finds every record durable. Returns the VDL.
+        InvalidArgument if the volume holds anything; the node's error if an append fails (the
+        volume is then incomplete: a restore throws it away)."""
+        with self._lock:
+            w = self._w
+            if w.ledger.vdl != 0 or w.ledger.next_lsn != 1:
+                raise InvalidArgument(f"bulk_load fills a new, empty volume only; {self.path} holds records")
+            epoch, members = w.epoch, list(w.ledger.membership.all_nodes)
+            w.close()
+            self.writer = None
+            transport = InProcessTransport(self.registry, "writer")
+            P, cipher = self.geometry.protection_groups, self.cipher
+            prev = [0] * P
+            records: list[bytes] = []
+            last: tuple = ()  # the newest record's fields (made a CPL when its frame is cut)
+            size = lsn = durable = 0
+
+            in_flight: list = []  # the appends of the frame before: the next one is encoded meanwhile
+            in_flight_lsn = 0
+
+            def settle() -> None:
+                nonlocal in_flight, durable
+                for f in in_flight:
+                    f.result()  # raises the node's error
+                if in_flight:
+                    durable = in_flight_lsn
+                    if progress is not None:
+                        progress(durable)
+                in_flight = []
+
+            def ship() -> None:
+                nonlocal records, size, in_flight, in_flight_lsn
+                records[-1] = codec.encode_record(*last[:3], last[3] | FLAG_CPL, *last[4:])
+                frame = codec.encode_frame(records)
+                settle()  # all six hold the frame before: only then is it durable, the hint of this one
+                # The six appends at once: LMDB writes and fsyncs without the GIL.
+                in_flight = [pool.submit(transport.append, n, epoch, frame, durable) for n in members]
+                in_flight_lsn, records, size = lsn, [], 0
+
+            pool = ThreadPoolExecutor(max_workers=len(members), thread_name_prefix="bulk-load")
+            try:
+                for key, value in pairs:
+                    check_key(key)
+                    check_value(value)
+                    ik = key if cipher is None else cipher.index_key(key)
+                    pg = protection_group_of(ik, P)
+                    lsn += 1
+                    sealed = value if cipher is None else cipher.seal(pg, lsn, ik, key, value)
+                    last = (lsn, prev[pg], pg, FLAG_PUT, ik, sealed)
+                    records.append(codec.encode_record(*last))
+                    prev[pg] = lsn
+                    size += len(records[-1])
+                    if size >= chunk_bytes or len(records) >= BULK_RECORDS_MAX:
+                        ship()
+                if records:
+                    ship()
+                settle()
+            finally:
+                pool.shutdown()
+            for n in members:  # every node learns that all of it is durable (a small seal summary)
+                transport.append(n, epoch, codec.encode_frame([]), lsn)
+            self.open_writer()
+            if self.writer.ledger.vdl != lsn:
+                raise SixfoldError(f"bulk load wrote {lsn} records, but the volume recovered to VDL {self.writer.ledger.vdl}")
+            return lsn
+
+    def backup_now(self, timeout_s: float = 3600.0) -> dict:
+        """Take a base snapshot now and wait for it (bounded); returns the archiver's status."""
+        a = self.archiver
+        if a is None:
+            raise InvalidArgument(f"{self.path} is not backed up: open it with backup=DIR")
+        rid = a.request_base()
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if not self.options.background:
+                a.step()
+            st = a.status()
+            if a.base_of_request(rid) is not None:
+                return st
+            if st["fenced"] or time.monotonic() >= deadline:
+                raise Unavailable(f"the base snapshot did not finish within {timeout_s:g} s "
+                                  f"(backup: {st['fenced'] or st['last_error'] or 'no error'})")
+            time.sleep(0.05)
 
     # --- nodes ------------------------------------------------------------------------------
     def _info(self, node_id: str) -> NodeInfo:
@@ -312,7 +480,8 @@ class EmbeddedVolume:
     def _start(self, info: NodeInfo) -> None:
         o = self.options
         node = StorageNode(
-            self.node_path(info), info, self.geometry, self.volume_id, durable=o.durable, map_bytes=o.map_bytes,
+            self.node_path(info), info, self.geometry, self.volume_id, durable=o.durable,
+            max_storage_bytes=self.max_storage_bytes,
             seed=o.seed + int.from_bytes(info.id.encode(), "little") % 1000,
         )
         node.attach(self._wrap(InProcessTransport(self.registry, info.id)), self._peer_ids)
@@ -341,8 +510,17 @@ class EmbeddedVolume:
             weakening=self.weakening,
             cipher=self.cipher,
             **({"clock": self._clock} if self._clock is not None else {}),
+            **({"wall_clock_us": self._wall_us} if self._wall_us is not None else {}),
         )
+        # The archiver's hold on version collection, before the writer's first heartbeat (engine.backup.archiver)
+        hold = w.read_points.register("backup archiver", 0) if self.archiver is not None else None
         w.open()
+        if self.archiver is not None:
+            try:
+                self.archiver.attach(w, hold)  # before any write: its commit times continue the archive's
+            except BaseException:
+                w.abandon()
+                raise
         self.writer = w
 
     def stop_node(self, node_id: str) -> None:
@@ -396,6 +574,8 @@ class EmbeddedVolume:
             old = self.writer
             if old is not None:
                 old.abandon()
+            if self.archiver is not None:
+                self.archiver.detach()
             self.writer = None
             self.open_writer()
 
@@ -549,6 +729,7 @@ class EmbeddedVolume:
             "epoch": w["epoch"],
             "nodes": nodes,
             "writer": w,
+            **({"backup": self.archiver.status()} if self.archiver is not None else {}),
         }
 
     def _shutdown_nodes(self) -> None:
@@ -561,6 +742,8 @@ class EmbeddedVolume:
     def close(self) -> None:
         with self._lock:
             try:
+                if self.archiver is not None:
+                    self.archiver.close(flush=self.writer is not None)
                 if self.writer is not None:
                     self.writer.close()
             finally:
@@ -600,6 +783,10 @@ class ClusterControl:
 
     def crash_writer(self) -> None:
         self._v.crash_writer()
+
+    def backup_now(self, timeout_s: float = 3600.0) -> dict:
+        """A base snapshot of a volume opened with backup=DIR, now; waits for it."""
+        return self._v.backup_now(timeout_s)
 
     def replace_node(self, old: str, new: str, timeout_s: float = 120.0, progress=None) -> dict:
         return self._v.replace_node(old, new, timeout_s, progress)

@@ -218,7 +218,23 @@ class ReplicaBehind(Unavailable):
     ahead). Nothing was read; retry, or read from the writer endpoint."""
 
 
+class BackupError(SixfoldError):
+    """A backup cannot do what was asked: the target holds another volume's archive or one of a
+    newer format, the time or LSN asked for lies outside the restore window (the message names
+    the window), the restore's destination is not empty, or the archive is being written by a
+    newer writer. Nothing was changed."""
+
+    GRPC_STATUS = "FAILED_PRECONDITION"
+
+
+class BackupCorrupt(BackupError):
+    """A file of a backup failed its check (CRC, length, format, volume id, or the chain of
+    records it must continue): the message names the file and what is wrong. A restore that
+    needs it refuses to run; `sixfold backup verify` lists every such file. (Its gRPC status is
+    its parent's: DATA_LOSS without a class name must keep meaning CorruptRecord.)"""
+
+
 ALL_ERRORS = ALL_ERRORS + (
     EpochBehind, StorageError, StorageFull, ConflictingRecord, FolderInUse, WrongFolder, Unauthenticated, PermissionDenied,
-    EncryptionError, WrongVolume, ReadOnly, ReplicaBehind, SnapshotTooOld,
+    EncryptionError, WrongVolume, ReadOnly, ReplicaBehind, BackupError, BackupCorrupt, SnapshotTooOld,
 )

@@ -19,7 +19,7 @@ import engine
 from engine import codec
 from engine.core.constants import FLAG_CPL, FLAG_DELETE, FLAG_PUT, FLAG_REQUEST, LSN_VALID_MAX, NAMESPACE_REQUESTS, U64_MAX
 from engine.core.types import Geometry, Membership, NodeInfo, TruncationRange
-from engine.errors import InvalidArgument, SegmentIncomplete, SnapshotTooOld
+from engine.errors import EpochBehind, InvalidArgument, SegmentIncomplete, SnapshotTooOld
 from engine.node.service import StorageNode
 from engine.node.store import NODE_FORMAT, SegmentStore
 from engine.proto import storage_pb2
@@ -53,7 +53,7 @@ def open_store(path):
 @pytest.fixture
 def store(tmp_path):
     s = open_store(tmp_path / "n1")
-    s.sync_epoch(1, (), complete=True)  # as a writer's SyncEpoch: the epoch's truncations adopted
+    s.sync_epoch(1, ())  # as a writer's SyncEpoch: the epoch's truncations adopted
     yield s
     s.close()
 
@@ -95,7 +95,7 @@ def test_every_version_older_than_the_newest_at_or_below_the_point_is_removed(st
 
 def test_the_horizon_is_persisted_and_holds_for_any_later_writer(tmp_path):
     s = open_store(tmp_path / "n1")
-    s.sync_epoch(1, (), complete=True)
+    s.sync_epoch(1, ())
     s.append(1, chain((1, b"k", b"v1"), (2, b"k", b"v2"), (3, b"k", b"v3")), 3)
     collect(s, 3)
     s.close()
@@ -103,7 +103,7 @@ def test_the_horizon_is_persisted_and_holds_for_any_later_writer(tmp_path):
     try:
         assert s.state().horizons[0] == 3 and versions(s, b"k") == [3]
         s.seal(2)  # a new writer, which knows no snapshot of the old one
-        s.sync_epoch(2, (), complete=True)
+        s.sync_epoch(2, ())
         with pytest.raises(SnapshotTooOld):
             s.read(0, b"k", 2, 0, 2)
         assert s.read(0, b"k", 3, 3, 2).value == b"v3"
@@ -113,7 +113,7 @@ def test_the_horizon_is_persisted_and_holds_for_any_later_writer(tmp_path):
 
 def test_collection_persists_an_scl_the_next_open_can_walk_from(tmp_path):
     s = open_store(tmp_path / "n1")
-    s.sync_epoch(1, (), complete=True)
+    s.sync_epoch(1, ())
     s.append(1, chain((1, b"k", b"v1"), (2, b"k", b"v2")), 2)  # SCL 2 persisted (the first commit)
     s.append(1, codec.encode_frame([rec(3, 2, b"k", b"v3"), rec(4, 3, b"k", b"v4"), rec(5, 4, b"k", b"v5")]), 5)
     collect(s, 5)  # removes 1..4: the SCL stored lazily (2) would name a removed record
@@ -179,10 +179,13 @@ def test_an_in_process_hostile_point_changes_nothing(store):
 def test_no_collection_before_the_issuing_epochs_truncations_are_adopted(tmp_path):
     # Epoch 1 left k@1 and j@2 durable (VDL 2), and a dead k@3 the recovery at epoch 2 cuts.
     s = open_store(tmp_path / "n1")
-    s.sync_epoch(1, (), complete=True)
+    s.sync_epoch(1, ())
     s.append(1, chain((1, b"k", b"live"), (2, b"j", b"j2"), (3, b"k", b"dead")), 2)
     s.seal(2)  # sealed by the new writer, not yet synced: it still holds the dead record
-    s.append(2, codec.encode_frame([]), 3, collect=(3, 0))  # a point of epoch 2 (the hint reaches the dead LSN)
+    with pytest.raises(EpochBehind):  # so it takes no append (and no point) at epoch 2 yet
+        s.append(2, codec.encode_frame([]), 3, collect=(3, 0))
+    s.set_collect_target(2, 3, 0)  # and were a point of epoch 2 (with its hint) to reach it, it would not collect for it
+    s.hint_lsn = 3
     assert s.synced_epoch == 1 and s.collect_step() == 0
     assert versions(s, b"k") == [1, 3], "the dead record must not be taken as the key's newest version"
     # The danger the rule keeps out: without it, k@1 (live, durable) goes, and once the dead k@3
@@ -193,10 +196,10 @@ def test_no_collection_before_the_issuing_epochs_truncations_are_adopted(tmp_pat
     s.close()
 
     s2 = open_store(tmp_path / "n2")
-    s2.sync_epoch(1, (), complete=True)
+    s2.sync_epoch(1, ())
     s2.append(1, chain((1, b"k", b"live"), (2, b"j", b"j2"), (3, b"k", b"dead")), 2)
     s2.seal(2)
-    s2.sync_epoch(2, (TruncationRange(2, 3, 10),), complete=True)  # the writer's sync: the dead record is cut
+    s2.sync_epoch(2, (TruncationRange(2, 3, 10),))  # the writer's sync: the dead record is cut
     s2.append(2, codec.encode_frame([rec(11, 2, b"k", b"new")]), 11, collect=(11, 0))
     while s2.collect_step():
         pass
@@ -206,8 +209,10 @@ def test_no_collection_before_the_issuing_epochs_truncations_are_adopted(tmp_pat
 
 def test_gossip_adopting_truncations_does_not_count_as_the_writers_sync(store):
     store.seal(2)
-    store.sync_epoch(2, (TruncationRange(2, 5, 9),))  # as gossip calls it: not complete
+    store.sync_epoch(2, (TruncationRange(2, 5, 9),), writer=False)  # as gossip calls it, with no membership
     assert store.synced_epoch == 1
+    store.set_collect_target(2, 4, 0)
+    assert store.collect_step() == 0
 
 
 # --- tombstones and request records -----------------------------------------------------------

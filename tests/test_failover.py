@@ -174,12 +174,11 @@ def test_a_planned_failover_to_a_named_reader_loses_nothing_and_clients_only_wai
             at = load.count()
             eventually(lambda: load.count() >= at + 50, "writes to go on through the new writer")
         assert not load.errors, load.errors
-        # Writes in flight when the writer stops may come back WriteIndeterminate (a known gap of
-        # the planned failover, see the closing note); each is resolved by its request id, and
-        # nothing acknowledged is lost.
-        for key, rid in list(load.unknown_ids.items()):
-            if db.status_of(rid).state == "committed":
-                load.acknowledge([key])
+        # No client error at all, only a short wait: a write in flight when the old writer stops
+        # is re-sent under its request id to the new one. (Before the fix of the racing
+        # reconnections, each run here had a few WriteIndeterminate or Unavailable errors.)
+        assert not load.unknown_ids, f"{len(load.unknown_ids)} writes came back WriteIndeterminate"
+        assert load.failed == 0, f"{load.failed} writes came back Unavailable"
         check_all_readable(db, load, quorum=True)
         assert "failover_to" not in load_manifest(c.folder)
     finally:

@@ -64,7 +64,8 @@ def test_asking_again_for_the_change_under_way_resumes_it(tmp_path):
 
 def test_old_node_retired_only_once_a_write_quorum_knows_step_2(tmp_path):
     """Until a write quorum of the new membership knows step 2, a writer opened after a crash
-    could find the change under way with the old node a member: the driver waits ("committing")."""
+    could find the change under way with the old node a member: the old node stays. With too
+    few nodes up, step 2 is not even taken (its epoch needs strict seals on a write quorum)."""
     with open_db(tmp_path / "d") as db:
         vol = db.cluster._v
         c = vol.begin_replace("n3", "n7")
@@ -74,12 +75,11 @@ def test_old_node_retired_only_once_a_write_quorum_knows_step_2(tmp_path):
                 break
         for n in ("n1", "n2", "n4"):  # too few nodes are up to learn step 2 as a write quorum
             db.cluster.stop_node(n)
-        try:
-            c.poll()
-        except engine.Unavailable:
-            pass  # step 2 reached too few nodes: it still holds in the writer
-        assert c.phase == "committing"
-        assert "n3" in [n["id"] for n in db.cluster.nodes]  # not retired yet
+        with pytest.raises(engine.Unavailable, match="did not reach a write quorum"):
+            c.poll()  # step 2 cannot own its epoch on a write quorum: not taken, nothing changed
+        assert c.phase == "rebuilding"
+        assert vol.writer.membership().next_members is not None  # still the joint membership
+        assert "n3" in [n["id"] for n in db.cluster.nodes]  # not retired
         for n in ("n1", "n2", "n4"):
             db.cluster.start_node(n)
         assert c.run() == "replaced"
@@ -118,3 +118,25 @@ def test_weakening_is_reached_only_through_the_test_entry(tmp_path):
         vol.close()
     with open_db(tmp_path / "e") as db:
         assert db.cluster._v.writer.weakening is SAFE
+
+
+def test_a_membership_step_never_shares_an_epoch_with_a_candidate_that_sealed_it(tmp_path):
+    """A candidate (a reader promoting itself) sealed epoch E+1 on every node while the old
+    writer, at E, began a membership change. The step used to tell the nodes E+1 with the
+    lenient `sync_epoch` (equal epochs accepted), so the old writer went on writing at E+1 next to
+    the new writer: two writers at one epoch. Now the step seals strictly first: refused, it is
+    not taken, and the old writer is fenced at its next write."""
+    with open_db(tmp_path / "d") as db:
+        vol = db.cluster._v
+        w = vol.writer
+        db.put(b"k", b"before")
+        e = w.epoch
+        for n in ("n1", "n2", "n3", "n4", "n5", "n6"):  # the candidate's recovery, first phase
+            w.transport.seal(n, e + 1)
+        with pytest.raises(engine.Unavailable, match="refused by"):
+            w.steps.begin_replace("n3", "n7")
+        assert w.epoch == e, "the step must not adopt an epoch another writer sealed"
+        assert w.membership().next_members is None
+        with pytest.raises((engine.StaleEpoch, engine.WriteIndeterminate)):
+            db.put(b"k", b"from the fenced writer")
+        assert w.fenced is not None

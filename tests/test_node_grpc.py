@@ -148,8 +148,12 @@ def test_epochs_fence_stale_writers_and_flag_newer_ones(node):
     # A reader at a newer epoch than the node's cannot be served by it.
     expect(grpc.StatusCode.OUT_OF_RANGE, errors.SegmentIncomplete, s.Read,
            storage_pb2.ReadRequest(pg=0, key=b"k", read_point=LSN_VALID_MAX, epoch=e + 1))
-    # The node's own epoch works: a real record is accepted and read back.
+    # Sealed at e but not yet synced at it: an append at e waits for the writer's sync (the
+    # sync carries that epoch's truncation ranges).
     rec = codec.encode_record(1, 0, 1, FLAG_PUT | FLAG_CPL, b"key", b"value")
+    expect(grpc.StatusCode.ABORTED, errors.EpochBehind, s.Append, storage_pb2.AppendRequest(epoch=e, frame=frame_of(rec), hint_lsn=1))
+    s.SyncEpoch(storage_pb2.SyncEpochRequest(epoch=e), timeout=10, metadata=SOURCE)
+    # The node's own epoch works: a real record is accepted and read back.
     reply = s.Append(storage_pb2.AppendRequest(epoch=e, frame=frame_of(rec), hint_lsn=1), timeout=10, metadata=SOURCE)
     assert list(reply.scls) == [0, 1, 0, 0]
     got = s.Read(storage_pb2.ReadRequest(pg=1, key=b"key", read_point=LSN_VALID_MAX, required_lsn=1, epoch=e), timeout=10, metadata=SOURCE)

@@ -169,16 +169,38 @@ def test_a_node_process_at_its_file_size_limit_answers_storage_full_and_lives(tm
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
 
     log_path = tmp_path / "n1.log"
-    with open(log_path, "ab") as log:
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=engine_env(),
-                                preexec_fn=small_files, start_new_session=True)
+
+    def start(*extra):
+        with open(log_path, "ab") as log:
+            return subprocess.Popen(argv + list(extra), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                    env=engine_env(), preexec_fn=small_files, start_new_session=True)
+
+    # With its reserve, the node refuses appends above the floor it keeps for the transactions
+    # that give room back (SegmentStore.floor_bytes); started again without a reserve (so without a
+    # floor), it fills its file to the limit itself: EFBIG, typed.
+    proc = start()
+    filler = Filler()
+    try:
+        wait_serving(f"127.0.0.1:{port}", proc=proc)
+        with storage_channel(f"127.0.0.1:{port}", "vol") as channel:
+            stub = storage_pb2_grpc.StorageStub(channel)
+            error, after_low = fill(lambda frame: stub.Append(storage_pb2.AppendRequest(epoch=0, frame=frame, hint_lsn=filler.lsn),
+                                                              timeout=30, metadata=SOURCE), filler)
+            assert isinstance(error, grpc.RpcError) and error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, error
+            assert "keeps the last" in error.details(), error.details()
+            assert after_low is not None, "space_low was never reported before the node was full"
+    finally:
+        alive = proc.poll() is None
+        proc.terminate()
+        proc.wait(30)
+    assert alive, open(log_path).read()[-3000:]
+    proc = start("--reserve-bytes", "0")
     try:
         wait_serving(f"127.0.0.1:{port}", proc=proc)
         with storage_channel(f"127.0.0.1:{port}", "vol") as channel:
             stub = storage_pb2_grpc.StorageStub(channel)
             st = stub.State(storage_pb2.StateRequest(), timeout=30, metadata=SOURCE)
             assert st.capacity_bytes == limit, "the file size limit bounds the node's capacity"
-            filler = Filler()
 
             def append(frame):
                 return stub.Append(storage_pb2.AppendRequest(epoch=0, frame=frame, hint_lsn=filler.lsn), timeout=30, metadata=SOURCE)
@@ -189,7 +211,6 @@ def test_a_node_process_at_its_file_size_limit_answers_storage_full_and_lives(tm
             assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, (error.code(), error.details())
             assert dict(error.trailing_metadata())[convert.ERROR_METADATA_KEY] == "StorageFull"
             assert "file size limit" in error.details()
-            assert after_low is not None, "space_low was never reported before the node was full"
             for _ in range(3):  # it keeps refusing, typed, and keeps living
                 frame, meta = filler.frame()
                 with pytest.raises(grpc.RpcError) as again:
@@ -202,7 +223,7 @@ def test_a_node_process_at_its_file_size_limit_answers_storage_full_and_lives(tm
                               metadata=SOURCE)
                 assert r.found and r.value == VALUE and r.lsn == lsn
             st = stub.State(storage_pb2.StateRequest(), timeout=30, metadata=SOURCE)
-            assert st.space_low and st.records == len(filler.keys)
+            assert st.records == len(filler.keys)  # (no reserve: space_low only if not a page is left)
     finally:
         alive = proc.poll() is None
         proc.terminate()
@@ -257,11 +278,24 @@ def test_a_full_filesystem_is_storage_full(tmp_path):
             assert st.capacity_bytes <= 3 << 20, "the filesystem's room bounds the capacity"
             filler = Filler()
             error, after_low = fill(lambda f: n.handle("append", 0, f, filler.lsn), filler)
-            assert type(error) is StorageFull and "free" in str(error), repr(error)
-            assert after_low is not None and after_low >= RESERVE_BYTES // 4, after_low
+            # The node refuses appends before the disk is quite full: it keeps a floor for the
+            # transactions that give room back (SegmentStore.floor_bytes).
+            assert type(error) is StorageFull and "keeps the last" in str(error), repr(error)
+            floor = n.store.floor_bytes(st.capacity_bytes)
+            # Appends went on into the reserve, down to the floor (frames cost more than their bytes).
+            assert after_low is not None and after_low >= (RESERVE_BYTES // 2 - floor) // 4, (after_low, floor)
             pg, lsn, key = filler.keys[-1]
             assert n.handle("read", pg, key, LSN_VALID_MAX, lsn, 0).value == VALUE
             assert n.handle("state").space_low
+        finally:
+            n.close()
+        # Without a reserve (and so without a floor) it fills the disk itself: ENOSPC, typed.
+        n = StorageNode(str(mount / "n1"), NodeInfo("n1", "a"), Geometry(P), "vol", durable=True, reserve_bytes=0)
+        try:
+            error, _after_low = fill(lambda f: n.handle("append", 0, f, filler.lsn), filler)
+            assert type(error) is StorageFull and "free" in str(error), repr(error)
+            pg, lsn, key = filler.keys[-1]
+            assert n.handle("read", pg, key, LSN_VALID_MAX, lsn, 0).value == VALUE
         finally:
             n.close()
     finally:

@@ -296,6 +296,27 @@ def test_the_wire_bounds_a_hold_and_carries_snapshot_too_old_as_its_class():
     assert type(convert.error_from_pb(old)) is SegmentIncomplete
 
 
+def test_the_backup_archivers_position_holds_the_collection_point(tmp_path):
+    from engine.backup.archiver import BackupOptions
+
+    # A slow archiver: it cuts a segment only every hour, so its position stays where it starts.
+    slow = BackupOptions(segment_s=3600, segment_bytes=1 << 28, round_s=0.01, idle_publish_s=3600, request_poll_s=3600)
+    with open_db(tmp_path / "v", protection_groups=1, backup=str(tmp_path / "bk"), backup_options=slow) as db:
+        vol = db._backend
+        eventually(lambda: db.status()["backup"]["bases"] >= 1, "the first base")
+        held = vol.archiver.hold_lsn()
+        for i in range(20):
+            db.put(b"k", b"v%d" % i)
+        w = vol.writer
+        eventually(lambda: all(n.store.collect_target[1] == held for n in vol.nodes.values()), "the nodes got the held point")
+        assert w.read_points.status()["read_point_min"] == held
+        assert all(n.store.state().horizons[0] <= held for n in vol.nodes.values())
+        assert min(records(db)) >= 20, "what the archive still needs stays on the nodes"
+        vol.archiver.step(force_segment=True)  # a segment written: the position and the hold move on
+        assert vol.archiver.hold_lsn() > held
+        eventually(lambda: max(records(db)) <= 3, "collection went on behind the archive")
+
+
 @pytest.mark.soak
 def test_a_million_overwrites_of_a_thousand_keys_stay_near_the_live_data(tmp_path):
     """The lifecycle target (bench/lifecycle.py measures it): the records per node stay bounded

@@ -16,6 +16,11 @@ What is shown:
 * a full node is neither dead nor "unreachable": its process lives and is SERVING, the writer's
   link to it is up, and status shows each node's used and capacity bytes and `space_low`.
 
+With `cluster up --max-storage` (storage that grows to a maximum, issue 12 item 2) the same
+fill runs on the launcher's own cluster: the maximum is recorded in cluster.json, `cluster status`
+shows each node's use, maximum and a warning, a restart keeps the maximum, one below the data is
+refused (nothing changed), and a larger one lets the writes resume.
+
 What does *not* hold, by design of this release: deleting does not give the room back (LMDB never
 shrinks its file and a delete is a tombstone; old versions stay until version GC, a later
 issue), so puts stay refused after deletes until a node gets more capacity (a larger map, here).
@@ -23,6 +28,7 @@ issue), so puts stay refused after deletes until a node gets more capacity (a la
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import resource
@@ -303,12 +309,40 @@ class LimitedCluster:
             assert "Traceback" not in text and "INTERNAL" not in text, f"{name}: {text[-3000:]}"
 
 
+class LaunchedCluster(LimitedCluster):
+    """The launcher's own cluster, made and restarted by `sixfold cluster up` (in this process),
+    the first time with `--max-storage` (and whatever `up_args` add)."""
+
+    def __init__(self, folder, up_args: tuple = ()) -> None:
+        self.folder, self.up_args, self.procs = str(folder), tuple(up_args), {}
+        self.base_port = free_base_port()
+        self.cluster = Cluster(self.folder)
+
+    def up(self, *args: str) -> int:
+        from engine.cli import main
+
+        return main(["cluster", "up", "--cluster", self.folder, "--insecure", "--no-auth", "--no-durable",
+                     "--protection-groups", str(P), "--gossip-interval-s", "0.5", "--base-port", str(self.base_port),
+                     "--timeout-s", str(WAIT_S), *args])
+
+    def start(self) -> None:
+        assert self.up(*self.up_args) == 0
+        self.up_args = ()
+
+    def alive(self) -> dict:
+        return {n: self.cluster.state(n) == "running" for n in NODES}
+
+    def stop(self) -> None:
+        self.cluster.down(timeout_s=10)
+
+
 @pytest.fixture
 def limited(tmp_path):
     made = []
 
-    def make(**kwargs) -> LimitedCluster:
-        c = LimitedCluster(tmp_path / f"c{len(made)}", **kwargs)
+    def make(launched: tuple | None = None, **kwargs) -> LimitedCluster:
+        folder = tmp_path / f"c{len(made)}"
+        c = LaunchedCluster(folder, launched) if launched is not None else LimitedCluster(folder, **kwargs)
         made.append(c)
         c.start()
         return c
@@ -332,10 +366,11 @@ def check_serving_and_reachable(c: LimitedCluster, db) -> dict:
 
 
 @pytest.mark.cluster
-@pytest.mark.parametrize("limit", ["map", "file-size"])
-def test_a_cluster_fills_through_grpc_refuses_with_storage_full_and_keeps_every_ack(limited, limit):
-    if limit == "map":
-        c = limited(node_args={n: ("--map-bytes", str(MAP_BYTES)) for n in NODES})
+@pytest.mark.parametrize("limit", ["max-storage", "file-size"])
+def test_a_cluster_fills_through_grpc_refuses_with_storage_full_and_keeps_every_ack(limited, limit, capsys):
+    if limit == "max-storage":
+        c = limited(launched=("--max-storage", "4MiB"))
+        assert load_manifest(c.folder)["max_storage_bytes"] == MAP_BYTES
     else:
         c = limited(file_bytes_max=MAP_BYTES)
     acked: dict[bytes, bytes] = {}
@@ -358,6 +393,10 @@ def test_a_cluster_fills_through_grpc_refuses_with_storage_full_and_keeps_every_
         assert no_write_quorum_has_room(st), space_of(st)
         assert st["writer"]["admission"] == "deletes-only" and st["writer"]["room_bytes"] == 0
         check_reads(db, acked)
+        if limit == "max-storage":
+            for n in st["nodes"]:  # the writer endpoint's status, through kv.proto
+                assert n["max_storage_bytes"] == MAP_BYTES and n["storage_warning"].startswith(f"node {n['id']} uses"), n
+            check_status_shows_the_maximum(c, capsys)
 
         deleted = delete_half(db, acked)
         with pytest.raises(StorageFull):
@@ -376,8 +415,55 @@ def test_a_cluster_fills_through_grpc_refuses_with_storage_full_and_keeps_every_
         with pytest.raises(StorageFull):
             db.put(b"after-restart", b"x")
         db.delete(sorted(set(acked) - deleted)[0])
+        deleted.add(sorted(set(acked) - deleted)[0])
         check_serving_and_reachable(c, db)
+    if limit == "max-storage":
+        grow_the_maximum(c, capsys, acked, deleted)
     c.check_logs()
+
+
+def check_status_shows_the_maximum(c: LaunchedCluster, capsys) -> None:
+    """`sixfold cluster status` and `sixfold status`: used, capacity, percent and maximum per node,
+    and a warning line for each node at 80% or more (or on its reserve)."""
+    from engine.cli import main
+
+    for argv in (["cluster", "status", "--cluster", c.folder], ["status", "--cluster", c.folder]):
+        capsys.readouterr()
+        assert main(argv) == 0, argv
+        out = capsys.readouterr().out
+        header = next(line for line in out.splitlines() if line.startswith("node"))
+        assert header.split()[-4:] == ["used", "capacity", "use%", "maximum"], header
+        rows = [line.split() for line in out.splitlines() if line.split()[:1] and line.split()[0] in NODES]
+        assert len(rows) == len(NODES) and all(r[-2:] == ["4", "MiB"] and r[-3].endswith("%") for r in rows), out
+        for n in NODES:
+            assert f"warning: node {n} uses" in out, out
+    capsys.readouterr()
+    assert main(["cluster", "status", "--cluster", c.folder, "--json"]) == 0
+    nodes = json.loads(capsys.readouterr().out)["nodes"]
+    assert all(n["max_storage_bytes"] == MAP_BYTES and n["map_bytes"] <= MAP_BYTES and n["storage_warning"] for n in nodes)
+
+
+def grow_the_maximum(c: LaunchedCluster, capsys, acked: dict, deleted: set) -> None:
+    """A maximum below the data is refused (exit 3, the manifest unchanged); a larger one, at the
+    next start, lets the writes resume with every acknowledged write still there."""
+    c.stop()
+    recorded = open(os.path.join(c.folder, "cluster.json"), "rb").read()
+    capsys.readouterr()
+    assert c.up("--max-storage", "1MiB") == 3
+    err = capsys.readouterr().err
+    assert "below it" in err and "nothing was changed" in err, err
+    assert open(os.path.join(c.folder, "cluster.json"), "rb").read() == recorded
+    assert not any(c.alive().values()), "a refused `cluster up` started nothing"
+    assert c.up("--max-storage", "16MiB") == 0
+    assert load_manifest(c.folder)["max_storage_bytes"] == 4 * MAP_BYTES
+    with engine.connect(c.folder) as db:
+        wait_for(lambda: db.status()["writer"]["admission"] == "all", "admission back to all")
+        more = {b"grown%04d" % i: value_of(i) for i in range(100)}
+        for key, value in more.items():
+            db.put(key, value)
+        acked.update(more)
+        check_reads(db, acked, deleted)
+        assert all(n["max_storage_bytes"] == 4 * MAP_BYTES for n in db.status()["nodes"])
 
 
 @pytest.mark.cluster
@@ -459,15 +545,28 @@ def test_the_cost_the_writer_counts_bounds_what_a_node_takes(tmp_path, key_bytes
             node.close()
 
 
-def test_node_serve_takes_its_map_and_reserve_in_bytes_and_refuses_other_values(tmp_path):
-    """`sixfold node serve --map-bytes N --reserve-bytes N`: what the cluster tests above start
-    nodes with. A value that is not a whole number of bytes, or too small, is a usage error
-    (exit 2) naming the option; nothing is started or created."""
+def test_node_serve_takes_its_map_and_reserve_in_bytes_and_refuses_other_values(tmp_path, capsys):
+    """`sixfold node serve --map-bytes N --reserve-bytes N` (what the cluster tests above start
+    nodes with) and `--max-storage SIZE`. A value that is not a size, or out of range, is a usage
+    error (exit 2) naming the problem; a maximum above the filesystem is refused (exit 3);
+    nothing is started or created. The real command first, then (quicker) in this process."""
+    from engine.cli import main
+
+    command = ["node", "serve", "--cluster", str(tmp_path / "none"), "--id", "n1"]
     for bad, words in ((["--map-bytes", "4MiB"], "--map-bytes"), (["--map-bytes", "4096"], "below the least"),
                        (["--reserve-bytes", "-1"], "--reserve-bytes")):
-        done = subprocess.run(
-            [sys.executable, "-m", "engine", "node", "serve", "--cluster", str(tmp_path / "none"), "--id", "n1", *bad],
-            capture_output=True, text=True, env=engine_env(), timeout=60,
-        )
+        done = subprocess.run([sys.executable, "-m", "engine", *command, *bad],
+                              capture_output=True, text=True, env=engine_env(), timeout=60)
         assert done.returncode == 2 and words in done.stderr, (bad, done.returncode, done.stderr)
+    fs = os.statvfs(tmp_path)
+    for bad, code, words in ((["--max-storage", "10G"], 2, "ambiguous"), (["--max-storage", "0"], 2, "out of range"),
+                             (["--max-storage", "-1GiB"], 2, "--max-storage"),
+                             (["--max-storage", "4MiB", "--map-bytes", str(8 << 20)], 2, "older spelling"),
+                             (["--max-storage", str(fs.f_blocks * fs.f_frsize + (1 << 30))], 3, "filesystem")):
+        capsys.readouterr()
+        try:
+            got = main([*command, *bad])
+        except SystemExit as e:  # argparse's usage errors
+            got = e.code
+        assert got == code and words in capsys.readouterr().err, (bad, got)
     assert not (tmp_path / "none").exists()

@@ -164,3 +164,45 @@ def test_seal_summarises_records_above_the_hint(store):
     assert seg0.hint_lsn == 1 and seg0.last_lsn_at_hint == 1
     assert [h.lsn for h in seg0.records] == [2]
     assert [h.lsn for h in reply.segments[1].records] == [3]
+
+
+def test_a_node_sealed_but_not_synced_at_an_epoch_takes_no_appends_at_it(tmp_path):
+    """A seal that its writer did not follow with a sync (an open or a membership step that
+    fell short of a write quorum) leaves the node at an epoch another writer may then own. Its
+    appends must wait for that writer's sync, which brings the epoch's truncation ranges: taken
+    first, they once taught the node a durable hint that then made it refuse the ranges for
+    ever (replicas diverged in chaos seed 7). The state survives a restart."""
+    s = open_store(tmp_path / "n1")
+    s.sync_epoch(1, ())
+    s.append(1, codec.encode_frame([rec(1, 0, 0, b"a")]), 1)
+    s.seal(2)
+    with pytest.raises(EpochBehind, match="not synced"):
+        s.append(2, codec.encode_frame([rec(2, 1, 0, b"b")]), 1)
+    with pytest.raises(EpochBehind):
+        s.append(2, codec.encode_frame([]), 2)  # a heartbeat with a new hint too
+    assert s.hint_lsn == 1
+    s.close()
+    s = open_store(tmp_path / "n1")
+    assert (s.epoch, s.synced_epoch) == (2, 1)
+    with pytest.raises(EpochBehind):
+        s.append(2, codec.encode_frame([rec(2, 1, 0, b"b")]), 1)
+    # Gossip's hand-on of a peer's state is no writer's sync (unless it brings that epoch's membership)...
+    s.sync_epoch(2, (), None, writer=False)
+    assert s.synced_epoch == 1
+    s.sync_epoch(2, (TruncationRange(2, 5, 9),))  # ...the writer's sync is
+    assert s.synced_epoch == 2
+    s.append(2, codec.encode_frame([rec(2, 1, 0, b"b")]), 2)
+    assert s.scls[0] == 2
+    s.close()
+
+
+def test_a_folder_from_before_the_synced_epoch_counts_as_synced_at_its_epoch(tmp_path):
+    s = open_store(tmp_path / "n1")
+    s.sync_epoch(3, ())
+    with s.env.begin(write=True) as txn:  # as a release before the key wrote it
+        txn.delete(b"synced_epoch", db=s._meta)
+    s.close()
+    s = open_store(tmp_path / "n1")
+    assert (s.epoch, s.synced_epoch) == (3, 3)
+    s.append(3, codec.encode_frame([rec(1, 0, 0, b"a")]), 1)
+    s.close()

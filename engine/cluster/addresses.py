@@ -86,7 +86,7 @@ def run_cluster_node(
     durable: bool | None = None,
     gossip_interval_s: float | None = None,
     scrub_interval_s: float = 1.0,
-    map_bytes: int | None = None,
+    max_storage_bytes: int | None = None,
     reserve_bytes: int | None = None,
 ) -> int:
     """Serve node `node_id` of the cluster in `folder` until SIGTERM/SIGINT; returns an exit code.
@@ -107,6 +107,8 @@ def run_cluster_node(
     durable = m["durable"] if durable is None else durable and m["durable"]
     if gossip_interval_s is None:
         gossip_interval_s = m.get("gossip_interval_s", GOSSIP_INTERVAL_S_DEFAULT)
+    if max_storage_bytes is None:  # the cluster's maximum (`cluster up --max-storage`); absent: the default
+        max_storage_bytes = m.get("max_storage_bytes")
     # Before the node knows a membership (new or wiped), it gossips with every active node.
     initial = {p["id"]: p["address"] for p in active_nodes(m)}
 
@@ -118,7 +120,7 @@ def run_cluster_node(
     return run_node_process(
         node_id=node_id, az=n["az"], data=os.path.join(folder, n["data"]), listen=listen, volume_id=m["volume_id"],
         protection_groups=m["protection_groups"], peers=initial, durable=durable, gossip_interval_s=gossip_interval_s,
-        scrub_interval_s=scrub_interval_s, map_bytes=map_bytes, reserve_bytes=reserve_bytes,
+        scrub_interval_s=scrub_interval_s, max_storage_bytes=max_storage_bytes, reserve_bytes=reserve_bytes,
         transport_factory=transport_factory, banner=f" of cluster {folder}", tls=tls,
         allow_fault_injection=bool(m.get("allow_fault_injection", False)),
     )

@@ -53,8 +53,10 @@ def status_table(st: dict) -> str:
     rows = []
     for n in st["nodes"]:
         scl = f"{n['scl_min']}..{n['scl_max']}" if "scl_min" in n else None
-        rows.append([n["id"], n["az"], n["address"], n["pid"], n["health"], n.get("epoch"), scl, n.get("records"), n.get("lag")])
-    out = table(rows, ["node", "az", "address", "pid", "health", "epoch", "scl(min..max)", "records", "lag"])
+        rows.append([n["id"], n["az"], n["address"], n["pid"], n["health"], n.get("epoch"), scl, n.get("records"), n.get("lag"),
+                     *storage_cells(n)])
+    out = table(rows, ["node", "az", "address", "pid", "health", "epoch", "scl(min..max)", "records", "lag", *STORAGE_HEADERS])
+    out += "".join(f"\nwarning: {n['storage_warning']}" for n in st["nodes"] if n.get("storage_warning"))
     w = st["writer"]
     vid = st["volume_id"]
     out += (
@@ -63,9 +65,10 @@ def status_table(st: dict) -> str:
     )
     if st.get("readers"):
         rows = [[r["id"], r["az"], r["address"], r["pid"], r["health"], r.get("read_point"), r.get("lag_lsns"),
-                 None if r.get("lag_ms") is None else f"{r['lag_ms']:.0f}",
+                 None if r.get("lag_ms") is None else f"{r['lag_ms']:.1f}",
+                 None if r.get("lag_ms_p99") is None else f"{r['lag_ms_p99']:.1f}",
                  None if "connected" not in r else ("yes" if r["connected"] else "NO")] for r in st["readers"]]
-        out += "\n" + table(rows, ["reader", "az", "address", "pid", "health", "read point", "lag(lsn)", "lag(ms)", "writer"])
+        out += "\n" + table(rows, ["reader", "az", "address", "pid", "health", "read point", "lag(lsn)", "lag(ms)", "p99(ms)", "writer"])
     if not st["durable"]:
         out += "\n(not durable: nodes do not fsync before they acknowledge)"
     sec = st.get("security") or {}
@@ -95,6 +98,21 @@ def status_table(st: dict) -> str:
     return out
 
 
+STORAGE_HEADERS = ("used", "capacity", "use%", "maximum")
+
+
+def storage_cells(n: dict) -> list:
+    """A node's space for a status table: used, capacity (its maximum, or less when the disk or a
+    file size limit is smaller), the share used, and its maximum ("-" where it reported none)."""
+    from engine.sizes import format_size, used_percent
+
+    used, capacity, maximum = n.get("used_bytes"), n.get("capacity_bytes"), n.get("max_storage_bytes")
+    if used is None or not capacity:
+        return [None, None, None, None if maximum is None else format_size(maximum)]
+    return [format_size(used), format_size(capacity), f"{used_percent(used, capacity):.0f}%",
+            None if maximum is None else format_size(maximum)]
+
+
 def _show(args, st: dict) -> None:
     from engine.output import print_json
 
@@ -116,10 +134,22 @@ def _encryption_arguments(args) -> dict:
     return {"encrypt": True, "key_file": args.key_file} if args.encrypt else {}
 
 
+def _backup_argument(args) -> dict | None:
+    """--backup DIR [--backup-retention-days N] (engine.backup), for the manifest."""
+    if args.backup is None:
+        if args.backup_retention_days is not None:
+            raise SystemExit("sixfold cluster up: --backup-retention-days needs --backup DIR")
+        return None
+    if args.backup_retention_days is not None and not args.backup_retention_days > 0:
+        raise SystemExit("sixfold cluster up: --backup-retention-days must be a positive number of days")
+    return {"target": args.backup, "retention_days": args.backup_retention_days}
+
+
 def cmd_cluster_up(args) -> int:
     from engine.security import audit
 
     c = _cluster(args)
+    running = [n for n in c.node_ids if c.state(n) != "down"] if args.max_storage is not None and c.exists else []
     try:
         st = c.up(
             base_port=args.base_port, protection_groups=args.protection_groups,
@@ -127,7 +157,7 @@ def cmd_cluster_up(args) -> int:
             gossip_interval_s=args.gossip_interval_s, timeout_s=args.timeout_s,
             insecure=True if args.insecure else None, allow_fault_injection=True if args.allow_fault_injection else None,
             no_auth=args.no_auth, readers=args.readers, promote_readers=False if args.no_promote else None,
-            **_encryption_arguments(args),
+            max_storage_bytes=args.max_storage, backup=_backup_argument(args), **_encryption_arguments(args),
         )
     except Exception as e:
         if c.exists:
@@ -137,6 +167,9 @@ def cmd_cluster_up(args) -> int:
     if not st["started"]:
         print(f"sixfold: cluster {c.folder} is already up (every process was running; nothing started)",
               file=sys.stderr, flush=True)
+    if running:
+        print(f"sixfold: the storage maximum is recorded; {', '.join(running)} kept theirs (they were running): it applies "
+              "when each restarts (`sixfold node stop ID` then `sixfold node start ID`)", file=sys.stderr, flush=True)
     _show(args, st)
     if not args.foreground:
         return 0
@@ -413,6 +446,7 @@ def cmd_node_serve(args) -> int:
     from engine.transport.grpc_server import AddressInUse, InsecureListen, run_node_process
 
     _logging(args.log_level)
+    maximum = _node_maximum(args)
     try:
         if args.cluster:
             # Everything else comes from the manifest, and gossip re-reads it to reach nodes
@@ -424,7 +458,7 @@ def cmd_node_serve(args) -> int:
             return run_cluster_node(
                 args.cluster, args.id, listen=args.listen, durable=False if args.no_durable else None,
                 gossip_interval_s=args.gossip_interval_s, scrub_interval_s=args.scrub_interval_s,
-                map_bytes=args.map_bytes, reserve_bytes=args.reserve_bytes,
+                max_storage_bytes=maximum, reserve_bytes=args.reserve_bytes,
             )
         missing = [f"--{k.replace('_', '-')}" for k in ("id", "az", "data", "listen", "volume_id", "protection_groups", "peers")
                    if getattr(args, k) in (None, "")]
@@ -442,12 +476,25 @@ def cmd_node_serve(args) -> int:
             node_id=args.id, az=args.az, data=args.data, listen=args.listen, volume_id=args.volume_id,
             protection_groups=args.protection_groups, peers=peers, durable=not args.no_durable,
             gossip_interval_s=args.gossip_interval_s, scrub_interval_s=args.scrub_interval_s,
-            map_bytes=args.map_bytes, reserve_bytes=args.reserve_bytes,
+            max_storage_bytes=maximum, reserve_bytes=args.reserve_bytes,
             allow_fault_injection=bool(args.allow_fault_injection),
         )
     except (AddressInUse, InsecureListen) as e:
         logging.getLogger("sixfold.node").error("%s", e)
         return 2
+
+
+def _node_maximum(args) -> int | None:
+    """`node serve`'s --max-storage (or its older spelling --map-bytes), checked against the
+    filesystem of the node's folder (InvalidArgument: exit 3); None: the cluster's, or the default."""
+    if args.max_storage is not None and args.map_bytes is not None and args.max_storage != args.map_bytes:
+        raise SystemExit("sixfold node serve: --map-bytes is the older spelling of --max-storage; give one")
+    maximum = args.max_storage if args.max_storage is not None else args.map_bytes
+    if maximum is not None:
+        from engine.sizes import check_fits_filesystem
+
+        check_fits_filesystem(maximum, args.data or args.cluster or ".", "--max-storage")
+    return maximum
 
 
 def cmd_writer_serve(args) -> int:
@@ -818,8 +865,18 @@ def register(sub) -> None:
     up.add_argument("--readers", type=int, default=None, metavar="N", help=(
         "run at least N reader instances (read replicas, up to 15) in the AZs other than the writer's; "
         "`sixfold reader add` adds more later"))
+    up.add_argument("--backup", metavar="DIR", default=None, help=(
+        "back the volume up continuously into folder DIR: the durable log, and base snapshots (daily, on `sixfold "
+        "backup now`); the writer endpoint runs the archiver, and a writer after a failover continues it"))
+    up.add_argument("--backup-retention-days", type=float, default=None, metavar="N", help=(
+        "with --backup: remove what no restore point of the last N days needs (default: keep everything)"))
     up.add_argument("--no-promote", action="store_true", help=(
         "readers never take over as the writer (default: once the writer's lease lapses, a reader promotes itself)"))
+    up.add_argument("--max-storage", type=_size_argument, default=None, metavar="SIZE", help=(
+        "the most each node's data may take, e.g. 10GiB, 500MiB or plain bytes (default 32 GiB); nodes grow their "
+        "storage up to it, and at it puts are refused with StorageFull while deletes still work. Recorded in "
+        "cluster.json; on an existing cluster it applies to each node as it (re)starts, and is refused below the data "
+        "a node already holds"))
     up.add_argument("--json", action="store_true",
                     help="print the status as JSON (with `started`: the processes this command started)")
     up.set_defaults(func=cmd_cluster_up)
@@ -898,9 +955,12 @@ def register(sub) -> None:
             serve.add_argument("--scrub-interval-s", type=float, default=1.0, help="seconds between scrub steps")
             serve.add_argument("--allow-fault-injection", action="store_true", help=(
                 "serve Corrupt and SetFaults (without --cluster; a cluster node follows its manifest)"))
+            serve.add_argument("--max-storage", type=_size_argument, default=None, metavar="SIZE", help=(
+                "the most this node's data may take, e.g. 10GiB or plain bytes; its LMDB map grows up to it and it "
+                "answers StorageFull beyond (default: the cluster's, else 32 GiB; the least of this, the file size limit "
+                "and the disk's room is its capacity)"))
             serve.add_argument("--map-bytes", type=_byte_count(MAP_BYTES_MIN), default=None, metavar="N", help=(
-                "the most this node's LMDB map (its data file) may hold, in bytes; it answers StorageFull beyond "
-                "(default 32 GiB; the least of this, the file size limit and the disk's room is its capacity)"))
+                "the older spelling of --max-storage, in plain bytes"))
             serve.add_argument("--reserve-bytes", type=_byte_count(0), default=None, metavar="N", help=(
                 "room kept for deletes and records already logged once the node reports space_low "
                 "(default: max(capacity / 16, min(128 MiB, capacity / 4)))"))
@@ -918,8 +978,19 @@ def register(sub) -> None:
             serve.set_defaults(func=cmd_writer_serve)
 
 
-#: The smallest --map-bytes: room for a new node's tables and identity, and then some.
+#: The smallest --map-bytes (engine.sizes.STORAGE_BYTES_MIN).
 MAP_BYTES_MIN = 1 << 20
+
+
+def _size_argument(text: str) -> int:
+    """An argparse type: a storage size (`10GiB`, `500MiB`, plain bytes; engine.sizes), in range."""
+    from engine.errors import InvalidArgument
+    from engine.sizes import check_storage_bytes, parse_size
+
+    try:
+        return check_storage_bytes(parse_size(text), "the size")
+    except InvalidArgument as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _byte_count(least: int):

@@ -160,6 +160,8 @@ class Cluster:
         no_auth: bool = False,
         readers: int | None = None,
         promote_readers: bool | None = None,
+        max_storage_bytes: int | None = None,
+        backup: dict | None = None,
     ) -> dict:
         """Create the cluster (or reopen its data: same volume id), start every process that is
         not running, wait until all are SERVING; returns `status()` plus `started` (the names
@@ -172,7 +174,11 @@ class Cluster:
         `sixfold key new`) encrypts a new volume at rest; see `supervisor.py`. `no_auth=True`
         makes a new cluster whose endpoint checks no client token (a throwaway cluster or a
         benchmark baseline; `"users_file": null` in its manifest). `readers=N`: at least N reader
-        instances (in the AZs other than the writer's), started with the rest."""
+        instances (in the AZs other than the writer's), started with the rest.
+        `max_storage_bytes`: the most each node's data may take (recorded in the manifest; nodes
+        already running keep theirs until they restart). `backup`
+        ({"target": folder, "retention_days": N or None}) backs the volume up from now on
+        (engine.backup; the writer endpoint, and any writer after it, runs the archiver)."""
         with self.processes.operation("cluster up"):
             if not (no_auth and not os.path.exists(os.path.join(self.folder, MANIFEST_FILE))):
                 self.ensure_operator()
@@ -180,7 +186,8 @@ class Cluster:
                 base_port=base_port, protection_groups=protection_groups, durable=durable,
                 write_timeout_s=write_timeout_s, gossip_interval_s=gossip_interval_s, timeout_s=timeout_s,
                 insecure=insecure, allow_fault_injection=allow_fault_injection, encrypt=encrypt, key_file=key_file,
-                no_auth=no_auth, readers=readers, promote_readers=promote_readers,
+                no_auth=no_auth, readers=readers, promote_readers=promote_readers, max_storage_bytes=max_storage_bytes,
+                backup=backup,
             )
             st = self.status()
         st["started"] = started

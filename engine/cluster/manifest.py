@@ -53,6 +53,13 @@ unless given, is the AZ other than the writer's ("a") that has the fewest reader
 A manifest without the field (written before readers existed) has none; in a secure cluster each
 reader gets a certificate of role `reader` under its id. `active_readers` leaves out the retired.
 
+Storage maximum: `"max_storage_bytes"` (`cluster up --max-storage 10GiB`) is the most each node's
+data may take (its LMDB map grows up to it; engine.node.growth); each node process reads it when
+it starts, so a new value applies to the nodes started from then on. A manifest without the field
+(written before it existed, or never given one) means the nodes' default (32 GiB). An additive
+field, no new format: a release that knows no maximum ignores it and runs its nodes with its own
+fixed map, which is what it did before.
+
 Format: a plain cluster's manifest records `"format": PLAIN_MANIFEST_FORMAT` (1), an encrypted
 one's `ENCRYPTED_MANIFEST_FORMAT` (2), as an embedded volume.json does: a release from before
 encryption reads format 1 only, so it refuses an encrypted cluster as "written by a newer
@@ -396,4 +403,6 @@ def endpoint_config(manifest: dict, folder: str | None = None):
         write_timeout_s=manifest.get("write_timeout_s", WRITE_TIMEOUT_S_DEFAULT),
         **auth,
         encryption=manifest.get("encryption"),
+        backup=(manifest.get("backup") or {}).get("target"),
+        backup_retention_days=(manifest.get("backup") or {}).get("retention_days"),
     )

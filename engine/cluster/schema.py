@@ -27,6 +27,8 @@ What is checked (formats 1 and 2; the checks are hand-written, standard library 
     gossip_interval_s   optional finite number >= 0
     tls                 optional bool (absent: an insecure cluster, as before the field existed)
     allow_fault_injection   optional bool (absent: false)
+    max_storage_bytes   optional int in engine.sizes' STORAGE_BYTES_MIN..STORAGE_BYTES_MAX (absent:
+                        the nodes' default)
     nodes               non-empty list of node objects, ids and addresses unique:
         id              node id (1..64 ASCII letters, digits, - or _)
         az              1..64 ASCII letters, digits, - or _ (it names a folder)
@@ -40,6 +42,8 @@ What is checked (formats 1 and 2; the checks are hand-written, standard library 
                         took over records its own)
     users_file          optional null or non-empty relative path (absent: "users.json", auth on;
                         null: auth off; see manifest.py)
+    backup              optional object (absent: no backups; engine.backup): target, an absolute
+                        folder path; retention_days, null or a number > 0
     readers             optional list of reader instances (absent: none), ids unique and none a
                         node's id, ports unique among every process:
         id, az          as for a node
@@ -51,7 +55,7 @@ reader; booleans are never accepted as numbers (JSON `true` is not a port). A ma
 integer `format` is above the newest format the caller reads is not shape-checked here: its
 version is the news, and the loader reports it.
 
-Rules of this module: standard library, `engine.errors`, `engine.core.constants` and
+Rules of this module: standard library, `engine.errors`, `engine.sizes`, `engine.core.constants` and
 `engine.envelope.descriptor_problems` (the one shape check of an encryption descriptor, shared
 with the embedded volume.json) only; it knows nothing of processes.
 """
@@ -65,6 +69,7 @@ from typing import Any
 from engine.core.constants import PROTECTION_GROUPS_MAX
 from engine.envelope import descriptor_problems
 from engine.errors import WrongFolder
+from engine.sizes import STORAGE_BYTES_MAX, STORAGE_BYTES_MIN
 
 PORT_MIN, PORT_MAX = 1, 65535
 #: The largest pid Linux hands out (`/proc/sys/kernel/pid_max` can be raised to 2**22).
@@ -213,6 +218,7 @@ def validate_manifest(manifest: Any, where: str = "cluster.json", *, format_max:
     c.number(m, "gossip_interval_s", "gossip_interval_s", positive=False, optional=True)
     c.boolean(m, "tls", "tls", optional=True)
     c.boolean(m, "allow_fault_injection", "allow_fault_injection", optional=True)
+    c.integer(m, "max_storage_bytes", "max_storage_bytes", STORAGE_BYTES_MIN, STORAGE_BYTES_MAX, optional=True)
     if present and fmt == ENCRYPTED_FORMAT:
         if "encryption" not in m:
             c.fail("encryption", f"an encryption descriptor in a format-{ENCRYPTED_FORMAT} (encrypted) manifest", None,
@@ -228,6 +234,13 @@ def validate_manifest(manifest: Any, where: str = "cluster.json", *, format_max:
         c.fail("key_file", "an absolute path", m["key_file"])
 
     c.boolean(m, "promote_readers", "promote_readers", optional=True)
+    present, backup = c.get(m, "backup", "backup", "an object", optional=True)
+    if present:
+        c.string(c.object(backup, "backup"), "target", "backup.target")
+        if not backup["target"].startswith("/"):
+            c.fail("backup.target", "an absolute path", backup["target"])
+        if backup.get("retention_days") is not None:
+            c.number(backup, "retention_days", "backup.retention_days", positive=True)
     if "failover_to" in m:  # a planned failover's reader (engine.cluster.commands)
         c.name(m, "failover_to", "failover_to", "a reader id")
     if m.get("users_file") is not None:  # absent or null are fine (see manifest.py)

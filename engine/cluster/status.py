@@ -28,6 +28,7 @@ from engine.cluster.admin import STATUS_RPC_TIMEOUT_S, WriterAdmin, operator_tok
 from engine.cluster.manifest import WRITER, active_nodes, active_readers, node_addresses
 from engine.cluster.supervisor import Supervisor
 from engine.errors import SixfoldError
+from engine.sizes import storage_warning
 
 
 def rebuild_progress(scls, pgcls) -> dict:
@@ -99,6 +100,9 @@ class StatusView:
                                records=st.records, bytes=st.bytes, corrupt_found=st.corrupt_found, repaired=st.repaired,
                                rebuild=dict(st.extra.get("rebuild") or {}), used_bytes=st.used_bytes,
                                capacity_bytes=st.capacity_bytes, space_low=st.space_low, room_bytes=st.room_bytes,
+                               max_storage_bytes=st.extra.get("max_storage_bytes"), map_bytes=st.extra.get("map_bytes"),
+                               storage_warning=storage_warning(n["id"], st.used_bytes, st.capacity_bytes, st.space_low)
+                               if st.capacity_bytes else None,
                                security=dict(st.extra.get("security") or {}))
                 except SixfoldError as e:
                     out["error"] = str(e)
@@ -128,7 +132,7 @@ class StatusView:
                 try:
                     st = WriterAdmin(r["address"], tls, operator_token(sup.folder)).status(STATUS_RPC_TIMEOUT_S * 2)
                     out.update({k: st["reader"][k] for k in ("read_point", "epoch", "writer_vdl", "lag_lsns", "lag_ms",
-                                                             "heard_ms", "connected", "updates", "last_error")})
+                                                             "lag_ms_p99", "heard_ms", "connected", "updates", "last_error")})
                 except SixfoldError as e:
                     out["error"] = str(e)
             return out

@@ -447,6 +447,8 @@ class Supervisor:
         key_file: str | None = None,
         readers: int | None = None,
         promote_readers: bool | None = None,
+        max_storage_bytes: int | None = None,
+        backup: dict | None = None,
     ) -> list[str]:
         """Create the cluster (or reopen its data: same volume id), start every process that is
         not running, wait until all are SERVING; returns the names this call started (empty when
@@ -457,7 +459,9 @@ class Supervisor:
         fixed at creation; `allow_fault_injection` (Corrupt, SetFaults for the admin role) is
         recorded in the manifest and applies to the processes started from then on. `encrypt`
         with `key_file` encrypts a new volume at rest (see the module docstring). `readers`: make
-        sure at least that many reader instances are configured (they all start with the rest)."""
+        sure at least that many reader instances are configured (they all start with the rest).
+        `max_storage_bytes`: the most each node's data may take, recorded in the manifest for the
+        nodes started from then on (see `_set_maximum`)."""
         if readers is not None and not 0 <= readers <= READERS_MAX:
             raise InvalidArgument(f"readers: 0..{READERS_MAX}, got {readers}")
         if encrypt and not key_file:
@@ -495,6 +499,9 @@ class Supervisor:
                         manifest["allow_fault_injection"] = bool(allow_fault_injection)
                     if promote_readers is not None:
                         manifest["promote_readers"] = bool(promote_readers)
+                    if backup is not None:  # the writer endpoint archives into it (engine.backup)
+                        manifest["backup"] = {"target": os.path.abspath(backup["target"]),
+                                              "retention_days": backup.get("retention_days")}
                     if not is_secure(manifest):
                         from engine.transport.grpc_server import is_loopback
 
@@ -502,6 +509,8 @@ class Supervisor:
                         if not is_loopback(f"{host}:0"):
                             raise ClusterError(f"an insecure cluster listens on loopback only; host {host!r} needs TLS "
                                                "(create the cluster without --insecure)")
+                    if max_storage_bytes is not None:
+                        self._set_maximum(manifest, max_storage_bytes)
                     if durable is not None:
                         manifest["durable"] = bool(durable)
                     if write_timeout_s is not None:
@@ -533,6 +542,27 @@ class Supervisor:
                     self.terminate([name], DOWN_TIMEOUT_S)
                 raise
             return started
+
+    def _set_maximum(self, manifest: dict, max_storage_bytes: int) -> None:
+        """Record the nodes' storage maximum, checked first (InvalidArgument, nothing changed): a
+        size, at most the filesystem of the cluster folder, and at least what each node's data file
+        already holds (LMDB never shrinks it; the node itself refuses such a maximum as well)."""
+        from engine.sizes import check_fits_filesystem, check_storage_bytes, format_size
+
+        check_storage_bytes(max_storage_bytes)
+        check_fits_filesystem(max_storage_bytes, self.folder)
+        for n in active_nodes(manifest):
+            try:
+                held = os.path.getsize(os.path.join(self.path(n["data"]), "data.mdb"))
+            except OSError:
+                continue  # no data yet
+            if held > max_storage_bytes:
+                raise InvalidArgument(
+                    f"node {n['id']} already holds {format_size(held)} ({held} bytes; LMDB never shrinks its file); "
+                    f"a maximum of {format_size(max_storage_bytes)} is below it. Give at least {held} bytes; "
+                    "nothing was changed."
+                )
+        manifest["max_storage_bytes"] = max_storage_bytes
 
     # --- reader instances -------------------------------------------------------------------
     def _free_port(self, manifest: dict) -> int:

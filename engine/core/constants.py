@@ -46,6 +46,12 @@ FLAGS_KNOWN = FLAG_PUT | FLAG_DELETE | FLAG_CPL | FLAG_REQUEST
 NAMESPACE_KEYS = 0
 NAMESPACE_REQUESTS = 1
 REQUEST_ID_BYTES_MAX = 64
+#: The value of a request record: a digest of the unit's ops (REQUEST_DIGEST_BYTES), then, since
+#: commit times exist, the unit's commit time (REQUEST_TIME_BYTES: u64 LE microseconds since the
+#: epoch, stamped by the writer when it gave the unit its LSNs, never going backwards). A value
+#: of the digest alone was written by a release before commit times (it has no time).
+REQUEST_DIGEST_BYTES = 16
+REQUEST_TIME_BYTES = 8
 
 #: LMDB keys are at most 511 bytes; the version index key is pg (4 bytes) + user key.
 KEY_BYTES_MAX = 480

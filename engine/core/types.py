@@ -244,7 +244,8 @@ class ReadPointUpdate:
     (`engine.head.replica`): the epoch, the VDL (the read point: durable, so no recovery cuts a
     record at or below it), each PG's read tail, the membership, and per member its SCLs (None
     for a PG the writer has no reply for yet) and whether the writer reaches it. `sent_at`: the
-    writer's wall clock when it sent the update (seconds since the Unix epoch)."""
+    writer's wall clock when it sent the update (seconds since the Unix epoch); `committed_at`
+    the writer's wall clock when the oldest commit the update newly covers became durable."""
 
     epoch: int
     vdl: int
@@ -253,6 +254,9 @@ class ReadPointUpdate:
     #: (node id, SCL per PG, up) for every member of the membership
     members: tuple[tuple[str, tuple[int | None, ...], bool], ...]
     sent_at: float = 0.0
+    #: The writer's wall clock when the VDL first moved past the previous update of the same
+    #: stream (when the oldest commit this update newly covers became durable); 0 if none or unknown.
+    committed_at: float = 0.0
 
     @property
     def view(self) -> ReadView:

@@ -120,6 +120,10 @@ class EndpointConfig:
     cipher: object | None = field(default=None, repr=False, compare=False)
     #: the writer lease (engine.head.failover); None: none (reads are not lease-fenced)
     lease_s: float | None = LEASE_S_DEFAULT
+    #: back the volume up continuously into this folder (engine.backup.archiver; the manifest's
+    #: "backup"); every writer endpoint of the volume, a promoted reader's too, continues it
+    backup: str | None = None
+    backup_retention_days: float | None = None
 
 
 class WriterEndpoint:
@@ -140,6 +144,8 @@ class WriterEndpoint:
         self._change: MembershipChange | None = None
         self._change_lock = threading.Lock()
         self._stopping = threading.Event()
+        #: the archiver (engine.backup.archiver) when the volume is backed up
+        self.archiver = None
 
     # --- lifecycle --------------------------------------------------------------------------
     def open(self) -> None:
@@ -152,9 +158,35 @@ class WriterEndpoint:
                           lease_s=self.config.lease_s),
             cipher=self.config.cipher,
         )
+        # The archiver's hold on version collection, before the writer's first heartbeat (engine.backup.archiver)
+        hold = w.read_points.register("backup archiver", 0) if self.config.backup is not None else None
         w.open()
+        try:
+            self._attach_archiver(w, hold)  # before any write: commit times continue the archive's
+        except BaseException:
+            w.abandon()
+            raise
         self._writer = w
         self.opened_at = time.time()
+
+    def _attach_archiver(self, w: Writer, hold: int | None = None) -> None:
+        """Continue the volume's archive with this writer (a BackupError is logged and the
+        writer serves without backups: refusing writes would not bring the archive back)."""
+        if self.config.backup is None:
+            return
+        from engine.backup.archiver import Archiver, BackupOptions
+
+        if self.archiver is None:
+            self.archiver = Archiver(self.config.backup, volume_id=self.config.volume_id, protection_groups=self.P,
+                                     encryption=dict(self.config.encryption) if self.config.encryption else None,
+                                     options=BackupOptions(retention_days=self.config.backup_retention_days))
+        try:
+            self.archiver.attach(w, hold)
+        except SixfoldError as e:
+            log.error("backup to %s cannot continue: %s: %s", self.config.backup, type(e).__name__, e)
+            self.archiver.record_error(e)  # status shows it (state "idle", last_error)
+            return
+        self.archiver.start()
 
     def open_with_retry(self, stop: threading.Event, timeout_s: float | None = None) -> bool:
         """Retry recovery until it succeeds, `stop` is set or `timeout_s` passes."""
@@ -192,6 +224,8 @@ class WriterEndpoint:
     def close(self) -> None:
         self._stopping.set()
         w, self._writer = self._writer, None
+        if self.archiver is not None:
+            self.archiver.close(flush=w is not None and w.serving)
         if w is not None:
             w.close()
         self._pool.shutdown(wait=False)
@@ -288,6 +322,8 @@ class WriterEndpoint:
                 held, reg = w, w.read_points.register("reader stream", max(hold, w.read_points.issued), READER_LEASE_S)
             else:
                 w.read_points.renew(reg, lsn=max(hold, w.read_points.issued))
+            if last_vdl >= 0 and u.vdl > last_vdl:
+                u = replace(u, committed_at=w.durable_since(last_vdl))
             last_vdl, last_sent = u.vdl, time.monotonic()
             yield u
             self._stopping.wait(min_interval_s)
@@ -418,6 +454,7 @@ class WriterEndpoint:
             "writer": ws,
             "endpoint": {"pid": os.getpid(), "opened_at": self.opened_at},
             "membership_change": asdict(self._change_state(change)),
+            **({"backup": self.archiver.status()} if self.archiver is not None else {}),
         }
 
 
@@ -465,11 +502,18 @@ class KVServicer(kv_pb2_grpc.KVServicer):
             lambda: convert.request_status_to_pb(self.ep.request_status(convert.status_of_args_from_pb(request))),
         )
 
+    def _read_point(self) -> int:
+        """The read point of this call's read on a reader instance (0 on the writer endpoint)."""
+        last = getattr(self.ep, "last_read_point", None)
+        return last() if last is not None else 0
+
     def Get(self, request, context):
-        return self._serve(
-            context, "Get",
-            lambda: convert.get_reply_to_pb(self.ep.get(*convert.get_args_from_pb(request, self.P), after=convert.after_from_pb(request))),
-        )
+        def work():
+            reply = convert.get_reply_to_pb(self.ep.get(*convert.get_args_from_pb(request, self.P), after=convert.after_from_pb(request)))
+            reply.read_point = self._read_point()
+            return reply
+
+        return self._serve(context, "Get", work)
 
     def GetMany(self, request, context):
         def work():
@@ -481,7 +525,9 @@ class KVServicer(kv_pb2_grpc.KVServicer):
                     gets.append(convert.get_args_from_pb(g, self.P))
                 except SixfoldError as e:
                     gets.append(e)
-            return convert.get_results_to_pb(self.ep.get_many(gets))
+            reply = convert.get_results_to_pb(self.ep.get_many(gets))
+            reply.read_point = self._read_point()
+            return reply
 
         return self._serve(context, "GetMany", work)
 
@@ -489,16 +535,21 @@ class KVServicer(kv_pb2_grpc.KVServicer):
         try:
             self._admit(context, "Scan")
             pairs = self.ep.scan(*convert.kv_scan_args_from_pb(request, self.P), after=convert.after_from_pb(request))
+            point = self._read_point()
             chunk: list[tuple[bytes, bytes]] = []
             size = 0
             for k, v in pairs:
                 chunk.append((k, v))
                 size += len(k) + len(v)
                 if len(chunk) >= SCAN_CHUNK_PAIRS or size >= SCAN_CHUNK_BYTES:
-                    yield convert.scan_chunk_to_pb(chunk)
+                    m = convert.scan_chunk_to_pb(chunk)
+                    m.read_point = point
+                    yield m
                     chunk, size = [], 0
-            if chunk:
-                yield convert.scan_chunk_to_pb(chunk)
+            m = convert.scan_chunk_to_pb(chunk)
+            m.read_point = point
+            if chunk or point:
+                yield m  # on a reader, the point arrives even for an empty scan
             return
         except SixfoldError as e:
             err = e

@@ -6,10 +6,14 @@ Aurora replaces a segment without stopping writes in two epoch steps, ABCDEF -> 
 ABCDEG (`engine.core.membership` decides each step; this module does the I/O):
 
 * `MembershipSteps` (the writer's, `Writer.steps`): move the writer to a new epoch with the
-  membership a core step gives (`Writer.adopt_membership`, under the writer's epoch lock, so never
-  at the same time as a refusal's step-up), then tell every member (`sync_epoch`). A step known
-  to fewer than a write quorum is still the writer's membership (its ledger counts with it); the
-  others learn it as they answer (`EpochBehind`), so the step raises Unavailable but holds.
+  membership a core step gives, under the writer's epoch lock (so never at the same time as a
+  refusal's step-up). The epoch is *owned* first: a strict `seal` at it on a write quorum of the
+  new membership (of each quorum set), as a recovery seals; a node already at that epoch or
+  above refuses. Without such a quorum nothing changes (Unavailable: try again; the seals that
+  did land are a minority epoch, which the fencing rules step over like a failed open). Two
+  write quorums meet, so a writer and a candidate opening at the same epoch cannot both have
+  it. Then the writer adopts it (`Writer.adopt_membership`) and tells every member
+  (`sync_epoch`); a member that missed the telling learns it as it answers (`EpochBehind`).
 
 * `MembershipChange` is the *one* driver of a replacement, used by the embedded engine
   (`db.cluster.replace_node`, synchronously, or a simulator one `poll` at a time) and by the
@@ -43,7 +47,7 @@ from typing import Protocol
 from engine.core import membership as core_steps
 from engine.core.quorum import has_write_quorum
 from engine.core.types import Membership, NodeInfo
-from engine.errors import InvalidArgument, SixfoldError, Unavailable
+from engine.errors import InvalidArgument, SixfoldError, StaleEpoch, Unavailable
 
 log = logging.getLogger("sixfold.writer")
 
@@ -67,15 +71,54 @@ class MembershipSteps:
         Writes go on: appends in flight at the old epoch are simply re-sent."""
         w = self._w
         with w.epoch_lock:  # not while a refusal steps the epoch up
-            epoch, new = w.adopt_membership(membership_of)
-            log.info("membership at epoch %d: %s", epoch, " + ".join("/".join(qs) for qs in new.quorum_sets))
-            told = []
-            for n in new.all_nodes:
-                try:
-                    w.transport.sync_epoch(n, epoch, w.truncations, new)
-                    told.append(n)
-                except SixfoldError:
-                    continue
+            new = w.next_membership(membership_of)
+            return self.take(new)
+
+    def take(self, new: Membership) -> Membership:
+        """Own `new.epoch` (strict seals on a write quorum of `new`), then adopt `new` and tell
+        every member. Caller holds the writer's epoch lock. Short of a write quorum nothing
+        changes but the seals that landed, which the writer remembers as its own (`own_seals`:
+        its fencing rules do not take them for another writer's, and the step is taken again
+        when a refusal from one of them comes in, or when asked again): Unavailable."""
+        w = self._w
+        epoch = new.epoch
+        if epoch != w.epoch + 1:  # the writer stepped its epoch meanwhile: this step is void
+            w.pending_step = None
+            raise Unavailable(f"the writer's epoch moved to {w.epoch} during a membership step to {epoch}; try again")
+        # (A lenient sync_epoch here once let a writer share an epoch with a candidate that had
+        # just sealed it, and both wrote at it. A recovery needs a write quorum of strict seals
+        # too, and two write quorums meet, so at most one of them gets an epoch.)
+        own = w.own_seals.get(epoch, set())
+        refused = []
+        for n in new.all_nodes:
+            if n in own:
+                continue
+            try:
+                w.transport.seal(n, epoch)
+                own.add(n)
+            except StaleEpoch as e:
+                refused.append(f"{n} ({e})")
+            except SixfoldError:
+                continue
+        w.own_seals = {epoch: own} if own else {}
+        if not has_write_quorum(own, new):
+            w.pending_step = new
+            why = f"refused by {'; '.join(refused)}" if refused else f"only {', '.join(sorted(own)) or 'no node'} answered"
+            log.warning("membership step to epoch %d not taken yet: %s", epoch, why)
+            raise Unavailable(f"membership step to epoch {epoch} did not reach a write quorum of "
+                              f"{' + '.join('/'.join(qs) for qs in new.quorum_sets)}: {why}; nothing changed, "
+                              "try again")
+        w.pending_step = None
+        w.own_seals = {}
+        epoch, new = w.adopt_membership(new)
+        log.info("membership at epoch %d: %s", epoch, " + ".join("/".join(qs) for qs in new.quorum_sets))
+        told = []
+        for n in new.all_nodes:
+            try:
+                w.transport.sync_epoch(n, epoch, w.truncations, new)
+                told.append(n)
+            except SixfoldError:
+                continue
         if not has_write_quorum(told, new):
             raise Unavailable(f"membership step to epoch {epoch} reached only {told}; it completes as nodes return")
         return new
@@ -181,9 +224,12 @@ class MembershipChange:
                 if w.membership().next_members != expected:
                     raise
             except SixfoldError:
-                if added:  # refused outright: nothing changed, the new node goes again
-                    self.host.retire_node(self.new)
-                raise
+                if w.membership().next_members == expected:
+                    pass  # the writer took this step meanwhile (a pending step taken again)
+                else:
+                    if added:  # refused outright: nothing changed, the new node goes again
+                        self.host.retire_node(self.new)
+                    raise
         log.info("membership change %s -> %s begun at epoch %d (%s was %s)", self.old, self.new, w.epoch, self.old,
                  "down" if self.was_down else "up")
         return self
@@ -280,6 +326,11 @@ class MembershipChange:
         try:
             step()
         except Unavailable:
+            if not done(w.membership()):
+                raise
+        except InvalidArgument:
+            # The writer took this very step meanwhile (a pending step, taken again when its
+            # nodes came back: `MembershipSteps.take`), so the core step finds nothing to do.
             if not done(w.membership()):
                 raise
 

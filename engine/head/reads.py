@@ -167,24 +167,26 @@ class ReadPath:
         return merge_read(replies)
 
     def get_many(
-        self, gets: Sequence[tuple[bytes, bool, ReadView | None] | SixfoldError], *, pool=None
+        self, gets: Sequence[tuple[bytes, bool, ReadView | None] | SixfoldError], *, pool=None,
+        at: ReadView | None = None,
     ) -> list[bytes | None | SixfoldError]:
         """Many gets `(key, quorum, view)`; those without a view share one read point. A result
         per get: the value, None (no such key) or the error of that get alone. An item that is
         already a SixfoldError (refused while decoding, say) is passed through. `pool`: an
-        executor to ask nodes in parallel (default: one after the other). When a segment says
-        the shared read point is too old, the gets without a view are read again at a fresh one."""
-        results = self._get_many(gets, pool)
-        for _ in range(FRESH_VIEWS_MAX - 1):
+        executor to ask nodes in parallel (default: one after the other). `at`: the read point the
+        gets without a view share (default: the source's view now; then, when a segment says it is
+        too old, those gets are read again at a fresh one)."""
+        results = self._get_many(gets, pool, at)
+        for _ in range(FRESH_VIEWS_MAX - 1 if at is None else 0):
             shared = [i for i, g in enumerate(gets) if not isinstance(g, SixfoldError) and g[2] is None]
             if not any(isinstance(results[i], SnapshotTooOld) for i in shared):
                 break
-            again = self._get_many([gets[i] for i in shared], pool)
+            again = self._get_many([gets[i] for i in shared], pool, None)
             for i, r in zip(shared, again):
                 results[i] = r
         return results
 
-    def _get_many(self, gets, pool) -> list:
+    def _get_many(self, gets, pool, at: ReadView | None) -> list:
         w = self._w
         cipher = w.cipher
         results: list = [None] * len(gets)
@@ -207,7 +209,7 @@ class ReadPath:
                 continue
             if shared is None:
                 try:
-                    shared = w.view()
+                    shared = at or w.view()
                 except SixfoldError as e:
                     results[i] = e
                     continue

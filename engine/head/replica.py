@@ -28,11 +28,16 @@ failover); meanwhile the reader keeps serving at its last read point, which stay
 A reader that has never heard from a writer has no read point: NOT_SERVING, reads Unavailable.
 
 Lag (`ReaderEndpoint.status()["reader"]`): `lag_lsns` is the newest writer VDL seen minus the
-read point served (0 in steady state: updates are adopted on arrival); `lag_ms` is the age of
-the read point, now minus the writer's send time of the update served, which is how stale a
-read can be (at most the heartbeat plus the stream's delay while the writer is up; it grows
-while the writer is unreachable). Wall clocks are compared: exact on one machine, off by the
-clock offset across machines (`heard_ms`, on the reader's own monotonic clock, is not).
+read point served (0 in steady state: updates are adopted on arrival). `lag_ms` is replica lag
+as Aurora counts it, the time from a commit becoming durable on the writer to it becoming
+readable here: each update carries `committed_at`, the writer's wall-clock time of the first VDL
+advance past the previous update of the stream (the writer keeps the times of its recent VDL
+advances), so arrival minus `committed_at` is how long the oldest commit of the update waited
+(the coalescing wait included). `lag_ms` is that of the newest update that brought commits, and
+`lag_ms_p99` the 99th percentile over the last 2,048 such updates. While the stream is down,
+`lag_ms` is at least the time since the writer was last heard: reads grow stale. Wall clocks are
+compared: exact on one machine, off by the clock offset across machines (`heard_ms`, on the
+reader's own monotonic clock, is not).
 
 Read-your-writes: a write returns its commit position (CPL LSN); a read with `after=LSN` waits,
 bounded by the volume's write timeout, until the read point covers it, then reads
@@ -52,6 +57,7 @@ import logging
 import os
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent import futures
 from dataclasses import asdict, dataclass
@@ -85,6 +91,8 @@ WATCH_HEARTBEAT_MS = 100
 #: Back-off between reconnections to the writer.
 RECONNECT_S_MIN = 0.1
 RECONNECT_S_MAX = 1.0
+#: How many recent updates the lag percentiles of the status cover.
+LAG_WINDOW = 2048
 
 
 @dataclass(frozen=True)
@@ -117,6 +125,9 @@ class ReplicaSource:
         self.heard_at: float | None = None  # monotonic time of the last update
         self.updates = 0
         self.refused_updates = 0
+        #: replica lag of each recent update that brought new commits (ms): arrival here minus
+        #: when the writer's VDL first moved past the previous read point (its `committed_at`)
+        self.lags_ms: deque[float] = deque(maxlen=LAG_WINDOW)
 
     # --- adopting the writer's read point -----------------------------------------------------
     def adopt(self, u: ReadPointUpdate) -> bool:
@@ -133,6 +144,10 @@ class ReplicaSource:
                     log.warning("refused a read point that goes back: epoch %d VDL %d after epoch %d VDL %d",
                                 u.epoch, u.vdl, cur.epoch, cur.vdl)
                 return False
+            if cur is not None and u.vdl > cur.vdl and u.epoch == cur.epoch:
+                since = u.committed_at or u.sent_at
+                if since > 0:
+                    self.lags_ms.append(max(0.0, time.time() - since) * 1000.0)
             self._update = u
             self._up = {n: up for n, _s, up in u.members}
             self._scls = {n: s for n, s, _up in u.members}
@@ -206,6 +221,7 @@ class ReaderEndpoint:
         self.follower: ReadPointFollower | None = None
         self.opened_at = time.time()
         self._pool = futures.ThreadPoolExecutor(max_workers=len(config.nodes) + 1, thread_name_prefix="reader")
+        self._calls = threading.local()  # per gRPC call: the read point it read at
         self._lock = threading.Lock()
         self.stats = {"after_waits": 0, "after_timeouts": 0, "refused_writes": 0}
 
@@ -258,16 +274,28 @@ class ReaderEndpoint:
                 "take snapshots from the same endpoint you read them from")
         return view
 
+    def _view_for(self, view: ReadView | None) -> ReadView:
+        """The view a read uses (the caller's snapshot, else the read point now), noted for the
+        reply (`last_read_point`): the client's session sends it back as `after`."""
+        v = self.check_view(view) or self.source.view()
+        self._calls.point = v.read_point
+        return v
+
+    def last_read_point(self) -> int:
+        """The read point of this thread's last read (one gRPC call runs on one thread)."""
+        return getattr(self._calls, "point", 0)
+
     def get(self, key: bytes, quorum: bool, view: ReadView | None, after: int = 0) -> bytes | None:
         self.wait_after(after)
-        return self.reads.get(key, quorum=quorum, view=self.check_view(view))
+        return self.reads.get(key, quorum=quorum, view=self._view_for(view))
 
     def get_many(self, gets) -> list:
-        return self.reads.get_many(checked_gets(gets, self.check_view), pool=self._pool)
+        at = self._view_for(None)
+        return self.reads.get_many(checked_gets(gets, self.check_view), pool=self._pool, at=at)
 
     def scan(self, start: bytes, end: bytes | None, quorum: bool, view: ReadView | None, after: int = 0):
         self.wait_after(after)
-        return self.reads.scan(start, end, quorum=quorum, view=self.check_view(view))
+        return self.reads.scan(start, end, quorum=quorum, view=self._view_for(view))
 
     def view(self) -> ReadView:
         return self.source.view()
@@ -300,12 +328,28 @@ class ReaderEndpoint:
             "writer_address": f.address if f else "", "connected": bool(f and f.connected),
             "read_point": read_point, "epoch": u.epoch if u else 0, "writer_vdl": src.writer_vdl,
             "lag_lsns": max(0, src.writer_vdl - read_point),
-            "lag_ms": round(max(0.0, time.time() - u.sent_at) * 1000.0, 3) if u else 0.0,
+            "lag_ms": round(self._lag_ms(), 3),
+            "lag_ms_p99": round(self._lag_p99_ms(), 3),
             "heard_ms": round((time.monotonic() - src.heard_at) * 1000.0, 3) if src.heard_at is not None else 0.0,
             "updates": src.updates, "reconnects": f.reconnects if f else 0,
             "after_waits": stats["after_waits"], "after_timeouts": stats["after_timeouts"],
             "refused_writes": stats["refused_writes"], "last_error": f.last_error if f else "",
         }
+
+    def _lag_ms(self) -> float:
+        """The lag of the newest commits read here (see `ReplicaSource.lags_ms`); while the
+        stream is down, at least the time since the writer was last heard (reads grow stale)."""
+        src = self.source
+        lags = src.lags_ms
+        lag = lags[-1] if lags else 0.0
+        f = self.follower
+        if src.heard_at is not None and not (f and f.connected):
+            lag = max(lag, (time.monotonic() - src.heard_at) * 1000.0)
+        return lag
+
+    def _lag_p99_ms(self) -> float:
+        lags = sorted(self.source.lags_ms)
+        return lags[min(len(lags) - 1, int(0.99 * len(lags)))] if lags else 0.0
 
     def status(self) -> dict:
         u = self.source.update

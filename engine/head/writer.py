@@ -38,7 +38,7 @@ recovery on open (`engine.head.recovery`), the read path (`engine.head.reads`, `
 `get`/`scan` here are its shorthands), and membership change (`engine.head.membership`: the epoch
 steps, `Writer.steps`, and the one driver of a replacement). This module keeps sequencing and the
 senders, and the few hooks those modules call under its lock (`view`, `read_sources`,
-`adopt_membership`, `catch_up_inputs`, and `read_point` / `wait_vdl` for the read point stream
+`next_membership`, `adopt_membership`, `catch_up_inputs`, and `read_point` / `wait_vdl` for the read point stream
 to reader instances, `engine.head.replica`).
 
 Version collection: every append and heartbeat carries the collection point and the request
@@ -54,13 +54,14 @@ import bisect
 import hashlib
 import threading
 import logging  # after threading, which logging imports: tests/test_purity.py's guard names this module
+import struct
 import time
 import weakref
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
-from engine import codec
+from engine import codec, sizes
 from engine.core.admission import Admission, admits, quorum_limit, record_cost_bytes, unit_cost_bytes, write_admission
 from engine.core.constants import (
     BATCH_OPS_MAX,
@@ -72,7 +73,9 @@ from engine.core.constants import (
     LAL_DEFAULT,
     NAMESPACE_REQUESTS,
     READ_QUORUM,
+    REQUEST_DIGEST_BYTES,
     REQUEST_ID_BYTES_MAX,
+    REQUEST_TIME_BYTES,
     VALUE_BYTES_MAX,
     WRITE_QUORUM,
 )
@@ -116,6 +119,8 @@ ADMIT_UNREACHABLE = Admission.UNREACHABLE
 
 FRAME_RECORDS_MAX_SEND = 8192
 HEARTBEAT_S = 0.1
+#: VDL advances whose times the writer keeps for the read-point stream (a few seconds' worth)
+VDL_TIMES_MAX = 16_384
 #: how long a linearizable read waits for the heartbeats to renew a lapsed lease
 LEASE_RENEW_WAIT_S = 0.5
 BACKOFF_S_MIN = 0.02
@@ -125,8 +130,10 @@ RELOG_S = 10.0
 #: request ids this writer remembers in memory (the fast path of at-most-once): the most recent
 #: ones it logged. Older ones, and those of earlier writers, are looked up in the log itself.
 REQUEST_WINDOW_MAX = 65_536
-#: bytes of the digest of a unit's ops kept in its request record (a re-send must match it)
-REQUEST_DIGEST_BYTES = 16
+#: a request record's value is the digest of the unit's ops (a re-send must match it), then its
+#: commit time (engine.core.constants; the archive's restore points, engine.backup)
+_COMMIT_TIME = struct.Struct("<Q")
+assert _COMMIT_TIME.size == REQUEST_TIME_BYTES
 
 
 @dataclass(frozen=True)
@@ -175,8 +182,12 @@ def check_value(value) -> None:
 
 def node_status(st, pgcl: Sequence[int]) -> dict:
     """The public status fields of one node, from its NodeState and the writer's PGCLs (with its
-    space: used and capacity bytes, the room left above its reserve, and whether none is)."""
+    space: used and capacity bytes, the room left above its reserve, and whether none is; its
+    maximum when it reports one, and a warning at `sizes.STORAGE_WARNING_PERCENT` or more)."""
+    warning = sizes.storage_warning(st.node, st.used_bytes, st.capacity_bytes, st.space_low) if st.capacity_bytes else None
+    space = {"max_storage_bytes": st.extra.get("max_storage_bytes"), "storage_warning": warning}
     return dict(
+        {k: v for k, v in space.items() if v is not None},
         scl={pg: s for pg, s in enumerate(st.scls)},
         lag={pg: max(0, pgcl[pg] - s) for pg, s in enumerate(st.scls)},
         epoch=st.epoch,
@@ -214,7 +225,7 @@ class _Ticket:
         #: the PG of every record the unit logs: its ops, then its request record if it has an id
         self.pgs = pgs
         #: what the unit's records take on a node, its request record included
-        self.cost = unit_cost_bytes(ops) + (record_cost_bytes(len(self.request_key), len(digest)) if request_id is not None else 0)
+        self.cost = unit_cost_bytes(ops) + (record_cost_bytes(len(self.request_key), len(digest) + REQUEST_TIME_BYTES) if request_id is not None else 0)
         if plain_keys is not None:  # a sealed value carries its key, a nonce and a tag
             self.cost += sum(SEAL_OVERHEAD_BYTES + len(k) for (flags, _ik, _v), k in zip(ops, plain_keys) if flags & FLAG_PUT)
         self.lock = _thread.allocate_lock()
@@ -289,8 +300,13 @@ class Writer:
         clock=time.monotonic,
         weakening: Weakening = SAFE,
         cipher: VolumeCipher | None = None,
+        wall_clock_us: Callable[[], int] | None = None,
     ) -> None:
         self.transport = transport
+        #: commit times (stamped into request records): wall-clock microseconds, never going
+        #: backwards (the floor: the newest this writer stamped, or one an archive holds)
+        self._wall_clock_us = wall_clock_us or (lambda: time.time_ns() // 1000)
+        self._commit_time_us = 0
         #: an encrypted volume's cipher (engine.envelope): keys hashed, values sealed; None: plain
         self.cipher = cipher
         self.weakening = weakening
@@ -315,6 +331,9 @@ class Writer:
         #: the most the running total may reach with a put (quorum_limit); None: recompute
         self._put_limit: int | None = None
         self._waiters: deque[tuple[int, object]] = deque()
+        #: (VDL, wall-clock time) of each VDL advance, newest last: when a commit became durable,
+        #: which the read-point stream stamps on its updates (replica lag); bounded
+        self._vdl_times: deque[tuple[int, float]] = deque(maxlen=VDL_TIMES_MAX)
         self._inbox: deque[_Ticket] = deque()  # submitted, not yet given LSNs
         self._senders_waiting = 0
         self._closed = False
@@ -326,6 +345,11 @@ class Writer:
         #: held while the epoch is decided or moved (a refusal's step-up, a membership step), never
         #: while holding _lock: refusals are decided one at a time (engine.core.fencing)
         self.epoch_lock = threading.Lock()
+        #: A membership step that could not own its epoch yet (`MembershipSteps.take`), and the
+        #: nodes this writer sealed at that epoch itself (epoch -> node ids): they refuse our
+        #: appends at the current epoch, but they are ours, not another writer's.
+        self.pending_step: Membership | None = None
+        self.own_seals: dict[int, set[str]] = {}
         self.ledger: VolumeDurability | None = None
         self.links: dict[str, _NodeLink] = {}
         self.recovery: dict = {}
@@ -678,10 +702,13 @@ class Writer:
                 if plain_keys is not None and flags & FLAG_PUT:  # sealed now: its LSN is in the AD
                     value = self.cipher.seal(pg, lsn, key, plain_keys[i], value)
                 tail.append(codec.encode_record(lsn, prev, pg, flags | (FLAG_CPL if i == last else 0), key, value))
-            if rid is not None:  # the request record closes the unit and carries its CPL
+            if rid is not None:  # the request record closes the unit and carries its CPL and commit time
                 lsn, prev = allocs[-1]
+                # Taken now, per unit: after its caller submitted it, before anyone can be told it committed.
+                self._commit_time_us = stamp = max(self._commit_time_us, self._wall_clock_us())
                 tail.append(codec.encode_record(
-                    lsn, prev, ticket.pgs[-1], FLAG_PUT | FLAG_REQUEST | FLAG_CPL, ticket.request_key, ticket.digest,
+                    lsn, prev, ticket.pgs[-1], FLAG_PUT | FLAG_REQUEST | FLAG_CPL, ticket.request_key,
+                    ticket.digest + _COMMIT_TIME.pack(stamp),
                 ))
                 self._requests[rid] = ticket
                 if len(self._requests) > REQUEST_WINDOW_MAX:
@@ -725,7 +752,13 @@ class Writer:
         then the request never committed (it was not logged, or a recovery cut it)."""
         key = request_id if self.cipher is None else self.cipher.index_key(request_id)
         r = self.reads.lookup(key, namespace=NAMESPACE_REQUESTS, what="a request-id lookup")
-        return None if r is None or r.lsn == 0 else (r.lsn, r.value or b"")
+        return None if r is None or r.lsn == 0 else (r.lsn, (r.value or b"")[:REQUEST_DIGEST_BYTES])
+
+    def raise_commit_time_floor(self, time_us: int) -> None:
+        """Stamp no commit time below `time_us` from now on: a writer after a failover takes the
+        newest time its volume's archive holds, so commit times never go backwards across writers."""
+        with self._lock:
+            self._commit_time_us = max(self._commit_time_us, int(time_us))
 
     def request_status(self, request_id: bytes) -> RequestStatus:
         """Whether the write sent under `request_id` committed (see RequestStatus)."""
@@ -955,6 +988,9 @@ class Writer:
     def _release_locked(self) -> list:
         """Pop waiters covered by VDL; trim the tail of durable records. Caller holds the lock."""
         vdl = self.ledger.vdl
+        times = self._vdl_times
+        if not times or vdl > times[-1][0]:
+            times.append((vdl, time.time()))
         out = []
         waiters = self._waiters
         while waiters and waiters[0][0] <= vdl:
@@ -988,8 +1024,24 @@ class Writer:
                 return False
             if not refusal_needs_probe(e, epoch, current):
                 return True
+            if self.pending_step is not None and link.id in self.own_seals.get(self.pending_step.epoch, ()):
+                # Refused by a node this writer sealed for a membership step it could not take:
+                # take it now if enough nodes are back (then the next send is at its epoch).
+                try:
+                    self.steps.take(self.pending_step)
+                    return True
+                except Unavailable:
+                    pass
+                except SixfoldError as step_error:
+                    log.warning("the pending membership step to epoch %d failed: %s", self.pending_step.epoch, step_error)
+                    self.pending_step = None
+            current = self.epoch
             membership = self.ledger.membership
-            decision = decide_epoch_refusal(e, epoch, current, self._probe_epochs(membership), membership)
+            probes = self._probe_epochs(membership)
+            for n in self.own_seals.get(current + 1, ()):  # ours: not another writer's epoch
+                if probes.get(n) == current + 1:
+                    probes[n] = current
+            decision = decide_epoch_refusal(e, epoch, current, probes, membership)
             if decision.action == STEP_UP:
                 if self._step_up(current, decision.epoch, membership, link.id, e):
                     return True
@@ -1084,15 +1136,22 @@ class Writer:
             self._fence(why, Unavailable)
 
     # --- membership change (the steps: engine.head.membership) ------------------------------
-    def adopt_membership(self, membership_of: Callable[[Membership], Membership]) -> tuple[int, Membership]:
-        """Move to the next epoch with the membership `membership_of(current)` (raises what the
-        core step raises, changing nothing); links (and senders) for new members. Call with
-        `epoch_lock` held (`MembershipSteps.step`). Returns the new epoch and membership."""
+    def next_membership(self, membership_of: Callable[[Membership], Membership]) -> Membership:
+        """The membership `membership_of(current)` at the next epoch, changing nothing (raises
+        what the core step raises). Call with `epoch_lock` held (`MembershipSteps.step`)."""
         with self._lock:
             self.check_usable()
             new = membership_of(self.ledger.membership)
-            self.epoch += 1
-            new = Membership(self.epoch, new.members, new.next_members)
+            return Membership(self.epoch + 1, new.members, new.next_members)
+
+    def adopt_membership(self, new: Membership) -> tuple[int, Membership]:
+        """Move to `new` (from `next_membership`, its epoch sealed on a write quorum); links (and
+        senders) for new members. Call with `epoch_lock` held. Returns the epoch and membership."""
+        with self._lock:
+            self.check_usable()
+            if new.epoch != self.epoch + 1:
+                raise Unavailable(f"the writer's epoch moved to {self.epoch} during a membership step to {new.epoch}")
+            self.epoch = new.epoch
             self.ledger.set_membership(new)
             for n in new.all_nodes:
                 if n not in self.links:
@@ -1161,6 +1220,20 @@ class Writer:
                 for n in ledger.membership.all_nodes
             )
             return ReadPointUpdate(self.epoch, ledger.vdl, tuple(ledger.read_tails), ledger.membership, members, sent_at)
+
+    def durable_since(self, vdl: int) -> float:
+        """The wall-clock time the VDL first moved above `vdl` (when the oldest commit above it
+        became durable); 0.0 if it has not, or that is older than the record kept."""
+        with self._lock:
+            times = self._vdl_times
+            first = 0.0
+            for v, t in reversed(times):
+                if v <= vdl:
+                    return first
+                first = t
+            # Every kept advance is above `vdl`: the first is the oldest kept, unless older ones
+            # were dropped (the record is full), and then it is not known.
+            return first if len(times) < VDL_TIMES_MAX else 0.0
 
     def wait_vdl(self, above: int, timeout_s: float) -> int:
         """Wait until the VDL is above `above` (at most `timeout_s`, or until the writer stops);

@@ -65,6 +65,7 @@ from collections.abc import Sequence
 from engine import codec
 from engine.core.constants import FLAG_DELETE, FLAG_REQUEST
 from engine.errors import CorruptRecord, SnapshotTooOld
+from engine.node.growth import retry_when_full
 
 _U64BE = struct.Struct(">Q")
 _U32BE = struct.Struct(">I")
@@ -99,9 +100,6 @@ class VersionCollector:
         for pg in range(P):
             raw = txn.get(gc_key(pg), db=self._meta)
             self.gc.append(list(_GC.unpack(raw)) if raw else [0, 0, 0, 0])
-        raw = txn.get(b"synced_epoch", db=self._meta)
-        #: the newest epoch whose every truncation range a writer gave this node (SyncEpoch)
-        self.synced_epoch = _U64BE.unpack(raw)[0] if raw else 0
         #: (epoch, collection point, request point) the writer last sent; not persisted: the
         #: next heartbeat brings it again
         self.collect_target = (0, 0, 0)
@@ -150,6 +148,7 @@ class VersionCollector:
                 return True
         return False
 
+    @retry_when_full
     def collect_step(self, records_max: int = COLLECT_RECORDS_PER_STEP, tombstone_points: Sequence[int] | None = None) -> int:
         """Remove versions towards the targets, visiting at most about `records_max` log records
         in one write transaction; returns how many it visited (0: nothing to do).
@@ -333,11 +332,8 @@ class VersionCollector:
 
     def collection_state(self) -> dict:
         """Fields of NodeState: per PG horizons and swept LSNs, records removed, pages in use."""
-        with self.env.begin() as txn:
-            pages = 0
-            for db in (None, self._log, self._versions, self._meta, self._requests):
-                st = txn.stat(db) if db is not None else self.env.stat()
-                pages += st["branch_pages"] + st["leaf_pages"] + st["overflow_pages"]
+        with self._read_txn() as txn:
+            pages = self._table_pages(txn)  # as `used_bytes` counts them (dupsort sub-pages bounded)
         return dict(
             horizons=tuple(g[HORIZON] for g in self.gc), swept=tuple(g[SWEPT] for g in self.gc),
             collected_records=self.counters.get("collected", 0), pages_used=pages, page_bytes=self._page_bytes,

@@ -69,15 +69,19 @@ class StorageNode:
         volume_id: str,
         *,
         durable: bool = True,
-        map_bytes: int | None = None,
+        max_storage_bytes: int | None = None,
         reserve_bytes: int | None = None,
         seed: int = 0,
+        map_bytes: int | None = None,
     ) -> None:
-        kwargs = {"durable": durable, "reserve_bytes": reserve_bytes}
-        if map_bytes:
-            kwargs["map_bytes"] = map_bytes
+        # `map_bytes` is the older name of the maximum (the map was fixed at it; now it grows to it).
+        if map_bytes is not None and max_storage_bytes is not None and map_bytes != max_storage_bytes:
+            raise InvalidArgument(f"map_bytes {map_bytes} and max_storage_bytes {max_storage_bytes} disagree; "
+                                  "map_bytes is the older name of max_storage_bytes: give one")
         self.info = info
-        self.store = SegmentStore(path, info.id, info.az, geometry, volume_id, **kwargs)
+        self.store = SegmentStore(path, info.id, info.az, geometry, volume_id, durable=durable,
+                                  max_bytes=max_storage_bytes if max_storage_bytes is not None else map_bytes,
+                                  reserve_bytes=reserve_bytes)
         self.transport = None  # set by attach(); used by gossip
         self._peers: Callable[[], Sequence[str]] = lambda: ()
         self._rng = random.Random(seed)
@@ -176,8 +180,7 @@ class StorageNode:
 
     def sync_epoch(self, epoch: int, truncations: Sequence[TruncationRange], membership: Membership | None,
                    proof: bytes = b"", proof_epoch: int = -1):
-        # From a writer (directly, never gossip): all the truncations of `epoch` (collection waits for them)
-        return self.store.sync_epoch(epoch, truncations, membership, proof, proof_epoch, complete=True)
+        return self.store.sync_epoch(epoch, truncations, membership, proof, proof_epoch)
 
     def fetch(self, pg: int, after_lsn: int, max_bytes: int, upto_lsn: int | None):
         return self.store.fetch(pg, after_lsn, max_bytes, upto_lsn)
@@ -191,6 +194,7 @@ class StorageNode:
             gossip_peer_errors=dict(self.gossip_peer_errors),
             refused_truncations=self.store.refused_truncations,
             unsigned_gossip_refused=self.unsigned_gossip_refused,
+            max_storage_bytes=self.store.max_bytes, map_bytes=self.store.map_bytes,
         )
         return st
 
@@ -247,7 +251,7 @@ class StorageNode:
         self._note_cause(f"epoch state from {peer}", None)
         truncations = tuple(TruncationRange(*t) for t in stmt.truncations)
         membership = None if stmt.membership is None else Membership(*stmt.membership)
-        self.store.sync_epoch(self.store.epoch, truncations, membership, st.epoch_proof, stmt.epoch)
+        self.store.sync_epoch(self.store.epoch, truncations, membership, st.epoch_proof, stmt.epoch, writer=False)
 
     def _gossip_with(self, peer: str) -> int:
         st = self.transport.state(peer)
@@ -260,7 +264,7 @@ class StorageNode:
             st.membership is not None and (store.membership is None or st.membership.epoch > store.membership.epoch)
         ):
             if self.verifier is None:
-                store.sync_epoch(store.epoch, st.truncations, st.membership)
+                store.sync_epoch(store.epoch, st.truncations, st.membership, writer=False)
             else:
                 self._adopt_signed(peer, st)
         # Only records at or below a VDL the writer told us a round ago are surely missing:

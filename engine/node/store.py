@@ -11,7 +11,7 @@ One LMDB environment per node holds one segment of every protection group:
               point R takes the highest duplicate <= R and fetches the record from `log`.
 * `meta`      volume identity (volume id, node, protection groups, and the folder's `format`:
               NODE_FORMAT), epoch, writer's VDL hint, SCL per PG, truncation ranges, membership,
-              and version collection's state (`gc/<pg>`, `synced_epoch`: engine.node.collection).
+              and version collection's state (`gc/<pg>`: engine.node.collection).
 
 Version collection (`engine.node.collection`, a mixin of this class) removes versions no read
 point can see, below the point the writer sends with its appends; reads below a PG's collection
@@ -37,7 +37,13 @@ before LMDB is opened until it is closed, so a second open, from this process or
 FolderInUse naming the holder and changes nothing.
 
 Concurrency: one writer at a time (`_write_lock`, which also guards the in-memory mirror of meta);
-readers use LMDB read transactions and never block the writer.
+readers use LMDB read transactions and never block the writer. Every read transaction passes the
+map gate (`_read_txn`), which a resize of the map closes for a moment (engine.node.growth).
+
+Space: the LMDB map grows with the data up to the node's maximum (`max_bytes`; engine.node.growth
+says how). The node reports its *used* bytes as the pages its tables hold (LMDB reuses the pages
+of deleted records, so room freed inside the file counts as room), at most the file's high-water
+mark, which is what it reports as `bytes`.
 """
 
 from __future__ import annotations
@@ -54,7 +60,7 @@ from collections.abc import Iterable, Sequence
 
 import lmdb
 
-from engine import codec, ownership
+from engine import codec, ownership, sizes
 from engine.core.constants import (
     EPOCH_MAX,
     EPOCH_STEP_MAX,
@@ -88,9 +94,12 @@ from engine.errors import (
     InvalidArgument,
     SegmentIncomplete,
     StaleEpoch,
+    StorageFull,
     UnknownProtectionGroup,
     WrongFolder,
 )
+from engine.node import growth
+from engine.node.growth import retry_when_full
 
 from engine.node.collection import VersionCollector
 
@@ -101,9 +110,16 @@ _U32BE = struct.Struct(">I")
 _PREV_AT = struct.Struct("<Q")  # prev_lsn lives at byte 16 of a record
 _HDR = struct.Struct("<IIQQIB")  # crc, total_len, lsn, prev_lsn, pg, flags
 
-MAP_BYTES_DEFAULT = 32 << 30
+#: The maximum of a node's data when none is given (its map grows up to it; engine.node.growth).
+MAX_BYTES_DEFAULT = 32 << 30
 #: The default space reserve is at least capacity / RESERVE_FRACTION (see reserve_bytes).
 RESERVE_FRACTION = 16
+#: The floor an append never reaches into is at least capacity / FLOOR_FRACTION (see floor_bytes).
+FLOOR_FRACTION = 64
+#: ... and at least this (but never more than half the reserve).
+FLOOR_BYTES_MIN = 256 << 10
+#: What any append may take beyond its frame's bytes, for the floor check (branch pages, meta).
+FLOOR_SLACK_BYTES = 32 << 10
 #: How often the node re-measures its capacity (the disk's free bytes change under it).
 SPACE_REFRESH_S = 1.0
 #: A filesystem with less free room than this is full for the purpose of classifying a short write.
@@ -119,10 +135,9 @@ SCL_PERSIST_S = 0.25
 #: key; 1 = the same layout, with the key (the upgrade only writes it); 2 = the `requests` table
 #: (request-id records, flag REQUEST, indexed apart from user keys). 0 or 1 -> 2 creates the empty
 #: table: no folder of those formats can hold a request record, since no writer of that release
-#: logged one. 3 = version collection (meta `gc/<pg>`: horizon and swept LSNs; `synced_epoch`):
+#: logged one. 3 = version collection (meta `gc/<pg>`: horizon and swept LSNs):
 #: a release before it would answer reads below a horizon from a segment that lacks the versions
-#: they need, so it must refuse the folder. 0..2 -> 3 writes no key: absent means nothing collected
-#: (and no epoch synced yet: the node collects after a writer's next SyncEpoch).
+#: they need, so it must refuse the folder. 0..2 -> 3 writes no key: absent means nothing collected.
 NODE_FORMAT = 3
 
 
@@ -149,6 +164,45 @@ def _check_epoch_step(node: str, current: int, epoch: int) -> None:
         )
 
 
+class _Quarantine(SegmentIncomplete):
+    """A read met a corrupt record: raised inside the read transaction, quarantined after it."""
+
+    def __init__(self, message: str, pg: int, lsn: int) -> None:
+        super().__init__(message)
+        self.pg, self.lsn = pg, lsn
+
+
+class _ReadTxn:
+    """A read transaction inside the store's map gate (engine.node.growth). A `_Quarantine`
+    raised inside is carried out after the transaction and the gate are left (quarantining takes
+    the write lock, which a resize waiting at the gate holds), then raised as SegmentIncomplete."""
+
+    __slots__ = ("store", "txn")
+
+    def __init__(self, store: "SegmentStore") -> None:
+        self.store = store
+
+    def __enter__(self):
+        gate = self.store._gate
+        gate.enter()
+        try:
+            self.txn = self.store.env.begin()
+        except BaseException:
+            gate.leave()
+            raise
+        return self.txn
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        try:
+            self.txn.abort()
+        finally:
+            self.store._gate.leave()
+        if isinstance(exc, _Quarantine):
+            self.store.quarantine(exc.pg, exc.lsn)
+            raise SegmentIncomplete(str(exc)) from None
+        return False
+
+
 class SegmentStore(VersionCollector):
     """The LMDB side of one storage node. Thread-safe."""
 
@@ -161,11 +215,13 @@ class SegmentStore(VersionCollector):
         volume_id: str,
         *,
         durable: bool = True,
-        map_bytes: int = MAP_BYTES_DEFAULT,
+        max_bytes: int | None = None,
         reserve_bytes: int | None = None,
     ) -> None:
         if reserve_bytes is not None and (not isinstance(reserve_bytes, int) or reserve_bytes < 0):
             raise InvalidArgument(f"reserve_bytes {reserve_bytes!r} must be a non-negative integer")
+        #: the most this node's data may take (its LMDB map grows up to it; engine.node.growth)
+        self.max_bytes = MAX_BYTES_DEFAULT if max_bytes is None else sizes.check_storage_bytes(max_bytes)
         os.makedirs(path, exist_ok=True)
         self.path = path
         self.node_id = node_id
@@ -181,25 +237,34 @@ class SegmentStore(VersionCollector):
         # writing one segment. Taken before LMDB is touched, so a refused open changes nothing.
         self._owner = ownership.hold(path, "node folder")
         try:
-            self._open(volume_id, map_bytes, reserve_bytes)
+            self._open(volume_id, reserve_bytes)
         except BaseException:
             if self.env is not None:
                 self.env.close()
             self._owner.release()
             raise
 
-    def _open(self, volume_id: str, map_bytes: int, reserve_bytes: int | None) -> None:
+    def _open(self, volume_id: str, reserve_bytes: int | None) -> None:
         """Open LMDB, check (or write) the folder's identity, load the meta mirror."""
         path, node_id, geometry, durable = self.path, self.node_id, self.geometry, self.durable
+        try:
+            file_bytes = os.path.getsize(self._data_file())
+        except OSError:
+            file_bytes = 0
         self.env = lmdb.open(
             path,
-            map_size=map_bytes,
+            map_size=growth.initial_map_bytes(file_bytes, self.max_bytes),
             max_dbs=8,
             sync=durable,
             metasync=durable,
             max_readers=1024,
             readahead=False,
         )
+        self._page_bytes = self.env.stat()["psize"]
+        #: the map now, and the most it may grow to (the maximum, in whole pages)
+        self.map_bytes = self.env.info()["map_size"]
+        self._map_max = max(self.map_bytes, self.max_bytes - self.max_bytes % self._page_bytes)
+        self._check_maximum()  # before any table is opened: a refused maximum changes nothing
         self._log = self.env.open_db(b"log")
         self._versions = self.env.open_db(b"versions", dupsort=True, dupfixed=True)
         self._meta = self.env.open_db(b"meta")
@@ -207,10 +272,19 @@ class SegmentStore(VersionCollector):
         self._requests = self.env.open_db(b"requests", dupsort=True, dupfixed=True)
         self._write_lock = threading.Lock()
         self._closed = False
+        self._gate = growth.MapGate()
+        self._storage_high = False  # at STORAGE_WARNING_PERCENT or more (logged once per crossing)
+        self.held_bytes = 0  # the data file's high-water mark, as `space` last measured it
+        self._at_floor = False  # appends refused for reaching into the floor (logged once per episode)
+        self._last_usage: tuple[int, int] | None = None  # usage() as `space` last measured it
         P = geometry.protection_groups
         with self.env.begin(write=True) as txn:
             upgraded_from = self._check_identity(txn, volume_id)
             self.epoch = self._get_u64(txn, b"epoch")
+            # The epoch a writer last synced this node at (`_check_synced`). A folder written
+            # before the key existed counts as synced at its epoch, as that release behaved.
+            raw = txn.get(b"synced_epoch", db=self._meta)
+            self.synced_epoch = _U64BE.unpack(raw)[0] if raw else self.epoch
             self.hint_lsn = self._get_u64(txn, b"hint")
             self.scls = [self._get_u64(txn, _scl_key(pg)) for pg in range(P)]
             raw = txn.get(b"truncations", db=self._meta)
@@ -246,7 +320,6 @@ class SegmentStore(VersionCollector):
             for pg in range(P):
                 self._walk_scl(txn, pg)
         self._persisted_at = 0.0
-        self._page_bytes = self.env.stat()["psize"]
         self._reserve_bytes_option = reserve_bytes
         self._capacity_bytes, self._capacity_at = self._capacity_now(), time.monotonic()
 
@@ -297,10 +370,10 @@ class SegmentStore(VersionCollector):
         return os.path.join(self.path, "data.mdb")
 
     def _capacity_now(self) -> int:
-        """The most this node's data file can hold: the smallest of its LMDB map, the process's
-        file size limit, and what its filesystem has room for (the file as it is plus the free
-        bytes an unprivileged writer may still use)."""
-        limits = [self.env.info()["map_size"]]
+        """The most this node's data file can hold: the smallest of its maximum (what its map may
+        grow to), the process's file size limit, and what its filesystem has room for (the file
+        as it is plus the free bytes an unprivileged writer may still use)."""
+        limits = [self._map_max]
         soft, _hard = resource.getrlimit(resource.RLIMIT_FSIZE)
         if soft != resource.RLIM_INFINITY:
             limits.append(soft)
@@ -325,24 +398,155 @@ class SegmentStore(VersionCollector):
             return self._reserve_bytes_option
         return max(capacity_bytes // RESERVE_FRACTION, min(2 * FRAME_BYTES_MAX, capacity_bytes // 4))
 
+    def floor_bytes(self, capacity_bytes: int) -> int:
+        """Room no append may take: kept for the transactions that give room back or must run
+        whatever happens (truncation cuts, quarantines, version collection, seals, meta), since
+        in a full LMDB file even a delete needs fresh pages (copy-on-write) before it frees any.
+        max(FLOOR_BYTES_MIN, capacity / FLOOR_FRACTION), at most half the reserve (a node told to
+        keep no reserve keeps no floor either). The writer keeps puts out of the whole reserve; the
+        floor is what holds even when deletes, repairs or a miscount have used the rest. An
+        append near it measures, inside its transaction before the commit, what the tables would
+        hold with it, and is refused (aborted: nothing written) if that reaches into the floor;
+        records a node holds already cost nothing, so recovery's re-sends to full nodes land."""
+        return min(self.reserve_bytes(capacity_bytes) // 2, max(FLOOR_BYTES_MIN, capacity_bytes // FLOOR_FRACTION))
+
     def space(self) -> tuple[int, int, bool, int]:
-        """(used_bytes, capacity_bytes, space_low, room_bytes). Used is LMDB's high-water mark
-        (last page + 1 times the page size): conservative, as pages freed inside the file are not
-        counted back. Room is what is left above the reserve; the node is low on space exactly
+        """(used_bytes, capacity_bytes, space_low, room_bytes). Used is what `usage` says: the
+        pages the tables hold, so that pages freed inside the file (LMDB reuses them) count as
+        room again. Room is what is left above the reserve; the node is low on space exactly
         when none is (room 0), so a writer that admits a put only where it fits
         (`engine.core.admission`) and one that admits none on low nodes agree. The capacity is
         re-measured at most every SPACE_REFRESH_S (a statvfs and a getrlimit)."""
         now = time.monotonic()
         if now - self._capacity_at >= SPACE_REFRESH_S:
             self._capacity_bytes, self._capacity_at = self._capacity_now(), now
-        used = (self.env.info()["last_pgno"] + 1) * self._page_bytes
+        used, self.held_bytes = self._last_usage = self.usage()
         capacity = self._capacity_bytes
         room = max(0, capacity - used - self.reserve_bytes(capacity))
         return used, capacity, room == 0, room
 
+    def usage(self) -> tuple[int, int]:
+        """(used bytes, held bytes). Held: the data file's high-water mark (last page + 1, times
+        the page size), which the map must hold and which LMDB never lowers. Used: the pages of
+        every table (LMDB's stats), the meta pages, and for the two dupsort tables an upper
+        bound of their duplicates' sub-database pages (which the stats leave out: 8 bytes per
+        version, counted twice); at most held. Pages on LMDB's free list are the difference:
+        LMDB reuses them, so they are room. Some of them cannot be reused yet (those freed by the
+        last commits, kept for readers and for the previous meta page): the reserve covers them."""
+        with self._read_txn() as txn:
+            held = self.env.info()["last_pgno"] + 1
+            pages = self._table_pages(txn)
+        return min(pages, held) * self._page_bytes, held * self._page_bytes
+
+    def _table_pages(self, txn) -> int:
+        """The pages the tables hold as `txn` sees them (see `usage`; the main table's, which
+        holds only the tables' names, as last committed)."""
+        psize = self._page_bytes
+        main = self.env.stat()
+        pages = 2 + main["branch_pages"] + main["leaf_pages"] + main["overflow_pages"]
+        for db in (self._log, self._versions, self._meta, self._requests):
+            st = txn.stat(db)
+            pages += st["branch_pages"] + st["leaf_pages"] + st["overflow_pages"]
+            if db is self._versions or db is self._requests:
+                pages += -(-2 * 8 * st["entries"] // psize)
+        return pages
+
     def _append_reply(self) -> AppendReply:
-        _used, _capacity, low, room = self.space()
+        used, capacity, low, room = self.space()
+        self._note_storage_level(used, capacity)
         return AppendReply(self.node_id, tuple(self.scls), low, room)
+
+    def _note_storage_level(self, used: int, capacity: int) -> None:
+        """Log once per crossing of STORAGE_WARNING_PERCENT of the capacity (under _write_lock)."""
+        high = sizes.used_percent(used, capacity) >= sizes.STORAGE_WARNING_PERCENT
+        if high != self._storage_high:
+            self._storage_high = high
+            if high:
+                log.warning("%s", sizes.storage_warning(self.node_id, used, capacity))
+            else:
+                log.info("node %s is below %d%% of its capacity again (%s of %s)", self.node_id,
+                         sizes.STORAGE_WARNING_PERCENT, sizes.format_size(used), sizes.format_size(capacity))
+
+    # --- map growth (engine.node.growth) -------------------------------------------------------
+    def _read_txn(self) -> "_ReadTxn":
+        """A read transaction inside the map gate (every read of this store takes one)."""
+        return _ReadTxn(self)
+
+    def _check_maximum(self) -> None:
+        """Refuse a maximum below the data the folder holds (at open, before anything is written)."""
+        held = (self.env.info()["last_pgno"] + 1) * self._page_bytes
+        if held > self.max_bytes:
+            raise InvalidArgument(
+                f"node {self.node_id} holds {sizes.format_size(held)} ({held} bytes) in {self.path} (LMDB never shrinks "
+                f"its file); a maximum of {sizes.format_size(self.max_bytes)} ({self.max_bytes} bytes) is below it. "
+                f"Give at least {held} bytes; nothing was changed."
+            )
+
+    def _grow_locked(self, need_bytes: int, why: str) -> bool:
+        """Grow the map to hold `need_bytes` with room to spare, at most to the maximum; False if
+        it cannot (at its maximum, asked from inside a read, readers that do not leave, or the OS
+        refusing the address space: then writes meet the full map, StorageFull). Holds _write_lock."""
+        if self.map_bytes >= self._map_max or self._gate.inside() or self._closed:
+            return False
+        new = growth.next_map_bytes(self.map_bytes, need_bytes, self._map_max)
+        try:
+            self._gate.alone(lambda: self.env.set_mapsize(new))
+        except (lmdb.Error, OSError, growth.GateTimeout) as e:
+            log.warning("node %s: could not grow its LMDB map from %d to %d bytes (%s): %s: %s", self.node_id,
+                        self.map_bytes, new, why, type(e).__name__, e)
+            return False
+        old, self.map_bytes = self.map_bytes, new
+        log.info("node %s: grew its LMDB map from %s to %s (%s; maximum %s)", self.node_id, sizes.format_size(old),
+                 sizes.format_size(new), why, sizes.format_size(self.max_bytes))
+        return True
+
+    def _make_room(self, frame_bytes: int) -> bool:
+        """Before an append (holding _write_lock, so no write transaction is open): grow the map
+        ahead of it when it could take the file past GROW_AT_FRACTION of the map, and say whether
+        it comes near the floor (`floor_bytes`): then its transaction measures what it holds
+        before it commits (`_check_floor`). Records a node holds already cost nothing (recovery
+        re-sends them to full nodes), so only the transaction itself can tell. This takes the last
+        measurement (`space`, which every append's reply makes): what other writes added since is
+        a few pages (seals, meta), within FLOOR_SLACK_BYTES and growth.SLACK_BYTES."""
+        used, held = self._last_usage or self.usage()
+        capacity = self._capacity_bytes
+        floor = self.floor_bytes(capacity)
+        near = bool(floor) and used + frame_bytes + FLOOR_SLACK_BYTES > capacity - floor
+        if not near and self._at_floor:
+            self._at_floor = False
+            log.info("node %s takes appends again (%s used of %s)", self.node_id, sizes.format_size(used),
+                     sizes.format_size(capacity))
+        need = held + growth.WRITE_COST_FACTOR * frame_bytes + growth.SLACK_BYTES
+        if need > self.map_bytes * growth.GROW_AT_FRACTION:
+            self._grow_locked(need, "ahead of a write")
+        return near
+
+    def _check_floor(self, txn) -> None:
+        """Inside an append's transaction, before its commit: StorageFull (which aborts it: nothing
+        written) when what the tables hold with it reaches into the floor."""
+        capacity = self._capacity_bytes
+        floor = self.floor_bytes(capacity)
+        used = self._table_pages(txn) * self._page_bytes
+        if used + FLOOR_SLACK_BYTES <= capacity - floor:
+            return
+        if not self._at_floor:
+            self._at_floor = True
+            log.warning("node %s is full: it uses %s of its %s and keeps the last %s for deletes and collection; "
+                        "appends are refused until room comes back", self.node_id, sizes.format_size(used),
+                        sizes.format_size(capacity), sizes.format_size(floor))
+        raise StorageFull(
+            f"node {self.node_id} is full: with this append it would use {used} of its {capacity} bytes, and it keeps "
+            f"the last {floor} for truncations, quarantines and version collection (the transactions that give room "
+            "back), so it refused the append and changed nothing; reads still work"
+        )
+
+    def grow_after_full(self, seen_map_bytes: int) -> bool:
+        """A write found the map full (of `seen_map_bytes`) and was aborted: grow it, or say it
+        has grown since; False when it cannot grow (the error then stands)."""
+        with self._write_lock:
+            if self.map_bytes > seen_map_bytes:
+                return True
+            return self._grow_locked(self.map_bytes + growth.SLACK_BYTES, "a write found it full")
 
     def storage_full_cause(self, exc: BaseException) -> str | None:
         """Why `exc`, an LMDB or OS error of a write, means "no room here"; None if it does not.
@@ -352,7 +556,9 @@ class SegmentStore(VersionCollector):
         disk filled in the middle of a write) as EIO, so an EIO counts as full when the file is
         at its size limit or the filesystem is out of free bytes."""
         if isinstance(exc, lmdb.MapFullError):
-            return f"its LMDB map of {self.env.info()['map_size']} bytes is full"
+            if self.map_bytes >= self._map_max:
+                return f"it holds its maximum of {sizes.format_size(self.max_bytes)} ({self.max_bytes} bytes)"
+            return f"its LMDB map of {self.map_bytes} bytes is full and could not grow (see its log)"
         if isinstance(exc, OSError) and exc.errno in FULL_ERRNOS:
             return os.strerror(exc.errno)
         if not isinstance(exc, lmdb.Error):
@@ -435,7 +641,21 @@ class SegmentStore(VersionCollector):
         if epoch > self.epoch:
             raise EpochBehind(f"node {self.node_id} is at epoch {self.epoch}, request at {epoch}: sync the epoch first")
 
+    def _check_synced(self, epoch: int) -> None:
+        """An append at `epoch` needs this node synced at it (a writer's `sync_epoch`, which
+        carries that epoch's truncation ranges), not only sealed at it. A seal that a
+        writer did not follow up (an open or a membership step short of a write quorum) leaves a
+        node at an epoch another writer may then own; taking that writer's appends before its
+        truncations once let the node learn a durable hint first and then refuse the ranges
+        for ever, and keep records they cut. EpochBehind: the writer syncs, then sends again."""
+        if self.synced_epoch != epoch:
+            raise EpochBehind(
+                f"node {self.node_id} was sealed at epoch {epoch} but not synced at it (last synced at "
+                f"{self.synced_epoch}): sync the epoch first"
+            )
+
     # --- writes -----------------------------------------------------------------------------
+    @retry_when_full
     def append(self, epoch: int, frame: bytes, hint_lsn: int = 0, *, repair: bool = False, items=None,
                collect: tuple[int, int] = (0, 0), collected: tuple[int, int, int, int] | None = None) -> AppendReply:
         """Persist a frame in one transaction; return every PG's SCL afterwards.
@@ -473,9 +693,11 @@ class SegmentStore(VersionCollector):
             self._check_open()
             if not repair:
                 self._fence(epoch)
+                self._check_synced(epoch)
                 self.set_collect_target(epoch, *collect)
             if not items and hint_lsn <= self.hint_lsn and collected is None:  # a heartbeat: nothing to persist
                 return self._append_reply()
+            near_floor = self._make_room(len(frame))
             if items and items[0].lsn <= self._truncated_max:
                 items = [it for it in items if not self._is_truncated(it.lsn)]
             # Everything is computed on copies and published only after the commit, so nobody is
@@ -495,6 +717,8 @@ class SegmentStore(VersionCollector):
                         if added < len(items):
                             self._check_held_copies(txn, items)  # ConflictingRecord aborts the transaction
                         self._index(txn, items)
+                        if near_floor:
+                            self._check_floor(txn)  # StorageFull aborts the transaction
                     if any(self.damaged):
                         healed = [(it.pg, it.lsn) for it in items if it.lsn in self.damaged[it.pg]]
                         if healed:
@@ -586,6 +810,7 @@ class SegmentStore(VersionCollector):
         except lmdb.Error as err:  # the refusal stands; only its count may be lost at a restart
             log.warning("node %s: could not persist the conflict count: %s", self.node_id, err)
 
+    @retry_when_full
     def seal(self, epoch: int) -> SealReply:
         """Raise the epoch and summarise every segment, atomically (one write transaction)."""
         self._check_open()
@@ -626,13 +851,14 @@ class SegmentStore(VersionCollector):
             self.node_id, pg, self.scls[pg], self.hint_lsn, last_at_hint, tuple(headers), tuple(sorted(self.damaged[pg]))
         )
 
+    @retry_when_full
     def sync_epoch(self, epoch: int, truncations: Sequence[TruncationRange], membership: Membership | None = None,
-                   proof: bytes = b"", proof_epoch: int = -1, *, complete: bool = False) -> NodeState:
+                   proof: bytes = b"", proof_epoch: int = -1, *, writer: bool = True) -> NodeState:
         """Adopt `epoch` (>= ours), its truncation ranges and membership; cut truncated records.
         `proof`: the writer's signed statement of that state (of epoch `proof_epoch`), kept when
-        it is the newest this node holds, to hand on by gossip (checked by the caller).
-        `complete`: the writer of `epoch` sent it, so `truncations` are all of that epoch's, and
-        points it issues may be collected at (`synced_epoch`, engine.node.collection)."""
+        it is the newest this node holds, to hand on by gossip (checked by the caller). `writer`:
+        the sync comes from the writer of `epoch` (so the node is synced at it: `_check_synced`);
+        gossip passes False, and counts as a sync only when it brings that epoch's membership."""
         self._check_open()
         _bounded(epoch, EPOCH_MAX, "epoch")
         for t in truncations:
@@ -663,10 +889,11 @@ class SegmentStore(VersionCollector):
             all_truncations = sorted(set(self.truncations) | set(new), key=lambda t: (t.first, t.epoch)) if new else self.truncations
             scls, max_lsn = list(self.scls), list(self.max_lsn)
             keep_proof = bool(proof) and proof_epoch > self.epoch_proof_epoch
-            synced = complete and max(self.epoch, epoch) > self.synced_epoch
+            now = max(self.epoch, epoch)
+            synced = (writer or (membership is not None and membership.epoch == now)) and self.synced_epoch != now
             with self.env.begin(write=True) as txn:
                 if synced:
-                    txn.put(b"synced_epoch", _U64BE.pack(max(self.epoch, epoch)), db=self._meta)
+                    txn.put(b"synced_epoch", _U64BE.pack(now), db=self._meta)
                 if keep_proof:
                     txn.put(b"epoch_proof", _U64BE.pack(proof_epoch) + proof, db=self._meta)
                 if epoch > self.epoch:
@@ -681,9 +908,9 @@ class SegmentStore(VersionCollector):
                         json.dumps({"epoch": membership.epoch, "members": membership.members, "next": membership.next_members}).encode(),
                         db=self._meta,
                     )
-            self.epoch = max(self.epoch, epoch)
+            self.epoch = now
             if synced:
-                self.synced_epoch = self.epoch
+                self.synced_epoch = now
             if new:
                 self.truncations = all_truncations
                 self._truncated_max = max(t.last for t in all_truncations)
@@ -763,6 +990,7 @@ class SegmentStore(VersionCollector):
             return _U64BE.unpack(cur.key()[4:])[0]
         return 0
 
+    @retry_when_full
     def quarantine(self, pg: int, lsn: int) -> None:
         """Drop a record whose CRC failed, count it, and pull SCL below it for gossip to refill."""
         with self._write_lock:
@@ -843,10 +1071,9 @@ class SegmentStore(VersionCollector):
                 raise CorruptRecord(f"version index of {self.node_id}/pg{pg} points at a record of another key")
             return r
         except CorruptRecord:
-            self.quarantine(pg, _U64BE.unpack(lsn_be)[0])
-            raise SegmentIncomplete(
-                f"segment {self.node_id}/pg{pg}: record {_U64BE.unpack(lsn_be)[0]} failed its CRC; quarantined for repair"
-            ) from None
+            lsn = _U64BE.unpack(lsn_be)[0]  # quarantined once the read transaction ends (_ReadTxn)
+            raise _Quarantine(f"segment {self.node_id}/pg{pg}: record {lsn} failed its CRC; quarantined for repair",
+                              pg, lsn) from None
 
     def read(
         self, pg: int, key: bytes, read_point: int, required_lsn: int, epoch: int = 0, namespace: int = NAMESPACE_KEYS
@@ -858,7 +1085,7 @@ class SegmentStore(VersionCollector):
         if namespace not in (NAMESPACE_KEYS, NAMESPACE_REQUESTS):
             raise InvalidArgument(f"read namespace {namespace!r}: 0 (keys) or 1 (request ids)")
         index = self._requests if namespace == NAMESPACE_REQUESTS else self._versions
-        with self.env.begin() as txn:
+        with self._read_txn() as txn:
             lsn_be = self._version_at(txn.cursor(db=index), _U32BE.pack(pg) + key, _U64BE.pack(read_point))
             if lsn_be is None:
                 return ReadReply(self.node_id, 0, None)
@@ -879,7 +1106,7 @@ class SegmentStore(VersionCollector):
         prefix = _U32BE.pack(pg)
         rp_be = _U64BE.pack(read_point)
         out: list[VersionEntry] = []
-        with self.env.begin() as txn:
+        with self._read_txn() as txn:
             keys = txn.cursor(db=self._versions)
             probe = txn.cursor(db=self._versions)
             if not keys.set_range(prefix + start):
@@ -911,7 +1138,7 @@ class SegmentStore(VersionCollector):
         max_bytes = max(1, min(max_bytes, FETCH_BYTES_MAX))
         prefix = _U32BE.pack(pg)
         records, size, more, bad = [], 0, False, []
-        with self.env.begin() as txn:
+        with self._read_txn() as txn:
             cur = txn.cursor(db=self._log)
             if cur.set_range(prefix + _U64BE.pack(after_lsn + 1)):
                 for k, rec in cur:
@@ -942,7 +1169,7 @@ class SegmentStore(VersionCollector):
     def state(self) -> NodeState:
         self._check_open()
         used, capacity, low, room = self.space()
-        with self.env.begin() as txn:
+        with self._read_txn() as txn:
             records = txn.stat(self._log)["entries"]
         return NodeState(
             node=self.node_id,
@@ -951,7 +1178,7 @@ class SegmentStore(VersionCollector):
             scls=tuple(self.scls),
             hint_lsn=self.hint_lsn,
             records=records,
-            bytes=used,
+            bytes=self.held_bytes,
             corrupt_found=self.counters["corrupt_found"],
             repaired=self.counters["repaired"],
             truncations=tuple(self.truncations),
@@ -965,12 +1192,15 @@ class SegmentStore(VersionCollector):
             **self.collection_state(),
         )
 
+    @retry_when_full
     def count_repaired(self, n: int) -> None:
         if n <= 0:
             return
-        with self._write_lock, self.env.begin(write=True) as txn:
-            self.counters["repaired"] += n
-            txn.put(b"counters", json.dumps(self.counters).encode(), db=self._meta)
+        with self._write_lock:
+            counters = dict(self.counters, repaired=self.counters["repaired"] + n)
+            with self.env.begin(write=True) as txn:
+                txn.put(b"counters", json.dumps(counters).encode(), db=self._meta)
+            self.counters = counters  # published once committed (retry_when_full may run it again)
 
     def iter_log(self, pg: int, after_lsn: int = 0, batch: int = 1024):
         """Yield (lsn, record bytes) of a PG, in LSN order, in short read transactions (scrub)."""
@@ -978,7 +1208,7 @@ class SegmentStore(VersionCollector):
         nxt = after_lsn + 1
         while not self._closed:
             chunk = []
-            with self.env.begin() as txn:
+            with self._read_txn() as txn:
                 cur = txn.cursor(db=self._log)
                 if cur.set_range(prefix + _U64BE.pack(nxt)):
                     for k, rec in cur:

@@ -843,7 +843,7 @@ def watch_args_from_pb(m: kv_pb2.WatchReadPointRequest) -> tuple[float, float]:
 def read_point_update_to_pb(u: ReadPointUpdate) -> kv_pb2.ReadPointUpdate:
     ms = u.membership
     m = kv_pb2.ReadPointUpdate(
-        epoch=u.epoch, vdl=u.vdl, tails=u.tails, sent_at=u.sent_at,
+        epoch=u.epoch, vdl=u.vdl, tails=u.tails, sent_at=u.sent_at, committed_at=u.committed_at,
         membership=kv_pb2.WriterMembership(epoch=ms.epoch, members=ms.members, next_members=ms.next_members or ()),
     )
     add = m.members.add
@@ -868,9 +868,10 @@ def read_point_update_from_pb(m: kv_pb2.ReadPointUpdate, protection_groups: int)
         if len(e.scl) != protection_groups or any(not -1 <= s <= LSN_VALID_MAX for s in e.scl):
             raise InvalidArgument(f"read point SCLs of {e.node} must be {protection_groups} LSNs (or -1)")
         members.append((e.node, tuple(None if s < 0 else s for s in e.scl), e.up))
-    if not (m.sent_at == m.sent_at) or abs(m.sent_at) > 1e11:  # NaN or absurd
-        raise InvalidArgument(f"read point sent_at {m.sent_at} is not a time")
-    return ReadPointUpdate(m.epoch, view.read_point, view.tails, membership, tuple(members), m.sent_at)
+    for name, t in (("sent_at", m.sent_at), ("committed_at", m.committed_at)):
+        if not (t == t) or abs(t) > 1e11:  # NaN or absurd
+            raise InvalidArgument(f"read point {name} {t} is not a time")
+    return ReadPointUpdate(m.epoch, view.read_point, view.tails, membership, tuple(members), m.sent_at, m.committed_at)
 
 
 _READER_KEYS = frozenset(kv_pb2.ReaderStatus.DESCRIPTOR.fields_by_name)
@@ -891,10 +892,12 @@ def _reader_status_from_pb(m: kv_pb2.ReaderStatus) -> dict:
 # none).
 _STATUS_KEYS = frozenset({"volume_id", "protection_groups", "codec", "durable", "encrypted", "vdl", "epoch", "nodes",
                           "writer", "endpoint", "membership_change"})
+#: optional: only a backed-up volume's status carries it
+_STATUS_OPTIONAL_KEYS = frozenset({"backup"})
 _NODE_KEYS = frozenset({"id", "az", "address", "up"})
 _NODE_REPORT_KEYS = frozenset({"scl", "lag", "epoch", "records", "bytes", "corrupt_found", "repaired", "rebuild"})
 #: optional: carried when node_status has them
-_NODE_SPACE_KEYS = ("used_bytes", "capacity_bytes", "space_low", "room_bytes",
+_NODE_SPACE_KEYS = ("used_bytes", "capacity_bytes", "space_low", "room_bytes", "max_storage_bytes", "storage_warning",
                     "collected_records", "pages_used", "pages_bytes", "horizon_lsn")
 _WRITER_KEYS = frozenset({"epoch", "vdl", "vcl", "next_lsn", "pgcl", "in_flight", "fenced", "admission", "membership",
                           "links", "recovery", "stats", "room_bytes"})
@@ -1032,7 +1035,7 @@ def status_to_pb(status: dict) -> kv_pb2.StatusReply:
     """The endpoint's status dict (`WriterEndpoint.status`, or a reader instance's with "reader"
     in place of "writer") as a typed reply."""
     reader = "reader" in status
-    _exactly(status, (_STATUS_KEYS - {"writer"}) | {"reader"} if reader else _STATUS_KEYS, "")
+    _exactly(status, (_STATUS_KEYS - {"writer"}) | {"reader"} if reader else _STATUS_KEYS, "", _STATUS_OPTIONAL_KEYS)
     ep = _exactly(status["endpoint"], _ENDPOINT_KEYS, "endpoint", optional=frozenset({"auth"}))
     m = kv_pb2.StatusReply(
         volume_id=status["volume_id"], protection_groups=status["protection_groups"], codec=status["codec"],
@@ -1049,7 +1052,36 @@ def status_to_pb(status: dict) -> kv_pb2.StatusReply:
         m.endpoint.opened_at = ep["opened_at"]
     if ep.get("auth") is not None:
         m.endpoint.auth.CopyFrom(kv_pb2.AuthStatus(**_exactly(ep["auth"], _AUTH_KEYS, "endpoint.auth")))
+    if status.get("backup") is not None:
+        m.backup.CopyFrom(_backup_status_to_pb(status["backup"]))
     return m
+
+
+_BACKUP_KEYS = frozenset(kv_pb2.BackupStatus.DESCRIPTOR.fields_by_name)
+_BASE_PROGRESS_KEYS = frozenset(kv_pb2.BackupBaseProgress.DESCRIPTOR.fields_by_name)
+
+
+def _backup_status_to_pb(b: dict) -> kv_pb2.BackupStatus:
+    b = _exactly(b, _BACKUP_KEYS, "backup")
+    fields = {k: v for k, v in b.items() if v is not None and k != "base_in_progress"}
+    m = kv_pb2.BackupStatus(**fields)
+    if b["base_in_progress"] is not None:
+        m.base_in_progress.CopyFrom(kv_pb2.BackupBaseProgress(**_exactly(b["base_in_progress"], _BASE_PROGRESS_KEYS,
+                                                                         "backup.base_in_progress")))
+    return m
+
+
+def _backup_status_from_pb(m: kv_pb2.BackupStatus) -> dict:
+    out = {}
+    for f in m.DESCRIPTOR.fields:
+        if f.name == "base_in_progress":
+            out[f.name] = ({k: getattr(m.base_in_progress, k) for k in sorted(_BASE_PROGRESS_KEYS)}
+                           if m.HasField("base_in_progress") else None)
+        elif f.has_presence and f.message_type is None:
+            out[f.name] = getattr(m, f.name) if m.HasField(f.name) else None
+        else:
+            out[f.name] = getattr(m, f.name)
+    return out
 
 
 def status_from_pb(m: kv_pb2.StatusReply) -> dict:
@@ -1070,6 +1102,7 @@ def status_from_pb(m: kv_pb2.StatusReply) -> dict:
                      **({"auth": {k: getattr(m.endpoint.auth, k) for k in sorted(_AUTH_KEYS)}}
                         if m.endpoint.HasField("auth") else {})},
         "membership_change": change,
+        **({"backup": _backup_status_from_pb(m.backup)} if m.HasField("backup") else {}),
     }
 
 

@@ -397,7 +397,7 @@ def run_node_process(
     protection_groups: int,
     peers: Mapping[str, str],
     durable: bool = True,
-    map_bytes: int | None = None,
+    max_storage_bytes: int | None = None,
     reserve_bytes: int | None = None,
     gossip_interval_s: float = GOSSIP_INTERVAL_S,
     scrub_interval_s: float = SCRUB_INTERVAL_S,
@@ -425,7 +425,8 @@ def run_node_process(
     geometry = Geometry(protection_groups)
     t0 = time.monotonic()
     ns = NodeServer.bind(
-        lambda: StorageNode(data, info, geometry, volume_id, durable=durable, map_bytes=map_bytes, reserve_bytes=reserve_bytes),
+        lambda: StorageNode(data, info, geometry, volume_id, durable=durable, max_storage_bytes=max_storage_bytes,
+                            reserve_bytes=reserve_bytes),
         listen, workers, tls=tls, allow_fault_injection=allow_fault_injection, me=node_id,
     )
     addresses = {k: v for k, v in peers.items() if k != node_id}
@@ -441,10 +442,11 @@ def run_node_process(
         ns.node.start_background(gossip_interval_s, scrub_interval_s)
     st = ns.node.state()
     log.info(
-        "node %s (az %s)%s serving on %s, pid %d, volume %s, %d PGs, epoch %d, %d records, %d of %d bytes used%s, "
+        "node %s (az %s)%s serving on %s, pid %d, volume %s, %d PGs, epoch %d, %d records, %d of %d bytes used "
+        "(maximum %d)%s, "
         "durable=%s, %s%s, ready in %.2f s",
         node_id, az, banner, listen, os.getpid(), volume_id, protection_groups, st.epoch, st.records, st.used_bytes,
-        st.capacity_bytes, " (low on space)" if st.space_low else "", durable,
+        st.capacity_bytes, ns.node.store.max_bytes, " (low on space)" if st.space_low else "", durable,
         f"mTLS as {tls.identity}" if tls is not None else "INSECURE (plaintext, no authorisation)",
         ", fault injection allowed" if allow_fault_injection else "", time.monotonic() - t0,
     )
