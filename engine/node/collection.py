@@ -71,8 +71,11 @@ _U64BE = struct.Struct(">Q")
 _U32BE = struct.Struct(">I")
 _GC = struct.Struct(">QQQQ")  # horizon, swept, tombstones, requests
 
-#: Log records one collection step visits (over its three passes), in one write transaction.
+#: Log records one collection step visits (over its three passes), in one write transaction; at
+#: most COLLECT_RECORDS_AT_FLOOR on a node at its floor (the pages a step copies before it frees
+#: any must fit in what the floor keeps for the transactions that give room back).
 COLLECT_RECORDS_PER_STEP = 2000
+COLLECT_RECORDS_AT_FLOOR = 64
 #: A key that had at least this many versions when collected down to one is written again:
 #: LMDB keeps a key's many duplicates in a sub-database of their own (a page or more), and does
 #: not fold it back into the key's node when they shrink; deleting and re-putting the last one does.
@@ -157,6 +160,8 @@ class VersionCollector:
         self._check_open()
         P = self.geometry.protection_groups
         records_max = max(1, int(records_max))
+        if self._at_floor:
+            records_max = min(records_max, COLLECT_RECORDS_AT_FLOOR)
         if not self._work_due(tombstone_points):
             return 0
         with self._write_lock:
