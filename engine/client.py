@@ -34,6 +34,12 @@ read that fails because a reader died under it (no Sixfold answer: the connectio
 again, for up to `READ_RETRY_S`: reads change nothing, so a retry is always safe, and the next
 pick is another reader. Writes through it are refused `ReadOnly`.
 
+Snapshots hold their read point against version collection (`engine.head.readpoints`): a
+snapshot registers its view with the writer (`HoldReadPoint`) for a lease, and one renewer thread
+per backend (`Renewer`) renews every open snapshot's lease a third of it before it runs out; closing
+the snapshot releases it. A snapshot whose renewal is refused (the writer changed) is dropped from
+the renewer and logged; its reads then meet SnapshotTooOld once the nodes collect past it.
+
 Failures are reported no better than they are known:
 
 * A write whose fate is unknown raises `WriteIndeterminate`: the connection broke or the deadline
@@ -61,7 +67,9 @@ from collections.abc import Callable, Iterator, Sequence
 import grpc
 
 from engine.database import Database
-from engine.errors import Closed, InvalidArgument, ReplicaBehind, SixfoldError, StaleEpoch, Unavailable, WriteIndeterminate
+from engine.errors import (
+    Closed, InvalidArgument, ReplicaBehind, SixfoldError, SnapshotTooOld, StaleEpoch, Unavailable, WriteIndeterminate,
+)
 from engine.core.types import ReadView, RequestStatus, Unit
 from engine.proto import kv_pb2, kv_pb2_grpc
 from engine.transport import convert
@@ -283,6 +291,58 @@ class Boxcar:
             self._closed = True
 
 
+class Renewer:
+    """Renews held read points (remote snapshots) in one daemon thread: each a third of its
+    lease before it runs out. A renewal refused with SnapshotTooOld (the registration lapsed,
+    or the writer changed) drops it, logged once; other failures are retried at the next turn."""
+
+    def __init__(self, renew: Callable[[int], None]) -> None:
+        self._renew = renew
+        self._cond = threading.Condition()
+        self._due: dict[int, tuple[float, float]] = {}  # registration -> (lease_s, next renewal)
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="sixfold-snapshot-renewer", daemon=True)
+        self._thread.start()
+
+    def add(self, reg: int, lease_s: float) -> None:
+        with self._cond:
+            self._due[reg] = (lease_s, time.monotonic() + lease_s / 3)
+            self._cond.notify()
+
+    def discard(self, reg: int) -> None:
+        with self._cond:
+            self._due.pop(reg, None)
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._closed:
+                    now = time.monotonic()
+                    due = [(t, reg) for reg, (_l, t) in self._due.items() if t <= now]
+                    if due:
+                        break
+                    nxt = min((t for _l, t in self._due.values()), default=now + 1.0)
+                    self._cond.wait(max(0.01, nxt - now))
+                if self._closed:
+                    return
+                for _t, reg in due:
+                    lease_s = self._due[reg][0]
+                    self._due[reg] = (lease_s, now + lease_s / 3)
+            for _t, reg in sorted(due):
+                try:
+                    self._renew(reg)
+                except SnapshotTooOld as e:
+                    self.discard(reg)
+                    log.warning("a snapshot's hold on its read point ended: %s", e)
+                except SixfoldError:
+                    pass  # unreachable for now: the next turn tries again, within the lease
+
+
 def read_failure(exc: BaseException) -> SixfoldError:
     """What a read (or any call that changes nothing) reports when its RPC fails unexpectedly."""
     err = Unavailable(f"the request failed unexpectedly ({type(exc).__name__}: {exc}); nothing was changed")
@@ -349,6 +409,8 @@ class RemoteBackend:
         self._writes = Boxcar(self._send_writes, cars_in_flight=cars_in_flight, items_max=car_items_max, failure=write_failure)
         self._gets = Boxcar(self._send_gets, cars_in_flight=cars_in_flight, items_max=car_items_max)
         self._closed = False
+        self._renewer: Renewer | None = None
+        self._renewer_lock = threading.Lock()
 
     # --- the backend protocol ---------------------------------------------------------------
     def write(self, ops, *, request_id: bytes | None = None, resend: bool = False) -> int:
@@ -476,6 +538,36 @@ class RemoteBackend:
     def view(self) -> ReadView:
         return convert.read_view_from_pb(self._rpc(self._stub.View, kv_pb2.ViewRequest()))
 
+    def open_snapshot(self) -> tuple[ReadView, Callable[[], None]]:
+        """A view held by the writer until the returned function releases it (renewed by this
+        backend's `Renewer` meanwhile). An endpoint of a release before version collection holds
+        nothing: the view alone, as `view()`."""
+        try:
+            view, reg, lease_s = convert.hold_reply_from_pb(self._rpc(self._stub.HoldReadPoint, convert.hold_request_to_pb()))
+        except Unavailable:
+            return self.view(), lambda: None  # (also UNIMPLEMENTED: an endpoint that collects nothing)
+        if not reg:
+            return view, lambda: None
+        with self._renewer_lock:
+            if self._renewer is None:
+                self._renewer = Renewer(self._renew_one)
+        self._renewer.add(reg, lease_s)
+        return view, lambda: self._release_hold(reg)
+
+    def _renew_one(self, reg: int, release: bool = False) -> None:
+        self._rpc(self._stub.HoldReadPoint, convert.hold_request_to_pb(reg, release=release))
+
+    def _release_hold(self, reg: int) -> None:
+        renewer = self._renewer
+        if renewer is not None:
+            renewer.discard(reg)
+        if self._closed:
+            return
+        try:
+            self._renew_one(reg, release=True)
+        except SixfoldError:
+            pass  # the lease runs out on its own
+
     def status(self) -> dict:
         status = convert.status_from_pb(self._rpc(self._stub.Status, kv_pb2.StatusRequest()))
         status["client"] = {"address": self.address, "write_rpcs": self._writes.cars, "writes": self._writes.items,
@@ -485,6 +577,8 @@ class RemoteBackend:
     def close(self) -> None:
         if not self._closed:
             self._closed = True
+            if self._renewer is not None:
+                self._renewer.close()
             self._writes.close()
             self._gets.close()
             self._channel.close()
@@ -729,6 +823,9 @@ class FollowingBackend:
 
     def view(self) -> ReadView:
         return self._call(lambda b: b.view())
+
+    def open_snapshot(self) -> tuple[ReadView, Callable[[], None]]:
+        return self._call(lambda b: b.open_snapshot())
 
     def status(self) -> dict:
         return self._call(lambda b: b.status())

@@ -101,11 +101,26 @@ class Batch:
 
 
 class Snapshot:
-    """Repeatable reads at a fixed read point (the VDL when it was taken)."""
+    """Repeatable reads at a fixed read point (the VDL when it was taken).
+
+    The snapshot holds its read point against version collection (`engine.head.readpoints`)
+    until it is closed (`close()`, the end of its `with` block, or when it is collected): after
+    that, and after a writer change (a new writer does not know the old one's snapshots), its
+    reads may raise SnapshotTooOld once the nodes collected past it."""
 
     def __init__(self, db: Database) -> None:
         self._db = db
-        self.view = db._backend.view()
+        opener = getattr(db._backend, "open_snapshot", None)
+        if opener is None:
+            self.view, release = db._backend.view(), None
+        else:
+            self.view, release = opener()
+        self._finalizer = weakref.finalize(self, release) if release is not None else None
+
+    def close(self) -> None:
+        """Release the read point (reads may then meet SnapshotTooOld)."""
+        if self._finalizer is not None:
+            self._finalizer()
 
     @property
     def read_point(self) -> int:
@@ -121,7 +136,7 @@ class Snapshot:
         return self
 
     def __exit__(self, *exc) -> None:
-        pass
+        self.close()
 
 
 class Database:

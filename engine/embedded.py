@@ -31,6 +31,7 @@ Theory of operation of an open
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -108,6 +109,10 @@ class EmbeddedOptions:
     #: False: no background threads at all (no senders, gossip or scrub); a simulator drives the
     #: steps (`Writer.send_once`, `StorageNode.gossip_once`, `scrub_step`) itself
     background: bool = True
+    #: version collection (engine.head.readpoints): how far the collection point trails the VDL,
+    #: and how long request-id records are kept for re-sends
+    collect_delay_s: float = 0.1
+    request_retention_s: float = 60.0
     #: back the volume up continuously into this folder (or `engine.backup.target.BackupTarget`):
     #: `engine.backup.archiver`; None: no backups
     backup: object | None = None
@@ -499,17 +504,20 @@ class EmbeddedVolume:
             self._wrap(InProcessTransport(self.registry, "writer")),
             self.node_infos,
             self.geometry,
-            WriterOptions(write_timeout_s=o.write_timeout_s, local_az=o.local_az, lal=o.lal),
+            WriterOptions(write_timeout_s=o.write_timeout_s, local_az=o.local_az, lal=o.lal,
+                          collect_delay_s=o.collect_delay_s, request_retention_s=o.request_retention_s),
             background=o.background,
             weakening=self.weakening,
             cipher=self.cipher,
             **({"clock": self._clock} if self._clock is not None else {}),
             **({"wall_clock_us": self._wall_us} if self._wall_us is not None else {}),
         )
+        # The archiver's hold on version collection, before the writer's first heartbeat (engine.backup.archiver)
+        hold = w.read_points.register("backup archiver", 0) if self.archiver is not None else None
         w.open()
         if self.archiver is not None:
             try:
-                self.archiver.attach(w)  # before any write: its commit times continue the archive's
+                self.archiver.attach(w, hold)  # before any write: its commit times continue the archive's
             except BaseException:
                 w.abandon()
                 raise
@@ -689,6 +697,12 @@ class EmbeddedVolume:
 
     def view(self):
         return self._w.view()
+
+    def open_snapshot(self):
+        """A view held against version collection until the returned function is called."""
+        w = self._w
+        view, reg = w.open_snapshot("snapshot")
+        return view, functools.partial(w.read_points.release, reg)
 
     def status(self) -> dict:
         w = self._w.status()

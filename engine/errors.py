@@ -63,6 +63,17 @@ class SegmentIncomplete(SixfoldError):
     GRPC_STATUS = "OUT_OF_RANGE"
 
 
+class SnapshotTooOld(SegmentIncomplete):
+    """A read at a read point below what a segment has collected (`engine.node.collection`):
+    versions that read could need are gone. The snapshot, scan or reader that held the read
+    point released it, let its registration lapse, or was registered with a writer that has
+    since been replaced (a new writer does not know the old one's snapshots). Nothing was read;
+    take a new snapshot. A subclass of SegmentIncomplete with its status code, so a client of
+    a release before collection reads it as "this segment cannot answer here"."""
+
+    GRPC_STATUS = "OUT_OF_RANGE"
+
+
 class UnknownProtectionGroup(SixfoldError):
     """A request named a protection group this volume does not have."""
 
@@ -225,5 +236,5 @@ class BackupCorrupt(BackupError):
 
 ALL_ERRORS = ALL_ERRORS + (
     EpochBehind, StorageError, StorageFull, ConflictingRecord, FolderInUse, WrongFolder, Unauthenticated, PermissionDenied,
-    EncryptionError, WrongVolume, ReadOnly, ReplicaBehind, BackupError, BackupCorrupt,
+    EncryptionError, WrongVolume, ReadOnly, ReplicaBehind, BackupError, BackupCorrupt, SnapshotTooOld,
 )

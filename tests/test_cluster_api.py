@@ -7,6 +7,7 @@ from __future__ import annotations
 import threading
 
 import pytest
+from waiting import eventually
 
 import engine
 from engine.cluster import Cluster
@@ -59,6 +60,27 @@ def test_get_many_is_one_read_point_for_many_keys(db):
     assert db.get_many(keys, quorum=True) == [b"v%d" % i for i in range(40)] + [None]
     with pytest.raises(engine.InvalidArgument):
         db.get_many([b"gm01", b"x" * 10_000])
+
+
+def test_a_snapshot_holds_its_read_point_against_collection_until_it_is_closed(db):
+    db.put(b"hold:k", b"before")
+    snap = db.snapshot()
+    for i in range(30):
+        db.put(b"hold:k", b"v%d" % i)
+    stats = db.status()["writer"]["stats"]
+    assert stats["read_points"] >= 1 and stats["collect_lsn"] <= snap.read_point
+    assert snap.get(b"hold:k") == b"before"
+    snap.close()
+
+    def refused() -> bool:
+        try:
+            assert snap.get(b"hold:k") == b"before"
+            return False
+        except engine.SnapshotTooOld:
+            return True
+
+    eventually(refused, "the nodes collected past the released snapshot, and refuse it (typed, over gRPC)")
+    assert db.get(b"hold:k") == b"v29"
 
 
 def test_scan_streams_in_key_order_at_one_read_point(db):

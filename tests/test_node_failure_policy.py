@@ -76,7 +76,7 @@ def test_an_unexpected_gossip_failure_is_logged_counted_and_gossip_resumes(pair,
     # The work resumes after the back-off: the hole is filled from n1.
     assert wait_until(lambda: n2.store.scls == n1.store.scls, DEADLINE_S), (n2.store.scls, n1.store.scls)
     extra = n2.handle("state").extra
-    assert extra["background_errors"] == {"gossip": 1, "scrub": 0}
+    assert extra["background_errors"] == {"gossip": 1, "scrub": 0, "collect": 0}
     assert "RuntimeError: injected gossip fault" in extra["background_last_error"]
     faults = [r for r in caplog.records if r.name == "sixfold.node" and r.exc_info and "gossip" in r.getMessage()]
     assert len(faults) == 1 and "n2" in faults[0].getMessage() and faults[0].exc_info[0] is RuntimeError
@@ -93,7 +93,7 @@ def test_an_expected_gossip_error_is_counted_per_peer_and_logged_once_per_cause(
     assert len(about_n3) == 1, [r.getMessage() for r in about_n3]
     assert "Unavailable" in about_n3[0].getMessage() and "n2" in about_n3[0].getMessage() and not about_n3[0].exc_info
     st = n2.handle("state")
-    assert st.extra["background_errors"] == {"gossip": 0, "scrub": 0}, "an expected error is not a background fault"
+    assert st.extra["background_errors"] == {"gossip": 0, "scrub": 0, "collect": 0}, "an expected error is not a background fault"
     assert "n1" not in st.extra["gossip_peer_errors"]
     # The peer returns: one line says so, and the count stops growing.
     n3 = StorageNode(nodes["n3"].store.path, NodeInfo("n3", "a"), Geometry(P), "vol", durable=False)
@@ -116,7 +116,7 @@ def test_an_unexpected_scrub_failure_is_logged_counted_and_scrub_resumes(tmp_pat
         assert node.handle("corrupt", 1, 39, 123) == 39
         assert wait_until(lambda: node.handle("state").corrupt_found == 1, DEADLINE_S)
         st = node.handle("state")
-        assert st.scls[1] == 37 and st.extra["background_errors"] == {"gossip": 0, "scrub": 1}
+        assert st.scls[1] == 37 and st.extra["background_errors"] == {"gossip": 0, "scrub": 1, "collect": 0}
         assert "RuntimeError: injected scrub fault" in st.extra["background_last_error"]
         faults = [r for r in caplog.records if r.name == "sixfold.node" and r.exc_info]
         assert len(faults) == 1 and "scrub" in faults[0].getMessage() and faults[0].exc_info[0] is RuntimeError
@@ -132,7 +132,7 @@ def test_the_threads_end_when_the_node_closes(tmp_path):
     assert all(t.is_alive() for t in threads)
     node.close()
     assert not any(t.is_alive() for t in threads)
-    assert node.background_errors == {"gossip": 0, "scrub": 0}, "closing is not a fault"
+    assert node.background_errors == {"gossip": 0, "scrub": 0, "collect": 0}, "closing is not a fault"
 
 
 def test_an_expected_scrub_error_is_counted_and_logged_once(tmp_path, caplog):
@@ -149,6 +149,6 @@ def test_an_expected_scrub_error_is_counted_and_logged_once(tmp_path, caplog):
         assert injected.raised == 5 and node.handle("state").extra["background_expected_errors"]["scrub"] == 5
         lines = [r.getMessage() for r in caplog.records if r.name == "sixfold.node" and "scrub failed" in r.getMessage()]
         assert len(lines) == 1 and "StorageFull" in lines[0], lines
-        assert node.handle("state").extra["background_errors"] == {"gossip": 0, "scrub": 0}
+        assert node.handle("state").extra["background_errors"] == {"gossip": 0, "scrub": 0, "collect": 0}
     finally:
         node.close()

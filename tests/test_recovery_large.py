@@ -29,8 +29,8 @@ class HintHeldBack(Transport):
     def _call(self, node, method, *args):
         cap = HintHeldBack.cap
         if method == "append" and self.source == "writer" and cap is not None:
-            epoch, frame, hint = args
-            args = (epoch, frame, min(hint, cap))
+            epoch, frame, hint, *points = args  # (the collection points: the node bounds them by the hint)
+            args = (epoch, frame, min(hint, cap), *points)
         return self.inner._call(node, method, *args)
 
     def close(self) -> None:

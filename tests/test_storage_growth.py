@@ -12,8 +12,8 @@ What is shown:
 * at its maximum a node is full (StorageFull naming it), and room freed inside its file counts as
   room again: LMDB reuses the pages of deleted records, so once records are gone appends land
   again, within the maximum. Today the records a node deletes are those a truncation cuts (what
-  this test uses); user deletes are tombstones, which free nothing until version GC (the `gc`
-  branch) collects old versions: GC needs only to delete the records, the room shows by itself;
+  this test uses) and those version collection removes (engine.node.collection): a delete's
+  older versions at once, its tombstone once every node swept past it; the room shows by itself;
 * an embedded volume records its maximum in volume.json (an old volume without the field opens
   with the default), refuses a maximum below the data it holds (nothing changed), and at its
   maximum refuses puts naming the nodes while deletes still work; a larger maximum lets the
@@ -240,7 +240,7 @@ def test_readers_on_other_threads_read_through_every_resize(tmp_path, monkeypatc
                     entries, _resume = node.handle("scan", pg, b"", None, LSN_VALID_MAX, 0, 50, 0)
                     assert entries and all(e.value == filler.value(e.lsn) for e in entries)
                 else:
-                    frame, _more = node.handle("fetch", pg, 0, 1 << 20, None)
+                    frame = node.handle("fetch", pg, 0, 1 << 20, None).frame
                     assert codec.index_frame(frame)
                     assert node.handle("state").used_bytes > 0
                 reads[0] += 1
@@ -440,9 +440,11 @@ def check_reads(db, acked: dict, deleted=frozenset()) -> None:
 
 
 def test_an_embedded_volume_at_its_maximum_refuses_puts_keeps_deletes_and_a_larger_maximum_resumes_writes(tmp_path):
-    """What frees room in this release is a larger maximum; with version GC, deleting data will
-    too (see the module docstring): the fill-delete-put loop then holds without the reopen."""
+    """What frees room is deleting data (version collection removes what the deletes hide) or a
+    larger maximum (see the module docstring): the fill-delete-put loop holds without a reopen."""
     from waiting import eventually
+
+    from engine.core.placement import protection_group_of
 
     path = tmp_path / "v"
     acked: dict[bytes, bytes] = {}
@@ -460,13 +462,41 @@ def test_an_embedded_volume_at_its_maximum_refuses_puts_keeps_deletes_and_a_larg
         for key in sorted(deleted):
             db.delete(key)  # at the maximum: deletes draw on the reserve
         check_reads(db, acked, deleted)
-        with pytest.raises(StorageFull):
-            db.put(b"after-deletes", b"x")  # tombstones free nothing until version GC
+        vol = db._backend
+        P = vol.geometry.protection_groups
 
-    with open_volume(path) as db:  # the maximum is the volume's: still 4 MiB, still full
+        def gone() -> bool:  # every version of every deleted key, tombstones included, on every node
+            for node in vol.nodes.values():
+                with node.store.env.begin() as txn:
+                    cur = txn.cursor(db=node.store._versions)
+                    if any(cur.set_key(protection_group_of(k, P).to_bytes(4, "big") + k) for k in deleted):
+                        return False
+            return True
+
+        eventually(gone, "version collection removed the deleted values and their tombstones")
+
+        def put_fits() -> bool:
+            try:
+                db.put(b"after-deletes", b"x")
+                return True
+            except StorageFull:
+                return False
+
+        eventually(put_fits, "the pages collection freed count as room: a put fits again")
+        acked[b"after-deletes"] = b"x"
+        fill(db, acked, b"t", 8000)  # and fills the volume to its maximum again
+
+    with open_volume(path) as db:  # the maximum is the volume's: still 4 MiB, full again after a few puts
         assert {n["max_storage_bytes"] for n in db.status()["nodes"]} == {4 * MiB}
-        with pytest.raises(StorageFull):
-            db.put(b"after-reopen", b"x")
+        # (compaction may have packed the tables since, freeing a few pages: fill those)
+        for i in range(200):
+            try:
+                db.put(b"u%06d" % i, value_of(i, 8000))
+            except StorageFull:
+                break
+            acked[b"u%06d" % i] = value_of(i, 8000)
+        else:
+            raise AssertionError("a volume at its maximum took 200 more puts of 8 KB")
         check_reads(db, acked, deleted)
 
     recorded = (path / VOLUME_FILE).read_bytes()

@@ -129,14 +129,14 @@ def test_flipped_bit_at_rest_is_never_served(store):
         store.read(0, b"k", 1, 1, store.epoch)
     # quarantined: gone from the log, SCL pulled back, counted
     assert store.scls[0] == 0 and store.state().corrupt_found == 1
-    frame, _more = store.fetch(0, 0)
+    frame = store.fetch(0, 0).frame
     assert codec.verify_frame(frame) == 0
 
 
 def test_fetch_skips_corrupt_records(store):
     store.append(1, codec.encode_frame([rec(1, 0, 0, b"a"), rec(2, 1, 0, b"b"), rec(3, 2, 0, b"c")]), 0)
     store.corrupt(0, 2, bit=999)
-    frame, _more = store.fetch(0, 0)
+    frame = store.fetch(0, 0).frame
     assert [r.lsn for r in codec.decode_frame(frame)] == [1, 3]
 
 

@@ -48,7 +48,11 @@ or below that base's LSN are deleted: every restore point in the window keeps wh
 Failure policy (logger "sixfold.backup"): an error in a round or a base is logged once per change
 of cause, counted (`status()["errors"]`, `last_error`) and retried after a back-off up to 5 s; a
 writer that is fenced or closed leaves the archiver idle until the next one is attached.
-Garbage collection must keep what `hold_lsn()` names (README: the gc registry).
+Version collection keeps what `hold_lsn()` names: the archiver holds it as a registration in the
+writer's `read_points` (engine.head.readpoints), renewed every round for HOLD_LEASE_S (an archiver
+that stops renewing stops holding collection back). Its host registers a hold at LSN 0 before it
+opens the writer and passes it to `attach`, which moves it to the archive's position: a new
+writer's first heartbeats would otherwise let the nodes collect what the archive still needs.
 """
 
 from __future__ import annotations
@@ -84,7 +88,7 @@ from engine.backup.format import (
 )
 from engine.backup.target import BackupTarget, target_of
 from engine.core.constants import FLAG_PUT, FLAG_REQUEST, FRAME_BYTES_MAX, RECORD_HEADER_BYTES
-from engine.errors import BackupCorrupt, BackupError, SixfoldError, StaleEpoch, Unavailable
+from engine.errors import BackupCorrupt, BackupError, SixfoldError, SnapshotTooOld, StaleEpoch, Unavailable
 
 log = logging.getLogger("sixfold.backup")
 
@@ -97,6 +101,8 @@ BASE_FRAME_BYTES = 4 << 20
 BACKOFF_S_MAX = 5.0
 #: How long closing waits for a base in progress to finish.
 BASE_WAIT_ON_CLOSE_S = 60.0
+#: The lease of the archiver's hold on version collection (renewed every round).
+HOLD_LEASE_S = 60.0
 DAY_US = 86_400 * 1_000_000
 
 
@@ -201,6 +207,8 @@ class Archiver:
         self._wall = wall_clock_us
         self._clock = clock
         self._writer = None
+        #: (writer, registration) holding version collection at `hold_lsn()` (engine.head.readpoints)
+        self._hold: tuple[object, int] | None = None
         self._lock = threading.RLock()  # the manifest, the position, the writer
         self._wake = threading.Condition(self._lock)
         self._m: dict | None = None  # the manifest as last published
@@ -239,16 +247,26 @@ class Archiver:
         self.last_error = ""
 
     # --- lifecycle --------------------------------------------------------------------------
-    def attach(self, writer) -> None:
+    def attach(self, writer, hold: int | None = None) -> None:
         """Archive for `writer` (just opened) from now on: claim the archive at its epoch, take
         the archive's position, and raise the writer's commit-time floor to the archive's
-        newest time. Call before the writer serves writes. Raises BackupError (another volume's
-        archive, a newer format, a newer writer's archive) and BackupCorrupt (a manifest that
-        does not check)."""
+        newest time. Call before the writer serves writes. `hold`: the registration its host made
+        at LSN 0 before opening the writer (see the module docstring); it becomes the archiver's
+        hold on version collection. Raises BackupError (another volume's archive, a newer
+        format, a newer writer's archive) and BackupCorrupt (a manifest that does not check)."""
         with self._lock:
             self._writer = None
-            u = writer.read_point()
-            self._claim(writer, u)
+            self._release_hold()
+            try:
+                u = writer.read_point()
+                self._claim(writer, u)
+            except BaseException:
+                if hold is not None:
+                    writer.read_points.release(hold)
+                raise
+            if hold is not None:
+                self._hold = (writer, hold)
+            self._renew_hold(writer)
             self._writer = writer
             self._wake.notify_all()
         if self._pos_time_us is not None:
@@ -260,6 +278,28 @@ class Archiver:
         with self._lock:
             self._writer = None
             self._drop_fetched()
+            self._release_hold()
+
+    def _renew_hold(self, writer) -> None:
+        """Hold version collection at `hold_lsn()` on `writer` for HOLD_LEASE_S more."""
+        points = writer.read_points
+        lsn = self.hold_lsn()
+        held = self._hold
+        if held is not None and held[0] is writer:
+            try:
+                points.renew(held[1], lease_s=HOLD_LEASE_S, lsn=max(lsn, points.issued))
+                return
+            except SnapshotTooOld as e:  # it lapsed: the archiver did not renew for HOLD_LEASE_S
+                log.warning("backup: the hold on version collection lapsed (%s); holding again", e)
+        if lsn < points.issued:
+            log.error("backup: the nodes may have collected past the archive's position %d (collection point %d): "
+                      "records it still needs may be gone", lsn, points.issued)
+        self._hold = (writer, points.register("backup archiver", max(lsn, points.issued), HOLD_LEASE_S))
+
+    def _release_hold(self) -> None:
+        held, self._hold = self._hold, None
+        if held is not None:
+            held[0].read_points.release(held[1])
 
     def start(self) -> None:
         if self._background and self._thread is None:
@@ -285,6 +325,7 @@ class Archiver:
             self._base_thread.join(timeout=10)
         with self._lock:
             self._writer = None
+            self._release_hold()
 
     # --- what callers may ask ---------------------------------------------------------------
     def position(self) -> int:
@@ -416,6 +457,9 @@ class Archiver:
             u = w.read_point()
         except (Unavailable, StaleEpoch):
             return False  # the writer stopped or was fenced: idle until the next one is attached
+        with self._lock:
+            if self._writer is w:
+                self._renew_hold(w)
         self._last_round = now
         self._epoch = max(self._epoch, u.epoch)
         if u.vdl > self._fetched:
@@ -552,7 +596,7 @@ class Archiver:
             frames, last, ok, found, count = [], after, True, [], 0
             try:
                 while last < tail:
-                    frame, _more = writer.transport.fetch(n, pg, last, FETCH_BYTES, tail)
+                    frame = writer.transport.fetch(n, pg, last, FETCH_BYTES, tail).frame
                     items = codec.index_frame(frame)
                     if not items:
                         ok = False

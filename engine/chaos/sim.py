@@ -9,7 +9,8 @@ transport, with a simulated clock. One loop, one `random.Random(seed)`, decides 
 * a client starts an operation (writes go through `Writer.submit(block=False)` and complete when
   VDL covers them, or turn indeterminate at their simulated deadline; reads run at once);
 * the writer ships its tail to one node (`Writer.send_once`), which is where message faults bite;
-* a node gossips (`gossip_once`) or scrubs a little (`scrub_step`);
+* a node gossips (`gossip_once`) or scrubs a little (`scrub_step`), and collects a bounded step of
+  versions after either (`collect_once`: no draw of its own, so plans replay as before);
 * held-back (reordered) messages are delivered late;
 * simulated time advances, and the fault plan's events fall due.
 
@@ -32,6 +33,7 @@ from __future__ import annotations
 import os
 import random
 import shutil
+import struct
 import threading
 from collections import deque
 from dataclasses import dataclass
@@ -134,6 +136,10 @@ class Simulation:
             self.settle()
             self.final_reads()
             digests = self.digests()
+            # Version collection ran under the faults too (`collect_once`): how much it removed.
+            self.stats["collected_records"] = sum(
+                n.store.counters.get("collected", 0) for n in self.vol.nodes.values() if n is not None
+            )
         finally:
             self.vol.close()
         stats = dict(self.stats, faults=dict(self.faults.counts), replaced=self.changes.replaced)
@@ -161,11 +167,13 @@ class Simulation:
             node = self.vol.nodes.get(self.rng.choice(sorted(self.vol.nodes)))
             if node is not None:
                 self._guard(node.gossip_once)
+                self._guard(node.collect_once)
             return
         if r < 0.88:
             node = self.vol.nodes.get(self.rng.choice(sorted(self.vol.nodes)))
             if node is not None:
                 self._guard(lambda: node.scrub_step(200))
+                self._guard(node.collect_once)
             return
         if r < 0.90:
             self.faults.release_held(1)
@@ -521,12 +529,12 @@ def converged(vol: EmbeddedVolume) -> bool:
 
 
 def segment_digests(transport, writer) -> dict:
-    """{pg: {node: digest}} of each segment's records at or below VDL (compared by CRC chain)."""
+    """{pg: {node: digest}} of each segment's live state at VDL (see `_digest`)."""
     return digests_at(transport, writer.ledger.vdl, writer.P, writer.ledger.membership.all_nodes)
 
 
 def digests_at(transport, vdl: int, protection_groups: int, nodes) -> dict:
-    """{pg: {node: digest}} of every segment's records at or below `vdl`, fetched through `transport`."""
+    """{pg: {node: digest}} of every segment's live state at `vdl`, read through `transport`."""
     out: dict = {}
     for pg in range(protection_groups):
         per = {}
@@ -540,14 +548,19 @@ def digests_at(transport, vdl: int, protection_groups: int, nodes) -> dict:
 
 
 def _digest(transport, node: str, pg: int, upto: int) -> str:
-    crc, after, count = 0, 0, 0
+    """The segment's live state at `upto`: each key's newest version at or below it that holds a
+    value, by key, LSN and value (a segment scan). Not its raw records: version collection
+    removes what no read point sees, at each node's own pace, and tombstones once every member
+    swept past them, so segments that hold the same state need not hold the same records."""
+    epoch = transport.state(node).epoch
+    crc, count, start = 0, 0, b""
     for _ in range(1_000_000):
-        frame, more = transport.fetch(node, pg, after, 4 << 20, upto)
-        recs = codec.index_frame(frame)
-        for r in recs:
-            crc = codec.crc32c(r.record, crc)
-            after = r.lsn
-            count += 1
-        if not more or not recs:
+        entries, resume = transport.scan(node, pg, start, None, upto, 0, 10_000, epoch)
+        for e in entries:
+            if e.value is not None:
+                crc = codec.crc32c(struct.pack("<QHI", e.lsn, len(e.key), len(e.value)) + e.key + e.value, crc)
+                count += 1
+        if resume is None:
             break
+        start = resume
     return f"{count}:{crc:08x}"

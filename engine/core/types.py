@@ -7,6 +7,7 @@ in `engine.transport.convert`, with a round-trip test.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from engine.core.constants import AZS, NODES_PER_AZ, PROTECTION_GROUPS_DEFAULT, PROTECTION_GROUPS_MAX, REPLICAS
 from engine.errors import InvalidArgument
@@ -128,6 +129,21 @@ class AppendReply:
     room_bytes: int = 0
 
 
+class FetchReply(NamedTuple):
+    """A segment's answer to a fetch: a frame of its records above `after_lsn` (at most about
+    `max_bytes`), whether more remain, and what the sender knows of the LSNs it does not send:
+    every record of the PG at or below `complete_lsn` that is not in the frame was collected
+    (`engine.node.collection`), so a receiver complete to `after_lsn` is complete to
+    `complete_lsn` once it holds the frame, and then adopts `horizon_lsn` (it lacks what the
+    sender collected, so it must refuse reads below the sender's horizon too). 0, 0 from a
+    sender that collects nothing (or a release before collection)."""
+
+    frame: bytes
+    more: bool
+    complete_lsn: int = 0
+    horizon_lsn: int = 0
+
+
 @dataclass(frozen=True)
 class ReadReply:
     """A segment's answer for one key at a read point: the newest version at or below it.
@@ -178,6 +194,14 @@ class NodeState:
     lease_age_ms: int = 0
     #: the writer's signed statement of the newest epoch state adopted (engine.security.proofs)
     epoch_proof: bytes = field(default=b"", compare=False, repr=False)
+    #: version collection (engine.node.collection), per PG: the horizon (reads below it are
+    #: SnapshotTooOld) and the swept LSN (every version shadowed by a newer one at or below it is
+    #: gone here); records removed so far; LMDB pages in use (of every table) and their size
+    horizons: tuple[int, ...] = ()
+    swept: tuple[int, ...] = ()
+    collected_records: int = 0
+    pages_used: int = 0
+    page_bytes: int = 0
 
 
 @dataclass(frozen=True)

@@ -72,6 +72,7 @@ from engine.core.types import Geometry, NodeInfo, ReadPointUpdate, RequestStatus
 from engine.errors import EncryptionError, InvalidArgument, ReplicaBehind, SixfoldError, Unavailable
 from engine.head.failover import LEASE_S_DEFAULT, Candidate
 from engine.head.membership import ACTIVE_PHASES, MembershipChange
+from engine.head.readpoints import VdlHistory
 from engine.head.reads import checked_gets
 from engine.head.writer import ReadView, Writer, WriterOptions, node_status
 from engine.proto import kv_pb2_grpc
@@ -92,6 +93,10 @@ OPEN_RETRY_S = 0.5
 #: A membership change whose new node has not caught up after this long is reported failed
 #: (it stays open; asking again resumes the wait).
 REPLACE_TIMEOUT_S_DEFAULT = 120.0
+#: A WatchReadPoint stream holds its reader's read points this far back against version
+#: collection, for this long after it ends (engine.head.readpoints).
+READER_HOLD_S = 10.0
+READER_LEASE_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -153,16 +158,18 @@ class WriterEndpoint:
                           lease_s=self.config.lease_s),
             cipher=self.config.cipher,
         )
+        # The archiver's hold on version collection, before the writer's first heartbeat (engine.backup.archiver)
+        hold = w.read_points.register("backup archiver", 0) if self.config.backup is not None else None
         w.open()
         try:
-            self._attach_archiver(w)  # before any write: commit times continue the archive's
+            self._attach_archiver(w, hold)  # before any write: commit times continue the archive's
         except BaseException:
             w.abandon()
             raise
         self._writer = w
         self.opened_at = time.time()
 
-    def _attach_archiver(self, w: Writer) -> None:
+    def _attach_archiver(self, w: Writer, hold: int | None = None) -> None:
         """Continue the volume's archive with this writer (a BackupError is logged and the
         writer serves without backups: refusing writes would not bring the archive back)."""
         if self.config.backup is None:
@@ -174,7 +181,7 @@ class WriterEndpoint:
                                      encryption=dict(self.config.encryption) if self.config.encryption else None,
                                      options=BackupOptions(retention_days=self.config.backup_retention_days))
         try:
-            self.archiver.attach(w)
+            self.archiver.attach(w, hold)
         except SixfoldError as e:
             log.error("backup to %s cannot continue: %s: %s", self.config.backup, type(e).__name__, e)
             self.archiver.record_error(e)  # status shows it (state "idle", last_error)
@@ -299,12 +306,22 @@ class WriterEndpoint:
         stops serving."""
         last_vdl = -1
         last_sent = float("-inf")
+        # The reader serves at the read points it was sent: the stream holds them against version
+        # collection, READER_HOLD_S back (a reader's scan may read that far behind), and the
+        # registration lapses READER_LEASE_S after the stream ends (the reader keeps serving at
+        # its last point while it reconnects).
+        held, reg, behind = None, 0, VdlHistory(READER_HOLD_S)
         while active() and not self._stopping.is_set():
             w = self.writer
             left = heartbeat_s - (time.monotonic() - last_sent)
             if left > 0:
                 w.wait_vdl(last_vdl, left)
             u = w.read_point(time.time())
+            hold = behind.at(time.monotonic(), u.vdl)
+            if held is not w:
+                held, reg = w, w.read_points.register("reader stream", max(hold, w.read_points.issued), READER_LEASE_S)
+            else:
+                w.read_points.renew(reg, lsn=max(hold, w.read_points.issued))
             if last_vdl >= 0 and u.vdl > last_vdl:
                 u = replace(u, committed_at=w.durable_since(last_vdl))
             last_vdl, last_sent = u.vdl, time.monotonic()
@@ -327,6 +344,19 @@ class WriterEndpoint:
 
     def view(self) -> ReadView:
         return self.writer.view()
+
+    def hold_read_point(self, registration: int, lease_s: float, release: bool) -> tuple[ReadView | None, int, float]:
+        """A remote snapshot's hold on its read point (engine.head.readpoints): a new one at the
+        current view (registration 0), a renewal, or a release."""
+        points = self.writer.read_points
+        if release:
+            points.release(registration)
+            return None, registration, 0.0
+        if registration:
+            points.renew(registration, lease_s)
+            return None, registration, lease_s
+        view, reg = self.writer.open_snapshot("remote snapshot", lease_s)
+        return view, reg, lease_s
 
     # --- membership change ------------------------------------------------------------------
     def replace_node(self, old: str, new: str, new_address: str, new_az: str, timeout_s: float = 0.0) -> convert.MembershipChange:
@@ -530,6 +560,11 @@ class KVServicer(kv_pb2_grpc.KVServicer):
 
     def View(self, request, context):
         return self._serve(context, "View", lambda: convert.read_view_to_pb(self.ep.view()))
+
+    def HoldReadPoint(self, request, context):
+        return self._serve(
+            context, "HoldReadPoint", lambda: convert.hold_reply_to_pb(*self.ep.hold_read_point(*convert.hold_args_from_pb(request)))
+        )
 
     def Status(self, request, context):
         def work():

@@ -23,6 +23,13 @@ and go out as one `read_many` per node (nodes in parallel when a pool is given).
 cannot answer moves to the PG's next complete segment; a node that fails is skipped for the rest
 of the call; what no complete segment answers, and quorum or snapshot gets, take `get`.
 
+Version collection (`engine.node.collection`): a segment refuses a read below its collection
+horizon with SnapshotTooOld, and that answer is final for the read point, so it is raised at
+once rather than asked of the next segment. A read at a read point of its own (a get without a
+view, a batch of them) takes a fresh one and tries again, a bounded number of times: its read
+point was merely older than the collection point when it arrived, which trails the VDL. A
+snapshot's view is the caller's: SnapshotTooOld is its answer.
+
 A scan is a merge of per-PG scans, each fetched in chunks of `SCAN_CHUNK` versions from one
 complete segment, or from a read quorum whose answers are merged (each chunk is cut at the
 smallest resume key any segment gave, so no segment's unseen keys are skipped).
@@ -37,10 +44,12 @@ from engine.core.constants import KEY_BYTES_MAX, NAMESPACE_KEYS, READ_QUORUM
 from engine.core.placement import protection_group_of, read_order
 from engine.core.quorum import has_read_quorum, merge_read, merge_scan
 from engine.core.types import ReadReply, ReadView
-from engine.errors import CorruptRecord, InvalidArgument, SixfoldError, Unavailable
+from engine.errors import CorruptRecord, InvalidArgument, SixfoldError, SnapshotTooOld, Unavailable
 
 #: Versions per scan chunk asked of one segment.
 SCAN_CHUNK = 512
+#: Read points a get without a view tries when segments say SnapshotTooOld.
+FRESH_VIEWS_MAX = 3
 
 
 def check_key(key) -> None:
@@ -92,6 +101,8 @@ class ReadPath:
         for n in order:
             try:
                 answers.append(ask(n))
+            except SnapshotTooOld:
+                raise  # the read point is gone, whoever answers
             except SixfoldError as e:
                 errors.append(f"{n}: {e}")
                 continue
@@ -131,14 +142,25 @@ class ReadPath:
     ) -> ReadReply | None:
         """The newest version of `key` in `namespace` at the view (a `ReadReply`: value None for
         a delete, lsn 0 for never written), from one complete segment, else a read quorum."""
+        if view is not None:
+            return self._lookup(key, namespace, quorum, view, what)
+        for attempt in range(FRESH_VIEWS_MAX):
+            try:
+                return self._lookup(key, namespace, quorum, self._w.view(), what)
+            except SnapshotTooOld:
+                if attempt == FRESH_VIEWS_MAX - 1:
+                    raise
+
+    def _lookup(self, key: bytes, namespace: int, quorum: bool, view: ReadView, what: str) -> ReadReply | None:
         w = self._w
-        view = view or w.view()
         pg = protection_group_of(key, w.P)
         if not quorum:
             required = self._required(pg, view)
             for n in self.candidates(pg, view):
                 try:
                     return w.transport.read(n, pg, key, view.read_point, required, w.epoch, namespace)
+                except SnapshotTooOld:
+                    raise
                 except SixfoldError:
                     continue
         replies = self._read_quorum(pg, what, lambda n: w.transport.read(n, pg, key, view.read_point, 0, w.epoch, namespace))
@@ -152,7 +174,19 @@ class ReadPath:
         per get: the value, None (no such key) or the error of that get alone. An item that is
         already a SixfoldError (refused while decoding, say) is passed through. `pool`: an
         executor to ask nodes in parallel (default: one after the other). `at`: the read point the
-        gets without a view share (default: the source's view now)."""
+        gets without a view share (default: the source's view now; then, when a segment says it is
+        too old, those gets are read again at a fresh one)."""
+        results = self._get_many(gets, pool, at)
+        for _ in range(FRESH_VIEWS_MAX - 1 if at is None else 0):
+            shared = [i for i, g in enumerate(gets) if not isinstance(g, SixfoldError) and g[2] is None]
+            if not any(isinstance(results[i], SnapshotTooOld) for i in shared):
+                break
+            again = self._get_many([gets[i] for i in shared], pool, None)
+            for i, r in zip(shared, again):
+                results[i] = r
+        return results
+
+    def _get_many(self, gets, pool, at: ReadView | None) -> list:
         w = self._w
         cipher = w.cipher
         results: list = [None] * len(gets)
@@ -225,6 +259,8 @@ class ReadPath:
                                 results[item[0]] = self._open(plain[item[0]], item[2], r)
                             except SixfoldError as e:
                                 results[item[0]] = e
+                    elif isinstance(r, SnapshotTooOld):
+                        results[item[0]] = r  # the shared read point is gone (get_many reads again)
                     else:  # e.g. SegmentIncomplete: try the PG's next complete segment
                         tried.setdefault(item[0], set()).add(node)
                         pending.append(item)
@@ -280,6 +316,8 @@ class ReadPath:
             for n in self.candidates(pg, view):
                 try:
                     return w.transport.scan(n, pg, start, end, view.read_point, required, SCAN_CHUNK, w.epoch)
+                except SnapshotTooOld:
+                    raise
                 except SixfoldError:
                     continue
         got = self._read_quorum(

@@ -146,7 +146,7 @@ def _replicate_chunk(transport, pg: int, wanted: list[int], i: int, holders_of: 
         """Fetch one frame of `holder` above `after`; keep the wanted records. Returns
         (last LSN in the frame, more) or None if the holder cannot answer or has nothing."""
         try:
-            frame, more = transport.fetch(holder, pg, after, FRAME_BYTES_MAX, upto)
+            frame, more, _complete, _horizon = transport.fetch(holder, pg, after, FRAME_BYTES_MAX, upto)
             items = codec.index_frame(frame)
         except SixfoldError:
             return None

@@ -300,6 +300,11 @@ class ReaderEndpoint:
     def view(self) -> ReadView:
         return self.source.view()
 
+    def hold_read_point(self, registration: int, lease_s: float, release: bool) -> tuple[ReadView | None, int, float]:
+        """A snapshot on a reader: its view, held by the writer's stream READER_HOLD_S back only
+        (engine.head.endpoint): registration 0, nothing to renew."""
+        return (None if registration or release else self.source.view()), 0, 0.0
+
     def request_status(self, request_id: bytes) -> RequestStatus:
         """Whether the write under `request_id` committed at or below this reader's read point
         ("not_committed" may still commit later: ask the writer for "pending")."""

@@ -40,6 +40,11 @@ steps, `Writer.steps`, and the one driver of a replacement). This module keeps s
 senders, and the few hooks those modules call under its lock (`view`, `read_sources`,
 `next_membership`, `adopt_membership`, `catch_up_inputs`, and `read_point` / `wait_vdl` for the read point stream
 to reader instances, `engine.head.replica`).
+
+Version collection: every append and heartbeat carries the collection point and the request
+point (`engine.head.readpoints`: the least read point registered with `Writer.read_points`, and
+the VDL as it was a moment ago); `open_snapshot` takes a read view and registers it in one hold
+of the lock, and a scan without a view holds its own until it is consumed or dropped.
 """
 
 from __future__ import annotations
@@ -51,6 +56,7 @@ import threading
 import logging  # after threading, which logging imports: tests/test_purity.py's guard names this module
 import struct
 import time
+import weakref
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -89,6 +95,7 @@ from engine.core.types import Geometry, Membership, NodeInfo, ReadPointUpdate, R
 from engine.envelope import SEAL_OVERHEAD_BYTES, VolumeCipher
 from engine.head.failover import lease_margin
 from engine.head.membership import MembershipSteps
+from engine.head.readpoints import ReadPointRegistry, VdlHistory
 from engine.head.reads import ReadPath, check_key
 from engine.head.recovery import recover
 from engine.head.weakening import SAFE, Weakening
@@ -140,6 +147,11 @@ class WriterOptions:
     #: quorum renewed it less than lease_s - LEASE_MARGIN ago (counted from the renewals' send
     #: times); None: no lease (the embedded engine, one process, never fails over)
     lease_s: float | None = None
+    #: version collection (engine.head.readpoints): the collection point trails the VDL by this
+    #: much (an unregistered linearizable read in flight reads at most that far back), and
+    #: request-id records are kept this long for re-sends to be recognised from the log
+    collect_delay_s: float = 0.1
+    request_retention_s: float = 60.0
 
 
 def check_request_id(request_id) -> None:
@@ -188,6 +200,10 @@ def node_status(st, pgcl: Sequence[int]) -> dict:
         capacity_bytes=st.capacity_bytes,
         space_low=st.space_low,
         room_bytes=st.room_bytes,
+        collected_records=st.collected_records,
+        pages_used=st.pages_used,
+        pages_bytes=st.pages_used * st.page_bytes,
+        horizon_lsn=max(st.horizons, default=0),
     )
 
 
@@ -345,6 +361,10 @@ class Writer:
         self._requests: OrderedDict[bytes, _Ticket] = OrderedDict()
         #: what may be logged now (engine.core.admission); None: recompute (a link changed state)
         self._admission: Admission | None = None
+        #: who reads the past (engine.head.readpoints): snapshots, scans, readers, the archiver
+        self.read_points = ReadPointRegistry(clock)
+        self._collect_delay = VdlHistory(options.collect_delay_s)
+        self._request_retention = VdlHistory(options.request_retention_s, young=0)
 
     # --- lifecycle --------------------------------------------------------------------------
     def open(self) -> None:
@@ -378,6 +398,9 @@ class Writer:
             # room than they have. Nothing is logged yet: the room is the limit.
             self.links[n].space_low = st.space_low
             self.links[n].room_limit = st.room_bytes
+            # The nodes may have collected at an old writer's points: no read point below that.
+            # (A horizon is never above a VDL announced, so never above the one recovered.)
+            self.read_points.raise_floor(min(max(st.horizons, default=0), plan.vdl))
         self.recovery = {
             "epoch": self.epoch,
             "vdl": plan.vdl,
@@ -848,6 +871,7 @@ class Writer:
             records = self._tail[start - self._tail_base : start - self._tail_base + FRAME_RECORDS_MAX_SEND]
             hint = self.ledger.vdl
             epoch = self.epoch
+            collect, requests = self._collect_points_locked(hint)
         if block and (not link.up or link.full):
             time.sleep(link.backoff_s)
         if link.full:
@@ -861,7 +885,7 @@ class Writer:
         frame = codec.encode_frame(records)
         link.last_send = sent_at = self._clock()
         try:
-            reply = self.transport.append(link.id, epoch, frame, hint)
+            reply = self.transport.append(link.id, epoch, frame, hint, collect, requests)
         except (StaleEpoch, EpochBehind) as e:
             return self._on_epoch_refusal(link, e, epoch)
         except StorageFull as e:
@@ -1252,7 +1276,33 @@ class Writer:
     def scan(
         self, start: bytes, end: bytes | None, *, quorum: bool = False, view: ReadView | None = None
     ) -> Iterator[tuple[bytes, bytes]]:
-        return self.reads.scan(start, end, quorum=quorum, view=view)
+        """A scan at `view`, or at a read point of its own, held (registered) until the scan is
+        consumed or dropped: a long scan is not collected under."""
+        if view is not None:
+            return self.reads.scan(start, end, quorum=quorum, view=view)
+        view, reg = self.open_snapshot("scan")
+        try:
+            return HeldIterator(self.reads.scan(start, end, quorum=quorum, view=view), self.read_points, reg)
+        except BaseException:
+            self.read_points.release(reg)
+            raise
+
+    # --- version collection (engine.head.readpoints) -----------------------------------------
+    def open_snapshot(self, name: str = "snapshot", lease_s: float | None = None) -> tuple[ReadView, int]:
+        """A read view (as `view()`) and the id of its registration in `read_points`, taken in
+        one hold of the lock, so no collection point sent meanwhile passes it. Release it with
+        `read_points.release(id)` (lease None: held until then)."""
+        view = self.view()
+        with self._lock:  # the collection point is computed under this lock too
+            if view.read_point < self.read_points.issued:
+                view = ReadView(self.ledger.vdl, tuple(self.ledger.read_tails))
+            return view, self.read_points.register(name, view.read_point, lease_s)
+
+    def _collect_points_locked(self, vdl: int) -> tuple[int, int]:
+        """(collection point, request point) to send now (caller holds the lock)."""
+        now = self._clock()
+        point = self.read_points.point(self._collect_delay.at(now, vdl))
+        return point, min(point, self._request_retention.at(now, vdl))
 
     # --- status -----------------------------------------------------------------------------
     def status(self) -> dict:
@@ -1277,6 +1327,30 @@ class Writer:
                     for n, l in self.links.items()
                 },
                 "recovery": dict(self.recovery),
-                #: on an encrypted volume, sealed values that failed their tag (counted as corruption)
-                "stats": dict(self.stats) if self.cipher is None else dict(self.stats, tag_failures=self.cipher.failures),
+                #: on an encrypted volume, sealed values that failed their tag (counted as corruption);
+                #: the read points held and the collection point (engine.head.readpoints)
+                "stats": dict(self.stats, **self.read_points.status(),
+                              **({} if self.cipher is None else {"tag_failures": self.cipher.failures})),
             }
+
+
+class HeldIterator:
+    """An iterator that holds a read point registration until it is exhausted, closed or
+    collected (a scan that is never consumed still releases it)."""
+
+    def __init__(self, it, registry: ReadPointRegistry, reg_id: int) -> None:
+        self._it = it
+        self._finalizer = weakref.finalize(self, registry.release, reg_id)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        try:
+            return next(self._it)
+        except BaseException:
+            self._finalizer()
+            raise
+
+    def close(self) -> None:
+        self._finalizer()

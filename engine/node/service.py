@@ -13,6 +13,9 @@ thread (real deployments) or a simulator (deterministic runs) drives:
   decode checks them again.
 * `scrub_step()`: re-verify a bounded number of stored records against their CRC; a corrupt one
   is quarantined (dropped, SCL pulled back) and gossip refetches it from a healthy peer.
+* `collect_once()`: remove, in one bounded step, versions no read point can see any more
+  (`engine.node.collection`), towards the point the writer sent with its appends; tombstones
+  only below what every other member reported swept in its state (gossip learns it).
 
 Failure policy of the background threads (`start_background`): a thread ends only when the node
 closes. An expected error (a `SixfoldError`, or an LMDB/OS error typed by `storage_error`) is
@@ -38,6 +41,7 @@ import lmdb
 from engine import codec
 from engine.core.types import Geometry, Membership, NodeInfo, NodeState, TruncationRange
 from engine.errors import Closed, CorruptRecord, InvalidArgument, PermissionDenied, SixfoldError, StorageError, StorageFull
+from engine.node.collection import COLLECT_RECORDS_PER_STEP
 from engine.node.store import FETCH_BYTES_MAX, SegmentStore
 
 log = logging.getLogger("sixfold.node")
@@ -46,6 +50,10 @@ GOSSIP_INTERVAL_S = 0.2
 SCRUB_INTERVAL_S = 1.0
 SCRUB_RECORDS_PER_STEP = 1000
 GOSSIP_FRAMES_PER_STEP = 64  # bound on the repair work of one gossip step per peer
+#: Version collection: a step every COLLECT_INTERVAL_S while idle, again after COLLECT_BUSY_S
+#: while there is work (each step is one bounded write transaction, engine.node.collection).
+COLLECT_INTERVAL_S = 0.02
+COLLECT_BUSY_S = 0.002
 #: Longest pause of a background thread after consecutive unexpected failures.
 BACKOFF_S_MAX = 5.0
 
@@ -98,13 +106,16 @@ class StorageNode:
         self.unsigned_gossip_refused = 0
         self._full_cause: str | None = None  # why the node was last full (logged once per cause)
         #: unexpected exceptions per background thread, and the last one as "thread: Class: message"
-        self.background_errors = {"gossip": 0, "scrub": 0}
+        self.background_errors = {"gossip": 0, "scrub": 0, "collect": 0}
         self.background_last_error = ""
         #: expected errors (SixfoldError, typed storage errors) that ended a background step
-        self.background_expected_errors = {"gossip": 0, "scrub": 0}
+        self.background_expected_errors = {"gossip": 0, "scrub": 0, "collect": 0}
         #: expected errors of gossip, per peer; the cause last logged per peer (or thread)
         self.gossip_peer_errors: dict[str, int] = {}
         self._causes: dict[str, str] = {}
+        #: each peer's swept LSN per PG, as its state last said (gossip): a tombstone is dropped
+        #: only below what every member swept (engine.node.collection)
+        self.peer_swept: dict[str, tuple[int, ...]] = {}
 
     @property
     def id(self) -> str:
@@ -147,8 +158,8 @@ class StorageNode:
         log.error("node %s: storage error during %s: %s: %s", self.id, what, type(exc).__name__, exc)
         return StorageError(f"node {self.id}: storage error during {what}: {type(exc).__name__}: {exc}")
 
-    def append(self, epoch: int, frame: bytes, hint_lsn: int):
-        reply = self.store.append(epoch, frame, hint_lsn)
+    def append(self, epoch: int, frame: bytes, hint_lsn: int, collect_lsn: int = 0, collect_requests_lsn: int = 0):
+        reply = self.store.append(epoch, frame, hint_lsn, collect=(collect_lsn, collect_requests_lsn))
         # Taken at this epoch: the writer's lease is renewed (its heartbeats are empty appends).
         self._lease_at = time.monotonic()
         return reply
@@ -245,6 +256,8 @@ class StorageNode:
     def _gossip_with(self, peer: str) -> int:
         st = self.transport.state(peer)
         store = self.store
+        if len(st.swept) == len(store.scls):
+            self.peer_swept[peer] = st.swept
         # Learn the peer's truncation ranges and membership, but not its epoch: only a writer
         # moves a segment to a new epoch (sealing it), so a writer's seal is never pre-empted.
         if any(t not in store.truncations for t in st.truncations) or (
@@ -273,28 +286,31 @@ class StorageNode:
             # Pipelined: while one frame is appended here, the next is already being fetched from
             # the peer (its start is the last LSN of the frame in hand).
             after = store.scls[pg]
-            pending = self._prefetch(peer, pg, after, peer_scl)
+            pending = (after, self._prefetch(peer, pg, after, peer_scl))
             while pending is not None and frames < GOSSIP_FRAMES_PER_STEP and not self._stop.is_set():
-                frame, more = pending.result()
+                start, reply = pending[0], pending[1].result()
                 pending = None
                 frames += 1
                 try:
-                    items = codec.index_frame(frame)
+                    items = codec.index_frame(reply.frame)
                 except CorruptRecord:
                     break
-                if not items:
+                if reply.more and items and items[-1].lsn < peer_scl:
+                    pending = (items[-1].lsn, self._prefetch(peer, pg, items[-1].lsn, peer_scl))
+                # The peer may have collected records of the range: what it says of them lets the
+                # chain count as complete across them (engine.node.collection).
+                claim = (pg, start, min(reply.complete_lsn, peer_scl), reply.horizon_lsn) if reply.complete_lsn else None
+                if not items and claim is None:
                     break
-                if more and items[-1].lsn < peer_scl:
-                    pending = self._prefetch(peer, pg, items[-1].lsn, peer_scl)
                 before = store.scls[pg]
-                store.append(0, frame, 0, repair=True, items=items)
+                store.append(0, reply.frame, 0, repair=True, items=items, collected=claim)
                 fetched += len(items)
                 self.rebuild["fetched_records"] += len(items)
-                if store.scls[pg] == before:
+                if store.scls[pg] == before or not items:
                     break  # the peer's records do not extend our chain (a hole remains): stop
             if pending is not None:
                 try:
-                    pending.result()
+                    pending[1].result()
                 except SixfoldError:
                     pass
         store.count_repaired(fetched)
@@ -311,6 +327,18 @@ class StorageNode:
                 f.set_exception(e)
             return f
         return self._fetcher.submit(self.transport.fetch, peer, pg, after, FETCH_BYTES_MAX, upto)
+
+    def collect_once(self, records_max: int = COLLECT_RECORDS_PER_STEP) -> int:
+        """One bounded step of version collection; returns the log records it visited (0: none
+        to do). Tombstones are dropped only below every other member's swept LSN of the PG."""
+        store = self.store
+        m = store.membership
+        others = [n for n in (m.all_nodes if m is not None else ()) if n != self.id]
+        tombstones = None
+        if m is not None and others:
+            P = store.geometry.protection_groups
+            tombstones = [min(self.peer_swept.get(n, (0,) * P)[pg] for n in others) for pg in range(P)]
+        return store.collect_step(records_max, tombstones)
 
     def scrub_step(self, records_max: int = SCRUB_RECORDS_PER_STEP) -> int:
         """Verify up to `records_max` stored records; quarantine corrupt ones. Returns how many
@@ -348,14 +376,15 @@ class StorageNode:
             self._causes[what] = cause
             log.warning("node %s: %s failed: %s: %s (counted; logged again only if the cause changes)", self.id, what, cause, error)
 
-    def _background(self, name: str, step: Callable[[], object], interval_s: float) -> None:
-        """The body of a background thread: run `step` every `interval_s` until the node closes,
-        under the failure policy of the module docstring."""
+    def _background(self, name: str, step: Callable[[], object], interval_s: float, busy_s: float | None = None) -> None:
+        """The body of a background thread: run `step` every `interval_s` (every `busy_s` while it
+        returns something true, when given) until the node closes, under the failure policy of
+        the module docstring."""
         failures = 0
         delay = interval_s
         while not self._stop.wait(delay):
             try:
-                step()
+                busy = step()
             except Exception as e:  # noqa: BLE001 - sorted below; BaseException (exit) still ends the thread
                 if self._stop.is_set() or self.store.closed:
                     return  # the node closed under the step: the thread ends with it
@@ -373,15 +402,18 @@ class StorageNode:
                     self.background_errors[name], delay,
                 )
             else:
-                failures, delay = 0, interval_s
+                failures, delay = 0, (busy_s if busy and busy_s is not None else interval_s)
                 if name in self._causes:
                     self._note_cause(name, None)
 
     def start_background(self, gossip_interval_s: float = GOSSIP_INTERVAL_S, scrub_interval_s: float = SCRUB_INTERVAL_S) -> None:
         """Run gossip and scrub in daemon threads until close()."""
         self._fetcher = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{self.id}-fetch")
-        for name, step, interval in (("gossip", self.gossip_once, gossip_interval_s), ("scrub", self.scrub_step, scrub_interval_s)):
-            t = threading.Thread(target=self._background, args=(name, step, interval), name=f"{self.id}-{name}", daemon=True)
+        for name, step, interval, busy in (
+            ("gossip", self.gossip_once, gossip_interval_s, None), ("scrub", self.scrub_step, scrub_interval_s, None),
+            ("collect", self.collect_once, COLLECT_INTERVAL_S, COLLECT_BUSY_S),
+        ):
+            t = threading.Thread(target=self._background, args=(name, step, interval, busy), name=f"{self.id}-{name}", daemon=True)
             t.start()
             self._threads.append(t)
 

@@ -10,7 +10,12 @@ One LMDB environment per node holds one segment of every protection group:
               the key's versions, materialised as records arrive, even above SCL. A read at read
               point R takes the highest duplicate <= R and fetches the record from `log`.
 * `meta`      volume identity (volume id, node, protection groups, and the folder's `format`:
-              NODE_FORMAT), epoch, writer's VDL hint, SCL per PG, truncation ranges, membership.
+              NODE_FORMAT), epoch, writer's VDL hint, SCL per PG, truncation ranges, membership,
+              and version collection's state (`gc/<pg>`: engine.node.collection).
+
+Version collection (`engine.node.collection`, a mixin of this class) removes versions no read
+point can see, below the point the writer sends with its appends; reads below a PG's collection
+horizon get SnapshotTooOld.
 
 An append is one write transaction (one fsync when durable) for a whole frame: records are kept
 whether or not they extend the chain; SCL advances along backlinks (`prev_lsn == SCL`) and stops at
@@ -69,6 +74,7 @@ from engine.core.constants import (
 )
 from engine.core.types import (
     AppendReply,
+    FetchReply,
     Geometry,
     Membership,
     NodeState,
@@ -94,6 +100,8 @@ from engine.errors import (
 )
 from engine.node import growth
 from engine.node.growth import retry_when_full
+
+from engine.node.collection import VersionCollector
 
 log = logging.getLogger("sixfold.store")
 
@@ -127,8 +135,10 @@ SCL_PERSIST_S = 0.25
 #: key; 1 = the same layout, with the key (the upgrade only writes it); 2 = the `requests` table
 #: (request-id records, flag REQUEST, indexed apart from user keys). 0 or 1 -> 2 creates the empty
 #: table: no folder of those formats can hold a request record, since no writer of that release
-#: logged one.
-NODE_FORMAT = 2
+#: logged one. 3 = version collection (meta `gc/<pg>`: horizon and swept LSNs):
+#: a release before it would answer reads below a horizon from a segment that lacks the versions
+#: they need, so it must refuse the folder. 0..2 -> 3 writes no key: absent means nothing collected.
+NODE_FORMAT = 3
 
 
 def _scl_key(pg: int) -> bytes:
@@ -193,7 +203,7 @@ class _ReadTxn:
         return False
 
 
-class SegmentStore:
+class SegmentStore(VersionCollector):
     """The LMDB side of one storage node. Thread-safe."""
 
     def __init__(
@@ -299,6 +309,7 @@ class SegmentStore:
             self.damaged: list[set[int]] = [set() for _ in range(P)]
             for pg, lsns in (json.loads(raw) if raw else {}).items():
                 self.damaged[int(pg)] = set(lsns)
+            self._load_collection(txn)
         if upgraded_from is not None:
             log.info("node %s: upgraded node folder %s from format %d to format %d", self.node_id, self.path, upgraded_from, NODE_FORMAT)
         self._truncated_max = max((t.last for t in self.truncations), default=0)
@@ -347,8 +358,9 @@ class SegmentStore:
         if fmt < NODE_FORMAT:
             # Format 0 -> 1 changed no table, key or record: only the version is recorded. 1 -> 2
             # adds the `requests` table, which open_db created empty above: folders of older
-            # formats hold no request records. A later format adds its conversion here, inside
-            # this same transaction (all or nothing).
+            # formats hold no request records. 2 -> 3 (version collection) adds meta keys that
+            # are absent until the node first collects. A later format adds its conversion here,
+            # inside this same transaction (all or nothing).
             txn.put(b"volume", json.dumps(dict(stored, format=NODE_FORMAT), sort_keys=True).encode(), db=self._meta)
             return fmt
         return None
@@ -577,6 +589,9 @@ class SegmentStore:
         """True once close() ran (requests then raise Closed)."""
         return self._closed
 
+    def _put_scl(self, txn, pg: int) -> None:
+        txn.put(_scl_key(pg), _U64BE.pack(self.scls[pg]), db=self._meta)
+
     def _get_u64(self, txn, key: bytes) -> int:
         raw = txn.get(key, db=self._meta)
         return _U64BE.unpack(raw)[0] if raw else 0
@@ -606,9 +621,17 @@ class SegmentStore:
         cur = txn.cursor(db=self._log)
         if not cur.set_range(prefix + _U64BE.pack(scl + 1)):
             return
+        first = True
         for k, rec in cur:
-            if k[:4] != prefix or _PREV_AT.unpack_from(rec, 16)[0] != scl:
+            if k[:4] != prefix:
                 break
+            prev = _PREV_AT.unpack_from(rec, 16)[0]
+            # After a repair across collected records the SCL may name no record held here
+            # (engine.node.collection): then the next record extends the chain if its backlink
+            # lies at or below it. Otherwise the backlink must be the SCL itself.
+            if prev != scl and not (first and prev < scl and txn.get(prefix + _U64BE.pack(scl), db=self._log) is None):
+                break
+            first = False
             scl = _U64BE.unpack(k[4:])[0]
         scls[pg] = scl
 
@@ -633,16 +656,25 @@ class SegmentStore:
 
     # --- writes -----------------------------------------------------------------------------
     @retry_when_full
-    def append(self, epoch: int, frame: bytes, hint_lsn: int = 0, *, repair: bool = False, items=None) -> AppendReply:
+    def append(self, epoch: int, frame: bytes, hint_lsn: int = 0, *, repair: bool = False, items=None,
+               collect: tuple[int, int] = (0, 0), collected: tuple[int, int, int, int] | None = None) -> AppendReply:
         """Persist a frame in one transaction; return every PG's SCL afterwards.
 
         `repair=True` (gossip, rebuild) skips the epoch fence: the records were already accepted
         at some epoch, and truncation ranges still keep dead ones out. `items` are the frame's
         records as `codec.index_frame` returned them, when the caller already indexed (and so
-        verified) the frame."""
+        verified) the frame. `collect`: the writer's collection and request points
+        (engine.node.collection). `collected` (repair only): (pg, after, complete, horizon) of the
+        fetch the frame came from (`FetchReply`), for `adopt_collected`."""
         self._check_open()
         _bounded(epoch, EPOCH_MAX, "epoch")
         _bounded(hint_lsn, LSN_VALID_MAX, "hint_lsn")
+        _bounded(collect[0], LSN_VALID_MAX, "collect_lsn")
+        _bounded(collect[1], LSN_VALID_MAX, "collect_requests_lsn")
+        if collected is not None:
+            self._check_pg(collected[0])
+            for v, what in zip(collected[1:], ("fetch start", "complete_lsn", "horizon_lsn")):
+                _bounded(v, LSN_VALID_MAX, what)
         if items is None:
             items = codec.index_frame(frame)  # CorruptRecord: rejected whole, nothing written
         # A frame's LSNs strictly increase (the decoder checks it) and prev_lsn < lsn, so the
@@ -662,7 +694,8 @@ class SegmentStore:
             if not repair:
                 self._fence(epoch)
                 self._check_synced(epoch)
-            if not items and hint_lsn <= self.hint_lsn:  # a heartbeat: nothing to persist
+                self.set_collect_target(epoch, *collect)
+            if not items and hint_lsn <= self.hint_lsn and collected is None:  # a heartbeat: nothing to persist
                 return self._append_reply()
             near_floor = self._make_room(len(frame))
             if items and items[0].lsn <= self._truncated_max:
@@ -671,6 +704,7 @@ class SegmentStore:
             # ever told a segment holds what it has not durably written, and a refused or failed
             # transaction leaves the in-memory mirror as it was.
             scls, max_lsn = list(self.scls), list(self.max_lsn)
+            gc = self.gc
             healed: list[tuple[int, int]] = []
             try:
                 with self.env.begin(write=True) as txn:
@@ -699,12 +733,26 @@ class SegmentStore:
                         touched.add(pg)
                     for pg in sorted(touched):
                         self._walk_scl(txn, pg, scls, max_lsn)
+                    jumped = False
+                    if collected is not None:
+                        gc = [list(g) for g in self.gc]
+                        pg = collected[0]
+                        jumped = self.adopt_collected(txn, pg, *collected[1:], scls, gc)
+                        if jumped:
+                            self._walk_scl(txn, pg, scls, max_lsn)
+                            # A lost copy the peer collected will never come back; it need not.
+                            gone = [(pg, lsn) for lsn in self.damaged[pg] if lsn <= scls[pg]]
+                            if gone:
+                                healed += gone
+                                self._put_damaged(txn, without=healed)
                     # SCLs and the hint are persisted at most every SCL_PERSIST_S: a stored SCL is
                     # only a lower bound that opening walks forward from, and the hint only bounds
                     # how much a seal summarises. Skipping the meta table keeps most commits to two
                     # tables.
                     now = time.monotonic()
-                    persist = now - self._persisted_at >= SCL_PERSIST_S or not items
+                    # A jump across collected records is persisted at once: opening could not walk
+                    # across them again.
+                    persist = now - self._persisted_at >= SCL_PERSIST_S or not items or jumped
                     if persist:
                         for pg, scl in enumerate(scls):
                             txn.put(_scl_key(pg), _U64BE.pack(scl), db=self._meta)
@@ -716,7 +764,7 @@ class SegmentStore:
                 self._persisted_at = now
             for pg, lsn in healed:
                 self.damaged[pg].discard(lsn)
-            self.scls, self.max_lsn = scls, max_lsn
+            self.scls, self.max_lsn, self.gc = scls, max_lsn, gc
             if hint_lsn > self.hint_lsn:
                 self.hint_lsn = hint_lsn
             return self._append_reply()
@@ -997,6 +1045,7 @@ class SegmentStore:
             # point a newer writer has moved past or cut; it must learn the new epoch first.
             raise StaleEpoch(f"node {self.node_id} is at epoch {self.epoch}; a read at epoch {epoch} is from a fenced "
                              "writer or a reader that has not learned the new one")
+        self.check_horizon(pg, read_point)
         if self.scls[pg] < required_lsn:
             raise SegmentIncomplete(
                 f"segment {self.node_id}/pg{pg} is complete to LSN {self.scls[pg]}, read needs {required_lsn}"
@@ -1075,9 +1124,10 @@ class SegmentStore:
                 if not keys.next_nodup():
                     return out, None
 
-    def fetch(self, pg: int, after_lsn: int, max_bytes: int = FETCH_BYTES_MAX, upto_lsn: int | None = None) -> tuple[bytes, bool]:
+    def fetch(self, pg: int, after_lsn: int, max_bytes: int = FETCH_BYTES_MAX, upto_lsn: int | None = None) -> FetchReply:
         """A frame of this segment's records of `pg` above `after_lsn` (CRC-checked; corrupt ones
-        are quarantined and skipped), at most about `max_bytes`. Returns (frame, more)."""
+        are quarantined and skipped), at most about `max_bytes`, with what it knows of records it
+        collected (see FetchReply)."""
         self._check_open()
         self._check_pg(pg)
         _bounded(after_lsn, LSN_VALID_MAX, "after_lsn")
@@ -1107,9 +1157,14 @@ class SegmentStore:
                         continue
                     records.append(bytes(rec))
                     size += len(rec)
+            # Up to where the frame, with what was collected here, is the whole chain: the SCL,
+            # the frame's end, and below any record skipped as corrupt.
+            covered = lsn - 1 if more else (LSN_VALID_MAX if upto_lsn is None else upto_lsn)
+            complete = min([covered, self.scls[pg]] + [b - 1 for b in bad[:1]])
+            horizon = self.gc[pg][0]
         for lsn in bad:
             self.quarantine(pg, lsn)
-        return codec.encode_frame(records), more
+        return FetchReply(codec.encode_frame(records), more, complete if complete > after_lsn else 0, horizon)
 
     def state(self) -> NodeState:
         self._check_open()
@@ -1134,6 +1189,7 @@ class SegmentStore:
             capacity_bytes=capacity,
             space_low=low,
             room_bytes=room,
+            **self.collection_state(),
         )
 
     @retry_when_full

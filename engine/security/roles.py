@@ -80,6 +80,7 @@ KV_POLICY: dict[str, frozenset[str]] = {
     _KV + "GetMany": frozenset({CLIENT, ADMIN, READER}),
     _KV + "Scan": frozenset({CLIENT, ADMIN, READER}),
     _KV + "View": frozenset({CLIENT, ADMIN, READER}),
+    _KV + "HoldReadPoint": frozenset({CLIENT, ADMIN, READER}),
     _KV + "StatusOf": frozenset({CLIENT, ADMIN, READER}),
     _KV + "Status": ANY_ROLE,
     _KV + "MembershipStatus": ANY_ROLE,

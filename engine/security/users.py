@@ -10,7 +10,7 @@ guessed, so one SHA-256 is as strong and costs a microsecond. The file is writte
 (`engine.files.atomic_write`) with mode 0600, under a lock (`DIR/.users.lock`), so concurrent
 `sixfold user ...` commands serialize and a reader sees the old file or the new one.
 
-Roles are ordered, each allowing what the one before allows: `read` (Get, GetMany, Scan, View, WatchReadPoint,
+Roles are ordered, each allowing what the one before allows: `read` (Get, GetMany, Scan, View, HoldReadPoint, WatchReadPoint,
 Status, StatusOf), `write` (those and Write), `admin` (everything, including ReplaceNode and
 MembershipStatus). `RPC_ROLES` is the table; an RPC missing from it needs `admin`, so a new RPC
 is closed until someone decides otherwise.
@@ -78,7 +78,7 @@ ROLES: tuple[str, ...] = ("read", "write", "admin")
 _RANK = {role: i for i, role in enumerate(ROLES)}
 #: The least role each KV RPC needs. Not listed: admin.
 RPC_ROLES: dict[str, str] = {
-    "Get": "read", "GetMany": "read", "Scan": "read", "View": "read", "Status": "read", "StatusOf": "read",
+    "Get": "read", "GetMany": "read", "Scan": "read", "View": "read", "HoldReadPoint": "read", "Status": "read", "StatusOf": "read",
     # Read positions and SCLs (no data): what a reader instance follows; a read user may see them.
     "WatchReadPoint": "read",
     "Write": "write",

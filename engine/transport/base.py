@@ -17,7 +17,7 @@ from __future__ import annotations
 import abc
 from collections.abc import Sequence
 
-from engine.core.types import AppendReply, Membership, NodeState, ReadReply, SealReply, TruncationRange, VersionEntry
+from engine.core.types import AppendReply, FetchReply, Membership, NodeState, ReadReply, SealReply, TruncationRange, VersionEntry
 from engine.errors import SixfoldError, Unavailable
 
 
@@ -51,8 +51,11 @@ class Transport(abc.ABC):
                 out.append(e)
         return out
 
-    def append(self, node: str, epoch: int, frame: bytes, hint_lsn: int) -> AppendReply:
-        return self._call(node, "append", epoch, frame, hint_lsn)
+    def append(self, node: str, epoch: int, frame: bytes, hint_lsn: int, collect_lsn: int = 0,
+               collect_requests_lsn: int = 0) -> AppendReply:
+        """Append a frame (or a heartbeat); `collect_lsn` and `collect_requests_lsn` are the
+        writer's version collection points (engine.node.collection), 0 for none."""
+        return self._call(node, "append", epoch, frame, hint_lsn, collect_lsn, collect_requests_lsn)
 
     def repair_append(self, node: str, frame: bytes) -> AppendReply:
         return self._call(node, "repair_append", frame)
@@ -75,7 +78,7 @@ class Transport(abc.ABC):
     ) -> NodeState:
         return self._call(node, "sync_epoch", epoch, tuple(truncations), membership)
 
-    def fetch(self, node: str, pg: int, after_lsn: int, max_bytes: int, upto_lsn: int | None) -> tuple[bytes, bool]:
+    def fetch(self, node: str, pg: int, after_lsn: int, max_bytes: int, upto_lsn: int | None) -> FetchReply:
         return self._call(node, "fetch", pg, after_lsn, max_bytes, upto_lsn)
 
     def state(self, node: str) -> NodeState:

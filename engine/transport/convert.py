@@ -44,12 +44,14 @@ from engine.core.constants import (
     FRAME_BYTES_MAX,
     KEY_BYTES_MAX,
     LSN_VALID_MAX,
+    PROTECTION_GROUPS_MAX,
     REPLICAS,
     TRUNCATION_LSN_MAX,
     VALUE_BYTES_MAX,
 )
 from engine.core.types import (
     AppendReply,
+    FetchReply,
     Membership,
     NodeState,
     ReadPointUpdate,
@@ -68,6 +70,7 @@ from engine.errors import (
     InvalidArgument,
     PermissionDenied,
     ResourceExhausted,
+    SegmentIncomplete,
     SixfoldError,
     Unauthenticated,
     UnknownProtectionGroup,
@@ -109,6 +112,8 @@ _DEFAULT_BY_CODE: dict[grpc.StatusCode, type[SixfoldError]] = {
     # A refusal by gRPC itself (a TLS or auth layer in front of the servicer) is still a refusal.
     grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
     grpc.StatusCode.PERMISSION_DENIED: PermissionDenied,
+    # SnapshotTooOld shares it as a subclass: a bare OUT_OF_RANGE is "cannot answer here".
+    grpc.StatusCode.OUT_OF_RANGE: SegmentIncomplete,
 }
 #: Codes that say "could not reach it or did not hear back" (or gRPC's own failures) when they
 #: come without a class name: never a Sixfold decision.
@@ -247,16 +252,21 @@ def _check_bound(b: bytes, what: str) -> bytes:
 
 
 # --- storage: append ------------------------------------------------------------------------
-def append_request_to_pb(epoch: int, frame: bytes, hint_lsn: int) -> storage_pb2.AppendRequest:
-    return storage_pb2.AppendRequest(epoch=epoch, frame=frame, hint_lsn=hint_lsn)
+def append_request_to_pb(epoch: int, frame: bytes, hint_lsn: int, collect_lsn: int = 0,
+                         collect_requests_lsn: int = 0) -> storage_pb2.AppendRequest:
+    return storage_pb2.AppendRequest(epoch=epoch, frame=frame, hint_lsn=hint_lsn, collect_lsn=collect_lsn,
+                                     collect_requests_lsn=collect_requests_lsn)
 
 
-def append_args_from_pb(req: storage_pb2.AppendRequest) -> tuple[int, bytes, int]:
-    """(epoch, frame, hint_lsn). The frame's bytes (and its records' LSNs) are checked by the
-    node's decoder."""
+def append_args_from_pb(req: storage_pb2.AppendRequest) -> tuple[int, bytes, int, int, int]:
+    """(epoch, frame, hint_lsn, collect_lsn, collect_requests_lsn). The frame's bytes (and its
+    records' LSNs) are checked by the node's decoder; the collection points are bounded here and
+    bounded again by the node (never above its SCL nor the VDL it knows)."""
     _check_epoch(req.epoch)
     _check_lsn(req.hint_lsn, "hint_lsn")
-    return req.epoch, repair_append_args_from_pb(req), req.hint_lsn
+    _check_lsn(req.collect_lsn, "collect_lsn")
+    _check_lsn(req.collect_requests_lsn, "collect_requests_lsn")
+    return req.epoch, repair_append_args_from_pb(req), req.hint_lsn, req.collect_lsn, req.collect_requests_lsn
 
 
 def repair_append_args_from_pb(req: storage_pb2.AppendRequest | storage_pb2.RepairAppendRequest) -> bytes:
@@ -483,6 +493,8 @@ def node_state_to_pb(s: NodeState) -> storage_pb2.NodeState:
         extra_json=json.dumps(s.extra, sort_keys=True, default=str) if s.extra else "",
         conflicts_refused=s.conflicts_refused, used_bytes=s.used_bytes, capacity_bytes=s.capacity_bytes,
         space_low=s.space_low, room_bytes=s.room_bytes, epoch_proof=s.epoch_proof, lease_age_ms=s.lease_age_ms,
+        horizons=s.horizons, swept=s.swept, collected_records=s.collected_records, pages_used=s.pages_used,
+        page_bytes=s.page_bytes,
     )
     if s.membership is not None:
         m.membership.CopyFrom(membership_to_pb(s.membership))
@@ -490,6 +502,12 @@ def node_state_to_pb(s: NodeState) -> storage_pb2.NodeState:
 
 
 def node_state_from_pb(m: storage_pb2.NodeState) -> NodeState:
+    """A node's state (a peer's, for gossip): the collection LSNs bounded like every LSN."""
+    for what, lsns in (("horizons", m.horizons), ("swept", m.swept)):
+        if len(lsns) > PROTECTION_GROUPS_MAX:
+            raise InvalidArgument(f"node state with {len(lsns)} {what}: at most {PROTECTION_GROUPS_MAX}")
+        for lsn in lsns:
+            _check_lsn(lsn, what)
     return NodeState(
         node=m.node, az=m.az, epoch=m.epoch, scls=tuple(m.scls), hint_lsn=m.hint_lsn, records=m.records, bytes=m.bytes,
         corrupt_found=m.corrupt_found, repaired=m.repaired,
@@ -498,6 +516,8 @@ def node_state_from_pb(m: storage_pb2.NodeState) -> NodeState:
         extra=json.loads(m.extra_json) if m.extra_json else {},
         conflicts_refused=m.conflicts_refused, used_bytes=m.used_bytes, capacity_bytes=m.capacity_bytes,
         space_low=m.space_low, room_bytes=m.room_bytes, epoch_proof=m.epoch_proof, lease_age_ms=m.lease_age_ms,
+        horizons=tuple(m.horizons), swept=tuple(m.swept), collected_records=m.collected_records, pages_used=m.pages_used,
+        page_bytes=m.page_bytes,
     )
 
 
@@ -506,6 +526,18 @@ def fetch_request_to_pb(pg: int, after_lsn: int, max_bytes: int, upto_lsn: int |
     if upto_lsn is not None:
         m.upto_lsn = upto_lsn
     return m
+
+
+def fetch_reply_to_pb(r: FetchReply) -> storage_pb2.FetchReply:
+    return storage_pb2.FetchReply(frame=r.frame, more=r.more, complete_lsn=r.complete_lsn, horizon_lsn=r.horizon_lsn)
+
+
+def fetch_reply_from_pb(m: storage_pb2.FetchReply) -> FetchReply:
+    """The reply of a peer, bounded like every LSN (the receiver bounds the claim again by the
+    fetch it asked for and the VDL it knows)."""
+    _check_lsn(m.complete_lsn, "complete_lsn")
+    _check_lsn(m.horizon_lsn, "horizon_lsn")
+    return FetchReply(m.frame, m.more, m.complete_lsn, m.horizon_lsn)
 
 
 def fetch_args_from_pb(req: storage_pb2.FetchRequest, protection_groups: int):
@@ -702,6 +734,35 @@ def read_view_from_pb(m: common_pb2.ReadView, protection_groups: int | None = No
     return ReadView(m.read_point, tails)
 
 
+#: Bounds of a held read point's lease (engine.head.readpoints.LEASE_S_MAX), and the default.
+HOLD_LEASE_MS_MAX = 86_400_000
+HOLD_LEASE_MS_DEFAULT = 30_000
+
+
+def hold_request_to_pb(registration: int = 0, lease_ms: int = 0, release: bool = False) -> kv_pb2.HoldReadPointRequest:
+    return kv_pb2.HoldReadPointRequest(registration=registration, lease_ms=lease_ms, release=release)
+
+
+def hold_args_from_pb(req: kv_pb2.HoldReadPointRequest) -> tuple[int, float, bool]:
+    """(registration, lease in seconds, release), bounded (lease 0: the default)."""
+    check_bounded(req.registration, LSN_VALID_MAX, "registration")
+    lease_ms = check_bounded(req.lease_ms, HOLD_LEASE_MS_MAX, "lease_ms") or HOLD_LEASE_MS_DEFAULT
+    if req.release and not req.registration:
+        raise InvalidArgument("release names no registration")
+    return req.registration, lease_ms / 1000, req.release
+
+
+def hold_reply_to_pb(view: ReadView | None, registration: int, lease_s: float) -> kv_pb2.HoldReadPointReply:
+    m = kv_pb2.HoldReadPointReply(registration=registration, lease_ms=int(round(lease_s * 1000)))
+    if view is not None:
+        m.view.CopyFrom(read_view_to_pb(view))
+    return m
+
+
+def hold_reply_from_pb(m: kv_pb2.HoldReadPointReply) -> tuple[ReadView | None, int, float]:
+    return (read_view_from_pb(m.view) if m.HasField("view") else None), m.registration, m.lease_ms / 1000
+
+
 def get_request_to_pb(key: bytes, quorum: bool, view: ReadView | None, after: int = 0) -> kv_pb2.GetRequest:
     m = kv_pb2.GetRequest(key=key, quorum=quorum, after=after)
     if view is not None:
@@ -842,7 +903,8 @@ _STATUS_OPTIONAL_KEYS = frozenset({"backup"})
 _NODE_KEYS = frozenset({"id", "az", "address", "up"})
 _NODE_REPORT_KEYS = frozenset({"scl", "lag", "epoch", "records", "bytes", "corrupt_found", "repaired", "rebuild"})
 #: optional: carried when node_status has them
-_NODE_SPACE_KEYS = ("used_bytes", "capacity_bytes", "space_low", "room_bytes", "max_storage_bytes", "storage_warning")
+_NODE_SPACE_KEYS = ("used_bytes", "capacity_bytes", "space_low", "room_bytes", "max_storage_bytes", "storage_warning",
+                    "collected_records", "pages_used", "pages_bytes", "horizon_lsn")
 _WRITER_KEYS = frozenset({"epoch", "vdl", "vcl", "next_lsn", "pgcl", "in_flight", "fenced", "admission", "membership",
                           "links", "recovery", "stats", "room_bytes"})
 _MEMBERSHIP_KEYS = frozenset({"epoch", "members", "next_members"})

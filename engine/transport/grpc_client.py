@@ -102,7 +102,7 @@ _METHODS: dict[str, _Method] = {
     "scan": _Method("Scan", convert.scan_request_to_pb, convert.scan_reply_from_pb, "read_s"),
     "seal": _Method("Seal", lambda epoch: storage_pb2.SealRequest(epoch=epoch), convert.seal_reply_from_pb, "recovery_s"),
     "sync_epoch": _Method("SyncEpoch", convert.sync_epoch_request_to_pb, convert.node_state_from_pb, "recovery_s"),
-    "fetch": _Method("Fetch", convert.fetch_request_to_pb, lambda m: (m.frame, m.more), "fetch_s"),
+    "fetch": _Method("Fetch", convert.fetch_request_to_pb, convert.fetch_reply_from_pb, "fetch_s"),
     "state": _Method("State", lambda: storage_pb2.StateRequest(), convert.node_state_from_pb, "state_s"),
     "corrupt": _Method(
         "Corrupt", convert.corrupt_request_to_pb, lambda m: m.lsn if m.hit else None, "admin_s"

@@ -250,8 +250,7 @@ class StorageServicer(storage_pb2_grpc.StorageServicer):
     # --- data RPCs --------------------------------------------------------------------------
     def Append(self, request, context):
         def work():
-            epoch, frame, hint = convert.append_args_from_pb(request)
-            return convert.append_reply_to_pb(self.node.handle("append", epoch, frame, hint))
+            return convert.append_reply_to_pb(self.node.handle("append", *convert.append_args_from_pb(request)))
 
         return self._serve(context, "Append", work, duplicable=True)
 
@@ -311,8 +310,7 @@ class StorageServicer(storage_pb2_grpc.StorageServicer):
 
     def Fetch(self, request, context):
         def work():
-            frame, more = self.node.handle("fetch", *convert.fetch_args_from_pb(request, self.P))
-            return storage_pb2.FetchReply(frame=frame, more=more)
+            return convert.fetch_reply_to_pb(self.node.handle("fetch", *convert.fetch_args_from_pb(request, self.P)))
 
         return self._serve(context, "Fetch", work)
 

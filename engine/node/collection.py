@@ -1,0 +1,345 @@
+"""Version collection on a storage node: removing what no read point can see any more.
+
+Theory of operation
+-------------------
+The writer sends, with every append and heartbeat, the *collection point* (`collect_lsn`): the
+lowest read point any registered reader still uses, never above its VDL (Aurora's PGMRPL;
+`engine.head.readpoints`), and the *request point* (`collect_requests_lsn`, at most the
+collection point), below which request-id records are past their retention window. A node keeps
+the newest pair it was told (`collect_target`) and works towards it in bounded steps
+(`collect_step`, a background thread, or the simulator), one write transaction each.
+
+Per protection group the node keeps four LSNs (meta `gc/<pg>`, persisted in the transaction that
+removes anything, so a restart never forgets what was collected):
+
+* `horizon`: reads below it are refused with `SnapshotTooOld`, whatever writer asks (a new writer
+  does not know the old one's snapshots). It is at least `swept`, and rises when the segment
+  adopts a peer's horizon during repair (below).
+* `swept`: for every record at or below it, every older version of the same key is gone. A pass
+  walks the log in LSN order from `swept` to the PG's *target*, the least of the collection
+  point, the segment's own SCL and the VDL hint (so nothing above the durable point, nor in a
+  part of the chain the segment does not hold, is ever touched); at each record it deletes the
+  versions of that key below it. A version is removed only once a newer one at or below the
+  target exists: every read at or above `swept` gets the very answer it got before.
+* `tombstones`: tombstones at or below it that were the oldest version of their key are gone too
+  (a tombstone answers like no version at all). Only once *every* member of the membership has
+  swept past the tombstone, as gossip last reported (`NodeState.swept`): then no segment holds
+  an older version of the key that the tombstone hides, and none can get one (repair copies
+  from segments that hold none). Before that, a lagging segment holding an old value could
+  outvote a segment that had dropped the tombstone in a quorum read.
+* `requests`: request-id records at or below the request point (and `swept`) are gone; a re-send
+  older than the writer's retention window is then applied as new.
+
+A node collects only for a point issued at an epoch whose truncations it adopted from a writer
+(`synced_epoch`, persisted, set by a writer's SyncEpoch, which carries every truncation range):
+a sealed node that missed the recovery's truncations may still hold records of a dead epoch,
+and one of those would look like the newest version of its key and get older, live versions
+removed.
+
+Repair across collected records: a segment that collected misses LSNs, so a peer rebuilding or
+catching up from it would find holes in the backlink chain. A fetch reply therefore says up to
+where its sender's chain is complete (`FetchReply.complete_lsn`: its SCL, bounded by the frame)
+and its horizon. A receiver complete to the fetch's start is then complete to `complete_lsn`
+(`adopt_collected`, inside the repair append's transaction): its SCL jumps there, and it adopts
+the sender's horizon, since it now lacks the versions the sender collected. After such a jump
+the SCL need not be a record's LSN, so the chain walk accepts as the next record one whose
+backlink lies at or below an SCL that names no held record (`SegmentStore._walk_scl`).
+
+Compaction: LMDB frees a page only when it empties or falls below a quarter full, so removing
+scattered versions leaves the log and the version index a third full or less (an overwrite-heavy
+volume holds several times its live data in pages). Once a PG has had COMPACT_CHURN times its
+share of the log removed, collection rewrites its entries of both tables in key order, a bounded
+chunk per step (each chunk deleted and put again in one transaction: same keys, same bytes),
+which packs them into dense pages and frees the rest for reuse (the file does not shrink).
+
+This is a mixin of `SegmentStore` (same package, same lock: every method here that changes
+anything runs under `_write_lock`).
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Sequence
+
+from engine import codec
+from engine.core.constants import FLAG_DELETE, FLAG_REQUEST
+from engine.errors import CorruptRecord, SnapshotTooOld
+from engine.node.growth import retry_when_full
+
+_U64BE = struct.Struct(">Q")
+_U32BE = struct.Struct(">I")
+_GC = struct.Struct(">QQQQ")  # horizon, swept, tombstones, requests
+
+#: Log records one collection step visits (over its three passes), in one write transaction; at
+#: most COLLECT_RECORDS_AT_FLOOR on a node at its floor (the pages a step copies before it frees
+#: any must fit in what the floor keeps for the transactions that give room back).
+COLLECT_RECORDS_PER_STEP = 2000
+COLLECT_RECORDS_AT_FLOOR = 64
+#: A key that had at least this many versions when collected down to one is written again:
+#: LMDB keeps a key's many duplicates in a sub-database of their own (a page or more), and does
+#: not fold it back into the key's node when they shrink; deleting and re-putting the last one does.
+REWRITE_DUPS_MIN = 16
+#: Compaction (see the module docstring): a PG is compacted once collection removed this many
+#: times its share of the log's records (at least COMPACT_ENTRIES_MIN) since the last time,
+#: COMPACT_CHUNK entries per chunk (a chunk that small still packs pages to about 80%).
+COMPACT_CHURN = 1
+COMPACT_ENTRIES_MIN = 64
+COMPACT_CHUNK = 256
+HORIZON, SWEPT, TOMBSTONES, REQUESTS = range(4)
+
+
+def gc_key(pg: int) -> bytes:
+    return b"gc/" + _U32BE.pack(pg)
+
+
+class VersionCollector:
+    """Version collection of a `SegmentStore` (see the module docstring)."""
+
+    def _load_collection(self, txn) -> None:
+        """The persisted collection state (absent in a folder that never collected: all 0)."""
+        P = self.geometry.protection_groups
+        self.gc = []
+        for pg in range(P):
+            raw = txn.get(gc_key(pg), db=self._meta)
+            self.gc.append(list(_GC.unpack(raw)) if raw else [0, 0, 0, 0])
+        #: (epoch, collection point, request point) the writer last sent; not persisted: the
+        #: next heartbeat brings it again
+        self.collect_target = (0, 0, 0)
+        self._collect_pg = 0  # where the next step starts (round robin over PGs)
+        self.counters.setdefault("collected", 0)
+        #: per PG, records removed since its last compaction, and where a compaction under way
+        #: resumes ((table index, key), or None); in memory: a restart only delays a compaction
+        self._churn = [0] * P
+        self._compact_at: list[tuple[int, bytes] | None] = [None] * P
+        #: compaction chunks rewritten (status)
+        self.compactions = 0
+
+    def set_collect_target(self, epoch: int, point: int, requests: int) -> None:
+        """Remember the writer's points (from an append accepted at `epoch`)."""
+        if point or requests:
+            self.collect_target = (epoch, point, min(requests, point))
+
+    def check_horizon(self, pg: int, read_point: int) -> None:
+        horizon = self.gc[pg][HORIZON]
+        if read_point < horizon:
+            raise SnapshotTooOld(
+                f"segment {self.node_id}/pg{pg} has collected the versions below LSN {horizon}; a read at LSN "
+                f"{read_point} may need them (its snapshot was released, its registration lapsed, or it was "
+                "registered with a writer since replaced). Nothing was read: take a new snapshot."
+            )
+
+    def _target(self, pg: int) -> int:
+        epoch, point, _requests = self.collect_target
+        if not point or self.synced_epoch < epoch:
+            return 0  # no point, or one of an epoch whose truncations this node has not adopted
+        return min(point, self.scls[pg], self.hint_lsn)
+
+    def collect_pending(self) -> bool:
+        """Whether some PG has versions to sweep towards its target."""
+        return any(self._target(pg) > self.gc[pg][SWEPT] for pg in range(self.geometry.protection_groups))
+
+    def _work_due(self, tombstone_points: Sequence[int] | None) -> bool:
+        """Whether a step would do anything (checked before a write transaction is begun)."""
+        request_point = self.collect_target[2]
+        for pg, g in enumerate(self.gc):
+            if self._target(pg) > g[SWEPT] or min(g[SWEPT], request_point) > g[REQUESTS]:
+                return True
+            if tombstone_points is not None and min(g[SWEPT], tombstone_points[pg]) > g[TOMBSTONES]:
+                return True
+            if self._compact_at[pg] is not None or self._churn[pg] >= COMPACT_ENTRIES_MIN:
+                return True
+        return False
+
+    @retry_when_full
+    def collect_step(self, records_max: int = COLLECT_RECORDS_PER_STEP, tombstone_points: Sequence[int] | None = None) -> int:
+        """Remove versions towards the targets, visiting at most about `records_max` log records
+        in one write transaction; returns how many it visited (0: nothing to do).
+        `tombstone_points[pg]`: the least `swept` of the other members, as gossip last heard
+        (None: drop no tombstone)."""
+        self._check_open()
+        P = self.geometry.protection_groups
+        records_max = max(1, int(records_max))
+        if self._at_floor:
+            records_max = min(records_max, COLLECT_RECORDS_AT_FLOOR)
+        if not self._work_due(tombstone_points):
+            return 0
+        with self._write_lock:
+            self._check_open()
+            _epoch, _point, request_point = self.collect_target
+            gc = [list(g) for g in self.gc]
+            visited = removed = 0
+            touched = []
+            with self.env.begin(write=True) as txn:
+                for i in range(P):
+                    if visited >= records_max:
+                        break
+                    pg = (self._collect_pg + i) % P
+                    g = gc[pg]
+                    before = list(g)
+                    removed_before = removed
+                    target = self._target(pg)
+                    if target > g[SWEPT]:
+                        # A visit removes every version older than the key's newest at or below
+                        # the target, which may lie beyond where the pass stops: the horizon is the
+                        # target (reads below the point are no registered reader's).
+                        g[HORIZON] = max(g[HORIZON], target)
+                        n, r, g[SWEPT] = self._sweep(txn, pg, g[SWEPT], target, records_max - visited, "versions")
+                        visited, removed = visited + n, removed + r
+                    tomb = min(g[SWEPT], tombstone_points[pg]) if tombstone_points is not None else 0
+                    if tomb > g[TOMBSTONES] and visited < records_max:
+                        n, r, g[TOMBSTONES] = self._sweep(txn, pg, g[TOMBSTONES], tomb, records_max - visited, "tombstones")
+                        visited, removed = visited + n, removed + r
+                    req = min(g[SWEPT], request_point)
+                    if req > g[REQUESTS] and visited < records_max:
+                        n, r, g[REQUESTS] = self._sweep(txn, pg, g[REQUESTS], req, records_max - visited, "requests")
+                        visited, removed = visited + n, removed + r
+                    self._churn[pg] += removed - removed_before
+                    if visited < records_max:
+                        visited += self._compact(txn, pg, records_max - visited)
+                    if g != before:
+                        txn.put(gc_key(pg), _GC.pack(*g), db=self._meta)
+                        # The stored SCL is where opening walks the chain from; it must not name
+                        # a record this step may remove (SCLs are otherwise persisted lazily).
+                        self._put_scl(txn, pg)
+                        touched.append(pg)
+                counters = dict(self.counters, collected=self.counters["collected"] + removed)
+                if removed:
+                    txn.put(b"counters", json.dumps(counters).encode(), db=self._meta)
+            # Published once committed (a failed step changes nothing the node tells anybody).
+            self.gc, self.counters = gc, counters
+            self._collect_pg = (self._collect_pg + 1) % P
+            return visited
+
+    def _sweep(self, txn, pg: int, after: int, upto: int, budget: int, what: str) -> tuple[int, int, int]:
+        """One pass over the log records of `pg` in (after, upto], at most `budget` of them:
+        "versions" deletes every older version of each record's key, "tombstones" deletes each
+        tombstone that is the oldest version of its key, "requests" each request-id record.
+        Returns (visited, removed, the LSN the pass reached)."""
+        prefix = _U32BE.pack(pg)
+        upto_be = _U64BE.pack(upto)
+        cur = txn.cursor(db=self._log)
+        versions = txn.cursor(db=self._versions)
+        probe = txn.cursor(db=self._versions)
+        visited = removed = 0
+        reached = upto
+        doomed: list[bytes] = []  # log keys, deleted after the walk over the log
+        if cur.set_range(prefix + _U64BE.pack(after + 1)):
+            for k, rec in cur:
+                if k[:4] != prefix:
+                    break
+                lsn_be = k[4:]
+                lsn = _U64BE.unpack(lsn_be)[0]
+                if lsn > upto:
+                    break
+                if visited >= budget:
+                    reached = lsn - 1
+                    break
+                visited += 1
+                try:
+                    r = codec.decode_record(rec)
+                except CorruptRecord:
+                    continue  # scrub quarantines it; its key's old versions just stay for now
+                if what == "requests":
+                    if r.flags & FLAG_REQUEST:
+                        txn.delete(prefix + r.key, lsn_be, db=self._requests)
+                        doomed.append(bytes(k))
+                    continue
+                if r.flags & FLAG_REQUEST:
+                    continue
+                vkey = prefix + r.key
+                if not versions.set_key(vkey):
+                    continue
+                if what == "tombstones":
+                    if r.flags & FLAG_DELETE and versions.value() == lsn_be:
+                        versions.delete()
+                        doomed.append(bytes(k))
+                    continue
+                dups = versions.count()
+                if dups < 2:
+                    continue
+                # Every version older than the newest at or below the target goes now (the
+                # records between are then found without versions to remove when visited).
+                newest = self._version_at(probe, vkey, upto_be)
+                while versions.key() == vkey and versions.value() < newest:
+                    doomed.append(prefix + versions.value())
+                    if not versions.delete():
+                        break
+                if dups >= REWRITE_DUPS_MIN and versions.set_key(vkey) and versions.count() == 1:
+                    last = versions.value()
+                    versions.delete(dupdata=True)
+                    txn.put(vkey, last, dupdata=True, db=self._versions)
+        for k in doomed:
+            txn.delete(k, db=self._log)
+            removed += 1
+        return visited, removed, reached
+
+    def _compact(self, txn, pg: int, budget: int) -> int:
+        """Rewrite the next chunk of `pg`'s log and version index entries, if a compaction is due
+        or under way (see the module docstring); returns the entries rewritten."""
+        at = self._compact_at[pg]
+        if at is None:
+            share = txn.stat(self._log)["entries"] // self.geometry.protection_groups
+            if self._churn[pg] < COMPACT_CHURN * max(COMPACT_ENTRIES_MIN, share):
+                return 0
+            at = (0, b"")
+        self._churn[pg] = 0
+        prefix = _U32BE.pack(pg)
+        done = 0
+        while at is not None and done < budget:
+            table, start = at
+            db = (self._versions, self._log)[table]
+            cur = txn.cursor(db=db)
+            limit = min(COMPACT_CHUNK, budget - done)
+            pairs, ended = [], True
+            if cur.set_range(prefix + start):
+                for k, v in cur:
+                    if k[:4] != prefix:
+                        break
+                    if len(pairs) >= limit:
+                        ended = False
+                        break
+                    pairs.append((bytes(k), bytes(v)))
+            if pairs:
+                for k, v in pairs:
+                    if table == 0:
+                        txn.delete(k, v, db=db)  # that duplicate only
+                    else:
+                        txn.delete(k, db=db)
+                # In key order: pages fill up before they split.
+                txn.cursor(db=db).putmulti(pairs, dupdata=table == 0)
+                done += len(pairs)
+                self.compactions += 1
+            if ended:
+                at = (1, b"") if table == 0 else None
+            else:
+                # Resume after the last key (duplicates of it past the chunk are left as they are).
+                at = (table, pairs[-1][0][4:] + b"\x00")
+        self._compact_at[pg] = at
+        return done
+
+    def adopt_collected(self, txn, pg: int, after: int, complete: int, horizon: int, scls: list[int],
+                        gc: list[list[int]]) -> bool:
+        """A repair frame came from a peer that says every record of `pg` at or below `complete`
+        it did not send was collected: if this segment is complete to `after` (the fetch's
+        start), it is complete to `complete` now, and adopts the peer's `horizon` (see the module
+        docstring), in `scls` and `gc` (the caller's copies, published once committed). Both are
+        bounded by the VDL this node knows: a claim above it is cut to it, and with a horizon
+        above it nothing is adopted. True when the SCL moved."""
+        complete = min(complete, self.hint_lsn)
+        if scls[pg] < after or complete <= scls[pg] or horizon > self.hint_lsn:
+            return False
+        scls[pg] = complete
+        if horizon > gc[pg][HORIZON]:
+            gc[pg] = [horizon, *gc[pg][1:]]
+            txn.put(gc_key(pg), _GC.pack(*gc[pg]), db=self._meta)
+        return True
+
+    def collection_state(self) -> dict:
+        """Fields of NodeState: per PG horizons and swept LSNs, records removed, pages in use."""
+        with self._read_txn() as txn:
+            pages = self._table_pages(txn)  # as `used_bytes` counts them (dupsort sub-pages bounded)
+        return dict(
+            horizons=tuple(g[HORIZON] for g in self.gc), swept=tuple(g[SWEPT] for g in self.gc),
+            collected_records=self.counters.get("collected", 0), pages_used=pages, page_bytes=self._page_bytes,
+        )
