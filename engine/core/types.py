@@ -127,6 +127,8 @@ class AppendReply:
     space_low: bool = False
     #: bytes the node can still take above its reserve (0 when space_low)
     room_bytes: int = 0
+    #: the largest record it can surely store in one piece (None: not known, an older node)
+    extent_bytes: int | None = None
 
 
 class FetchReply(NamedTuple):
@@ -190,6 +192,8 @@ class NodeState:
     space_low: bool = False
     #: bytes left above the reserve (0 when space_low)
     room_bytes: int = 0
+    #: as AppendReply.extent_bytes
+    extent_bytes: int | None = None
     #: milliseconds since the writer of the node's epoch last renewed its lease (engine.head.failover)
     lease_age_ms: int = 0
     #: the writer's signed statement of the newest epoch state adopted (engine.security.proofs)

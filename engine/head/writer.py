@@ -89,7 +89,7 @@ from engine.core.fencing import (
     trace_epoch,
 )
 from engine.core.placement import protection_group_of
-from engine.core.quorum import VolumeDurability
+from engine.core.quorum import VolumeDurability, has_write_quorum
 from engine.core.tail import TAIL_RECORDS_MAX, tail_trim
 from engine.core.types import Geometry, Membership, NodeInfo, ReadPointUpdate, ReadView, RequestStatus
 from engine.envelope import SEAL_OVERHEAD_BYTES, VolumeCipher
@@ -119,6 +119,11 @@ ADMIT_UNREACHABLE = Admission.UNREACHABLE
 
 FRAME_RECORDS_MAX_SEND = 8192
 HEARTBEAT_S = 0.1
+#: A put record larger than this (LMDB's overflow: a value over about half a page) must fit in
+#: one piece on a write quorum (`_extent_fits_locked`); the margin covers the record's header
+#: and an encrypted value's seal.
+EXTENT_CHECK_BYTES = 2048
+EXTENT_MARGIN_BYTES = 4096
 #: VDL advances whose times the writer keeps for the read-point stream (a few seconds' worth)
 VDL_TIMES_MAX = 16_384
 #: how long a linearizable read waits for the heartbeats to renew a lapsed lease
@@ -269,6 +274,9 @@ class _NodeLink:
         #: what this node can hold, in the writer's running total of logged costs: the room it
         #: reported above its reserve plus the cost of what it held by then (engine.core.admission)
         self.room_limit = 0
+        #: the largest record it can store in one piece, as the running total allows (like
+        #: room_limit: what it reported plus the cost of what it held then); None: not known
+        self.extent_limit: int | None = None
         self.backoff_s = BACKOFF_S_MIN
         self.last_send = 0.0
         #: the link's current fault ("" while it is healthy)
@@ -398,6 +406,7 @@ class Writer:
             # room than they have. Nothing is logged yet: the room is the limit.
             self.links[n].space_low = st.space_low
             self.links[n].room_limit = st.room_bytes
+            self.links[n].extent_limit = st.extent_bytes
             # The nodes may have collected at an old writer's points: no read point below that.
             # (A horizon is never above a VDL announced, so never above the one recovered.)
             self.read_points.raise_floor(min(max(st.horizons, default=0), plan.vdl))
@@ -520,6 +529,24 @@ class Writer:
             f"write refused: it needs about {cost} bytes on each of a write quorum of nodes, and no write quorum has "
             f"that much room left above its reserve (room: {room}). Nothing was logged; deletes still work, and "
             "smaller puts may still fit."
+        )
+
+    def _extent_fits_locked(self, size: int) -> bool:
+        ok = [n for n, link in self.links.items() if not link.full and not link.space_low
+              and (link.extent_limit is None or link.extent_limit - self._logged_cost >= size)]
+        return has_write_quorum(ok, self.ledger.membership)
+
+    def _extent_refusal_locked(self, size: int) -> StorageFull:
+        def extent(link: _NodeLink) -> str:
+            if link.full or link.space_low:
+                return "full" if link.full else "low on space"
+            return "?" if link.extent_limit is None else f"{max(0, link.extent_limit - self._logged_cost)} bytes"
+
+        room = ", ".join(f"{n} {extent(self.links[n])}" for n in self.ledger.membership.all_nodes)
+        return StorageFull(
+            f"write refused: a record of {size} bytes must be stored in one piece, and no write quorum of nodes has "
+            f"that much room left beyond its data (largest piece: {room}; room freed by deletes and collection "
+            "takes smaller records). Nothing was logged; deletes and smaller puts still work."
         )
 
     def _space_locked(self) -> str:
@@ -689,6 +716,14 @@ class Writer:
             if self._logged_cost + cost > put_limit and ticket.puts():
                 inbox.popleft()
                 ticket.error = self._room_refusal_locked(cost)
+                ticket.lock.release()
+                continue
+            # A record larger than a page needs consecutive pages, which the room freed inside a
+            # node's file (collected versions) may not offer: it must fit beyond the file's end.
+            big = max((len(k) + len(v) for f, k, v in ticket.ops if f & FLAG_PUT), default=0)
+            if big > EXTENT_CHECK_BYTES and not self._extent_fits_locked(big + EXTENT_MARGIN_BYTES):
+                inbox.popleft()
+                ticket.error = self._extent_refusal_locked(big)
                 ticket.lock.release()
                 continue
             if not ledger.can_allocate(len(ticket.pgs)):
@@ -924,6 +959,8 @@ class Writer:
             # The reply's room counts every record the node holds now: at least those through
             # sent_lsn (engine.core.admission).
             room_limit = reply.room_bytes + self._cost_through_locked(link.sent_lsn)
+            link.extent_limit = (None if reply.extent_bytes is None
+                                 else reply.extent_bytes + self._cost_through_locked(link.sent_lsn))
             if room_limit != link.room_limit:
                 link.room_limit = room_limit
                 self._put_limit = None

@@ -454,7 +454,14 @@ class SegmentStore(VersionCollector):
     def _append_reply(self) -> AppendReply:
         used, capacity, low, room = self.space()
         self._note_storage_level(used, capacity)
-        return AppendReply(self.node_id, tuple(self.scls), low, room)
+        return AppendReply(self.node_id, tuple(self.scls), low, room, self.extent_room(capacity))
+
+    def extent_room(self, capacity: int) -> int:
+        """The largest record this node can surely store in one piece (AppendReply.extent_bytes):
+        room above the reserve beyond the data file's high-water mark (`held_bytes`, as the last
+        `space()` measured it). A value larger than a page takes consecutive pages, which the
+        pages freed inside the file (room for small records) may not offer."""
+        return max(0, capacity - self.held_bytes - self.reserve_bytes(capacity))
 
     def _note_storage_level(self, used: int, capacity: int) -> None:
         """Log once per crossing of STORAGE_WARNING_PERCENT of the capacity (under _write_lock)."""
@@ -1189,6 +1196,7 @@ class SegmentStore(VersionCollector):
             capacity_bytes=capacity,
             space_low=low,
             room_bytes=room,
+            extent_bytes=self.extent_room(capacity),
             **self.collection_state(),
         )
 

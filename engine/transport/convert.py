@@ -277,11 +277,15 @@ def repair_append_args_from_pb(req: storage_pb2.AppendRequest | storage_pb2.Repa
 
 
 def append_reply_to_pb(r: AppendReply) -> storage_pb2.AppendReply:
-    return storage_pb2.AppendReply(node=r.node, scls=r.scls, space_low=r.space_low, room_bytes=r.room_bytes)
+    m = storage_pb2.AppendReply(node=r.node, scls=r.scls, space_low=r.space_low, room_bytes=r.room_bytes)
+    if r.extent_bytes is not None:
+        m.extent_bytes = r.extent_bytes
+    return m
 
 
 def append_reply_from_pb(m: storage_pb2.AppendReply) -> AppendReply:
-    return AppendReply(m.node, tuple(m.scls), m.space_low, m.room_bytes)
+    return AppendReply(m.node, tuple(m.scls), m.space_low, m.room_bytes,
+                       m.extent_bytes if m.HasField("extent_bytes") else None)
 
 
 # --- storage: reads -------------------------------------------------------------------------
@@ -496,6 +500,8 @@ def node_state_to_pb(s: NodeState) -> storage_pb2.NodeState:
         horizons=s.horizons, swept=s.swept, collected_records=s.collected_records, pages_used=s.pages_used,
         page_bytes=s.page_bytes,
     )
+    if s.extent_bytes is not None:
+        m.extent_bytes = s.extent_bytes
     if s.membership is not None:
         m.membership.CopyFrom(membership_to_pb(s.membership))
     return m
@@ -517,7 +523,7 @@ def node_state_from_pb(m: storage_pb2.NodeState) -> NodeState:
         conflicts_refused=m.conflicts_refused, used_bytes=m.used_bytes, capacity_bytes=m.capacity_bytes,
         space_low=m.space_low, room_bytes=m.room_bytes, epoch_proof=m.epoch_proof, lease_age_ms=m.lease_age_ms,
         horizons=tuple(m.horizons), swept=tuple(m.swept), collected_records=m.collected_records, pages_used=m.pages_used,
-        page_bytes=m.page_bytes,
+        page_bytes=m.page_bytes, extent_bytes=m.extent_bytes if m.HasField("extent_bytes") else None,
     )
 
 
