@@ -64,3 +64,18 @@ def test_a_promoted_reader_is_the_writer_for_a_launcher_that_did_not_start_it(tm
     finally:
         promoted.kill()
         promoted.wait()
+
+
+def test_a_writer_of_an_older_epoch_does_not_overwrite_a_newer_ones_record():
+    """A restarted `writer serve` and a reader promoting itself opened at about the same time (a
+    chaos run): the reader recorded itself last although the writer had opened at the newer
+    epoch and fenced it, so for three minutes the manifest named a dead writer and no client
+    found the live one. Each records its epoch now, and an older one never overwrites a newer."""
+    from engine.cluster.commands import newer_writer_recorded
+
+    m = {"writer": {"address": "127.0.0.1:1", "pid": 100, "epoch": 5}}
+    assert newer_writer_recorded(m, 4, "reader r1", 200)
+    assert not newer_writer_recorded(m, 5, "reader r1", 200)  # the same epoch cannot be two writers'
+    assert not newer_writer_recorded(m, 6, "reader r1", 200)
+    assert not newer_writer_recorded(m, 4, "writer", 100)  # its own record
+    assert not newer_writer_recorded({"writer": {"address": "127.0.0.1:1", "pid": 100}}, 1, "writer", 200)

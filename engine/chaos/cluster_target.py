@@ -659,7 +659,11 @@ def run_cluster(config, plan, out_dir: str, progress, drive):
         wait_until(lambda: _converged(db), CONVERGE_TIMEOUT_S, 0.2)
         workload.final_reads()
         st = db.status()
-        transport = cluster.transport("checker")
+        # The digests are segment scans (live state at the VDL), which the nodes allow a writer or
+        # a reader, not the operator's admin identity: the checker reads as the writer identity.
+        from engine.cluster.manifest import WRITER
+
+        transport = cluster.transport("checker", identity=WRITER)
         try:
             digests = digests_at(transport, st["vdl"], st["protection_groups"], [n["id"] for n in st["nodes"]])
         finally:

@@ -497,6 +497,19 @@ def _node_maximum(args) -> int | None:
     return maximum
 
 
+def newer_writer_recorded(m: dict, epoch: int, who: str, pid: int) -> bool:
+    """True (logged) when the manifest names another writer that opened at a newer epoch than
+    `epoch`: a writer and a promoted reader that opened at about the same time record
+    themselves in either order, and the one of the older epoch is fenced already, or soon."""
+    recorded = m[WRITER].get("epoch")
+    if recorded is not None and recorded > epoch and m[WRITER].get("pid") != pid:
+        logging.getLogger("sixfold.writer").warning(
+            "%s (pid %d) opened at epoch %d, but the manifest names a writer of epoch %d (pid %s): not recorded",
+            who, pid, epoch, recorded, m[WRITER].get("pid"))
+        return True
+    return False
+
+
 def cmd_writer_serve(args) -> int:
     from engine.head.endpoint import run_writer_process
     from engine.transport.grpc_server import AddressInUse, InsecureListen
@@ -519,21 +532,24 @@ def cmd_writer_serve(args) -> int:
         except (ClusterError, OSError, ValueError):
             return ""
 
-    def record_writer() -> None:
-        """This process serves as the writer now: clients and the launcher find it in the manifest."""
+    def record_writer(epoch: int) -> None:
+        """This process serves as the writer now, at `epoch`: clients and the launcher find it in
+        the manifest (unless a writer of a newer epoch recorded itself meanwhile)."""
         with locked(folder):
             mm = load_manifest(folder)
-            if (mm[WRITER]["address"], mm[WRITER].get("pid")) != (listen, os.getpid()):
-                logging.getLogger("sixfold.writer").warning(
-                    "recording this process (pid %d, %s, AZ %s) as the cluster's writer (was %s, pid %s)",
-                    os.getpid(), listen, az, mm[WRITER]["address"], mm[WRITER].get("pid"))
-                mm[WRITER].update(address=listen, pid=os.getpid(), az=az)
+            if not newer_writer_recorded(mm, epoch, "writer", os.getpid()) and (
+                    (mm[WRITER]["address"], mm[WRITER].get("pid"), mm[WRITER].get("epoch")) != (listen, os.getpid(), epoch)):
+                if (mm[WRITER]["address"], mm[WRITER].get("pid")) != (listen, os.getpid()):
+                    logging.getLogger("sixfold.writer").warning(
+                        "recording this process (pid %d, %s, AZ %s, epoch %d) as the cluster's writer (was %s, pid %s)",
+                        os.getpid(), listen, az, epoch, mm[WRITER]["address"], mm[WRITER].get("pid"))
+                mm[WRITER].update(address=listen, pid=os.getpid(), az=az, epoch=epoch)
                 save_manifest(folder, mm)
 
     try:
         return run_writer_process(config, listen, args.workers, tls=tls_config(args.cluster, m, WRITER),
                                   key_file=args.key_file, standby=args.standby, writer_az=writer_az,
-                                  on_serving=record_writer if args.standby else None)
+                                  on_serving=record_writer)
     except (AddressInUse, InsecureListen) as e:
         logging.getLogger("sixfold.writer").error("%s", e)
         return 2
@@ -565,14 +581,17 @@ def cmd_reader_serve(args) -> int:
         except (ClusterError, OSError, ValueError):
             return ""
 
-    def record_promotion() -> None:
-        """This reader serves as the writer now: the manifest names it, and it is a reader no more."""
+    def record_promotion(epoch: int) -> None:
+        """This reader serves as the writer now: the manifest names it, and it is a reader no more
+        (unless a writer of a newer epoch recorded itself meanwhile: it fences this one)."""
         with locked(folder):
             mm = load_manifest(folder)
+            if newer_writer_recorded(mm, epoch, f"reader {r['id']}", os.getpid()):
+                return
             logging.getLogger("sixfold.reader").warning(
                 "recording reader %s (pid %d, %s, AZ %s) as the cluster's writer (was %s, pid %s)",
                 r["id"], os.getpid(), listen, r["az"], mm[WRITER]["address"], mm[WRITER].get("pid"))
-            mm[WRITER].update(address=listen, pid=os.getpid(), az=r["az"])
+            mm[WRITER].update(address=listen, pid=os.getpid(), az=r["az"], epoch=epoch)
             mine = reader_entry(mm, r["id"])
             mine.update(retired=True, promoted=True, pid=None)
             mm.pop("failover_to", None)
@@ -604,7 +623,8 @@ def cmd_reader_serve(args) -> int:
         # A reader may become the writer: it holds the writer's identity for that (only a writer
         # certificate may seal), and takes over once the writer's lease lapsed (engine.head.failover).
         promotion = dict(promote=True, writer_tls=tls_config(folder, m, WRITER), writer_az=writer_az,
-                         on_promoted=record_promotion, preferred=preferred, rank=rank)
+                         on_promoted=record_promotion, preferred=preferred, rank=rank,
+                         refresh=lambda: endpoint_config(load_manifest(folder), folder))
     try:
         # The reader authenticates to the writer endpoint with the folder's operator token (a
         # local process of the cluster) and to the nodes with its own certificate (role reader).

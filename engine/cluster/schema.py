@@ -38,7 +38,8 @@ What is checked (formats 1 and 2; the checks are hand-written, standard library 
         retired         optional bool
         promoted        optional bool: it took over as the writer (retired, its port the writer's)
         replaces, replaced_by   optional null or node id
-    writer              object: address, pid, log as for a node; optional az (a standby that
+    writer              object: address, pid, log as for a node; optional epoch (the epoch it
+                        opened at, written by the writer process itself); optional az (a standby that
                         took over records its own)
     users_file          optional null or non-empty relative path (absent: "users.json", auth on;
                         null: auth off; see manifest.py)
@@ -250,6 +251,8 @@ def validate_manifest(manifest: Any, where: str = "cluster.json", *, format_max:
     ports = {c.process(c.object(writer, "writer"), "writer"): "writer"}
     if "az" in writer:  # recorded by a standby that took over (engine.head.failover)
         c.name(writer, "az", "writer.az", "an AZ name")
+    if "epoch" in writer:  # the epoch it opened at (a newer writer's record is never overwritten by an older)
+        c.integer(writer, "epoch", "writer.epoch", 0, 2**62)
 
     _, nodes = c.get(m, "nodes", "nodes", "a non-empty list of node objects")
     if not isinstance(nodes, list) or not nodes:

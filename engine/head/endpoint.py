@@ -673,7 +673,7 @@ class EndpointServer:
         log.info("volume %s recovered: %s", self.endpoint.config.volume_id, w.recovery)
         if self.on_serving is not None:
             try:
-                self.on_serving()
+                self.on_serving(w.epoch)
             except Exception:  # recording who is writer must not stop the writer serving
                 log.exception("could not record this endpoint as the writer")
         set_health(self.health, (SERVICE_NAME,), True)

@@ -60,7 +60,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent import futures
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import grpc
 
@@ -473,8 +473,8 @@ class ReaderProcess:
     def __init__(self, config: EndpointConfig, reader_id: str, az: str, listen: str, writer_address: Callable[[], str], *,
                  tls=None, token: str | None = None, workers: int = READER_WORKERS, transport=None,
                  writer_tls=None, promote: bool = False, writer_az: Callable[[], str] = lambda: "",
-                 on_promoted: Callable[[], None] | None = None, preferred: Callable[[], str | None] = lambda: None,
-                 rank: Callable[[], int] | None = None) -> None:
+                 on_promoted: Callable[[int], None] | None = None, preferred: Callable[[], str | None] = lambda: None,
+                 rank: Callable[[], int] | None = None, refresh: Callable[[], EndpointConfig] | None = None) -> None:
         self.config = config
         self.reader_id = reader_id
         self.az = az
@@ -485,6 +485,9 @@ class ReaderProcess:
         self.writer_az = writer_az
         self.on_promoted = on_promoted
         self.preferred = preferred
+        #: the volume's nodes and addresses as they are now (the manifest's): a reader started
+        #: before a membership change promotes itself with the members of today, not of its start
+        self.refresh = refresh
         #: the first candidate waits 0, the next half a lease more...: one promotion per failure
         #: (engine.head.failover). `rank()`: this reader's place among the cluster's live readers
         #: now (the manifest's); without it, the number in its id (r1 first)
@@ -567,9 +570,17 @@ class ReaderProcess:
             from engine.security.proofs import EpochSigner
 
             signer = EpochSigner.from_tls(self.writer_tls)
-        transport = GrpcTransport(self.config.addresses, source="writer", tls=self.writer_tls,
-                                  volume_id=self.config.volume_id, signer=signer)
-        ep = WriterEndpoint(self.config, transport)
+        config = self.config
+        if self.refresh is not None:
+            try:
+                fresh = self.refresh()
+                config = replace(config, nodes=fresh.nodes, addresses=fresh.addresses)
+            except Exception as e:  # noqa: BLE001 - the nodes of its start still make a writer
+                log.warning("reader %s: could not re-read the volume's nodes before taking over (%s); using those "
+                            "of its start", self.reader_id, e)
+        transport = GrpcTransport(config.addresses, source="writer", tls=self.writer_tls,
+                                  volume_id=config.volume_id, signer=signer)
+        ep = WriterEndpoint(config, transport)
         try:
             ep.open()
         except BaseException:
@@ -582,7 +593,7 @@ class ReaderProcess:
         set_health(self.health, (SERVICE_NAME,), True)
         if self.on_promoted is not None:
             try:
-                self.on_promoted()
+                self.on_promoted(ep.writer.epoch)
             except Exception:  # recording who is writer must not stop the writer serving
                 log.exception("could not record reader %s as the writer", self.reader_id)
 
