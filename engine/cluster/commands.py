@@ -532,6 +532,11 @@ def cmd_writer_serve(args) -> int:
         except (ClusterError, OSError, ValueError):
             return ""
 
+    # The cluster's writer records itself (with its epoch) once it opened: a standby that took
+    # over, and the writer at the manifest's writer address (the launcher's). A writer serving at
+    # another address by hand is not the cluster's writer of record.
+    records = args.standby or listen == m[WRITER]["address"]
+
     def record_writer(epoch: int) -> None:
         """This process serves as the writer now, at `epoch`: clients and the launcher find it in
         the manifest (unless a writer of a newer epoch recorded itself meanwhile)."""
@@ -549,7 +554,7 @@ def cmd_writer_serve(args) -> int:
     try:
         return run_writer_process(config, listen, args.workers, tls=tls_config(args.cluster, m, WRITER),
                                   key_file=args.key_file, standby=args.standby, writer_az=writer_az,
-                                  on_serving=record_writer)
+                                  on_serving=record_writer if records else None)
     except (AddressInUse, InsecureListen) as e:
         logging.getLogger("sixfold.writer").error("%s", e)
         return 2
