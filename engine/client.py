@@ -70,6 +70,7 @@ from engine.database import Database
 from engine.errors import (
     Closed, InvalidArgument, ReplicaBehind, SixfoldError, SnapshotTooOld, StaleEpoch, Unavailable, WriteIndeterminate,
 )
+from engine.core.constants import LSN_VALID_MAX
 from engine.core.types import ReadView, RequestStatus, Unit
 from engine.proto import kv_pb2, kv_pb2_grpc
 from engine.transport import convert
@@ -435,7 +436,9 @@ class RemoteBackend:
         return convert.request_status_from_pb(reply)
 
     def _saw(self, point: int) -> None:
-        if self._session and point > self._point:
+        # A read point above any valid LSN is no read point (a hostile or broken reader): kept,
+        # it would make every later read of the session wait for it.
+        if self._session and self._point < point <= LSN_VALID_MAX:
             with self._point_lock:
                 self._point = max(self._point, point)
 
@@ -446,12 +449,13 @@ class RemoteBackend:
 
     def _session_read(self, send):
         """`send()` until its reply's read point is at or above the session's (`_session`):
-        round_robin takes the next reader each time; ReplicaBehind if none catches up."""
+        round_robin takes the next reader each time; ReplicaBehind if none catches up. A reply
+        without a read point (0: a reader of an earlier release) is taken as it is."""
         reply = send()
         if not self._session:
             return reply
         for i in range(SESSION_RETRIES):
-            if reply.read_point >= self._point:
+            if self._point <= reply.read_point <= LSN_VALID_MAX or reply.read_point == 0:
                 self._saw(reply.read_point)
                 return reply
             time.sleep(min(SESSION_RETRY_S_MAX, 0.002 * (i + 1)))
