@@ -18,6 +18,7 @@ from waiting import eventually
 import engine
 from engine import codec
 from engine.core.constants import FLAG_CPL, FLAG_DELETE, FLAG_PUT, FLAG_REQUEST, LSN_VALID_MAX, NAMESPACE_REQUESTS, U64_MAX
+from engine.core.recovery import plan_recovery
 from engine.core.types import Geometry, Membership, NodeInfo, TruncationRange
 from engine.errors import EpochBehind, InvalidArgument, SegmentIncomplete, SnapshotTooOld
 from engine.node.service import StorageNode
@@ -122,6 +123,57 @@ def test_collection_persists_an_scl_the_next_open_can_walk_from(tmp_path):
     s = open_store(tmp_path / "n1")
     try:
         assert s.scls[0] == 5
+    finally:
+        s.close()
+
+
+def _collect_with_the_hint_unpersisted(path):
+    """A node that collected past the hint it stored: the appends that raised the hint did not
+    persist it (hints are stored lazily), and the heartbeat carrying the points brings no new one."""
+    s = open_store(path)
+    s.sync_epoch(1, ())
+    s.append(1, chain((1, b"k", b"v1"), (2, b"k", b"v2")), 2)  # the first commit stores hint 2
+    s._persisted_at = float("inf")  # no lazy persisting from here on, however slow the machine
+    s.append(1, codec.encode_frame([rec(3, 2, b"k", b"v3"), rec(4, 3, b"k", b"v4"), rec(5, 4, b"k", b"v5")]), 5)
+    collect(s, 5)  # removes 1..4
+    assert versions(s, b"k") == [5] and s.hint_lsn == 5
+    return s
+
+
+def _recover_alone(s, epoch):
+    """What a recovery would plan from this segment's seal summary (as if every member said the same)."""
+    summary = s.seal(epoch)
+    return plan_recovery(epoch, P, [summary], read_quorum=1, all_sealed=True)
+
+
+def test_collection_persists_the_hint_so_a_recovery_keeps_every_record_above_what_it_removed(tmp_path):
+    """A seal summarises the records above the node's hint and recovery walks LSN by LSN up from
+    it: a stored hint below a collected record ended that walk at the hole, so a reopened volume
+    truncated acknowledged records (found by test_storage_full_e2e, one run in five)."""
+    s = _collect_with_the_hint_unpersisted(tmp_path / "n1")
+    s.close()
+    s = open_store(tmp_path / "n1")
+    try:
+        assert s.hint_lsn == 5 and s.scls[0] == 5
+        plan = _recover_alone(s, 2)
+        assert (plan.vcl, plan.vdl, plan.truncation) == (5, 5, None), plan
+    finally:
+        s.close()
+
+
+def test_a_folder_that_stored_its_hint_below_what_it_collected_opens_with_the_hint_raised(tmp_path):
+    """The upgrade path for folders written before the fix: the hint is at least every horizon
+    (collection never removes above the hint it knew), so opening raises a lagging stored one."""
+    s = _collect_with_the_hint_unpersisted(tmp_path / "n1")
+    with s.env.begin(write=True) as txn:  # as the release before the fix left it
+        txn.put(b"hint", (2).to_bytes(8, "big"), db=s._meta)
+    s.close()
+    s = open_store(tmp_path / "n1")
+    try:
+        assert (s.hint_lsn, s.state().horizons[0]) == (5, 5)
+        plan = _recover_alone(s, 2)
+        assert (plan.vcl, plan.vdl, plan.truncation) == (5, 5, None), plan
+        assert s.read(0, b"k", 5, 5, 2).value == b"v5"
     finally:
         s.close()
 

@@ -50,8 +50,7 @@ class EmbeddedCluster(RuleBasedStateMachine):
     def __init__(self):
         super().__init__()
         self.dir = tempfile.mkdtemp(prefix="sixfold-stateful-")
-        self.db = engine.open(self.dir, write_timeout_s=WRITE_TIMEOUT_S, gossip_interval_s=0.02, scrub_interval_s=0.05,
-                              protection_groups=4)
+        self.db = self.open()
         self.P = 4
         #: per key, the values a read may return (None: absent)
         self.possible = {k: {None} for k in KEYS}
@@ -64,6 +63,11 @@ class EmbeddedCluster(RuleBasedStateMachine):
         self.slow_commits = 0
 
     # --- helpers ----------------------------------------------------------------------------
+    def open(self):
+        # Collection runs close behind the VDL (collect_delay_s), so reopening meets collected logs.
+        return engine.open(self.dir, write_timeout_s=WRITE_TIMEOUT_S, gossip_interval_s=0.02, scrub_interval_s=0.05,
+                           protection_groups=4, collect_delay_s=0.02)
+
     def impaired(self) -> set[str]:
         return self.down | self.damaged
 
@@ -90,7 +94,8 @@ class EmbeddedCluster(RuleBasedStateMachine):
         self.counter += 1
         return b"v%d" % self.counter
 
-    def apply_write(self, ops) -> None:
+    def apply_write(self, ops) -> bool:
+        """Write `ops` and check the outcome against the model; True when it was acknowledged."""
         up, whole = sorted(self.up()), self.whole_quorum_up()
         try:
             if len(ops) == 1 and ops[0][1] is not None:
@@ -109,17 +114,18 @@ class EmbeddedCluster(RuleBasedStateMachine):
                            f"a write that timed out with {', '.join(up)} up (a whole write quorum) to commit: {e}")
                 self.slow_commits += 1
                 self.acknowledged(ops)
-                return
+                return True
             for k, v in ops:
                 self.possible[k].add(v)
             self.pending.extend(ops)
-            return
+            return False
         except engine.Unavailable as e:
             # Refused before logging: nothing happened. Only without a whole write quorum.
             assert not whole, f"a write was refused with {', '.join(up)} up (a whole write quorum, damaged: {sorted(self.damaged)}): {e}"
-            return
+            return False
         assert self.quorum_up(), f"a write was acknowledged with only {', '.join(up)} up: fewer than {WRITE_QUORUM} hold it"
         self.acknowledged(ops)
+        return True
 
     def acknowledged(self, ops) -> None:
         """`ops` is durable, and so is every earlier write of this writer (lower LSNs)."""
@@ -143,6 +149,14 @@ class EmbeddedCluster(RuleBasedStateMachine):
     @rule(keys=st.lists(st.sampled_from(KEYS), min_size=2, max_size=4, unique=True), deletes=st.integers(0, 3))
     def batch(self, keys, deletes):
         self.apply_write([(k, None if i < deletes and i < len(keys) - 1 else self.value()) for i, k in enumerate(keys)])
+
+    @rule(key=st.sampled_from(KEYS), count=st.integers(2, 40))
+    def overwrite(self, key, count):
+        """One key written again and again: old versions for collection to remove (it stops at
+        the first write not acknowledged: each refusal waits out the write timeout)."""
+        for _ in range(count):
+            if not self.apply_write([(key, self.value())]):
+                break
 
     # --- reads ------------------------------------------------------------------------------
     @precondition(lambda self: len(self.down) <= 3)
@@ -226,6 +240,18 @@ class EmbeddedCluster(RuleBasedStateMachine):
         # The new writer decided the fate of every pending write; the next read of each key tells.
         self.pending = []
         # It starts believing every node up and learns otherwise from its first appends.
+
+    @rule()
+    def reopen(self):
+        """Close the volume and open it again: every node restarts from its folder (what it
+        persisted, not what it held in memory) and a new writer recovers from their summaries."""
+        self.db.close()
+        self.db = self.open()
+        self.down.clear()  # an open starts every node
+        self.pending = []  # the new writer decided the fate of every pending write
+        self.writer_sees_up(NODES)
+        if self.damaged:
+            self.settle()
 
     def settle(self) -> None:
         """Wait until every segment is whole again (the damaged ones rebuilt or repaired)."""

@@ -203,6 +203,12 @@ class VersionCollector:
                         # a record this step may remove (SCLs are otherwise persisted lazily).
                         self._put_scl(txn, pg)
                         touched.append(pg)
+                if touched:
+                    # So is the hint (also persisted lazily): a seal summarises the records above
+                    # it, and a recovery walks LSN by LSN up from the highest hint it is told. A
+                    # stored hint below a removed record would end that walk at the hole and cut
+                    # every acknowledged record above it. The in-memory hint bounds every target.
+                    txn.put(b"hint", _U64BE.pack(self.hint_lsn), db=self._meta)
                 counters = dict(self.counters, collected=self.counters["collected"] + removed)
                 if removed:
                     txn.put(b"counters", json.dumps(counters).encode(), db=self._meta)

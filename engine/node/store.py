@@ -310,6 +310,10 @@ class SegmentStore(VersionCollector):
             for pg, lsns in (json.loads(raw) if raw else {}).items():
                 self.damaged[int(pg)] = set(lsns)
             self._load_collection(txn)
+            # Collection removes records only at or below the hint it knew, and adopting a peer's
+            # horizon requires it below the hint: the hint is at least every horizon. A folder
+            # written before collection persisted its hint with it may store one below.
+            self.hint_lsn = max([self.hint_lsn] + [g[0] for g in self.gc])
         if upgraded_from is not None:
             log.info("node %s: upgraded node folder %s from format %d to format %d", self.node_id, self.path, upgraded_from, NODE_FORMAT)
         self._truncated_max = max((t.last for t in self.truncations), default=0)
