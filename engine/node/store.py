@@ -101,7 +101,7 @@ from engine.errors import (
 from engine.node import growth
 from engine.node.growth import retry_when_full
 
-from engine.node.collection import VersionCollector
+from engine.node.collection import HORIZON, VersionCollector
 
 log = logging.getLogger("sixfold.store")
 
@@ -313,7 +313,7 @@ class SegmentStore(VersionCollector):
             # Collection removes records only at or below the hint it knew, and adopting a peer's
             # horizon requires it below the hint: the hint is at least every horizon. A folder
             # written before collection persisted its hint with it may store one below.
-            self.hint_lsn = max([self.hint_lsn] + [g[0] for g in self.gc])
+            self.hint_lsn = max([self.hint_lsn] + [g[HORIZON] for g in self.gc])
         if upgraded_from is not None:
             log.info("node %s: upgraded node folder %s from format %d to format %d", self.node_id, self.path, upgraded_from, NODE_FORMAT)
         self._truncated_max = max((t.last for t in self.truncations), default=0)
