@@ -57,8 +57,8 @@ def parse_size(text: str, what: str = "size") -> int:
 def format_size(n: int) -> str:
     """`n` bytes in the largest binary unit that keeps it at least 1 (`10 GiB`, `1.5 MiB`, `512 B`)."""
     for unit, factor in (("PiB", 1 << 50), ("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if abs(n) >= factor:
-            value = n / factor
+        value = round(n / factor, 1)  # rounded first: 1023.96 TiB is said as 1 PiB, never "1024.0 TiB"
+        if abs(value) >= 1 and abs(n) >= 1024:  # under 1 KiB it is said exactly, in bytes
             return f"{value:.0f} {unit}" if value == int(value) else f"{value:.1f} {unit}"
     return f"{n} B"
 

@@ -81,6 +81,14 @@ def test_format_size_says_the_size_within_its_rounding(n):
     assert abs(float(number) * factor - n) <= factor * 0.05
 
 
+def test_a_size_just_below_a_unit_is_said_in_that_unit():
+    """Found by the property above: the unit was chosen before rounding, so 1023.99 TiB read
+    "1024.0 TiB"."""
+    assert sizes.format_size(1_125_844_931_261_236) == "1 PiB"
+    assert sizes.format_size((1 << 20) - 1) == "1 MiB"
+    assert (sizes.format_size(1023), sizes.format_size(1536), sizes.format_size(10 << 30)) == ("1023 B", "1.5 KiB", "10 GiB")
+
+
 @pytest.mark.parametrize("text, expected", [
     ("10GiB", 10 << 30), ("500MiB", 500 << 20), ("1.5GiB", 3 << 29), ("4096", 4096), ("2 TB", 2 * 10**12),
     (" 1 kib ", 1024), ("0", 0),
