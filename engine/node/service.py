@@ -158,8 +158,11 @@ class StorageNode:
         log.error("node %s: storage error during %s: %s: %s", self.id, what, type(exc).__name__, exc)
         return StorageError(f"node {self.id}: storage error during {what}: {type(exc).__name__}: {exc}")
 
-    def append(self, epoch: int, frame: bytes, hint_lsn: int, collect_lsn: int = 0, collect_requests_lsn: int = 0):
-        reply = self.store.append(epoch, frame, hint_lsn, collect=(collect_lsn, collect_requests_lsn))
+    def append(self, epoch: int, frame: bytes, hint_lsn: int, collect_lsn: int = 0, collect_requests_lsn: int = 0,
+               items=None):
+        """`items`: the frame already indexed (`codec.index_frame`), from a caller in this process
+        that sends one frame to every member (the bulk path); a request from the wire never has it."""
+        reply = self.store.append(epoch, frame, hint_lsn, collect=(collect_lsn, collect_requests_lsn), items=items)
         # Taken at this epoch: the writer's lease is renewed (its heartbeats are empty appends).
         self._lease_at = time.monotonic()
         return reply

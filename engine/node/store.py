@@ -48,6 +48,7 @@ mark, which is what it reports as `bytes`.
 
 from __future__ import annotations
 
+import bisect
 import errno
 import json
 import logging
@@ -129,6 +130,9 @@ FULL_ERRNOS = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
 SCAN_ENTRIES_MAX = 10_000
 FETCH_BYTES_MAX = 8 << 20
 SCL_PERSIST_S = 0.25
+#: At least this many records of a frame whose keys ascend past a table's last key are put with
+#: MDB_APPEND (`_put_ascending`); fewer are not worth the check.
+APPEND_RECORDS_MIN = 64
 #: Version of the node folder's layout (tables, keys, meta entries, record bytes), recorded in the
 #: folder's identity (`meta/volume`, key "format"). Each change of layout raises it and comes with
 #: an upgrade path in `_check_identity`. History: 0 = the first release, which wrote no "format"
@@ -153,6 +157,22 @@ def _bounded(value, bound: int, what: str) -> int:
     if not isinstance(value, int) or not 0 <= value <= bound:
         raise InvalidArgument(f"{what} {value!r} is out of range 0..{bound}")
     return value
+
+
+def _put_ascending(cur, pairs, **flags) -> tuple[int, int]:
+    """`cur.putmulti(pairs, **flags)`, with MDB_APPEND for the part of `pairs` that may take it:
+    when the keys strictly ascend (no key given twice), those after the table's last key are
+    held nowhere yet and go in with MDB_APPEND, which fills each page before starting the next
+    (LMDB's ordinary split leaves a page of large records half full even when keys arrive in
+    order: a bulk load, a restore). Returns putmulti's (consumed, added), summed."""
+    if len(pairs) >= APPEND_RECORDS_MIN and all(a[0] < b[0] for a, b in zip(pairs, pairs[1:])):
+        last = cur.key() if cur.last() else b""
+        cut = bisect.bisect_right(pairs, last, key=lambda p: p[0])
+        if len(pairs) - cut >= APPEND_RECORDS_MIN:
+            c1, a1 = cur.putmulti(pairs[:cut], **flags) if cut else (0, 0)
+            c2, a2 = cur.putmulti(pairs[cut:], append=True, **flags)
+            return c1 + c2, a1 + a2
+    return cur.putmulti(pairs, **flags)
 
 
 def _check_epoch_step(node: str, current: int, epoch: int) -> None:
@@ -724,7 +744,7 @@ class SegmentStore(VersionCollector):
                         # `added` says whether every record was new, so the common case costs
                         # nothing more. A dupsort table stores an identical pair once.
                         cur = txn.cursor(db=self._log)
-                        _consumed, added = cur.putmulti([(it.log_key, it.record) for it in items], overwrite=False)
+                        _consumed, added = _put_ascending(cur, [(it.log_key, it.record) for it in items], overwrite=False)
                         if added < len(items):
                             self._check_held_copies(txn, items)  # ConflictingRecord aborts the transaction
                         self._index(txn, items)
@@ -787,7 +807,7 @@ class SegmentStore(VersionCollector):
             items = [it for it in items if not it.flags & FLAG_REQUEST]
             txn.cursor(db=self._requests).putmulti([(it.version_key, it.log_key[4:]) for it in requests], dupdata=True)
         if items:
-            txn.cursor(db=self._versions).putmulti([(it.version_key, it.log_key[4:]) for it in items], dupdata=True)
+            _put_ascending(txn.cursor(db=self._versions), [(it.version_key, it.log_key[4:]) for it in items], dupdata=True)
 
     def _check_held_copies(self, txn, items) -> None:
         """Some records of the frame were already held: each must be the very same bytes (a
