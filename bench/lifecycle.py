@@ -1,12 +1,21 @@
-"""Storage lifecycle benchmarks: version collection now; backup and restore join them here.
+"""Storage lifecycle benchmarks: version collection, backups, restore.
 
-    python bench/lifecycle.py [--only collection] [--keys 1000] [--puts 1000000] [--batch 100]
-                              [--seconds 40] [--collect-delay-s 0.1] [--durable] [--json out.json]
+    python bench/lifecycle.py [--only collection|backup|restore] [--keys 1000] [--puts 1000000]
+                              [--batch 100] [--seconds 40] [--collect-delay-s 0.1] [--durable]
+                              [--backup-mb 64] [--backup-value-bytes 1024,16384]
+                              [--latency-seconds 3] [--latency-rounds 3] [--json out.json]
 
 Each scenario is a function in SCENARIOS (name -> function(args) -> dict of results), run in
-order and reported as one table row per measured figure; `--only` picks some. A new scenario
-(backup MB/s, restore MB/s) is one more function and one more entry. Every loop is bounded by
-time and count; speed and size are reported, never asserted.
+order and reported as one table row per measured figure; `--only` picks some. Every loop is
+bounded by time and count; speed and size are reported, never asserted.
+
+backup (bench/backup.py's functions): put latency p50, one thread, 100-byte values, without and
+with continuous backups in alternating pairs of runs (the best of each side, and the median of
+the pairs' ratios); per value size, `--backup-mb` MB written in batches of 1,000 while the log
+is archived (MB/s of live data until the archive holds it all), then a base snapshot (MB/s).
+
+restore: per value size, that archive restored from its base into a new embedded volume, six
+copies written, durable (live MB per second of wall time and per CPU second).
 
 collection (embedded volume, `--value-bytes` values (100), 1 unit = `--batch` puts of random keys):
 * collection rate: overwrites are written while a snapshot holds the collection point back,
@@ -130,8 +139,59 @@ def collection(args) -> dict:
     return out
 
 
-#: name -> scenario; backup and restore (MB/s) are to be added here.
-SCENARIOS = {"collection": collection}
+def _backup_bench():
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import backup as backup_bench  # bench/backup.py
+
+    return backup_bench
+
+
+_ARCHIVED: dict = {}  # value bytes -> (backup, restore) figures: one archive serves both scenarios
+
+
+def _archive_figures(args, vb: int) -> tuple[dict, dict]:
+    if vb not in _ARCHIVED:
+        root = tempfile.mkdtemp(prefix="sixfold-lifecycle-backup-")
+        try:
+            _ARCHIVED[vb] = _backup_bench().backup_and_restore(root, args.backup_mb, vb)
+        finally:
+            shutil.rmtree(root, ignore_errors=True)
+    return _ARCHIVED[vb]
+
+
+def backup(args) -> dict:
+    """The archiver's cost on the put path (alternating pairs of runs), then per value size the
+    log archived while `--backup-mb` MB are written and a base snapshot of them (MB/s)."""
+    root = tempfile.mkdtemp(prefix="sixfold-lifecycle-latency-")
+    try:
+        pl = _backup_bench().put_overhead(root, args.latency_seconds, args.latency_rounds)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    out = {"put_p50_ms_without": pl["p50_ms_without"], "put_p50_ms_with": pl["p50_ms_with"],
+           "put_p50_overhead_pct": pl["p50_overhead_pct"],
+           "put_p50_overhead_pct_median_of_pairs": pl["p50_overhead_pct_median_of_pairs"]}
+    for vb in args.backup_value_bytes:
+        b, _r = _archive_figures(args, vb)
+        out[f"live_mb_{vb}"] = round(b["live_bytes"] / 1e6, 1)
+        out[f"log_archive_mb_per_s_{vb}"] = b["log_mb_per_s_while_writing"]
+        out[f"base_mb_per_s_{vb}"] = b["base_mb_per_s"]
+    return out
+
+
+def restore(args) -> dict:
+    """Per value size: a restore of `--backup-mb` MB of live data from a base into a new embedded
+    volume (six copies, durable): live MB per second of wall time and per CPU second."""
+    out = {}
+    for vb in args.backup_value_bytes:
+        _b, r = _archive_figures(args, vb)
+        out[f"keys_{vb}"] = r["keys"]
+        out[f"restore_mb_per_s_{vb}"] = r["mb_per_s"]
+        out[f"restore_mb_per_cpu_s_{vb}"] = r["mb_per_cpu_s"]
+    return out
+
+
+#: name -> scenario, run in this order.
+SCENARIOS = {"collection": collection, "backup": backup, "restore": restore}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -147,6 +207,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--collect-delay-s", type=float, default=0.1, help="engine option (default 0.1, the engine's)")
     ap.add_argument("--request-retention-s", type=float, default=0.0, help="engine option (engine default 60; bench 0)")
     ap.add_argument("--durable", action="store_true", help="segments fsync before acking (default: not)")
+    ap.add_argument("--backup-mb", type=int, default=64, help="MB of live data backed up and restored (default 64)")
+    ap.add_argument("--backup-value-bytes", default="1024,16384",
+                    help="value sizes of the backup and restore data, each measured (default 1024,16384)")
+    ap.add_argument("--latency-seconds", type=float, default=3.0, help="seconds per put-latency run (default 3)")
+    ap.add_argument("--latency-rounds", type=int, default=3,
+                    help="pairs of put-latency runs without and with backups (default 3)")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     args = ap.parse_args(argv)
@@ -157,6 +223,14 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--value-bytes must be at most 1 MiB")
     if not 0 < args.seconds <= 600:
         ap.error("--seconds must be in (0, 600]")
+    try:
+        args.backup_value_bytes = [int(x) for x in args.backup_value_bytes.split(",")]
+    except ValueError:
+        ap.error("--backup-value-bytes is a comma-separated list of sizes in bytes")
+    if not all(1 <= vb <= 1 << 20 for vb in args.backup_value_bytes):
+        ap.error("--backup-value-bytes: each size must be in 1..1 MiB")
+    if not 1 <= args.backup_mb <= 4096 or not 1 <= args.latency_rounds <= 20 or not 0 < args.latency_seconds <= 60:
+        ap.error("--backup-mb must be in 1..4096, --latency-rounds in 1..20, --latency-seconds in (0, 60]")
     print(f"seed {args.seed}")
     results = {}
     for name in args.only or list(SCENARIOS):
