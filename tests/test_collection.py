@@ -296,32 +296,72 @@ def test_request_records_go_only_below_the_request_point(store):
 
 
 # --- pages ---------------------------------------------------------------------------------
-@pytest.mark.parametrize("compacting", [True, False])
+@pytest.mark.parametrize("compacting", ["rebuild", "chunks", "off"])
 def test_collection_packs_what_it_leaves_into_few_pages(tmp_path, monkeypatch, compacting):
+    """10,000 overwrites of 50 keys collected down to 50 records: compaction packs them, whole
+    tables rebuilt when small (every page full), in chunks otherwise; without it LMDB leaves
+    the sparse pages (and a key's emptied sub-database) as they are."""
     import random
 
     from engine.node import collection
 
-    if not compacting:  # what LMDB leaves alone: sparse pages, a key's emptied sub-database
+    if compacting == "off":  # what LMDB leaves alone: sparse pages, a key's emptied sub-database
         monkeypatch.setattr(collection, "COMPACT_CHURN", 10**9)
+        monkeypatch.setattr(collection, "COMPACT_IDLE_CHURN", 10**9)
         monkeypatch.setattr(collection, "REWRITE_DUPS_MIN", 10**9)
+    if compacting == "chunks":
+        monkeypatch.setattr(collection, "COMPACT_REBUILD_ENTRIES_MAX", 0)
     s = open_store(tmp_path / "n1")
     s.sync_epoch(1, ())
     rng, lsn = random.Random(1), 0
+    values = {}
     for _ in range(20):  # 10,000 overwrites of 50 keys, 40-byte values
         recs = []
         for _ in range(500):
             lsn += 1
-            recs.append(rec(lsn, lsn - 1, b"key:%04d" % rng.randrange(50), b"x" * 40))
+            key = b"key:%04d" % rng.randrange(50)
+            values[key] = b"%040d" % lsn
+            recs.append(rec(lsn, lsn - 1, key, values[key]))
         s.append(1, codec.encode_frame(recs), lsn)
     before = s.state().pages_used
     collect(s, lsn)
     st = s.state()
     assert st.records == 50 and before > 300
-    if compacting:
+    assert {k: s.read(0, k, lsn, lsn, 1).value for k in values} == values  # same bytes, wherever they sit
+    with s.env.begin() as txn:
+        log_pages = txn.stat(s._log)["leaf_pages"]
+    if compacting == "rebuild":
+        assert log_pages <= 2 and st.pages_used <= 9 and s.compactions > 0, (log_pages, st.pages_used)
+    elif compacting == "chunks":
         assert st.pages_used <= 12 and s.compactions > 0, (st.pages_used, s.compactions)
     else:
         assert st.pages_used > 30, st.pages_used  # the case compaction exists for
+    s.close()
+
+
+def test_a_volume_that_stopped_writing_ends_compacted(tmp_path, monkeypatch):
+    """Removals below COMPACT_CHURN times a PG's share compact nothing while writes go on past
+    the point; once collection caught up with all the PG holds, COMPACT_IDLE_CHURN of it does."""
+    from engine.node import collection
+
+    s = open_store(tmp_path / "n1")
+    s.sync_epoch(1, ())
+    lsn = 0
+    recs = []
+    for i in range(400):  # 400 keys, then 200 of them overwritten once: half the log goes
+        lsn += 1
+        recs.append(rec(lsn, lsn - 1, b"key:%04d" % i, b"a" * 100))
+    for i in range(0, 400, 2):
+        lsn += 1
+        recs.append(rec(lsn, lsn - 1, b"key:%04d" % i, b"b" * 100))
+    s.append(1, codec.encode_frame(recs), lsn)
+    more = [rec(lsn + 1, lsn, b"later", b"c")]
+    s.append(1, codec.encode_frame(more), lsn + 1)  # held, and above the point: not idle
+    monkeypatch.setattr(collection, "COMPACT_CHURN", 2)  # 200 removed of a 601-entry share: not due
+    collect(s, lsn)
+    assert s.state().records == 401 and s.compactions == 0
+    collect(s, lsn + 1)  # the point covers everything held now
+    assert s.compactions == 1
     s.close()
 
 

@@ -48,9 +48,12 @@ backlink lies at or below an SCL that names no held record (`SegmentStore._walk_
 Compaction: LMDB frees a page only when it empties or falls below a quarter full, so removing
 scattered versions leaves the log and the version index a third full or less (an overwrite-heavy
 volume holds several times its live data in pages). Once a PG has had COMPACT_CHURN times its
-share of the log removed, collection rewrites its entries of both tables in key order, a bounded
-chunk per step (each chunk deleted and put again in one transaction: same keys, same bytes),
-which packs them into dense pages and frees the rest for reuse (the file does not shrink).
+share of the log removed (COMPACT_IDLE_CHURN once collection caught up with everything the PG
+holds), collection rewrites its entries of both tables in key order, a bounded chunk per step
+(each chunk deleted and put again in one transaction: same keys, same bytes), which packs them
+into pages about two thirds full and frees the rest for reuse (the file does not shrink). When
+both tables are small (COMPACT_REBUILD_ENTRIES_MAX entries, COMPACT_REBUILD_BYTES_MAX), the
+step rebuilds them whole instead: emptied and put back in key order, every page full.
 
 This is a mixin of `SegmentStore` (same package, same lock: every method here that changes
 anything runs under `_write_lock`).
@@ -86,6 +89,17 @@ REWRITE_DUPS_MIN = 16
 COMPACT_CHURN = 1
 COMPACT_ENTRIES_MIN = 64
 COMPACT_CHUNK = 256
+#: ... or once a PG that collection has caught up with (its target is its SCL: no record the
+#: point does not cover) had this share of its log removed: a volume that stopped writing ends
+#: packed, rather than as sparse as the last sweeps left it.
+COMPACT_IDLE_CHURN = 0.25
+#: A compaction that finds the log and version tables this small (entries, and bytes of pages)
+#: rebuilds both whole in the step's transaction: each emptied, then put again in key order from
+#: its start (MDB_APPEND for the log), which packs every page full. Rewriting chunks in place
+#: packs them to about two thirds: a run of keys put between two held ones splits its pages in
+#: half as it grows (LMDB fills a page before splitting only at the end of a table).
+COMPACT_REBUILD_ENTRIES_MAX = 8192
+COMPACT_REBUILD_BYTES_MAX = 4 << 20
 HORIZON, SWEPT, TOMBSTONES, REQUESTS = range(4)
 
 
@@ -285,9 +299,14 @@ class VersionCollector:
         or under way (see the module docstring); returns the entries rewritten."""
         at = self._compact_at[pg]
         if at is None:
-            share = txn.stat(self._log)["entries"] // self.geometry.protection_groups
-            if self._churn[pg] < COMPACT_CHURN * max(COMPACT_ENTRIES_MIN, share):
+            log_stat = txn.stat(self._log)
+            share = log_stat["entries"] // self.geometry.protection_groups
+            due = max(COMPACT_ENTRIES_MIN, share)
+            idle = self._target(pg) >= self.scls[pg]
+            if self._churn[pg] < (COMPACT_IDLE_CHURN if idle else COMPACT_CHURN) * due:
                 return 0
+            if self._small_enough_to_rebuild(txn, log_stat):
+                return self._rebuild_tables(txn)
             at = (0, b"")
         self._churn[pg] = 0
         prefix = _U32BE.pack(pg)
@@ -322,6 +341,33 @@ class VersionCollector:
                 # Resume after the last key (duplicates of it past the chunk are left as they are).
                 at = (table, pairs[-1][0][4:] + b"\x00")
         self._compact_at[pg] = at
+        return done
+
+    def _small_enough_to_rebuild(self, txn, log_stat: dict) -> bool:
+        versions = txn.stat(self._versions)
+        entries = log_stat["entries"] + versions["entries"]
+        pages = sum(st["leaf_pages"] + st["branch_pages"] + st["overflow_pages"] for st in (log_stat, versions))
+        return entries <= COMPACT_REBUILD_ENTRIES_MAX and pages * self._page_bytes <= COMPACT_REBUILD_BYTES_MAX
+
+    def _rebuild_tables(self, txn) -> int:
+        """Empty the log and the version index and put every entry back in key order (see
+        COMPACT_REBUILD_ENTRIES_MAX): same keys, same bytes, full pages. Ends every PG's
+        compaction. Returns the entries rewritten."""
+        done = 0
+        for db, append in ((self._log, True), (self._versions, False)):
+            pairs = [(bytes(k), bytes(v)) for k, v in txn.cursor(db=db)]  # key order (and duplicate order)
+            txn.drop(db, delete=False)
+            # Into an empty table in key order: every put lands at the end of the last page, so
+            # pages fill before they split. The version index holds duplicates, which MDB_APPEND
+            # does not take as such; the order alone packs it.
+            _consumed, added = txn.cursor(db=db).putmulti(pairs, dupdata=db is self._versions, append=append)
+            if added != len(pairs):
+                raise RuntimeError(f"node {self.node_id}: rebuilding a table put back {added} of {len(pairs)} entries")
+            done += len(pairs)
+        P = self.geometry.protection_groups
+        self._churn = [0] * P
+        self._compact_at = [None] * P
+        self.compactions += 1
         return done
 
     def adopt_collected(self, txn, pg: int, after: int, complete: int, horizon: int, scls: list[int],
