@@ -305,7 +305,7 @@ class VersionCollector:
             idle = self._target(pg) >= self.scls[pg]
             if self._churn[pg] < (COMPACT_IDLE_CHURN if idle else COMPACT_CHURN) * due:
                 return 0
-            if self._small_enough_to_rebuild(txn, log_stat):
+            if not self._at_floor and self._small_enough_to_rebuild(txn, log_stat):  # at its floor: chunks
                 return self._rebuild_tables(txn)
             at = (0, b"")
         self._churn[pg] = 0
