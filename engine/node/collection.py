@@ -182,7 +182,7 @@ class VersionCollector:
             self._check_open()
             _epoch, _point, request_point = self.collect_target
             gc = [list(g) for g in self.gc]
-            visited = removed = 0
+            visited = removed = compacted = 0
             touched = []
             with self.env.begin(write=True) as txn:
                 for i in range(P):
@@ -210,7 +210,8 @@ class VersionCollector:
                         visited, removed = visited + n, removed + r
                     self._churn[pg] += removed - removed_before
                     if visited < records_max:
-                        visited += self._compact(txn, pg, records_max - visited)
+                        n = self._compact(txn, pg, records_max - visited)
+                        visited, compacted = visited + n, compacted + n
                     if g != before:
                         txn.put(gc_key(pg), _GC.pack(*g), db=self._meta)
                         # The stored SCL is where opening walks the chain from; it must not name
@@ -226,6 +227,13 @@ class VersionCollector:
                 counters = dict(self.counters, collected=self.counters["collected"] + removed)
                 if removed:
                     txn.put(b"counters", json.dumps(counters).encode(), db=self._meta)
+                elif not compacted:
+                    # Nothing removed or moved (new keys, say): nothing to make durable, so no
+                    # commit and no fsync, and the appends wait for no collection commit. The
+                    # points advance in memory only; one not persisted is still true after a
+                    # restart (nothing between the stored and the new one was removed), and the
+                    # first step that removes anything persists them with what it removes.
+                    txn.abort()
             # Published once committed (a failed step changes nothing the node tells anybody).
             self.gc, self.counters = gc, counters
             self._collect_pg = (self._collect_pg + 1) % P
