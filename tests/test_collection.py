@@ -502,3 +502,24 @@ def test_a_node_folder_of_format_2_opens_upgraded_and_collects(tmp_path):
             assert json.loads(txn.get(b"volume"))["format"] == NODE_FORMAT == 3
     finally:
         env.close()
+
+
+def test_a_step_that_removes_nothing_commits_nothing(store):
+    """New keys leave collection nothing to remove: its steps advance in memory and write no
+    transaction (no fsync beside the appends'); the first removal persists the points with it."""
+    from engine.node.collection import SWEPT
+
+    store.append(1, chain(*[(i, b"k%d" % i, b"v") for i in range(1, 11)]), 10)
+    txnid = store.env.info()["last_txnid"]
+    collect(store, 10)
+    assert store.gc[0][SWEPT] == 10 and store.env.info()["last_txnid"] == txnid
+    store.append(1, chain((11, b"k1", b"again"), first_prev=10), 11)
+    txnid = store.env.info()["last_txnid"]
+    collect(store, 11)
+    assert versions(store, b"k1") == [11] and store.env.info()["last_txnid"] == txnid + 1
+    store.close()
+    reopened = open_store(store.path)
+    try:
+        assert reopened.gc[0][SWEPT] == 11  # persisted with the removal
+    finally:
+        reopened.close()
