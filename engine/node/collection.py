@@ -51,9 +51,13 @@ volume holds several times its live data in pages). Once a PG has had COMPACT_CH
 share of the log removed (COMPACT_IDLE_CHURN once collection caught up with everything the PG
 holds), collection rewrites its entries of both tables in key order, a bounded chunk per step
 (each chunk deleted and put again in one transaction: same keys, same bytes), which packs them
-into pages about two thirds full and frees the rest for reuse (the file does not shrink). When
-both tables are small (COMPACT_REBUILD_ENTRIES_MAX entries, COMPACT_REBUILD_BYTES_MAX), the
-step rebuilds them whole instead: emptied and put back in key order, every page full.
+into pages about two thirds full and frees the rest for reuse (the file does not shrink). A
+table that is small (COMPACT_REBUILD_ENTRIES_MAX entries; the log also COMPACT_REBUILD_BYTES_MAX)
+is rebuilt whole instead, for every PG at once: emptied and put back in key order, every page
+full. The version index is judged by its entries alone: LMDB does not take a freed
+sub-database's pages off a dupsort table's page counts, so after a key's many versions are
+collected the counts overstate it (by about a page per such key) until a rebuild resets them;
+`usage()` and `pages_used` read those counts.
 
 This is a mixin of `SegmentStore` (same package, same lock: every method here that changes
 anything runs under `_write_lock`).
@@ -126,6 +130,7 @@ class VersionCollector:
         #: resumes ((table index, key), or None); in memory: a restart only delays a compaction
         self._churn = [0] * P
         self._compact_at: list[tuple[int, bytes] | None] = [None] * P
+        self._skip_log_chunks = False  # the log was rebuilt whole: chunks of the version index only
         #: compaction chunks rewritten (status)
         self.compactions = 0
 
@@ -313,12 +318,30 @@ class VersionCollector:
             idle = self._target(pg) >= self.scls[pg]
             if self._churn[pg] < (COMPACT_IDLE_CHURN if idle else COMPACT_CHURN) * due:
                 return 0
-            if not self._at_floor and self._small_enough_to_rebuild(txn, log_stat):  # at its floor: chunks
-                return self._rebuild_tables(txn)
             at = (0, b"")
+            done = 0
+            if not self._at_floor:  # at its floor: chunks only (their copies must fit in the floor)
+                # A small table is rebuilt whole, for every PG at once (COMPACT_REBUILD_*). The
+                # version index is judged by its entries: its page counts are not to be trusted
+                # (LMDB does not take a freed sub-database's pages off them; a rebuild resets them).
+                log_small = (log_stat["entries"] <= COMPACT_REBUILD_ENTRIES_MAX and self._page_bytes * (
+                    log_stat["leaf_pages"] + log_stat["branch_pages"] + log_stat["overflow_pages"]) <= COMPACT_REBUILD_BYTES_MAX)
+                versions_small = txn.stat(self._versions)["entries"] <= COMPACT_REBUILD_ENTRIES_MAX
+                if versions_small:
+                    done += self._rebuild_table(txn, self._versions)
+                    at = (1, b"")
+                if log_small:
+                    done += self._rebuild_table(txn, self._log)
+                    at = None if versions_small else (0, b"")
+                if at is None:  # both whole: every PG's compaction is done
+                    P = self.geometry.protection_groups
+                    self._churn, self._compact_at = [0] * P, [None] * P
+                    return done
+                self._skip_log_chunks = log_small
+        else:
+            done = 0
         self._churn[pg] = 0
         prefix = _U32BE.pack(pg)
-        done = 0
         while at is not None and done < budget:
             table, start = at
             db = (self._versions, self._log)[table]
@@ -344,39 +367,30 @@ class VersionCollector:
                 done += len(pairs)
                 self.compactions += 1
             if ended:
-                at = (1, b"") if table == 0 else None
+                at = (1, b"") if table == 0 and not self._skip_log_chunks else None
             else:
                 # Resume after the last key (duplicates of it past the chunk are left as they are).
                 at = (table, pairs[-1][0][4:] + b"\x00")
         self._compact_at[pg] = at
+        if at is None:
+            self._skip_log_chunks = False
         return done
 
-    def _small_enough_to_rebuild(self, txn, log_stat: dict) -> bool:
-        versions = txn.stat(self._versions)
-        entries = log_stat["entries"] + versions["entries"]
-        pages = sum(st["leaf_pages"] + st["branch_pages"] + st["overflow_pages"] for st in (log_stat, versions))
-        return entries <= COMPACT_REBUILD_ENTRIES_MAX and pages * self._page_bytes <= COMPACT_REBUILD_BYTES_MAX
-
-    def _rebuild_tables(self, txn) -> int:
-        """Empty the log and the version index and put every entry back in key order (see
-        COMPACT_REBUILD_ENTRIES_MAX): same keys, same bytes, full pages. Ends every PG's
-        compaction. Returns the entries rewritten."""
-        done = 0
-        for db, append in ((self._log, True), (self._versions, False)):
-            pairs = [(bytes(k), bytes(v)) for k, v in txn.cursor(db=db)]  # key order (and duplicate order)
-            txn.drop(db, delete=False)
-            # Into an empty table in key order: every put lands at the end of the last page, so
-            # pages fill before they split. The version index holds duplicates, which MDB_APPEND
-            # does not take as such; the order alone packs it.
-            _consumed, added = txn.cursor(db=db).putmulti(pairs, dupdata=db is self._versions, append=append)
-            if added != len(pairs):
-                raise RuntimeError(f"node {self.node_id}: rebuilding a table put back {added} of {len(pairs)} entries")
-            done += len(pairs)
-        P = self.geometry.protection_groups
-        self._churn = [0] * P
-        self._compact_at = [None] * P
+    def _rebuild_table(self, txn, db) -> int:
+        """Empty `db` (the log or the version index) and put every entry back in key order (see
+        COMPACT_REBUILD_ENTRIES_MAX): same keys, same bytes, full pages, and LMDB's page counts
+        of it true again. Returns the entries rewritten."""
+        pairs = [(bytes(k), bytes(v)) for k, v in txn.cursor(db=db)]  # key order (and duplicate order)
+        txn.drop(db, delete=False)
+        # Into an empty table in key order: every put lands at the end of the last page, so pages
+        # fill before they split. The version index holds duplicates, which MDB_APPEND does not
+        # take as such; the order alone packs it.
+        versions = db is self._versions
+        _consumed, added = txn.cursor(db=db).putmulti(pairs, dupdata=versions, append=not versions)
+        if added != len(pairs):
+            raise RuntimeError(f"node {self.node_id}: rebuilding a table put back {added} of {len(pairs)} entries")
         self.compactions += 1
-        return done
+        return len(pairs)
 
     def adopt_collected(self, txn, pg: int, after: int, complete: int, horizon: int, scls: list[int],
                         gc: list[list[int]]) -> bool:
