@@ -22,9 +22,10 @@ collection (embedded volume, `--value-bytes` values (100), 1 unit = `--batch` pu
   then the snapshot is closed and the time until every node holds only the live versions is
   measured (records removed per second, per node; the six nodes collect at once);
 * steady state under an overwrite-heavy workload: `--puts` puts over `--keys` keys (stopping
-  early after `--seconds`, reported), sampling each node's LMDB pages in use (every table;
-  pages freed for reuse are not counted; the tables' dupsort sub-pages as `used_bytes` bounds
-  them: LMDB files never shrink, their high-water mark is reported beside) against the live data (`--keys` records of 36 + key + value bytes), during
+  early after `--seconds`, reported), sampling each node's LMDB pages in use (every table, as
+  the node's `used_bytes` counts them; pages freed for reuse are not counted: LMDB files never
+  shrink, their high-water mark is reported beside) against the live data (`--keys` records
+  of 36 + key + value bytes), during
   the run (peak) and once collection caught up after it (settled).
   Request-id records are kept for `--request-retention-s` (the engine's default is 60 s; the
   bench's 0 measures versions only, and says so).

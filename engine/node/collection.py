@@ -324,9 +324,13 @@ class VersionCollector:
                 # A small table is rebuilt whole, for every PG at once (COMPACT_REBUILD_*). The
                 # version index is judged by its entries: its page counts are not to be trusted
                 # (LMDB does not take a freed sub-database's pages off them; a rebuild resets them).
-                log_small = (log_stat["entries"] <= COMPACT_REBUILD_ENTRIES_MAX and self._page_bytes * (
-                    log_stat["leaf_pages"] + log_stat["branch_pages"] + log_stat["overflow_pages"]) <= COMPACT_REBUILD_BYTES_MAX)
-                versions_small = txn.stat(self._versions)["entries"] <= COMPACT_REBUILD_ENTRIES_MAX
+                log_bytes = self._page_bytes * (log_stat["leaf_pages"] + log_stat["branch_pages"] + log_stat["overflow_pages"])
+                versions_stat = txn.stat(self._versions)
+                versions_bytes = self._page_bytes * (versions_stat["leaf_pages"] + versions_stat["branch_pages"])
+                versions_small = (versions_stat["entries"] <= COMPACT_REBUILD_ENTRIES_MAX
+                                  and self._room_to_rewrite(versions_bytes))
+                log_small = (log_stat["entries"] <= COMPACT_REBUILD_ENTRIES_MAX and log_bytes <= COMPACT_REBUILD_BYTES_MAX
+                             and self._room_to_rewrite(log_bytes + (versions_bytes if versions_small else 0)))
                 if versions_small:
                     done += self._rebuild_table(txn, self._versions)
                     at = (1, b"")
@@ -376,6 +380,15 @@ class VersionCollector:
             self._skip_log_chunks = False
         return done
 
+    def _room_to_rewrite(self, table_bytes: int) -> bool:
+        """Whether the map has room, above the floor, for a rebuild of `table_bytes`: until it
+        commits, a transaction holds a new copy of every page it writes beside the old one. A
+        node near its maximum compacts in chunks (a rebuild there would fail for want of pages
+        and be tried again, and collection would never get past it)."""
+        used, _held = self._last_usage or self.usage()
+        capacity = self._capacity_bytes
+        return capacity - used >= 2 * table_bytes + self.floor_bytes(capacity)
+
     def _rebuild_table(self, txn, db) -> int:
         """Empty `db` (the log or the version index) and put every entry back in key order (see
         COMPACT_REBUILD_ENTRIES_MAX): same keys, same bytes, full pages, and LMDB's page counts
@@ -412,7 +425,7 @@ class VersionCollector:
     def collection_state(self) -> dict:
         """Fields of NodeState: per PG horizons and swept LSNs, records removed, pages in use."""
         with self._read_txn() as txn:
-            pages = self._table_pages(txn)  # as `used_bytes` counts them (dupsort sub-pages bounded)
+            pages = self._table_pages(txn)  # as `used_bytes` counts them
         return dict(
             horizons=tuple(g[HORIZON] for g in self.gc), swept=tuple(g[SWEPT] for g in self.gc),
             collected_records=self.counters.get("collected", 0), pages_used=pages, page_bytes=self._page_bytes,

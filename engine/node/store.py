@@ -452,9 +452,9 @@ class SegmentStore(VersionCollector):
     def usage(self) -> tuple[int, int]:
         """(used bytes, held bytes). Held: the data file's high-water mark (last page + 1, times
         the page size), which the map must hold and which LMDB never lowers. Used: the pages of
-        every table (LMDB's stats), the meta pages, and for the two dupsort tables an upper
-        bound of their duplicates' sub-database pages (which the stats leave out: 8 bytes per
-        version, counted twice); at most held. Pages on LMDB's free list are the difference:
+        every table (LMDB's stats, which count a dupsort table's sub-database pages too, and
+        overstate them once sub-databases were freed: engine.node.collection rebuilds a small
+        version index to reset them) and the meta pages; at most held. Pages on LMDB's free list are the difference:
         LMDB reuses them, so they are room. Some of them cannot be reused yet (those freed by the
         last commits, kept for readers and for the previous meta page): the reserve covers them."""
         with self._read_txn() as txn:
@@ -465,14 +465,11 @@ class SegmentStore(VersionCollector):
     def _table_pages(self, txn) -> int:
         """The pages the tables hold as `txn` sees them (see `usage`; the main table's, which
         holds only the tables' names, as last committed)."""
-        psize = self._page_bytes
         main = self.env.stat()
         pages = 2 + main["branch_pages"] + main["leaf_pages"] + main["overflow_pages"]
         for db in (self._log, self._versions, self._meta, self._requests):
             st = txn.stat(db)
             pages += st["branch_pages"] + st["leaf_pages"] + st["overflow_pages"]
-            if db is self._versions or db is self._requests:
-                pages += -(-2 * 8 * st["entries"] // psize)
         return pages
 
     def _append_reply(self) -> AppendReply:
