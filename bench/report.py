@@ -171,9 +171,10 @@ def label_of(system: str) -> str:
     return LABELS.get(system, system)
 
 
-def series(sources: list[Source]) -> dict[str, dict[tuple[str, int], Row]]:
-    """legend label -> (kind, clients) -> row, over every file; a system found in more than one
-    file gets its file's name in the label, so no line silently hides another."""
+def series(sources: list[Source]) -> tuple[dict[str, dict[tuple[str, int], Row]], bool]:
+    """(legend label -> (kind, clients) -> row, over every file; whether a system was found in
+    more than one file). Such a system gets its file's name in the label, so no line silently
+    hides another."""
     files_of: dict[str, set[str]] = {}
     for s in sources:
         for r in s.rows:
@@ -185,16 +186,28 @@ def series(sources: list[Source]) -> dict[str, dict[tuple[str, int], Row]]:
             if len(files_of[r.system]) > 1:
                 label += f" ({os.path.basename(s.path)})"
             out.setdefault(label, {})[(r.kind, r.clients)] = r
+    return out, any(len(f) > 1 for f in files_of.values())
+
+
+def styles(labels: list[str], *, by_family: bool) -> dict[str, dict]:
+    """label -> plot style. By family: Sixfold in blue, etcd in orange (red with 1 member). When a
+    system comes from several files, every line gets its own colour instead, so that the same
+    system twice is told apart. TLS is dashed either way."""
+    out = {}
+    for i, label in enumerate(labels):
+        low = label.lower()
+        if by_family:
+            color = "tab:blue" if low.startswith("sixfold") else ("tab:red" if "1 member" in low else "tab:orange")
+            if "encryption" in low:
+                color = "tab:purple"
+        else:
+            color = f"C{i % 10}"
+        out[label] = {"color": color, "linestyle": "--" if "tls" in low else "-"}
     return out
 
 
-def style_of(label: str) -> dict:
-    """Sixfold in blue, etcd in orange (a lighter one for 1 member); TLS dashed."""
-    low = label.lower()
-    color = "tab:blue" if low.startswith("sixfold") else ("tab:red" if "1 member" in low else "tab:orange")
-    if "encryption" in low:
-        color = "tab:purple"
-    return {"color": color, "linestyle": "--" if "tls" in low else "-", "marker": "o", "markersize": 4}
+def legend_columns(labels: list[str]) -> int:
+    return min(len(labels), 5 if max(map(len, labels), default=0) <= 24 else 3)
 
 
 def has_etcd(sources: list[Source]) -> bool:
@@ -202,17 +215,20 @@ def has_etcd(sources: list[Source]) -> bool:
 
 
 def subtitle(sources: list[Source]) -> str:
-    """What the figures were measured under: seconds per point, load, and whether etcd ran."""
-    parts = []
-    seconds = sorted({s.seconds for s in sources if s.seconds is not None})
-    if seconds:
-        parts.append(f"{', '.join(f'{x:g}' for x in seconds)} s per point")
-    loads = [s for s in sources if s.load_average is not None]
-    if loads:
-        parts.append("load average before " + ", ".join(
-            f"{s.load_average:.1f}" + (f" on {s.cpu_count} cores" if s.cpu_count else "") for s in loads))
-    parts.append("100-byte values, durable (fsync)")
-    return "; ".join(parts)
+    """What the figures were measured under: seconds per point and the load, per file."""
+    def measured(s: Source) -> str:
+        parts = [f"{s.seconds:g} s per point"] if s.seconds is not None else []
+        if s.load_average is not None:
+            parts.append(f"load average {s.load_average:.1f} at the start"
+                         + (f" on {s.cpu_count} cores" if s.cpu_count else ""))
+        return ", ".join(parts)
+
+    if len(sources) == 1:
+        lines = [measured(sources[0])]
+    else:
+        lines = [f"{os.path.basename(s.path)}: {measured(s) or 'no run details'}" for s in sources]
+    lines[-1] = "; ".join([x for x in (lines[-1], "100-byte values, durable (fsync)") if x])
+    return "\n".join(lines)
 
 
 def alone(sources: list[Source]) -> str:
@@ -231,8 +247,8 @@ def plain_log_axis(axis, ticker) -> None:
     axis.set_minor_formatter(ticker.NullFormatter())
 
 
-def draw_throughput(sources: list[Source], lines: dict[str, dict[tuple[str, int], Row]], path: str, figure_cls,
-                    ticker) -> None:
+def draw_throughput(sources: list[Source], lines: dict[str, dict[tuple[str, int], Row]], style: dict[str, dict],
+                    path: str, figure_cls, ticker) -> None:
     fig = figure_cls(figsize=(10, 4.4), layout="constrained")
     axes = fig.subplots(1, 2)
     all_clients = sorted({n for rows in lines.values() for (_k, n) in rows})
@@ -240,7 +256,7 @@ def draw_throughput(sources: list[Source], lines: dict[str, dict[tuple[str, int]
         for label, rows in lines.items():
             points = sorted((n, r.ops_s) for (k, n), r in rows.items() if k == kind)
             if points:
-                ax.plot([n for n, _ in points], [v for _, v in points], label=label, **style_of(label))
+                ax.plot([n for n, _ in points], [v for _, v in points], label=label, marker="o", markersize=4, **style[label])
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         plain_log_axis(ax.yaxis, ticker)
@@ -255,14 +271,14 @@ def draw_throughput(sources: list[Source], lines: dict[str, dict[tuple[str, int]
         if lab not in labels:
             handles.append(h)
             labels.append(lab)
-    fig.legend(handles, labels, loc="outside lower center", ncol=min(len(labels), 5), fontsize="small")
+    fig.legend(handles, labels, loc="outside lower center", ncol=legend_columns(labels), fontsize="small")
     fig.suptitle("Throughput against client threads" + alone(sources)
                  + "\n" + subtitle(sources), fontsize="medium")
     fig.savefig(path, dpi=DPI)
 
 
-def draw_cdf(sources: list[Source], lines: dict[str, dict[tuple[str, int], Row]], path: str, figure_cls,
-             ticker) -> None:
+def draw_cdf(sources: list[Source], lines: dict[str, dict[tuple[str, int], Row]], style: dict[str, dict],
+             path: str, figure_cls, ticker) -> None:
     fig = figure_cls(figsize=(10, 7), layout="constrained")
     axes = fig.subplots(len(KINDS), len(CDF_CLIENTS), squeeze=False)
     handles: dict[str, object] = {}
@@ -277,7 +293,7 @@ def draw_cdf(sources: list[Source], lines: dict[str, dict[tuple[str, int], Row]]
                 # Latencies of 0 ms (below the microsecond) cannot sit on a log axis.
                 xs = [max(x, 1e-3) for x in r.latency_ms]
                 (h,) = ax.plot(xs, r.quantiles, label=label, drawstyle="steps-post", linewidth=1.5,
-                               **{k: v for k, v in style_of(label).items() if k in ("color", "linestyle")})
+                               **style[label])
                 handles.setdefault(label, h)
                 drawn += 1
             if not drawn:
@@ -291,8 +307,8 @@ def draw_cdf(sources: list[Source], lines: dict[str, dict[tuple[str, int], Row]]
             ax.set_title(f"{kind}, {n} client" + ("" if n == 1 else "s"))
             ax.grid(True, which="major", alpha=0.3)
     if handles:
-        fig.legend(list(handles.values()), list(handles), loc="outside lower center", ncol=min(len(handles), 5),
-                   fontsize="small")
+        fig.legend(list(handles.values()), list(handles), loc="outside lower center",
+                   ncol=legend_columns(list(handles)), fontsize="small")
     fig.suptitle("Latency CDF (fraction of operations done within a latency)" + alone(sources)
                  + "\n" + subtitle(sources), fontsize="medium")
     fig.savefig(path, dpi=DPI)
@@ -331,14 +347,15 @@ def main(argv=None) -> int:
     except OSError as e:
         print(f"report: cannot make the output folder {args.out}: {e.strerror or e}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    lines = series(sources)
+    lines, repeated = series(sources)
+    style = styles(list(lines), by_family=not repeated)
     if not has_etcd(sources):
         why = next((s.etcd_missing for s in sources if s.etcd_missing), None)
         print("report: no etcd rows in the data; drawing Sixfold alone" + (f" ({why})" if why else ""))
     written = []
     for name, draw in (("throughput.png", draw_throughput), ("latency_cdf.png", draw_cdf)):
         path = os.path.join(args.out, name)
-        draw(sources, lines, path, Figure, ticker)
+        draw(sources, lines, style, path, Figure, ticker)
         written.append(path)
     no_cdf = sorted({label for label, rows in lines.items() for (k, n), r in rows.items()
                      if n in CDF_CLIENTS and not r.latency_ms})

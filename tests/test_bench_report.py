@@ -133,3 +133,15 @@ def test_report_refuses_a_missing_file_with_exit_code_2(tmp_path):
     done = report(missing, "--out", str(tmp_path / "out"))
     assert done.returncode == 2
     assert f"{missing}: cannot read it" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_a_system_found_in_two_files_is_labelled_with_each_file(tmp_path):
+    import report  # bench/report.py: its reading of the files, without drawing
+
+    first = report.load(write(tmp_path, "monday.json", document()))
+    second = report.load(write(tmp_path, "tuesday.json", document(systems=("sixfold-insecure",))))
+    lines, repeated = report.series([first, second])
+    assert repeated
+    assert sorted(lines) == ["Sixfold, plaintext (monday.json)", "Sixfold, plaintext (tuesday.json)", "etcd, 3 members"]
+    assert sorted(lines["etcd, 3 members"]) == [(k, n) for k in ("get", "put") for n in CLIENTS]
+    assert len({s["color"] for s in report.styles(list(lines), by_family=False).values()}) == 3
