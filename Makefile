@@ -6,7 +6,11 @@
 #                which run node processes on the same node code, and the `twin_once` protocol checks
 #                of the chaos checker, which do not depend on the codec; `make test-full` runs all twice)
 #   make test-full  both twins over the whole suite
-#   make bench   codec benchmark (bench/codec.py), then bench/embedded.py when it exists
+#   make bench   codec benchmark (bench/codec.py), bench/embedded.py, then Sixfold against a
+#                3-member etcd (bench/compare_etcd.py, plaintext pair, BENCH_SECONDS per point,
+#                JSON in bench/results/) and its pictures (bench/report.py, PNGs in bench/out/).
+#                Installs the `bench` extra (matplotlib) first; without etcd it says how to install
+#                it (apt-get install etcd-server) and draws Sixfold alone
 #   make soak    the long fault-injection runs (pytest -m soak)
 #   make clean   remove build products (not .venv)
 #
@@ -20,6 +24,9 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.sixfold-setup
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
+#: Seconds per measurement of the etcd comparison: 2 systems x 8 measurements, about 80 s at 2.
+BENCH_SECONDS ?= 2
+BENCH_STAMP := $(VENV)/.sixfold-bench
 
 BUILD_INPUTS := pyproject.toml setup.py $(wildcard ext/*.pyx ext/*.pxd ext/*.h) \
 	$(shell find proto -name '*.proto' 2>/dev/null | sort)
@@ -59,9 +66,19 @@ test-full: $(STAMP)
 	SIXFOLD_CODEC=cython $(PY) -m pytest $(PYTEST_ARGS)
 	SIXFOLD_CODEC=python $(PY) -m pytest $(PYTEST_ARGS)
 
-bench: $(STAMP)
+# matplotlib comes with the `bench` extra of pyproject.toml: installed here, not by `make setup`,
+# and again after a set-up (which reinstalls the package).
+$(BENCH_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet --no-build-isolation -e '.[test,bench]'
+	@touch $@
+
+bench: $(BENCH_STAMP)
 	$(PY) bench/codec.py $(BENCH_ARGS)
 	@if [ -f bench/embedded.py ]; then echo "$(PY) bench/embedded.py"; $(PY) bench/embedded.py; fi
+	@mkdir -p bench/results
+	$(PY) bench/compare_etcd.py --pairs plain --skip-etcd-1 --no-etcd sixfold --seconds $(BENCH_SECONDS) \
+		--json bench/results/compare_etcd.json
+	$(PY) bench/report.py bench/results/compare_etcd.json --out bench/out
 
 soak: $(STAMP)
 	$(PY) -m pytest -m soak $(PYTEST_ARGS)

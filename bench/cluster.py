@@ -6,16 +6,18 @@ driven over gRPC by `engine.connect` with the shared client harness (bench/harne
 
 Measures, with 100-byte values and unique keys (one `Database` shared by every client thread:
 its boxcar coalesces concurrent calls into shared RPCs, which is how the client is meant to be used):
-* puts/s with p50/p99/max at 1, 16 and 64 client threads (each put returns once 4 of 6 segments
-  hold it, fsynced unless --no-durable);
-* gets/s at 16 and 64 client threads over a pre-loaded key set (linearizable: read point = VDL);
+* puts/s with p50/p99/max at 1, 4, 16 and 64 client threads (each put returns once 4 of 6
+  segments hold it, fsynced unless --no-durable);
+* gets/s at 1, 4, 16 and 64 client threads over a pre-loaded key set (linearizable: read point =
+  VDL);
 * batch ingest: records/s with `db.batch()` of 100 and of 1,000 records, from 4 threads;
 * AZ loss under load: 64 clients putting; steady-state p99 over a few seconds, then SIGKILL of
   both nodes of AZ b (n3, n4) mid-run; reports the max put latency in the seconds after the kill,
   its ratio to the steady-state p99 (target <= 2x), and every put that failed.
 The cluster is TLS (the default of `sixfold cluster up`). The cluster lives in a temporary folder
 and is always torn down. Speed is reported, never asserted. Every loop is bounded by time and
-count.
+count. Every put and get row of the JSON carries its latency quantiles (bench/harness.py), so
+bench/report.py can draw it.
 
 `--secure` measures instead what security costs, in one run: puts/s and gets/s at 1 and 64
 client threads on three clusters started one after the other with the same workload and seed:
@@ -49,8 +51,9 @@ from engine.cluster.launcher import Cluster, port_free  # noqa: E402
 BASE_PORT_SEARCH_FROM = 27400
 PORTS_PER_CLUSTER = 7  # writer endpoint + six nodes
 PORT_SEARCH_BLOCKS_MAX = 200
-PUT_CLIENTS = (1, 16, 64)
-GET_CLIENTS = (16, 64)
+#: Client threads of the standard workload (bench/report.py draws throughput against them).
+PUT_CLIENTS = (1, 4, 16, 64)
+GET_CLIENTS = (1, 4, 16, 64)
 GET_KEYS_DEFAULT = 5_000
 BATCH_SIZES = (100, 1_000)
 BATCH_THREADS = 4
@@ -112,11 +115,14 @@ def sixfold_factory(db) -> harness.ClientFactory:
 def standard_rows(system: str, factory: harness.ClientFactory, *, seconds: float, seed: int, get_keys: int,
                   put_clients=PUT_CLIENTS, get_clients=GET_CLIENTS, ops_max: int = harness.OPS_MAX_DEFAULT,
                   log=print) -> list[dict]:
-    """The workload both benchmarks run on every system: puts at 1/16/64 clients, then gets at
-    16/64 clients over `get_keys` pre-loaded keys. Rows are `Result.row()`s with `kind`."""
+    """The workload both benchmarks run on every system: puts at 1/4/16/64 clients, then gets at
+    1/4/16/64 clients over `get_keys` pre-loaded keys. Rows are `Result.row()`s with `kind`."""
+    def who(n: int) -> str:
+        return f"{n} client" + ("" if n == 1 else "s")
+
     rows = []
     for n in put_clients:
-        r = harness.run_puts(factory, name=f"{system} put, {n} clients", clients=n, seconds=seconds, seed=seed,
+        r = harness.run_puts(factory, name=f"{system} put, {who(n)}", clients=n, seconds=seconds, seed=seed,
                              prefix=f"put{n}", ops_max=ops_max)
         rows.append({**r.row(), "kind": "put", "system": system})
         log(f"  {r.name:40} {r.ops_s:>9,.0f} ops/s  p99 {r.p99_ms:7.2f} ms  errors {r.errors}")
@@ -124,7 +130,7 @@ def standard_rows(system: str, factory: harness.ClientFactory, *, seconds: float
     took = harness.preload(factory, keys, seed=seed)
     log(f"  preloaded {len(keys):,} keys in {took:.1f} s")
     for n in get_clients:
-        r = harness.run_gets(factory, keys, name=f"{system} get, {n} clients", clients=n, seconds=seconds,
+        r = harness.run_gets(factory, keys, name=f"{system} get, {who(n)}", clients=n, seconds=seconds,
                              seed=seed, ops_max=ops_max)
         rows.append({**r.row(), "kind": "get", "system": system})
         log(f"  {r.name:40} {r.ops_s:>9,.0f} ops/s  p99 {r.p99_ms:7.2f} ms  errors {r.errors}")
@@ -292,8 +298,8 @@ def main_secure(args) -> int:
     print(f"(ratios: > 1 is faster than insecure for ops/s, slower for p99; total {time.perf_counter() - t0:.0f} s)")
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump({"seed": args.seed, "durable": not args.no_durable, "seconds": args.seconds, "rows": rows,
-                       "table": data}, fh, indent=2)
+            json.dump({"seed": args.seed, "durable": not args.no_durable, "seconds": args.seconds,
+                       "latency_quantiles": list(harness.CDF_QUANTILES), "rows": rows, "table": data}, fh, indent=2)
     return 0
 
 
@@ -346,7 +352,8 @@ def main(argv=None) -> int:
         print(format_az_loss(az))
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump({"seed": args.seed, "durable": durable, "seconds": args.seconds, "rows": rows, "az_loss": az,
+            json.dump({"seed": args.seed, "durable": durable, "seconds": args.seconds,
+                       "latency_quantiles": list(harness.CDF_QUANTILES), "rows": rows, "az_loss": az,
                        "client": client_stats}, fh, indent=2)
     return 0
 

@@ -2,10 +2,12 @@
 
     python bench/compare_etcd.py [--seconds 3] [--json out.json] [--seed 1] [--pairs both|plain|tls]
                                  [--etcd-target leader|round-robin] [--etcd-channels shared|per-client]
+                                 [--clients 1,4,16,64] [--skip-etcd-1] [--no-etcd skip|sixfold]
 
 Runs, one system at a time (never two at once on the same cores), with 100-byte values and unique
-keys, the workload of bench/cluster.py: puts at 1, 16 and 64 client threads, then linearizable
-gets at 16 and 64 client threads over a pre-loaded key set. Systems:
+keys, the workload of bench/cluster.py: puts at 1, 4, 16 and 64 client threads, then
+linearizable gets at 1, 4, 16 and 64 client threads over a pre-loaded key set (`--clients`
+chooses other counts). Systems:
 * etcd, one member;
 * etcd, three members on loopback;
 * Sixfold: six storage node processes and a writer endpoint on loopback (bench/cluster.py).
@@ -31,9 +33,18 @@ a ReadIndex round through the leader), as Sixfold's gets are linearizable (read 
 Sixfold is driven through one shared `engine.connect()` Database, as designed (its boxcar
 coalesces concurrent calls).
 
+Each pair prints as a table, one line per measurement, the systems side by side and the ratio
+Sixfold / etcd 3-member: ops/s at every client count, p50 and p99 at 1, 16 and 64 clients, puts
+then gets. `--json` writes every row with its latency quantiles (bench/harness.py), which
+bench/report.py draws as throughput against clients and latency CDFs (`make bench` does both).
+
 etcd is never installed by this script: without an `etcd` binary on PATH it says how to install
-one and exits 0. Every etcd process it starts is killed (SIGKILL, by pid) before it exits.
-Speed is reported, never asserted. Every loop is bounded by time and count.
+one and exits 0, having measured nothing (`--no-etcd skip`, the default) or Sixfold alone
+(`--no-etcd sixfold`, what `make bench` asks, so the plots still show Sixfold). Every etcd process
+it starts is killed (SIGKILL, by pid) before it exits. Speed is reported, never asserted. Every
+loop is bounded by time and count.
+
+Exit codes: 0 done (or skipped without etcd), 2 bad arguments.
 """
 
 from __future__ import annotations
@@ -61,7 +72,9 @@ RPC_TIMEOUT_S = 30.0
 #: Each client thread's own channel must get its own connection: gRPC Python otherwise shares one
 #: subchannel (one TCP connection) among channels to the same address.
 PER_CLIENT_CHANNEL_OPTIONS = [("grpc.use_local_subchannel_pool", 1)]
-TOTAL_BUDGET_S = 180.0
+TOTAL_BUDGET_S = 240.0  # a warning above it: the default run (5 systems x 8 measurements x 3 s) fits
+SECONDS_MAX = 30.0
+CLIENTS_DEFAULT = (1, 4, 16, 64)
 
 
 class EtcdClients:
@@ -128,6 +141,11 @@ def etcd_cluster(binary: str, root: str, members: int, stubs, tls=None) -> Itera
         e.kill()
 
 
+def workload(system: str, factory, args, log) -> list[dict]:
+    return cluster_bench.standard_rows(system, factory, seconds=args.seconds, seed=args.seed, get_keys=args.get_keys,
+                                       put_clients=args.clients, get_clients=args.clients, log=log)
+
+
 def run_etcd(binary, root, members, stubs, args, log, tls=None) -> tuple[list[dict], dict]:
     system = f"etcd-{members}" + ("-tls" if tls is not None else "")
     t0 = time.perf_counter()
@@ -141,8 +159,7 @@ def run_etcd(binary, root, members, stubs, args, log, tls=None) -> tuple[list[di
         clients = EtcdClients(stubs, e.client_addresses, target=args.etcd_target, channels=args.etcd_channels, leader=leader,
                               channel_for=e.channel)
         try:
-            rows = cluster_bench.standard_rows(system, clients, seconds=args.seconds, seed=args.seed,
-                                               get_keys=args.get_keys, log=log)
+            rows = workload(system, clients, args, log)
         finally:
             clients.close()
         info["leader_after"] = e.names[i] if (i := e.leader_index()) is not None else None
@@ -154,28 +171,29 @@ def run_sixfold(args, log, *, insecure: bool) -> tuple[list[dict], dict]:
     t0 = time.perf_counter()
     with cluster_bench.sixfold_cluster(durable=True, base_port=args.base_port, insecure=insecure, no_auth=insecure) as (cluster, db):
         log(f"{system}: up in {time.perf_counter() - t0:.1f} s at {cluster.writer_address}")
-        rows = cluster_bench.standard_rows(system, cluster_bench.sixfold_factory(db), seconds=args.seconds,
-                                           seed=args.seed, get_keys=args.get_keys, log=log)
+        rows = workload(system, cluster_bench.sixfold_factory(db), args, log)
         info = {"writer": cluster.writer_address, "client": db.status().get("client", {})}
     return rows, info
 
 
-# (label, kind, clients, field) of the side-by-side table.
-TABLE = [
-    ("put, 1 client: ops/s", "put", 1, "ops_s"),
-    ("put, 1 client: p50 ms", "put", 1, "p50_ms"),
-    ("put, 1 client: p99 ms", "put", 1, "p99_ms"),
-    ("put, 16 clients: ops/s", "put", 16, "ops_s"),
-    ("put, 16 clients: p50 ms", "put", 16, "p50_ms"),
-    ("put, 16 clients: p99 ms", "put", 16, "p99_ms"),
-    ("put, 64 clients: ops/s", "put", 64, "ops_s"),
-    ("put, 64 clients: p50 ms", "put", 64, "p50_ms"),
-    ("put, 64 clients: p99 ms", "put", 64, "p99_ms"),
-    ("get, 16 clients: ops/s", "get", 16, "ops_s"),
-    ("get, 16 clients: p99 ms", "get", 16, "p99_ms"),
-    ("get, 64 clients: ops/s", "get", 64, "ops_s"),
-    ("get, 64 clients: p99 ms", "get", 64, "p99_ms"),
-]
+#: Client counts whose table lines show p50 and p99 besides ops/s (the others show ops/s only).
+TABLE_LATENCY_CLIENTS = (1, 16, 64)
+
+
+def table_lines(clients) -> list[tuple[str, str, int, str]]:
+    """(label, kind, clients, field) of the side-by-side table: puts then gets, by client count."""
+    out = []
+    for kind in ("put", "get"):
+        for n in sorted(set(clients) | set(TABLE_LATENCY_CLIENTS)):
+            who = f"{kind}, {n} client" + ("" if n == 1 else "s")
+            out.append((f"{who}: ops/s", kind, n, "ops_s"))
+            if n in TABLE_LATENCY_CLIENTS:
+                out += [(f"{who}: p50 ms", kind, n, "p50_ms"), (f"{who}: p99 ms", kind, n, "p99_ms")]
+    return out
+
+
+# (label, kind, clients, field) of the side-by-side table, for the default client counts.
+TABLE = table_lines(CLIENTS_DEFAULT)
 
 
 #: The pairs: (name, etcd system, sixfold system, what).
@@ -187,53 +205,93 @@ PAIRS = (
 
 def side_by_side(rows: list[dict], systems: list[str], sixfold: str = "sixfold", etcd: str = "etcd-3") -> tuple[str, list[dict]]:
     """The table (text) and its lines as data; the ratio is `sixfold` / `etcd` (for ops/s higher
-    is better for Sixfold, for latencies lower is)."""
+    is better for Sixfold, for latencies lower is). Lines no system measured are left out; a
+    blank line separates puts from gets."""
     by = {(r["system"], r["kind"], r["clients"]): r for r in rows}
     width = max([11] + [len(s) + 2 for s in systems])
-    head = f"{sixfold}/{etcd}"
-    out = [f"{'measurement':26}" + "".join(f"{s:>{width}}" for s in systems) + f"{head:>{len(head) + 2}}"]
+    head = f"{sixfold}/{etcd}" if etcd in systems else ""  # no ratio column without etcd
+    out = [f"{'measurement':26}" + "".join(f"{s:>{width}}" for s in systems) + (f"{head:>{len(head) + 2}}" if head else "")]
     data = []
-    for label, kind, n, fld in TABLE:
+    last_kind = None
+    for label, kind, n, fld in table_lines(sorted({r["clients"] for r in rows})):
         vals = {s: by[(s, kind, n)][fld] if (s, kind, n) in by else None for s in systems}
+        if all(v is None for v in vals.values()):
+            continue
+        if last_kind is not None and kind != last_kind:
+            out.append("")
+        last_kind = kind
         ratio = (vals[sixfold] / vals[etcd]) if vals.get(sixfold) is not None and vals.get(etcd) else None
         fmt = "{:>%d,.0f}" % width if fld == "ops_s" else "{:>%d.2f}" % width
         out.append(f"{label:26}" + "".join(fmt.format(v) if v is not None else f"{'-':>{width}}" for v in vals.values())
-                   + (f"{ratio:>{len(head) + 1}.2f}x" if ratio is not None else f"{'-':>{len(head) + 2}}"))
+                   + ("" if not head else f"{ratio:>{len(head) + 1}.2f}x" if ratio is not None else f"{'-':>{len(head) + 2}}"))
         data.append({"measurement": label, **vals, f"{sixfold}_over_{etcd}": ratio})
     errors = {s: sum(r["errors"] for r in rows if r["system"] == s) for s in systems}
     out.append(f"{'errors (all runs)':26}" + "".join(f"{errors[s]:>{width}}" for s in systems))
     return "\n".join(out), data
 
 
+def client_counts(text: str) -> tuple[int, ...]:
+    """The argparse type of --clients: "1,4,16,64" -> (1, 4, 16, 64), ascending, no repeats."""
+    try:
+        counts = tuple(sorted({int(x) for x in text.split(",") if x.strip()}))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a comma-separated list of client counts: {text!r}") from None
+    if not counts or not all(1 <= c <= harness.CLIENTS_MAX for c in counts):
+        raise argparse.ArgumentTypeError(f"client counts are 1 to {harness.CLIENTS_MAX}: {text!r}")
+    return counts
+
+
+def load_average() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seconds", type=float, default=3.0, help="time per measurement (default 3; 15 measurements)")
+    ap.add_argument("--seconds", type=float, default=3.0,
+                    help=f"time per measurement, above the {harness.WARMUP_S_DEFAULT:g} s warm-up and at most "
+                         f"{SECONDS_MAX:g} (default 3; 8 measurements per system)")
+    ap.add_argument("--clients", type=client_counts, default=CLIENTS_DEFAULT, metavar="N,N,...",
+                    help="client thread counts, for puts and for gets (default 1,4,16,64)")
     ap.add_argument("--get-keys", type=int, default=cluster_bench.GET_KEYS_DEFAULT, help="pre-loaded keys for gets")
     ap.add_argument("--etcd-target", choices=("round-robin", "leader"), default="leader",
                     help="which etcd member each client thread talks to (default: the leader)")
     ap.add_argument("--etcd-channels", choices=("per-client", "shared"), default="shared",
                     help="one gRPC channel per member shared by all threads (default), or one per client thread")
     ap.add_argument("--skip-etcd-1", action="store_true", help="skip the one-member etcd")
+    ap.add_argument("--no-etcd", choices=("skip", "sixfold"), default="skip",
+                    help="without an etcd binary on PATH: measure nothing (default) or Sixfold alone")
     ap.add_argument("--base-port", type=int, default=None, help="Sixfold writer endpoint port (default: first free block)")
-    ap.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    ap.add_argument("--json", metavar="PATH", help="also write the results as JSON (bench/report.py draws them)")
     ap.add_argument("--pairs", choices=("both", "plain", "tls"), default="both",
                     help="which pairs to run: plaintext etcd vs --insecure Sixfold, etcd over TLS vs TLS Sixfold, or both")
     ap.add_argument("--seed", type=int, default=1)
     args = ap.parse_args(argv)
-    assert 0 < args.seconds <= 30
+    if not harness.WARMUP_S_DEFAULT < args.seconds <= SECONDS_MAX:
+        ap.error(f"--seconds {args.seconds:g}: must be above the {harness.WARMUP_S_DEFAULT:g} s warm-up and at most "
+                 f"{SECONDS_MAX:g}")
+    if not 0 < args.get_keys <= harness.OPS_MAX_DEFAULT:
+        ap.error(f"--get-keys {args.get_keys}: must be 1 to {harness.OPS_MAX_DEFAULT:,}")
+    if args.base_port is not None and not 1024 <= args.base_port <= 65535 - cluster_bench.PORTS_PER_CLUSTER:
+        ap.error(f"--base-port {args.base_port}: must be 1024 to {65535 - cluster_bench.PORTS_PER_CLUSTER}")
+    pairs = [p for p in PAIRS if args.pairs in ("both", p[0])]
     binary = launch.etcd_binary()
     if binary is None:
         print(launch.INSTALL_HINT)
-        print("skipping the etcd comparison, both pairs (plaintext and TLS): no etcd binary on PATH. "
-              "bench/cluster.py --secure measures Sixfold's own TLS and encryption costs.")
-        return 0
-    version = launch.etcd_version(binary)
-    pairs = [p for p in PAIRS if args.pairs in ("both", p[0])]
-    etcd_one = not args.skip_etcd_1 and any(p[0] == "plain" for p in pairs)
-    estimate_s = (2 * len(pairs) + etcd_one) * 5 * args.seconds + 20 * (2 * len(pairs) + etcd_one)
+        if args.no_etcd == "skip":
+            print("skipping the etcd comparison, both pairs (plaintext and TLS): no etcd binary on PATH. "
+                  "bench/cluster.py --secure measures Sixfold's own TLS and encryption costs; "
+                  "--no-etcd sixfold measures Sixfold alone.")
+            return 0
+        print("measuring Sixfold alone (--no-etcd sixfold): no etcd binary on PATH, so no ratios")
+    version = launch.etcd_version(binary) if binary is not None else None
+    etcd_one = binary is not None and not args.skip_etcd_1 and any(p[0] == "plain" for p in pairs)
+    systems_n = len(pairs) * (2 if binary is not None else 1) + etcd_one
+    estimate_s = systems_n * (2 * len(args.clients) * args.seconds + 20)
+    load_before = load_average()
     print(f"seed {args.seed} | durable: etcd WAL fsync (default), Sixfold segments fsync | {args.seconds:g} s per "
-          f"measurement | 100-byte values | etcd {version} at {binary} | load average {os.getloadavg()[0]:.1f} "
-          f"on {os.cpu_count()} cores")
+          f"measurement | clients {','.join(map(str, args.clients))} | 100-byte values | "
+          + (f"etcd {version} at {binary}" if binary is not None else "etcd not installed")
+          + f" | load average {load_before[0]:.1f} on {os.cpu_count()} cores")
     print(f"etcd clients: {args.etcd_channels} gRPC channel(s), {args.etcd_target} over the members; "
           f"sixfold: one shared engine.connect() Database | estimated {estimate_s:.0f} s")
     if estimate_s > TOTAL_BUDGET_S:
@@ -243,15 +301,15 @@ def main(argv=None) -> int:
     rows: list[dict] = []
     info: dict = {}
     try:
-        stubs = etcd_stubs.compile_stubs(os.path.join(root, "stubs"))
+        stubs = etcd_stubs.compile_stubs(os.path.join(root, "stubs")) if binary is not None else None
         for name, _etcd, _sixfold, what in pairs:
             print(f"--- pair {name}: {what}")
             tls = None
-            if name == "tls":
+            if name == "tls" and binary is not None:
                 from etcd.tls import make_certs  # noqa: E402  (bench/etcd/tls.py)
 
                 tls = make_certs(os.path.join(root, "etcd-certs"))
-            for members in ((1, 3) if name == "plain" and etcd_one else (3,)):
+            for members in ((1, 3) if name == "plain" and etcd_one else (3,)) if binary is not None else ():
                 r, i = run_etcd(binary, root, members, stubs, args, print, tls=tls)
                 rows += r
                 info[r[0]["system"] if r else f"etcd-{members}"] = i
@@ -266,14 +324,20 @@ def main(argv=None) -> int:
         text, tables[name] = side_by_side(rows, systems, sixfold=sixfold, etcd=etcd)
         print(f"\n{what}")
         print(text)
-    print(f"\nratio columns: Sixfold / etcd 3-member of the same pair (ops/s: > 1 is Sixfold faster; ms: < 1 is "
-          f"Sixfold faster). total {time.perf_counter() - t_start:.0f} s")
-    table = tables
+    if binary is not None:
+        print(f"\nratio columns: Sixfold / etcd 3-member of the same pair (ops/s: > 1 is Sixfold faster; ms: < 1 is "
+              f"Sixfold faster). total {time.perf_counter() - t_start:.0f} s")
+    else:
+        print(f"\nSixfold alone: {launch.INSTALL_HINT} total {time.perf_counter() - t_start:.0f} s")
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump({"seed": args.seed, "seconds": args.seconds, "etcd_version": version, "durable": True,
-                       "etcd_target": args.etcd_target, "etcd_channels": args.etcd_channels, "systems": info,
-                       "rows": rows, "table": table}, fh, indent=2)
+            json.dump({"seed": args.seed, "seconds": args.seconds, "clients": list(args.clients),
+                       "etcd_version": version, "etcd_missing": launch.INSTALL_HINT if binary is None else None,
+                       "durable": True, "etcd_target": args.etcd_target, "etcd_channels": args.etcd_channels,
+                       "load_average_before": load_before, "load_average_after": load_average(),
+                       "cpu_count": os.cpu_count(), "latency_quantiles": list(harness.CDF_QUANTILES),
+                       "systems": info, "rows": rows, "table": tables}, fh, indent=2)
+        print(f"wrote {args.json}")
     return 0
 
 

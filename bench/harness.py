@@ -26,6 +26,10 @@ can split the samples into before and after.
 Keys are unique per run: `prefix/tag/client/sequence`, where the tag of each client comes from
 the seeded generator; gets pick keys from a pre-loaded set with a per-client generator derived
 from the seed. Every loop here is bounded in time and count.
+
+Besides p50/p99/max, each result carries the latency at every quantile of `CDF_QUANTILES` (the
+minimum, every percent, 99.9% and the maximum): about a hundred numbers, enough to draw a latency
+CDF (bench/report.py) without keeping the samples in the JSON.
 """
 
 from __future__ import annotations
@@ -45,6 +49,10 @@ ERRORS_MAX_PER_CLIENT = 1_000
 WARMUP_S_DEFAULT = 0.5
 PRELOAD_SECONDS_MAX = 120.0
 JOIN_GRACE_S = 60.0  # how long after the deadline an in-flight operation may still take
+#: The quantiles of `Result.latency_quantiles_ms`: 0 (the minimum), 0.01 .. 0.99, 0.999 and 1 (the
+#: maximum). A JSON file that carries rows with them also carries this list (`latency_quantiles`).
+CDF_QUANTILES = tuple(i / 100 for i in range(100)) + (0.999, 1.0)
+assert len(CDF_QUANTILES) == 102 and list(CDF_QUANTILES) == sorted(set(CDF_QUANTILES))
 
 
 @dataclass(frozen=True)
@@ -85,6 +93,8 @@ class Result:
     samples: list[Sample] = field(default_factory=list, repr=False)
     events: list[dict] = field(default_factory=list)
     clients_stuck: int = 0  # threads still inside an operation JOIN_GRACE_S after the deadline
+    #: latency (ms, rounded to the microsecond) at each of CDF_QUANTILES; empty when nothing succeeded
+    latency_quantiles_ms: tuple[float, ...] = ()
 
     def row(self) -> dict:
         """JSON-ready summary (no samples)."""
@@ -93,6 +103,7 @@ class Result:
             "ops": self.ops, "errors": self.errors, "error_kinds": dict(sorted(self.error_kinds.items())),
             "ops_s": self.ops_s, "p50_ms": self.p50_ms, "p99_ms": self.p99_ms, "max_ms": self.max_ms,
             "records_per_op": self.records_per_op, "events": self.events, "clients_stuck": self.clients_stuck,
+            "latency_quantiles_ms": list(self.latency_quantiles_ms),
         }
 
 
@@ -108,6 +119,15 @@ def stats_ms(latencies_s: Sequence[float]) -> tuple[float, float, float]:
     """(p50, p99, max) in milliseconds."""
     s = sorted(latencies_s)
     return percentile(s, 0.5) * 1e3, percentile(s, 0.99) * 1e3, (s[-1] * 1e3 if s else 0.0)
+
+
+def quantiles_ms(latencies_s: Sequence[float], quantiles: Sequence[float] = CDF_QUANTILES) -> tuple[float, ...]:
+    """The latency in milliseconds (rounded to the microsecond) at each of `quantiles`, by nearest
+    rank; empty when there are no latencies (a CDF of nothing is not a line at zero)."""
+    s = sorted(latencies_s)
+    if not s:
+        return ()
+    return tuple(round(percentile(s, q) * 1e3, 3) for q in quantiles)
 
 
 def value_for(seed: int) -> bytes:
@@ -204,7 +224,8 @@ def run(
     counted = [x for x in flat if x.start_s >= warmup_s]
     window_s = max(1e-9, end_s - warmup_s)
     done_in_window = sum(1 for x in counted if x.ok and x.start_s + x.latency_s <= end_s)
-    p50, p99, mx = stats_ms([x.latency_s for x in counted if x.ok])
+    ok_latencies_s = [x.latency_s for x in counted if x.ok]
+    p50, p99, mx = stats_ms(ok_latencies_s)
     error_kinds: dict[str, int] = {}
     for k in kinds:
         for kind, n in k.items():
@@ -214,6 +235,7 @@ def run(
         errors=sum(1 for x in flat if not x.ok), error_kinds=error_kinds,
         ops_s=done_in_window * records_per_op / window_s, p50_ms=p50, p99_ms=p99, max_ms=mx,
         records_per_op=records_per_op, samples=flat if keep_samples else [], events=event_log, clients_stuck=stuck,
+        latency_quantiles_ms=quantiles_ms(ok_latencies_s),
     )
 
 
@@ -335,6 +357,6 @@ def format_table(rows: Sequence[dict], *, unit: str = "ops/s") -> str:
 
 
 __all__ = [
-    "Client", "ClientFactory", "Result", "Sample", "WrongValue", "format_table", "percentile", "preload",
-    "preload_keys", "put_key", "run", "run_gets", "run_puts", "stats_ms", "value_for",
+    "CDF_QUANTILES", "Client", "ClientFactory", "Result", "Sample", "WrongValue", "format_table", "percentile",
+    "preload", "preload_keys", "put_key", "quantiles_ms", "run", "run_gets", "run_puts", "stats_ms", "value_for",
 ]

@@ -79,7 +79,7 @@ def main(argv=None) -> int:
         print(f"  reader {r['id']} (AZ {r['az']}): lag {r['lag_lsns']} LSNs, {r['lag_ms']} ms at read point {r['read_point']}")
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump({"rows": rows, "lag": lag}, fh, indent=2)
+            json.dump({"latency_quantiles": list(harness.CDF_QUANTILES), "rows": rows, "lag": lag}, fh, indent=2)
     return 0
 
 
