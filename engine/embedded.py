@@ -330,7 +330,10 @@ class EmbeddedVolume:
             self.archiver = self._make_archiver(vol)
             for info in self.node_infos:
                 self.registry.set(info.id, None)
-                self._start(info)
+            for info in self.node_infos:  # all opened before any gossips: none finds a peer not yet up
+                self._start(info, background=False)
+            for info in self.node_infos:
+                self._start_background(info.id)
             if given is not None and given != vol.get("max_storage_bytes"):
                 # Recorded once every node took it (a node refuses a maximum below its data).
                 vol = read_volume_file(self.path)
@@ -495,7 +498,7 @@ class EmbeddedVolume:
     def node_path(self, info: NodeInfo) -> str:
         return os.path.join(self.path, f"az-{info.az}", info.id)
 
-    def _start(self, info: NodeInfo) -> None:
+    def _start(self, info: NodeInfo, background: bool = True) -> None:
         o = self.options
         node = StorageNode(
             self.node_path(info), info, self.geometry, self.volume_id, durable=o.durable,
@@ -505,7 +508,12 @@ class EmbeddedVolume:
         node.attach(self._wrap(InProcessTransport(self.registry, info.id)), self._peer_ids)
         self.nodes[info.id] = node
         self.registry.set(info.id, node)
-        if o.background and o.gossip_interval_s > 0:
+        if background:
+            self._start_background(info.id)
+
+    def _start_background(self, node_id: str) -> None:
+        o, node = self.options, self.nodes.get(node_id)
+        if node is not None and o.background and o.gossip_interval_s > 0:
             node.start_background(o.gossip_interval_s, o.scrub_interval_s)
 
     def _peer_ids(self) -> list[str]:
@@ -751,6 +759,9 @@ class EmbeddedVolume:
         }
 
     def _shutdown_nodes(self) -> None:
+        for node in list(self.nodes.values()):  # all told first: no gossip finds a peer gone
+            if node is not None:
+                node.stop_background()
         for node_id, node in list(self.nodes.items()):
             if node is not None:
                 node.close()

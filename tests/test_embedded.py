@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 
 import pytest
 from waiting import DEADLINE_S, eventually, until_done
@@ -392,3 +393,23 @@ def test_slow_nodes_never_hold_a_write_that_has_four_acks(tmp_path):
     finally:
         held.release()
         db.close()
+
+
+def test_closing_a_volume_logs_no_node_as_down(tmp_path, caplog):
+    """Closing tells every node to stop its background work before any closes: gossip running
+    at that moment must not report its peers as down (it did, at every close: a warning per
+    node and peer on the terminal of every program that closes a volume)."""
+    import logging
+
+    from engine.embedded import EmbeddedOptions, EmbeddedVolume
+
+    caplog.set_level(logging.INFO)
+    for i in range(5):
+        v = EmbeddedVolume(str(tmp_path / f"v{i}"), EmbeddedOptions(gossip_interval_s=0.001))
+        try:
+            v.writer.put(b"k", b"v")
+            time.sleep(0.05)  # gossip rounds under way
+        finally:
+            v.close()
+    down = [r.getMessage() for r in caplog.records if "is down" in r.getMessage() or "stopped" in r.getMessage()]
+    assert down == [], down[:3]

@@ -425,7 +425,7 @@ class VersionCollector:
     def collection_state(self) -> dict:
         """Fields of NodeState: per PG horizons and swept LSNs, records removed, pages in use."""
         with self._read_txn() as txn:
-            pages = self._table_pages(txn)  # as `used_bytes` counts them
+            pages = self._snapshot_pages(txn)  # as `used_bytes` counts them
         return dict(
             horizons=tuple(g[HORIZON] for g in self.gc), swept=tuple(g[SWEPT] for g in self.gc),
             collected_records=self.counters.get("collected", 0), pages_used=pages, page_bytes=self._page_bytes,

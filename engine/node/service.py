@@ -231,6 +231,8 @@ class StorageNode:
             try:
                 fetched += self._gossip_with(peer)
             except SixfoldError as e:  # unreachable or busy peer: try the next; gossip is best effort
+                if self._stop.is_set():
+                    break  # this node is stopping (and so, likely, its peers): not a fault
                 self.gossip_peer_errors[peer] = self.gossip_peer_errors.get(peer, 0) + 1
                 self._note_cause(f"gossip with {peer}", e)
             except (lmdb.Error, OSError) as e:  # our own store failed while repairing from this peer
@@ -419,6 +421,12 @@ class StorageNode:
             t = threading.Thread(target=self._background, args=(name, step, interval, busy), name=f"{self.id}-{name}", daemon=True)
             t.start()
             self._threads.append(t)
+
+    def stop_background(self) -> None:
+        """Tell the background threads (gossip, scrub, collection) to stop after their step,
+        without waiting; `close` waits for them. A process closing several nodes tells them all
+        first, so none reports its peers as down while they close."""
+        self._stop.set()
 
     def close(self) -> None:
         self._stop.set()

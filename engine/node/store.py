@@ -297,6 +297,7 @@ class SegmentStore(VersionCollector):
         self.held_bytes = 0  # the data file's high-water mark, as `space` last measured it
         self._at_floor = False  # appends refused for reaching into the floor (logged once per episode)
         self._last_usage: tuple[int, int] | None = None  # usage() as `space` last measured it
+        self._pages_at: tuple[int, int] | None = None  # (txn id, table pages) of the last read measured
         P = geometry.protection_groups
         with self.env.begin(write=True) as txn:
             upgraded_from = self._check_identity(txn, volume_id)
@@ -459,8 +460,19 @@ class SegmentStore(VersionCollector):
         last commits, kept for readers and for the previous meta page): the reserve covers them."""
         with self._read_txn() as txn:
             held = self.env.info()["last_pgno"] + 1
-            pages = self._table_pages(txn)
+            pages = self._snapshot_pages(txn)
         return min(pages, held) * self._page_bytes, held * self._page_bytes
+
+    def _snapshot_pages(self, txn) -> int:
+        """`_table_pages` of a read transaction, measured once per committed transaction (an
+        append's reply, a gossip's state and status all ask; nothing changed in between)."""
+        txnid = txn.id()
+        cached = self._pages_at
+        if cached is not None and cached[0] == txnid:
+            return cached[1]
+        pages = self._table_pages(txn)
+        self._pages_at = (txnid, pages)
+        return pages
 
     def _table_pages(self, txn) -> int:
         """The pages the tables hold as `txn` sees them (see `usage`; the main table's, which
