@@ -132,7 +132,9 @@ def test_a_paused_node_does_not_stop_writes(cluster):
 
 
 def test_a_crashed_writer_endpoint_recovers_every_acknowledged_write(cluster):
-    db = cluster.connect(timeout_s=10)
+    # It waits 2 s, not 15, for a new writer: the writes that meet the dead one, and the get
+    # while it is down, each wait that long for a writer that is not restarted yet.
+    db = cluster.connect(timeout_s=10, follow_timeout_s=2)
     try:
         with Load(db, threads=3) as load:
             eventually(lambda: load.count() >= 100, "the load to have 100 writes acknowledged")
