@@ -102,7 +102,7 @@ def test_a_session_through_the_reader_endpoint_never_sees_a_key_go_back(db, ro):
     stop = threading.Event()
 
     def writer():
-        for i in range(1, 3001):
+        for i in range(1, 1501):
             if stop.is_set():
                 return
             db.put(b"mono:k", b"%08d" % i)
@@ -111,7 +111,7 @@ def test_a_session_through_the_reader_endpoint_never_sees_a_key_go_back(db, ro):
     t.start()
     newest, reads = b"", 0
     try:
-        for _ in range(3000):  # bounded
+        for _ in range(1500):  # bounded
             if not t.is_alive():
                 break
             for value in (ro.get(b"mono:k"), *ro.get_many([b"mono:k"]),
