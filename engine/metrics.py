@@ -110,11 +110,19 @@ def _counter(name: str, doc: str, value: float) -> CounterMetricFamily:
 class Metrics:
     """The metrics of one process or one embedded volume (see the module docstring)."""
 
-    def __init__(self, *, process: bool = False) -> None:
+    def __init__(self, *, process: bool = False, api: bool = True) -> None:
         """`process=True` adds the standard process and platform collectors (CPU, memory, open
         files, Python version): for a server process, not for an embedded volume, of which one
-        process may hold several."""
+        process may hold several. `api=False` (a storage node's process) leaves out what only a
+        process serving the volume's API fills: put and get latency, flushes, errors returned."""
         self.registry = CollectorRegistry(auto_describe=False)
+        if process:
+            ProcessCollector(registry=self.registry)
+            PlatformCollector(registry=self.registry)
+        if api:
+            self._api_metrics()
+
+    def _api_metrics(self) -> None:
         r = self.registry
         self.put_latency = Histogram(
             "sixfold_put_latency_seconds",
@@ -130,9 +138,6 @@ class Metrics:
         self.flush_bytes = Histogram(
             "sixfold_flush_bytes", "Bytes per frame the writer sent a node", registry=r, buckets=FLUSH_BYTES_BUCKETS)
         self.errors = Counter("sixfold_errors_total", "Errors returned to callers, by error class", ["kind"], registry=r)
-        if process:
-            ProcessCollector(registry=r)
-            PlatformCollector(registry=r)
         # Bound once: the hot paths call these.
         self.observe_put = self.put_latency.observe
         self.observe_get = self.get_latency.observe

@@ -465,12 +465,24 @@ def _metrics_port_argument(text: str) -> int | str:
     return port
 
 
+def _metrics_offset_argument(text: str) -> int:
+    """An argparse type: a metrics port offset, a whole number of at least 1 (the engine checks
+    that every process's port plus it is a port)."""
+    try:
+        offset = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if offset < 1:
+        raise argparse.ArgumentTypeError(f"{offset}: a metrics port offset is at least 1 (--no-metrics turns them off)")
+    return offset
+
+
 def _metrics_port_help(default: str) -> str:
     return (f"serve Prometheus metrics over HTTP on 127.0.0.1:PORT (loopback only; 0: any free port, logged; off: "
             f"none). Default: {default}")
 
 
-def _serve_metrics(args, default_port: int | None, who: str):
+def _serve_metrics(args, default_port: int | None, who: str, *, api: bool = True):
     """This process's metrics (engine.metrics), served on loopback at --metrics-port, else at
     `default_port` (a cluster process's: from the manifest); (None, None) when off. Bound before
     the process opens anything; a busy port is AddressInUse, as for the gRPC port."""
@@ -479,7 +491,7 @@ def _serve_metrics(args, default_port: int | None, who: str):
         return None, None
     from engine.metrics import Metrics, serve
 
-    metrics = Metrics(process=True)
+    metrics = Metrics(process=True, api=api)
     server = serve(metrics, port)
     logging.getLogger("sixfold.metrics").info("%s: Prometheus metrics on %s", who, server.url)
     return metrics, server
@@ -501,7 +513,7 @@ def cmd_node_serve(args) -> int:
                 raise SystemExit("sixfold node serve --cluster DIR: say which node with --id")
             m = load_manifest(args.cluster)
             metrics, server = _serve_metrics(args, metrics_port(m, args.listen or node_entry(m, args.id)["address"]),
-                                             f"node {args.id}")
+                                             f"node {args.id}", api=False)
             return run_cluster_node(
                 args.cluster, args.id, listen=args.listen, durable=False if args.no_durable else None,
                 gossip_interval_s=args.gossip_interval_s, scrub_interval_s=args.scrub_interval_s,
@@ -519,7 +531,7 @@ def cmd_node_serve(args) -> int:
             peers[node_id.strip()] = address.strip()
         if args.gossip_interval_s is None:
             args.gossip_interval_s = GOSSIP_INTERVAL_S_DEFAULT
-        metrics, server = _serve_metrics(args, None, f"node {args.id}")
+        metrics, server = _serve_metrics(args, None, f"node {args.id}", api=False)
         return run_node_process(
             node_id=args.id, az=args.az, data=args.data, listen=args.listen, volume_id=args.volume_id,
             protection_groups=args.protection_groups, peers=peers, durable=not args.no_durable,
@@ -982,7 +994,7 @@ def register(sub) -> None:
         "cluster.json; on an existing cluster it applies to each node as it (re)starts, and is refused below the data "
         "a node already holds"))
     metrics = up.add_mutually_exclusive_group()
-    metrics.add_argument("--metrics-port-offset", type=int, default=None, metavar="N", help=(
+    metrics.add_argument("--metrics-port-offset", type=_metrics_offset_argument, default=None, metavar="N", help=(
         f"every process serves Prometheus metrics over HTTP on 127.0.0.1, at its own port plus N (default "
         f"{METRICS_PORT_OFFSET_DEFAULT}: writer {BASE_PORT_DEFAULT + METRICS_PORT_OFFSET_DEFAULT}, nodes "
         f"{BASE_PORT_DEFAULT + METRICS_PORT_OFFSET_DEFAULT + 1}-{BASE_PORT_DEFAULT + METRICS_PORT_OFFSET_DEFAULT + 6}); "

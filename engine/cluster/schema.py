@@ -303,7 +303,7 @@ def validate_manifest(manifest: Any, where: str = "cluster.json", *, format_max:
     if offset is not None:
         for port, field in sorted(ports.items()):
             if port + offset > PORT_MAX or port + offset in ports:
-                what = "a port" if port + offset > PORT_MAX else f"{ports[port + offset]}'s port"
+                what = f"past {PORT_MAX}" if port + offset > PORT_MAX else f"{ports[port + offset]}'s port"
                 c.fail("metrics_port_offset", f"an offset that makes every process's metrics port (its port plus the "
                        f"offset) a port of its own, but {field}'s {port} + {offset} is {what}", offset)
     return m
