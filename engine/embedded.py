@@ -27,6 +27,10 @@ Theory of operation of an open
    writing anything), and only then volume.json records it; not given, the recorded one holds
    (a volume.json without the field, as every volume before it: the default, 32 GiB per node).
 5. The nodes and the writer start; the writer's recovery makes the volume readable.
+
+The volume's metrics (`engine.metrics`, `db.metrics()`) have a registry of their own: the
+writer and every node are read at scrape time, and the backend methods below observe put and
+get latency and count the errors they raise.
 """
 
 from __future__ import annotations

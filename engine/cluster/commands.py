@@ -948,7 +948,8 @@ def register(sub) -> None:
     up = csub.add_parser("up", parents=[target], help="start the cluster (create it if new)", description=(
         "Start every process of the cluster that is not running and return once all report SERVING on the gRPC "
         "health service. A new folder gets a new volume; an existing one is reopened with its data and volume id. "
-        "Ports: the writer endpoint on BASE_PORT, node n<i> on BASE_PORT+i. While another `sixfold cluster up` (or "
+        "Ports: the writer endpoint on BASE_PORT, node n<i> on BASE_PORT+i; each process serves Prometheus metrics on "
+        "127.0.0.1 at its port plus the metrics port offset. While another `sixfold cluster up` (or "
         "down) works on the same folder, this one waits for it, then starts only what is not running: when all is up "
         "already it says so and exits 0."))
     up.add_argument("--base-port", type=int, default=None,
@@ -1004,7 +1005,8 @@ def register(sub) -> None:
                     help="print the status as JSON (with `started`: the processes this command started)")
     up.set_defaults(func=cmd_cluster_up)
     st = csub.add_parser("status", parents=[target], help="show every process, its health and SCLs", description=(
-        "Show each node (AZ, address, pid, health, epoch, SCL range, records) and the writer endpoint (VDL, epoch). "
+        "Show each node (AZ, address, metrics address, pid, health, epoch, SCL range, records) and the writer endpoint "
+        "(VDL, epoch, metrics address). "
         "The JSON has each node's lag behind the writer's PGCLs and its rebuild progress. Exit code 0 when every "
         f"process is SERVING, {EXIT_UNHEALTHY} when one is not (DOWN, PAUSED, UNREACHABLE, NOT_SERVING; the status "
         "is printed all the same), 3 when the folder is no cluster."))

@@ -62,7 +62,9 @@ fixed map, which is what it did before.
 
 Metrics (`engine.metrics`): every process serves Prometheus metrics over plaintext HTTP on
 loopback, on its gRPC port plus `"metrics_port_offset"` (default 1000: the writer endpoint on
-8400, nodes on 8401..8406, a reader at 7407 on 8407); `null` turns them off. The offset, not a
+8400, nodes on 8401..8406, a reader at 7407 on 8407); `null` turns them off. Chosen when the
+cluster is created (`cluster up --metrics-port-offset N`, `--no-metrics`; to change it, edit the
+field while the cluster is down). The offset, not a
 port per entry, so that a promoted reader's metrics, now the writer's entry, follow its address.
 A manifest without the field (written before metrics) means the default: an additive field, no
 new format (an older release ignores it and serves no metrics). Ports for new readers and nodes

@@ -51,6 +51,12 @@ until N are active and starts every active reader with the rest, `add_reader` ad
 one, `remove_reader` stops one and marks it retired. A reader reports SERVING once it has its
 first read point from the writer. `down` stops the readers together with the writer.
 
+Metrics ports (`engine.metrics`): each process serves its metrics on loopback at its port plus
+the manifest's metrics port offset (`manifest.metrics_port`), passed as `--metrics-port` on its
+command line; `up` and `start` check those ports with the gRPC ones before anything starts, `kill`
+waits for both to be free, and a new reader's or node's port is one whose metrics port clashes
+with nothing either (`next_free_port`).
+
 Rules of this module: it knows processes, ports, pids and the manifest's process entries; it
 asks a process nothing but its health (status and healing are `status.py` and `healing.py`).
 """

@@ -43,6 +43,12 @@ stat of the file, a SHA-256 and a dict lookup, a few microseconds; `Unauthentica
 (`EndpointConfig.audit_log`, summarised when they flood) and are counted. Without a users file
 (an endpoint built in-process by a test or a benchmark) every call is admitted.
 
+Metrics (`engine.metrics`): the servicer observes put latency per unit of a `Write` (the RPC's
+time: its units share one group commit) and get latency per get, and counts every error it
+returns by class; the `Writer` observes each frame it sends (given the endpoint's `metrics`);
+the writer's status is exported at scrape time (`run_writer_process` registers it). The caller
+serves the process's `Metrics` over HTTP.
+
 Encryption at rest (`engine.envelope`): an encrypted cluster's manifest holds the volume's data
 key wrapped by the master key (`EndpointConfig.encryption`). `run_writer_process` reads the
 master key from the key file it is given (`writer serve --key-file F`), unwraps the data key and

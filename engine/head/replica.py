@@ -43,6 +43,10 @@ Read-your-writes: a write returns its commit position (CPL LSN); a read with `af
 bounded by the volume's write timeout, until the read point covers it, then reads
 (`ReplicaBehind` if it does not in time). Writes and admin calls are refused `ReadOnly`.
 
+Metrics (`engine.metrics`, with `metrics=`): the shared `KVServicer` observes get latency and
+counts errors (a refused write: `ReadOnly`); the reader's read point and lag are exported at
+scrape time, and once promoted the writer's status instead, on the same registry and port.
+
 Promotion hook: `ReaderProcess.become_writer()` is where a later change makes a reader promote
 itself. Everything a writer needs is already here (the node addresses, this identity's TLS, the
 cipher); promotion is: stop the follower, build a `WriterEndpoint` over the same config and
