@@ -250,6 +250,27 @@ class Database:
         self._check()
         return self._backend.status()
 
+    def metrics(self) -> dict[str, float]:
+        """The embedded engine's metrics (`engine.metrics`): the same samples a cluster process
+        serves on its metrics port, as a dict keyed by the sample as the Prometheus text writes it
+        (`"sixfold_vdl"`, `'sixfold_scl_lag_lsns{node="n3"}'`, `"sixfold_put_latency_seconds_count"`);
+        values are floats. `metrics_text()` gives the text itself. A database from
+        `engine.connect` has none of its own (InvalidArgument): each cluster process serves its
+        metrics over HTTP (`sixfold cluster status` lists the addresses)."""
+        return self._metrics().values()
+
+    def metrics_text(self) -> str:
+        """The Prometheus text exposition of `metrics()` (what a cluster process serves)."""
+        return self._metrics().text()
+
+    def _metrics(self):
+        self._check()
+        m = getattr(self._backend, "metrics", None)
+        if m is None:
+            raise InvalidArgument("metrics() belongs to the embedded engine (engine.open); the processes of a cluster "
+                                  "serve theirs over HTTP on their metrics ports (see `sixfold cluster status`)")
+        return m
+
     def close(self) -> None:
         if not self._closed:
             self._closed = True

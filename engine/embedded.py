@@ -27,6 +27,10 @@ Theory of operation of an open
    writing anything), and only then volume.json records it; not given, the recorded one holds
    (a volume.json without the field, as every volume before it: the default, 32 GiB per node).
 5. The nodes and the writer start; the writer's recovery makes the volume readable.
+
+The volume's metrics (`engine.metrics`, `db.metrics()`) have a registry of their own: the
+writer and every node are read at scrape time, and the backend methods below observe put and
+get latency and count the errors they raise.
 """
 
 from __future__ import annotations
@@ -56,6 +60,7 @@ from engine.head.membership import MembershipChange
 from engine.head.weakening import SAFE, Weakening
 from engine.head.reads import check_key
 from engine.head.writer import Writer, WriterOptions, check_value, node_status
+from engine.metrics import Metrics
 from engine.node.service import GOSSIP_INTERVAL_S, SCRUB_INTERVAL_S, StorageNode
 from engine.sizes import check_fits_filesystem, check_storage_bytes
 from engine.ownership import LOCK_FILE, hold
@@ -313,6 +318,11 @@ class EmbeddedVolume:
         self._lock = threading.RLock()
         self.writer: Writer | None = None
         self.archiver = None
+        #: this volume's metrics (engine.metrics; `db.metrics()`): a registry of its own, so that
+        #: volumes opened side by side in one process never share a series
+        self.metrics = Metrics()
+        self.metrics.watch_writer(lambda: self.writer)
+        self.metrics.watch_nodes(lambda: [(i.id, self.nodes.get(i.id)) for i in self.node_infos])
         check_volume_folder(self.path)  # refuses before anything is written
         given = self._given_maximum(options)
         self._owner = hold(self.path, "embedded volume")
@@ -535,6 +545,7 @@ class EmbeddedVolume:
             background=o.background,
             weakening=self.weakening,
             cipher=self.cipher,
+            metrics=self.metrics,
             **({"clock": self._clock} if self._clock is not None else {}),
             **({"wall_clock_us": self._wall_us} if self._wall_us is not None else {}),
         )
@@ -682,8 +693,17 @@ class EmbeddedVolume:
             raise Unavailable("the writer is recovering; retry")
         return w
 
+    # Put and get latency and the errors callers get are observed here, at the API boundary
+    # (engine.metrics): one observe() per call, the error path only for errors.
     def write(self, ops, *, request_id=None, resend=False):
-        return self._w.write(ops, request_id=request_id, resend=resend)
+        t0 = time.perf_counter()
+        try:
+            lsn = self._w.write(ops, request_id=request_id, resend=resend)
+        except SixfoldError as e:
+            self.metrics.count_error(e)
+            raise
+        self.metrics.observe_put(time.perf_counter() - t0)
+        return lsn
 
     def request_status(self, request_id):
         return self._w.request_status(request_id)
@@ -698,16 +718,39 @@ class EmbeddedVolume:
         return self._request_rng.randbytes(16)
 
     def get(self, key, *, quorum=False, view=None, after=0):
-        self.wait_after(after)
-        return self._w.get(key, quorum=quorum, view=view)
+        t0 = time.perf_counter()
+        try:
+            self.wait_after(after)
+            value = self._w.get(key, quorum=quorum, view=view)
+        except SixfoldError as e:
+            self.metrics.count_error(e)
+            raise
+        self.metrics.observe_get(time.perf_counter() - t0)
+        return value
 
     def get_many(self, gets, *, after=0):
-        self.wait_after(after)
-        return self._w.reads.get_many(gets)
+        t0 = time.perf_counter()
+        try:
+            self.wait_after(after)
+            results = self._w.reads.get_many(gets)
+        except SixfoldError as e:
+            self.metrics.count_error(e)
+            raise
+        elapsed = time.perf_counter() - t0
+        for r in results:
+            if isinstance(r, SixfoldError):
+                self.metrics.count_error(r)
+            else:
+                self.metrics.observe_get(elapsed)
+        return results
 
     def scan(self, start, end, *, quorum=False, view=None, after=0):
-        self.wait_after(after)
-        return self._w.scan(start, end, quorum=quorum, view=view)
+        try:
+            self.wait_after(after)
+            return self._w.scan(start, end, quorum=quorum, view=view)
+        except SixfoldError as e:
+            self.metrics.count_error(e)
+            raise
 
     def wait_after(self, after: int) -> None:
         """Read-your-writes (`after=`): the embedded writer's read point is its VDL, which covers

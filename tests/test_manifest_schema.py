@@ -162,7 +162,7 @@ def test_the_cli_reports_a_wrong_shape_in_one_line_with_exit_3(tmp_path, field, 
 
 # --- arbitrary JSON in place of every field -----------------------------------------------------
 TOP_FIELDS = ["format", "volume_id", "protection_groups", "durable", "base_port", "host", "write_timeout_s",
-              "gossip_interval_s", "nodes", "writer"]
+              "gossip_interval_s", "nodes", "writer", "metrics_port_offset"]
 NODE_FIELDS = ["id", "az", "address", "pid", "data", "log", "retired", "replaces", "replaced_by"]
 FIELDS = (TOP_FIELDS + ["writer.address", "writer.pid", "writer.log"]
           + [f"nodes[{i}]" for i in (0, 5)] + [f"nodes[{i}].{f}" for i in (0, 3) for f in NODE_FIELDS])

@@ -88,8 +88,10 @@ def run_cluster_node(
     scrub_interval_s: float = 1.0,
     max_storage_bytes: int | None = None,
     reserve_bytes: int | None = None,
+    metrics=None,
 ) -> int:
     """Serve node `node_id` of the cluster in `folder` until SIGTERM/SIGINT; returns an exit code.
+    `metrics`: the process's (`engine.metrics`, served by the caller).
 
     Mirrors `engine.transport.grpc_server.run_node_process`, whose gossip transport is a plain
     `GrpcTransport` fixed at start-up; this one can reach nodes added later."""
@@ -122,5 +124,5 @@ def run_cluster_node(
         protection_groups=m["protection_groups"], peers=initial, durable=durable, gossip_interval_s=gossip_interval_s,
         scrub_interval_s=scrub_interval_s, max_storage_bytes=max_storage_bytes, reserve_bytes=reserve_bytes,
         transport_factory=transport_factory, banner=f" of cluster {folder}", tls=tls,
-        allow_fault_injection=bool(m.get("allow_fault_injection", False)),
+        allow_fault_injection=bool(m.get("allow_fault_injection", False)), metrics=metrics,
     )

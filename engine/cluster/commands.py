@@ -22,11 +22,14 @@ from engine.cluster.launcher import DOWN_TIMEOUT_S, READY_TIMEOUT_S, Cluster
 from engine.cluster.manifest import (
     BASE_PORT_DEFAULT,
     GOSSIP_INTERVAL_S_DEFAULT,
+    METRICS_PORT_OFFSET_DEFAULT,
     WRITER,
     ClusterError,
     endpoint_config,
     load_manifest,
     locked,
+    metrics_port,
+    node_entry,
     save_manifest,
     tls_config,
     tls_folder,
@@ -53,22 +56,24 @@ def status_table(st: dict) -> str:
     rows = []
     for n in st["nodes"]:
         scl = f"{n['scl_min']}..{n['scl_max']}" if "scl_min" in n else None
-        rows.append([n["id"], n["az"], n["address"], n["pid"], n["health"], n.get("epoch"), scl, n.get("records"), n.get("lag"),
-                     *storage_cells(n)])
-    out = table(rows, ["node", "az", "address", "pid", "health", "epoch", "scl(min..max)", "records", "lag", *STORAGE_HEADERS])
+        rows.append([n["id"], n["az"], n["address"], n.get("metrics"), n["pid"], n["health"], n.get("epoch"), scl,
+                     n.get("records"), n.get("lag"), *storage_cells(n)])
+    out = table(rows, ["node", "az", "address", "metrics", "pid", "health", "epoch", "scl(min..max)", "records", "lag",
+                       *STORAGE_HEADERS])
     out += "".join(f"\nwarning: {n['storage_warning']}" for n in st["nodes"] if n.get("storage_warning"))
     w = st["writer"]
     vid = st["volume_id"]
     out += (
         f"\nwriter endpoint {w['address']}  pid {w['pid'] or '-'}  {w['health']}  volume {vid}  "
-        f"epoch {w.get('epoch', '-')}  vdl {w.get('vdl', '-')}"
+        f"epoch {w.get('epoch', '-')}  vdl {w.get('vdl', '-')}  metrics {w.get('metrics') or '-'}"
     )
     if st.get("readers"):
-        rows = [[r["id"], r["az"], r["address"], r["pid"], r["health"], r.get("read_point"), r.get("lag_lsns"),
-                 None if r.get("lag_ms") is None else f"{r['lag_ms']:.1f}",
+        rows = [[r["id"], r["az"], r["address"], r.get("metrics"), r["pid"], r["health"], r.get("read_point"),
+                 r.get("lag_lsns"), None if r.get("lag_ms") is None else f"{r['lag_ms']:.1f}",
                  None if r.get("lag_ms_p99") is None else f"{r['lag_ms_p99']:.1f}",
                  None if "connected" not in r else ("yes" if r["connected"] else "NO")] for r in st["readers"]]
-        out += "\n" + table(rows, ["reader", "az", "address", "pid", "health", "read point", "lag(lsn)", "lag(ms)", "p99(ms)", "writer"])
+        out += "\n" + table(rows, ["reader", "az", "address", "metrics", "pid", "health", "read point", "lag(lsn)", "lag(ms)",
+                                   "p99(ms)", "writer"])
     if not st["durable"]:
         out += "\n(not durable: nodes do not fsync before they acknowledge)"
     sec = st.get("security") or {}
@@ -158,6 +163,7 @@ def cmd_cluster_up(args) -> int:
             insecure=True if args.insecure else None, allow_fault_injection=True if args.allow_fault_injection else None,
             no_auth=args.no_auth, readers=args.readers, promote_readers=False if args.no_promote else None,
             max_storage_bytes=args.max_storage, backup=_backup_argument(args), **_encryption_arguments(args),
+            metrics_port_offset=args.metrics_port_offset, no_metrics=args.no_metrics,
         )
     except Exception as e:
         if c.exists:
@@ -442,11 +448,61 @@ def _control(action: str):
     return run
 
 
+#: `--metrics-port off`: this process serves no metrics.
+METRICS_OFF = "off"
+
+
+def _metrics_port_argument(text: str) -> int | str:
+    """An argparse type: a metrics port, 0..65535 (0: any free port), or `off`."""
+    if text.strip().lower() == METRICS_OFF:
+        return METRICS_OFF
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port: give 0..65535 (0: any free port) or off") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"port {port} is out of range: give 0..65535 (0: any free port) or off")
+    return port
+
+
+def _metrics_offset_argument(text: str) -> int:
+    """An argparse type: a metrics port offset, a whole number of at least 1 (the engine checks
+    that every process's port plus it is a port)."""
+    try:
+        offset = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if offset < 1:
+        raise argparse.ArgumentTypeError(f"{offset}: a metrics port offset is at least 1 (--no-metrics turns them off)")
+    return offset
+
+
+def _metrics_port_help(default: str) -> str:
+    return (f"serve Prometheus metrics over HTTP on 127.0.0.1:PORT (loopback only; 0: any free port, logged; off: "
+            f"none). Default: {default}")
+
+
+def _serve_metrics(args, default_port: int | None, who: str, *, api: bool = True):
+    """This process's metrics (engine.metrics), served on loopback at --metrics-port, else at
+    `default_port` (a cluster process's: from the manifest); (None, None) when off. Bound before
+    the process opens anything; a busy port is AddressInUse, as for the gRPC port."""
+    port = args.metrics_port if args.metrics_port is not None else default_port
+    if port is None or port == METRICS_OFF:
+        return None, None
+    from engine.metrics import Metrics, serve
+
+    metrics = Metrics(process=True, api=api)
+    server = serve(metrics, port)
+    logging.getLogger("sixfold.metrics").info("%s: Prometheus metrics on %s", who, server.url)
+    return metrics, server
+
+
 def cmd_node_serve(args) -> int:
     from engine.transport.grpc_server import AddressInUse, InsecureListen, run_node_process
 
     _logging(args.log_level)
     maximum = _node_maximum(args)
+    server = None
     try:
         if args.cluster:
             # Everything else comes from the manifest, and gossip re-reads it to reach nodes
@@ -455,10 +511,13 @@ def cmd_node_serve(args) -> int:
 
             if not args.id:
                 raise SystemExit("sixfold node serve --cluster DIR: say which node with --id")
+            m = load_manifest(args.cluster)
+            metrics, server = _serve_metrics(args, metrics_port(m, args.listen or node_entry(m, args.id)["address"]),
+                                             f"node {args.id}", api=False)
             return run_cluster_node(
                 args.cluster, args.id, listen=args.listen, durable=False if args.no_durable else None,
                 gossip_interval_s=args.gossip_interval_s, scrub_interval_s=args.scrub_interval_s,
-                max_storage_bytes=maximum, reserve_bytes=args.reserve_bytes,
+                max_storage_bytes=maximum, reserve_bytes=args.reserve_bytes, metrics=metrics,
             )
         missing = [f"--{k.replace('_', '-')}" for k in ("id", "az", "data", "listen", "volume_id", "protection_groups", "peers")
                    if getattr(args, k) in (None, "")]
@@ -472,16 +531,20 @@ def cmd_node_serve(args) -> int:
             peers[node_id.strip()] = address.strip()
         if args.gossip_interval_s is None:
             args.gossip_interval_s = GOSSIP_INTERVAL_S_DEFAULT
+        metrics, server = _serve_metrics(args, None, f"node {args.id}", api=False)
         return run_node_process(
             node_id=args.id, az=args.az, data=args.data, listen=args.listen, volume_id=args.volume_id,
             protection_groups=args.protection_groups, peers=peers, durable=not args.no_durable,
             gossip_interval_s=args.gossip_interval_s, scrub_interval_s=args.scrub_interval_s,
             max_storage_bytes=maximum, reserve_bytes=args.reserve_bytes,
-            allow_fault_injection=bool(args.allow_fault_injection),
+            allow_fault_injection=bool(args.allow_fault_injection), metrics=metrics,
         )
     except (AddressInUse, InsecureListen) as e:
         logging.getLogger("sixfold.node").error("%s", e)
         return 2
+    finally:
+        if server is not None:
+            server.close()
 
 
 def _node_maximum(args) -> int | None:
@@ -551,13 +614,18 @@ def cmd_writer_serve(args) -> int:
                 mm[WRITER].update(address=listen, pid=os.getpid(), az=az, epoch=epoch)
                 save_manifest(folder, mm)
 
+    server = None
     try:
+        metrics, server = _serve_metrics(args, metrics_port(m, listen), "writer endpoint")
         return run_writer_process(config, listen, args.workers, tls=tls_config(args.cluster, m, WRITER),
                                   key_file=args.key_file, standby=args.standby, writer_az=writer_az,
-                                  on_serving=record_writer if records else None)
+                                  on_serving=record_writer if records else None, metrics=metrics)
     except (AddressInUse, InsecureListen) as e:
         logging.getLogger("sixfold.writer").error("%s", e)
         return 2
+    finally:
+        if server is not None:
+            server.close()
 
 
 def cmd_reader_serve(args) -> int:
@@ -630,15 +698,21 @@ def cmd_reader_serve(args) -> int:
         promotion = dict(promote=True, writer_tls=tls_config(folder, m, WRITER), writer_az=writer_az,
                          on_promoted=record_promotion, preferred=preferred, rank=rank,
                          refresh=lambda: endpoint_config(load_manifest(folder), folder))
+    server = None
     try:
+        metrics, server = _serve_metrics(args, metrics_port(m, listen), f"reader {r['id']}")
         # The reader authenticates to the writer endpoint with the folder's operator token (a
         # local process of the cluster) and to the nodes with its own certificate (role reader).
         return run_reader_process(replace(endpoint_config(m, folder), local_az=r["az"]), r["id"], r["az"],
                                   listen, writer_address, tls=tls_config(folder, m, r["id"]),
-                                  token=default_token(folder), key_file=args.key_file, promotion=promotion)
+                                  token=default_token(folder), key_file=args.key_file, promotion=promotion,
+                                  metrics=metrics)
     except (AddressInUse, InsecureListen) as e:
         logging.getLogger("sixfold.reader").error("%s", e)
         return 2
+    finally:
+        if server is not None:
+            server.close()
 
 
 def _with_to(args):
@@ -743,6 +817,8 @@ def _register_readers(sub, target: argparse.ArgumentParser) -> None:
     serve.add_argument("--log-level", default="info", help="debug, info, warning or error")
     serve.add_argument("--key-file", metavar="F", default=None, help=(
         "an encrypted cluster's master key file (the launcher passes the one the manifest records)"))
+    serve.add_argument("--metrics-port", type=_metrics_port_argument, default=None, metavar="PORT",
+                       help=_metrics_port_help("the manifest's: this reader's port plus its metrics port offset"))
     serve.add_argument("--no-promote", action="store_true", help=(
         "never take over as the writer (by default a reader promotes itself once the writer's lease lapsed on a "
         "write quorum of nodes, one in another AZ than the writer's first)"))
@@ -872,7 +948,8 @@ def register(sub) -> None:
     up = csub.add_parser("up", parents=[target], help="start the cluster (create it if new)", description=(
         "Start every process of the cluster that is not running and return once all report SERVING on the gRPC "
         "health service. A new folder gets a new volume; an existing one is reopened with its data and volume id. "
-        "Ports: the writer endpoint on BASE_PORT, node n<i> on BASE_PORT+i. While another `sixfold cluster up` (or "
+        "Ports: the writer endpoint on BASE_PORT, node n<i> on BASE_PORT+i; each process serves Prometheus metrics on "
+        "127.0.0.1 at its port plus the metrics port offset. While another `sixfold cluster up` (or "
         "down) works on the same folder, this one waits for it, then starts only what is not running: when all is up "
         "already it says so and exits 0."))
     up.add_argument("--base-port", type=int, default=None,
@@ -917,11 +994,19 @@ def register(sub) -> None:
         "storage up to it, and at it puts are refused with StorageFull while deletes still work. Recorded in "
         "cluster.json; on an existing cluster it applies to each node as it (re)starts, and is refused below the data "
         "a node already holds"))
+    metrics = up.add_mutually_exclusive_group()
+    metrics.add_argument("--metrics-port-offset", type=_metrics_offset_argument, default=None, metavar="N", help=(
+        f"every process serves Prometheus metrics over HTTP on 127.0.0.1, at its own port plus N (default "
+        f"{METRICS_PORT_OFFSET_DEFAULT}: writer {BASE_PORT_DEFAULT + METRICS_PORT_OFFSET_DEFAULT}, nodes "
+        f"{BASE_PORT_DEFAULT + METRICS_PORT_OFFSET_DEFAULT + 1}-{BASE_PORT_DEFAULT + METRICS_PORT_OFFSET_DEFAULT + 6}); "
+        "fixed when the cluster is created; `cluster status` lists every address"))
+    metrics.add_argument("--no-metrics", action="store_true", help="a new cluster whose processes serve no metrics")
     up.add_argument("--json", action="store_true",
                     help="print the status as JSON (with `started`: the processes this command started)")
     up.set_defaults(func=cmd_cluster_up)
     st = csub.add_parser("status", parents=[target], help="show every process, its health and SCLs", description=(
-        "Show each node (AZ, address, pid, health, epoch, SCL range, records) and the writer endpoint (VDL, epoch). "
+        "Show each node (AZ, address, metrics address, pid, health, epoch, SCL range, records) and the writer endpoint "
+        "(VDL, epoch, metrics address). "
         "The JSON has each node's lag behind the writer's PGCLs and its rebuild progress. Exit code 0 when every "
         f"process is SERVING, {EXIT_UNHEALTHY} when one is not (DOWN, PAUSED, UNREACHABLE, NOT_SERVING; the status "
         "is printed all the same), 3 when the folder is no cluster."))
@@ -982,6 +1067,9 @@ def register(sub) -> None:
             "reach nodes added later)"))
         serve.add_argument("--listen", metavar="HOST:PORT", help="listen address (default: from the manifest)")
         serve.add_argument("--log-level", default="info", help="debug, info, warning or error")
+        serve.add_argument("--metrics-port", type=_metrics_port_argument, default=None, metavar="PORT", help=_metrics_port_help(
+            "with --cluster, the manifest's (this process's port plus the cluster's metrics port offset); without, off"
+            if family == "node" else "the manifest's (the listen port plus the cluster's metrics port offset)"))
         if family == "node":
             serve.add_argument("--id", help="node id (n1..n6)")
             serve.add_argument("--az", help="availability zone of the node")

@@ -26,9 +26,9 @@ import shutil
 import time
 
 from engine.cluster.admin import WriterAdmin, operator_token
-from engine.cluster.manifest import WRITER, ClusterError, add_node_entry, load_manifest, locked, node_entry, save_manifest, used_ports
+from engine.cluster.manifest import WRITER, ClusterError, add_node_entry, load_manifest, locked, node_entry, save_manifest
 from engine.cluster.status import StatusView
-from engine.cluster.supervisor import DOWN_TIMEOUT_S, READY_TIMEOUT_S, Supervisor, port_free
+from engine.cluster.supervisor import DOWN_TIMEOUT_S, READY_TIMEOUT_S, Supervisor, next_free_port
 from engine.errors import InvalidArgument, Unavailable
 
 #: How long `replace_node` lets the new node catch up by default (the endpoint's bound), and how
@@ -89,17 +89,8 @@ class Healer:
 
     # --- membership change ------------------------------------------------------------------
     def _next_port(self, manifest: dict) -> int:
-        """The first free port above every port the manifest names."""
-        host = manifest.get("host", "127.0.0.1")
-        used = used_ports(manifest)
-        port = max(used) + 1
-        for _ in range(PORT_SEARCH_MAX):
-            if port > 65535:
-                break
-            if port not in used and port_free(host, port):
-                return port
-            port += 1
-        raise ClusterError(f"no free port found within {PORT_SEARCH_MAX} ports above {max(used)} for a new node")
+        """The first free port above every port the manifest names (its metrics port free too)."""
+        return next_free_port(manifest, "a new node", PORT_SEARCH_MAX)
 
     def membership_status(self):
         """The writer endpoint's membership change state (`convert.MembershipChange`)."""

@@ -162,6 +162,8 @@ class Cluster:
         promote_readers: bool | None = None,
         max_storage_bytes: int | None = None,
         backup: dict | None = None,
+        metrics_port_offset: int | None = None,
+        no_metrics: bool = False,
     ) -> dict:
         """Create the cluster (or reopen its data: same volume id), start every process that is
         not running, wait until all are SERVING; returns `status()` plus `started` (the names
@@ -178,7 +180,10 @@ class Cluster:
         `max_storage_bytes`: the most each node's data may take (recorded in the manifest; nodes
         already running keep theirs until they restart). `backup`
         ({"target": folder, "retention_days": N or None}) backs the volume up from now on
-        (engine.backup; the writer endpoint, and any writer after it, runs the archiver)."""
+        (engine.backup; the writer endpoint, and any writer after it, runs the archiver).
+        Every process serves Prometheus metrics on loopback at its port plus
+        `metrics_port_offset` (default 1000), or none with `no_metrics`; fixed at creation
+        (`status()` lists each process's `metrics` address)."""
         with self.processes.operation("cluster up"):
             if not (no_auth and not os.path.exists(os.path.join(self.folder, MANIFEST_FILE))):
                 self.ensure_operator()
@@ -187,7 +192,7 @@ class Cluster:
                 write_timeout_s=write_timeout_s, gossip_interval_s=gossip_interval_s, timeout_s=timeout_s,
                 insecure=insecure, allow_fault_injection=allow_fault_injection, encrypt=encrypt, key_file=key_file,
                 no_auth=no_auth, readers=readers, promote_readers=promote_readers, max_storage_bytes=max_storage_bytes,
-                backup=backup,
+                backup=backup, metrics_port_offset=metrics_port_offset, no_metrics=no_metrics,
             )
             st = self.status()
         st["started"] = started

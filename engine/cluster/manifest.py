@@ -60,6 +60,16 @@ it starts, so a new value applies to the nodes started from then on. A manifest 
 field, no new format: a release that knows no maximum ignores it and runs its nodes with its own
 fixed map, which is what it did before.
 
+Metrics (`engine.metrics`): every process serves Prometheus metrics over plaintext HTTP on
+loopback, on its gRPC port plus `"metrics_port_offset"` (default 1000: the writer endpoint on
+8400, nodes on 8401..8406, a reader at 7407 on 8407); `null` turns them off. Chosen when the
+cluster is created (`cluster up --metrics-port-offset N`, `--no-metrics`; to change it, edit the
+field while the cluster is down). The offset, not a
+port per entry, so that a promoted reader's metrics, now the writer's entry, follow its address.
+A manifest without the field (written before metrics) means the default: an additive field, no
+new format (an older release ignores it and serves no metrics). Ports for new readers and nodes
+are chosen so that neither the gRPC port nor its metrics port is any port the manifest names.
+
 Format: a plain cluster's manifest records `"format": PLAIN_MANIFEST_FORMAT` (1), an encrypted
 one's `ENCRYPTED_MANIFEST_FORMAT` (2), as an embedded volume.json does: a release from before
 encryption reads format 1 only, so it refuses an encrypted cluster as "written by a newer
@@ -100,6 +110,8 @@ WRITE_TIMEOUT_S_DEFAULT = 5.0
 #: only.
 GOSSIP_INTERVAL_S_DEFAULT = 1.0
 WRITER = "writer"
+#: Metrics ports: each process's gRPC port plus this (see the module docstring).
+METRICS_PORT_OFFSET_DEFAULT = 1000
 #: The users file a manifest names when it names none (see the module docstring).
 USERS_FILE_DEFAULT = "users.json"
 AUDIT_LOG = os.path.join("logs", "audit.jsonl")
@@ -131,14 +143,17 @@ def new_manifest(
     master_key: bytes | None = None,
     key_file: str | None = None,
     tokens: bool = True,
+    metrics_port_offset: int | None = METRICS_PORT_OFFSET_DEFAULT,
 ) -> dict:
     """A manifest for a new cluster (nothing started yet). `tls` False is an insecure cluster
     (`Supervisor.up` asks for a secure one unless told `insecure`). With `master_key` (and the
-    `key_file` it was read from) the volume is encrypted: a new data key, wrapped by it."""
+    `key_file` it was read from) the volume is encrypted: a new data key, wrapped by it.
+    `metrics_port_offset` None: no process serves metrics."""
     geometry = Geometry(protection_groups) if protection_groups is not None else Geometry()
     nodes = list(default_nodes())
     if not 1 <= base_port <= 65535 - len(nodes):
         raise InvalidArgument(f"base port {base_port} leaves no room for {len(nodes)} node ports above it")
+    check_metrics_port_offset(metrics_port_offset, base_port + len(nodes))
     volume_id = volume_id or str(uuid.uuid4())
     m = {
         "format": PLAIN_MANIFEST_FORMAT if master_key is None else ENCRYPTED_MANIFEST_FORMAT,
@@ -164,6 +179,7 @@ def new_manifest(
         ],
         WRITER: {"address": f"{host}:{base_port}", "pid": None, "log": os.path.join("logs", "writer.log")},
         "users_file": USERS_FILE_DEFAULT if tokens else None,
+        "metrics_port_offset": metrics_port_offset,
     }
     if master_key is not None:
         from engine.envelope import new_descriptor
@@ -255,10 +271,59 @@ def node_addresses(manifest: dict) -> dict[str, str]:
 
 
 def used_ports(manifest: dict) -> set[int]:
+    """Every gRPC port the manifest names (retired processes included: ports are never reused)."""
     ports = {int(manifest[WRITER]["address"].rpartition(":")[2])}
     ports.update(int(n["address"].rpartition(":")[2]) for n in manifest["nodes"])
     ports.update(int(r["address"].rpartition(":")[2]) for r in manifest.get(READERS, ()))
     return ports
+
+
+# --- metrics ports ----------------------------------------------------------------------------
+def check_metrics_port_offset(offset: int | None, highest_port: int) -> int | None:
+    """A metrics port offset (None: metrics off) that keeps `highest_port` + offset a port."""
+    if offset is None:
+        return None
+    if isinstance(offset, bool) or not isinstance(offset, int) or not 1 <= offset <= 65535 - highest_port:
+        raise InvalidArgument(f"metrics port offset {offset!r}: give a whole number in 1..{65535 - highest_port}, so that "
+                              f"every process's port plus it (up to {highest_port} + offset) is a port")
+    return offset
+
+
+def metrics_port_offset(manifest: dict) -> int | None:
+    """The manifest's metrics port offset; None: metrics off (see the module docstring)."""
+    return manifest.get("metrics_port_offset", METRICS_PORT_OFFSET_DEFAULT)
+
+
+def metrics_port(manifest: dict, address: str) -> int | None:
+    """The metrics port of the process that listens on `address` (None: metrics off, or a manifest
+    of before metrics whose port plus the default offset is no port)."""
+    offset = metrics_port_offset(manifest)
+    if offset is None:
+        return None
+    port = int(address.rpartition(":")[2]) + offset
+    return port if port <= 65535 else None
+
+
+def metrics_address(manifest: dict, address: str) -> str | None:
+    """Where the process that listens on `address` serves its metrics ("127.0.0.1:8401"), or None."""
+    from engine.metrics import METRICS_HOST
+
+    port = metrics_port(manifest, address)
+    return None if port is None else f"{METRICS_HOST}:{port}"
+
+
+def used_metrics_ports(manifest: dict) -> set[int]:
+    """The metrics ports of every process the manifest names (empty with metrics off)."""
+    offset = metrics_port_offset(manifest)
+    return set() if offset is None else {p + offset for p in used_ports(manifest) if p + offset <= 65535}
+
+
+def port_clashes(manifest: dict, port: int) -> bool:
+    """True when a new process at `port` would share a gRPC or metrics port with one the manifest
+    names, or its metrics port would be out of range."""
+    taken = used_ports(manifest) | used_metrics_ports(manifest)
+    offset = metrics_port_offset(manifest)
+    return port in taken or (offset is not None and (port + offset > 65535 or port + offset in taken))
 
 
 # --- reader instances -----------------------------------------------------------------------

@@ -29,6 +29,9 @@ What is checked (formats 1 and 2; the checks are hand-written, standard library 
     allow_fault_injection   optional bool (absent: false)
     max_storage_bytes   optional int in engine.sizes' STORAGE_BYTES_MIN..STORAGE_BYTES_MAX (absent:
                         the nodes' default)
+    metrics_port_offset optional null or int in 1..65534 (absent: the default, 1000; null: no
+                        metrics); every process's port plus it must be a port (<= 65535) and no
+                        process's port
     nodes               non-empty list of node objects, ids and addresses unique:
         id              node id (1..64 ASCII letters, digits, - or _)
         az              1..64 ASCII letters, digits, - or _ (it names a folder)
@@ -220,6 +223,7 @@ def validate_manifest(manifest: Any, where: str = "cluster.json", *, format_max:
     c.boolean(m, "tls", "tls", optional=True)
     c.boolean(m, "allow_fault_injection", "allow_fault_injection", optional=True)
     c.integer(m, "max_storage_bytes", "max_storage_bytes", STORAGE_BYTES_MIN, STORAGE_BYTES_MAX, optional=True)
+    c.integer(m, "metrics_port_offset", "metrics_port_offset", 1, PORT_MAX - 1, optional=True, nullable=True)
     if present and fmt == ENCRYPTED_FORMAT:
         if "encryption" not in m:
             c.fail("encryption", f"an encryption descriptor in a format-{ENCRYPTED_FORMAT} (encrypted) manifest", None,
@@ -295,6 +299,13 @@ def validate_manifest(manifest: Any, where: str = "cluster.json", *, format_max:
             if port in ports and not handed_over:
                 c.fail(f"{field}.address", f"a port of its own (port {port} is {ports[port]}'s)", r["address"])
             ports.setdefault(port, field)
+    offset = m.get("metrics_port_offset")
+    if offset is not None:
+        for port, field in sorted(ports.items()):
+            if port + offset > PORT_MAX or port + offset in ports:
+                what = f"past {PORT_MAX}" if port + offset > PORT_MAX else f"{ports[port + offset]}'s port"
+                c.fail("metrics_port_offset", f"an offset that makes every process's metrics port (its port plus the "
+                       f"offset) a port of its own, but {field}'s {port} + {offset} is {what}", offset)
     return m
 
 

@@ -12,6 +12,9 @@ KV `Status`: `lag_lsns`, `lag_ms`, `heard_ms`; see `engine.head.replica`). A pro
 does not answer is shown with its health (DOWN, PAUSED, UNREACHABLE...) and the error, never
 waited for beyond the deadline, so `sixfold cluster status` answers while the cluster is broken.
 
+Every process is listed with its metrics address (`metrics`: loopback, its port plus the
+manifest's metrics port offset; null with metrics off), which Prometheus scrapes over HTTP.
+
 Each node's progress is its SCLs against the writer's PGCLs (`rebuild_progress`): `lag` (LSNs
 missing, summed over PGs), `lag_max` and `rebuild.fraction`. A node with lag 0 can serve reads
 at the current VDL. The result is JSON-ready.
@@ -25,7 +28,7 @@ import os
 from concurrent import futures
 
 from engine.cluster.admin import STATUS_RPC_TIMEOUT_S, WriterAdmin, operator_token
-from engine.cluster.manifest import WRITER, active_nodes, active_readers, node_addresses
+from engine.cluster.manifest import WRITER, active_nodes, active_readers, metrics_address, node_addresses
 from engine.cluster.supervisor import Supervisor
 from engine.errors import SixfoldError
 from engine.sizes import storage_warning
@@ -91,7 +94,7 @@ class StatusView:
 
         def node(n: dict) -> dict:
             out = {"id": n["id"], "az": n["az"], "address": n["address"], "pid": sup.live_pid(n["id"], n.get("pid")),
-                   "data": sup.path(n["data"]), "log": sup.path(n["log"])}
+                   "metrics": metrics_address(manifest, n["address"]), "data": sup.path(n["data"]), "log": sup.path(n["log"])}
             out["health"] = sup.health(n["id"])
             if out["health"] in ("SERVING", "NOT_SERVING"):
                 try:
@@ -110,7 +113,8 @@ class StatusView:
 
         def writer() -> dict:
             w = manifest[WRITER]
-            out = {"address": w["address"], "pid": sup.live_pid(WRITER, w.get("pid")), "log": sup.path(w["log"])}
+            out = {"address": w["address"], "pid": sup.live_pid(WRITER, w.get("pid")),
+                   "metrics": metrics_address(manifest, w["address"]), "log": sup.path(w["log"])}
             out["health"] = sup.health(WRITER)
             if out["health"] == "SERVING":
                 try:
@@ -126,7 +130,7 @@ class StatusView:
 
         def reader(r: dict) -> dict:
             out = {"id": r["id"], "az": r["az"], "address": r["address"], "pid": sup.live_pid(r["id"], r.get("pid")),
-                   "log": sup.path(r["log"])}
+                   "metrics": metrics_address(manifest, r["address"]), "log": sup.path(r["log"])}
             out["health"] = sup.health(r["id"])
             if out["health"] == "SERVING":
                 try:

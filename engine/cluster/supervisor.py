@@ -51,6 +51,12 @@ until N are active and starts every active reader with the rest, `add_reader` ad
 one, `remove_reader` stops one and marks it retired. A reader reports SERVING once it has its
 first read point from the writer. `down` stops the readers together with the writer.
 
+Metrics ports (`engine.metrics`): each process serves its metrics on loopback at its port plus
+the manifest's metrics port offset (`manifest.metrics_port`), passed as `--metrics-port` on its
+command line; `up` and `start` check those ports with the gRPC ones before anything starts, `kill`
+waits for both to be free, and a new reader's or node's port is one whose metrics port clashes
+with nothing either (`next_free_port`).
+
 Rules of this module: it knows processes, ports, pids and the manifest's process entries; it
 asks a process nothing but its health (status and healing are `status.py` and `healing.py`).
 """
@@ -77,6 +83,7 @@ import engine
 from engine.cluster.manifest import (
     BASE_PORT_DEFAULT,
     HOST_DEFAULT,
+    METRICS_PORT_OFFSET_DEFAULT,
     READERS_MAX,
     WRITER,
     OPERATOR,
@@ -93,8 +100,11 @@ from engine.cluster.manifest import (
     is_secure,
     load_manifest,
     locked,
+    metrics_port,
+    metrics_port_offset as manifest_metrics_offset,
     new_manifest,
     node_entry,
+    port_clashes,
     save_manifest,
     tls_config,
     tls_folder,
@@ -150,6 +160,24 @@ def port_free(host: str, port: int) -> bool:
 def _split(address: str) -> tuple[str, int]:
     host, _, port = address.rpartition(":")
     return host, int(port)
+
+
+def next_free_port(manifest: dict, what: str, search_max: int = 65535) -> int:
+    """The first port above every port the manifest names (gRPC; metrics ports are not counted,
+    so that a new process's port is what it was before metrics) that is free now, whose metrics
+    port is free too, and neither of which is a port of the manifest's (`manifest.port_clashes`).
+    ClusterError when none is left (`what` names the process it is for)."""
+    from engine.metrics import METRICS_HOST
+
+    host = manifest.get("host", HOST_DEFAULT)
+    highest = max(used_ports(manifest))
+    for port in range(highest + 1, min(65535, highest + search_max) + 1):
+        if port_clashes(manifest, port) or not port_free(host, port):
+            continue
+        mport = metrics_port(manifest, f"{host}:{port}")
+        if mport is None or port_free(METRICS_HOST, mport):
+            return port
+    raise ClusterError(f"no free port left above the cluster's ports ({highest}) for {what}")
 
 
 def log_tail(path: str, lines: int = LOG_TAIL_LINES) -> str:
@@ -340,14 +368,19 @@ class Supervisor:
     # --- starting ---------------------------------------------------------------------------
     def _argv(self, manifest: dict, name: str) -> list[str]:
         base = [self.python, "-m", "engine"]
+        address = self.entry(manifest, name)["address"]
+        port = metrics_port(manifest, address)
+        # Said on the command line (what the process would take from the manifest anyway): `ps`
+        # and the log's start line show where each process serves its metrics.
+        metrics = ["--metrics-port", "off" if port is None else str(port)]
         if name == WRITER:
-            argv = base + ["writer", "serve", "--cluster", self.folder, "--listen", manifest[WRITER]["address"]]
+            argv = base + ["writer", "serve", "--cluster", self.folder, "--listen", address, *metrics]
             if manifest.get("key_file"):
                 argv += ["--key-file", manifest["key_file"]]
             return argv
         if is_reader(manifest, name):
             r = reader_entry(manifest, name)
-            argv = base + ["reader", "serve", "--cluster", self.folder, "--id", r["id"], "--listen", r["address"]]
+            argv = base + ["reader", "serve", "--cluster", self.folder, "--id", r["id"], "--listen", address, *metrics]
             if manifest.get("key_file"):
                 argv += ["--key-file", manifest["key_file"]]
             if manifest.get("promote_readers", True) is False:
@@ -356,7 +389,7 @@ class Supervisor:
         # The node reads the rest (AZ, data folder, volume, peers, durability, gossip interval)
         # from the manifest, and re-reads it to reach nodes added later (engine.cluster.addresses).
         n = node_entry(manifest, name)
-        return base + ["node", "serve", "--cluster", self.folder, "--id", n["id"], "--listen", n["address"]]
+        return base + ["node", "serve", "--cluster", self.folder, "--id", n["id"], "--listen", address, *metrics]
 
     def _spawn(self, manifest: dict, name: str) -> int:
         entry = self.entry(manifest, name)
@@ -381,6 +414,8 @@ class Supervisor:
         return proc.pid
 
     def _check_ports(self, manifest: dict, names: Iterable[str]) -> None:
+        from engine.metrics import METRICS_HOST
+
         for name in names:
             address = self.entry(manifest, name)["address"]
             host, port = _split(address)
@@ -388,6 +423,12 @@ class Supervisor:
                 raise ClusterError(
                     f"port {port} ({address}, for {name}) is already in use by another process; "
                     f"stop it, or create the cluster with another --base-port"
+                )
+            mport = metrics_port(manifest, address)
+            if mport is not None and not port_free(METRICS_HOST, mport):
+                raise ClusterError(
+                    f"port {mport} ({METRICS_HOST}:{mport}, the metrics port of {name}) is already in use by another "
+                    "process; stop it, or give the cluster another --metrics-port-offset (or --no-metrics)"
                 )
 
     def wait_serving(self, names: Iterable[str], timeout_s: float) -> None:
@@ -453,6 +494,8 @@ class Supervisor:
         promote_readers: bool | None = None,
         max_storage_bytes: int | None = None,
         backup: dict | None = None,
+        metrics_port_offset: int | None = None,
+        no_metrics: bool = False,
     ) -> list[str]:
         """Create the cluster (or reopen its data: same volume id), start every process that is
         not running, wait until all are SERVING; returns the names this call started (empty when
@@ -465,7 +508,11 @@ class Supervisor:
         with `key_file` encrypts a new volume at rest (see the module docstring). `readers`: make
         sure at least that many reader instances are configured (they all start with the rest).
         `max_storage_bytes`: the most each node's data may take, recorded in the manifest for the
-        nodes started from then on (see `_set_maximum`)."""
+        nodes started from then on (see `_set_maximum`). `metrics_port_offset` (default 1000) or
+        `no_metrics`: where every process serves its metrics (its port plus the offset), or
+        nowhere; fixed at creation, like the base port."""
+        if metrics_port_offset is not None and no_metrics:
+            raise InvalidArgument("give a metrics port offset or no metrics, not both")
         if readers is not None and not 0 <= readers <= READERS_MAX:
             raise InvalidArgument(f"readers: 0..{READERS_MAX}, got {readers}")
         if encrypt and not key_file:
@@ -488,6 +535,13 @@ class Supervisor:
                             )
                         if encrypt:
                             self._use_key_file(manifest, key_file)
+                        wanted = None if no_metrics else metrics_port_offset
+                        if (no_metrics or metrics_port_offset is not None) and wanted != manifest_metrics_offset(manifest):
+                            had = manifest_metrics_offset(manifest)
+                            raise ClusterError(
+                                f"this cluster was created {'without metrics' if had is None else f'with metrics port offset {had}'}"
+                                "; that is fixed at creation. Leave --metrics-port-offset and --no-metrics out, or use "
+                                "another folder (or edit \"metrics_port_offset\" in cluster.json while it is down).")
                     else:
                         manifest = new_manifest(
                             base_port=BASE_PORT_DEFAULT if base_port is None else base_port,
@@ -498,6 +552,8 @@ class Supervisor:
                             master_key=self._master_key(key_file) if encrypt else None,
                             key_file=key_file if encrypt else None,
                             tokens=not no_auth,
+                            metrics_port_offset=None if no_metrics else (
+                                METRICS_PORT_OFFSET_DEFAULT if metrics_port_offset is None else metrics_port_offset),
                         )
                     if allow_fault_injection is not None:
                         manifest["allow_fault_injection"] = bool(allow_fault_injection)
@@ -570,14 +626,9 @@ class Supervisor:
 
     # --- reader instances -------------------------------------------------------------------
     def _free_port(self, manifest: dict) -> int:
-        """The next port above every port the manifest names that nothing listens on now."""
-        host = manifest.get("host", HOST_DEFAULT)
-        port = max(used_ports(manifest)) + 1
-        while port <= 65535:
-            if port_free(host, port):
-                return port
-            port += 1
-        raise ClusterError("no free port left above the cluster's ports for a new reader")
+        """The next port above every port the manifest names that nothing listens on now (nor
+        on its metrics port): `next_free_port`."""
+        return next_free_port(manifest, "a new reader")
 
     def add_reader(self, az: str | None = None, *, wait: bool = True, timeout_s: float = READY_TIMEOUT_S) -> str:
         """Add a reader instance (in `az`, default as `manifest.next_reader_az`) and start it;
@@ -706,9 +757,14 @@ class Supervisor:
         """Wait until the process's port can be bound again. The thread-group leader of a killed
         multi-threaded process shows as a zombie while its other threads still tear down (and
         hold its sockets), so "gone" can come a moment before the port is free."""
-        host, port = _split(self.address(name))
+        from engine.metrics import METRICS_HOST
+
+        manifest = self.manifest
+        address = self.entry(manifest, name)["address"]
+        host, port = _split(address)
+        mport = metrics_port(manifest, address)
         deadline = time.monotonic() + timeout_s
-        while not port_free(host, port):
+        while not port_free(host, port) or (mport is not None and not port_free(METRICS_HOST, mport)):
             if time.monotonic() >= deadline:
                 return False
             time.sleep(0.02)

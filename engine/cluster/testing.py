@@ -23,12 +23,15 @@ PORT_HIGH = 60000
 
 
 def free_base_port(count: int = 7, host: str = "127.0.0.1", attempts: int = 200, rng: random.Random | None = None) -> int:
-    """A port p such that p .. p+count-1 are all free now (a race with other processes remains,
-    which the launcher reports as a busy port)."""
+    """A port p such that p .. p+count-1 are all free now, and so are their metrics ports (the
+    manifest's default offset above them: a cluster made with `base_port=p` uses both ranges). A
+    race with other processes remains, which the launcher reports as a busy port."""
+    from engine.cluster.manifest import METRICS_PORT_OFFSET_DEFAULT
+
     rng = rng or random.Random()
     for _ in range(attempts):
         base = rng.randrange(PORT_LOW, PORT_HIGH - count)
-        if all(port_free(host, base + i) for i in range(count)):
+        if all(port_free(host, base + i) and port_free(host, base + METRICS_PORT_OFFSET_DEFAULT + i) for i in range(count)):
             return base
     raise RuntimeError(f"no {count} consecutive free ports found in {attempts} attempts")
 

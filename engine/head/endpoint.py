@@ -43,6 +43,12 @@ stat of the file, a SHA-256 and a dict lookup, a few microseconds; `Unauthentica
 (`EndpointConfig.audit_log`, summarised when they flood) and are counted. Without a users file
 (an endpoint built in-process by a test or a benchmark) every call is admitted.
 
+Metrics (`engine.metrics`): the servicer observes put latency per unit of a `Write` (the RPC's
+time: its units share one group commit) and get latency per get, and counts every error it
+returns by class; the `Writer` observes each frame it sends (given the endpoint's `metrics`);
+the writer's status is exported at scrape time (`run_writer_process` registers it). The caller
+serves the process's `Metrics` over HTTP.
+
 Encryption at rest (`engine.envelope`): an encrypted cluster's manifest holds the volume's data
 key wrapped by the master key (`EndpointConfig.encryption`). `run_writer_process` reads the
 master key from the key file it is given (`writer serve --key-file F`), unwraps the data key and
@@ -75,6 +81,7 @@ from engine.head.membership import ACTIVE_PHASES, MembershipChange
 from engine.head.readpoints import VdlHistory
 from engine.head.reads import checked_gets
 from engine.head.writer import ReadView, Writer, WriterOptions, node_status
+from engine.metrics import Metrics
 from engine.proto import kv_pb2_grpc
 from engine.security.audit import AuditLog
 from engine.security.users import Authenticator
@@ -129,8 +136,10 @@ class EndpointConfig:
 class WriterEndpoint:
     """The writer plus the batched operations the KV servicer calls. Thread-safe."""
 
-    def __init__(self, config: EndpointConfig, transport=None) -> None:
+    def __init__(self, config: EndpointConfig, transport=None, *, metrics: Metrics | None = None) -> None:
         self.config = config
+        #: this process's metrics (engine.metrics): every writer it opens observes its flushes there
+        self.metrics = metrics
         self.geometry = Geometry(config.protection_groups)
         self.P = config.protection_groups
         self.transport = transport or GrpcTransport(config.addresses, source="writer", volume_id=config.volume_id)
@@ -157,6 +166,7 @@ class WriterEndpoint:
             WriterOptions(write_timeout_s=self.config.write_timeout_s, local_az=self.config.local_az,
                           lease_s=self.config.lease_s),
             cipher=self.config.cipher,
+            metrics=self.metrics,
         )
         # The archiver's hold on version collection, before the writer's first heartbeat (engine.backup.archiver)
         hold = w.read_points.register("backup archiver", 0) if self.config.backup is not None else None
@@ -462,10 +472,13 @@ class KVServicer(kv_pb2_grpc.KVServicer):
     """Thin adapter from the `KV` service to a `WriterEndpoint`; with an `auth`, every call must
     first be admitted by it (see the module docstring)."""
 
-    def __init__(self, endpoint: WriterEndpoint, auth: Authenticator | None = None) -> None:
+    def __init__(self, endpoint: WriterEndpoint, auth: Authenticator | None = None, metrics: Metrics | None = None) -> None:
         self.ep = endpoint
         self.P = endpoint.P
         self.auth = auth
+        #: put and get latency, errors returned by class (engine.metrics); the process's, which
+        #: outlives a reader's promotion (the endpoint behind `ep` changes, the servicer stays)
+        self.metrics = metrics if metrics is not None else Metrics()
 
     def _admit(self, context, rpc: str) -> None:
         """Unauthenticated / PermissionDenied unless the caller's token and role allow `rpc`."""
@@ -480,7 +493,9 @@ class KVServicer(kv_pb2_grpc.KVServicer):
             err = e
         except Exception as e:  # a bug: log it, answer INTERNAL, keep serving
             log.exception("%s failed unexpectedly", rpc)
+            self.metrics.count_error(e)
             context.abort(grpc.StatusCode.INTERNAL, f"{rpc}: internal error {type(e).__name__}: {e}")
+        self.metrics.count_error(err)
         convert.abort(context, err)
 
     def Write(self, request, context):
@@ -492,7 +507,16 @@ class KVServicer(kv_pb2_grpc.KVServicer):
                     units.append(convert.unit_from_pb(u))
                 except SixfoldError as e:
                     units.append(e)
-            return convert.write_results_to_pb(self.ep.write_units(units))
+            t0 = time.perf_counter()
+            results = self.ep.write_units(units)
+            elapsed = time.perf_counter() - t0  # the RPC's units share one group commit, and its time
+            m = self.metrics
+            for r in results:
+                if isinstance(r, SixfoldError):
+                    m.count_error(r)
+                else:
+                    m.observe_put(elapsed)
+            return convert.write_results_to_pb(results)
 
         return self._serve(context, "Write", work)
 
@@ -509,7 +533,10 @@ class KVServicer(kv_pb2_grpc.KVServicer):
 
     def Get(self, request, context):
         def work():
-            reply = convert.get_reply_to_pb(self.ep.get(*convert.get_args_from_pb(request, self.P), after=convert.after_from_pb(request)))
+            t0 = time.perf_counter()
+            value = self.ep.get(*convert.get_args_from_pb(request, self.P), after=convert.after_from_pb(request))
+            self.metrics.observe_get(time.perf_counter() - t0)
+            reply = convert.get_reply_to_pb(value)
             reply.read_point = self._read_point()
             return reply
 
@@ -518,6 +545,7 @@ class KVServicer(kv_pb2_grpc.KVServicer):
     def GetMany(self, request, context):
         def work():
             convert.check_count(len(request.gets), "gets")
+            t0 = time.perf_counter()
             self.ep.wait_after(max((convert.after_from_pb(g) for g in request.gets), default=0))
             gets = []
             for g in request.gets:
@@ -525,7 +553,15 @@ class KVServicer(kv_pb2_grpc.KVServicer):
                     gets.append(convert.get_args_from_pb(g, self.P))
                 except SixfoldError as e:
                     gets.append(e)
-            reply = convert.get_results_to_pb(self.ep.get_many(gets))
+            results = self.ep.get_many(gets)
+            elapsed = time.perf_counter() - t0
+            m = self.metrics
+            for r in results:
+                if isinstance(r, SixfoldError):
+                    m.count_error(r)
+                else:
+                    m.observe_get(elapsed)
+            reply = convert.get_results_to_pb(results)
             reply.read_point = self._read_point()
             return reply
 
@@ -555,7 +591,9 @@ class KVServicer(kv_pb2_grpc.KVServicer):
             err = e
         except Exception as e:
             log.exception("Scan failed unexpectedly")
+            self.metrics.count_error(e)
             context.abort(grpc.StatusCode.INTERNAL, f"Scan: internal error {type(e).__name__}: {e}")
+        self.metrics.count_error(err)
         convert.abort(context, err)
 
     def View(self, request, context):
@@ -595,14 +633,17 @@ class KVServicer(kv_pb2_grpc.KVServicer):
             err = e
         except Exception as e:
             log.exception("WatchReadPoint failed unexpectedly")
+            self.metrics.count_error(e)
             context.abort(grpc.StatusCode.INTERNAL, f"WatchReadPoint: internal error {type(e).__name__}: {e}")
+        self.metrics.count_error(err)
         convert.abort(context, err)
 
 
 class EndpointServer:
     """A `WriterEndpoint` served over gRPC with the health service."""
 
-    def __init__(self, endpoint: WriterEndpoint, listen: str, workers: int = ENDPOINT_WORKERS, *, tls=None) -> None:
+    def __init__(self, endpoint: WriterEndpoint, listen: str, workers: int = ENDPOINT_WORKERS, *, tls=None,
+                 metrics: Metrics | None = None) -> None:
         self.endpoint = endpoint
         # With TLS (engine.security.tls.TlsConfig): mutual TLS only, calls authorised by the role
         # of the client certificate (engine.security.roles.KV_POLICY); with a users file, by the
@@ -612,7 +653,8 @@ class EndpointServer:
         config = endpoint.config
         self.audit = AuditLog(config.audit_log) if config.audit_log else None
         self.auth = Authenticator(config.users_file, audit=self.audit) if config.users_file else None
-        kv_pb2_grpc.add_KVServicer_to_server(KVServicer(endpoint, self.auth), self.server)
+        self.servicer = KVServicer(endpoint, self.auth, metrics if metrics is not None else endpoint.metrics)
+        kv_pb2_grpc.add_KVServicer_to_server(self.servicer, self.server)
         self.health = add_health(self.server, (SERVICE_NAME,))
         self._stop = threading.Event()
         self._watch: threading.Thread | None = None
@@ -747,11 +789,14 @@ def prepare_process(config: EndpointConfig, key_file: str | None, logger=None):
 
 
 def run_writer_process(config: EndpointConfig, listen: str, workers: int = ENDPOINT_WORKERS, *, tls=None,
-                       key_file: str | None = None, standby: bool = False, writer_az=None, on_serving=None) -> int:
+                       key_file: str | None = None, standby: bool = False, writer_az=None, on_serving=None,
+                       metrics: Metrics | None = None) -> int:
     """The body of `sixfold writer serve`: serve until SIGTERM/SIGINT; returns an exit code.
     With `tls` the KV server and the transport to the nodes are mutual TLS as the writer. An
     encrypted volume's master key comes from `key_file` (see the module docstring); without it,
-    or with a wrong one, the process logs the EncryptionError and returns EXIT_ENCRYPTION."""
+    or with a wrong one, the process logs the EncryptionError and returns EXIT_ENCRYPTION.
+    `metrics` (engine.metrics, served by the caller): the process's, which the writer and the
+    KV servicer fill and which export the writer's status at every scrape."""
     config, stop = prepare_process(config, key_file)
     if config is None:
         return EXIT_ENCRYPTION
@@ -761,7 +806,9 @@ def run_writer_process(config: EndpointConfig, listen: str, workers: int = ENDPO
 
         transport = GrpcTransport(config.addresses, source="writer", tls=tls, volume_id=config.volume_id,
                                   signer=EpochSigner.from_tls(tls))
-    endpoint = WriterEndpoint(config, transport)
+    endpoint = WriterEndpoint(config, transport, metrics=metrics)
+    if metrics is not None:
+        metrics.watch_writer(endpoint.current_writer)
     server = EndpointServer(endpoint, listen, workers, tls=tls)
     server.on_serving = on_serving
     if standby:  # take over only once the writer's lease lapsed (engine.head.failover)

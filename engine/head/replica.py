@@ -43,6 +43,10 @@ Read-your-writes: a write returns its commit position (CPL LSN); a read with `af
 bounded by the volume's write timeout, until the read point covers it, then reads
 (`ReplicaBehind` if it does not in time). Writes and admin calls are refused `ReadOnly`.
 
+Metrics (`engine.metrics`, with `metrics=`): the shared `KVServicer` observes get latency and
+counts errors (a refused write: `ReadOnly`); the reader's read point and lag are exported at
+scrape time, and once promoted the writer's status instead, on the same registry and port.
+
 Promotion hook: `ReaderProcess.become_writer()` is where a later change makes a reader promote
 itself. Everything a writer needs is already here (the node addresses, this identity's TLS, the
 cipher); promotion is: stop the follower, build a `WriterEndpoint` over the same config and
@@ -474,8 +478,12 @@ class ReaderProcess:
                  tls=None, token: str | None = None, workers: int = READER_WORKERS, transport=None,
                  writer_tls=None, promote: bool = False, writer_az: Callable[[], str] = lambda: "",
                  on_promoted: Callable[[int], None] | None = None, preferred: Callable[[], str | None] = lambda: None,
-                 rank: Callable[[], int] | None = None, refresh: Callable[[], EndpointConfig] | None = None) -> None:
+                 rank: Callable[[], int] | None = None, refresh: Callable[[], EndpointConfig] | None = None,
+                 metrics=None) -> None:
         self.config = config
+        #: this process's metrics (engine.metrics.Metrics; None: not exported): get latency and
+        #: errors from the KV servicer, the reader's lag, and once promoted the writer's
+        self.metrics = metrics
         self.reader_id = reader_id
         self.az = az
         #: promotion (engine.head.failover): take over as the writer once its lease lapsed, with
@@ -512,7 +520,10 @@ class ReaderProcess:
         self.server, self.port = make_server(listen, workers, tls=tls, interceptors=(self.guard,) if self.guard else ())
         self.audit = AuditLog(config.audit_log) if config.audit_log else None
         self.auth = Authenticator(config.users_file, audit=self.audit) if config.users_file else None
-        self.servicer = KVServicer(self.endpoint, self.auth)
+        self.servicer = KVServicer(self.endpoint, self.auth, metrics)
+        if metrics is not None:
+            metrics.watch_reader(lambda: None if self.writer_endpoint is not None else self.endpoint.reader_status())
+            metrics.watch_writer(lambda: None if self.writer_endpoint is None else self.writer_endpoint.current_writer())
         kv_pb2_grpc.add_KVServicer_to_server(self.servicer, self.server)
         self.health = add_health(self.server, (SERVICE_NAME,))
         self.follower = ReadPointFollower(self.source, writer_address, tls=tls, token=token, on_first=self._serving)
@@ -580,7 +591,7 @@ class ReaderProcess:
                             "of its start", self.reader_id, e)
         transport = GrpcTransport(config.addresses, source="writer", tls=self.writer_tls,
                                   volume_id=config.volume_id, signer=signer)
-        ep = WriterEndpoint(config, transport)
+        ep = WriterEndpoint(config, transport, metrics=self.metrics)
         try:
             ep.open()
         except BaseException:
@@ -611,14 +622,17 @@ class ReaderProcess:
 
 
 def run_reader_process(config: EndpointConfig, reader_id: str, az: str, listen: str, writer_address: Callable[[], str], *,
-                       tls=None, token: str | None = None, key_file: str | None = None, promotion: dict | None = None) -> int:
+                       tls=None, token: str | None = None, key_file: str | None = None, promotion: dict | None = None,
+                       metrics=None) -> int:
     """The body of `sixfold reader serve`: serve until SIGTERM/SIGINT; returns an exit code. An
     encrypted volume needs its master key file, as the writer does (`with_cipher`); without it
-    the process logs the EncryptionError and returns EXIT_ENCRYPTION."""
+    the process logs the EncryptionError and returns EXIT_ENCRYPTION. `metrics`: the process's
+    (engine.metrics, served by the caller)."""
     config, stop = prepare_process(config, key_file, log)
     if config is None:
         return EXIT_ENCRYPTION
-    proc = ReaderProcess(config, reader_id, az, listen, writer_address, tls=tls, token=token, **(promotion or {}))
+    proc = ReaderProcess(config, reader_id, az, listen, writer_address, tls=tls, token=token, metrics=metrics,
+                         **(promotion or {}))
     log.info("reader %s (AZ %s) of volume %s on %s, pid %d%s: following the writer endpoint; %s",
              reader_id, az, config.volume_id, listen, os.getpid(), " (encrypted at rest)" if config.cipher is not None else "",
              f"every call needs a token of {config.users_file}" if config.users_file else "no client authentication")

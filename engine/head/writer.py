@@ -45,6 +45,10 @@ Version collection: every append and heartbeat carries the collection point and 
 point (`engine.head.readpoints`: the least read point registered with `Writer.read_points`, and
 the VDL as it was a moment ago); `open_snapshot` takes a read view and registers it in one hold
 of the lock, and a scan without a view holds its own until it is consumed or dropped.
+
+Metrics (`engine.metrics`): a sender observes each frame a node took (records, bytes) on the
+`metrics` it was given, outside the lock; everything else (VDL, epoch, per-node lag behind the
+PGCLs: `scl_lags()`) is read from `status()` when a scrape asks, at no cost to writes.
 """
 
 from __future__ import annotations
@@ -309,8 +313,12 @@ class Writer:
         weakening: Weakening = SAFE,
         cipher: VolumeCipher | None = None,
         wall_clock_us: Callable[[], int] | None = None,
+        metrics=None,
     ) -> None:
         self.transport = transport
+        #: where each frame sent to a node is observed (`engine.metrics.Metrics.observe_flush`:
+        #: records and bytes), once per frame; None: nowhere
+        self.metrics = metrics
         #: commit times (stamped into request records): wall-clock microseconds, never going
         #: backwards (the floor: the newest this writer stamped, or one an archive holds)
         self._wall_clock_us = wall_clock_us or (lambda: time.time_ns() // 1000)
@@ -932,6 +940,8 @@ class Writer:
         except Exception as e:  # the transport failed in a way it should not: count it, treat the link as down
             self._link_fault(link, e, unexpected=True)
             return True
+        if records and self.metrics is not None:
+            self.metrics.observe_flush(len(records), len(frame))
         released = None
         healed = ""
         space_changed = False
@@ -1342,6 +1352,17 @@ class Writer:
         return point, min(point, self._request_retention.at(now, vdl))
 
     # --- status -----------------------------------------------------------------------------
+    def scl_lags(self) -> dict[str, int]:
+        """Per member of the membership: the LSNs its SCLs are behind the PGCLs, summed over the
+        PGs (the `lag` of `sixfold cluster status`; 0: it can serve reads at the VDL alone). A
+        member the writer has not heard from yet counts from 0."""
+        with self._lock:
+            ledger = self.ledger
+            if ledger is None:
+                return {}
+            return {n: sum(max(0, pgcl - ledger.scls[pg].get(n, 0)) for pg, pgcl in enumerate(ledger.pgcl))
+                    for n in ledger.membership.all_nodes}
+
     def status(self) -> dict:
         with self._lock:
             ledger = self.ledger

@@ -24,6 +24,12 @@ and logged once per change of cause, not once per round. An unexpected exception
 counted per thread (`background_errors`, with `background_last_error`), and the thread carries
 on after a back-off that doubles per consecutive failure up to BACKOFF_S_MAX. All of it shows in
 the node's state (`NodeState.extra`).
+
+Metrics (`engine.metrics` reads them at scrape time, from `state()` and `counters()`): besides
+what the store counts (corrupt copies found, records repaired and collected), the node counts in
+memory its gossip rounds, the frame bytes gossip fetched, served to Fetch and appended in repair
+mode, and every request `handle` answered with an error, by class. Plain integers under one lock,
+touched once per frame or per error, never per record.
 """
 
 from __future__ import annotations
@@ -116,6 +122,13 @@ class StorageNode:
         #: each peer's swept LSN per PG, as its state last said (gossip): a tombstone is dropped
         #: only below what every member swept (engine.node.collection)
         self.peer_swept: dict[str, tuple[int, ...]] = {}
+        #: traffic and refusals since this process started, for metrics (`counters()`): gossip
+        #: rounds, frame bytes gossip fetched, frame bytes served to Fetch, frame bytes appended in
+        #: repair mode (gossip's, and a recovering writer's RepairAppend), and requests answered
+        #: with an error, by class. Incremented from many threads, hence the lock.
+        self._counts_lock = threading.Lock()
+        self._counts = {"gossip_rounds": 0, "gossip_fetched_bytes": 0, "fetch_served_bytes": 0, "repair_bytes": 0}
+        self._request_errors: dict[str, int] = {}
 
     @property
     def id(self) -> str:
@@ -133,14 +146,33 @@ class StorageNode:
             raise InvalidArgument(f"unknown request {method!r}")
         try:
             result = getattr(self, method)(*args)
-        except SixfoldError:
+        except SixfoldError as e:
+            self._count_error(e)
             raise
         except (lmdb.Error, OSError) as e:
-            raise self.storage_error(method, e) from e
+            typed = self.storage_error(method, e)
+            self._count_error(typed)
+            raise typed from e
         if self._full_cause is not None and method in ("append", "repair_append"):
             log.info("node %s: has room again (it was full: %s)", self.id, self._full_cause)
             self._full_cause = None
         return result
+
+    def _count(self, name: str, n: int) -> None:
+        with self._counts_lock:
+            self._counts[name] += n
+
+    def _count_error(self, e: SixfoldError) -> None:
+        kind = type(e).__name__
+        with self._counts_lock:
+            self._request_errors[kind] = self._request_errors.get(kind, 0) + 1
+
+    def counters(self) -> dict:
+        """What this node counted since it started (for `engine.metrics`): gossip rounds, frame
+        bytes gossip fetched from peers, frame bytes it served to Fetch calls, frame bytes it
+        appended in repair mode, and `request_errors`: requests answered with an error, by class."""
+        with self._counts_lock:
+            return dict(self._counts, request_errors=dict(self._request_errors))
 
     def storage_error(self, what: str, exc: BaseException) -> SixfoldError:
         """The typed error for an LMDB or OS error met during `what` (logged once per cause)."""
@@ -168,7 +200,9 @@ class StorageNode:
         return reply
 
     def repair_append(self, frame: bytes):
-        return self.store.append(0, frame, 0, repair=True)
+        reply = self.store.append(0, frame, 0, repair=True)
+        self._count("repair_bytes", len(frame))
+        return reply
 
     def read(self, pg, key, read_point, required_lsn, epoch, namespace=0):
         return self.store.read(pg, key, read_point, required_lsn, epoch, namespace)
@@ -186,7 +220,9 @@ class StorageNode:
         return self.store.sync_epoch(epoch, truncations, membership, proof, proof_epoch)
 
     def fetch(self, pg: int, after_lsn: int, max_bytes: int, upto_lsn: int | None):
-        return self.store.fetch(pg, after_lsn, max_bytes, upto_lsn)
+        reply = self.store.fetch(pg, after_lsn, max_bytes, upto_lsn)
+        self._count("fetch_served_bytes", len(reply.frame))
+        return reply
 
     def state(self) -> NodeState:
         st = dataclasses.replace(self.store.state(), lease_age_ms=int((time.monotonic() - self._lease_at) * 1000))
@@ -242,6 +278,7 @@ class StorageNode:
                 self._note_cause(f"gossip with {peer}", None)
         self.gossip_fetched_records += fetched
         self.rebuild["active"] = self._behind_any
+        self._count("gossip_rounds", 1)
         return fetched
 
     def _adopt_signed(self, peer: str, st: NodeState) -> None:
@@ -296,6 +333,7 @@ class StorageNode:
                 start, reply = pending[0], pending[1].result()
                 pending = None
                 frames += 1
+                self._count("gossip_fetched_bytes", len(reply.frame))
                 try:
                     items = codec.index_frame(reply.frame)
                 except CorruptRecord:
@@ -309,6 +347,7 @@ class StorageNode:
                     break
                 before = store.scls[pg]
                 store.append(0, reply.frame, 0, repair=True, items=items, collected=claim)
+                self._count("repair_bytes", len(reply.frame))
                 fetched += len(items)
                 self.rebuild["fetched_records"] += len(items)
                 if store.scls[pg] == before or not items:

@@ -415,12 +415,14 @@ def run_node_process(
     banner: str = "",
     tls: TlsConfig | None = None,
     allow_fault_injection: bool = False,
+    metrics=None,
 ) -> int:
     """The body of `sixfold node serve`: serve until SIGTERM/SIGINT; returns an exit code.
 
     `transport_factory(addresses)` makes the node's gossip transport (default: a GrpcTransport
     over the fixed `peers`, over mTLS with `tls`; a cluster node passes one that re-reads the
-    manifest)."""
+    manifest). `metrics` (an `engine.metrics.Metrics`, served by the caller, which binds its
+    port before this opens any data): the node is exported there from the moment it opened."""
     from engine.transport.grpc_client import GrpcTransport
 
     stop = threading.Event()
@@ -438,6 +440,8 @@ def run_node_process(
                             reserve_bytes=reserve_bytes),
         listen, workers, tls=tls, allow_fault_injection=allow_fault_injection, me=node_id,
     )
+    if metrics is not None:
+        metrics.watch_nodes(lambda: [(node_id, ns.node)])
     addresses = {k: v for k, v in peers.items() if k != node_id}
     addresses[node_id] = listen
     transport = (transport_factory or (lambda a: GrpcTransport(a, source=node_id, tls=tls, volume_id=volume_id)))(addresses)
