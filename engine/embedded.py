@@ -696,14 +696,8 @@ class EmbeddedVolume:
     # Put and get latency and the errors callers get are observed here, at the API boundary
     # (engine.metrics): one observe() per call, the error path only for errors.
     def write(self, ops, *, request_id=None, resend=False):
-        t0 = time.perf_counter()
-        try:
-            lsn = self._w.write(ops, request_id=request_id, resend=resend)
-        except SixfoldError as e:
-            self.metrics.count_error(e)
-            raise
-        self.metrics.observe_put(time.perf_counter() - t0)
-        return lsn
+        m = self.metrics
+        return m.timed(m.observe_put, lambda: self._w.write(ops, request_id=request_id, resend=resend))
 
     def request_status(self, request_id):
         return self._w.request_status(request_id)
@@ -718,15 +712,12 @@ class EmbeddedVolume:
         return self._request_rng.randbytes(16)
 
     def get(self, key, *, quorum=False, view=None, after=0):
-        t0 = time.perf_counter()
-        try:
+        def call():
             self.wait_after(after)
-            value = self._w.get(key, quorum=quorum, view=view)
-        except SixfoldError as e:
-            self.metrics.count_error(e)
-            raise
-        self.metrics.observe_get(time.perf_counter() - t0)
-        return value
+            return self._w.get(key, quorum=quorum, view=view)
+
+        m = self.metrics
+        return m.timed(m.observe_get, call)
 
     def get_many(self, gets, *, after=0):
         t0 = time.perf_counter()
@@ -736,12 +727,7 @@ class EmbeddedVolume:
         except SixfoldError as e:
             self.metrics.count_error(e)
             raise
-        elapsed = time.perf_counter() - t0
-        for r in results:
-            if isinstance(r, SixfoldError):
-                self.metrics.count_error(r)
-            else:
-                self.metrics.observe_get(elapsed)
+        self.metrics.observe_each(self.metrics.observe_get, results, time.perf_counter() - t0)
         return results
 
     def scan(self, start, end, *, quorum=False, view=None, after=0):

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest, start_http_server
@@ -151,6 +152,27 @@ class Metrics:
     def count_error(self, error: BaseException) -> None:
         """An error returned to a caller: counted by its class name."""
         self.errors.labels(type(error).__name__).inc()
+
+    def timed(self, observe: Callable[[float], None], call: Callable[[], object]):
+        """`call()`, its time given to `observe` (`observe_put`, `observe_get`) when it returns,
+        its SixfoldError counted when it raises."""
+        t0 = time.perf_counter()
+        try:
+            value = call()
+        except SixfoldError as e:
+            self.count_error(e)
+            raise
+        observe(time.perf_counter() - t0)
+        return value
+
+    def observe_each(self, observe: Callable[[float], None], results: Sequence, elapsed: float) -> None:
+        """A batch's results (several write units, or gets): each error counted, each success
+        observed with the batch's time (they shared one call)."""
+        for r in results:
+            if isinstance(r, SixfoldError):
+                self.count_error(r)
+            else:
+                observe(elapsed)
 
     # --- scrape-time collectors -------------------------------------------------------------
     def add(self, what: str, fn: Callable[[], Iterable[Metric]]) -> None:

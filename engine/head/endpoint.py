@@ -509,13 +509,8 @@ class KVServicer(kv_pb2_grpc.KVServicer):
                     units.append(e)
             t0 = time.perf_counter()
             results = self.ep.write_units(units)
-            elapsed = time.perf_counter() - t0  # the RPC's units share one group commit, and its time
-            m = self.metrics
-            for r in results:
-                if isinstance(r, SixfoldError):
-                    m.count_error(r)
-                else:
-                    m.observe_put(elapsed)
+            # The RPC's units share one group commit, and its time.
+            self.metrics.observe_each(self.metrics.observe_put, results, time.perf_counter() - t0)
             return convert.write_results_to_pb(results)
 
         return self._serve(context, "Write", work)
@@ -554,13 +549,7 @@ class KVServicer(kv_pb2_grpc.KVServicer):
                 except SixfoldError as e:
                     gets.append(e)
             results = self.ep.get_many(gets)
-            elapsed = time.perf_counter() - t0
-            m = self.metrics
-            for r in results:
-                if isinstance(r, SixfoldError):
-                    m.count_error(r)
-                else:
-                    m.observe_get(elapsed)
+            self.metrics.observe_each(self.metrics.observe_get, results, time.perf_counter() - t0)
             reply = convert.get_results_to_pb(results)
             reply.read_point = self._read_point()
             return reply
