@@ -546,3 +546,26 @@ def test_the_version_index_is_rebuilt_whole_and_its_page_count_comes_true(store)
         st = txn.stat(store._versions)
     assert st["entries"] == 1100 and st["leaf_pages"] <= 12, st
     assert store.state().pages_used <= 48, store.state().pages_used
+
+
+@pytest.mark.parametrize("stored", [
+    b"\x00" * 31,                                                     # not 32 bytes
+    (LSN_VALID_MAX + 1).to_bytes(8, "big") + b"\x00" * 24,            # a horizon no LSN reaches
+    (5).to_bytes(8, "big") + (9).to_bytes(8, "big") + b"\x00" * 16,   # swept above the horizon
+])
+def test_a_damaged_collection_state_is_refused_at_open_with_its_cause(tmp_path, stored):
+    """The node's own folder is checked too: a collection state that no collection writes would
+    raise the hint and the horizon past what the node holds; the open is refused, says why, and
+    leaves the folder to a second try (and to a wipe)."""
+    from engine.errors import StorageError
+    from engine.node.collection import gc_key
+
+    s = open_store(tmp_path / "n1")
+    s.sync_epoch(1, ())
+    s.append(1, chain((1, b"k", b"v")), 1)
+    with s.env.begin(write=True) as txn:
+        txn.put(gc_key(0), stored, db=s._meta)
+    s.close()
+    for _ in range(2):  # the refused open released the folder
+        with pytest.raises(StorageError, match="collection state of PG 0 .* is damaged"):
+            open_store(tmp_path / "n1")

@@ -70,8 +70,8 @@ import struct
 from collections.abc import Sequence
 
 from engine import codec
-from engine.core.constants import FLAG_DELETE, FLAG_REQUEST
-from engine.errors import CorruptRecord, SnapshotTooOld
+from engine.core.constants import FLAG_DELETE, FLAG_REQUEST, LSN_VALID_MAX
+from engine.errors import CorruptRecord, SnapshotTooOld, StorageError
 from engine.node.growth import retry_when_full
 
 _U64BE = struct.Struct(">Q")
@@ -120,7 +120,17 @@ class VersionCollector:
         self.gc = []
         for pg in range(P):
             raw = txn.get(gc_key(pg), db=self._meta)
-            self.gc.append(list(_GC.unpack(raw)) if raw else [0, 0, 0, 0])
+            g = [0, 0, 0, 0] if raw is None else (list(_GC.unpack(raw)) if len(raw) == _GC.size else None)
+            # What collection stores keeps tombstones, requests <= swept <= horizon <= LSN_VALID_MAX;
+            # anything else is a damaged folder. Trusted, it would raise the hint (below) and the
+            # horizon past what this node holds: refused with the cause instead.
+            if g is None or not (g[TOMBSTONES] <= g[SWEPT] <= g[HORIZON] <= LSN_VALID_MAX and g[REQUESTS] <= g[SWEPT]):
+                raise StorageError(
+                    f"node {self.node_id}: the collection state of PG {pg} in {self.path} is damaged "
+                    f"({bytes(raw).hex() if raw is not None else '?'}: not horizon >= swept >= tombstones, requests "
+                    f"within {LSN_VALID_MAX}); the folder cannot be trusted: wipe the node and let it rebuild from its peers"
+                )
+            self.gc.append(g)
         #: (epoch, collection point, request point) the writer last sent; not persisted: the
         #: next heartbeat brings it again
         self.collect_target = (0, 0, 0)
