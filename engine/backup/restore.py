@@ -159,19 +159,36 @@ class Archive:
             if not nxt:
                 return
             nxt.sort(key=lambda s: (s[0] != pos, -s[1]))  # one that starts exactly here, the longest
-            after, last, name = nxt[0]
-            meta, body = decode_file(name, self.target.read(name), KIND_SEGMENT, self.volume_id)
-            if (meta["after_lsn"], meta["last_lsn"]) != (after, last) or len(meta["pg_after"]) != self.P:
-                raise BackupCorrupt(f"backup file {name}: its meta says ({meta['after_lsn']}, {meta['last_lsn']}] for "
-                                    f"{len(meta['pg_after'])} PGs, its name and the archive say ({after}, {last}] for {self.P}")
-            per_pg = list(iter_frames(name, body))
-            records = list(heapq.merge(*per_pg, key=lambda r: r.lsn))
-            if len(records) != meta["records"]:
-                raise BackupCorrupt(f"backup file {name} holds {len(records)} records, its meta says {meta['records']}")
-            if not records or records[-1].lsn != last or not records[-1].flags & FLAG_CPL:
-                raise BackupCorrupt(f"backup file {name} does not end with the CPL record {last}")
+            # Segments may overlap (two archivers, or one that died between a segment and its
+            # manifest): one LSN names one record for ever, so any of them serves. A damaged one
+            # is passed over for the next (verify still reports it); all damaged: the first error.
+            first_error: BackupCorrupt | None = None
+            for after, last, name in nxt:
+                try:
+                    meta, records = self._read_segment(name, after, last)
+                    break
+                except BackupCorrupt as e:
+                    if first_error is None:
+                        first_error = e
+                    log.warning("restore: passing over %s, another segment covers LSN %d: %s", name, pos, e)
+            else:
+                raise first_error
             yield name, meta, records
             pos = last
+
+    def _read_segment(self, name: str, after: int, last: int):
+        """(meta, records in LSN order) of segment `name`, every check made (BackupCorrupt)."""
+        meta, body = decode_file(name, self.target.read(name), KIND_SEGMENT, self.volume_id)
+        if (meta["after_lsn"], meta["last_lsn"]) != (after, last) or len(meta["pg_after"]) != self.P:
+            raise BackupCorrupt(f"backup file {name}: its meta says ({meta['after_lsn']}, {meta['last_lsn']}] for "
+                                f"{len(meta['pg_after'])} PGs, its name and the archive say ({after}, {last}] for {self.P}")
+        per_pg = list(iter_frames(name, body))
+        records = list(heapq.merge(*per_pg, key=lambda r: r.lsn))
+        if len(records) != meta["records"]:
+            raise BackupCorrupt(f"backup file {name} holds {len(records)} records, its meta says {meta['records']}")
+        if not records or records[-1].lsn != last or not records[-1].flags & FLAG_CPL:
+            raise BackupCorrupt(f"backup file {name} does not end with the CPL record {last}")
+        return meta, records
 
 
 def _source_cipher(archive: Archive, key) -> VolumeCipher | None:
