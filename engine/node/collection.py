@@ -140,7 +140,7 @@ class VersionCollector:
         #: resumes ((table index, key), or None); in memory: a restart only delays a compaction
         self._churn = [0] * P
         self._compact_at: list[tuple[int, bytes] | None] = [None] * P
-        self._skip_log_chunks = False  # the log was rebuilt whole: chunks of the version index only
+        self._skip_log_chunks = [False] * P  # per PG: the log was rebuilt whole, chunks of the version index only
         #: compaction chunks rewritten (status)
         self.compactions = 0
 
@@ -349,9 +349,9 @@ class VersionCollector:
                     at = None if versions_small else (0, b"")
                 if at is None:  # both whole: every PG's compaction is done
                     P = self.geometry.protection_groups
-                    self._churn, self._compact_at = [0] * P, [None] * P
+                    self._churn, self._compact_at, self._skip_log_chunks = [0] * P, [None] * P, [False] * P
                     return done
-                self._skip_log_chunks = log_small
+                self._skip_log_chunks[pg] = log_small
         else:
             done = 0
         self._churn[pg] = 0
@@ -381,13 +381,13 @@ class VersionCollector:
                 done += len(pairs)
                 self.compactions += 1
             if ended:
-                at = (1, b"") if table == 0 and not self._skip_log_chunks else None
+                at = (1, b"") if table == 0 and not self._skip_log_chunks[pg] else None
             else:
                 # Resume after the last key (duplicates of it past the chunk are left as they are).
                 at = (table, pairs[-1][0][4:] + b"\x00")
         self._compact_at[pg] = at
         if at is None:
-            self._skip_log_chunks = False
+            self._skip_log_chunks[pg] = False
         return done
 
     def _room_to_rewrite(self, table_bytes: int) -> bool:
