@@ -413,31 +413,3 @@ def test_closing_a_volume_logs_no_node_as_down(tmp_path, caplog):
             v.close()
     down = [r.getMessage() for r in caplog.records if "is down" in r.getMessage() or "stopped" in r.getMessage()]
     assert down == [], down[:3]
-
-
-def test_one_frame_is_encoded_and_indexed_once_for_the_six_nodes(tmp_path, monkeypatch):
-    """The senders ship the very same records to every node: the writer encodes the frame once
-    and the in-process transport verifies and indexes it once (it was six times each). Counted
-    over 20 sequential puts (senders racing may still encode one twice)."""
-    from engine import codec
-    from engine.embedded import EmbeddedOptions, EmbeddedVolume
-
-    v = EmbeddedVolume(str(tmp_path / "v"), EmbeddedOptions(gossip_interval_s=0))
-    try:
-        v.writer.put(b"warm", b"v")
-        calls = []
-        real = codec.index_frame
-        def counting(frame):
-            items = real(frame)
-            calls.append(len(items))
-            return items
-
-        monkeypatch.setattr(codec, "index_frame", counting)
-        for i in range(20):
-            v.writer.put(b"k%d" % i, b"v")
-        monkeypatch.undo()
-        data_frames = [n for n in calls if n]  # heartbeats are empty frames
-        assert len(data_frames) <= 40, len(data_frames)  # six nodes each: 120
-        assert all(v.get(b"k%d" % i) == b"v" for i in range(20))
-    finally:
-        v.close()

@@ -338,7 +338,6 @@ class Writer:
         self._room = threading.Condition(self._lock)  # writers wait here for LAL / quorum
         self._tail: list[bytes] = []
         self._tail_base = 1  # LSN of _tail[0]
-        self._last_frame: tuple[tuple[int, int], bytes] | None = None  # ((first LSN, records), frame): `_send_once`
         #: the running total of the cost of every record logged (engine.core.admission), and the
         #: total through each record of the tail (a unit's whole cost on its last record, so that a
         #: node holding part of a unit is not credited with room it has not given)
@@ -926,17 +925,7 @@ class Writer:
             if size > FRAME_BYTES_MAX // 2 and i > 0:
                 records = records[:i]
                 break
-        # The senders mostly ship the same records (every node takes what it has not had): the
-        # frame of the last (first LSN, count) is encoded once and shared. One LSN names one
-        # record for ever, so the pair names the frame. (An in-process transport then indexes
-        # it once for all six nodes too.)
-        shape = (start, len(records))
-        last = self._last_frame
-        if last is not None and last[0] == shape:
-            frame = last[1]
-        else:
-            frame = codec.encode_frame(records)
-            self._last_frame = (shape, frame)
+        frame = codec.encode_frame(records)
         link.last_send = sent_at = self._clock()
         try:
             reply = self.transport.append(link.id, epoch, frame, hint, collect, requests)

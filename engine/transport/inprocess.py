@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import threading
 
-from engine import codec
 from engine.errors import Closed, NodeNotFound, Unavailable
 from engine.transport.base import Transport
 
@@ -37,19 +36,6 @@ class InProcessTransport(Transport):
     def __init__(self, registry: Registry, source: str = "writer") -> None:
         self.registry = registry
         self.source = source
-        #: (frame, its index) of the last frame appended: a writer sends the very same bytes
-        #: object to every node, which is then verified and indexed once, not six times
-        self._indexed: tuple[bytes, list] | None = None
-
-    def append(self, node: str, epoch: int, frame: bytes, hint_lsn: int, collect_lsn: int = 0,
-               collect_requests_lsn: int = 0):
-        last = self._indexed
-        if last is not None and last[0] is frame:
-            items = last[1]
-        else:
-            items = codec.index_frame(frame)  # CorruptRecord, as the node would raise it
-            self._indexed = (frame, items)
-        return self._call(node, "append", epoch, frame, hint_lsn, collect_lsn, collect_requests_lsn, items)
 
     def _call(self, node: str, method: str, *args):
         target = self.registry.get(node)
