@@ -34,6 +34,7 @@ from engine.cluster.testing import free_base_port
 from engine.core.constants import FLAG_CPL, FLAG_PUT
 from engine.core.placement import protection_group_of
 from engine.core.types import Geometry, NodeInfo, TruncationRange
+from engine import errors
 from engine.errors import InvalidArgument
 from engine.node.service import StorageNode
 from engine.proto import storage_pb2, storage_pb2_grpc
@@ -41,7 +42,7 @@ from engine.security.certs import TlsFolder
 from engine.security.roles import identity_from_pem
 from engine.security.tls import TlsConfig, secure_channel
 from engine.transport import convert
-from engine.transport.grpc_client import VolumeMetadata
+from engine.transport.grpc_client import GrpcTransport, VolumeMetadata
 from engine.transport.grpc_server import InsecureListen, NodeServer, make_server
 
 P = 2
@@ -198,6 +199,12 @@ def test_an_append_from_a_non_writer_certificate_is_refused(secure):
             ch, stub = _stub(secure, node, identity)
             with ch:
                 _refused(stub.Append, storage_pb2.AppendRequest(epoch=st.epoch, frame=frame, hint_lsn=lsn))
+        t = GrpcTransport({"n1": c.address("n1")}, source=identity, tls=c.tls(identity), volume_id=c.manifest["volume_id"])
+        try:  # nor on an AppendStream
+            with pytest.raises(errors.PermissionDenied):
+                t.append("n1", st.epoch, frame, lsn)
+        finally:
+            t.close()
     assert db.get(key) == secure["acked"][key]
     _intact(secure)
 
@@ -308,6 +315,24 @@ def test_a_revoked_certificate_is_refused_from_its_next_call_on_an_open_connecti
     ch, stub = _stub(secure, "n5", "r2")  # a new connection, another node
     with ch:
         _refused(stub.State, storage_pb2.StateRequest(), grpc.StatusCode.UNAUTHENTICATED)
+    _intact(secure)
+
+
+@pytest.mark.cluster
+def test_a_writer_certificate_revoked_with_its_append_stream_open_is_refused_from_its_next_append(secure, capsys):
+    """The role is checked for every request on a stream, not only when it opens."""
+    c, tf = secure["cluster"], secure["tls"]
+    tf.issue("w9", "writer")
+    t = GrpcTransport({"n3": c.address("n3")}, source="w9", tls=c.tls("w9"), volume_id=c.manifest["volume_id"])
+    try:
+        epoch = _state(secure, "n3").epoch
+        assert t.append("n3", epoch, codec.encode_frame([]), 0).node == "n3"  # a heartbeat, on the stream
+        assert _state(secure, "n3").extra_json and "append_streams" in _state(secure, "n3").extra_json
+        assert main(["certs", "revoke", "w9", "--cluster", c.folder]) == 0
+        with pytest.raises(errors.Unauthenticated, match="revoked"):
+            t.append("n3", epoch, codec.encode_frame([]), 0)
+    finally:
+        t.close()
     _intact(secure)
 
 

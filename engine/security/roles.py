@@ -59,6 +59,7 @@ ANY_ROLE = frozenset({NODE, WRITER, READER, ADMIN, CLIENT})
 _STORAGE = "/sixfold.v1.Storage/"
 STORAGE_POLICY: dict[str, frozenset[str]] = {
     _STORAGE + "Append": frozenset({WRITER}),
+    _STORAGE + "AppendStream": frozenset({WRITER}),
     _STORAGE + "Seal": frozenset({WRITER}),
     _STORAGE + "SyncEpoch": frozenset({WRITER}),
     _STORAGE + "RepairAppend": frozenset({WRITER, NODE}),
@@ -76,8 +77,10 @@ STORAGE_POLICY: dict[str, frozenset[str]] = {
 _KV = "/sixfold.v1.KV/"
 KV_POLICY: dict[str, frozenset[str]] = {
     _KV + "Write": frozenset({CLIENT, ADMIN}),
+    _KV + "WriteStream": frozenset({CLIENT, ADMIN}),
     _KV + "Get": frozenset({CLIENT, ADMIN, READER}),
     _KV + "GetMany": frozenset({CLIENT, ADMIN, READER}),
+    _KV + "GetManyStream": frozenset({CLIENT, ADMIN, READER}),
     _KV + "Scan": frozenset({CLIENT, ADMIN, READER}),
     _KV + "View": frozenset({CLIENT, ADMIN, READER}),
     _KV + "HoldReadPoint": frozenset({CLIENT, ADMIN, READER}),

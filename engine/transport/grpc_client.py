@@ -9,6 +9,13 @@ the caller's identity in the `sixfold-source` metadata and its pid in `sixfold-p
 rules on the node side use them),
 and converts the reply with `engine.transport.convert`.
 
+Appends, the one hot call (every frame and heartbeat of the writer), travel on one long-lived
+`AppendStream` per node instead (`engine.transport.streams`): the same request, the same reply or
+error class, the same deadline (a watchdog cancels a request that outlives it; the next append
+opens a new stream), the same suspect-node bookkeeping. A node that answers UNIMPLEMENTED (an
+earlier release) gets unary `Append` calls from then on, as does one request that a node with no
+room for another stream refused; `streams=False` turns streams off.
+
 Every call has a deadline (`Deadlines`): short for appends and reads so that a paused node
 (SIGSTOP: its socket accepts, nobody answers) costs a sender or a reader a bounded wait, longer
 for recovery work. Deadlines are health-aware, as a circuit breaker: a node that failed to answer
@@ -32,6 +39,7 @@ shutting down (`Closed`), is `Unavailable`, as the interface promises.
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -46,6 +54,9 @@ from engine.proto import storage_pb2, storage_pb2_grpc
 from engine.security.tls import TlsConfig, secure_channel
 from engine.transport import convert
 from engine.transport.base import Transport
+from engine.transport.streams import Stream
+
+log = logging.getLogger("sixfold.transport")
 
 #: After a credential reload, old channels are closed this long after the switch (longer than any
 #: call's deadline, so nothing in flight is cut off).
@@ -125,6 +136,7 @@ class GrpcTransport(Transport):
         tls: TlsConfig | None = None,
         volume_id: str | None = None,
         signer=None,
+        streams: bool = True,
     ) -> None:
         self.addresses = dict(addresses)
         #: the volume every request names (storage protocol 2); nodes refuse requests without it
@@ -145,6 +157,11 @@ class GrpcTransport(Transport):
         #: node -> when the last call to it started while it was suspect (absent: healthy)
         self._suspect: dict[str, float] = {}
         self._closed = False
+        #: appends travel on one AppendStream per node (`streams=False`: unary Append calls);
+        #: a node that answered UNIMPLEMENTED (an earlier release) gets unary calls
+        self._use_streams = streams
+        self._streams: dict[str, Stream] = {}
+        self._unary_only: set[str] = set()
 
     def _reload_credentials(self) -> None:
         """The TLS files changed (a rotation): new channels from now on; the old ones are closed
@@ -192,6 +209,11 @@ class GrpcTransport(Transport):
     def _call(self, node: str, method: str, *args):
         spec = _METHODS.get(method)
         assert spec is not None, f"unknown transport method {method!r}"
+        if method == "append" and self._use_streams and node not in self._unary_only:
+            return self._append_streamed(node, spec, args)
+        return self._unary(node, spec, args)
+
+    def _unary(self, node: str, spec: _Method, args: tuple):
         stub = self._stub(node)
         timeout = self._admit(node, spec)
         if timeout is None:
@@ -218,6 +240,84 @@ class GrpcTransport(Transport):
                 self._suspect.pop(node, None)
         return spec.parse(reply)
 
+    # --- the append stream ------------------------------------------------------------------
+    def _stream(self, node: str) -> Stream:
+        """The node's open AppendStream, opened on first use or after the last one ended."""
+        stub = self._stub(node)
+        with self._lock:
+            if self._closed:
+                raise Closed("this transport is closed")
+            stream = self._streams.get(node)
+            channel = self._channels.get(node)
+            if stream is not None and (not stream.usable() or stream.tag is not channel):
+                stream.cancel()  # ended, or on a channel a credential reload retired
+                stream = None
+            if stream is None:
+                stream = self._streams[node] = Stream(stub.AppendStream, self._metadata, tag=channel)
+            return stream
+
+    def _append_streamed(self, node: str, spec: _Method, args: tuple):
+        """An append on the node's AppendStream: the same results and errors as the unary call,
+        and the same suspect-node bookkeeping (`_admit`)."""
+        timeout = self._admit(node, spec)
+        if timeout is None:
+            raise Unavailable(f"node {node} ({self.addresses.get(node)}) did not answer lately; not waiting on it again yet")
+        timeout += len(args[1]) / (1 << 20) * self.deadlines.per_mib_s
+        request = spec.build(*args)
+        where = f"node {node} ({self.addresses.get(node)})"
+        while True:
+            stream = self._stream(node)
+            with stream.lock:
+                if stream.broken:  # another thread's request broke it meanwhile: a new one
+                    continue
+                try:
+                    reply = stream.exchange(request, timeout)
+                    break
+                except (grpc.RpcError, StopIteration, ValueError) as e:  # the stream is given up
+                    err = self._stream_failure(node, stream, e, where, timeout)
+            if err is None:  # an earlier release, or no room for a stream: a unary call
+                return self._unary(node, spec, args)
+            raise err from None
+        if reply.HasField("error"):
+            err = convert.error_from_pb(reply.error)
+            with self._lock:
+                if isinstance(err, Closed):
+                    self._suspect.setdefault(node, time.monotonic())
+                else:  # the node answered: it is alive
+                    self._suspect.pop(node, None)
+            if isinstance(err, Closed):
+                raise Unavailable(f"node {node} is shutting down ({err})")
+            raise err
+        if node in self._suspect:
+            with self._lock:
+                self._suspect.pop(node, None)
+        return spec.parse(reply.reply)
+
+    def _stream_failure(self, node: str, stream: Stream, e: BaseException, where: str, timeout: float):
+        """The error to raise for a stream that ended under a request (None: the node does not
+        serve streams; use the unary call from now on)."""
+        if isinstance(e, grpc.RpcError):
+            err = convert.error_from_rpc(e, where=where)
+            if Stream.unimplemented(e, convert.ERROR_METADATA_KEY):
+                log.info("%s serves no AppendStream (an earlier release): appends go as unary calls", where)
+                self._unary_only.add(node)
+                return None
+            if Stream.refused_for_room(e):
+                return None
+            answered = not (stream.timed_out or isinstance(err, Closed) or convert.unreachable(e))
+            if stream.timed_out:
+                err = Unavailable(f"{where}: no reply to an append within {timeout:.2f} s")
+        else:
+            err, answered = Unavailable(f"{where}: the append stream ended ({type(e).__name__}: {e})"), False
+        with self._lock:
+            if answered:
+                self._suspect.pop(node, None)
+            else:
+                self._suspect.setdefault(node, time.monotonic())
+        if isinstance(err, Closed):
+            err = Unavailable(f"node {node} is shutting down ({err})")
+        return err
+
     # --- operations beyond the Transport interface -----------------------------------------
     def read_many(self, node: str, items: Sequence[tuple[int, bytes, int, int, int]]) -> list[ReadReply | SixfoldError]:
         """Many reads (pg, key, read_point, required_lsn, epoch) in one RPC; a result per item."""
@@ -239,6 +339,9 @@ class GrpcTransport(Transport):
         with self._lock:
             self._closed = True
             channels, self._channels, self._stubs = self._channels, {}, {}
+            streams, self._streams = self._streams, {}
+        for stream in streams.values():
+            stream.cancel()
         for ch in channels.values():
             ch.close()
 

@@ -8,6 +8,11 @@ the request (`engine.transport.convert`), calls the `StorageNode` through `Stora
 StorageError), converts the reply. A `SixfoldError` ends the RPC with its class's status code
 and name (`convert.abort`); any other exception is a bug, logged with its traceback and answered
 INTERNAL. Either way the node keeps serving: garbage in one request never takes the process down.
+`AppendStream` is Append as a long-lived stream (`engine.transport.streams.StreamRegistry`): each
+request gets the reply or the error status Append would have given, as a message, and the stream
+stays open; the volume is checked at its open, the caller's role (so a revocation) and the fault
+gate for every request. At most `APPEND_STREAMS_MAX` are open at once; stopping ends idle ones
+first, so a writer's open stream never holds a node's shutdown for its grace period.
 
 `FaultGate` applies the transport fault rules set by the admin RPC `SetFaults` to the data RPCs
 this node receives (the receiving end of every link): partitions and blocked sources refuse a
@@ -53,13 +58,14 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from engine.core.types import Geometry, NodeInfo
-from engine.errors import PermissionDenied, SixfoldError, Unavailable, WrongVolume
+from engine.errors import Closed, PermissionDenied, SixfoldError, Unavailable, WrongVolume
 from engine.security.roles import ADMIN, STORAGE_POLICY, Guard, RevocationList
 from engine.security.tls import TlsConfig
 from engine.node.service import GOSSIP_INTERVAL_S, SCRUB_INTERVAL_S, StorageNode
-from engine.proto import storage_pb2, storage_pb2_grpc
+from engine.proto import common_pb2, storage_pb2, storage_pb2_grpc
 from engine.transport import convert
 from engine.transport.convert import FaultRules
+from engine.transport.streams import StreamRegistry
 
 log = logging.getLogger("sixfold.node")
 
@@ -71,11 +77,15 @@ SERVER_OPTIONS: tuple[tuple[str, int], ...] = (
     ("grpc.max_receive_message_length", convert.MESSAGE_BYTES_MAX),
 )
 NODE_WORKERS = 32
+#: AppendStreams a node serves at once (each holds one of its NODE_WORKERS threads; a writer
+#: holds one, and a writer taking over briefly a second)
+APPEND_STREAMS_MAX = 8
 SHUTDOWN_GRACE_S = 5.0
 #: Sources never subject to fault rules on an insecure node (a secure node trusts only the
 #: admin role of a certificate): operators and tools must always get through.
 ADMIN_SOURCES = frozenset({"cli", "chaos", "launcher", "admin"})
 SERVICE_NAME = "sixfold.v1.Storage"
+APPEND_STREAM_METHOD = f"/{SERVICE_NAME}/AppendStream"
 
 
 class AddressInUse(SixfoldError):
@@ -211,6 +221,8 @@ class StorageServicer(storage_pb2_grpc.StorageServicer):
         self.allow_fault_injection = allow_fault_injection
         self.volume_id = node.store.volume_id
         self.wrong_volume = 0  # requests refused for naming another volume, or none
+        #: the writers' AppendStreams (a writer holds one per node; a few writers at a time)
+        self.streams = StreamRegistry(APPEND_STREAMS_MAX)
 
     def _fault_injection(self, context, rpc: str) -> None:
         if not self.allow_fault_injection:
@@ -248,6 +260,41 @@ class StorageServicer(storage_pb2_grpc.StorageServicer):
         convert.abort(context, err)
 
     # --- data RPCs --------------------------------------------------------------------------
+    def AppendStream(self, request_iterator, context):
+        """Append as one long-lived stream (storage.proto, engine.transport.streams): a reply
+        per request, in order; an error is a reply, the stream stays open. Volume and role are
+        checked at the open, the role (a revocation counts from the next request) and the fault
+        rules per request."""
+        try:
+            self._check_volume(context, "AppendStream")
+        except SixfoldError as e:
+            convert.abort(context, e)
+        yield from self.streams.serve(
+            request_iterator, context, lambda request: self._append_streamed(context, request),
+            lambda ctx: convert.abort(ctx, Closed(f"node {self.node.id} is shutting down")))
+
+    def _append_streamed(self, context, request) -> storage_pb2.AppendStreamReply:
+        if self.guard is not None:
+            try:
+                self.guard.check(context, APPEND_STREAM_METHOD)
+            except SixfoldError as e:
+                self.guard._refuse(context, APPEND_STREAM_METHOD, e)  # ends the stream
+        try:
+            if self.streams.closing:
+                raise Closed(f"node {self.node.id} is shutting down")
+            times = self.gate.admit(context, True, self.guard) if self.gate.active else 1
+            args = convert.append_args_from_pb(request)
+            reply = convert.append_reply_to_pb(self.node.handle("append", *args))
+            if times == 2:
+                self.node.handle("append", *args)
+            return storage_pb2.AppendStreamReply(reply=reply)
+        except SixfoldError as e:
+            return storage_pb2.AppendStreamReply(error=convert.error_to_pb(e))
+        except Exception as e:  # a bug: say so loudly, answer INTERNAL, keep serving
+            log.exception("AppendStream failed unexpectedly")
+            return storage_pb2.AppendStreamReply(error=common_pb2.ErrorStatus(
+                code="INTERNAL", message=f"AppendStream: internal error {type(e).__name__}: {e}"))
+
     def Append(self, request, context):
         def work():
             return convert.append_reply_to_pb(self.node.handle("append", *convert.append_args_from_pb(request)))
@@ -318,6 +365,7 @@ class StorageServicer(storage_pb2_grpc.StorageServicer):
         def work():
             st = self.node.handle("state")
             st.extra["security"] = self.guard.counters() if self.guard is not None else {"tls": False}
+            st.extra["append_streams"] = self.streams.counters()
             return convert.node_state_to_pb(st)
 
         return self._serve(context, "State", work)
@@ -382,6 +430,7 @@ class NodeServer:
     def stop(self, grace_s: float = SHUTDOWN_GRACE_S) -> None:
         """Stop accepting calls, let in-flight ones finish (up to `grace_s`), close the node."""
         set_health(self.health, (SERVICE_NAME,), False)
+        self.servicer.streams.close()
         self.server.stop(grace_s).wait(grace_s + 1)
         self.node.close()
 

@@ -1,0 +1,229 @@
+"""The writer's appends travel on one long-lived AppendStream per node (storage.proto).
+
+A stream must keep every promise the unary Append made: the same replies and the same error
+classes (an error is a reply; the stream stays open), the same deadlines (a node that does not
+answer costs a bounded wait, then the next request opens a new stream), the same volume check,
+and a node of an earlier release, which serves no stream, still gets its appends (unary). A node
+that stops does not wait out its grace period on a writer's idle stream. Real node processes
+and real gRPC servers throughout; what travelled on a stream is read from the node's own
+counters (`State`'s `append_streams`).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+from waiting import DEADLINE_S, eventually
+
+from engine import codec, errors
+from engine.cluster.testing import free_base_port, spawn_node
+from engine.core.constants import FLAG_CPL, FLAG_PUT
+from engine.core.types import Geometry, NodeInfo
+from engine.node.service import StorageNode
+from engine.proto import storage_pb2_grpc
+from engine.transport import convert
+from engine.transport.grpc_client import Deadlines, GrpcTransport
+from engine.transport.grpc_server import NodeServer, StorageServicer, make_server
+
+pytestmark = pytest.mark.cluster
+
+P = 4
+VOLUME = "test-volume"
+
+
+@pytest.fixture
+def node(tmp_path):
+    port = free_base_port(1)
+    proc = spawn_node(str(tmp_path / "n1"), port, protection_groups=P)
+    try:
+        yield {"address": {"n1": f"127.0.0.1:{port}"}, "proc": proc, "log": str(tmp_path / "n1.log")}
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGCONT)
+            proc.kill()
+            proc.wait(10)
+
+
+def _ready(t: GrpcTransport, node: str = "n1") -> int:
+    """Seal and sync the node at a new epoch; returns it."""
+    epoch = t.state(node).epoch + 1
+    t.seal(node, epoch)
+    t.sync_epoch(node, epoch, (), None)
+    return epoch
+
+
+def _record(lsn: int, prev: int, key: bytes, value: bytes) -> bytes:
+    return codec.encode_record(lsn, prev, 0, FLAG_PUT | FLAG_CPL, key, value)
+
+
+def _streams(t: GrpcTransport, node: str = "n1") -> dict:
+    return t.state(node).extra["append_streams"]
+
+
+def test_appends_travel_on_one_stream_and_an_error_keeps_it_open(node):
+    t = GrpcTransport(node["address"], source="writer", volume_id=VOLUME)
+    try:
+        epoch = _ready(t)
+        before = _streams(t)
+        for lsn in range(1, 41):
+            reply = t.append("n1", epoch, codec.encode_frame([_record(lsn, lsn - 1, b"k%d" % lsn, b"v")]), lsn - 1)
+            assert reply.node == "n1" and reply.scls[0] == lsn
+        # Errors arrive as the same classes as on the unary call, and the stream goes on.
+        with pytest.raises(errors.StaleEpoch):
+            t.append("n1", epoch - 1, codec.encode_frame([]), 0)
+        with pytest.raises(errors.EpochBehind):
+            t.append("n1", epoch + 1, codec.encode_frame([]), 0)
+        with pytest.raises(errors.CorruptRecord):
+            t.append("n1", epoch, b"SXF1" + b"\0" * 40, 0)
+        with pytest.raises(errors.InvalidArgument):
+            t.append("n1", epoch, codec.encode_frame([]), 1 << 63)
+        reply = t.append("n1", epoch, codec.encode_frame([_record(41, 40, b"k41", b"v")]), 40)
+        assert reply.scls[0] == 41
+        after = _streams(t)
+        assert after["opened"] - before["opened"] == 1, after
+        assert after["requests"] - before["requests"] == 45, after
+        assert after["open"] == 1
+        got = t.read("n1", 0, b"k41", 41, 41, epoch)
+        assert got.value == b"v" and got.lsn == 41
+    finally:
+        t.close()
+    eventually(lambda: _open_streams(node) == 0, "the closed transport's stream to end on the node")
+
+
+def _open_streams(node) -> int:
+    t = GrpcTransport(node["address"], source="cli", volume_id=VOLUME)
+    try:
+        return _streams(t)["open"]
+    finally:
+        t.close()
+
+
+def test_a_stream_naming_another_volume_is_refused(node):
+    t = GrpcTransport(node["address"], source="writer", volume_id="another-volume")
+    try:
+        with pytest.raises(errors.WrongVolume):
+            t.append("n1", 0, codec.encode_frame([]), 0)
+    finally:
+        t.close()
+    assert _open_streams(node) == 0
+
+
+def test_an_append_past_its_deadline_is_unavailable_and_the_next_opens_a_new_stream(node):
+    """A node that does not answer in time (a fault rule delays it) costs one deadline; the
+    stream is given up and the next append, once the node answers again, opens a new one."""
+    t = GrpcTransport(node["address"], source="writer", volume_id=VOLUME,
+                      deadlines=Deadlines(append_s=0.3, suspect_deadline_s=0.3, probe_interval_s=0.05))
+    admin = GrpcTransport(node["address"], source="chaos", volume_id=VOLUME)
+    try:
+        epoch = _ready(t)
+        t.append("n1", epoch, codec.encode_frame([]), 0)
+        opened = _streams(admin)["opened"]
+        admin.set_faults("n1", convert.FaultRules(delay_ms=3000))
+        with pytest.raises(errors.Unavailable, match="no reply to an append within"):
+            t.append("n1", epoch, codec.encode_frame([]), 0)
+        admin.set_faults("n1", convert.FaultRules())
+
+        def answers() -> bool:
+            try:
+                return t.append("n1", epoch, codec.encode_frame([]), 0).node == "n1"
+            except errors.Unavailable:
+                return False
+
+        eventually(answers, "the node to take appends again")
+        assert _streams(admin)["opened"] >= opened + 1
+    finally:
+        admin.set_faults("n1", convert.FaultRules())
+        t.close()
+        admin.close()
+
+
+def test_a_paused_node_is_unavailable_and_a_resumed_one_takes_appends_again(node):
+    t = GrpcTransport(node["address"], source="writer", volume_id=VOLUME,
+                      deadlines=Deadlines(append_s=0.5, suspect_deadline_s=0.5, probe_interval_s=0.05))
+    try:
+        epoch = _ready(t)
+        t.append("n1", epoch, codec.encode_frame([]), 0)
+        os.kill(node["proc"].pid, signal.SIGSTOP)
+        try:
+            with pytest.raises(errors.Unavailable):
+                t.append("n1", epoch, codec.encode_frame([]), 0)
+            with pytest.raises(errors.Unavailable, match="did not answer lately"):
+                t.append("n1", epoch, codec.encode_frame([]), 0)
+        finally:
+            os.kill(node["proc"].pid, signal.SIGCONT)
+
+        def answers() -> bool:
+            try:
+                return t.append("n1", epoch, codec.encode_frame([_record(1, 0, b"k", b"after")]), 0).scls[0] == 1
+            except errors.Unavailable:
+                return False
+
+        eventually(answers, "the resumed node to take appends again")
+    finally:
+        t.close()
+
+
+class _EarlierRelease(StorageServicer):
+    """A node of a release before AppendStream: the generated servicer's UNIMPLEMENTED."""
+
+    AppendStream = storage_pb2_grpc.StorageServicer.AppendStream
+
+
+def _in_process_node(tmp_path) -> NodeServer:
+    ns = NodeServer.bind(lambda: StorageNode(str(tmp_path / "n1"), NodeInfo("n1", "a"), Geometry(P), VOLUME, durable=False),
+                         f"127.0.0.1:{free_base_port(1)}")
+    ns.start()
+    return ns
+
+
+def test_a_node_of_an_earlier_release_gets_unary_appends(tmp_path):
+    server, port = make_server(f"127.0.0.1:{free_base_port(1)}", 4)
+    servicer = _EarlierRelease(StorageNode(str(tmp_path / "n1"), NodeInfo("n1", "a"), Geometry(P), VOLUME, durable=False))
+    storage_pb2_grpc.add_StorageServicer_to_server(servicer, server)
+    server.start()
+    t = GrpcTransport({"n1": f"127.0.0.1:{port}"}, source="writer", volume_id=VOLUME)
+    try:
+        epoch = _ready(t)
+        for lsn in (1, 2, 3):
+            assert t.append("n1", epoch, codec.encode_frame([_record(lsn, lsn - 1, b"k", b"v%d" % lsn)]), 0).scls[0] == lsn
+        assert "n1" in t._unary_only
+        assert t.state("n1").extra["append_streams"]["requests"] == 0
+        assert t.read("n1", 0, b"k", 3, 3, epoch).value == b"v3"
+    finally:
+        t.close()
+        server.stop(None)
+        servicer.node.close()
+
+
+def test_stopping_a_node_does_not_wait_out_a_writers_idle_stream(tmp_path):
+    """Without ending idle streams first, stop() would wait its whole grace period (30 s here)
+    for the writer's stream, which never ends by itself."""
+    ns = _in_process_node(tmp_path)
+    t = GrpcTransport({"n1": f"127.0.0.1:{ns.port}"}, source="writer", volume_id=VOLUME)
+    try:
+        epoch = _ready(t)
+        t.append("n1", epoch, codec.encode_frame([]), 0)
+        assert ns.servicer.streams.requests == 1
+        t0 = time.monotonic()
+        ns.stop(grace_s=30.0)
+        assert time.monotonic() - t0 < 15.0, "stop() waited for the idle stream"
+        with pytest.raises(errors.Unavailable):
+            t.append("n1", epoch, codec.encode_frame([]), 0)
+    finally:
+        t.close()
+
+
+def test_sigterm_with_a_writer_stream_open_stops_the_node_cleanly(node):
+    t = GrpcTransport(node["address"], source="writer", volume_id=VOLUME)
+    try:
+        epoch = _ready(t)
+        t.append("n1", epoch, codec.encode_frame([]), 0)
+        node["proc"].send_signal(signal.SIGTERM)
+        assert node["proc"].wait(DEADLINE_S) == 0
+    finally:
+        t.close()
+    with open(node["log"]) as fh:
+        assert "stopped cleanly" in fh.read()
