@@ -75,6 +75,7 @@ from engine.core.types import ReadView, RequestStatus, Unit
 from engine.proto import kv_pb2, kv_pb2_grpc
 from engine.transport import convert
 from engine.transport.grpc_client import CHANNEL_OPTIONS
+from engine.transport.streams import Stream
 
 log = logging.getLogger("sixfold.client")
 
@@ -88,6 +89,9 @@ CARS_IN_FLIGHT = 1
 #: A car waits at most this long for the callers of the previous car to come back (see Boxcar).
 CAR_LINGER_S = 0.002
 CAR_ITEMS_MAX = 2048
+#: Idle streams kept open per kind (writes, gets); each holds a thread of the endpoint. More are
+#: open only while that many calls are (without the boxcar, every concurrent caller has one).
+IDLE_STREAMS_MAX = 2
 CAR_BYTES_MAX = 16 << 20
 OP_OVERHEAD_BYTES = 16  # what an op costs in a message besides its key and value
 #: How long a read through the reader endpoint is retried when a reader fails under it.
@@ -380,6 +384,7 @@ class RemoteBackend:
         read_retry_s: float = 0.0,
         what: str = "writer endpoint",
         session: bool = False,
+        streams: bool = True,
     ) -> None:
         from engine.security.tls import secure_channel
         from engine.security.users import bearer
@@ -412,6 +417,12 @@ class RemoteBackend:
         self._closed = False
         self._renewer: Renewer | None = None
         self._renewer_lock = threading.Lock()
+        #: cars travel on long-lived streams (module docstring), not through the reader
+        #: endpoint, whose balancer picks a reader per call; kind -> idle streams
+        self._use_streams = streams and not session and read_retry_s == 0
+        self._idle: dict[str, list[Stream]] = {"write": [], "get": []}
+        self._unary_kinds: set[str] = set()
+        self._streams_lock = threading.Lock()
 
     # --- the backend protocol ---------------------------------------------------------------
     def write(self, ops, *, request_id: bytes | None = None, resend: bool = False) -> int:
@@ -585,6 +596,11 @@ class RemoteBackend:
                 self._renewer.close()
             self._writes.close()
             self._gets.close()
+            with self._streams_lock:
+                idle = [st for kind in self._idle.values() for st in kind]
+                self._idle = {"write": [], "get": []}
+            for st in idle:
+                st.cancel()
             self._channel.close()
 
     # --- calls ------------------------------------------------------------------------------
@@ -620,18 +636,70 @@ class RemoteBackend:
         except Exception as e:  # nothing was sent: that much is known
             log.exception("a write request could not be built")
             raise Unavailable(f"the write request could not be built ({type(e).__name__}: {e}); nothing was sent") from e
-        return convert.write_results_from_pb(self._rpc(self._stub.Write, request, write=True))
+        return convert.write_results_from_pb(
+            self._exchange("write", self._stub.WriteStream, request, lambda: self._rpc(self._stub.Write, request, write=True)))
 
     def _send_gets(self, gets: list) -> list:
         request = kv_pb2.GetManyRequest()
         add = request.gets.add
         for key, quorum in gets:
             add(key=key, quorum=quorum)
-        return convert.get_results_from_pb(self._session_read(lambda: self._rpc(self._stub.GetMany, request)))
+        return convert.get_results_from_pb(self._session_read(
+            lambda: self._exchange("get", self._stub.GetManyStream, request, lambda: self._rpc(self._stub.GetMany, request))))
+
+    def _exchange(self, kind: str, open_call, request, unary):
+        """A car on a stream of its kind (an idle one, else a new one): the reply, or the error
+        the unary call would have raised. `unary()` is the call for a server of an earlier
+        release (UNIMPLEMENTED; from then on) or one with no room for another stream."""
+        if not self._use_streams or kind in self._unary_kinds:
+            return unary()
+        if self._closed:
+            raise Closed("the connection is closed")
+        write = kind == "write"
+        with self._streams_lock:
+            idle = self._idle[kind]
+            stream = idle.pop() if idle else None
+        while stream is not None and not stream.usable():  # the endpoint ended it meanwhile
+            stream.cancel()
+            with self._streams_lock:
+                stream = idle.pop() if idle else None
+        try:
+            if stream is None:
+                stream = Stream(open_call, self._metadata)
+            reply = stream.exchange(request, self.timeout_s)
+        except grpc.RpcError as e:  # the stream is given up (Stream.exchange)
+            if Stream.unimplemented(e, convert.ERROR_METADATA_KEY):
+                log.info("the %s serves no %s stream (an earlier release): unary calls from now on", self._where, kind)
+                self._unary_kinds.add(kind)
+                return unary()
+            if Stream.refused_for_room(e):
+                return unary()
+            if stream is not None and stream.timed_out:
+                what = WriteIndeterminate if write else Unavailable
+                raise what(f"{self._where}: no reply within {self.timeout_s:g} s"
+                           + (". The write may or may not have been logged; read the key to find out." if write else "")
+                           ) from None
+            raise convert.error_from_rpc(e, where=self._where, write=write) from None
+        except StopIteration:  # the endpoint ended the stream under the request (shutting down)
+            what = WriteIndeterminate if write else Unavailable
+            raise what(f"{self._where} ended the stream under a request (shutting down?)"
+                       + (". The write may or may not have been logged; read the key to find out." if write else "")
+                       ) from None
+        except ValueError as e:  # the channel was closed under us
+            raise Closed(f"the connection is closed ({e})") from None
+        with self._streams_lock:
+            if not self._closed and len(self._idle[kind]) < IDLE_STREAMS_MAX:
+                self._idle[kind].append(stream)
+                stream = None
+        if stream is not None:
+            stream.cancel()
+        if reply.HasField("error"):
+            raise convert.error_from_pb(reply.error)
+        return reply.reply
 
 
 _OPTIONS = ("timeout_s", "connect_timeout_s", "boxcar", "cars_in_flight", "car_items_max", "tls", "token", "role",
-            "follow_timeout_s")
+            "follow_timeout_s", "streams")
 
 #: How long a client of a cluster folder follows the writer through a failover before it gives
 #: up and raises the error it met (engine.head.failover: a takeover takes about a lease period).
@@ -892,7 +960,8 @@ def connect(target: str | os.PathLike, **options) -> Database:
     (default True: coalesce concurrent calls), cars_in_flight (default 2), car_items_max, role
     ("writer", the default, or "reader": the reader endpoint, a cluster folder only), tls (an
     `engine.security.tls.TlsConfig`; default: the operator's of a secure cluster folder, else none),
-    token (default: $SIXFOLD_TOKEN, else the folder's operator token; see the module docstring).
+    token (default: $SIXFOLD_TOKEN, else the folder's operator token; see the module docstring), streams
+    (default True: writes and gets to the writer endpoint travel on long-lived streams; False: unary calls).
     `engine.connect` (the public face) adds `db.cluster` for a cluster folder: this module sits
     below the launcher (whose `Cluster.connect` uses it) and never imports it."""
     unknown = set(options) - set(_OPTIONS)

@@ -93,8 +93,8 @@ class OneResultShort(KVServicer):
     """Logs every unit (the real Write), then answers one result short: a reply the client
     cannot match to its units. The batch *was* logged."""
 
-    def Write(self, request, context):
-        reply = super().Write(request, context)
+    def _write(self, request):  # what Write and WriteStream both answer
+        reply = super()._write(request)
         del reply.results[-1]
         return reply
 
@@ -102,8 +102,8 @@ class OneResultShort(KVServicer):
 class RefusesWrites(KVServicer):
     """Refuses every Write with a Sixfold error before logging anything."""
 
-    def Write(self, request, context):
-        convert.abort(context, errors.Unavailable("only 3 segments reachable; need 4"))
+    def _write(self, request):
+        raise errors.Unavailable("only 3 segments reachable; need 4")
 
 
 class HoldsWrites(KVServicer):
@@ -114,10 +114,10 @@ class HoldsWrites(KVServicer):
         self.entered = threading.Event()
         self.release = threading.Event()
 
-    def Write(self, request, context):
+    def _write(self, request):
         self.entered.set()
         self.release.wait(DEADLINE_S)
-        return super().Write(request, context)
+        return super()._write(request)
 
 
 def run_threads(n, fn):
@@ -327,10 +327,10 @@ class LogsThenLosesTheReply(KVServicer):
         super().__init__(endpoint)
         self.views_to_fail = 0
 
-    def Write(self, request, context):
-        super().Write(request, context)
+    def _write(self, request):
+        super()._write(request)
         self.views_to_fail = 1
-        convert.abort(context, errors.WriteIndeterminate("test: logged, the answer was lost"))
+        raise errors.WriteIndeterminate("test: logged, the answer was lost")
 
     def View(self, request, context):
         if self.views_to_fail:

@@ -75,23 +75,33 @@ import grpc
 
 from engine import codec
 from engine.core.types import Geometry, NodeInfo, ReadPointUpdate, RequestStatus, Unit
-from engine.errors import EncryptionError, InvalidArgument, ReplicaBehind, SixfoldError, Unavailable
+from engine.errors import Closed, EncryptionError, InvalidArgument, ReplicaBehind, SixfoldError, Unavailable
 from engine.head.failover import LEASE_S_DEFAULT, Candidate
 from engine.head.membership import ACTIVE_PHASES, MembershipChange
 from engine.head.readpoints import VdlHistory
 from engine.head.reads import checked_gets
 from engine.head.writer import ReadView, Writer, WriterOptions, node_status
 from engine.metrics import Metrics
-from engine.proto import kv_pb2_grpc
+from engine.proto import common_pb2, kv_pb2, kv_pb2_grpc
 from engine.security.audit import AuditLog
 from engine.security.users import Authenticator
 from engine.transport import convert
 from engine.transport.grpc_client import GrpcTransport
 from engine.transport.grpc_server import SHUTDOWN_GRACE_S, add_health, make_server, set_health
+from engine.transport.streams import StreamRegistry
 
 log = logging.getLogger("sixfold.writer")
 
 ENDPOINT_WORKERS = 128
+#: Client streams (WriteStream, GetManyStream) served at once, by default: each holds one of the
+#: server's threads, so a server takes at most three quarters of its workers' worth
+#: (`streams_limit`); beyond it a client's requests go as unary calls
+KV_STREAMS_MAX = 96
+
+
+def streams_limit(workers: int) -> int:
+    """How many client streams a KV server of `workers` threads serves at once."""
+    return max(1, workers * 3 // 4)
 SERVICE_NAME = "sixfold.v1.KV"
 #: Pairs and bytes per streamed scan message.
 SCAN_CHUNK_PAIRS = 256
@@ -479,6 +489,8 @@ class KVServicer(kv_pb2_grpc.KVServicer):
         #: put and get latency, errors returned by class (engine.metrics); the process's, which
         #: outlives a reader's promotion (the endpoint behind `ep` changes, the servicer stays)
         self.metrics = metrics if metrics is not None else Metrics()
+        #: the clients' WriteStreams and GetManyStreams (each holds one server thread)
+        self.streams = StreamRegistry(KV_STREAMS_MAX)
 
     def _admit(self, context, rpc: str) -> None:
         """Unauthenticated / PermissionDenied unless the caller's token and role allow `rpc`."""
@@ -498,22 +510,54 @@ class KVServicer(kv_pb2_grpc.KVServicer):
         self.metrics.count_error(err)
         convert.abort(context, err)
 
-    def Write(self, request, context):
-        def work():
-            convert.check_count(len(request.units), "units")
-            units = []
-            for u in request.units:
-                try:
-                    units.append(convert.unit_from_pb(u))
-                except SixfoldError as e:
-                    units.append(e)
-            t0 = time.perf_counter()
-            results = self.ep.write_units(units)
-            # The RPC's units share one group commit, and its time.
-            self.metrics.observe_each(self.metrics.observe_put, results, time.perf_counter() - t0)
-            return convert.write_results_to_pb(results)
+    def _write(self, request) -> kv_pb2.WriteReply:
+        convert.check_count(len(request.units), "units")
+        units = []
+        for u in request.units:
+            try:
+                units.append(convert.unit_from_pb(u))
+            except SixfoldError as e:
+                units.append(e)
+        t0 = time.perf_counter()
+        results = self.ep.write_units(units)
+        # The request's units share one group commit, and its time.
+        self.metrics.observe_each(self.metrics.observe_put, results, time.perf_counter() - t0)
+        return convert.write_results_to_pb(results)
 
-        return self._serve(context, "Write", work)
+    def Write(self, request, context):
+        return self._serve(context, "Write", lambda: self._write(request))
+
+    def WriteStream(self, request_iterator, context):
+        yield from self._stream(request_iterator, context, "Write", self._write, kv_pb2.WriteStreamReply)
+
+    def GetManyStream(self, request_iterator, context):
+        yield from self._stream(request_iterator, context, "GetMany", self._get_many, kv_pb2.GetManyStreamReply)
+
+    def _stream(self, request_iterator, context, rpc: str, work, reply_type):
+        """`rpc` as a long-lived stream (kv.proto, engine.transport.streams): admitted as `rpc`
+        when it opens and again for every request (a removed token counts from the next one);
+        each request's reply or error is a message, and the stream stays open."""
+        try:
+            self._admit(context, rpc)
+        except SixfoldError as e:
+            self.metrics.count_error(e)
+            convert.abort(context, e)
+
+        def one(request):
+            try:
+                self._admit(context, rpc)
+                return reply_type(reply=work(request))
+            except SixfoldError as e:
+                self.metrics.count_error(e)
+                return reply_type(error=convert.error_to_pb(e))
+            except Exception as e:  # a bug: log it, answer INTERNAL, keep serving
+                log.exception("%s (stream) failed unexpectedly", rpc)
+                self.metrics.count_error(e)
+                return reply_type(error=common_pb2.ErrorStatus(
+                    code="INTERNAL", message=f"{rpc}: internal error {type(e).__name__}: {e}"))
+
+        yield from self.streams.serve(request_iterator, context, one,
+                                      lambda ctx: convert.abort(ctx, Closed("the endpoint is shutting down")))
 
     def StatusOf(self, request, context):
         return self._serve(
@@ -537,24 +581,24 @@ class KVServicer(kv_pb2_grpc.KVServicer):
 
         return self._serve(context, "Get", work)
 
-    def GetMany(self, request, context):
-        def work():
-            convert.check_count(len(request.gets), "gets")
-            t0 = time.perf_counter()
-            self.ep.wait_after(max((convert.after_from_pb(g) for g in request.gets), default=0))
-            gets = []
-            for g in request.gets:
-                try:
-                    gets.append(convert.get_args_from_pb(g, self.P))
-                except SixfoldError as e:
-                    gets.append(e)
-            results = self.ep.get_many(gets)
-            self.metrics.observe_each(self.metrics.observe_get, results, time.perf_counter() - t0)
-            reply = convert.get_results_to_pb(results)
-            reply.read_point = self._read_point()
-            return reply
+    def _get_many(self, request) -> kv_pb2.GetManyReply:
+        convert.check_count(len(request.gets), "gets")
+        t0 = time.perf_counter()
+        self.ep.wait_after(max((convert.after_from_pb(g) for g in request.gets), default=0))
+        gets = []
+        for g in request.gets:
+            try:
+                gets.append(convert.get_args_from_pb(g, self.P))
+            except SixfoldError as e:
+                gets.append(e)
+        results = self.ep.get_many(gets)
+        self.metrics.observe_each(self.metrics.observe_get, results, time.perf_counter() - t0)
+        reply = convert.get_results_to_pb(results)
+        reply.read_point = self._read_point()
+        return reply
 
-        return self._serve(context, "GetMany", work)
+    def GetMany(self, request, context):
+        return self._serve(context, "GetMany", lambda: self._get_many(request))
 
     def Scan(self, request, context):
         try:
@@ -643,6 +687,7 @@ class EndpointServer:
         self.audit = AuditLog(config.audit_log) if config.audit_log else None
         self.auth = Authenticator(config.users_file, audit=self.audit) if config.users_file else None
         self.servicer = KVServicer(endpoint, self.auth, metrics if metrics is not None else endpoint.metrics)
+        self.servicer.streams.limit = streams_limit(workers)
         kv_pb2_grpc.add_KVServicer_to_server(self.servicer, self.server)
         self.health = add_health(self.server, (SERVICE_NAME,))
         self._stop = threading.Event()
@@ -712,6 +757,7 @@ class EndpointServer:
     def stop(self, grace_s: float = SHUTDOWN_GRACE_S) -> None:
         self._stop.set()
         self.endpoint.stop_streams()
+        self.servicer.streams.close()
         set_health(self.health, (SERVICE_NAME,), False)
         self.server.stop(grace_s).wait(grace_s + 1)
         self.endpoint.close()

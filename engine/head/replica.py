@@ -72,7 +72,7 @@ from engine import codec
 from engine.core.types import Membership, NodeInfo, ReadPointUpdate, ReadView, RequestStatus
 from engine.core.constants import NAMESPACE_REQUESTS
 from engine.errors import InvalidArgument, ReadOnly, ReplicaBehind, SixfoldError, Unavailable
-from engine.head.endpoint import EXIT_ENCRYPTION, EndpointConfig, KVServicer, prepare_process
+from engine.head.endpoint import EXIT_ENCRYPTION, EndpointConfig, KVServicer, prepare_process, streams_limit
 from engine.head.reads import ReadPath, checked_gets
 from engine.head.weakening import SAFE
 from engine.head.writer import check_request_id
@@ -521,6 +521,7 @@ class ReaderProcess:
         self.audit = AuditLog(config.audit_log) if config.audit_log else None
         self.auth = Authenticator(config.users_file, audit=self.audit) if config.users_file else None
         self.servicer = KVServicer(self.endpoint, self.auth, metrics)
+        self.servicer.streams.limit = streams_limit(workers)
         if metrics is not None:
             metrics.watch_reader(lambda: None if self.writer_endpoint is not None else self.endpoint.reader_status())
             metrics.watch_writer(lambda: None if self.writer_endpoint is None else self.writer_endpoint.current_writer())
@@ -612,6 +613,7 @@ class ReaderProcess:
         self._stop.set()
         set_health(self.health, (SERVICE_NAME,), False)
         self.follower.close()
+        self.servicer.streams.close()
         self.server.stop(grace_s).wait(grace_s + 1)
         if self.writer_endpoint is not None:
             self.writer_endpoint.close()
