@@ -93,7 +93,17 @@ def readable(db) -> bool:
 
 
 def node_status(c: Cluster, node_id: str) -> dict:
-    return next(n for n in c.status()["nodes"] if n["id"] == node_id)
+    """The node's status entry, with its state: a health check or State call that timed out
+    on a loaded machine (the entry then has no state) is asked again."""
+    entry: dict = {}
+
+    def answered() -> bool:
+        nonlocal entry
+        entry = next(n for n in c.status()["nodes"] if n["id"] == node_id)
+        return "epoch" in entry or entry["health"] in ("DOWN", "PAUSED")
+
+    eventually(answered, f"{node_id}'s status entry to carry its state")
+    return entry
 
 
 def scls_equal(c: Cluster) -> bool:
