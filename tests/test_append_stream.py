@@ -1,4 +1,5 @@
-"""The writer's appends travel on one long-lived AppendStream per node (storage.proto).
+"""The writer's appends travel on one long-lived AppendStream per node, and segment reads on
+ReadManyStreams (storage.proto, engine.transport.streams).
 
 A stream must keep every promise the unary Append made: the same replies and the same error
 classes (an error is a reply; the stream stays open), the same deadlines (a node that does not
@@ -13,7 +14,9 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from waiting import DEADLINE_S, eventually
@@ -96,7 +99,8 @@ def test_appends_travel_on_one_stream_and_an_error_keeps_it_open(node):
 def _open_streams(node) -> int:
     t = GrpcTransport(node["address"], source="cli", volume_id=VOLUME)
     try:
-        return _streams(t)["open"]
+        extra = t.state("n1").extra
+        return extra["append_streams"]["open"] + extra["read_streams"]["open"]
     finally:
         t.close()
 
@@ -122,7 +126,7 @@ def test_an_append_past_its_deadline_is_unavailable_and_the_next_opens_a_new_str
         t.append("n1", epoch, codec.encode_frame([]), 0)
         opened = _streams(admin)["opened"]
         admin.set_faults("n1", convert.FaultRules(delay_ms=3000))
-        with pytest.raises(errors.Unavailable, match="no reply to an append within"):
+        with pytest.raises(errors.Unavailable, match="no reply within"):
             t.append("n1", epoch, codec.encode_frame([]), 0)
         admin.set_faults("n1", convert.FaultRules())
 
@@ -189,7 +193,7 @@ def test_a_node_of_an_earlier_release_gets_unary_appends(tmp_path):
         epoch = _ready(t)
         for lsn in (1, 2, 3):
             assert t.append("n1", epoch, codec.encode_frame([_record(lsn, lsn - 1, b"k", b"v%d" % lsn)]), 0).scls[0] == lsn
-        assert "n1" in t._unary_only
+        assert ("n1", "AppendStream") in t._unary_only
         assert t.state("n1").extra["append_streams"]["requests"] == 0
         assert t.read("n1", 0, b"k", 3, 3, epoch).value == b"v3"
     finally:
@@ -206,7 +210,7 @@ def test_stopping_a_node_does_not_wait_out_a_writers_idle_stream(tmp_path):
     try:
         epoch = _ready(t)
         t.append("n1", epoch, codec.encode_frame([]), 0)
-        assert ns.servicer.streams.requests == 1
+        assert ns.servicer.append_streams.requests == 1
         t0 = time.monotonic()
         ns.stop(grace_s=30.0)
         assert time.monotonic() - t0 < 15.0, "stop() waited for the idle stream"
@@ -227,3 +231,37 @@ def test_sigterm_with_a_writer_stream_open_stops_the_node_cleanly(node):
         t.close()
     with open(node["log"]) as fh:
         assert "stopped cleanly" in fh.read()
+
+
+def test_reads_travel_on_read_streams_a_few_kept_idle_per_node(node):
+    """`read_many` (the writer's and readers' segment reads) on ReadManyStreams: one stream
+    for sequential reads; parallel reads open more, and at most IDLE_STREAMS_MAX stay open."""
+    from engine.transport.grpc_client import IDLE_STREAMS_MAX
+
+    t = GrpcTransport(node["address"], source="writer", volume_id=VOLUME)
+    try:
+        epoch = _ready(t)
+        t.append("n1", epoch, codec.encode_frame([_record(1, 0, b"k", b"v")]), 1)
+        before = t.state("n1").extra["read_streams"]
+        for _ in range(20):
+            got = t.read_many("n1", [(0, b"k", 1, 1, epoch), (P - 1, b"k", 1, 0, epoch)])
+            assert got[0].value == b"v" and got[0].lsn == 1 and got[1].lsn == 0
+        # A bad item is that item's error; a bad request is the request's, and the stream goes on.
+        with pytest.raises(errors.SixfoldError):
+            t.read_many("n1", [(0, b"k", 1, 1, epoch)] * (convert.BATCH_ITEMS_MAX + 1))
+        assert t.read_many("n1", [(0, b"k", 1, 1, epoch)])[0].value == b"v"
+        after = t.state("n1").extra["read_streams"]
+        assert after["opened"] - before["opened"] == 1 and after["requests"] - before["requests"] == 22, after
+        barrier = threading.Barrier(8)
+
+        def read(_i):
+            barrier.wait(DEADLINE_S)
+            return [t.read_many("n1", [(0, b"k", 1, 1, epoch)])[0].value for _ in range(10)]
+
+        with ThreadPoolExecutor(8) as pool:
+            assert list(pool.map(read, range(8))) == [[b"v"] * 10] * 8
+        eventually(lambda: t.state("n1").extra["read_streams"]["open"] <= IDLE_STREAMS_MAX,
+                   "the node to end the streams the transport did not keep")
+    finally:
+        t.close()
+    eventually(lambda: _open_streams(node) == 0, "the closed transport's streams to end on the node")

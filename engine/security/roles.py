@@ -65,6 +65,7 @@ STORAGE_POLICY: dict[str, frozenset[str]] = {
     _STORAGE + "RepairAppend": frozenset({WRITER, NODE}),
     _STORAGE + "Read": frozenset({WRITER, READER}),
     _STORAGE + "ReadMany": frozenset({WRITER, READER}),
+    _STORAGE + "ReadManyStream": frozenset({WRITER, READER}),
     _STORAGE + "Scan": frozenset({WRITER, READER}),
     _STORAGE + "Fetch": frozenset({NODE, WRITER, READER, ADMIN}),
     _STORAGE + "State": frozenset({NODE, WRITER, READER, ADMIN}),

@@ -101,15 +101,18 @@ class _Method:
     parse: object  # reply message -> value
     kind: str  # which Deadlines field
     frame_arg: int | None = None  # position of a frame argument whose size scales the deadline
+    stream: str | None = None  # the hot call's long-lived stream (engine.transport.streams), if any
 
 
 _METHODS: dict[str, _Method] = {
-    "append": _Method("Append", convert.append_request_to_pb, convert.append_reply_from_pb, "append_s", frame_arg=1),
+    "append": _Method("Append", convert.append_request_to_pb, convert.append_reply_from_pb, "append_s", frame_arg=1,
+                      stream="AppendStream"),
     "repair_append": _Method(
         "RepairAppend", lambda frame: storage_pb2.RepairAppendRequest(frame=frame), convert.append_reply_from_pb, "append_s", frame_arg=0
     ),
     "read": _Method("Read", convert.read_request_to_pb, convert.read_reply_from_pb, "read_s"),
-    "read_many": _Method("ReadMany", lambda items: convert.read_many_request_to_pb(items), convert.read_results_from_pb, "read_s"),
+    "read_many": _Method("ReadMany", lambda items: convert.read_many_request_to_pb(items), convert.read_results_from_pb, "read_s",
+                         stream="ReadManyStream"),
     "scan": _Method("Scan", convert.scan_request_to_pb, convert.scan_reply_from_pb, "read_s"),
     "seal": _Method("Seal", lambda epoch: storage_pb2.SealRequest(epoch=epoch), convert.seal_reply_from_pb, "recovery_s"),
     "sync_epoch": _Method("SyncEpoch", convert.sync_epoch_request_to_pb, convert.node_state_from_pb, "recovery_s"),
@@ -121,6 +124,12 @@ _METHODS: dict[str, _Method] = {
     "scrub": _Method("Scrub", lambda records_max: storage_pb2.ScrubRequest(records_max=records_max), lambda m: m.corrupt_found, "admin_s"),
     "set_faults": _Method("SetFaults", convert.fault_rules_to_pb, convert.fault_rules_from_pb, "admin_s"),
 }
+
+
+#: Idle streams kept per node and kind: an append stream is used by the node's one sender
+#: thread; read streams by the reads in flight at once (more are opened, then closed, when more
+#: run in parallel)
+IDLE_STREAMS_MAX = 4
 
 
 class GrpcTransport(Transport):
@@ -160,8 +169,9 @@ class GrpcTransport(Transport):
         #: appends travel on one AppendStream per node (`streams=False`: unary Append calls);
         #: a node that answered UNIMPLEMENTED (an earlier release) gets unary calls
         self._use_streams = streams
-        self._streams: dict[str, Stream] = {}
-        self._unary_only: set[str] = set()
+        #: (node, stream rpc) -> its idle streams; (node, stream rpc) pairs served unary only
+        self._idle: dict[tuple[str, str], list[Stream]] = {}
+        self._unary_only: set[tuple[str, str]] = set()
 
     def _reload_credentials(self) -> None:
         """The TLS files changed (a rotation): new channels from now on; the old ones are closed
@@ -209,8 +219,8 @@ class GrpcTransport(Transport):
     def _call(self, node: str, method: str, *args):
         spec = _METHODS.get(method)
         assert spec is not None, f"unknown transport method {method!r}"
-        if method == "append" and self._use_streams and node not in self._unary_only:
-            return self._append_streamed(node, spec, args)
+        if spec.stream is not None and self._use_streams and (node, spec.stream) not in self._unary_only:
+            return self._streamed(node, spec, args)
         return self._unary(node, spec, args)
 
     def _unary(self, node: str, spec: _Method, args: tuple):
@@ -240,44 +250,50 @@ class GrpcTransport(Transport):
                 self._suspect.pop(node, None)
         return spec.parse(reply)
 
-    # --- the append stream ------------------------------------------------------------------
-    def _stream(self, node: str) -> Stream:
-        """The node's open AppendStream, opened on first use or after the last one ended."""
+    # --- the hot calls' streams --------------------------------------------------------------
+    def _checkout(self, node: str, rpc: str) -> Stream:
+        """An idle stream of `rpc` to `node` (usable, on the current channel), else a new one.
+        The caller owns it until `_checkin`: a stream carries one request at a time."""
         stub = self._stub(node)
         with self._lock:
             if self._closed:
                 raise Closed("this transport is closed")
-            stream = self._streams.get(node)
             channel = self._channels.get(node)
-            if stream is not None and (not stream.usable() or stream.tag is not channel):
+            idle = self._idle.setdefault((node, rpc), [])
+            while idle:
+                stream = idle.pop()
+                if stream.usable() and stream.tag is channel:
+                    return stream
                 stream.cancel()  # ended, or on a channel a credential reload retired
-                stream = None
-            if stream is None:
-                stream = self._streams[node] = Stream(stub.AppendStream, self._metadata, tag=channel)
-            return stream
+        return Stream(getattr(stub, rpc), self._metadata, tag=channel)
 
-    def _append_streamed(self, node: str, spec: _Method, args: tuple):
-        """An append on the node's AppendStream: the same results and errors as the unary call,
-        and the same suspect-node bookkeeping (`_admit`)."""
+    def _checkin(self, node: str, rpc: str, stream: Stream) -> None:
+        with self._lock:
+            idle = self._idle.setdefault((node, rpc), [])
+            if not self._closed and len(idle) < IDLE_STREAMS_MAX:
+                idle.append(stream)
+                return
+        stream.cancel()
+
+    def _streamed(self, node: str, spec: _Method, args: tuple):
+        """A hot call on a stream: the same results and errors as the unary call, and the same
+        suspect-node bookkeeping (`_admit`)."""
         timeout = self._admit(node, spec)
         if timeout is None:
             raise Unavailable(f"node {node} ({self.addresses.get(node)}) did not answer lately; not waiting on it again yet")
-        timeout += len(args[1]) / (1 << 20) * self.deadlines.per_mib_s
+        if spec.frame_arg is not None:
+            timeout += len(args[spec.frame_arg]) / (1 << 20) * self.deadlines.per_mib_s
         request = spec.build(*args)
         where = f"node {node} ({self.addresses.get(node)})"
-        while True:
-            stream = self._stream(node)
-            with stream.lock:
-                if stream.broken:  # another thread's request broke it meanwhile: a new one
-                    continue
-                try:
-                    reply = stream.exchange(request, timeout)
-                    break
-                except (grpc.RpcError, StopIteration, ValueError) as e:  # the stream is given up
-                    err = self._stream_failure(node, stream, e, where, timeout)
+        stream = self._checkout(node, spec.stream)
+        try:
+            reply = stream.exchange(request, timeout)
+        except (grpc.RpcError, StopIteration, ValueError) as e:  # the stream is given up (Stream.exchange)
+            err = self._stream_failure(node, spec.stream, stream, e, where, timeout)
             if err is None:  # an earlier release, or no room for a stream: a unary call
                 return self._unary(node, spec, args)
             raise err from None
+        self._checkin(node, spec.stream, stream)
         if reply.HasField("error"):
             err = convert.error_from_pb(reply.error)
             with self._lock:
@@ -293,20 +309,20 @@ class GrpcTransport(Transport):
                 self._suspect.pop(node, None)
         return spec.parse(reply.reply)
 
-    def _stream_failure(self, node: str, stream: Stream, e: BaseException, where: str, timeout: float):
-        """The error to raise for a stream that ended under a request (None: the node does not
-        serve streams; use the unary call from now on)."""
+    def _stream_failure(self, node: str, rpc: str, stream: Stream, e: BaseException, where: str, timeout: float):
+        """The error to raise for a stream that ended under a request (None: send it as a unary
+        call: the node serves no such stream, from now on, or had no room for another)."""
         if isinstance(e, grpc.RpcError):
             err = convert.error_from_rpc(e, where=where)
             if Stream.unimplemented(e, convert.ERROR_METADATA_KEY):
-                log.info("%s serves no AppendStream (an earlier release): appends go as unary calls", where)
-                self._unary_only.add(node)
+                log.info("%s serves no %s (an earlier release): unary calls from now on", where, rpc)
+                self._unary_only.add((node, rpc))
                 return None
             if Stream.refused_for_room(e):
                 return None
             answered = not (stream.timed_out or isinstance(err, Closed) or convert.unreachable(e))
             if stream.timed_out:
-                err = Unavailable(f"{where}: no reply to an append within {timeout:.2f} s")
+                err = Unavailable(f"{where}: no reply within {timeout:.2f} s")
         else:
             err, answered = Unavailable(f"{where}: the append stream ended ({type(e).__name__}: {e})"), False
         with self._lock:
@@ -339,8 +355,8 @@ class GrpcTransport(Transport):
         with self._lock:
             self._closed = True
             channels, self._channels, self._stubs = self._channels, {}, {}
-            streams, self._streams = self._streams, {}
-        for stream in streams.values():
+            streams, self._idle = [st for idle in self._idle.values() for st in idle], {}
+        for stream in streams:
             stream.cancel()
         for ch in channels.values():
             ch.close()

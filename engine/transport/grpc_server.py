@@ -11,7 +11,8 @@ INTERNAL. Either way the node keeps serving: garbage in one request never takes 
 `AppendStream` is Append as a long-lived stream (`engine.transport.streams.StreamRegistry`): each
 request gets the reply or the error status Append would have given, as a message, and the stream
 stays open; the volume is checked at its open, the caller's role (so a revocation) and the fault
-gate for every request. At most `APPEND_STREAMS_MAX` are open at once; stopping ends idle ones
+gate for every request (`ReadManyStream` likewise for ReadMany). At most `APPEND_STREAMS_MAX`
+(`READ_STREAMS_MAX`) are open at once; stopping ends idle ones
 first, so a writer's open stream never holds a node's shutdown for its grace period.
 
 `FaultGate` applies the transport fault rules set by the admin RPC `SetFaults` to the data RPCs
@@ -76,16 +77,18 @@ SERVER_OPTIONS: tuple[tuple[str, int], ...] = (
     ("grpc.max_send_message_length", convert.MESSAGE_BYTES_MAX),
     ("grpc.max_receive_message_length", convert.MESSAGE_BYTES_MAX),
 )
-NODE_WORKERS = 32
-#: AppendStreams a node serves at once (each holds one of its NODE_WORKERS threads; a writer
-#: holds one, and a writer taking over briefly a second)
+NODE_WORKERS = 64
+#: Streams a node serves at once, each holding one of its NODE_WORKERS threads (the rest serve
+#: unary calls: gossip, state, recovery): AppendStreams (a writer holds one, a writer taking over
+#: briefly a second) and ReadManyStreams (the writer and each reader up to
+#: grpc_client.IDLE_STREAMS_MAX, more while more reads run at once)
 APPEND_STREAMS_MAX = 8
+READ_STREAMS_MAX = 24
 SHUTDOWN_GRACE_S = 5.0
 #: Sources never subject to fault rules on an insecure node (a secure node trusts only the
 #: admin role of a certificate): operators and tools must always get through.
 ADMIN_SOURCES = frozenset({"cli", "chaos", "launcher", "admin"})
 SERVICE_NAME = "sixfold.v1.Storage"
-APPEND_STREAM_METHOD = f"/{SERVICE_NAME}/AppendStream"
 
 
 class AddressInUse(SixfoldError):
@@ -221,8 +224,10 @@ class StorageServicer(storage_pb2_grpc.StorageServicer):
         self.allow_fault_injection = allow_fault_injection
         self.volume_id = node.store.volume_id
         self.wrong_volume = 0  # requests refused for naming another volume, or none
-        #: the writers' AppendStreams (a writer holds one per node; a few writers at a time)
-        self.streams = StreamRegistry(APPEND_STREAMS_MAX)
+        #: the writers' AppendStreams (a writer holds one per node; a few writers at a time) and
+        #: the writer's and readers' ReadManyStreams (a few each)
+        self.append_streams = StreamRegistry(APPEND_STREAMS_MAX)
+        self.read_streams = StreamRegistry(READ_STREAMS_MAX)
 
     def _fault_injection(self, context, rpc: str) -> None:
         if not self.allow_fault_injection:
@@ -262,38 +267,46 @@ class StorageServicer(storage_pb2_grpc.StorageServicer):
     # --- data RPCs --------------------------------------------------------------------------
     def AppendStream(self, request_iterator, context):
         """Append as one long-lived stream (storage.proto, engine.transport.streams): a reply
-        per request, in order; an error is a reply, the stream stays open. Volume and role are
-        checked at the open, the role (a revocation counts from the next request) and the fault
-        rules per request."""
+        per request, in order; an error is a reply, the stream stays open."""
+        yield from self._stream(request_iterator, context, "AppendStream", self.append_streams, self._append,
+                                storage_pb2.AppendStreamReply, duplicable=True)
+
+    def _append(self, request, times: int = 1) -> storage_pb2.AppendReply:
+        args = convert.append_args_from_pb(request)
+        reply = convert.append_reply_to_pb(self.node.handle("append", *args))
+        if times == 2:
+            self.node.handle("append", *args)
+        return reply
+
+    def _stream(self, request_iterator, context, rpc: str, registry: StreamRegistry, work, reply_type, *, duplicable: bool):
+        """`rpc`'s requests, each answered by `work(request)` or its error as a `reply_type`
+        message. The volume is checked at the open; the caller's role (so a revocation counts
+        from the next request) and the fault gate for every request."""
         try:
-            self._check_volume(context, "AppendStream")
+            self._check_volume(context, rpc)
         except SixfoldError as e:
             convert.abort(context, e)
-        yield from self.streams.serve(
-            request_iterator, context, lambda request: self._append_streamed(context, request),
-            lambda ctx: convert.abort(ctx, Closed(f"node {self.node.id} is shutting down")))
+        method = f"/{SERVICE_NAME}/{rpc}"
 
-    def _append_streamed(self, context, request) -> storage_pb2.AppendStreamReply:
-        if self.guard is not None:
+        def one(request):
+            if self.guard is not None:
+                try:
+                    self.guard.check(context, method)
+                except SixfoldError as e:
+                    self.guard._refuse(context, method, e)  # ends the stream
             try:
-                self.guard.check(context, APPEND_STREAM_METHOD)
+                if registry.closing:
+                    raise Closed(f"node {self.node.id} is shutting down")
+                times = self.gate.admit(context, duplicable, self.guard) if self.gate.active else 1
+                return reply_type(reply=work(request, times) if duplicable else work(request))
             except SixfoldError as e:
-                self.guard._refuse(context, APPEND_STREAM_METHOD, e)  # ends the stream
-        try:
-            if self.streams.closing:
-                raise Closed(f"node {self.node.id} is shutting down")
-            times = self.gate.admit(context, True, self.guard) if self.gate.active else 1
-            args = convert.append_args_from_pb(request)
-            reply = convert.append_reply_to_pb(self.node.handle("append", *args))
-            if times == 2:
-                self.node.handle("append", *args)
-            return storage_pb2.AppendStreamReply(reply=reply)
-        except SixfoldError as e:
-            return storage_pb2.AppendStreamReply(error=convert.error_to_pb(e))
-        except Exception as e:  # a bug: say so loudly, answer INTERNAL, keep serving
-            log.exception("AppendStream failed unexpectedly")
-            return storage_pb2.AppendStreamReply(error=common_pb2.ErrorStatus(
-                code="INTERNAL", message=f"AppendStream: internal error {type(e).__name__}: {e}"))
+                return reply_type(error=convert.error_to_pb(e))
+            except Exception as e:  # a bug: say so loudly, answer INTERNAL, keep serving
+                log.exception("%s failed unexpectedly", rpc)
+                return reply_type(error=common_pb2.ErrorStatus(code="INTERNAL", message=f"{rpc}: internal error {type(e).__name__}: {e}"))
+
+        yield from registry.serve(request_iterator, context, one,
+                                  lambda ctx: convert.abort(ctx, Closed(f"node {self.node.id} is shutting down")))
 
     def Append(self, request, context):
         def work():
@@ -313,18 +326,23 @@ class StorageServicer(storage_pb2_grpc.StorageServicer):
             context, "Read", lambda: convert.read_reply_to_pb(self.node.handle("read", *convert.read_args_from_pb(request, self.P)))
         )
 
-    def ReadMany(self, request, context):
-        def work():
-            convert.check_count(len(request.reads), "reads")
-            results = []
-            for item in request.reads:
-                try:
-                    results.append(self.node.handle("read", *convert.read_args_from_pb(item, self.P)))
-                except SixfoldError as e:
-                    results.append(e)
-            return convert.read_results_to_pb(results)
+    def _read_many(self, request) -> storage_pb2.ReadManyReply:
+        convert.check_count(len(request.reads), "reads")
+        results = []
+        for item in request.reads:
+            try:
+                results.append(self.node.handle("read", *convert.read_args_from_pb(item, self.P)))
+            except SixfoldError as e:
+                results.append(e)
+        return convert.read_results_to_pb(results)
 
-        return self._serve(context, "ReadMany", work)
+    def ReadMany(self, request, context):
+        return self._serve(context, "ReadMany", lambda: self._read_many(request))
+
+    def ReadManyStream(self, request_iterator, context):
+        """ReadMany as a long-lived stream (as AppendStream)."""
+        yield from self._stream(request_iterator, context, "ReadManyStream", self.read_streams, self._read_many,
+                                storage_pb2.ReadManyStreamReply, duplicable=False)
 
     def Scan(self, request, context):
         def work():
@@ -365,7 +383,8 @@ class StorageServicer(storage_pb2_grpc.StorageServicer):
         def work():
             st = self.node.handle("state")
             st.extra["security"] = self.guard.counters() if self.guard is not None else {"tls": False}
-            st.extra["append_streams"] = self.streams.counters()
+            st.extra["append_streams"] = self.append_streams.counters()
+            st.extra["read_streams"] = self.read_streams.counters()
             return convert.node_state_to_pb(st)
 
         return self._serve(context, "State", work)
@@ -430,7 +449,8 @@ class NodeServer:
     def stop(self, grace_s: float = SHUTDOWN_GRACE_S) -> None:
         """Stop accepting calls, let in-flight ones finish (up to `grace_s`), close the node."""
         set_health(self.health, (SERVICE_NAME,), False)
-        self.servicer.streams.close()
+        self.servicer.append_streams.close()
+        self.servicer.read_streams.close()
         self.server.stop(grace_s).wait(grace_s + 1)
         self.node.close()
 

@@ -19,7 +19,7 @@ iterator and waits for the next reply. Deadlines: the call itself has none (it l
 long as its owner); one watchdog thread per process looks every `WATCH_S` for an exchange past
 its deadline and cancels that call, which ends the waiting `next()` with CANCELLED; the owner
 then gives the stream up (`broken`) and the next request opens a new one. A stream is only
-ever used by one thread at a time (`lock`).
+ever used by one thread at a time: its owner checks it out of an idle pool and back in.
 
 Server side (`StreamRegistry`): serves a stream's requests one by one with the handler the
 unary RPC uses (`serve`), counts streams and requests, refuses a new stream beyond `limit`
@@ -53,7 +53,6 @@ class Stream:
     def __init__(self, open_call: Callable, metadata, *, tag=None) -> None:
         #: what the owner opened it on (a channel): the owner retires a stream whose tag changed
         self.tag = tag
-        self.lock = threading.Lock()
         self.deadline = 0.0  # monotonic deadline of the exchange in flight; 0: none
         self.timed_out = False
         self.broken = False
