@@ -60,7 +60,7 @@ EXIT_CODES: dict[int, str] = {
     EXIT_USAGE: "usage or bad argument: unknown option, bad hex or base64, an unreadable --value-file, no cluster named",
     EXIT_ERROR: "the engine or the cluster refused or failed; the message names the error class "
                 "(also cluster down on a folder that is no cluster)",
-    EXIT_UNHEALTHY: "cluster status: a process is not SERVING (the status is still printed)",
+    EXIT_UNHEALTHY: "cluster status, spec health: a process is not SERVING (the status is still printed)",
     EXIT_INVALID: "chaos: a check found the history invalid",
     EXIT_DAMAGED: "backup: a file of the backup is damaged or missing (backup verify found one, or a restore needed one)",
     EXIT_INTERRUPTED: "interrupted (Ctrl-C)",
@@ -70,6 +70,7 @@ EXIT_CODES: dict[int, str] = {
 #: Modules that add subcommands (see the module docstring). Optional ones may be absent.
 COMMAND_MODULES: tuple[str, ...] = (
     "engine.cli", "engine.cluster.commands", "engine.cluster.access", "engine.chaos.cli", "engine.backup.cli",
+    "engine.cluster.deploy_cli",
 )
 CLUSTER_ENV = "SIXFOLD_CLUSTER"
 

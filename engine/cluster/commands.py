@@ -26,7 +26,11 @@ from engine.cluster.manifest import (
     WRITER,
     ClusterError,
     endpoint_config,
+    identity_hosts,
+    listen_address,
     load_manifest,
+    load_manifest_file,
+    manifest_path,
     locked,
     metrics_port,
     node_entry,
@@ -504,20 +508,21 @@ def cmd_node_serve(args) -> int:
     maximum = _node_maximum(args)
     server = None
     try:
-        if args.cluster:
-            # Everything else comes from the manifest, and gossip re-reads it to reach nodes
-            # added later (engine.cluster.addresses).
+        if args.cluster or args.spec:
+            # Everything else comes from the manifest (or the deployment spec), and gossip
+            # re-reads it to reach nodes added later (engine.cluster.addresses).
             from engine.cluster.addresses import run_cluster_node
 
+            folder, manifest_file = _manifest_source(args, "node serve")
             if not args.id:
-                raise SystemExit("sixfold node serve --cluster DIR: say which node with --id")
-            m = load_manifest(args.cluster)
-            metrics, server = _serve_metrics(args, metrics_port(m, args.listen or node_entry(m, args.id)["address"]),
+                raise SystemExit(f"sixfold node serve {'--spec FILE' if args.spec else '--cluster DIR'}: say which node with --id")
+            m = load_manifest_file(manifest_file, folder)
+            metrics, server = _serve_metrics(args, metrics_port(m, node_entry(m, args.id)["address"]),
                                              f"node {args.id}", api=False)
             return run_cluster_node(
-                args.cluster, args.id, listen=args.listen, durable=False if args.no_durable else None,
+                folder, args.id, listen=args.listen, durable=False if args.no_durable else None,
                 gossip_interval_s=args.gossip_interval_s, scrub_interval_s=args.scrub_interval_s,
-                max_storage_bytes=maximum, reserve_bytes=args.reserve_bytes, metrics=metrics,
+                max_storage_bytes=maximum, reserve_bytes=args.reserve_bytes, metrics=metrics, manifest_file=manifest_file,
             )
         missing = [f"--{k.replace('_', '-')}" for k in ("id", "az", "data", "listen", "volume_id", "protection_groups", "peers")
                    if getattr(args, k) in (None, "")]
@@ -545,6 +550,19 @@ def cmd_node_serve(args) -> int:
     finally:
         if server is not None:
             server.close()
+
+
+def _manifest_source(args, command: str) -> tuple[str, str]:
+    """(folder, manifest file) of a serve command: --cluster DIR (DIR/cluster.json) or --spec
+    FILE (a deployment spec, its folder the spec's; engine.cluster.spec), never both."""
+    if args.cluster and args.spec:
+        raise SystemExit(f"sixfold {command}: give --cluster DIR or --spec FILE, not both")
+    if args.spec:
+        path = os.path.abspath(args.spec)
+        return os.path.dirname(path), path
+    if not args.cluster:
+        raise SystemExit(f"sixfold {command}: give --cluster DIR or --spec FILE (the process reads the cluster from it)")
+    return os.path.abspath(args.cluster), manifest_path(args.cluster)
 
 
 def _node_maximum(args) -> int | None:
@@ -578,27 +596,26 @@ def cmd_writer_serve(args) -> int:
     from engine.transport.grpc_server import AddressInUse, InsecureListen
 
     _logging(args.log_level)
-    if not args.cluster:
-        raise SystemExit("sixfold writer serve: give --cluster DIR (the writer reads the nodes from cluster.json)")
-    m = load_manifest(args.cluster)
+    folder, manifest_file = _manifest_source(args, "writer serve")
+    m = load_manifest_file(manifest_file, folder)
     if args.standby and not args.listen:
         raise SystemExit("sixfold writer serve --standby: give --listen HOST:PORT (the writer's own address is taken)")
-    listen = args.listen or m[WRITER]["address"]
-    config = endpoint_config(m, args.cluster)
+    listen = args.listen or listen_address(m[WRITER])
+    config = endpoint_config(m, folder)
     az = args.az or m[WRITER].get("az") or config.local_az
     config = dataclasses.replace(config, local_az=az)
-    folder = args.cluster
 
     def writer_az() -> str:
         try:
-            return load_manifest(folder)[WRITER].get("az", "a")
+            return load_manifest_file(manifest_file, folder)[WRITER].get("az", "a")
         except (ClusterError, OSError, ValueError):
             return ""
 
     # The cluster's writer records itself (with its epoch) once it opened: a standby that took
     # over, and the writer at the manifest's writer address (the launcher's). A writer serving at
-    # another address by hand is not the cluster's writer of record.
-    records = args.standby or listen == m[WRITER]["address"]
+    # another address by hand is not the cluster's writer of record, and a writer of a
+    # deployment spec records nothing (the spec is the operator's file; engine.cluster.spec).
+    records = not args.spec and (args.standby or listen == listen_address(m[WRITER]))
 
     def record_writer(epoch: int) -> None:
         """This process serves as the writer now, at `epoch`: clients and the launcher find it in
@@ -617,7 +634,7 @@ def cmd_writer_serve(args) -> int:
     server = None
     try:
         metrics, server = _serve_metrics(args, metrics_port(m, listen), "writer endpoint")
-        return run_writer_process(config, listen, args.workers, tls=tls_config(args.cluster, m, WRITER),
+        return run_writer_process(config, listen, args.workers, tls=tls_config(folder, m, WRITER),
                                   key_file=args.key_file, standby=args.standby, writer_az=writer_az,
                                   on_serving=record_writer if records else None, metrics=metrics)
     except (AddressInUse, InsecureListen) as e:
@@ -637,20 +654,20 @@ def cmd_reader_serve(args) -> int:
     from engine.transport.grpc_server import AddressInUse, InsecureListen
 
     _logging(args.log_level)
-    if not args.cluster or not args.id:
-        raise SystemExit("sixfold reader serve: give --cluster DIR and --id ID (the reader reads the rest from cluster.json)")
-    folder = args.cluster
-    m = load_manifest(folder)
+    folder, manifest_file = _manifest_source(args, "reader serve")
+    if not args.id:
+        raise SystemExit("sixfold reader serve: give --id ID (the reader reads the rest from the manifest or spec)")
+    m = load_manifest_file(manifest_file, folder)
     r = reader_entry(m, args.id)
 
     def writer_address() -> str:  # asked before every (re)connection: follows `writer start`
-        return load_manifest(folder)[WRITER]["address"]
+        return load_manifest_file(manifest_file, folder)[WRITER]["address"]
 
-    listen = args.listen or r["address"]
+    listen = args.listen or listen_address(r)
 
     def writer_az() -> str:
         try:
-            return load_manifest(folder)[WRITER].get("az", "a")
+            return load_manifest_file(manifest_file, folder)[WRITER].get("az", "a")
         except (ClusterError, OSError, ValueError):
             return ""
 
@@ -692,12 +709,16 @@ def cmd_reader_serve(args) -> int:
         return live.index(r["id"]) if r["id"] in live else len(live)
 
     promotion = None
-    if not args.no_promote:
+    if args.spec and not args.no_promote:
+        logging.getLogger("sixfold.reader").info(
+            "reader %s of a deployment spec: it does not promote itself (a promotion is recorded in the manifest, "
+            "which the clients of other hosts do not share; see engine.cluster.spec)", r["id"])
+    if not args.no_promote and not args.spec:
         # A reader may become the writer: it holds the writer's identity for that (only a writer
         # certificate may seal), and takes over once the writer's lease lapsed (engine.head.failover).
         promotion = dict(promote=True, writer_tls=tls_config(folder, m, WRITER), writer_az=writer_az,
                          on_promoted=record_promotion, preferred=preferred, rank=rank,
-                         refresh=lambda: endpoint_config(load_manifest(folder), folder))
+                         refresh=lambda: endpoint_config(load_manifest_file(manifest_file, folder), folder))
     server = None
     try:
         metrics, server = _serve_metrics(args, metrics_port(m, listen), f"reader {r['id']}")
@@ -812,6 +833,7 @@ def _register_readers(sub, target: argparse.ArgumentParser) -> None:
     serve = rsub.add_parser("serve", help="run a reader instance in this process (until SIGTERM)", description=(
         "Run reader ID of DIR/cluster.json in the foreground, logging to stderr, until SIGTERM or Ctrl-C."))
     serve.add_argument("--cluster", metavar="DIR", help="the cluster folder")
+    serve.add_argument("--spec", metavar="FILE", help=SPEC_HELP)
     serve.add_argument("--id", help="reader id (r1, r2 ...)")
     serve.add_argument("--listen", metavar="HOST:PORT", help="listen address (default: from the manifest)")
     serve.add_argument("--log-level", default="info", help="debug, info, warning or error")
@@ -847,7 +869,8 @@ def cmd_certs_issue(args) -> int:
         if not_after.tzinfo is None:
             not_after = not_after.replace(tzinfo=datetime.timezone.utc)
     with locked(c.folder):
-        path = tf.issue(args.id, args.role, days=args.days, hosts=(m.get("host", "127.0.0.1"),), not_after=not_after,
+        hosts = tuple(dict.fromkeys((m.get("host", "127.0.0.1"), *identity_hosts(m, args.id))))
+        path = tf.issue(args.id, args.role, days=args.days, hosts=hosts, not_after=not_after,
                         out=args.out)
     info = tf.info(path)
     if args.json:
@@ -890,7 +913,8 @@ def cmd_certs_rotate(args) -> int:
             dropped = tf.finish_rotation()
             print(f"rotation finished: {dropped} old CA(s) no longer trusted")
             return 0
-        ids = tf.rotate(hosts=(m.get("host", "127.0.0.1"),))
+        ids = tf.rotate(hosts=(m.get("host", "127.0.0.1"),),
+                        hosts_of={c.id: identity_hosts(m, c.id) for c in tf.list()})
     print(f"new CA made and trusted beside the old one; reissued {', '.join(ids)}. Servers and client transports pick "
           "the new files up without a restart. Once clients started before now have reconnected (or been restarted), "
           "run `sixfold certs rotate --finish` to stop trusting the old CA.")
@@ -1065,6 +1089,7 @@ def register(sub) -> None:
         serve.add_argument("--cluster", metavar="DIR", help=(
             "read the parameters from DIR/cluster.json (with --id for a node; its gossip re-reads the manifest to "
             "reach nodes added later)"))
+        serve.add_argument("--spec", metavar="FILE", help=SPEC_HELP)
         serve.add_argument("--listen", metavar="HOST:PORT", help="listen address (default: from the manifest)")
         serve.add_argument("--log-level", default="info", help="debug, info, warning or error")
         serve.add_argument("--metrics-port", type=_metrics_port_argument, default=None, metavar="PORT", help=_metrics_port_help(
@@ -1105,6 +1130,10 @@ def register(sub) -> None:
                                "writer's takes over first)")
             serve.set_defaults(func=cmd_writer_serve)
 
+
+#: `--spec FILE` of the serve commands.
+SPEC_HELP = ("a deployment spec (a placed cluster.json; engine.cluster.spec): run this one process of it on this "
+             "host, binding its listen address; relative paths (users file, logs) are the spec's folder's")
 
 #: The smallest --map-bytes (engine.sizes.STORAGE_BYTES_MIN).
 MAP_BYTES_MIN = 1 << 20

@@ -28,7 +28,7 @@ import os
 from concurrent import futures
 
 from engine.cluster.admin import STATUS_RPC_TIMEOUT_S, WriterAdmin, operator_token
-from engine.cluster.manifest import WRITER, active_nodes, active_readers, metrics_address, node_addresses
+from engine.cluster.manifest import WRITER, active_nodes, active_readers, data_folder, metrics_address, node_addresses
 from engine.cluster.supervisor import Supervisor
 from engine.errors import SixfoldError
 from engine.sizes import storage_warning
@@ -94,7 +94,7 @@ class StatusView:
 
         def node(n: dict) -> dict:
             out = {"id": n["id"], "az": n["az"], "address": n["address"], "pid": sup.live_pid(n["id"], n.get("pid")),
-                   "metrics": metrics_address(manifest, n["address"]), "data": sup.path(n["data"]), "log": sup.path(n["log"])}
+                   "metrics": metrics_address(manifest, n["address"]), "data": data_folder(sup.folder, manifest, n), "log": sup.path(n["log"])}
             out["health"] = sup.health(n["id"])
             if out["health"] in ("SERVING", "NOT_SERVING"):
                 try:

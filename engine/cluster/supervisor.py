@@ -95,8 +95,11 @@ from engine.cluster.manifest import (
     reader_entry,
     used_ports,
     check_compatible,
+    data_folder,
+    identity_hosts,
     identity_roles,
     is_encrypted,
+    listen_address,
     is_secure,
     load_manifest,
     locked,
@@ -241,7 +244,11 @@ class Supervisor:
         wanted = dict(roles) if names is None else {n: roles.get(n, "reader" if is_reader(manifest, n) else "node")
                                                      for n in names}
         wanted.setdefault(OPERATOR, "admin")
-        issued = tls_folder(self.folder, manifest).ensure(wanted, hosts=(manifest.get("host", HOST_DEFAULT),))
+        # Each certificate names its own process's hosts (its address and listen address), so a
+        # process reached at a host of its own passes the hostname check (engine.cluster.spec).
+        issued = tls_folder(self.folder, manifest).ensure(
+            wanted, hosts=(manifest.get("host", HOST_DEFAULT),),
+            hosts_of={ident: identity_hosts(manifest, ident) for ident in wanted})
         if issued:
             log.info("issued certificates for %s in %s", ", ".join(issued), self.path("tls"))
         return issued
@@ -368,7 +375,7 @@ class Supervisor:
     # --- starting ---------------------------------------------------------------------------
     def _argv(self, manifest: dict, name: str) -> list[str]:
         base = [self.python, "-m", "engine"]
-        address = self.entry(manifest, name)["address"]
+        address = listen_address(self.entry(manifest, name))  # what it binds (engine.cluster.spec)
         port = metrics_port(manifest, address)
         # Said on the command line (what the process would take from the manifest anyway): `ps`
         # and the log's start line show where each process serves its metrics.
@@ -613,7 +620,7 @@ class Supervisor:
         check_fits_filesystem(max_storage_bytes, self.folder)
         for n in active_nodes(manifest):
             try:
-                held = os.path.getsize(os.path.join(self.path(n["data"]), "data.mdb"))
+                held = os.path.getsize(os.path.join(data_folder(self.folder, manifest, n), "data.mdb"))
             except OSError:
                 continue  # no data yet
             if held > max_storage_bytes:
