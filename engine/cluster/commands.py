@@ -167,7 +167,7 @@ def cmd_cluster_up(args) -> int:
             insecure=True if args.insecure else None, allow_fault_injection=True if args.allow_fault_injection else None,
             no_auth=args.no_auth, readers=args.readers, promote_readers=False if args.no_promote else None,
             max_storage_bytes=args.max_storage, backup=_backup_argument(args), **_encryption_arguments(args),
-            metrics_port_offset=args.metrics_port_offset, no_metrics=args.no_metrics,
+            metrics_port_offset=args.metrics_port_offset, no_metrics=args.no_metrics, netns=args.netns,
         )
     except Exception as e:
         if c.exists:
@@ -424,8 +424,11 @@ def _register_key(sub) -> None:
 
 
 def cmd_cluster_down(args) -> int:
+    from engine.cluster.netns import RECORD_FILE
+
     c = _cluster(args)
-    if not c.exists:  # the library's down() is a no-op there; a person asked to stop something
+    netns_only = not c.exists and os.path.exists(os.path.join(c.folder, RECORD_FILE))  # a launcher died early
+    if not c.exists and not netns_only:  # the library's down() is a no-op there; a person asked to stop something
         raise ClusterError(f"{c.folder} is not a cluster folder (no cluster.json): there is nothing to stop")
     c.down(args.timeout_s)
     if args.json:
@@ -1025,6 +1028,10 @@ def register(sub) -> None:
         f"{BASE_PORT_DEFAULT + METRICS_PORT_OFFSET_DEFAULT + 1}-{BASE_PORT_DEFAULT + METRICS_PORT_OFFSET_DEFAULT + 6}); "
         "fixed when the cluster is created; `cluster status` lists every address"))
     metrics.add_argument("--no-metrics", action="store_true", help="a new cluster whose processes serve no metrics")
+    up.add_argument("--netns", action="store_true", help=(
+        "Linux, as root: every process of a new cluster runs in a network namespace of its own (an address in "
+        "198.18.0.0/15, one subnet per AZ behind a bridge), reachable from this machine; real network faults cut "
+        "their packets. `cluster down` removes every namespace and link (recorded in DIR/netns.json first)"))
     up.add_argument("--json", action="store_true",
                     help="print the status as JSON (with `started`: the processes this command started)")
     up.set_defaults(func=cmd_cluster_up)

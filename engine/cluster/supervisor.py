@@ -117,6 +117,12 @@ from engine.security.tls import secure_channel
 
 log = logging.getLogger("sixfold.launcher")
 
+#: The manifest field of a cluster made by `cluster up --netns` (engine.cluster.netns): its
+#: processes run in namespaces recorded in DIR/netns.json. An older release ignores it and
+#: fails to bind the namespaces' addresses: a refusal, not a misreading.
+NETNS = "netns"
+READERS_KEY = "readers"
+
 READY_TIMEOUT_S = 60.0
 DOWN_TIMEOUT_S = 10.0
 LOG_TAIL_LINES = 20
@@ -373,8 +379,23 @@ class Supervisor:
         return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
 
     # --- starting ---------------------------------------------------------------------------
+    def _plan(self, manifest: dict):
+        """The namespace plan of a `--netns` cluster (engine.cluster.netns), else None."""
+        if not manifest.get(NETNS):
+            return None
+        from engine.cluster.netns import load_record
+
+        return load_record(self.folder)
+
+    def _in_namespace(self, manifest: dict, name: str) -> bool:
+        plan = self._plan(manifest)
+        return plan is not None and plan.namespace(name) is not None
+
     def _argv(self, manifest: dict, name: str) -> list[str]:
-        base = [self.python, "-m", "engine"]
+        from engine.cluster.netns import exec_prefix
+
+        # A namespaced process is started by `ip netns exec NS`, which execs it: same pid.
+        base = [*exec_prefix(self._plan(manifest), name), self.python, "-m", "engine"]
         address = listen_address(self.entry(manifest, name))  # what it binds (engine.cluster.spec)
         port = metrics_port(manifest, address)
         # Said on the command line (what the process would take from the manifest anyway): `ps`
@@ -424,6 +445,8 @@ class Supervisor:
         from engine.metrics import METRICS_HOST
 
         for name in names:
+            if self._in_namespace(manifest, name):
+                continue  # a namespace of its own: nothing else binds there
             address = self.entry(manifest, name)["address"]
             host, port = _split(address)
             if not port_free(host, port):
@@ -503,6 +526,7 @@ class Supervisor:
         backup: dict | None = None,
         metrics_port_offset: int | None = None,
         no_metrics: bool = False,
+        netns: bool = False,
     ) -> list[str]:
         """Create the cluster (or reopen its data: same volume id), start every process that is
         not running, wait until all are SERVING; returns the names this call started (empty when
@@ -517,7 +541,9 @@ class Supervisor:
         `max_storage_bytes`: the most each node's data may take, recorded in the manifest for the
         nodes started from then on (see `_set_maximum`). `metrics_port_offset` (default 1000) or
         `no_metrics`: where every process serves its metrics (its port plus the offset), or
-        nowhere; fixed at creation, like the base port."""
+        nowhere; fixed at creation, like the base port. `netns`: a new cluster whose every process
+        runs in a network namespace of its own (engine.cluster.netns; Linux, root); an existing
+        one keeps what it was created as."""
         if metrics_port_offset is not None and no_metrics:
             raise InvalidArgument("give a metrics port offset or no metrics, not both")
         if readers is not None and not 0 <= readers <= READERS_MAX:
@@ -526,6 +552,12 @@ class Supervisor:
             raise InvalidArgument("an encrypted cluster needs the file of its master key (key_file)")
         if key_file and not encrypt:
             raise InvalidArgument("a key file encrypts a cluster only with encrypt=True")
+        if netns:
+            from engine.cluster.netns import NetnsError, unavailable_reason
+
+            reason = unavailable_reason()
+            if reason is not None:
+                raise NetnsError(f"cluster up --netns: {reason}")
         with self.operation("cluster up"):
             started: list[str] = []
             try:
@@ -587,6 +619,11 @@ class Supervisor:
                     for _ in range(max(0, (readers or 0) - len(active_readers(manifest)))):
                         add_reader_entry(manifest, None, self._free_port(manifest))
                     names = [n["id"] for n in active_nodes(manifest)] + [WRITER] + [r["id"] for r in active_readers(manifest)]
+                    if netns and self.exists and not manifest.get(NETNS):
+                        raise ClusterError("this cluster was created without --netns; that is fixed at creation. Leave "
+                                           "--netns out, or use another folder.")
+                    if netns or manifest.get(NETNS):
+                        self._ensure_namespaces(manifest, names, new=netns and not self.exists)
                     for name in names:
                         entry = self.entry(manifest, name)
                         if self.live_pid(name, entry.get("pid")) is None:
@@ -767,6 +804,8 @@ class Supervisor:
         from engine.metrics import METRICS_HOST
 
         manifest = self.manifest
+        if self._in_namespace(manifest, name):
+            return True  # its ports are in its own namespace, gone with the process
         address = self.entry(manifest, name)["address"]
         host, port = _split(address)
         mport = metrics_port(manifest, address)
@@ -843,7 +882,50 @@ class Supervisor:
         """Stop everything: the writer first (its in-flight writes still reach the nodes), then
         the nodes; SIGTERM, then SIGKILL after `timeout_s`. The data stays."""
         if not self.exists:
+            from engine.cluster.netns import teardown
+
+            teardown(self.folder)  # a launcher that died before it wrote the manifest
             return
         with self.operation("cluster down"):
             self.terminate([WRITER] + [r["id"] for r in self.manifest.get("readers", ())], timeout_s)
             self.terminate([n["id"] for n in self.manifest["nodes"]], timeout_s)  # retired ones too, should one still run
+            from engine.cluster.netns import teardown
+
+            removed = teardown(self.folder)  # every namespace and link `up --netns` recorded
+            if removed:
+                log.info("removed the network namespaces and links of %s: %s", self.folder, ", ".join(removed))
+
+    def _ensure_namespaces(self, manifest: dict, names: list[str], *, new: bool) -> None:
+        """A `--netns` cluster (engine.cluster.netns): make every process's namespace that is
+        missing, recorded in DIR/netns.json first. A new cluster takes a free slot and its
+        processes' addresses become their namespaces' (same ports); an existing one makes the
+        namespaces of the addresses its manifest has (after a `down`, or a reboot)."""
+        from engine.cluster import netns
+
+        if new:
+            if not is_secure(manifest):
+                raise ClusterError("a --netns cluster listens off loopback, which needs TLS: leave out --insecure")
+            if manifest.get(READERS_KEY) and any(r.get("retired") for r in manifest[READERS_KEY]):
+                raise AssertionError("a new cluster has no retired reader")
+        azs = {name: (self.entry(manifest, name).get("az") or "a") for name in names}
+        plan = netns.load_record(self.folder)
+        if plan is not None and all(plan.namespace(n) for n in names):
+            netns.make(plan)  # idempotent: whatever is missing
+        else:
+            if plan is not None:
+                raise ClusterError(f"{self.folder} has processes without a namespace in {netns.RECORD_FILE} (added "
+                                   "after `up --netns`: reader add and node replace are not supported in a namespaced "
+                                   "cluster); run `sixfold cluster down` first")
+            slot = None
+            if not new:
+                slot = netns.slot_of(_split(self.entry(manifest, WRITER)["address"])[0])
+            plan = netns.create(self.folder, [(n, azs[n]) for n in names], slot=slot)
+        for name in names:
+            entry = self.entry(manifest, name)
+            address = f"{plan.address(name)}:{_split(entry['address'])[1]}"
+            if not new and entry["address"] != address:
+                netns.teardown(self.folder)
+                raise ClusterError(f"{name} is at {entry['address']} in the manifest, but its namespace would be at "
+                                   f"{address}: this folder's namespaces cannot be made again as they were")
+            entry["address"] = address
+        manifest[NETNS] = True
