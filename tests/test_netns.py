@@ -190,3 +190,25 @@ def test_a_record_of_another_shape_is_refused_naming_the_file(tmp_path):
     (tmp_path / netns.RECORD_FILE).write_text(json.dumps({"format": 1, "tag": "x"}))
     with pytest.raises(netns.NetnsError, match="not a namespace record"):
         netns.load_record(str(tmp_path))
+
+
+@pytest.mark.cluster
+@needs_netns
+def test_a_short_chaos_run_with_real_network_partitions_is_valid(tmp_path):
+    """`sixfold chaos --target cluster --network real`: the plan's partitions are nft cuts
+    between the namespaces; the same checks as the gate's run say valid, and nothing is left."""
+    from engine.chaos.runner import RunConfig, run
+
+    config = RunConfig(target="cluster", network="real", seed=3, duration_s=6.0, clients=4,
+                       faults=("partition", "isolate", "az"), base_port=7600)
+    result = run(config, str(tmp_path / "run"))
+    assert result.overall == "valid", result.report()
+    assert result.stats["network"] == "real" and result.stats["nft_cuts"] >= 1, result.stats
+    assert not os.path.exists(netns.record_path(str(tmp_path / "run" / "cluster"))), "cluster down left its record"
+
+
+def test_real_network_faults_are_for_the_cluster_target_only():
+    from engine.chaos.runner import RunConfig
+
+    with pytest.raises(engine.InvalidArgument, match="--target cluster only"):
+        RunConfig(target="embedded", network="real").check_target()

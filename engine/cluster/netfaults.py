@@ -111,6 +111,8 @@ class NetFaults:
             raise NetnsError("the `nft` command (nftables) is not installed")
         self.plan = plan
         self.active: list[Cut | OneWay] = []
+        #: how many times faults that block something were put in force (a run's stats)
+        self.cuts_applied = 0
 
     @property
     def names(self) -> list[str]:
@@ -133,6 +135,7 @@ class NetFaults:
         for name in self.names:
             self._nft(name, ruleset(self.plan, name, pairs))
         self.active = faults
+        self.cuts_applied += bool(pairs)
         return pairs
 
     def add(self, fault: Cut | OneWay) -> set[tuple[str, str]]:
