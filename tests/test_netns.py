@@ -12,6 +12,7 @@ fails (and checks that nothing is left)."""
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import signal
@@ -212,3 +213,25 @@ def test_real_network_faults_are_for_the_cluster_target_only():
 
     with pytest.raises(engine.InvalidArgument, match="--target cluster only"):
         RunConfig(target="embedded", network="real").check_target()
+
+
+@pytest.mark.cluster
+@needs_netns
+def test_a_reader_and_a_replacement_node_added_later_get_namespaces_of_their_own(netns_cluster):
+    c = netns_cluster
+    rid = c.add_reader()
+    plan = netns.load_record(c.folder)
+    host = c.address(rid).rpartition(":")[0]
+    assert plan.namespace_at(host) == f"sfx-{plan.tag}-{rid}" and netns.slot_of(host) == plan.slot
+    assert os.readlink(f"/proc/{c.pid(rid)}/ns/net") != os.readlink(f"/proc/{c.pid('writer')}/ns/net")
+    with c.connect() as db:
+        db.put(b"before-replace", b"1")
+        c.replace_node("n6", "n7")
+        host = c.address("n7").rpartition(":")[0]
+        assert ipaddress.ip_address(host) in netns.az_subnet(plan.slot, "c"), "the new node lives in its AZ's subnet"
+        db.put(b"after-replace", b"2")
+        assert db.get(b"before-replace") == b"1" and db.get(b"after-replace") == b"2"
+    # A real cut reaches the processes added later too.
+    faults = NetFaults(c.folder)
+    assert ("writer", "n7") in faults.cut_az("c")
+    faults.heal()

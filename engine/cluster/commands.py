@@ -54,30 +54,37 @@ def _logging(level: str) -> None:
     )
 
 
-def status_table(st: dict) -> str:
-    from engine.output import table
+def with_processes(st: dict, detail: bool = False) -> dict:
+    """`st` (the launcher's status) with the one status view's rows (`engine.cluster.overview`)
+    made again, per-PG detail in them with `detail` (the faults of the rows it had are kept)."""
+    from engine.cluster.overview import from_launcher
 
-    rows = []
-    for n in st["nodes"]:
-        scl = f"{n['scl_min']}..{n['scl_max']}" if "scl_min" in n else None
-        rows.append([n["id"], n["az"], n["address"], n.get("metrics"), n["pid"], n["health"], n.get("epoch"), scl,
-                     n.get("records"), n.get("lag"), *storage_cells(n)])
-    out = table(rows, ["node", "az", "address", "metrics", "pid", "health", "epoch", "scl(min..max)", "records", "lag",
-                       *STORAGE_HEADERS])
+    faults = {p["id"]: p.get("faults") or [] for p in st.get("processes", ())}
+    rows = from_launcher(st, detail=detail)
+    for r in rows:
+        r["faults"] = faults.get(r["id"], r["faults"])
+    st["processes"] = rows
+    return st
+
+
+def status_table(st: dict, detail: bool = False) -> str:
+    """The one status view (every process: `engine.cluster.overview.table`), then the writer
+    endpoint's line, storage warnings, security and client tokens."""
+    from engine.cluster.overview import table as process_table
+
+    if "processes" not in st or detail:
+        with_processes(st, detail)
+    out = process_table(st["processes"], detail=detail)
     out += "".join(f"\nwarning: {n['storage_warning']}" for n in st["nodes"] if n.get("storage_warning"))
     w = st["writer"]
     vid = st["volume_id"]
     out += (
-        f"\nwriter endpoint {w['address']}  pid {w['pid'] or '-'}  {w['health']}  volume {vid}  "
+        f"\nwriter endpoint {w['address']}  pid {w['pid'] or '-'}  volume {vid}  "
         f"epoch {w.get('epoch', '-')}  vdl {w.get('vdl', '-')}  metrics {w.get('metrics') or '-'}"
     )
-    if st.get("readers"):
-        rows = [[r["id"], r["az"], r["address"], r.get("metrics"), r["pid"], r["health"], r.get("read_point"),
-                 r.get("lag_lsns"), None if r.get("lag_ms") is None else f"{r['lag_ms']:.1f}",
-                 None if r.get("lag_ms_p99") is None else f"{r['lag_ms_p99']:.1f}",
-                 None if "connected" not in r else ("yes" if r["connected"] else "NO")] for r in st["readers"]]
-        out += "\n" + table(rows, ["reader", "az", "address", "metrics", "pid", "health", "read point", "lag(lsn)", "lag(ms)",
-                                   "p99(ms)", "writer"])
+    for r in st.get("readers", ()):
+        if r.get("connected") is False or r.get("last_error"):
+            out += f"\nreader {r['id']}: not connected to the writer" + (f" ({r['last_error']})" if r.get("last_error") else "")
     if not st["durable"]:
         out += "\n(not durable: nodes do not fsync before they acknowledge)"
     sec = st.get("security") or {}
@@ -125,10 +132,11 @@ def storage_cells(n: dict) -> list:
 def _show(args, st: dict) -> None:
     from engine.output import print_json
 
+    detail = getattr(args, "detail", False)
     if getattr(args, "json", False):
-        print_json(st)
+        print_json(with_processes(st, detail) if detail else st)
     else:
-        print(status_table(st))
+        print(status_table(st, detail))
 
 
 # --- cluster --------------------------------------------------------------------------------
@@ -276,22 +284,17 @@ def membership_table(st: dict) -> str:
     return table(rows, ["node", "az", "address", "role", "health", "epoch", "scl(min..max)", "lag"])
 
 
-def rebuild_table(st: dict) -> str:
-    from engine.output import table
+def rebuild_table(st: dict, detail: bool = False) -> str:
+    """`node rebuild-status`: the one status view (its repair column is each node's rebuild),
+    then the writer's line."""
+    from engine.cluster.overview import table as process_table
 
-    rows = []
-    for n in st["nodes"]:
-        rb = n.get("rebuild") or {}
-        scl = f"{n['scl_min']}..{n['scl_max']}" if "scl_min" in n else None
-        frac = rb.get("fraction")
-        rows.append([n["id"], n["az"], n["health"], scl, n.get("lag"), n.get("lag_max"),
-                     None if frac is None else f"{frac:.0%}", rb.get("fetched_records"), n.get("repaired"),
-                     n.get("corrupt_found"), ("done" if rb.get("complete") else "rebuilding") if frac is not None else None])
-    out = table(rows, ["node", "az", "health", "scl(min..max)", "lag", "lag_max", "rebuilt", "fetched", "repaired",
-                       "corrupt", "state"])
+    if "processes" not in st or detail:
+        with_processes(st, detail)
+    out = process_table(st["processes"], detail=detail)
     w = st["writer"]
-    out += f"\nwriter {w['health']}  epoch {w.get('epoch', '-')}  vdl {w.get('vdl', '-')}"
-    out += "  (lag: LSNs behind the writer's PGCL, summed over PGs; rebuilt: share of those LSNs held)"
+    out += f"\nwriter epoch {w.get('epoch', '-')}  vdl {w.get('vdl', '-')}"
+    out += "  (lag: LSNs behind the writer's PGCL, summed over PGs; repair: share of those LSNs held)"
     return out
 
 
@@ -333,9 +336,9 @@ def cmd_node_rebuild_status(args) -> int:
     if args.json:
         from engine.output import print_json
 
-        print_json(st)
+        print_json(with_processes(st, args.detail) if args.detail else st)
     else:
-        print(rebuild_table(st))
+        print(rebuild_table(st, args.detail))
     return 0
 
 
@@ -1173,6 +1176,9 @@ def _byte_count(least: int):
 
 
 def _watch_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--detail", action="store_true", help=(
+        "per protection group detail too: each node's SCL, the writer's PGCL and the lag (a table, and `pgs` in "
+        "each node's entry of `processes` in the JSON)"))
     p.add_argument("--watch", action="store_true",
                    help="redraw every --interval-s until every node has caught up with the writer (lag 0), then exit")
     p.add_argument("--interval-s", type=float, default=1.0, help="seconds between refreshes with --watch")

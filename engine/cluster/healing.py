@@ -151,6 +151,7 @@ class Healer:
                 sup.terminate([new], DOWN_TIMEOUT_S)
                 self._retire(new, None)
             raise
+        entry = node_entry(sup.manifest, new)  # as started (a --netns cluster gives it its namespace's address)
         t0 = time.monotonic()
         deadline = t0 + timeout_s + REPLACE_GRACE_S
         try:

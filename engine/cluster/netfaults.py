@@ -114,6 +114,12 @@ class NetFaults:
         #: how many times faults that block something were put in force (a run's stats)
         self.cuts_applied = 0
 
+    def refresh(self) -> None:
+        """Re-read the namespace record: processes added since (a reader, a replacement node)."""
+        plan = load_record(self.folder)
+        if plan is not None:
+            self.plan = plan
+
     @property
     def names(self) -> list[str]:
         return sorted(self.plan.processes)
@@ -131,6 +137,7 @@ class NetFaults:
     def apply(self, faults: Iterable[Cut | OneWay]) -> set[tuple[str, str]]:
         """Make exactly `faults` hold (replacing what held before); returns the blocked pairs."""
         faults = list(faults)
+        self.refresh()
         pairs = blocked_pairs(faults, self.names)
         for name in self.names:
             self._nft(name, ruleset(self.plan, name, pairs))
@@ -143,6 +150,7 @@ class NetFaults:
 
     def heal(self) -> None:
         """Remove every fault: each namespace's table goes."""
+        self.refresh()
         for name in self.names:
             self._nft(name, f"table inet {TABLE} {{}}\ndelete table inet {TABLE}\n")
         self.active = []

@@ -131,6 +131,14 @@ class Plan:
     def address(self, name: str) -> str:
         return self.processes[name][2]
 
+    def namespace_at(self, host: str) -> str | None:
+        """The namespace whose address is `host` (a promoted reader's namespace serves the
+        writer's entry: processes are placed by address, not by name)."""
+        for ns, _veth, address, _az in self.processes.values():
+            if address == host:
+                return ns
+        return None
+
     def to_json(self) -> dict:
         return {"format": RECORD_FORMAT, "tag": self.tag, "slot": self.slot, "bridge": self.bridge,
                 "processes": {k: list(v) for k, v in self.processes.items()}}
@@ -234,8 +242,10 @@ def _save_record(folder: str, plan: Plan) -> None:
     atomic_write(record_path(folder), (json.dumps(plan.to_json(), indent=2, sort_keys=True) + "\n").encode())
 
 
-def plan_for(processes: list[tuple[str, str]], *, tag: str | None = None, slot: int) -> Plan:
-    """A plan for [(process name, AZ)] in `slot`: addresses .10, .11 ... per AZ in order."""
+def plan_for(processes: list[tuple[str, str]], *, tag: str | None = None, slot: int,
+             addresses: dict[str, str] | None = None) -> Plan:
+    """A plan for [(process name, AZ)] in `slot`: addresses .10, .11 ... per AZ in order, or
+    the given `addresses` (a cluster's namespaces made again; each must lie in its AZ's subnet)."""
     if len(processes) > PROCESSES_MAX:
         raise NetnsError(f"at most {PROCESSES_MAX} processes in namespaces, got {len(processes)}")
     tag = tag or secrets.token_hex(3)
@@ -244,26 +254,66 @@ def plan_for(processes: list[tuple[str, str]], *, tag: str | None = None, slot: 
     procs = {}
     for i, (name, az) in enumerate(processes):
         subnet = az_subnet(slot, az)
-        address = str(subnet.network_address + next_host[az])
-        next_host[az] += 1
+        if addresses is not None:
+            address = addresses[name]
+            try:
+                inside = ipaddress.ip_address(address) in subnet
+            except ValueError:
+                inside = False
+            if not inside:
+                raise NetnsError(f"{name} is at {address}, outside its AZ {az}'s subnet {subnet}: this cluster's "
+                                 "namespaces cannot be made again as they were")
+        else:
+            address = str(subnet.network_address + next_host[az])
+            next_host[az] += 1
         procs[name] = (f"{NS_PREFIX}{tag}-{name}", f"sfv{tag}{i:02d}", address, az)
     return Plan(tag, slot, f"sfb{tag}", procs)
 
 
-def create(folder: str, processes: list[tuple[str, str]], *, slot: int | None = None) -> Plan:
+def create(folder: str, processes: list[tuple[str, str]], *, slot: int | None = None,
+           addresses: dict[str, str] | None = None) -> Plan:
     """Plan, record, then make the bridge and a namespace per process (see the module
     docstring). On failure everything made is removed again (and the record with it)."""
     reason = unavailable_reason()
     if reason is not None:
         raise NetnsError(reason)
     with machine_lock():
-        plan = plan_for(processes, slot=slot if slot is not None else _free_slot(set()))
+        if slot is not None and any(a in slot_network(slot) for a in _used_addresses()):
+            raise NetnsError(f"the addresses of this cluster ({slot_network(slot)}) are in use on this machine (another "
+                             "namespaced cluster took them while it was down?)")
+        plan = plan_for(processes, slot=slot if slot is not None else _free_slot(set()), addresses=addresses)
         _save_record(folder, plan)  # first: a crash from here on leaves a record to tear down
         try:
             make(plan)
         except BaseException:
             teardown(folder)
             raise
+    return plan
+
+
+def add_process(folder: str, name: str, az: str) -> Plan:
+    """A process added after `up` (a reader, a replacement node): the next address of its AZ
+    and a veth of its own, recorded first, then made; returns the new plan."""
+    with machine_lock():
+        plan = load_record(folder)
+        if plan is None:
+            raise NetnsError(f"{folder} has no namespace record: is it a --netns cluster that is up?")
+        if plan.namespace(name) is not None:
+            return plan
+        if len(plan.processes) >= PROCESSES_MAX:
+            raise NetnsError(f"at most {PROCESSES_MAX} processes in namespaces")
+        subnet = az_subnet(plan.slot, az)
+        taken = {ipaddress.ip_address(v[2]) for v in plan.processes.values()}
+        host = next(subnet.network_address + h for h in range(FIRST_HOST, GATEWAY_HOST)
+                    if subnet.network_address + h not in taken)
+        index = max((int(v[1][-2:]) for v in plan.processes.values()), default=-1) + 1
+        if index > 99:
+            raise NetnsError("no veth name left for a new process (100 made)")
+        procs = dict(plan.processes)
+        procs[name] = (f"{NS_PREFIX}{plan.tag}-{name}", f"sfv{plan.tag}{index:02d}", str(host), az)
+        plan = Plan(plan.tag, plan.slot, plan.bridge, procs)
+        _save_record(folder, plan)
+        make(plan)
     return plan
 
 
@@ -327,9 +377,10 @@ def leftovers(plan: Plan) -> list[str]:
     return out
 
 
-def exec_prefix(plan: Plan | None, name: str) -> list[str]:
-    """The command prefix that starts process `name` in its namespace ([] when it has none)."""
-    ns = plan.namespace(name) if plan is not None else None
+def exec_prefix(plan: Plan | None, host: str) -> list[str]:
+    """The command prefix that starts the process at address `host` in its namespace ([] when
+    no namespace has that address)."""
+    ns = plan.namespace_at(host) if plan is not None else None
     return [] if ns is None else ["ip", "netns", "exec", ns]
 
 

@@ -156,7 +156,7 @@ class StatusView:
                 p = rebuild_progress(n["scls"], w["pgcl"])
                 n.update(lag=p["lag"], lag_max=p["lag_max"])
                 n["rebuild"].update(fraction=p["fraction"], complete=p["lag"] == 0)
-        return {
+        out = {
             "cluster": sup.folder,
             "volume_id": manifest["volume_id"],
             "protection_groups": manifest["protection_groups"],
@@ -168,3 +168,8 @@ class StatusView:
             "writer": w,
             "readers": readers,
         }
+        # The one status view (engine.cluster.overview): every process in one shape.
+        from engine.cluster.overview import from_launcher, network_cuts
+
+        out["processes"] = from_launcher(out, cuts=network_cuts(sup.folder) if manifest.get("netns") else None)
+        return out

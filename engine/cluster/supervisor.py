@@ -99,6 +99,7 @@ from engine.cluster.manifest import (
     identity_hosts,
     identity_roles,
     is_encrypted,
+    is_placed,
     listen_address,
     is_secure,
     load_manifest,
@@ -368,9 +369,12 @@ class Supervisor:
     def health(self, name: str, timeout_s: float = 0.5) -> str:
         """SERVING, NOT_SERVING, UNREACHABLE, PAUSED or DOWN."""
         state = self.state(name)
-        if state != "running":
-            return state.upper()
         manifest = self.manifest
+        # A process of a deployment spec runs on a host of its own under its orchestrator: no
+        # pid here to go by, so it is asked over the network (engine.cluster.spec).
+        remote = state == "down" and is_placed(manifest) and self.entry(manifest, name).get("pid") is None
+        if state != "running" and not remote:
+            return state.upper()
         with secure_channel(self.entry(manifest, name)["address"], self.tls(manifest)) as ch:
             try:
                 reply = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=""), timeout=timeout_s)
@@ -388,14 +392,17 @@ class Supervisor:
         return load_record(self.folder)
 
     def _in_namespace(self, manifest: dict, name: str) -> bool:
+        """True when a namespace of the plan has the process's address (by address, not name:
+        a promoted reader's namespace serves the writer's entry)."""
         plan = self._plan(manifest)
-        return plan is not None and plan.namespace(name) is not None
+        return plan is not None and plan.namespace_at(_split(self.entry(manifest, name)["address"])[0]) is not None
 
     def _argv(self, manifest: dict, name: str) -> list[str]:
         from engine.cluster.netns import exec_prefix
 
         # A namespaced process is started by `ip netns exec NS`, which execs it: same pid.
-        base = [*exec_prefix(self._plan(manifest), name), self.python, "-m", "engine"]
+        host = _split(self.entry(manifest, name)["address"])[0]
+        base = [*exec_prefix(self._plan(manifest), host), self.python, "-m", "engine"]
         address = listen_address(self.entry(manifest, name))  # what it binds (engine.cluster.spec)
         port = metrics_port(manifest, address)
         # Said on the command line (what the process would take from the manifest anyway): `ps`
@@ -421,6 +428,15 @@ class Supervisor:
 
     def _spawn(self, manifest: dict, name: str) -> int:
         entry = self.entry(manifest, name)
+        if manifest.get(NETNS) and not self._in_namespace(manifest, name):
+            # Added after `up --netns` (a reader, a replacement node): a namespace of its own,
+            # and its address becomes that namespace's (same port), before its certificate.
+            from engine.cluster.netns import add_process
+
+            plan = add_process(self.folder, name, entry.get("az") or "a")
+            entry["address"] = f"{plan.address(name)}:{_split(entry['address'])[1]}"
+            if is_reader(manifest, name):  # the writer's certificate names every reader's host
+                self._reissue_writer_certificate(manifest)
         log_path = self.path(entry["log"])
         os.makedirs(os.path.dirname(log_path), exist_ok=True)
         self._ensure_certificates(manifest, [name])
@@ -440,6 +456,14 @@ class Supervisor:
         entry["pid"] = proc.pid
         log.info("started %s (pid %d), log %s", name, proc.pid, log_path)
         return proc.pid
+
+    def _reissue_writer_certificate(self, manifest: dict) -> None:
+        """The writer's certificate again, naming every reader's host too (a reader that
+        promotes itself serves it at its own address). Servers take the new file on their next
+        connection (engine.security.tls)."""
+        if is_secure(manifest):
+            tls_folder(self.folder, manifest).issue(WRITER, "writer", hosts=(manifest.get("host", HOST_DEFAULT),
+                                                                              *identity_hosts(manifest, WRITER)))
 
     def _check_ports(self, manifest: dict, names: Iterable[str]) -> None:
         from engine.metrics import METRICS_HOST
@@ -909,23 +933,24 @@ class Supervisor:
                 raise AssertionError("a new cluster has no retired reader")
         azs = {name: (self.entry(manifest, name).get("az") or "a") for name in names}
         plan = netns.load_record(self.folder)
-        if plan is not None and all(plan.namespace(n) for n in names):
+        hosts = {n: _split(self.entry(manifest, n)["address"])[0] for n in names}
+        if plan is not None:
+            for n in names:  # processes added since (readers, replacements): each gets one
+                if plan.namespace_at(hosts[n]) is None:
+                    plan = netns.add_process(self.folder, n, azs[n])
+                    hosts[n] = plan.address(n)
             netns.make(plan)  # idempotent: whatever is missing
-        else:
-            if plan is not None:
-                raise ClusterError(f"{self.folder} has processes without a namespace in {netns.RECORD_FILE} (added "
-                                   "after `up --netns`: reader add and node replace are not supported in a namespaced "
-                                   "cluster); run `sixfold cluster down` first")
-            slot = None
-            if not new:
-                slot = netns.slot_of(_split(self.entry(manifest, WRITER)["address"])[0])
-            plan = netns.create(self.folder, [(n, azs[n]) for n in names], slot=slot)
+        elif new:
+            plan = netns.create(self.folder, [(n, azs[n]) for n in names])
+        else:  # after a `down` or a reboot: the same addresses again
+            plan = netns.create(self.folder, [(n, azs[n]) for n in names], slot=netns.slot_of(hosts[WRITER]),
+                                addresses=hosts)
         for name in names:
             entry = self.entry(manifest, name)
-            address = f"{plan.address(name)}:{_split(entry['address'])[1]}"
-            if not new and entry["address"] != address:
-                netns.teardown(self.folder)
-                raise ClusterError(f"{name} is at {entry['address']} in the manifest, but its namespace would be at "
-                                   f"{address}: this folder's namespaces cannot be made again as they were")
-            entry["address"] = address
+            port = _split(entry["address"])[1]
+            if new:
+                entry["address"] = f"{plan.address(name)}:{port}"
+            else:
+                entry["address"] = f"{hosts[name]}:{port}"
+                assert plan.namespace_at(hosts[name]) is not None, (name, hosts[name])
         manifest[NETNS] = True
