@@ -28,8 +28,9 @@ with `cluster up --netns` and partitions are real: a plan's groups become an
 `engine.cluster.netfaults.Cut` over the processes' namespaces (the plan records the same data
 as before). "writer" names the namespace of the writer process of the moment (a promoted
 reader's own); a process a plan's groups do not name (a reader) stays on the writer's side;
-`writer_partition` cuts the writer's namespace off from every other process. The machine's own
-namespace, where the clients run, is never cut. Message faults stay in the gate.
+`writer_partition` cuts the writer's namespace off from every other process. A process that has
+no namespace yet when a cut is made (a replacement node still starting) is left uncut. The
+machine's own namespace, where the clients run, is never cut. Message faults stay in the gate.
 
 A writer restart and a membership change take a while, so each runs on a thread of its own and the
 plan's next events still fall due meanwhile (a partition that heals while the writer is down, say).
@@ -341,7 +342,11 @@ class ClusterNemesis:
         from engine.cluster.netfaults import Cut
 
         writer = self._writer_namespace()
-        sides = [{writer if e == "writer" else e for e in g} for g in groups]
+        self.net.refresh()
+        known = set(self.net.names)
+        # A process with no namespace yet (a replacement still starting) cannot be cut; it joins
+        # the writer's side like the processes the plan does not name.
+        sides = [{writer if e == "writer" else e for e in g} & known for g in groups]
         named = set().union(*sides) if sides else set()
         for side in sides:
             if writer in side:

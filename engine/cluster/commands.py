@@ -114,21 +114,6 @@ def status_table(st: dict, detail: bool = False) -> str:
     return out
 
 
-STORAGE_HEADERS = ("used", "capacity", "use%", "maximum")
-
-
-def storage_cells(n: dict) -> list:
-    """A node's space for a status table: used, capacity (its maximum, or less when the disk or a
-    file size limit is smaller), the share used, and its maximum ("-" where it reported none)."""
-    from engine.sizes import format_size, used_percent
-
-    used, capacity, maximum = n.get("used_bytes"), n.get("capacity_bytes"), n.get("max_storage_bytes")
-    if used is None or not capacity:
-        return [None, None, None, None if maximum is None else format_size(maximum)]
-    return [format_size(used), format_size(capacity), f"{used_percent(used, capacity):.0f}%",
-            None if maximum is None else format_size(maximum)]
-
-
 def _show(args, st: dict) -> None:
     from engine.output import print_json
 

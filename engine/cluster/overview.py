@@ -12,7 +12,7 @@ line, security, backups...) stays as it was. A row is one process, node, writer 
     lag          LSNs behind: a node's behind the writer's PGCLs (summed over PGs), a
                  reader's behind the writer's VDL; the writer 0
     lag_ms       a reader's lag in milliseconds (null for the others)
-    used_bytes, capacity_bytes     a node's storage (null for the others)
+    used_bytes, capacity_bytes, max_storage_bytes     a node's storage (null for the others)
     repair       a node's rebuild progress: fraction, fetched_records, repaired, corrupt_found,
                  complete (null for the others)
     faults       what is in force against it: real network cuts (the processes it cannot reach
@@ -32,7 +32,8 @@ from __future__ import annotations
 
 from engine.cluster.manifest import WRITER
 
-HEADERS = ("process", "az", "address", "metrics", "role", "health", "epoch", "lag", "lag(ms)", "used", "repair", "faults")
+HEADERS = ("process", "az", "address", "metrics", "role", "health", "epoch", "lag", "lag(ms)", "repair", "faults",
+           "used", "capacity", "use%", "maximum")
 
 
 def _repair(n: dict) -> dict | None:
@@ -70,20 +71,21 @@ def from_launcher(st: dict, *, detail: bool = False, cuts: dict[str, list[str]] 
     for n in st["nodes"]:
         row = {"id": n["id"], "role": "node", "az": n["az"], "address": n["address"], "metrics": n.get("metrics"),
                "pid": n.get("pid"), "health": n["health"], "epoch": n.get("epoch"), "lag": n.get("lag"), "lag_ms": None,
-               "used_bytes": n.get("used_bytes"), "capacity_bytes": n.get("capacity_bytes"), "repair": _repair(n),
+               "used_bytes": n.get("used_bytes"), "capacity_bytes": n.get("capacity_bytes"),
+               "max_storage_bytes": n.get("max_storage_bytes"), "repair": _repair(n),
                "faults": _faults(n["id"], n["health"], cuts)}
         if detail:
             row["pgs"] = _pgs(n.get("scls"), w.get("pgcl"))
         rows.append(row)
     rows.append({"id": WRITER, "role": "writer", "az": w.get("az", "a"), "address": w["address"], "metrics": w.get("metrics"),
                  "pid": w.get("pid"), "health": w["health"], "epoch": w.get("epoch"), "lag": 0 if "vdl" in w else None,
-                 "lag_ms": None, "used_bytes": None, "capacity_bytes": None, "repair": None,
+                 "lag_ms": None, "used_bytes": None, "capacity_bytes": None, "max_storage_bytes": None, "repair": None,
                  "faults": _faults(WRITER, w["health"], cuts)})
     for r in st.get("readers", ()):
         rows.append({"id": r["id"], "role": "reader", "az": r["az"], "address": r["address"], "metrics": r.get("metrics"),
                      "pid": r.get("pid"), "health": r["health"], "epoch": r.get("epoch"), "lag": r.get("lag_lsns"),
-                     "lag_ms": r.get("lag_ms"), "used_bytes": None, "capacity_bytes": None, "repair": None,
-                     "faults": _faults(r["id"], r["health"], cuts)})
+                     "lag_ms": r.get("lag_ms"), "used_bytes": None, "capacity_bytes": None, "max_storage_bytes": None,
+                     "repair": None, "faults": _faults(r["id"], r["health"], cuts)})
     return rows
 
 
@@ -98,6 +100,7 @@ def from_writer(st: dict, target: str, *, detail: bool = False) -> list[dict]:
                "health": "SERVING" if n.get("up") else "UNREACHABLE", "epoch": n.get("epoch"),
                "lag": sum(int(v) for v in lag.values()) if lag else None, "lag_ms": None,
                "used_bytes": n.get("used_bytes"), "capacity_bytes": n.get("capacity_bytes"),
+               "max_storage_bytes": n.get("max_storage_bytes"),
                "repair": {"fraction": None, "fetched_records": None, "repaired": n.get("repaired"),
                           "corrupt_found": n.get("corrupt_found"), "complete": (sum(int(v) for v in lag.values()) == 0)
                           if lag else None},
@@ -109,7 +112,7 @@ def from_writer(st: dict, target: str, *, detail: bool = False) -> list[dict]:
         rows.append(row)
     rows.append({"id": WRITER, "role": "writer", "az": None, "address": target, "metrics": None, "pid": None,
                  "health": "SERVING", "epoch": st.get("epoch"), "lag": 0, "lag_ms": None, "used_bytes": None,
-                 "capacity_bytes": None, "repair": None, "faults": []})
+                 "capacity_bytes": None, "max_storage_bytes": None, "repair": None, "faults": []})
     return rows
 
 
@@ -127,19 +130,27 @@ def _repair_cell(r: dict | None) -> str | None:
     return text
 
 
+def _storage_cells(r: dict) -> list:
+    """used, capacity (its maximum, or less when the disk or a file size limit is smaller), the
+    share used and the maximum; last in the table, so a script can cut them off the end."""
+    from engine.sizes import format_size, used_percent
+
+    used, capacity, maximum = r.get("used_bytes"), r.get("capacity_bytes"), r.get("max_storage_bytes")
+    if used is None or not capacity:
+        return [None, None, None, None if maximum is None else format_size(maximum)]
+    return [format_size(used), format_size(capacity), f"{used_percent(used, capacity):.0f}%",
+            None if maximum is None else format_size(maximum)]
+
+
 def table(rows: list[dict], *, detail: bool = False) -> str:
     """The one table (HEADERS), and with `detail` a per-PG table of the nodes after it."""
     from engine.output import table as render
-    from engine.sizes import format_size
 
     cells = []
     for r in rows:
-        used = None if r.get("used_bytes") is None else format_size(r["used_bytes"])
-        if used is not None and r.get("capacity_bytes"):
-            used += f" / {format_size(r['capacity_bytes'])}"
         cells.append([r["id"], r.get("az"), r.get("address"), r.get("metrics"), r["role"], r["health"], r.get("epoch"),
-                      r.get("lag"), None if r.get("lag_ms") is None else f"{r['lag_ms']:.1f}", used,
-                      _repair_cell(r.get("repair")), "; ".join(r.get("faults") or ()) or None])
+                      r.get("lag"), None if r.get("lag_ms") is None else f"{r['lag_ms']:.1f}",
+                      _repair_cell(r.get("repair")), "; ".join(r.get("faults") or ()) or None, *_storage_cells(r)])
     out = render(cells, list(HEADERS))
     if detail:
         pg_rows = [[r["id"], p["pg"], p["scl"], p["pgcl"], p["lag"]] for r in rows for p in r.get("pgs") or ()]
