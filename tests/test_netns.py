@@ -15,10 +15,10 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 from waiting import eventually, until_done
@@ -30,6 +30,8 @@ from engine.cluster.netfaults import Cut, NetFaults, OneWay, blocked_pairs
 from engine.cluster.testing import Load, check_all_readable, check_indeterminate_committed, engine_env
 
 REASON = netns.unavailable_reason()
+if REASON is None and shutil.which("nft") is None:
+    REASON = "the nft command (nftables) is not installed: real network faults need it"
 needs_netns = pytest.mark.skipif(REASON is not None, reason=f"network namespaces unavailable here: {REASON}")
 WRITE_TIMEOUT_S = 2.0
 

@@ -958,7 +958,8 @@ def register(sub) -> None:
     # cluster up|status|down
     p = sub.add_parser("cluster", help="start, inspect and stop a cluster on this machine", description=(
         "A cluster is six storage node processes (two in each of AZs a, b, c) and one writer endpoint process, "
-        "all on loopback, described by DIR/cluster.json."))
+        "on loopback (or, with `cluster up --netns`, each in a network namespace of its own), described by "
+        "DIR/cluster.json. Processes on hosts of their own run from a deployment spec: see `sixfold spec`."))
     csub = p.add_subparsers(dest="action", metavar="ACTION", required=True)
     up = csub.add_parser("up", parents=[target], help="start the cluster (create it if new)", description=(
         "Start every process of the cluster that is not running and return once all report SERVING on the gRPC "

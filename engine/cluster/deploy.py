@@ -39,7 +39,7 @@ from __future__ import annotations
 import json
 import re
 
-from engine.cluster.manifest import READERS, WRITER, address_host
+from engine.cluster.manifest import WRITER, address_host
 from engine.cluster.spec import new_spec, processes
 from engine.core.types import default_nodes
 from engine.errors import InvalidArgument
