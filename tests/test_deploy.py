@@ -5,14 +5,18 @@ headless Service, claims for the data, Secrets for certificates, readiness from 
 service); the systemd units run commands the CLI accepts; the files committed under deploy/
 are what the renderer makes of deploy/kubernetes/cluster.json.
 
-Tested here: the rendering and its schema validation. Not run here: a Kubernetes cluster, a
-container build, systemd (none exist on the test machine)."""
+Tested here: the rendering, its schema validation, and the units read by `systemd-analyze
+verify` (offline, where it is installed). Not run here: a Kubernetes cluster, a container build,
+systemd running the units (none exist on the test machine)."""
 
 from __future__ import annotations
 
 import json
 import os
 import shlex
+import shutil
+import subprocess
+import sys
 
 import pytest
 
@@ -177,3 +181,18 @@ def test_systemd_refuses_what_would_break_a_unit():
         render_systemd("node", spec_path="cluster.json")
     with pytest.raises(InvalidArgument, match="user"):
         render_systemd("node", user="root; rm -rf /")
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed here")
+@pytest.mark.parametrize("kind", SYSTEMD_KINDS)
+def test_systemd_analyze_verify_finds_nothing_to_say_about_the_units(tmp_path, kind):
+    """`systemd-analyze verify` (offline) reads each unit with no warning: every key known, the
+    command executable (here the test's own sixfold)."""
+    sixfold = shutil.which("sixfold", path=os.path.dirname(sys.executable))
+    if sixfold is None:
+        pytest.skip("no sixfold command beside this interpreter")
+    name, text = render_systemd(kind, sixfold=sixfold)
+    path = tmp_path / (name.replace("@.", "@n3.") if "@" in name else name)
+    path.write_text(text)
+    out = subprocess.run(["systemd-analyze", "verify", str(path)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == "" and out.stderr.strip() == "", out.stdout + out.stderr
