@@ -60,7 +60,7 @@ EXIT_CODES: dict[int, str] = {
     EXIT_USAGE: "usage or bad argument: unknown option, bad hex or base64, an unreadable --value-file, no cluster named",
     EXIT_ERROR: "the engine or the cluster refused or failed; the message names the error class "
                 "(also cluster down on a folder that is no cluster)",
-    EXIT_UNHEALTHY: "cluster status: a process is not SERVING (the status is still printed)",
+    EXIT_UNHEALTHY: "cluster status, spec health: a process is not SERVING (the status is still printed)",
     EXIT_INVALID: "chaos: a check found the history invalid",
     EXIT_DAMAGED: "backup: a file of the backup is damaged or missing (backup verify found one, or a restore needed one)",
     EXIT_INTERRUPTED: "interrupted (Ctrl-C)",
@@ -70,6 +70,7 @@ EXIT_CODES: dict[int, str] = {
 #: Modules that add subcommands (see the module docstring). Optional ones may be absent.
 COMMAND_MODULES: tuple[str, ...] = (
     "engine.cli", "engine.cluster.commands", "engine.cluster.access", "engine.chaos.cli", "engine.backup.cli",
+    "engine.cluster.deploy_cli",
 )
 CLUSTER_ENV = "SIXFOLD_CLUSTER"
 
@@ -244,20 +245,37 @@ def cmd_scan(args) -> int:
 
 
 def cmd_status(args) -> int:
-    with _connect(args) as db:
-        st = db.status()
+    """The one status view (engine.cluster.overview): with --cluster every process the folder
+    names (asked directly, so it answers with the writer down), with --target the nodes as
+    that writer endpoint sees them; then the writer's view of the volume."""
+    from engine.cluster import overview
+
+    rows = None
+    if args.cluster and not args.target:
+        from engine.cluster.commands import with_processes
+        from engine.cluster.launcher import Cluster
+
+        rows = with_processes(Cluster(args.cluster).status(), args.detail)["processes"]
+    try:
+        with _connect(args) as db:
+            st = db.status()
+    except SixfoldError as e:
+        if rows is None:
+            raise
+        # The writer endpoint does not answer: the processes still show, and the exit code says so.
+        if args.json:
+            print_json({"processes": rows, "writer_error": f"{type(e).__name__}: {e}"})
+        else:
+            print(overview.table(rows, detail=args.detail))
+            print(f"sixfold: {type(e).__name__}: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    if rows is None:
+        rows = overview.from_writer(st, args.target, detail=args.detail)
+    st["processes"] = rows
     if args.json:
         print_json(st)
         return EXIT_OK
-    from engine.cluster.commands import STORAGE_HEADERS, storage_cells
-
-    rows = []
-    for n in st["nodes"]:
-        scl = n.get("scl") or {}
-        rows.append([n["id"], n["az"], n.get("address"), "up" if n.get("up") else "DOWN", n.get("epoch"),
-                     f"{min(scl.values())}..{max(scl.values())}" if scl else None, n.get("records"),
-                     max((n.get("lag") or {0: 0}).values()), *storage_cells(n)])
-    print(table(rows, ["node", "az", "address", "state", "epoch", "scl(min..max)", "records", "lag", *STORAGE_HEADERS]))
+    print(overview.table(rows, detail=args.detail))
     for n in st["nodes"]:
         if n.get("storage_warning"):
             print(f"warning: {n['storage_warning']}")
@@ -326,9 +344,14 @@ def register(sub) -> None:
     _read_arguments(p)
     p.set_defaults(func=cmd_scan)
 
-    p = sub.add_parser("status", parents=[common], help="volume status from the writer endpoint", description=(
-        "Show the volume as the writer sees it: VDL, epoch, and every node's SCLs, lag and space (used, capacity, "
-        "the share used and the maximum; a warning line for each node at 80% or more)."))
+    p = sub.add_parser("status", parents=[common], help="every process of the cluster, and the volume", description=(
+        "The one status view: every process (node, writer, reader) with its AZ, address, role, health, epoch, lag, "
+        "storage used, repair progress and the faults in force (real network cuts, a pause), then the volume as "
+        "the writer sees it (VDL, epoch, backups). With --cluster DIR every process the folder (or spec) names is "
+        "asked directly, so the table shows even with the writer down; with --target HOST:PORT the nodes are those "
+        "that writer endpoint reaches. The same table as `cluster status` and `node rebuild-status`, and the same "
+        "`processes` in the JSON. Exit code 3 (after the table) when the writer endpoint does not answer."))
+    p.add_argument("--detail", action="store_true", help="per protection group detail: each node's SCL, PGCL and lag")
     p.set_defaults(func=cmd_status)
 
 

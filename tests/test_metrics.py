@@ -356,8 +356,8 @@ def test_a_live_cluster_serves_metrics_on_every_process(tmp_path, capsys):
         capsys.readouterr()
         assert main(["cluster", "status", "--cluster", c.folder]) == 0
         table = capsys.readouterr().out
-        header = next(line for line in table.splitlines() if line.startswith("node"))
-        assert header.split()[:4] == ["node", "az", "address", "metrics"], header
+        header = next(line for line in table.splitlines() if line.startswith("process"))  # the one status view
+        assert header.split()[:4] == ["process", "az", "address", "metrics"], header
         assert all(a in table for a in addresses.values()), table
         assert main(["cluster", "status", "--cluster", c.folder, "--json"]) == 0
         js = json.loads(capsys.readouterr().out)

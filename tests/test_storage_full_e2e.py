@@ -451,7 +451,7 @@ def check_status_shows_the_maximum(c: LaunchedCluster, capsys) -> None:
         capsys.readouterr()
         assert main(argv) == 0, argv
         out = capsys.readouterr().out
-        header = next(line for line in out.splitlines() if line.startswith("node"))
+        header = next(line for line in out.splitlines() if line.startswith("process"))  # the one status view
         assert header.split()[-4:] == ["used", "capacity", "use%", "maximum"], header
         rows = [line.split() for line in out.splitlines() if line.split()[:1] and line.split()[0] in NODES]
         assert len(rows) == len(NODES) and all(r[-2:] == ["4", "MiB"] and r[-3].endswith("%") for r in rows), out

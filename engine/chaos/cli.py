@@ -97,6 +97,10 @@ def register(sub) -> None:
     p.add_argument("--check-budget", type=float, default=30.0, help="seconds the linearizability search may take (then: unknown)")
     p.add_argument("--weaken", choices=tuple(NAMED),
                    help="TEST ONLY: run a deliberately broken protocol; the checks must say invalid")
+    p.add_argument("--network", choices=("gate", "real"), default="gate", help=(
+        "--target cluster: where partitions are made. gate (default): the nodes refuse requests inside their gRPC "
+        "layer; real: every process runs in a network namespace of its own (Linux, root) and a partition is nft "
+        "drop rules on its real packets. Message faults (slow, drop, duplicate, delay) stay in the gate"))
     p.add_argument("--base-port", type=int, default=7600, help="first port of the cluster target (default 7600)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=cmd_chaos)
@@ -109,7 +113,7 @@ def _config(args, seed: int) -> RunConfig:
         target=args.target, seed=seed, duration_s=duration, clients=args.clients, keys=args.keys,
         faults=tuple(faults), unbounded=args.unbounded, ops_max=args.ops_max,
         check_budget_s=args.check_budget, weaken=args.weaken, base_port=args.base_port,
-        readers=args.readers, replica_reads=args.replica_reads,
+        readers=args.readers, replica_reads=args.replica_reads, network=args.network,
     )
 
 
@@ -135,7 +139,8 @@ def cmd_chaos(args) -> int:
             print(line, file=sys.stderr, flush=True)
 
     readers = f", readers {config.readers}" if config.readers is not None else ""
-    print(f"sixfold chaos: target {config.target}, seed {config.seed}, {config.duration_s:g} s, "
+    network = ", network real (nft in namespaces)" if config.network == "real" else ""
+    print(f"sixfold chaos: target {config.target}{network}, seed {config.seed}, {config.duration_s:g} s, "
           f"{config.clients} clients, faults {','.join(config.faults)}{readers}; run folder {root}", file=sys.stderr)
     result = run(config, root, progress=progress)
     if live:

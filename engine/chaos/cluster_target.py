@@ -13,15 +13,24 @@ workload through `engine.connect`, and applies the plan:
 | writer_crash          | SIGKILL the writer endpoint; `down_s` later start it (recovery)   |
 | replace / replace_done| the launcher's `replace_node` (the endpoint's ReplaceNode RPC)    |
 | corrupt / scrub       | flip bits of a stored record (admin RPC) / make the node scrub    |
-| partition / heal      | every node refuses requests from endpoints outside its group      |
+| partition / heal      | every node refuses requests from endpoints outside its group (with `network="real"`: nft drop rules between the processes' namespaces, removed by heal) |
 | slow, drop, duplicate, delay, reorder / clear | per-node fault rules in its gRPC server (reorder is approximated by delay jitter) |
 | writer_kill / reader_add | SIGKILL whoever is the writer now (the manifest's writer: the first writer endpoint or a promoted reader), never restarted: a reader must take over by itself; `reader_add` waits (bounded) for that, then adds readers back up to the plan's count |
 | writer_pause / writer_resume | SIGSTOP the writer (past its 1 s lease: a reader takes over) / SIGCONT that same process, which must step down by itself (exit) if another took over |
-| writer_partition / heal | every node refuses the writer *process* (`blocked_sources` `pid:<n>`: the certificate is shared by every reader that may take over) / lifted; the old writer must then step down |
+| writer_partition / heal | every node refuses the writer *process* (`blocked_sources` `pid:<n>`: the certificate is shared by every reader that may take over; `network="real"`: the writer process's namespace cut off from every other) / lifted; the old writer must then step down |
 | reader_kill / reader_restart | SIGKILL a live reader (the plan's slot picks one) / start that one again |
 
 Fault rules are composed here (partition groups plus each node's message faults) and pushed
 whole to each node with the `SetFaults` admin RPC, which the nodes never apply to admin callers.
+
+Real network (`RunConfig.network == "real"`, `sixfold chaos --network real`): the cluster is made
+with `cluster up --netns` and partitions are real: a plan's groups become an
+`engine.cluster.netfaults.Cut` over the processes' namespaces (the plan records the same data
+as before). "writer" names the namespace of the writer process of the moment (a promoted
+reader's own); a process a plan's groups do not name (a reader) stays on the writer's side;
+`writer_partition` cuts the writer's namespace off from every other process. A process that has
+no namespace yet when a cut is made (a replacement node still starting) is left uncut. The
+machine's own namespace, where the clients run, is never cut. Message faults stay in the gate.
 
 A writer restart and a membership change take a while, so each runs on a thread of its own and the
 plan's next events still fall due meanwhile (a partition that heals while the writer is down, say).
@@ -87,10 +96,12 @@ READERS_REFRESH_S = 0.5
 class ClusterNemesis:
     """Applies plan events to a launcher-managed cluster."""
 
-    def __init__(self, cluster, seed: int, protection_groups: int, readers: int = 0) -> None:
+    def __init__(self, cluster, seed: int, protection_groups: int, readers: int = 0, net=None) -> None:
         from engine.transport.convert import PROCESS_SOURCE_PREFIX, FaultRules
 
         self.cluster = cluster
+        #: `engine.cluster.netfaults.NetFaults` of a real-network run, else None (the gate)
+        self.net = net
         self.FaultRules = FaultRules
         self.pid_source = PROCESS_SOURCE_PREFIX
         self.seed = seed
@@ -182,6 +193,8 @@ class ClusterNemesis:
             elif k == "scrub":
                 for n in targets:
                     c.scrub(n)
+            elif k == "partition" and self.net is not None:
+                self.net.apply([self._real_cut(ev.param("groups", ()))])
             elif k == "partition":
                 self.groups = self._partition_groups(ev.param("groups", ()))
                 self._push(list(c.node_ids))
@@ -189,6 +202,8 @@ class ClusterNemesis:
                 self.groups = ()
                 healed = self._fault if self._fault is not None and self._fault["kind"] == "writer_partition" else None
                 self.blocked = ()
+                if self.net is not None:
+                    self.net.heal()
                 self._push(list(c.node_ids))
                 if healed is not None:
                     self._fault = None
@@ -257,8 +272,11 @@ class ClusterNemesis:
                         if pid is None:
                             raise InvalidArgument("the writer is not running")
                         rec["old_pid"] = pid
-                        self.blocked = (f"{self.pid_source}{pid}",)
-                        self._push(list(c.node_ids))
+                        if self.net is not None:
+                            self.net.isolate(self._writer_namespace())
+                        else:
+                            self.blocked = (f"{self.pid_source}{pid}",)
+                            self._push(list(c.node_ids))
                 except SixfoldError as e:  # it went down (fenced, say) since it was seen running
                     rec["skipped"] = f"the writer was gone: {type(e).__name__}: {e}"
                     return
@@ -308,6 +326,32 @@ class ClusterNemesis:
             return groups
         name = f"{self.pid_source}{pid}"
         return tuple(tuple(name if e == "writer" else e for e in g) for g in groups)
+
+    def _writer_namespace(self) -> str:
+        """The process name whose namespace holds the writer now: "writer", or the promoted
+        reader whose address the manifest's writer entry took."""
+        address = self.cluster.writer_address
+        host = address.rpartition(":")[0]
+        for name, entry in self.net.plan.processes.items():
+            if entry[2] == host:
+                return name
+        return "writer"
+
+    def _real_cut(self, groups):
+        """A plan partition's groups as a cut of the namespaces (see the module docstring)."""
+        from engine.cluster.netfaults import Cut
+
+        writer = self._writer_namespace()
+        self.net.refresh()
+        known = set(self.net.names)
+        # A process with no namespace yet (a replacement still starting) cannot be cut; it joins
+        # the writer's side like the processes the plan does not name.
+        sides = [{writer if e == "writer" else e for e in g} & known for g in groups]
+        named = set().union(*sides) if sides else set()
+        for side in sides:
+            if writer in side:
+                side.update(n for n in self.net.names if n not in named)
+        return Cut.of(*sides)
 
     def _live_candidates(self) -> list[str]:
         c = self.cluster
@@ -475,6 +519,8 @@ class ClusterNemesis:
                 c.signal_pid(pid, signal.SIGCONT)
             self._stopped.clear()
             self.groups, self.message, self.blocked = (), {}, ()
+            if self.net is not None:
+                self.net.heal()
             self._push(list(c.node_ids))
         for t in list(self._followups):
             t.join(STEP_DOWN_TIMEOUT_S + TAKEOVER_TIMEOUT_S)
@@ -634,10 +680,21 @@ def run_cluster(config, plan, out_dir: str, progress, drive):
 
     folder = os.path.join(out_dir, "cluster")
     cluster = Cluster(folder)
-    cluster.up(base_port=config.base_port, protection_groups=config.protection_groups, write_timeout_s=1.0, gossip_interval_s=0.5,
-               allow_fault_injection=True,  # the nemesis corrupts records and sets fault rules (as the admin)
-               readers=plan.readers or None)
-    nemesis = ClusterNemesis(cluster, config.seed, config.protection_groups, readers=plan.readers)
+    real = getattr(config, "network", "gate") == "real"
+    try:
+        cluster.up(base_port=config.base_port, protection_groups=config.protection_groups, write_timeout_s=1.0,
+                   gossip_interval_s=0.5,
+                   allow_fault_injection=True,  # the nemesis corrupts records and sets fault rules (as the admin)
+                   readers=plan.readers or None, netns=real)
+    except BaseException:
+        cluster.down()  # a half-made namespaced cluster leaves nothing behind
+        raise
+    net = None
+    if real:
+        from engine.cluster.netfaults import NetFaults
+
+        net = NetFaults(folder)
+    nemesis = ClusterNemesis(cluster, config.seed, config.protection_groups, readers=plan.readers, net=net)
     db = cluster.connect()
     replica = None
     if plan.readers and config.replica_reads == "pinned":
@@ -670,6 +727,8 @@ def run_cluster(config, plan, out_dir: str, progress, drive):
             transport.close()
         stats = {"faults_applied": nem.applied, "nemesis_errors": (nem.errors + nemesis.errors)[:20],
                  "replaced": nemesis.replaced, **(nemesis.stats() if plan.readers else {})}
+        if net is not None:  # partitions made of nft rules on real packets
+            stats.update(network="real", nft_cuts=net.cuts_applied)
     finally:
         try:
             if replica is not None:

@@ -53,6 +53,8 @@ CONVERGE_TIMEOUT_S = 60.0
 WRITER_REOPEN_S = 30.0
 #: How often the embedded target's membership-change driver takes a step.
 CHANGE_STEP_S = 0.05
+#: Where a cluster run makes its partitions (RunConfig.network).
+NETWORKS = ("gate", "real")
 
 
 @dataclass(frozen=True)
@@ -75,15 +77,22 @@ class RunConfig:
     #: reader instances of a cluster run (None: the plan's default, 2 with reader faults, else 0)
     readers: int | None = None
     replica_reads: str = "pinned"
+    #: where a cluster run's partitions are made: "gate" (inside the nodes' gRPC layer) or
+    #: "real" (nft rules in the processes' network namespaces; engine.cluster.netfaults)
+    network: str = "gate"
 
     def __post_init__(self) -> None:
         assert self.target in TARGETS, self.target
+        assert self.network in NETWORKS, self.network
         assert self.weaken is None or self.weaken in weakening.NAMED, self.weaken
         assert self.replica_reads in REPLICA_READS, self.replica_reads
 
     def check_target(self) -> None:
         """InvalidArgument if the faults need what the target lacks (reader instances)."""
         named = [f for f in self.faults if f in CLUSTER_ONLY_NAMES]
+        if self.network == "real" and self.target != "cluster":
+            raise InvalidArgument(f"--network real cuts real packets between processes: --target cluster only, not "
+                                  f"{self.target} (its partitions stay in the fault gate)")
         if self.readers is not None and not 0 <= self.readers <= 15:
             raise InvalidArgument(f"readers: 0..15 (a cluster runs at most 15), got {self.readers}")
         if self.target == "cluster":

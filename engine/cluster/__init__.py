@@ -1,4 +1,7 @@
-"""Multi-process clusters on loopback: the manifest, the launcher and its process control.
+"""Multi-process clusters: the manifest, the launcher and its process control (on loopback, or
+with `c.up(netns=True)` each process in a network namespace of its own), deployment specs for
+processes on hosts of their own (`engine.cluster.spec`) and what orchestrators read
+(`engine.cluster.deploy`).
 
     from engine.cluster import Cluster
     c = Cluster("./c1")

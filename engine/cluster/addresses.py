@@ -32,7 +32,17 @@ import os
 import threading
 import time
 
-from engine.cluster.manifest import GOSSIP_INTERVAL_S_DEFAULT, ClusterError, active_nodes, load_manifest, node_addresses, node_entry
+from engine.cluster.manifest import (
+    GOSSIP_INTERVAL_S_DEFAULT,
+    ClusterError,
+    active_nodes,
+    data_folder,
+    listen_address,
+    load_manifest_file,
+    manifest_path,
+    node_addresses,
+    node_entry,
+)
 from engine.errors import WrongFolder
 from engine.transport.grpc_client import GrpcTransport
 
@@ -45,9 +55,12 @@ RELOAD_INTERVAL_S = 1.0
 class ManifestTransport(GrpcTransport):
     """A `GrpcTransport` that looks up nodes it does not know in the cluster manifest."""
 
-    def __init__(self, folder: str, source: str, **kwargs) -> None:  # kwargs: GrpcTransport's (tls, deadlines...)
+    def __init__(self, folder: str, source: str, *, manifest_file: str | None = None, **kwargs) -> None:
+        # kwargs: GrpcTransport's (tls, deadlines...). `manifest_file`: a deployment spec's path
+        # (default DIR/cluster.json).
         self.folder = os.path.abspath(folder)
-        manifest = load_manifest(self.folder)
+        self.manifest_file = manifest_file or manifest_path(self.folder)
+        manifest = load_manifest_file(self.manifest_file, self.folder)
         kwargs.setdefault("volume_id", manifest["volume_id"])
         super().__init__(node_addresses(manifest), source, **kwargs)
         self._reload_lock = threading.Lock()
@@ -67,7 +80,7 @@ class ManifestTransport(GrpcTransport):
                 return False
             self._reloaded_at = now
         try:
-            manifest = load_manifest(self.folder)
+            manifest = load_manifest_file(self.manifest_file, self.folder)
         except (ClusterError, WrongFolder) as e:  # missing, unreadable, or of the wrong shape
             log.warning("cannot re-read the cluster manifest for new node addresses: %s", e)
             return False
@@ -89,9 +102,13 @@ def run_cluster_node(
     max_storage_bytes: int | None = None,
     reserve_bytes: int | None = None,
     metrics=None,
+    manifest_file: str | None = None,
 ) -> int:
     """Serve node `node_id` of the cluster in `folder` until SIGTERM/SIGINT; returns an exit code.
-    `metrics`: the process's (`engine.metrics`, served by the caller).
+    `metrics`: the process's (`engine.metrics`, served by the caller). `manifest_file`: a
+    deployment spec (`engine.cluster.spec`; default DIR/cluster.json): the node binds its
+    listen address, keeps its data under the spec's data root and presents its certificate
+    from the spec's TLS folder.
 
     Mirrors `engine.transport.grpc_server.run_node_process`, whose gossip transport is a plain
     `GrpcTransport` fixed at start-up; this one can reach nodes added later."""
@@ -100,12 +117,13 @@ def run_cluster_node(
     from engine.cluster.manifest import tls_config
 
     folder = os.path.abspath(folder)
-    m = load_manifest(folder)
+    manifest_file = manifest_file or manifest_path(folder)
+    m = load_manifest_file(manifest_file, folder)
     n = node_entry(m, node_id)
     tls = tls_config(folder, m, node_id)  # None: an insecure cluster
     if n.get("retired"):
         raise ClusterError(f"node {node_id} was retired (replaced by {n.get('replaced_by', 'another node')}); it does not serve")
-    listen = listen or n["address"]
+    listen = listen or listen_address(n)
     durable = m["durable"] if durable is None else durable and m["durable"]
     if gossip_interval_s is None:
         gossip_interval_s = m.get("gossip_interval_s", GOSSIP_INTERVAL_S_DEFAULT)
@@ -115,12 +133,15 @@ def run_cluster_node(
     initial = {p["id"]: p["address"] for p in active_nodes(m)}
 
     def transport_factory(addresses):
-        transport = ManifestTransport(folder, node_id, tls=tls)
+        transport = ManifestTransport(folder, node_id, tls=tls, manifest_file=manifest_file)
         transport.addresses.update(addresses)
+        # The server put its listen address under its own id; others (and its certificate) know
+        # it by its address, which a bind-all listen address ("0.0.0.0:7403") is not.
+        transport.addresses[node_id] = n["address"]
         return transport
 
     return run_node_process(
-        node_id=node_id, az=n["az"], data=os.path.join(folder, n["data"]), listen=listen, volume_id=m["volume_id"],
+        node_id=node_id, az=n["az"], data=data_folder(folder, m, n), listen=listen, volume_id=m["volume_id"],
         protection_groups=m["protection_groups"], peers=initial, durable=durable, gossip_interval_s=gossip_interval_s,
         scrub_interval_s=scrub_interval_s, max_storage_bytes=max_storage_bytes, reserve_bytes=reserve_bytes,
         transport_factory=transport_factory, banner=f" of cluster {folder}", tls=tls,

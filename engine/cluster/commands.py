@@ -26,7 +26,11 @@ from engine.cluster.manifest import (
     WRITER,
     ClusterError,
     endpoint_config,
+    identity_hosts,
+    listen_address,
     load_manifest,
+    load_manifest_file,
+    manifest_path,
     locked,
     metrics_port,
     node_entry,
@@ -50,30 +54,37 @@ def _logging(level: str) -> None:
     )
 
 
-def status_table(st: dict) -> str:
-    from engine.output import table
+def with_processes(st: dict, detail: bool = False) -> dict:
+    """`st` (the launcher's status) with the one status view's rows (`engine.cluster.overview`)
+    made again, per-PG detail in them with `detail` (the faults of the rows it had are kept)."""
+    from engine.cluster.overview import from_launcher
 
-    rows = []
-    for n in st["nodes"]:
-        scl = f"{n['scl_min']}..{n['scl_max']}" if "scl_min" in n else None
-        rows.append([n["id"], n["az"], n["address"], n.get("metrics"), n["pid"], n["health"], n.get("epoch"), scl,
-                     n.get("records"), n.get("lag"), *storage_cells(n)])
-    out = table(rows, ["node", "az", "address", "metrics", "pid", "health", "epoch", "scl(min..max)", "records", "lag",
-                       *STORAGE_HEADERS])
+    faults = {p["id"]: p.get("faults") or [] for p in st.get("processes", ())}
+    rows = from_launcher(st, detail=detail)
+    for r in rows:
+        r["faults"] = faults.get(r["id"], r["faults"])
+    st["processes"] = rows
+    return st
+
+
+def status_table(st: dict, detail: bool = False) -> str:
+    """The one status view (every process: `engine.cluster.overview.table`), then the writer
+    endpoint's line, storage warnings, security and client tokens."""
+    from engine.cluster.overview import table as process_table
+
+    if "processes" not in st or detail:
+        with_processes(st, detail)
+    out = process_table(st["processes"], detail=detail)
     out += "".join(f"\nwarning: {n['storage_warning']}" for n in st["nodes"] if n.get("storage_warning"))
     w = st["writer"]
     vid = st["volume_id"]
     out += (
-        f"\nwriter endpoint {w['address']}  pid {w['pid'] or '-'}  {w['health']}  volume {vid}  "
+        f"\nwriter endpoint {w['address']}  pid {w['pid'] or '-'}  volume {vid}  "
         f"epoch {w.get('epoch', '-')}  vdl {w.get('vdl', '-')}  metrics {w.get('metrics') or '-'}"
     )
-    if st.get("readers"):
-        rows = [[r["id"], r["az"], r["address"], r.get("metrics"), r["pid"], r["health"], r.get("read_point"),
-                 r.get("lag_lsns"), None if r.get("lag_ms") is None else f"{r['lag_ms']:.1f}",
-                 None if r.get("lag_ms_p99") is None else f"{r['lag_ms_p99']:.1f}",
-                 None if "connected" not in r else ("yes" if r["connected"] else "NO")] for r in st["readers"]]
-        out += "\n" + table(rows, ["reader", "az", "address", "metrics", "pid", "health", "read point", "lag(lsn)", "lag(ms)",
-                                   "p99(ms)", "writer"])
+    for r in st.get("readers", ()):
+        if r.get("connected") is False or r.get("last_error"):
+            out += f"\nreader {r['id']}: not connected to the writer" + (f" ({r['last_error']})" if r.get("last_error") else "")
     if not st["durable"]:
         out += "\n(not durable: nodes do not fsync before they acknowledge)"
     sec = st.get("security") or {}
@@ -103,28 +114,14 @@ def status_table(st: dict) -> str:
     return out
 
 
-STORAGE_HEADERS = ("used", "capacity", "use%", "maximum")
-
-
-def storage_cells(n: dict) -> list:
-    """A node's space for a status table: used, capacity (its maximum, or less when the disk or a
-    file size limit is smaller), the share used, and its maximum ("-" where it reported none)."""
-    from engine.sizes import format_size, used_percent
-
-    used, capacity, maximum = n.get("used_bytes"), n.get("capacity_bytes"), n.get("max_storage_bytes")
-    if used is None or not capacity:
-        return [None, None, None, None if maximum is None else format_size(maximum)]
-    return [format_size(used), format_size(capacity), f"{used_percent(used, capacity):.0f}%",
-            None if maximum is None else format_size(maximum)]
-
-
 def _show(args, st: dict) -> None:
     from engine.output import print_json
 
+    detail = getattr(args, "detail", False)
     if getattr(args, "json", False):
-        print_json(st)
+        print_json(with_processes(st, detail) if detail else st)
     else:
-        print(status_table(st))
+        print(status_table(st, detail))
 
 
 # --- cluster --------------------------------------------------------------------------------
@@ -163,7 +160,7 @@ def cmd_cluster_up(args) -> int:
             insecure=True if args.insecure else None, allow_fault_injection=True if args.allow_fault_injection else None,
             no_auth=args.no_auth, readers=args.readers, promote_readers=False if args.no_promote else None,
             max_storage_bytes=args.max_storage, backup=_backup_argument(args), **_encryption_arguments(args),
-            metrics_port_offset=args.metrics_port_offset, no_metrics=args.no_metrics,
+            metrics_port_offset=args.metrics_port_offset, no_metrics=args.no_metrics, netns=args.netns,
         )
     except Exception as e:
         if c.exists:
@@ -272,22 +269,17 @@ def membership_table(st: dict) -> str:
     return table(rows, ["node", "az", "address", "role", "health", "epoch", "scl(min..max)", "lag"])
 
 
-def rebuild_table(st: dict) -> str:
-    from engine.output import table
+def rebuild_table(st: dict, detail: bool = False) -> str:
+    """`node rebuild-status`: the one status view (its repair column is each node's rebuild),
+    then the writer's line."""
+    from engine.cluster.overview import table as process_table
 
-    rows = []
-    for n in st["nodes"]:
-        rb = n.get("rebuild") or {}
-        scl = f"{n['scl_min']}..{n['scl_max']}" if "scl_min" in n else None
-        frac = rb.get("fraction")
-        rows.append([n["id"], n["az"], n["health"], scl, n.get("lag"), n.get("lag_max"),
-                     None if frac is None else f"{frac:.0%}", rb.get("fetched_records"), n.get("repaired"),
-                     n.get("corrupt_found"), ("done" if rb.get("complete") else "rebuilding") if frac is not None else None])
-    out = table(rows, ["node", "az", "health", "scl(min..max)", "lag", "lag_max", "rebuilt", "fetched", "repaired",
-                       "corrupt", "state"])
+    if "processes" not in st or detail:
+        with_processes(st, detail)
+    out = process_table(st["processes"], detail=detail)
     w = st["writer"]
-    out += f"\nwriter {w['health']}  epoch {w.get('epoch', '-')}  vdl {w.get('vdl', '-')}"
-    out += "  (lag: LSNs behind the writer's PGCL, summed over PGs; rebuilt: share of those LSNs held)"
+    out += f"\nwriter epoch {w.get('epoch', '-')}  vdl {w.get('vdl', '-')}"
+    out += "  (lag: LSNs behind the writer's PGCL, summed over PGs; repair: share of those LSNs held)"
     return out
 
 
@@ -329,9 +321,9 @@ def cmd_node_rebuild_status(args) -> int:
     if args.json:
         from engine.output import print_json
 
-        print_json(st)
+        print_json(with_processes(st, args.detail) if args.detail else st)
     else:
-        print(rebuild_table(st))
+        print(rebuild_table(st, args.detail))
     return 0
 
 
@@ -420,8 +412,11 @@ def _register_key(sub) -> None:
 
 
 def cmd_cluster_down(args) -> int:
+    from engine.cluster.netns import RECORD_FILE
+
     c = _cluster(args)
-    if not c.exists:  # the library's down() is a no-op there; a person asked to stop something
+    netns_only = not c.exists and os.path.exists(os.path.join(c.folder, RECORD_FILE))  # a launcher died early
+    if not c.exists and not netns_only:  # the library's down() is a no-op there; a person asked to stop something
         raise ClusterError(f"{c.folder} is not a cluster folder (no cluster.json): there is nothing to stop")
     c.down(args.timeout_s)
     if args.json:
@@ -504,20 +499,21 @@ def cmd_node_serve(args) -> int:
     maximum = _node_maximum(args)
     server = None
     try:
-        if args.cluster:
-            # Everything else comes from the manifest, and gossip re-reads it to reach nodes
-            # added later (engine.cluster.addresses).
+        if args.cluster or args.spec:
+            # Everything else comes from the manifest (or the deployment spec), and gossip
+            # re-reads it to reach nodes added later (engine.cluster.addresses).
             from engine.cluster.addresses import run_cluster_node
 
+            folder, manifest_file = _manifest_source(args, "node serve")
             if not args.id:
-                raise SystemExit("sixfold node serve --cluster DIR: say which node with --id")
-            m = load_manifest(args.cluster)
-            metrics, server = _serve_metrics(args, metrics_port(m, args.listen or node_entry(m, args.id)["address"]),
+                raise SystemExit(f"sixfold node serve {'--spec FILE' if args.spec else '--cluster DIR'}: say which node with --id")
+            m = load_manifest_file(manifest_file, folder)
+            metrics, server = _serve_metrics(args, metrics_port(m, node_entry(m, args.id)["address"]),
                                              f"node {args.id}", api=False)
             return run_cluster_node(
-                args.cluster, args.id, listen=args.listen, durable=False if args.no_durable else None,
+                folder, args.id, listen=args.listen, durable=False if args.no_durable else None,
                 gossip_interval_s=args.gossip_interval_s, scrub_interval_s=args.scrub_interval_s,
-                max_storage_bytes=maximum, reserve_bytes=args.reserve_bytes, metrics=metrics,
+                max_storage_bytes=maximum, reserve_bytes=args.reserve_bytes, metrics=metrics, manifest_file=manifest_file,
             )
         missing = [f"--{k.replace('_', '-')}" for k in ("id", "az", "data", "listen", "volume_id", "protection_groups", "peers")
                    if getattr(args, k) in (None, "")]
@@ -545,6 +541,19 @@ def cmd_node_serve(args) -> int:
     finally:
         if server is not None:
             server.close()
+
+
+def _manifest_source(args, command: str) -> tuple[str, str]:
+    """(folder, manifest file) of a serve command: --cluster DIR (DIR/cluster.json) or --spec
+    FILE (a deployment spec, its folder the spec's; engine.cluster.spec), never both."""
+    if args.cluster and args.spec:
+        raise SystemExit(f"sixfold {command}: give --cluster DIR or --spec FILE, not both")
+    if args.spec:
+        path = os.path.abspath(args.spec)
+        return os.path.dirname(path), path
+    if not args.cluster:
+        raise SystemExit(f"sixfold {command}: give --cluster DIR or --spec FILE (the process reads the cluster from it)")
+    return os.path.abspath(args.cluster), manifest_path(args.cluster)
 
 
 def _node_maximum(args) -> int | None:
@@ -578,27 +587,26 @@ def cmd_writer_serve(args) -> int:
     from engine.transport.grpc_server import AddressInUse, InsecureListen
 
     _logging(args.log_level)
-    if not args.cluster:
-        raise SystemExit("sixfold writer serve: give --cluster DIR (the writer reads the nodes from cluster.json)")
-    m = load_manifest(args.cluster)
+    folder, manifest_file = _manifest_source(args, "writer serve")
+    m = load_manifest_file(manifest_file, folder)
     if args.standby and not args.listen:
         raise SystemExit("sixfold writer serve --standby: give --listen HOST:PORT (the writer's own address is taken)")
-    listen = args.listen or m[WRITER]["address"]
-    config = endpoint_config(m, args.cluster)
+    listen = args.listen or listen_address(m[WRITER])
+    config = endpoint_config(m, folder)
     az = args.az or m[WRITER].get("az") or config.local_az
     config = dataclasses.replace(config, local_az=az)
-    folder = args.cluster
 
     def writer_az() -> str:
         try:
-            return load_manifest(folder)[WRITER].get("az", "a")
+            return load_manifest_file(manifest_file, folder)[WRITER].get("az", "a")
         except (ClusterError, OSError, ValueError):
             return ""
 
     # The cluster's writer records itself (with its epoch) once it opened: a standby that took
     # over, and the writer at the manifest's writer address (the launcher's). A writer serving at
-    # another address by hand is not the cluster's writer of record.
-    records = args.standby or listen == m[WRITER]["address"]
+    # another address by hand is not the cluster's writer of record, and a writer of a
+    # deployment spec records nothing (the spec is the operator's file; engine.cluster.spec).
+    records = not args.spec and (args.standby or listen == listen_address(m[WRITER]))
 
     def record_writer(epoch: int) -> None:
         """This process serves as the writer now, at `epoch`: clients and the launcher find it in
@@ -617,7 +625,7 @@ def cmd_writer_serve(args) -> int:
     server = None
     try:
         metrics, server = _serve_metrics(args, metrics_port(m, listen), "writer endpoint")
-        return run_writer_process(config, listen, args.workers, tls=tls_config(args.cluster, m, WRITER),
+        return run_writer_process(config, listen, args.workers, tls=tls_config(folder, m, WRITER),
                                   key_file=args.key_file, standby=args.standby, writer_az=writer_az,
                                   on_serving=record_writer if records else None, metrics=metrics)
     except (AddressInUse, InsecureListen) as e:
@@ -637,20 +645,20 @@ def cmd_reader_serve(args) -> int:
     from engine.transport.grpc_server import AddressInUse, InsecureListen
 
     _logging(args.log_level)
-    if not args.cluster or not args.id:
-        raise SystemExit("sixfold reader serve: give --cluster DIR and --id ID (the reader reads the rest from cluster.json)")
-    folder = args.cluster
-    m = load_manifest(folder)
+    folder, manifest_file = _manifest_source(args, "reader serve")
+    if not args.id:
+        raise SystemExit("sixfold reader serve: give --id ID (the reader reads the rest from the manifest or spec)")
+    m = load_manifest_file(manifest_file, folder)
     r = reader_entry(m, args.id)
 
     def writer_address() -> str:  # asked before every (re)connection: follows `writer start`
-        return load_manifest(folder)[WRITER]["address"]
+        return load_manifest_file(manifest_file, folder)[WRITER]["address"]
 
-    listen = args.listen or r["address"]
+    listen = args.listen or listen_address(r)
 
     def writer_az() -> str:
         try:
-            return load_manifest(folder)[WRITER].get("az", "a")
+            return load_manifest_file(manifest_file, folder)[WRITER].get("az", "a")
         except (ClusterError, OSError, ValueError):
             return ""
 
@@ -692,12 +700,16 @@ def cmd_reader_serve(args) -> int:
         return live.index(r["id"]) if r["id"] in live else len(live)
 
     promotion = None
-    if not args.no_promote:
+    if args.spec and not args.no_promote:
+        logging.getLogger("sixfold.reader").info(
+            "reader %s of a deployment spec: it does not promote itself (a promotion is recorded in the manifest, "
+            "which the clients of other hosts do not share; see engine.cluster.spec)", r["id"])
+    if not args.no_promote and not args.spec:
         # A reader may become the writer: it holds the writer's identity for that (only a writer
         # certificate may seal), and takes over once the writer's lease lapsed (engine.head.failover).
         promotion = dict(promote=True, writer_tls=tls_config(folder, m, WRITER), writer_az=writer_az,
                          on_promoted=record_promotion, preferred=preferred, rank=rank,
-                         refresh=lambda: endpoint_config(load_manifest(folder), folder))
+                         refresh=lambda: endpoint_config(load_manifest_file(manifest_file, folder), folder))
     server = None
     try:
         metrics, server = _serve_metrics(args, metrics_port(m, listen), f"reader {r['id']}")
@@ -812,6 +824,7 @@ def _register_readers(sub, target: argparse.ArgumentParser) -> None:
     serve = rsub.add_parser("serve", help="run a reader instance in this process (until SIGTERM)", description=(
         "Run reader ID of DIR/cluster.json in the foreground, logging to stderr, until SIGTERM or Ctrl-C."))
     serve.add_argument("--cluster", metavar="DIR", help="the cluster folder")
+    serve.add_argument("--spec", metavar="FILE", help=SPEC_HELP)
     serve.add_argument("--id", help="reader id (r1, r2 ...)")
     serve.add_argument("--listen", metavar="HOST:PORT", help="listen address (default: from the manifest)")
     serve.add_argument("--log-level", default="info", help="debug, info, warning or error")
@@ -847,7 +860,8 @@ def cmd_certs_issue(args) -> int:
         if not_after.tzinfo is None:
             not_after = not_after.replace(tzinfo=datetime.timezone.utc)
     with locked(c.folder):
-        path = tf.issue(args.id, args.role, days=args.days, hosts=(m.get("host", "127.0.0.1"),), not_after=not_after,
+        hosts = tuple(dict.fromkeys((m.get("host", "127.0.0.1"), *identity_hosts(m, args.id))))
+        path = tf.issue(args.id, args.role, days=args.days, hosts=hosts, not_after=not_after,
                         out=args.out)
     info = tf.info(path)
     if args.json:
@@ -890,7 +904,8 @@ def cmd_certs_rotate(args) -> int:
             dropped = tf.finish_rotation()
             print(f"rotation finished: {dropped} old CA(s) no longer trusted")
             return 0
-        ids = tf.rotate(hosts=(m.get("host", "127.0.0.1"),))
+        ids = tf.rotate(hosts=(m.get("host", "127.0.0.1"),),
+                        hosts_of={c.id: identity_hosts(m, c.id) for c in tf.list()})
     print(f"new CA made and trusted beside the old one; reissued {', '.join(ids)}. Servers and client transports pick "
           "the new files up without a restart. Once clients started before now have reconnected (or been restarted), "
           "run `sixfold certs rotate --finish` to stop trusting the old CA.")
@@ -943,7 +958,8 @@ def register(sub) -> None:
     # cluster up|status|down
     p = sub.add_parser("cluster", help="start, inspect and stop a cluster on this machine", description=(
         "A cluster is six storage node processes (two in each of AZs a, b, c) and one writer endpoint process, "
-        "all on loopback, described by DIR/cluster.json."))
+        "on loopback (or, with `cluster up --netns`, each in a network namespace of its own), described by "
+        "DIR/cluster.json. Processes on hosts of their own run from a deployment spec: see `sixfold spec`."))
     csub = p.add_subparsers(dest="action", metavar="ACTION", required=True)
     up = csub.add_parser("up", parents=[target], help="start the cluster (create it if new)", description=(
         "Start every process of the cluster that is not running and return once all report SERVING on the gRPC "
@@ -1001,6 +1017,10 @@ def register(sub) -> None:
         f"{BASE_PORT_DEFAULT + METRICS_PORT_OFFSET_DEFAULT + 1}-{BASE_PORT_DEFAULT + METRICS_PORT_OFFSET_DEFAULT + 6}); "
         "fixed when the cluster is created; `cluster status` lists every address"))
     metrics.add_argument("--no-metrics", action="store_true", help="a new cluster whose processes serve no metrics")
+    up.add_argument("--netns", action="store_true", help=(
+        "Linux, as root: every process of a new cluster runs in a network namespace of its own (an address in "
+        "198.18.0.0/15, one subnet per AZ behind a bridge), reachable from this machine; real network faults cut "
+        "their packets. `cluster down` removes every namespace and link (recorded in DIR/netns.json first)"))
     up.add_argument("--json", action="store_true",
                     help="print the status as JSON (with `started`: the processes this command started)")
     up.set_defaults(func=cmd_cluster_up)
@@ -1065,6 +1085,7 @@ def register(sub) -> None:
         serve.add_argument("--cluster", metavar="DIR", help=(
             "read the parameters from DIR/cluster.json (with --id for a node; its gossip re-reads the manifest to "
             "reach nodes added later)"))
+        serve.add_argument("--spec", metavar="FILE", help=SPEC_HELP)
         serve.add_argument("--listen", metavar="HOST:PORT", help="listen address (default: from the manifest)")
         serve.add_argument("--log-level", default="info", help="debug, info, warning or error")
         serve.add_argument("--metrics-port", type=_metrics_port_argument, default=None, metavar="PORT", help=_metrics_port_help(
@@ -1106,6 +1127,10 @@ def register(sub) -> None:
             serve.set_defaults(func=cmd_writer_serve)
 
 
+#: `--spec FILE` of the serve commands.
+SPEC_HELP = ("a deployment spec (a placed cluster.json; engine.cluster.spec): run this one process of it on this "
+             "host, binding its listen address; relative paths (users file, logs) are the spec's folder's")
+
 #: The smallest --map-bytes (engine.sizes.STORAGE_BYTES_MIN).
 MAP_BYTES_MIN = 1 << 20
 
@@ -1137,6 +1162,9 @@ def _byte_count(least: int):
 
 
 def _watch_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--detail", action="store_true", help=(
+        "per protection group detail too: each node's SCL, the writer's PGCL and the lag (a table, and `pgs` in "
+        "each node's entry of `processes` in the JSON)"))
     p.add_argument("--watch", action="store_true",
                    help="redraw every --interval-s until every node has caught up with the writer (lag 0), then exit")
     p.add_argument("--interval-s", type=float, default=1.0, help="seconds between refreshes with --watch")

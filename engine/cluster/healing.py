@@ -26,7 +26,16 @@ import shutil
 import time
 
 from engine.cluster.admin import WriterAdmin, operator_token
-from engine.cluster.manifest import WRITER, ClusterError, add_node_entry, load_manifest, locked, node_entry, save_manifest
+from engine.cluster.manifest import (
+    WRITER,
+    ClusterError,
+    add_node_entry,
+    data_folder,
+    load_manifest,
+    locked,
+    node_entry,
+    save_manifest,
+)
 from engine.cluster.status import StatusView
 from engine.cluster.supervisor import DOWN_TIMEOUT_S, READY_TIMEOUT_S, Supervisor, next_free_port
 from engine.errors import InvalidArgument, Unavailable
@@ -84,7 +93,8 @@ class Healer:
         sup = self.sup
         with sup.operation("node wipe"):
             sup.crash(node_id)
-            shutil.rmtree(sup.path(node_entry(sup.manifest, node_id)["data"]), ignore_errors=True)
+            m = sup.manifest
+            shutil.rmtree(data_folder(sup.folder, m, node_entry(m, node_id)), ignore_errors=True)
             sup.start(node_id)
 
     # --- membership change ------------------------------------------------------------------
@@ -126,7 +136,7 @@ class Healer:
             existing = next((n for n in m["nodes"] if n["id"] == new), None)
             if existing is None:
                 entry = add_node_entry(m, new, o["az"], self._next_port(m), replaces=old)
-                data = sup.path(entry["data"])
+                data = data_folder(sup.folder, m, entry)
                 if os.path.exists(data) and os.listdir(data):
                     raise ClusterError(f"{data} exists and is not empty; move it away or pick another node id")
                 save_manifest(sup.folder, m)
@@ -141,6 +151,7 @@ class Healer:
                 sup.terminate([new], DOWN_TIMEOUT_S)
                 self._retire(new, None)
             raise
+        entry = node_entry(sup.manifest, new)  # as started (a --netns cluster gives it its namespace's address)
         t0 = time.monotonic()
         deadline = t0 + timeout_s + REPLACE_GRACE_S
         try:

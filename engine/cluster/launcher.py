@@ -164,6 +164,7 @@ class Cluster:
         backup: dict | None = None,
         metrics_port_offset: int | None = None,
         no_metrics: bool = False,
+        netns: bool = False,
     ) -> dict:
         """Create the cluster (or reopen its data: same volume id), start every process that is
         not running, wait until all are SERVING; returns `status()` plus `started` (the names
@@ -183,7 +184,9 @@ class Cluster:
         (engine.backup; the writer endpoint, and any writer after it, runs the archiver).
         Every process serves Prometheus metrics on loopback at its port plus
         `metrics_port_offset` (default 1000), or none with `no_metrics`; fixed at creation
-        (`status()` lists each process's `metrics` address)."""
+        (`status()` lists each process's `metrics` address). `netns=True` (Linux, root): a new
+        cluster whose every process has a network namespace of its own, reachable from this one
+        (engine.cluster.netns); `down` removes them."""
         with self.processes.operation("cluster up"):
             if not (no_auth and not os.path.exists(os.path.join(self.folder, MANIFEST_FILE))):
                 self.ensure_operator()
@@ -192,7 +195,7 @@ class Cluster:
                 write_timeout_s=write_timeout_s, gossip_interval_s=gossip_interval_s, timeout_s=timeout_s,
                 insecure=insecure, allow_fault_injection=allow_fault_injection, encrypt=encrypt, key_file=key_file,
                 no_auth=no_auth, readers=readers, promote_readers=promote_readers, max_storage_bytes=max_storage_bytes,
-                backup=backup, metrics_port_offset=metrics_port_offset, no_metrics=no_metrics,
+                backup=backup, metrics_port_offset=metrics_port_offset, no_metrics=no_metrics, netns=netns,
             )
             st = self.status()
         st["started"] = started

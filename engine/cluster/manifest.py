@@ -70,10 +70,24 @@ A manifest without the field (written before metrics) means the default: an addi
 new format (an older release ignores it and serves no metrics). Ports for new readers and nodes
 are chosen so that neither the gRPC port nor its metrics port is any port the manifest names.
 
+Placement (a deployment spec, `engine.cluster.spec`): a manifest may also say where each process
+runs when the processes are on hosts of their own. `"listen"` on a process entry is the address it
+binds ("0.0.0.0:7403", a pod's or a namespace's address) when that differs from `"address"`, the
+one the others dial (and which its certificate names); `"data_root"` is the absolute folder on
+each node's host under which the nodes' relative `data` paths lie (default: the manifest's
+folder); `"tls_dir"` is the folder of the TLS material (ca.pem, <id>.pem; absolute, or relative
+to the manifest's folder; default "tls"). A manifest that uses any of them is format
+`PLACED_MANIFEST_FORMAT` (3), encrypted or not: a release from before placement would otherwise
+ignore `data_root` and start an empty node in the wrong folder, so it must refuse the file as
+newer instead. A manifest without them keeps format 1 or 2, so a single-machine cluster folder
+stays readable by the releases before this one.
+
 Format: a plain cluster's manifest records `"format": PLAIN_MANIFEST_FORMAT` (1), an encrypted
 one's `ENCRYPTED_MANIFEST_FORMAT` (2), as an embedded volume.json does: a release from before
 encryption reads format 1 only, so it refuses an encrypted cluster as "written by a newer
-release" rather than start its writer and serve ciphertext as values. `load_manifest` refuses a
+release" rather than start its writer and serve ciphertext as values. A placed manifest is
+format 3 (above); this release reads 0..3 and writes the lowest format that says what the
+manifest holds. `load_manifest` refuses a
 format above MANIFEST_FORMAT with a message naming it, and accepts a manifest written before the
 field existed (format 0, otherwise format 1): the field is added in memory and so written by the
 next save. The schema (`engine.cluster.schema`) ties the format to the encryption field.
@@ -96,10 +110,16 @@ from engine.files import atomic_write
 MANIFEST_FILE = "cluster.json"
 LOCK_FILE = ".lock"
 #: The newest cluster.json format this release reads. 1: a plain cluster (0: the same without a
-#: "format" field). 2: an encrypted cluster (an "encryption" field): see the module docstring.
-MANIFEST_FORMAT = 2
+#: "format" field). 2: an encrypted cluster (an "encryption" field). 3: a placed cluster
+#: (processes on hosts of their own: "listen", "data_root" or "tls_dir"), encrypted or not. See
+#: the module docstring.
+MANIFEST_FORMAT = 3
 PLAIN_MANIFEST_FORMAT = 1
 ENCRYPTED_MANIFEST_FORMAT = 2
+PLACED_MANIFEST_FORMAT = 3
+#: The fields that make a manifest a placed one (format 3).
+PLACEMENT_FIELDS = ("data_root", "tls_dir")
+TLS_DIR_DEFAULT = "tls"
 BASE_PORT_DEFAULT = 7400
 HOST_DEFAULT = "127.0.0.1"
 WRITE_TIMEOUT_S_DEFAULT = 5.0
@@ -192,11 +212,19 @@ def new_manifest(
 
 def load_manifest(folder: str) -> dict:
     """Read DIR/cluster.json; ClusterError when there is none or it is unreadable."""
-    path = manifest_path(folder)
+    return load_manifest_file(manifest_path(folder), folder)
+
+
+def load_manifest_file(path: str, folder: str | None = None) -> dict:
+    """Read a manifest from `path` (DIR/cluster.json, or a deployment spec of any name:
+    `engine.cluster.spec`), check its shape and version; ClusterError when there is none or it
+    is unreadable. `folder` only words the message of a missing DIR/cluster.json."""
     try:
         with open(path) as fh:
             manifest = json.load(fh)
     except FileNotFoundError:
+        if folder is None:
+            raise ClusterError(f"there is no manifest or deployment spec at {path}") from None
         raise ClusterError(f"{folder} is not a cluster folder (no {MANIFEST_FILE}); create one with `sixfold cluster up --cluster {folder}`") from None
     except (OSError, ValueError) as e:
         raise ClusterError(f"cannot read {path}: {e}") from None
@@ -216,7 +244,10 @@ def save_manifest(folder: str, manifest: dict) -> None:
     """Write the manifest atomically and durably (`engine.files.atomic_write`: temporary file,
     fsync, rename, fsync of the folder), in the format its encryption field calls for."""
     want = manifest_format(manifest)
-    if manifest.get("format", want) != want:  # load refuses other formats
+    had = manifest.get("format", want)
+    # Placement may be added to a cluster (format 1 or 2 becomes 3) or taken away (3 becomes 1
+    # or 2); whether it is encrypted never changes in place, and load refuses other formats.
+    if had != want and PLACED_MANIFEST_FORMAT not in (had, want):
         raise AssertionError(f"saving a manifest of format {manifest.get('format')!r}")
     manifest["format"] = want
     os.makedirs(folder, exist_ok=True)
@@ -410,9 +441,70 @@ def is_encrypted(manifest: dict) -> bool:
     return manifest.get("encryption") is not None
 
 
+def is_placed(manifest: dict) -> bool:
+    """True for a manifest that places processes on hosts of their own (see the module
+    docstring): a data root, a TLS folder, or a process that binds another address than it is
+    dialled at."""
+    if any(manifest.get(f) is not None for f in PLACEMENT_FIELDS):
+        return True
+    entries = [manifest[WRITER], *manifest["nodes"], *manifest.get(READERS, ())]
+    return any(e.get("listen") is not None for e in entries)
+
+
 def manifest_format(manifest: dict) -> int:
-    """The format a manifest is written in: it says whether the volume is encrypted."""
+    """The format a manifest is written in: the lowest that says what it holds (placement,
+    then encryption; see the module docstring)."""
+    if is_placed(manifest):
+        return PLACED_MANIFEST_FORMAT
     return ENCRYPTED_MANIFEST_FORMAT if is_encrypted(manifest) else PLAIN_MANIFEST_FORMAT
+
+
+def listen_address(entry: dict) -> str:
+    """The address a process binds: its `listen`, else the address the others dial."""
+    return entry.get("listen") or entry["address"]
+
+
+def address_host(address: str) -> str:
+    """The host of "host:port" ("[::1]:7401" gives "::1")."""
+    host = address.rpartition(":")[0]
+    return host[1:-1] if host.startswith("[") and host.endswith("]") else host
+
+
+#: Bind-all hosts: no certificate names them.
+WILDCARD_HOSTS = ("0.0.0.0", "::", "")
+
+
+def identity_hosts(manifest: dict, ident: str) -> tuple[str, ...]:
+    """The hosts a certificate of `ident` must name: its own address's host and (unless a
+    wildcard) its listen host. The writer's names the hosts of every reader too, since a reader
+    that takes over as the writer serves the writer's certificate at its own address. Other
+    identities (the operator, clients) name none beyond the defaults."""
+    entries: list[dict] = []
+    if ident == WRITER:
+        entries = [manifest[WRITER], *manifest.get(READERS, ())]
+    else:
+        entries = [e for e in (*manifest["nodes"], *manifest.get(READERS, ())) if e["id"] == ident]
+    hosts: list[str] = []
+    for e in entries:
+        for address in (e["address"], e.get("listen")):
+            if address is None:
+                continue
+            host = address_host(address)
+            if host not in WILDCARD_HOSTS and host not in hosts:
+                hosts.append(host)
+    return tuple(hosts)
+
+
+def data_folder(folder: str, manifest: dict, entry: dict) -> str:
+    """The absolute data folder of a node entry: under the manifest's `data_root` when it has
+    one (each host's own folder), else under the manifest's folder."""
+    root = manifest.get("data_root") or folder
+    return os.path.join(os.path.abspath(root), entry["data"])
+
+
+def tls_path(folder: str, manifest: dict) -> str:
+    """The absolute folder of the cluster's TLS material (`tls_dir`, default DIR/tls)."""
+    return os.path.join(os.path.abspath(folder), manifest.get("tls_dir") or TLS_DIR_DEFAULT)
 
 
 def is_secure(manifest: dict) -> bool:
@@ -432,7 +524,7 @@ def identity_roles(manifest: dict) -> dict[str, str]:
 def tls_folder(folder: str, manifest: dict):
     from engine.security.certs import TlsFolder
 
-    return TlsFolder(folder, manifest["volume_id"])
+    return TlsFolder(folder, manifest["volume_id"], path=tls_path(folder, manifest))
 
 
 def tls_config(folder: str, manifest: dict, identity: str = OPERATOR):
@@ -441,7 +533,7 @@ def tls_config(folder: str, manifest: dict, identity: str = OPERATOR):
         return None
     from engine.security.tls import TlsConfig
 
-    return TlsConfig.in_cluster(folder, identity, manifest["volume_id"])
+    return TlsConfig(tls_path(folder, manifest), identity, manifest["volume_id"])
 
 
 def users_file(manifest: dict, folder: str) -> str | None:

@@ -13,9 +13,14 @@ expected and what was found. Code after the load may then index the manifest fre
 What is checked (formats 1 and 2; the checks are hand-written, standard library only):
 
     format              optional int (the version check itself is the loader's); 2 exactly when
-                        the volume is encrypted
-    encryption          format 2 only, and there required: the envelope descriptor
-                        (`engine.envelope.descriptor_problems`: scheme, wrapped data key)
+                        the volume is encrypted and nothing is placed; 3 when something is placed
+                        (data_root, tls_dir or a process's listen), encrypted or not
+    encryption          required in format 2, optional in 3, absent in 0 and 1: the envelope
+                        descriptor (`engine.envelope.descriptor_problems`: scheme, wrapped data key)
+    data_root           format 3, optional: an absolute folder, each node host's, under which the
+                        nodes' relative data paths lie
+    tls_dir             format 3, optional: a non-empty path (absolute, or relative to the
+                        manifest's folder) of the TLS material
     key_file            optional non-empty absolute path (the master key's file, outside the
                         folder ideally; the only path that is not relative to it)
     volume_id           non-empty string
@@ -36,6 +41,7 @@ What is checked (formats 1 and 2; the checks are hand-written, standard library 
         id              node id (1..64 ASCII letters, digits, - or _)
         az              1..64 ASCII letters, digits, - or _ (it names a folder)
         address         "host:port", port in 1..65535
+        listen          format 3, optional: "host:port" it binds, when not its address
         pid             null or int in 1..PID_MAX
         data, log       non-empty relative paths (relative to the cluster folder)
         retired         optional bool
@@ -84,6 +90,8 @@ NAME_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 #: The format of an encrypted cluster's manifest (`engine.cluster.manifest.ENCRYPTED_MANIFEST_FORMAT`;
 #: not imported: the manifest module imports this one).
 ENCRYPTED_FORMAT = 2
+#: The format of a placed manifest (`engine.cluster.manifest.PLACED_MANIFEST_FORMAT`).
+PLACED_FORMAT = 3
 #: How much of a wrong value the message quotes (it stays one line).
 QUOTE_MAX = 60
 
@@ -192,9 +200,14 @@ class _Checker:
         self.fail(field, expected, value)
         raise AssertionError("unreachable")  # fail() always raises
 
-    def process(self, entry: dict, field: str) -> int:
+    def process(self, entry: dict, field: str, fmt: int = 0) -> int:
         """The fields every process entry has (writer and nodes); returns its port."""
         port = self.address(entry, "address", f"{field}.address")
+        if entry.get("listen") is not None:
+            if fmt != PLACED_FORMAT:
+                self.fail(f"{field}.listen", f"absent from a format-{fmt} manifest: a process that binds another "
+                          f"address than it is dialled at is format {PLACED_FORMAT}", entry["listen"])
+            self.address(entry, "listen", f"{field}.listen")
         self.integer(entry, "pid", f"{field}.pid", 1, PID_MAX, nullable=True)
         self.path(entry, "log", f"{field}.log")
         return port
@@ -224,7 +237,22 @@ def validate_manifest(manifest: Any, where: str = "cluster.json", *, format_max:
     c.boolean(m, "allow_fault_injection", "allow_fault_injection", optional=True)
     c.integer(m, "max_storage_bytes", "max_storage_bytes", STORAGE_BYTES_MIN, STORAGE_BYTES_MAX, optional=True)
     c.integer(m, "metrics_port_offset", "metrics_port_offset", 1, PORT_MAX - 1, optional=True, nullable=True)
-    if present and fmt == ENCRYPTED_FORMAT:
+    fmt_value = fmt if present else 0
+    for key in ("data_root", "tls_dir"):
+        if m.get(key) is not None and fmt_value != PLACED_FORMAT:
+            c.fail(key, f"absent from a format-{fmt_value} manifest: a placed manifest is format {PLACED_FORMAT}", m[key])
+    if m.get("data_root") is not None:
+        c.string(m, "data_root", "data_root")
+        if not m["data_root"].startswith("/"):
+            c.fail("data_root", "an absolute path", m["data_root"])
+    if m.get("tls_dir") is not None:
+        c.string(m, "tls_dir", "tls_dir")
+    if present and fmt == PLACED_FORMAT:
+        if "encryption" in m:
+            problems = descriptor_problems(m["encryption"])
+            if problems:
+                c.fail("encryption", f"an encryption descriptor ({'; '.join(problems)})", m["encryption"])
+    elif present and fmt == ENCRYPTED_FORMAT:
         if "encryption" not in m:
             c.fail("encryption", f"an encryption descriptor in a format-{ENCRYPTED_FORMAT} (encrypted) manifest", None,
                    missing=True)
@@ -252,7 +280,7 @@ def validate_manifest(manifest: Any, where: str = "cluster.json", *, format_max:
         c.path(m, "users_file", "users_file")
 
     _, writer = c.get(m, "writer", "writer", "an object")
-    ports = {c.process(c.object(writer, "writer"), "writer"): "writer"}
+    ports = {c.process(c.object(writer, "writer"), "writer", fmt_value): "writer"}
     if "az" in writer:  # recorded by a standby that took over (engine.head.failover)
         c.name(writer, "az", "writer.az", "an AZ name")
     if "epoch" in writer:  # the epoch it opened at (a newer writer's record is never overwritten by an older)
@@ -270,7 +298,7 @@ def validate_manifest(manifest: Any, where: str = "cluster.json", *, format_max:
             c.fail(f"{field}.id", f"unique (it is the id of {ids[n['id']]} too)", n["id"])
         ids[n["id"]] = field
         c.name(n, "az", f"{field}.az", "an AZ name")
-        port = c.process(n, field)
+        port = c.process(n, field, fmt_value)
         if port in ports:
             c.fail(f"{field}.address", f"a port of its own (port {port} is {ports[port]}'s)", n["address"])
         ports[port] = field
@@ -291,7 +319,7 @@ def validate_manifest(manifest: Any, where: str = "cluster.json", *, format_max:
                 c.fail(f"{field}.id", f"unique (it is the id of {ids.get(r['id'], 'the writer')} too)", r["id"])
             ids[r["id"]] = field
             c.name(r, "az", f"{field}.az", "an AZ name")
-            port = c.process(r, field)
+            port = c.process(r, field, fmt_value)
             c.boolean(r, "retired", f"{field}.retired", optional=True)
             c.boolean(r, "promoted", f"{field}.promoted", optional=True)
             # A reader that took over as the writer (engine.head.failover) left its port to it.

@@ -28,7 +28,7 @@ import os
 from concurrent import futures
 
 from engine.cluster.admin import STATUS_RPC_TIMEOUT_S, WriterAdmin, operator_token
-from engine.cluster.manifest import WRITER, active_nodes, active_readers, metrics_address, node_addresses
+from engine.cluster.manifest import WRITER, active_nodes, active_readers, data_folder, metrics_address, node_addresses
 from engine.cluster.supervisor import Supervisor
 from engine.errors import SixfoldError
 from engine.sizes import storage_warning
@@ -94,7 +94,7 @@ class StatusView:
 
         def node(n: dict) -> dict:
             out = {"id": n["id"], "az": n["az"], "address": n["address"], "pid": sup.live_pid(n["id"], n.get("pid")),
-                   "metrics": metrics_address(manifest, n["address"]), "data": sup.path(n["data"]), "log": sup.path(n["log"])}
+                   "metrics": metrics_address(manifest, n["address"]), "data": data_folder(sup.folder, manifest, n), "log": sup.path(n["log"])}
             out["health"] = sup.health(n["id"])
             if out["health"] in ("SERVING", "NOT_SERVING"):
                 try:
@@ -156,7 +156,7 @@ class StatusView:
                 p = rebuild_progress(n["scls"], w["pgcl"])
                 n.update(lag=p["lag"], lag_max=p["lag_max"])
                 n["rebuild"].update(fraction=p["fraction"], complete=p["lag"] == 0)
-        return {
+        out = {
             "cluster": sup.folder,
             "volume_id": manifest["volume_id"],
             "protection_groups": manifest["protection_groups"],
@@ -168,3 +168,8 @@ class StatusView:
             "writer": w,
             "readers": readers,
         }
+        # The one status view (engine.cluster.overview): every process in one shape.
+        from engine.cluster.overview import from_launcher, network_cuts
+
+        out["processes"] = from_launcher(out, cuts=network_cuts(sup.folder) if manifest.get("netns") else None)
+        return out

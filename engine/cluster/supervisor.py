@@ -95,8 +95,12 @@ from engine.cluster.manifest import (
     reader_entry,
     used_ports,
     check_compatible,
+    data_folder,
+    identity_hosts,
     identity_roles,
     is_encrypted,
+    is_placed,
+    listen_address,
     is_secure,
     load_manifest,
     locked,
@@ -113,6 +117,12 @@ from engine.errors import EncryptionError, InvalidArgument
 from engine.security.tls import secure_channel
 
 log = logging.getLogger("sixfold.launcher")
+
+#: The manifest field of a cluster made by `cluster up --netns` (engine.cluster.netns): its
+#: processes run in namespaces recorded in DIR/netns.json. An older release ignores it and
+#: fails to bind the namespaces' addresses: a refusal, not a misreading.
+NETNS = "netns"
+READERS_KEY = "readers"
 
 READY_TIMEOUT_S = 60.0
 DOWN_TIMEOUT_S = 10.0
@@ -241,7 +251,11 @@ class Supervisor:
         wanted = dict(roles) if names is None else {n: roles.get(n, "reader" if is_reader(manifest, n) else "node")
                                                      for n in names}
         wanted.setdefault(OPERATOR, "admin")
-        issued = tls_folder(self.folder, manifest).ensure(wanted, hosts=(manifest.get("host", HOST_DEFAULT),))
+        # Each certificate names its own process's hosts (its address and listen address), so a
+        # process reached at a host of its own passes the hostname check (engine.cluster.spec).
+        issued = tls_folder(self.folder, manifest).ensure(
+            wanted, hosts=(manifest.get("host", HOST_DEFAULT),),
+            hosts_of={ident: identity_hosts(manifest, ident) for ident in wanted})
         if issued:
             log.info("issued certificates for %s in %s", ", ".join(issued), self.path("tls"))
         return issued
@@ -355,9 +369,12 @@ class Supervisor:
     def health(self, name: str, timeout_s: float = 0.5) -> str:
         """SERVING, NOT_SERVING, UNREACHABLE, PAUSED or DOWN."""
         state = self.state(name)
-        if state != "running":
-            return state.upper()
         manifest = self.manifest
+        # A process of a deployment spec runs on a host of its own under its orchestrator: no
+        # pid here to go by, so it is asked over the network (engine.cluster.spec).
+        remote = state == "down" and is_placed(manifest) and self.entry(manifest, name).get("pid") is None
+        if state != "running" and not remote:
+            return state.upper()
         with secure_channel(self.entry(manifest, name)["address"], self.tls(manifest)) as ch:
             try:
                 reply = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=""), timeout=timeout_s)
@@ -366,9 +383,27 @@ class Supervisor:
         return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
 
     # --- starting ---------------------------------------------------------------------------
+    def _plan(self, manifest: dict):
+        """The namespace plan of a `--netns` cluster (engine.cluster.netns), else None."""
+        if not manifest.get(NETNS):
+            return None
+        from engine.cluster.netns import load_record
+
+        return load_record(self.folder)
+
+    def _in_namespace(self, manifest: dict, name: str) -> bool:
+        """True when a namespace of the plan has the process's address (by address, not name:
+        a promoted reader's namespace serves the writer's entry)."""
+        plan = self._plan(manifest)
+        return plan is not None and plan.namespace_at(_split(self.entry(manifest, name)["address"])[0]) is not None
+
     def _argv(self, manifest: dict, name: str) -> list[str]:
-        base = [self.python, "-m", "engine"]
-        address = self.entry(manifest, name)["address"]
+        from engine.cluster.netns import exec_prefix
+
+        # A namespaced process is started by `ip netns exec NS`, which execs it: same pid.
+        host = _split(self.entry(manifest, name)["address"])[0]
+        base = [*exec_prefix(self._plan(manifest), host), self.python, "-m", "engine"]
+        address = listen_address(self.entry(manifest, name))  # what it binds (engine.cluster.spec)
         port = metrics_port(manifest, address)
         # Said on the command line (what the process would take from the manifest anyway): `ps`
         # and the log's start line show where each process serves its metrics.
@@ -393,6 +428,15 @@ class Supervisor:
 
     def _spawn(self, manifest: dict, name: str) -> int:
         entry = self.entry(manifest, name)
+        if manifest.get(NETNS) and not self._in_namespace(manifest, name):
+            # Added after `up --netns` (a reader, a replacement node): a namespace of its own,
+            # and its address becomes that namespace's (same port), before its certificate.
+            from engine.cluster.netns import add_process
+
+            plan = add_process(self.folder, name, entry.get("az") or "a")
+            entry["address"] = f"{plan.address(name)}:{_split(entry['address'])[1]}"
+            if is_reader(manifest, name):  # the writer's certificate names every reader's host
+                self._reissue_writer_certificate(manifest)
         log_path = self.path(entry["log"])
         os.makedirs(os.path.dirname(log_path), exist_ok=True)
         self._ensure_certificates(manifest, [name])
@@ -413,10 +457,20 @@ class Supervisor:
         log.info("started %s (pid %d), log %s", name, proc.pid, log_path)
         return proc.pid
 
+    def _reissue_writer_certificate(self, manifest: dict) -> None:
+        """The writer's certificate again, naming every reader's host too (a reader that
+        promotes itself serves it at its own address). Servers take the new file on their next
+        connection (engine.security.tls)."""
+        if is_secure(manifest):
+            tls_folder(self.folder, manifest).issue(WRITER, "writer", hosts=(manifest.get("host", HOST_DEFAULT),
+                                                                              *identity_hosts(manifest, WRITER)))
+
     def _check_ports(self, manifest: dict, names: Iterable[str]) -> None:
         from engine.metrics import METRICS_HOST
 
         for name in names:
+            if self._in_namespace(manifest, name):
+                continue  # a namespace of its own: nothing else binds there
             address = self.entry(manifest, name)["address"]
             host, port = _split(address)
             if not port_free(host, port):
@@ -496,6 +550,7 @@ class Supervisor:
         backup: dict | None = None,
         metrics_port_offset: int | None = None,
         no_metrics: bool = False,
+        netns: bool = False,
     ) -> list[str]:
         """Create the cluster (or reopen its data: same volume id), start every process that is
         not running, wait until all are SERVING; returns the names this call started (empty when
@@ -510,7 +565,9 @@ class Supervisor:
         `max_storage_bytes`: the most each node's data may take, recorded in the manifest for the
         nodes started from then on (see `_set_maximum`). `metrics_port_offset` (default 1000) or
         `no_metrics`: where every process serves its metrics (its port plus the offset), or
-        nowhere; fixed at creation, like the base port."""
+        nowhere; fixed at creation, like the base port. `netns`: a new cluster whose every process
+        runs in a network namespace of its own (engine.cluster.netns; Linux, root); an existing
+        one keeps what it was created as."""
         if metrics_port_offset is not None and no_metrics:
             raise InvalidArgument("give a metrics port offset or no metrics, not both")
         if readers is not None and not 0 <= readers <= READERS_MAX:
@@ -519,6 +576,12 @@ class Supervisor:
             raise InvalidArgument("an encrypted cluster needs the file of its master key (key_file)")
         if key_file and not encrypt:
             raise InvalidArgument("a key file encrypts a cluster only with encrypt=True")
+        if netns:
+            from engine.cluster.netns import NetnsError, unavailable_reason
+
+            reason = unavailable_reason()
+            if reason is not None:
+                raise NetnsError(f"cluster up --netns: {reason}")
         with self.operation("cluster up"):
             started: list[str] = []
             try:
@@ -580,6 +643,11 @@ class Supervisor:
                     for _ in range(max(0, (readers or 0) - len(active_readers(manifest)))):
                         add_reader_entry(manifest, None, self._free_port(manifest))
                     names = [n["id"] for n in active_nodes(manifest)] + [WRITER] + [r["id"] for r in active_readers(manifest)]
+                    if netns and self.exists and not manifest.get(NETNS):
+                        raise ClusterError("this cluster was created without --netns; that is fixed at creation. Leave "
+                                           "--netns out, or use another folder.")
+                    if netns or manifest.get(NETNS):
+                        self._ensure_namespaces(manifest, names, new=netns and not self.exists)
                     for name in names:
                         entry = self.entry(manifest, name)
                         if self.live_pid(name, entry.get("pid")) is None:
@@ -613,7 +681,7 @@ class Supervisor:
         check_fits_filesystem(max_storage_bytes, self.folder)
         for n in active_nodes(manifest):
             try:
-                held = os.path.getsize(os.path.join(self.path(n["data"]), "data.mdb"))
+                held = os.path.getsize(os.path.join(data_folder(self.folder, manifest, n), "data.mdb"))
             except OSError:
                 continue  # no data yet
             if held > max_storage_bytes:
@@ -760,6 +828,8 @@ class Supervisor:
         from engine.metrics import METRICS_HOST
 
         manifest = self.manifest
+        if self._in_namespace(manifest, name):
+            return True  # its ports are in its own namespace, gone with the process
         address = self.entry(manifest, name)["address"]
         host, port = _split(address)
         mport = metrics_port(manifest, address)
@@ -836,7 +906,51 @@ class Supervisor:
         """Stop everything: the writer first (its in-flight writes still reach the nodes), then
         the nodes; SIGTERM, then SIGKILL after `timeout_s`. The data stays."""
         if not self.exists:
+            from engine.cluster.netns import teardown
+
+            teardown(self.folder)  # a launcher that died before it wrote the manifest
             return
         with self.operation("cluster down"):
             self.terminate([WRITER] + [r["id"] for r in self.manifest.get("readers", ())], timeout_s)
             self.terminate([n["id"] for n in self.manifest["nodes"]], timeout_s)  # retired ones too, should one still run
+            from engine.cluster.netns import teardown
+
+            removed = teardown(self.folder)  # every namespace and link `up --netns` recorded
+            if removed:
+                log.info("removed the network namespaces and links of %s: %s", self.folder, ", ".join(removed))
+
+    def _ensure_namespaces(self, manifest: dict, names: list[str], *, new: bool) -> None:
+        """A `--netns` cluster (engine.cluster.netns): make every process's namespace that is
+        missing, recorded in DIR/netns.json first. A new cluster takes a free slot and its
+        processes' addresses become their namespaces' (same ports); an existing one makes the
+        namespaces of the addresses its manifest has (after a `down`, or a reboot)."""
+        from engine.cluster import netns
+
+        if new:
+            if not is_secure(manifest):
+                raise ClusterError("a --netns cluster listens off loopback, which needs TLS: leave out --insecure")
+            if manifest.get(READERS_KEY) and any(r.get("retired") for r in manifest[READERS_KEY]):
+                raise AssertionError("a new cluster has no retired reader")
+        azs = {name: (self.entry(manifest, name).get("az") or "a") for name in names}
+        plan = netns.load_record(self.folder)
+        hosts = {n: _split(self.entry(manifest, n)["address"])[0] for n in names}
+        if plan is not None:
+            for n in names:  # processes added since (readers, replacements): each gets one
+                if plan.namespace_at(hosts[n]) is None:
+                    plan = netns.add_process(self.folder, n, azs[n])
+                    hosts[n] = plan.address(n)
+            netns.make(plan)  # idempotent: whatever is missing
+        elif new:
+            plan = netns.create(self.folder, [(n, azs[n]) for n in names])
+        else:  # after a `down` or a reboot: the same addresses again
+            plan = netns.create(self.folder, [(n, azs[n]) for n in names], slot=netns.slot_of(hosts[WRITER]),
+                                addresses=hosts)
+        for name in names:
+            entry = self.entry(manifest, name)
+            port = _split(entry["address"])[1]
+            if new:
+                entry["address"] = f"{plan.address(name)}:{port}"
+            else:
+                entry["address"] = f"{hosts[name]}:{port}"
+                assert plan.namespace_at(hosts[name]) is not None, (name, hosts[name])
+        manifest[NETNS] = True

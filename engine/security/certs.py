@@ -11,7 +11,8 @@ TLS peer can read them without a lookup:
 
     subject   CN=<id>, OU=<role>, O=sixfold cluster <cluster id>
     SAN URI   sixfold://<cluster id>/<role>/<id>      (what `roles.identity_from_pem` reads)
-    SAN DNS   localhost, SAN IP 127.0.0.1 (and the manifest's host), so hostname checks pass
+    SAN DNS   localhost, SAN IP 127.0.0.1, and the hosts of the process's own address (and its
+              listen address), so hostname checks pass wherever it runs
 
 Keys are ECDSA P-256 (a handshake costs well under a millisecond, RSA-2048 several); every
 certificate is valid for both TLS client and server use, since every process is both.
@@ -211,9 +212,10 @@ def role_of(cert: x509.Certificate) -> tuple[str, str]:
 class TlsFolder:
     """The TLS material of one cluster folder (see the module docstring)."""
 
-    def __init__(self, cluster_folder: str | os.PathLike, cluster_id: str) -> None:
+    def __init__(self, cluster_folder: str | os.PathLike, cluster_id: str, *, path: str | None = None) -> None:
         self.cluster_folder = os.path.abspath(os.fspath(cluster_folder))
-        self.path = os.path.join(self.cluster_folder, TLS_DIR)
+        #: DIR/tls/, or the folder a deployment spec names (`tls_dir`)
+        self.path = os.path.abspath(path) if path else os.path.join(self.cluster_folder, TLS_DIR)
         self.cluster_id = cluster_id
 
     # --- paths ------------------------------------------------------------------------------
@@ -282,17 +284,27 @@ class TlsFolder:
             self._write_secret(path, cert + key)
         return path
 
-    def ensure(self, identities: dict[str, str], hosts: tuple[str, ...] = ()) -> list[str]:
+    def ensure(self, identities: dict[str, str], hosts: tuple[str, ...] = (),
+               hosts_of: dict[str, tuple[str, ...]] | None = None) -> list[str]:
         """Make the CA if there is none and a certificate for every {id: role} that has none;
-        returns the ids issued."""
+        returns the ids issued. Each names `hosts` and its own `hosts_of[id]` (the hosts of
+        the process it is for: `engine.cluster.manifest.identity_hosts`)."""
         if not self.exists:
             self.create_ca()
         issued = []
         for ident, role in identities.items():
             if not os.path.exists(self.identity_path(ident)):
-                self.issue(ident, role, hosts=hosts)
+                own = tuple((hosts_of or {}).get(ident, ()))
+                self.issue(ident, role, hosts=tuple(dict.fromkeys(hosts + own)))
                 issued.append(ident)
         return issued
+
+    def hosts_of(self, ident: str) -> list[str]:
+        """The IP addresses and DNS names the certificate of `ident` names (tests, `certs list`)."""
+        with open(self.identity_path(ident), "rb") as fh:
+            cert = certificates_in(fh.read())[0]
+        sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        return [str(v) for v in sans.get_values_for_type(x509.IPAddress)] + list(sans.get_values_for_type(x509.DNSName))
 
     def identity_files(self) -> list[str]:
         if not os.path.isdir(self.path):
@@ -358,7 +370,8 @@ class TlsFolder:
         return serial.lower()
 
     # --- rotation ---------------------------------------------------------------------------
-    def rotate(self, *, hosts: tuple[str, ...] = (), wait_s: float = RELOAD_WAIT_S, sleep=time.sleep) -> list[str]:
+    def rotate(self, *, hosts: tuple[str, ...] = (), hosts_of: dict[str, tuple[str, ...]] | None = None,
+               wait_s: float = RELOAD_WAIT_S, sleep=time.sleep) -> list[str]:
         """New CA trusted beside the old, a pause for every process to re-read the bundle, then
         every identity reissued under the new CA (same id, role and lifetime). Returns the ids."""
         old = self.trusted()
@@ -376,7 +389,8 @@ class TlsFolder:
             with open(path, "rb") as fh:
                 first = certificates_in(fh.read())[0]
             days = max(1, round((first.not_valid_after_utc - first.not_valid_before_utc).total_seconds() / 86400))
-            self.issue(c.id, c.role, days=days, hosts=hosts, out=path)
+            own = tuple((hosts_of or {}).get(c.id, ()))
+            self.issue(c.id, c.role, days=days, hosts=tuple(dict.fromkeys(hosts + own)), out=path)
             done.append(c.id)
         return done
 

@@ -1,0 +1,106 @@
+"""The one status view (engine.cluster.overview): `sixfold status`, `cluster status` and `node
+rebuild-status` show one table of every process (node, writer, reader: AZ, address, role,
+health, epoch, lag, storage, repair, faults) and the same `processes` in their JSON, with
+per-PG detail under `--detail`; and for a deployment spec it asks the processes over the network
+(no pids to go by)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from engine.cli import main
+from engine.cluster import Cluster, overview
+from engine.cluster.testing import free_base_port
+
+KEYS = ("id", "role", "az", "address", "metrics", "pid", "health", "epoch", "lag", "lag_ms", "used_bytes",
+        "capacity_bytes", "max_storage_bytes", "repair", "faults")
+
+
+def launcher_status() -> dict:
+    """A launcher status as StatusView builds it (two PGs, a reader; n3 paused and behind)."""
+    node = lambda i, az, health="SERVING", scls=(5, 7): {  # noqa: E731
+        "id": f"n{i}", "az": az, "address": f"127.0.0.1:740{i}", "metrics": None, "pid": 100 + i, "health": health,
+        "epoch": 2, "scls": list(scls), "scl_min": min(scls), "scl_max": max(scls), "used_bytes": 1 << 20,
+        "capacity_bytes": 1 << 30, "repaired": 0, "corrupt_found": 0,
+        "rebuild": {"fraction": 1.0, "complete": True, "fetched_records": 0}, "lag": 0, "lag_max": 0}
+    nodes = [node(1, "a"), node(2, "a"), node(3, "b", "PAUSED", (2, 7)), node(4, "b"), node(5, "c"), node(6, "c")]
+    nodes[2].update(lag=3, lag_max=3, rebuild={"fraction": 0.75, "complete": False, "fetched_records": 4})
+    return {"volume_id": "v", "nodes": nodes,
+            "writer": {"address": "127.0.0.1:7400", "pid": 99, "health": "SERVING", "epoch": 2, "vdl": 7, "pgcl": [5, 7],
+                       "metrics": None},
+            "readers": [{"id": "r1", "az": "b", "address": "127.0.0.1:7407", "pid": 98, "health": "SERVING", "epoch": 2,
+                         "lag_lsns": 1, "lag_ms": 2.5, "metrics": None}]}
+
+
+def test_every_process_is_one_row_of_one_shape():
+    rows = overview.from_launcher(launcher_status(), cuts={"n3": ["n1", "writer"]})
+    assert [r["id"] for r in rows] == ["n1", "n2", "n3", "n4", "n5", "n6", "writer", "r1"]
+    assert all(set(r) == set(KEYS) for r in rows), [set(r) ^ set(KEYS) for r in rows]
+    n3 = rows[2]
+    assert n3["faults"] == ["paused (SIGSTOP)", "cut from n1, writer"] and n3["lag"] == 3
+    assert n3["repair"]["fraction"] == 0.75 and not n3["repair"]["complete"]
+    assert rows[-1]["role"] == "reader" and rows[-1]["lag"] == 1 and rows[-1]["lag_ms"] == 2.5
+    text = overview.table(rows)
+    assert text.splitlines()[0].split() == list(overview.HEADERS)
+    assert "75%" in text and "cut from n1, writer" in text and "1 MiB" in text and "1 GiB" in text
+
+
+def test_detail_adds_each_nodes_pgs():
+    rows = overview.from_launcher(launcher_status(), detail=True)
+    assert rows[2]["pgs"] == [{"pg": 0, "scl": 2, "pgcl": 5, "lag": 3}, {"pg": 1, "scl": 7, "pgcl": 7, "lag": 0}]
+    assert "pgs" not in overview.from_launcher(launcher_status())[0]
+    text = overview.table(rows, detail=True)
+    assert any(line.split() == ["n3", "0", "2", "5", "3"] for line in text.splitlines()), text
+
+
+def test_the_writers_view_gives_the_same_shape():
+    st = {"epoch": 3, "vdl": 9, "nodes": [
+        {"id": "n1", "az": "a", "address": "10.0.1.10:7401", "up": True, "epoch": 3, "scl": {"0": 4, "1": 9},
+         "lag": {"0": 1, "1": 0}, "used_bytes": 10, "capacity_bytes": 100},
+        {"id": "n2", "az": "a", "address": "10.0.1.10:7402", "up": False}]}
+    rows = overview.from_writer(st, "10.0.1.10:7400", detail=True)
+    assert all(set(r) - {"pgs"} == set(KEYS) for r in rows)
+    assert rows[0]["lag"] == 1 and rows[0]["pgs"][0] == {"pg": 0, "scl": 4, "pgcl": 5, "lag": 1}
+    assert rows[1]["health"] == "UNREACHABLE" and rows[2]["address"] == "10.0.1.10:7400"
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    c = Cluster(tmp_path / "c")
+    try:
+        c.up(base_port=free_base_port(), protection_groups=2, durable=False, readers=1, no_metrics=True)
+        yield c
+    finally:
+        c.down(timeout_s=10)
+
+
+@pytest.mark.cluster
+def test_the_three_commands_print_one_table_and_one_json_shape(cluster, capsys):
+    with cluster.connect() as db:
+        db.put(b"k", b"v")
+    shapes, headers = [], []
+    for argv in (["status"], ["cluster", "status"], ["node", "rebuild-status"]):
+        assert main([*argv, "--cluster", cluster.folder, "--json"]) == 0
+        st = json.loads(capsys.readouterr().out)
+        shapes.append([(p["id"], p["role"], sorted(p)) for p in st["processes"]])
+        assert main([*argv, "--cluster", cluster.folder]) == 0
+        headers.append(capsys.readouterr().out.splitlines()[0].split())
+    assert shapes[0] == shapes[1] == shapes[2]
+    assert [s[:2] for s in shapes[0]] == [(f"n{i}", "node") for i in range(1, 7)] + [("writer", "writer"), ("r1", "reader")]
+    assert headers[0] == headers[1] == headers[2] == list(overview.HEADERS)
+    assert main(["cluster", "status", "--cluster", cluster.folder, "--json", "--detail"]) == 0
+    st = json.loads(capsys.readouterr().out)
+    n1 = next(p for p in st["processes"] if p["id"] == "n1")
+    assert [g["pg"] for g in n1["pgs"]] == [0, 1] and all(g["lag"] == 0 for g in n1["pgs"])
+    assert main(["status", "--cluster", cluster.folder, "--detail"]) == 0
+    assert "pgcl" in capsys.readouterr().out
+
+
+@pytest.mark.cluster
+def test_status_shows_the_processes_when_the_writer_is_down(cluster, capsys):
+    cluster.kill("writer")
+    assert main(["status", "--cluster", cluster.folder]) == 3
+    out = capsys.readouterr()
+    assert "writer" in out.out and "DOWN" in out.out and "n6" in out.out
