@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 
 from engine import errors
+from engine.core.conditions import Condition, absent, equals, exists, unchanged
 from engine.database import Batch, Database, Snapshot
 from engine.errors import (
     BackupCorrupt,
@@ -31,6 +32,7 @@ from engine.errors import (
     InvalidArgument,
     NodeNotFound,
     PermissionDenied,
+    PreconditionFailed,
     ReadOnly,
     ReplicaBehind,
     ResourceExhausted,
@@ -138,6 +140,7 @@ __all__ = [
     "BackupError",
     "Batch",
     "Closed",
+    "Condition",
     "CorruptRecord",
     "Database",
     "EncryptionError",
@@ -146,6 +149,7 @@ __all__ = [
     "InvalidArgument",
     "NodeNotFound",
     "PermissionDenied",
+    "PreconditionFailed",
     "ReadOnly",
     "ReplicaBehind",
     "RequestStatus",
@@ -161,10 +165,14 @@ __all__ = [
     "Unavailable",
     "WriteIndeterminate",
     "WrongFolder",
+    "absent",
     "codec_implementation",
     "connect",
+    "equals",
     "errors",
+    "exists",
     "open",
     "restore",
     "rotate_encryption_key",
+    "unchanged",
 ]

@@ -414,9 +414,9 @@ class RemoteBackend:
         self._renewer_lock = threading.Lock()
 
     # --- the backend protocol ---------------------------------------------------------------
-    def write(self, ops, *, request_id: bytes | None = None, resend: bool = False) -> int:
+    def write(self, ops, *, request_id: bytes | None = None, resend: bool = False, conditions=()) -> int:
         ops = tuple(ops)
-        unit = Unit(ops, request_id, resend) if request_id is not None else ops
+        unit = Unit(ops, request_id, resend, tuple(conditions)) if request_id is not None or conditions else ops
         if not self._boxcar:
             try:
                 results = self._send_writes([unit])
@@ -428,7 +428,8 @@ class RemoteBackend:
                 log.exception("a write failed unexpectedly")
                 raise write_failure(e) from e
             return self._result(results[0])
-        size = sum(len(k) + len(v) + OP_OVERHEAD_BYTES for _f, k, v in ops) + (len(request_id) if request_id else 0)
+        size = sum(len(k) + len(v) + OP_OVERHEAD_BYTES for _f, k, v in ops) + (len(request_id) if request_id else 0) \
+            + sum(len(c.key) + len(c.value) + OP_OVERHEAD_BYTES for c in conditions)
         return self._writes.call(unit, size)
 
     def request_status(self, request_id: bytes) -> RequestStatus:
@@ -801,12 +802,12 @@ class FollowingBackend:
             return False
 
     # --- the backend protocol -----------------------------------------------------------------
-    def write(self, ops, *, request_id: bytes | None = None, resend: bool = False) -> int:
+    def write(self, ops, *, request_id: bytes | None = None, resend: bool = False, conditions=()) -> int:
         state = {"resend": resend}
 
         def once(b):
             try:
-                return b.write(ops, request_id=request_id, resend=state["resend"])
+                return b.write(ops, request_id=request_id, resend=state["resend"], conditions=conditions)
             finally:
                 state["resend"] = True  # from the second try on, a re-send under the same id
 

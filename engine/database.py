@@ -19,6 +19,14 @@ gRPC client of a writer endpoint) that offers `write(ops)`, `get(key, quorum, vi
 `scan(start, end, quorum, view)`, `view()`, `status()` and `close()`. Inputs are checked here,
 before anything is logged, so a bad call changes nothing.
 
+Conditional writes: `put`, `delete` and `batch` take `expect=` (one `engine.Condition` or a
+list: `engine.exists(key)`, `engine.absent(key)`, `engine.equals(key, value)`,
+`engine.unchanged(key, since=position)`). The writer checks them as it orders the unit, under its
+lock, so the check and the writes are one atomic step; if any fails nothing is logged and the
+write raises `PreconditionFailed` (`.failed`: the indices of the conditions that failed). A
+condition sees every write ordered before it, also one not yet durable: durability advances as
+a prefix of the log, so a unit that depends on it cannot become durable without it.
+
 A `Database` that is dropped without `close()` closes its backend when it is garbage collected
 (and at interpreter exit at the latest): an embedded volume then stops its threads, closes its
 LMDB files and frees its folder for the next open.
@@ -30,6 +38,7 @@ import os
 import weakref
 from collections.abc import Iterator, Sequence
 
+from engine.core.conditions import Condition, check_conditions
 from engine.core.constants import FLAG_DELETE, FLAG_PUT, LSN_VALID_MAX
 from engine.core.types import RequestStatus
 from engine.errors import Closed, InvalidArgument, SixfoldError
@@ -44,16 +53,29 @@ def check_after(after) -> int:
     return after
 
 
+def _conditions(expect) -> tuple[Condition, ...]:
+    """`expect=` as given (None, one Condition, or an iterable of them), checked."""
+    if expect is None:
+        return ()
+    if isinstance(expect, Condition):
+        return check_conditions((expect,))
+    if isinstance(expect, (bytes, str)) or not hasattr(expect, "__iter__"):
+        raise InvalidArgument(f"expect= is an engine.Condition or a list of them, got {type(expect).__name__}")
+    return check_conditions(tuple(expect))
+
+
 class Batch:
     """Writes applied atomically on exit of the `with` block: readers see all of them or none.
 
     An exception inside the block discards the batch; nothing is logged."""
 
-    def __init__(self, db: Database, request_id: bytes | None = None) -> None:
+    def __init__(self, db: Database, request_id: bytes | None = None, expect=()) -> None:
         if request_id is not None:
             check_request_id(request_id)
         self._db = db
         self._ops: list[tuple[int, bytes, bytes]] = []
+        #: the batch's preconditions (`expect=`, `expect()`): all must hold, or nothing is logged
+        self.conditions: list[Condition] = list(_conditions(expect))
         self._done = False
         self.lsn: int | None = None
         #: the id the batch is logged under (chosen by the caller, or made at commit)
@@ -70,6 +92,13 @@ class Batch:
         self._add((FLAG_DELETE, key, b""))
         return self
 
+    def expect(self, *conditions: Condition) -> Batch:
+        """Add preconditions (see the module docstring)."""
+        if self._done:
+            raise InvalidArgument("this batch was already committed or discarded")
+        self.conditions.extend(check_conditions(conditions))
+        return self
+
     def _add(self, op) -> None:
         if self._done:
             raise InvalidArgument("this batch was already committed or discarded")
@@ -81,13 +110,15 @@ class Batch:
         return len(self._ops)
 
     def commit(self) -> int | None:
-        """Log the batch and wait until it is durable; returns its CPL LSN (None if empty)."""
+        """Log the batch and wait until it is durable; returns its CPL LSN (None if empty: an
+        empty batch logs nothing, and its conditions are not checked). PreconditionFailed if
+        one of its conditions did not hold: nothing was logged."""
         if self._done:
             raise InvalidArgument("this batch was already committed or discarded")
         self._done = True
         if not self._ops:
             return None
-        self.lsn, self.request_id = self._db._write(self._ops, self.request_id)
+        self.lsn, self.request_id = self._db._write(self._ops, self.request_id, self.conditions)
         return self.lsn
 
     def __enter__(self) -> Batch:
@@ -155,16 +186,19 @@ class Database:
         if self._closed:
             raise Closed("the database is closed")
 
-    def _write(self, ops, request_id: bytes | None) -> tuple[int, bytes]:
-        """Log one unit under a request id (the caller's, which may be a re-send, or a new one);
-        returns (CPL LSN, request id). Errors carry the id as `request_id`."""
+    def _write(self, ops, request_id: bytes | None, conditions=()) -> tuple[int, bytes]:
+        """Log one unit under a request id (the caller's, which may be a re-send, or a new one)
+        and its conditions; returns (CPL LSN, request id). Errors carry the id as `request_id`."""
         resend = request_id is not None
         if resend:
             check_request_id(request_id)
         else:
             request_id = self._new_request_id()
         try:
-            lsn = self._backend.write(tuple(ops), request_id=request_id, resend=resend)
+            if conditions:
+                lsn = self._backend.write(tuple(ops), request_id=request_id, resend=resend, conditions=tuple(conditions))
+            else:
+                lsn = self._backend.write(tuple(ops), request_id=request_id, resend=resend)
         except SixfoldError as e:
             e.request_id = request_id
             raise
@@ -176,23 +210,23 @@ class Database:
         make = getattr(self._backend, "new_request_id", None)
         return make() if make is not None else os.urandom(16)
 
-    def put(self, key: bytes, value: bytes, *, request_id: bytes | None = None) -> int:
+    def put(self, key: bytes, value: bytes, *, request_id: bytes | None = None, expect=None) -> int:
         """Store `value` under `key`; returns once the write is durable (4 of 6 segments), with
         its commit position (see the module docstring).
 
         `request_id` (1..64 bytes): send a write again under the id it had (see the module
-        docstring); it is applied at most once."""
+        docstring); it is applied at most once. `expect`: preconditions (module docstring)."""
         self._check()
         check_key(key)
         check_value(value)
-        return self._write(((FLAG_PUT, key, value),), request_id)[0]
+        return self._write(((FLAG_PUT, key, value),), request_id, _conditions(expect))[0]
 
-    def delete(self, key: bytes, *, request_id: bytes | None = None) -> int:
+    def delete(self, key: bytes, *, request_id: bytes | None = None, expect=None) -> int:
         """Remove `key` (a tombstone); returns once durable, with its commit position. Deleting
-        a missing key is fine."""
+        a missing key is fine. `expect`: preconditions (module docstring)."""
         self._check()
         check_key(key)
-        return self._write(((FLAG_DELETE, key, b""),), request_id)[0]
+        return self._write(((FLAG_DELETE, key, b""),), request_id, _conditions(expect))[0]
 
     def get(self, key: bytes, *, quorum: bool = False, after: int | None = None) -> bytes | None:
         """The value of `key` at the current VDL, or None. Linearizable on the writer.
@@ -229,9 +263,10 @@ class Database:
             return self._backend.scan(start, end, quorum=quorum, view=None)
         return self._backend.scan(start, end, quorum=quorum, view=None, after=check_after(after))
 
-    def batch(self, *, request_id: bytes | None = None) -> Batch:
+    def batch(self, *, request_id: bytes | None = None, expect=None) -> Batch:
+        """A batch of writes applied atomically (see Batch); `expect`: its preconditions."""
         self._check()
-        return Batch(self, request_id)
+        return Batch(self, request_id, _conditions(expect))
 
     def status_of(self, request_id: bytes) -> RequestStatus:
         """Whether the write sent under `request_id` committed: `.state` is "committed" (with its

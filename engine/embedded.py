@@ -695,9 +695,9 @@ class EmbeddedVolume:
 
     # Put and get latency and the errors callers get are observed here, at the API boundary
     # (engine.metrics): one observe() per call, the error path only for errors.
-    def write(self, ops, *, request_id=None, resend=False):
+    def write(self, ops, *, request_id=None, resend=False, conditions=()):
         m = self.metrics
-        return m.timed(m.observe_put, lambda: self._w.write(ops, request_id=request_id, resend=resend))
+        return m.timed(m.observe_put, lambda: self._w.write(ops, request_id=request_id, resend=resend, conditions=conditions))
 
     def request_status(self, request_id):
         return self._w.request_status(request_id)

@@ -221,11 +221,14 @@ class ReadView:
 class Unit:
     """One atomic unit of writes as it travels to the writer: its ops (flags, key, value), and the
     request id the client chose for it (1..64 bytes; None: no id). `resend` marks a unit that may
-    have been sent before under the same id (the writer then looks the id up in the log)."""
+    have been sent before under the same id (the writer then looks the id up in the log), and
+    `conditions` the preconditions the unit is logged under (all hold, or nothing is logged)."""
 
     ops: tuple
     request_id: bytes | None = None
     resend: bool = False
+    #: preconditions (`engine.core.conditions.Condition`), checked by the writer as it orders the unit
+    conditions: tuple = ()
 
 
 @dataclass(frozen=True)

@@ -259,7 +259,7 @@ class WriterEndpoint:
                 continue
             try:
                 if isinstance(unit, Unit):
-                    lsn, waiter = w.submit(unit.ops, request_id=unit.request_id, resend=unit.resend)
+                    lsn, waiter = w.submit(unit.ops, request_id=unit.request_id, resend=unit.resend, conditions=unit.conditions)
                 else:
                     lsn, waiter = w.submit(unit)
                 pending.append((i, lsn, waiter, time.monotonic() + timeout_s))

@@ -125,6 +125,21 @@ class ReadPath:
         ik = cipher.index_key(key)
         return self._open(key, ik, self.lookup(ik, quorum=quorum, view=view))
 
+    def version(self, key: bytes, *, view: ReadView | None = None) -> tuple[int, bytes | None, int]:
+        """(lsn, value or None, deadline) of the newest version of `key` at the view: lsn 0 when
+        it was never written (or collected away), value None for a delete; the deadline is 0
+        (versions carry none yet). What the writer checks a conditional write against."""
+        check_key(key)
+        cipher = self._w.cipher
+        if cipher is None:
+            r = self.lookup(key, view=view)
+            return (0, None, 0) if r is None or r.lsn == 0 else (r.lsn, r.value, 0)
+        ik = cipher.index_key(key)
+        r = self.lookup(ik, view=view)
+        if r is None or r.lsn == 0:
+            return 0, None, 0
+        return r.lsn, self._open(key, ik, r), 0
+
     def _open(self, key: bytes, ik: bytes, reply: ReadReply | None) -> bytes | None:
         """The plaintext value of an encrypted volume's read reply (None: no value)."""
         if reply is None or reply.value is None or reply.lsn == 0:

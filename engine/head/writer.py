@@ -66,6 +66,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 from engine import codec, sizes
+from engine.core import conditions as cond
 from engine.core.admission import Admission, admits, quorum_limit, record_cost_bytes, unit_cost_bytes, write_admission
 from engine.core.constants import (
     BATCH_OPS_MAX,
@@ -106,6 +107,7 @@ from engine.head.weakening import SAFE, Weakening
 from engine.errors import (
     EpochBehind,
     InvalidArgument,
+    PreconditionFailed,
     SixfoldError,
     StaleEpoch,
     StorageFull,
@@ -139,6 +141,14 @@ RELOG_S = 10.0
 #: request ids this writer remembers in memory (the fast path of at-most-once): the most recent
 #: ones it logged. Older ones, and those of earlier writers, are looked up in the log itself.
 REQUEST_WINDOW_MAX = 65_536
+#: the writer's memory of recent writes, against which it checks conditional writes (`_recent`):
+#: at least the writes above VDL, and the newest ones at or below it up to these bounds (the
+#: bytes are of the values it keeps references to; the tail holds their records anyway)
+RECENT_WRITES_MAX = 65_536
+RECENT_BYTES_MAX = 64 << 20
+#: how many times `write` sends a conditional unit again whose stored-state read was too old
+#: when it was ordered (the memory of recent writes had moved past it: rare, see `_recent`)
+CONDITION_REREADS_MAX = 5
 #: a request record's value is the digest of the unit's ops (a re-send must match it), then its
 #: commit time (engine.core.constants; the archive's restore points, engine.backup)
 _COMMIT_TIME = struct.Struct("<Q")
@@ -220,12 +230,18 @@ class _Ticket:
     """One atomic unit on its way: its ops, their PGs, its cost on a node (an upper bound of the
     bytes its records take there, `engine.core.admission`), and the lock its caller parks on."""
 
-    __slots__ = ("ops", "pgs", "cost", "lock", "lsn", "error", "request_id", "digest", "plain_keys", "request_key")
+    __slots__ = ("ops", "pgs", "cost", "lock", "lsn", "error", "request_id", "digest", "plain_keys", "request_key",
+                 "conditions", "seen")
 
     def __init__(
         self, ops, pgs, request_id: bytes | None = None, digest: bytes = b"", *, plain_keys=None, request_key=None,
     ) -> None:
         self.ops = ops
+        #: preconditions (their keys as the ops carry them: index keys on an encrypted volume),
+        #: and what the stored state was for the keys the writer did not remember when they were
+        #: submitted: key -> (read point, lsn, value or None, deadline); see Writer._recent
+        self.conditions: tuple = ()
+        self.seen: dict | None = None
         #: on an encrypted volume the ops carry index keys, and these are the keys they hash
         #: (sealed into each put's value when its LSN is known); None otherwise
         self.plain_keys = plain_keys
@@ -252,6 +268,11 @@ class _Ticket:
         self.lsn = lsn
         self.lock.release()
         return self
+
+
+class _Reread(Unavailable):
+    """A conditional unit's read of the stored state was older than the writer's memory of recent
+    writes reaches back when the unit was ordered: nothing was logged; `write` sends it again."""
 
 
 class _InDoubt(Exception):
@@ -381,6 +402,19 @@ class Writer:
         self.read_points = ReadPointRegistry(clock)
         self._collect_delay = VdlHistory(options.collect_delay_s)
         self._request_retention = VdlHistory(options.request_retention_s, young=0)
+        #: Conditional writes (`engine.core.conditions`) are checked against this: key (as the
+        #: ops carry it) -> (lsn, value or None for a delete, deadline) of the newest write this
+        #: writer ordered, for every write above `_recent_floor`. Kept in order of LSN by
+        #: `_recent_order` ((lsn, key, bytes)); entries at or below VDL are dropped oldest first
+        #: beyond RECENT_WRITES_MAX / RECENT_BYTES_MAX, raising the floor. A key not in it was last
+        #: written at or below the floor: a read of the stored state at any read point at or
+        #: above the floor tells its version, and a conditional unit brings one (`submit`).
+        self._recent: dict[bytes, tuple[int, bytes | None, int]] = {}
+        self._recent_order: deque[tuple[int, bytes, int]] = deque()
+        self._recent_bytes = 0
+        self._recent_floor = 0
+        self.stats["conditions_failed"] = 0
+        self.stats["condition_rereads"] = 0
 
     # --- lifecycle --------------------------------------------------------------------------
     def open(self) -> None:
@@ -396,6 +430,8 @@ class Writer:
             write_quorum=self.weakening.write_quorum or WRITE_QUORUM,
         )
         self._tail_base = plan.next_lsn
+        # Every write of an earlier writer that survived recovery is at or below its VDL.
+        self._recent_floor = plan.vdl
         for n in membership.all_nodes:
             self.links[n] = _NodeLink(n)
         for n in synced:
@@ -587,6 +623,7 @@ class Writer:
         block: bool = True,
         request_id: bytes | None = None,
         resend: bool = False,
+        conditions: Sequence[cond.Condition] = (),
     ) -> tuple[int | None, _Ticket]:
         """Hand `ops` (flags, key, value) to the writer as one atomic unit; return (lsn, ticket).
 
@@ -601,7 +638,14 @@ class Writer:
         as its last record, so that whether it committed is in the log (`request_status`), and a
         re-send under the same id is applied at most once: one this writer logged recently joins
         the first (it is in memory); with `resend` an id not in memory is looked up in the log
-        first (an earlier writer may have committed it)."""
+        first (an earlier writer may have committed it).
+
+        With `conditions` (checked `engine.core.conditions.Condition`s) the unit is logged only if
+        every one holds when the writer orders it, under its lock; else its ticket fails with
+        PreconditionFailed and nothing is logged. Keys this writer wrote recently are checked
+        against its memory of them; the others are read here first, before the lock, at the
+        current read point (one read per such key), and that read is trusted under the lock only
+        if the memory still reaches back to it (else `_Reread`, nothing logged)."""
         assert 1 <= len(ops) <= BATCH_OPS_MAX
         assert all(not flags & FLAG_REQUEST for flags, _k, _v in ops), "request records are the writer's own"
         cipher = self.cipher
@@ -638,6 +682,8 @@ class Writer:
                     self._check_digest(ticket, digest, lsn)
                     self.stats["requests_deduplicated"] += 1
                     return lsn, ticket.done(lsn)
+        if conditions:
+            self._prepare_conditions(ticket, conditions)
         if self._closed or self._fenced or self._admission is not ADMIT_ALL:
             self._admit(ticket, block)
         self._inbox.append(ticket)
@@ -698,6 +744,9 @@ class Writer:
             adm = self._admission_locked()
         space_check = adm is ADMIT_DELETES_ONLY or adm is ADMIT_FULL
         put_limit = -1 if refuse else self._put_limit_locked()  # no link changes in this loop
+        recent, recent_order = self._recent, self._recent_order
+        if len(recent_order) > RECENT_WRITES_MAX or self._recent_bytes > RECENT_BYTES_MAX:
+            self._forget_recent_locked()
         while inbox:
             ticket = inbox[0]
             if refuse:
@@ -736,12 +785,23 @@ class Writer:
                 continue
             if not ledger.can_allocate(len(ticket.pgs)):
                 return  # LAL: the rest waits until VDL moves on
+            if ticket.conditions and not self._conditions_hold_locked(ticket):
+                inbox.popleft()
+                ticket.lock.release()
+                continue
             inbox.popleft()
             allocs = ledger.allocate(ticket.pgs)
             ops = ticket.ops
             last = len(ticket.pgs) - 1
             plain_keys = ticket.plain_keys
             for i, ((lsn, prev), (flags, key, value), pg) in enumerate(zip(allocs, ops, ticket.pgs)):
+                if flags & FLAG_PUT:
+                    recent[key] = (lsn, value, 0)
+                    recent_order.append((lsn, key, len(value)))
+                    self._recent_bytes += len(value)
+                else:
+                    recent[key] = (lsn, None, 0)
+                    recent_order.append((lsn, key, 0))
                 if plain_keys is not None and flags & FLAG_PUT:  # sealed now: its LSN is in the AD
                     value = self.cipher.seal(pg, lsn, key, plain_keys[i], value)
                 tail.append(codec.encode_record(lsn, prev, pg, flags | (FLAG_CPL if i == last else 0), key, value))
@@ -762,6 +822,75 @@ class Writer:
             self._tail_costs.append(self._logged_cost)
             ticket.lsn = allocs[-1][0]
             waiters.append((ticket.lsn, ticket.lock))
+
+    # --- conditional writes -------------------------------------------------------------------
+    def _prepare_conditions(self, ticket: _Ticket, conditions: Sequence[cond.Condition]) -> None:
+        """Attach the conditions to the ticket (keys as the ops carry them), and read the stored
+        version of each key this writer does not remember writing: before the lock, one read
+        per key, all at one read point (`_conditions_hold_locked` decides if it is recent enough)."""
+        cipher = self.cipher
+        plain = tuple(conditions)
+        if cipher is not None:
+            conditions = tuple(cond.Condition(cipher.index_key(c.key), c.kind, c.value, c.lsn) for c in plain)
+        ticket.conditions = tuple(conditions)
+        recent = self._recent
+        unknown = [(c.key, p.key) for c, p in zip(ticket.conditions, plain) if c.key not in recent]
+        if not unknown:
+            return
+        view = self.view()
+        seen = {}
+        for key, plain_key in unknown:
+            if key not in seen:
+                lsn, value, deadline = self.reads.version(plain_key, view=view)
+                seen[key] = (view.read_point, lsn, value, deadline)
+        ticket.seen = seen
+
+    def _conditions_hold_locked(self, ticket: _Ticket) -> bool:
+        """Whether every condition of the ticket holds now (in the order of the log: after every
+        unit ordered before it, durable or not). If not, the ticket gets its error (nothing will
+        be logged). Caller holds the lock; no I/O."""
+        recent, seen, floor = self._recent, ticket.seen or {}, self._recent_floor
+        now_us = self._commit_time_us
+        failed, notes = [], []
+        for i, c in enumerate(ticket.conditions):
+            version = recent.get(c.key)
+            if version is None:
+                s = seen.get(c.key)
+                if s is None or s[0] < floor:
+                    self.stats["condition_rereads"] += 1
+                    ticket.error = _Reread(
+                        "the writer's memory of recent writes moved past the read made for this write's conditions "
+                        "before it was ordered; nothing was logged: send it again"
+                    )
+                    return False
+                version = s[1:]
+            lsn, value, deadline = version
+            if not cond.holds(c, lsn, value, deadline, now_us):
+                failed.append(i)
+                notes.append(f"#{i} {c.describe()}: found {cond.found(lsn, value, deadline, now_us)}")
+        if not failed:
+            return True
+        self.stats["conditions_failed"] += 1
+        ticket.error = PreconditionFailed(
+            f"{len(failed)} of {len(ticket.conditions)} condition(s) failed, nothing was logged: " + "; ".join(notes),
+            tuple(failed),
+        )
+        return False
+
+    def _forget_recent_locked(self) -> None:
+        """Drop the oldest remembered writes at or below VDL beyond the bounds, raising the floor
+        to the newest LSN dropped. Caller holds the lock."""
+        order, recent, vdl = self._recent_order, self._recent, self.ledger.vdl
+        while order and (len(order) > RECENT_WRITES_MAX // 2 or self._recent_bytes > RECENT_BYTES_MAX // 2):
+            lsn, key, size = order[0]
+            if lsn > vdl:
+                break
+            order.popleft()
+            self._recent_bytes -= size
+            self._recent_floor = max(self._recent_floor, lsn)
+            version = recent.get(key)
+            if version is not None and version[0] == lsn:
+                del recent[key]
 
     def _join_locked(self, ticket: _Ticket, first: _Ticket) -> None:
         """`ticket` re-sends a request this writer logged as `first`: answer it with first's LSN
@@ -857,10 +986,20 @@ class Writer:
             + "). It may still become durable; read the key to find out."
         )
 
-    def write(self, ops: Sequence[tuple[int, bytes, bytes]], *, request_id: bytes | None = None, resend: bool = False) -> int:
-        _lsn, ticket = self.submit(ops, request_id=request_id, resend=resend)
-        self.wait(None, ticket)
-        return ticket.lsn
+    def write(
+        self, ops: Sequence[tuple[int, bytes, bytes]], *, request_id: bytes | None = None, resend: bool = False,
+        conditions: Sequence[cond.Condition] = (),
+    ) -> int:
+        for attempt in range(CONDITION_REREADS_MAX if conditions else 1):
+            _lsn, ticket = self.submit(ops, request_id=request_id, resend=resend, conditions=conditions)
+            try:
+                self.wait(None, ticket)
+            except _Reread:
+                if attempt == CONDITION_REREADS_MAX - 1:
+                    raise
+                continue
+            return ticket.lsn
+        raise AssertionError("unreachable")
 
     def put(self, key: bytes, value: bytes) -> int:
         check_key(key)

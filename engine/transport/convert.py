@@ -65,9 +65,12 @@ from engine.core.types import (
     Unit,
     VersionEntry,
 )
+from engine.core.conditions import CONDITIONS_MAX, Condition, check_condition
 from engine.errors import (
     ALL_ERRORS,
+    EpochBehind,
     InvalidArgument,
+    PreconditionFailed,
     PermissionDenied,
     ResourceExhausted,
     SegmentIncomplete,
@@ -114,6 +117,8 @@ _DEFAULT_BY_CODE: dict[grpc.StatusCode, type[SixfoldError]] = {
     grpc.StatusCode.PERMISSION_DENIED: PermissionDenied,
     # SnapshotTooOld shares it as a subclass: a bare OUT_OF_RANGE is "cannot answer here".
     grpc.StatusCode.OUT_OF_RANGE: SegmentIncomplete,
+    # PreconditionFailed shares it since conditional writes; a bare ABORTED stays what it was.
+    grpc.StatusCode.ABORTED: EpochBehind,
 }
 #: Codes that say "could not reach it or did not hear back" (or gRPC's own failures) when they
 #: come without a class name: never a Sixfold decision.
@@ -152,13 +157,16 @@ def _known_base(exc: SixfoldError) -> type[SixfoldError]:
     return SixfoldError
 
 
-def _make(cls: type[SixfoldError], message: str) -> SixfoldError:
+def _make(cls: type[SixfoldError], message: str, failed=()) -> SixfoldError:
+    if cls is PreconditionFailed:
+        return cls(message, tuple(failed))
     return cls(message)
 
 
 def error_to_pb(exc: SixfoldError) -> common_pb2.ErrorStatus:
     cls = _known_base(exc)
-    return common_pb2.ErrorStatus(code=cls.GRPC_STATUS, error=cls.__name__, message=str(exc))
+    return common_pb2.ErrorStatus(code=cls.GRPC_STATUS, error=cls.__name__, message=str(exc),
+                                  failed=getattr(exc, "failed", ()))
 
 
 def error_from_pb(status: common_pb2.ErrorStatus) -> SixfoldError:
@@ -167,7 +175,9 @@ def error_from_pb(status: common_pb2.ErrorStatus) -> SixfoldError:
     if cls is None:
         code = getattr(grpc.StatusCode, status.code, grpc.StatusCode.UNKNOWN)
         cls = _DEFAULT_BY_CODE.get(code, Unavailable)
-    return _make(cls, status.message)
+    if len(status.failed) > CONDITIONS_MAX:
+        raise InvalidArgument(f"an error lists {len(status.failed)} failed conditions; a unit has at most {CONDITIONS_MAX}")
+    return _make(cls, status.message, status.failed)
 
 
 def error_from_rpc(exc: grpc.RpcError, *, where: str, write: bool = False) -> SixfoldError:
@@ -640,8 +650,18 @@ def unit_to_pb(unit: Unit | Sequence[Op]) -> kv_pb2.Unit:
     if not isinstance(unit, Unit):
         unit = Unit(tuple(unit))
     return kv_pb2.Unit(
-        ops=[kv_pb2.Op(flags=f, key=k, value=v) for f, k, v in unit.ops], request_id=unit.request_id or b"", resend=unit.resend
+        ops=[kv_pb2.Op(flags=f, key=k, value=v) for f, k, v in unit.ops], request_id=unit.request_id or b"", resend=unit.resend,
+        conditions=[condition_to_pb(c) for c in unit.conditions],
     )
+
+
+def condition_to_pb(c: Condition) -> kv_pb2.Condition:
+    return kv_pb2.Condition(key=c.key, kind=c.kind, value=c.value, lsn=c.lsn)
+
+
+def condition_from_pb(m: kv_pb2.Condition) -> Condition:
+    """A condition, validated (InvalidArgument: its unit is refused, nothing logged)."""
+    return check_condition(Condition(m.key, m.kind, m.value, m.lsn))
 
 
 def write_request_to_pb(units: Sequence[Unit | Sequence[Op]]) -> kv_pb2.WriteRequest:
@@ -653,6 +673,8 @@ def write_request_to_pb(units: Sequence[Unit | Sequence[Op]]) -> kv_pb2.WriteReq
         if isinstance(unit, Unit):
             u = add_unit(request_id=unit.request_id or b"", resend=unit.resend)
             ops = unit.ops
+            if unit.conditions:
+                u.conditions.extend(condition_to_pb(c) for c in unit.conditions)
         else:
             u, ops = add_unit(), unit
         add_op = u.ops.add
@@ -668,7 +690,9 @@ def unit_from_pb(m: kv_pb2.Unit) -> Unit:
         raise InvalidArgument(f"request id of {len(rid)} bytes: request ids are 1..{REQUEST_ID_BYTES_MAX} bytes")
     if m.resend and not rid:
         raise InvalidArgument("a re-sent unit names its request id")
-    return Unit(_unit_ops_from_pb(m), rid or None, m.resend)
+    if len(m.conditions) > CONDITIONS_MAX:
+        raise InvalidArgument(f"a unit carries at most {CONDITIONS_MAX} conditions, got {len(m.conditions)}")
+    return Unit(_unit_ops_from_pb(m), rid or None, m.resend, tuple(condition_from_pb(c) for c in m.conditions))
 
 
 def _unit_ops_from_pb(m: kv_pb2.Unit) -> tuple[Op, ...]:
