@@ -222,3 +222,19 @@ def test_conditional_writes_over_grpc(tmp_path):
             assert (db.get(b"k"), db.get(b"j")) == (b"3", b"3")
     finally:
         c.down(timeout_s=10)
+
+
+def test_a_refusal_is_told_only_once_the_write_it_saw_is_durable(db):
+    """A refused condition is a read of the log: if it rests on a write not yet durable, it is
+    answered only when that write is, so a read after the refusal sees what the refusal saw
+    (found by the chaos cas workload: a get after a refused `absent` returned nothing)."""
+    w = db._backend.writer
+    for i in range(30):
+        key = b"r%d" % i
+        _l1, t1 = w.submit(((FLAG_PUT, key, b"v"),))
+        _l2, t2 = w.submit(((FLAG_PUT, b"other", b"x"),), conditions=(engine.absent(key),))
+        with pytest.raises(PreconditionFailed):
+            w.wait(None, t2)
+        assert w.ledger.vdl >= t1.lsn, "the refusal was told before the write it rests on was durable"
+        assert db.get(key) == b"v"
+        w.wait(None, t1)

@@ -787,7 +787,7 @@ class Writer:
                 return  # LAL: the rest waits until VDL moves on
             if ticket.conditions and not self._conditions_hold_locked(ticket):
                 inbox.popleft()
-                ticket.lock.release()
+                self._refuse_conditional_locked(ticket)
                 continue
             inbox.popleft()
             allocs = ledger.allocate(ticket.pgs)
@@ -852,6 +852,7 @@ class Writer:
         recent, seen, floor = self._recent, ticket.seen or {}, self._recent_floor
         now_us = self._commit_time_us
         failed, notes = [], []
+        newest = 0  # the newest version the check looked at
         for i, c in enumerate(ticket.conditions):
             version = recent.get(c.key)
             if version is None:
@@ -865,17 +866,32 @@ class Writer:
                     return False
                 version = s[1:]
             lsn, value, deadline = version
+            newest = max(newest, lsn)
             if not cond.holds(c, lsn, value, deadline, now_us):
                 failed.append(i)
                 notes.append(f"#{i} {c.describe()}: found {cond.found(lsn, value, deadline, now_us)}")
         if not failed:
             return True
         self.stats["conditions_failed"] += 1
+        ticket.lsn = newest
         ticket.error = PreconditionFailed(
             f"{len(failed)} of {len(ticket.conditions)} condition(s) failed, nothing was logged: " + "; ".join(notes),
             tuple(failed),
         )
         return False
+
+    def _refuse_conditional_locked(self, ticket: _Ticket) -> None:
+        """Answer a unit whose conditions failed (its error is set). A refusal is a read: it
+        may rest on a write not yet durable (`ticket.lsn`, the newest version its check saw), and
+        must not be told before that write is, or a read after the refusal could still miss the
+        write the refusal saw (and a recovery could cut it). So it waits in the queue of waiters
+        like a write at that LSN; `wait` turns it into Unavailable if that LSN never got durable."""
+        lsn = ticket.lsn or 0
+        if lsn <= self.ledger.vdl:
+            ticket.lock.release()
+            return
+        waiters = self._waiters
+        waiters.insert(bisect.bisect_right(waiters, lsn, key=lambda w: w[0]), (lsn, ticket.lock))
 
     def _forget_recent_locked(self) -> None:
         """Drop the oldest remembered writes at or below VDL beyond the bounds, raising the floor
@@ -953,6 +969,11 @@ class Writer:
         ticket.lock.acquire(timeout=timeout_s)
         lsn = ticket.lsn
         if ticket.error is not None:
+            if isinstance(ticket.error, PreconditionFailed) and lsn and self.ledger.vdl < lsn:
+                raise Unavailable(
+                    f"a condition of this write failed on a write at LSN {lsn} that is not durable (VDL "
+                    f"{self.ledger.vdl}): nothing was logged, and whether that write stays is not known yet; retry"
+                )
             raise ticket.error
         ledger = self.ledger
         if lsn is not None and ledger.vdl >= lsn:
