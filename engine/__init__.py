@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 
 from engine import errors
-from engine.core.conditions import Condition, absent, equals, exists, unchanged
+from engine.core.conditions import Condition, absent, at_version, equals, exists, unchanged
 from engine.database import Batch, Database, Snapshot
 from engine.errors import (
     BackupCorrupt,
@@ -166,6 +166,7 @@ __all__ = [
     "WriteIndeterminate",
     "WrongFolder",
     "absent",
+    "at_version",
     "codec_implementation",
     "connect",
     "equals",

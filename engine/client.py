@@ -432,6 +432,9 @@ class RemoteBackend:
             + sum(len(c.key) + len(c.value) + OP_OVERHEAD_BYTES for c in conditions)
         return self._writes.call(unit, size)
 
+    def version(self, key: bytes) -> tuple[int, bytes | None, int, int]:
+        return convert.version_reply_from_pb(self._rpc(self._stub.Version, kv_pb2.VersionRequest(key=key)))
+
     def request_status(self, request_id: bytes) -> RequestStatus:
         reply = self._rpc(self._stub.StatusOf, kv_pb2.StatusOfRequest(request_id=request_id))
         return convert.request_status_from_pb(reply)
@@ -815,6 +818,9 @@ class FollowingBackend:
 
     def request_status(self, request_id: bytes) -> RequestStatus:
         return self._call(lambda b: b.request_status(request_id))
+
+    def version(self, key: bytes) -> tuple[int, bytes | None, int, int]:
+        return self._call(lambda b: b.version(key))
 
     def get(self, key: bytes, *, quorum: bool = False, view: ReadView | None = None, after: int = 0) -> bytes | None:
         return self._call(lambda b: b.get(key, quorum=quorum, view=view, after=after))

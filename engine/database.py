@@ -27,6 +27,13 @@ write raises `PreconditionFailed` (`.failed`: the indices of the conditions that
 condition sees every write ordered before it, also one not yet durable: durability advances as
 a prefix of the log, so a unit that depends on it cannot become durable without it.
 
+Expiry (`engine.head.expiry`): `put` and `Batch.put` take `ttl_s=` (a time to live, counted from
+the write's commit time on the log's clock) or `expires_at_us=` (a deadline, microseconds since
+the Unix epoch). Once the log's time passes the deadline, reads see no key; a background step
+then deletes it through the log, on the condition that it still holds that version. A value of
+an expiring put is at most 1 MiB - 8 bytes (the deadline is stored with it). `version(key)`
+tells a key's version, deadline and the writer's clock (`Version`).
+
 A `Database` that is dropped without `close()` closes its backend when it is garbage collected
 (and at interpreter exit at the latest): an embedded volume then stops its threads, closes its
 LMDB files and frees its folder for the next open.
@@ -34,12 +41,24 @@ LMDB files and frees its folder for the next open.
 
 from __future__ import annotations
 
+import math
 import os
+import struct
 import weakref
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 from engine.core.conditions import Condition, check_conditions
-from engine.core.constants import FLAG_DELETE, FLAG_PUT, LSN_VALID_MAX
+from engine.core.constants import (
+    DEADLINE_US_MAX,
+    EXPIRES_BYTES,
+    FLAG_DELETE,
+    FLAG_EXPIRES,
+    FLAG_PUT,
+    LSN_VALID_MAX,
+    OP_TTL,
+    VALUE_BYTES_MAX,
+)
 from engine.core.types import RequestStatus
 from engine.errors import Closed, InvalidArgument, SixfoldError
 from engine.head.reads import check_key
@@ -51,6 +70,50 @@ def check_after(after) -> int:
     if isinstance(after, bool) or not isinstance(after, int) or not 0 <= after <= LSN_VALID_MAX:
         raise InvalidArgument(f"after= is a commit position (an int LSN in 0..{LSN_VALID_MAX} a write returned), got {after!r}")
     return after
+
+
+_DEADLINE = struct.Struct("<Q")
+#: a time to live is at most this (about 292,000 years): it is added to a commit time in a u64
+TTL_US_MAX = DEADLINE_US_MAX // 2
+
+
+@dataclass(frozen=True)
+class Version:
+    """A key's newest live version (`Database.version`): its value, its commit LSN, its deadline
+    (microseconds on the log's clock; 0: none), and the writer's clock when it was read (the
+    time to live left is `deadline_us - clock_us`)."""
+
+    value: bytes
+    lsn: int
+    deadline_us: int
+    clock_us: int
+
+    @property
+    def ttl_s(self) -> float | None:
+        """Seconds left to live (never below 0), None without a deadline."""
+        return None if not self.deadline_us else max(0, self.deadline_us - self.clock_us) / 1e6
+
+
+def put_op(key: bytes, value: bytes, ttl_s=None, expires_at_us=None) -> tuple[int, bytes, bytes]:
+    """The op of a put, with its deadline or time to live (checked; InvalidArgument)."""
+    check_key(key)
+    check_value(value)
+    if ttl_s is None and expires_at_us is None:
+        return (FLAG_PUT, key, value)
+    if ttl_s is not None and expires_at_us is not None:
+        raise InvalidArgument("a put takes ttl_s= or expires_at_us=, not both")
+    if len(value) > VALUE_BYTES_MAX - EXPIRES_BYTES:
+        raise InvalidArgument(f"value of {len(value)} bytes: an expiring value is at most {VALUE_BYTES_MAX - EXPIRES_BYTES} bytes")
+    if ttl_s is not None:
+        if isinstance(ttl_s, bool) or not isinstance(ttl_s, (int, float)) or not math.isfinite(ttl_s) or ttl_s <= 0:
+            raise InvalidArgument(f"ttl_s= is a positive number of seconds, got {ttl_s!r}")
+        ttl_us = max(1, round(ttl_s * 1e6))
+        if ttl_us > TTL_US_MAX:
+            raise InvalidArgument(f"ttl_s={ttl_s!r} is more than {TTL_US_MAX // 10**6} seconds")
+        return (FLAG_PUT | FLAG_EXPIRES | OP_TTL, key, _DEADLINE.pack(ttl_us) + value)
+    if isinstance(expires_at_us, bool) or not isinstance(expires_at_us, int) or not 1 <= expires_at_us <= DEADLINE_US_MAX:
+        raise InvalidArgument(f"expires_at_us= is an int of microseconds since the Unix epoch in 1..{DEADLINE_US_MAX}, got {expires_at_us!r}")
+    return (FLAG_PUT | FLAG_EXPIRES, key, _DEADLINE.pack(expires_at_us) + value)
 
 
 def _conditions(expect) -> tuple[Condition, ...]:
@@ -81,10 +144,9 @@ class Batch:
         #: the id the batch is logged under (chosen by the caller, or made at commit)
         self.request_id = request_id
 
-    def put(self, key: bytes, value: bytes) -> Batch:
-        check_key(key)
-        check_value(value)
-        self._add((FLAG_PUT, key, value))
+    def put(self, key: bytes, value: bytes, *, ttl_s: float | None = None, expires_at_us: int | None = None) -> Batch:
+        """Add a put; `ttl_s` / `expires_at_us`: it expires (see the module docstring)."""
+        self._add(put_op(key, value, ttl_s, expires_at_us))
         return self
 
     def delete(self, key: bytes) -> Batch:
@@ -210,16 +272,16 @@ class Database:
         make = getattr(self._backend, "new_request_id", None)
         return make() if make is not None else os.urandom(16)
 
-    def put(self, key: bytes, value: bytes, *, request_id: bytes | None = None, expect=None) -> int:
+    def put(self, key: bytes, value: bytes, *, request_id: bytes | None = None, expect=None,
+            ttl_s: float | None = None, expires_at_us: int | None = None) -> int:
         """Store `value` under `key`; returns once the write is durable (4 of 6 segments), with
         its commit position (see the module docstring).
 
         `request_id` (1..64 bytes): send a write again under the id it had (see the module
-        docstring); it is applied at most once. `expect`: preconditions (module docstring)."""
+        docstring); it is applied at most once. `expect`: preconditions; `ttl_s` (seconds) or
+        `expires_at_us` (a deadline): the key expires (module docstring)."""
         self._check()
-        check_key(key)
-        check_value(value)
-        return self._write(((FLAG_PUT, key, value),), request_id, _conditions(expect))[0]
+        return self._write((put_op(key, value, ttl_s, expires_at_us),), request_id, _conditions(expect))[0]
 
     def delete(self, key: bytes, *, request_id: bytes | None = None, expect=None) -> int:
         """Remove `key` (a tombstone); returns once durable, with its commit position. Deleting
@@ -262,6 +324,17 @@ class Database:
         if after is None:
             return self._backend.scan(start, end, quorum=quorum, view=None)
         return self._backend.scan(start, end, quorum=quorum, view=None, after=check_after(after))
+
+    def version(self, key: bytes) -> Version | None:
+        """The newest live version of `key` (value, LSN, deadline, the writer's clock), or None
+        when it has none (never written, deleted, or expired). Linearizable, like `get`; served
+        by the writer (embedded, or the writer endpoint)."""
+        self._check()
+        check_key(key)
+        lsn, value, deadline, clock_us = self._backend.version(key)
+        if lsn == 0 or value is None:
+            return None
+        return Version(value, lsn, deadline, clock_us)
 
     def batch(self, *, request_id: bytes | None = None, expect=None) -> Batch:
         """A batch of writes applied atomically (see Batch); `expect`: its preconditions."""

@@ -702,6 +702,14 @@ class EmbeddedVolume:
     def request_status(self, request_id):
         return self._w.request_status(request_id)
 
+    def version(self, key):
+        """(lsn, value, deadline, clock) of the key's newest live version; lsn 0 for none."""
+        w = self._w
+        lsn, value, deadline = w.reads.version(key)
+        if value is None or (deadline and deadline <= w.log_time_us()):
+            return 0, None, 0, w.clock_us()
+        return lsn, value, deadline, w.clock_us()
+
     def new_request_id(self) -> bytes:
         """16 random bytes; drawn from the volume's seed when a simulator drives it (no
         background threads), so that a seeded run logs the very same records every time."""

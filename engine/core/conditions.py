@@ -17,6 +17,8 @@ Kinds (their numbers travel in `kv.proto`'s `Condition.kind`):
     EQUALS     its live value is exactly `value`
     UNCHANGED  no version newer than commit position `lsn`: the newest version's LSN <= `lsn`
                (an expired version still counts as a change: it was written)
+    VERSION    the newest version is the one at LSN `lsn` exactly (0: never written); what the
+               expiry step deletes under, so it never deletes a newer value
 
 Rules of this module: no I/O, no clocks; values in, values out.
 """
@@ -32,7 +34,10 @@ EXISTS = 1
 ABSENT = 2
 EQUALS = 3
 UNCHANGED = 4
-KIND_NAMES = {EXISTS: "exists", ABSENT: "absent", EQUALS: "equals", UNCHANGED: "unchanged"}
+VERSION = 5
+KIND_NAMES = {EXISTS: "exists", ABSENT: "absent", EQUALS: "equals", UNCHANGED: "unchanged", VERSION: "version"}
+#: kinds that carry a position in `lsn`
+_POSITION_KINDS = (UNCHANGED, VERSION)
 #: Conditions in one unit (each costs the writer a dict lookup under its lock, and at most one
 #: read before it when its key was not written recently).
 CONDITIONS_MAX = 1_000
@@ -52,6 +57,8 @@ class Condition:
             return f"{self.key!r} equals a value of {len(self.value)} bytes"
         if self.kind == UNCHANGED:
             return f"{self.key!r} unchanged since position {self.lsn}"
+        if self.kind == VERSION:
+            return f"{self.key!r} at version {self.lsn}"
         return f"{self.key!r} {KIND_NAMES.get(self.kind, '?')}"
 
 
@@ -65,8 +72,8 @@ def check_condition(c) -> Condition:
         raise InvalidArgument(f"condition kind {c.kind!r}: one of {sorted(KIND_NAMES)} ({', '.join(KIND_NAMES.values())})")
     if not isinstance(c.value, bytes) or len(c.value) > VALUE_BYTES_MAX or (c.value and c.kind != EQUALS):
         raise InvalidArgument(f"a condition's value is bytes (at most {VALUE_BYTES_MAX}), and only EQUALS has one")
-    if isinstance(c.lsn, bool) or not isinstance(c.lsn, int) or not 0 <= c.lsn <= LSN_VALID_MAX or (c.lsn and c.kind != UNCHANGED):
-        raise InvalidArgument(f"a condition's position is an int in 0..{LSN_VALID_MAX}, and only UNCHANGED has one")
+    if isinstance(c.lsn, bool) or not isinstance(c.lsn, int) or not 0 <= c.lsn <= LSN_VALID_MAX or (c.lsn and c.kind not in _POSITION_KINDS):
+        raise InvalidArgument(f"a condition's position is an int in 0..{LSN_VALID_MAX}, and only UNCHANGED and VERSION have one")
     return c
 
 
@@ -87,6 +94,8 @@ def holds(c: Condition, lsn: int, value: bytes | None, deadline_us: int, now_us:
     kind = c.kind
     if kind == UNCHANGED:
         return lsn <= c.lsn
+    if kind == VERSION:
+        return lsn == c.lsn
     alive = live(value, deadline_us, now_us)
     if kind == EXISTS:
         return alive
@@ -121,3 +130,7 @@ def equals(key: bytes, value: bytes) -> Condition:
 
 def unchanged(key: bytes, since: int) -> Condition:
     return Condition(key, UNCHANGED, lsn=since)
+
+
+def at_version(key: bytes, lsn: int) -> Condition:
+    return Condition(key, VERSION, lsn=lsn)

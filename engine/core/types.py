@@ -156,6 +156,8 @@ class ReadReply:
     lsn: int
     value: bytes | None
     deleted: bool = False
+    #: an expiring version's deadline (microseconds on the log's clock); 0: none
+    deadline_us: int = 0
 
 
 @dataclass(frozen=True)
@@ -165,6 +167,7 @@ class VersionEntry:
     key: bytes
     lsn: int
     value: bytes | None  # None: deleted
+    deadline_us: int = 0  # an expiring version's deadline; 0: none
 
 
 @dataclass(frozen=True)
@@ -264,6 +267,9 @@ class ReadPointUpdate:
     #: The writer's wall clock when the VDL first moved past the previous update of the same
     #: stream (when the oldest commit this update newly covers became durable); 0 if none or unknown.
     committed_at: float = 0.0
+    #: The log's time at the writer (`Writer.log_time_us`): a reader hides versions whose
+    #: deadline is at or before it (engine.head.expiry); 0: unknown (a writer before expiry)
+    log_time_us: int = 0
 
     @property
     def view(self) -> ReadView:

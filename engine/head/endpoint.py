@@ -305,6 +305,14 @@ class WriterEndpoint:
             raise ReplicaBehind(f"the writer's VDL {vdl} did not reach LSN {after} within {self.config.write_timeout_s:g} s "
                                 "(was that position given by this volume?)")
 
+    def version(self, key: bytes) -> tuple[int, bytes | None, int, int]:
+        """(lsn, value, deadline, clock) of the key's newest live version (lsn 0: none)."""
+        w = self.writer
+        lsn, value, deadline = w.reads.version(key)
+        if value is None or (deadline and deadline <= w.log_time_us()):
+            return 0, None, 0, w.clock_us()
+        return lsn, value, deadline, w.clock_us()
+
     def request_status(self, request_id: bytes) -> RequestStatus:
         return self.writer.request_status(request_id)
 
@@ -536,6 +544,12 @@ class KVServicer(kv_pb2_grpc.KVServicer):
             return reply
 
         return self._serve(context, "Get", work)
+
+    def Version(self, request, context):
+        def work():
+            return convert.version_reply_to_pb(*self.ep.version(convert.version_key_from_pb(request)))
+
+        return self._serve(context, "Version", work)
 
     def GetMany(self, request, context):
         def work():

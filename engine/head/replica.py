@@ -186,6 +186,11 @@ class ReplicaSource:
             raise Unavailable("this reader has not yet learned a read point from the writer endpoint; retry shortly")
         return u.view
 
+    def log_time_us(self) -> int:
+        """The log's time the writer sent with the read point (engine.head.expiry)."""
+        u = self._update
+        return 0 if u is None else u.log_time_us
+
     def membership(self) -> Membership:
         u = self._update
         if u is None:

@@ -56,6 +56,7 @@ from __future__ import annotations
 import _thread
 import bisect
 import hashlib
+import heapq
 import threading
 import logging  # after threading, which logging imports: tests/test_purity.py's guard names this module
 import struct
@@ -70,9 +71,13 @@ from engine.core import conditions as cond
 from engine.core.admission import Admission, admits, quorum_limit, record_cost_bytes, unit_cost_bytes, write_admission
 from engine.core.constants import (
     BATCH_OPS_MAX,
+    DEADLINE_US_MAX,
+    EXPIRES_BYTES,
     FLAG_CPL,
     FLAG_DELETE,
+    FLAG_EXPIRES,
     FLAG_PUT,
+    OP_TTL,
     FLAG_REQUEST,
     FRAME_BYTES_MAX,
     LAL_DEFAULT,
@@ -98,6 +103,7 @@ from engine.core.quorum import VolumeDurability, has_write_quorum
 from engine.core.tail import TAIL_RECORDS_MAX, tail_trim
 from engine.core.types import Geometry, Membership, NodeInfo, ReadPointUpdate, ReadView, RequestStatus
 from engine.envelope import SEAL_OVERHEAD_BYTES, VolumeCipher
+from engine.head.expiry import ExpiryStep
 from engine.head.failover import lease_margin
 from engine.head.membership import MembershipSteps
 from engine.head.readpoints import ReadPointRegistry, VdlHistory
@@ -153,6 +159,12 @@ CONDITION_REREADS_MAX = 5
 #: commit time (engine.core.constants; the archive's restore points, engine.backup)
 _COMMIT_TIME = struct.Struct("<Q")
 assert _COMMIT_TIME.size == REQUEST_TIME_BYTES
+#: an expiring put's deadline (or, in an OP_TTL op, its time to live), the value's first bytes
+_DEADLINE = struct.Struct("<Q")
+assert _DEADLINE.size == EXPIRES_BYTES
+#: expiring versions the writer remembers for the expiry step (engine.head.expiry); beyond it the
+#: step finds them by a scan
+EXPIRING_MAX = 1_000_000
 
 
 @dataclass(frozen=True)
@@ -413,6 +425,18 @@ class Writer:
         self._recent_order: deque[tuple[int, bytes, int]] = deque()
         self._recent_bytes = 0
         self._recent_floor = 0
+        #: the log's time (engine.head.expiry): (CPL LSN, commit time) of each unit logged with a
+        #: stamp (a request record) and not yet durable; the stamp of the newest durable one is
+        #: `_durable_time_us`, what reads compare deadlines against
+        self._stamps: deque[tuple[int, int]] = deque()
+        self._durable_time_us = 0
+        #: (deadline, plain key, LSN) of the expiring versions this writer ordered, a heap for the
+        #: expiry step; `expiring_overflow` once more than EXPIRING_MAX were left in it
+        self.expiring: list[tuple[int, bytes, int]] = []
+        self.expiring_overflow = False
+        #: the expiry step (engine.head.expiry), a thread while the writer serves; None without
+        #: background threads (a simulator drives `expiry_step()` itself)
+        self.expiry: ExpiryStep | None = None
         self.stats["conditions_failed"] = 0
         self.stats["condition_rereads"] = 0
 
@@ -454,6 +478,12 @@ class Writer:
             # The nodes may have collected at an old writer's points: no read point below that.
             # (A horizon is never above a VDL announced, so never above the one recovered.)
             self.read_points.raise_floor(min(max(st.horizons, default=0), plan.vdl))
+            # The log's time never goes backwards across writers: every durable stamp is on a
+            # write quorum, so on one of the nodes this writer synced (each keeps its newest).
+            t = st.extra.get("commit_time_us", 0) if isinstance(st.extra, dict) else 0
+            if type(t) is int and 0 < t <= DEADLINE_US_MAX:
+                self._commit_time_us = max(self._commit_time_us, t)
+                self._durable_time_us = max(self._durable_time_us, t)
         self.recovery = {
             "epoch": self.epoch,
             "vdl": plan.vdl,
@@ -470,6 +500,8 @@ class Writer:
             for link in self.links.values():
                 link.thread = threading.Thread(target=self._sender, args=(link,), name=f"writer->{link.id}", daemon=True)
                 link.thread.start()
+            self.expiry = ExpiryStep(self)
+            self.expiry.start()
 
     def close(self) -> None:
         """Stop the senders after in-flight records had a chance to become durable."""
@@ -491,6 +523,8 @@ class Writer:
             waiters, self._waiters = self._waiters, deque()
         for _lsn, lock in waiters:
             lock.release()
+        if self.expiry is not None:
+            self.expiry.stop()
         for link in self.links.values():
             if link.thread is not None and link.thread is not threading.current_thread():
                 link.thread.join(timeout=5)
@@ -785,7 +819,10 @@ class Writer:
                 continue
             if not ledger.can_allocate(len(ticket.pgs)):
                 return  # LAL: the rest waits until VDL moves on
-            if ticket.conditions and not self._conditions_hold_locked(ticket):
+            # The unit's commit time, taken now: after its caller submitted it, before anyone
+            # can be told it committed; its conditions and time to live are judged at it.
+            self._commit_time_us = stamp = max(self._commit_time_us, self._wall_clock_us())
+            if ticket.conditions and not self._conditions_hold_locked(ticket, stamp):
                 inbox.popleft()
                 self._refuse_conditional_locked(ticket)
                 continue
@@ -795,20 +832,35 @@ class Writer:
             last = len(ticket.pgs) - 1
             plain_keys = ticket.plain_keys
             for i, ((lsn, prev), (flags, key, value), pg) in enumerate(zip(allocs, ops, ticket.pgs)):
-                if flags & FLAG_PUT:
+                if flags & FLAG_EXPIRES:
+                    if flags & OP_TTL:  # a time to live becomes a deadline on the log's clock
+                        flags &= ~OP_TTL
+                        deadline = min(stamp + _DEADLINE.unpack_from(value)[0], DEADLINE_US_MAX)
+                        value = _DEADLINE.pack(deadline) + value[EXPIRES_BYTES:]
+                    else:
+                        deadline = _DEADLINE.unpack_from(value)[0]
+                    recent[key] = (lsn, value[EXPIRES_BYTES:], deadline)
+                    recent_order.append((lsn, key, len(value)))
+                    self._recent_bytes += len(value)
+                    if len(self.expiring) < EXPIRING_MAX:
+                        heapq.heappush(self.expiring, (deadline, key if plain_keys is None else plain_keys[i], lsn))
+                    else:
+                        self.expiring_overflow = True
+                    if plain_keys is not None:  # the deadline stays outside the seal, for the nodes
+                        value = value[:EXPIRES_BYTES] + self.cipher.seal(pg, lsn, key, plain_keys[i], value[EXPIRES_BYTES:])
+                elif flags & FLAG_PUT:
                     recent[key] = (lsn, value, 0)
                     recent_order.append((lsn, key, len(value)))
                     self._recent_bytes += len(value)
+                    if plain_keys is not None:  # sealed now: its LSN is in the AD
+                        value = self.cipher.seal(pg, lsn, key, plain_keys[i], value)
                 else:
                     recent[key] = (lsn, None, 0)
                     recent_order.append((lsn, key, 0))
-                if plain_keys is not None and flags & FLAG_PUT:  # sealed now: its LSN is in the AD
-                    value = self.cipher.seal(pg, lsn, key, plain_keys[i], value)
                 tail.append(codec.encode_record(lsn, prev, pg, flags | (FLAG_CPL if i == last else 0), key, value))
             if rid is not None:  # the request record closes the unit and carries its CPL and commit time
                 lsn, prev = allocs[-1]
-                # Taken now, per unit: after its caller submitted it, before anyone can be told it committed.
-                self._commit_time_us = stamp = max(self._commit_time_us, self._wall_clock_us())
+                self._stamps.append((lsn, stamp))
                 tail.append(codec.encode_record(
                     lsn, prev, ticket.pgs[-1], FLAG_PUT | FLAG_REQUEST | FLAG_CPL, ticket.request_key,
                     ticket.digest + _COMMIT_TIME.pack(stamp),
@@ -845,12 +897,11 @@ class Writer:
                 seen[key] = (view.read_point, lsn, value, deadline)
         ticket.seen = seen
 
-    def _conditions_hold_locked(self, ticket: _Ticket) -> bool:
+    def _conditions_hold_locked(self, ticket: _Ticket, now_us: int) -> bool:
         """Whether every condition of the ticket holds now (in the order of the log: after every
         unit ordered before it, durable or not). If not, the ticket gets its error (nothing will
         be logged). Caller holds the lock; no I/O."""
         recent, seen, floor = self._recent, ticket.seen or {}, self._recent_floor
-        now_us = self._commit_time_us
         failed, notes = [], []
         newest = 0  # the newest version the check looked at
         for i, c in enumerate(ticket.conditions):
@@ -941,6 +992,42 @@ class Writer:
         key = request_id if self.cipher is None else self.cipher.index_key(request_id)
         r = self.reads.lookup(key, namespace=NAMESPACE_REQUESTS, what="a request-id lookup")
         return None if r is None or r.lsn == 0 else (r.lsn, (r.value or b"")[:REQUEST_DIGEST_BYTES])
+
+    def take_due(self, now_us: int, count_max: int) -> list[tuple[int, bytes, int]]:
+        """Pop up to `count_max` expiring versions whose deadline is at or before `now_us`:
+        (deadline, plain key, LSN), earliest first (the expiry step deletes them)."""
+        out = []
+        with self._lock:
+            heap = self.expiring
+            while heap and heap[0][0] <= now_us and len(out) < count_max:
+                out.append(heapq.heappop(heap))
+        return out
+
+    def note_expiring(self, versions) -> None:
+        """Remember expiring versions (plain key, LSN, deadline) found by a scan, or not deleted yet."""
+        with self._lock:
+            for key, lsn, deadline in versions:
+                if len(self.expiring) >= EXPIRING_MAX:
+                    self.expiring_overflow = True
+                    return
+                heapq.heappush(self.expiring, (deadline, key, lsn))
+
+    def clear_expiring_overflow(self) -> None:
+        """A scan of the volume starts: what it finds replaces the heap (nothing is lost)."""
+        with self._lock:
+            self.expiring_overflow = False
+            self.expiring = []
+
+    def log_time_us(self) -> int:
+        """The log's time: the commit time of the newest durable unit that carries one (or, when
+        no unit of this writer is durable yet, the newest any node held at its open). Never goes
+        backwards, also across writers; reads hide a version whose deadline is at or before it."""
+        return self._durable_time_us
+
+    def clock_us(self) -> int:
+        """The writer's clock as a commit would stamp it now (never below the log's time): what
+        a time to live is counted down against for display (`Database.ttl`)."""
+        return max(self._commit_time_us, self._wall_clock_us())
 
     def raise_commit_time_floor(self, time_us: int) -> None:
         """Stamp no commit time below `time_us` from now on: a writer after a failover takes the
@@ -1202,6 +1289,9 @@ class Writer:
         waiters = self._waiters
         while waiters and waiters[0][0] <= vdl:
             out.append(waiters.popleft()[1])
+        stamps = self._stamps
+        while stamps and stamps[0][0] <= vdl:
+            self._durable_time_us = stamps.popleft()[1]
         self._trim_locked()
         self._room.notify_all()
         return out
@@ -1434,7 +1524,8 @@ class Writer:
                 (n, tuple(ledger.scls[pg].get(n) for pg in range(self.P)), n in self.links and self.links[n].up)
                 for n in ledger.membership.all_nodes
             )
-            return ReadPointUpdate(self.epoch, ledger.vdl, tuple(ledger.read_tails), ledger.membership, members, sent_at)
+            return ReadPointUpdate(self.epoch, ledger.vdl, tuple(ledger.read_tails), ledger.membership, members, sent_at,
+                                   log_time_us=self._durable_time_us)
 
     def durable_since(self, vdl: int) -> float:
         """The wall-clock time the VDL first moved above `vdl` (when the oldest commit above it

@@ -78,6 +78,7 @@ KV_POLICY: dict[str, frozenset[str]] = {
     _KV + "Write": frozenset({CLIENT, ADMIN}),
     _KV + "Get": frozenset({CLIENT, ADMIN, READER}),
     _KV + "GetMany": frozenset({CLIENT, ADMIN, READER}),
+    _KV + "Version": frozenset({CLIENT, ADMIN, READER}),
     _KV + "Scan": frozenset({CLIENT, ADMIN, READER}),
     _KV + "View": frozenset({CLIENT, ADMIN, READER}),
     _KV + "HoldReadPoint": frozenset({CLIENT, ADMIN, READER}),

@@ -35,6 +35,10 @@ import grpc
 
 from engine.core.constants import (
     BATCH_OPS_MAX,
+    DEADLINE_US_MAX,
+    EXPIRES_BYTES,
+    FLAG_EXPIRES,
+    OP_TTL,
     NAMESPACE_KEYS,
     NAMESPACE_REQUESTS,
     REQUEST_ID_BYTES_MAX,
@@ -329,11 +333,12 @@ def _check_read_point(req) -> None:
 
 def read_reply_to_pb(r: ReadReply) -> storage_pb2.ReadReply:
     found = r.value is not None
-    return storage_pb2.ReadReply(node=r.node, lsn=r.lsn, found=found, value=r.value if found else b"", deleted=r.deleted)
+    return storage_pb2.ReadReply(node=r.node, lsn=r.lsn, found=found, value=r.value if found else b"", deleted=r.deleted,
+                                 deadline_us=r.deadline_us)
 
 
 def read_reply_from_pb(m: storage_pb2.ReadReply) -> ReadReply:
-    return ReadReply(m.node, m.lsn, m.value if m.found else None, m.deleted)
+    return ReadReply(m.node, m.lsn, m.value if m.found else None, m.deleted, min(m.deadline_us, DEADLINE_US_MAX))
 
 
 def read_many_request_to_pb(items: Sequence[tuple[int, bytes, int, int, int]]) -> storage_pb2.ReadManyRequest:
@@ -381,11 +386,11 @@ def scan_args_from_pb(req: storage_pb2.SegmentScanRequest, protection_groups: in
 
 
 def version_entry_to_pb(e: VersionEntry) -> storage_pb2.VersionEntry:
-    return storage_pb2.VersionEntry(key=e.key, lsn=e.lsn, deleted=e.value is None, value=e.value or b"")
+    return storage_pb2.VersionEntry(key=e.key, lsn=e.lsn, deleted=e.value is None, value=e.value or b"", deadline_us=e.deadline_us)
 
 
 def version_entry_from_pb(m: storage_pb2.VersionEntry) -> VersionEntry:
-    return VersionEntry(m.key, m.lsn, None if m.deleted else m.value)
+    return VersionEntry(m.key, m.lsn, None if m.deleted else m.value, min(m.deadline_us, DEADLINE_US_MAX))
 
 
 def scan_reply_to_pb(entries: Sequence[VersionEntry], resume: bytes | None) -> storage_pb2.SegmentScanReply:
@@ -702,6 +707,10 @@ def _unit_ops_from_pb(m: kv_pb2.Unit) -> tuple[Op, ...]:
     out = []
     for op in ops:
         flags, key, value = op.flags, op.key, op.value
+        if flags & FLAG_EXPIRES and flags in _EXPIRING_PUT_FLAGS:
+            _check_expiring(flags, key, value)
+            out.append((flags, key, value))
+            continue
         if not (flags == FLAG_PUT or (flags == FLAG_DELETE and not value)) or not 1 <= len(key) <= KEY_BYTES_MAX \
                 or len(value) > VALUE_BYTES_MAX:
             if flags not in (FLAG_PUT, FLAG_DELETE):
@@ -712,6 +721,41 @@ def _unit_ops_from_pb(m: kv_pb2.Unit) -> tuple[Op, ...]:
             raise InvalidArgument(f"value of {len(value)} bytes: values are at most {VALUE_BYTES_MAX} bytes")
         out.append((flags, key, value))
     return tuple(out)
+
+
+_EXPIRING_PUT_FLAGS = (FLAG_PUT | FLAG_EXPIRES, FLAG_PUT | FLAG_EXPIRES | OP_TTL)
+_U64LE = struct.Struct("<Q")
+
+
+def _check_expiring(flags: int, key: bytes, value: bytes) -> None:
+    """An expiring put's op: a key, a deadline (or ttl) prefix in bounds, a value that fits."""
+    _check_key(key)
+    if not EXPIRES_BYTES <= len(value) <= VALUE_BYTES_MAX:
+        raise InvalidArgument(f"an expiring put's value is its {EXPIRES_BYTES}-byte deadline then at most "
+                              f"{VALUE_BYTES_MAX - EXPIRES_BYTES} bytes, got {len(value)} bytes")
+    t = _U64LE.unpack_from(value)[0]
+    bound = DEADLINE_US_MAX // 2 if flags & OP_TTL else DEADLINE_US_MAX
+    if not 1 <= t <= bound:
+        raise InvalidArgument(f"an expiring put's {'time to live' if flags & OP_TTL else 'deadline'} is 1..{bound} microseconds, got {t}")
+
+
+def version_key_from_pb(m: kv_pb2.VersionRequest) -> bytes:
+    return _check_key(m.key)
+
+
+def version_reply_to_pb(lsn: int, value: bytes | None, deadline_us: int, clock_us: int) -> kv_pb2.VersionReply:
+    if value is None or lsn == 0:
+        return kv_pb2.VersionReply(clock_us=clock_us)
+    return kv_pb2.VersionReply(found=True, value=value, lsn=lsn, deadline_us=deadline_us, clock_us=clock_us)
+
+
+def version_reply_from_pb(m: kv_pb2.VersionReply) -> tuple[int, bytes | None, int, int]:
+    """(lsn, value or None, deadline, clock), in bounds."""
+    _check_lsn(m.lsn, "version lsn")
+    if m.found and m.lsn == 0:
+        raise InvalidArgument("a version that is found has an LSN")
+    return (m.lsn, m.value, min(m.deadline_us, DEADLINE_US_MAX), min(m.clock_us, DEADLINE_US_MAX)) if m.found \
+        else (0, None, 0, min(m.clock_us, DEADLINE_US_MAX))
 
 
 def write_results_to_pb(results: Sequence[int | SixfoldError]) -> kv_pb2.WriteReply:
@@ -879,7 +923,7 @@ def watch_args_from_pb(m: kv_pb2.WatchReadPointRequest) -> tuple[float, float]:
 def read_point_update_to_pb(u: ReadPointUpdate) -> kv_pb2.ReadPointUpdate:
     ms = u.membership
     m = kv_pb2.ReadPointUpdate(
-        epoch=u.epoch, vdl=u.vdl, tails=u.tails, sent_at=u.sent_at, committed_at=u.committed_at,
+        epoch=u.epoch, vdl=u.vdl, tails=u.tails, sent_at=u.sent_at, committed_at=u.committed_at, log_time_us=u.log_time_us,
         membership=kv_pb2.WriterMembership(epoch=ms.epoch, members=ms.members, next_members=ms.next_members or ()),
     )
     add = m.members.add
@@ -907,7 +951,8 @@ def read_point_update_from_pb(m: kv_pb2.ReadPointUpdate, protection_groups: int)
     for name, t in (("sent_at", m.sent_at), ("committed_at", m.committed_at)):
         if not (t == t) or abs(t) > 1e11:  # NaN or absurd
             raise InvalidArgument(f"read point {name} {t} is not a time")
-    return ReadPointUpdate(m.epoch, view.read_point, view.tails, membership, tuple(members), m.sent_at, m.committed_at)
+    return ReadPointUpdate(m.epoch, view.read_point, view.tails, membership, tuple(members), m.sent_at, m.committed_at,
+                           min(m.log_time_us, DEADLINE_US_MAX))
 
 
 _READER_KEYS = frozenset(kv_pb2.ReaderStatus.DESCRIPTOR.fields_by_name)
