@@ -69,7 +69,7 @@ EXIT_CODES: dict[int, str] = {
 
 #: Modules that add subcommands (see the module docstring). Optional ones may be absent.
 COMMAND_MODULES: tuple[str, ...] = (
-    "engine.cli", "engine.cluster.commands", "engine.cluster.access", "engine.chaos.cli", "engine.backup.cli",
+    "engine.cli", "engine.cluster.commands", "engine.cluster.access", "engine.chaos.cli", "engine.backup.cli", "engine.redis.cli",
 )
 CLUSTER_ENV = "SIXFOLD_CLUSTER"
 

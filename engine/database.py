@@ -325,6 +325,12 @@ class Database:
             return self._backend.scan(start, end, quorum=quorum, view=None)
         return self._backend.scan(start, end, quorum=quorum, view=None, after=check_after(after))
 
+    def read_point(self) -> int:
+        """The current read point (the VDL): a commit position at or above every write that
+        returned before this call (what `engine.unchanged(key, since=...)` compares with)."""
+        self._check()
+        return self._backend.view().read_point
+
     def version(self, key: bytes) -> Version | None:
         """The newest live version of `key` (value, LSN, deadline, the writer's clock), or None
         when it has none (never written, deleted, or expired). Linearizable, like `get`; served
