@@ -20,11 +20,12 @@ import os
 
 from engine import errors
 from engine.core.conditions import Condition, absent, at_version, equals, exists, unchanged
-from engine.database import Batch, Database, Snapshot
+from engine.database import Batch, Change, Database, Snapshot, Version
 from engine.errors import (
     BackupCorrupt,
     BackupError,
     Closed,
+    Compacted,
     CorruptRecord,
     EncryptionError,
     FolderInUse,
@@ -74,14 +75,16 @@ def open(path: str | os.PathLike, **options) -> Database:  # noqa: A001 - the na
     volume of a newer format than this release reads; EncryptionError for an encrypted volume
     opened without its key or with another one, or a key given for a plain volume.
     """
+    from engine.cache import CachedBackend, cache_options
     from engine.embedded import ClusterControl, EmbeddedOptions, EmbeddedVolume
 
+    cache = cache_options(options.pop("cache", None))  # a read cache, as engine.connect's (engine.cache)
     known = set(EmbeddedOptions.__dataclass_fields__)
     unknown = set(options) - known
     if unknown:
-        raise InvalidArgument(f"unknown option(s) {sorted(unknown)}; known: {sorted(known)}")
+        raise InvalidArgument(f"unknown option(s) {sorted(unknown)}; known: {sorted(known | {'cache'})}")
     volume = EmbeddedVolume(path, EmbeddedOptions(**options))
-    return Database(volume, ClusterControl(volume))
+    return Database(volume if cache is None else CachedBackend(volume, cache), ClusterControl(volume))
 
 
 def rotate_encryption_key(path: str | os.PathLike, old_key, new_key) -> None:
@@ -139,7 +142,9 @@ __all__ = [
     "BackupCorrupt",
     "BackupError",
     "Batch",
+    "Change",
     "Closed",
+    "Compacted",
     "Condition",
     "CorruptRecord",
     "Database",
@@ -163,6 +168,7 @@ __all__ = [
     "StorageFull",
     "Unauthenticated",
     "Unavailable",
+    "Version",
     "WriteIndeterminate",
     "WrongFolder",
     "absent",

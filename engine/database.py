@@ -94,6 +94,16 @@ class Version:
         return None if not self.deadline_us else max(0, self.deadline_us - self.clock_us) / 1e6
 
 
+@dataclass(frozen=True)
+class Change:
+    """One committed change a watch yields: the key, its new value (None: deleted), and the
+    commit position of the unit that made it (the ops of one batch share it)."""
+
+    key: bytes
+    value: bytes | None
+    position: int
+
+
 def put_op(key: bytes, value: bytes, ttl_s=None, expires_at_us=None) -> tuple[int, bytes, bytes]:
     """The op of a put, with its deadline or time to live (checked; InvalidArgument)."""
     check_key(key)
@@ -324,6 +334,40 @@ class Database:
         if after is None:
             return self._backend.scan(start, end, quorum=quorum, view=None)
         return self._backend.scan(start, end, quorum=quorum, view=None, after=check_after(after))
+
+    def watch(self, prefix: bytes = b"", start: int | None = None) -> Iterator[Change]:
+        """The committed changes of keys starting with `prefix`, in commit order, as they
+        commit: `Change(key, value or None, position)`. `start`: a commit position (a write's,
+        `read_point()`, or the last `position` a watch gave: resume there); default now. A
+        watch that falls behind what the writer keeps for watchers (or asks for a position older
+        than that) raises `Compacted` with `.oldest`, the oldest position it may resume from:
+        never a silent gap. The iterator runs until closed (`close()`, or dropped)."""
+        self._check()
+        if not isinstance(prefix, bytes):
+            raise InvalidArgument(f"a watch prefix is bytes, got {type(prefix).__name__}")
+        if start is not None:
+            check_after(start)
+        return self._backend.watch(prefix, start)
+
+    def get_or_load(self, key: bytes, loader, ttl_s: float | None = None) -> bytes:
+        """Cache-aside: the key's value; on a miss `loader(key)` makes it (bytes), and it is
+        stored (with time to live `ttl_s`, if given) before it is returned."""
+        value = self.get(key)
+        if value is not None:
+            return value
+        value = loader(key)
+        check_value(value)
+        self.put(key, value, ttl_s=ttl_s)
+        return value
+
+    def cache_stats(self) -> dict:
+        """The client cache's counters (`engine.cache`): hits, misses, hit_ratio, evictions,
+        invalidations, dropped_fills, entries, bytes; InvalidArgument without a cache."""
+        self._check()
+        stats = getattr(self._backend, "cache_stats", None)
+        if stats is None:
+            raise InvalidArgument("this database has no cache: engine.connect(..., cache=...) makes one")
+        return stats()
 
     def read_point(self) -> int:
         """The current read point (the VDL): a commit position at or above every write that

@@ -60,6 +60,7 @@ from engine.head.membership import MembershipChange
 from engine.head.weakening import SAFE, Weakening
 from engine.head.reads import check_key
 from engine.head.writer import Writer, WriterOptions, check_value, node_status
+from engine.database import Change
 from engine.metrics import Metrics
 from engine.node.service import GOSSIP_INTERVAL_S, SCRUB_INTERVAL_S, StorageNode
 from engine.sizes import check_fits_filesystem, check_storage_bytes
@@ -69,6 +70,9 @@ from engine.transport.inprocess import InProcessTransport, Registry
 log = logging.getLogger("sixfold.embedded")
 
 VOLUME_FILE = "volume.json"
+#: changes a watch takes from the writer per call, and how long it waits for more between calls
+WATCH_CHUNK = 1_000
+WATCH_POLL_S = 0.5
 #: The volume.json format this release writes and reads. Format 0 is the same file without a
 #: "format" field; it is upgraded in place on open. Every change of the file's meaning gets the
 #: next number and an upgrade path here (tests/test_formats.py opens the kept fixture volumes).
@@ -701,6 +705,26 @@ class EmbeddedVolume:
 
     def request_status(self, request_id):
         return self._w.request_status(request_id)
+
+    def watch(self, prefix, start):
+        """Changes from the writer's memory of them (`Writer.changes_after`), following the
+        writer across a crash (from where the last one left off: Compacted if the new writer
+        does not keep that far back)."""
+        position = self._w.view().read_point if start is None else start
+        while True:
+            w = self._w
+            try:
+                changes, nxt = w.changes_after(position, WATCH_CHUNK)
+            except Unavailable:
+                if w is self.writer:
+                    raise
+                continue  # a new writer took over: go on with it
+            for cpl, key, value in changes:
+                if key.startswith(prefix):
+                    yield Change(key, value, cpl)
+            if nxt == position:
+                w.wait_vdl(position, WATCH_POLL_S)
+            position = nxt
 
     def version(self, key):
         """(lsn, value, deadline, clock) of the key's newest live version; lsn 0 for none."""

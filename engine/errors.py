@@ -236,6 +236,21 @@ class PreconditionFailed(SixfoldError):
         self.failed = tuple(failed)
 
 
+class Compacted(SixfoldError):
+    """A watch asked for changes from a position older than what is still kept for watchers:
+    the changes after it cannot all be given, so none are (never a silent gap). `oldest` is the
+    oldest position a watch may resume from now; read the keys afresh (a scan), then watch from
+    a position at or above it.
+
+    OUT_OF_RANGE with its class name (the code SegmentIncomplete and SnapshotTooOld share)."""
+
+    GRPC_STATUS = "OUT_OF_RANGE"
+
+    def __init__(self, message: str = "", oldest: int = 0) -> None:
+        super().__init__(message)
+        self.oldest = oldest
+
+
 class BackupError(SixfoldError):
     """A backup cannot do what was asked: the target holds another volume's archive or one of a
     newer format, the time or LSN asked for lies outside the restore window (the message names
@@ -255,5 +270,5 @@ class BackupCorrupt(BackupError):
 ALL_ERRORS = ALL_ERRORS + (
     EpochBehind, StorageError, StorageFull, ConflictingRecord, FolderInUse, WrongFolder, Unauthenticated, PermissionDenied,
     EncryptionError, WrongVolume, ReadOnly, ReplicaBehind, BackupError, BackupCorrupt, SnapshotTooOld,
-    PreconditionFailed,
+    PreconditionFailed, Compacted,
 )

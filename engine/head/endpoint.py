@@ -92,6 +92,9 @@ from engine.transport.grpc_server import SHUTDOWN_GRACE_S, add_health, make_serv
 log = logging.getLogger("sixfold.writer")
 
 ENDPOINT_WORKERS = 128
+#: changes per Watch batch (whole units), and the most time between batches of a live watch
+WATCH_BATCH_MAX = 1_000
+WATCH_HEARTBEAT_S = 1.0
 SERVICE_NAME = "sixfold.v1.KV"
 #: Pairs and bytes per streamed scan message.
 SCAN_CHUNK_PAIRS = 256
@@ -304,6 +307,23 @@ class WriterEndpoint:
         if vdl < after:
             raise ReplicaBehind(f"the writer's VDL {vdl} did not reach LSN {after} within {self.config.write_timeout_s:g} s "
                                 "(was that position given by this volume?)")
+
+    def watch(self, prefix: bytes, start: int | None, active) -> Iterator[tuple[list, int]]:
+        """Batches of (changes under `prefix`, position) while `active()`: a batch when there
+        are changes, and at least every WATCH_HEARTBEAT_S one that only moves the position."""
+        w = self.writer
+        position = w.view().read_point if start is None else start
+        last_sent = time.monotonic()
+        yield [], position
+        while active():
+            changes, nxt = w.changes_after(position, WATCH_BATCH_MAX)
+            mine = [c for c in changes if c[1].startswith(prefix)]
+            if mine or (nxt != position and time.monotonic() - last_sent >= WATCH_HEARTBEAT_S):
+                yield mine, nxt
+                last_sent = time.monotonic()
+            if nxt == position:
+                w.wait_vdl(position, WATCH_HEARTBEAT_S)
+            position = nxt
 
     def version(self, key: bytes) -> tuple[int, bytes | None, int, int]:
         """(lsn, value, deadline, clock) of the key's newest live version (lsn 0: none)."""
@@ -624,6 +644,22 @@ class KVServicer(kv_pb2_grpc.KVServicer):
 
     def MembershipStatus(self, request, context):
         return self._serve(context, "MembershipStatus", lambda: convert.membership_change_to_pb(self.ep.membership_status()))
+
+    def Watch(self, request, context):
+        try:
+            self._admit(context, "Watch")
+            prefix, start = convert.watch_args_of_pb(request)
+            for changes, position in self.ep.watch(prefix, start, context.is_active):
+                yield convert.watch_batch_to_pb(changes, position)
+            return
+        except SixfoldError as e:
+            err = e
+        except Exception as e:
+            log.exception("Watch failed unexpectedly")
+            self.metrics.count_error(e)
+            context.abort(grpc.StatusCode.INTERNAL, f"Watch: internal error {type(e).__name__}: {e}")
+        self.metrics.count_error(err)
+        convert.abort(context, err)
 
     def WatchReadPoint(self, request, context):
         try:

@@ -111,6 +111,7 @@ from engine.head.reads import ReadPath, check_key
 from engine.head.recovery import recover
 from engine.head.weakening import SAFE, Weakening
 from engine.errors import (
+    Compacted,
     EpochBehind,
     InvalidArgument,
     PreconditionFailed,
@@ -155,6 +156,10 @@ RECENT_BYTES_MAX = 64 << 20
 #: how many times `write` sends a conditional unit again whose stored-state read was too old
 #: when it was ordered (the memory of recent writes had moved past it: rare, see `_recent`)
 CONDITION_REREADS_MAX = 5
+#: the changes the writer keeps for watchers (`changes_after`), in entries and in value bytes: a
+#: watcher further behind gets Compacted (the bound on what a watch may hold back)
+CHANGES_MAX = 262_144
+CHANGES_BYTES_MAX = 64 << 20
 #: a request record's value is the digest of the unit's ops (a re-send must match it), then its
 #: commit time (engine.core.constants; the archive's restore points, engine.backup)
 _COMMIT_TIME = struct.Struct("<Q")
@@ -434,6 +439,13 @@ class Writer:
         #: expiry step; `expiring_overflow` once more than EXPIRING_MAX were left in it
         self.expiring: list[tuple[int, bytes, int]] = []
         self.expiring_overflow = False
+        #: Changes for watchers (`changes_after`): (CPL LSN of the unit, plain key, value or None
+        #: for a delete) of every op this writer ordered, in log order; every unit whose CPL is
+        #: above `_changes_floor` is in it whole. Bounded by CHANGES_MAX / CHANGES_BYTES_MAX,
+        #: dropped oldest unit first (which raises the floor).
+        self._changes: deque[tuple[int, bytes, bytes | None]] = deque()
+        self._changes_bytes = 0
+        self._changes_floor = 0
         #: the expiry step (engine.head.expiry), a thread while the writer serves; None without
         #: background threads (a simulator drives `expiry_step()` itself)
         self.expiry: ExpiryStep | None = None
@@ -456,6 +468,7 @@ class Writer:
         self._tail_base = plan.next_lsn
         # Every write of an earlier writer that survived recovery is at or below its VDL.
         self._recent_floor = plan.vdl
+        self._changes_floor = plan.vdl
         for n in membership.all_nodes:
             self.links[n] = _NodeLink(n)
         for n in synced:
@@ -868,6 +881,18 @@ class Writer:
                 self._requests[rid] = ticket
                 if len(self._requests) > REQUEST_WINDOW_MAX:
                     self._requests.popitem(last=False)
+            cpl = allocs[-1][0]
+            changes = self._changes
+            for i, (flags, key, value) in enumerate(ops):
+                plain = key if plain_keys is None else plain_keys[i]
+                if flags & FLAG_PUT:
+                    value = value[EXPIRES_BYTES:] if flags & FLAG_EXPIRES else value
+                    changes.append((cpl, plain, value))
+                    self._changes_bytes += len(value)
+                else:
+                    changes.append((cpl, plain, None))
+            if len(changes) > CHANGES_MAX or self._changes_bytes > CHANGES_BYTES_MAX:
+                self._forget_changes_locked()
             if last:
                 self._tail_costs.extend([self._logged_cost] * last)
             self._logged_cost += cost
@@ -944,7 +969,42 @@ class Writer:
         waiters = self._waiters
         waiters.insert(bisect.bisect_right(waiters, lsn, key=lambda w: w[0]), (lsn, ticket.lock))
 
-    def _forget_recent_locked(self) -> None:
+    def _forget_changes_locked(self) -> None:
+        """Drop the oldest units' changes until the bounds hold again (down to 3/4 of them)."""
+        changes = self._changes
+        while changes and (len(changes) > CHANGES_MAX * 3 // 4 or self._changes_bytes > CHANGES_BYTES_MAX * 3 // 4):
+            cpl = changes[0][0]
+            while changes and changes[0][0] == cpl:
+                _c, _k, v = changes.popleft()
+                self._changes_bytes -= len(v) if v is not None else 0
+            self._changes_floor = cpl
+
+    def changes_after(self, position: int, count_max: int) -> tuple[list[tuple[int, bytes, bytes | None]], int]:
+        """Committed changes (CPL, key, value or None) of the units after `position`, in log
+        order, whole units, at most about `count_max`; and the position the next call goes on
+        from (the last CPL given, or the VDL when none is left below it). Compacted when the
+        changes after `position` are no longer all kept."""
+        with self._lock:
+            self.check_usable()
+            floor, vdl = self._changes_floor, self.ledger.vdl
+            if position < floor:
+                raise Compacted(
+                    f"the changes after position {position} are no longer kept for watchers (this writer keeps "
+                    f"those after {floor}: a bound of {CHANGES_MAX} changes, or it opened there); scan the keys "
+                    f"afresh, then watch from {floor} or later. oldest position kept: {floor}", floor,
+                )
+            changes = self._changes
+            i = bisect.bisect_right(changes, position, key=lambda c: c[0])
+            out = []
+            last = position
+            while i < len(changes):
+                c = changes[i]
+                if c[0] > vdl or (len(out) >= count_max and c[0] != last):
+                    break
+                out.append(c)
+                last = c[0]
+                i += 1
+            return out, (last if out else max(position, vdl))
         """Drop the oldest remembered writes at or below VDL beyond the bounds, raising the floor
         to the newest LSN dropped. Caller holds the lock."""
         order, recent, vdl = self._recent_order, self._recent, self.ledger.vdl

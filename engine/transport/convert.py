@@ -27,6 +27,7 @@ raises the same class again with the same message. A failure that did not come f
 from __future__ import annotations
 
 import json
+import re
 import struct
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -72,6 +73,7 @@ from engine.core.types import (
 from engine.core.conditions import CONDITIONS_MAX, Condition, check_condition
 from engine.errors import (
     ALL_ERRORS,
+    Compacted,
     EpochBehind,
     InvalidArgument,
     PreconditionFailed,
@@ -164,6 +166,9 @@ def _known_base(exc: SixfoldError) -> type[SixfoldError]:
 def _make(cls: type[SixfoldError], message: str, failed=()) -> SixfoldError:
     if cls is PreconditionFailed:
         return cls(message, tuple(failed))
+    if cls is Compacted:
+        m = re.search(r"oldest position kept: (\d+)", message)
+        return cls(message, min(int(m.group(1)), LSN_VALID_MAX) if m else 0)
     return cls(message)
 
 
@@ -737,6 +742,30 @@ def _check_expiring(flags: int, key: bytes, value: bytes) -> None:
     bound = DEADLINE_US_MAX // 2 if flags & OP_TTL else DEADLINE_US_MAX
     if not 1 <= t <= bound:
         raise InvalidArgument(f"an expiring put's {'time to live' if flags & OP_TTL else 'deadline'} is 1..{bound} microseconds, got {t}")
+
+
+def watch_args_of_pb(m: kv_pb2.WatchRequest) -> tuple[bytes, int | None]:
+    """(prefix, start or None), in bounds."""
+    if len(m.prefix) > KEY_BYTES_MAX:
+        raise InvalidArgument(f"a watch prefix is at most {KEY_BYTES_MAX} bytes, got {len(m.prefix)}")
+    return m.prefix, (_check_lsn(m.start, "watch start") if m.HasField("start") else None)
+
+
+def watch_batch_to_pb(changes, position: int) -> kv_pb2.WatchBatch:
+    m = kv_pb2.WatchBatch(position=position)
+    add = m.changes.add
+    for cpl, key, value in changes:
+        add(key=key, value=value or b"", deleted=value is None, position=cpl)
+    return m
+
+
+def watch_batch_from_pb(m: kv_pb2.WatchBatch) -> tuple[list[tuple[int, bytes, bytes | None]], int]:
+    _check_lsn(m.position, "watch position")
+    out = []
+    for c in m.changes:
+        _check_lsn(c.position, "change position")
+        out.append((c.position, c.key, None if c.deleted else c.value))
+    return out, m.position
 
 
 def version_key_from_pb(m: kv_pb2.VersionRequest) -> bytes:
