@@ -172,3 +172,23 @@ def test_expiry_over_grpc(tmp_path):
             assert db.version(b"k") is None and sorted(db.scan()) == [(b"j", b"w"), (b"p", b"x")]
     finally:
         c.down(timeout_s=10)
+
+
+def test_deadlines_are_in_backups_and_a_restore_keeps_them(tmp_path):
+    from engine.backup.archiver import BackupOptions
+
+    fast = BackupOptions(segment_s=0.2, round_s=0.02, idle_publish_s=0.2, request_poll_s=0.1)
+    vol, bk, into = str(tmp_path / "vol"), str(tmp_path / "bk"), str(tmp_path / "restored")
+    with engine.open(vol, durable=False, protection_groups=2, backup=bk, backup_options=fast) as db:
+        db.put(b"plain", b"p")
+        db.put(b"later", b"v", ttl_s=3600)
+        deadline = db.version(b"later").deadline_us
+        db.put(b"soon", b"s", expires_at_us=now_us() + 300_000)
+        end = now_us()
+        eventually(lambda: db.status()["backup"]["complete_through_us"] > end, what="the archive caught up")
+    engine.restore(bk, into)
+    time.sleep(0.35)
+    with engine.open(into, durable=False) as db:
+        assert db.version(b"later").deadline_us == deadline and db.get(b"plain") == b"p"
+        db.put(b"tick", b"")  # the log's time passes the restored key's deadline
+        eventually(lambda: db.get(b"soon") is None, what="a restored deadline still expires its key")

@@ -414,3 +414,27 @@ def test_cluster_up_with_a_redis_port_serves_it_and_cluster_down_stops_it(tmp_pa
     finally:
         main(["cluster", "down", "--cluster", folder])
     assert not ping("127.0.0.1", port)
+
+
+@pytest.mark.cluster
+def test_the_read_only_port_reads_from_the_readers_and_refuses_writes(tmp_path):
+    from engine.cluster import Cluster
+    from engine.cluster.testing import free_base_port
+    from engine.redis.cli import start_background, stop_background
+
+    c = Cluster(tmp_path / "c")
+    main_port, read_port = _free_port(), _free_port()
+    try:
+        c.up(base_port=free_base_port(), protection_groups=2, timeout_s=60, no_auth=True, readers=1)
+        start_background(c.folder, main_port)
+        start_background(c.folder, read_port, reader=True)
+        w, r = redis.Redis(port=main_port), redis.Redis(port=read_port)
+        assert w.set("k", "v", ex=100) and w.get("k") == b"v"
+        eventually(lambda: r.get("k") == b"v", what="the reader caught up")
+        assert 90 < r.ttl("k") <= 100
+        with pytest.raises(redis.exceptions.ReadOnlyError):  # redis-py's class for the READONLY code
+            r.set("k", "w")
+        assert w.get("k") == b"v"
+    finally:
+        stop_background(c.folder)
+        c.down(timeout_s=10)
