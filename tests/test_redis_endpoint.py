@@ -438,3 +438,23 @@ def test_the_read_only_port_reads_from_the_readers_and_refuses_writes(tmp_path):
     finally:
         stop_background(c.folder)
         c.down(timeout_s=10)
+
+
+def test_a_request_split_across_reads_and_inline_commands(server):
+    with socket.create_connection(("127.0.0.1", server.port)) as s:
+        for part in (b"*3\r\n$3\r\nSET\r\n$1", b"\r\nk\r\n$1\r", b"\nv\r\n"):
+            s.sendall(part)
+            time.sleep(0.05)  # each part arrives in a read of its own
+        assert s.recv(100) == b"+OK\r\n"
+        s.sendall(b"*2\r\n$3\r\nGET\r\n$1\r\nk\r\n*1\r\n$4\r")  # a whole GET, then half a PING
+        time.sleep(0.05)
+        s.sendall(b"\nPING\r\n")  # the rest of the PING: a continuation, not an inline command
+        reply = b""
+        while not reply.endswith(b"+PONG\r\n"):
+            reply += s.recv(100)
+        assert reply == b"$1\r\nv\r\n+PONG\r\n"
+        s.sendall(b"PING\r\nECHO hi\r\n")  # inline commands, as telnet sends them
+        reply = b""
+        while reply.count(b"\r\n") < 3:
+            reply += s.recv(100)
+        assert reply == b"+PONG\r\n$2\r\nhi\r\n"

@@ -1005,6 +1005,8 @@ class Writer:
                 last = c[0]
                 i += 1
             return out, (last if out else max(position, vdl))
+
+    def _forget_recent_locked(self) -> None:
         """Drop the oldest remembered writes at or below VDL beyond the bounds, raising the floor
         to the newest LSN dropped. Caller holds the lock."""
         order, recent, vdl = self._recent_order, self._recent, self.ledger.vdl

@@ -451,15 +451,21 @@ class RedisServer:
     def _loop(self, sock: socket.socket, session: Session) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         reader = hiredis.Reader()
-        pending = 0  # bytes fed that did not yet make a whole command
+        pending = 0  # bytes fed since the last whole command (a bound on one request's size)
         while not session.closing:
             data = sock.recv(RECV_BYTES)
             if not data:
                 return
             commands = []
-            if pending == 0 and data[:1] not in (b"*", b""):  # an inline command (telnet, redis-cli -x)
-                line, _, rest = data.partition(b"\n")
-                commands.append(line.strip().split())
+            # An inline command (telnet): a line that does not start an array, with nothing of a
+            # RESP request buffered before it (a request split across reads continues mid-way).
+            while data and data[:1] != b"*" and not reader.has_data():
+                line, nl, rest = data.partition(b"\n")
+                if not nl:
+                    break  # half a line: hiredis gets it, and says it is not RESP
+                words = line.strip().split()
+                if words:
+                    commands.append(words)
                 data = rest
             reader.feed(data)
             pending += len(data)
@@ -469,7 +475,7 @@ class RedisServer:
                     if req is False:
                         break
                     commands.append(req)
-                    pending = 0
+                    pending = 0  # what is left buffered is less than one read
             except hiredis.ProtocolError as e:
                 self.stats["protocol_errors"] += 1
                 replies = session.execute_all([c for c in commands if c]) if commands else []
