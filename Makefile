@@ -10,7 +10,9 @@
 #                3-member etcd (bench/compare_etcd.py, plaintext pair, BENCH_SECONDS per point,
 #                JSON in bench/results/) and its pictures (bench/report.py, PNGs in bench/out/).
 #                Installs the `bench` extra (matplotlib) first; without etcd it says how to install
-#                it (apt-get install etcd-server) and draws Sixfold alone
+#                it (apt-get install etcd-server) and draws Sixfold alone; then the Redis endpoint against
+#                redis-server with appendfsync always, and the client cache's hit and miss times
+#                (bench/compare_redis.py, JSON in bench/results/)
 #   make soak    the long fault-injection runs (pytest -m soak)
 #   make clean   remove build products (not .venv)
 #
@@ -79,6 +81,7 @@ bench: $(BENCH_STAMP)
 	$(PY) bench/compare_etcd.py --pairs plain --skip-etcd-1 --no-etcd sixfold --seconds $(BENCH_SECONDS) \
 		--json bench/results/compare_etcd.json
 	$(PY) bench/report.py bench/results/compare_etcd.json --out bench/out
+	$(PY) bench/compare_redis.py --json bench/results/compare_redis.json
 
 soak: $(STAMP)
 	$(PY) -m pytest -m soak $(PYTEST_ARGS)

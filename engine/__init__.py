@@ -19,11 +19,13 @@ from __future__ import annotations
 import os
 
 from engine import errors
-from engine.database import Batch, Database, Snapshot
+from engine.core.conditions import Condition, absent, at_version, equals, exists, unchanged
+from engine.database import Batch, Change, Database, Snapshot, Version
 from engine.errors import (
     BackupCorrupt,
     BackupError,
     Closed,
+    Compacted,
     CorruptRecord,
     EncryptionError,
     FolderInUse,
@@ -31,6 +33,7 @@ from engine.errors import (
     InvalidArgument,
     NodeNotFound,
     PermissionDenied,
+    PreconditionFailed,
     ReadOnly,
     ReplicaBehind,
     ResourceExhausted,
@@ -72,14 +75,16 @@ def open(path: str | os.PathLike, **options) -> Database:  # noqa: A001 - the na
     volume of a newer format than this release reads; EncryptionError for an encrypted volume
     opened without its key or with another one, or a key given for a plain volume.
     """
+    from engine.cache import CachedBackend, cache_options
     from engine.embedded import ClusterControl, EmbeddedOptions, EmbeddedVolume
 
+    cache = cache_options(options.pop("cache", None))  # a read cache, as engine.connect's (engine.cache)
     known = set(EmbeddedOptions.__dataclass_fields__)
     unknown = set(options) - known
     if unknown:
-        raise InvalidArgument(f"unknown option(s) {sorted(unknown)}; known: {sorted(known)}")
+        raise InvalidArgument(f"unknown option(s) {sorted(unknown)}; known: {sorted(known | {'cache'})}")
     volume = EmbeddedVolume(path, EmbeddedOptions(**options))
-    return Database(volume, ClusterControl(volume))
+    return Database(volume if cache is None else CachedBackend(volume, cache), ClusterControl(volume))
 
 
 def rotate_encryption_key(path: str | os.PathLike, old_key, new_key) -> None:
@@ -137,7 +142,10 @@ __all__ = [
     "BackupCorrupt",
     "BackupError",
     "Batch",
+    "Change",
     "Closed",
+    "Compacted",
+    "Condition",
     "CorruptRecord",
     "Database",
     "EncryptionError",
@@ -146,6 +154,7 @@ __all__ = [
     "InvalidArgument",
     "NodeNotFound",
     "PermissionDenied",
+    "PreconditionFailed",
     "ReadOnly",
     "ReplicaBehind",
     "RequestStatus",
@@ -159,12 +168,18 @@ __all__ = [
     "StorageFull",
     "Unauthenticated",
     "Unavailable",
+    "Version",
     "WriteIndeterminate",
     "WrongFolder",
+    "absent",
+    "at_version",
     "codec_implementation",
     "connect",
+    "equals",
     "errors",
+    "exists",
     "open",
     "restore",
     "rotate_encryption_key",
+    "unchanged",
 ]

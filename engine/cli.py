@@ -70,7 +70,7 @@ EXIT_CODES: dict[int, str] = {
 #: Modules that add subcommands (see the module docstring). Optional ones may be absent.
 COMMAND_MODULES: tuple[str, ...] = (
     "engine.cli", "engine.cluster.commands", "engine.cluster.access", "engine.chaos.cli", "engine.backup.cli",
-    "engine.cluster.deploy_cli",
+    "engine.cluster.deploy_cli", "engine.redis.cli",
 )
 CLUSTER_ENV = "SIXFOLD_CLUSTER"
 
@@ -224,6 +224,26 @@ def cmd_get(args) -> int:
     return EXIT_OK if value is not None else EXIT_NOT_FOUND
 
 
+def cmd_watch(args) -> int:
+    mode = _mode(args)
+    if args.count < 0 or (args.start is not None and args.start < 0):
+        raise SystemExit("sixfold watch: --count and --start are 0 or more")
+    prefix = _bytes(args.prefix, mode, "prefix") if args.prefix else b""
+    shown = 0
+    with _connect(args) as db:
+        for change in db.watch(prefix, start=args.start):
+            if args.json:
+                print_json({"position": change.position, "key": _text(change.key, mode), "deleted": change.value is None,
+                            "value": None if change.value is None else _text(change.value, mode)})
+            else:
+                shown_value = "<deleted>" if change.value is None else _text(change.value, mode)
+                print(f"{change.position}\t{_text(change.key, mode)}\t{shown_value}", flush=True)
+            shown += 1
+            if args.count and shown >= args.count:
+                break
+    return EXIT_OK
+
+
 def cmd_scan(args) -> int:
     mode = _mode(args)
     if args.limit < 0:
@@ -343,6 +363,16 @@ def register(sub) -> None:
     p.add_argument("--quorum", action="store_true", help="quorum reads")
     _read_arguments(p)
     p.set_defaults(func=cmd_scan)
+
+    p = sub.add_parser("watch", parents=[common], help="print committed changes under a prefix as they commit", description=(
+        "Print position<TAB>key<TAB>value (or <deleted>) for every committed change of a key starting with PREFIX, "
+        "in commit order, as they commit, until Ctrl-C (or --count changes). --start POSITION resumes after a "
+        "commit position (the first column of an earlier watch); a position the writer no longer keeps changes "
+        "after is refused Compacted (exit 3), naming the oldest one it does."))
+    p.add_argument("prefix", nargs="?", default="", help="only keys that start with it (default: all)")
+    p.add_argument("--start", type=int, default=None, metavar="POSITION", help="the changes after this commit position")
+    p.add_argument("--count", type=int, default=0, help="stop after this many changes (0: never)")
+    p.set_defaults(func=cmd_watch)
 
     p = sub.add_parser("status", parents=[common], help="every process of the cluster, and the volume", description=(
         "The one status view: every process (node, writer, reader) with its AZ, address, role, health, epoch, lag, "

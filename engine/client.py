@@ -61,11 +61,13 @@ import logging
 import os
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 
 import grpc
 
+from engine.cache import CachedBackend, cache_options
 from engine.database import Database
 from engine.errors import (
     Closed, InvalidArgument, ReplicaBehind, SixfoldError, SnapshotTooOld, StaleEpoch, Unavailable, WriteIndeterminate,
@@ -85,6 +87,8 @@ CONNECT_TIMEOUT_S = 5.0
 #: undecided write comes back as the endpoint's own WriteIndeterminate rather than a deadline.
 TIMEOUT_S = 30.0
 SCAN_TIMEOUT_S = 600.0
+#: how long one Watch stream lives before the client opens the next from where it was
+WATCH_TIMEOUT_S = 3600.0
 CARS_IN_FLIGHT = 1
 #: A car waits at most this long for the callers of the previous car to come back (see Boxcar).
 CAR_LINGER_S = 0.002
@@ -425,9 +429,9 @@ class RemoteBackend:
         self._streams_lock = threading.Lock()
 
     # --- the backend protocol ---------------------------------------------------------------
-    def write(self, ops, *, request_id: bytes | None = None, resend: bool = False) -> int:
+    def write(self, ops, *, request_id: bytes | None = None, resend: bool = False, conditions=()) -> int:
         ops = tuple(ops)
-        unit = Unit(ops, request_id, resend) if request_id is not None else ops
+        unit = Unit(ops, request_id, resend, tuple(conditions)) if request_id is not None or conditions else ops
         if not self._boxcar:
             try:
                 results = self._send_writes([unit])
@@ -439,8 +443,39 @@ class RemoteBackend:
                 log.exception("a write failed unexpectedly")
                 raise write_failure(e) from e
             return self._result(results[0])
-        size = sum(len(k) + len(v) + OP_OVERHEAD_BYTES for _f, k, v in ops) + (len(request_id) if request_id else 0)
+        size = sum(len(k) + len(v) + OP_OVERHEAD_BYTES for _f, k, v in ops) + (len(request_id) if request_id else 0) \
+            + sum(len(c.key) + len(c.value) + OP_OVERHEAD_BYTES for c in conditions)
         return self._writes.call(unit, size)
+
+    def version(self, key: bytes) -> tuple[int, bytes | None, int, int]:
+        return convert.version_reply_from_pb(self._rpc(self._stub.Version, kv_pb2.VersionRequest(key=key)))
+
+    def watch_batches(self, prefix: bytes, start: int | None) -> Iterator[tuple[list, int]]:
+        """The Watch stream's batches (changes, position); ends only by an error or `close`."""
+        position = start
+        while True:
+            request = kv_pb2.WatchRequest(prefix=prefix)
+            if position is not None:
+                request.start = position
+            call = self._rpc(self._stub.Watch, request, timeout_s=WATCH_TIMEOUT_S)
+            try:
+                for m in call:
+                    changes, position = convert.watch_batch_from_pb(m)
+                    yield changes, position
+            except grpc.RpcError as e:
+                if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED and position is not None and not self._closed:
+                    continue  # a stream lives WATCH_TIMEOUT_S: go on with a new one from where it was
+                raise convert.error_from_rpc(e, where=self._where) from None
+            finally:
+                call.cancel()
+            raise Unavailable(f"{self._where}: the watch stream ended")
+
+    def watch(self, prefix: bytes, start: int | None) -> Iterator:
+        from engine.database import Change
+
+        for changes, _position in self.watch_batches(prefix, start):
+            for cpl, key, value in changes:
+                yield Change(key, value, cpl)
 
     def request_status(self, request_id: bytes) -> RequestStatus:
         reply = self._rpc(self._stub.StatusOf, kv_pb2.StatusOfRequest(request_id=request_id))
@@ -699,7 +734,7 @@ class RemoteBackend:
 
 
 _OPTIONS = ("timeout_s", "connect_timeout_s", "boxcar", "cars_in_flight", "car_items_max", "tls", "token", "role",
-            "follow_timeout_s", "streams")
+            "follow_timeout_s", "streams", "cache")
 
 #: How long a client of a cluster folder follows the writer through a failover before it gives
 #: up and raises the error it met (engine.head.failover: a takeover takes about a lease period).
@@ -869,12 +904,12 @@ class FollowingBackend:
             return False
 
     # --- the backend protocol -----------------------------------------------------------------
-    def write(self, ops, *, request_id: bytes | None = None, resend: bool = False) -> int:
+    def write(self, ops, *, request_id: bytes | None = None, resend: bool = False, conditions=()) -> int:
         state = {"resend": resend}
 
         def once(b):
             try:
-                return b.write(ops, request_id=request_id, resend=state["resend"])
+                return b.write(ops, request_id=request_id, resend=state["resend"], conditions=conditions)
             finally:
                 state["resend"] = True  # from the second try on, a re-send under the same id
 
@@ -882,6 +917,31 @@ class FollowingBackend:
 
     def request_status(self, request_id: bytes) -> RequestStatus:
         return self._call(lambda b: b.request_status(request_id))
+
+    def version(self, key: bytes) -> tuple[int, bytes | None, int, int]:
+        return self._call(lambda b: b.version(key))
+
+    def watch(self, prefix: bytes, start: int | None) -> Iterator:
+        """A watch that follows the writer: after a failover it resumes on the new writer from
+        the last position it had (Compacted if that one does not keep so far back)."""
+        from engine.database import Change
+
+        position = start
+        while True:
+            backend = self._backend
+            try:
+                for changes, pos in backend.watch_batches(prefix, position):
+                    for cpl, key, value in changes:
+                        yield Change(key, value, cpl)
+                    position = pos
+            except (Unavailable, StaleEpoch):
+                if self._closed:
+                    raise
+                if self._still_the_writer(backend):
+                    raise
+                fresh = self._reconnect(backend, time.monotonic() + self.follow_timeout_s)
+                if fresh is None:
+                    raise
 
     def get(self, key: bytes, *, quorum: bool = False, view: ReadView | None = None, after: int = 0) -> bytes | None:
         return self._call(lambda b: b.get(key, quorum=quorum, view=view, after=after))
@@ -961,13 +1021,22 @@ def connect(target: str | os.PathLike, **options) -> Database:
     ("writer", the default, or "reader": the reader endpoint, a cluster folder only), tls (an
     `engine.security.tls.TlsConfig`; default: the operator's of a secure cluster folder, else none),
     token (default: $SIXFOLD_TOKEN, else the folder's operator token; see the module docstring), streams
-    (default True: writes and gets to the writer endpoint travel on long-lived streams; False: unary calls).
+    (default True: writes and gets to the writer endpoint travel on long-lived streams; False: unary calls),
+    cache (a client read cache kept fresh by the watch stream: True, a byte bound, or a dict /
+    `engine.cache.CacheOptions` of bytes_max and ttl_s; see `engine.cache`).
     `engine.connect` (the public face) adds `db.cluster` for a cluster folder: this module sits
     below the launcher (whose `Cluster.connect` uses it) and never imports it."""
     unknown = set(options) - set(_OPTIONS)
     if unknown:
         raise InvalidArgument(f"unknown option(s) {sorted(unknown)}; known: {sorted(_OPTIONS)}")
     role = options.pop("role", "writer")
+    cache = cache_options(options.pop("cache", None))
+    if cache is not None:
+        db = connect(target, role=role, **options)
+        db._backend = CachedBackend(db._backend, cache)
+        db._finalizer.detach()
+        db._finalizer = weakref.finalize(db, db._backend.close)
+        return db
     if role not in ROLES:
         raise InvalidArgument(f"role {role!r}: \"writer\" (the writer endpoint) or \"reader\" (the reader endpoint)")
     address, folder = resolve_target(target)

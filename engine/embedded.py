@@ -40,6 +40,7 @@ import gc
 import json
 import logging
 import os
+import struct
 import random
 import shutil
 import threading
@@ -49,7 +50,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from engine import codec
-from engine.core.constants import FLAG_CPL, FLAG_PUT, LAL_DEFAULT, RECORD_HEADER_BYTES
+from engine.core.constants import DEADLINE_US_MAX, FLAG_CPL, FLAG_EXPIRES, FLAG_PUT, LAL_DEFAULT, RECORD_HEADER_BYTES
 from engine.core.placement import protection_group_of
 from engine.core.types import Geometry, NodeInfo, default_nodes
 from engine.formats import format_of
@@ -60,6 +61,7 @@ from engine.head.membership import MembershipChange
 from engine.head.weakening import SAFE, Weakening
 from engine.head.reads import check_key
 from engine.head.writer import Writer, WriterOptions, check_value, node_status
+from engine.database import Change
 from engine.metrics import Metrics
 from engine.node.service import GOSSIP_INTERVAL_S, SCRUB_INTERVAL_S, StorageNode
 from engine.sizes import check_fits_filesystem, check_storage_bytes
@@ -69,6 +71,10 @@ from engine.transport.inprocess import InProcessTransport, Registry
 log = logging.getLogger("sixfold.embedded")
 
 VOLUME_FILE = "volume.json"
+#: changes a watch takes from the writer per call, and how long it waits for more between calls
+WATCH_CHUNK = 1_000
+_DEADLINE = struct.Struct("<Q")
+WATCH_POLL_S = 0.5
 #: The volume.json format this release writes and reads. Format 0 is the same file without a
 #: "format" field; it is upgraded in place on open. Every change of the file's meaning gets the
 #: next number and an upgrade path here (tests/test_formats.py opens the kept fixture volumes).
@@ -392,6 +398,7 @@ class EmbeddedVolume:
 
     # --- the bulk path (a restore fills a new volume so) ------------------------------------
     def bulk_load(self, pairs, *, chunk_bytes: int = BULK_CHUNK_BYTES, progress=None) -> int:
+        # `pairs`: (key, value), or (key, value, deadline) for an expiring put (engine.head.expiry).
         """Fill this new, empty volume with `pairs` ((key, value), each key once), faster than
         writes can: the writer is closed, each chunk of about `chunk_bytes` of pairs is sorted by
         protection group and key and given consecutive LSNs in that order, encoded once (sealed
@@ -433,10 +440,13 @@ class EmbeddedVolume:
                 nonlocal chunk, size, in_flight, in_flight_lsn, lsn
                 chunk.sort(key=lambda c: (c[0], c[1]))  # each key once: no two entries tie
                 records = []
-                for i, (pg, ik, key, value) in enumerate(chunk):
+                for i, (pg, ik, key, value, deadline) in enumerate(chunk):
                     lsn += 1
                     sealed = value if cipher is None else cipher.seal(pg, lsn, ik, key, value)
                     flags = FLAG_PUT | FLAG_CPL if i == len(chunk) - 1 else FLAG_PUT
+                    if deadline:  # an expiring put keeps its deadline, outside the seal (node format 4)
+                        flags |= FLAG_EXPIRES
+                        sealed = _DEADLINE.pack(deadline) + sealed
                     records.append(codec.encode_record(lsn, prev[pg], pg, flags, ik, sealed))
                     prev[pg] = lsn
                 frame = codec.encode_frame(records)
@@ -458,11 +468,15 @@ class EmbeddedVolume:
             collecting = gc.isenabled()
             gc.disable()
             try:
-                for key, value in pairs:
+                for pair in pairs:
+                    key, value = pair[0], pair[1]
+                    deadline = pair[2] if len(pair) > 2 else 0
                     check_key(key)
                     check_value(value)
+                    if not (type(deadline) is int and 0 <= deadline <= DEADLINE_US_MAX):
+                        raise InvalidArgument(f"a deadline is an int in 0..{DEADLINE_US_MAX} microseconds, got {deadline!r}")
                     ik = key if cipher is None else cipher.index_key(key)
-                    chunk.append((protection_group_of(ik, P), ik, key, value))
+                    chunk.append((protection_group_of(ik, P), ik, key, value, deadline))
                     size += RECORD_HEADER_BYTES + len(ik) + len(value)
                     if size >= chunk_bytes or len(chunk) >= BULK_RECORDS_MAX:
                         ship()
@@ -695,12 +709,40 @@ class EmbeddedVolume:
 
     # Put and get latency and the errors callers get are observed here, at the API boundary
     # (engine.metrics): one observe() per call, the error path only for errors.
-    def write(self, ops, *, request_id=None, resend=False):
+    def write(self, ops, *, request_id=None, resend=False, conditions=()):
         m = self.metrics
-        return m.timed(m.observe_put, lambda: self._w.write(ops, request_id=request_id, resend=resend))
+        return m.timed(m.observe_put, lambda: self._w.write(ops, request_id=request_id, resend=resend, conditions=conditions))
 
     def request_status(self, request_id):
         return self._w.request_status(request_id)
+
+    def watch(self, prefix, start):
+        """Changes from the writer's memory of them (`Writer.changes_after`), following the
+        writer across a crash (from where the last one left off: Compacted if the new writer
+        does not keep that far back)."""
+        position = self._w.view().read_point if start is None else start
+        while True:
+            w = self._w
+            try:
+                changes, nxt = w.changes_after(position, WATCH_CHUNK)
+            except Unavailable:
+                if w is self.writer:
+                    raise
+                continue  # a new writer took over: go on with it
+            for cpl, key, value in changes:
+                if key.startswith(prefix):
+                    yield Change(key, value, cpl)
+            if nxt == position:
+                w.wait_vdl(position, WATCH_POLL_S)
+            position = nxt
+
+    def version(self, key):
+        """(lsn, value, deadline, clock) of the key's newest live version; lsn 0 for none."""
+        w = self._w
+        lsn, value, deadline = w.reads.version(key)
+        if value is None or (deadline and deadline <= w.log_time_us()):
+            return 0, None, 0, w.clock_us()
+        return lsn, value, deadline, w.clock_us()
 
     def new_request_id(self) -> bytes:
         """16 random bytes; drawn from the volume's seed when a simulator drives it (no

@@ -218,6 +218,39 @@ class ReplicaBehind(Unavailable):
     ahead). Nothing was read; retry, or read from the writer endpoint."""
 
 
+class PreconditionFailed(SixfoldError):
+    """A conditional write's preconditions did not hold when the writer ordered it (a key that
+    should exist, be absent, hold a value or be unchanged since a commit position did not):
+    nothing of the unit was logged. `failed` lists the indices of the conditions that failed, in
+    the order they were given; the message names each key and what was expected and found.
+    Read again and decide; sending the same unit again fails the same way while nothing changes.
+
+    Its own gRPC status would be FAILED_PRECONDITION, which StaleEpoch already travels as; it
+    travels as ABORTED (the operation lost a race, as etcd's and Spanner's do) with its class
+    name, and the failed indices in the error's `failed` field."""
+
+    GRPC_STATUS = "ABORTED"
+
+    def __init__(self, message: str = "", failed: tuple[int, ...] = ()) -> None:
+        super().__init__(message)
+        self.failed = tuple(failed)
+
+
+class Compacted(SixfoldError):
+    """A watch asked for changes from a position older than what is still kept for watchers:
+    the changes after it cannot all be given, so none are (never a silent gap). `oldest` is the
+    oldest position a watch may resume from now; read the keys afresh (a scan), then watch from
+    a position at or above it.
+
+    OUT_OF_RANGE with its class name (the code SegmentIncomplete and SnapshotTooOld share)."""
+
+    GRPC_STATUS = "OUT_OF_RANGE"
+
+    def __init__(self, message: str = "", oldest: int = 0) -> None:
+        super().__init__(message)
+        self.oldest = oldest
+
+
 class BackupError(SixfoldError):
     """A backup cannot do what was asked: the target holds another volume's archive or one of a
     newer format, the time or LSN asked for lies outside the restore window (the message names
@@ -237,4 +270,5 @@ class BackupCorrupt(BackupError):
 ALL_ERRORS = ALL_ERRORS + (
     EpochBehind, StorageError, StorageFull, ConflictingRecord, FolderInUse, WrongFolder, Unauthenticated, PermissionDenied,
     EncryptionError, WrongVolume, ReadOnly, ReplicaBehind, BackupError, BackupCorrupt, SnapshotTooOld,
+    PreconditionFailed, Compacted,
 )

@@ -47,8 +47,10 @@ from engine.codec import _python as _reference
 from engine.codec._python import IndexedRecord, Record
 from engine.core import constants as _constants
 from engine.core.constants import (
+    EXPIRES_BYTES,
     FLAG_CPL,
     FLAG_DELETE,
+    FLAG_EXPIRES,
     FLAG_PUT,
     FRAME_HEADER_BYTES,
     KEY_BYTES_MAX,
@@ -72,6 +74,8 @@ cdef uint32_t _FRAME_MAGIC = _constants.FRAME_MAGIC
 cdef uint32_t _FLAG_PUT = FLAG_PUT
 cdef uint32_t _FLAG_DELETE = FLAG_DELETE
 cdef uint32_t _FLAGS_KNOWN = _constants.FLAGS_KNOWN
+cdef uint32_t _FLAG_EXPIRES = _constants.FLAG_EXPIRES
+cdef uint32_t _EXPIRES_BYTES = _constants.EXPIRES_BYTES
 cdef uint64_t _KEY_BYTES_MAX = KEY_BYTES_MAX
 cdef uint64_t _VALUE_BYTES_MAX = VALUE_BYTES_MAX
 cdef uint64_t _FRAME_BYTES_MAX = _constants.FRAME_BYTES_MAX
@@ -342,7 +346,8 @@ cdef int _raise_fault(Fault* f) except -1:
 # ---------------------------------------------------------------------------------------------
 cdef inline bint _flags_valid(uint32_t flags) noexcept nogil:
     cdef uint32_t kind = flags & (_FLAG_PUT | _FLAG_DELETE)
-    return (flags & ~_FLAGS_KNOWN) == 0 and (kind == _FLAG_PUT or kind == _FLAG_DELETE)
+    return (flags & ~_FLAGS_KNOWN) == 0 and (kind == _FLAG_PUT or kind == _FLAG_DELETE) \
+        and not (flags & _FLAG_EXPIRES and kind != _FLAG_PUT)
 
 
 cdef inline int _parse_record(const unsigned char* buf, Py_ssize_t offset, Py_ssize_t end, Py_ssize_t index,
@@ -377,7 +382,8 @@ cdef inline int _parse_record(const unsigned char* buf, Py_ssize_t offset, Py_ss
         return _fault(f, FAULT_RECORD_LSN, index, offset, h.lsn, h.prev_lsn, 0)
     if h.key_len < 1 or h.key_len > _KEY_BYTES_MAX:
         return _fault(f, FAULT_RECORD_KEY_LEN, index, offset, h.key_len, 0, 0)
-    if h.value_len > _VALUE_BYTES_MAX or (h.flags & _FLAG_DELETE and h.value_len):
+    if h.value_len > _VALUE_BYTES_MAX or (h.flags & _FLAG_DELETE and h.value_len) \
+            or (h.flags & _FLAG_EXPIRES and h.value_len < _EXPIRES_BYTES):
         return _fault(f, FAULT_RECORD_VALUE_LEN, index, offset, h.value_len, h.flags, 0)
     return 0
 
@@ -532,6 +538,8 @@ def encode_record(lsn, prev_lsn, pg, flags, key, value):
         raise InvalidArgument(f"value of {value_len} bytes: values are at most {VALUE_BYTES_MAX} bytes")
     if c_flags & _FLAG_DELETE and value_len:
         raise InvalidArgument("a DELETE record carries no value")
+    if c_flags & _FLAG_EXPIRES and value_len < <Py_ssize_t>_EXPIRES_BYTES:
+        raise InvalidArgument(f"an EXPIRES record's value starts with its {EXPIRES_BYTES}-byte deadline")
     total_len = _RECORD_HEADER + key_len + value_len
     out = PyBytes_FromStringAndSize(NULL, total_len)
     p = <unsigned char*>PyBytes_AS_STRING(out)
@@ -759,6 +767,7 @@ def decode_record(buf):
 __all__ = [
     "FLAG_CPL",
     "FLAG_DELETE",
+    "FLAG_EXPIRES",
     "FLAG_PUT",
     "IndexedRecord",
     "Record",

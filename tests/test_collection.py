@@ -499,7 +499,7 @@ def test_a_node_folder_of_format_2_opens_upgraded_and_collects(tmp_path):
         with env.begin(db=env.open_db(b"meta", create=False)) as txn:
             import json
 
-            assert json.loads(txn.get(b"volume"))["format"] == NODE_FORMAT == 3
+            assert json.loads(txn.get(b"volume"))["format"] == NODE_FORMAT == 4
     finally:
         env.close()
 

@@ -96,6 +96,11 @@ def test_every_kept_volume_opens_with_what_it_holds(tmp_path, name):
         for rid, lsn in kept.get("requests", {}).items():  # request ids (node format 2 and later)
             st = db.status_of(b(rid))
             assert (st.state, st.lsn) == ("committed", lsn), rid
+        for k, deadline in kept.get("expiring", {}).items():  # deadlines (node format 4 and later)
+            assert db.version(b(k)).deadline_us == deadline, k
+        for k in kept["values"]:
+            if k not in kept.get("expiring", {}):
+                assert db.version(b(k)).deadline_us == 0, k
 
 
 def test_the_kept_volumes_include_one_from_before_node_formats_and_one_of_this_release():

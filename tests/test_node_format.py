@@ -58,7 +58,7 @@ def written(tmp_path):
 
 def test_a_new_folder_records_the_format(written):
     assert identity(written) == {"volume_id": "vol-1", "node": "n1", "protection_groups": P, "format": NODE_FORMAT}
-    assert NODE_FORMAT == 3
+    assert NODE_FORMAT == 4
 
 
 def test_a_folder_written_before_formats_is_upgraded_in_place(written, caplog):

@@ -59,6 +59,7 @@ from __future__ import annotations
 
 import heapq
 import logging
+import struct
 import threading
 import time
 import uuid
@@ -87,9 +88,11 @@ from engine.backup.format import (
     segment_name,
 )
 from engine.backup.target import BackupTarget, target_of
-from engine.core.constants import FLAG_PUT, FLAG_REQUEST, FRAME_BYTES_MAX, RECORD_HEADER_BYTES
+from engine.core.constants import FLAG_EXPIRES, FLAG_PUT, FLAG_REQUEST, FRAME_BYTES_MAX, RECORD_HEADER_BYTES
 from engine.errors import BackupCorrupt, BackupError, SixfoldError, SnapshotTooOld, StaleEpoch, Unavailable
 
+#: an expiring put's deadline, the first bytes of its stored value (node format 4)
+_DEADLINE = struct.Struct("<Q")
 log = logging.getLogger("sixfold.backup")
 
 #: What one fetch asks a node for (a node answers at most its own FETCH_BYTES_MAX).
@@ -780,7 +783,10 @@ class Archiver:
                 for e in entries:
                     if e.value is None:
                         continue
-                    rec = codec.encode_record(e.lsn, 0, pg, FLAG_PUT, e.key, e.value)
+                    if e.deadline_us:  # an expiring version keeps its deadline (node format 4)
+                        rec = codec.encode_record(e.lsn, 0, pg, FLAG_PUT | FLAG_EXPIRES, e.key, _DEADLINE.pack(e.deadline_us) + e.value)
+                    else:
+                        rec = codec.encode_record(e.lsn, 0, pg, FLAG_PUT, e.key, e.value)
                     chunk.append((e.lsn, rec))
                     chunk_bytes += len(rec)
                     part_records += 1

@@ -37,6 +37,7 @@ import json
 import logging
 import os
 import shutil
+import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -53,12 +54,14 @@ from engine.backup.format import (
     parse_segment_name,
 )
 from engine.backup.target import BackupTarget, target_of
-from engine.core.constants import FLAG_CPL, FLAG_DELETE, FLAG_PUT, FLAG_REQUEST
+from engine.core.constants import EXPIRES_BYTES, FLAG_CPL, FLAG_DELETE, FLAG_EXPIRES, FLAG_PUT, FLAG_REQUEST
 from engine.embedded import EmbeddedOptions, EmbeddedVolume, read_volume_file
 from engine.envelope import VolumeCipher, load_master_key, unwrap
 from engine.errors import BackupCorrupt, BackupError, EncryptionError, SixfoldError
 from engine.files import atomic_write, fsync_folder
 
+#: an expiring put's deadline, the first bytes of its stored value (node format 4)
+_DEADLINE = struct.Struct("<Q")
 log = logging.getLogger("sixfold.backup")
 
 RESTORING_SUFFIX = ".restoring"
@@ -146,7 +149,7 @@ class Archive:
                         raise BackupCorrupt(f"backup file {part['name']}: record {r.lsn} (PG {r.pg}) does not belong "
                                             f"in a base at LSN {base['lsn']}")
                     n += 1
-                    yield r.pg, r.lsn, r.key, r.value
+                    yield r.pg, r.lsn, r.flags, r.key, r.value
             if n != meta["records"]:
                 raise BackupCorrupt(f"backup file {part['name']} holds {n} records, its meta says {meta['records']}")
 
@@ -306,11 +309,16 @@ def _build(archive: Archive, point: RestorePoint, source: VolumeCipher | None, f
             last_report[0] = time.monotonic()
             progress(dict(report))
 
-    def plain(pg: int, lsn: int, key: bytes, value: bytes) -> tuple[bytes, bytes]:
+    def plain(pg: int, lsn: int, flags: int, key: bytes, value: bytes) -> tuple[bytes, bytes, int]:
+        """(key, value, deadline or 0) of a stored put: opened on an encrypted volume, its
+        deadline (flag EXPIRES: the value's first bytes, outside the seal) kept apart."""
+        deadline = 0
+        if flags & FLAG_EXPIRES:
+            deadline, value = _DEADLINE.unpack_from(value)[0], value[EXPIRES_BYTES:]
         if source is None:
-            return key, value
+            return key, value, deadline
         try:
-            return source.open(pg, lsn, key, value)
+            return (*source.open(pg, lsn, key, value), deadline)
         except SixfoldError as e:
             raise BackupCorrupt(f"record {lsn} (PG {pg}) of the backup does not open with the volume's key: {e}") from None
 
@@ -344,7 +352,7 @@ def _build(archive: Archive, point: RestorePoint, source: VolumeCipher | None, f
             for op in unit:  # the unit is whole: apply it
                 if op.flags & FLAG_REQUEST:
                     continue
-                overlay[op.key] = None if op.flags & FLAG_DELETE else plain(op.pg, op.lsn, op.key, op.value)
+                overlay[op.key] = None if op.flags & FLAG_DELETE else plain(op.pg, op.lsn, op.flags, op.key, op.value)
                 report["records"] += 1
             unit = []
             pos, time_us = r.lsn, unit_time
@@ -367,23 +375,23 @@ def _build(archive: Archive, point: RestorePoint, source: VolumeCipher | None, f
 
     def pairs():
         report["phase"] = "base"
-        for pg, lsn, key, value in archive.read_base(base):
+        for pg, lsn, flags, key, value in archive.read_base(base):
             if key in overlay:
                 continue
-            k, v = plain(pg, lsn, key, value)
+            k, v, deadline = plain(pg, lsn, flags, key, value)
             counts["keys"] += 1
             counts["live_bytes"] += len(k) + len(v)
             report["records"] += 1
             report["bytes"] = counts["live_bytes"]
             tick()
-            yield k, v
+            yield (k, v, deadline) if deadline else (k, v)
         report["phase"] = "log"
         for kv in overlay.values():
             if kv is not None:
                 counts["keys"] += 1
                 counts["live_bytes"] += len(kv[0]) + len(kv[1])
                 report["bytes"] = counts["live_bytes"]
-                yield kv
+                yield kv if kv[2] else kv[:2]
 
     # No gossip or scrub while it is filled: every node gets every frame, and nothing else runs.
     volume = EmbeddedVolume(folder, EmbeddedOptions(protection_groups=protection_groups, durable=durable,

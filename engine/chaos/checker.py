@@ -21,7 +21,10 @@ small; batches and scans span keys, and their projections below check each key's
 atomicity across keys adds is (c)'s job). Projection: put sets the value, delete sets None,
 get reads; a batch is a write to each of its keys (the last op of the key in the batch) with the
 batch's invoke and completion; a scan is a read of every key of the history in [start, end):
-the value it returned or None. Fail writes and failed reads are removed; an indeterminate write
+the value it returned or None. A compare-and-set (`cas`, expected -> value) that applied is a
+write guarded by "the register held expected"; one refused (its precondition failed) writes
+nothing and is guarded by "it did not"; one indeterminate is a guarded write that may be left
+out (a linearizable register with CAS). Fail writes and failed reads are removed; an indeterminate write
 has completion +infinity and may be left out of the linearization. Indeterminate writes whose
 value no read returned are dropped first: including one never changes what a read may see, so
 it cannot change the answer, and it would only widen the search. The search is Wing & Gong's
@@ -186,6 +189,10 @@ def describe_op(op: Op) -> str:
     elif op.f == "batch":
         parts = [f"{f} {_b(k)}" + (f"={_b(v)}" if v is not None else "") for f, k, v in op.ops or ()]
         what = "batch[" + ", ".join(parts) + "]"
+    elif op.f == "cas":
+        what = f"cas {_b(op.key)} {_b(op.expected)}->{_b(op.value)}"
+        if op.type == "ok":
+            what += " applied" if op.result else " refused"
     else:
         what = f"scan [{_b(op.start)}, {_b(op.end)})"
         if op.type == "ok":
@@ -223,6 +230,30 @@ class RegisterOp:
     value: bytes | None
     call: int
     ret: int | None  # None: +infinity (indeterminate write)
+    #: a compare-and-set's guard on the register before it: "eq" (it held `expect`: a cas that
+    #: applied, or may have), "ne" (it did not: a cas refused, which writes nothing and reads no
+    #: value), "" none
+    guard: str = ""
+    expect: bytes | None = None
+
+
+def _allowed(r: RegisterOp, state: bytes | None) -> bool:
+    """Whether `r` can take effect on a register holding `state`."""
+    if r.guard == "eq":
+        return state == r.expect
+    if r.guard == "ne":
+        return state != r.expect
+    return r.is_write or state == r.value
+
+
+def _cas_ops(op: Op) -> list[RegisterOp]:
+    """A cas as register ops: none if it failed (not logged), a guarded write if it applied or
+    may have, a guarded observation if its precondition was refused."""
+    if op.type == "fail":
+        return []
+    if op.type == "ok" and not op.result:
+        return [RegisterOp(op, False, None, op.call, op.ret, "ne", op.expected)]
+    return [RegisterOp(op, True, op.value, op.call, op.ret if op.type == "ok" else None, "eq", op.expected)]
 
 
 def _batch_values(op: Op) -> dict[bytes, bytes | None]:
@@ -256,7 +287,10 @@ def project(ops: Sequence[Op]) -> dict[bytes, list[RegisterOp]]:
     keys = history_keys(ops)
     per: dict[bytes, list[RegisterOp]] = {k: [] for k in keys}
     for op in ops:
-        if op.f in ("put", "delete", "batch"):
+        if op.f == "cas":
+            _check(op.key is not None, "pair_ops validated this op")
+            per[op.key].extend(_cas_ops(op))
+        elif op.f in ("put", "delete", "batch"):
             if op.type == "fail":
                 continue
             ret = op.ret if op.type == "ok" else None
@@ -358,7 +392,7 @@ def search_register(
         if is_call[entry]:
             i = op_of[entry]
             r = reg[i]
-            if r.is_write or state == r.value:
+            if _allowed(r, state):
                 new_state = r.value if r.is_write else state
                 lin = linearized | (1 << i)
                 memo = (lin, new_state)
@@ -413,7 +447,8 @@ def _heuristic_window(reg: Sequence[RegisterOp], res: SearchResult) -> set[int]:
 
 def _close_over_sources(reg: Sequence[RegisterOp], chosen: set[int]) -> set[int]:
     """Add every write whose value a chosen read returned."""
-    read_values = {reg[i].value for i in chosen if not reg[i].is_write}
+    read_values = {reg[i].value for i in chosen if not reg[i].is_write and not reg[i].guard}
+    read_values |= {reg[i].expect for i in chosen if reg[i].guard}
     return chosen | {i for i, r in enumerate(reg) if r.is_write and r.value in read_values}
 
 
@@ -453,7 +488,11 @@ def _smallest_window(
             if i == b or i not in chosen or clock() > deadline_s:
                 continue
             r = reg[i]
-            if r.is_write and any(not reg[j].is_write and reg[j].value == r.value for j in chosen):
+            # A write a remaining read or cas guard needs stays; with a refused cas ("ne") left,
+            # no write goes (without it the register could hold what that cas was refused on).
+            if r.is_write and any((not reg[j].is_write and not reg[j].guard and reg[j].value == r.value)
+                                  or (reg[j].guard and reg[j].expect == r.value) or reg[j].guard == "ne"
+                                  for j in chosen):
                 continue
             smaller = chosen - {i}
             if not_linearizable(smaller):
@@ -469,7 +508,7 @@ def _value_sources(ops: Sequence[Op]) -> dict[bytes, dict[bytes, list[Op]]]:
     included), so a read can be traced to its write."""
     out: dict[bytes, dict[bytes, list[Op]]] = {}
     for op in ops:
-        if op.f == "put":
+        if op.f in ("put", "cas"):
             _check(op.key is not None and op.value is not None, "pair_ops validated this op")
             out.setdefault(op.key, {}).setdefault(op.value, []).append(op)
         elif op.f == "batch":
@@ -497,8 +536,8 @@ def _linearizable(
     total_ops = 0
     for key, reg in per.items():
         key_sources = sources.get(key, {})
-        reads = [r for r in reg if not r.is_write]
-        if not reads:
+        reads = [r for r in reg if not r.is_write and not r.guard]
+        if not reads and not any(r.guard for r in reg):
             continue
         # A read of a value no possibly-effective write produced can never be linearized; say
         # so directly (it is the commonest failure and the clearest sentence).
@@ -515,7 +554,8 @@ def _linearizable(
             invalid.append((key, why, [bad.source] + list(writers)))
             stuck.append(([], SearchResult(INVALID, 0)))
             continue
-        read_values = {r.value for r in reads}
+        # A cas's expected value is read as much as a get's (its guard needs the write that made it).
+        read_values = {r.value for r in reads} | {r.expect for r in reg if r.guard}
         reg = [r for r in reg if r.ret is not None or not r.is_write or r.value in read_values]
         total_ops += len(reg)
         if clock() > deadline_s:
@@ -560,6 +600,10 @@ def _key_writes(ops: Sequence[Op]) -> dict[bytes, list[RegisterOp]]:
     """Per key, every write that may have taken effect (ok or indeterminate)."""
     per: dict[bytes, list[RegisterOp]] = {}
     for op in ops:
+        if op.f == "cas":
+            _check(op.key is not None, "pair_ops validated this op")
+            per.setdefault(op.key, []).extend(r for r in _cas_ops(op) if r.is_write)
+            continue
         if op.f not in ("put", "delete", "batch") or op.type == "fail":
             continue
         ret = op.ret if op.type == "ok" else None

@@ -93,6 +93,8 @@ def register(sub) -> None:
                    help="how clients of a run with readers read on replicas (default pinned: one reader per session)")
     p.add_argument("--unbounded", action="store_true", help="let faults exceed the failure budget (then only safety is checked)")
     p.add_argument("--ops-max", type=int, default=20_000, help="bound on operations (default 20000)")
+    p.add_argument("--cas", action="store_true",
+                   help="add compare-and-set operations (conditional writes) to the workload (embedded and cluster targets)")
     p.add_argument("--out", metavar="DIR", help="run folder (default: a new folder under the system temp dir)")
     p.add_argument("--check-budget", type=float, default=30.0, help="seconds the linearizability search may take (then: unknown)")
     p.add_argument("--weaken", choices=tuple(NAMED),
@@ -113,7 +115,7 @@ def _config(args, seed: int) -> RunConfig:
         target=args.target, seed=seed, duration_s=duration, clients=args.clients, keys=args.keys,
         faults=tuple(faults), unbounded=args.unbounded, ops_max=args.ops_max,
         check_budget_s=args.check_budget, weaken=args.weaken, base_port=args.base_port,
-        readers=args.readers, replica_reads=args.replica_reads, network=args.network,
+        readers=args.readers, replica_reads=args.replica_reads, network=args.network, cas=args.cas,
     )
 
 

@@ -40,8 +40,10 @@ import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
-FUNCTIONS = ("put", "get", "delete", "batch", "scan")
-WRITES = frozenset(("put", "delete", "batch"))
+#: "cas": a compare-and-set, put `value` if the key holds `expected` (None: if it is absent);
+#: an ok cas's result says whether it applied (False: the precondition failed, nothing logged)
+FUNCTIONS = ("put", "get", "delete", "batch", "scan", "cas")
+WRITES = frozenset(("put", "delete", "batch", "cas"))
 READS = frozenset(("get", "scan"))
 COMPLETIONS = ("ok", "fail", "indeterminate")
 TYPES = ("invoke",) + COMPLETIONS
@@ -82,6 +84,7 @@ class Entry:
     replica: bool = False
     after: int | None = None
     commit: int | None = None
+    expected: bytes | None = None  # cas: the value it expected (None: absent)
 
 
 @dataclass(frozen=True)
@@ -107,6 +110,7 @@ class Op:
     replica: bool = False
     after: int | None = None
     commit: int | None = None  # the commit position an ok write returned, when recorded
+    expected: bytes | None = None  # cas: the value it expected (None: absent)
 
     @property
     def id(self) -> int:
@@ -117,9 +121,10 @@ def _is_bytes(x: Any) -> bool:
     return isinstance(x, bytes)
 
 
-def _normalise_inputs(f: str, key: Any, value: Any, ops: Any, start: Any, end: Any) -> BatchOps | None:
+def _normalise_inputs(f: str, key: Any, value: Any, ops: Any, start: Any, end: Any, expected: Any = None) -> BatchOps | None:
     _check(f in FUNCTIONS, f"f must be one of {FUNCTIONS}, not {f!r}")
-    if f == "put":
+    _check(expected is None or (f == "cas" and _is_bytes(expected)), "only a cas has an expected value (bytes)")
+    if f in ("put", "cas"):
         _check(_is_bytes(key) and _is_bytes(value), "put needs key and value bytes")
     elif f in ("get", "delete"):
         _check(_is_bytes(key) and value is None, f"{f} needs a key (bytes) and no value")
@@ -160,6 +165,9 @@ def _normalise_replica(f: str, session: Any, replica: Any, after: Any) -> None:
 
 
 def _normalise_result(f: str, type: str, result: Any) -> Any:
+    if f == "cas" and type == "ok":
+        _check(isinstance(result, bool), "an ok cas's result is whether it applied (a bool)")
+        return result
     if type != "ok" or f not in READS:
         _check(result is None, f"only an ok read has a result ({f} {type})")
         return None
@@ -209,10 +217,11 @@ class History:
         session: Process | None = None,
         replica: bool = False,
         after: int | None = None,
+        expected: bytes | None = None,
     ) -> int:
         """Record that `process` is about to call `f`; returns the op id for `complete`.
-        `session`, `replica` and `after`: see the module docstring."""
-        batch_ops = _normalise_inputs(f, key, value, None if ops is None else tuple(ops), start, end)
+        `session`, `replica` and `after`: see the module docstring; `expected`: a cas's."""
+        batch_ops = _normalise_inputs(f, key, value, None if ops is None else tuple(ops), start, end, expected)
         _normalise_replica(f, session, replica, after)
         with self._lock:
             _check(
@@ -221,7 +230,8 @@ class History:
             )
             entry = self._append(
                 dict(process=process, type="invoke", f=f, key=key, value=value, ops=batch_ops,
-                     start=start, end=end, final=final, session=session, replica=replica, after=after)
+                     start=start, end=end, final=final, session=session, replica=replica, after=after,
+                     expected=expected)
             )
             self._open[entry.index] = entry
             self._open_process[process] = entry.index
@@ -244,7 +254,8 @@ class History:
             entry = self._append(
                 dict(process=inv.process, type=type, f=inv.f, key=inv.key, value=inv.value,
                      ops=inv.ops, start=inv.start, end=inv.end, result=res, final=inv.final,
-                     error=error, session=inv.session, replica=inv.replica, after=inv.after, commit=commit)
+                     error=error, session=inv.session, replica=inv.replica, after=inv.after, commit=commit,
+                     expected=inv.expected)
             )
             return entry.index
 
@@ -310,6 +321,10 @@ def entry_to_dict(entry: Entry, *, include_time: bool = True) -> dict[str, Any]:
         d["result"] = _enc_opt(entry.result)  # null is an answer here: the key was absent
     elif entry.type == "ok" and entry.f == "scan":
         d["result"] = [[encode_bytes(k), encode_bytes(v)] for k, v in entry.result]
+    elif entry.type == "ok" and entry.f == "cas":
+        d["result"] = entry.result
+    if entry.expected is not None:
+        d["expected"] = encode_bytes(entry.expected)
     if include_time:
         d["time"] = entry.time
     if entry.final:
@@ -336,6 +351,8 @@ def entry_from_dict(d: Mapping[str, Any]) -> Entry:
         result = _dec_opt(d.get("result"))
     elif type == "ok" and f == "scan":
         result = tuple((decode_bytes(k), decode_bytes(v)) for k, v in d.get("result", ()))
+    elif type == "ok" and f == "cas":
+        result = d.get("result")
     ops = d.get("ops")
     return Entry(
         index=int(d["index"]),
@@ -355,6 +372,7 @@ def entry_from_dict(d: Mapping[str, Any]) -> Entry:
         replica=bool(d.get("replica", False)),
         after=d.get("after"),
         commit=d.get("commit"),
+        expected=_dec_opt(d.get("expected")),
     )
 
 
@@ -401,7 +419,7 @@ def pair_ops(entries: Sequence[Entry]) -> tuple[Op, ...]:
         _check(inv.f == e.f, f"entry {e.index} completes a {inv.f} with a {e.f}")
         # Entries read from a file were never checked by `History.invoke`: check them here, so
         # the checkers can rely on every op being well formed.
-        _normalise_inputs(inv.f, inv.key, inv.value, inv.ops, inv.start, inv.end)
+        _normalise_inputs(inv.f, inv.key, inv.value, inv.ops, inv.start, inv.end, inv.expected)
         _normalise_result(inv.f, e.type, e.result)
         _normalise_replica(inv.f, inv.session, inv.replica, inv.after)
         _position(e.commit, "commit")
@@ -411,16 +429,16 @@ def pair_ops(entries: Sequence[Entry]) -> tuple[Op, ...]:
                ret=e.index if e.type != "indeterminate" else None, completion=e.index,
                key=inv.key, value=inv.value, ops=inv.ops, start=inv.start, end=inv.end,
                result=e.result, final=inv.final, error=e.error, session=inv.session,
-               replica=inv.replica, after=inv.after, commit=e.commit)
+               replica=inv.replica, after=inv.after, commit=e.commit, expected=inv.expected)
         )
     for inv in open_.values():
-        _normalise_inputs(inv.f, inv.key, inv.value, inv.ops, inv.start, inv.end)
+        _normalise_inputs(inv.f, inv.key, inv.value, inv.ops, inv.start, inv.end, inv.expected)
         _normalise_replica(inv.f, inv.session, inv.replica, inv.after)
         ops.append(
             Op(process=inv.process, f=inv.f, type="indeterminate", call=inv.index, ret=None,
                completion=None, key=inv.key, value=inv.value, ops=inv.ops, start=inv.start,
                end=inv.end, final=inv.final, error="never completed", session=inv.session,
-               replica=inv.replica, after=inv.after)
+               replica=inv.replica, after=inv.after, expected=inv.expected)
         )
     ops.sort(key=lambda o: o.call)
     return tuple(ops)

@@ -36,13 +36,15 @@ from dataclasses import asdict, dataclass, field
 from engine.chaos.checker import check_all, check_failovers, overall, render_table
 from engine.chaos.history import History
 from engine.chaos.plan import CLUSTER_ONLY_NAMES, DEFAULT_FAULTS, WRITER_FAULT_KINDS, FaultEvent, FaultPlan, generate_plan
-from engine.chaos.workload import Workload
+from engine.chaos.workload import DEFAULT_MIX, Workload
 from engine.errors import InvalidArgument, SixfoldError
 from engine.head import weakening
 
 log = logging.getLogger("sixfold.chaos")
 
 TARGETS = ("sim", "embedded", "cluster")
+#: The workload of a run with `cas`: the default mix plus compare-and-sets on the same hot keys.
+CAS_MIX = {**DEFAULT_MIX, "cas": 0.30}
 #: How a cluster run's clients read on replicas: through one reader per session (what a replica
 #: promises to keep monotonic), through the reader endpoint (round_robin over every reader), or not.
 REPLICA_READS = ("pinned", "endpoint", "none")
@@ -80,10 +82,14 @@ class RunConfig:
     #: where a cluster run's partitions are made: "gate" (inside the nodes' gRPC layer) or
     #: "real" (nft rules in the processes' network namespaces; engine.cluster.netfaults)
     network: str = "gate"
+    #: add compare-and-set operations (conditional writes) to the workload: the embedded and
+    #: cluster targets (the simulator drives the engine with its own operations)
+    cas: bool = False
 
     def __post_init__(self) -> None:
         assert self.target in TARGETS, self.target
         assert self.network in NETWORKS, self.network
+        assert not (self.cas and self.target == "sim"), "the cas workload runs on the embedded and cluster targets"
         assert self.weaken is None or self.weaken in weakening.NAMED, self.weaken
         assert self.replica_reads in REPLICA_READS, self.replica_reads
 
@@ -219,7 +225,7 @@ def _drive(config: RunConfig, plan: FaultPlan, db, apply, progress, replica=None
     history = History(clock_ns=time.monotonic_ns)
     workload = Workload(
         db, history, config.seed, clients=config.clients, keys=config.keys, duration_s=config.duration_s,
-        ops_max=config.ops_max, replica=replica,
+        ops_max=config.ops_max, replica=replica, mix=CAS_MIX if config.cas else None,
     )
     t0 = time.monotonic()
     nemesis = _Nemesis(plan, apply, t0)

@@ -51,9 +51,14 @@ from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 from engine.chaos.history import History
-from engine.errors import Unavailable, WriteIndeterminate
+from engine.core import conditions as cond
+from engine.errors import PreconditionFailed, Unavailable, WriteIndeterminate
 
 DEFAULT_MIX: Mapping[str, float] = {"put": 0.35, "get": 0.25, "delete": 0.05, "batch": 0.15, "scan": 0.20}
+#: Operations a mix may name: the default mix's, and "cas" (a compare-and-set: get the key, then
+#: put a new value expecting what the get returned; `cond.equals` / `cond.absent`), which the
+#: default mix leaves out so that seeded runs from before it replay the same operations.
+MIX_OPS = frozenset(DEFAULT_MIX) | {"cas"}
 KEYS_MAX = 10_000
 CLIENTS_MAX = 1_024
 BATCH_OPS_MAX = 16
@@ -143,8 +148,8 @@ class Workload:
         mix = dict(DEFAULT_MIX if mix is None else mix)
         if not (0 < clients <= CLIENTS_MAX):
             raise AssertionError(f"clients must be in 1..{CLIENTS_MAX}")
-        if not set(mix) <= set(DEFAULT_MIX) or not any(w > 0 for w in mix.values()):
-            raise AssertionError(f"mix names ops among {sorted(DEFAULT_MIX)} with a positive weight")
+        if not set(mix) <= MIX_OPS or not any(w > 0 for w in mix.values()):
+            raise AssertionError(f"mix names ops among {sorted(MIX_OPS)} with a positive weight")
         if not (2 <= batch_ops_max <= BATCH_OPS_MAX):
             raise AssertionError(f"batch_ops_max must be in 2..{BATCH_OPS_MAX}")
         if not (ops_max >= 0 and duration_s >= 0 and progress_every_ops > 0):
@@ -256,7 +261,7 @@ class Workload:
                     outcome = self._replica_read(rng, process, state)
                 else:
                     f = rng.choices(self._mix_names, self._mix_weights)[0]
-                    if f in ("put", "batch"):
+                    if f in ("put", "batch", "cas"):
                         written += 1
                     outcome = self._one(rng, process, f, written, state)
                 self._record(outcome)
@@ -292,6 +297,8 @@ class Workload:
                     ops.append(("delete", key, None))
             op = h.invoke(process, "batch", ops=ops, session=session)
             return self._write(op, lambda: self._batch(ops), state)
+        if f == "cas":
+            return self._cas(process, rng.choice(self.keys), self._value(process, written), session, state)
         if f == "get":
             key = rng.choice(self.keys)
             op = h.invoke(process, "get", key=key)
@@ -303,6 +310,31 @@ class Workload:
             op = h.invoke(process, "scan", start=start, end=end)
             return self._read(op, lambda: self._scan(start, end))
         raise AssertionError(f"unknown op {f}")
+
+    def _cas(self, process: int, key: bytes, value: bytes, session: Any, state: "_Session | None") -> str:
+        """Read `key` (unrecorded: the cas records what it expected), then put `value` on the
+        condition that the key still holds it. A refused condition is an ok cas that did not
+        apply (result False); nothing was logged."""
+        try:
+            expected = self.db.get(key)
+        except Exception:
+            return "fail"  # nothing invoked yet: a read that failed changes nothing
+        op = self.history.invoke(process, "cas", key=key, value=value, expected=expected, session=session)
+        condition = cond.absent(key) if expected is None else cond.equals(key, expected)
+        try:
+            lsn = self.db.put(key, value, expect=condition)
+        except PreconditionFailed:
+            self.history.complete(op, "ok", result=False)
+            return "ok"
+        except Exception as exc:
+            outcome = classify_write_error(exc)
+            self.history.complete(op, outcome, error=_describe(exc))
+            return outcome
+        commit = lsn if isinstance(lsn, int) and not isinstance(lsn, bool) and lsn >= 0 else None
+        self.history.complete(op, "ok", result=True, commit=commit)
+        if state is not None and commit is not None:
+            state.last_commit = commit
+        return "ok"
 
     def _session_of(self, state: "_Session | None") -> Any:
         if self.replica is None or state is None:

@@ -167,6 +167,14 @@ def cmd_cluster_up(args) -> int:
             audit.record(c.folder, "cluster up", target=c.folder, result=type(e).__name__)
         raise
     audit.record(c.folder, "cluster up", target=c.folder, result="ok", started=st["started"])
+    if args.redis_port is not None or args.redis_read_port is not None:
+        from engine.redis.cli import start_background
+
+        for port, reader in ((args.redis_port, False), (args.redis_read_port, True)):
+            if port is not None:
+                pid = start_background(c.folder, port, reader=reader, timeout_s=args.timeout_s)
+                print(f"sixfold: Redis endpoint ({'read-only, on the readers' if reader else 'writer'}) on 127.0.0.1:{port} "
+                      f"(pid {pid}, log {c.folder}/logs/redis-{port}.log)", file=sys.stderr, flush=True)
     if not st["started"]:
         print(f"sixfold: cluster {c.folder} is already up (every process was running; nothing started)",
               file=sys.stderr, flush=True)
@@ -190,6 +198,9 @@ def cmd_cluster_up(args) -> int:
             elif state != "down":
                 reported.discard(name)
     print("stopping the cluster ...", file=sys.stderr, flush=True)
+    from engine.redis.cli import stop_background
+
+    stop_background(c.folder)
     c.down(args.down_timeout_s)
     audit.record(c.folder, "cluster down", target=c.folder, result="ok", foreground=True)
     return 0
@@ -418,6 +429,9 @@ def cmd_cluster_down(args) -> int:
     netns_only = not c.exists and os.path.exists(os.path.join(c.folder, RECORD_FILE))  # a launcher died early
     if not c.exists and not netns_only:  # the library's down() is a no-op there; a person asked to stop something
         raise ClusterError(f"{c.folder} is not a cluster folder (no cluster.json): there is nothing to stop")
+    from engine.redis.cli import stop_background
+
+    stop_background(c.folder)  # the Redis endpoints `cluster up --redis-port` started, first
     c.down(args.timeout_s)
     if args.json:
         from engine.output import print_json
@@ -980,6 +994,12 @@ def register(sub) -> None:
     up.add_argument("--timeout-s", type=float, default=READY_TIMEOUT_S, help="how long to wait for each process to be SERVING")
     up.add_argument("--down-timeout-s", type=float, default=DOWN_TIMEOUT_S, help=argparse.SUPPRESS)
     up.add_argument("--foreground", action="store_true", help="stay attached; Ctrl-C stops the whole cluster")
+    up.add_argument("--redis-port", type=int, default=None, metavar="PORT", help=(
+        "also run the Redis-compatible endpoint on 127.0.0.1:PORT (RESP2/RESP3; every write answered once durable "
+        "on 4 of 6); `cluster down` stops it"))
+    up.add_argument("--redis-read-port", type=int, default=None, metavar="PORT", help=(
+        "also run a read-only Redis endpoint on 127.0.0.1:PORT whose reads are spread over the reader instances "
+        "(needs --readers)"))
     up.add_argument("--insecure", action="store_true", help=(
         "a throwaway cluster: plaintext gRPC, no certificates, no authorisation (anyone on this host can call any "
         "RPC); loopback only. Fixed at creation. Default: mutual TLS with a cluster CA in DIR/tls/"))

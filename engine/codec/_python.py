@@ -16,7 +16,8 @@ Record layout (little-endian, 36-byte header)::
     8      8    lsn         >= 1
     16     8    prev_lsn    backlink: previous LSN of the same PG (0 for the first); < lsn
     24     4    pg          protection group
-    28     1    flags       exactly one of PUT (1) / DELETE (2), optionally CPL (4), REQUEST (8)
+    28     1    flags       exactly one of PUT (1) / DELETE (2), optionally CPL (4), REQUEST (8),
+                            EXPIRES (16, on a PUT only: the value's first 8 bytes are its deadline)
     29     1    reserved    0
     30     2    key_len     1 ..= KEY_BYTES_MAX
     32     4    value_len   0 ..= VALUE_BYTES_MAX; 0 for DELETE
@@ -43,8 +44,10 @@ from typing import NamedTuple
 import google_crc32c
 
 from engine.core.constants import (
+    EXPIRES_BYTES,
     FLAG_CPL,
     FLAG_DELETE,
+    FLAG_EXPIRES,
     FLAG_PUT,
     FLAGS_KNOWN,
     FRAME_BYTES_MAX,
@@ -119,7 +122,8 @@ def _check_fields(lsn: int, prev_lsn: int, pg: int, flags: int, key, value) -> N
         raise InvalidArgument(f"prev_lsn {prev_lsn} must be below lsn {lsn}")
     if not 0 <= pg <= PG_MAX:
         raise InvalidArgument(f"pg {pg} out of range 0..{PG_MAX}")
-    if flags & ~FLAGS_KNOWN or (flags & (FLAG_PUT | FLAG_DELETE)) not in (FLAG_PUT, FLAG_DELETE):
+    if flags & ~FLAGS_KNOWN or (flags & (FLAG_PUT | FLAG_DELETE)) not in (FLAG_PUT, FLAG_DELETE) \
+            or (flags & FLAG_EXPIRES and not flags & FLAG_PUT):
         raise InvalidArgument(f"flags {flags:#x}: need exactly one of PUT or DELETE, plus optional CPL")
     if not 1 <= len(key) <= KEY_BYTES_MAX:
         raise InvalidArgument(f"key of {len(key)} bytes: keys are 1..{KEY_BYTES_MAX} bytes")
@@ -127,6 +131,8 @@ def _check_fields(lsn: int, prev_lsn: int, pg: int, flags: int, key, value) -> N
         raise InvalidArgument(f"value of {len(value)} bytes: values are at most {VALUE_BYTES_MAX} bytes")
     if flags & FLAG_DELETE and value:
         raise InvalidArgument("a DELETE record carries no value")
+    if flags & FLAG_EXPIRES and len(value) < EXPIRES_BYTES:
+        raise InvalidArgument(f"an EXPIRES record's value starts with its {EXPIRES_BYTES}-byte deadline")
 
 
 def encode_record(lsn: int, prev_lsn: int, pg: int, flags: int, key: bytes, value: bytes) -> bytes:
@@ -166,13 +172,14 @@ def _parse_record(buf: bytes, offset: int, end: int, index: int) -> tuple[int, i
         raise CorruptRecord(f"{where}: CRC mismatch (stored {crc:#010x}, computed {computed:#010x})")
     if reserved != 0:
         raise CorruptRecord(f"{where}: reserved byte is {reserved}, not 0")
-    if flags & ~FLAGS_KNOWN or (flags & (FLAG_PUT | FLAG_DELETE)) not in (FLAG_PUT, FLAG_DELETE):
+    if flags & ~FLAGS_KNOWN or (flags & (FLAG_PUT | FLAG_DELETE)) not in (FLAG_PUT, FLAG_DELETE) \
+            or (flags & FLAG_EXPIRES and not flags & FLAG_PUT):
         raise CorruptRecord(f"{where}: invalid flags {flags:#04x}")
     if lsn == 0 or prev_lsn >= lsn:
         raise CorruptRecord(f"{where}: lsn {lsn} with prev_lsn {prev_lsn} (need 0 <= prev_lsn < lsn)")
     if not 1 <= key_len <= KEY_BYTES_MAX:
         raise CorruptRecord(f"{where}: key_len {key_len} out of range 1..{KEY_BYTES_MAX}")
-    if value_len > VALUE_BYTES_MAX or (flags & FLAG_DELETE and value_len):
+    if value_len > VALUE_BYTES_MAX or (flags & FLAG_DELETE and value_len) or (flags & FLAG_EXPIRES and value_len < EXPIRES_BYTES):
         raise CorruptRecord(f"{where}: value_len {value_len} invalid for flags {flags:#04x}")
     return lsn, prev_lsn, pg, flags, key_len, value_len, total_len
 
@@ -253,6 +260,7 @@ def decode_record(buf: bytes) -> Record:
 __all__ = [
     "FLAG_CPL",
     "FLAG_DELETE",
+    "FLAG_EXPIRES",
     "FLAG_PUT",
     "IndexedRecord",
     "Record",

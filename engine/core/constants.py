@@ -41,7 +41,17 @@ FLAG_CPL = 0x04
 #: so whether the request committed is in the log itself (a later writer knows it too). Nodes
 #: index these records apart from user keys (never visible to get or scan).
 FLAG_REQUEST = 0x08
-FLAGS_KNOWN = FLAG_PUT | FLAG_DELETE | FLAG_CPL | FLAG_REQUEST
+#: An expiring put (node format 4): its value begins with its deadline, EXPIRES_BYTES of u64 LE
+#: microseconds since the Unix epoch on the log's clock (the commit times the writer stamps),
+#: then the user's value. Only on a PUT; nodes hand the deadline back apart from the value.
+FLAG_EXPIRES = 0x10
+EXPIRES_BYTES = 8
+FLAGS_KNOWN = FLAG_PUT | FLAG_DELETE | FLAG_CPL | FLAG_REQUEST | FLAG_EXPIRES
+#: An op (never a record) whose EXPIRES_BYTES prefix is a time to live in microseconds, which the
+#: writer turns into a deadline (its commit time + ttl) when it orders the unit.
+OP_TTL = 0x100
+#: The latest deadline accepted: year 2262 (microseconds that fit a signed 64-bit integer).
+DEADLINE_US_MAX = (1 << 63) - 1
 #: Read namespaces of a segment: user keys, or request ids.
 NAMESPACE_KEYS = 0
 NAMESPACE_REQUESTS = 1

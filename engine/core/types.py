@@ -156,6 +156,8 @@ class ReadReply:
     lsn: int
     value: bytes | None
     deleted: bool = False
+    #: an expiring version's deadline (microseconds on the log's clock); 0: none
+    deadline_us: int = 0
 
 
 @dataclass(frozen=True)
@@ -165,6 +167,7 @@ class VersionEntry:
     key: bytes
     lsn: int
     value: bytes | None  # None: deleted
+    deadline_us: int = 0  # an expiring version's deadline; 0: none
 
 
 @dataclass(frozen=True)
@@ -221,11 +224,14 @@ class ReadView:
 class Unit:
     """One atomic unit of writes as it travels to the writer: its ops (flags, key, value), and the
     request id the client chose for it (1..64 bytes; None: no id). `resend` marks a unit that may
-    have been sent before under the same id (the writer then looks the id up in the log)."""
+    have been sent before under the same id (the writer then looks the id up in the log), and
+    `conditions` the preconditions the unit is logged under (all hold, or nothing is logged)."""
 
     ops: tuple
     request_id: bytes | None = None
     resend: bool = False
+    #: preconditions (`engine.core.conditions.Condition`), checked by the writer as it orders the unit
+    conditions: tuple = ()
 
 
 @dataclass(frozen=True)
@@ -261,6 +267,9 @@ class ReadPointUpdate:
     #: The writer's wall clock when the VDL first moved past the previous update of the same
     #: stream (when the oldest commit this update newly covers became durable); 0 if none or unknown.
     committed_at: float = 0.0
+    #: The log's time at the writer (`Writer.log_time_us`): a reader hides versions whose
+    #: deadline is at or before it (engine.head.expiry); 0: unknown (a writer before expiry)
+    log_time_us: int = 0
 
     @property
     def view(self) -> ReadView:

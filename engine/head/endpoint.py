@@ -102,6 +102,11 @@ KV_STREAMS_MAX = 96
 def streams_limit(workers: int) -> int:
     """How many client streams a KV server of `workers` threads serves at once."""
     return max(1, workers * 3 // 4)
+
+
+#: changes per Watch batch (whole units), and the most time between batches of a live watch
+WATCH_BATCH_MAX = 1_000
+WATCH_HEARTBEAT_S = 1.0
 SERVICE_NAME = "sixfold.v1.KV"
 #: Pairs and bytes per streamed scan message.
 SCAN_CHUNK_PAIRS = 256
@@ -269,7 +274,7 @@ class WriterEndpoint:
                 continue
             try:
                 if isinstance(unit, Unit):
-                    lsn, waiter = w.submit(unit.ops, request_id=unit.request_id, resend=unit.resend)
+                    lsn, waiter = w.submit(unit.ops, request_id=unit.request_id, resend=unit.resend, conditions=unit.conditions)
                 else:
                     lsn, waiter = w.submit(unit)
                 pending.append((i, lsn, waiter, time.monotonic() + timeout_s))
@@ -314,6 +319,31 @@ class WriterEndpoint:
         if vdl < after:
             raise ReplicaBehind(f"the writer's VDL {vdl} did not reach LSN {after} within {self.config.write_timeout_s:g} s "
                                 "(was that position given by this volume?)")
+
+    def watch(self, prefix: bytes, start: int | None, active) -> Iterator[tuple[list, int]]:
+        """Batches of (changes under `prefix`, position) while `active()`: a batch when there
+        are changes, and at least every WATCH_HEARTBEAT_S one that only moves the position."""
+        w = self.writer
+        position = w.view().read_point if start is None else start
+        last_sent = time.monotonic()
+        yield [], position
+        while active():
+            changes, nxt = w.changes_after(position, WATCH_BATCH_MAX)
+            mine = [c for c in changes if c[1].startswith(prefix)]
+            if mine or (nxt != position and time.monotonic() - last_sent >= WATCH_HEARTBEAT_S):
+                yield mine, nxt
+                last_sent = time.monotonic()
+            if nxt == position:
+                w.wait_vdl(position, WATCH_HEARTBEAT_S)
+            position = nxt
+
+    def version(self, key: bytes) -> tuple[int, bytes | None, int, int]:
+        """(lsn, value, deadline, clock) of the key's newest live version (lsn 0: none)."""
+        w = self.writer
+        lsn, value, deadline = w.reads.version(key)
+        if value is None or (deadline and deadline <= w.log_time_us()):
+            return 0, None, 0, w.clock_us()
+        return lsn, value, deadline, w.clock_us()
 
     def request_status(self, request_id: bytes) -> RequestStatus:
         return self.writer.request_status(request_id)
@@ -581,6 +611,12 @@ class KVServicer(kv_pb2_grpc.KVServicer):
 
         return self._serve(context, "Get", work)
 
+    def Version(self, request, context):
+        def work():
+            return convert.version_reply_to_pb(*self.ep.version(convert.version_key_from_pb(request)))
+
+        return self._serve(context, "Version", work)
+
     def _get_many(self, request) -> kv_pb2.GetManyReply:
         convert.check_count(len(request.gets), "gets")
         t0 = time.perf_counter()
@@ -654,6 +690,22 @@ class KVServicer(kv_pb2_grpc.KVServicer):
 
     def MembershipStatus(self, request, context):
         return self._serve(context, "MembershipStatus", lambda: convert.membership_change_to_pb(self.ep.membership_status()))
+
+    def Watch(self, request, context):
+        try:
+            self._admit(context, "Watch")
+            prefix, start = convert.watch_args_of_pb(request)
+            for changes, position in self.ep.watch(prefix, start, context.is_active):
+                yield convert.watch_batch_to_pb(changes, position)
+            return
+        except SixfoldError as e:
+            err = e
+        except Exception as e:
+            log.exception("Watch failed unexpectedly")
+            self.metrics.count_error(e)
+            context.abort(grpc.StatusCode.INTERNAL, f"Watch: internal error {type(e).__name__}: {e}")
+        self.metrics.count_error(err)
+        convert.abort(context, err)
 
     def WatchReadPoint(self, request, context):
         try:

@@ -33,6 +33,11 @@ snapshot's view is the caller's: SnapshotTooOld is its answer.
 A scan is a merge of per-PG scans, each fetched in chunks of `SCAN_CHUNK` versions from one
 complete segment, or from a read quorum whose answers are merged (each chunk is cut at the
 smallest resume key any segment gave, so no segment's unseen keys are skipped).
+
+Expiry (`engine.head.expiry`): a version with a deadline at or before the log's time
+(`source.log_time_us()`, the commit time of the newest durable unit) is no value: get, get_many
+and scan leave it out as if deleted, whatever the segments still hold, until the expiry step's
+delete lands.
 """
 
 from __future__ import annotations
@@ -80,6 +85,18 @@ class ReadPath:
     def __init__(self, source) -> None:
         self._w = source
 
+    def _now_us(self) -> int:
+        clock = getattr(self._w, "log_time_us", None)
+        return clock() if clock is not None else 0
+
+    def _live_value(self, r) -> bytes | None:
+        """A reply's (or scan entry's) value, None when it is deleted or expired at the log's time."""
+        if r is None or r.value is None:
+            return None
+        if r.deadline_us and r.deadline_us <= self._now_us():
+            return None
+        return r.value
+
     # --- choosing segments --------------------------------------------------------------------
     def candidates(self, pg: int, view: ReadView) -> list[str]:
         """The reachable segments of `pg` that can answer a read at `view` alone, in read order
@@ -120,10 +137,26 @@ class ReadPath:
         check_key(key)
         cipher = self._w.cipher
         if cipher is None:
-            best = self.lookup(key, quorum=quorum, view=view)
-            return None if best is None else best.value
+            return self._live_value(self.lookup(key, quorum=quorum, view=view))
         ik = cipher.index_key(key)
-        return self._open(key, ik, self.lookup(ik, quorum=quorum, view=view))
+        r = self.lookup(ik, quorum=quorum, view=view)
+        return None if self._live_value(r) is None else self._open(key, ik, r)
+
+    def version(self, key: bytes, *, view: ReadView | None = None) -> tuple[int, bytes | None, int]:
+        """(lsn, value or None, deadline) of the newest version of `key` at the view: lsn 0 when
+        it was never written (or collected away), value None for a delete; the deadline is 0
+        (0 for none). What the writer checks a conditional write against, and what
+        `Database.version` answers (the deadline is not applied here: the caller judges it)."""
+        check_key(key)
+        cipher = self._w.cipher
+        if cipher is None:
+            r = self.lookup(key, view=view)
+            return (0, None, 0) if r is None or r.lsn == 0 else (r.lsn, r.value, r.deadline_us)
+        ik = cipher.index_key(key)
+        r = self.lookup(ik, view=view)
+        if r is None or r.lsn == 0:
+            return 0, None, 0
+        return r.lsn, self._open(key, ik, r), r.deadline_us
 
     def _open(self, key: bytes, ik: bytes, reply: ReadReply | None) -> bytes | None:
         """The plaintext value of an encrypted volume's read reply (None: no value)."""
@@ -252,7 +285,9 @@ class ReadPath:
                     continue
                 for item, r in zip(items, replies):
                     if isinstance(r, ReadReply):
-                        if cipher is None:
+                        if self._live_value(r) is None:
+                            results[item[0]] = None
+                        elif cipher is None:
                             results[item[0]] = r.value
                         else:
                             try:
@@ -291,10 +326,26 @@ class ReadPath:
         resume = start
         while resume is not None:
             entries, nxt = self._scan_chunk(pg, resume, end, view, quorum)
+            now_us = self._now_us()
             for e in entries:
-                if e.value is not None:
+                if e.value is not None and not (e.deadline_us and e.deadline_us <= now_us):
                     yield e
             resume = nxt
+
+    def expiring(self, view: ReadView | None = None) -> Iterator[tuple[bytes, int, int]]:
+        """(plain key, LSN, deadline) of every live version with a deadline at the view, expired
+        ones included (the expiry step deletes those)."""
+        view = view or self._w.view()
+        cipher = self._w.cipher
+        for pg in range(self._w.P):
+            resume = b""
+            while resume is not None:
+                entries, resume = self._scan_chunk(pg, resume, None, view, False)
+                for e in entries:
+                    if e.value is None or not e.deadline_us:
+                        continue
+                    key = e.key if cipher is None else cipher.open(pg, e.lsn, e.key, e.value)[0]
+                    yield key, e.lsn, e.deadline_us
 
     def _scan_encrypted(self, start: bytes, end: bytes | None, view: ReadView, quorum: bool) -> Iterator[tuple[bytes, bytes]]:
         """An encrypted volume's nodes know no key order (they hold keyed hashes): read every live

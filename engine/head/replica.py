@@ -186,6 +186,11 @@ class ReplicaSource:
             raise Unavailable("this reader has not yet learned a read point from the writer endpoint; retry shortly")
         return u.view
 
+    def log_time_us(self) -> int:
+        """The log's time the writer sent with the read point (engine.head.expiry)."""
+        u = self._update
+        return 0 if u is None else u.log_time_us
+
     def membership(self) -> Membership:
         u = self._update
         if u is None:
@@ -303,6 +308,19 @@ class ReaderEndpoint:
 
     def view(self) -> ReadView:
         return self.source.view()
+
+    def version(self, key: bytes) -> tuple[int, bytes | None, int, int]:
+        """As the writer endpoint's, at this reader's read point, judged at the log's time the
+        writer sent with it (the clock: that time, or the wall clock if later)."""
+        lsn, value, deadline = self.reads.version(key, view=self._view_for(None))
+        now = self.source.log_time_us()
+        clock = max(now, time.time_ns() // 1000)
+        if value is None or (deadline and deadline <= now):
+            return 0, None, 0, clock
+        return lsn, value, deadline, clock
+
+    def watch(self, prefix: bytes, start: int | None, active):
+        raise ReadOnly("a watch is served by the writer endpoint (engine.connect(folder)), not by a reader")
 
     def hold_read_point(self, registration: int, lease_s: float, release: bool) -> tuple[ReadView | None, int, float]:
         """A snapshot on a reader: its view, held by the writer's stream READER_HOLD_S back only

@@ -56,6 +56,7 @@ from __future__ import annotations
 import _thread
 import bisect
 import hashlib
+import heapq
 import threading
 import logging  # after threading, which logging imports: tests/test_purity.py's guard names this module
 import struct
@@ -66,12 +67,17 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 from engine import codec, sizes
+from engine.core import conditions as cond
 from engine.core.admission import Admission, admits, quorum_limit, record_cost_bytes, unit_cost_bytes, write_admission
 from engine.core.constants import (
     BATCH_OPS_MAX,
+    DEADLINE_US_MAX,
+    EXPIRES_BYTES,
     FLAG_CPL,
     FLAG_DELETE,
+    FLAG_EXPIRES,
     FLAG_PUT,
+    OP_TTL,
     FLAG_REQUEST,
     FRAME_BYTES_MAX,
     LAL_DEFAULT,
@@ -97,6 +103,7 @@ from engine.core.quorum import VolumeDurability, has_write_quorum
 from engine.core.tail import TAIL_RECORDS_MAX, tail_trim
 from engine.core.types import Geometry, Membership, NodeInfo, ReadPointUpdate, ReadView, RequestStatus
 from engine.envelope import SEAL_OVERHEAD_BYTES, VolumeCipher
+from engine.head.expiry import ExpiryStep
 from engine.head.failover import lease_margin
 from engine.head.membership import MembershipSteps
 from engine.head.readpoints import ReadPointRegistry, VdlHistory
@@ -104,8 +111,10 @@ from engine.head.reads import ReadPath, check_key
 from engine.head.recovery import recover
 from engine.head.weakening import SAFE, Weakening
 from engine.errors import (
+    Compacted,
     EpochBehind,
     InvalidArgument,
+    PreconditionFailed,
     SixfoldError,
     StaleEpoch,
     StorageFull,
@@ -139,10 +148,28 @@ RELOG_S = 10.0
 #: request ids this writer remembers in memory (the fast path of at-most-once): the most recent
 #: ones it logged. Older ones, and those of earlier writers, are looked up in the log itself.
 REQUEST_WINDOW_MAX = 65_536
+#: the writer's memory of recent writes, against which it checks conditional writes (`_recent`):
+#: at least the writes above VDL, and the newest ones at or below it up to these bounds (the
+#: bytes are of the values it keeps references to; the tail holds their records anyway)
+RECENT_WRITES_MAX = 65_536
+RECENT_BYTES_MAX = 64 << 20
+#: how many times `write` sends a conditional unit again whose stored-state read was too old
+#: when it was ordered (the memory of recent writes had moved past it: rare, see `_recent`)
+CONDITION_REREADS_MAX = 5
+#: the changes the writer keeps for watchers (`changes_after`), in entries and in value bytes: a
+#: watcher further behind gets Compacted (the bound on what a watch may hold back)
+CHANGES_MAX = 262_144
+CHANGES_BYTES_MAX = 64 << 20
 #: a request record's value is the digest of the unit's ops (a re-send must match it), then its
 #: commit time (engine.core.constants; the archive's restore points, engine.backup)
 _COMMIT_TIME = struct.Struct("<Q")
 assert _COMMIT_TIME.size == REQUEST_TIME_BYTES
+#: an expiring put's deadline (or, in an OP_TTL op, its time to live), the value's first bytes
+_DEADLINE = struct.Struct("<Q")
+assert _DEADLINE.size == EXPIRES_BYTES
+#: expiring versions the writer remembers for the expiry step (engine.head.expiry); beyond it the
+#: step finds them by a scan
+EXPIRING_MAX = 1_000_000
 
 
 @dataclass(frozen=True)
@@ -220,12 +247,18 @@ class _Ticket:
     """One atomic unit on its way: its ops, their PGs, its cost on a node (an upper bound of the
     bytes its records take there, `engine.core.admission`), and the lock its caller parks on."""
 
-    __slots__ = ("ops", "pgs", "cost", "lock", "lsn", "error", "request_id", "digest", "plain_keys", "request_key")
+    __slots__ = ("ops", "pgs", "cost", "lock", "lsn", "error", "request_id", "digest", "plain_keys", "request_key",
+                 "conditions", "seen")
 
     def __init__(
         self, ops, pgs, request_id: bytes | None = None, digest: bytes = b"", *, plain_keys=None, request_key=None,
     ) -> None:
         self.ops = ops
+        #: preconditions (their keys as the ops carry them: index keys on an encrypted volume),
+        #: and what the stored state was for the keys the writer did not remember when they were
+        #: submitted: key -> (read point, lsn, value or None, deadline); see Writer._recent
+        self.conditions: tuple = ()
+        self.seen: dict | None = None
         #: on an encrypted volume the ops carry index keys, and these are the keys they hash
         #: (sealed into each put's value when its LSN is known); None otherwise
         self.plain_keys = plain_keys
@@ -252,6 +285,11 @@ class _Ticket:
         self.lsn = lsn
         self.lock.release()
         return self
+
+
+class _Reread(Unavailable):
+    """A conditional unit's read of the stored state was older than the writer's memory of recent
+    writes reaches back when the unit was ordered: nothing was logged; `write` sends it again."""
 
 
 class _InDoubt(Exception):
@@ -381,6 +419,38 @@ class Writer:
         self.read_points = ReadPointRegistry(clock)
         self._collect_delay = VdlHistory(options.collect_delay_s)
         self._request_retention = VdlHistory(options.request_retention_s, young=0)
+        #: Conditional writes (`engine.core.conditions`) are checked against this: key (as the
+        #: ops carry it) -> (lsn, value or None for a delete, deadline) of the newest write this
+        #: writer ordered, for every write above `_recent_floor`. Kept in order of LSN by
+        #: `_recent_order` ((lsn, key, bytes)); entries at or below VDL are dropped oldest first
+        #: beyond RECENT_WRITES_MAX / RECENT_BYTES_MAX, raising the floor. A key not in it was last
+        #: written at or below the floor: a read of the stored state at any read point at or
+        #: above the floor tells its version, and a conditional unit brings one (`submit`).
+        self._recent: dict[bytes, tuple[int, bytes | None, int]] = {}
+        self._recent_order: deque[tuple[int, bytes, int]] = deque()
+        self._recent_bytes = 0
+        self._recent_floor = 0
+        #: the log's time (engine.head.expiry): (CPL LSN, commit time) of each unit logged with a
+        #: stamp (a request record) and not yet durable; the stamp of the newest durable one is
+        #: `_durable_time_us`, what reads compare deadlines against
+        self._stamps: deque[tuple[int, int]] = deque()
+        self._durable_time_us = 0
+        #: (deadline, plain key, LSN) of the expiring versions this writer ordered, a heap for the
+        #: expiry step; `expiring_overflow` once more than EXPIRING_MAX were left in it
+        self.expiring: list[tuple[int, bytes, int]] = []
+        self.expiring_overflow = False
+        #: Changes for watchers (`changes_after`): (CPL LSN of the unit, plain key, value or None
+        #: for a delete) of every op this writer ordered, in log order; every unit whose CPL is
+        #: above `_changes_floor` is in it whole. Bounded by CHANGES_MAX / CHANGES_BYTES_MAX,
+        #: dropped oldest unit first (which raises the floor).
+        self._changes: deque[tuple[int, bytes, bytes | None]] = deque()
+        self._changes_bytes = 0
+        self._changes_floor = 0
+        #: the expiry step (engine.head.expiry), a thread while the writer serves; None without
+        #: background threads (a simulator drives `expiry_step()` itself)
+        self.expiry: ExpiryStep | None = None
+        self.stats["conditions_failed"] = 0
+        self.stats["condition_rereads"] = 0
 
     # --- lifecycle --------------------------------------------------------------------------
     def open(self) -> None:
@@ -396,6 +466,9 @@ class Writer:
             write_quorum=self.weakening.write_quorum or WRITE_QUORUM,
         )
         self._tail_base = plan.next_lsn
+        # Every write of an earlier writer that survived recovery is at or below its VDL.
+        self._recent_floor = plan.vdl
+        self._changes_floor = plan.vdl
         for n in membership.all_nodes:
             self.links[n] = _NodeLink(n)
         for n in synced:
@@ -418,6 +491,12 @@ class Writer:
             # The nodes may have collected at an old writer's points: no read point below that.
             # (A horizon is never above a VDL announced, so never above the one recovered.)
             self.read_points.raise_floor(min(max(st.horizons, default=0), plan.vdl))
+            # The log's time never goes backwards across writers: every durable stamp is on a
+            # write quorum, so on one of the nodes this writer synced (each keeps its newest).
+            t = st.extra.get("commit_time_us", 0) if isinstance(st.extra, dict) else 0
+            if type(t) is int and 0 < t <= DEADLINE_US_MAX:
+                self._commit_time_us = max(self._commit_time_us, t)
+                self._durable_time_us = max(self._durable_time_us, t)
         self.recovery = {
             "epoch": self.epoch,
             "vdl": plan.vdl,
@@ -434,6 +513,8 @@ class Writer:
             for link in self.links.values():
                 link.thread = threading.Thread(target=self._sender, args=(link,), name=f"writer->{link.id}", daemon=True)
                 link.thread.start()
+            self.expiry = ExpiryStep(self)
+            self.expiry.start()
 
     def close(self) -> None:
         """Stop the senders after in-flight records had a chance to become durable."""
@@ -455,6 +536,8 @@ class Writer:
             waiters, self._waiters = self._waiters, deque()
         for _lsn, lock in waiters:
             lock.release()
+        if self.expiry is not None:
+            self.expiry.stop()
         for link in self.links.values():
             if link.thread is not None and link.thread is not threading.current_thread():
                 link.thread.join(timeout=5)
@@ -587,6 +670,7 @@ class Writer:
         block: bool = True,
         request_id: bytes | None = None,
         resend: bool = False,
+        conditions: Sequence[cond.Condition] = (),
     ) -> tuple[int | None, _Ticket]:
         """Hand `ops` (flags, key, value) to the writer as one atomic unit; return (lsn, ticket).
 
@@ -601,7 +685,14 @@ class Writer:
         as its last record, so that whether it committed is in the log (`request_status`), and a
         re-send under the same id is applied at most once: one this writer logged recently joins
         the first (it is in memory); with `resend` an id not in memory is looked up in the log
-        first (an earlier writer may have committed it)."""
+        first (an earlier writer may have committed it).
+
+        With `conditions` (checked `engine.core.conditions.Condition`s) the unit is logged only if
+        every one holds when the writer orders it, under its lock; else its ticket fails with
+        PreconditionFailed and nothing is logged. Keys this writer wrote recently are checked
+        against its memory of them; the others are read here first, before the lock, at the
+        current read point (one read per such key), and that read is trusted under the lock only
+        if the memory still reaches back to it (else `_Reread`, nothing logged)."""
         assert 1 <= len(ops) <= BATCH_OPS_MAX
         assert all(not flags & FLAG_REQUEST for flags, _k, _v in ops), "request records are the writer's own"
         cipher = self.cipher
@@ -638,6 +729,8 @@ class Writer:
                     self._check_digest(ticket, digest, lsn)
                     self.stats["requests_deduplicated"] += 1
                     return lsn, ticket.done(lsn)
+        if conditions:
+            self._prepare_conditions(ticket, conditions)
         if self._closed or self._fenced or self._admission is not ADMIT_ALL:
             self._admit(ticket, block)
         self._inbox.append(ticket)
@@ -698,6 +791,9 @@ class Writer:
             adm = self._admission_locked()
         space_check = adm is ADMIT_DELETES_ONLY or adm is ADMIT_FULL
         put_limit = -1 if refuse else self._put_limit_locked()  # no link changes in this loop
+        recent, recent_order = self._recent, self._recent_order
+        if len(recent_order) > RECENT_WRITES_MAX or self._recent_bytes > RECENT_BYTES_MAX:
+            self._forget_recent_locked()
         while inbox:
             ticket = inbox[0]
             if refuse:
@@ -736,19 +832,48 @@ class Writer:
                 continue
             if not ledger.can_allocate(len(ticket.pgs)):
                 return  # LAL: the rest waits until VDL moves on
+            # The unit's commit time, taken now: after its caller submitted it, before anyone
+            # can be told it committed; its conditions and time to live are judged at it.
+            self._commit_time_us = stamp = max(self._commit_time_us, self._wall_clock_us())
+            if ticket.conditions and not self._conditions_hold_locked(ticket, stamp):
+                inbox.popleft()
+                self._refuse_conditional_locked(ticket)
+                continue
             inbox.popleft()
             allocs = ledger.allocate(ticket.pgs)
             ops = ticket.ops
             last = len(ticket.pgs) - 1
             plain_keys = ticket.plain_keys
             for i, ((lsn, prev), (flags, key, value), pg) in enumerate(zip(allocs, ops, ticket.pgs)):
-                if plain_keys is not None and flags & FLAG_PUT:  # sealed now: its LSN is in the AD
-                    value = self.cipher.seal(pg, lsn, key, plain_keys[i], value)
+                if flags & FLAG_EXPIRES:
+                    if flags & OP_TTL:  # a time to live becomes a deadline on the log's clock
+                        flags &= ~OP_TTL
+                        deadline = min(stamp + _DEADLINE.unpack_from(value)[0], DEADLINE_US_MAX)
+                        value = _DEADLINE.pack(deadline) + value[EXPIRES_BYTES:]
+                    else:
+                        deadline = _DEADLINE.unpack_from(value)[0]
+                    recent[key] = (lsn, value[EXPIRES_BYTES:], deadline)
+                    recent_order.append((lsn, key, len(value)))
+                    self._recent_bytes += len(value)
+                    if len(self.expiring) < EXPIRING_MAX:
+                        heapq.heappush(self.expiring, (deadline, key if plain_keys is None else plain_keys[i], lsn))
+                    else:
+                        self.expiring_overflow = True
+                    if plain_keys is not None:  # the deadline stays outside the seal, for the nodes
+                        value = value[:EXPIRES_BYTES] + self.cipher.seal(pg, lsn, key, plain_keys[i], value[EXPIRES_BYTES:])
+                elif flags & FLAG_PUT:
+                    recent[key] = (lsn, value, 0)
+                    recent_order.append((lsn, key, len(value)))
+                    self._recent_bytes += len(value)
+                    if plain_keys is not None:  # sealed now: its LSN is in the AD
+                        value = self.cipher.seal(pg, lsn, key, plain_keys[i], value)
+                else:
+                    recent[key] = (lsn, None, 0)
+                    recent_order.append((lsn, key, 0))
                 tail.append(codec.encode_record(lsn, prev, pg, flags | (FLAG_CPL if i == last else 0), key, value))
             if rid is not None:  # the request record closes the unit and carries its CPL and commit time
                 lsn, prev = allocs[-1]
-                # Taken now, per unit: after its caller submitted it, before anyone can be told it committed.
-                self._commit_time_us = stamp = max(self._commit_time_us, self._wall_clock_us())
+                self._stamps.append((lsn, stamp))
                 tail.append(codec.encode_record(
                     lsn, prev, ticket.pgs[-1], FLAG_PUT | FLAG_REQUEST | FLAG_CPL, ticket.request_key,
                     ticket.digest + _COMMIT_TIME.pack(stamp),
@@ -756,12 +881,145 @@ class Writer:
                 self._requests[rid] = ticket
                 if len(self._requests) > REQUEST_WINDOW_MAX:
                     self._requests.popitem(last=False)
+            cpl = allocs[-1][0]
+            changes = self._changes
+            for i, (flags, key, value) in enumerate(ops):
+                plain = key if plain_keys is None else plain_keys[i]
+                if flags & FLAG_PUT:
+                    value = value[EXPIRES_BYTES:] if flags & FLAG_EXPIRES else value
+                    changes.append((cpl, plain, value))
+                    self._changes_bytes += len(value)
+                else:
+                    changes.append((cpl, plain, None))
+            if len(changes) > CHANGES_MAX or self._changes_bytes > CHANGES_BYTES_MAX:
+                self._forget_changes_locked()
             if last:
                 self._tail_costs.extend([self._logged_cost] * last)
             self._logged_cost += cost
             self._tail_costs.append(self._logged_cost)
             ticket.lsn = allocs[-1][0]
             waiters.append((ticket.lsn, ticket.lock))
+
+    # --- conditional writes -------------------------------------------------------------------
+    def _prepare_conditions(self, ticket: _Ticket, conditions: Sequence[cond.Condition]) -> None:
+        """Attach the conditions to the ticket (keys as the ops carry them), and read the stored
+        version of each key this writer does not remember writing: before the lock, one read
+        per key, all at one read point (`_conditions_hold_locked` decides if it is recent enough)."""
+        cipher = self.cipher
+        plain = tuple(conditions)
+        if cipher is not None:
+            conditions = tuple(cond.Condition(cipher.index_key(c.key), c.kind, c.value, c.lsn) for c in plain)
+        ticket.conditions = tuple(conditions)
+        recent = self._recent
+        unknown = [(c.key, p.key) for c, p in zip(ticket.conditions, plain) if c.key not in recent]
+        if not unknown:
+            return
+        view = self.view()
+        seen = {}
+        for key, plain_key in unknown:
+            if key not in seen:
+                lsn, value, deadline = self.reads.version(plain_key, view=view)
+                seen[key] = (view.read_point, lsn, value, deadline)
+        ticket.seen = seen
+
+    def _conditions_hold_locked(self, ticket: _Ticket, now_us: int) -> bool:
+        """Whether every condition of the ticket holds now (in the order of the log: after every
+        unit ordered before it, durable or not). If not, the ticket gets its error (nothing will
+        be logged). Caller holds the lock; no I/O."""
+        recent, seen, floor = self._recent, ticket.seen or {}, self._recent_floor
+        failed, notes = [], []
+        newest = 0  # the newest version the check looked at
+        for i, c in enumerate(ticket.conditions):
+            version = recent.get(c.key)
+            if version is None:
+                s = seen.get(c.key)
+                if s is None or s[0] < floor:
+                    self.stats["condition_rereads"] += 1
+                    ticket.error = _Reread(
+                        "the writer's memory of recent writes moved past the read made for this write's conditions "
+                        "before it was ordered; nothing was logged: send it again"
+                    )
+                    return False
+                version = s[1:]
+            lsn, value, deadline = version
+            newest = max(newest, lsn)
+            if not cond.holds(c, lsn, value, deadline, now_us):
+                failed.append(i)
+                notes.append(f"#{i} {c.describe()}: found {cond.found(lsn, value, deadline, now_us)}")
+        if not failed:
+            return True
+        self.stats["conditions_failed"] += 1
+        ticket.lsn = newest
+        ticket.error = PreconditionFailed(
+            f"{len(failed)} of {len(ticket.conditions)} condition(s) failed, nothing was logged: " + "; ".join(notes),
+            tuple(failed),
+        )
+        return False
+
+    def _refuse_conditional_locked(self, ticket: _Ticket) -> None:
+        """Answer a unit whose conditions failed (its error is set). A refusal is a read: it
+        may rest on a write not yet durable (`ticket.lsn`, the newest version its check saw), and
+        must not be told before that write is, or a read after the refusal could still miss the
+        write the refusal saw (and a recovery could cut it). So it waits in the queue of waiters
+        like a write at that LSN; `wait` turns it into Unavailable if that LSN never got durable."""
+        lsn = ticket.lsn or 0
+        if lsn <= self.ledger.vdl:
+            ticket.lock.release()
+            return
+        waiters = self._waiters
+        waiters.insert(bisect.bisect_right(waiters, lsn, key=lambda w: w[0]), (lsn, ticket.lock))
+
+    def _forget_changes_locked(self) -> None:
+        """Drop the oldest units' changes until the bounds hold again (down to 3/4 of them)."""
+        changes = self._changes
+        while changes and (len(changes) > CHANGES_MAX * 3 // 4 or self._changes_bytes > CHANGES_BYTES_MAX * 3 // 4):
+            cpl = changes[0][0]
+            while changes and changes[0][0] == cpl:
+                _c, _k, v = changes.popleft()
+                self._changes_bytes -= len(v) if v is not None else 0
+            self._changes_floor = cpl
+
+    def changes_after(self, position: int, count_max: int) -> tuple[list[tuple[int, bytes, bytes | None]], int]:
+        """Committed changes (CPL, key, value or None) of the units after `position`, in log
+        order, whole units, at most about `count_max`; and the position the next call goes on
+        from (the last CPL given, or the VDL when none is left below it). Compacted when the
+        changes after `position` are no longer all kept."""
+        with self._lock:
+            self.check_usable()
+            floor, vdl = self._changes_floor, self.ledger.vdl
+            if position < floor:
+                raise Compacted(
+                    f"the changes after position {position} are no longer kept for watchers (this writer keeps "
+                    f"those after {floor}: a bound of {CHANGES_MAX} changes, or it opened there); scan the keys "
+                    f"afresh, then watch from {floor} or later. oldest position kept: {floor}", floor,
+                )
+            changes = self._changes
+            i = bisect.bisect_right(changes, position, key=lambda c: c[0])
+            out = []
+            last = position
+            while i < len(changes):
+                c = changes[i]
+                if c[0] > vdl or (len(out) >= count_max and c[0] != last):
+                    break
+                out.append(c)
+                last = c[0]
+                i += 1
+            return out, (last if out else max(position, vdl))
+
+    def _forget_recent_locked(self) -> None:
+        """Drop the oldest remembered writes at or below VDL beyond the bounds, raising the floor
+        to the newest LSN dropped. Caller holds the lock."""
+        order, recent, vdl = self._recent_order, self._recent, self.ledger.vdl
+        while order and (len(order) > RECENT_WRITES_MAX // 2 or self._recent_bytes > RECENT_BYTES_MAX // 2):
+            lsn, key, size = order[0]
+            if lsn > vdl:
+                break
+            order.popleft()
+            self._recent_bytes -= size
+            self._recent_floor = max(self._recent_floor, lsn)
+            version = recent.get(key)
+            if version is not None and version[0] == lsn:
+                del recent[key]
 
     def _join_locked(self, ticket: _Ticket, first: _Ticket) -> None:
         """`ticket` re-sends a request this writer logged as `first`: answer it with first's LSN
@@ -797,6 +1055,42 @@ class Writer:
         r = self.reads.lookup(key, namespace=NAMESPACE_REQUESTS, what="a request-id lookup")
         return None if r is None or r.lsn == 0 else (r.lsn, (r.value or b"")[:REQUEST_DIGEST_BYTES])
 
+    def take_due(self, now_us: int, count_max: int) -> list[tuple[int, bytes, int]]:
+        """Pop up to `count_max` expiring versions whose deadline is at or before `now_us`:
+        (deadline, plain key, LSN), earliest first (the expiry step deletes them)."""
+        out = []
+        with self._lock:
+            heap = self.expiring
+            while heap and heap[0][0] <= now_us and len(out) < count_max:
+                out.append(heapq.heappop(heap))
+        return out
+
+    def note_expiring(self, versions) -> None:
+        """Remember expiring versions (plain key, LSN, deadline) found by a scan, or not deleted yet."""
+        with self._lock:
+            for key, lsn, deadline in versions:
+                if len(self.expiring) >= EXPIRING_MAX:
+                    self.expiring_overflow = True
+                    return
+                heapq.heappush(self.expiring, (deadline, key, lsn))
+
+    def clear_expiring_overflow(self) -> None:
+        """A scan of the volume starts: what it finds replaces the heap (nothing is lost)."""
+        with self._lock:
+            self.expiring_overflow = False
+            self.expiring = []
+
+    def log_time_us(self) -> int:
+        """The log's time: the commit time of the newest durable unit that carries one (or, when
+        no unit of this writer is durable yet, the newest any node held at its open). Never goes
+        backwards, also across writers; reads hide a version whose deadline is at or before it."""
+        return self._durable_time_us
+
+    def clock_us(self) -> int:
+        """The writer's clock as a commit would stamp it now (never below the log's time): what
+        a time to live is counted down against for display (`Database.ttl`)."""
+        return max(self._commit_time_us, self._wall_clock_us())
+
     def raise_commit_time_floor(self, time_us: int) -> None:
         """Stamp no commit time below `time_us` from now on: a writer after a failover takes the
         newest time its volume's archive holds, so commit times never go backwards across writers."""
@@ -824,6 +1118,11 @@ class Writer:
         ticket.lock.acquire(timeout=timeout_s)
         lsn = ticket.lsn
         if ticket.error is not None:
+            if isinstance(ticket.error, PreconditionFailed) and lsn and self.ledger.vdl < lsn:
+                raise Unavailable(
+                    f"a condition of this write failed on a write at LSN {lsn} that is not durable (VDL "
+                    f"{self.ledger.vdl}): nothing was logged, and whether that write stays is not known yet; retry"
+                )
             raise ticket.error
         ledger = self.ledger
         if lsn is not None and ledger.vdl >= lsn:
@@ -857,10 +1156,20 @@ class Writer:
             + "). It may still become durable; read the key to find out."
         )
 
-    def write(self, ops: Sequence[tuple[int, bytes, bytes]], *, request_id: bytes | None = None, resend: bool = False) -> int:
-        _lsn, ticket = self.submit(ops, request_id=request_id, resend=resend)
-        self.wait(None, ticket)
-        return ticket.lsn
+    def write(
+        self, ops: Sequence[tuple[int, bytes, bytes]], *, request_id: bytes | None = None, resend: bool = False,
+        conditions: Sequence[cond.Condition] = (),
+    ) -> int:
+        for attempt in range(CONDITION_REREADS_MAX if conditions else 1):
+            _lsn, ticket = self.submit(ops, request_id=request_id, resend=resend, conditions=conditions)
+            try:
+                self.wait(None, ticket)
+            except _Reread:
+                if attempt == CONDITION_REREADS_MAX - 1:
+                    raise
+                continue
+            return ticket.lsn
+        raise AssertionError("unreachable")
 
     def put(self, key: bytes, value: bytes) -> int:
         check_key(key)
@@ -1042,6 +1351,9 @@ class Writer:
         waiters = self._waiters
         while waiters and waiters[0][0] <= vdl:
             out.append(waiters.popleft()[1])
+        stamps = self._stamps
+        while stamps and stamps[0][0] <= vdl:
+            self._durable_time_us = stamps.popleft()[1]
         self._trim_locked()
         self._room.notify_all()
         return out
@@ -1274,7 +1586,8 @@ class Writer:
                 (n, tuple(ledger.scls[pg].get(n) for pg in range(self.P)), n in self.links and self.links[n].up)
                 for n in ledger.membership.all_nodes
             )
-            return ReadPointUpdate(self.epoch, ledger.vdl, tuple(ledger.read_tails), ledger.membership, members, sent_at)
+            return ReadPointUpdate(self.epoch, ledger.vdl, tuple(ledger.read_tails), ledger.membership, members, sent_at,
+                                   log_time_us=self._durable_time_us)
 
     def durable_since(self, vdl: int) -> float:
         """The wall-clock time the VDL first moved above `vdl` (when the oldest commit above it

@@ -65,9 +65,14 @@ from engine import codec, ownership, sizes
 from engine.core.constants import (
     EPOCH_MAX,
     EPOCH_STEP_MAX,
+    EXPIRES_BYTES,
     FLAG_DELETE,
+    FLAG_EXPIRES,
     FLAG_REQUEST,
     FRAME_BYTES_MAX,
+    RECORD_HEADER_BYTES,
+    REQUEST_DIGEST_BYTES,
+    REQUEST_TIME_BYTES,
     LSN_VALID_MAX,
     NAMESPACE_KEYS,
     NAMESPACE_REQUESTS,
@@ -107,6 +112,7 @@ from engine.node.collection import HORIZON, VersionCollector
 log = logging.getLogger("sixfold.store")
 
 _U64BE = struct.Struct(">Q")
+_U64LE = struct.Struct("<Q")
 _U32BE = struct.Struct(">I")
 _PREV_AT = struct.Struct("<Q")  # prev_lsn lives at byte 16 of a record
 _HDR = struct.Struct("<IIQQIB")  # crc, total_len, lsn, prev_lsn, pg, flags
@@ -142,7 +148,10 @@ APPEND_RECORDS_MIN = 64
 #: logged one. 3 = version collection (meta `gc/<pg>`: horizon and swept LSNs):
 #: a release before it would answer reads below a horizon from a segment that lacks the versions
 #: they need, so it must refuse the folder. 0..2 -> 3 writes no key: absent means nothing collected.
-NODE_FORMAT = 3
+#: 4 = expiring puts (flag EXPIRES: a put's value begins with its deadline): a release before it
+#: refuses such records as corrupt, so it must refuse the folder. 0..3 -> 4 writes no key: older
+#: folders hold no such record.
+NODE_FORMAT = 4
 
 
 def _scl_key(pg: int) -> bytes:
@@ -307,6 +316,9 @@ class SegmentStore(VersionCollector):
             raw = txn.get(b"synced_epoch", db=self._meta)
             self.synced_epoch = _U64BE.unpack(raw)[0] if raw else self.epoch
             self.hint_lsn = self._get_u64(txn, b"hint")
+            #: the newest commit time of a request record this segment holds (meta key
+            #: `commit_time`; absent: none yet), which a new writer takes as its floor of log time
+            self.commit_time_us = self._get_u64(txn, b"commit_time")
             self.scls = [self._get_u64(txn, _scl_key(pg)) for pg in range(P)]
             raw = txn.get(b"truncations", db=self._meta)
             self.truncations: list[TruncationRange] = [TruncationRange(*t) for t in json.loads(raw)] if raw else []
@@ -384,7 +396,8 @@ class SegmentStore(VersionCollector):
             # Format 0 -> 1 changed no table, key or record: only the version is recorded. 1 -> 2
             # adds the `requests` table, which open_db created empty above: folders of older
             # formats hold no request records. 2 -> 3 (version collection) adds meta keys that
-            # are absent until the node first collects. A later format adds its conversion here,
+            # are absent until the node first collects. 3 -> 4 (expiring puts) changes nothing
+            # stored: older folders hold no EXPIRES record. A later format adds its conversion here,
             # inside this same transaction (all or nothing).
             txn.put(b"volume", json.dumps(dict(stored, format=NODE_FORMAT), sort_keys=True).encode(), db=self._meta)
             return fmt
@@ -815,6 +828,14 @@ class SegmentStore(VersionCollector):
         if requests:
             items = [it for it in items if not it.flags & FLAG_REQUEST]
             txn.cursor(db=self._requests).putmulti([(it.version_key, it.log_key[4:]) for it in requests], dupdata=True)
+            # A request record's value is its digest then (since commit times) its commit time,
+            # the record's last bytes (engine.backup.format.commit_time_of).
+            newest = max((_U64LE.unpack_from(it.record, len(it.record) - REQUEST_TIME_BYTES)[0] for it in requests
+                          if len(it.record) - RECORD_HEADER_BYTES - (len(it.version_key) - 4) == REQUEST_DIGEST_BYTES + REQUEST_TIME_BYTES),
+                         default=0)
+            if newest > self.commit_time_us:
+                txn.put(b"commit_time", _U64BE.pack(newest), db=self._meta)
+                self.commit_time_us = newest  # an aborted frame leaves it high: a floor may only be too high
         if items:
             _put_ascending(txn.cursor(db=self._versions), [(it.version_key, it.log_key[4:]) for it in items], dupdata=True)
 
@@ -1132,6 +1153,8 @@ class SegmentStore(VersionCollector):
             r = self._load(txn, pg, lsn_be, key)
         if r.flags & FLAG_DELETE:
             return ReadReply(self.node_id, r.lsn, None, True)
+        if r.flags & FLAG_EXPIRES:  # the deadline travels apart from the value (node format 4)
+            return ReadReply(self.node_id, r.lsn, r.value[EXPIRES_BYTES:], False, _U64LE.unpack_from(r.value)[0])
         return ReadReply(self.node_id, r.lsn, r.value)
 
     def scan(
@@ -1160,7 +1183,10 @@ class SegmentStore(VersionCollector):
                 lsn_be = self._version_at(probe, k, rp_be)
                 if lsn_be is not None:
                     r = self._load(txn, pg, lsn_be, k[4:])
-                    out.append(VersionEntry(r.key, r.lsn, None if r.flags & FLAG_DELETE else r.value))
+                    if r.flags & FLAG_EXPIRES:
+                        out.append(VersionEntry(r.key, r.lsn, r.value[EXPIRES_BYTES:], _U64LE.unpack_from(r.value)[0]))
+                    else:
+                        out.append(VersionEntry(r.key, r.lsn, None if r.flags & FLAG_DELETE else r.value))
                 if not keys.next_nodup():
                     return out, None
 
@@ -1230,6 +1256,7 @@ class SegmentStore(VersionCollector):
             space_low=low,
             room_bytes=room,
             extent_bytes=self.extent_room(capacity),
+            extra={"commit_time_us": self.commit_time_us},
             **self.collection_state(),
         )
 

@@ -82,6 +82,8 @@ KV_POLICY: dict[str, frozenset[str]] = {
     _KV + "Get": frozenset({CLIENT, ADMIN, READER}),
     _KV + "GetMany": frozenset({CLIENT, ADMIN, READER}),
     _KV + "GetManyStream": frozenset({CLIENT, ADMIN, READER}),
+    _KV + "Version": frozenset({CLIENT, ADMIN, READER}),
+    _KV + "Watch": frozenset({CLIENT, ADMIN, READER}),
     _KV + "Scan": frozenset({CLIENT, ADMIN, READER}),
     _KV + "View": frozenset({CLIENT, ADMIN, READER}),
     _KV + "HoldReadPoint": frozenset({CLIENT, ADMIN, READER}),

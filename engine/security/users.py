@@ -78,7 +78,7 @@ ROLES: tuple[str, ...] = ("read", "write", "admin")
 _RANK = {role: i for i, role in enumerate(ROLES)}
 #: The least role each KV RPC needs. Not listed: admin.
 RPC_ROLES: dict[str, str] = {
-    "Get": "read", "GetMany": "read", "Scan": "read", "View": "read", "HoldReadPoint": "read", "Status": "read", "StatusOf": "read",
+    "Get": "read", "GetMany": "read", "Version": "read", "Watch": "read", "Scan": "read", "View": "read", "HoldReadPoint": "read", "Status": "read", "StatusOf": "read",
     # Read positions and SCLs (no data): what a reader instance follows; a read user may see them.
     "WatchReadPoint": "read",
     "Write": "write",

@@ -27,6 +27,7 @@ raises the same class again with the same message. A failure that did not come f
 from __future__ import annotations
 
 import json
+import re
 import struct
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -35,6 +36,10 @@ import grpc
 
 from engine.core.constants import (
     BATCH_OPS_MAX,
+    DEADLINE_US_MAX,
+    EXPIRES_BYTES,
+    FLAG_EXPIRES,
+    OP_TTL,
     NAMESPACE_KEYS,
     NAMESPACE_REQUESTS,
     REQUEST_ID_BYTES_MAX,
@@ -65,9 +70,13 @@ from engine.core.types import (
     Unit,
     VersionEntry,
 )
+from engine.core.conditions import CONDITIONS_MAX, Condition, check_condition
 from engine.errors import (
     ALL_ERRORS,
+    Compacted,
+    EpochBehind,
     InvalidArgument,
+    PreconditionFailed,
     PermissionDenied,
     ResourceExhausted,
     SegmentIncomplete,
@@ -114,6 +123,8 @@ _DEFAULT_BY_CODE: dict[grpc.StatusCode, type[SixfoldError]] = {
     grpc.StatusCode.PERMISSION_DENIED: PermissionDenied,
     # SnapshotTooOld shares it as a subclass: a bare OUT_OF_RANGE is "cannot answer here".
     grpc.StatusCode.OUT_OF_RANGE: SegmentIncomplete,
+    # PreconditionFailed shares it since conditional writes; a bare ABORTED stays what it was.
+    grpc.StatusCode.ABORTED: EpochBehind,
 }
 #: Codes that say "could not reach it or did not hear back" (or gRPC's own failures) when they
 #: come without a class name: never a Sixfold decision.
@@ -152,13 +163,19 @@ def _known_base(exc: SixfoldError) -> type[SixfoldError]:
     return SixfoldError
 
 
-def _make(cls: type[SixfoldError], message: str) -> SixfoldError:
+def _make(cls: type[SixfoldError], message: str, failed=()) -> SixfoldError:
+    if cls is PreconditionFailed:
+        return cls(message, tuple(failed))
+    if cls is Compacted:
+        m = re.search(r"oldest position kept: (\d+)", message)
+        return cls(message, min(int(m.group(1)), LSN_VALID_MAX) if m else 0)
     return cls(message)
 
 
 def error_to_pb(exc: SixfoldError) -> common_pb2.ErrorStatus:
     cls = _known_base(exc)
-    return common_pb2.ErrorStatus(code=cls.GRPC_STATUS, error=cls.__name__, message=str(exc))
+    return common_pb2.ErrorStatus(code=cls.GRPC_STATUS, error=cls.__name__, message=str(exc),
+                                  failed=getattr(exc, "failed", ()))
 
 
 def error_from_pb(status: common_pb2.ErrorStatus) -> SixfoldError:
@@ -167,7 +184,9 @@ def error_from_pb(status: common_pb2.ErrorStatus) -> SixfoldError:
     if cls is None:
         code = getattr(grpc.StatusCode, status.code, grpc.StatusCode.UNKNOWN)
         cls = _DEFAULT_BY_CODE.get(code, Unavailable)
-    return _make(cls, status.message)
+    if len(status.failed) > CONDITIONS_MAX:
+        raise InvalidArgument(f"an error lists {len(status.failed)} failed conditions; a unit has at most {CONDITIONS_MAX}")
+    return _make(cls, status.message, status.failed)
 
 
 def error_from_rpc(exc: grpc.RpcError, *, where: str, write: bool = False) -> SixfoldError:
@@ -319,11 +338,12 @@ def _check_read_point(req) -> None:
 
 def read_reply_to_pb(r: ReadReply) -> storage_pb2.ReadReply:
     found = r.value is not None
-    return storage_pb2.ReadReply(node=r.node, lsn=r.lsn, found=found, value=r.value if found else b"", deleted=r.deleted)
+    return storage_pb2.ReadReply(node=r.node, lsn=r.lsn, found=found, value=r.value if found else b"", deleted=r.deleted,
+                                 deadline_us=r.deadline_us)
 
 
 def read_reply_from_pb(m: storage_pb2.ReadReply) -> ReadReply:
-    return ReadReply(m.node, m.lsn, m.value if m.found else None, m.deleted)
+    return ReadReply(m.node, m.lsn, m.value if m.found else None, m.deleted, min(m.deadline_us, DEADLINE_US_MAX))
 
 
 def read_many_request_to_pb(items: Sequence[tuple[int, bytes, int, int, int]]) -> storage_pb2.ReadManyRequest:
@@ -371,11 +391,11 @@ def scan_args_from_pb(req: storage_pb2.SegmentScanRequest, protection_groups: in
 
 
 def version_entry_to_pb(e: VersionEntry) -> storage_pb2.VersionEntry:
-    return storage_pb2.VersionEntry(key=e.key, lsn=e.lsn, deleted=e.value is None, value=e.value or b"")
+    return storage_pb2.VersionEntry(key=e.key, lsn=e.lsn, deleted=e.value is None, value=e.value or b"", deadline_us=e.deadline_us)
 
 
 def version_entry_from_pb(m: storage_pb2.VersionEntry) -> VersionEntry:
-    return VersionEntry(m.key, m.lsn, None if m.deleted else m.value)
+    return VersionEntry(m.key, m.lsn, None if m.deleted else m.value, min(m.deadline_us, DEADLINE_US_MAX))
 
 
 def scan_reply_to_pb(entries: Sequence[VersionEntry], resume: bytes | None) -> storage_pb2.SegmentScanReply:
@@ -640,8 +660,18 @@ def unit_to_pb(unit: Unit | Sequence[Op]) -> kv_pb2.Unit:
     if not isinstance(unit, Unit):
         unit = Unit(tuple(unit))
     return kv_pb2.Unit(
-        ops=[kv_pb2.Op(flags=f, key=k, value=v) for f, k, v in unit.ops], request_id=unit.request_id or b"", resend=unit.resend
+        ops=[kv_pb2.Op(flags=f, key=k, value=v) for f, k, v in unit.ops], request_id=unit.request_id or b"", resend=unit.resend,
+        conditions=[condition_to_pb(c) for c in unit.conditions],
     )
+
+
+def condition_to_pb(c: Condition) -> kv_pb2.Condition:
+    return kv_pb2.Condition(key=c.key, kind=c.kind, value=c.value, lsn=c.lsn)
+
+
+def condition_from_pb(m: kv_pb2.Condition) -> Condition:
+    """A condition, validated (InvalidArgument: its unit is refused, nothing logged)."""
+    return check_condition(Condition(m.key, m.kind, m.value, m.lsn))
 
 
 def write_request_to_pb(units: Sequence[Unit | Sequence[Op]]) -> kv_pb2.WriteRequest:
@@ -653,6 +683,8 @@ def write_request_to_pb(units: Sequence[Unit | Sequence[Op]]) -> kv_pb2.WriteReq
         if isinstance(unit, Unit):
             u = add_unit(request_id=unit.request_id or b"", resend=unit.resend)
             ops = unit.ops
+            if unit.conditions:
+                u.conditions.extend(condition_to_pb(c) for c in unit.conditions)
         else:
             u, ops = add_unit(), unit
         add_op = u.ops.add
@@ -668,7 +700,9 @@ def unit_from_pb(m: kv_pb2.Unit) -> Unit:
         raise InvalidArgument(f"request id of {len(rid)} bytes: request ids are 1..{REQUEST_ID_BYTES_MAX} bytes")
     if m.resend and not rid:
         raise InvalidArgument("a re-sent unit names its request id")
-    return Unit(_unit_ops_from_pb(m), rid or None, m.resend)
+    if len(m.conditions) > CONDITIONS_MAX:
+        raise InvalidArgument(f"a unit carries at most {CONDITIONS_MAX} conditions, got {len(m.conditions)}")
+    return Unit(_unit_ops_from_pb(m), rid or None, m.resend, tuple(condition_from_pb(c) for c in m.conditions))
 
 
 def _unit_ops_from_pb(m: kv_pb2.Unit) -> tuple[Op, ...]:
@@ -678,6 +712,10 @@ def _unit_ops_from_pb(m: kv_pb2.Unit) -> tuple[Op, ...]:
     out = []
     for op in ops:
         flags, key, value = op.flags, op.key, op.value
+        if flags & FLAG_EXPIRES and flags in _EXPIRING_PUT_FLAGS:
+            _check_expiring(flags, key, value)
+            out.append((flags, key, value))
+            continue
         if not (flags == FLAG_PUT or (flags == FLAG_DELETE and not value)) or not 1 <= len(key) <= KEY_BYTES_MAX \
                 or len(value) > VALUE_BYTES_MAX:
             if flags not in (FLAG_PUT, FLAG_DELETE):
@@ -688,6 +726,65 @@ def _unit_ops_from_pb(m: kv_pb2.Unit) -> tuple[Op, ...]:
             raise InvalidArgument(f"value of {len(value)} bytes: values are at most {VALUE_BYTES_MAX} bytes")
         out.append((flags, key, value))
     return tuple(out)
+
+
+_EXPIRING_PUT_FLAGS = (FLAG_PUT | FLAG_EXPIRES, FLAG_PUT | FLAG_EXPIRES | OP_TTL)
+_U64LE = struct.Struct("<Q")
+
+
+def _check_expiring(flags: int, key: bytes, value: bytes) -> None:
+    """An expiring put's op: a key, a deadline (or ttl) prefix in bounds, a value that fits."""
+    _check_key(key)
+    if not EXPIRES_BYTES <= len(value) <= VALUE_BYTES_MAX:
+        raise InvalidArgument(f"an expiring put's value is its {EXPIRES_BYTES}-byte deadline then at most "
+                              f"{VALUE_BYTES_MAX - EXPIRES_BYTES} bytes, got {len(value)} bytes")
+    t = _U64LE.unpack_from(value)[0]
+    bound = DEADLINE_US_MAX // 2 if flags & OP_TTL else DEADLINE_US_MAX
+    if not 1 <= t <= bound:
+        raise InvalidArgument(f"an expiring put's {'time to live' if flags & OP_TTL else 'deadline'} is 1..{bound} microseconds, got {t}")
+
+
+def watch_args_of_pb(m: kv_pb2.WatchRequest) -> tuple[bytes, int | None]:
+    """(prefix, start or None), in bounds."""
+    if len(m.prefix) > KEY_BYTES_MAX:
+        raise InvalidArgument(f"a watch prefix is at most {KEY_BYTES_MAX} bytes, got {len(m.prefix)}")
+    return m.prefix, (_check_lsn(m.start, "watch start") if m.HasField("start") else None)
+
+
+def watch_batch_to_pb(changes, position: int) -> kv_pb2.WatchBatch:
+    m = kv_pb2.WatchBatch(position=position)
+    add = m.changes.add
+    for cpl, key, value in changes:
+        add(key=key, value=value or b"", deleted=value is None, position=cpl)
+    return m
+
+
+def watch_batch_from_pb(m: kv_pb2.WatchBatch) -> tuple[list[tuple[int, bytes, bytes | None]], int]:
+    _check_lsn(m.position, "watch position")
+    out = []
+    for c in m.changes:
+        _check_lsn(c.position, "change position")
+        out.append((c.position, c.key, None if c.deleted else c.value))
+    return out, m.position
+
+
+def version_key_from_pb(m: kv_pb2.VersionRequest) -> bytes:
+    return _check_key(m.key)
+
+
+def version_reply_to_pb(lsn: int, value: bytes | None, deadline_us: int, clock_us: int) -> kv_pb2.VersionReply:
+    if value is None or lsn == 0:
+        return kv_pb2.VersionReply(clock_us=clock_us)
+    return kv_pb2.VersionReply(found=True, value=value, lsn=lsn, deadline_us=deadline_us, clock_us=clock_us)
+
+
+def version_reply_from_pb(m: kv_pb2.VersionReply) -> tuple[int, bytes | None, int, int]:
+    """(lsn, value or None, deadline, clock), in bounds."""
+    _check_lsn(m.lsn, "version lsn")
+    if m.found and m.lsn == 0:
+        raise InvalidArgument("a version that is found has an LSN")
+    return (m.lsn, m.value, min(m.deadline_us, DEADLINE_US_MAX), min(m.clock_us, DEADLINE_US_MAX)) if m.found \
+        else (0, None, 0, min(m.clock_us, DEADLINE_US_MAX))
 
 
 def write_results_to_pb(results: Sequence[int | SixfoldError]) -> kv_pb2.WriteReply:
@@ -855,7 +952,7 @@ def watch_args_from_pb(m: kv_pb2.WatchReadPointRequest) -> tuple[float, float]:
 def read_point_update_to_pb(u: ReadPointUpdate) -> kv_pb2.ReadPointUpdate:
     ms = u.membership
     m = kv_pb2.ReadPointUpdate(
-        epoch=u.epoch, vdl=u.vdl, tails=u.tails, sent_at=u.sent_at, committed_at=u.committed_at,
+        epoch=u.epoch, vdl=u.vdl, tails=u.tails, sent_at=u.sent_at, committed_at=u.committed_at, log_time_us=u.log_time_us,
         membership=kv_pb2.WriterMembership(epoch=ms.epoch, members=ms.members, next_members=ms.next_members or ()),
     )
     add = m.members.add
@@ -883,7 +980,8 @@ def read_point_update_from_pb(m: kv_pb2.ReadPointUpdate, protection_groups: int)
     for name, t in (("sent_at", m.sent_at), ("committed_at", m.committed_at)):
         if not (t == t) or abs(t) > 1e11:  # NaN or absurd
             raise InvalidArgument(f"read point {name} {t} is not a time")
-    return ReadPointUpdate(m.epoch, view.read_point, view.tails, membership, tuple(members), m.sent_at, m.committed_at)
+    return ReadPointUpdate(m.epoch, view.read_point, view.tails, membership, tuple(members), m.sent_at, m.committed_at,
+                           min(m.log_time_us, DEADLINE_US_MAX))
 
 
 _READER_KEYS = frozenset(kv_pb2.ReaderStatus.DESCRIPTOR.fields_by_name)
