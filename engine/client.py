@@ -1017,7 +1017,7 @@ def connect(target: str | os.PathLike, **options) -> Database:
     """Connect to a cluster's writer endpoint: a cluster folder (with cluster.json) or host:port.
 
     Options: timeout_s (RPC deadline, default 30), connect_timeout_s (default 5), boxcar
-    (default True: coalesce concurrent calls), cars_in_flight (default 2), car_items_max, role
+    (default True: coalesce concurrent calls), cars_in_flight (default 1), car_items_max, role
     ("writer", the default, or "reader": the reader endpoint, a cluster folder only), tls (an
     `engine.security.tls.TlsConfig`; default: the operator's of a secure cluster folder, else none),
     token (default: $SIXFOLD_TOKEN, else the folder's operator token; see the module docstring), streams
