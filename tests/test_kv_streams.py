@@ -16,26 +16,12 @@ import time
 
 import pytest
 from waiting import eventually
-from test_client_failures import DEADLINE_S, HoldsWrites, LocalEndpoint, run_threads, sigint_raises  # noqa: F401 (a fixture)
+from test_client_failures import DEADLINE_S, HoldsWrites, make_endpoint, run_threads, sigint_raises  # noqa: F401 (fixtures)
 
 import engine
 from engine import errors
 from engine.head.endpoint import KVServicer
 from engine.proto import kv_pb2_grpc
-
-
-@pytest.fixture
-def make_endpoint(tmp_path):
-    made = []
-
-    def make(servicer_cls=KVServicer, **kw):
-        ep = LocalEndpoint(tmp_path / f"ep{len(made)}", servicer_cls, **kw)
-        made.append(ep)
-        return ep
-
-    yield make
-    for ep in made:
-        ep.close()
 
 
 def test_a_clients_writes_and_gets_travel_on_one_stream_each(make_endpoint):
