@@ -636,9 +636,24 @@ class KVServicer(kv_pb2_grpc.KVServicer):
     def GetMany(self, request, context):
         return self._serve(context, "GetMany", lambda: self._get_many(request))
 
-    def Scan(self, request, context):
+    def _serve_stream(self, context, rpc: str, produce):
+        """A server-streaming RPC: `_serve` for generators (admit first; a Sixfold error ends
+        the stream with its status, anything else is a bug answered INTERNAL)."""
         try:
-            self._admit(context, "Scan")
+            self._admit(context, rpc)
+            yield from produce()
+            return
+        except SixfoldError as e:
+            err = e
+        except Exception as e:
+            log.exception("%s failed unexpectedly", rpc)
+            self.metrics.count_error(e)
+            context.abort(grpc.StatusCode.INTERNAL, f"{rpc}: internal error {type(e).__name__}: {e}")
+        self.metrics.count_error(err)
+        convert.abort(context, err)
+
+    def Scan(self, request, context):
+        def chunks():
             pairs = self.ep.scan(*convert.kv_scan_args_from_pb(request, self.P), after=convert.after_from_pb(request))
             point = self._read_point()
             chunk: list[tuple[bytes, bytes]] = []
@@ -655,15 +670,8 @@ class KVServicer(kv_pb2_grpc.KVServicer):
             m.read_point = point
             if chunk or point:
                 yield m  # on a reader, the point arrives even for an empty scan
-            return
-        except SixfoldError as e:
-            err = e
-        except Exception as e:
-            log.exception("Scan failed unexpectedly")
-            self.metrics.count_error(e)
-            context.abort(grpc.StatusCode.INTERNAL, f"Scan: internal error {type(e).__name__}: {e}")
-        self.metrics.count_error(err)
-        convert.abort(context, err)
+
+        yield from self._serve_stream(context, "Scan", chunks)
 
     def View(self, request, context):
         return self._serve(context, "View", lambda: convert.read_view_to_pb(self.ep.view()))
@@ -692,36 +700,20 @@ class KVServicer(kv_pb2_grpc.KVServicer):
         return self._serve(context, "MembershipStatus", lambda: convert.membership_change_to_pb(self.ep.membership_status()))
 
     def Watch(self, request, context):
-        try:
-            self._admit(context, "Watch")
+        def batches():
             prefix, start = convert.watch_args_of_pb(request)
             for changes, position in self.ep.watch(prefix, start, context.is_active):
                 yield convert.watch_batch_to_pb(changes, position)
-            return
-        except SixfoldError as e:
-            err = e
-        except Exception as e:
-            log.exception("Watch failed unexpectedly")
-            self.metrics.count_error(e)
-            context.abort(grpc.StatusCode.INTERNAL, f"Watch: internal error {type(e).__name__}: {e}")
-        self.metrics.count_error(err)
-        convert.abort(context, err)
+
+        yield from self._serve_stream(context, "Watch", batches)
 
     def WatchReadPoint(self, request, context):
-        try:
-            self._admit(context, "WatchReadPoint")
+        def updates():
             min_interval_s, heartbeat_s = convert.watch_args_from_pb(request)
             for u in self.ep.read_points(min_interval_s, heartbeat_s, context.is_active):
                 yield convert.read_point_update_to_pb(u)
-            return
-        except SixfoldError as e:
-            err = e
-        except Exception as e:
-            log.exception("WatchReadPoint failed unexpectedly")
-            self.metrics.count_error(e)
-            context.abort(grpc.StatusCode.INTERNAL, f"WatchReadPoint: internal error {type(e).__name__}: {e}")
-        self.metrics.count_error(err)
-        convert.abort(context, err)
+
+        yield from self._serve_stream(context, "WatchReadPoint", updates)
 
 
 class EndpointServer:
