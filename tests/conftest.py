@@ -55,3 +55,16 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
 def rng(request: pytest.FixtureRequest) -> random.Random:
     """A random.Random for one test, derived from the run's seed and the test's id."""
     return random.Random(f"{request.config.getoption('hypothesis_seed')}:{request.node.nodeid}")
+
+
+@pytest.fixture
+def db(tmp_path):
+    """A small embedded volume (4 PGs, no fsync): the default `db` of the modules that test the
+    API over one (a module that needs another volume defines its own `db`)."""
+    import engine
+
+    d = engine.open(tmp_path / "v", durable=False, protection_groups=4)
+    try:
+        yield d
+    finally:
+        d.close()

@@ -22,15 +22,6 @@ from engine.proto import kv_pb2
 from engine.transport import convert
 
 
-@pytest.fixture
-def db(tmp_path):
-    d = engine.open(tmp_path / "v", durable=False, protection_groups=4)
-    try:
-        yield d
-    finally:
-        d.close()
-
-
 def test_absent_lets_the_first_put_in_and_refuses_the_second_saying_which_failed(db):
     lsn = db.put(b"k", b"first", expect=engine.absent(b"k"))
     with pytest.raises(PreconditionFailed, match=r"#0 b'k' absent: found a value of 5 bytes") as e:

@@ -12,7 +12,6 @@ a stream is read from the servicer's own counters.
 from __future__ import annotations
 
 import threading
-import time
 
 import pytest
 from waiting import eventually
@@ -109,16 +108,15 @@ def test_a_write_with_no_reply_in_time_is_indeterminate_and_the_next_opens_a_new
 
 def test_stopping_the_server_does_not_wait_for_a_clients_idle_streams(make_endpoint):
     """Without ending idle streams first, the server's stop would wait its whole grace period
-    (30 s here) for the client's two streams, which never end by themselves."""
+    (an hour here) for the client's two streams, which never end by themselves."""
     ep = make_endpoint()
     db = engine.connect(ep.address, timeout_s=5)
     try:
         db.put(b"k", b"v")
         assert db.get(b"k") == b"v"
-        t0 = time.monotonic()
         ep.servicer.streams.close()
-        ep.server.stop(30.0).wait(DEADLINE_S)
-        assert time.monotonic() - t0 < 15.0, "the server's stop waited for the idle streams"
+        assert ep.server.stop(3600.0).wait(DEADLINE_S), "the server's stop waited for the idle streams"
+        assert ep.servicer.streams.counters()["open"] == 0
         with pytest.raises((errors.Unavailable, errors.WriteIndeterminate)):
             db.put(b"k2", b"v")
     finally:

@@ -27,15 +27,6 @@ needs_cli = pytest.mark.skipif(REDIS_CLI is None, reason="redis-cli is absent: a
 
 
 @pytest.fixture
-def db(tmp_path):
-    d = engine.open(tmp_path / "v", durable=False, protection_groups=4)
-    try:
-        yield d
-    finally:
-        d.close()
-
-
-@pytest.fixture
 def server(db):
     s = RedisServer(db, port=0).start()
     try:

@@ -26,15 +26,6 @@ def request_records(volume) -> int:
     return max(counts)
 
 
-@pytest.fixture
-def db(tmp_path):
-    d = engine.open(tmp_path / "v", durable=False, protection_groups=4)
-    try:
-        yield d
-    finally:
-        d.close()
-
-
 def test_a_write_is_committed_under_its_id_and_a_resend_is_applied_at_most_once(db):
     db.put(b"k", b"first", request_id=b"r-1")
     st = db.status_of(b"r-1")

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import itertools
 import threading
-import time
 
 import pytest
 
@@ -15,15 +14,6 @@ from engine.cluster import Cluster
 from engine.cluster.testing import free_base_port
 from engine.errors import Compacted, InvalidArgument
 from engine.head import writer as writer_module
-
-
-@pytest.fixture
-def db(tmp_path):
-    d = engine.open(tmp_path / "v", durable=False, protection_groups=4)
-    try:
-        yield d
-    finally:
-        d.close()
 
 
 def take(it, n):
