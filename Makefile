@@ -2,9 +2,8 @@
 #
 #   make demo    set up .venv, then run the demo (python -m engine.demo)
 #   make test    set up .venv, the import-linter contract, then the whole suite with the Cython codec
-#                twin and again with the pure-Python twin (without the multi-process cluster tests,
-#                which run node processes on the same node code, and the `twin_once` protocol checks
-#                of the chaos checker, which do not depend on the codec; `make test-full` runs all twice)
+#                twin and again, with the pure-Python twin, the modules whose results go through the
+#                record codec (PY_TWIN_TESTS; `make test-full` runs everything twice)
 #   make test-full  both twins over the whole suite
 #   make bench   codec benchmark (bench/codec.py), bench/embedded.py, then Sixfold against a
 #                3-member etcd (bench/compare_etcd.py, plaintext pair, BENCH_SECONDS per point,
@@ -25,6 +24,14 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.sixfold-setup
 PYTEST_ARGS ?=
+#: What `make test` runs again with the pure-Python codec twin (CI's 15-minute budget): the codec's
+#: own properties (which compare both twins byte for byte) and every module whose results pass
+#: through the record codec on disk or on the wire, in-process. `make test-full` runs everything twice.
+PY_TWIN_TESTS ?= tests/test_codec.py tests/test_store.py tests/test_node_format.py tests/test_formats.py \
+	tests/test_embedded.py tests/test_backup_format.py tests/test_backup_archive.py tests/test_backup_restore.py \
+	tests/test_collection.py tests/test_node_conflict.py tests/test_truncation_guard.py tests/test_recovery_math.py \
+	tests/test_healing.py tests/test_expiry.py tests/test_encryption_at_rest.py tests/test_request_records.py \
+	tests/test_node_boundary.py tests/test_convert.py tests/test_storage_growth.py tests/test_node_storage_full.py
 BENCH_ARGS ?=
 #: Seconds per measurement of the etcd comparison: 2 systems x 8 measurements, about 80 s at 2.
 BENCH_SECONDS ?= 2
@@ -59,8 +66,8 @@ test: $(STAMP)
 	$(VENV)/bin/lint-imports
 	@echo "=== pytest, codec twin: cython (SIXFOLD_CODEC=cython)"
 	SIXFOLD_CODEC=cython $(PY) -m pytest $(PYTEST_ARGS)
-	@echo "=== pytest, codec twin: python (SIXFOLD_CODEC=python), all but the multi-process cluster tests"
-	SIXFOLD_CODEC=python $(PY) -m pytest -m "not cluster and not soak and not twin_once" $(PYTEST_ARGS)
+	@echo "=== pytest, codec twin: python (SIXFOLD_CODEC=python), the modules whose results go through the record codec"
+	SIXFOLD_CODEC=python $(PY) -m pytest -m "not cluster and not soak and not twin_once" $(PY_TWIN_TESTS) $(PYTEST_ARGS)
 
 # Both twins over everything, cluster tests included (about 15 minutes on 2 cores).
 test-full: $(STAMP)
