@@ -715,11 +715,11 @@ class RemoteBackend:
                            + (". The write may or may not have been logged; read the key to find out." if write else "")
                            ) from None
             raise convert.error_from_rpc(e, where=self._where, write=write) from None
-        except StopIteration:  # the endpoint ended the stream under the request (shutting down)
-            what = WriteIndeterminate if write else Unavailable
-            raise what(f"{self._where} ended the stream under a request (shutting down?)"
-                       + (". The write may or may not have been logged; read the key to find out." if write else "")
-                       ) from None
+        except StopIteration:
+            # The endpoint ended the stream (shutting down): its handler returns only right after
+            # a reply (StreamRegistry.serve), so it never read this request: nothing was done.
+            raise Unavailable(f"{self._where} ended the stream (shutting down) before reading this request; "
+                              "nothing was done") from None
         except ValueError as e:  # the channel was closed under us
             raise Closed(f"the connection is closed ({e})") from None
         with self._streams_lock:

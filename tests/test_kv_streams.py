@@ -114,11 +114,37 @@ def test_stopping_the_server_does_not_wait_for_a_clients_idle_streams(make_endpo
     try:
         db.put(b"k", b"v")
         assert db.get(b"k") == b"v"
-        ep.servicer.streams.close()
+        ep.servicer.begin_stop()
         assert ep.server.stop(3600.0).wait(DEADLINE_S), "the server's stop waited for the idle streams"
         assert ep.servicer.streams.counters()["open"] == 0
         with pytest.raises((errors.Unavailable, errors.WriteIndeterminate)):
             db.put(b"k2", b"v")
+    finally:
+        db.close()
+
+
+def test_a_stopping_endpoint_refuses_as_not_done_and_answers_no_view(make_endpoint):
+    """Between ending its streams and the gRPC server's stop, an endpoint still answers unary
+    calls. It must refuse them (Unavailable: nothing was done), a view included: a client whose
+    idle stream broke under a write then finds no live writer there and follows the failover,
+    re-sending under its request id, rather than taking the broken call for a live writer's
+    answer. (Before: the write came back WriteIndeterminate and the view was answered, which
+    cost a planned failover two in-flight writes in CI.)"""
+    ep = make_endpoint()
+    db = engine.connect(ep.address, timeout_s=5)
+    try:
+        db.put(b"k", b"v")  # the write stream is open and idle now
+        ep.servicer.begin_stop()
+        # The idle stream was ended under this write: to the client its fate is unknown.
+        with pytest.raises(errors.WriteIndeterminate):
+            db.put(b"k2", b"v")
+        # What it asks next is refused, and says nothing was done: no view, no write.
+        with pytest.raises(errors.Unavailable, match="shutting down"):
+            db._backend.view()
+        with pytest.raises(errors.Unavailable, match="shutting down") as raised:
+            db.put(b"k3", b"v")
+        assert not isinstance(raised.value, errors.WriteIndeterminate), raised.value
+        assert [ep.logged(k) for k in (b"k", b"k2", b"k3")] == [b"v", None, None]
     finally:
         db.close()
 

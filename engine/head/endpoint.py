@@ -75,7 +75,7 @@ import grpc
 
 from engine import codec
 from engine.core.types import Geometry, NodeInfo, ReadPointUpdate, RequestStatus, Unit
-from engine.errors import Closed, EncryptionError, InvalidArgument, ReplicaBehind, SixfoldError, Unavailable
+from engine.errors import EncryptionError, InvalidArgument, ReplicaBehind, SixfoldError, Unavailable
 from engine.head.failover import LEASE_S_DEFAULT, Candidate
 from engine.head.membership import ACTIVE_PHASES, MembershipChange
 from engine.head.readpoints import VdlHistory
@@ -521,9 +521,26 @@ class KVServicer(kv_pb2_grpc.KVServicer):
         self.metrics = metrics if metrics is not None else Metrics()
         #: the clients' WriteStreams and GetManyStreams (each holds one server thread)
         self.streams = StreamRegistry(KV_STREAMS_MAX)
+        #: set by `begin_stop`: every request from then on is refused, undone, with Unavailable
+        self.stopping = False
+
+    def begin_stop(self) -> None:
+        """The first step of a shutdown, before the gRPC server's stop: refuse every request
+        from now on with Unavailable ("nothing was done"), then end the idle streams.
+
+        In this order, a client whose idle stream is ended under a request it had just sent
+        (which then comes back as a broken call, its fate unknown) finds this process no longer
+        answering even a view, so `engine.connect(folder)` follows the writer and re-sends the
+        write there under its request id, instead of taking a live writer's refusal for an
+        answer (a planned failover lost its in-flight writes to WriteIndeterminate that way)."""
+        self.stopping = True
+        self.streams.close()
 
     def _admit(self, context, rpc: str) -> None:
-        """Unauthenticated / PermissionDenied unless the caller's token and role allow `rpc`."""
+        """Unavailable once the server stops (`begin_stop`); Unauthenticated / PermissionDenied
+        unless the caller's token and role allow `rpc`."""
+        if self.stopping:
+            raise Unavailable(f"{rpc}: this endpoint is shutting down; nothing was done")
         if self.auth is not None:
             self.auth.admit(context.peer(), context.invocation_metadata(), rpc)
 
@@ -587,7 +604,7 @@ class KVServicer(kv_pb2_grpc.KVServicer):
                     code="INTERNAL", message=f"{rpc}: internal error {type(e).__name__}: {e}"))
 
         yield from self.streams.serve(request_iterator, context, one,
-                                      lambda ctx: convert.abort(ctx, Closed("the endpoint is shutting down")))
+                                      lambda ctx: convert.abort(ctx, Unavailable("the endpoint is shutting down; nothing was done")))
 
     def StatusOf(self, request, context):
         return self._serve(
@@ -801,7 +818,7 @@ class EndpointServer:
     def stop(self, grace_s: float = SHUTDOWN_GRACE_S) -> None:
         self._stop.set()
         self.endpoint.stop_streams()
-        self.servicer.streams.close()
+        self.servicer.begin_stop()
         set_health(self.health, (SERVICE_NAME,), False)
         self.server.stop(grace_s).wait(grace_s + 1)
         self.endpoint.close()

@@ -631,7 +631,7 @@ class ReaderProcess:
         self._stop.set()
         set_health(self.health, (SERVICE_NAME,), False)
         self.follower.close()
-        self.servicer.streams.close()
+        self.servicer.begin_stop()
         self.server.stop(grace_s).wait(grace_s + 1)
         if self.writer_endpoint is not None:
             self.writer_endpoint.close()
