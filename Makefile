@@ -1,7 +1,9 @@
 # Sixfold developer tasks (GNU make). CI runs `make test` through .ci/run.
 #
 #   make demo    set up .venv, then run the demo (python -m engine.demo)
-#   make test    set up .venv, the import-linter contract, then the whole suite with the Cython codec
+#   make test    set up .venv, install the Debian tools some tests drive where it can (.ci/install-tools:
+#                redis-tools, redis-server, nftables; root and apt-get; SIXFOLD_NO_INSTALL=1 skips it),
+#                the import-linter contract, then the whole suite with the Cython codec
 #                twin and again, with the pure-Python twin, the modules whose results go through the
 #                record codec (PY_TWIN_TESTS; `make test-full` runs everything twice)
 #   make test-full  both twins over the whole suite
@@ -62,6 +64,7 @@ demo: $(STAMP)
 # Both runs must pass. pytest exits 5 when it collected no test, which fails the target like any
 # other non-zero exit: a suite that ran nothing is not a pass.
 test: $(STAMP)
+	@.ci/install-tools
 	@echo "=== import-linter: the layers of docs/ARCHITECTURE.md (pyproject.toml [tool.importlinter])"
 	$(VENV)/bin/lint-imports
 	@echo "=== pytest, codec twin: cython (SIXFOLD_CODEC=cython)"
