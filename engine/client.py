@@ -992,6 +992,43 @@ def reader_target(folder: str) -> tuple[str, str]:
     raise InvalidArgument(f"the readers of {folder} listen on {sorted(hosts)}: the reader endpoint needs IP addresses")
 
 
+#: How long `reader_statuses` waits for each reader instance's status.
+READER_STATUS_TIMEOUT_S = 2.0
+
+
+def reader_statuses(folder: str, timeout_s: float = READER_STATUS_TIMEOUT_S) -> list[dict]:
+    """What each reader instance of a cluster folder says of itself (its KV Status `reader`
+    part: read point, lag in LSNs and ms, connected...), with its id, AZ and address; a reader
+    that does not answer in `timeout_s` is listed with `error` instead. Asked in parallel."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from engine.cluster.manifest import active_readers, load_manifest, tls_config
+    from engine.security.users import default_token
+
+    manifest = load_manifest(folder)
+    readers = active_readers(manifest)
+    if not readers:
+        return []
+    tls, token = tls_config(folder, manifest), default_token(folder)
+
+    def one(r: dict) -> dict:
+        out = {"id": r["id"], "az": r.get("az", ""), "address": r["address"]}
+        backend = None
+        try:
+            backend = RemoteBackend(r["address"], tls=tls, token=token, timeout_s=timeout_s,
+                                    connect_timeout_s=timeout_s, streams=False, what="reader")
+            out.update(backend.status().get("reader") or {})
+        except SixfoldError as e:
+            out["error"] = str(e)
+        finally:
+            if backend is not None:
+                backend.close()
+        return out
+
+    with ThreadPoolExecutor(max_workers=len(readers)) as pool:
+        return list(pool.map(one, readers))
+
+
 def resolve_target(target: str | os.PathLike) -> tuple[str, str | None]:
     """(writer endpoint address, cluster folder or None) of a cluster folder or host:port."""
     if isinstance(target, (str, os.PathLike)) and os.path.isdir(os.fspath(target)):
@@ -1065,4 +1102,4 @@ def connect(target: str | os.PathLike, **options) -> Database:
     return Database(RemoteBackend(address, **options))
 
 
-__all__ = ["Boxcar", "RemoteBackend", "connect", "read_failure", "resolve_target", "write_failure"]
+__all__ = ["Boxcar", "RemoteBackend", "connect", "read_failure", "reader_statuses", "resolve_target", "write_failure"]

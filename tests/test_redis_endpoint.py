@@ -410,6 +410,7 @@ def test_cluster_up_with_a_redis_port_serves_it_and_cluster_down_stops_it(tmp_pa
 @pytest.mark.cluster
 def test_the_read_only_port_reads_from_the_readers_and_refuses_writes(tmp_path):
     from engine.cluster import Cluster
+    from engine.cluster.manifest import active_readers, load_manifest
     from engine.cluster.testing import free_base_port
     from engine.redis.cli import start_background, stop_background
 
@@ -426,6 +427,18 @@ def test_the_read_only_port_reads_from_the_readers_and_refuses_writes(tmp_path):
         with pytest.raises(redis.exceptions.ReadOnlyError):  # redis-py's class for the READONLY code
             r.set("k", "w")
         assert w.get("k") == b"v"
+        # INFO names the reader as a replica, with its own lag (it was always 0 readers before).
+        (reader,) = active_readers(load_manifest(c.folder))
+        main_info = w.info("replication")
+        assert main_info["role"] == "master" and main_info["connected_slaves"] == 1, main_info
+        assert main_info["slave0"]["state"] == "online" and main_info["slave0"]["id"] == reader["id"], main_info
+        assert main_info["slave0"]["port"] == int(reader["address"].rpartition(":")[2])
+        eventually(lambda: w.info("sixfold")["readers_answering"] == 1 and w.info("sixfold")["replica_lag_lsns_max"] == 0,
+                   what="the reader's lag, as it says, to reach 0 once writes stop")
+        assert w.info("sixfold")["readers"] == 1
+        read_info = r.info("replication")
+        assert read_info["role"] == "slave" and read_info["master_link_status"] == "up", read_info
+        assert read_info["slave_repl_offset"] >= main_info["slave0"]["offset"] > 0
     finally:
         stop_background(c.folder)
         c.down(timeout_s=10)

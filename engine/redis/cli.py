@@ -81,14 +81,15 @@ def authenticator_of(folder: str):
 
 
 def cmd_serve(args) -> int:
-    from engine.client import connect
+    from engine.client import connect, reader_statuses
     from engine.redis.server import RedisServer
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     folder = _folder(args)
     db = connect(folder, role="reader" if args.reader else "writer")
     auth = None if args.no_auth else authenticator_of(folder)
-    server = RedisServer(db, args.host, args.port, authenticator=auth)
+    server = RedisServer(db, args.host, args.port, authenticator=auth, replicas=lambda: reader_statuses(folder),
+                         read_only=args.reader)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())

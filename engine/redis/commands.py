@@ -589,16 +589,40 @@ def info_text(db, section: str | None, extra: dict[str, object]) -> str:
     nodes = st.get("nodes", [])
     up = sum(1 for n in nodes if n.get("up"))
     lag = max((max((n.get("lag") or {0: 0}).values(), default=0) for n in nodes if n.get("up")), default=0)
-    readers = st.get("readers") or []
-    reader_lag = max((r.get("lag_lsns", 0) or 0 for r in readers if isinstance(r, dict)), default=0)
+    # The reader instances, as each says of itself (`extra["replicas"]`, engine.client.reader_statuses),
+    # else as a reader's own status says (the read-only port's connection is to the readers).
+    readers = extra.get("replicas")
+    if readers is None:
+        readers = [dict(st["reader"], id="this")] if isinstance(st.get("reader"), dict) else []
+    answered = [r for r in readers if "error" not in r]
+    reader_lag = max((r.get("lag_lsns", 0) or 0 for r in answered), default=0)
+    reader_lag_ms = max((r.get("lag_ms", 0.0) or 0.0 for r in answered), default=0.0)
+    replication: dict[str, object] = {"role": "slave" if extra.get("read_only") else "master"}
+    if extra.get("read_only"):
+        connected = any(r.get("connected") for r in answered)
+        replication.update(master_link_status="up" if connected else "down", slave_read_only=1,
+                           slave_repl_offset=max((r.get("read_point", 0) for r in answered), default=0))
+    else:
+        replication.update(connected_slaves=sum(1 for r in answered if r.get("connected")),
+                           master_repl_offset=st.get("vdl", 0))
+        for i, r in enumerate(readers):
+            host, _, port = str(r.get("address", "")).rpartition(":")
+            if "error" in r:
+                replication[f"slave{i}"] = f"ip={host},port={port},state=unreachable,offset=0,lag=-1,id={r.get('id', '?')}"
+            else:
+                state = "online" if r.get("connected") else "disconnected"
+                replication[f"slave{i}"] = (f"ip={host},port={port},state={state},offset={r.get('read_point', 0)},"
+                                            f"lag={int((r.get('lag_ms', 0.0) or 0.0) // 1000)},id={r.get('id', '?')},"
+                                            f"lag_lsns={r.get('lag_lsns', 0)},lag_ms={r.get('lag_ms', 0.0)}")
     sections: dict[str, dict[str, object]] = {
         "server": {"redis_version": REDIS_VERSION, "redis_mode": "standalone", "sixfold_version": __version__,
                    "process_id": extra.get("pid", 0), "tcp_port": extra.get("port", 0), "os": "sixfold"},
         "clients": {"connected_clients": extra.get("clients", 0)},
         "persistence": {"loading": 0, "aof_enabled": 1, "durability": "4 of 6 segments before every reply"},
-        "replication": {"role": "master", "connected_slaves": len(readers)},
+        "replication": replication,
         "sixfold": {"vdl": st.get("vdl", 0), "epoch": st.get("epoch", 0), "nodes": len(nodes), "nodes_up": up,
-                    "segment_lag_lsns_max": lag, "readers": len(readers), "replica_lag_lsns_max": reader_lag,
+                    "segment_lag_lsns_max": lag, "readers": len(readers), "readers_answering": len(answered),
+                    "replica_lag_lsns_max": reader_lag, "replica_lag_ms_max": reader_lag_ms,
                     "protection_groups": st.get("protection_groups", 0), "encrypted": int(bool(st.get("encrypted")))},
         "keyspace": {},
     }

@@ -358,8 +358,16 @@ class Session:
     def cmd_info(self, args):
         if len(args) > 1:
             raise C.CommandError(C.SYNTAX)
-        text = C.info_text(self.db, args[0].decode("utf-8", "replace").lower() if args else None,
-                           {"pid": os.getpid(), "port": self.server.port, "clients": self.server.clients})
+        section = args[0].decode("utf-8", "replace").lower() if args else None
+        replicas = None
+        if self.server.replicas is not None and section in (None, "all", "everything", "default", "replication", "sixfold"):
+            try:
+                replicas = self.server.replicas()
+            except SixfoldError as e:  # INFO still answers: the facts it could not get say why
+                log.warning("INFO could not ask the reader instances: %s", e)
+                replicas = [{"id": "?", "error": str(e)}]
+        text = C.info_text(self.db, section, {"pid": os.getpid(), "port": self.server.port, "clients": self.server.clients,
+                                              "replicas": replicas, "read_only": self.server.read_only})
         return Verbatim(text)
 
 
@@ -378,11 +386,16 @@ class RedisServer:
     """A RESP endpoint over `db` on host:port (port 0: any free port; see `.port`)."""
 
     def __init__(self, db, host: str = "127.0.0.1", port: int = 6380, *, authenticator=None,
-                 clients_max: int = CLIENTS_MAX, request_bytes_max: int = REQUEST_BYTES_MAX) -> None:
+                 clients_max: int = CLIENTS_MAX, request_bytes_max: int = REQUEST_BYTES_MAX,
+                 replicas=None, read_only: bool = False) -> None:
         if hiredis is None:
             raise SixfoldError("the Redis endpoint needs the hiredis package (pip install 'sixfold[redis]')")
         self.db = db
         self.authenticator = authenticator
+        #: INFO's replication facts: `replicas()` lists what each reader instance says of itself
+        #: (`engine.client.reader_statuses`); `read_only` marks the port served by the readers
+        self.replicas = replicas
+        self.read_only = read_only
         self.clients_max = clients_max
         self.request_bytes_max = request_bytes_max
         self.cursors = C.Cursors()
