@@ -248,12 +248,18 @@ class _Ticket:
     bytes its records take there, `engine.core.admission`), and the lock its caller parks on."""
 
     __slots__ = ("ops", "pgs", "cost", "lock", "lsn", "error", "request_id", "digest", "plain_keys", "request_key",
-                 "conditions", "seen")
+                 "conditions", "seen", "has_puts", "largest_put")
 
     def __init__(
         self, ops, pgs, request_id: bytes | None = None, digest: bytes = b"", *, plain_keys=None, request_key=None,
     ) -> None:
         self.ops = ops
+        #: whether the unit stores anything (a delete-only unit takes no room), and its largest
+        #: put record's key and value bytes (one that must fit in one piece, see
+        #: `_extent_fits_locked`): worked out here, by the caller, not under the writer's lock
+        sizes_of_puts = [len(key) + len(value) for flags, key, value in ops if flags & FLAG_PUT]
+        self.has_puts = bool(sizes_of_puts)
+        self.largest_put = max(sizes_of_puts, default=0)
         #: preconditions (their keys as the ops carry them: index keys on an encrypted volume),
         #: and what the stored state was for the keys the writer did not remember when they were
         #: submitted: key -> (read point, lsn, value or None, deadline); see Writer._recent
@@ -278,7 +284,7 @@ class _Ticket:
         self.digest = digest
 
     def puts(self) -> bool:
-        return any(flags & FLAG_PUT for flags, _key, _value in self.ops)
+        return self.has_puts
 
     def done(self, lsn: int) -> _Ticket:
         """Mark the ticket as answered already (a re-send of a committed request)."""
@@ -824,7 +830,7 @@ class Writer:
                 continue
             # A record larger than a page needs consecutive pages, which the room freed inside a
             # node's file (collected versions) may not offer: it must fit beyond the file's end.
-            big = max((len(k) + len(v) for f, k, v in ticket.ops if f & FLAG_PUT), default=0)
+            big = ticket.largest_put
             if big > EXTENT_CHECK_BYTES and not self._extent_fits_locked(big + EXTENT_MARGIN_BYTES):
                 inbox.popleft()
                 ticket.error = self._extent_refusal_locked(big)
