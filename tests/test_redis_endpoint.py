@@ -160,6 +160,20 @@ def test_expire_ttl_persist_and_expiry(r):
     assert r.ttl("short") == -2 and r.exists("short") == 0
 
 
+@pytest.mark.parametrize("command", [
+    ("SET", "k", "v", "PX", str((1 << 63) - 1)), ("SET", "k", "v", "EX", str(5 * 10**12)),
+    ("SET", "k", "v", "EXAT", str(10**13)), ("SET", "k", "v", "EX", "0"), ("SET", "k", "v", "PX", "-5"),
+    ("EXPIRE", "k", str(5 * 10**12)), ("PEXPIRE", "k", str((1 << 63) - 1)), ("EXPIREAT", "k", str(10**13)),
+])
+def test_a_time_the_engine_cannot_keep_gets_redis_s_own_error(r, command):
+    """The engine keeps a time to live up to 2^62 us and a deadline up to 2^63 - 1 us; past
+    those Redis's reply, never the engine's own message, and the key keeps what it had."""
+    r.set("k", "kept")
+    with pytest.raises(redis.ResponseError, match=rf"^invalid expire time in '{command[0].lower()}' command$"):
+        r.execute_command(*command)
+    assert r.get("k") == b"kept" and r.ttl("k") == -1
+
+
 def test_scan_match_count_and_dbsize(r):
     for i in range(30):
         r.set(f"user:{i:02d}", i)

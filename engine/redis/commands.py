@@ -33,8 +33,8 @@ import threading
 from collections import OrderedDict
 
 from engine.core.conditions import absent, at_version
-from engine.core.constants import KEY_BYTES_MAX
-from engine.database import Version
+from engine.core.constants import DEADLINE_US_MAX, KEY_BYTES_MAX
+from engine.database import TTL_US_MAX, Version
 from engine.errors import (
     InvalidArgument,
     PermissionDenied,
@@ -183,7 +183,10 @@ class Txn:
 
 # --- handlers over a Txn ------------------------------------------------------------------------
 def _ttl_kw(kind: bytes, n: int, cmd: str) -> dict:
-    if n <= 0:
+    # Redis's own reply for a time it cannot keep (not positive, or past what the engine stores:
+    # a time to live of TTL_US_MAX, a deadline of DEADLINE_US_MAX), never the engine's message.
+    unit_us = {b"EX": 1_000_000, b"PX": 1_000, b"EXAT": 1_000_000}.get(kind, 1_000)
+    if n <= 0 or n > (TTL_US_MAX if kind in (b"EX", b"PX") else DEADLINE_US_MAX) // unit_us:
         raise CommandError(f"ERR invalid expire time in '{cmd}' command")
     if kind == b"EX":
         return {"ttl_s": n}
@@ -304,7 +307,8 @@ def _expire(t: Txn, args, unit_us: int, cmd: str, absolute: bool = False):
     v = t.read(key)
     if v is None:
         return 0
-    if abs(n) > INT64_MAX // unit_us:
+    if abs(n) > INT64_MAX // unit_us or (not absolute and n * unit_us > TTL_US_MAX) \
+            or (absolute and n * unit_us > DEADLINE_US_MAX):
         raise CommandError(f"ERR invalid expire time in '{cmd}' command")
     deadline = n * unit_us if absolute else v.clock_us + n * unit_us
     current = v.deadline_us
