@@ -93,7 +93,8 @@ def test_weakened_write_quorum_is_caught(tmp_path):
 
 #: Seeds whose random plans catch `--weaken write-quorum-2` at the default sim duration (5 s) and
 #: stay valid with the real protocol on the writer of this branch; tests/test_soak.py runs 1-10.
-WEAK_WRITE_SEEDS = (3, 8)
+#: Seed 8 (45 s on a loaded 2-core machine: its weak history is long to check) runs with the soak.
+WEAK_WRITE_SEEDS = (3, pytest.param(8, marks=pytest.mark.soak))
 
 
 @pytest.mark.twin_once
