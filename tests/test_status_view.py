@@ -104,3 +104,25 @@ def test_status_shows_the_processes_when_the_writer_is_down(cluster, capsys):
     assert main(["status", "--cluster", cluster.folder]) == 3
     out = capsys.readouterr()
     assert "writer" in out.out and "DOWN" in out.out and "n6" in out.out
+
+
+def test_one_way_drops_show_in_their_direction():
+    """An nft fault table as `nft list table` prints it: the input chain names who the process
+    cannot hear, the output chain whom it cannot reach; both ways is a cut."""
+    listing = """table inet sixfold_faults {
+	chain input {
+		type filter hook input priority -300; policy accept;
+		ip saddr { 198.18.13.11, 198.18.14.10 } drop
+	}
+
+	chain output {
+		type filter hook output priority -300; policy accept;
+		ip daddr { 198.18.14.10, 198.18.15.100 } drop
+	}
+}
+"""
+    by_address = {"198.18.13.11": "writer", "198.18.14.10": "n3", "198.18.15.10": "n5", "198.18.15.100": "r1"}
+    drops = overview.chain_drops(listing, by_address)
+    assert drops == {"reach": ["n3", "r1"], "hear": ["n3", "writer"]}
+    assert overview._faults("n1", "SERVING", {"n1": drops}) == ["cut from n3", "cannot reach r1", "cannot hear writer"]
+    assert overview.chain_drops("", by_address) == {"reach": [], "hear": []}
