@@ -214,7 +214,7 @@ def test_a_short_chaos_run_with_real_network_partitions_is_valid(tmp_path):
     from engine.chaos.plan import FaultPlan, network_shape
     from engine.chaos.runner import RunConfig, run
 
-    config = RunConfig(target="cluster", network="real", seed=1, duration_s=4.0, clients=4,
+    config = RunConfig(target="cluster", network="real", seed=1, duration_s=3.0, clients=4,
                        faults=("partition", "one-way"), base_port=7600)
     result = run(config, str(tmp_path / "run"))
     assert result.overall == "valid", result.report()
