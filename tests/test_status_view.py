@@ -152,20 +152,24 @@ def test_status_via_one_process_shows_every_process_in_the_folders_shape(cluster
         db.put(b"k", b"v")
     assert main(["status", "--cluster", folder, "--json"]) == 0
     by_folder = json.loads(capsys.readouterr().out)
-    code, via, _ = _via(cluster, capsys, cluster.address("n3"), *auth)
-    assert code == 0 and sorted(via) == sorted(by_folder) and _shape(via) == _shape(by_folder)
+    def all_serving():
+        r = _via(cluster, capsys, cluster.address("n3"), *auth)
+        return r if r[0] == 0 and all(p["health"] == "SERVING" for p in r[1]["processes"]) else None
+
+    code, via, _ = eventually(all_serving, "status via n3 to find every process SERVING")
+    assert sorted(via) == sorted(by_folder) and _shape(via) == _shape(by_folder)
     assert [(p["id"], p["role"]) for p in via["processes"]] == [(f"n{i}", "node") for i in range(1, 7)] + [
         ("writer", "writer"), ("r1", "reader")]
-    assert all(p["health"] == "SERVING" for p in via["processes"]), via["processes"]
     assert via["processes"][6]["pid"] == cluster.pid("writer") and via["vdl"] == by_folder["vdl"]
 
     cluster.kill("n4")
     for asked in ("n1", "writer", "r1"):  # any reachable process will do: a node, the writer, a reader
         def n4_gone():
             r = _via(cluster, capsys, cluster.address(asked), *auth)
-            return r if {p["id"]: p["health"] for p in r[1]["processes"]}["n4"] == "UNREACHABLE" else None
+            health = {p["id"]: p["health"] for p in r[1]["processes"]}
+            return r if health.pop("n4") == "UNREACHABLE" and set(health.values()) == {"SERVING"} else None
 
-        code, via, _ = eventually(n4_gone, f"status via {asked} to see n4 gone")
+        code, via, _ = eventually(n4_gone, f"status via {asked} to see n4 gone and the others SERVING")
         rows = {p["id"]: p for p in via["processes"]}
         assert code == 0 and sorted(rows) == ["n1", "n2", "n3", "n4", "n5", "n6", "r1", "writer"]
         assert [i for i, p in rows.items() if p["health"] != "SERVING"] == ["n4"] and rows["n4"]["epoch"] is None

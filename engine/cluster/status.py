@@ -227,8 +227,10 @@ class StatusView:
 #: The most processes one view asks (six nodes, one more during a change, the writer and at most
 #: 15 readers fit many times over); a directory naming more is cut here, not followed.
 VIA_PROCESSES_MAX = 64
-#: Deadline of a health check and of the Directory call.
-HEALTH_TIMEOUT_S = 0.5
+#: Deadline of a health check (each a new channel with its TLS handshake, all at once: a loaded
+#: machine needs more than the launcher's 0.5 s for its local children; a cut-off process costs
+#: this once, in parallel with the others).
+HEALTH_TIMEOUT_S = STATUS_RPC_TIMEOUT_S
 
 
 def health_of(address: str, tls, timeout_s: float = HEALTH_TIMEOUT_S) -> str:
@@ -289,7 +291,12 @@ def status_via(address: str, *, tls=None, token: str | None = None) -> dict:
     except Unavailable as e:
         hint = "" if tls is not None else " (a secure cluster answers only over mutual TLS: give --cert)"
         raise Unavailable(f"{e}{hint}") from None
-    known = list(directory.processes[:VIA_PROCESSES_MAX])
+    # One row per (role, id), in the order named: a directory that names a process twice (a
+    # hand-edited spec, a hostile peer) does not make it two rows.
+    first: dict[tuple[str, str], convert.KnownProcess] = {}
+    for p in directory.processes[:VIA_PROCESSES_MAX]:
+        first.setdefault((p.role, p.id), p)
+    known = list(first.values())
     if not any(p.address == address for p in known):
         # A directory of its peers only (a node started with --peers) may not name the asked one.
         role = "node" if directory.me and all(p.role == "node" for p in known) else "writer"
