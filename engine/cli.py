@@ -33,7 +33,6 @@ import base64
 import binascii
 import importlib
 import importlib.metadata
-import json
 import os
 import sys
 import traceback
@@ -266,12 +265,29 @@ def cmd_scan(args) -> int:
 
 def cmd_status(args) -> int:
     """The one status view (engine.cluster.overview): with --cluster every process the folder
-    names (asked directly, so it answers with the writer down), with --target the nodes as
-    that writer endpoint sees them; then the writer's view of the volume."""
+    names (asked directly, so it answers with the writer down), with --via every process the
+    process at that address knows (asked directly too), with --target the nodes as that writer
+    endpoint sees them; then the writer's view of the volume."""
     from engine.cluster import overview
 
     rows = None
-    if args.cluster and not args.target:
+    if args.via:
+        if args.target:
+            raise SystemExit("sixfold status: give --via HOST:PORT or --target HOST:PORT, not both")
+        from engine.cluster.status import status_via
+
+        tls = None
+        if args.cert:
+            from engine.security.tls import TlsConfig
+
+            tls = TlsConfig.from_file(args.cert)
+        from engine.security.users import TOKEN_ENV
+
+        view = status_via(args.via, tls=tls, token=token_from_args(args) or os.environ.get(TOKEN_ENV))
+        rows = view["processes"] if not args.detail else overview.from_launcher(view, detail=True)
+        # The volume as the writer the directory names sees it, as --target would ask it.
+        args.target, args.cluster = view["writer"].get("address") or args.via, None
+    elif args.cluster and not args.target:
         from engine.cluster.commands import with_processes
         from engine.cluster.launcher import Cluster
 
@@ -378,10 +394,16 @@ def register(sub) -> None:
         "The one status view: every process (node, writer, reader) with its AZ, address, role, health, epoch, lag, "
         "storage used, repair progress and the faults in force (real network cuts, a pause), then the volume as "
         "the writer sees it (VDL, epoch, backups). With --cluster DIR every process the folder (or spec) names is "
-        "asked directly, so the table shows even with the writer down; with --target HOST:PORT the nodes are those "
-        "that writer endpoint reaches. The same table as `cluster status` and `node rebuild-status`, and the same "
-        "`processes` in the JSON. Exit code 3 (after the table) when the writer endpoint does not answer."))
+        "asked directly, so the table shows even with the writer down; with --via HOST:PORT, the address of any one "
+        "process of the cluster (node, writer or reader), that process names the others and each is asked "
+        "directly (one that does not answer shows UNREACHABLE), no folder needed; with --target HOST:PORT the nodes "
+        "are those that writer endpoint reaches. The same table as `cluster status` and `node rebuild-status`, and "
+        "the same `processes` in the JSON. Exit code 3 (after the table) when the writer endpoint does not answer."))
     p.add_argument("--detail", action="store_true", help="per protection group detail: each node's SCL, PGCL and lag")
+    p.add_argument("--via", metavar="HOST:PORT", default=None, help=(
+        "the address of one reachable process of the cluster (any node, the writer or a reader): it names the others "
+        "and all are asked directly. A secure cluster needs --cert (an identity of its CA) and, for the writer and "
+        "readers, a token (--token-file or $SIXFOLD_TOKEN)"))
     p.set_defaults(func=cmd_status)
 
 

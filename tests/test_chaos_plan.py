@@ -45,6 +45,7 @@ def oracle_timeline(plan: FaultPlan):
     exist = set(sets[0])
     rebuilding: set[str] = set()
     groups = None
+    one_way: set[str] = set()
     out = []
     for e in plan.events:
         t = set(e.targets)
@@ -58,9 +59,12 @@ def oracle_timeline(plan: FaultPlan):
         elif k == "resume":
             paused -= t
         elif k == "partition":
-            groups = [set(g) for g in e.param("groups")]
+            groups, one_way = [set(g) for g in e.param("groups")], set()
+        elif k == "one_way":
+            # Either direction between the writer and a node loses that node to the writer.
+            groups, one_way = None, {n for pair in e.param("drops") for n in pair} - {WRITER}
         elif k == "heal":
-            groups = None
+            groups, one_way = None, set()
         elif k == "corrupt":
             corrupt |= t
         elif k == "scrub":
@@ -96,7 +100,7 @@ def oracle_timeline(plan: FaultPlan):
                 if WRITER not in g and all(len(g & q) >= WRITE_QUORUM for q in sets):
                     cut -= g  # whole and together: only the writer is cut off
                     writer_alone = True
-        impaired = down | paused | cut | corrupt | dropping | rebuilding
+        impaired = down | paused | cut | (one_way & exist) | corrupt | dropping | rebuilding
         worst = max(len(impaired & q) for q in sets)
         faulty = bool(impaired) or any(timing.values()) or writer_alone
         out.append((e.at_s, impaired, worst, faulty, set(exist)))
@@ -399,7 +403,7 @@ def test_aimed_families_are_reserved_windows():
 
 # --- writer faults and readers (the cluster target) -------------------------------------------
 
-from engine.chaos.plan import CLUSTER_ONLY_NAMES, DEFAULT_FAULTS, READERS_DEFAULT, WRITER_FAULT_KINDS  # noqa: E402
+from engine.chaos.plan import CLUSTER_ONLY_NAMES, DEFAULT_FAULTS, OPT_IN_NAMES, READERS_DEFAULT, WRITER_FAULT_KINDS  # noqa: E402
 
 
 def oracle_writer_faults(plan: FaultPlan) -> list[tuple[float, str, int, int]]:
@@ -470,7 +474,8 @@ def test_writer_faults_appear_and_readers_default():
     assert kinds >= {"writer_kill", "reader_add", "writer_pause", "writer_resume", "writer_partition", "heal",
                      "reader_kill", "reader_restart"}
     assert generate_plan(1, 60.0, DEFAULT_FAULTS).readers == 0, "no reader families, no readers"
-    assert not set(DEFAULT_FAULTS) & set(CLUSTER_ONLY_NAMES) and set(DEFAULT_FAULTS) | set(CLUSTER_ONLY_NAMES) == set(FAULT_NAMES)
+    assert not set(DEFAULT_FAULTS) & set(CLUSTER_ONLY_NAMES) and not set(DEFAULT_FAULTS) & set(OPT_IN_NAMES)
+    assert set(DEFAULT_FAULTS) | set(CLUSTER_ONLY_NAMES) | set(OPT_IN_NAMES) == set(FAULT_NAMES)
     with pytest.raises(InvalidArgument):
         generate_plan(1, 60.0, {"writer-kill"}, readers=0)
     # one reader: writer faults, but no reader kills (the last candidate is never killed)
@@ -516,3 +521,90 @@ def test_validate_plan_finds_unsafe_writer_faults():
         FaultPlan(seed=1, duration_s=10.0, readers=16)
     assert FaultPlan.from_json(ok.to_json()).readers == 2
     assert "readers" not in generate_plan(1, 60.0, {"kill"}).to_dict(), "plans without readers keep their JSON"
+
+
+# --- network faults: what `--network real` cuts (issue 15) -------------------------------------
+
+from engine.chaos.plan import NETWORK_SHAPES, network_shape  # noqa: E402
+
+#: The families whose events are network faults: what a real-network cluster run turns into nft rules.
+NETWORK_FAMILIES = ("partition", "isolate", "one-way")
+
+
+def shapes_of(plan: FaultPlan) -> list[tuple[FaultEvent, str]]:
+    exist = dict(plan.nodes)
+    out = []
+    for e, (_, _, _, _, after) in zip(plan.events, oracle_timeline(plan)):
+        shape = network_shape(e, {n: exist.get(n, NODES.get(n, "?")) for n in sorted(exist)})
+        if shape is not None:
+            out.append((e, shape))
+        exist = {n: dict(plan.nodes).get(n, "?") for n in after}
+    return out
+
+
+def test_a_real_network_plan_makes_every_partition_the_issue_names():
+    """An AZ cut off, one node isolated, one-way drops and a partition that separates the writer
+    from a minority (both readings: a minority cut off from the writer, and the writer left
+    with a minority): all come out of the generator, as data, for the cluster target's default
+    (every family) and for the network families alone."""
+    for faults in (set(FAULT_NAMES), set(NETWORK_FAMILIES)):
+        seen = set()
+        for seed in range(30):
+            seen |= {shape for _e, shape in shapes_of(generate_plan(seed, 120.0, faults))}
+        assert seen == set(NETWORK_SHAPES) == {"az", "node", "minority", "writer-minority", "one-way"}, (sorted(faults), seen)
+
+
+def test_a_one_way_drop_is_data_between_the_writer_and_its_targets_and_heal_ends_it():
+    plan = next(p for p in (generate_plan(s, 60.0, {"one-way"}) for s in range(20)) if p.events)
+    e = plan.events[0]
+    assert e.kind == "one_way" and e.to_dict()["params"]["drops"]
+    for pair in e.param("drops"):
+        assert len(pair) == 2 and (pair[0] == WRITER) != (pair[1] == WRITER)
+    assert sorted(n for pair in e.param("drops") for n in pair if n != WRITER) == list(e.targets)
+    assert plan.events[1].kind == "heal"
+    again = FaultPlan.from_json(plan.to_json())
+    assert again == plan and again.events[0].param("drops") == e.param("drops")
+    # Both directions count: the writer that never hears n1 has lost it as surely as one n1 never hears.
+    for drops in ((("writer", "n1"),), (("n1", "writer"),)):
+        h = replay(FaultPlan(1, 10.0, (FaultEvent(1.0, "one_way", ("n1",), {"drops": drops}),
+                                       FaultEvent(2.0, "heal", ()))))
+        assert h[0].impaired == {"n1"} and h[1].healthy
+
+
+def test_a_one_way_drop_that_names_no_writer_or_other_targets_is_refused():
+    bad = [(("n1", "n2"),), (("writer", "writer"),), ()]
+    for drops in bad:
+        plan = FaultPlan(1, 10.0, (FaultEvent(1.0, "one_way", ("n1",), {"drops": drops}), FaultEvent(2.0, "heal", ())))
+        assert any("one_way" in p for p in validate_plan(plan)), drops
+    plan = FaultPlan(1, 10.0, (FaultEvent(1.0, "one_way", ("n2",), {"drops": (("writer", "n1"),)}), FaultEvent(2.0, "heal", ())))
+    assert any("one_way" in p for p in validate_plan(plan))
+    # An AZ down and two more one-way: four of six, over the budget.
+    over = FaultPlan(1, 10.0, (FaultEvent(1.0, "az_down", ("n1", "n2"), {"az": "a"}),
+                               FaultEvent(2.0, "one_way", ("n3", "n5"), {"drops": (("n3", "writer"), ("writer", "n5"))}),
+                               FaultEvent(3.0, "heal", ()), FaultEvent(4.0, "az_up", ("n1", "n2"), {"az": "a"})))
+    assert any("more than the budget" in p for p in validate_plan(over))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(0, 2**32), st.floats(5.0, 600.0),
+       st.sets(st.sampled_from(FAULT_NAMES), min_size=0).map(lambda s: s | {"one-way"}))
+def test_one_way_drops_stay_inside_the_budget_at_every_step(seed, duration_s, faults):
+    """Whatever else a plan holds, at most an AZ plus one node is lost at every step, a node at
+    either end of a one-way drop counted lost; the oracle reads the rule apart from `replay`."""
+    plan = generate_plan(seed, duration_s, faults)
+    for e, (at_s, impaired, worst, _, _) in zip(plan.events, oracle_timeline(plan)):
+        assert worst <= IMPAIRED_MAX, f"seed={seed}: {sorted(impaired)} lost after {e.kind} at {at_s}s"
+        if e.kind == "one_way":
+            assert set(e.targets) <= impaired
+    assert validate_plan(plan) == []
+    assert FaultPlan.from_json(plan.to_json()) == plan
+
+
+def test_the_in_process_default_is_unchanged_by_the_one_way_family():
+    """`one-way` is opt-in for the in-process targets: a seed's default plan is what it was."""
+    import hashlib
+
+    assert "one-way" not in DEFAULT_FAULTS
+    plans = "".join(generate_plan(s, 60.0, DEFAULT_FAULTS).to_json() for s in range(10))
+    # The digest of these ten plans before the family existed (main at abcb0b6).
+    assert hashlib.sha256(plans.encode()).hexdigest()[:16] == "285837dddbcf02e5"

@@ -301,3 +301,54 @@ def test_writer_and_reader_faults_are_refused_off_the_cluster_target(tmp_path, c
     helptext = capsys.readouterr().out
     for name in ("writer-kill", "writer-pause", "writer-partition", "reader-kill", "--readers", "--replica-reads"):
         assert name in helptext
+
+
+@pytest.mark.twin_once
+def test_one_way_drops_in_the_simulation_are_valid_and_catch_a_weakened_write_quorum(tmp_path):
+    """The fault transport loses one direction of a link: the writer's appends to a node, or a
+    node's replies to the writer after it stored the record. With the real protocol a run of
+    one-way drops is valid; a write quorum of 2 (`--weaken write-quorum-2`) is caught on the
+    same seed and plan."""
+    faults = ("one-way",)
+    seed = 4
+    plan = generate_plan(seed, 5.0, faults)
+    assert any(e.kind == "one_way" for e in plan.events) and validate_plan(plan) == []
+    sound = run(RunConfig(target="sim", seed=seed, duration_s=5.0, faults=faults), str(tmp_path / "sound"))
+    assert sound.overall == "valid", sound.report()
+    weak = run(RunConfig(target="sim", seed=seed, duration_s=5.0, faults=faults, weaken="write-quorum-2"), str(tmp_path / "weak"))
+    assert weak.overall == "invalid", weak.report()
+    assert json.loads((tmp_path / "weak" / "plan.json").read_text())["events"][0]["kind"] == "one_way"
+
+
+class _RecordingCluster:
+    """What the nemesis pushes to each node (the gate's rules), and nothing else: the composing
+    of fault rules is under test here, not the nodes (tests/test_node_grpc.py has those)."""
+
+    node_ids = ["n1", "n2", "n3", "n4", "n5", "n6"]
+
+    def __init__(self) -> None:
+        self.rules: dict = {}
+
+    def set_faults(self, node, rules) -> None:
+        self.rules[node] = rules
+
+    def pid(self, name):
+        return 4242
+
+
+@pytest.mark.parametrize("readers, writer_source", [(0, "writer"), (2, "pid:4242")])
+def test_the_gate_stands_in_for_a_one_way_drop_by_the_node_refusing_the_writer(readers, writer_source):
+    """The fault gate refuses requests; it cannot lose a reply after the call ran. So for either
+    direction of a one-way drop, the node refuses the writer (process): lost to the writer, as
+    the plan's budget counts it, and the heal lifts it."""
+    from engine.chaos.cluster_target import ClusterNemesis
+    from engine.transport.convert import PROCESS_SOURCE_PREFIX
+
+    assert writer_source == "writer" or writer_source.startswith(PROCESS_SOURCE_PREFIX)
+    cluster = _RecordingCluster()
+    nemesis = ClusterNemesis(cluster, seed=1, protection_groups=1, readers=readers)
+    nemesis.apply(FaultEvent(0.5, "one_way", ("n2", "n5"), {"drops": (("writer", "n2"), ("n5", "writer"))}))
+    assert cluster.rules["n2"].blocked_sources == (writer_source,) and cluster.rules["n5"].blocked_sources == (writer_source,)
+    assert cluster.rules["n1"] is None and nemesis.one_way_in_gate == 1
+    nemesis.apply(FaultEvent(1.0, "heal", ()))
+    assert all(r is None for r in cluster.rules.values())

@@ -152,6 +152,14 @@ def test_cutting_az_b_plus_one_node_refuses_writes_with_the_typed_error_and_keep
         faults.heal()
         until_done(lambda: db.put(b"after-heal", b"z"), "writes to resume after the heal", retry_on=(engine.Unavailable,))
         assert db.get(b"after-heal") == b"z"
+        # A one-way drop shows in the status view as in force, in its direction, until healed.
+        faults.apply([OneWay("writer", "n3"), OneWay("n5", "writer")])
+        rows = {r["id"]: r for r in c.status()["processes"]}
+        assert rows["writer"]["faults"] == ["cannot reach n3", "cannot hear n5"], rows["writer"]
+        assert rows["n3"]["faults"] == ["cannot hear writer"] and rows["n5"]["faults"] == ["cannot reach writer"]
+        assert rows["n1"]["faults"] == []
+        faults.heal()
+        assert all(r["faults"] == [] for r in c.status()["processes"])
 
 
 @pytest.mark.cluster
@@ -198,15 +206,25 @@ def test_a_record_of_another_shape_is_refused_naming_the_file(tmp_path):
 @pytest.mark.cluster
 @needs_netns
 def test_a_short_chaos_run_with_real_network_partitions_is_valid(tmp_path):
-    """`sixfold chaos --target cluster --network real`: the plan's partitions are nft cuts
-    between the namespaces; the same checks as the gate's run say valid, and nothing is left."""
+    """`sixfold chaos --target cluster --network real`: the plan's partitions and one-way drops
+    are nft rules between the namespaces; the same checks as the gate's run say valid, and
+    nothing is left. Seed 1's plan (pure, so known here) drops one way in both directions, cuts
+    an AZ off and one node, and leaves the writer with a minority; no writer crash, so the run
+    stays short for `make test`."""
+    from engine.chaos.plan import FaultPlan, network_shape
     from engine.chaos.runner import RunConfig, run
 
-    config = RunConfig(target="cluster", network="real", seed=3, duration_s=6.0, clients=4,
-                       faults=("partition", "isolate", "az"), base_port=7600)
+    config = RunConfig(target="cluster", network="real", seed=1, duration_s=3.0, clients=4,
+                       faults=("partition", "one-way"), base_port=7600)
     result = run(config, str(tmp_path / "run"))
     assert result.overall == "valid", result.report()
-    assert result.stats["network"] == "real" and result.stats["nft_cuts"] >= 1, result.stats
+    assert result.stats["network"] == "real" and result.stats["nft_cuts"] >= 5, result.stats
+    assert "one_way_in_gate" not in result.stats, "real drops, not the gate's stand-in"
+    plan = FaultPlan.from_json((tmp_path / "run" / "plan.json").read_text())
+    shapes = {network_shape(e, dict(plan.nodes)) for e in plan.events} - {None}
+    assert shapes >= {"az", "node", "writer-minority", "one-way"}, shapes
+    drops = {tuple(pair) for e in plan.events if e.kind == "one_way" for pair in e.param("drops")}
+    assert {a for a, _b in drops} >= {"writer"} and {b for _a, b in drops} >= {"writer"}, "both directions"
     assert not os.path.exists(netns.record_path(str(tmp_path / "run" / "cluster"))), "cluster down left its record"
 
 

@@ -334,3 +334,20 @@ def test_a_request_for_another_volume_or_none_is_refused_and_changes_nothing(nod
             t.state("n1")
     finally:
         t.close()
+
+
+def test_a_node_says_who_it_knows_without_naming_the_volume(node):
+    """`Storage.Directory` is how a caller holding only an address learns the volume (`sixfold
+    status --via`): it takes no volume metadata, unlike every other Storage call. A node started
+    with --peers knows itself and its peers."""
+    from engine.proto import common_pb2
+
+    address = f"127.0.0.1:{node['port']}"
+    channel = grpc.insecure_channel(address)  # no volume metadata at all
+    try:
+        reply = storage_pb2_grpc.StorageStub(channel).Directory(common_pb2.DirectoryRequest(), timeout=10)
+    finally:
+        channel.close()
+    d = convert.directory_from_pb(reply)
+    assert (d.volume_id, d.me) == ("test-volume", "n1")
+    assert d.processes == (convert.KnownProcess("n1", "node", "a", address),)

@@ -2,7 +2,8 @@
 
 - `plan`: faults as data (`FaultPlan`, `FaultEvent`, `generate_plan`), inside the failure budget
   the protocol promises to survive unless asked otherwise, with episodes aimed at the weaknesses
-  a broken protocol would have (`isolate`, `replace`).
+  a broken protocol would have (`isolate`, `replace`); `network_shape` names what a partition or
+  one-way drop cuts.
 - `history`: the thread-safe recorder of every operation (`History`) and `history.jsonl`.
 - `workload`: client threads driving the key-value API with unique values (`Workload`).
 - `checker`: linearizability per key, no acknowledged write lost, batches atomic, replicas
@@ -30,9 +31,12 @@ from engine.chaos.plan import (
     CLUSTER_ONLY_NAMES,
     DEFAULT_FAULTS,
     FAULT_NAMES,
+    NETWORK_SHAPES,
+    OPT_IN_NAMES,
     FaultEvent,
     FaultPlan,
     generate_plan,
+    network_shape,
     validate_plan,
 )
 from engine.chaos.workload import Progress, Workload
@@ -45,6 +49,8 @@ __all__ = [
     "FaultEvent",
     "FaultPlan",
     "History",
+    "NETWORK_SHAPES",
+    "OPT_IN_NAMES",
     "Op",
     "Progress",
     "Verdict",
@@ -57,6 +63,7 @@ __all__ = [
     "check_replica_reads",
     "check_replicas_converge",
     "generate_plan",
+    "network_shape",
     "overall",
     "pair_ops",
     "read_jsonl",

@@ -6,9 +6,14 @@
                                                                # failovers: readers take over, nobody restarts the writer
     sixfold chaos --target sim --seed 7                        # deterministic: same seed, same history
     sixfold chaos --target sim --seeds 1-200                   # many seeds; lists the failing ones
+    sixfold chaos --target cluster --network real --faults partition,isolate,one-way
+                                                               # nft rules in namespaces (Linux, root)
 
 Fault families (--faults): kill, pause, partition, az, az+1, corrupt, writer-crash (kill then
-restart the writer), slow, net, isolate, replace; and for --target cluster only, which runs
+restart the writer), slow, net, isolate, replace, one-way (links between the writer and one to
+three nodes drop one way: the writer's messages to a node, or a node's to the writer; every
+target applies it, but sim and embedded draw it only when named, so the default plans of
+seeds kept from before are unchanged); and for --target cluster only, which runs
 reader instances (--readers, default 2): writer-kill (SIGKILL the writer, whoever it is now;
 no restart: a reader must take over), writer-pause (SIGSTOP it past its lease; once resumed it
 must step down), writer-partition (every node refuses the writer process; once reconnected it
@@ -85,7 +90,8 @@ def register(sub) -> None:
     p.add_argument("--clients", type=int, default=4, help="concurrent clients (default 4)")
     p.add_argument("--keys", type=int, default=8, help="hot keys (default 8)")
     p.add_argument("--faults", type=_faults, default=None,
-                   help=f"comma-separated fault families (default: all the target can apply): {','.join(FAULT_NAMES)} "
+                   help=f"comma-separated fault families (default: every family for cluster; for sim and embedded all "
+                   f"they can apply but one-way): {','.join(FAULT_NAMES)} "
                    "(writer-kill, writer-pause, writer-partition and reader-kill: --target cluster only)")
     p.add_argument("--readers", type=int, default=None,
                    help="reader instances of a cluster run (default 2 when the faults need them, else 0)")
@@ -101,8 +107,9 @@ def register(sub) -> None:
                    help="TEST ONLY: run a deliberately broken protocol; the checks must say invalid")
     p.add_argument("--network", choices=("gate", "real"), default="gate", help=(
         "--target cluster: where partitions are made. gate (default): the nodes refuse requests inside their gRPC "
-        "layer; real: every process runs in a network namespace of its own (Linux, root) and a partition is nft "
-        "drop rules on its real packets. Message faults (slow, drop, duplicate, delay) stay in the gate"))
+        "layer (a one-way drop: the node refuses the writer, whichever the direction); real: every process runs in a "
+        "network namespace of its own (Linux, root) and a partition or one-way drop is nft drop rules on its real "
+        "packets, removed when healed. Message faults (slow, drop, duplicate, delay) stay in the gate"))
     p.add_argument("--base-port", type=int, default=7600, help="first port of the cluster target (default 7600)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=cmd_chaos)

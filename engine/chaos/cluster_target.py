@@ -14,6 +14,7 @@ workload through `engine.connect`, and applies the plan:
 | replace / replace_done| the launcher's `replace_node` (the endpoint's ReplaceNode RPC)    |
 | corrupt / scrub       | flip bits of a stored record (admin RPC) / make the node scrub    |
 | partition / heal      | every node refuses requests from endpoints outside its group (with `network="real"`: nft drop rules between the processes' namespaces, removed by heal) |
+| one_way / heal        | `network="real"`: an `engine.cluster.netfaults.OneWay` per pair, nft drops of one direction only (the writer's packets to a node, or a node's to the writer), removed by heal. The gate can only refuse requests, so there each node of a pair refuses the writer's requests, whichever the direction: the node is as lost as a real drop makes it (the budget counts it so), but its records are not stored unheard (counted: `one_way_in_gate`) |
 | slow, drop, duplicate, delay, reorder / clear | per-node fault rules in its gRPC server (reorder is approximated by delay jitter) |
 | writer_kill / reader_add | SIGKILL whoever is the writer now (the manifest's writer: the first writer endpoint or a promoted reader), never restarted: a reader must take over by itself; `reader_add` waits (bounded) for that, then adds readers back up to the plan's count |
 | writer_pause / writer_resume | SIGSTOP the writer (past its 1 s lease: a reader takes over) / SIGCONT that same process, which must step down by itself (exit) if another took over |
@@ -26,7 +27,7 @@ whole to each node with the `SetFaults` admin RPC, which the nodes never apply t
 Real network (`RunConfig.network == "real"`, `sixfold chaos --network real`): the cluster is made
 with `cluster up --netns` and partitions are real: a plan's groups become an
 `engine.cluster.netfaults.Cut` over the processes' namespaces (the plan records the same data
-as before). "writer" names the namespace of the writer process of the moment (a promoted
+as before), and a plan's one-way drops become `OneWay`s, one direction of one link each. "writer" names the namespace of the writer process of the moment (a promoted
 reader's own); a process a plan's groups do not name (a reader) stays on the writer's side;
 `writer_partition` cuts the writer's namespace off from every other process. A process that has
 no namespace yet when a cut is made (a replacement node still starting) is left uncut. The
@@ -72,7 +73,7 @@ import signal
 import threading
 import time
 
-from engine.chaos.plan import WRITER_FAULT_KINDS, FaultEvent, pick_corruption
+from engine.chaos.plan import WRITER, WRITER_FAULT_KINDS, FaultEvent, pick_corruption
 from engine.errors import InvalidArgument, SixfoldError
 
 log = logging.getLogger("sixfold.chaos")
@@ -108,6 +109,9 @@ class ClusterNemesis:
         self.P = protection_groups
         self.groups: tuple[tuple[str, ...], ...] = ()
         self.blocked: tuple[str, ...] = ()  # a writer partition: the writer process's pid source
+        #: one-way drops in the gate: node -> the sources it refuses (the writer's)
+        self.deaf: dict[str, tuple[str, ...]] = {}
+        self.one_way_in_gate = 0
         self.message: dict[str, dict] = {}
         self.lock = threading.Lock()
         self.threads: list[threading.Thread] = []
@@ -134,7 +138,7 @@ class ClusterNemesis:
             m = self.message.get(n, {})
             rules = self.FaultRules(
                 groups=self.groups,
-                blocked_sources=self.blocked,
+                blocked_sources=self.blocked + self.deaf.get(n, ()),
                 drop_probability=m.get("drop", 0.0),
                 duplicate_probability=m.get("duplicate", 0.0),
                 delay_ms=int(m.get("delay_ms", 0)),
@@ -196,10 +200,19 @@ class ClusterNemesis:
             elif k == "partition" and self.net is not None:
                 self.net.apply([self._real_cut(ev.param("groups", ()))])
             elif k == "partition":
-                self.groups = self._partition_groups(ev.param("groups", ()))
+                self.groups, self.deaf = self._partition_groups(ev.param("groups", ())), {}
+                self._push(list(c.node_ids))
+            elif k == "one_way" and self.net is not None:
+                self.net.apply(self._real_one_way(ev.param("drops", ())))
+            elif k == "one_way":
+                # A network fault replaces the one in force (the plan's rule); see the table above.
+                writer = self._partition_groups(((WRITER,),))[0][0]
+                self.groups = ()
+                self.deaf = {n: (writer,) for pair in ev.param("drops", ()) for n in pair if n != WRITER}
+                self.one_way_in_gate += 1
                 self._push(list(c.node_ids))
             elif k == "heal":
-                self.groups = ()
+                self.groups, self.deaf = (), {}
                 healed = self._fault if self._fault is not None and self._fault["kind"] == "writer_partition" else None
                 self.blocked = ()
                 if self.net is not None:
@@ -352,6 +365,17 @@ class ClusterNemesis:
             if writer in side:
                 side.update(n for n in self.net.names if n not in named)
         return Cut.of(*sides)
+
+    def _real_one_way(self, drops):
+        """A plan's one-way drops as `OneWay`s between the namespaces ("writer": the writer
+        process of the moment); a node with no namespace yet is left alone."""
+        from engine.cluster.netfaults import OneWay
+
+        writer = self._writer_namespace()
+        self.net.refresh()
+        known = set(self.net.names)
+        named = [tuple(writer if e == WRITER else e for e in pair) for pair in drops]
+        return [OneWay(a, b) for a, b in named if a in known and b in known]
 
     def _live_candidates(self) -> list[str]:
         c = self.cluster
@@ -518,7 +542,7 @@ class ClusterNemesis:
             for pid in sorted(self._stopped):  # a pause whose resume the run did not reach
                 c.signal_pid(pid, signal.SIGCONT)
             self._stopped.clear()
-            self.groups, self.message, self.blocked = (), {}, ()
+            self.groups, self.message, self.blocked, self.deaf = (), {}, (), {}
             if self.net is not None:
                 self.net.heal()
             self._push(list(c.node_ids))
@@ -549,7 +573,8 @@ class ClusterNemesis:
     def stats(self) -> dict:
         return {"failovers": [{k: v for k, v in r.items() if k not in ("started_at", "healed_at", "decided")}
                               for r in self.failovers],
-                "readers_added": self.readers_added, "writer_started_at_end": self.writer_started_at_end}
+                "readers_added": self.readers_added, "writer_started_at_end": self.writer_started_at_end,
+                "one_way_in_gate": self.one_way_in_gate}
 
     def kill_leftovers(self) -> None:
         """SIGKILL old writers that never stepped down: the manifest no longer names them, so
@@ -718,8 +743,6 @@ def run_cluster(config, plan, out_dir: str, progress, drive):
         st = db.status()
         # The digests are segment scans (live state at the VDL), which the nodes allow a writer or
         # a reader, not the operator's admin identity: the checker reads as the writer identity.
-        from engine.cluster.manifest import WRITER
-
         transport = cluster.transport("checker", identity=WRITER)
         try:
             digests = digests_at(transport, st["vdl"], st["protection_groups"], [n["id"] for n in st["nodes"]])
@@ -727,6 +750,8 @@ def run_cluster(config, plan, out_dir: str, progress, drive):
             transport.close()
         stats = {"faults_applied": nem.applied, "nemesis_errors": (nem.errors + nemesis.errors)[:20],
                  "replaced": nemesis.replaced, **(nemesis.stats() if plan.readers else {})}
+        if nemesis.one_way_in_gate:
+            stats["one_way_in_gate"] = nemesis.one_way_in_gate
         if net is not None:  # partitions made of nft rules on real packets
             stats.update(network="real", nft_cuts=net.cuts_applied)
     finally:

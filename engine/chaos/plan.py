@@ -16,6 +16,7 @@ Event kinds and what heals them (`HEALED_BY`):
 | kill           | nodes (SIGKILL)              |                                 | restart   |
 | pause          | nodes (SIGSTOP)              |                                 | resume    |
 | partition      | nodes cut off from "writer"  | groups: endpoints per side      | heal      |
+| one_way        | nodes whose link to the writer drops one way | drops: (sender, receiver) pairs | heal |
 | az_down        | both nodes of the AZ         | az                              | az_up     |
 | corrupt        | one node                     | seed, bits (which record/bits)  | scrub     |
 | writer_crash   | ("writer",)                  | down_s (crash, then recover)    | itself    |
@@ -35,8 +36,13 @@ may name it. While the change is under way
 the membership has two quorum sets, and a write needs a write quorum of both.
 
 A partition says who cannot reach whom: `groups` is a tuple of disjoint groups of endpoints that
-together name every node and the endpoint "writer"; messages cross no group boundary. A new
-partition replaces the current one and `heal` reconnects everything. `clear` with no targets
+together name every node and the endpoint "writer"; messages cross no group boundary. A one-way
+drop (`one_way`, the family `one-way`) says what is lost in one direction only: `drops` is a
+tuple of (sender, receiver) pairs, each between the writer and one of the targets, e.g.
+(("writer", "n3"), ("n5", "writer")): n3 hears nothing the writer sends it (its appends are
+lost, n3 itself is fine), and what n5 sends the writer is lost (n5 stores the writer's records,
+the writer never hears that it did). A new partition or one-way drop replaces the network fault
+in force, and `heal` reconnects everything. `clear` with no targets
 clears every message fault. `scrub` is the healing half of `corrupt`: the runner makes the node
 scrub now (drop the corrupt record and refetch it from peers), so the plan knows when the
 corruption stops counting against the budget instead of guessing a scrub interval.
@@ -44,7 +50,9 @@ corruption stops counting against the budget instead of guessing a scrub interva
 Failure budget. By default a plan stays inside what the protocol promises to survive, so every
 failure a run finds is a real bug (TIGER_STYLE): after every event at most `IMPAIRED_MAX` = 3 of
 the 6 segments of every quorum set are impaired, where a node is impaired while it is down,
-paused, cut off from the writer, holding an unrepaired corrupt record, losing messages (`drop`),
+paused, cut off from the writer (by a partition, or by a one-way drop in either direction: a
+segment whose acknowledgements the writer never hears is as lost to it as one that never hears
+the writer), holding an unrepaired corrupt record, losing messages (`drop`),
 or rebuilding as the new node of a membership change (it holds nothing yet). An AZ plus one more
 node ("az+1") is exactly 3. During a change both quorum sets count, each against the budget: the
 new set has its new node rebuilding, so it has one fault fewer to spare. Message duplication,
@@ -148,6 +156,7 @@ HEALED_BY: dict[str, str | None] = {
     "kill": "restart",
     "pause": "resume",
     "partition": "heal",
+    "one_way": "heal",
     "az_down": "az_up",
     "corrupt": "scrub",
     "writer_crash": None,
@@ -182,6 +191,7 @@ FAULT_NAMES: tuple[str, ...] = (
     "net",
     "isolate",
     "replace",
+    "one-way",
     "writer-kill",
     "writer-pause",
     "writer-partition",
@@ -189,8 +199,12 @@ FAULT_NAMES: tuple[str, ...] = (
 )
 #: Families that need reader instances and real processes: the cluster target only.
 CLUSTER_ONLY_NAMES: tuple[str, ...] = ("writer-kill", "writer-pause", "writer-partition", "reader-kill")
-#: What a run draws from when it names no faults: every family every target can apply.
-DEFAULT_FAULTS: tuple[str, ...] = tuple(n for n in FAULT_NAMES if n not in CLUSTER_ONLY_NAMES)
+#: Families every target can apply but the in-process targets draw only when named: `one-way`
+#: came after the seeds people keep, and a default that grew would give every one of them a new
+#: plan (the generator draws a family from the sorted names). The cluster target draws them all.
+OPT_IN_NAMES: tuple[str, ...] = ("one-way",)
+#: What an in-process run draws from when it names no faults.
+DEFAULT_FAULTS: tuple[str, ...] = tuple(n for n in FAULT_NAMES if n not in CLUSTER_ONLY_NAMES + OPT_IN_NAMES)
 #: Reader instances a plan with reader families starts with when the caller names none: one may
 #: be promoted while the other is killed, and a candidate still remains... until it is added back.
 READERS_DEFAULT = 2
@@ -445,13 +459,47 @@ def cut_off(groups: Iterable[Iterable[str]], present: Iterable[str], quorum_sets
     return frozenset(cut), False
 
 
+def one_way_cut(drops: Iterable[Iterable[str]], present: Iterable[str]) -> frozenset[str]:
+    """Under one-way drops: the nodes they impair, every node at either end of a dropped
+    direction to or from the writer (see the module docstring's budget)."""
+    present = set(present)
+    return frozenset(n for pair in drops for n in pair if n != WRITER and n in present)
+
+
+#: The shapes of network faults (`network_shape`): what issue 15 asks a real-network run to cut.
+NETWORK_SHAPES: tuple[str, ...] = ("az", "node", "minority", "writer-minority", "one-way")
+
+
+def network_shape(event: FaultEvent, azs: Mapping[str, str]) -> str | None:
+    """Which network fault a `partition` or `one_way` event is, for people and tests (None for
+    other kinds). `azs` maps the nodes that exist at the event to their AZs.
+
+    "one-way"; "node": one node cut off from the writer; "az": one whole AZ cut off, the rest
+    with the writer; "minority": a minority of the nodes cut off from a writer that keeps a
+    write quorum; "writer-minority": the writer left with fewer nodes than a write quorum (the
+    `isolate` family, a swap's second half)."""
+    if event.kind == "one_way":
+        return "one-way"
+    if event.kind != "partition":
+        return None
+    groups = [set(g) for g in event.param("groups", ())]
+    writer_side = next((g for g in groups if WRITER in g), {WRITER})
+    cut = {n for n in azs if n not in writer_side}
+    if len(cut) == 1:
+        return "node"
+    cut_azs = {azs[n] for n in cut}
+    if len(cut_azs) == 1 and cut == {n for n, az in azs.items() if az in cut_azs}:
+        return "az"
+    return "writer-minority" if len(azs) - len(cut) < WRITE_QUORUM else "minority"
+
+
 @dataclass(frozen=True)
 class Health:
     at_s: float
     kind: str
     down: frozenset[str]
     paused: frozenset[str]
-    isolated: frozenset[str]  # cut off from the writer by a partition (see `cut_off`)
+    isolated: frozenset[str]  # cut off from the writer by a partition or a one-way drop (`cut_off`, `one_way_cut`)
     corrupted: frozenset[str]
     dropping: frozenset[str]
     other_faults: frozenset[str]  # slow, duplicate, reorder, delay: timing only
@@ -502,6 +550,7 @@ def replay(plan: FaultPlan) -> tuple[Health, ...]:
     az_down: set[str] = set()
     paused: set[str] = set()
     groups: tuple = ()
+    drops: tuple = ()  # one-way drops: (sender, receiver) pairs
     corrupted: set[str] = set()
     message: dict[str, set[str]] = {k: set() for k in MESSAGE_KINDS}
     slowed: set[str] = set()
@@ -538,10 +587,12 @@ def replay(plan: FaultPlan) -> tuple[Health, ...]:
                 az_down |= nodes
             else:
                 az_down -= nodes
-        elif e.kind == "partition":
-            groups = tuple(e.param("groups", ()))
+        elif e.kind == "partition":  # a network fault replaces the one in force
+            groups, drops = tuple(e.param("groups", ())), ()
+        elif e.kind == "one_way":
+            groups, drops = (), tuple(e.param("drops", ()))
         elif e.kind == "heal":
-            groups = ()
+            groups, drops = (), ()
             writer_partitioned = False
             if writer_fault == "writer_partition":
                 writer_fault = ""
@@ -583,6 +634,7 @@ def replay(plan: FaultPlan) -> tuple[Health, ...]:
             raise AssertionError(f"unhandled kind {e.kind}")
         quorum_sets = (members,) if next_members is None else (members, next_members)
         isolated, writer_isolated = cut_off(groups, present, quorum_sets)
+        isolated |= one_way_cut(drops, present)
         others = slowed | message["duplicate"] | message["reorder"] | message["delay"]
         out.append(
             Health(
@@ -633,6 +685,14 @@ def validate_plan(plan: FaultPlan) -> list[str]:
             named = [m for g in groups for m in g]
             if sorted(named) != sorted(endpoints):
                 problems.append(f"partition at {e.at_s}s must name every endpoint exactly once")
+        if e.kind == "one_way":
+            drops = e.param("drops", ())
+            pairs_ok = bool(drops) and all(
+                isinstance(d, tuple) and len(d) == 2 and (d[0] == WRITER) != (d[1] == WRITER) for d in drops)
+            ends = sorted(n for d in drops for n in d if n != WRITER) if pairs_ok else []
+            if not pairs_ok or ends != sorted(set(ends)) or ends != sorted(e.targets):
+                problems.append(f"one_way at {e.at_s}s must name (sender, receiver) pairs between the writer and "
+                                "each of its targets, one pair per target")
         if e.kind in ("az_down", "az_up") and e.param("az") not in azs:
             problems.append(f"{e.kind} at {e.at_s}s names unknown AZ {e.param('az')!r}")
         if e.kind == "replace":
@@ -862,6 +922,8 @@ class _Builder:
             return self.pair(name, heal, targets, s, e, impairs=True)
         if name == "partition":
             return self.partition(s, e)
+        if name == "one-way":
+            return self.one_way(s, e)
         if name == "az":
             az = rng.choice(self.azs)
             members = self.az_nodes(az, s)
@@ -958,6 +1020,23 @@ class _Builder:
             ),
             locks=(("partition", s, e),),
             impaired=tuple((n, s, e) for n in sorted(impaired)),
+        )
+
+    def one_way(self, s: float, e: float) -> _Episode | None:
+        """Links between the writer and one to three nodes drop one way, each in a direction
+        of its own: what the writer sends a node is lost, or what a node sends the writer. Each
+        such node is impaired (the budget), so with an AZ down only one more may be named; the
+        network rules are one set at a time (the partition lock)."""
+        rng = self.rng
+        nodes = self.usable(s)
+        targets = sorted(rng.sample(nodes, self.count((1, 1, 2, 3), 6, len(nodes))))
+        if not targets:
+            return None
+        drops = tuple((WRITER, n) if rng.random() < 0.5 else (n, WRITER) for n in targets)
+        return _Episode(
+            events=(FaultEvent(s, "one_way", tuple(targets), {"drops": drops}), FaultEvent(e, "heal", ())),
+            locks=(("partition", s, e),) + tuple((f"net:{n}", s, e) for n in targets),
+            impaired=tuple((n, s, e) for n in targets),
         )
 
     def az_plus_one(self, s: float, e: float) -> _Episode | None:

@@ -432,6 +432,8 @@ def apply_event(ev: FaultEvent, vol: EmbeddedVolume, faults: NetworkFaults, *, o
             faults.resume(n)
     elif k == "partition":
         faults.partition([tuple(g) for g in ev.param("groups", ())])
+    elif k == "one_way":
+        faults.one_way([tuple(d) for d in ev.param("drops", ())])
     elif k == "heal":
         faults.heal()
     elif k == "az_down":

@@ -23,6 +23,12 @@ address is never stale.
 
 `run_cluster_node` is `sixfold node serve --cluster DIR --id ID`: `run_node_process` of
 `engine.transport.grpc_server` with a `ManifestTransport` for gossip.
+
+The other way round, a process tells who it knows: `ManifestDirectory` answers the
+`Directory` RPC of a cluster's node, writer and reader processes with every active node, the
+writer and every active reader the manifest (or deployment spec) names now, re-read at most once
+per `RELOAD_INTERVAL_S`. That is what `sixfold status --via HOST:PORT` starts from: one
+reachable process names the others (`engine.cluster.status.status_via`).
 """
 
 from __future__ import annotations
@@ -34,8 +40,11 @@ import time
 
 from engine.cluster.manifest import (
     GOSSIP_INTERVAL_S_DEFAULT,
+    WRITER,
+    WRITER_AZ_DEFAULT,
     ClusterError,
     active_nodes,
+    active_readers,
     data_folder,
     listen_address,
     load_manifest_file,
@@ -44,6 +53,7 @@ from engine.cluster.manifest import (
     node_entry,
 )
 from engine.errors import WrongFolder
+from engine.transport.convert import Directory, KnownProcess
 from engine.transport.grpc_client import GrpcTransport
 
 log = logging.getLogger("sixfold.node")
@@ -89,6 +99,44 @@ class ManifestTransport(GrpcTransport):
                 log.info("learned the address of node %s: %s", node_id, address)
                 self.addresses[node_id] = address
         return True
+
+
+def known_processes(manifest: dict) -> tuple[KnownProcess, ...]:
+    """Every process a manifest names that runs or may run: active nodes, the writer (a promoted
+    reader's address once one took over) and active readers."""
+    nodes = tuple(KnownProcess(n["id"], "node", n["az"], n["address"]) for n in active_nodes(manifest))
+    w = manifest[WRITER]
+    writer = (KnownProcess(WRITER, "writer", w.get("az", WRITER_AZ_DEFAULT), w["address"]),)
+    readers = tuple(KnownProcess(r["id"], "reader", r["az"], r["address"]) for r in active_readers(manifest))
+    return nodes + writer + readers
+
+
+class ManifestDirectory:
+    """The `Directory` answer of process `me` of the cluster in `folder` (see the module
+    docstring): what its manifest (or spec, `manifest_file`) names, re-read at most once per
+    RELOAD_INTERVAL_S; a manifest that cannot be read keeps the last answer."""
+
+    def __init__(self, folder: str, me: str, manifest_file: str | None = None) -> None:
+        self.folder = os.path.abspath(folder)
+        self.me = me
+        self.manifest_file = manifest_file or manifest_path(self.folder)
+        manifest = load_manifest_file(self.manifest_file, self.folder)
+        self._lock = threading.Lock()
+        self._answer = Directory(manifest["volume_id"], me, known_processes(manifest))
+        self._read_at = time.monotonic()
+
+    def __call__(self) -> Directory:
+        now = time.monotonic()
+        with self._lock:
+            if now - self._read_at < RELOAD_INTERVAL_S:
+                return self._answer
+            self._read_at = now
+            try:
+                manifest = load_manifest_file(self.manifest_file, self.folder)
+                self._answer = Directory(manifest["volume_id"], self.me, known_processes(manifest))
+            except (ClusterError, WrongFolder, KeyError) as e:
+                log.warning("cannot re-read the cluster manifest for the directory: %s", e)
+            return self._answer
 
 
 def run_cluster_node(
@@ -146,4 +194,5 @@ def run_cluster_node(
         scrub_interval_s=scrub_interval_s, max_storage_bytes=max_storage_bytes, reserve_bytes=reserve_bytes,
         transport_factory=transport_factory, banner=f" of cluster {folder}", tls=tls,
         allow_fault_injection=bool(m.get("allow_fault_injection", False)), metrics=metrics,
+        directory=ManifestDirectory(folder, node_id, manifest_file),
     )

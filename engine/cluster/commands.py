@@ -557,6 +557,14 @@ def cmd_node_serve(args) -> int:
             server.close()
 
 
+def _directory(folder: str, manifest_file: str, me: str):
+    """What an endpoint of the cluster answers `KV.Directory` with: every process its manifest
+    or spec names (engine.cluster.addresses.ManifestDirectory)."""
+    from engine.cluster.addresses import ManifestDirectory
+
+    return ManifestDirectory(folder, me, manifest_file)
+
+
 def _manifest_source(args, command: str) -> tuple[str, str]:
     """(folder, manifest file) of a serve command: --cluster DIR (DIR/cluster.json) or --spec
     FILE (a deployment spec, its folder the spec's; engine.cluster.spec), never both."""
@@ -608,7 +616,7 @@ def cmd_writer_serve(args) -> int:
     listen = args.listen or listen_address(m[WRITER])
     config = endpoint_config(m, folder)
     az = args.az or m[WRITER].get("az") or config.local_az
-    config = dataclasses.replace(config, local_az=az)
+    config = dataclasses.replace(config, local_az=az, directory=_directory(folder, manifest_file, WRITER))
 
     def writer_az() -> str:
         try:
@@ -713,6 +721,7 @@ def cmd_reader_serve(args) -> int:
         live.sort(key=number)
         return live.index(r["id"]) if r["id"] in live else len(live)
 
+    directory = _directory(folder, manifest_file, r["id"])
     promotion = None
     if args.spec and not args.no_promote:
         logging.getLogger("sixfold.reader").info(
@@ -723,13 +732,14 @@ def cmd_reader_serve(args) -> int:
         # certificate may seal), and takes over once the writer's lease lapsed (engine.head.failover).
         promotion = dict(promote=True, writer_tls=tls_config(folder, m, WRITER), writer_az=writer_az,
                          on_promoted=record_promotion, preferred=preferred, rank=rank,
-                         refresh=lambda: endpoint_config(load_manifest_file(manifest_file, folder), folder))
+                         refresh=lambda: dataclasses.replace(endpoint_config(load_manifest_file(manifest_file, folder), folder),
+                                                             directory=directory))
     server = None
     try:
         metrics, server = _serve_metrics(args, metrics_port(m, listen), f"reader {r['id']}")
         # The reader authenticates to the writer endpoint with the folder's operator token (a
         # local process of the cluster) and to the nodes with its own certificate (role reader).
-        return run_reader_process(replace(endpoint_config(m, folder), local_az=r["az"]), r["id"], r["az"],
+        return run_reader_process(replace(endpoint_config(m, folder), local_az=r["az"], directory=directory), r["id"], r["az"],
                                   listen, writer_address, tls=tls_config(folder, m, r["id"]),
                                   token=default_token(folder), key_file=args.key_file, promotion=promotion,
                                   metrics=metrics)

@@ -53,19 +53,27 @@ def _pgs(scls, pgcls) -> list[dict]:
              "lag": None if p is None else max(0, int(p) - int(s))} for pg, (s, p) in enumerate(zip(scls, pgcls))]
 
 
-def _faults(name: str, health: str, cuts: dict[str, list[str]] | None) -> list[str]:
+def _faults(name: str, health: str, cuts: dict | None) -> list[str]:
+    """What is in force against process `name`. `cuts[name]` is a list (processes cut off both
+    ways) or {"reach": [...], "hear": [...]} (what its packets to them, and theirs to it, lose):
+    a peer in both is "cut from", in one only a one-way drop ("cannot reach", "cannot hear")."""
     out = []
     if health == "PAUSED":
         out.append("paused (SIGSTOP)")
     blocked = (cuts or {}).get(name)
-    if blocked:
+    if isinstance(blocked, dict):
+        reach, hear = set(blocked.get("reach") or ()), set(blocked.get("hear") or ())
+        for text, peers in (("cut from", reach & hear), ("cannot reach", reach - hear), ("cannot hear", hear - reach)):
+            if peers:
+                out.append(f"{text} " + ", ".join(sorted(peers)))
+    elif blocked:
         out.append("cut from " + ", ".join(blocked))
     return out
 
 
-def from_launcher(st: dict, *, detail: bool = False, cuts: dict[str, list[str]] | None = None) -> list[dict]:
-    """Rows from the launcher's status (`engine.cluster.status.StatusView.status`). `cuts`:
-    {process: [processes it cannot reach or hear]} of the real network faults in force."""
+def from_launcher(st: dict, *, detail: bool = False, cuts: dict | None = None) -> list[dict]:
+    """Rows from the launcher's status (`engine.cluster.status.StatusView.status`). `cuts`: the
+    real network faults in force (`network_cuts`: per process, whom it cannot reach or hear)."""
     w = st["writer"]
     rows = []
     for n in st["nodes"]:
@@ -159,9 +167,11 @@ def table(rows: list[dict], *, detail: bool = False) -> str:
     return out
 
 
-def network_cuts(folder: str) -> dict[str, list[str]]:
-    """{process: the processes it cannot reach or hear} from the nft tables of a `--netns`
-    cluster's namespaces (empty for any other cluster, or when nft cannot be asked)."""
+def network_cuts(folder: str) -> dict[str, dict[str, list[str]]]:
+    """{process: {"reach": [processes its packets to are dropped], "hear": [processes whose
+    packets to it are dropped]}} from the nft tables of a `--netns` cluster's namespaces (the
+    output and input chains of `engine.cluster.netfaults.ruleset`); empty for any other
+    cluster, or when nft cannot be asked."""
     from engine.cluster.netns import NetnsError, load_record
 
     try:
@@ -176,16 +186,25 @@ def network_cuts(folder: str) -> dict[str, list[str]]:
         nf = NetFaults(folder)
     except NetnsError:
         return {}
-    import re
-
-    by_address = {v[2]: name for name, v in plan.processes.items()}
-    out: dict[str, list[str]] = {}
+    out: dict[str, dict[str, list[str]]] = {}
     for name in nf.names:
-        text = nf.table(name)
-        blocked = sorted({by_address[a] for a in by_address if re.search(rf"(?<![\d.]){re.escape(a)}(?!\d)", text)})
-        if blocked:
-            out[name] = blocked
+        found = chain_drops(nf.table(name), {v[2]: peer for peer, v in plan.processes.items()})
+        if found["reach"] or found["hear"]:
+            out[name] = found
     return out
 
 
-__all__ = ["HEADERS", "from_launcher", "from_writer", "network_cuts", "table"]
+def chain_drops(text: str, by_address: dict[str, str]) -> dict[str, list[str]]:
+    """The processes an nft fault table (as `nft list table` prints it) drops: "hear" from its
+    input chain (by source address), "reach" from its output chain (by destination)."""
+    import re
+
+    def named(part: str) -> list[str]:
+        return sorted({by_address[a] for a in by_address if re.search(rf"(?<![\d.]){re.escape(a)}(?!\d)", part)})
+
+    head, _, output = text.partition("chain output")
+    _, _, input_ = head.partition("chain input")
+    return {"reach": named(output), "hear": named(input_)}
+
+
+__all__ = ["HEADERS", "chain_drops", "from_launcher", "from_writer", "network_cuts", "table"]

@@ -67,7 +67,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent import futures
 from dataclasses import asdict, dataclass, field, replace
 
@@ -146,6 +146,10 @@ class EndpointConfig:
     #: "backup"); every writer endpoint of the volume, a promoted reader's too, continues it
     backup: str | None = None
     backup_retention_days: float | None = None
+    #: who this process says it knows (`KV.Directory`, `convert.Directory`): a process started
+    #: from a cluster manifest or spec gets every process the file names
+    #: (engine.cluster.addresses.ManifestDirectory); None: the nodes above
+    directory: Callable[[], object] | None = field(default=None, repr=False, compare=False)
 
 
 class WriterEndpoint:
@@ -605,6 +609,17 @@ class KVServicer(kv_pb2_grpc.KVServicer):
 
         yield from self.streams.serve(request_iterator, context, one,
                                       lambda ctx: convert.abort(ctx, Unavailable("the endpoint is shutting down; nothing was done")))
+
+    def Directory(self, request, context):
+        def work():
+            config = self.ep.config
+            if config.directory is not None:
+                return convert.directory_to_pb(config.directory())
+            nodes = tuple(convert.KnownProcess(n.id, "node", n.az, config.addresses[n.id])
+                          for n in config.nodes if config.addresses.get(n.id))
+            return convert.directory_to_pb(convert.Directory(config.volume_id, "", nodes))
+
+        return self._serve(context, "Directory", work)
 
     def StatusOf(self, request, context):
         return self._serve(

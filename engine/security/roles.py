@@ -69,6 +69,7 @@ STORAGE_POLICY: dict[str, frozenset[str]] = {
     _STORAGE + "Scan": frozenset({WRITER, READER}),
     _STORAGE + "Fetch": frozenset({NODE, WRITER, READER, ADMIN}),
     _STORAGE + "State": frozenset({NODE, WRITER, READER, ADMIN}),
+    _STORAGE + "Directory": frozenset({NODE, WRITER, READER, ADMIN}),
     _STORAGE + "Scrub": frozenset({ADMIN}),
     _STORAGE + "Corrupt": frozenset({ADMIN}),
     _STORAGE + "SetFaults": frozenset({ADMIN}),
@@ -89,6 +90,7 @@ KV_POLICY: dict[str, frozenset[str]] = {
     _KV + "HoldReadPoint": frozenset({CLIENT, ADMIN, READER}),
     _KV + "StatusOf": frozenset({CLIENT, ADMIN, READER}),
     _KV + "Status": ANY_ROLE,
+    _KV + "Directory": ANY_ROLE,
     _KV + "MembershipStatus": ANY_ROLE,
     _KV + "ReplaceNode": frozenset({ADMIN}),
     # The read point stream: reader instances follow it; the operator may watch it.

@@ -79,6 +79,8 @@ _RANK = {role: i for i, role in enumerate(ROLES)}
 #: The least role each KV RPC needs. Not listed: admin.
 RPC_ROLES: dict[str, str] = {
     "Get": "read", "GetMany": "read", "Version": "read", "Watch": "read", "Scan": "read", "View": "read", "HoldReadPoint": "read", "Status": "read", "StatusOf": "read",
+    # Who is in the cluster (ids, AZs, addresses): what `sixfold status --via` starts from.
+    "Directory": "read",
     # Read positions and SCLs (no data): what a reader instance follows; a read user may see them.
     "WatchReadPoint": "read",
     "Write": "write",

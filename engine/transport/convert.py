@@ -1298,3 +1298,56 @@ def membership_change_from_pb(m: kv_pb2.MembershipChange) -> MembershipChange:
 def error_text(exc: SixfoldError) -> str:
     """"ClassName: message" with the nearest class a client knows (MembershipChange.error)."""
     return f"{_known_base(exc).__name__}: {exc}"
+
+
+# --- Directory: who a process knows (common.proto DirectoryReply) --------------------------
+#: Roles a known process may have, and the bounds on a reply a hostile peer could send.
+PROCESS_ROLES = ("node", "writer", "reader")
+DIRECTORY_PROCESSES_MAX = 4096
+_NAME_BYTES_MAX = 64
+_ADDRESS_BYTES_MAX = 261  # a DNS name (253) and ":65535"
+
+
+@dataclass(frozen=True)
+class KnownProcess:
+    """One process of a cluster as another process knows it: id, role, AZ, host:port."""
+
+    id: str
+    role: str
+    az: str
+    address: str
+
+
+@dataclass(frozen=True)
+class Directory:
+    """Who a process knows (`Storage.Directory`, `KV.Directory`): its volume, its own id and
+    every process it knows, itself included."""
+
+    volume_id: str
+    me: str
+    processes: tuple[KnownProcess, ...] = ()
+
+
+def directory_to_pb(d: Directory) -> common_pb2.DirectoryReply:
+    return common_pb2.DirectoryReply(
+        volume_id=d.volume_id, me=d.me,
+        processes=[common_pb2.KnownProcess(id=p.id, role=p.role, az=p.az, address=p.address)
+                   for p in d.processes[:DIRECTORY_PROCESSES_MAX]])
+
+
+def directory_from_pb(m: common_pb2.DirectoryReply) -> Directory:
+    """The reply as values; InvalidArgument for one no process of this release sends (too many
+    processes, an unknown role, names or addresses out of bounds), so a caller never trusts
+    what it cannot bound."""
+    if len(m.processes) > DIRECTORY_PROCESSES_MAX:
+        raise InvalidArgument(f"a directory of {len(m.processes)} processes (at most {DIRECTORY_PROCESSES_MAX})")
+    out = []
+    for p in m.processes:
+        if p.role not in PROCESS_ROLES:
+            raise InvalidArgument(f"a directory names process {p.id[:_NAME_BYTES_MAX]!r} with unknown role {p.role[:16]!r}")
+        if not (0 < len(p.id) <= _NAME_BYTES_MAX and len(p.az) <= _NAME_BYTES_MAX and len(p.address) <= _ADDRESS_BYTES_MAX):
+            raise InvalidArgument("a directory names a process by an empty or overlong id, AZ or address")
+        out.append(KnownProcess(p.id, p.role, p.az, p.address))
+    if len(m.volume_id) > _ADDRESS_BYTES_MAX or len(m.me) > _NAME_BYTES_MAX:
+        raise InvalidArgument("a directory's volume id or own id is overlong")
+    return Directory(m.volume_id, m.me, tuple(out))

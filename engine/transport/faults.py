@@ -9,6 +9,10 @@ faults. Every transport of a deployment (the writer's and each node's gossip tra
 wrapped with the same `NetworkFaults`, so one change to it applies everywhere at once.
 
 * partition: a call from `source` to a node it cannot reach raises Unavailable without running.
+* one-way drop (`one_way`): a pair (sender, receiver) loses what the sender sends. Calls are
+  requests and replies, so ("writer", "n3") loses the writer's calls to n3 before they run, and
+  ("n3", "writer") loses n3's replies to the writer's calls after they ran (the caller is told
+  Unavailable and cannot tell that the call happened, as on a real link that drops one way).
 * drop: the call is lost before it runs (Unavailable), or runs and its reply is lost (Unavailable
   too: the caller cannot tell which, as on a real network).
 * duplicate: the call runs twice (the nodes must be idempotent).
@@ -53,6 +57,8 @@ class NetworkFaults:
     link_faults: dict[str, dict[str, float]] = field(default_factory=dict)
     #: paused nodes (SIGSTOP): calls to them are held and delivered on resume; they send nothing
     paused: set[str] = field(default_factory=set)
+    #: one-way drops as (callee, caller) pairs: the callee's replies to the caller are lost
+    replies_lost: set[tuple[str, str]] = field(default_factory=set)
 
     def __post_init__(self) -> None:
         self.rng = random.Random(self.seed)
@@ -64,13 +70,22 @@ class NetworkFaults:
     def partition(self, groups) -> None:
         """Nodes in different groups cannot reach each other (both directions)."""
         with self.lock:
+            self.replies_lost = set()
             self.blocked = {
                 (a, b) for i, ga in enumerate(groups) for j, gb in enumerate(groups) if i != j for a in ga for b in gb
             }
 
+    def one_way(self, drops) -> None:
+        """Lose what each (sender, receiver) pair's sender sends, in that direction only; this
+        replaces the partition or one-way drops in force (see the module docstring)."""
+        with self.lock:
+            self.blocked = {(a, b) for a, b in drops}
+            self.replies_lost = {(a, b) for a, b in drops}
+
     def heal(self) -> None:
         with self.lock:
             self.blocked = set()
+            self.replies_lost = set()
 
     def clear(self, nodes=None) -> None:
         """Clear message faults (of `nodes`, or all of them, slow links and partitions too)."""
@@ -79,7 +94,7 @@ class NetworkFaults:
                 for n in nodes:
                     self.link_faults.pop(n, None)
                 return
-            self.blocked, self.slow_ms, self.link_faults = set(), {}, {}
+            self.blocked, self.slow_ms, self.link_faults, self.replies_lost = set(), {}, {}, set()
             self.drop = self.duplicate = self.reorder = self.delay_ms = self.delay_p = 0.0
 
     def set_link_fault(self, node: str, kind: str, value: float, delay_ms: float = 0.0) -> None:
@@ -159,6 +174,7 @@ class FaultyTransport(Transport):
             drop_after = f._roll(p_drop / 2)
             dup = f._roll(f._p("duplicate", src, node))
             hold = method in _REORDERABLE and len(f.held) < HELD_MAX and f._roll(f._p("reorder", src, node))
+            reply_lost = (node, src) in f.replies_lost
             release = bool(f.held) and f._roll(0.5)
         if release:
             f.release_held(1)
@@ -185,6 +201,10 @@ class FaultyTransport(Transport):
             with f.lock:
                 f.counts["dropped"] += 1
             raise Unavailable(f"reply {node}->{self.source} to {method} lost")
+        if reply_lost:
+            with f.lock:
+                f.counts["partitioned"] += 1
+            raise Unavailable(f"reply {node}->{self.source} to {method} lost (one-way drop)")
         return result
 
     def close(self) -> None:

@@ -222,6 +222,9 @@ class StorageServicer(storage_pb2_grpc.StorageServicer):
         self.gate = gate or FaultGate(node.id)
         self.guard = guard
         self.allow_fault_injection = allow_fault_injection
+        #: who this node knows (`Directory`): set by the process that serves it (a cluster node:
+        #: the manifest's processes, engine.cluster.addresses); None: itself and its peers
+        self.directory: Callable[[], convert.Directory] | None = None
         self.volume_id = node.store.volume_id
         self.wrong_volume = 0  # requests refused for naming another volume, or none
         #: the writers' AppendStreams (a writer holds one per node; a few writers at a time) and
@@ -389,6 +392,20 @@ class StorageServicer(storage_pb2_grpc.StorageServicer):
 
         return self._serve(context, "State", work)
 
+    def Directory(self, request, context):
+        """Who this node knows. No volume check: the caller learns the volume here (an identity
+        of the cluster still, the guard checks the certificate), and no fault gate: it is the
+        operator's view, as the admin calls below."""
+        try:
+            if self.directory is not None:
+                return convert.directory_to_pb(self.directory())
+            peers = getattr(self.node.transport, "addresses", None) or {}
+            me = convert.KnownProcess(self.node.id, "node", self.node.info.az, peers.get(self.node.id, ""))
+            others = tuple(convert.KnownProcess(n, "node", "", a) for n, a in sorted(peers.items()) if n != self.node.id)
+            return convert.directory_to_pb(convert.Directory(self.volume_id, self.node.id, (me,) + others))
+        except SixfoldError as e:
+            convert.abort(context, e)
+
     # --- admin RPCs (never faulted) ----------------------------------------------------------
     def Corrupt(self, request, context):
         self._fault_injection(context, "Corrupt")
@@ -485,13 +502,15 @@ def run_node_process(
     tls: TlsConfig | None = None,
     allow_fault_injection: bool = False,
     metrics=None,
+    directory: Callable[[], convert.Directory] | None = None,
 ) -> int:
     """The body of `sixfold node serve`: serve until SIGTERM/SIGINT; returns an exit code.
 
     `transport_factory(addresses)` makes the node's gossip transport (default: a GrpcTransport
     over the fixed `peers`, over mTLS with `tls`; a cluster node passes one that re-reads the
     manifest). `metrics` (an `engine.metrics.Metrics`, served by the caller, which binds its
-    port before this opens any data): the node is exported there from the moment it opened."""
+    port before this opens any data): the node is exported there from the moment it opened.
+    `directory`: who the node says it knows (`Storage.Directory`; default its peers)."""
     from engine.transport.grpc_client import GrpcTransport
 
     stop = threading.Event()
@@ -515,6 +534,7 @@ def run_node_process(
     addresses[node_id] = listen
     transport = (transport_factory or (lambda a: GrpcTransport(a, source=node_id, tls=tls, volume_id=volume_id)))(addresses)
     ns.node.attach(transport, peers_of(ns.node, addresses))
+    ns.servicer.directory = directory
     if tls is not None:  # truncations and memberships only as a writer signed them
         from engine.security.proofs import EpochVerifier
 
