@@ -119,7 +119,9 @@ def codec_implementation() -> str:
 
 
 def connect(target: str | os.PathLike, **options) -> Database:
-    """Connect to a cluster's writer endpoint: a cluster folder (with cluster.json) or host:port.
+    """Connect to a cluster's writer endpoint: a cluster folder (with cluster.json), a deployment
+    spec file (`engine.cluster.spec`; its writer is found by asking the writer candidates it
+    names, and followed through a failover) or host:port.
 
     With a cluster folder, `db.cluster` is an `engine.cluster.Cluster` for node control.
     `role="reader"` (a cluster folder only): the reader endpoint instead, reads load-balanced over
@@ -127,11 +129,12 @@ def connect(target: str | os.PathLike, **options) -> Database:
     read-your-writes (see `engine.database`).
     `token=` is the caller's token; without it, $SIXFOLD_TOKEN, else the cluster folder's
     operator token (`DIR/operator.token`, made by `sixfold cluster up`)."""
-    from engine.client import connect as _connect, resolve_target
+    from engine.client import connect as _connect, resolve_manifest
 
     db = _connect(target, **options)
-    _address, folder = resolve_target(target)
-    if folder is not None:  # a cluster folder: node and AZ controls as `db.cluster`
+    _address, folder, manifest_file = resolve_manifest(target)
+    if folder is not None and os.path.basename(manifest_file) == "cluster.json":
+        # a cluster folder (or its cluster.json): node and AZ controls as `db.cluster`
         from engine.cluster.launcher import Cluster
 
         db.cluster = Cluster(folder)

@@ -87,6 +87,9 @@ def add_target_arguments(p: argparse.ArgumentParser) -> None:
         help=f"cluster folder (with cluster.json) whose writer endpoint to use (default: ${CLUSTER_ENV})",
     )
     g.add_argument("--target", metavar="HOST:PORT", help="address of a writer endpoint, instead of --cluster")
+    g.add_argument("--spec", metavar="FILE", help=(
+        "a deployment spec (engine.cluster.spec), instead of --cluster: the writer is the candidate it names (the "
+        "writer or a reader) that serves as the writer at the highest epoch, followed through a failover"))
     p.add_argument("--cert", metavar="FILE", default=os.environ.get("SIXFOLD_CERT"), help=(
         "with --target on a secure cluster: an identity file (`sixfold certs issue`), the CA bundle ca.pem beside it "
         "(default: $SIXFOLD_CERT; with --cluster the folder's operator certificate is used)"))
@@ -118,13 +121,17 @@ def token_from_args(args) -> str | None:
 def _connect(args):
     from engine.client import connect
 
-    target = args.target or args.cluster
+    target = args.target or args.spec or args.cluster
     if not target:
-        raise SystemExit(f"sixfold {args.command}: say which cluster: --cluster DIR, --target HOST:PORT or ${CLUSTER_ENV}")
+        raise SystemExit(f"sixfold {args.command}: say which cluster: --cluster DIR, --spec FILE, --target HOST:PORT "
+                         f"or ${CLUSTER_ENV}")
+    if args.spec and not os.path.isfile(args.spec):
+        raise SystemExit(f"sixfold {args.command}: --spec {args.spec}: no such file")
     options = {"token": token_from_args(args)}
     if getattr(args, "role", "writer") == "reader":
-        if not args.cluster or args.target:
-            raise SystemExit(f"sixfold {args.command} --role reader: give --cluster DIR (its manifest lists the readers)")
+        if args.target or not (args.cluster or args.spec):
+            raise SystemExit(f"sixfold {args.command} --role reader: give --cluster DIR or --spec FILE (it lists the "
+                             "readers)")
         options["role"] = "reader"
     if getattr(args, "cert", None):
         from engine.security.tls import TlsConfig
@@ -287,6 +294,14 @@ def cmd_status(args) -> int:
         rows = view["processes"] if not args.detail else overview.from_launcher(view, detail=True)
         # The volume as the writer the directory names sees it, as --target would ask it.
         args.target, args.cluster = view["writer"].get("address") or args.via, None
+    elif args.spec and not args.target:  # every process the spec names, asked directly
+        from engine.cluster.commands import with_processes
+        from engine.cluster.launcher import Cluster
+
+        if not os.path.isfile(args.spec):
+            raise SystemExit(f"sixfold status: --spec {args.spec}: no such file")
+        path = os.path.abspath(args.spec)
+        rows = with_processes(Cluster(os.path.dirname(path), manifest_file=path).status(), args.detail)["processes"]
     elif args.cluster and not args.target:
         from engine.cluster.commands import with_processes
         from engine.cluster.launcher import Cluster
@@ -393,8 +408,9 @@ def register(sub) -> None:
     p = sub.add_parser("status", parents=[common], help="every process of the cluster, and the volume", description=(
         "The one status view: every process (node, writer, reader) with its AZ, address, role, health, epoch, lag, "
         "storage used, repair progress and the faults in force (real network cuts, a pause), then the volume as "
-        "the writer sees it (VDL, epoch, backups). With --cluster DIR every process the folder (or spec) names is "
-        "asked directly, so the table shows even with the writer down; with --via HOST:PORT, the address of any one "
+        "the writer sees it (VDL, epoch, backups). With --cluster DIR or --spec FILE every process the folder or "
+        "spec names is asked directly, so the table shows even with the writer down (a spec's reader that took over "
+        "shows as the writer, the spec's writer entry as a candidate); with --via HOST:PORT, the address of any one "
         "process of the cluster (node, writer or reader), that process names the others and each is asked "
         "directly (one that does not answer shows UNREACHABLE), no folder needed; with --target HOST:PORT the nodes "
         "are those that writer endpoint reaches. The same table as `cluster status` and `node rebuild-status`, and "

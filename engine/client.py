@@ -765,22 +765,50 @@ class FollowingBackend:
     `Unavailable` that promises only that *it* was not sent, a refusal), the call raises that
     first unknown error, never a promise that nothing was logged."""
 
-    def __init__(self, folder: str, options: dict) -> None:
+    def __init__(self, folder: str, options: dict, *, locate: Callable[[], tuple] | None = None,
+                 first: tuple | None = None) -> None:
+        """`locate()`: who is the writer now, as its identity tuple whose first item is the
+        address to dial (SixfoldError: nobody is known to be); by default the one the manifest
+        of `folder` names, (address, pid). A deployment spec's is `spec_locate`: the writer
+        candidates asked (engine.cluster.locate), (address, pid, opened_at). `first`: the
+        identity to start with when `locate()` cannot answer yet (a cluster starting); an
+        identity whose pid is None is never taken for another process at the same address."""
         self.folder = folder
         self._options = dict(options)
         self.follow_timeout_s = self._options.pop("follow_timeout_s", FOLLOW_TIMEOUT_S)
         self._lock = threading.Lock()
-        who = self._writer_identity()
+        self._locate = locate or self._manifest_writer
+        try:
+            who = self._writer_identity()
+        except SixfoldError:
+            if first is None:
+                raise
+            who = first
         self._backend = RemoteBackend(who[0], **self._options)
         self._backend.writer_identity = who
         self._closed = False
 
-    def _writer_identity(self) -> tuple[str, object]:
+    def _manifest_writer(self) -> tuple[str, object]:
         """(address, pid) of the writer the manifest names: a new pair is a new writer process."""
         from engine.cluster.manifest import WRITER, load_manifest
 
         w = load_manifest(self.folder)[WRITER]
         return w["address"], w.get("pid")
+
+    def _writer_identity(self) -> tuple:
+        """Who is the writer now (see `__init__`): its identity, whose first item is its address."""
+        return self._locate()
+
+    @staticmethod
+    def another_writer(before: tuple | None, after: tuple | None) -> bool:
+        """True when identity `after` is certainly another writer process than `before`: a write
+        of unknown fate at `before` may then be re-sent there (its recovery decided the fate).
+        Not when either is unknown, nor for the same address with a pid not known."""
+        if before is None or after is None or before == after:
+            return False
+        if before[0] == after[0] and (before[1] is None or after[1] is None):
+            return False
+        return True
 
     @property
     def address(self) -> str:
@@ -882,7 +910,7 @@ class FollowingBackend:
                 fresh = self._reconnect(backend, deadline)
                 if fresh is None:
                     raise (first_unknown or first_error) from None
-                if unknown and fresh.writer_identity == getattr(backend, "writer_identity", None):
+                if unknown and not self.another_writer(getattr(backend, "writer_identity", None), fresh.writer_identity):
                     # The same writer process: the error stands as it was, and it is one whose
                     # fate is unknown (never an earlier "not sent").
                     raise first_unknown from None
@@ -968,14 +996,15 @@ class FollowingBackend:
 
 
 
-def reader_target(folder: str) -> tuple[str, str]:
+def reader_target(folder: str, manifest: dict | None = None) -> tuple[str, str]:
     """(gRPC target of every reader instance of a cluster folder, their host): a list of
-    addresses for the `round_robin` policy (`ipv4:h:p1,h:p2`); InvalidArgument if it has none."""
+    addresses for the `round_robin` policy (`ipv4:h:p1,h:p2`); InvalidArgument if it has none.
+    `manifest`: the folder's, when it is a deployment spec of another name."""
     import ipaddress
 
     from engine.cluster.manifest import active_readers, load_manifest
 
-    readers = active_readers(load_manifest(folder))
+    readers = active_readers(manifest if manifest is not None else load_manifest(folder))
     if not readers:
         raise InvalidArgument(f"cluster {folder} has no reader instances: add one with `sixfold reader add --cluster {folder}` "
                               "(or `cluster up --readers N`), or connect without role=\"reader\"")
@@ -996,16 +1025,18 @@ def reader_target(folder: str) -> tuple[str, str]:
 READER_STATUS_TIMEOUT_S = 2.0
 
 
-def reader_statuses(folder: str, timeout_s: float = READER_STATUS_TIMEOUT_S) -> list[dict]:
+def reader_statuses(folder: str, timeout_s: float = READER_STATUS_TIMEOUT_S, *,
+                    manifest_file: str | None = None) -> list[dict]:
     """What each reader instance of a cluster folder says of itself (its KV Status `reader`
     part: read point, lag in LSNs and ms, connected...), with its id, AZ and address; a reader
-    that does not answer in `timeout_s` is listed with `error` instead. Asked in parallel."""
+    that does not answer in `timeout_s` is listed with `error` instead. Asked in parallel.
+    `manifest_file`: a deployment spec of another name than DIR/cluster.json."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from engine.cluster.manifest import active_readers, load_manifest, tls_config
+    from engine.cluster.manifest import active_readers, load_manifest, load_manifest_file, tls_config
     from engine.security.users import default_token
 
-    manifest = load_manifest(folder)
+    manifest = load_manifest_file(manifest_file, folder) if manifest_file else load_manifest(folder)
     readers = active_readers(manifest)
     if not readers:
         return []
@@ -1029,29 +1060,55 @@ def reader_statuses(folder: str, timeout_s: float = READER_STATUS_TIMEOUT_S) -> 
         return list(pool.map(one, readers))
 
 
-def resolve_target(target: str | os.PathLike) -> tuple[str, str | None]:
-    """(writer endpoint address, cluster folder or None) of a cluster folder or host:port."""
+def resolve_manifest(target: str | os.PathLike) -> tuple[str, str | None, str | None]:
+    """(writer endpoint address, cluster folder, manifest file) of a cluster folder, a manifest
+    or deployment spec file (of any name: its folder is the file's), or host:port (folder and
+    file None)."""
+    from engine.cluster.manifest import MANIFEST_FILE, load_manifest_file, manifest_path
+
     if isinstance(target, (str, os.PathLike)) and os.path.isdir(os.fspath(target)):
-        from engine.cluster.manifest import load_manifest
-
         folder = os.fspath(target)
-        return load_manifest(folder)["writer"]["address"], folder
-    if isinstance(target, str) and os.path.basename(target) == "cluster.json" and os.path.exists(target):
-        from engine.cluster.manifest import load_manifest
-
-        folder = os.path.dirname(os.path.abspath(target))
-        return load_manifest(folder)["writer"]["address"], folder
+        path = manifest_path(folder)
+        return load_manifest_file(path, folder)["writer"]["address"], folder, path
+    if isinstance(target, (str, os.PathLike)) and os.path.isfile(os.fspath(target)):
+        path = os.path.abspath(os.fspath(target))
+        folder = os.path.dirname(path)
+        m = load_manifest_file(path, folder if os.path.basename(path) == MANIFEST_FILE else None)
+        return m["writer"]["address"], folder, path
     if isinstance(target, str) and ":" in target and os.path.sep not in target:
         host, _, port = target.rpartition(":")
         if host and port.isdigit():
-            return target, None
+            return target, None, None
     raise InvalidArgument(
-        f"connect target {target!r} is neither a cluster folder (with cluster.json) nor host:port"
+        f"connect target {target!r} is neither a cluster folder (with cluster.json), a deployment spec file nor host:port"
     )
 
 
+def resolve_target(target: str | os.PathLike) -> tuple[str, str | None]:
+    """(writer endpoint address, cluster folder or None) of a cluster folder, a spec file or host:port."""
+    address, folder, _path = resolve_manifest(target)
+    return address, folder
+
+
+def spec_backend(manifest_file: str, folder: str, options: dict) -> FollowingBackend:
+    """The backend of `engine.connect(spec)`: a FollowingBackend whose writer is the candidate
+    serving as the writer at the highest epoch (`engine.cluster.locate`), not the file's
+    writer entry, which a spec process never rewrites. Until one answers (a cluster starting)
+    it dials the file's writer, an identity of unknown pid (see `FollowingBackend`)."""
+    from engine.cluster.locate import WriterLocator
+    from engine.cluster.manifest import WRITER
+
+    locator = WriterLocator(manifest_file, folder, tls=options.get("tls"), token=options.get("token"))
+    first = (locator.manifest()[WRITER]["address"], None, None)
+    backend = FollowingBackend(folder, options, locate=lambda: locator.locate().identity, first=first)
+    backend.locator = locator
+    return backend
+
+
 def connect(target: str | os.PathLike, **options) -> Database:
-    """Connect to a cluster's writer endpoint: a cluster folder (with cluster.json) or host:port.
+    """Connect to a cluster's writer endpoint: a cluster folder (with cluster.json), a deployment
+    spec file (`engine.cluster.spec`: the writer is found by asking the spec's writer candidates,
+    and followed through a failover) or host:port.
 
     Options: timeout_s (RPC deadline, default 30), connect_timeout_s (default 5), boxcar
     (default True: coalesce concurrent calls), cars_in_flight (default 1), car_items_max, role
@@ -1076,11 +1133,14 @@ def connect(target: str | os.PathLike, **options) -> Database:
         return db
     if role not in ROLES:
         raise InvalidArgument(f"role {role!r}: \"writer\" (the writer endpoint) or \"reader\" (the reader endpoint)")
-    address, folder = resolve_target(target)
-    if folder is not None and "tls" not in options:
-        from engine.cluster.manifest import load_manifest, tls_config
+    address, folder, manifest_file = resolve_manifest(target)
+    manifest = None
+    if folder is not None:
+        from engine.cluster.manifest import load_manifest_file, tls_config
 
-        options["tls"] = tls_config(folder, load_manifest(folder))
+        manifest = load_manifest_file(manifest_file, folder)
+        if "tls" not in options:
+            options["tls"] = tls_config(folder, manifest)
     if options.get("token") is None:
         from engine.security.users import default_token
 
@@ -1088,7 +1148,7 @@ def connect(target: str | os.PathLike, **options) -> Database:
     if role == "reader":
         if folder is None:
             raise InvalidArgument("role=\"reader\" needs a cluster folder (its manifest lists the readers)")
-        address, host = reader_target(folder)
+        address, host = reader_target(folder, manifest)
         # One channel over every reader, balanced by gRPC; their certificates name the host.
         lb: tuple = (("grpc.lb_policy_name", "round_robin"),)
         if options.get("tls") is not None:
@@ -1096,10 +1156,15 @@ def connect(target: str | os.PathLike, **options) -> Database:
         options.update(channel_options=lb, read_retry_s=READ_RETRY_S, what="reader endpoint", session=True)
         options.pop("follow_timeout_s", None)
     elif folder is not None:
+        from engine.cluster.spec import is_spec
+
+        if is_spec(manifest):  # nothing records the writer into a spec: ask its candidates
+            return Database(spec_backend(manifest_file, folder, options))
         return Database(FollowingBackend(folder, options))
     else:
         options.pop("follow_timeout_s", None)
     return Database(RemoteBackend(address, **options))
 
 
-__all__ = ["Boxcar", "RemoteBackend", "connect", "read_failure", "reader_statuses", "resolve_target", "write_failure"]
+__all__ = ["Boxcar", "FollowingBackend", "RemoteBackend", "connect", "read_failure", "reader_statuses", "resolve_manifest",
+           "resolve_target", "spec_backend", "write_failure"]

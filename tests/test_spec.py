@@ -33,7 +33,7 @@ from engine.cluster.manifest import (
     tls_config,
 )
 from engine.cluster.spec import issue_certificates, load_spec, new_spec, processes, save_spec, three_host_spec
-from engine.cluster.testing import engine_env, free_base_port
+from engine.cluster.testing import Load, check_all_readable, engine_env, free_base_port
 from engine.errors import InvalidArgument, WrongFolder
 from engine.security.certs import TlsFolder
 from engine.security.tls import secure_channel
@@ -272,3 +272,103 @@ def test_a_certificate_that_does_not_name_the_host_is_refused_and_a_renewed_one_
     assert _health(address, admin) == "UNAVAILABLE", "the certificate does not name 127.0.0.3: the handshake fails"
     issue_certificates(str(tmp_path), m, renew=True)
     eventually(lambda: _health(address, admin) == "SERVING", "n1 SERVING with its renewed certificate")
+
+
+def _status_rows(spec: str) -> dict[str, dict]:
+    """`sixfold status --spec FILE --json`: every process's row, by id."""
+    out = subprocess.run([sys.executable, "-m", "engine", "status", "--spec", spec, "--json"],
+                         capture_output=True, text=True, env=engine_env(), timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    return {r["id"]: r for r in json.loads(out.stdout)["processes"]}
+
+
+@pytest.mark.cluster
+@needs_loopback_hosts
+def test_a_spec_reader_takes_over_from_a_killed_writer_and_a_spec_client_follows_it(tmp_path, processes_started):
+    """Failover with nothing shared between hosts: six nodes, a writer and two readers of one
+    spec, each its own `serve --spec` process on three loopback "hosts". kill -9 the writer
+    under a load from `engine.connect(spec)`: a reader promotes itself (the lease is on the
+    nodes), the client finds it by asking the spec's writer candidates and re-sends under its
+    request ids, the load goes on and nothing acknowledged is lost; the spec file is unchanged,
+    `sixfold status --spec` shows the reader as the writer, the other reader follows it, and the
+    old writer restarted from the same spec waits as a candidate instead of fencing it."""
+    from engine.cluster.admin import WriterAdmin, operator_token
+
+    base = free_base_port(count=9, host="127.0.0.2")
+    folder = tmp_path / "spec"
+    spec = str(folder / "volume.json")  # not cluster.json: a spec file of any name
+    out = subprocess.run([sys.executable, "-m", "engine", "spec", "init", spec, "--hosts",
+                          "a=127.0.0.2,b=127.0.0.3,c=127.0.0.4", "--readers", "2", "--base-port", str(base),
+                          "--data-root", str(tmp_path / "data"), "--no-durable", "--protection-groups", "2"],
+                         capture_output=True, text=True, env=engine_env(), timeout=120)
+    assert out.returncode == 0, out.stderr
+    _, m = load_spec(spec)
+    before = read(spec)
+    logs = open(tmp_path / "processes.log", "ab")
+    for i in range(1, 7):
+        processes_started.append(_spawn(["node", "serve", "--spec", spec, "--id", f"n{i}", "--metrics-port", "off"], logs))
+    writer = _spawn(["writer", "serve", "--spec", spec, "--metrics-port", "off"], logs)
+    processes_started.append(writer)
+    for r in ("r1", "r2"):
+        processes_started.append(_spawn(["reader", "serve", "--spec", spec, "--id", r, "--metrics-port", "off"], logs))
+    admin = tls_config(str(folder), m)
+    for p in processes(m):
+        eventually(lambda: _health(p["address"], admin) == "SERVING", f"{p['id']} SERVING at {p['address']}")
+    readers = {r["id"]: r["address"] for r in m["readers"]}
+    token = operator_token(str(folder))
+
+    def serving_writer() -> str | None:
+        """The id of the process whose Status says it serves as the writer (None: none)."""
+        for ident, address in (("writer", m["writer"]["address"]), *readers.items()):
+            try:
+                st = WriterAdmin(address, admin, token).status(2.0)
+            except engine.SixfoldError:
+                continue
+            if "writer" in st and not st["writer"].get("fenced"):
+                return ident
+        return None
+
+    db = engine.connect(spec, timeout_s=10)
+    try:
+        db.put(b"before", b"1")
+        epoch_before = db.status()["epoch"]
+        with Load(db, prefix="sf", threads=3) as load:
+            eventually(lambda: load.count() >= 30, "the load to get going")
+            writer.send_signal(signal.SIGKILL)  # nobody acts after this
+            writer.wait(30)
+            promoted = eventually(lambda: serving_writer() in readers and serving_writer(), "a reader to take over")
+            at_takeover = load.count()
+            eventually(lambda: load.count() >= at_takeover + 30, "writes to resume through the reader that took over")
+        assert not load.errors, load.errors  # only success, Unavailable or WriteIndeterminate
+        for key, rid in list(load.unknown_ids.items()):
+            if db.status_of(rid).state == "committed":
+                load.acknowledge([key])
+        check_all_readable(db, load)
+        check_all_readable(db, load, quorum=True)
+        assert db.get(b"before") == b"1"
+        epoch_after = db.status()["epoch"]
+        assert epoch_after > epoch_before
+
+        # Nothing was recorded into the spec; the status view asks the processes themselves.
+        assert read(spec) == before
+        rows = _status_rows(spec)
+        assert (rows[promoted]["role"], rows[promoted]["health"], rows[promoted]["epoch"]) == ("writer", "SERVING", epoch_after)
+        assert rows["writer"]["role"] == "candidate" and rows["writer"]["health"] != "SERVING"
+        other = next(r for r in readers if r != promoted)
+        assert rows[other]["role"] == "reader"
+        # The other reader follows the new writer's read point stream.
+        lsn = db.put(b"followed", b"1")
+        eventually(lambda: (lambda st: st["writer_address"] == readers[promoted] and st["read_point"] >= lsn)(
+            WriterAdmin(readers[other], admin, token).status(2.0)["reader"]),
+                   f"reader {other} to follow {promoted} past LSN {lsn}", ignoring=(engine.SixfoldError,))
+
+        # The old writer's host comes back with the same spec, which still names it the writer:
+        # it waits as a candidate (the new writer holds the lease) and fences nobody.
+        restarted = _spawn(["writer", "serve", "--spec", spec, "--metrics-port", "off"], open(tmp_path / "w2.log", "ab"))
+        processes_started.append(restarted)
+        eventually(lambda: b"waits as a candidate" in (tmp_path / "w2.log").read_bytes(), "the restarted writer to wait")
+        db.put(b"after", b"2")
+        assert (db.get(b"after"), serving_writer(), db.status()["epoch"]) == (b"2", promoted, epoch_after)
+        assert restarted.poll() is None and _health(m["writer"]["address"], admin) == "NOT_SERVING"
+    finally:
+        db.close()

@@ -604,6 +604,30 @@ def newer_writer_recorded(m: dict, epoch: int, who: str, pid: int) -> bool:
     return False
 
 
+def _writer_source(args, folder: str, manifest_file: str, m: dict, identity: str):
+    """(locator or None, writer_address(), writer_az()) of a serve command: of a cluster folder
+    the writer its manifest records (follows `writer start` and a promotion); of a deployment
+    spec, into which nothing is recorded, the candidate serving as the writer at the highest
+    epoch (engine.cluster.locate), asked with this process's certificate `identity`."""
+    if args.spec:
+        from engine.cluster.locate import WriterLocator
+        from engine.security.users import default_token
+
+        locator = WriterLocator(manifest_file, folder, tls=tls_config(folder, m, identity), token=default_token(folder))
+        return locator, locator.writer_address, locator.writer_az
+
+    def writer_address() -> str:
+        return load_manifest_file(manifest_file, folder)[WRITER]["address"]
+
+    def writer_az() -> str:
+        try:
+            return load_manifest_file(manifest_file, folder)[WRITER].get("az", "a")
+        except (ClusterError, OSError, ValueError):
+            return ""
+
+    return None, writer_address, writer_az
+
+
 def cmd_writer_serve(args) -> int:
     from engine.head.endpoint import run_writer_process
     from engine.transport.grpc_server import AddressInUse, InsecureListen
@@ -611,18 +635,23 @@ def cmd_writer_serve(args) -> int:
     _logging(args.log_level)
     folder, manifest_file = _manifest_source(args, "writer serve")
     m = load_manifest_file(manifest_file, folder)
-    if args.standby and not args.listen:
+    if args.standby and not args.listen and not args.spec:
         raise SystemExit("sixfold writer serve --standby: give --listen HOST:PORT (the writer's own address is taken)")
     listen = args.listen or listen_address(m[WRITER])
     config = endpoint_config(m, folder)
     az = args.az or m[WRITER].get("az") or config.local_az
     config = dataclasses.replace(config, local_az=az, directory=_directory(folder, manifest_file, WRITER))
 
-    def writer_az() -> str:
-        try:
-            return load_manifest_file(manifest_file, folder)[WRITER].get("az", "a")
-        except (ClusterError, OSError, ValueError):
-            return ""
+    # A writer of a deployment spec always starts as a candidate (a standby that may open a new
+    # volume): the spec names it the writer, but whether it is one is the epochs' to decide. A
+    # writer host restarted after a reader took over must not open at once, which would fence
+    # the writer that took over; it takes over again only once that one's lease lapsed.
+    standby = args.standby or bool(args.spec)
+    locator, _writer_address, writer_az = _writer_source(args, folder, manifest_file, m, WRITER)
+    if locator is not None and locator.find() is not None:  # who serves now (its AZ: writer_az)
+        logging.getLogger("sixfold.writer").warning(
+            "%s serves as the writer at epoch %d: this writer waits as a candidate until its lease lapses",
+            locator.last.address, locator.last.epoch)
 
     # The cluster's writer records itself (with its epoch) once it opened: a standby that took
     # over, and the writer at the manifest's writer address (the launcher's). A writer serving at
@@ -648,8 +677,9 @@ def cmd_writer_serve(args) -> int:
     try:
         metrics, server = _serve_metrics(args, metrics_port(m, listen), "writer endpoint")
         return run_writer_process(config, listen, args.workers, tls=tls_config(folder, m, WRITER),
-                                  key_file=args.key_file, standby=args.standby, writer_az=writer_az,
-                                  on_serving=record_writer if records else None, metrics=metrics)
+                                  key_file=args.key_file, standby=standby, writer_az=writer_az,
+                                  on_serving=record_writer if records else None, metrics=metrics,
+                                  open_new=bool(args.spec))
     except (AddressInUse, InsecureListen) as e:
         logging.getLogger("sixfold.writer").error("%s", e)
         return 2
@@ -673,20 +703,19 @@ def cmd_reader_serve(args) -> int:
     m = load_manifest_file(manifest_file, folder)
     r = reader_entry(m, args.id)
 
-    def writer_address() -> str:  # asked before every (re)connection: follows `writer start`
-        return load_manifest_file(manifest_file, folder)[WRITER]["address"]
-
     listen = args.listen or listen_address(r)
-
-    def writer_az() -> str:
-        try:
-            return load_manifest_file(manifest_file, folder)[WRITER].get("az", "a")
-        except (ClusterError, OSError, ValueError):
-            return ""
+    # The writer address is asked before every (re)connection of the read point stream.
+    _locator, writer_address, writer_az = _writer_source(args, folder, manifest_file, m, r["id"])
 
     def record_promotion(epoch: int) -> None:
         """This reader serves as the writer now: the manifest names it, and it is a reader no more
-        (unless a writer of a newer epoch recorded itself meanwhile: it fences this one)."""
+        (unless a writer of a newer epoch recorded itself meanwhile: it fences this one). A spec
+        records nothing: its clients ask the candidates who serves (engine.cluster.locate)."""
+        if args.spec:
+            logging.getLogger("sixfold.reader").warning(
+                "reader %s (pid %d, %s, AZ %s) serves as the writer at epoch %d; the spec is not changed (clients "
+                "and readers find the writer by asking its candidates)", r["id"], os.getpid(), listen, r["az"], epoch)
+            return
         with locked(folder):
             mm = load_manifest(folder)
             if newer_writer_recorded(mm, epoch, f"reader {r['id']}", os.getpid()):
@@ -702,7 +731,7 @@ def cmd_reader_serve(args) -> int:
 
     def preferred() -> str | None:
         try:
-            return load_manifest(folder).get("failover_to")
+            return load_manifest_file(manifest_file, folder).get("failover_to")
         except (ClusterError, OSError, ValueError):
             return None
 
@@ -710,7 +739,7 @@ def cmd_reader_serve(args) -> int:
         """This reader's place among the live readers now (by id number): the first waits least.
         (A fixed place by id number made the survivors of many failovers wait longer each time.)"""
         try:
-            live = [x["id"] for x in load_manifest(folder).get("readers", []) if not x.get("retired")]
+            live = [x["id"] for x in load_manifest_file(manifest_file, folder).get("readers", []) if not x.get("retired")]
         except (ClusterError, OSError, ValueError):
             live = []
 
@@ -723,11 +752,7 @@ def cmd_reader_serve(args) -> int:
 
     directory = _directory(folder, manifest_file, r["id"])
     promotion = None
-    if args.spec and not args.no_promote:
-        logging.getLogger("sixfold.reader").info(
-            "reader %s of a deployment spec: it does not promote itself (a promotion is recorded in the manifest, "
-            "which the clients of other hosts do not share; see engine.cluster.spec)", r["id"])
-    if not args.no_promote and not args.spec:
+    if not args.no_promote:
         # A reader may become the writer: it holds the writer's identity for that (only a writer
         # certificate may seal), and takes over once the writer's lease lapsed (engine.head.failover).
         promotion = dict(promote=True, writer_tls=tls_config(folder, m, WRITER), writer_az=writer_az,
@@ -1151,7 +1176,9 @@ def register(sub) -> None:
             serve.add_argument("--standby", action="store_true", help=(
                 "a standby writer (needs --listen): serve nothing until the writer's lease lapses on a write quorum "
                 "of nodes, then take over at a new epoch (fencing the old writer) and record this process as the "
-                "cluster's writer in cluster.json, so clients follow it"))
+                "cluster's writer in cluster.json, so clients follow it. A writer of a deployment spec (--spec) is "
+                "always one (a new volume it opens at once) and records nothing: clients find it by asking the "
+                "spec's writer candidates"))
             serve.add_argument("--az", default=None, help="the AZ of this writer (a standby in another AZ than the "
                                "writer's takes over first)")
             serve.set_defaults(func=cmd_writer_serve)

@@ -207,13 +207,15 @@ def render_kubernetes(spec: dict, *, namespace: str, image: str = IMAGE_DEFAULT,
         port = _port(p["address"])
         if p["kind"] == "writer":
             argv = ["writer", "serve", "--spec", SPEC_PATH]
-            # The writer checks client tokens against the users file; a reader authenticates to
-            # it with the operator token, and holds no writer certificate (it does not promote
-            # in a spec deployment: engine.cluster.spec).
-            tls_items, auth_items = ["ca", WRITER], ["users.json"]
+            # The writer checks client tokens against the users file, and asks the readers
+            # (one may have taken over: engine.cluster.locate) with the operator token.
+            tls_items, auth_items = ["ca", WRITER], ["users.json", "operator.token"]
         else:
             argv = ["reader", "serve", "--spec", SPEC_PATH, "--id", ident]
-            tls_items, auth_items = ["ca", ident], ["operator.token"]
+            # A reader authenticates to the writer with the operator token, and may become the
+            # writer: it holds the writer certificate (only a writer's may seal) and, for the
+            # writes it then serves, the users file.
+            tls_items, auth_items = ["ca", ident, WRITER], ["operator.token", "users.json"]
         objects.append({"apiVersion": "v1", "kind": "Service", "metadata": meta(name, labels),
                         "spec": {"selector": labels, "ports": [{"name": "grpc", "port": port, "targetPort": port}]}})
         objects.append({

@@ -63,8 +63,9 @@ class Cluster:
     update the manifest; they are safe to call from several `sixfold` commands at once."""
 
     def __init__(self, folder: str | os.PathLike, *, python: str = sys.executable,
-                 on_wait: Callable[[str], None] | None = None) -> None:
-        self.processes = Supervisor(folder, python=python, on_wait=on_wait)
+                 on_wait: Callable[[str], None] | None = None, manifest_file: str | None = None) -> None:
+        # `manifest_file`: a deployment spec of another name than DIR/cluster.json, for its status view
+        self.processes = Supervisor(folder, python=python, on_wait=on_wait, manifest_file=manifest_file)
         self.view = StatusView(self.processes)
         self.healer = Healer(self.processes, self.view)
         self.nodes_admin = NodeAdmin(lambda: node_addresses(self.manifest), tls=lambda: self.processes.tls(),

@@ -9,6 +9,9 @@ over the same rows and adds `"processes"` to its JSON, and the rest of its outpu
 line, security, backups...) stays as it was. A row is one process, node, writer or reader:
 
     id, role, az, address, metrics, pid, health, epoch,
+    role         node, writer or reader; a deployment spec's reader that took over is the
+                 writer, and the spec's writer entry a candidate (nothing records a spec's
+                 promotion: engine.cluster.locate)
     lag          LSNs behind: a node's behind the writer's PGCLs (summed over PGs), a
                  reader's behind the writer's VDL; the writer 0
     lag_ms       a reader's lag in milliseconds (null for the others)
@@ -85,13 +88,19 @@ def from_launcher(st: dict, *, detail: bool = False, cuts: dict | None = None) -
         if detail:
             row["pgs"] = _pgs(n.get("scls"), w.get("pgcl"))
         rows.append(row)
-    rows.append({"id": WRITER, "role": "writer", "az": w.get("az", "a"), "address": w["address"], "metrics": w.get("metrics"),
+    # A reader of a deployment spec that took over serves as the writer (nothing recorded it):
+    # it is the writer's row, and the spec's writer entry a candidate (down, or a standby).
+    promoted = any(r.get("serves_as_writer") for r in st.get("readers", ()))
+    rows.append({"id": WRITER, "role": "candidate" if promoted else "writer", "az": w.get("az", "a"),
+                 "address": w["address"], "metrics": w.get("metrics"),
                  "pid": w.get("pid"), "health": w["health"], "epoch": w.get("epoch"), "lag": 0 if "vdl" in w else None,
                  "lag_ms": None, "used_bytes": None, "capacity_bytes": None, "max_storage_bytes": None, "repair": None,
                  "faults": _faults(WRITER, w["health"], cuts)})
     for r in st.get("readers", ()):
-        rows.append({"id": r["id"], "role": "reader", "az": r["az"], "address": r["address"], "metrics": r.get("metrics"),
-                     "pid": r.get("pid"), "health": r["health"], "epoch": r.get("epoch"), "lag": r.get("lag_lsns"),
+        writer = bool(r.get("serves_as_writer"))
+        rows.append({"id": r["id"], "role": "writer" if writer else "reader", "az": r["az"], "address": r["address"],
+                     "metrics": r.get("metrics"), "pid": r.get("pid"), "health": r["health"], "epoch": r.get("epoch"),
+                     "lag": 0 if writer else r.get("lag_lsns"),
                      "lag_ms": r.get("lag_ms"), "used_bytes": None, "capacity_bytes": None, "max_storage_bytes": None,
                      "repair": None, "faults": _faults(r["id"], r["health"], cuts)})
     return rows

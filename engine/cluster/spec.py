@@ -44,6 +44,7 @@ from engine.cluster.manifest import (
     address_host,
     identity_hosts,
     identity_roles,
+    is_placed,
     is_secure,
     load_manifest_file,
     manifest_format,
@@ -69,6 +70,14 @@ def load_spec(path: str) -> tuple[str, dict]:
     it is missing or of the wrong shape."""
     path = os.path.abspath(path)
     return os.path.dirname(path), load_manifest_file(path)
+
+
+def is_spec(manifest: dict) -> bool:
+    """True for a deployment spec: a placed manifest (format 3) that no launcher records into
+    (a `cluster up --netns` folder is placed too, and its launcher records who is the writer).
+    A spec's clients and readers find the writer by asking its candidates
+    (`engine.cluster.locate`), since nothing in the file says who took over."""
+    return is_placed(manifest) and not manifest.get("netns")
 
 
 def check_host(host: str, what: str) -> str:
@@ -209,5 +218,5 @@ def issue_certificates(folder: str, manifest: dict, *, renew: bool = False) -> l
     return tf.ensure(roles, hosts_of=hosts_of)
 
 
-__all__ = ["DATA_ROOT_DEFAULT", "LISTEN_ANY", "PLACED_MANIFEST_FORMAT", "check_host", "hosts", "issue_certificates",
-           "load_spec", "new_spec", "parse_hosts", "processes", "save_spec", "three_host_spec"]
+__all__ = ["DATA_ROOT_DEFAULT", "LISTEN_ANY", "PLACED_MANIFEST_FORMAT", "check_host", "hosts", "is_spec",
+           "issue_certificates", "load_spec", "new_spec", "parse_hosts", "processes", "save_spec", "three_host_spec"]

@@ -8,7 +8,9 @@ SCLs, records, bytes, corruption and gossip counters, `NodeState` over the Stora
 the writer endpoint's health and, when SERVING, its status (VDL, epoch, links, PGCLs, membership,
 the membership change under way; the KV `Status` RPC through `admin.WriterAdmin`); and every
 reader instance's health and, when SERVING, its read point and lag behind the writer (its own
-KV `Status`: `lag_lsns`, `lag_ms`, `heard_ms`; see `engine.head.replica`). A process that
+KV `Status`: `lag_lsns`, `lag_ms`, `heard_ms`; see `engine.head.replica`; a reader of a
+deployment spec that took over answers a writer's status instead, `serves_as_writer`: nothing
+records a spec's promotion, `engine.cluster.locate`). A process that
 does not answer is shown with its health (DOWN, PAUSED, UNREACHABLE...) and the error, never
 waited for beyond the deadline, so `sixfold cluster status` answers while the cluster is broken.
 
@@ -129,12 +131,24 @@ def reader_report(address: str, tls, token: str | None) -> dict:
         st = WriterAdmin(address, tls, token).status(STATUS_RPC_TIMEOUT_S * 2)
     except SixfoldError as e:
         return {"error": str(e)}
-    if st.get("reader") is None:  # it took over: a writer now
-        return {"error": f"{address} serves as the writer now, not as a reader", "epoch": st.get("epoch")}
+    if st.get("reader") is None:
+        # It took over: a writer now. A launcher records that (the reader is retired); nothing
+        # records a deployment spec's promotion, so its reader's row says so (`serves_as_writer`).
+        w = st.get("writer") or {}
+        return {"serves_as_writer": not w.get("fenced"), "epoch": st.get("epoch"), "vdl": st.get("vdl"),
+                "pgcl": w.get("pgcl"), "endpoint_pid": (st.get("endpoint") or {}).get("pid")}
     out = {k: st["reader"][k] for k in ("read_point", "epoch", "writer_vdl", "lag_lsns", "lag_ms", "lag_ms_p99",
                                         "heard_ms", "connected", "updates", "last_error")}
     out["endpoint_pid"] = (st.get("endpoint") or {}).get("pid")
     return out
+
+
+def serving_writer_of(writer: dict, readers: list[dict]) -> dict:
+    """The status of the process serving as the writer: the writer entry's, or that of a
+    deployment spec's reader that took over (nothing recorded it; `reader_report`)."""
+    if writer.get("pgcl"):
+        return writer
+    return next((r for r in readers if r.get("serves_as_writer") and r.get("pgcl")), writer)
 
 
 def add_progress(nodes: list[dict], writer: dict) -> None:
@@ -203,7 +217,7 @@ class StatusView:
                 readers = [f.result() for f in rs]
         finally:
             transport.close()
-        add_progress(nodes, w)
+        add_progress(nodes, serving_writer_of(w, readers))
         out = {
             "cluster": sup.folder,
             "volume_id": manifest["volume_id"],
@@ -337,7 +351,7 @@ def status_via(address: str, *, tls=None, token: str | None = None) -> dict:
             readers = [f.result() for f in rs]
     finally:
         transport.close()
-    add_progress(nodes, w)
+    add_progress(nodes, serving_writer_of(w, readers))
     out = {"via": address, "volume_id": directory.volume_id, "nodes": nodes, "writer": w, "readers": readers}
     from engine.cluster.overview import from_launcher
 

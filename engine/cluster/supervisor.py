@@ -103,6 +103,7 @@ from engine.cluster.manifest import (
     listen_address,
     is_secure,
     load_manifest,
+    load_manifest_file,
     locked,
     metrics_port,
     metrics_port_offset as manifest_metrics_offset,
@@ -208,8 +209,11 @@ class Supervisor:
     update the manifest; they are safe to call from several `sixfold` commands at once."""
 
     def __init__(self, folder: str | os.PathLike, *, python: str = sys.executable,
-                 on_wait: Callable[[str], None] | None = None) -> None:
+                 on_wait: Callable[[str], None] | None = None, manifest_file: str | None = None) -> None:
         self.folder = os.path.abspath(os.fspath(folder))
+        #: a deployment spec of another name than DIR/cluster.json (engine.cluster.spec): read by
+        #: the status view; a spec's processes are its orchestrator's, never started from here
+        self.manifest_file = os.path.abspath(manifest_file) if manifest_file else None
         self.python = python
         #: Told once, in a sentence, when an operation waits for another command's operation lock.
         self.on_wait = on_wait
@@ -222,6 +226,8 @@ class Supervisor:
     # --- manifest ---------------------------------------------------------------------------
     @property
     def manifest(self) -> dict:
+        if self.manifest_file is not None:
+            return load_manifest_file(self.manifest_file, self.folder)
         return load_manifest(self.folder)
 
     @property

@@ -901,13 +901,15 @@ def prepare_process(config: EndpointConfig, key_file: str | None, logger=None):
 
 def run_writer_process(config: EndpointConfig, listen: str, workers: int = ENDPOINT_WORKERS, *, tls=None,
                        key_file: str | None = None, standby: bool = False, writer_az=None, on_serving=None,
-                       metrics: Metrics | None = None) -> int:
+                       metrics: Metrics | None = None, open_new: bool = False) -> int:
     """The body of `sixfold writer serve`: serve until SIGTERM/SIGINT; returns an exit code.
     With `tls` the KV server and the transport to the nodes are mutual TLS as the writer. An
     encrypted volume's master key comes from `key_file` (see the module docstring); without it,
     or with a wrong one, the process logs the EncryptionError and returns EXIT_ENCRYPTION.
     `metrics` (engine.metrics, served by the caller): the process's, which the writer and the
-    KV servicer fill and which export the writer's status at every scrape."""
+    KV servicer fill and which export the writer's status at every scrape. `standby`: open
+    only once the writer's lease lapsed (`open_new`: or the volume was never opened; a
+    deployment spec's writer, engine.head.failover.Candidate)."""
     config, stop = prepare_process(config, key_file)
     if config is None:
         return EXIT_ENCRYPTION
@@ -924,7 +926,7 @@ def run_writer_process(config: EndpointConfig, listen: str, workers: int = ENDPO
     server.on_serving = on_serving
     if standby:  # take over only once the writer's lease lapsed (engine.head.failover)
         server.candidate = Candidate(endpoint.transport, config.nodes, lease_s=config.lease_s or LEASE_S_DEFAULT,
-                                     az=config.local_az, writer_az=writer_az or (lambda: ""))
+                                     az=config.local_az, writer_az=writer_az or (lambda: ""), open_new=open_new)
     log.info(
         "writer endpoint for volume %s on %s, pid %d%s: recovering over nodes %s; %s",
         config.volume_id, listen, os.getpid(), " (encrypted at rest)" if config.cipher is not None else "",

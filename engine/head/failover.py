@@ -83,10 +83,14 @@ class Candidate:
                  writer_az: Callable[[], str] = lambda: "", same_az_delay_s: float | None = None,
                  clock: Callable[[], float] = time.monotonic, me: str = "",
                  preferred: Callable[[], str | None] = lambda: None,
-                 rank_delay_s: float | Callable[[], float] = 0.0) -> None:
+                 rank_delay_s: float | Callable[[], float] = 0.0, open_new: bool = False) -> None:
         """`preferred()`: the candidate a planned failover names (`writer failover --to`), if
-        any: it goes at once, every other candidate waits two lease periods more."""
+        any: it goes at once, every other candidate waits two lease periods more. `open_new`:
+        this candidate may open a volume no writer ever opened (a write quorum of its nodes
+        answers and none knows a membership): a deployment spec's writer, which starts as a
+        candidate, so that restarted it never fences a writer that took over meanwhile."""
         self.me = me
+        self.open_new = open_new
         self.preferred = preferred
         #: candidates of one cluster wait by rank, so that the first one's seal (which renews the
         #: lease on the nodes) is seen by the others before they open too
@@ -114,6 +118,9 @@ class Candidate:
         states = self._states()
         known = [st.membership for st in states.values() if st is not None and st.membership is not None]
         if not known:
+            answered = [n for n, st in states.items() if st is not None]
+            if self.open_new and has_write_quorum(answered, Membership(0, tuple(n.id for n in self.nodes))):
+                return True, f"a new volume: {', '.join(answered)} know no writer"
             return False, "no node answered with a membership"
         membership = max(known, key=lambda m: m.epoch)
         lapsed, old = lease_lapsed(states, membership, self.lease_s)
