@@ -136,9 +136,15 @@ def test_writer_and_readers_are_workloads_of_their_own_and_every_command_parses(
         # Certificates from the Secret: the bundle and the pod's own identity, never the CA key.
         (tls,) = [v for v in pod["volumes"] if v["name"] == "tls"]
         keys = [i["key"] for i in tls["secret"]["items"]]
-        assert "ca.pem" in keys and "ca-key.pem" not in keys and len(keys) == 2
         ident = getattr(args, "id", None) or "writer"
         assert f"{ident}.pem" in keys
+        # A reader also holds the writer's certificate: it may take over (only a writer's may seal).
+        reader = c["args"][0] == "reader"
+        assert "ca.pem" in keys and "ca-key.pem" not in keys and len(keys) == (3 if reader else 2)
+        assert ("writer.pem" in keys) == (reader or ident == "writer")
+        # Alive is more than ready: a writer waiting as a candidate is NOT_SERVING, not stuck.
+        alive = c["livenessProbe"]["exec"]["command"]
+        assert alive[-1] == "--alive" and parser.parse_args(alive[1:]).alive
 
 
 def test_render_refuses_a_spec_that_is_not_a_kubernetes_one():
@@ -170,6 +176,8 @@ def test_systemd_units_run_a_command_the_cli_accepts_and_match_the_committed_one
     assert argv[0] == "/opt/sixfold/bin/sixfold"
     args = build_parser().parse_args(argv[1:])
     assert args.spec == SPEC_PATH and args.func.__name__ == f"cmd_{kind}_serve"
+    # A fenced writer or reader exits 0 (it stepped down) and must come back as a candidate.
+    assert ("Restart=always" if kind != "node" else "Restart=on-failure") in text.splitlines()
     with open(os.path.join(DEPLOY, "systemd", name)) as fh:
         assert fh.read() == text, f"deploy/systemd/{name} is stale: run `sixfold deploy systemd --out deploy/systemd`"
 

@@ -99,8 +99,10 @@ def _port(address: str) -> int:
     return int(address.rpartition(":")[2])
 
 
-def _probe(ident: str, *, period_s: int, failures: int) -> dict:
-    return {"exec": {"command": ["sixfold", "spec", "health", "--spec", SPEC_PATH, "--id", ident]},
+def _probe(ident: str, *, period_s: int, failures: int, alive: bool = False) -> dict:
+    # Liveness (`alive`) counts NOT_SERVING as alive: a writer that waits as a candidate after
+    # a reader took over is where it should be (engine.cluster.locate), not stuck.
+    return {"exec": {"command": ["sixfold", "spec", "health", "--spec", SPEC_PATH, "--id", ident, *(["--alive"] if alive else [])]},
             "periodSeconds": period_s, "timeoutSeconds": 5, "failureThreshold": failures}
 
 
@@ -130,7 +132,7 @@ def _pod_spec(ident: str, argv: list[str], port: int, tls_items: list[str], *, a
         # Not ready until the gRPC health service says SERVING; restarted only when it stays
         # unanswered for minutes (a node rebuilding or a writer in recovery is alive).
         "readinessProbe": _probe(ident, period_s=5, failures=3),
-        "livenessProbe": _probe(ident, period_s=30, failures=10),
+        "livenessProbe": _probe(ident, period_s=30, failures=10, alive=True),
         "env": [{"name": "PYTHONUNBUFFERED", "value": "1"}],
     }
     spec = {"containers": [container], "volumes": volumes, "terminationGracePeriodSeconds": 30,
@@ -308,6 +310,10 @@ def render_systemd(kind: str, *, spec_path: str = SPEC_PATH, sixfold: str = "/op
     # The spec's folder takes the logs and the audit log; a node's data root its data ("-": a
     # path that does not exist yet is no error).
     folder = spec_path.rsplit("/", 1)[0] or "/"
+    # A writer or reader that was fenced by a newer writer steps down and exits 0; restarted,
+    # it waits as a writer candidate again (engine.cluster.locate), so it comes back always.
+    restart = ("# A fenced writer exits 0 (it stepped down); restarted, it waits as a candidate for the next failover.\n"
+               "Restart=always\n") if kind != "node" else "Restart=on-failure\n"
     data = f"ReadWritePaths=-{folder}" + (f" -{DATA_ROOT}" if kind == "node" else "") + "\n"
     text = (
         f"# Sixfold {what}, one process of the deployment spec {spec_path} (engine.cluster.spec).\n"
@@ -326,7 +332,7 @@ def render_systemd(kind: str, *, spec_path: str = SPEC_PATH, sixfold: str = "/op
         "# SIGTERM lets in-flight calls finish and LMDB close; SIGKILL after the timeout.\n"
         "KillSignal=SIGTERM\n"
         "TimeoutStopSec=30\n"
-        "Restart=on-failure\n"
+        f"{restart}"
         "RestartSec=2\n"
         "# Exit code 2 is a bad configuration (a busy port, an insecure listen): restarting will not help.\n"
         "RestartPreventExitStatus=2\n"

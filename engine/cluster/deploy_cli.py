@@ -132,7 +132,7 @@ def cmd_spec_health(args) -> int:
         except grpc.RpcError as e:
             status = f"UNREACHABLE ({e.code().name})"
     print(f"{args.id} {target}: {status}")
-    return 0 if status == "SERVING" else 4
+    return 0 if status == "SERVING" or (args.alive and status == "NOT_SERVING") else 4
 
 
 def cmd_deploy_kubernetes(args) -> int:
@@ -205,9 +205,12 @@ def register(sub) -> None:
     a.set_defaults(func=cmd_spec_certs)
     a = ssub.add_parser("health", help="ask one process of a spec for its health (a readiness probe)", description=(
         "Ask the gRPC health service of process ID over mutual TLS with its own certificate. Exit 0 when SERVING, "
-        "4 otherwise."))
+        "4 otherwise (with --alive: 0 when it answers at all)."))
     a.add_argument("--spec", required=True, metavar="FILE")
     a.add_argument("--id", required=True, help="n1..n6, writer, or a reader id")
+    a.add_argument("--alive", action="store_true", help=(
+        "a liveness probe: exit 0 for NOT_SERVING too (a writer waiting as a candidate after a reader took over, a "
+        "reader waiting for its first read point are alive, and restarting them changes nothing)"))
     a.add_argument("--timeout-s", type=float, default=3.0)
     a.set_defaults(func=cmd_spec_health)
 
