@@ -370,3 +370,58 @@ def test_a_write_not_sent_to_a_dead_writer_then_lost_at_the_new_one_is_indetermi
         assert new.logged(b"k") == b"v", "the re-send was logged: 'Unavailable' would have been a lie"
     finally:
         db.close()
+
+
+def test_who_is_another_writer_for_a_re_send():
+    """A write of unknown fate is re-sent only to another writer process: another address, or
+    the same address with another pid or another opening (a spec writer restarted in a container
+    is pid 1 again, but opens at another time: engine.cluster.locate). An identity whose pid is
+    not known yet is never taken for another process at its own address."""
+    another = FollowingBackend.another_writer
+    assert another(("h:1", 7), ("h:2", 7)) and another(("h:1", 7), ("h:1", 8))
+    assert another(("h:1", 1, 100.0), ("h:1", 1, 200.0)), "pid 1 again, another opening"
+    assert not another(("h:1", 7), ("h:1", 7)) and not another(("h:1", 1, 100.0), ("h:1", 1, 100.0))
+    assert not another(("h:1", None, None), ("h:1", 5, 100.0)), "the writer we could not name yet may be this one"
+    assert not another(("h:1", 5), ("h:1", None)) and not another(None, ("h:1", 5))
+    assert another(("h:1", None, None), ("h:2", 5, 100.0))
+
+
+class Located(FollowingBackend):
+    """A FollowingBackend with a pluggable "who is the writer" (`locate`), as `spec_backend`
+    builds one: here a list cell the test sets (None: nobody answers as the writer yet)."""
+
+    def __init__(self, who: list, options: dict, first: tuple) -> None:
+        def locate():
+            if who[0] is None:
+                raise errors.Unavailable("test: no candidate serves as the writer")
+            return who[0]
+
+        super().__init__("(spec)", options, locate=locate, first=first)
+
+
+class CountsAndLosesTheReply(LogsThenLosesTheReply):
+    def __init__(self, endpoint) -> None:
+        super().__init__(endpoint)
+        self.writes = 0
+
+    def _write(self, request):
+        self.writes += 1
+        return super()._write(request)
+
+
+def test_a_spec_client_that_could_not_name_its_writer_never_re_sends_a_lost_write_to_it(make_endpoint):
+    """`engine.connect(spec)` while no candidate answers yet dials the spec's writer with an
+    identity of unknown pid. A write logged there whose answer was lost, and then the same
+    process named by the candidates: the same writer, so the write is not sent again (it may
+    still be in flight there) and its fate stays unknown."""
+    ep = make_endpoint(CountsAndLosesTheReply)
+    who: list = [None]
+    db = Database(Located(who, {"timeout_s": 10.0}, first=(ep.address, None, None)))
+    try:
+        who[0] = (ep.address, os.getpid(), 1234.5)  # it answers now, as the writer
+        with pytest.raises(errors.WriteIndeterminate):
+            db.put(b"k", b"v")
+        assert ep.logged(b"k") == b"v"
+        assert ep.servicer.writes == 1, "sent once: a re-send to the same writer could apply it twice"
+    finally:
+        db.close()

@@ -259,3 +259,22 @@ def test_a_writer_that_opens_between_the_probe_and_the_step_fences_the_old_one(s
     fresh = six.writer()
     fresh.open()
     assert fresh.get(b"k", quorum=True) == b"from-the-other-writer"
+
+
+def test_a_spec_writer_candidate_opens_a_new_volume_at_once_and_never_one_a_writer_holds(six):
+    """A deployment spec's writer starts as a candidate (engine.cluster.locate): restarted after
+    a reader took over, it must not fence that reader. On a volume no writer ever opened (no
+    node knows a membership) it opens at once (`open_new`); a reader's candidate never does
+    (it would race the spec's writer); and once a writer holds the lease, neither goes."""
+    from engine.head.failover import Candidate
+
+    transport = InProcessTransport(six.registry, "candidate")
+    # A lease of a minute: "a writer holds it" must not depend on how fast this machine runs.
+    spec_writer = Candidate(transport, six.infos, open_new=True, lease_s=60.0)
+    reader = Candidate(transport, six.infos, lease_s=60.0)
+    lapsed, why = spec_writer.check()
+    assert lapsed and "a new volume" in why, why
+    assert reader.check() == (False, "no node answered with a membership")
+    w = six.writer()
+    w.open()
+    assert not spec_writer.check()[0] and not reader.check()[0], "a writer holds the lease now"

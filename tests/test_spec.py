@@ -372,3 +372,26 @@ def test_a_spec_reader_takes_over_from_a_killed_writer_and_a_spec_client_follows
         assert restarted.poll() is None and _health(m["writer"]["address"], admin) == "NOT_SERVING"
     finally:
         db.close()
+
+
+def test_the_writer_is_the_candidate_serving_as_writer_at_the_highest_epoch():
+    """engine.cluster.locate.pick: of the spec's writer candidates' Status answers, readers,
+    fenced writers and silent hosts are not the writer; of those serving as the writer, the
+    highest epoch is (an older one was fenced by its seal and cannot confirm its lease)."""
+    from engine.cluster.locate import Candidate, candidates, pick
+
+    def writer(epoch, pid=10, fenced=None, opened_at=1.5):
+        return {"epoch": epoch, "writer": {"epoch": epoch, "fenced": fenced}, "endpoint": {"pid": pid, "opened_at": opened_at}}
+
+    reader = {"epoch": 4, "reader": {"epoch": 4}, "endpoint": {"pid": 11, "opened_at": 2.0}}
+    w, r1, r2 = Candidate("writer", "a", "h1:1"), Candidate("r1", "b", "h2:2"), Candidate("r2", "c", "h3:3")
+    assert pick([(w, None), (r1, reader), (r2, None)]) is None
+    found = pick([(w, writer(3)), (r1, writer(4, pid=1, opened_at=9.0)), (r2, reader)])
+    assert (found.candidate, found.epoch, found.identity) == (r1, 4, ("h2:2", 1, 9.0))
+    assert pick([(w, writer(5, fenced="StaleEpoch: epoch 6")), (r1, writer(4))]).candidate == r1
+    # The candidates: the writer, then each active reader, each address once.
+    m = three_host_spec(HOSTS, readers=2)
+    assert [c.id for c in candidates(m)] == ["writer", "r1", "r2"]
+    m["readers"][0]["retired"] = True
+    m["writer"]["address"] = m["readers"][1]["address"]  # a launcher folder's promoted r2
+    assert [(c.id, c.address) for c in candidates(m)] == [("writer", m["readers"][1]["address"])]
