@@ -305,7 +305,7 @@ def render_systemd(kind: str, *, spec_path: str = SPEC_PATH, sixfold: str = "/op
         name, what, command = "sixfold-writer.service", "the writer endpoint", f"writer serve --spec {spec_path}"
     else:
         name = f"sixfold-{kind}@.service"
-        what = f"storage node %i" if kind == "node" else "reader instance %i"
+        what = "storage node %i" if kind == "node" else "reader instance %i"
         command = f"{kind} serve --spec {spec_path} --id %i"
     # The spec's folder takes the logs and the audit log; a node's data root its data ("-": a
     # path that does not exist yet is no error).

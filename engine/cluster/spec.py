@@ -16,9 +16,11 @@ address (else its address) and presenting `tls_dir/<id>.pem`, whose certificate 
 of its own address and listen address (`manifest.identity_hosts`), so a peer dialling
 `10.0.2.11:7403` checks the name it dialled. Nothing is recorded into a spec by a serving process
 (a spec is often a read-only file: a ConfigMap, a file under /etc): the writer and readers serve
-at the addresses the spec names, and a reader of a spec deployment does not promote itself
-(promotion records the new writer in the manifest, which clients of other hosts would not see;
-a spec deployment's failover is its orchestrator's restart of the writer).
+at the addresses the spec names. A reader of a spec promotes itself when the writer's lease
+lapses, as a launcher's does (the lease is on the nodes), and records nothing: who is the writer
+is asked of the spec's writer candidates (`engine.cluster.locate`) by clients, readers and the
+status view, and a spec's writer starts as a candidate that waits while another holds the lease
+(`is_spec` says which manifests are specs).
 
 Making a spec: `sixfold spec init FILE --hosts a=10.0.1.10,b=10.0.2.10,c=10.0.3.10` writes a
 three-host layout (two nodes per AZ host, the writer on AZ a's host, readers on the others);

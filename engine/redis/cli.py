@@ -1,7 +1,8 @@
 """`sixfold redis serve|stop`: the Redis-compatible endpoint of a cluster, and the helpers that
 `sixfold cluster up --redis-port` uses to run it beside the cluster's processes.
 
-`serve` connects to the cluster's writer endpoint (`engine.connect(DIR)`, which follows the
+`serve` connects to the cluster's writer endpoint (`engine.connect(DIR)`, or with `--spec FILE`
+`engine.connect(FILE)`, whose writer is asked of the spec's candidates; either follows the
 writer across failovers) or, with `--reader`, to its reader endpoint (reads spread over the
 reader instances, writes refused `READONLY`), and answers RESP on host:port until it is stopped.
 When the cluster checks client tokens (its users file), so does the endpoint: `AUTH <token>`
@@ -52,6 +53,9 @@ def register(sub) -> None:
         "Serve the cluster's keys over RESP on HOST:PORT (default 127.0.0.1:6380) until SIGINT or SIGTERM."))
     s.add_argument("--cluster", metavar="DIR", default=os.environ.get("SIXFOLD_CLUSTER"),
                    help="the cluster folder (default: $SIXFOLD_CLUSTER)")
+    s.add_argument("--spec", metavar="FILE", default=None, help=(
+        "a deployment spec instead of --cluster (engine.cluster.spec): the writer is the candidate serving as "
+        "the writer at the highest epoch, followed through a failover"))
     s.add_argument("--port", type=_port, default=DEFAULT_PORT, help=f"TCP port (default {DEFAULT_PORT}; 0: any free one)")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     s.add_argument("--reader", action="store_true",
@@ -71,12 +75,14 @@ def _folder(args) -> str:
     return os.path.abspath(args.cluster)
 
 
-def authenticator_of(folder: str):
-    """The cluster's Authenticator (its users file), or None when it checks no tokens."""
-    from engine.cluster.manifest import load_manifest, users_file
+def authenticator_of(folder: str, manifest_file: str | None = None):
+    """The cluster's Authenticator (its users file), or None when it checks no tokens.
+    `manifest_file`: a deployment spec of another name than DIR/cluster.json."""
+    from engine.cluster.manifest import load_manifest, load_manifest_file, users_file
     from engine.security.users import Authenticator
 
-    path = users_file(load_manifest(folder), folder)
+    m = load_manifest_file(manifest_file, folder) if manifest_file else load_manifest(folder)
+    path = users_file(m, folder)
     return None if path is None else Authenticator(path)
 
 
@@ -85,11 +91,18 @@ def cmd_serve(args) -> int:
     from engine.redis.server import RedisServer
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    folder = _folder(args)
-    db = connect(folder, role="reader" if args.reader else "writer")
-    auth = None if args.no_auth else authenticator_of(folder)
-    server = RedisServer(db, args.host, args.port, authenticator=auth, replicas=lambda: reader_statuses(folder),
-                         read_only=args.reader)
+    if args.spec:  # connect by the spec: the writer is found by asking its candidates
+        if not os.path.isfile(args.spec):
+            raise SystemExit(f"sixfold redis serve: --spec {args.spec}: no such file")
+        spec = os.path.abspath(args.spec)
+        folder, target = os.path.dirname(spec), spec
+    else:
+        folder = target = _folder(args)
+        spec = None
+    db = connect(target, role="reader" if args.reader else "writer")
+    auth = None if args.no_auth else authenticator_of(folder, spec)
+    server = RedisServer(db, args.host, args.port, authenticator=auth,
+                         replicas=lambda: reader_statuses(folder, manifest_file=spec), read_only=args.reader)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
