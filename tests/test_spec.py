@@ -372,9 +372,24 @@ def test_a_spec_reader_takes_over_from_a_killed_writer_and_a_spec_client_follows
         restarted = _spawn(["writer", "serve", "--spec", spec, "--metrics-port", "off"], open(tmp_path / "w2.log", "ab"))
         processes_started.append(restarted)
         eventually(lambda: b"waits as a candidate" in (tmp_path / "w2.log").read_bytes(), "the restarted writer to wait")
+        eventually(lambda: _health(m["writer"]["address"], admin) == "NOT_SERVING", "the restarted writer to listen, "
+                   "NOT_SERVING")
         db.put(b"after", b"2")
         assert (db.get(b"after"), serving_writer(), db.status()["epoch"]) == (b"2", promoted, epoch_after)
         assert restarted.poll() is None and _health(m["writer"]["address"], admin) == "NOT_SERVING"
+
+        # The Redis endpoint connects by the spec too, and so writes to the reader that took over.
+        import redis
+
+        from engine.redis.cli import ping
+
+        port = free_base_port(count=1)
+        processes_started.append(_spawn(["redis", "serve", "--spec", spec, "--port", str(port), "--no-auth"], logs))
+        eventually(lambda: ping("127.0.0.1", port), "the Redis endpoint to answer PING")
+        cl = redis.Redis(port=port, socket_timeout=30)
+        assert cl.set(b"via-redis", b"3") and cl.get(b"via-redis") == b"3"
+        cl.close()
+        assert db.get(b"via-redis") == b"3"
     finally:
         db.close()
 

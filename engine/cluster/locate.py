@@ -47,8 +47,10 @@ from engine.errors import SixfoldError, Unavailable, WrongFolder
 log = logging.getLogger("sixfold.locate")
 
 #: One candidate's Status answer is waited for at most this long: a host that is gone must not
-#: hold up the question (a writer's Status asks its nodes, bounded by their state deadline).
-ASK_TIMEOUT_S = 2.0
+#: hold up the question. Above the 2 s state deadline of a writer's transport
+#: (`grpc_client.Deadlines.state_s`): a writer's Status asks its nodes, and one node cut off must
+#: not make the writer look silent.
+ASK_TIMEOUT_S = 3.0
 #: The most candidates asked (the writer and at most 15 readers: engine.cluster.spec).
 CANDIDATES_MAX = 16
 
