@@ -16,6 +16,9 @@ and has not heard from it for a full period. It takes over by opening the volume
 racing cannot both win (the second seal at the same epoch is refused, `StaleEpoch`, and that
 candidate goes back to watching). A candidate in another AZ than the writer it replaces goes
 first; one in the same AZ waits `same_az_delay_s` more, so the takeover prefers another AZ.
+A deployment spec's writer is a candidate too (`open_new`: it alone may also open a volume no
+writer ever opened), so a writer host that comes back never fences the writer that took over
+(engine.cluster.locate).
 
 **Reads are fenced too.** A writer serves a linearizable read only while its lease holds by its
 own clock, counted from when the renewals were *sent*: the read-quorum-th newest send time of an
