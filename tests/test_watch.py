@@ -99,7 +99,7 @@ def test_watch_over_grpc_and_the_cli(tmp_path, capsys):
             threading.Timer(0.3, lambda: db.put(b"w:2", b"live")).start()
             assert next(w).key == b"w:2"
             w.close()
-            assert main(["watch", "w:", "--cluster", c.folder, "--start", str(start), "--count", "3"]) == 0
+            assert main(["watch", "w:", "--cluster", c.folder, "--from", str(start), "--count", "3"]) == 0
             out = capsys.readouterr().out.splitlines()
             assert out[0] == f"{p1}\tw:1\tone" and out[1] == f"{p2}\tw:1\t<deleted>" and out[2].endswith("\tw:2\tlive")
             def collected_past_start():
