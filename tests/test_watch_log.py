@@ -204,3 +204,29 @@ def test_a_position_carried_across_a_writer_failover_goes_on_with_no_gap(tmp_pat
             assert first + rest == written, "the watch that followed the failover goes on where it was"
     finally:
         c.down(timeout_s=10)
+
+
+def drop_record(node, pg, lsn):
+    """Remove one record from a node's log as collection would (its SCL stays where it was)."""
+    s = node.store
+    with s._write_lock, s.env.begin(write=True) as txn:
+        assert txn.delete(pg.to_bytes(4, "big") + lsn.to_bytes(8, "big"), db=s._log)
+
+
+def test_a_segment_missing_a_record_is_not_read_as_a_gap(tmp_path):
+    with open_db(tmp_path / "v", collect_delay_s=3600.0, protection_groups=1) as db:
+        vol = db._backend
+        start = db.read_point()
+        written = [engine.Change(b"k%03d" % i, b"v", db.put(b"k%03d" % i, b"v")) for i in range(MEMORY * 3)]
+        vdl = db.read_point()
+        eventually(lambda: all(n.store.scls[0] >= vdl for n in vol.nodes.values()), "every node holds the whole log")
+        victim = written[MEMORY].position - 1  # the put record of a unit the memory no longer keeps
+        nodes = sorted(vol.nodes)
+        local = [n for n in nodes if vol.nodes[n].store.az == vol.options.local_az]
+        drop_record(vol.nodes[local[0]], 0, victim)  # the segment a watch asks first
+        assert list(itertools.islice(db.watch(start=start), len(written))) == written, "another segment was asked"
+        for n in nodes:
+            if n != local[0]:
+                drop_record(vol.nodes[n], 0, victim)
+        with pytest.raises(Compacted):
+            list(itertools.islice(db.watch(start=start), len(written)))

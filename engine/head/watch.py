@@ -13,9 +13,10 @@ whole units only, and moves its position to the last CPL it gave.
   fell behind, one that resumes from an old position, one that follows a failover to a writer
   that knows only the units after its own open). Per protection group, one segment known
   complete at the current read point (`ReadPath.candidates`, same AZ first) is asked for its
-  records above the position (the storage `Fetch` gossip uses, bounded in bytes and by a window
-  of LSNs); each segment's answer must be its PG's whole chain (`engine.core.changes.
-  chain_break`: backlinks), else the next segment is asked; the PGs' records are merged by LSN
+  records above the position up to the read point (the storage `Fetch` gossip uses, bounded in
+  bytes); each segment's answer must be its PG's whole chain (`engine.core.changes.chain_break`:
+  backlinks, and the read tail when the fetch was not cut short), else the next segment is
+  asked; the PGs' records are merged by LSN
   into whole units up to the point where every PG's are in hand (`merge_units`), the writer's
   request records left out, values decrypted with the writer's cipher on an encrypted volume.
   Once the position reaches the memory's floor, the next batch comes from memory: both give
@@ -61,11 +62,12 @@ WATCH_HOLD_LSNS_DEFAULT = 4_000_000
 #: The lease of a watch's registration: renewed with every batch it reads (a consumer that asks
 #: for nothing for this long loses its hold, and gets Compacted if collection passed it since).
 WATCH_LEASE_S = 30.0
-#: What one fetch from a segment returns at most (a PG is fetched again where it was cut short).
-LOG_FETCH_BYTES = 1 << 20
-#: The first window of LSNs a batch from the logs reads (at least this, or 4 per change asked
-#: for); doubled while no whole unit fits in it (a large unit).
-LOG_WINDOW_LSNS_MIN = 4096
+#: What one fetch from a segment returns (a PG is fetched again where it was cut short): about
+#: LOG_RECORD_BYTES per change a batch asks for, within these bounds. Each PG is fetched up to the
+#: read point, so a fetch that ends names the PG's last record, which must be its read tail.
+LOG_RECORD_BYTES = 128
+LOG_FETCH_BYTES_MIN = 64 << 10
+LOG_FETCH_BYTES_MAX = 4 << 20
 #: On an encrypted volume, the plain keys the cursor remembers by index key (for deletes).
 PLAIN_KEYS_MAX = 65_536
 #: ... and the earlier versions it reads at most to name a deleted key it does not remember.
@@ -193,55 +195,55 @@ class WatchCursor:
         read_point = view.read_point
         if read_point <= after:
             return [], after
-        upto = min(read_point, after + max(LOG_WINDOW_LSNS_MIN, 4 * count_max))
-        reads = [self._first_read(pg, after, upto, read_point, view) for pg in range(w.P) if view.tails[pg] > after]
+        # Each PG up to the read point, cut short by bytes (about LOG_RECORD_BYTES per change
+        # asked for): a PG whose fetch ended is known to its read tail, one cut short to its
+        # last record, and below the least of those every PG's records are in hand.
+        fetch_bytes = min(LOG_FETCH_BYTES_MAX, max(LOG_FETCH_BYTES_MIN, count_max * LOG_RECORD_BYTES))
+        reads = [self._first_read(pg, after, read_point, view, fetch_bytes)
+                 for pg in range(w.P) if view.tails[pg] > after]
         while True:
-            end = min([upto] + [r.covered for r in reads])
+            end = min([read_point] + [r.covered for r in reads])
             units, position = merge_units([r.records for r in reads], after, end, count_max)
             if units or end >= read_point:
                 break
             # No whole unit below `end` yet (a large one): read on where the least is in hand.
-            low = min(reads, key=lambda r: r.covered)
-            if low.covered >= upto:
-                upto = min(read_point, after + 2 * (upto - after))
-            else:
-                self._read_more(low, after, upto, read_point)
+            self._read_more(min(reads, key=lambda r: r.covered), read_point, fetch_bytes)
         if not units:
-            if any(after < r.lsn <= read_point for r0 in reads for r in r0.records):
+            if any(after < rec.lsn <= read_point for r in reads for rec in r.records):
                 raise Unavailable(f"the records after position {after} hold no whole unit up to the VDL {read_point}; retry")
             return [], read_point
         nodes = {r.pg: r.node for r in reads}
         out = []
         for cpl, records in units:
-            for r in records:
-                change = self._change(r, nodes[r.pg])
+            for rec in records:
+                change = self._change(rec, nodes[rec.pg])
                 if change is not None:
                     out.append((cpl, *change))
         return out, position
 
-    def _fetch(self, node: str, pg: int, after: int, upto: int) -> tuple[list, bool]:
-        reply = self._w.transport.fetch(node, pg, after, LOG_FETCH_BYTES, upto)
-        return codec.decode_frame(reply.frame), reply.more
+    def _fetch(self, node: str, pg: int, after: int, read_point: int, fetch_bytes: int) -> tuple[list, bool]:
+        reply = self._w.transport.fetch(node, pg, after, fetch_bytes, read_point)
+        records = codec.decode_frame(reply.frame)
+        return records, reply.more and bool(records)
 
-    def _covered(self, r: _PgRead, upto: int, read_point: int) -> bool:
-        """Set what `r` is complete to; False when its records are not its PG's whole chain."""
-        r.covered = r.records[-1].lsn if r.more else upto
-        return chain_break(r.records, self.position, r.tail if not r.more and upto >= read_point else None) is None
+    def _covered(self, r: _PgRead, read_point: int) -> bool:
+        """Set what `r` is complete to; False when its records are not its PG's whole chain
+        (to its read tail, when the fetch was not cut short)."""
+        r.covered = r.records[-1].lsn if r.more else read_point
+        return chain_break(r.records, self.position, None if r.more else r.tail) is None
 
-    def _first_read(self, pg: int, after: int, upto: int, read_point: int, view) -> _PgRead:
+    def _first_read(self, pg: int, after: int, read_point: int, view, fetch_bytes: int) -> _PgRead:
         w = self._w
         tail = view.tails[pg]
         broken, errors = [], []
         for node in w.reads.candidates(pg, view):
             r = _PgRead(pg, node, tail)
             try:
-                r.records, r.more = self._fetch(node, pg, after, upto)
+                r.records, r.more = self._fetch(node, pg, after, read_point, fetch_bytes)
             except SixfoldError as e:
                 errors.append(f"{node}: {e}")
                 continue
-            if not r.records:
-                r.more = False
-            if self._covered(r, upto, read_point):
+            if self._covered(r, read_point):
                 return r
             broken.append(node)
         if broken:
@@ -250,13 +252,12 @@ class WatchCursor:
         raise Unavailable(f"a watch reading PG {pg} after position {after} found no segment complete to LSN {tail}"
                           + (f" that answered ({'; '.join(errors)})" if errors else "") + "; retry")
 
-    def _read_more(self, r: _PgRead, after: int, upto: int, read_point: int) -> None:
-        """Fetch `r`'s PG on from where it is in hand, up to `upto`, from the same segment."""
-        start = r.covered
-        records, more = self._fetch(r.node, r.pg, start, upto)
+    def _read_more(self, r: _PgRead, read_point: int, fetch_bytes: int) -> None:
+        """Fetch `r`'s PG on from its last record, from the same segment (a large unit)."""
+        records, more = self._fetch(r.node, r.pg, r.covered, read_point, fetch_bytes)
         r.records.extend(records)
-        r.more = more and bool(records)
-        if not self._covered(r, upto, read_point):
+        r.more = more
+        if not self._covered(r, read_point):
             raise self._compacted(f"segment {r.node} of PG {r.pg} no longer holds every record after it")
 
     # --- records to changes ---------------------------------------------------------------------
