@@ -53,7 +53,7 @@ from engine.core.constants import EXPIRES_BYTES, FLAG_DELETE, FLAG_EXPIRES, FLAG
 from engine.errors import Compacted, SixfoldError, SnapshotTooOld, Unavailable
 
 #: How far behind the VDL a watch may hold version collection back, in LSNs (so at most that many
-#: superseded records stay on each node because of it). Four million is about sixteen times what
+#: superseded records stay on each node because of it). Four million is about eight times what
 #: the writer's memory of changes spans (262,144 changes, at most two LSNs each with their
 #: request records): a watch that far behind has been reading the logs for a long while without
 #: catching up, and at small values (~100 bytes a record) it keeps a few hundred MB per node
