@@ -10,12 +10,14 @@ import random
 import threading
 
 import pytest
+import test_client_failures
 from waiting import eventually
 
 import engine
 from engine.errors import Compacted
 
 MEMORY = 40  # the writer's memory of changes in these tests (watch_memory_changes)
+make_endpoint = test_client_failures.make_endpoint  # a fixture: six nodes and a writer endpoint in this process
 
 
 def open_db(path, **kw):
@@ -230,3 +232,38 @@ def test_a_segment_missing_a_record_is_not_read_as_a_gap(tmp_path):
                 drop_record(vol.nodes[n], 0, victim)
         with pytest.raises(Compacted):
             list(itertools.islice(db.watch(start=start), len(written)))
+
+
+def test_a_watch_stream_holds_what_its_client_may_resume_from_also_after_it_ends(make_endpoint):
+    """Over gRPC the endpoint cannot know which batches its client took in before a stream broke:
+    the stream holds the position it sent a while ago (WATCH_HOLD_BACK_S), and its hold lapses
+    WATCH_LINGER_S after the stream ends instead of going at once."""
+    from engine.core.placement import protection_group_of
+
+    ep = make_endpoint(config={"resume_grace_s": 0.0})
+    w = ep.endpoint.writer
+    with engine.connect(ep.address, timeout_s=10) as db:
+        start = db.read_point()
+        watch = db.watch(b"k", start=start)
+        p = db.put(b"k", b"0")
+        assert next(watch).position == p
+        watch.close()
+        assert w.read_points.status()["read_points"] == 1, "the ended stream's hold lingers"
+        for i in range(20):
+            db.put(b"k", b"v%d" % i)
+        db.put(b"tick", b"")
+        vdl = db.read_point()
+        pg = protection_group_of(b"k", 2)
+
+        def versions(node) -> int:
+            with node.store.env.begin() as txn:
+                cur = txn.cursor(db=node.store._versions)
+                return sum(1 for _ in cur.iternext_dup()) if cur.set_key(pg.to_bytes(4, "big") + b"k") else 0
+
+        eventually(lambda: all(n.store.collect_target[1] <= start and not n.store.collect_pending()
+                               and n.store.scls[pg] >= vdl for n in ep.nodes),
+                   "every node holds the whole log and collected what the lingering hold allows")
+        assert {versions(n) for n in ep.nodes} == {21}, "nothing after the position the stream sent was collected"
+        resumed = db.watch(b"k", start=p)
+        assert [c.value for c in itertools.islice(resumed, 20)] == [b"v%d" % i for i in range(20)]
+        resumed.close()
