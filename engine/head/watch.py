@@ -97,6 +97,8 @@ class WatchCursor:
         #: itself: a remote consumer may not have taken in the batches last sent when its stream
         #: breaks, and resumes from the last it did (None: hold the position)
         self._hold_back = hold_back
+        if hold_back is not None:
+            hold_back.at(time.monotonic(), position)  # its first sample: the start is held for a while
         #: the read point the registration holds
         self.held = position
         self._reg: int | None = None
