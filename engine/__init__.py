@@ -68,6 +68,11 @@ def open(path: str | os.PathLike, **options) -> Database:  # noqa: A001 - the na
     an InvalidArgument, and nothing is changed. backup (a folder, or an
     `engine.backup.target.BackupTarget`: archive the volume continuously, see `engine.restore`),
     backup_retention_days, backup_options (`engine.backup.archiver.BackupOptions`).
+    Watches (`engine.head.watch`): watch_memory_changes (the changes the writer keeps in memory;
+    older ones are read from the nodes' logs; default 262,144), watch_hold_lsns (how far behind
+    the VDL a watch may hold version collection back before it gets Compacted; default
+    4,000,000), resume_grace_s (after a writer crash, how long the new writer collects nothing
+    new, so a watch that was behind goes on; default 0).
 
     Raises FolderInUse if another open holds `path` (this process or another one: the error
     names its pid), and WrongFolder, touching nothing, if `path` holds another kind of data (a

@@ -233,7 +233,7 @@ def cmd_get(args) -> int:
 def cmd_watch(args) -> int:
     mode = _mode(args)
     if args.count < 0 or (args.start is not None and args.start < 0):
-        raise SystemExit("sixfold watch: --count and --start are 0 or more")
+        raise SystemExit("sixfold watch: --count and --from are 0 or more")
     prefix = _bytes(args.prefix, mode, "prefix") if args.prefix else b""
     shown = 0
     with _connect(args) as db:
@@ -397,11 +397,14 @@ def register(sub) -> None:
 
     p = sub.add_parser("watch", parents=[common], help="print committed changes under a prefix as they commit", description=(
         "Print position<TAB>key<TAB>value (or <deleted>) for every committed change of a key starting with PREFIX, "
-        "in commit order, as they commit, until Ctrl-C (or --count changes). --start POSITION resumes after a "
-        "commit position (the first column of an earlier watch); a position the writer no longer keeps changes "
-        "after is refused Compacted (exit 3), naming the oldest one it does."))
+        "in commit order, as they commit, until Ctrl-C (or --count changes). --from POSITION resumes after a "
+        "commit position (the first column of an earlier watch, or 0 for the volume's beginning): changes older "
+        "than the writer keeps in memory are read from the nodes' logs, and the watch holds version collection "
+        "back while it runs. A position the nodes may have collected past (no watch held it), or a watch that "
+        "falls more than 4,000,000 LSNs behind, is refused Compacted (exit 3), naming the oldest position kept."))
     p.add_argument("prefix", nargs="?", default="", help="only keys that start with it (default: all)")
-    p.add_argument("--start", type=int, default=None, metavar="POSITION", help="the changes after this commit position")
+    p.add_argument("--from", "--start", dest="start", type=int, default=None, metavar="POSITION",
+                   help="the changes after this commit position (default: from now)")
     p.add_argument("--count", type=int, default=0, help="stop after this many changes (0: never)")
     p.set_defaults(func=cmd_watch)
 

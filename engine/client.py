@@ -104,6 +104,13 @@ READ_RETRY_PAUSE_S = 0.05
 ROLES = ("writer", "reader")
 
 
+def _primed(changes: Iterator) -> Iterator:
+    """Run a watch generator up to its first `yield None` (the stream is open and the endpoint
+    holds its position: a write made after `watch` returns is never collected away under it),
+    and return it. A generator that is never started would not hold anything, nor release it."""
+    next(changes)
+    return changes
+
 class _Slot:
     """One caller's place in a boxcar: its item, and the lock it sleeps on."""
 
@@ -471,9 +478,17 @@ class RemoteBackend:
             raise Unavailable(f"{self._where}: the watch stream ended")
 
     def watch(self, prefix: bytes, start: int | None) -> Iterator:
+        """The changes; the stream is open, and the endpoint holds the position, on return."""
+        return _primed(self._watch(prefix, start))
+
+    def _watch(self, prefix: bytes, start: int | None) -> Iterator:
         from engine.database import Change
 
+        ready = False
         for changes, _position in self.watch_batches(prefix, start):
+            if not ready:
+                ready = True
+                yield None  # the first batch came: the endpoint holds the position (see _primed)
             for cpl, key, value in changes:
                 yield Change(key, value, cpl)
 
@@ -951,14 +966,22 @@ class FollowingBackend:
 
     def watch(self, prefix: bytes, start: int | None) -> Iterator:
         """A watch that follows the writer: after a failover it resumes on the new writer from
-        the last position it had (Compacted if that one does not keep so far back)."""
+        the last position it had, which serves it from the nodes' logs (Compacted only if the
+        nodes collected past it). The stream is open, the position held, on return."""
+        return _primed(self._watch(prefix, start))
+
+    def _watch(self, prefix: bytes, start: int | None) -> Iterator:
         from engine.database import Change
 
         position = start
+        ready = False
         while True:
             backend = self._backend
             try:
                 for changes, pos in backend.watch_batches(prefix, position):
+                    if not ready:
+                        ready = True
+                        yield None  # see _primed
                     for cpl, key, value in changes:
                         yield Change(key, value, cpl)
                     position = pos

@@ -338,10 +338,13 @@ class Database:
     def watch(self, prefix: bytes = b"", start: int | None = None) -> Iterator[Change]:
         """The committed changes of keys starting with `prefix`, in commit order, as they
         commit: `Change(key, value or None, position)`. `start`: a commit position (a write's,
-        `read_point()`, or the last `position` a watch gave: resume there); default now. A
-        watch that falls behind what the writer keeps for watchers (or asks for a position older
-        than that) raises `Compacted` with `.oldest`, the oldest position it may resume from:
-        never a silent gap. The iterator runs until closed (`close()`, or dropped)."""
+        `read_point()`, or the last `position` a watch gave: resume there; 0: the beginning);
+        default now. Changes older than the writer's memory of them are read from the nodes'
+        logs (`engine.head.watch`), and the watch holds version collection back from when this
+        returns until it is closed. A position the nodes may have collected past, or a watch
+        that falls more than the bound (`watch_hold_lsns`, 4,000,000 LSNs) behind the VDL,
+        raises `Compacted` with `.oldest`, the oldest position still kept: never a silent gap.
+        The iterator runs until closed (`close()`, or dropped)."""
         self._check()
         if not isinstance(prefix, bytes):
             raise InvalidArgument(f"a watch prefix is bytes, got {type(prefix).__name__}")

@@ -60,7 +60,8 @@ from engine.files import TMP_SUFFIX, atomic_write
 from engine.head.membership import MembershipChange
 from engine.head.weakening import SAFE, Weakening
 from engine.head.reads import check_key
-from engine.head.writer import Writer, WriterOptions, check_value, node_status
+from engine.head.watch import WATCH_HOLD_LSNS_DEFAULT, WatchCursor
+from engine.head.writer import CHANGES_MAX, Writer, WriterOptions, check_value, node_status
 from engine.database import Change
 from engine.metrics import Metrics
 from engine.node.service import GOSSIP_INTERVAL_S, SCRUB_INTERVAL_S, StorageNode
@@ -125,6 +126,15 @@ class EmbeddedOptions:
     #: and how long request-id records are kept for re-sends
     collect_delay_s: float = 0.1
     request_retention_s: float = 60.0
+    #: watches (engine.head.watch): the changes the writer keeps in memory for them (a watch from
+    #: further back reads the nodes' logs), and how far behind the VDL, in LSNs, a watch may hold
+    #: version collection back before it gets Compacted
+    watch_memory_changes: int = CHANGES_MAX
+    watch_hold_lsns: int = WATCH_HOLD_LSNS_DEFAULT
+    #: after a writer (re)opens, how long it collects nothing above what the nodes had already
+    #: collected, so that watches behind at a writer crash go on from the nodes' logs (0: none;
+    #: a cluster's writer endpoint holds 10 s, engine.head.endpoint.RESUME_GRACE_S)
+    resume_grace_s: float = 0.0
     #: back the volume up continuously into this folder (or `engine.backup.target.BackupTarget`):
     #: `engine.backup.archiver`; None: no backups
     backup: object | None = None
@@ -555,7 +565,9 @@ class EmbeddedVolume:
             self.node_infos,
             self.geometry,
             WriterOptions(write_timeout_s=o.write_timeout_s, local_az=o.local_az, lal=o.lal,
-                          collect_delay_s=o.collect_delay_s, request_retention_s=o.request_retention_s),
+                          collect_delay_s=o.collect_delay_s, request_retention_s=o.request_retention_s,
+                          changes_max=o.watch_memory_changes, watch_hold_lsns=o.watch_hold_lsns,
+                          resume_grace_s=o.resume_grace_s),
             background=o.background,
             weakening=self.weakening,
             cipher=self.cipher,
@@ -717,24 +729,42 @@ class EmbeddedVolume:
         return self._w.request_status(request_id)
 
     def watch(self, prefix, start):
-        """Changes from the writer's memory of them (`Writer.changes_after`), following the
-        writer across a crash (from where the last one left off: Compacted if the new writer
-        does not keep that far back)."""
+        """Changes from the writer's memory of them, or from the nodes' logs when `start` is
+        older (`engine.head.watch.WatchCursor`, which holds version collection back while the
+        watch lives), following the writer across a crash (from where the last one left off).
+        The position is held when this returns (a write made after it is never collected away
+        under the watch), not at the first change asked for."""
+        changes = self._watch(prefix, start)
+        next(changes)  # up to its first yield: the cursor holds the position
+        return changes
+
+    def _watch(self, prefix, start):
         position = self._w.view().read_point if start is None else start
-        while True:
+        w = cursor = None
+        try:
             w = self._w
-            try:
-                changes, nxt = w.changes_after(position, WATCH_CHUNK)
-            except Unavailable:
-                if w is self.writer:
-                    raise
-                continue  # a new writer took over: go on with it
-            for cpl, key, value in changes:
-                if key.startswith(prefix):
-                    yield Change(key, value, cpl)
-            if nxt == position:
-                w.wait_vdl(position, WATCH_POLL_S)
-            position = nxt
+            cursor = WatchCursor(w, position)
+            yield None  # ready (see watch)
+            while True:
+                if w is not self._w:
+                    cursor.close()
+                    w = self._w
+                    cursor = WatchCursor(w, position)
+                try:
+                    changes, nxt = cursor.next(WATCH_CHUNK)
+                except Unavailable:
+                    if w is self.writer:
+                        raise
+                    continue  # a new writer took over: go on with it
+                for cpl, key, value in changes:
+                    if key.startswith(prefix):
+                        yield Change(key, value, cpl)
+                if nxt == position:
+                    w.wait_vdl(position, WATCH_POLL_S)
+                position = nxt
+        finally:
+            if cursor is not None:
+                cursor.close()
 
     def version(self, key):
         """(lsn, value, deadline, clock) of the key's newest live version; lsn 0 for none."""

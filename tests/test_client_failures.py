@@ -43,7 +43,7 @@ VOLUME_ID = "00000000-0000-4000-8000-00000000c11e"
 class LocalEndpoint:
     """Six nodes and a writer endpoint in this process, served over gRPC by `servicer_cls`."""
 
-    def __init__(self, path, servicer_cls=KVServicer, **servicer_kwargs) -> None:
+    def __init__(self, path, servicer_cls=KVServicer, config: dict | None = None, **servicer_kwargs) -> None:
         geometry = Geometry(2)
         infos = tuple(default_nodes())
         self.registry = Registry()
@@ -54,7 +54,8 @@ class LocalEndpoint:
             self.registry.set(info.id, node)
             self.nodes.append(node)
         self.endpoint = WriterEndpoint(
-            EndpointConfig(volume_id=VOLUME_ID, protection_groups=2, nodes=infos, durable=False, write_timeout_s=10.0),
+            EndpointConfig(volume_id=VOLUME_ID, protection_groups=2, nodes=infos, durable=False, write_timeout_s=10.0,
+                           **(config or {})),
             transport=InProcessTransport(self.registry, "writer"),
         )
         self.endpoint.open()
@@ -79,8 +80,8 @@ class LocalEndpoint:
 def make_endpoint(tmp_path):
     made = []
 
-    def make(servicer_cls=KVServicer, **kw):
-        ep = LocalEndpoint(tmp_path / f"ep{len(made)}", servicer_cls, **kw)
+    def make(servicer_cls=KVServicer, config: dict | None = None, **kw):
+        ep = LocalEndpoint(tmp_path / f"ep{len(made)}", servicer_cls, config, **kw)
         made.append(ep)
         return ep
 

@@ -37,6 +37,7 @@ PURE_MODULES = (
     "engine.core.tail",
     "engine.core.fencing",
     "engine.core.admission",
+    "engine.core.changes",
 )
 FORBIDDEN = ("grpc", "lmdb", "threading", "time", "random", "socket", "os")
 ROOT = Path(engine.__file__).resolve().parent.parent

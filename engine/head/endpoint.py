@@ -80,6 +80,7 @@ from engine.head.failover import LEASE_S_DEFAULT, Candidate
 from engine.head.membership import ACTIVE_PHASES, MembershipChange
 from engine.head.readpoints import VdlHistory
 from engine.head.reads import checked_gets
+from engine.head.watch import WatchCursor
 from engine.head.writer import ReadView, Writer, WriterOptions, node_status
 from engine.metrics import Metrics
 from engine.proto import common_pb2, kv_pb2, kv_pb2_grpc
@@ -106,6 +107,19 @@ def streams_limit(workers: int) -> int:
 
 #: changes per Watch batch (whole units), and the most time between batches of a live watch
 WATCH_BATCH_MAX = 1_000
+#: How long a new writer endpoint holds collection at the point the nodes had (EndpointConfig.
+#: resume_grace_s): a client following a failover finds the new writer within about a second of
+#: its open (it asks the nodes and readers for it), and its watches and remote snapshots then
+#: register again; ten seconds cover that on a loaded machine, and keep at most ten seconds more
+#: of superseded versions on the nodes.
+RESUME_GRACE_S = 10.0
+#: A Watch stream holds version collection at the position it sent this long ago (its client
+#: may not have taken in the last batches when the stream breaks, and resumes from the last it
+#: did), and for WATCH_LINGER_S after the stream ends (a client resumes on a new stream, to this
+#: writer or, within RESUME_GRACE_S of its open, to the next); the reader streams' READER_HOLD_S
+#: and READER_LEASE_S, for the same reasons.
+WATCH_HOLD_BACK_S = 10.0
+WATCH_LINGER_S = 30.0
 WATCH_HEARTBEAT_S = 1.0
 SERVICE_NAME = "sixfold.v1.KV"
 #: Pairs and bytes per streamed scan message.
@@ -150,6 +164,10 @@ class EndpointConfig:
     #: from a cluster manifest or spec gets every process the file names
     #: (engine.cluster.addresses.ManifestDirectory); None: the nodes above
     directory: Callable[[], object] | None = field(default=None, repr=False, compare=False)
+    #: for this long after it opens, the writer collects nothing above what the nodes had
+    #: collected already: watches and remote snapshots that follow a failover register again
+    #: in that time (WriterOptions.resume_grace_s, RESUME_GRACE_S says why)
+    resume_grace_s: float = RESUME_GRACE_S
 
 
 class WriterEndpoint:
@@ -183,7 +201,7 @@ class WriterEndpoint:
             self.nodes,
             self.geometry,
             WriterOptions(write_timeout_s=self.config.write_timeout_s, local_az=self.config.local_az,
-                          lease_s=self.config.lease_s),
+                          lease_s=self.config.lease_s, resume_grace_s=self.config.resume_grace_s),
             cipher=self.config.cipher,
             metrics=self.metrics,
         )
@@ -326,20 +344,26 @@ class WriterEndpoint:
 
     def watch(self, prefix: bytes, start: int | None, active) -> Iterator[tuple[list, int]]:
         """Batches of (changes under `prefix`, position) while `active()`: a batch when there
-        are changes, and at least every WATCH_HEARTBEAT_S one that only moves the position."""
+        are changes, and at least every WATCH_HEARTBEAT_S one that only moves the position.
+        From the writer's memory, or from the nodes' logs when `start` is older than that
+        (`engine.head.watch`); the watch holds version collection back until it ends."""
         w = self.writer
         position = w.view().read_point if start is None else start
-        last_sent = time.monotonic()
-        yield [], position
-        while active():
-            changes, nxt = w.changes_after(position, WATCH_BATCH_MAX)
-            mine = [c for c in changes if c[1].startswith(prefix)]
-            if mine or (nxt != position and time.monotonic() - last_sent >= WATCH_HEARTBEAT_S):
-                yield mine, nxt
-                last_sent = time.monotonic()
-            if nxt == position:
-                w.wait_vdl(position, WATCH_HEARTBEAT_S)
-            position = nxt
+        cursor = WatchCursor(w, position, hold_back=VdlHistory(WATCH_HOLD_BACK_S))
+        try:
+            last_sent = time.monotonic()
+            yield [], position
+            while active():
+                changes, nxt = cursor.next(WATCH_BATCH_MAX)
+                mine = [c for c in changes if c[1].startswith(prefix)]
+                if mine or (nxt != position and time.monotonic() - last_sent >= WATCH_HEARTBEAT_S):
+                    yield mine, nxt
+                    last_sent = time.monotonic()
+                if nxt == position:
+                    w.wait_vdl(position, WATCH_HEARTBEAT_S)
+                position = nxt
+        finally:
+            cursor.close(linger_s=WATCH_LINGER_S)
 
     def version(self, key: bytes) -> tuple[int, bytes | None, int, int]:
         """(lsn, value, deadline, clock) of the key's newest live version (lsn 0: none)."""

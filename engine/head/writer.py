@@ -107,11 +107,11 @@ from engine.head.expiry import ExpiryStep
 from engine.head.failover import lease_margin
 from engine.head.membership import MembershipSteps
 from engine.head.readpoints import ReadPointRegistry, VdlHistory
+from engine.head.watch import WATCH_HOLD_LSNS_DEFAULT
 from engine.head.reads import ReadPath, check_key
 from engine.head.recovery import recover
 from engine.head.weakening import SAFE, Weakening
 from engine.errors import (
-    Compacted,
     EpochBehind,
     InvalidArgument,
     PreconditionFailed,
@@ -156,8 +156,9 @@ RECENT_BYTES_MAX = 64 << 20
 #: how many times `write` sends a conditional unit again whose stored-state read was too old
 #: when it was ordered (the memory of recent writes had moved past it: rare, see `_recent`)
 CONDITION_REREADS_MAX = 5
-#: the changes the writer keeps for watchers (`changes_after`), in entries and in value bytes: a
-#: watcher further behind gets Compacted (the bound on what a watch may hold back)
+#: the changes the writer keeps in memory for watchers (`changes_after`), in entries and in value
+#: bytes (WriterOptions.changes_max and changes_bytes_max); a watcher further behind reads the
+#: nodes' logs instead (engine.head.watch)
 CHANGES_MAX = 262_144
 CHANGES_BYTES_MAX = 64 << 20
 #: a request record's value is the digest of the unit's ops (a re-send must match it), then its
@@ -188,6 +189,17 @@ class WriterOptions:
     #: request-id records are kept this long for re-sends to be recognised from the log
     collect_delay_s: float = 0.1
     request_retention_s: float = 60.0
+    #: the writer's memory of recent changes for watchers (`changes_after`): entries and value
+    #: bytes; a watch from further back reads the nodes' logs (engine.head.watch)
+    changes_max: int = CHANGES_MAX
+    changes_bytes_max: int = CHANGES_BYTES_MAX
+    #: how far behind the VDL a watch may hold version collection back, in LSNs (records): a
+    #: watch further behind gets Compacted (engine.head.watch, WATCH_HOLD_LSNS_DEFAULT says why)
+    watch_hold_lsns: int = WATCH_HOLD_LSNS_DEFAULT
+    #: for this long after its open the writer sends no collection point above the one the nodes
+    #: already had (its floor): the holders of the old writer's read points (watches and remote
+    #: snapshots following a failover) have that long to register again; 0: none
+    resume_grace_s: float = 0.0
 
 
 def check_request_id(request_id) -> None:
@@ -447,9 +459,15 @@ class Writer:
         self.expiring_overflow = False
         #: Changes for watchers (`changes_after`): (CPL LSN of the unit, plain key, value or None
         #: for a delete) of every op this writer ordered, in log order; every unit whose CPL is
-        #: above `_changes_floor` is in it whole. Bounded by CHANGES_MAX / CHANGES_BYTES_MAX,
-        #: dropped oldest unit first (which raises the floor).
+        #: above `_changes_floor` is in it whole. Bounded by options.changes_max and
+        #: changes_bytes_max, dropped oldest unit first (which raises the floor); a watch from
+        #: below the floor reads the nodes' logs (engine.head.watch).
         self._changes: deque[tuple[int, bytes, bytes | None]] = deque()
+        self._changes_max = options.changes_max
+        self._changes_bytes_max = options.changes_bytes_max
+        #: until when (the writer's clock) the collection point stays at the floor the writer
+        #: opened with (options.resume_grace_s; set by open)
+        self._grace_until = float("-inf")
         self._changes_bytes = 0
         self._changes_floor = 0
         #: the expiry step (engine.head.expiry), a thread while the writer serves; None without
@@ -503,6 +521,9 @@ class Writer:
             if type(t) is int and 0 < t <= DEADLINE_US_MAX:
                 self._commit_time_us = max(self._commit_time_us, t)
                 self._durable_time_us = max(self._durable_time_us, t)
+        # The old writer's watches and remote snapshots do not know of this one yet: give them
+        # a moment to register before anything they still read is collected (resume_grace_s).
+        self._grace_until = t0 + self.options.resume_grace_s
         self.recovery = {
             "epoch": self.epoch,
             "vdl": plan.vdl,
@@ -897,7 +918,7 @@ class Writer:
                     self._changes_bytes += len(value)
                 else:
                     changes.append((cpl, plain, None))
-            if len(changes) > CHANGES_MAX or self._changes_bytes > CHANGES_BYTES_MAX:
+            if len(changes) > self._changes_max or self._changes_bytes > self._changes_bytes_max:
                 self._forget_changes_locked()
             if last:
                 self._tail_costs.extend([self._logged_cost] * last)
@@ -978,27 +999,25 @@ class Writer:
     def _forget_changes_locked(self) -> None:
         """Drop the oldest units' changes until the bounds hold again (down to 3/4 of them)."""
         changes = self._changes
-        while changes and (len(changes) > CHANGES_MAX * 3 // 4 or self._changes_bytes > CHANGES_BYTES_MAX * 3 // 4):
+        count_max, bytes_max = self._changes_max * 3 // 4, self._changes_bytes_max * 3 // 4
+        while changes and (len(changes) > count_max or self._changes_bytes > bytes_max):
             cpl = changes[0][0]
             while changes and changes[0][0] == cpl:
                 _c, _k, v = changes.popleft()
                 self._changes_bytes -= len(v) if v is not None else 0
             self._changes_floor = cpl
 
-    def changes_after(self, position: int, count_max: int) -> tuple[list[tuple[int, bytes, bytes | None]], int]:
+    def changes_after(self, position: int, count_max: int) -> tuple[list[tuple[int, bytes, bytes | None]], int] | None:
         """Committed changes (CPL, key, value or None) of the units after `position`, in log
-        order, whole units, at most about `count_max`; and the position the next call goes on
-        from (the last CPL given, or the VDL when none is left below it). Compacted when the
-        changes after `position` are no longer all kept."""
+        order, whole units, at most about `count_max`, from the writer's memory of them; and
+        the position the next call goes on from (the last CPL given, or the VDL when none is
+        left below it). None when the memory does not reach back to `position` (it keeps the
+        units after `changes_floor()`): `engine.head.watch` then reads the nodes' logs."""
         with self._lock:
             self.check_usable()
-            floor, vdl = self._changes_floor, self.ledger.vdl
-            if position < floor:
-                raise Compacted(
-                    f"the changes after position {position} are no longer kept for watchers (this writer keeps "
-                    f"those after {floor}: a bound of {CHANGES_MAX} changes, or it opened there); scan the keys "
-                    f"afresh, then watch from {floor} or later. oldest position kept: {floor}", floor,
-                )
+            vdl = self.ledger.vdl
+            if position < self._changes_floor:
+                return None
             changes = self._changes
             i = bisect.bisect_right(changes, position, key=lambda c: c[0])
             out = []
@@ -1011,6 +1030,10 @@ class Writer:
                 last = c[0]
                 i += 1
             return out, (last if out else max(position, vdl))
+
+    def changes_floor(self) -> int:
+        """The oldest position the writer's memory of changes serves a watch from."""
+        return self._changes_floor
 
     def _forget_recent_locked(self) -> None:
         """Drop the oldest remembered writes at or below VDL beyond the bounds, raising the floor
@@ -1667,7 +1690,10 @@ class Writer:
     def _collect_points_locked(self, vdl: int) -> tuple[int, int]:
         """(collection point, request point) to send now (caller holds the lock)."""
         now = self._clock()
-        point = self.read_points.point(self._collect_delay.at(now, vdl))
+        ceiling = self._collect_delay.at(now, vdl)
+        if now < self._grace_until:
+            ceiling = min(ceiling, self.read_points.issued)  # the floor it opened with (resume_grace_s)
+        point = self.read_points.point(ceiling)
         return point, min(point, self._request_retention.at(now, vdl))
 
     # --- status -----------------------------------------------------------------------------
