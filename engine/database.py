@@ -65,10 +65,11 @@ from engine.head.reads import check_key
 from engine.head.writer import BATCH_OPS_MAX, check_request_id, check_value
 
 
-def check_after(after) -> int:
-    """A commit position for `after=`: a non-negative int (bool refused), in LSN bounds."""
+def check_after(after, name: str = "after") -> int:
+    """A commit position for `after=` (or the argument `name`): a non-negative int (bool
+    refused), in LSN bounds."""
     if isinstance(after, bool) or not isinstance(after, int) or not 0 <= after <= LSN_VALID_MAX:
-        raise InvalidArgument(f"after= is a commit position (an int LSN in 0..{LSN_VALID_MAX} a write returned), got {after!r}")
+        raise InvalidArgument(f"{name}= is a commit position (an int LSN in 0..{LSN_VALID_MAX} a write returned), got {after!r}")
     return after
 
 
@@ -349,7 +350,7 @@ class Database:
         if not isinstance(prefix, bytes):
             raise InvalidArgument(f"a watch prefix is bytes, got {type(prefix).__name__}")
         if start is not None:
-            check_after(start)
+            check_after(start, "start")
         return self._backend.watch(prefix, start)
 
     def get_or_load(self, key: bytes, loader, ttl_s: float | None = None) -> bytes:

@@ -78,8 +78,9 @@ def test_after_a_writer_crash_a_watch_goes_on_or_says_compacted(db):
 def test_bad_watch_arguments(db):
     with pytest.raises(InvalidArgument):
         db.watch("a")
-    with pytest.raises(InvalidArgument):
-        db.watch(b"", start=-1)
+    for start in (-1, True, "0", 1 << 63, (1 << 64) - 1, 1 << 64):
+        with pytest.raises(InvalidArgument, match=r"^start= is a commit position"):
+            db.watch(b"", start=start)
 
 
 @pytest.mark.cluster
