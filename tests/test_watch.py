@@ -81,6 +81,11 @@ def test_bad_watch_arguments(db):
     for start in (-1, True, "0", 1 << 63, (1 << 64) - 1, 1 << 64):
         with pytest.raises(InvalidArgument, match=r"^start= is a commit position"):
             db.watch(b"", start=start)
+    # A position beyond the log was never given by this volume: refused, not waited for.
+    position = db.put(b"k", b"v")
+    with pytest.raises(InvalidArgument, match="beyond this volume's log"):
+        next(db.watch(b"", start=position + 1000))
+    assert next(db.watch(b"", start=position - 1)).key == b"k"
 
 
 @pytest.mark.cluster

@@ -50,7 +50,7 @@ from collections import OrderedDict
 from engine import codec
 from engine.core.changes import chain_break, merge_units
 from engine.core.constants import EXPIRES_BYTES, FLAG_DELETE, FLAG_EXPIRES, FLAG_PUT, NAMESPACE_KEYS
-from engine.errors import Compacted, SixfoldError, SnapshotTooOld, Unavailable
+from engine.errors import Compacted, InvalidArgument, SixfoldError, SnapshotTooOld, Unavailable
 
 #: How far behind the VDL a watch may hold version collection back, in LSNs (so at most that many
 #: superseded records stay on each node because of it). Four million is about eight times what
@@ -90,6 +90,13 @@ class WatchCursor:
     """One watch on one writer (see the module docstring). Not thread-safe: one consumer."""
 
     def __init__(self, writer, position: int, name: str = "watch", hold_back=None) -> None:
+        # Every position a watch or a write gave is at or below VDL, and a new writer's VDL is
+        # never below an old one's: one beyond it was never given by this volume (another
+        # volume's, or made up), and waiting for the log to reach it would hide the mistake.
+        vdl = writer.ledger.vdl
+        if position > vdl:
+            raise InvalidArgument(f"watch start position {position} is beyond this volume's log (its VDL is {vdl}): "
+                                  "not a commit position it gave")
         self._w = writer
         self.name = name
         self.position = position
