@@ -16,7 +16,7 @@ from engine.backup.restore import Archive, verify
 from engine.cli import main
 from engine.cluster.launcher import Cluster
 from engine.cluster.manifest import WRITER, load_manifest
-from engine.cluster.testing import Load, free_base_port
+from engine.cluster.testing import Load, acknowledge_committed, free_base_port
 
 pytestmark = pytest.mark.cluster
 P = 2
@@ -37,9 +37,7 @@ def test_a_cluster_backup_survives_a_failover_and_restores_as_a_new_cluster(tmp_
             eventually(lambda: load_manifest(c.folder)[WRITER].get("pid") not in (None, pid), "a reader to take over")
             at = load.count()
             eventually(lambda: load.count() >= at + 50, "writes to resume on the promoted reader")
-        for key, rid in list(load.unknown_ids.items()):  # the kill left these indeterminate
-            if db.status_of(rid).state == "committed":
-                load.acknowledge([key])
+        acknowledge_committed(db, load)  # the kill left these indeterminate
         st = db.status()["backup"]
         assert st["state"] in ("archiving", "base"), st
         assert main(["backup", "now", "--backup", bk]) == 0  # the promoted reader's archiver takes it

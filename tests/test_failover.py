@@ -15,7 +15,7 @@ from waiting import DEADLINE_S, eventually
 import engine
 from engine.cluster.launcher import Cluster
 from engine.cluster.manifest import WRITER, load_manifest
-from engine.cluster.testing import Load, check_all_readable, engine_env, free_base_port
+from engine.cluster.testing import Load, acknowledge_committed, check_all_readable, engine_env, free_base_port
 
 pytestmark = pytest.mark.cluster
 P = 2
@@ -64,9 +64,7 @@ def test_a_writer_sigkill_under_16_clients_fails_over_and_loses_nothing(tmp_path
             eventually(lambda: load.count() >= at_takeover + 100, "writes to resume through the new writer")
         assert not load.errors, load.errors  # only success, Unavailable or WriteIndeterminate
         # Indeterminate writes are resolved by their request ids; every acknowledged one is there.
-        for key, rid in list(load.unknown_ids.items()):
-            if db.status_of(rid).state == "committed":
-                load.acknowledge([key])
+        acknowledge_committed(db, load)
         check_all_readable(db, load)
         check_all_readable(db, load, quorum=True)
         assert db.get(b"before") == b"1"
@@ -147,9 +145,7 @@ def test_a_reader_takes_over_when_the_writer_dies_and_again_when_the_new_one_doe
                 at = load.count()
                 eventually(lambda: load.count() >= at + 50, f"writes to resume after failover {round_ + 1}")
         assert not load.errors, load.errors
-        for key, rid in list(load.unknown_ids.items()):
-            if db.status_of(rid).state == "committed":
-                load.acknowledge([key])
+        acknowledge_committed(db, load)
         check_all_readable(db, load, quorum=True)
         m = load_manifest(c.folder)
         assert sum(1 for r in m["readers"] if r.get("promoted")) == 2

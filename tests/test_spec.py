@@ -34,7 +34,7 @@ from engine.cluster.manifest import (
     tls_config,
 )
 from engine.cluster.spec import issue_certificates, load_spec, new_spec, processes, save_spec, three_host_spec
-from engine.cluster.testing import Load, check_all_readable, engine_env, free_base_port
+from engine.cluster.testing import Load, acknowledge_committed, check_all_readable, engine_env, free_base_port
 from engine.errors import InvalidArgument, WrongFolder
 from engine.security.certs import TlsFolder
 from engine.security.tls import secure_channel
@@ -345,9 +345,7 @@ def test_a_spec_reader_takes_over_from_a_killed_writer_and_a_spec_client_follows
             at_takeover = load.count()
             eventually(lambda: load.count() >= at_takeover + 30, "writes to resume through the reader that took over")
         assert not load.errors, load.errors  # only success, Unavailable or WriteIndeterminate
-        for key, rid in list(load.unknown_ids.items()):
-            if db.status_of(rid).state == "committed":
-                load.acknowledge([key])
+        acknowledge_committed(db, load)
         check_all_readable(db, load)
         check_all_readable(db, load, quorum=True)
         assert db.get(b"before") == b"1"
