@@ -39,6 +39,7 @@ import functools
 import gc
 import json
 import logging
+import math
 import os
 import struct
 import random
@@ -50,7 +51,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from engine import codec
-from engine.core.constants import DEADLINE_US_MAX, FLAG_CPL, FLAG_EXPIRES, FLAG_PUT, LAL_DEFAULT, RECORD_HEADER_BYTES
+from engine.core.constants import DEADLINE_US_MAX, FLAG_CPL, FLAG_EXPIRES, FLAG_PUT, LAL_DEFAULT, LSN_VALID_MAX, RECORD_HEADER_BYTES
 from engine.core.placement import protection_group_of
 from engine.core.types import Geometry, NodeInfo, default_nodes
 from engine.formats import format_of
@@ -98,6 +99,9 @@ NAMES_SHOWN_MAX = 5
 #: The bulk path's frames: about this many bytes, at most this many records each.
 BULK_CHUNK_BYTES = 16 << 20
 BULK_RECORDS_MAX = 65_536
+#: The largest interval or timeout an option takes, in seconds (a year): beyond it a number is
+#: more likely a unit mistake than a wish.
+SECONDS_OPTION_MAX = 365 * 24 * 3600.0
 
 
 @dataclass(frozen=True)
@@ -143,6 +147,26 @@ class EmbeddedOptions:
     #: the archiver's other settings (`engine.backup.archiver.BackupOptions`; its retention_days
     #: is overridden by backup_retention_days when that is given)
     backup_options: object | None = None
+
+    def __post_init__(self) -> None:
+        """Every number is checked here, before the open touches anything: a bad one is an
+        InvalidArgument naming it, never a writer that fences itself at its first write."""
+        for name, low, high in (("lal", 1, LSN_VALID_MAX), ("watch_memory_changes", 1, 1 << 32),
+                                ("watch_hold_lsns", 0, LSN_VALID_MAX), ("seed", -(1 << 63), (1 << 64) - 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+                raise InvalidArgument(f"{name}= is an int in {low}..{high}, got {value!r}")
+        for name, positive in (("write_timeout_s", True), ("gossip_interval_s", False), ("scrub_interval_s", False),
+                               ("collect_delay_s", False), ("request_retention_s", False), ("resume_grace_s", False)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                    or not (0 < value if positive else 0 <= value) or value > SECONDS_OPTION_MAX:
+                raise InvalidArgument(f"{name}= is a number of seconds in {'(0' if positive else '[0'}, "
+                                      f"{SECONDS_OPTION_MAX:g}], got {value!r}")
+        if self.backup_retention_days is not None:
+            days = self.backup_retention_days
+            if isinstance(days, bool) or not isinstance(days, (int, float)) or not math.isfinite(days) or not 0 < days <= 36_500:
+                raise InvalidArgument(f"backup_retention_days= is a number of days in (0, 36500], got {days!r}")
 
 
 def check_volume_folder(path: str) -> None:

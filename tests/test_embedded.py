@@ -413,3 +413,18 @@ def test_closing_a_volume_logs_no_node_as_down(tmp_path, caplog):
             v.close()
     down = [r.getMessage() for r in caplog.records if "is down" in r.getMessage() or "stopped" in r.getMessage()]
     assert down == [], down[:3]
+
+
+@pytest.mark.parametrize("option", [
+    {"watch_memory_changes": "x"}, {"watch_memory_changes": 0}, {"watch_hold_lsns": -1}, {"watch_hold_lsns": 1 << 64},
+    {"lal": 0}, {"lal": True}, {"seed": 1 << 64}, {"write_timeout_s": 0}, {"write_timeout_s": float("inf")},
+    {"resume_grace_s": -5}, {"resume_grace_s": float("nan")}, {"collect_delay_s": "0.1"}, {"gossip_interval_s": 1e12},
+    {"backup_retention_days": 0},
+])
+def test_a_bad_number_among_the_options_is_refused_before_anything_is_written(tmp_path, option):
+    """Before, watch_memory_changes="x" opened the volume and its first write fenced the writer
+    (a TypeError while giving LSNs); every numeric option is now checked at the open."""
+    (name,) = option
+    with pytest.raises(engine.InvalidArgument, match=rf"^{name}= is "):
+        engine.open(tmp_path / "v", **option)
+    assert not (tmp_path / "v").exists()
