@@ -338,15 +338,21 @@ def test_a_live_cluster_serves_metrics_on_every_process(tmp_path, capsys):
         assert "process_resident_memory_bytes" in w
         eventually(lambda: all(samples(scrape(addresses[WRITER]))[f'sixfold_scl_lag_lsns{{node="{n}"}}'] == 0 for n in NODES),
                    "every node caught up in the writer's metrics")
+        records = {}
         for n in NODES:
             got = eventually(lambda: (v := samples(scrape(addresses[n])))[f'sixfold_node_vdl_hint{{node="{n}"}}'] == vdl
                              and v, f"{n} to be told VDL {vdl}")
-            assert got[f'sixfold_node_up{{node="{n}"}}'] == 1 and got[f'sixfold_node_records{{node="{n}"}}'] == vdl
+            assert got[f'sixfold_node_up{{node="{n}"}}'] == 1
+            # Not VDL records: LSNs need not be dense (a loaded CI run saw VDL 1,048,600 over
+            # 24 records: the writer had opened past a truncated range, at a later epoch).
+            records[n] = got[f'sixfold_node_records{{node="{n}"}}']
+            assert puts <= records[n] <= vdl, (n, records[n], vdl)
             assert max(got[f'sixfold_scl{{node="{n}",pg="{pg}"}}'] for pg in (0, 1)) == vdl
             assert got[f'sixfold_corrupt_copies_found_total{{node="{n}"}}'] == 0
             assert f'sixfold_gossip_bytes_total{{direction="fetched",node="{n}"}}' in got
             assert f'sixfold_repair_bytes_total{{node="{n}"}}' in got
             assert "sixfold_put_latency_seconds_count" not in got, "a node serves no API"
+        assert len(set(records.values())) == 1, f"every node holds every record: {records}"
         r = eventually(lambda: (v := samples(scrape(addresses["r1"])))["sixfold_read_point"] == vdl and v,
                        "the reader to serve at the VDL")
         assert r["sixfold_writer_serving"] == 0 and r["sixfold_replica_lag_lsns"] == 0
