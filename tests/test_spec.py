@@ -50,6 +50,17 @@ def read(path) -> dict:
 
 
 # --- the file -------------------------------------------------------------------------------
+def _init_spec(tmp_path, spec: str, *, readers: int) -> str:
+    """`sixfold spec init` of a cluster on three loopback "hosts" (127.0.0.2..4); returns `spec`."""
+    base = free_base_port(count=9, host="127.0.0.2")
+    out = subprocess.run([sys.executable, "-m", "engine", "spec", "init", spec, "--hosts",
+                          "a=127.0.0.2,b=127.0.0.3,c=127.0.0.4", "--readers", str(readers), "--base-port", str(base),
+                          "--data-root", str(tmp_path / "data"), "--no-durable", "--protection-groups", "2"],
+                         capture_output=True, text=True, env=engine_env(), timeout=120)
+    assert out.returncode == 0, out.stderr
+    return spec
+
+
 def test_a_three_host_spec_places_two_nodes_per_az_host_and_is_format_3(tmp_path):
     m = three_host_spec(HOSTS, readers=2, base_port=7400)
     path = str(tmp_path / "cluster.json")
@@ -218,14 +229,8 @@ needs_loopback_hosts = pytest.mark.skipif(not _loopback_hosts_work(), reason="th
 def test_a_cluster_of_spec_processes_on_three_hosts_takes_writes(tmp_path, processes_started):
     """`sixfold spec init` with three hosts, then one `serve --spec` per process (as each host
     would run it), then `engine.connect(folder)` on the spec's folder writes and reads."""
-    base = free_base_port(count=9, host="127.0.0.2")
     folder = tmp_path / "spec"
-    spec = str(folder / "cluster.json")
-    out = subprocess.run([sys.executable, "-m", "engine", "spec", "init", spec, "--hosts",
-                          "a=127.0.0.2,b=127.0.0.3,c=127.0.0.4", "--readers", "1", "--base-port", str(base),
-                          "--data-root", str(tmp_path / "data"), "--no-durable", "--protection-groups", "2"],
-                         capture_output=True, text=True, env=engine_env(), timeout=120)
-    assert out.returncode == 0, out.stderr
+    spec = _init_spec(tmp_path, str(folder / "cluster.json"), readers=1)
     _, m = load_spec(spec)
     logs = open(tmp_path / "processes.log", "ab")
     for i in range(1, 7):
@@ -295,14 +300,8 @@ def test_a_spec_reader_takes_over_from_a_killed_writer_and_a_spec_client_follows
     old writer restarted from the same spec waits as a candidate instead of fencing it."""
     from engine.cluster.admin import WriterAdmin, operator_token
 
-    base = free_base_port(count=9, host="127.0.0.2")
     folder = tmp_path / "spec"
-    spec = str(folder / "volume.json")  # not cluster.json: a spec file of any name
-    out = subprocess.run([sys.executable, "-m", "engine", "spec", "init", spec, "--hosts",
-                          "a=127.0.0.2,b=127.0.0.3,c=127.0.0.4", "--readers", "2", "--base-port", str(base),
-                          "--data-root", str(tmp_path / "data"), "--no-durable", "--protection-groups", "2"],
-                         capture_output=True, text=True, env=engine_env(), timeout=120)
-    assert out.returncode == 0, out.stderr
+    spec = _init_spec(tmp_path, str(folder / "volume.json"), readers=2)  # a spec file of any name
     _, m = load_spec(spec)
     before = read(spec)
     logs = open(tmp_path / "processes.log", "ab")
