@@ -39,6 +39,13 @@ BENCH_ARGS ?=
 BENCH_SECONDS ?= 2
 BENCH_STAMP := $(VENV)/.sixfold-bench
 
+# Bytecode caches: every cluster test starts seven or more `python -m engine` processes, and each
+# one compiles ~100 modules from source when PYTHONDONTWRITEBYTECODE is set in the caller's
+# environment (0.6 s a start instead of 0.3 s here). The targets below write the caches, and into
+# .venv/pycache rather than the source tree.
+unexport PYTHONDONTWRITEBYTECODE
+export PYTHONPYCACHEPREFIX := $(abspath $(VENV))/pycache
+
 BUILD_INPUTS := pyproject.toml setup.py $(wildcard ext/*.pyx ext/*.pxd ext/*.h) \
 	$(shell find proto -name '*.proto' 2>/dev/null | sort)
 
