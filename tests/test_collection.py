@@ -569,3 +569,31 @@ def test_a_damaged_collection_state_is_refused_at_open_with_its_cause(tmp_path, 
     for _ in range(2):  # the refused open released the folder
         with pytest.raises(StorageError, match="collection state of PG 0 .* is damaged"):
             open_store(tmp_path / "n1")
+
+
+@pytest.mark.parametrize("visited, at_floor, again", [
+    (0, False, False), (1, False, False), (1999, False, False), (2000, False, True),
+    (63, True, False), (64, True, True),
+])
+def test_the_collection_thread_steps_again_at_once_only_after_a_step_that_used_its_whole_budget(tmp_path, monkeypatch, visited, at_floor, again):
+    """A step that caught up (it visited fewer records than it could) waits COLLECT_INTERVAL_S:
+    with a steady stream of appends every step visits a few new records, and stepping again
+    after COLLECT_BUSY_S whenever a step visited anything made six write transactions per put
+    on an embedded volume."""
+    from engine.node import service
+
+    node = StorageNode(str(tmp_path / "n1"), NodeInfo("n1", "a"), Geometry(P), "vol-1", durable=False)
+    try:
+        node.store._at_floor = at_floor
+        asked = []
+
+        def step(records_max, tombstones):
+            asked.append(records_max)
+            return visited
+
+        monkeypatch.setattr(node.store, "collect_step", step)
+        assert node._collect_in_background() is again
+        assert asked == [service.COLLECT_RECORDS_PER_STEP]
+        assert node.store.collect_budget(service.COLLECT_RECORDS_PER_STEP) == (64 if at_floor else 2000)
+    finally:
+        node.close()

@@ -614,3 +614,50 @@ def test_a_format_1_manifest_without_the_field_loads_and_a_bad_one_is_refused(tm
         with pytest.raises(WrongFolder) as e:
             validate_manifest(dict(m, max_storage_bytes=bad))
         assert "max_storage_bytes" in str(e.value)
+
+
+def test_an_append_reply_measures_the_tables_only_now_and_then_and_never_states_more_room_than_there_is(tmp_path, monkeypatch):
+    """LMDB's stats of every table (`SegmentStore.usage`) took most of an append's Python time;
+    a reply now goes on the last measurement charged with a bound of what was appended since, and
+    measures exactly when that is older than USAGE_REFRESH_S, when another transaction committed
+    in between, or when the room is below USAGE_EXACT_ROOM_BYTES. The stated room is never more
+    than an exact measurement at the same moment."""
+    from engine.node import store as store_mod
+
+    node = open_node(tmp_path / "n1", 1 << 30)
+    measured = []
+    real = store_mod.SegmentStore.usage
+
+    def counting(self):
+        measured.append(1)
+        return real(self)
+
+    monkeypatch.setattr(store_mod, "USAGE_REFRESH_S", 3600.0)  # the clock never forces one here
+    monkeypatch.setattr(store_mod.SegmentStore, "usage", counting)
+    filler = Filler(value_bytes=100, per_frame=2)
+    try:
+        filler.append(node)
+        measured.clear()
+        for _ in range(50):
+            reply = filler.append(node)
+            used, held = real(node.store)  # the truth, right after this reply
+            capacity = node.store._capacity_bytes
+            exact_room = max(0, capacity - used - node.store.reserve_bytes(capacity))
+            assert reply.room_bytes <= exact_room, (reply.room_bytes, exact_room)
+            assert reply.extent_bytes <= max(0, capacity - held - node.store.reserve_bytes(capacity))
+        assert len(measured) <= 1, f"{len(measured)} measurements for 50 appends"
+        # A transaction that is not an append (a quarantine, a collection step, a seal) commits:
+        # the next reply measures again.
+        node.store.count_repaired(1)
+        measured.clear()
+        filler.append(node)
+        assert len(measured) == 1
+        # Little room left: every reply measures.
+        monkeypatch.setattr(store_mod, "USAGE_EXACT_ROOM_BYTES", 1 << 40)
+        measured.clear()
+        for _ in range(5):
+            filler.append(node)
+        assert len(measured) == 5
+        filler.check(node)
+    finally:
+        node.close()

@@ -180,6 +180,12 @@ class VersionCollector:
                 return True
         return False
 
+    def collect_budget(self, records_max: int) -> int:
+        """The records a step asked for `records_max` may visit: fewer while appends reach into
+        the floor (a step's transaction must fit in it)."""
+        records_max = max(1, int(records_max))
+        return min(records_max, COLLECT_RECORDS_AT_FLOOR) if self._at_floor else records_max
+
     @retry_when_full
     def collect_step(self, records_max: int = COLLECT_RECORDS_PER_STEP, tombstone_points: Sequence[int] | None = None) -> int:
         """Remove versions towards the targets, visiting at most about `records_max` log records
@@ -188,9 +194,7 @@ class VersionCollector:
         (None: drop no tombstone)."""
         self._check_open()
         P = self.geometry.protection_groups
-        records_max = max(1, int(records_max))
-        if self._at_floor:
-            records_max = min(records_max, COLLECT_RECORDS_AT_FLOOR)
+        records_max = self.collect_budget(records_max)
         if not self._work_due(tombstone_points):
             return 0
         with self._write_lock:

@@ -56,8 +56,10 @@ GOSSIP_INTERVAL_S = 0.2
 SCRUB_INTERVAL_S = 1.0
 SCRUB_RECORDS_PER_STEP = 1000
 GOSSIP_FRAMES_PER_STEP = 64  # bound on the repair work of one gossip step per peer
-#: Version collection: a step every COLLECT_INTERVAL_S while idle, again after COLLECT_BUSY_S
-#: while there is work (each step is one bounded write transaction, engine.node.collection).
+#: Version collection: a step every COLLECT_INTERVAL_S, again after COLLECT_BUSY_S while a step
+#: used its whole budget (more is waiting); each step is one bounded write transaction
+#: (engine.node.collection). A step that caught up waits the interval: a steady stream of puts is
+#: collected in one step per interval, not one step (a write transaction) per append.
 COLLECT_INTERVAL_S = 0.02
 COLLECT_BUSY_S = 0.002
 #: Longest pause of a background thread after consecutive unexpected failures.
@@ -384,6 +386,11 @@ class StorageNode:
             tombstones = [min(self.peer_swept.get(n, (0,) * P)[pg] for n in others) for pg in range(P)]
         return store.collect_step(records_max, tombstones)
 
+    def _collect_in_background(self) -> bool:
+        """The collection thread's step: True (step again soon) only when it used its whole
+        budget, so more is waiting; a step that caught up is not a reason to step again at once."""
+        return self.collect_once() >= self.store.collect_budget(COLLECT_RECORDS_PER_STEP)
+
     def scrub_step(self, records_max: int = SCRUB_RECORDS_PER_STEP) -> int:
         """Verify up to `records_max` stored records; quarantine corrupt ones. Returns how many
         corrupt records it found."""
@@ -455,7 +462,7 @@ class StorageNode:
         self._fetcher = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{self.id}-fetch")
         for name, step, interval, busy in (
             ("gossip", self.gossip_once, gossip_interval_s, None), ("scrub", self.scrub_step, scrub_interval_s, None),
-            ("collect", self.collect_once, COLLECT_INTERVAL_S, COLLECT_BUSY_S),
+            ("collect", self._collect_in_background, COLLECT_INTERVAL_S, COLLECT_BUSY_S),
         ):
             t = threading.Thread(target=self._background, args=(name, step, interval, busy), name=f"{self.id}-{name}", daemon=True)
             t.start()

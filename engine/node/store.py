@@ -129,6 +129,18 @@ FLOOR_BYTES_MIN = 256 << 10
 FLOOR_SLACK_BYTES = 32 << 10
 #: How often the node re-measures its capacity (the disk's free bytes change under it).
 SPACE_REFRESH_S = 1.0
+#: How long an append's reply may go on a measurement of the tables' pages (`usage`, LMDB's stats
+#: of every table: it took most of an append's Python time) charged with a bound of what was
+#: appended since; and the room below which every reply measures exactly. Charged, used and held
+#: only grow, so the room a reply states is never more than the node has.
+USAGE_REFRESH_S = 0.25
+USAGE_EXACT_ROOM_BYTES = 64 << 20
+#: A bound of the pages one appended frame may take: each record's cost
+#: (engine.core.admission.record_cost_bytes) is at most four times its encoded bytes plus this,
+#: and the commit copies each changed page's path to its table's root and the free list's
+#: (at most USAGE_CHARGE_PER_COMMIT_PAGES, measured below 12), which can move the file's end.
+USAGE_CHARGE_PER_RECORD_BYTES = 2 * 32 + 256
+USAGE_CHARGE_PER_COMMIT_PAGES = 32
 #: A filesystem with less free room than this is full for the purpose of classifying a short write.
 FREE_BYTES_FLOOR = 1 << 20
 #: errno values that mean "no room" (disk full, file size limit, quota).
@@ -306,6 +318,9 @@ class SegmentStore(VersionCollector):
         self.held_bytes = 0  # the data file's high-water mark, as `space` last measured it
         self._at_floor = False  # appends refused for reaching into the floor (logged once per episode)
         self._last_usage: tuple[int, int] | None = None  # usage() as `space` last measured it
+        self._usage_at = 0.0  # when (monotonic), and what was appended since (a bound, bytes)
+        self._usage_charged = 0
+        self._usage_txnid = -1  # LMDB's last transaction id then, plus the appends charged since
         self._pages_at: tuple[int, int] | None = None  # (txn id, table pages) of the last read measured
         P = geometry.protection_groups
         with self.env.begin(write=True) as txn:
@@ -448,20 +463,39 @@ class SegmentStore(VersionCollector):
         records a node holds already cost nothing, so recovery's re-sends to full nodes land."""
         return min(self.reserve_bytes(capacity_bytes) // 2, max(FLOOR_BYTES_MIN, capacity_bytes // FLOOR_FRACTION))
 
-    def space(self) -> tuple[int, int, bool, int]:
+    def space(self, exact: bool = True) -> tuple[int, int, bool, int]:
         """(used_bytes, capacity_bytes, space_low, room_bytes). Used is what `usage` says: the
         pages the tables hold, so that pages freed inside the file (LMDB reuses them) count as
         room again. Room is what is left above the reserve; the node is low on space exactly
         when none is (room 0), so a writer that admits a put only where it fits
         (`engine.core.admission`) and one that admits none on low nodes agree. The capacity is
-        re-measured at most every SPACE_REFRESH_S (a statvfs and a getrlimit)."""
+        re-measured at most every SPACE_REFRESH_S (a statvfs and a getrlimit). With `exact` false
+        (an append's reply) the tables may go unmeasured, see USAGE_REFRESH_S: used and held
+        are then bounds from above, so the room is one from below."""
         now = time.monotonic()
         if now - self._capacity_at >= SPACE_REFRESH_S:
             self._capacity_bytes, self._capacity_at = self._capacity_now(), now
-        used, self.held_bytes = self._last_usage = self.usage()
         capacity = self._capacity_bytes
-        room = max(0, capacity - used - self.reserve_bytes(capacity))
+        reserve = self.reserve_bytes(capacity)
+        last = self._last_usage
+        charged = self._usage_charged
+        txnid = self.env.info()["last_txnid"]
+        # Exact unless the last measurement is recent, the room ample, and every transaction
+        # committed since was an append that charged it (a collection step may grow the file).
+        if (exact or last is None or now - self._usage_at >= USAGE_REFRESH_S or txnid != self._usage_txnid
+                or capacity - last[0] - charged - reserve < USAGE_EXACT_ROOM_BYTES):
+            last = self._last_usage = self.usage()
+            self._usage_at, self._usage_charged, charged, self._usage_txnid = now, 0, 0, txnid
+        used, self.held_bytes = last[0] + charged, last[1] + charged
+        room = max(0, capacity - used - reserve)
         return used, capacity, room == 0, room
+
+    def _charge_usage(self, frame_bytes: int, records: int) -> None:
+        """Count an appended frame (its transaction just committed) against the last measurement
+        of `usage` (see USAGE_REFRESH_S)."""
+        self._usage_charged += (4 * frame_bytes + records * USAGE_CHARGE_PER_RECORD_BYTES
+                                + USAGE_CHARGE_PER_COMMIT_PAGES * self._page_bytes)
+        self._usage_txnid += 1
 
     def usage(self) -> tuple[int, int]:
         """(used bytes, held bytes). Held: the data file's high-water mark (last page + 1, times
@@ -498,7 +532,7 @@ class SegmentStore(VersionCollector):
         return pages
 
     def _append_reply(self) -> AppendReply:
-        used, capacity, low, room = self.space()
+        used, capacity, low, room = self.space(exact=False)
         self._note_storage_level(used, capacity)
         return AppendReply(self.node_id, tuple(self.scls), low, room, self.extent_room(capacity))
 
@@ -820,6 +854,8 @@ class SegmentStore(VersionCollector):
             self.scls, self.max_lsn, self.gc = scls, max_lsn, gc
             if hint_lsn > self.hint_lsn:
                 self.hint_lsn = hint_lsn
+            if items:
+                self._charge_usage(len(frame), len(items))
             return self._append_reply()
 
     def _index(self, txn, items) -> None:
