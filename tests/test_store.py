@@ -269,3 +269,60 @@ def test_a_frame_whose_keys_ascend_past_the_log_fills_its_pages(tmp_path):
         assert s.read(0, b"key:%08d" % 1234, n, n, 1).value == b"x" * 1000
     finally:
         s.close()
+
+
+class _Watched:
+    """A real LMDB environment whose write transactions report, at commit, whether the staging
+    section was held (everything else goes to the real objects)."""
+
+    def __init__(self, env, seen):
+        self._env, self._seen = env, seen
+
+    def begin(self, **kw):
+        return _WatchedTxn(self._env.begin(**kw), self._seen)
+
+    def __getattr__(self, name):
+        return getattr(self._env, name)
+
+
+class _WatchedTxn:
+    def __init__(self, txn, seen):
+        self._txn, self._seen = txn, seen
+
+    def commit(self):
+        from engine.node.store import STAGING
+
+        self._seen.append(("commit", STAGING.locked()))
+        return self._txn.commit()
+
+    def put(self, *a, **kw):
+        from engine.node.store import STAGING
+
+        self._seen.append(("put", STAGING.locked()))
+        return self._txn.put(*a, **kw)
+
+    def __getattr__(self, name):
+        return getattr(self._txn, name)
+
+
+def test_an_append_fills_its_transaction_inside_the_staging_section_and_commits_outside_it(store):
+    """Six segments of an embedded volume overlap their fsyncs, not their Python and LMDB work
+    (engine.node.store.STAGING); a failed append leaves the section free and nothing written."""
+    from engine.node import store as store_mod
+
+    seen = []
+    real = store.env
+    store.env = _Watched(real, seen)
+    try:
+        store._persisted_at = float("-inf")  # this append persists its SCLs: puts inside the body
+        store.append(1, codec.encode_frame([rec(1, 0, 0, b"a"), rec(2, 0, 1, b"b")]), 0)
+        assert ("put", True) in seen and seen[-1] == ("commit", False), seen
+        assert not store_mod.STAGING.locked()
+        # A record that conflicts with a held one aborts the frame: the section is left, nothing lands.
+        with pytest.raises(Exception):
+            store.append(1, codec.encode_frame([rec(1, 0, 0, b"other", b"x"), rec(3, 1, 0, b"c")]), 0)
+        assert not store_mod.STAGING.locked()
+        assert store.scls[0] == 1 and store.max_lsn[0] == 1
+    finally:
+        store.env = real
+    assert store.read(0, b"a", 10, 1, store.epoch).value == b"v"

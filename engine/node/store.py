@@ -213,6 +213,42 @@ class _Quarantine(SegmentIncomplete):
         self.pg, self.lsn = pg, lsn
 
 
+#: One thread at a time in this process fills a write transaction of an append (`_Staged`); its
+#: commit, the fsync, runs outside. Six segments of an embedded volume then overlap their fsyncs
+#: while their Python and LMDB work no longer interleaves: interleaved, every LMDB call released the
+#: GIL to another sender (a futex and a context switch each), and six appends took turns at every
+#: call. Nothing is waited for while it is held (no lock, no I/O but LMDB's page reads), so it
+#: is always the innermost lock. A node process has one segment: there it never waits.
+STAGING = threading.Lock()
+
+
+class _Staged:
+    """`with _Staged(env) as txn:` a write transaction filled inside STAGING and committed after
+    it is left (aborted, and STAGING left, if the body raises)."""
+
+    __slots__ = ("env", "txn")
+
+    def __init__(self, env) -> None:
+        self.env = env
+
+    def __enter__(self):
+        STAGING.acquire()
+        try:
+            self.txn = self.env.begin(write=True)
+        except BaseException:
+            STAGING.release()
+            raise
+        return self.txn
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        STAGING.release()
+        if exc_type is None:
+            self.txn.commit()
+        else:
+            self.txn.abort()
+        return False
+
+
 class _ReadTxn:
     """A read transaction inside the store's map gate (engine.node.growth). A `_Quarantine`
     raised inside is carried out after the transaction and the gate are left (quarantining takes
@@ -794,7 +830,7 @@ class SegmentStore(VersionCollector):
             gc = self.gc
             healed: list[tuple[int, int]] = []
             try:
-                with self.env.begin(write=True) as txn:
+                with _Staged(self.env) as txn:
                     if items:
                         # One C loop per table. The log keeps the copy it has (overwrite=False);
                         # `added` says whether every record was new, so the common case costs
