@@ -29,14 +29,17 @@ import time
 
 import lmdb
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from harness import percentile  # noqa: E402  (bench/harness.py)
+
 VALUE = b"v" * 100
 NODES = 6
 QUORUM = 4
 
 
 def pct(xs, q):
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(len(xs) * q))] if xs else 0.0
+    return percentile(sorted(xs), q)
 
 
 def open_envs(root: str, n: int):
