@@ -49,6 +49,8 @@ def test_wiped_node_rebuilds_from_peers_and_serves_only_when_complete(tmp_path):
         db.cluster.wipe_node("n2")
         db.put(b"poke", b"1")  # tells n2 the current VDL, which bounds what it fetches
         eventually(lambda: all_equal_scl(db), "n2 rebuilt: every node at the same SCLs")
+        # A gossip step counts what it repaired once it ends, after its last frame moved the SCL.
+        eventually(lambda: node(db.status(), "n2")["repaired"] >= 300, "n2 to count the records it repaired")
         st = db.status()
         assert node(st, "n2")["records"] == node(st, "n1")["records"]
         assert node(st, "n2")["repaired"] >= 300
