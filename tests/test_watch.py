@@ -88,8 +88,7 @@ def test_bad_watch_arguments(db):
     assert next(db.watch(b"", start=position - 1)).key == b"k"
 
 
-@pytest.mark.cluster
-def test_watch_over_grpc_and_the_cli(tmp_path, capsys):
+def _watch_over_grpc_and_the_cli(tmp_path, capsys, then=None):
     from engine.cli import main
 
     c = Cluster(tmp_path / "c")
@@ -108,14 +107,30 @@ def test_watch_over_grpc_and_the_cli(tmp_path, capsys):
             assert main(["watch", "w:", "--cluster", c.folder, "--from", str(start), "--count", "3"]) == 0
             out = capsys.readouterr().out.splitlines()
             assert out[0] == f"{p1}\tw:1\tone" and out[1] == f"{p2}\tw:1\t<deleted>" and out[2].endswith("\tw:2\tlive")
-            def collected_past_start():
-                return all(n.get("horizon_lsn", 0) > start for n in db.status()["nodes"])
-
-            db.put(b"tick", b"")
-            eventually(collected_past_start, "every node collected past the start (no watch holds it any more)")
-            c.crash_writer()
-            with pytest.raises(Compacted) as e:
-                next(db.watch(start=start))
-            assert e.value.oldest > start
+            if then is not None:
+                then(c, db, start)
     finally:
         c.down(timeout_s=10)
+
+
+@pytest.mark.cluster
+def test_watch_over_grpc_and_the_cli(tmp_path, capsys):
+    _watch_over_grpc_and_the_cli(tmp_path, capsys)
+
+
+@pytest.mark.cluster
+@pytest.mark.soak
+def test_over_grpc_a_watch_that_ended_lets_collection_pass_its_start_and_then_the_start_is_compacted(tmp_path, capsys):
+    """About 30 s (the endpoint holds an ended stream's position for WATCH_LINGER_S), so in the soak."""
+    def collected_past(c, db, start):
+        def collected_past_start():
+            return all(n.get("horizon_lsn", 0) > start for n in db.status()["nodes"])
+
+        db.put(b"tick", b"")
+        eventually(collected_past_start, "every node collected past the start (no watch holds it any more)")
+        c.crash_writer()
+        with pytest.raises(Compacted) as e:
+            next(db.watch(start=start))
+        assert e.value.oldest > start
+
+    _watch_over_grpc_and_the_cli(tmp_path, capsys, collected_past)
