@@ -137,8 +137,9 @@ USAGE_REFRESH_S = 0.25
 USAGE_EXACT_ROOM_BYTES = 64 << 20
 #: A bound of the pages one appended frame may take: each record's cost
 #: (engine.core.admission.record_cost_bytes) is at most four times its encoded bytes plus this,
-#: and the commit copies each changed page's path to its table's root and the free list's
-#: (at most USAGE_CHARGE_PER_COMMIT_PAGES, measured below 12), which can move the file's end.
+#: and the commit copies each changed page's path to its table's root and the free list's, which
+#: can move the file's end: USAGE_CHARGE_PER_COMMIT_PAGES per commit (measured: at most 11 pages
+#: beyond four times the frame, for frames of 1 to 64 records of 100 bytes).
 USAGE_CHARGE_PER_RECORD_BYTES = 2 * 32 + 256
 USAGE_CHARGE_PER_COMMIT_PAGES = 32
 #: A filesystem with less free room than this is full for the purpose of classifying a short write.
@@ -217,8 +218,8 @@ class _Quarantine(SegmentIncomplete):
 #: commit, the fsync, runs outside. Six segments of an embedded volume then overlap their fsyncs
 #: while their Python and LMDB work no longer interleaves: interleaved, every LMDB call released the
 #: GIL to another sender (a futex and a context switch each), and six appends took turns at every
-#: call. Nothing is waited for while it is held (no lock, no I/O but LMDB's page reads), so it
-#: is always the innermost lock. A node process has one segment: there it never waits.
+#: call. Nothing is waited for while it is held (no other lock but logging's, when a refusal is
+#: logged; no I/O but LMDB's page reads), so it is always the innermost lock. A node process has one segment: there it never waits.
 STAGING = threading.Lock()
 
 
