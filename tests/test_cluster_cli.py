@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
 
 from engine.cluster import Cluster, port_free
-from engine.cluster.testing import engine_env, free_base_port
+from engine.cluster.testing import engine_env, free_base_port, hold_port
 
 pytestmark = pytest.mark.cluster
 
@@ -102,17 +101,14 @@ def test_cli_round_trip(tmp_path, capsys):
 
 def test_a_busy_port_is_a_clear_error_not_a_hang(tmp_path):
     base = free_base_port()
-    blocker = socket.socket()
-    blocker.bind(("127.0.0.1", base + 3))
-    blocker.listen()
     try:
-        out = sixfold("cluster", "up", "--cluster", str(tmp_path / "c"), "--base-port", str(base), check=False, timeout=60)
-        assert out.returncode == 3
-        assert f"port {base + 3}" in out.stderr and "n3" in out.stderr and "in use" in out.stderr
-        assert not (tmp_path / "c" / "cluster.json").exists(), "a cluster that could not start is not created"
-        assert all(port_free("127.0.0.1", base + i) for i in (0, 1, 2, 4, 5, 6)), "nothing may be left running"
+        with hold_port("127.0.0.1", base + 3):
+            out = sixfold("cluster", "up", "--cluster", str(tmp_path / "c"), "--base-port", str(base), check=False, timeout=60)
+            assert out.returncode == 3
+            assert f"port {base + 3}" in out.stderr and "n3" in out.stderr and "in use" in out.stderr
+            assert not (tmp_path / "c" / "cluster.json").exists(), "a cluster that could not start is not created"
+            assert all(port_free("127.0.0.1", base + i) for i in (0, 1, 2, 4, 5, 6)), "nothing may be left running"
     finally:
-        blocker.close()
         Cluster(tmp_path / "c").down(timeout_s=10)
 
 

@@ -39,7 +39,7 @@ from engine.cluster.manifest import (
     port_clashes,
     save_manifest,
 )
-from engine.cluster.testing import engine_env, free_base_port
+from engine.cluster.testing import engine_env, free_base_port, hold_port
 from engine.errors import InvalidArgument, WrongFolder
 from engine.metrics import Metrics, serve
 from engine.transport.grpc_server import AddressInUse, InsecureListen
@@ -257,9 +257,7 @@ def test_cluster_up_refuses_an_offset_past_the_last_port(tmp_path):
 
 def test_cluster_up_refuses_a_busy_metrics_port_before_it_starts_anything(tmp_path):
     base = free_base_port()
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", base + METRICS_PORT_OFFSET_DEFAULT + 3))
-        s.listen(1)
+    with hold_port("127.0.0.1", base + METRICS_PORT_OFFSET_DEFAULT + 3):
         out = sixfold("cluster", "up", "--cluster", tmp_path / "c", "--base-port", base, "--insecure", "--timeout-s", 30)
     assert out.returncode == 3, out
     assert (f"port {base + METRICS_PORT_OFFSET_DEFAULT + 3} (127.0.0.1:{base + METRICS_PORT_OFFSET_DEFAULT + 3}, "

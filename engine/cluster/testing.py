@@ -6,7 +6,9 @@ Kept in the package (not in tests/) so that the chaos runner and benchmarks use 
 from __future__ import annotations
 
 import os
+import contextlib
 import random
+import socket
 import subprocess
 import sys
 import threading
@@ -34,6 +36,21 @@ def free_base_port(count: int = 7, host: str = "127.0.0.1", attempts: int = 200,
         if all(port_free(host, base + i) and port_free(host, base + METRICS_PORT_OFFSET_DEFAULT + i) for i in range(count)):
             return base
     raise RuntimeError(f"no {count} consecutive free ports found in {attempts} attempts")
+
+
+@contextlib.contextmanager
+def hold_port(host: str, port: int):
+    """Listen on host:port for the `with` block, so that a process told to use it finds it busy.
+
+    Bound with SO_REUSEADDR, as the servers and `port_free` bind: a port an earlier test's
+    process closed a moment ago may still be in TIME_WAIT, which such a bind ignores and a plain
+    bind refuses with EADDRINUSE (a test that failed that way was the blocker's fault, not the
+    launcher's)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind((host, port))
+        s.listen(1)
+        yield s
 
 
 def wait_serving(address: str, timeout_s: float = READY_TIMEOUT_S, proc: subprocess.Popen | None = None, tls=None) -> None:
