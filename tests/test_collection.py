@@ -597,3 +597,47 @@ def test_the_collection_thread_steps_again_at_once_only_after_a_step_that_used_i
         assert node.store.collect_budget(service.COLLECT_RECORDS_PER_STEP) == (64 if at_floor else 2000)
     finally:
         node.close()
+
+
+def test_a_full_node_restarted_with_much_to_collect_shrinks_its_steps_until_they_fit_and_collects_it_all(tmp_path):
+    """A step's transaction copies every page it changes before it frees any, so at the map's
+    maximum a step of many records can find no page left while a smaller one fits. A node filled
+    with overwrites to its floor, then restarted (its "at the floor" flag is in memory: the first
+    steps are full-sized), once tried the same too-large step for ever (MDB_MAP_FULL each time), so
+    what the overwrites hid was never removed and the node stayed full. Now a full step halves the
+    following steps' budget, and committed steps double it back."""
+    from engine.node.collection import COLLECT_RECORDS_PER_STEP
+    from engine.errors import StorageFull
+
+    def open_full():
+        s = SegmentStore(str(tmp_path / "n1"), "n1", "a", Geometry(P), "vol-1", durable=False, max_bytes=4 << 20)
+        s.sync_epoch(1, ())
+        return s
+
+    s = open_full()
+    lsn, value = 0, b"x" * 3000
+    with pytest.raises(StorageFull):
+        for _ in range(10_000):  # 200 keys, each overwritten until the node refuses appends
+            entries = [(lsn + i + 1, b"k%03d" % ((lsn + i + 1) % 200), value) for i in range(10)]
+            s.append(1, chain(*entries, first_prev=lsn), lsn + 10)
+            lsn += 10
+    s.close()
+    s = open_full()
+    try:
+        s.append(1, codec.encode_frame([]), lsn, collect=(lsn, 0))
+        full = steps = 0
+        while steps < 200:
+            steps += 1
+            try:
+                if not s.collect_step(COLLECT_RECORDS_PER_STEP, None):
+                    break
+            except lmdb.MapFullError:
+                full += 1
+        else:
+            raise AssertionError(f"collection did not finish in 200 steps ({full} found the map full)")
+        assert full >= 1 and s.collect_steps_shrunk >= 1, "the test must reach a step too large for the full map"
+        for k in range(200):
+            held = versions(s, b"k%03d" % k)
+            assert len(held) == 1 and held[0] > lsn - 200, (k, held)  # only each key's newest version is left
+    finally:
+        s.close()

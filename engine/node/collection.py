@@ -66,13 +66,18 @@ anything runs under `_write_lock`).
 from __future__ import annotations
 
 import json
+import logging
 import struct
 from collections.abc import Sequence
+
+import lmdb
 
 from engine import codec
 from engine.core.constants import FLAG_DELETE, FLAG_REQUEST, LSN_VALID_MAX
 from engine.errors import CorruptRecord, SnapshotTooOld, StorageError
 from engine.node.growth import retry_when_full
+
+log = logging.getLogger("sixfold.store")
 
 _U64BE = struct.Struct(">Q")
 _U32BE = struct.Struct(">I")
@@ -143,6 +148,11 @@ class VersionCollector:
         self._skip_log_chunks = [False] * P  # per PG: the log was rebuilt whole, chunks of the version index only
         #: compaction chunks rewritten (status)
         self.compactions = 0
+        #: the records a step may visit since one found the map full (None: no such limit); see
+        #: collect_step
+        self._full_cap: int | None = None
+        #: collection steps that found the map full and were cut in size (status)
+        self.collect_steps_shrunk = 0
 
     def set_collect_target(self, epoch: int, point: int, requests: int) -> None:
         """Remember the writer's points (from an append accepted at `epoch`)."""
@@ -184,10 +194,39 @@ class VersionCollector:
         """The records a step asked for `records_max` may visit: fewer while appends reach into
         the floor (a step's transaction must fit in it)."""
         records_max = max(1, int(records_max))
-        return min(records_max, COLLECT_RECORDS_AT_FLOOR) if self._at_floor else records_max
+        if self._at_floor:
+            records_max = min(records_max, COLLECT_RECORDS_AT_FLOOR)
+        if self._full_cap is not None:
+            records_max = min(records_max, self._full_cap)
+        return records_max
+
+    def collect_step(self, records_max: int = COLLECT_RECORDS_PER_STEP, tombstone_points: Sequence[int] | None = None) -> int:
+        """Remove versions towards the targets (`_collect_step`); returns the records visited.
+
+        A step's transaction copies every page it changes before it frees any, so at the map's
+        maximum a step of many records can find no page left (MDB_MAP_FULL, the map cannot grow)
+        while a smaller one fits. Such a failure halves what the following steps may visit, down
+        to one record, and the error stands (the caller counts it); each step that then commits
+        doubles the limit again until it is gone. Without this, a volume filled by deletes (which
+        may use the floor) tried the same too-large step for ever: what the deletes hid was never
+        removed, and the volume stayed full."""
+        budget = self.collect_budget(records_max)
+        try:
+            visited = self._collect_step(budget, tombstone_points)
+        except lmdb.MapFullError:
+            cap = max(1, budget // 2)
+            if self._full_cap is None or cap < self._full_cap:
+                self._full_cap = cap
+                self.collect_steps_shrunk += 1
+                log.warning("node %s: a collection step of up to %d records found the map full at its maximum; "
+                            "the next steps visit at most %d", self.node_id, budget, cap)
+            raise
+        if self._full_cap is not None and visited:
+            self._full_cap = None if self._full_cap * 2 >= COLLECT_RECORDS_PER_STEP else self._full_cap * 2
+        return visited
 
     @retry_when_full
-    def collect_step(self, records_max: int = COLLECT_RECORDS_PER_STEP, tombstone_points: Sequence[int] | None = None) -> int:
+    def _collect_step(self, records_max: int = COLLECT_RECORDS_PER_STEP, tombstone_points: Sequence[int] | None = None) -> int:
         """Remove versions towards the targets, visiting at most about `records_max` log records
         in one write transaction; returns how many it visited (0: nothing to do).
         `tombstone_points[pg]`: the least `swept` of the other members, as gossip last heard
