@@ -23,6 +23,17 @@ and go out as one `read_many` per node (nodes in parallel when a pool is given).
 cannot answer moves to the PG's next complete segment; a node that fails is skipped for the rest
 of the call; what no complete segment answers, and quorum or snapshot gets, take `get`.
 
+The writer's memory (`Writer.remembered`, the map of its recent writes that conditional writes
+are checked against): a get of now (no view, not `quorum`), alone or in a batch, whose key this
+writer wrote at or below the read point is answered from it and asks no segment, the way
+Aurora's writer serves hot pages from its buffer cache. It is exact, not a cache that can go
+stale: only this writer logs at its epoch and every earlier writer's records lie at or below the
+VDL it recovered, so the newest write it remembers, when at or below the read point, is the
+newest version at that point. A key written above the read point (not durable yet), or not
+remembered (written by an earlier writer, or forgotten past the memory's bounds), is read from
+the segments as before. Quorum gets and gets at a snapshot's view always ask the segments. Status
+counts the answers (`stats.reads_from_memory`).
+
 Version collection (`engine.node.collection`): a segment refuses a read below its collection
 horizon with SnapshotTooOld, and that answer is final for the read point, so it is raised at
 once rather than asked of the next segment. A read at a read point of its own (a get without a
@@ -133,13 +144,47 @@ class ReadPath:
         )
 
     # --- gets -----------------------------------------------------------------------------------
+    def _remembered(self, key: bytes, read_point: int) -> tuple[int, bytes | None, int] | None:
+        """The source's memory of `key`'s newest version at `read_point` (`Writer.remembered`),
+        or None: ask the segments. Never under a weakening (engine.head.weakening: the
+        fault-injection runs must see what the weakened protocol stored and reads)."""
+        w = self._w
+        remembered = getattr(w, "remembered", None)
+        weakening = getattr(w, "weakening", None)
+        if remembered is None or (weakening is not None and weakening.weakened):
+            return None
+        return remembered(key, read_point)
+
+    def _remembered_value(self, version: tuple[int, bytes | None, int]) -> bytes | None:
+        """What a get answers for a remembered version: None for a delete or a lapsed deadline."""
+        _lsn, value, deadline = version
+        if value is None or (deadline and deadline <= self._now_us()):
+            return None
+        return value
+
     def get(self, key: bytes, *, quorum: bool = False, view: ReadView | None = None) -> bytes | None:
+        """`key`'s value at `view` (default: a view of now), None when absent. A get of now that
+        this writer's memory answers (`_remembered`) asks no segment; a `quorum` read, or one at a
+        given view, always asks the segments (a snapshot's view is checked against what they
+        collected)."""
         check_key(key)
         cipher = self._w.cipher
-        if cipher is None:
-            return self._live_value(self.lookup(key, quorum=quorum, view=view))
-        ik = cipher.index_key(key)
-        r = self.lookup(ik, quorum=quorum, view=view)
+        ik = key if cipher is None else cipher.index_key(key)
+        if view is None and not quorum:
+            now = self._w.view()
+            mem = self._remembered(ik, now.read_point)
+            if mem is not None:
+                return self._remembered_value(mem)
+            try:
+                return self._value(key, ik, self.lookup(ik, view=now))
+            except SnapshotTooOld:
+                pass  # that read point is gone already: fresh views, as any get of now
+        return self._value(key, ik, self.lookup(ik, quorum=quorum, view=view))
+
+    def _value(self, key: bytes, ik: bytes, r: ReadReply | None) -> bytes | None:
+        """A get's answer from a segment's reply (opened, on an encrypted volume)."""
+        if self._w.cipher is None:
+            return self._live_value(r)
         return None if self._live_value(r) is None else self._open(key, ik, r)
 
     def version(self, key: bytes, *, view: ReadView | None = None) -> tuple[int, bytes | None, int]:
@@ -249,6 +294,11 @@ class ReadPath:
             if cipher is not None:
                 plain[i] = key
                 key = cipher.index_key(key)
+            if at is None:  # a view of now: this writer's memory may answer (see `get`)
+                mem = self._remembered(key, shared.read_point)
+                if mem is not None:
+                    results[i] = self._remembered_value(mem)
+                    continue
             pending.append((i, protection_group_of(key, w.P), key))
 
         by_pg: dict[int, list[str]] = {}  # the complete segments of each PG at the shared view

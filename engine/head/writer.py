@@ -428,6 +428,8 @@ class Writer:
         self.truncations: tuple = ()
         self._background = background
         self.stats = {"flushes": 0, "records_sent": 0, "requests_deduplicated": 0}
+        #: gets answered from `_recent` without asking a segment (`remembered`)
+        self.reads_from_memory = 0
         #: request id -> the ticket that logged it, for the last REQUEST_WINDOW_MAX ids this writer
         #: logged (guarded by the lock): a re-send of one of them joins it instead of logging again
         self._requests: OrderedDict[bytes, _Ticket] = OrderedDict()
@@ -1662,6 +1664,21 @@ class Writer:
     def get(self, key: bytes, *, quorum: bool = False, view: ReadView | None = None) -> bytes | None:
         return self.reads.get(key, quorum=quorum, view=view)
 
+    def remembered(self, key: bytes, read_point: int) -> tuple[int, bytes | None, int] | None:
+        """(lsn, value or None for a delete, deadline) of `key`'s newest version at `read_point`
+        when this writer's memory of its recent writes (`_recent`) tells it, else None (ask the
+        segments). Only this writer logs at its epoch, and every earlier writer's records lie at
+        or below the VDL it recovered, so the newest write it remembers, when at or below the
+        read point, is the newest version there: no segment can hold a newer one at or below it.
+        A write above the read point (not yet durable when the view was taken) says nothing about
+        the version below it. Keys are as the ops carry them (index keys on an encrypted volume);
+        values are plaintext. Takes no lock: one dict lookup of an immutable tuple."""
+        v = self._recent.get(key)
+        if v is None or v[0] > read_point:
+            return None
+        self.reads_from_memory += 1  # a count for status: a lost increment under a race is harmless
+        return v
+
     def scan(
         self, start: bytes, end: bytes | None, *, quorum: bool = False, view: ReadView | None = None
     ) -> Iterator[tuple[bytes, bytes]]:
@@ -1732,7 +1749,7 @@ class Writer:
                 "recovery": dict(self.recovery),
                 #: on an encrypted volume, sealed values that failed their tag (counted as corruption);
                 #: the read points held and the collection point (engine.head.readpoints)
-                "stats": dict(self.stats, **self.read_points.status(),
+                "stats": dict(self.stats, reads_from_memory=self.reads_from_memory, **self.read_points.status(),
                               **({} if self.cipher is None else {"tag_failures": self.cipher.failures})),
             }
 
