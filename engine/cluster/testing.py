@@ -5,8 +5,8 @@ Kept in the package (not in tests/) so that the chaos runner and benchmarks use 
 
 from __future__ import annotations
 
-import os
 import contextlib
+import os
 import random
 import socket
 import subprocess

@@ -207,9 +207,11 @@ class VersionCollector:
         maximum a step of many records can find no page left (MDB_MAP_FULL, the map cannot grow)
         while a smaller one fits. Such a failure halves what the following steps may visit, down
         to one record, and the error stands (the caller counts it); each step that then commits
-        doubles the limit again until it is gone. Without this, a volume filled by deletes (which
-        may use the floor) tried the same too-large step for ever: what the deletes hid was never
-        removed, and the volume stayed full."""
+        doubles the limit again until it is gone. The floor's smaller budget does not cover this:
+        `_at_floor` is in memory, set only by an append refused at the floor and cleared by a
+        later one that fits, or by a restart. Without this, such a full node tried the same
+        too-large step for ever: what deletes and overwrites hid was never removed, and the node
+        stayed full."""
         budget = self.collect_budget(records_max)
         try:
             visited = self._collect_step(budget, tombstone_points)
