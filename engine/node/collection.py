@@ -160,6 +160,15 @@ class VersionCollector:
             self.collect_target = (epoch, point, min(requests, point))
 
     def check_horizon(self, pg: int, read_point: int) -> None:
+        """SnapshotTooOld when `read_point` is below `pg`'s collection horizon.
+
+        A read checks it before it opens its read transaction (to refuse early) and again inside
+        it; every transaction that removes versions below a new horizon (a collection step, a
+        repair frame adopting a peer's collection) publishes that horizon before it commits
+        (`publish_horizons`). So a read whose transaction sees the removal also sees the horizon
+        and is refused; one whose transaction began before the commit reads the versions it needs.
+        Checked only before the transaction, a read that a collection step overtook in between
+        answered from what was left (a released snapshot's get answered None)."""
         horizon = self.gc[pg][HORIZON]
         if read_point < horizon:
             raise SnapshotTooOld(
@@ -167,6 +176,14 @@ class VersionCollector:
                 f"{read_point} may need them (its snapshot was released, its registration lapsed, or it was "
                 "registered with a writer since replaced). Nothing was read: take a new snapshot."
             )
+
+    def publish_horizons(self, gc: Sequence[Sequence[int]]) -> None:
+        """Raise the published horizons to those of `gc` (a transaction's copy, before it commits;
+        see check_horizon). A horizon only rises, and one raised for a transaction that then
+        fails refuses reads that could still have been answered: never a wrong answer. Holds
+        _write_lock."""
+        if any(g[HORIZON] > old[HORIZON] for g, old in zip(gc, self.gc)):
+            self.gc = [[max(g[HORIZON], old[HORIZON]), *old[1:]] for g, old in zip(gc, self.gc)]
 
     def _target(self, pg: int) -> int:
         epoch, point, _requests = self.collect_target
@@ -284,6 +301,7 @@ class VersionCollector:
                     # stored hint below a removed record would end that walk at the hole and cut
                     # every acknowledged record above it. The in-memory hint bounds every target.
                     txn.put(b"hint", _U64BE.pack(self.hint_lsn), db=self._meta)
+                self.publish_horizons(gc)  # before the commit (check_horizon)
                 counters = dict(self.counters, collected=self.counters["collected"] + removed)
                 if removed:
                     txn.put(b"counters", json.dumps(counters).encode(), db=self._meta)

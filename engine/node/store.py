@@ -862,6 +862,7 @@ class SegmentStore(VersionCollector):
                         gc = [list(g) for g in self.gc]
                         pg = collected[0]
                         jumped = self.adopt_collected(txn, pg, *collected[1:], scls, gc)
+                        self.publish_horizons(gc)  # before the commit (check_horizon)
                         if jumped:
                             self._walk_scl(txn, pg, scls, max_lsn)
                             # A lost copy the peer collected will never come back; it need not.
@@ -1220,6 +1221,7 @@ class SegmentStore(VersionCollector):
             raise InvalidArgument(f"read namespace {namespace!r}: 0 (keys) or 1 (request ids)")
         index = self._requests if namespace == NAMESPACE_REQUESTS else self._versions
         with self._read_txn() as txn:
+            self.check_horizon(pg, read_point)  # again, inside the transaction (check_horizon)
             lsn_be = self._version_at(txn.cursor(db=index), _U32BE.pack(pg) + key, _U64BE.pack(read_point))
             if lsn_be is None:
                 return ReadReply(self.node_id, 0, None)
@@ -1243,6 +1245,7 @@ class SegmentStore(VersionCollector):
         rp_be = _U64BE.pack(read_point)
         out: list[VersionEntry] = []
         with self._read_txn() as txn:
+            self.check_horizon(pg, read_point)  # again, inside the transaction (check_horizon)
             keys = txn.cursor(db=self._versions)
             probe = txn.cursor(db=self._versions)
             if not keys.set_range(prefix + start):
