@@ -100,9 +100,11 @@ def test_many_threads_reading_and_writing_one_key_never_see_a_value_go_back(tmp_
         errors: list[str] = []
 
         def write() -> None:
-            for i in range(1, 301):
-                db._write([(FLAG_PUT, b"n", b"%08d" % i)], None)
-            stop.set()
+            try:
+                for i in range(1, 301):
+                    db._write([(FLAG_PUT, b"n", b"%08d" % i)], None)
+            finally:
+                stop.set()  # a failed write must not leave the readers looping
 
         def read() -> None:
             last = -1
@@ -115,5 +117,6 @@ def test_many_threads_reading_and_writing_one_key_never_see_a_value_go_back(tmp_
         threads = [threading.Thread(target=write)] + [threading.Thread(target=read) for _ in range(3)]
         [t.start() for t in threads]
         [t.join(timeout=120) for t in threads]
+        assert not any(t.is_alive() for t in threads), "a thread did not finish in 120 s"
         assert not errors, errors[:5]
         assert db.get(b"n") == b"%08d" % 300

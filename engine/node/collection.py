@@ -151,7 +151,9 @@ class VersionCollector:
         #: the records a step may visit since one found the map full (None: no such limit); see
         #: collect_step
         self._full_cap: int | None = None
-        #: collection steps that found the map full and were cut in size (status)
+        #: collection steps that found the map full and cut the next ones in size (logged; the
+        #: failed step itself is counted where every background error is, the node's
+        #: `background_expected_errors["collect"]` in its status)
         self.collect_steps_shrunk = 0
 
     def set_collect_target(self, epoch: int, point: int, requests: int) -> None:
