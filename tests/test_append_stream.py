@@ -12,6 +12,7 @@ counters (`State`'s `append_streams`).
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import threading
@@ -65,24 +66,63 @@ def _streams(t: GrpcTransport, node: str = "n1") -> dict:
     return t.state(node).extra["append_streams"]
 
 
-def test_appends_travel_on_one_stream_and_an_error_keeps_it_open(node):
+class _LoopAppends:
+    """`append` as the writer's sender loop makes it (`append_async`, grpc.aio), from a test's
+    thread: one event loop thread for every call, as the sender loop has."""
+
+    def __init__(self, t: GrpcTransport) -> None:
+        self.t = t
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+    def __call__(self, *args):
+        return asyncio.run_coroutine_threadsafe(self.t.append_async(*args), self.loop).result(DEADLINE_S)
+
+    def close(self) -> None:
+        if not self.thread.is_alive():
+            return
+        asyncio.run_coroutine_threadsafe(self.t.close_async(), self.loop).result(DEADLINE_S)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(DEADLINE_S)
+
+
+@pytest.fixture(params=["threads", "loop"])
+def appends(request):
+    """How a test's appends are made: `append` (a sender thread's call) or `append_async` (the
+    sender loop's); both must keep every promise. Yields a factory: transport -> append."""
+    made = []
+
+    def make(t: GrpcTransport):
+        if request.param == "threads":
+            return t.append
+        made.append(_LoopAppends(t))
+        return made[-1]
+
+    yield make
+    for a in made:
+        a.close()
+
+
+def test_appends_travel_on_one_stream_and_an_error_keeps_it_open(node, appends):
     t = GrpcTransport(node["address"], source="writer", volume_id=VOLUME)
+    append = appends(t)
     try:
         epoch = _ready(t)
         before = _streams(t)
         for lsn in range(1, 41):
-            reply = t.append("n1", epoch, codec.encode_frame([_record(lsn, lsn - 1, b"k%d" % lsn, b"v")]), lsn - 1)
+            reply = append("n1", epoch, codec.encode_frame([_record(lsn, lsn - 1, b"k%d" % lsn, b"v")]), lsn - 1)
             assert reply.node == "n1" and reply.scls[0] == lsn
         # Errors arrive as the same classes as on the unary call, and the stream goes on.
         with pytest.raises(errors.StaleEpoch):
-            t.append("n1", epoch - 1, codec.encode_frame([]), 0)
+            append("n1", epoch - 1, codec.encode_frame([]), 0)
         with pytest.raises(errors.EpochBehind):
-            t.append("n1", epoch + 1, codec.encode_frame([]), 0)
+            append("n1", epoch + 1, codec.encode_frame([]), 0)
         with pytest.raises(errors.CorruptRecord):
-            t.append("n1", epoch, b"SXF1" + b"\0" * 40, 0)
+            append("n1", epoch, b"SXF1" + b"\0" * 40, 0)
         with pytest.raises(errors.InvalidArgument):
-            t.append("n1", epoch, codec.encode_frame([]), 1 << 63)
-        reply = t.append("n1", epoch, codec.encode_frame([_record(41, 40, b"k41", b"v")]), 40)
+            append("n1", epoch, codec.encode_frame([]), 1 << 63)
+        reply = append("n1", epoch, codec.encode_frame([_record(41, 40, b"k41", b"v")]), 40)
         assert reply.scls[0] == 41
         after = _streams(t)
         assert after["opened"] - before["opened"] == 1, after
@@ -91,6 +131,8 @@ def test_appends_travel_on_one_stream_and_an_error_keeps_it_open(node):
         got = t.read("n1", 0, b"k41", 41, 41, epoch)
         assert got.value == b"v" and got.lsn == 41
     finally:
+        if isinstance(append, _LoopAppends):
+            append.close()
         t.close()
     eventually(lambda: _open_streams(node) == 0, "the closed transport's stream to end on the node")
 
@@ -104,34 +146,38 @@ def _open_streams(node) -> int:
         t.close()
 
 
-def test_a_stream_naming_another_volume_is_refused(node):
+def test_a_stream_naming_another_volume_is_refused(node, appends):
     t = GrpcTransport(node["address"], source="writer", volume_id="another-volume")
+    append = appends(t)
     try:
         with pytest.raises(errors.WrongVolume):
-            t.append("n1", 0, codec.encode_frame([]), 0)
+            append("n1", 0, codec.encode_frame([]), 0)
     finally:
+        if isinstance(append, _LoopAppends):
+            append.close()
         t.close()
     assert _open_streams(node) == 0
 
 
-def test_an_append_past_its_deadline_is_unavailable_and_the_next_opens_a_new_stream(node):
+def test_an_append_past_its_deadline_is_unavailable_and_the_next_opens_a_new_stream(node, appends):
     """A node that does not answer in time (a fault rule delays it) costs one deadline; the
     stream is given up and the next append, once the node answers again, opens a new one."""
     t = GrpcTransport(node["address"], source="writer", volume_id=VOLUME,
                       deadlines=Deadlines(append_s=0.3, suspect_deadline_s=0.3, probe_interval_s=0.05))
     admin = GrpcTransport(node["address"], source="chaos", volume_id=VOLUME)
+    append = appends(t)
     try:
         epoch = _ready(t)
-        t.append("n1", epoch, codec.encode_frame([]), 0)
+        append("n1", epoch, codec.encode_frame([]), 0)
         opened = _streams(admin)["opened"]
         admin.set_faults("n1", convert.FaultRules(delay_ms=3000))
         with pytest.raises(errors.Unavailable, match="no reply within"):
-            t.append("n1", epoch, codec.encode_frame([]), 0)
+            append("n1", epoch, codec.encode_frame([]), 0)
         admin.set_faults("n1", convert.FaultRules())
 
         def answers() -> bool:
             try:
-                return t.append("n1", epoch, codec.encode_frame([]), 0).node == "n1"
+                return append("n1", epoch, codec.encode_frame([]), 0).node == "n1"
             except errors.Unavailable:
                 return False
 
@@ -143,24 +189,25 @@ def test_an_append_past_its_deadline_is_unavailable_and_the_next_opens_a_new_str
         admin.close()
 
 
-def test_a_paused_node_is_unavailable_and_a_resumed_one_takes_appends_again(node):
+def test_a_paused_node_is_unavailable_and_a_resumed_one_takes_appends_again(node, appends):
     t = GrpcTransport(node["address"], source="writer", volume_id=VOLUME,
                       deadlines=Deadlines(append_s=0.5, suspect_deadline_s=0.5, probe_interval_s=0.05))
+    append = appends(t)
     try:
         epoch = _ready(t)
-        t.append("n1", epoch, codec.encode_frame([]), 0)
+        append("n1", epoch, codec.encode_frame([]), 0)
         os.kill(node["proc"].pid, signal.SIGSTOP)
         try:
             with pytest.raises(errors.Unavailable):
-                t.append("n1", epoch, codec.encode_frame([]), 0)
+                append("n1", epoch, codec.encode_frame([]), 0)
             with pytest.raises(errors.Unavailable, match="did not answer lately"):
-                t.append("n1", epoch, codec.encode_frame([]), 0)
+                append("n1", epoch, codec.encode_frame([]), 0)
         finally:
             os.kill(node["proc"].pid, signal.SIGCONT)
 
         def answers() -> bool:
             try:
-                return t.append("n1", epoch, codec.encode_frame([_record(1, 0, b"k", b"after")]), 0).scls[0] == 1
+                return append("n1", epoch, codec.encode_frame([_record(1, 0, b"k", b"after")]), 0).scls[0] == 1
             except errors.Unavailable:
                 return False
 
@@ -182,16 +229,17 @@ def _in_process_node(tmp_path) -> NodeServer:
     return ns
 
 
-def test_a_node_of_an_earlier_release_gets_unary_appends(tmp_path):
+def test_a_node_of_an_earlier_release_gets_unary_appends(tmp_path, appends):
     server, port = make_server(f"127.0.0.1:{free_base_port(1)}", 4)
     servicer = _EarlierRelease(StorageNode(str(tmp_path / "n1"), NodeInfo("n1", "a"), Geometry(P), VOLUME, durable=False))
     storage_pb2_grpc.add_StorageServicer_to_server(servicer, server)
     server.start()
     t = GrpcTransport({"n1": f"127.0.0.1:{port}"}, source="writer", volume_id=VOLUME)
+    append = appends(t)
     try:
         epoch = _ready(t)
         for lsn in (1, 2, 3):
-            assert t.append("n1", epoch, codec.encode_frame([_record(lsn, lsn - 1, b"k", b"v%d" % lsn)]), 0).scls[0] == lsn
+            assert append("n1", epoch, codec.encode_frame([_record(lsn, lsn - 1, b"k", b"v%d" % lsn)]), 0).scls[0] == lsn
         assert ("n1", "AppendStream") in t._unary_only
         assert t.state("n1").extra["append_streams"]["requests"] == 0
         assert t.read("n1", 0, b"k", 3, 3, epoch).value == b"v3"

@@ -9,7 +9,8 @@ next gives the whole inbox consecutive LSNs from the `VolumeDurability` ledger (
 a put that does not fit in the room a write quorum of nodes has left), encodes the records (CRC
 and all) once into the shared in-memory *tail*, and the callers park on private locks.
 
-One sender thread per node ships the tail to its node: whenever it is idle it takes every record
+One sender per node (a coroutine of the sender loop over gRPC, `engine.head.senders`; a thread
+over any other transport) ships the tail to its node: whenever it is idle it takes every record
 it has not yet sent (up to a frame's bounds), so a busy volume gets large frames (group commit)
 and a slow node gets larger frames instead of holding anybody up. The node answers with its SCLs;
 the ledger turns them into PGCL/VCL/VDL; when VDL passes a caller's CPL, the sender releases that
@@ -107,6 +108,7 @@ from engine.head.expiry import ExpiryStep
 from engine.head.failover import lease_margin
 from engine.head.membership import MembershipSteps
 from engine.head.readpoints import ReadPointRegistry, VdlHistory
+from engine.head.senders import SenderLoop
 from engine.head.watch import WATCH_HOLD_LSNS_DEFAULT
 from engine.head.reads import ReadPath, check_key
 from engine.head.recovery import recover
@@ -200,6 +202,9 @@ class WriterOptions:
     #: already had (its floor): the holders of the old writer's read points (watches and remote
     #: snapshots following a failover) have that long to register again; 0: none
     resume_grace_s: float = 0.0
+    #: ship frames from one event loop thread (engine.head.senders) when the transport can
+    #: (`append_async`: gRPC); False: one sender thread per node, as every other transport has
+    sender_loop: bool = True
 
 
 def check_request_id(request_id) -> None:
@@ -320,6 +325,19 @@ class _InDoubt(Exception):
         self.cause = cause
 
 
+@dataclass(frozen=True)
+class _Send:
+    """What a sender sends its node next (`Writer._next_send`): the tail's records from LSN
+    `start` (none: a heartbeat) and the frame's other fields."""
+
+    start: int
+    records: list
+    hint: int
+    epoch: int
+    collect: int
+    requests: int
+
+
 class _NodeLink:
     """The writer's view of one node: what was sent, whether it answers, its sender thread."""
 
@@ -408,6 +426,11 @@ class Writer:
         self._vdl_times: deque[tuple[int, float]] = deque(maxlen=VDL_TIMES_MAX)
         self._inbox: deque[_Ticket] = deque()  # submitted, not yet given LSNs
         self._senders_waiting = 0
+        #: the sender loop (engine.head.senders) when the transport has `append_async`; None:
+        #: one sender thread per node. `_loop_waiting`: the nodes whose loop senders may be
+        #: waiting for records (named before they look; a wake clears it)
+        self._sender_loop = None
+        self._loop_waiting: set[str] = set()
         self._closed = False
         self._fenced: str | None = None
         #: the error new writes get once fenced: StaleEpoch (a newer writer) or Unavailable (self-fenced)
@@ -539,9 +562,13 @@ class Writer:
         log.info("opened at epoch %d: VDL %d, %d record(s) re-replicated, sealed %s",
                  self.epoch, plan.vdl, replicated, ", ".join(sorted(sealed)))
         if self._background:
-            for link in self.links.values():
-                link.thread = threading.Thread(target=self._sender, args=(link,), name=f"writer->{link.id}", daemon=True)
-                link.thread.start()
+            if self.options.sender_loop and SenderLoop.serves(self.transport):
+                self._sender_loop = SenderLoop(self)
+                for link in self.links.values():
+                    self._sender_loop.add(link)
+            else:
+                for link in self.links.values():
+                    self._start_sender_thread(link)
             self.expiry = ExpiryStep(self)
             self.expiry.start()
 
@@ -560,7 +587,7 @@ class Writer:
         with self._lock:
             self._closed = True
             self._sequence_locked()  # refuses what was never logged
-            self._work.notify_all()
+            self._wake_senders_locked(stop=True)
             self._room.notify_all()
             waiters, self._waiters = self._waiters, deque()
         for _lsn, lock in waiters:
@@ -570,6 +597,8 @@ class Writer:
         for link in self.links.values():
             if link.thread is not None and link.thread is not threading.current_thread():
                 link.thread.join(timeout=5)
+        if self._sender_loop is not None:
+            self._sender_loop.join(timeout=5)
 
     # --- what callers may ask ---------------------------------------------------------------
     @property
@@ -772,9 +801,9 @@ class Writer:
             if ticket.error is not None:
                 raise ticket.error
             return ticket.lsn, ticket
-        if self._senders_waiting:
+        if self._senders_waiting or self._loop_waiting:
             with self._lock:
-                self._work.notify_all()
+                self._wake_senders_locked()
         return None, ticket
 
     def _admit(self, ticket: _Ticket, block: bool) -> None:
@@ -1212,51 +1241,105 @@ class Writer:
         return self.write(((FLAG_DELETE, key, b""),))
 
     # --- senders ----------------------------------------------------------------------------
+    def _start_sender_thread(self, link: _NodeLink) -> None:
+        link.thread = threading.Thread(target=self._sender, args=(link,), name=f"writer->{link.id}", daemon=True)
+        link.thread.start()
+
     def _sender(self, link: _NodeLink) -> None:
         while True:
             try:
                 if not self.send_once(link, block=True):
                     return
             except Exception as e:  # a bug: log it once per cause, count it, carry on after a back-off
-                with self._lock:
-                    note = self._fault_locked(link, e, unexpected=True)
-                    link.backoff_s = min(BACKOFF_S_MAX, link.backoff_s * 2)
-                    backoff_s = link.backoff_s
-                self._log_fault(link, note, e, unexpected=True)
-                time.sleep(backoff_s)
+                time.sleep(self._sender_bug(link, e))
+
+    def _sender_bug(self, link: _NodeLink, e: Exception) -> float:
+        """An unexpected exception in `link`'s sender: log it once per cause, count it; returns
+        the back-off before the sender carries on."""
+        with self._lock:
+            note = self._fault_locked(link, e, unexpected=True)
+            link.backoff_s = min(BACKOFF_S_MAX, link.backoff_s * 2)
+            backoff_s = link.backoff_s
+        self._log_fault(link, note, e, unexpected=True)
+        return backoff_s
 
     def send_once(self, link: _NodeLink, block: bool = False) -> bool:
         """Ship the node its unsent records (or a heartbeat). Returns False once closed or fenced."""
+        return self._guarded(self._send_once, link, block)
+
+    def _guarded(self, step: Callable, *args):
+        """`step(*args)` of a sender; an internal error that leaves the ledger in doubt fences
+        the writer (`_fence_in_doubt`) and returns False: the sender stops."""
         try:
-            return self._send_once(link, block)
+            return step(*args)
         except _InDoubt as e:
             self._fence_in_doubt(e)
             return False
 
     def _send_once(self, link: _NodeLink, block: bool) -> bool:
+        job = self._next_send(link, "block" if block else "now")
+        if job is False:
+            return False
+        if block and (not link.up or link.full):
+            time.sleep(link.backoff_s)
+        records, frame = self._frame_of(link, job)
+        link.last_send = sent_at = self._clock()
+        try:
+            reply = self.transport.append(link.id, job.epoch, frame, job.hint, job.collect, job.requests)
+        except Exception as e:
+            return self._send_failed(link, e, job.epoch)
+        return self._sent(link, job, records, frame, sent_at, reply)
+
+    def _next_send(self, link: _NodeLink, mode: str):
+        """What to send `link` next, under the lock: a `_Send`, False once the sender is to stop,
+        or (mode "poll" only) the seconds until its heartbeat is due when nothing is to be sent.
+        Mode "block" waits on `_work` for records or the heartbeat; "now" sends at once (a
+        heartbeat when there is nothing); "poll" is the sender loop's (`engine.head.senders`),
+        which waits outside the lock and is woken by `_wake_senders_locked`."""
         with self._lock:
             while True:
                 if self._closed or self._fenced or self._in_doubt or link.id not in self.ledger.membership.all_nodes:
                     return False  # closed, fenced (or about to be), or this node was replaced
-                if self._inbox:
-                    self._sequence_locked()
-                end = self._tail_base + len(self._tail)  # one above the highest LSN in the tail
-                start = max(link.sent_lsn + 1, self._tail_base)
-                idle_for = self._clock() - link.last_send
-                heartbeat = idle_for >= HEARTBEAT_S  # also how a dead or returning node is noticed
-                if start < end or heartbeat or not block:
-                    break
-                self._senders_waiting += 1
+                # Say "waiting" before looking: `submit` appends to the inbox without the lock and
+                # then reads these, so a put after the look below always wakes this sender.
+                if mode == "poll":
+                    self._loop_waiting.add(link.id)
+                elif mode == "block":
+                    self._senders_waiting += 1
                 try:
+                    if self._inbox:
+                        self._sequence_locked()
+                    end = self._tail_base + len(self._tail)  # one above the highest LSN in the tail
+                    start = max(link.sent_lsn + 1, self._tail_base)
+                    idle_for = self._clock() - link.last_send
+                    heartbeat = idle_for >= HEARTBEAT_S  # also how a dead or returning node is noticed
+                    if start < end or heartbeat or mode == "now":
+                        self._loop_waiting.discard(link.id)
+                        break
+                    if mode == "poll":
+                        return HEARTBEAT_S - idle_for  # the loop waits for a wake (still named waiting)
                     self._work.wait(HEARTBEAT_S)
                 finally:
-                    self._senders_waiting -= 1
+                    if mode == "block":
+                        self._senders_waiting -= 1
             records = self._tail[start - self._tail_base : start - self._tail_base + FRAME_RECORDS_MAX_SEND]
             hint = self.ledger.vdl
-            epoch = self.epoch
             collect, requests = self._collect_points_locked(hint)
-        if block and (not link.up or link.full):
-            time.sleep(link.backoff_s)
+            return _Send(start, records, hint, self.epoch, collect, requests)
+
+    def _wake_senders_locked(self, *, stop: bool = False) -> None:
+        """Records (or a new epoch) to send, or (`stop`) closed or fenced: wake the waiting
+        senders, threads or the sender loop's. Caller holds the lock."""
+        self._work.notify_all()
+        if self._sender_loop is not None and (self._loop_waiting or stop):
+            self._loop_waiting.clear()
+            self._sender_loop.wake()
+
+    @staticmethod
+    def _frame_of(link: _NodeLink, job: "_Send") -> tuple[list[bytes], bytes]:
+        """The records of `job` that go in one frame (one while the node is full; within half of
+        FRAME_BYTES_MAX), and that frame."""
+        records = job.records
         if link.full:
             records = records[:1]  # a full node is probed with one record until it takes it
         size = 0
@@ -1265,21 +1348,30 @@ class Writer:
             if size > FRAME_BYTES_MAX // 2 and i > 0:
                 records = records[:i]
                 break
-        frame = codec.encode_frame(records)
-        link.last_send = sent_at = self._clock()
-        try:
-            reply = self.transport.append(link.id, epoch, frame, hint, collect, requests)
-        except (StaleEpoch, EpochBehind) as e:
+        return records, codec.encode_frame(records)
+
+    def _send_failed(self, link: _NodeLink, e: Exception, epoch: int) -> bool:
+        """An append sent at `epoch` raised `e`. Returns False once the sender is to stop. May
+        block (an epoch refusal probes and syncs nodes): the sender loop runs it in a thread."""
+        if isinstance(e, (StaleEpoch, EpochBehind)):
             return self._on_epoch_refusal(link, e, epoch)
-        except StorageFull as e:
+        if isinstance(e, StorageFull):
             self._link_fault(link, e, full=True)
-            return True
-        except SixfoldError as e:
+        elif isinstance(e, SixfoldError):
             self._link_fault(link, e)
-            return True
-        except Exception as e:  # the transport failed in a way it should not: count it, treat the link as down
+        else:  # the transport failed in a way it should not: count it, treat the link as down
             self._link_fault(link, e, unexpected=True)
-            return True
+        return True
+
+    @staticmethod
+    def _needs_thread(e: Exception) -> bool:
+        """Whether `_send_failed(e)` may block (the sender loop then runs it in a thread)."""
+        return isinstance(e, (StaleEpoch, EpochBehind))
+
+    def _sent(self, link: _NodeLink, job: "_Send", records: list[bytes], frame: bytes, sent_at: float, reply) -> bool:
+        """The node took the frame of `job` (sent at `sent_at`): book its reply; release the
+        writers it made durable. Returns False once the sender is to stop."""
+        start = job.start
         if records and self.metrics is not None:
             self.metrics.observe_flush(len(records), len(frame))
         released = None
@@ -1484,7 +1576,7 @@ class Writer:
                 return False
             self.epoch = target
             self.ledger.set_membership(new)
-            self._work.notify_all()  # the senders re-send what was refused at the old epoch
+            self._wake_senders_locked()  # the senders re-send what was refused at the old epoch
         log.warning("writer -> %s: %s; the nodes at epoch %d are a write quorum, so that epoch was left by "
                     "failed opens: stepped up to epoch %d (sealed %s)",
                     refused_by, e, current, target, ", ".join(sorted(traces)))
@@ -1517,7 +1609,7 @@ class Writer:
             self._sequence_locked()  # refuses what was never logged
             waiters, self._waiters = self._waiters, deque()
             self._room.notify_all()
-            self._work.notify_all()
+            self._wake_senders_locked(stop=True)
         for _lsn, lock in waiters:
             lock.release()
         return first
@@ -1554,9 +1646,10 @@ class Writer:
             for n in new.all_nodes:
                 if n not in self.links:
                     link = self.links[n] = _NodeLink(n)
-                    if self._background:
-                        link.thread = threading.Thread(target=self._sender, args=(link,), name=f"writer->{n}", daemon=True)
-                        link.thread.start()
+                    if self._sender_loop is not None:
+                        self._sender_loop.add(link)
+                    elif self._background:
+                        self._start_sender_thread(link)
             self._admission = self._put_limit = None
             return self.epoch, new
 

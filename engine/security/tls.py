@@ -175,4 +175,11 @@ def secure_channel(address: str, tls: TlsConfig | None, options=()) -> grpc.Chan
     return grpc.secure_channel(address, tls.channel_credentials(), options=options)
 
 
-__all__ = ["RELOAD_INTERVAL_S", "TlsConfig", "secure_channel"]
+def aio_channel(address: str, tls: TlsConfig | None, options=()) -> grpc.aio.Channel:
+    """`secure_channel` for grpc.aio: create it in the event loop that will use it."""
+    if tls is None:
+        return grpc.aio.insecure_channel(address, options=options)
+    return grpc.aio.secure_channel(address, tls.channel_credentials(), options=options)
+
+
+__all__ = ["RELOAD_INTERVAL_S", "TlsConfig", "aio_channel", "secure_channel"]

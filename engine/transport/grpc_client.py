@@ -14,7 +14,10 @@ Appends, the one hot call (every frame and heartbeat of the writer), travel on o
 error class, the same deadline (a watchdog cancels a request that outlives it; the next append
 opens a new stream), the same suspect-node bookkeeping. A node that answers UNIMPLEMENTED (an
 earlier release) gets unary `Append` calls from then on, as does one request that a node with no
-room for another stream refused; `streams=False` turns streams off.
+room for another stream refused; `streams=False` turns streams off. `append_async` is the same
+append for the writer's sender loop (`engine.head.senders`): grpc.aio channels and streams of
+the calling event loop (kept per loop), its deadline an `asyncio.wait_for`, the same replies,
+errors, suspect-node bookkeeping and unary fallbacks (those in a worker thread).
 
 Every call has a deadline (`Deadlines`): short for appends and reads so that a paused node
 (SIGSTOP: its socket accepts, nobody answers) costs a sender or a reader a bounded wait, longer
@@ -39,19 +42,21 @@ shutting down (`Closed`), is `Unavailable`, as the interface promises.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import threading
 import time
+import weakref
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 
 from engine.core.types import Membership, ReadReply, TruncationRange
 from engine.errors import Closed, NodeNotFound, SixfoldError, Unavailable
 from engine.proto import storage_pb2, storage_pb2_grpc
-from engine.security.tls import TlsConfig, secure_channel
+from engine.security.tls import TlsConfig, aio_channel, secure_channel
 from engine.transport import convert
 from engine.transport.base import Transport
 from engine.transport.streams import Stream
@@ -126,6 +131,19 @@ _METHODS: dict[str, _Method] = {
 }
 
 
+@dataclass
+class _AioStreams:
+    """One event loop's grpc.aio channels and append streams (`GrpcTransport.append_async`):
+    grpc.aio objects belong to the loop that made them."""
+
+    channels: dict = field(default_factory=dict)  # node -> (credential generation, grpc.aio.Channel)
+    calls: dict = field(default_factory=dict)  # node -> its open AppendStream call
+
+
+class _StreamEnded(Exception):
+    """The node ended an append stream without a reply (and without an error status)."""
+
+
 #: Idle streams kept per node and kind: an append stream is used by the node's one sender
 #: thread; read streams by the reads in flight at once (more are opened, then closed, when more
 #: run in parallel)
@@ -172,12 +190,16 @@ class GrpcTransport(Transport):
         #: (node, stream rpc) -> its idle streams; (node, stream rpc) pairs served unary only
         self._idle: dict[tuple[str, str], list[Stream]] = {}
         self._unary_only: set[tuple[str, str]] = set()
+        #: event loop -> its aio append streams (append_async); bumped on a credential reload
+        self._aio_by_loop: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self._generation = 0
 
     def _reload_credentials(self) -> None:
         """The TLS files changed (a rotation): new channels from now on; the old ones are closed
         once calls in flight on them are done."""
         with self._lock:
             old, self._channels, self._stubs = self._channels, {}, {}
+            self._generation += 1  # every loop's aio channels are renewed at their next append
         if old:
             timer = threading.Timer(OLD_CHANNEL_GRACE_S, lambda: [ch.close() for ch in old.values()])
             timer.daemon = True
@@ -289,11 +311,15 @@ class GrpcTransport(Transport):
         try:
             reply = stream.exchange(request, timeout)
         except (grpc.RpcError, StopIteration, ValueError) as e:  # the stream is given up (Stream.exchange)
-            err = self._stream_failure(node, spec.stream, stream, e, where, timeout)
+            err = self._stream_failure(node, spec.stream, stream.timed_out, e, where, timeout)
             if err is None:  # an earlier release, or no room for a stream: a unary call
                 return self._unary(node, spec, args)
             raise err from None
         self._checkin(node, spec.stream, stream)
+        return self._stream_reply(node, spec, reply)
+
+    def _stream_reply(self, node: str, spec: _Method, reply):
+        """The value of a stream's reply, or the error it carries (raised)."""
         if reply.HasField("error"):
             err = convert.error_from_pb(reply.error)
             with self._lock:
@@ -309,7 +335,7 @@ class GrpcTransport(Transport):
                 self._suspect.pop(node, None)
         return spec.parse(reply.reply)
 
-    def _stream_failure(self, node: str, rpc: str, stream: Stream, e: BaseException, where: str, timeout: float):
+    def _stream_failure(self, node: str, rpc: str, timed_out: bool, e: BaseException, where: str, timeout: float):
         """The error to raise for a stream that ended under a request (None: send it as a unary
         call: the node serves no such stream, from now on, or had no room for another)."""
         if isinstance(e, grpc.RpcError):
@@ -320,8 +346,8 @@ class GrpcTransport(Transport):
                 return None
             if Stream.refused_for_room(e):
                 return None
-            answered = not (stream.timed_out or isinstance(err, Closed) or convert.unreachable(e))
-            if stream.timed_out:
+            answered = not (timed_out or isinstance(err, Closed) or convert.unreachable(e))
+            if timed_out:
                 err = Unavailable(f"{where}: no reply within {timeout:.2f} s")
         else:
             err, answered = Unavailable(f"{where}: the append stream ended ({type(e).__name__}: {e})"), False
@@ -333,6 +359,96 @@ class GrpcTransport(Transport):
         if isinstance(err, Closed):
             err = Unavailable(f"node {node} is shutting down ({err})")
         return err
+
+    # --- appends from an event loop (engine.head.senders) ------------------------------------
+    async def append_async(self, node: str, epoch: int, frame: bytes, hint_lsn: int, collect_lsn: int = 0,
+                           collect_requests_lsn: int = 0):
+        """`append` for a coroutine of the writer's sender loop (`engine.head.senders`): the same
+        request on the same AppendStream, the same deadline, reply, errors and suspect-node
+        bookkeeping as `_streamed`, but on grpc.aio, so no thread of its own carries it. What
+        is not the stream (streams off, a node of an earlier release, one with no room for
+        another stream) is the unary call, in a worker thread."""
+        spec = _METHODS["append"]
+        args = (epoch, frame, hint_lsn, collect_lsn, collect_requests_lsn)
+        if not self._use_streams or (node, spec.stream) in self._unary_only:
+            return await asyncio.to_thread(self._unary, node, spec, args)
+        timeout = self._admit(node, spec)
+        if timeout is None:
+            raise Unavailable(f"node {node} ({self.addresses.get(node)}) did not answer lately; not waiting on it again yet")
+        timeout += len(frame) / (1 << 20) * self.deadlines.per_mib_s
+        request = spec.build(*args)
+        where = f"node {node} ({self.addresses.get(node)})"
+        streams, call = await self._aio_call(node, spec.stream)
+        try:
+            reply = await asyncio.wait_for(self._aio_exchange(call, request), timeout)
+        except asyncio.TimeoutError:
+            self._aio_drop(streams, node, call)
+            with self._lock:
+                self._suspect.setdefault(node, time.monotonic())
+            raise Unavailable(f"{where}: no reply within {timeout:.2f} s") from None
+        except (grpc.RpcError, grpc.aio.UsageError, grpc.aio.InternalError, ValueError, _StreamEnded) as e:
+            self._aio_drop(streams, node, call)
+            err = self._stream_failure(node, spec.stream, False, StopIteration(str(e)) if isinstance(e, _StreamEnded) else e,
+                                       where, timeout)
+            if err is None:  # an earlier release, or no room for a stream: a unary call
+                return await asyncio.to_thread(self._unary, node, spec, args)
+            raise err from None
+        except BaseException:  # cancelled: a reply may still be on its way, never take it for the next one
+            self._aio_drop(streams, node, call)
+            raise
+        return self._stream_reply(node, spec, reply)
+
+    @staticmethod
+    async def _aio_exchange(call, request):
+        await call.write(request)
+        reply = await call.read()  # raises the call's error status, if it ended with one
+        if reply is grpc.aio.EOF:
+            raise _StreamEnded("the node ended the append stream")
+        return reply
+
+    async def _aio_call(self, node: str, rpc: str):
+        """This loop's open `rpc` stream to `node` (a new one on a new channel after a
+        credential reload, or when the last one ended)."""
+        if self.tls is not None and self.tls.changed():
+            self._reload_credentials()
+        if self._closed:
+            raise Closed("this transport is closed")
+        if node not in self.addresses:
+            raise NodeNotFound(f"no address for node {node!r}; known: {', '.join(sorted(self.addresses))}")
+        loop = asyncio.get_running_loop()
+        streams = self._aio_by_loop.get(loop)
+        if streams is None:
+            streams = self._aio_by_loop[loop] = _AioStreams()
+        held = streams.channels.get(node)
+        if held is not None and held[0] != self._generation:  # retired by a credential reload
+            del streams.channels[node]
+            old = streams.calls.pop(node, None)
+            if old is not None:
+                old.cancel()
+            await held[1].close()
+            held = None
+        if held is None:
+            held = streams.channels[node] = (self._generation, aio_channel(self.addresses[node], self.tls, self._options))
+        call = streams.calls.get(node)
+        if call is None or call.done():
+            call = streams.calls[node] = getattr(storage_pb2_grpc.StorageStub(held[1]), rpc)(metadata=self._metadata)
+        return streams, call
+
+    @staticmethod
+    def _aio_drop(streams: _AioStreams, node: str, call) -> None:
+        if streams.calls.get(node) is call:
+            del streams.calls[node]
+        call.cancel()
+
+    async def close_async(self) -> None:
+        """Close the calling loop's aio streams and channels (its sender loop ends)."""
+        streams = self._aio_by_loop.pop(asyncio.get_running_loop(), None)
+        if streams is None:
+            return
+        for call in streams.calls.values():
+            call.cancel()
+        for _generation, channel in streams.channels.values():
+            await channel.close()
 
     # --- operations beyond the Transport interface -----------------------------------------
     def read_many(self, node: str, items: Sequence[tuple[int, bytes, int, int, int]]) -> list[ReadReply | SixfoldError]:
