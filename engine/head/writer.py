@@ -1300,28 +1300,29 @@ class Writer:
             while True:
                 if self._closed or self._fenced or self._in_doubt or link.id not in self.ledger.membership.all_nodes:
                     return False  # closed, fenced (or about to be), or this node was replaced
-                # Say "waiting" before looking: `submit` appends to the inbox without the lock and
-                # then reads these, so a put after the look below always wakes this sender.
+                if self._inbox:
+                    self._sequence_locked()
+                end = self._tail_base + len(self._tail)  # one above the highest LSN in the tail
+                start = max(link.sent_lsn + 1, self._tail_base)
+                idle_for = self._clock() - link.last_send
+                heartbeat = idle_for >= HEARTBEAT_S  # also how a dead or returning node is noticed
+                if start < end or heartbeat or mode == "now":
+                    break
+                # Nothing to send: say so, then look at the inbox once more before waiting.
+                # `submit` appends to it without the lock and then reads these, so a put that
+                # landed after the look above is seen here or wakes this sender.
                 if mode == "poll":
                     self._loop_waiting.add(link.id)
-                elif mode == "block":
-                    self._senders_waiting += 1
-                try:
                     if self._inbox:
-                        self._sequence_locked()
-                    end = self._tail_base + len(self._tail)  # one above the highest LSN in the tail
-                    start = max(link.sent_lsn + 1, self._tail_base)
-                    idle_for = self._clock() - link.last_send
-                    heartbeat = idle_for >= HEARTBEAT_S  # also how a dead or returning node is noticed
-                    if start < end or heartbeat or mode == "now":
                         self._loop_waiting.discard(link.id)
-                        break
-                    if mode == "poll":
-                        return HEARTBEAT_S - idle_for  # the loop waits for a wake (still named waiting)
-                    self._work.wait(HEARTBEAT_S)
+                        continue
+                    return HEARTBEAT_S - idle_for  # the loop waits for a wake, or for the heartbeat
+                self._senders_waiting += 1
+                try:
+                    if not self._inbox:
+                        self._work.wait(HEARTBEAT_S)
                 finally:
-                    if mode == "block":
-                        self._senders_waiting -= 1
+                    self._senders_waiting -= 1
             records = self._tail[start - self._tail_base : start - self._tail_base + FRAME_RECORDS_MAX_SEND]
             hint = self.ledger.vdl
             collect, requests = self._collect_points_locked(hint)
