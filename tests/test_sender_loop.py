@@ -6,17 +6,24 @@ closing the writer ends the loop and its streams. Each test runs with both kinds
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
+import sys
 import threading
+import time
 
 import pytest
-from waiting import eventually
+from waiting import DEADLINE_S, eventually
 
 from engine.cluster.testing import free_base_port, spawn_node
+from engine.core.constants import FLAG_PUT
 from engine.core.types import Geometry, NodeInfo
+from engine.head import writer as writer_module
 from engine.head.writer import Writer, WriterOptions
+from engine.node.service import StorageNode
 from engine.transport.grpc_client import Deadlines, GrpcTransport
+from engine.transport.inprocess import InProcessTransport, Registry
 
 pytestmark = pytest.mark.cluster
 
@@ -96,3 +103,109 @@ def test_puts_hold_at_four_of_six_with_an_az_paused_and_the_paused_nodes_catch_u
         eventually(streams_ended, "the writer's streams to end on every node")
     finally:
         admin.close()
+
+
+class _PutWhileLooking:
+    """A writer clock that, once armed, has another thread submit a put while n1's sender is
+    looking for work (the clock is read in that look, under the writer lock, after the inbox
+    was read): the put lands between the look and the wait."""
+
+    def __init__(self) -> None:
+        self.writer: Writer | None = None
+        self.armed = threading.Event()
+        self.submitted = threading.Event()
+        self.ticket = None
+
+    def __call__(self) -> float:
+        if self.armed.is_set() and sys._getframe(1).f_code.co_name == "_next_send" and self._in_n1_sender() and self._idle():
+            self.armed.clear()
+            t = threading.Thread(target=self._submit)
+            t.start()
+            t.join(DEADLINE_S)  # nobody waits, so submit takes no lock: it returns while we hold it
+            self.submitted.set()
+        return time.monotonic()
+
+    def _idle(self) -> bool:
+        """n1's look found nothing to send (read under the lock its sender holds)."""
+        w = self.writer
+        return not w._inbox and max(w.links["n1"].sent_lsn + 1, w._tail_base) >= w._tail_base + len(w._tail)
+
+    def _in_n1_sender(self) -> bool:
+        me = threading.current_thread().name
+        if me == "writer->n1":
+            return True
+        senders = self.writer._sender_loop if self.writer is not None else None
+        if me != "writer-senders" or senders is None:
+            return False
+        task = asyncio.current_task(senders._loop)
+        return task is not None and task.get_name() == "writer->n1"
+
+    def _submit(self) -> None:
+        _lsn, self.ticket = self.writer.submit(((FLAG_PUT, b"late", b"v"),))
+
+
+class _HeldInProcess(InProcessTransport):
+    """Appends to every node but n1 wait while `hold` is set: those senders are busy, not waiting."""
+
+    def __init__(self, *args) -> None:
+        super().__init__(*args)
+        self.hold = threading.Event()
+
+    def append(self, node, *args):
+        while node != "n1" and self.hold.is_set():
+            time.sleep(0.01)
+        return super().append(node, *args)
+
+
+class _HeldGrpc(GrpcTransport):
+    """The same for the sender loop's appends."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.hold = threading.Event()
+
+    async def append_async(self, node, *args):
+        while node != "n1" and self.hold.is_set():
+            await asyncio.sleep(0.01)
+        return await super().append_async(node, *args)
+
+
+def _in_process_nodes(tmp_path) -> Registry:
+    registry = Registry()
+    for info in NODES:
+        node = StorageNode(str(tmp_path / info.id), info, Geometry(P), VOLUME, durable=False)
+        node.attach(InProcessTransport(registry, info.id), lambda: [i.id for i in NODES])
+        registry.set(info.id, node)
+    return registry
+
+
+@pytest.mark.parametrize("loop", [True, False], ids=["loop", "threads"])
+def test_a_put_that_lands_while_a_sender_looks_for_work_wakes_it(tmp_path, monkeypatch, loop, request):
+    """Before, a sender looked at the inbox, found nothing, and only then said it waited: a put
+    submitted between the two found nobody waiting and woke nobody, and that node got it at its
+    next heartbeat (30 s here, so the miss shows). The other senders are kept busy, so nobody
+    else takes the put in."""
+    monkeypatch.setattr(writer_module, "HEARTBEAT_S", 30.0)
+    clock = _PutWhileLooking()
+    if loop:
+        transport = _HeldGrpc(request.getfixturevalue("nodes")["addresses"], source="writer", volume_id=VOLUME)
+    else:
+        transport = _HeldInProcess(_in_process_nodes(tmp_path), "writer")
+    w = clock.writer = Writer(transport, NODES, Geometry(P), WriterOptions(sender_loop=loop, write_timeout_s=20.0),
+                              clock=clock)
+    try:
+        w.open()
+        assert (w._sender_loop is not None) == loop
+        w.put(b"first", b"v")
+        eventually(lambda: all(link.sent_lsn == w.links["n1"].sent_lsn for link in w.links.values()),
+                   "every node to have what was written")
+        transport.hold.set()
+        clock.armed.set()
+        w.submit(((FLAG_PUT, b"second", b"v"),))  # n1 sends it, then looks for more: the put lands then
+        assert clock.submitted.wait(DEADLINE_S), "n1's sender did not look for more"
+        eventually(lambda: clock.ticket.lsn is not None and w.links["n1"].sent_lsn >= clock.ticket.lsn,
+                   "n1's sender to send the put that landed while it looked", timeout_s=10.0)
+    finally:
+        transport.hold.clear()
+        w.close()
+        transport.close()
