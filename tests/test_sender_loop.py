@@ -121,7 +121,7 @@ class _PutWhileLooking:
             self.armed.clear()
             t = threading.Thread(target=self._submit)
             t.start()
-            t.join(DEADLINE_S)  # nobody waits, so submit takes no lock: it returns while we hold it
+            t.join(DEADLINE_S)  # the other senders are held, not waiting: submit takes no lock
             self.submitted.set()
         return time.monotonic()
 
@@ -145,15 +145,23 @@ class _PutWhileLooking:
 
 
 class _HeldInProcess(InProcessTransport):
-    """Appends to every node but n1 wait while `hold` is set: those senders are busy, not waiting."""
+    """While `hold` is set, appends to every node but n1 wait (those senders are busy, not
+    waiting), and n1's waits until all five are held: n1 looks for more work only then."""
 
     def __init__(self, *args) -> None:
         super().__init__(*args)
         self.hold = threading.Event()
+        self.held: set[str] = set()
 
     def append(self, node, *args):
-        while node != "n1" and self.hold.is_set():
-            time.sleep(0.01)
+        if self.hold.is_set():
+            if node == "n1":
+                eventually(lambda: len(self.held) == 5, "the other five senders to be held")
+            else:
+                self.held.add(node)
+                while self.hold.is_set():
+                    time.sleep(0.01)
+                self.held.discard(node)
         return super().append(node, *args)
 
 
@@ -163,10 +171,18 @@ class _HeldGrpc(GrpcTransport):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.hold = threading.Event()
+        self.held: set[str] = set()
 
     async def append_async(self, node, *args):
-        while node != "n1" and self.hold.is_set():
-            await asyncio.sleep(0.01)
+        if self.hold.is_set():
+            if node == "n1":
+                while len(self.held) < 5:
+                    await asyncio.sleep(0.01)
+            else:
+                self.held.add(node)
+                while self.hold.is_set():
+                    await asyncio.sleep(0.01)
+                self.held.discard(node)
         return await super().append_async(node, *args)
 
 
@@ -183,8 +199,8 @@ def _in_process_nodes(tmp_path) -> Registry:
 def test_a_put_that_lands_while_a_sender_looks_for_work_wakes_it(tmp_path, monkeypatch, loop, request):
     """Before, a sender looked at the inbox, found nothing, and only then said it waited: a put
     submitted between the two found nobody waiting and woke nobody, and that node got it at its
-    next heartbeat (30 s here, so the miss shows). The other senders are kept busy, so nobody
-    else takes the put in."""
+    next heartbeat (30 s here, so the miss shows). The other five senders are held in an append
+    (busy, not waiting), so nobody else takes the put in and the put wakes nobody."""
     monkeypatch.setattr(writer_module, "HEARTBEAT_S", 30.0)
     clock = _PutWhileLooking()
     if loop:
