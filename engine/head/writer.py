@@ -428,7 +428,8 @@ class Writer:
         self._senders_waiting = 0
         #: the sender loop (engine.head.senders) when the transport has `append_async`; None:
         #: one sender thread per node. `_loop_waiting`: the nodes whose loop senders may be
-        #: waiting for records (named before they look; a wake clears it)
+        #: waiting for records (named when one finds nothing, before its last look at the
+        #: inbox; a wake clears it)
         self._sender_loop = None
         self._loop_waiting: set[str] = set()
         self._closed = False
