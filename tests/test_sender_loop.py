@@ -199,9 +199,10 @@ def _in_process_nodes(tmp_path) -> Registry:
 def test_a_put_that_lands_while_a_sender_looks_for_work_wakes_it(tmp_path, monkeypatch, loop, request):
     """Before, a sender looked at the inbox, found nothing, and only then said it waited: a put
     submitted between the two found nobody waiting and woke nobody, and that node got it at its
-    next heartbeat (30 s here, so the miss shows). The other five senders are held in an append
-    (busy, not waiting), so nobody else takes the put in and the put wakes nobody."""
-    monkeypatch.setattr(writer_module, "HEARTBEAT_S", 30.0)
+    next heartbeat (an hour here: the miss outlasts any wait of the suite). The other five
+    senders are held in an append (busy, not waiting), so nobody else takes the put in and the
+    put wakes nobody."""
+    monkeypatch.setattr(writer_module, "HEARTBEAT_S", 3600.0)
     clock = _PutWhileLooking()
     if loop:
         transport = _HeldGrpc(request.getfixturevalue("nodes")["addresses"], source="writer", volume_id=VOLUME)
@@ -220,7 +221,7 @@ def test_a_put_that_lands_while_a_sender_looks_for_work_wakes_it(tmp_path, monke
         w.submit(((FLAG_PUT, b"second", b"v"),))  # n1 sends it, then looks for more: the put lands then
         assert clock.submitted.wait(DEADLINE_S), "n1's sender did not look for more"
         eventually(lambda: clock.ticket.lsn is not None and w.links["n1"].sent_lsn >= clock.ticket.lsn,
-                   "n1's sender to send the put that landed while it looked", timeout_s=10.0)
+                   "n1's sender to send the put that landed while it looked")
     finally:
         transport.hold.clear()
         w.close()

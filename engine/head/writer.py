@@ -1355,7 +1355,7 @@ class Writer:
     def _send_failed(self, link: _NodeLink, e: Exception, epoch: int) -> bool:
         """An append sent at `epoch` raised `e`. Returns False once the sender is to stop. May
         block (an epoch refusal probes and syncs nodes): the sender loop runs it in a thread."""
-        if isinstance(e, (StaleEpoch, EpochBehind)):
+        if self._needs_thread(e):  # an epoch refusal: the one case that may block
             return self._on_epoch_refusal(link, e, epoch)
         if isinstance(e, StorageFull):
             self._link_fault(link, e, full=True)
