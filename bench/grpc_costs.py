@@ -269,6 +269,8 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     if not 10 <= a.messages <= 1_000_000:
         ap.error("--messages must be between 10 and 1,000,000")
+    if not 1024 <= a.base_port <= 65535 - 2 - FANOUT:
+        ap.error(f"--base-port must be between 1024 and {65535 - 2 - FANOUT} (it and the next {1 + FANOUT} ports are used)")
     if not sys.platform.startswith("linux"):
         ap.error("CPU is read from /proc: Linux only")
     print(f"gRPC {grpc.__version__}, {a.messages} messages per measurement, {len(MESSAGE)}-byte messages, loopback", flush=True)
