@@ -10,7 +10,10 @@ at or below VDL). A segment whose SCL reaches the PG's read tail is *complete* a
 answer alone; the writer knows each segment's SCL from its append replies, so it picks such a
 segment without asking anybody (same AZ first, `engine.core.placement.read_order`). The node
 checks again (`required_lsn`) and refuses `SegmentIncomplete` if it is behind after all (it was
-wiped, say), and the read moves to the next complete segment.
+wiped, say), and the read moves to the next complete segment. When every segment the writer
+knows complete failed, the other members are asked the same way (`candidates`): the writer's
+knowledge lags the nodes' (a node that finished rebuilding from its peers is complete before
+its next append reply says so), and the node's own check is what makes an answer safe.
 
 When no complete segment answers, or the caller asks for it (`quorum=True`), the read asks
 segments until those that answered form a read quorum of the membership (`has_read_quorum`:
@@ -110,18 +113,32 @@ class ReadPath:
 
     # --- choosing segments --------------------------------------------------------------------
     def candidates(self, pg: int, view: ReadView) -> list[str]:
-        """The reachable segments of `pg` that can answer a read at `view` alone, in read order
-        (same AZ first)."""
+        """The segments of `pg` to ask, one at a time, for a read at `view` alone: first those
+        the source knows reachable and complete there, in read order (same AZ first); then the
+        other members, reachable first, whose completeness the source does not know (yet). Each
+        is asked with the read tail as `required_lsn`, so a segment that is behind after all
+        refuses and the read moves on; the later ones are asked only when every known complete
+        segment failed (a node that finished a rebuild from its peers before the source heard
+        from it again, then the only one left standing). Under the read-any weakening: every
+        reachable member, as the source says."""
         w = self._w
-        _membership, _up, complete = w.read_sources(pg, view.tails[pg])
-        return read_order(complete, w.nodes, w.options.local_az)
+        membership, up, complete = w.read_sources(pg, view.tails[pg])
+        order = read_order(complete, w.nodes, w.options.local_az)
+        if w.weakening.read_any:
+            return order
+        known = set(complete)
+        unknown_up = read_order([n for n in up if n not in known], w.nodes, w.options.local_az)
+        return order + unknown_up + [n for n in membership.all_nodes if n not in known and n not in up]
 
     def _required(self, pg: int, view: ReadView) -> int:
         return 0 if self._w.weakening.read_any else view.tails[pg]
 
-    def _read_quorum(self, pg: int, what: str, ask: Callable[[str], object]) -> list:
+    def _read_quorum(self, pg: int, what: str, ask: Callable[[str], object],
+                     alone: Sequence[str] | None = None) -> list:
         """Ask the segments of `pg` (reachable first, same AZ first) until those that answered form
-        a read quorum of the membership; return their answers."""
+        a read quorum of the membership; return their answers. `alone` (a read that tried one
+        segment at a time first): why each could not answer alone, named in the error when no
+        quorum answers either."""
         w = self._w
         membership, up, _complete = w.read_sources(pg, None)
         order = read_order(up, w.nodes, w.options.local_az) + [n for n in membership.all_nodes if n not in up]
@@ -141,6 +158,7 @@ class ReadPath:
             f"{what} of PG {pg} needs a read quorum ({READ_QUORUM} segments of "
             f"{'each quorum set' if membership.next_members else 'the six'}); answered: {', '.join(answered) or 'none'}"
             + (f" ({'; '.join(errors)})" if errors else "")
+            + ("" if alone is None else f"; asked alone first: {'; '.join(alone)}" if alone else "; no segment to ask alone")
         )
 
     # --- gets -----------------------------------------------------------------------------------
@@ -232,6 +250,7 @@ class ReadPath:
     def _lookup(self, key: bytes, namespace: int, quorum: bool, view: ReadView, what: str) -> ReadReply | None:
         w = self._w
         pg = protection_group_of(key, w.P)
+        alone: list[str] = []
         if not quorum:
             required = self._required(pg, view)
             for n in self.candidates(pg, view):
@@ -239,9 +258,11 @@ class ReadPath:
                     return w.transport.read(n, pg, key, view.read_point, required, w.epoch, namespace)
                 except SnapshotTooOld:
                     raise
-                except SixfoldError:
-                    continue
-        replies = self._read_quorum(pg, what, lambda n: w.transport.read(n, pg, key, view.read_point, 0, w.epoch, namespace))
+                except SixfoldError as e:
+                    alone.append(f"{n}: {e}")
+        replies = self._read_quorum(
+            pg, what, lambda n: w.transport.read(n, pg, key, view.read_point, 0, w.epoch, namespace), None if quorum else alone
+        )
         return merge_read(replies)
 
     def get_many(
@@ -412,6 +433,7 @@ class ReadPath:
 
     def _scan_chunk(self, pg, start, end, view, quorum):
         w = self._w
+        alone: list[str] = []
         if not quorum:
             required = self._required(pg, view)
             for n in self.candidates(pg, view):
@@ -419,10 +441,10 @@ class ReadPath:
                     return w.transport.scan(n, pg, start, end, view.read_point, required, SCAN_CHUNK, w.epoch)
                 except SnapshotTooOld:
                     raise
-                except SixfoldError:
-                    continue
+                except SixfoldError as e:
+                    alone.append(f"{n}: {e}")
         got = self._read_quorum(
-            pg, "a scan", lambda n: w.transport.scan(n, pg, start, end, view.read_point, 0, SCAN_CHUNK, w.epoch)
+            pg, "a scan", lambda n: w.transport.scan(n, pg, start, end, view.read_point, 0, SCAN_CHUNK, w.epoch), None if quorum else alone
         )
         stops = [r for _e, r in got if r is not None]
         limit = min(stops) if stops else None
