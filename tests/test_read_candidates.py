@@ -5,8 +5,10 @@ marked down, and one that caught up from its peers by gossip is complete before 
 says so. Such a node, when it is the only one standing, must still serve a snapshot alone.
 
 (Found in CI: `test_cluster_healing`'s wiped node, rebuilt from its peers, was the last node
-standing; the writer did not count it as a complete, reachable segment at that moment, the read
-went to a read quorum, and one node is none. The test here makes that moment last.)
+standing, and the read went to a read quorum, of which one node is none. On this machine the
+writer's link to a restarted node comes back 0.01-1.2 s after the node serves again (the writer's
+back-off and gRPC's reconnect back-off), while a small volume's rebuild can end within 0.1 s: in
+that window the writer counts the node down. The test here makes that window last.)
 """
 
 from __future__ import annotations
