@@ -116,7 +116,9 @@ def test_stopping_the_server_does_not_wait_for_a_clients_idle_streams(make_endpo
         assert db.get(b"k") == b"v"
         ep.servicer.begin_stop()
         assert ep.server.stop(3600.0).wait(DEADLINE_S), "the server's stop waited for the idle streams"
-        assert ep.servicer.streams.counters()["open"] == 0
+        # A cancelled stream's handler leaves the registry in its own thread, which may still be
+        # on its way out when the stop's event is set.
+        eventually(lambda: ep.servicer.streams.counters()["open"] == 0, "the cancelled streams to leave the registry")
         with pytest.raises((errors.Unavailable, errors.WriteIndeterminate)):
             db.put(b"k2", b"v")
     finally:
