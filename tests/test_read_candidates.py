@@ -18,7 +18,8 @@ from waiting import eventually
 
 from engine.core.placement import protection_group_of
 from engine.core.types import Geometry, NodeInfo
-from engine.errors import SegmentIncomplete, Unavailable
+from engine.errors import Compacted, SegmentIncomplete, Unavailable
+from engine.head.watch import WatchCursor
 from engine.head.writer import Writer, WriterOptions
 from engine.node.service import StorageNode
 from engine.transport.inprocess import InProcessTransport, Registry
@@ -43,8 +44,8 @@ class _Faulty(InProcessTransport):
         return super()._call(node, method, *args)
 
 
-@pytest.fixture
-def volume(tmp_path):
+def _nodes(tmp_path) -> tuple[Registry, dict[str, StorageNode]]:
+    """Six real node stores, no background threads (gossip only where a test steps it)."""
     registry = Registry()
     nodes = {}
     for info in NODES:
@@ -52,9 +53,20 @@ def volume(tmp_path):
         node.attach(InProcessTransport(registry, info.id), lambda: [i.id for i in NODES])
         registry.set(info.id, node)
         nodes[info.id] = node
-    transport = _Faulty(registry, "writer")
-    w = Writer(transport, NODES, Geometry(P), WriterOptions(write_timeout_s=20.0))
+    return registry, nodes
+
+
+def _writer(transport, **options) -> Writer:
+    w = Writer(transport, NODES, Geometry(P), WriterOptions(write_timeout_s=20.0, **options))
     w.open()
+    return w
+
+
+@pytest.fixture
+def volume(tmp_path):
+    registry, nodes = _nodes(tmp_path)
+    transport = _Faulty(registry, "writer")
+    w = _writer(transport)
     try:
         yield w, transport, nodes
     finally:
@@ -110,3 +122,45 @@ def test_a_node_that_is_behind_refuses_to_answer_alone_and_the_read_names_why(vo
     with pytest.raises(Unavailable) as e:
         w.get(b"late", view=view)
     assert "asked alone first" in str(e.value) and "n2: segment n2/pg" in str(e.value), str(e.value)
+
+
+def test_a_watch_that_finds_only_a_segment_behind_is_told_to_retry_not_that_changes_are_gone(tmp_path):
+    """A watch reading the logs counts a broken chain as records gone (`Compacted`, final) only
+    from a segment the writer knows complete; from any other member it means that segment is
+    behind, and the watch is to retry (Unavailable)."""
+    registry, nodes = _nodes(tmp_path)
+    transport = _Faulty(registry, "writer")
+    old = _writer(transport)
+    try:
+        old.put(b"a", b"1")
+        transport.no_appends.add("n2")
+        eventually(lambda: not old.links["n2"].up, "the writer to mark n2 down")
+        for i in range(20):
+            old.put(b"b%02d" % i, b"2")  # n2 misses these (no gossip step runs)
+    finally:
+        old.close()
+    # The new writer remembers nothing of the old one's changes: a watch from 0 reads the logs.
+    # Its grace keeps its collection point where it opened, so position 0 stays watchable.
+    w = _writer(transport, resume_grace_s=3600.0)
+    try:
+        cursor = WatchCursor(w, 0)
+        try:
+            changes, _position = cursor.next(100)
+            assert [k for _cpl, k, _v in changes] == [b"a"] + [b"b%02d" % i for i in range(20)]
+        finally:
+            cursor.close()
+        assert any(w.ledger.scls[pg].get("n2", -1) < w.view().tails[pg] for pg in range(P))
+        transport.gone |= {n.id for n in NODES if n.id != "n2"}
+        cursor = WatchCursor(w, 0)
+        try:
+            with pytest.raises(Unavailable) as e:
+                cursor.next(100)
+            assert not isinstance(e.value, Compacted)
+            assert "n2: its records of PG" in str(e.value), str(e.value)
+        finally:
+            cursor.close()
+    finally:
+        transport.gone.clear()
+        w.close()
+        for node in nodes.values():
+            node.close()

@@ -121,14 +121,24 @@ class ReadPath:
         segment failed (a node that finished a rebuild from its peers before the source heard
         from it again, then the only one left standing). Under the read-any weakening: every
         reachable member, as the source says."""
+        known, others = self._candidates(pg, view)
+        return known + others
+
+    def known_complete(self, pg: int, view: ReadView) -> list[str]:
+        """The first part of `candidates`: the segments the source knows reachable and complete
+        at `view`. Only these count as evidence that a record is gone (a watch's broken chain);
+        any other member may merely be behind."""
+        return self._candidates(pg, view)[0]
+
+    def _candidates(self, pg: int, view: ReadView) -> tuple[list[str], list[str]]:
         w = self._w
         membership, up, complete = w.read_sources(pg, view.tails[pg])
         order = read_order(complete, w.nodes, w.options.local_az)
         if w.weakening.read_any:
-            return order
+            return order, []
         known = set(complete)
         unknown_up = read_order([n for n in up if n not in known], w.nodes, w.options.local_az)
-        return order + unknown_up + [n for n in membership.all_nodes if n not in known and n not in up]
+        return order, unknown_up + [n for n in membership.all_nodes if n not in known and n not in up]
 
     def _required(self, pg: int, view: ReadView) -> int:
         return 0 if self._w.weakening.read_any else view.tails[pg]

@@ -12,7 +12,8 @@ whole units only, and moves its position to the last CPL it gave.
 * **From the nodes' logs** when the position is older than that memory reaches (a watch that
   fell behind, one that resumes from an old position, one that follows a failover to a writer
   that knows only the units after its own open). Per protection group, one segment known
-  complete at the current read point (`ReadPath.candidates`, same AZ first) is asked for its
+  complete at the current read point (`ReadPath.candidates`, same AZ first; the other members
+  after those, whose broken chain says only that they are behind) is asked for its
   records above the position up to the read point (the storage `Fetch` gossip uses, bounded in
   bytes); each segment's answer must be its PG's whole chain (`engine.core.changes.chain_break`:
   backlinks, and the read tail when the fetch was not cut short), else the next segment is
@@ -77,10 +78,13 @@ DELETE_KEY_READS_MAX = 16
 class _PgRead:
     """The records of one PG above the position, from one segment: complete up to `covered`."""
 
-    __slots__ = ("pg", "node", "tail", "records", "covered", "more")
+    __slots__ = ("pg", "node", "tail", "records", "covered", "more", "known")
 
-    def __init__(self, pg: int, node: str, tail: int) -> None:
+    def __init__(self, pg: int, node: str, tail: int, known: bool = True) -> None:
         self.pg, self.node, self.tail = pg, node, tail
+        #: the writer knew the segment complete (`ReadPath.known_complete`): a break in its chain
+        #: means records are gone; in another member's, that it is behind
+        self.known = known
         self.records: list = []
         self.covered = 0
         self.more = False
@@ -245,8 +249,9 @@ class WatchCursor:
         w = self._w
         tail = view.tails[pg]
         broken, errors = [], []
+        known = set(w.reads.known_complete(pg, view))
         for node in w.reads.candidates(pg, view):
-            r = _PgRead(pg, node, tail)
+            r = _PgRead(pg, node, tail, node in known)
             try:
                 r.records, r.more = self._fetch(node, pg, after, read_point, fetch_bytes)
             except SixfoldError as e:
@@ -254,7 +259,10 @@ class WatchCursor:
                 continue
             if self._covered(r, read_point):
                 return r
-            broken.append(node)
+            if r.known:
+                broken.append(node)
+            else:
+                errors.append(f"{node}: its records of PG {pg} after position {after} are not the whole chain (behind)")
         if broken:
             raise self._compacted(f"no segment of PG {pg} holds every record after it any more ({', '.join(broken)} "
                                   "miss some: collected or quarantined)")
@@ -267,6 +275,8 @@ class WatchCursor:
         r.records.extend(records)
         r.more = more
         if not self._covered(r, read_point):
+            if not r.known:
+                raise Unavailable(f"segment {r.node} of PG {r.pg}, not known complete, is behind after position {r.covered}; retry")
             raise self._compacted(f"segment {r.node} of PG {r.pg} no longer holds every record after it")
 
     # --- records to changes ---------------------------------------------------------------------
