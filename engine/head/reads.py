@@ -121,16 +121,14 @@ class ReadPath:
         segment failed (a node that finished a rebuild from its peers before the source heard
         from it again, then the only one left standing). Under the read-any weakening: every
         reachable member, as the source says."""
-        known, others = self._candidates(pg, view)
+        known, others = self.candidates_split(pg, view)
         return known + others
 
-    def known_complete(self, pg: int, view: ReadView) -> list[str]:
-        """The first part of `candidates`: the segments the source knows reachable and complete
-        at `view`. Only these count as evidence that a record is gone (a watch's broken chain);
-        any other member may merely be behind."""
-        return self._candidates(pg, view)[0]
-
-    def _candidates(self, pg: int, view: ReadView) -> tuple[list[str], list[str]]:
+    def candidates_split(self, pg: int, view: ReadView) -> tuple[list[str], list[str]]:
+        """`candidates` in its two parts, from one look at the source: (the segments the source
+        knows reachable and complete at `view`, the other members). Only the first count as
+        evidence that a record is gone (a watch's broken chain); the others may merely be
+        behind."""
         w = self._w
         membership, up, complete = w.read_sources(pg, view.tails[pg])
         order = read_order(complete, w.nodes, w.options.local_az)

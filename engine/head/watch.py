@@ -80,9 +80,9 @@ class _PgRead:
 
     __slots__ = ("pg", "node", "tail", "records", "covered", "more", "known")
 
-    def __init__(self, pg: int, node: str, tail: int, known: bool = True) -> None:
+    def __init__(self, pg: int, node: str, tail: int, known: bool) -> None:
         self.pg, self.node, self.tail = pg, node, tail
-        #: the writer knew the segment complete (`ReadPath.known_complete`): a break in its chain
+        #: the writer knew the segment complete (`ReadPath.candidates_split`): a break in its chain
         #: means records are gone; in another member's, that it is behind
         self.known = known
         self.records: list = []
@@ -249,8 +249,8 @@ class WatchCursor:
         w = self._w
         tail = view.tails[pg]
         broken, errors = [], []
-        known = set(w.reads.known_complete(pg, view))
-        for node in w.reads.candidates(pg, view):
+        known, others = w.reads.candidates_split(pg, view)
+        for node in known + others:
             r = _PgRead(pg, node, tail, node in known)
             try:
                 r.records, r.more = self._fetch(node, pg, after, read_point, fetch_bytes)
