@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 import shutil
 
+import hypothesis
+import hypothesis.strategies as st
 import lmdb
 import pytest
 from waiting import eventually
@@ -669,3 +671,61 @@ def test_a_read_that_collection_overtakes_after_its_checks_is_refused_not_answer
             store.scan(0, b"", None, 1, 1, 10, 1)
     store._read_txn = opened
     assert store.read(0, b"k", 3, 3, 1).value == b"v3"
+
+
+# --- the passes' shortcuts give what walking and decoding every record gives -----------------
+@hypothesis.settings(max_examples=200, deadline=None)
+@hypothesis.given(st.integers(1, 8), st.integers(0, 3), st.binary(min_size=1, max_size=40),
+                  st.binary(max_size=60), st.sampled_from([PUT, DEL, PUT | FLAG_REQUEST]))
+def test_peek_reads_the_flags_and_key_the_decoder_reads(lsn, pg, key, value, flags):
+    from engine.node.collection import _peek
+    r = rec(lsn, lsn - 1, key, value, flags, pg)
+    d = codec.decode_record(r)
+    assert _peek(r) == (d.flags, d.key)
+    assert _peek(r[:20]) == (0xFF, b"")  # no header: "every flag", so the pass decodes it and refuses it
+
+
+def _store_tables(s) -> tuple[list, list]:
+    with s.env.begin() as txn:
+        return list(txn.cursor(db=s._log)), list(txn.cursor(db=s._versions))
+
+
+@hypothesis.settings(max_examples=40, deadline=None, suppress_health_check=[hypothesis.HealthCheck.function_scoped_fixture])
+@hypothesis.given(st.lists(st.tuples(st.integers(0, 5), st.booleans(), st.integers(0, 1)), min_size=1, max_size=60),
+                  st.lists(st.tuples(st.integers(0, 70), st.integers(0, 70), st.integers(1, 7)), min_size=1, max_size=8),
+                  st.booleans())
+def test_the_tombstones_pass_from_what_the_versions_pass_saw_removes_what_a_walk_removes(tmp_path, monkeypatch, ops, steps, reopen):
+    """Puts and deletes over a few keys, then collection steps at varying points, tombstone
+    points and budgets, on two stores fed the same: one whose tombstones pass uses what the
+    versions pass remembered, one that walks the log for it every time (nothing remembered).
+    Both end with the very same log and version index, step by step (and after a restart of
+    the first, which forgets what it remembered)."""
+    import uuid
+
+    from engine.node import collection
+    root = tmp_path / uuid.uuid4().hex
+    fast, walk = open_store(root / "fast"), open_store(root / "walk")
+    try:
+        frames, prev, lsn = [], [0] * P, 0
+        for key, delete, pg in ops:
+            lsn += 1
+            frames.append(rec(lsn, prev[pg], b"k%d" % key, b"v%d" % lsn, DEL if delete else PUT, pg))
+            prev[pg] = lsn
+        for s in (fast, walk):
+            s.sync_epoch(1, ())
+            s.append(1, codec.encode_frame(frames), lsn)
+        for i, (point, tomb, budget) in enumerate(steps):
+            if reopen and i == len(steps) // 2:
+                fast.close()
+                fast = open_store(root / "fast")
+            for s, remembered in ((fast, collection.TOMBSTONES_SEEN_MAX), (walk, 0)):
+                monkeypatch.setattr(collection, "TOMBSTONES_SEEN_MAX", remembered)
+                s.append(1, codec.encode_frame([]), lsn, collect=(min(point, lsn), 0))
+                for _ in range(200):
+                    if not s.collect_step(budget, [min(tomb, lsn)] * P):
+                        break
+            assert _store_tables(fast) == _store_tables(walk)
+            assert fast.gc == walk.gc
+    finally:
+        fast.close()
+        walk.close()

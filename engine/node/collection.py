@@ -65,6 +65,7 @@ anything runs under `_write_lock`).
 
 from __future__ import annotations
 
+import bisect
 import json
 import logging
 import struct
@@ -73,7 +74,7 @@ from collections.abc import Sequence
 import lmdb
 
 from engine import codec
-from engine.core.constants import FLAG_DELETE, FLAG_REQUEST, LSN_VALID_MAX
+from engine.core.constants import FLAG_DELETE, FLAG_REQUEST, LSN_VALID_MAX, RECORD_HEADER_BYTES
 from engine.errors import CorruptRecord, SnapshotTooOld, StorageError
 from engine.node.growth import retry_when_full
 
@@ -109,7 +110,26 @@ COMPACT_IDLE_CHURN = 0.25
 #: half as it grows (LMDB fills a page before splitting only at the end of a table).
 COMPACT_REBUILD_ENTRIES_MAX = 8192
 COMPACT_REBUILD_BYTES_MAX = 4 << 20
+#: The tombstones the "versions" pass remembers per PG for the tombstones pass (which trails it
+#: by what gossip last said of the other members' sweeps); beyond it, that pass walks the log.
+TOMBSTONES_SEEN_MAX = 20_000
 HORIZON, SWEPT, TOMBSTONES, REQUESTS = range(4)
+
+
+#: A record's flags, reserved byte and key_len, at offset 28 of its header (the layout is
+#: `engine.codec._python`'s; tests/test_collection.py checks `_peek` against the decoder).
+_PEEK = struct.Struct("<BxH")
+_PEEK_AT = 28
+
+
+def _peek(rec: bytes) -> tuple[int, bytes]:
+    """A stored record's flags and key as its header says, unchecked (no CRC): only to decide
+    whether a collection pass needs to decode it. A record too short to have a header says
+    "every flag", so that it is decoded, and refused there."""
+    if len(rec) < RECORD_HEADER_BYTES:
+        return 0xFF, b""
+    flags, key_len = _PEEK.unpack_from(rec, _PEEK_AT)
+    return flags, rec[RECORD_HEADER_BYTES:RECORD_HEADER_BYTES + key_len]
 
 
 def gc_key(pg: int) -> bytes:
@@ -146,6 +166,11 @@ class VersionCollector:
         self._churn = [0] * P
         self._compact_at: list[tuple[int, bytes] | None] = [None] * P
         self._skip_log_chunks = [False] * P  # per PG: the log was rebuilt whole, chunks of the version index only
+        #: per PG, the tombstones the "versions" pass walked over and the tombstones pass has not
+        #: reached yet: [from, to, [(lsn, log key), ...]] lists every record of the PG in (from, to]
+        #: whose header says DELETE, so that pass need not walk the log again (`_tombstones_seen`).
+        #: In memory: after a restart the tombstones pass walks the log up to where it is rebuilt.
+        self._tomb_seen: list[list] = [[g[SWEPT], g[SWEPT], []] for g in self.gc]
         #: compaction chunks rewritten (status)
         self.compactions = 0
         #: the records a step may visit since one found the map full (None: no such limit); see
@@ -323,7 +348,13 @@ class VersionCollector:
         """One pass over the log records of `pg` in (after, upto], at most `budget` of them:
         "versions" deletes every older version of each record's key, "tombstones" deletes each
         tombstone that is the oldest version of its key, "requests" each request-id record.
-        Returns (visited, removed, the LSN the pass reached)."""
+        Returns (visited, removed, the LSN the pass reached).
+
+        A record is decoded (CRC and every field checked) only where the pass would act on it;
+        what decides whether it might is read from the header alone (`_peek`): its flags, and for
+        "versions" whether its key has two versions or more. A record that fails its CRC is left
+        alone either way (scrub quarantines it), so the answer is the same as decoding every one;
+        most records are new keys (one version) and a pass over them no longer builds a Record."""
         prefix = _U32BE.pack(pg)
         upto_be = _U64BE.pack(upto)
         cur = txn.cursor(db=self._log)
@@ -332,18 +363,39 @@ class VersionCollector:
         visited = removed = 0
         reached = upto
         doomed: list[bytes] = []  # log keys, deleted after the walk over the log
+        wanted = FLAG_REQUEST if what == "requests" else FLAG_DELETE if what == "tombstones" else 0
+        tombstones: list[tuple[bytes, bytes]] = []  # "versions": (lsn, log key) of each DELETE walked over
+        if what == "tombstones":
+            seen = self._tomb_seen[pg]
+            if seen[0] <= after and upto <= seen[1]:
+                return self._drop_tombstones_seen(txn, pg, seen, after, upto, budget)
+            if after < seen[0] < upto:  # walk the log up to where the versions pass last began remembering
+                upto = seen[0]
+                upto_be = _U64BE.pack(upto)
+                reached = upto
         if cur.set_range(prefix + _U64BE.pack(after + 1)):
             for k, rec in cur:
                 if k[:4] != prefix:
                     break
                 lsn_be = k[4:]
-                lsn = _U64BE.unpack(lsn_be)[0]
-                if lsn > upto:
+                if lsn_be > upto_be:  # big-endian: bytes order is LSN order
                     break
                 if visited >= budget:
-                    reached = lsn - 1
+                    reached = _U64BE.unpack(lsn_be)[0] - 1
                     break
                 visited += 1
+                flags, key = _peek(rec)
+                if wanted:
+                    if not flags & wanted:
+                        continue
+                elif flags & FLAG_REQUEST:
+                    continue
+                else:
+                    if flags & FLAG_DELETE:
+                        tombstones.append((lsn_be, bytes(k)))
+                    vkey = prefix + key
+                    if not versions.set_key(vkey) or versions.count() < 2:
+                        continue
                 try:
                     r = codec.decode_record(rec)
                 except CorruptRecord:
@@ -380,6 +432,51 @@ class VersionCollector:
         for k in doomed:
             txn.delete(k, db=self._log)
             removed += 1
+        if what == "versions":
+            seen = self._tomb_seen[pg]
+            if seen[1] != after:  # a gap (this pass walks again what a step that did not commit walked)
+                seen[:] = [after, after, []]
+            if len(seen[2]) + len(tombstones) > TOMBSTONES_SEEN_MAX:
+                seen[:] = [reached, reached, []]  # too many: the tombstones pass walks the log up to here
+            else:
+                seen[1] = reached
+                seen[2].extend((_U64BE.unpack(lsn_be)[0], k) for lsn_be, k in tombstones)
+        return visited, removed, reached
+
+    def _drop_tombstones_seen(self, txn, pg: int, seen: list, after: int, upto: int, budget: int) -> tuple[int, int, int]:
+        """The tombstones pass over (after, upto] from what the "versions" pass saw there (`seen`
+        covers the range): each DELETE record is loaded and decoded, and removed when it is the
+        oldest version of its key, as the walk would; the other records are not visited again.
+        Returns (visited, removed, reached) as `_sweep` does."""
+        prefix = _U32BE.pack(pg)
+        versions = txn.cursor(db=self._versions)
+        entries = seen[2]
+        i = bisect.bisect_right(entries, after, key=lambda e: e[0])
+        visited = removed = 0
+        reached = upto
+        while i < len(entries) and entries[i][0] <= upto:
+            lsn, k = entries[i]
+            if visited >= budget:
+                reached = lsn - 1
+                break
+            visited += 1
+            i += 1
+            rec = txn.get(k, db=self._log)
+            if rec is None:
+                continue  # collected (an older version of a newer put) or quarantined since
+            try:
+                r = codec.decode_record(rec)
+            except CorruptRecord:
+                continue
+            lsn_be = k[4:]
+            if r.flags & FLAG_DELETE and not r.flags & FLAG_REQUEST and versions.set_key(prefix + r.key) \
+                    and versions.value() == lsn_be:
+                versions.delete()
+                txn.delete(k, db=self._log)
+                removed += 1
+        # What the pass has reached is not needed again (a failed step walks it again from the log).
+        del entries[:bisect.bisect_right(entries, reached, key=lambda e: e[0])]
+        seen[0] = max(seen[0], reached)
         return visited, removed, reached
 
     def _compact(self, txn, pg: int, budget: int) -> int:
