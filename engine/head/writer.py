@@ -432,6 +432,11 @@ class Writer:
         #: inbox; a wake clears it)
         self._sender_loop = None
         self._loop_waiting: set[str] = set()
+        #: (start LSN, records, frame, index or None) of the last frame a sender built
+        #: (`_indexed_frame_of`); `_hand_indexed`: the transport takes a frame with its index
+        #: (`Transport.append_indexed`: nodes in this process), so it is indexed once, not per node
+        self._last_frame: tuple | None = None
+        self._hand_indexed = bool(getattr(transport, "hands_indexed_frames", False))
         self._closed = False
         self._fenced: str | None = None
         #: the error new writes get once fenced: StaleEpoch (a newer writer) or Unavailable (self-fenced)
@@ -1283,10 +1288,13 @@ class Writer:
             return False
         if block and (not link.up or link.full):
             time.sleep(link.backoff_s)
-        records, frame = self._frame_of(link, job)
+        records, frame, items = self._indexed_frame_of(link, job, self._hand_indexed)
         link.last_send = sent_at = self._clock()
         try:
-            reply = self.transport.append(link.id, job.epoch, frame, job.hint, job.collect, job.requests)
+            if items is not None:
+                reply = self.transport.append_indexed(link.id, job.epoch, frame, items, job.hint, job.collect, job.requests)
+            else:
+                reply = self.transport.append(link.id, job.epoch, frame, job.hint, job.collect, job.requests)
         except Exception as e:
             return self._send_failed(link, e, job.epoch)
         return self._sent(link, job, records, frame, sent_at, reply)
@@ -1337,10 +1345,19 @@ class Writer:
             self._loop_waiting.clear()
             self._sender_loop.wake()
 
-    @staticmethod
-    def _frame_of(link: _NodeLink, job: "_Send") -> tuple[list[bytes], bytes]:
+    def _frame_of(self, link: _NodeLink, job: "_Send") -> tuple[list[bytes], bytes]:
         """The records of `job` that go in one frame (one while the node is full; within half of
         FRAME_BYTES_MAX), and that frame."""
+        records, frame, _items = self._indexed_frame_of(link, job, False)
+        return records, frame
+
+    def _indexed_frame_of(self, link: _NodeLink, job: "_Send", indexed: bool):
+        """`_frame_of`, and (`indexed`) the frame's `codec.index_frame`, else None. The senders
+        of one flush mostly send the very same records: the last frame built is kept
+        (`_last_frame`) and given to the next sender asking for the same LSNs, so it is encoded,
+        and indexed for nodes in this process, once and not six times. One LSN names one record
+        of this writer's tail for ever, so equal LSNs and the same record objects at both ends
+        are the same frame; two senders building it at once each build their own."""
         records = job.records
         if link.full:
             records = records[:1]  # a full node is probed with one record until it takes it
@@ -1350,7 +1367,15 @@ class Writer:
             if size > FRAME_BYTES_MAX // 2 and i > 0:
                 records = records[:i]
                 break
-        return records, codec.encode_frame(records)
+        last = self._last_frame
+        if last is not None and last[0] == job.start and len(last[1]) == len(records) and records \
+                and last[1][0] is records[0] and last[1][-1] is records[-1] and (last[3] is not None or not indexed):
+            return last[1], last[2], last[3]
+        frame = codec.encode_frame(records)
+        items = codec.index_frame(frame) if indexed and records else None
+        if records:
+            self._last_frame = (job.start, records, frame, items)
+        return records, frame, items
 
     def _send_failed(self, link: _NodeLink, e: Exception, epoch: int) -> bool:
         """An append sent at `epoch` raised `e`. Returns False once the sender is to stop. May

@@ -57,6 +57,20 @@ class Transport(abc.ABC):
         writer's version collection points (engine.node.collection), 0 for none."""
         return self._call(node, "append", epoch, frame, hint_lsn, collect_lsn, collect_requests_lsn)
 
+    #: Whether `append_indexed` hands the index to the node as it is (nodes in this process): a
+    #: writer then indexes a frame once for all of them. A transport that may change what it
+    #: carries (the fault injector) or sends bytes keeps False: the node indexes what it got.
+    hands_indexed_frames: bool = False
+
+    def append_indexed(self, node: str, epoch: int, frame: bytes, items, hint_lsn: int, collect_lsn: int = 0,
+                       collect_requests_lsn: int = 0) -> AppendReply:
+        """`append`, with the frame's `codec.index_frame` (`items`) that the caller already
+        built from these very bytes (and so verified). Only where `hands_indexed_frames`; any
+        other transport sends the frame alone."""
+        if not self.hands_indexed_frames:
+            return self.append(node, epoch, frame, hint_lsn, collect_lsn, collect_requests_lsn)
+        return self._call(node, "append", epoch, frame, hint_lsn, collect_lsn, collect_requests_lsn, items)
+
     def repair_append(self, node: str, frame: bytes) -> AppendReply:
         return self._call(node, "repair_append", frame)
 

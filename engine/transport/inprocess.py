@@ -33,6 +33,10 @@ class Registry:
 
 
 class InProcessTransport(Transport):
+    #: A frame's index is handed to the node object as it is: a writer indexes a frame once for
+    #: its six nodes (`Transport.append_indexed`); the node's own index would be the same.
+    hands_indexed_frames = True
+
     def __init__(self, registry: Registry, source: str = "writer") -> None:
         self.registry = registry
         self.source = source
