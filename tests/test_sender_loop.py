@@ -153,7 +153,7 @@ class _HeldInProcess(InProcessTransport):
         self.hold = threading.Event()
         self.held: set[str] = set()
 
-    def append(self, node, *args):
+    def _hold(self, node) -> None:
         if self.hold.is_set():
             if node == "n1":
                 eventually(lambda: len(self.held) == 5, "the other five senders to be held")
@@ -162,7 +162,14 @@ class _HeldInProcess(InProcessTransport):
                 while self.hold.is_set():
                     time.sleep(0.01)
                 self.held.discard(node)
+
+    def append(self, node, *args):
+        self._hold(node)
         return super().append(node, *args)
+
+    def append_indexed(self, node, *args):  # how the writer appends over this transport
+        self._hold(node)
+        return super().append_indexed(node, *args)
 
 
 class _HeldGrpc(GrpcTransport):
