@@ -168,7 +168,7 @@ class VersionCollector:
         self._skip_log_chunks = [False] * P  # per PG: the log was rebuilt whole, chunks of the version index only
         #: per PG, the tombstones the "versions" pass walked over and the tombstones pass has not
         #: reached yet: [from, to, [(lsn, log key), ...]] lists every record of the PG in (from, to]
-        #: whose header says DELETE, so that pass need not walk the log again (`_tombstones_seen`).
+        #: whose header says DELETE, so that pass need not walk the log again (`_drop_tombstones_seen`).
         #: In memory: after a restart the tombstones pass walks the log up to where it is rebuilt.
         self._tomb_seen: list[list] = [[g[SWEPT], g[SWEPT], []] for g in self.gc]
         #: compaction chunks rewritten (status)
